@@ -1,0 +1,540 @@
+//! The dump pipeline for one process: check what it holds, seize it,
+//! collect its state from /proc and ptrace, run the parasite for the state
+//! only the task can see and for its pages, write the image, then cure it
+//! (--leave-running) or kill it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryo_image::proto::{
+    self, Compression, CoreEntry, Creds, FdEntry, FileEntry, FileKind, GpRegs, Inventory, Itimer, MmEntry, PagemapHead, PagemapRecord, PendingSignal, PosixTimer, ProcessCore, PstreeEntry,
+    Rlimit, SigAction, SigaltStack,
+};
+use cryo_image::{ImageError, ImageFileInfo, ImageWriter, Kind, PageWriter};
+use nix::unistd::Pid;
+
+use crate::infect::{InfectError, Victim};
+use crate::mem::transfer::{self, TransferError, TransferStats};
+use crate::mem::{self, MemError};
+use crate::proc as procfmt;
+use crate::sigframe::Regs;
+use crate::sys::{self, SysError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("task {pid} does not exist")]
+    NoTask { pid: i32 },
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    Parse { path: String },
+    #[error("task {pid} has {threads} threads; multi-threaded processes are not supported yet")]
+    Threads { pid: i32, threads: u64 },
+    #[error("task {pid} has child processes ({children}); dumping process trees is not supported yet")]
+    Children { pid: i32, children: String },
+    #[error("task {pid}: fd {fd} is {what} ({link}); only regular files, directories and character devices are supported for now")]
+    UnsupportedFd { pid: i32, fd: i32, what: &'static str, link: String },
+    #[error("task {pid}: fd {fd} refers to deleted file {link}; deleted files are not supported yet")]
+    DeletedFile { pid: i32, fd: i32, link: String },
+    #[error("task {pid} has {n} POSIX timers; at most {max} are supported")]
+    TooManyTimers { pid: i32, n: usize, max: usize },
+    #[error("creating image directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Infect(#[from] InfectError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("injected failure ({what}) from CRYO_FAULT")]
+    Fault { what: String },
+}
+
+type Result<T> = std::result::Result<T, DumpError>;
+
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub pid: i32,
+    pub dir: PathBuf,
+    pub leave_running: bool,
+    pub compression: Compression,
+    pub zstd_level: i32,
+    pub threads: usize,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct DumpStats {
+    pub pages: TransferStats,
+    /// How long the task was stopped.
+    pub frozen: Duration,
+    pub total: Duration,
+    pub image_bytes: u64,
+}
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| DumpError::Proc { path: path.into(), source })
+}
+
+fn readlink(path: &str) -> Result<String> {
+    std::fs::read_link(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| DumpError::Proc { path: path.into(), source })
+}
+
+fn fault(point: &str) -> Result<()> {
+    let Ok(f) = std::env::var("CRYO_FAULT") else { return Ok(()) };
+    if f == point {
+        return Err(DumpError::Fault { what: point.into() });
+    }
+    if let Some(path) = f.strip_prefix(&format!("pause-{point}:")) {
+        // Test hook: signal that we got here, then wait to be killed.
+        let _ = std::fs::write(path, b"paused\n");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    Ok(())
+}
+
+/// The files a process has open, checked for what cryo can restore.
+fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
+    let dir = format!("/proc/{pid}/fd");
+    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc { path: dir.clone(), source })?;
+    let mut fds: Vec<i32> = rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    fds.sort_unstable();
+    let mut fd_entries = Vec::new();
+    let mut files = Vec::new();
+    for fd in fds {
+        let link = readlink(&format!("/proc/{pid}/fd/{fd}"))?;
+        let st = nix::sys::stat::stat(format!("/proc/{pid}/fd/{fd}").as_str()).map_err(|e| DumpError::Proc {
+            path: format!("/proc/{pid}/fd/{fd}"),
+            source: e.into(),
+        })?;
+        let fmt = st.st_mode & libc::S_IFMT;
+        let kind = match fmt {
+            libc::S_IFREG => FileKind::FileRegular,
+            libc::S_IFDIR => FileKind::FileDirectory,
+            libc::S_IFCHR => FileKind::FileChardev,
+            _ => {
+                let what = match fmt {
+                    libc::S_IFIFO => "a pipe or FIFO",
+                    libc::S_IFSOCK => "a socket",
+                    libc::S_IFBLK => "a block device",
+                    _ if link.starts_with("anon_inode:") => "an anonymous-inode file (eventfd, epoll, timerfd, ...)",
+                    _ => "an unsupported kind of file",
+                };
+                return Err(DumpError::UnsupportedFd { pid, fd, what, link });
+            }
+        };
+        if link.ends_with(" (deleted)") || !link.starts_with('/') {
+            if link.starts_with("anon_inode:") {
+                return Err(DumpError::UnsupportedFd {
+                    pid,
+                    fd,
+                    what: "an anonymous-inode file (eventfd, epoll, timerfd, ...)",
+                    link,
+                });
+            }
+            return Err(DumpError::DeletedFile { pid, fd, link });
+        }
+        let info_path = format!("/proc/{pid}/fdinfo/{fd}");
+        let (pos, flags) = procfmt::parse_fdinfo(&read(&info_path)?);
+        let id = files.len() as u32 + 1;
+        files.push(FileEntry {
+            id,
+            kind: kind as i32,
+            path: link,
+            flags: flags & !(libc::O_CLOEXEC as u32),
+            pos,
+            dev: st.st_dev,
+            inode: st.st_ino,
+            rdev: st.st_rdev as u32,
+            size: st.st_size as u64,
+        });
+        fd_entries.push(FdEntry {
+            fd: fd as u32,
+            id,
+            cloexec: flags & libc::O_CLOEXEC as u32 != 0,
+        });
+    }
+    Ok((fd_entries, files))
+}
+
+fn check_task(pid: i32) -> Result<procfmt::Stat> {
+    let stat_path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&stat_path).map_err(|_| DumpError::NoTask { pid })?;
+    let st = procfmt::parse_stat(&text).ok_or(DumpError::Parse { path: stat_path })?;
+    if st.num_threads != 1 {
+        return Err(DumpError::Threads { pid, threads: st.num_threads });
+    }
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    if !children.trim().is_empty() {
+        return Err(DumpError::Children {
+            pid,
+            children: children.trim().to_string(),
+        });
+    }
+    Ok(st)
+}
+
+fn gpregs(r: &Regs) -> GpRegs {
+    GpRegs {
+        r15: r.r15,
+        r14: r.r14,
+        r13: r.r13,
+        r12: r.r12,
+        rbp: r.rbp,
+        rbx: r.rbx,
+        r11: r.r11,
+        r10: r.r10,
+        r9: r.r9,
+        r8: r.r8,
+        rax: r.rax,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        orig_rax: r.orig_rax,
+        rip: r.rip,
+        cs: r.cs,
+        eflags: r.eflags,
+        rsp: r.rsp,
+        ss: r.ss,
+        fs_base: r.fs_base,
+        gs_base: r.gs_base,
+        ds: r.ds,
+        es: r.es,
+        fs: r.fs,
+        gs: r.gs,
+    }
+}
+
+/// Dump one process. On any error the task is left running as before.
+pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    let t0 = Instant::now();
+    let pid = opts.pid;
+    let npid = Pid::from_raw(pid);
+    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    check_task(pid)?;
+    collect_fds(pid)?;
+
+    let mut victim = Victim::seize(npid)?;
+    let frozen_at = Instant::now();
+    fault("after-seize")?;
+    // Re-check under the freeze: the task cannot change any more.
+    let stat = check_task(pid)?;
+    let (fd_entries, files) = collect_fds(pid)?;
+    let status = procfmt::parse_status(&read(&format!("/proc/{pid}/status"))?);
+    let timers = procfmt::parse_timers(&std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default());
+    if timers.len() > cryo_parasite::MAX_TIMERS {
+        return Err(DumpError::TooManyTimers {
+            pid,
+            n: timers.len(),
+            max: cryo_parasite::MAX_TIMERS,
+        });
+    }
+    let vmas = mem::read_vmas(npid)?;
+    let runs = mem::page_runs(npid, &vmas)?;
+    let rseq = sys::rseq_config(npid)?;
+    let (robust, robust_len) = sys::get_robust_list(npid)?;
+    let private_sigs = sys::peek_siginfo(npid, false)?;
+    let shared_sigs = sys::peek_siginfo(npid, true)?;
+
+    victim.start_parasite()?;
+    fault("in-parasite")?;
+    let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
+    let st = victim.state(&timer_ids)?;
+
+    // Pages of mappings the task cannot read are made readable while the
+    // parasite splices them, then put back.
+    let unreadable: Vec<(u32, cryo_parasite::Iov)> = vmas
+        .iter()
+        .filter(|v| v.prot & libc::PROT_READ as u32 == 0 && runs.iter().any(|r| r.start >= v.start && r.start < v.end))
+        .map(|v| {
+            (
+                v.prot,
+                cryo_parasite::Iov {
+                    base: v.start,
+                    len: v.end - v.start,
+                },
+            )
+        })
+        .collect();
+    for (prot, iov) in &unreadable {
+        victim.mprotect(prot | libc::PROT_READ as u32, std::slice::from_ref(iov))?;
+    }
+    let raw = opts.compression == Compression::None;
+    let mut pw = PageWriter::create(&opts.dir, &cryo_image::pages_file(pid as u32), opts.compression, opts.zstd_level, opts.threads)?;
+    let total_bytes: u64 = runs.iter().map(|r| r.pages * mem::PAGE).sum();
+    let (entries, pstats) = transfer::transfer(&mut victim, &runs, &mut pw, raw, &|done| progress(done, total_bytes))?;
+    for (prot, iov) in &unreadable {
+        victim.mprotect(*prot, std::slice::from_ref(iov))?;
+    }
+    fault("after-parasite")?;
+
+    let mut written: Vec<ImageFileInfo> = Vec::new();
+    // Pages: the writer finishes in the background of the drain; collect.
+    let (chunks, pages_info) = pw.finish()?;
+    written.push(pages_info);
+    {
+        let mut w = ImageWriter::create(&opts.dir, &cryo_image::pagemap_file(pid as u32), Kind::Pagemap)?;
+        w.write(&PagemapHead {
+            pages_file: cryo_image::pages_file(pid as u32),
+            compression: opts.compression as i32,
+            total_pages: pstats.pages_stored,
+        })?;
+        for e in entries {
+            w.write(&PagemapRecord {
+                record: Some(proto::pagemap_record::Record::Run(e)),
+            })?;
+        }
+        for c in chunks {
+            w.write(&PagemapRecord {
+                record: Some(proto::pagemap_record::Record::Chunk(c)),
+            })?;
+        }
+        written.push(w.finish()?);
+    }
+
+    // mm
+    let auxv_bytes = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|source| DumpError::Proc {
+        path: format!("/proc/{pid}/auxv"),
+        source,
+    })?;
+    let auxv: Vec<u64> = auxv_bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default())).collect();
+    let mm = MmEntry {
+        start_code: stat.start_code,
+        end_code: stat.end_code,
+        start_data: stat.start_data,
+        end_data: stat.end_data,
+        start_brk: stat.start_brk,
+        brk: st.brk,
+        start_stack: stat.start_stack,
+        arg_start: stat.arg_start,
+        arg_end: stat.arg_end,
+        env_start: stat.env_start,
+        env_end: stat.env_end,
+        auxv,
+        exe_path: readlink(&format!("/proc/{pid}/exe"))?,
+        vmas,
+        thp_disabled: false,
+    };
+    written.push(cryo_image::write_one(&opts.dir, &cryo_image::mm_file(pid as u32), Kind::Mm, &mm)?);
+
+    // core
+    let mut regs = *victim.regs();
+    // Stopped inside an rseq critical section: continue at its abort
+    // handler, as the kernel would on preemption.
+    let mut rseq_cs = 0u64;
+    if rseq.ptr != 0 {
+        let mut b = [0u8; 8];
+        if read_task(npid, rseq.ptr + 8, &mut b).is_ok() {
+            rseq_cs = u64::from_ne_bytes(b);
+        }
+        if rseq_cs != 0 {
+            let mut cs = [0u8; 32];
+            if read_task(npid, rseq_cs, &mut cs).is_ok() {
+                let start_ip = u64::from_ne_bytes(cs[8..16].try_into().unwrap_or_default());
+                let post = u64::from_ne_bytes(cs[16..24].try_into().unwrap_or_default());
+                let abort = u64::from_ne_bytes(cs[24..32].try_into().unwrap_or_default());
+                if regs.rip >= start_ip && regs.rip < start_ip.wrapping_add(post) {
+                    regs.rip = abort;
+                    rseq_cs = 0;
+                }
+            }
+        }
+    }
+    let sigactions = (1..=cryo_parasite::NSIG)
+        .filter(|&s| s != 9 && s != 19)
+        .map(|s| {
+            let a = &st.sigactions[s - 1];
+            SigAction {
+                signo: s as u32,
+                handler: a.handler,
+                flags: a.flags,
+                restorer: a.restorer,
+                mask: a.mask,
+            }
+        })
+        .collect();
+    let itimers = st
+        .itimers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Itimer {
+            which: i as u32,
+            interval_us: (t.interval_sec as u64) * 1_000_000 + t.interval_usec as u64,
+            value_us: (t.value_sec as u64) * 1_000_000 + t.value_usec as u64,
+        })
+        .collect();
+    let posix_timers = timers
+        .iter()
+        .zip(st.timers.iter())
+        .map(|(t, s)| PosixTimer {
+            id: t.id,
+            clock_id: t.clock_id,
+            notify: t.notify,
+            signo: t.signo,
+            sigev_value: t.sigev_value,
+            notify_tid: t.notify_tid,
+            interval_ns: (s.spec.interval_sec as u64) * 1_000_000_000 + s.spec.interval_nsec as u64,
+            value_ns: (s.spec.value_sec as u64) * 1_000_000_000 + s.spec.value_nsec as u64,
+            overrun: s.overrun,
+        })
+        .collect();
+    let mut rlimits = Vec::new();
+    for res in 0..16u32 {
+        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: prlimit64 only writes the rlimit64 we pass; new is NULL.
+        let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
+        if r == 0 {
+            rlimits.push(Rlimit {
+                resource: res,
+                cur: old.rlim_cur,
+                max: old.rlim_max,
+            });
+        }
+    }
+    let get = |k: &str| status.get(k).cloned().unwrap_or_default();
+    let creds = Creds {
+        uid: procfmt::status_numbers(&get("Uid")),
+        gid: procfmt::status_numbers(&get("Gid")),
+        groups: procfmt::status_numbers(&get("Groups")),
+        cap_inh: procfmt::status_hex(&get("CapInh")),
+        cap_prm: procfmt::status_hex(&get("CapPrm")),
+        cap_eff: procfmt::status_hex(&get("CapEff")),
+        cap_bnd: procfmt::status_hex(&get("CapBnd")),
+        cap_amb: procfmt::status_hex(&get("CapAmb")),
+        securebits: st.securebits as u32,
+        no_new_privs: get("NoNewPrivs") == "1",
+    };
+    let personality = u32::from_str_radix(read(&format!("/proc/{pid}/personality"))?.trim(), 16).unwrap_or(0);
+    let process = ProcessCore {
+        personality,
+        umask: u32::from_str_radix(&get("Umask"), 8).unwrap_or(0o022),
+        sigactions,
+        itimers,
+        posix_timers,
+        rlimits,
+        shared_pending: shared_sigs.iter().map(|s| PendingSignal { siginfo: s.to_vec() }).collect(),
+        cwd: readlink(&format!("/proc/{pid}/cwd"))?,
+        root: readlink(&format!("/proc/{pid}/root"))?,
+        child_subreaper: st.child_subreaper != 0,
+        dumpable: st.dumpable as u32,
+        pdeath_signal: st.pdeath_signal as u32,
+    };
+    let core = CoreEntry {
+        tid: pid as u32,
+        regs: Some(gpregs(&regs)),
+        xsave: victim.xstate().to_vec(),
+        blocked: victim.sigmask(),
+        altstack: Some(SigaltStack {
+            sp: st.altstack.sp,
+            flags: st.altstack.flags as u32,
+            size: st.altstack.size,
+        }),
+        clear_child_tid: st.tid_address,
+        robust_list: robust,
+        robust_list_len: robust_len,
+        rseq: (rseq.ptr != 0).then_some(proto::Rseq {
+            ptr: rseq.ptr,
+            len: rseq.len,
+            sig: rseq.sig,
+            rseq_cs,
+        }),
+        comm: stat.comm.clone(),
+        pending: private_sigs.iter().map(|s| PendingSignal { siginfo: s.to_vec() }).collect(),
+        creds: Some(creds),
+        process: Some(process),
+    };
+    written.push(cryo_image::write_one(&opts.dir, &cryo_image::core_file(pid as u32), Kind::Core, &core)?);
+
+    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let pstree = PstreeEntry {
+        pid: pid as u32,
+        ppid: stat.ppid,
+        pgid: stat.pgid,
+        sid: stat.sid,
+        threads: vec![pid as u32],
+        cmdline,
+    };
+    written.push(cryo_image::write_one(&opts.dir, cryo_image::PSTREE_FILE, Kind::Pstree, &pstree)?);
+    {
+        let mut w = ImageWriter::create(&opts.dir, &cryo_image::fdinfo_file(pid as u32), Kind::Fdinfo)?;
+        for e in &fd_entries {
+            w.write(e)?;
+        }
+        written.push(w.finish()?);
+        let mut w = ImageWriter::create(&opts.dir, cryo_image::FILES_FILE, Kind::Files)?;
+        for f in &files {
+            w.write(f)?;
+        }
+        written.push(w.finish()?);
+    }
+    let image_bytes = written.iter().map(|f| f.size).sum();
+    let inv = Inventory {
+        format_major: cryo_image::FORMAT_MAJOR,
+        format_minor: cryo_image::FORMAT_MINOR,
+        producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
+        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        root_pid: pid as u32,
+        files: written.into_iter().map(Into::into).collect(),
+        kernel_release: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        leave_running: opts.leave_running,
+    };
+    cryo_image::write_inventory(&opts.dir, &inv)?;
+
+    if opts.leave_running {
+        victim.cure()?;
+    } else {
+        victim.kill()?;
+    }
+    let frozen = frozen_at.elapsed();
+    Ok(DumpStats {
+        pages: pstats,
+        frozen,
+        total: t0.elapsed(),
+        image_bytes,
+    })
+}
+
+fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), nix::errno::Errno> {
+    let len = out.len();
+    let mut iov = [std::io::IoSliceMut::new(out)];
+    let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
+    nix::sys::uio::process_vm_readv(pid, &mut iov, &remote).map(|_| ())
+}
+
+/// Remove image files a failed dump left behind (never the directory, and
+/// only files cryo names).
+pub fn remove_partial(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Some(name) = e.file_name().to_str() {
+                if Kind::from_file_name(name).is_some() || name.starts_with("inventory.img") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}

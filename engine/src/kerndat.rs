@@ -1,0 +1,1384 @@
+//! Kernel feature probing for `cryo check`.
+//!
+//! Every probe exercises the feature for real on the running kernel (no
+//! version checks). Probes are quick, and clean up after themselves: forked
+//! children are killed and reaped, fds are closed, mappings unmapped,
+//! namespaces are only created in short-lived children, and temporary cgroup
+//! directories are removed.
+
+use std::ffi::c_void;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{IoSlice, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// One probed kernel feature.
+#[derive(Debug, Clone)]
+pub struct Feature {
+    /// Short stable name, e.g. `ptrace-seize`.
+    pub name: &'static str,
+    /// Whether the feature works on this kernel.
+    pub present: bool,
+    /// What the probe saw (sizes, masks, or the error).
+    pub detail: String,
+    /// What cryo loses without the feature.
+    pub missing_cost: &'static str,
+}
+
+/// Why a probe could not confirm a feature. Only used to build
+/// [`Feature::detail`]; `probe()` itself never fails.
+#[derive(Debug, thiserror::Error)]
+pub enum KerndatError {
+    #[error("{call} failed: {errno}")]
+    Syscall { call: &'static str, errno: Errno },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("probe child {pid} ({probe}) ended with {status}")]
+    Child {
+        probe: &'static str,
+        pid: i32,
+        status: String,
+    },
+    #[error("{what}: expected {expected}, found {found}")]
+    Unexpected {
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("not probed: {reason}")]
+    NotProbed { reason: &'static str },
+}
+
+fn sys_err(call: &'static str) -> KerndatError {
+    KerndatError::Syscall {
+        call,
+        errno: Errno::last(),
+    }
+}
+
+fn io_err(path: impl Into<PathBuf>, source: std::io::Error) -> KerndatError {
+    KerndatError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Result of one probe: present or not, plus a detail line.
+struct Outcome {
+    present: bool,
+    detail: String,
+}
+
+fn yes(detail: impl Into<String>) -> Result<Outcome, KerndatError> {
+    Ok(Outcome {
+        present: true,
+        detail: detail.into(),
+    })
+}
+
+fn no(detail: impl Into<String>) -> Result<Outcome, KerndatError> {
+    Ok(Outcome {
+        present: false,
+        detail: detail.into(),
+    })
+}
+
+fn feature(
+    name: &'static str,
+    missing_cost: &'static str,
+    r: Result<Outcome, KerndatError>,
+) -> Feature {
+    let (present, detail) = match r {
+        Ok(o) => (o.present, o.detail),
+        Err(e) => (false, e.to_string()),
+    };
+    Feature {
+        name,
+        present,
+        detail,
+        missing_cost,
+    }
+}
+
+// Constants not (reliably) exported by libc.
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+const NT_X86_XSTATE: usize = 0x202;
+const SYS_CLONE3: libc::c_long = 435;
+const SYS_KCMP: libc::c_long = 312;
+const KCMP_FILE: libc::c_long = 0;
+const SYS_PIDFD_OPEN: libc::c_long = 434;
+const SYS_PIDFD_GETFD: libc::c_long = 438;
+const SYS_USERFAULTFD: libc::c_long = 323;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFDIO_API: u64 = 0xC018_AA3F;
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const PAGEMAP_SCAN: u64 = 0xC060_6610;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PR_SET_MM: libc::c_int = 35;
+const PR_SET_MM_MAP_SIZE: libc::c_ulong = 15;
+const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
+const PR_TIMER_CREATE_RESTORE_IDS_GET: libc::c_ulong = 2;
+const CAP_SYS_RESOURCE: u32 = 24;
+const CLONE_NEWTIME: libc::c_int = 0x80;
+const PAGE: usize = 4096;
+
+/// Feature names in the order `probe()` reports them.
+pub const FEATURE_NAMES: &[&str] = &[
+    "ptrace-seize",
+    "ptrace-getsigmask",
+    "ptrace-rseq-config",
+    "ptrace-xstate",
+    "rseq",
+    "clone3-set-tid",
+    "kcmp",
+    "pidfd-open",
+    "pidfd-getfd",
+    "userfaultfd",
+    "uffd-wp-async",
+    "pagemap-scan",
+    "soft-dirty",
+    "memfd-create",
+    "vmsplice",
+    "cgroup-v2-freezer",
+    "cgroup-v1-freezer",
+    "ns-user",
+    "ns-pid",
+    "ns-net",
+    "ns-mnt",
+    "ns-uts",
+    "ns-ipc",
+    "ns-cgroup",
+    "ns-time",
+    "time-ns-offsets",
+    "vdso-movable",
+    "pr-set-mm-map",
+    "timer-restore-ids",
+    "cap-sys-resource",
+];
+
+/// Probe every feature cryo cares about on the running kernel.
+pub fn probe() -> Vec<Feature> {
+    let mut out = Vec::with_capacity(FEATURE_NAMES.len());
+
+    let pt = probe_ptrace();
+    out.push(feature(
+        "ptrace-seize",
+        "cannot seize or freeze tasks: no dump at all",
+        pt.seize,
+    ));
+    out.push(feature(
+        "ptrace-getsigmask",
+        "cannot read a thread's blocked-signal mask from outside",
+        pt.sigmask,
+    ));
+    out.push(feature(
+        "ptrace-rseq-config",
+        "cannot read rseq registrations: rseq state is lost on restore",
+        pt.rseq_config,
+    ));
+    out.push(feature(
+        "ptrace-xstate",
+        "cannot save FPU/SSE/AVX registers: no dump at all",
+        pt.xstate,
+    ));
+    out.push(feature(
+        "rseq",
+        "tasks do not use rseq here: nothing to save (informational)",
+        pt.rseq,
+    ));
+    out.push(feature(
+        "clone3-set-tid",
+        "cannot create tasks with their original pids (racy ns_last_pid fallback)",
+        probe_clone3_set_tid(),
+    ));
+    out.push(feature(
+        "kcmp",
+        "cannot tell shared file descriptions apart; shared files restore as separate opens",
+        probe_kcmp(),
+    ));
+    let (pidfd_open, pidfd_getfd) = probe_pidfd();
+    out.push(feature(
+        "pidfd-open",
+        "waiting on tasks falls back to plain waitpid",
+        pidfd_open,
+    ));
+    out.push(feature(
+        "pidfd-getfd",
+        "fds must be passed out by the parasite over SCM_RIGHTS",
+        pidfd_getfd,
+    ));
+    let (uffd, wp_async) = probe_userfaultfd();
+    out.push(feature(
+        "userfaultfd",
+        "no lazy (post-copy) restore and no uffd dirty tracking",
+        uffd,
+    ));
+    out.push(feature(
+        "uffd-wp-async",
+        "no incremental or pre-copy dumps without soft-dirty",
+        wp_async,
+    ));
+    out.push(feature(
+        "pagemap-scan",
+        "page discovery falls back to reading pagemap; no uffd-wp dirty scans",
+        probe_pagemap_scan(),
+    ));
+    out.push(feature(
+        "soft-dirty",
+        "incremental dumps use userfaultfd write-protect instead",
+        probe_soft_dirty(),
+    ));
+    out.push(feature(
+        "memfd-create",
+        "cannot restore memfd files or shared anonymous memory",
+        probe_memfd(),
+    ));
+    out.push(feature(
+        "vmsplice",
+        "the parasite cannot hand pages to the dumper through pipes",
+        probe_vmsplice(),
+    ));
+    let mounts = read_mountinfo();
+    out.push(feature(
+        "cgroup-v2-freezer",
+        "--freeze-cgroup cannot use a cgroup v2 cgroup.freeze",
+        probe_cgroup_v2_freezer(&mounts),
+    ));
+    out.push(feature(
+        "cgroup-v1-freezer",
+        "--freeze-cgroup cannot use a cgroup v1 freezer hierarchy",
+        probe_cgroup_v1_freezer(&mounts),
+    ));
+    out.extend(probe_namespaces());
+    out.push(feature(
+        "time-ns-offsets",
+        "cannot restore time namespace clock offsets",
+        probe_timens_offsets(),
+    ));
+    out.push(feature(
+        "vdso-movable",
+        "vdso is sealed: restore must proxy the dumped vdso instead of moving it",
+        probe_vdso_movable(),
+    ));
+    out.push(feature(
+        "pr-set-mm-map",
+        "cannot restore mm fields (brk, args, env, auxv, exe) without CAP_SYS_RESOURCE",
+        probe_pr_set_mm_map(),
+    ));
+    out.push(feature(
+        "timer-restore-ids",
+        "POSIX timer ids restored by create/delete cycling (slow for large ids)",
+        probe_timer_restore_ids(),
+    ));
+    out.push(feature(
+        "cap-sys-resource",
+        "cannot raise hard rlimits or pipe sizes above fs.pipe-max-size; restore of a raised hard limit fails",
+        probe_cap_sys_resource(),
+    ));
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+
+/// A forked child that is killed (if still running) and reaped on drop.
+struct Child {
+    pid: Option<Pid>,
+}
+
+impl Child {
+    fn pid(&self) -> Pid {
+        self.pid.unwrap_or(Pid::from_raw(0))
+    }
+
+    /// Wait for the child to exit and return its status; the child is
+    /// reaped afterwards either way.
+    fn wait(mut self) -> Result<WaitStatus, KerndatError> {
+        let Some(pid) = self.pid.take() else {
+            return Err(KerndatError::NotProbed {
+                reason: "child already reaped",
+            });
+        };
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                Err(Errno::EINTR) => continue,
+                Err(errno) => {
+                    return Err(KerndatError::Syscall {
+                        call: "waitpid",
+                        errno,
+                    })
+                }
+                Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return Ok(st),
+                // Stops of an untraced child do not happen (no WUNTRACED);
+                // keep waiting for the exit.
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = kill(pid, Signal::SIGKILL);
+            loop {
+                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                    Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
+                    Err(Errno::EINTR) | Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// Fork a child that runs `body` and `_exit`s with its return value.
+///
+/// `body` runs in the child of a possibly multi-threaded process, so it must
+/// only make raw syscalls / async-signal-safe calls: no allocation, no locks,
+/// no panics.
+fn spawn<F: FnOnce() -> i32>(body: F) -> Result<Child, KerndatError> {
+    // SAFETY: fork() duplicates only the calling thread. The child runs only
+    // `body`, which by this function's contract makes only async-signal-safe
+    // calls (no heap, no locks held by other threads), then leaves through
+    // _exit without running destructors or atexit handlers. The parent keeps
+    // ownership of every Rust value as usual.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(sys_err("fork")),
+        0 => {
+            let code = body();
+            // SAFETY: _exit ends the child immediately and is async-signal-safe;
+            // nothing in the child needs to be flushed or dropped.
+            unsafe { libc::_exit(code) }
+        }
+        p => Ok(Child {
+            pid: Some(Pid::from_raw(p)),
+        }),
+    }
+}
+
+fn errno_from_exit(status: &WaitStatus) -> Option<Errno> {
+    match status {
+        WaitStatus::Exited(_, code) if *code != 0 => Some(Errno::from_raw(*code)),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ptrace: seize, sigmask, rseq, xstate
+
+struct PtraceProbes {
+    seize: Result<Outcome, KerndatError>,
+    sigmask: Result<Outcome, KerndatError>,
+    rseq_config: Result<Outcome, KerndatError>,
+    xstate: Result<Outcome, KerndatError>,
+    rseq: Result<Outcome, KerndatError>,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct RseqConfiguration {
+    rseq_abi_pointer: u64,
+    rseq_abi_size: u32,
+    signature: u32,
+    flags: u32,
+    pad: u32,
+}
+
+fn not_probed() -> Result<Outcome, KerndatError> {
+    Err(KerndatError::NotProbed {
+        reason: "ptrace-seize failed",
+    })
+}
+
+fn probe_ptrace() -> PtraceProbes {
+    let child = match spawn(|| {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) and pause() are plain syscalls,
+        // async-signal-safe, touching no memory of ours.
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            loop {
+                libc::pause();
+            }
+        }
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            return PtraceProbes {
+                seize: Err(e),
+                sigmask: not_probed(),
+                rseq_config: not_probed(),
+                xstate: not_probed(),
+                rseq: not_probed(),
+            }
+        }
+    };
+    let pid = child.pid();
+
+    if let Err(e) = seize_and_interrupt(pid) {
+        return PtraceProbes {
+            seize: Err(e),
+            sigmask: not_probed(),
+            rseq_config: not_probed(),
+            xstate: not_probed(),
+            rseq: not_probed(),
+        };
+    }
+
+    let sigmask = probe_getsigmask(pid);
+    let (rseq_config, rseq) = probe_rseq_config(pid);
+    let xstate = probe_xstate(pid);
+    let seize = match ptrace::detach(pid, None) {
+        Ok(()) => yes("seize, interrupt, event stop, detach"),
+        Err(errno) => Err(KerndatError::Syscall {
+            call: "PTRACE_DETACH",
+            errno,
+        }),
+    };
+    drop(child);
+    PtraceProbes {
+        seize,
+        sigmask,
+        rseq_config,
+        xstate,
+        rseq,
+    }
+}
+
+fn seize_and_interrupt(pid: Pid) -> Result<(), KerndatError> {
+    ptrace::seize(pid, ptrace::Options::empty()).map_err(|errno| KerndatError::Syscall {
+        call: "PTRACE_SEIZE",
+        errno,
+    })?;
+    ptrace::interrupt(pid).map_err(|errno| KerndatError::Syscall {
+        call: "PTRACE_INTERRUPT",
+        errno,
+    })?;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            Err(errno) => {
+                return Err(KerndatError::Syscall {
+                    call: "waitpid",
+                    errno,
+                })
+            }
+            Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_STOP => return Ok(()),
+            Ok(other) => {
+                return Err(KerndatError::Unexpected {
+                    what: "wait status after PTRACE_INTERRUPT",
+                    expected: "PTRACE_EVENT_STOP".into(),
+                    found: format!("{other:?}"),
+                })
+            }
+        }
+    }
+}
+
+fn probe_getsigmask(pid: Pid) -> Result<Outcome, KerndatError> {
+    let mut mask: u64 = 0;
+    // SAFETY: PTRACE_GETSIGMASK writes exactly `data` length bytes (8, the
+    // size we pass) to the address, which points at our live local u64. The
+    // tracee is in a ptrace-stop, as the request requires.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GETSIGMASK,
+            pid.as_raw(),
+            std::mem::size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    };
+    if r < 0 {
+        return Err(sys_err("PTRACE_GETSIGMASK"));
+    }
+    yes(format!("blocked mask {mask:#x}"))
+}
+
+fn probe_rseq_config(pid: Pid) -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
+    let mut cfg = RseqConfiguration::default();
+    // SAFETY: the kernel writes at most `addr` bytes (the size we pass,
+    // size_of::<RseqConfiguration>() = 24) into `cfg`, a live local of
+    // exactly that size with the uapi layout; the tracee is ptrace-stopped.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            pid.as_raw(),
+            std::mem::size_of::<RseqConfiguration>(),
+            &mut cfg as *mut RseqConfiguration,
+        )
+    };
+    if r < 0 {
+        let e = sys_err("PTRACE_GET_RSEQ_CONFIGURATION");
+        let rseq = Err(KerndatError::NotProbed {
+            reason: "PTRACE_GET_RSEQ_CONFIGURATION failed",
+        });
+        return (Err(e), rseq);
+    }
+    let detail = format!(
+        "ptr {:#x} len {} sig {:#x} ({} bytes)",
+        cfg.rseq_abi_pointer, cfg.rseq_abi_size, cfg.signature, r
+    );
+    let rseq = if cfg.rseq_abi_pointer != 0 {
+        yes(format!(
+            "libc registered rseq: len {}, sig {:#x}",
+            cfg.rseq_abi_size, cfg.signature
+        ))
+    } else {
+        no("no rseq registration in a forked child")
+    };
+    (yes(detail), rseq)
+}
+
+fn probe_xstate(pid: Pid) -> Result<Outcome, KerndatError> {
+    // Large enough for AVX-512 plus AMX tile data; the kernel reports the
+    // real size in iov_len.
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov describes `buf`, which is live and writable for iov_len
+    // bytes; the kernel writes at most iov_len bytes there and updates
+    // iov_len in our local iovec. The tracee is ptrace-stopped.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            pid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov as *mut libc::iovec,
+        )
+    };
+    if r < 0 {
+        return Err(sys_err("PTRACE_GETREGSET(NT_X86_XSTATE)"));
+    }
+    let size = iov.iov_len;
+    let mut detail = format!("{size} bytes");
+    // The kernel puts XCR0 in the software-reserved bytes at offset 464.
+    if let Some(b) = buf.get(464..472) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        if size >= 472 {
+            let _ = write!(detail, ", xcr0 {:#x}", u64::from_ne_bytes(w));
+        }
+    }
+    yes(detail)
+}
+
+// ---------------------------------------------------------------------------
+// clone3 with set_tid
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+fn pid_max() -> i32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .unwrap_or(32768)
+}
+
+fn probe_clone3_set_tid() -> Result<Outcome, KerndatError> {
+    let max = pid_max().max(1024);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as i64
+        ^ i64::from(std::process::id());
+    let half = i64::from(max / 2);
+    let mut tried = 0;
+    let mut last_err = None;
+    for i in 0..32i64 {
+        let want = (half + (seed + i * 7919).rem_euclid(half - 1)) as libc::pid_t;
+        if Path::new(&format!("/proc/{want}")).exists() {
+            continue;
+        }
+        tried += 1;
+        if tried > 8 {
+            break;
+        }
+        let tids = [want];
+        let args = CloneArgs {
+            exit_signal: libc::SIGCHLD as u64,
+            set_tid: tids.as_ptr() as u64,
+            set_tid_size: 1,
+            ..Default::default()
+        };
+        // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a
+        // copy of our memory and returns here with 0, then immediately leaves
+        // with a raw exit syscall (no Rust destructors, no locks, no heap).
+        // `args` and `tids` are live locals with the uapi layout for the size
+        // we pass (88 bytes, CLONE_ARGS_SIZE_VER2).
+        let ret = unsafe {
+            libc::syscall(
+                SYS_CLONE3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if ret == 0 {
+            // SAFETY: child of the clone3 above: a raw exit syscall ends this
+            // process immediately; _exit is the fallback and never returns.
+            unsafe {
+                libc::syscall(libc::SYS_exit, 0);
+                libc::_exit(0);
+            }
+        }
+        if ret < 0 {
+            let errno = Errno::last();
+            if errno == Errno::EEXIST {
+                last_err = Some(KerndatError::Syscall {
+                    call: "clone3(set_tid)",
+                    errno,
+                });
+                continue;
+            }
+            return Err(KerndatError::Syscall {
+                call: "clone3(set_tid)",
+                errno,
+            });
+        }
+        let child = Child {
+            pid: Some(Pid::from_raw(ret as i32)),
+        };
+        let status = child.wait()?;
+        if ret != i64::from(want) {
+            return no(format!("asked for pid {want}, got {ret}"));
+        }
+        return match status {
+            WaitStatus::Exited(_, 0) => yes(format!("created pid {want} on request")),
+            other => Err(KerndatError::Child {
+                probe: "clone3-set-tid",
+                pid: want,
+                status: format!("{other:?}"),
+            }),
+        };
+    }
+    Err(last_err.unwrap_or(KerndatError::NotProbed {
+        reason: "no free pid found to request",
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// kcmp, pidfd
+
+fn open_dev_null() -> Result<File, KerndatError> {
+    File::open("/dev/null").map_err(|e| io_err("/dev/null", e))
+}
+
+fn kcmp_file(pid: libc::pid_t, fd1: RawFd, fd2: RawFd) -> Result<i64, KerndatError> {
+    // SAFETY: kcmp only compares kernel objects named by (pid, fd) pairs; it
+    // reads and writes no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            SYS_KCMP,
+            pid,
+            pid,
+            KCMP_FILE,
+            fd1 as libc::c_long,
+            fd2 as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(sys_err("kcmp(KCMP_FILE)"));
+    }
+    Ok(r)
+}
+
+fn probe_kcmp() -> Result<Outcome, KerndatError> {
+    let a = open_dev_null()?;
+    let b = a.try_clone().map_err(|e| io_err("dup(/dev/null)", e))?;
+    let c = open_dev_null()?;
+    let pid = std::process::id() as libc::pid_t;
+    let same = kcmp_file(pid, a.as_raw_fd(), b.as_raw_fd())?;
+    let diff = kcmp_file(pid, a.as_raw_fd(), c.as_raw_fd())?;
+    if same == 0 && diff != 0 {
+        yes("dup'd fds equal, separate opens differ")
+    } else {
+        no(format!("unexpected order: dup {same}, separate {diff}"))
+    }
+}
+
+fn probe_pidfd() -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
+    let pid = std::process::id() as libc::pid_t;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd (or -1);
+    // no memory is passed.
+    let r = unsafe { libc::syscall(SYS_PIDFD_OPEN, pid, 0) };
+    if r < 0 {
+        let e = sys_err("pidfd_open");
+        return (
+            Err(e),
+            Err(KerndatError::NotProbed {
+                reason: "pidfd_open failed",
+            }),
+        );
+    }
+    // SAFETY: r is a fresh fd returned by pidfd_open that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(r as RawFd) };
+    let getfd = match open_dev_null() {
+        Err(e) => Err(e),
+        Ok(target) => {
+            // SAFETY: pidfd_getfd takes two fds and flags and returns a new fd
+            // (or -1); no memory is passed.
+            let g =
+                unsafe { libc::syscall(SYS_PIDFD_GETFD, pidfd.as_raw_fd(), target.as_raw_fd(), 0) };
+            if g < 0 {
+                Err(sys_err("pidfd_getfd"))
+            } else {
+                // SAFETY: g is a fresh fd returned by pidfd_getfd, owned by
+                // nobody else; wrapping it closes it on drop.
+                let got = unsafe { OwnedFd::from_raw_fd(g as RawFd) };
+                match kcmp_file(pid, got.as_raw_fd(), target.as_raw_fd()) {
+                    Ok(0) => yes("copied an fd of self, same file description"),
+                    Ok(_) => yes("copied an fd of self"),
+                    Err(_) => yes("copied an fd of self (kcmp unavailable to verify)"),
+                }
+            }
+        }
+    };
+    (yes("pidfd of self"), getfd)
+}
+
+// ---------------------------------------------------------------------------
+// userfaultfd
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+fn new_uffd() -> Result<OwnedFd, KerndatError> {
+    // SAFETY: userfaultfd takes only flags and returns a new fd or -1.
+    let r = unsafe { libc::syscall(SYS_USERFAULTFD, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+    if r < 0 {
+        return Err(sys_err("userfaultfd(UFFD_USER_MODE_ONLY)"));
+    }
+    // SAFETY: r is a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+fn uffdio_api(fd: &OwnedFd, features: u64) -> Result<UffdioApi, Errno> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (24 bytes),
+    // which `api` is (repr(C), three u64) and which lives across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api as *mut UffdioApi) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(api)
+}
+
+fn probe_userfaultfd() -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
+    let fd = match new_uffd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            return (
+                Err(e),
+                Err(KerndatError::NotProbed {
+                    reason: "userfaultfd failed",
+                }),
+            )
+        }
+    };
+    let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+    let wp = match uffdio_api(&fd, want) {
+        Ok(api) => yes(format!("supported features {:#x}", api.features)),
+        Err(errno) => {
+            // The API handshake happens once per fd: ask a fresh one for the
+            // supported mask.
+            let mask = new_uffd()
+                .ok()
+                .and_then(|f| uffdio_api(&f, 0).ok())
+                .map(|a| format!(", supported features {:#x}", a.features))
+                .unwrap_or_default();
+            no(format!(
+                "UFFDIO_API(WP_ASYNC|WP_UNPOPULATED): {errno}{mask}"
+            ))
+        }
+    };
+    (yes("user-mode-only uffd"), wp)
+}
+
+// ---------------------------------------------------------------------------
+// Memory: PAGEMAP_SCAN, soft-dirty, memfd, vmsplice
+
+/// An anonymous private mapping, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(pages: usize) -> Result<Self, KerndatError> {
+        let len = pages * PAGE;
+        // SAFETY: anonymous private mapping at a kernel-chosen address: it
+        // cannot overlap any existing Rust object.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(sys_err("mmap"));
+        }
+        Ok(Mapping {
+            ptr: p.cast::<u8>(),
+            len,
+        })
+    }
+
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Write `val` to the first byte of page `page` (faulting it in).
+    fn touch(&self, page: usize, val: u8) {
+        if page * PAGE < self.len {
+            // SAFETY: page * PAGE < len, so the byte is inside our RW mapping,
+            // which lives as long as `self`.
+            unsafe { self.ptr.add(page * PAGE).write_volatile(val) };
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr..ptr+len is our own RW mapping, alive while `self` is,
+        // and the &mut borrow of self makes this the only live reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; no references into
+        // the mapping outlive `self` (slices borrow self).
+        unsafe {
+            libc::munmap(self.ptr.cast::<c_void>(), self.len);
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+fn probe_pagemap_scan() -> Result<Outcome, KerndatError> {
+    let m = Mapping::new(4)?;
+    m.touch(0, 1);
+    m.touch(2, 1);
+    let path = "/proc/self/pagemap";
+    let f = File::open(path).map_err(|e| io_err(path, e))?;
+    let mut regions = [PageRegion::default(); 8];
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        start: m.addr(),
+        end: m.addr() + m.len as u64,
+        vec: regions.as_mut_ptr() as u64,
+        vec_len: regions.len() as u64,
+        category_mask: PAGE_IS_PRESENT,
+        category_anyof_mask: PAGE_IS_PRESENT,
+        return_mask: PAGE_IS_PRESENT,
+        ..Default::default()
+    };
+    // SAFETY: PAGEMAP_SCAN reads and writes one 96-byte pm_scan_arg (`arg`,
+    // repr(C), 12 u64) and writes at most vec_len page_region entries to
+    // `regions`, a live local array of exactly that length. The scanned
+    // range is our own mapping `m`, alive across the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+    if r < 0 {
+        return Err(sys_err("ioctl(PAGEMAP_SCAN)"));
+    }
+    yes(format!("{r} present region(s) for 2 touched of 4 pages"))
+}
+
+fn probe_soft_dirty() -> Result<Outcome, KerndatError> {
+    let m = Mapping::new(1)?;
+    m.touch(0, 1);
+    let clear = "/proc/self/clear_refs";
+    std::fs::write(clear, b"4").map_err(|e| io_err(clear, e))?;
+    m.touch(0, 2);
+    let path = "/proc/self/pagemap";
+    let f = File::open(path).map_err(|e| io_err(path, e))?;
+    let mut entry = [0u8; 8];
+    f.read_exact_at(&mut entry, (m.addr() / PAGE as u64) * 8)
+        .map_err(|e| io_err(path, e))?;
+    let e = u64::from_ne_bytes(entry);
+    if e & (1 << 63) == 0 {
+        return no(format!("written page not present in pagemap ({e:#x})"));
+    }
+    if e & (1 << 55) != 0 {
+        yes("bit 55 set after clear_refs + write")
+    } else {
+        no("bit 55 not set after clear_refs + write (no CONFIG_MEM_SOFT_DIRTY)")
+    }
+}
+
+fn probe_memfd() -> Result<Outcome, KerndatError> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(
+        c"cryo-check",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(|errno| KerndatError::Syscall {
+        call: "memfd_create",
+        errno,
+    })?;
+    nix::unistd::ftruncate(&fd, PAGE as i64).map_err(|errno| KerndatError::Syscall {
+        call: "ftruncate(memfd)",
+        errno,
+    })?;
+    yes("memfd with sealing allowed")
+}
+
+fn probe_vmsplice() -> Result<Outcome, KerndatError> {
+    let mut m = Mapping::new(1)?;
+    for (i, b) in m.as_mut_slice().iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| {
+        KerndatError::Syscall {
+            call: "pipe2",
+            errno,
+        }
+    })?;
+    let n = nix::fcntl::vmsplice(
+        &w,
+        &[IoSlice::new(m.as_mut_slice())],
+        nix::fcntl::SpliceFFlags::empty(),
+    )
+    .map_err(|errno| KerndatError::Syscall {
+        call: "vmsplice",
+        errno,
+    })?;
+    drop(w);
+    let mut back = Vec::with_capacity(n);
+    File::from(r)
+        .read_to_end(&mut back)
+        .map_err(|e| io_err("pipe", e))?;
+    let src = m.as_mut_slice();
+    if back.len() == n && src.get(..n) == Some(&back[..]) {
+        yes(format!("spliced and read back {n} bytes"))
+    } else {
+        no(format!(
+            "spliced {n} bytes, read back {} that differ",
+            back.len()
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// cgroups
+
+struct MountEntry {
+    mount_point: PathBuf,
+    fstype: String,
+    super_opts: String,
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if let Some(v) = s
+                .get(i + 1..i + 4)
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn read_mountinfo() -> Result<Vec<MountEntry>, String> {
+    let path = "/proc/self/mountinfo";
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e).to_string())?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mp) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let (Some(fstype), Some(_src), Some(opts)) = (r.next(), r.next(), r.next()) else {
+            continue;
+        };
+        out.push(MountEntry {
+            mount_point: PathBuf::from(unescape(mp)),
+            fstype: fstype.to_string(),
+            super_opts: opts.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Create `<mount>/cryo-check-<pid>`, check that `file` exists in it, and
+/// remove the directory again.
+fn probe_cgroup_file(mount: &Path, file: &str) -> Result<Outcome, KerndatError> {
+    let dir = mount.join(format!("cryo-check-{}", std::process::id()));
+    std::fs::create_dir(&dir).map_err(|e| io_err(&dir, e))?;
+    let has = dir.join(file).exists();
+    let removed = std::fs::remove_dir(&dir).map_err(|e| io_err(&dir, e));
+    removed?;
+    if has {
+        yes(format!("{} has {file}", mount.display()))
+    } else {
+        no(format!("no {file} in a child of {}", mount.display()))
+    }
+}
+
+fn probe_cgroup_v2_freezer(
+    mounts: &Result<Vec<MountEntry>, String>,
+) -> Result<Outcome, KerndatError> {
+    let mounts = match mounts {
+        Ok(m) => m,
+        Err(e) => return no(e.clone()),
+    };
+    match mounts.iter().find(|m| m.fstype == "cgroup2") {
+        Some(m) => probe_cgroup_file(&m.mount_point, "cgroup.freeze"),
+        None => no("no cgroup2 mount"),
+    }
+}
+
+fn probe_cgroup_v1_freezer(
+    mounts: &Result<Vec<MountEntry>, String>,
+) -> Result<Outcome, KerndatError> {
+    let mounts = match mounts {
+        Ok(m) => m,
+        Err(e) => return no(e.clone()),
+    };
+    let found = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == "freezer"));
+    match found {
+        Some(m) => probe_cgroup_file(&m.mount_point, "freezer.state"),
+        None => no("no cgroup v1 freezer mount"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// namespaces
+
+struct NsKind {
+    name: &'static str,
+    feature: &'static str,
+    flag: libc::c_int,
+    cost: &'static str,
+}
+
+const NAMESPACES: &[NsKind] = &[
+    NsKind {
+        name: "user",
+        feature: "ns-user",
+        flag: libc::CLONE_NEWUSER,
+        cost: "cannot restore tasks in their own user namespace",
+    },
+    NsKind {
+        name: "pid",
+        feature: "ns-pid",
+        flag: libc::CLONE_NEWPID,
+        cost: "cannot restore pid namespaces (pid clashes on restore more likely)",
+    },
+    NsKind {
+        name: "net",
+        feature: "ns-net",
+        flag: libc::CLONE_NEWNET,
+        cost: "cannot restore tasks in their own network namespace",
+    },
+    NsKind {
+        name: "mnt",
+        feature: "ns-mnt",
+        flag: libc::CLONE_NEWNS,
+        cost: "cannot restore mount namespaces",
+    },
+    NsKind {
+        name: "uts",
+        feature: "ns-uts",
+        flag: libc::CLONE_NEWUTS,
+        cost: "cannot restore hostname/domainname namespaces",
+    },
+    NsKind {
+        name: "ipc",
+        feature: "ns-ipc",
+        flag: libc::CLONE_NEWIPC,
+        cost: "cannot restore IPC namespaces (SysV objects, mqueues)",
+    },
+    NsKind {
+        name: "cgroup",
+        feature: "ns-cgroup",
+        flag: libc::CLONE_NEWCGROUP,
+        cost: "cannot restore cgroup namespaces",
+    },
+    NsKind {
+        name: "time",
+        feature: "ns-time",
+        flag: CLONE_NEWTIME,
+        cost: "cannot restore time namespaces (monotonic/boottime clocks jump)",
+    },
+];
+
+fn probe_namespaces() -> Vec<Feature> {
+    // Fork one child per namespace first, then reap them all: the unshares
+    // run in parallel.
+    let children: Vec<Result<Child, KerndatError>> = NAMESPACES
+        .iter()
+        .map(|ns| {
+            let flag = ns.flag;
+            spawn(move || {
+                // SAFETY: unshare is a plain syscall taking an int; reading
+                // errno is a thread-local load. Both are async-signal-safe.
+                unsafe {
+                    if libc::unshare(flag) == 0 {
+                        0
+                    } else {
+                        *libc::__errno_location() & 0xff
+                    }
+                }
+            })
+        })
+        .collect();
+    NAMESPACES
+        .iter()
+        .zip(children)
+        .map(|(ns, child)| {
+            let r = probe_one_ns(ns, child);
+            feature(ns.feature, ns.cost, r)
+        })
+        .collect()
+}
+
+fn probe_one_ns(ns: &NsKind, child: Result<Child, KerndatError>) -> Result<Outcome, KerndatError> {
+    let child = child?;
+    let pid = child.pid().as_raw();
+    let status = child.wait()?;
+    let link = format!("/proc/self/ns/{}", ns.name);
+    let has_link = std::fs::symlink_metadata(&link).is_ok();
+    match status {
+        WaitStatus::Exited(_, 0) if has_link => yes(format!("{link} exists, unshare works")),
+        WaitStatus::Exited(_, 0) => no(format!("unshare works but {link} is missing")),
+        other => match errno_from_exit(&other) {
+            Some(errno) => no(format!("unshare in a child: {errno}")),
+            None => Err(KerndatError::Child {
+                probe: ns.feature,
+                pid,
+                status: format!("{other:?}"),
+            }),
+        },
+    }
+}
+
+fn probe_timens_offsets() -> Result<Outcome, KerndatError> {
+    let p = "/proc/self/timens_offsets";
+    if Path::new(p).exists() {
+        yes(format!("{p} exists"))
+    } else {
+        no(format!("{p} missing"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// vdso, prctl, capabilities
+
+fn probe_vdso_movable() -> Result<Outcome, KerndatError> {
+    let path = "/proc/self/smaps";
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let mut in_vdso = false;
+    for line in text.lines() {
+        if line.ends_with("[vdso]") {
+            in_vdso = true;
+        } else if in_vdso {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                let flags = flags.trim();
+                return if flags.split_whitespace().any(|f| f == "sl") {
+                    no(format!("[vdso] is sealed (VmFlags: {flags})"))
+                } else {
+                    yes(format!("[vdso] not sealed (VmFlags: {flags})"))
+                };
+            }
+        }
+    }
+    if in_vdso {
+        yes("[vdso] has no VmFlags line (no sealing support)")
+    } else {
+        yes("no [vdso] mapped")
+    }
+}
+
+fn probe_pr_set_mm_map() -> Result<Outcome, KerndatError> {
+    let mut size: u32 = 0;
+    // SAFETY: PR_SET_MM_MAP_SIZE only writes one u32 (the size of struct
+    // prctl_mm_map) to arg3, which points at our live local `size`.
+    let r = unsafe {
+        libc::prctl(
+            PR_SET_MM,
+            PR_SET_MM_MAP_SIZE,
+            &mut size as *mut u32 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        return Err(sys_err("prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE)"));
+    }
+    if size == 104 {
+        yes("prctl_mm_map size 104")
+    } else {
+        Err(KerndatError::Unexpected {
+            what: "prctl_mm_map size",
+            expected: "104".into(),
+            found: size.to_string(),
+        })
+    }
+}
+
+fn probe_timer_restore_ids() -> Result<Outcome, KerndatError> {
+    // SAFETY: the GET operation only returns the current mode; it takes no
+    // pointers and changes no state.
+    let r = unsafe {
+        libc::prctl(
+            PR_TIMER_CREATE_RESTORE_IDS,
+            PR_TIMER_CREATE_RESTORE_IDS_GET,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        return Err(sys_err("prctl(PR_TIMER_CREATE_RESTORE_IDS, GET)"));
+    }
+    yes(format!("current mode {r}"))
+}
+
+fn status_caps(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+fn probe_cap_sys_resource() -> Result<Outcome, KerndatError> {
+    let path = "/proc/self/status";
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let Some(eff) = status_caps(&text, "CapEff:") else {
+        return Err(KerndatError::Unexpected {
+            what: "/proc/self/status",
+            expected: "a CapEff line".into(),
+            found: "none".into(),
+        });
+    };
+    let bit = 1u64 << CAP_SYS_RESOURCE;
+    if eff & bit != 0 {
+        return yes(format!("CapEff {eff:#x}"));
+    }
+    let bnd = match status_caps(&text, "CapBnd:") {
+        Some(b) if b & bit == 0 => ", not in the bounding set",
+        _ => "",
+    };
+    no(format!("CapEff {eff:#x} lacks bit {CAP_SYS_RESOURCE}{bnd}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_every_feature() {
+        let t = std::time::Instant::now();
+        let features = probe();
+        let elapsed = t.elapsed();
+        let names: Vec<&str> = features.iter().map(|f| f.name).collect();
+        assert_eq!(names, FEATURE_NAMES);
+        for f in &features {
+            eprintln!("{:<20} {:<5} {}", f.name, f.present, f.detail);
+        }
+        assert!(elapsed.as_secs_f64() < 1.0, "probe took {elapsed:?}");
+        for must in ["ptrace-seize", "clone3-set-tid", "ns-pid"] {
+            let f = features.iter().find(|f| f.name == must);
+            assert!(
+                f.is_some_and(|f| f.present),
+                "{must} should be present here: {:?}",
+                f.map(|f| &f.detail)
+            );
+        }
+    }
+
+    #[test]
+    fn unescape_mountinfo() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape(r"/plain"), "/plain");
+        assert_eq!(unescape(r"/end\"), r"/end\");
+    }
+}

@@ -1,0 +1,10 @@
+//! cryo's engine: checkpoint and restore of Linux processes.
+
+pub mod dump;
+pub mod infect;
+pub mod kerndat;
+pub mod mem;
+pub mod proc;
+pub mod restore;
+pub mod sigframe;
+pub mod sys;

@@ -1,0 +1,244 @@
+//! Page transfer: the parasite vmsplices the task's pages into pipes and
+//! cryo drains them into the pages file, splicing straight into it when
+//! the image is raw, or reading them once to drop zero pages and hand them
+//! to the zstd workers. Two pipes alternate so the parasite fills one
+//! while cryo drains the other.
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use cryo_image::proto::PagemapEntry;
+use cryo_image::{ImageError, PageWriter};
+use cryo_parasite::{Iov, MAX_IOVS};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+
+use super::{Run, PAGE};
+use crate::infect::{InfectError, Victim};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Infect(#[from] InfectError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("page pipe for task {pid}: {errno}")]
+    Pipe { pid: i32, errno: nix::errno::Errno },
+    #[error("draining pages of task {pid}: {source}")]
+    Drain {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parasite in task {pid} spliced {got} bytes, expected {want}")]
+    Short { pid: i32, got: u64, want: u64 },
+}
+
+/// Part of a run that went into one batch; `cont` when it continues the
+/// same run as the previous piece.
+struct Piece {
+    start: u64,
+    pages: u64,
+    zero_ok: bool,
+    cont: bool,
+}
+
+/// One batch: iovecs for the parasite and the run pieces they came from.
+struct Batch {
+    iovs: Vec<Iov>,
+    runs: Vec<Piece>,
+    bytes: u64,
+}
+
+fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
+    let mut out = Vec::new();
+    let mut cur = Batch {
+        iovs: Vec::new(),
+        runs: Vec::new(),
+        bytes: 0,
+    };
+    for r in runs {
+        let mut start = r.start;
+        let mut left = r.pages;
+        while left > 0 {
+            let room = (max_bytes - cur.bytes) / PAGE;
+            let n = left.min(room);
+            cur.iovs.push(Iov { base: start, len: n * PAGE });
+            cur.runs.push(Piece {
+                start,
+                pages: n,
+                zero_ok: r.zero_ok,
+                cont: start != r.start,
+            });
+            cur.bytes += n * PAGE;
+            start += n * PAGE;
+            left -= n;
+            if cur.bytes >= max_bytes || cur.iovs.len() >= MAX_IOVS {
+                out.push(std::mem::replace(
+                    &mut cur,
+                    Batch {
+                        iovs: Vec::new(),
+                        runs: Vec::new(),
+                        bytes: 0,
+                    },
+                ));
+            }
+        }
+    }
+    if cur.bytes > 0 {
+        out.push(cur);
+    }
+    out
+}
+
+/// Appends page runs to `out`, merging with the previous one when adjacent.
+/// `join` says whether the pages come from the same mapping as the
+/// previous ones (runs never span two mappings).
+fn push_entry(out: &mut Vec<PagemapEntry>, vaddr: u64, pages: u64, join: bool) {
+    if let (true, Some(last)) = (join, out.last_mut()) {
+        if last.vaddr + last.nr_pages as u64 * PAGE == vaddr && (last.nr_pages as u64 + pages) <= u32::MAX as u64 {
+            last.nr_pages += pages as u32;
+            return;
+        }
+    }
+    out.push(PagemapEntry {
+        vaddr,
+        nr_pages: pages as u32,
+        flags: 0,
+    });
+}
+
+/// Statistics of one transfer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TransferStats {
+    pub pages_scanned: u64,
+    pub pages_stored: u64,
+    pub zero_pages: u64,
+}
+
+/// Move the pages of `runs` from the task into `writer`; returns the
+/// pagemap entries describing what was stored, in order.
+pub fn transfer(victim: &mut Victim, runs: &[Run], writer: &mut PageWriter, raw: bool, progress: &dyn Fn(u64)) -> Result<(Vec<PagemapEntry>, TransferStats), TransferError> {
+    let pid = victim.pid.as_raw();
+    let pipe_err = |errno| TransferError::Pipe { pid, errno };
+    let mut pipes: Vec<(OwnedFd, OwnedFd)> = Vec::new();
+    let mut cap = u64::MAX;
+    for _ in 0..2 {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(pipe_err)?;
+        // 1 MiB is fs.pipe-max-size by default; take what we get.
+        let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(1 << 20));
+        let size = fcntl(&w, FcntlArg::F_GETPIPE_SZ).map_err(pipe_err)? as u64;
+        cap = cap.min(size);
+        pipes.push((r, w));
+    }
+    let first = victim.send_fds(&[pipes[0].1.as_raw_fd(), pipes[1].1.as_raw_fd()])?;
+    // The parasite holds the write ends now.
+    let readers: Vec<OwnedFd> = pipes.into_iter().map(|(r, _w)| r).collect();
+
+    let batches = batches(runs, cap);
+    let mut entries = Vec::new();
+    let mut stats = TransferStats::default();
+    let mut done_bytes = 0u64;
+    for (k, b) in batches.iter().enumerate() {
+        victim.splice_pages_start(first + (k % 2) as u32, &b.iovs)?;
+        if k > 0 {
+            // Drain the previous batch while the parasite fills this one.
+            drain(pid, &readers[(k - 1) % 2], &batches[k - 1], writer, raw, &mut entries, &mut stats)?;
+            done_bytes += batches[k - 1].bytes;
+            progress(done_bytes);
+        }
+        let got = victim.splice_pages_finish()?;
+        if got != b.bytes {
+            return Err(TransferError::Short { pid, got, want: b.bytes });
+        }
+    }
+    if let Some(last) = batches.last() {
+        drain(pid, &readers[(batches.len() - 1) % 2], last, writer, raw, &mut entries, &mut stats)?;
+        done_bytes += last.bytes;
+        progress(done_bytes);
+    }
+    Ok((entries, stats))
+}
+
+fn drain(pid: i32, pipe: &OwnedFd, b: &Batch, writer: &mut PageWriter, raw: bool, entries: &mut Vec<PagemapEntry>, stats: &mut TransferStats) -> Result<(), TransferError> {
+    stats.pages_scanned += b.bytes / PAGE;
+    if raw {
+        writer.splice_from_pipe(pipe.as_fd(), b.bytes as usize)?;
+        for r in &b.runs {
+            push_entry(entries, r.start, r.pages, r.cont);
+        }
+        stats.pages_stored += b.bytes / PAGE;
+        return Ok(());
+    }
+    let mut buf = writer.take_buffer();
+    buf.resize(b.bytes as usize, 0);
+    let mut f = std::fs::File::from(pipe.try_clone().map_err(|source| TransferError::Drain { pid, source })?);
+    f.read_exact(&mut buf).map_err(|source| TransferError::Drain { pid, source })?;
+    // Drop pages of anonymous memory that hold only zeros: they read as
+    // zero after restore without being stored.
+    let mut keep = 0usize;
+    let mut off = 0usize;
+    for r in &b.runs {
+        for i in 0..r.pages {
+            let page = &buf[off..off + PAGE as usize];
+            let zero = r.zero_ok && is_zero(page);
+            if zero {
+                stats.zero_pages += 1;
+            } else {
+                if keep != off {
+                    buf.copy_within(off..off + PAGE as usize, keep);
+                }
+                keep += PAGE as usize;
+                push_entry(entries, r.start + i * PAGE, 1, i > 0 || r.cont);
+            }
+            off += PAGE as usize;
+        }
+    }
+    buf.truncate(keep);
+    stats.pages_stored += (keep as u64) / PAGE;
+    if keep > 0 {
+        writer.submit(buf)?;
+    }
+    Ok(())
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only splits
+        // the slice at alignment boundaries.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batching_respects_limits() {
+        let runs = [
+            Run {
+                start: 0x10000,
+                pages: 300,
+                zero_ok: true,
+            },
+            Run {
+                start: 0x900000,
+                pages: 10,
+                zero_ok: false,
+            },
+        ];
+        let b = batches(&runs, 256 * PAGE);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].bytes, 256 * PAGE);
+        assert_eq!(b[1].bytes, 54 * PAGE);
+        assert_eq!(b[1].runs.len(), 2);
+        let mut e = Vec::new();
+        push_entry(&mut e, 0x1000, 1, false);
+        push_entry(&mut e, 0x2000, 2, true);
+        push_entry(&mut e, 0x8000, 1, true);
+        push_entry(&mut e, 0x9000, 1, false);
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].nr_pages, 3);
+    }
+}

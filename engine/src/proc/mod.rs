@@ -1,0 +1,174 @@
+//! Pure parsers of /proc text, tested on fixture strings.
+
+use std::collections::HashMap;
+
+/// The fields of /proc/PID/stat cryo uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: String,
+    pub state: char,
+    pub ppid: u32,
+    pub pgid: u32,
+    pub sid: u32,
+    pub num_threads: u64,
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_stack: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// Parse /proc/PID/stat. The command name may contain spaces and
+/// parentheses, so fields are counted from the last ')'.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state).
+    let f = |n: usize| -> u64 { rest.get(n - 3).and_then(|s| s.parse().ok()).unwrap_or(0) };
+    Some(Stat {
+        comm,
+        state: rest.first()?.chars().next()?,
+        ppid: f(4) as u32,
+        pgid: f(5) as u32,
+        sid: f(6) as u32,
+        num_threads: f(20),
+        start_code: f(26),
+        end_code: f(27),
+        start_stack: f(28),
+        start_data: f(45),
+        end_data: f(46),
+        start_brk: f(47),
+        arg_start: f(48),
+        arg_end: f(49),
+        env_start: f(50),
+        env_end: f(51),
+    })
+}
+
+/// Parse "Key:\tvalue" lines of /proc/PID/status.
+pub fn parse_status(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Numbers of a whitespace-separated status value ("0\t0\t0\t0").
+pub fn status_numbers(v: &str) -> Vec<u32> {
+    v.split_whitespace().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// A hexadecimal status value (SigBlk, CapEff, ...).
+pub fn status_hex(v: &str) -> u64 {
+    u64::from_str_radix(v.trim(), 16).unwrap_or(0)
+}
+
+/// One POSIX timer from /proc/PID/timers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TimerInfo {
+    pub id: i32,
+    pub signo: i32,
+    pub sigev_value: u64,
+    /// sigev_notify value (SIGEV_SIGNAL 0, SIGEV_NONE 1, SIGEV_THREAD 2,
+    /// plus SIGEV_THREAD_ID 4 when aimed at a thread).
+    pub notify: i32,
+    pub notify_tid: u32,
+    pub clock_id: i32,
+}
+
+pub fn parse_timers(text: &str) -> Vec<TimerInfo> {
+    let mut out: Vec<TimerInfo> = Vec::new();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        match k.trim() {
+            "ID" => out.push(TimerInfo {
+                id: v.parse().unwrap_or(-1),
+                ..Default::default()
+            }),
+            "signal" => {
+                if let (Some(t), Some((s, val))) = (out.last_mut(), v.split_once('/')) {
+                    t.signo = s.parse().unwrap_or(0);
+                    t.sigev_value = u64::from_str_radix(val.trim_start_matches("0x"), 16).unwrap_or(0);
+                }
+            }
+            "notify" => {
+                if let (Some(t), Some((kind, target))) = (out.last_mut(), v.split_once('/')) {
+                    let base = match kind {
+                        "signal" => 0,
+                        "none" => 1,
+                        "thread" => 2,
+                        _ => 0,
+                    };
+                    let (who, id) = target.split_once('.').unwrap_or(("pid", "0"));
+                    t.notify = base | if who == "tid" { 4 } else { 0 };
+                    t.notify_tid = id.parse().unwrap_or(0);
+                }
+            }
+            "ClockID" => {
+                if let Some(t) = out.last_mut() {
+                    t.clock_id = v.parse().unwrap_or(0);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// pos and flags of /proc/PID/fdinfo/FD.
+pub fn parse_fdinfo(text: &str) -> (u64, u32) {
+    let m = parse_status(text);
+    let pos = m.get("pos").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let flags = m.get("flags").and_then(|v| u32::from_str_radix(v, 8).ok()).unwrap_or(0);
+    (pos, flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_comm() {
+        let s = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 100 1000 200 18446744073709551615 94000 95000 140000 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 96000 97000 98000 140100 140200 140300 140400 0";
+        let st = parse_stat(s).unwrap();
+        assert_eq!(st.comm, "a) b (c)");
+        assert_eq!(st.state, 'S');
+        assert_eq!((st.ppid, st.pgid, st.sid), (1, 1234, 1234));
+        assert_eq!(st.num_threads, 1);
+        assert_eq!((st.start_code, st.end_code, st.start_stack), (94000, 95000, 140000));
+        assert_eq!((st.start_data, st.end_data, st.start_brk), (96000, 97000, 98000));
+        assert_eq!((st.arg_start, st.arg_end, st.env_start, st.env_end), (140100, 140200, 140300, 140400));
+    }
+
+    #[test]
+    fn timers() {
+        let t = "ID: 0\nsignal: 39/0000000000001234\nnotify: signal/pid.77\nClockID: 1\nID: 3\nsignal: 14/0000000000000000\nnotify: thread/tid.78\nClockID: 0\n";
+        let v = parse_timers(t);
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].id, v[0].signo, v[0].sigev_value, v[0].notify, v[0].clock_id), (0, 39, 0x1234, 0, 1));
+        assert_eq!((v[1].id, v[1].notify, v[1].notify_tid), (3, 6, 78));
+    }
+
+    #[test]
+    fn fdinfo() {
+        assert_eq!(parse_fdinfo("pos:\t42\nflags:\t0102002\nmnt_id:\t20\n"), (42, 0o102002));
+    }
+
+    #[test]
+    fn status() {
+        let m = parse_status("Name:\tcat\nUmask:\t0022\nUid:\t0\t1\t2\t3\nSigBlk:\t0000000000010000\n");
+        assert_eq!(status_numbers(&m["Uid"]), vec![0, 1, 2, 3]);
+        assert_eq!(status_hex(&m["SigBlk"]), 0x10000);
+        assert_eq!(m["Umask"], "0022");
+    }
+}

@@ -1,0 +1,211 @@
+//! Loading an image for restore: the inventory first (format version,
+//! every file's size and checksum), then every metadata file, checked
+//! against each other, so that a damaged image is refused before anything
+//! is created.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use cryo_image::proto::{self, CoreEntry, FdEntry, FileEntry, Inventory, MmEntry, PageChunk, PagemapEntry, PagemapHead, PagemapRecord, PstreeEntry, VmaKind};
+use cryo_image::{ImageError, ImageReader, Kind, PageReader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageLoadError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{file}: {what}")]
+    Invalid { file: String, what: String },
+    #[error("{file}: listed in inventory.img but {what}")]
+    Listing { file: String, what: String },
+}
+
+type Result<T> = std::result::Result<T, ImageLoadError>;
+
+fn invalid(file: &str, what: impl Into<String>) -> ImageLoadError {
+    ImageLoadError::Invalid {
+        file: file.to_string(),
+        what: what.into(),
+    }
+}
+
+/// A loaded and cross-checked single-process image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub dir: PathBuf,
+    pub inventory: Inventory,
+    pub pstree: PstreeEntry,
+    pub core: CoreEntry,
+    pub mm: MmEntry,
+    pub pagemap_head: PagemapHead,
+    pub runs: Vec<PagemapEntry>,
+    pub chunks: Vec<PageChunk>,
+    pub fds: Vec<FdEntry>,
+    pub files: Vec<FileEntry>,
+}
+
+impl Image {
+    pub fn pid(&self) -> i32 {
+        self.pstree.pid as i32
+    }
+
+    /// Open the pages file (checks its header and that every chunk lies
+    /// inside it).
+    pub fn page_reader(&self) -> Result<PageReader> {
+        let comp = proto::Compression::try_from(self.pagemap_head.compression).map_err(|_| invalid(&cryo_image::pagemap_file(self.pstree.pid), "unknown compression"))?;
+        Ok(PageReader::open(&self.dir, &self.pagemap_head.pages_file, comp, self.chunks.clone())?)
+    }
+
+    pub fn load(dir: &Path) -> Result<Image> {
+        let inventory = cryo_image::read_inventory(dir)?;
+        // Sizes of every file; full checksums of the metadata files (page
+        // chunks carry their own checksums, checked as they are read).
+        for f in &inventory.files {
+            let path = dir.join(&f.name);
+            if f.name.contains('/') || f.name.starts_with('.') {
+                return Err(invalid("inventory.img", format!("bad file name {:?}", f.name)));
+            }
+            let kind = Kind::from_file_name(&f.name);
+            if kind == Some(Kind::Pages) {
+                let size = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| ImageLoadError::Listing {
+                    file: f.name.clone(),
+                    what: format!("cannot be read: {e}"),
+                })?;
+                if size != f.size {
+                    return Err(ImageLoadError::Listing {
+                        file: f.name.clone(),
+                        what: format!("its size is {size} bytes, the inventory says {}", f.size),
+                    });
+                }
+            } else {
+                let (size, hash) = cryo_image::hash_file(&path)?;
+                if size != f.size {
+                    return Err(ImageLoadError::Listing {
+                        file: f.name.clone(),
+                        what: format!("its size is {size} bytes, the inventory says {}", f.size),
+                    });
+                }
+                if hash != f.xxh3 {
+                    return Err(ImageLoadError::Listing {
+                        file: f.name.clone(),
+                        what: format!("its checksum is {hash:016x}, the inventory says {:016x} (the file was changed or damaged)", f.xxh3),
+                    });
+                }
+            }
+        }
+        let listed: HashSet<&str> = inventory.files.iter().map(|f| f.name.as_str()).collect();
+        let need = |name: &str| -> Result<()> {
+            if listed.contains(name) {
+                Ok(())
+            } else {
+                Err(invalid("inventory.img", format!("does not list {name}; the image is incomplete")))
+            }
+        };
+        need(cryo_image::PSTREE_FILE)?;
+        let pstree: PstreeEntry = cryo_image::read_one(dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
+        let pid = pstree.pid;
+        if pid == 0 || pid as i32 > 4_194_304 {
+            return Err(invalid(cryo_image::PSTREE_FILE, format!("bad pid {pid}")));
+        }
+        if pid != inventory.root_pid {
+            return Err(invalid(cryo_image::PSTREE_FILE, format!("pid {pid} differs from the inventory's root pid {}", inventory.root_pid)));
+        }
+        let core_name = cryo_image::core_file(pid);
+        let mm_name = cryo_image::mm_file(pid);
+        let pm_name = cryo_image::pagemap_file(pid);
+        let fd_name = cryo_image::fdinfo_file(pid);
+        for n in [&core_name, &mm_name, &pm_name, &fd_name] {
+            need(n)?;
+        }
+        need(cryo_image::FILES_FILE)?;
+        let core: CoreEntry = cryo_image::read_one(dir, &core_name, Kind::Core)?;
+        if core.tid != pid || core.regs.is_none() || core.process.is_none() {
+            return Err(invalid(&core_name, "missing registers or process state"));
+        }
+        if core.xsave.len() < 576 || core.xsave.len() > 64 * 1024 {
+            return Err(invalid(&core_name, format!("XSAVE area of {} bytes", core.xsave.len())));
+        }
+        let mm: MmEntry = cryo_image::read_one(dir, &mm_name, Kind::Mm)?;
+        let mut prev_end = 0;
+        for (i, v) in mm.vmas.iter().enumerate() {
+            if v.start % 4096 != 0 || v.end % 4096 != 0 || v.end <= v.start || v.start < prev_end || v.end > 0x7fff_ffff_f000 {
+                return Err(invalid(&mm_name, format!("mapping {i} ({:#x}-{:#x}) is malformed or out of order", v.start, v.end)));
+            }
+            if VmaKind::try_from(v.kind).is_err() {
+                return Err(invalid(&mm_name, format!("mapping {i} has unknown kind {}", v.kind)));
+            }
+            prev_end = v.end;
+        }
+
+        let mut r = ImageReader::open(dir, &pm_name, Kind::Pagemap)?;
+        let pagemap_head: PagemapHead = r.next()?.ok_or_else(|| invalid(&pm_name, "no header record"))?;
+        let mut runs = Vec::new();
+        let mut chunks = Vec::new();
+        while let Some(rec) = r.next::<PagemapRecord>()? {
+            match rec.record {
+                Some(proto::pagemap_record::Record::Run(e)) => runs.push(e),
+                Some(proto::pagemap_record::Record::Chunk(c)) => chunks.push(c),
+                None => return Err(invalid(&pm_name, format!("empty record {}", r.record_index()))),
+            }
+        }
+        if pagemap_head.pages_file != cryo_image::pages_file(pid) {
+            return Err(invalid(&pm_name, format!("names pages file {:?}", pagemap_head.pages_file)));
+        }
+        need(&pagemap_head.pages_file)?;
+        let run_pages: u64 = runs.iter().map(|e| e.nr_pages as u64).sum();
+        let chunk_pages: u64 = chunks.iter().map(|c| c.nr_pages as u64).sum();
+        if run_pages != chunk_pages || run_pages != pagemap_head.total_pages {
+            return Err(invalid(&pm_name, format!("runs hold {run_pages} pages, chunks {chunk_pages}, header says {}", pagemap_head.total_pages)));
+        }
+        // Every run lies inside one mapping whose pages are stored.
+        let mut prev = 0u64;
+        for (i, e) in runs.iter().enumerate() {
+            let end = e.vaddr + e.nr_pages as u64 * 4096;
+            let ok = e.vaddr % 4096 == 0
+                && e.nr_pages > 0
+                && e.vaddr >= prev
+                && mm.vmas.iter().any(|v| {
+                    v.start <= e.vaddr
+                        && end <= v.end
+                        && matches!(
+                            VmaKind::try_from(v.kind),
+                            Ok(VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared | VmaKind::VmaFilePrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
+                        )
+                });
+            if !ok {
+                return Err(invalid(&pm_name, format!("page run {i} ({:#x}, {} pages) is not inside a restorable mapping of {mm_name}", e.vaddr, e.nr_pages)));
+            }
+            prev = end;
+        }
+
+        let mut fds = Vec::new();
+        let mut r = ImageReader::open(dir, &fd_name, Kind::Fdinfo)?;
+        while let Some(e) = r.next::<FdEntry>()? {
+            fds.push(e);
+        }
+        let mut files = Vec::new();
+        let mut r = ImageReader::open(dir, cryo_image::FILES_FILE, Kind::Files)?;
+        while let Some(e) = r.next::<FileEntry>()? {
+            files.push(e);
+        }
+        for f in &fds {
+            if !files.iter().any(|x| x.id == f.id) {
+                return Err(invalid(&fd_name, format!("fd {} refers to file id {} missing from files.img", f.fd, f.id)));
+            }
+            if f.fd > 1 << 20 {
+                return Err(invalid(&fd_name, format!("fd number {} is out of range", f.fd)));
+            }
+        }
+        Ok(Image {
+            dir: dir.to_path_buf(),
+            inventory,
+            pstree,
+            core,
+            mm,
+            pagemap_head,
+            runs,
+            chunks,
+            fds,
+            files,
+        })
+    }
+}

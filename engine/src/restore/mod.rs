@@ -1,0 +1,970 @@
+//! Restore of one process: load and check the image, create the task with
+//! its dumped pid (clone3 set_tid), prepare its memory and descriptors in
+//! the new task, and hand over to the restorer blob, which moves the
+//! memory into place and returns into the dumped context. The parent
+//! traces the new task to remove the restorer's own mapping at the end.
+
+pub mod image;
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cryo_image::proto::{FileKind, Vma, VmaKind};
+use cryo_parasite::*;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::ptrace;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::infect::{blob::Blob, blob::RESTORER_ELF, InfectError, Victim};
+use crate::sigframe::{self, Regs};
+use image::{Image, ImageLoadError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Load(#[from] ImageLoadError),
+    #[error("pid {pid} is in use by {holder}; cannot restore the task with its pid")]
+    PidTaken { pid: i32, holder: String },
+    #[error("creating task with pid {pid}: {errno}")]
+    Clone { pid: i32, errno: Errno },
+    #[error("restoring task {pid}: {what}: {errno}")]
+    Sys { pid: i32, what: &'static str, errno: Errno },
+    #[error("restoring task {pid}: {message}")]
+    Child { pid: i32, message: String },
+    #[error("restoring task {pid}: the restorer failed at {stage} (item {index}): {errno}")]
+    Restorer { pid: i32, stage: String, index: u32, errno: Errno },
+    #[error("restoring task {pid}: the new task {what}")]
+    Died { pid: i32, what: String },
+    #[error("restoring task {pid}: finishing: {source}")]
+    Finish {
+        pid: i32,
+        #[source]
+        source: InfectError,
+    },
+    #[error("restoring task {pid}: timed out after {secs} s")]
+    Timeout { pid: i32, secs: u64 },
+}
+
+type Result<T> = std::result::Result<T, RestoreError>;
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+}
+
+/// A restored, running task.
+#[derive(Debug)]
+pub struct Restored {
+    pub pid: i32,
+    pub elapsed: Duration,
+}
+
+const PAGE: u64 = 4096;
+const BOOT_STACK: u64 = 256 * 1024;
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn stage_name(stage: u32) -> &'static str {
+    match stage {
+        STAGE_RSEQ_UNREGISTER => "dropping cryo's own rseq registration",
+        STAGE_UNMAP => "unmapping cryo's memory",
+        STAGE_VDSO => "moving the vdso",
+        STAGE_MREMAP => "moving a mapping to its address",
+        STAGE_MAP_SHARED => "mapping a shared file",
+        STAGE_MPROTECT => "setting a mapping's protection",
+        STAGE_MM_MAP => "PR_SET_MM_MAP (mm fields and exe link)",
+        STAGE_THREAD_STATE => "per-thread state",
+        STAGE_RSEQ => "registering rseq",
+        STAGE_SIGACTION => "signal actions",
+        STAGE_TIMERS => "POSIX timers",
+        STAGE_SIGNALS => "queueing pending signals",
+        STAGE_RLIMIT => "resource limits (raising a hard limit needs CAP_SYS_RESOURCE)",
+        STAGE_CREDS => "credentials",
+        STAGE_ITIMER => "interval timers",
+        STAGE_MADVISE => "madvise flags",
+        _ => "an unknown stage",
+    }
+}
+
+/// Who holds a pid, for the error message.
+fn pid_holder(pid: i32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(format!("process {pid} ({})", comm.trim()))
+}
+
+fn kind(v: &Vma) -> VmaKind {
+    VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaVsyscall)
+}
+
+fn needs_premap(v: &Vma) -> bool {
+    matches!(kind(v), VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared | VmaKind::VmaFilePrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
+}
+
+fn is_vdso(v: &Vma) -> bool {
+    matches!(kind(v), VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock)
+}
+
+/// Our own vdso/vvar mappings, ascending: (start, end, name).
+fn own_vdso() -> Vec<(u64, u64, String)> {
+    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let range = it.next().unwrap_or("");
+        let name = it.nth(4).unwrap_or("");
+        if matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]") {
+            if let Some((s, e)) = range.split_once('-') {
+                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                    out.push((s, e, name.to_string()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Ranges mapped in this process right now.
+fn own_maps() -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (s, e) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Highest free gap of `size` bytes (plus guard space) below the usual
+/// mmap area that overlaps none of `busy`.
+fn find_hole(busy: &[(u64, u64)], size: u64) -> Option<u64> {
+    let guard = 1 << 20;
+    let mut b: Vec<(u64, u64)> = busy.to_vec();
+    b.push((0, 0x1000_0000)); // stay clear of low memory
+    b.push((0x7fff_0000_0000, u64::MAX));
+    b.sort_unstable();
+    // Walk gaps from the top down.
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in b {
+        if let Some(last) = merged.last_mut() {
+            if s <= last.1 {
+                last.1 = last.1.max(e);
+                continue;
+            }
+        }
+        merged.push((s, e));
+    }
+    for w in merged.windows(2).rev() {
+        let (gap_start, gap_end) = (w[0].1 + guard, w[1].0.saturating_sub(guard));
+        if gap_end > gap_start && gap_end - gap_start >= size {
+            return Some((gap_end - size) & !(PAGE - 1));
+        }
+    }
+    None
+}
+
+extern "C" {
+    // glibc >= 2.35: where this thread's rseq area lives relative to the
+    // thread pointer, and its registered feature size (0 if none).
+    static __rseq_offset: isize;
+    static __rseq_size: u32;
+}
+
+/// Restore the image in `opts.dir`; returns once the task runs.
+pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
+    let t0 = Instant::now();
+    let img = Image::load(&opts.dir)?;
+    // Open the pages file now: a damaged pages file is refused here.
+    let pages = img.page_reader()?;
+    let pid = img.pid();
+    if let Some(holder) = pid_holder(pid) {
+        return Err(RestoreError::PidTaken { pid, holder });
+    }
+    let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+
+    // SAFETY: cryo restore is single-threaded here (no worker threads were
+    // started before this point), as clone3 without CLONE_VM requires.
+    let child = match unsafe { crate::sys::clone3_with_pid(pid) } {
+        Ok(0) => {
+            drop(status_r);
+            drop(go_w);
+            child_main(&img, &pages, go_r, status_w)
+        }
+        Ok(c) => c,
+        Err(Errno::EEXIST) => {
+            return Err(RestoreError::PidTaken {
+                pid,
+                holder: pid_holder(pid).unwrap_or_else(|| "another task".into()),
+            })
+        }
+        Err(errno) => return Err(RestoreError::Clone { pid, errno }),
+    };
+    drop(status_w);
+    drop(go_r);
+    let cpid = Pid::from_raw(child);
+    let res = supervise(pid, cpid, status_r, go_w);
+    match res {
+        Ok(()) => Ok(Restored { pid, elapsed: t0.elapsed() }),
+        Err(e) => {
+            // Leave nothing behind.
+            let _ = kill(cpid, Signal::SIGKILL);
+            let _ = waitpid(cpid, Some(WaitPidFlag::__WALL));
+            Err(e)
+        }
+    }
+}
+
+/// Parent side: trace the new task, follow its progress, and once the
+/// restorer is done remove the bootstrap area and let it go.
+fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()> {
+    let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
+    ptrace::seize(cpid, ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL).map_err(sys("PTRACE_SEIZE"))?;
+    nix::unistd::write(&go_w, b"g").map_err(sys("write"))?;
+    drop(go_w);
+    let mut msg = Vec::new();
+    let mut file = std::fs::File::from(status_r);
+    let start = Instant::now();
+    let mut eof = false;
+    let mut done: Option<RStatus> = None;
+    let mut boot: Option<(u64, u64)> = None;
+    // Read until the restorer reports (or the child fails / dies).
+    while done.is_none() && !eof {
+        let mut pfd = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut pfd, PollTimeout::from(100u16)).map_err(sys("poll"))?;
+        if n > 0 {
+            let mut buf = [0u8; 4096];
+            let got = file.read(&mut buf).map_err(|e| RestoreError::Sys {
+                pid,
+                what: "read status",
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
+            if got == 0 {
+                eof = true;
+            }
+            msg.extend_from_slice(&buf[..got]);
+            if msg.starts_with(b"ERR:") {
+                continue; // read the whole message until EOF
+            }
+            while msg.len() >= std::mem::size_of::<RStatus>() && done.is_none() {
+                let st: RStatus = crate::infect::from_bytes(&msg);
+                msg.drain(..std::mem::size_of::<RStatus>());
+                if st.stage == STAGE_BOOT {
+                    boot = Some((st.err as u64, st.index as u64 * PAGE));
+                    continue;
+                }
+                if st.stage != STAGE_DONE {
+                    return Err(RestoreError::Restorer {
+                        pid,
+                        stage: stage_name(st.stage).to_string(),
+                        index: st.index,
+                        errno: Errno::from_raw((-st.err) as i32),
+                    });
+                }
+                done = Some(st);
+            }
+            continue;
+        }
+        match waitpid(cpid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            Ok(WaitStatus::PtraceEvent(..)) => {
+                let _ = ptrace::cont(cpid, None);
+            }
+            Ok(WaitStatus::Stopped(_, sig)) => {
+                let rip = ptrace::getregs(cpid).map(|r| r.rip).unwrap_or(0);
+                return Err(RestoreError::Died {
+                    pid,
+                    what: format!("got {sig} at rip {rip:#x} before the restore finished"),
+                });
+            }
+            Ok(st) => {
+                return Err(RestoreError::Died {
+                    pid,
+                    what: format!("ended before the restore finished ({st:?})"),
+                })
+            }
+            Err(errno) => return Err(sys("waitpid")(errno)),
+        }
+        if start.elapsed() > RESTORE_TIMEOUT {
+            return Err(RestoreError::Timeout {
+                pid,
+                secs: RESTORE_TIMEOUT.as_secs(),
+            });
+        }
+    }
+    if let Some(text) = msg.strip_prefix(b"ERR:") {
+        return Err(RestoreError::Child {
+            pid,
+            message: String::from_utf8_lossy(text).into_owned(),
+        });
+    }
+    if done.is_none() {
+        return Err(RestoreError::Died {
+            pid,
+            what: "closed its status pipe without reporting".into(),
+        });
+    }
+    // The restorer traps right before rt_sigreturn; step over the
+    // sigreturn so the task sits in its restored context, then unmap the
+    // bootstrap area from there.
+    let wait_for = |want: &str| -> Result<()> {
+        loop {
+            match waitpid(cpid, Some(WaitPidFlag::__WALL)).map_err(sys("waitpid"))? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) if want == "trap" => return Ok(()),
+                WaitStatus::PtraceSyscall(_) if want == "syscall" => return Ok(()),
+                WaitStatus::PtraceEvent(..) => {
+                    let _ = ptrace::cont(cpid, None);
+                }
+                st => {
+                    return Err(RestoreError::Died {
+                        pid,
+                        what: format!("stopped unexpectedly ({st:?}) while waiting for {want}"),
+                    })
+                }
+            }
+        }
+    };
+    wait_for("trap")?;
+    ptrace::syscall(cpid, None).map_err(sys("PTRACE_SYSCALL"))?;
+    wait_for("syscall")?; // entry of rt_sigreturn
+    ptrace::syscall(cpid, None).map_err(sys("PTRACE_SYSCALL"))?;
+    wait_for("syscall")?; // exit: registers are the restored ones
+    let mut v = Victim::attach_stopped(cpid).map_err(|source| RestoreError::Finish { pid, source })?;
+    if let Some((start, len)) = boot {
+        v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0]).map_err(|source| RestoreError::Finish { pid, source })?;
+    }
+    v.cure().map_err(|source| RestoreError::Finish { pid, source })?;
+    Ok(())
+}
+
+/// Child side, running as the new task with the dumped pid. Never returns.
+fn child_main(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: OwnedFd) -> ! {
+    let status_raw = status_w.as_raw_fd();
+    match prepare(img, pages, go_r, status_w) {
+        Ok(never) => match never {},
+        Err(msg) => {
+            let mut m = b"ERR:".to_vec();
+            m.extend_from_slice(msg.as_bytes());
+            // SAFETY: writing a byte buffer we own to a descriptor we hold.
+            unsafe {
+                libc::write(status_raw, m.as_ptr().cast(), m.len());
+                libc::_exit(1);
+            }
+        }
+    }
+}
+
+enum Never {}
+
+/// A bump allocator over the bootstrap area.
+struct Boot {
+    base: u64,
+    ptr: *mut u8,
+    len: usize,
+    used: usize,
+}
+
+impl Boot {
+    fn alloc(&mut self, size: usize, align: usize) -> std::result::Result<(u64, *mut u8), String> {
+        let off = (self.used + align - 1) & !(align - 1);
+        if off + size > self.len {
+            return Err(format!("bootstrap area too small ({} bytes needed)", off + size));
+        }
+        self.used = off + size;
+        // SAFETY: off + size <= len, so the pointer stays in the mapping.
+        Ok((self.base + off as u64, unsafe { self.ptr.add(off) }))
+    }
+
+    fn put<T: Copy>(&mut self, items: &[T]) -> std::result::Result<u64, String> {
+        let size = std::mem::size_of_val(items);
+        let (addr, p) = self.alloc(size.max(1), 64)?;
+        // SAFETY: `p` points to `size` writable bytes just reserved in the
+        // bootstrap mapping, aligned to 64 (>= align_of::<T>() for the ABI
+        // structs); `items` cannot overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(items.as_ptr() as *const u8, p, size) };
+        Ok(addr)
+    }
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn cstr(s: &str) -> std::result::Result<CString, String> {
+    CString::new(s).map_err(|_| format!("path {s:?} contains a NUL byte"))
+}
+
+fn regs_from(img: &Image) -> Regs {
+    // SAFETY: user_regs_struct is plain integers; zero is a valid value.
+    let mut r: Regs = unsafe { std::mem::zeroed() };
+    if let Some(g) = &img.core.regs {
+        r.r15 = g.r15;
+        r.r14 = g.r14;
+        r.r13 = g.r13;
+        r.r12 = g.r12;
+        r.rbp = g.rbp;
+        r.rbx = g.rbx;
+        r.r11 = g.r11;
+        r.r10 = g.r10;
+        r.r9 = g.r9;
+        r.r8 = g.r8;
+        r.rax = g.rax;
+        r.rcx = g.rcx;
+        r.rdx = g.rdx;
+        r.rsi = g.rsi;
+        r.rdi = g.rdi;
+        r.orig_rax = g.orig_rax;
+        r.rip = g.rip;
+        r.cs = g.cs;
+        r.eflags = g.eflags;
+        r.rsp = g.rsp;
+        r.ss = g.ss;
+        r.fs_base = g.fs_base;
+        r.gs_base = g.gs_base;
+    }
+    r
+}
+
+/// Everything the new task does before jumping into the restorer.
+fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: OwnedFd) -> std::result::Result<Never, String> {
+    let mut go = [0u8; 1];
+    // SAFETY: reading one byte into a local buffer.
+    if unsafe { libc::read(go_r.as_raw_fd(), go.as_mut_ptr().cast(), 1) } != 1 {
+        return Err("the parent went away".into());
+    }
+    drop(go_r);
+    let mm_name = cryo_image::mm_file(img.pstree.pid);
+    // Block every signal until the final sigreturn sets the dumped mask.
+    // SAFETY: sigset_t is plain data, filled by sigfillset.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    }
+
+    // 1. Address space plan: bootstrap + premap in a hole free both here
+    // and in the dumped layout. Map it first, before anything else here
+    // allocates memory.
+    let vmas = &img.mm.vmas;
+    let premap_len: u64 = vmas.iter().filter(|v| needs_premap(v)).map(|v| v.end - v.start).sum();
+    let probe = Blob::load("restorer", RESTORER_ELF, 0).map_err(|e| e.to_string())?;
+    let vdso_now = own_vdso();
+    let vdso_span = match (vdso_now.first(), vdso_now.last()) {
+        (Some(f), Some(l)) => l.1 - f.0,
+        _ => 0,
+    };
+    let xs_len = img.core.xsave.len() as u64;
+    let boot_len = probe.image.len() as u64 + 64 * 1024 + ((vmas.len() as u64 * 48 + xs_len + 16 * 1024 + 4095) & !4095) + vdso_span + BOOT_STACK;
+    let mut busy = own_maps();
+    busy.extend(vmas.iter().map(|v| (v.start, v.end)));
+    let total = boot_len + premap_len + PAGE;
+    let hole = find_hole(&busy, total).ok_or_else(|| format!("no free address range of {total} bytes for the restorer"))?;
+    let boot_base = hole;
+    let premap_base = hole + boot_len + PAGE;
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the
+    // range was chosen free and is not in use by any Rust object.
+    let p = unsafe {
+        libc::mmap(
+            boot_base as *mut libc::c_void,
+            boot_len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED || p as u64 != boot_base {
+        return Err(os_err("mapping the bootstrap area"));
+    }
+    // Tell the parent where the bootstrap area is, so it can remove it
+    // once the task runs in its own context.
+    let boot_msg = RStatus {
+        stage: STAGE_BOOT,
+        index: (boot_len / PAGE) as u32,
+        err: boot_base as i64,
+    };
+    // SAFETY: writing a plain struct we own to our status descriptor.
+    unsafe { libc::write(status_w.as_raw_fd(), (&boot_msg as *const RStatus).cast(), std::mem::size_of::<RStatus>()) };
+    if premap_len > 0 {
+        // SAFETY: as above, a fresh range; PROT_NONE reservation carved below.
+        let p = unsafe {
+            libc::mmap(
+                premap_base as *mut libc::c_void,
+                premap_len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED || p as u64 != premap_base {
+            return Err(os_err("reserving memory for the mappings"));
+        }
+    }
+
+    // 4. Premap every private mapping and fill it from the pages file.
+    let mut rvmas: Vec<RVma> = Vec::new();
+    let mut close_fds: Vec<i32> = Vec::new();
+    let mut off = premap_base;
+    let mut premap_of: Vec<(u64, u64, u64)> = Vec::new(); // (start, end, premap)
+    for v in vmas.iter() {
+        let len = v.end - v.start;
+        let madv = v.vm_flags.iter().fold(0u32, |m, f| {
+            m | match f.as_str() {
+                "dd" => RVMA_DONTDUMP,
+                "dc" => RVMA_DONTFORK,
+                "wf" => RVMA_WIPEONFORK,
+                "hg" => RVMA_HUGEPAGE,
+                "nh" => RVMA_NOHUGEPAGE,
+                _ => 0,
+            }
+        });
+        match kind(v) {
+            VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack | VmaKind::VmaAnonShared | VmaKind::VmaFilePrivate => {
+                let shared = kind(v) == VmaKind::VmaAnonShared;
+                let mut flags = libc::MAP_FIXED | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                if v.vm_flags.iter().any(|f| f == "gd") {
+                    flags |= libc::MAP_GROWSDOWN;
+                }
+                let prot = libc::PROT_READ | libc::PROT_WRITE;
+                let p = if kind(v) == VmaKind::VmaFilePrivate {
+                    let path = cstr(&v.path)?;
+                    // SAFETY: NUL-terminated path we own.
+                    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                    if fd < 0 {
+                        return Err(format!("{mm_name}: opening {} for the mapping at {:#x}: {}", v.path, v.start, std::io::Error::last_os_error()));
+                    }
+                    // SAFETY: maps the file over our own reservation (MAP_FIXED
+                    // inside the PROT_NONE range reserved above).
+                    let p = unsafe { libc::mmap(off as *mut libc::c_void, len as usize, prot, flags, fd, v.pgoff as i64) };
+                    // SAFETY: closing our temporary descriptor; the mapping keeps the file.
+                    unsafe { libc::close(fd) };
+                    p
+                } else {
+                    // SAFETY: anonymous mapping over our own reservation.
+                    unsafe { libc::mmap(off as *mut libc::c_void, len as usize, prot, flags | libc::MAP_ANONYMOUS, -1, 0) }
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(format!("{mm_name}: preparing the mapping at {:#x}: {}", v.start, std::io::Error::last_os_error()));
+                }
+                premap_of.push((v.start, v.end, off));
+                rvmas.push(RVma {
+                    start: v.start,
+                    len,
+                    premap: off,
+                    prot: v.prot,
+                    flags: 0,
+                    pgoff: 0,
+                    fd: -1,
+                    madv,
+                });
+                off += len;
+            }
+            VmaKind::VmaFileShared => {
+                // The descriptor is opened once the dumped ones are in place.
+                rvmas.push(RVma {
+                    start: v.start,
+                    len,
+                    premap: 0,
+                    prot: v.prot,
+                    flags: libc::MAP_SHARED as u32,
+                    pgoff: v.pgoff,
+                    fd: -1,
+                    madv,
+                });
+            }
+            _ => {}
+        }
+    }
+    fill_pages(img, pages, &premap_of)?;
+
+    // 2. Descriptors: keep ours above every dumped number, close the rest,
+    // then open the dumped ones.
+    let max_fd = img.fds.iter().map(|f| f.fd as i32).max().unwrap_or(2).max(2);
+    let high = max_fd + 1;
+    let mut keep: Vec<RawFd> = Vec::new();
+    let dup_high = |fd: RawFd, keep: &mut Vec<RawFd>| -> std::result::Result<RawFd, String> {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own.
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high + keep.len() as i32) };
+        if n < 0 {
+            return Err(os_err("moving a descriptor"));
+        }
+        keep.push(n);
+        Ok(n)
+    };
+    let status_fd = dup_high(status_w.as_raw_fd(), &mut keep)?;
+    drop(status_w);
+    // Close everything below our kept block and after it.
+    let lo = *keep.iter().min().unwrap_or(&high);
+    let hi = *keep.iter().max().unwrap_or(&high);
+    // SAFETY: close_range only closes descriptors; none below `lo` or above
+    // `hi` is used by this code any more (the pages file is read already).
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 0u32, (lo - 1) as u32, 0u32);
+        libc::syscall(libc::SYS_close_range, (hi + 1) as u32, u32::MAX, 0u32);
+    }
+    for e in &img.fds {
+        let f = img.files.iter().find(|f| f.id == e.id).ok_or("fd without file")?;
+        let path = cstr(&f.path)?;
+        let mut flags = f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY);
+        if f.kind == FileKind::FileDirectory as i32 {
+            flags |= libc::O_DIRECTORY;
+        }
+        // SAFETY: path is a NUL-terminated string we own.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY) };
+        if fd < 0 {
+            return Err(format!("fd {}: opening {}: {}", e.fd, f.path, std::io::Error::last_os_error()));
+        }
+        let target = e.fd as i32;
+        let cloexec = if e.cloexec { libc::O_CLOEXEC } else { 0 };
+        if fd != target {
+            // SAFETY: dup3 onto a number we closed above.
+            if unsafe { libc::dup3(fd, target, cloexec) } < 0 {
+                return Err(os_err("dup3"));
+            }
+            // SAFETY: closing the temporary descriptor we opened.
+            unsafe { libc::close(fd) };
+        } else if e.cloexec {
+            // SAFETY: setting a flag on our own descriptor.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        if f.kind == FileKind::FileRegular as i32 {
+            // SAFETY: lseek on the descriptor just opened.
+            if unsafe { libc::lseek(target, f.pos as i64, libc::SEEK_SET) } < 0 {
+                return Err(format!("fd {}: seeking {} to {}: {}", e.fd, f.path, f.pos, std::io::Error::last_os_error()));
+            }
+        }
+    }
+
+    // 3. Filesystem context.
+    let pc = img.core.process.clone().unwrap_or_default();
+    if pc.root != "/" {
+        return Err(format!("the task's root was {}; restoring a chrooted task is not supported yet", pc.root));
+    }
+    let cwd = cstr(&pc.cwd)?;
+    // SAFETY: NUL-terminated path we own.
+    if unsafe { libc::chdir(cwd.as_ptr()) } < 0 {
+        return Err(format!("changing to the working directory {}: {}", pc.cwd, std::io::Error::last_os_error()));
+    }
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(pc.umask as libc::mode_t) };
+
+
+    // Shared file mappings are mapped by the restorer from these.
+    for (rv, v) in rvmas.iter_mut().filter(|r| r.premap == 0).zip(vmas.iter().filter(|v| kind(v) == VmaKind::VmaFileShared)) {
+        let path = cstr(&v.path)?;
+        let oflags = if v.file_flags as i32 & libc::O_ACCMODE == libc::O_RDWR { libc::O_RDWR } else { libc::O_RDONLY };
+        // SAFETY: NUL-terminated path we own.
+        let fd = unsafe { libc::open(path.as_ptr(), oflags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("{mm_name}: opening {} for the shared mapping at {:#x}: {}", v.path, v.start, std::io::Error::last_os_error()));
+        }
+        close_fds.push(fd);
+        rv.fd = fd;
+    }
+
+    // 5. exe link.
+    let exe = cstr(&img.mm.exe_path)?;
+    // SAFETY: NUL-terminated path we own.
+    let exe_fd = unsafe { libc::open(exe.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if exe_fd < 0 {
+        return Err(format!("{mm_name}: opening the executable {}: {}", img.mm.exe_path, std::io::Error::last_os_error()));
+    }
+    close_fds.push(exe_fd);
+
+    // 6. vdso: ours must match the dumped layout part for part.
+    let dumped_vdso: Vec<&Vma> = vmas.iter().filter(|v| is_vdso(v)).collect();
+    let mut vdso_parts = [Range::default(); 4];
+    for (i, p) in vdso_now.iter().take(4).enumerate() {
+        vdso_parts[i] = Range { start: p.0, end: p.1 };
+    }
+    let vdso_dst = if dumped_vdso.is_empty() {
+        0
+    } else {
+        let same = dumped_vdso.len() == vdso_now.len()
+            && dumped_vdso
+                .iter()
+                .zip(vdso_now.iter())
+                .all(|(d, n)| d.end - d.start == n.1 - n.0 && d.start - dumped_vdso[0].start == n.0 - vdso_now[0].0);
+        if !same {
+            return Err(format!("{mm_name}: the dumped vdso/vvar layout differs from this kernel's; restoring across kernels is not supported yet"));
+        }
+        dumped_vdso[0].start
+    };
+
+    // 7. The bootstrap area: restorer blob, arguments, frame, stack.
+    let blob = Blob::load("restorer", RESTORER_ELF, boot_base).map_err(|e| e.to_string())?;
+    let mut boot = Boot {
+        base: boot_base,
+        ptr: boot_base as *mut u8,
+        len: boot_len as usize,
+        used: 0,
+    };
+    let (_, bp) = boot.alloc(blob.image.len(), 4096)?;
+    // SAFETY: bp points to blob.image.len() bytes just reserved.
+    unsafe { std::ptr::copy_nonoverlapping(blob.image.as_ptr(), bp, blob.image.len()) };
+    let (scratch, _) = boot.alloc(vdso_span.max(PAGE) as usize, 4096)?;
+    let (stack_lo, _) = boot.alloc(BOOT_STACK as usize, 4096)?;
+    let stack_top = stack_lo + BOOT_STACK - 64;
+
+    let mut regs = regs_from(img);
+    sigframe::apply_syscall_restart(&mut regs);
+    let alt = img.core.altstack.clone().unwrap_or_default();
+    let altstack = KStack {
+        sp: alt.sp,
+        flags: alt.flags as i32,
+        _pad: 0,
+        size: alt.size,
+    };
+    let fp = sigframe::build_fpstate(&img.core.xsave);
+    let fp_at = boot.put(&fp)?;
+    let frame = sigframe::build_frame(&regs, img.core.blocked, &altstack, fp_at);
+    let frame_at = boot.put(&frame)?;
+
+    let mut keep_ranges = vec![Range {
+        start: boot_base,
+        end: boot_base + boot_len,
+    }];
+    if premap_len > 0 {
+        keep_ranges.push(Range {
+            start: premap_base,
+            end: premap_base + premap_len,
+        });
+    }
+    if let (Some(f), Some(l)) = (vdso_now.first(), vdso_now.last()) {
+        keep_ranges.push(Range { start: f.0, end: l.1 });
+    }
+    keep_ranges.sort_by_key(|r| r.start);
+
+    let auxv_at = boot.put(&img.mm.auxv)?;
+    let auxv_size = (img.mm.auxv.len() * 8).min(448) as u32;
+    let mm_map = PrctlMmMap {
+        start_code: img.mm.start_code,
+        end_code: img.mm.end_code,
+        start_data: img.mm.start_data,
+        end_data: img.mm.end_data,
+        start_brk: img.mm.start_brk,
+        brk: img.mm.brk,
+        start_stack: img.mm.start_stack,
+        arg_start: img.mm.arg_start,
+        arg_end: img.mm.arg_end,
+        env_start: img.mm.env_start,
+        env_end: img.mm.env_end,
+        auxv: auxv_at,
+        auxv_size,
+        exe_fd: exe_fd as u32,
+    };
+    let mut sigactions = [KSigaction::default(); NSIG];
+    let mut sigaction_mask = 0u64;
+    for a in &pc.sigactions {
+        let s = a.signo as usize;
+        if (1..=NSIG).contains(&s) && s != 9 && s != 19 {
+            sigactions[s - 1] = KSigaction {
+                handler: a.handler,
+                flags: a.flags,
+                restorer: a.restorer,
+                mask: a.mask,
+            };
+            sigaction_mask |= 1 << (s - 1);
+        }
+    }
+    let mut itimers = [KItimerval::default(); 3];
+    for t in &pc.itimers {
+        if let Some(slot) = itimers.get_mut(t.which as usize) {
+            *slot = KItimerval {
+                interval_sec: (t.interval_us / 1_000_000) as i64,
+                interval_usec: (t.interval_us % 1_000_000) as i64,
+                value_sec: (t.value_us / 1_000_000) as i64,
+                value_usec: (t.value_us % 1_000_000) as i64,
+            };
+        }
+    }
+    let timers: Vec<RTimer> = pc
+        .posix_timers
+        .iter()
+        .map(|t| RTimer {
+            id: t.id,
+            clock_id: t.clock_id,
+            notify: t.notify,
+            signo: t.signo,
+            sigev_value: t.sigev_value,
+            notify_tid: if t.notify & 4 != 0 { t.notify_tid } else { 0 },
+            _pad: 0,
+            spec: KItimerspec {
+                interval_sec: (t.interval_ns / 1_000_000_000) as i64,
+                interval_nsec: (t.interval_ns % 1_000_000_000) as i64,
+                // A timer that was about to fire fires right away.
+                value_sec: (t.value_ns / 1_000_000_000) as i64,
+                value_nsec: if t.value_ns == 0 && t.interval_ns == 0 { 0 } else { (t.value_ns % 1_000_000_000).max(if t.value_ns == 0 { 1 } else { 0 }) as i64 },
+            },
+        })
+        .collect();
+    let mut siginfos: Vec<RSiginfo> = Vec::new();
+    for (list, private) in [(&pc.shared_pending, 0u32), (&img.core.pending, 1u32)] {
+        for s in list.iter() {
+            let mut info = [0u8; 128];
+            let n = s.siginfo.len().min(128);
+            info[..n].copy_from_slice(&s.siginfo[..n]);
+            siginfos.push(RSiginfo { info, private, _pad: 0 });
+        }
+    }
+    let rlimits: Vec<RRlimit> = pc
+        .rlimits
+        .iter()
+        .map(|l| RRlimit {
+            resource: l.resource,
+            _pad: 0,
+            cur: l.cur,
+            max: l.max,
+        })
+        .collect();
+    let creds = img.core.creds.clone().unwrap_or_default();
+    let groups: Vec<u32> = creds.groups.clone();
+    let mut comm = [0u8; 16];
+    let cb = img.core.comm.as_bytes();
+    comm[..cb.len().min(15)].copy_from_slice(&cb[..cb.len().min(15)]);
+    let rseq = img.core.rseq.clone().unwrap_or_default();
+    // Our own rseq registration (glibc's), to drop before the switch.
+    // SAFETY: reading two plain statics exported by glibc.
+    let (rseq_off, rseq_size) = unsafe { (__rseq_offset, __rseq_size) };
+    let own_rseq_ptr = if rseq_size > 0 {
+        let mut fs: u64 = 0;
+        // SAFETY: ARCH_GET_FS writes the fs base into `fs`.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1003, &mut fs as *mut u64) };
+        (fs as i64 + rseq_off as i64) as u64
+    } else {
+        0
+    };
+
+    let keep_at = boot.put(&keep_ranges)?;
+    let vmas_at = boot.put(&rvmas)?;
+    let close_at = boot.put(&close_fds)?;
+    let timers_at = boot.put(&timers)?;
+    let sig_at = boot.put(&siginfos)?;
+    let rl_at = boot.put(&rlimits)?;
+    let groups_at = boot.put(&groups)?;
+    let args = RestoreArgs {
+        status_fd,
+        trap_before_sigreturn: 1,
+        keep: keep_at,
+        nr_keep: keep_ranges.len() as u64,
+        vmas: vmas_at,
+        nr_vmas: rvmas.len() as u64,
+        vdso_parts,
+        nr_vdso_parts: vdso_now.len().min(4) as u64,
+        vdso_dst,
+        vdso_scratch: scratch,
+        mm_map,
+        close_fds: close_at,
+        nr_close_fds: close_fds.len() as u64,
+        own_rseq_ptr,
+        own_rseq_len: if own_rseq_ptr != 0 { rseq_size.max(32) } else { 0 },
+        own_rseq_sig: 0x5305_3053,
+        rseq_ptr: rseq.ptr,
+        rseq_len: rseq.len,
+        rseq_sig: rseq.sig,
+        rseq_cs: rseq.rseq_cs,
+        clear_child_tid: img.core.clear_child_tid,
+        robust_list: img.core.robust_list,
+        robust_list_len: img.core.robust_list_len,
+        comm,
+        personality: pc.personality as u64,
+        sigactions,
+        sigaction_mask,
+        itimers,
+        timers: timers_at,
+        nr_timers: timers.len() as u64,
+        siginfos: sig_at,
+        nr_siginfos: siginfos.len() as u64,
+        rlimits: rl_at,
+        nr_rlimits: rlimits.len() as u64,
+        child_subreaper: pc.child_subreaper as u64,
+        dumpable: pc.dumpable as u64,
+        pdeath_signal: pc.pdeath_signal as u64,
+        fs_base: regs.fs_base,
+        gs_base: regs.gs_base,
+        groups: groups_at,
+        nr_groups: groups.len() as u64,
+        set_groups: 1,
+        sigframe: frame_at,
+    };
+    let args_at = boot.put(std::slice::from_ref(&args))?;
+    // Blob text becomes read-only executable.
+    if blob.text.1 > blob.text.0 {
+        // SAFETY: mprotect of the blob's text pages inside our bootstrap mapping.
+        let r = unsafe {
+            libc::mprotect(
+                (boot_base + blob.text.0 as u64) as *mut libc::c_void,
+                blob.text.1 - blob.text.0,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+        if r < 0 {
+            return Err(os_err("mprotect of the restorer"));
+        }
+    }
+    let entry = boot_base + blob.entry as u64;
+    // SAFETY: the restorer blob is mapped executable at boot_base with its
+    // relocations applied; `args_at` points to a complete RestoreArgs and
+    // `stack_top` into its own stack, all inside the bootstrap area, which
+    // the restorer keeps. It never returns.
+    unsafe {
+        std::arch::asm!(
+            "mov rsp, {sp}",
+            "call {entry}",
+            "ud2",
+            sp = in(reg) stack_top,
+            entry = in(reg) entry,
+            in("rdi") args_at,
+            options(noreturn),
+        );
+    }
+}
+
+/// Decompress every chunk and copy its pages to their premapped places.
+fn fill_pages(img: &Image, pages: &cryo_image::PageReader, premap_of: &[(u64, u64, u64)]) -> std::result::Result<(), String> {
+    let pm_name = cryo_image::pagemap_file(img.pstree.pid);
+    // Flatten runs into (vaddr) per page index lazily: walk runs alongside chunks.
+    let mut run_idx = 0usize;
+    let mut run_off = 0u64; // pages consumed from runs[run_idx]
+    let mut buf: Vec<u8> = Vec::new();
+    let mut vma_hint = 0usize;
+    for (ci, c) in img.chunks.iter().enumerate() {
+        let len = c.nr_pages as usize * PAGE as usize;
+        buf.resize(len, 0);
+        pages.read_chunk(ci, &mut buf).map_err(|e| e.to_string())?;
+        let mut pos = 0usize;
+        while pos < len {
+            let run = img.runs.get(run_idx).ok_or_else(|| format!("{pm_name}: more pages than runs"))?;
+            let avail = (run.nr_pages as u64 - run_off) as usize;
+            let n = avail.min((len - pos) / PAGE as usize);
+            let vaddr = run.vaddr + run_off * PAGE;
+            // Find the premapped mapping holding vaddr.
+            if !(premap_of.get(vma_hint).is_some_and(|m| m.0 <= vaddr && vaddr < m.1)) {
+                vma_hint = premap_of.iter().position(|m| m.0 <= vaddr && vaddr < m.1).ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;
+            }
+            let (vs, ve, pre) = premap_of[vma_hint];
+            let bytes = n * PAGE as usize;
+            if vaddr + bytes as u64 > ve {
+                return Err(format!("{pm_name}: run at {vaddr:#x} crosses the end of its mapping"));
+            }
+            let dst = (pre + (vaddr - vs)) as *mut u8;
+            // SAFETY: dst..dst+bytes lies inside the premapped (writable)
+            // copy of the mapping [vs, ve), checked just above; the source
+            // is inside `buf`.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(pos), dst, bytes) };
+            pos += bytes;
+            run_off += n as u64;
+            if run_off == run.nr_pages as u64 {
+                run_idx += 1;
+                run_off = 0;
+            }
+        }
+    }
+    Ok(())
+}

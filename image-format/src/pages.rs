@@ -1,0 +1,722 @@
+//! The page store: raw page contents, outside protobuf.
+//!
+//! A pages file is an 8-byte header (`b"CRYO"` + `b"PAGE"`) padded with
+//! zeros to 4096 bytes, then chunks. A chunk holds whole pages, stored raw
+//! (offsets stay page aligned, so raw pages can be mapped straight from the
+//! file) or as one independent zstd frame. Chunks are described by
+//! `proto::PageChunk` records kept in the pagemap file.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{bounded, Receiver, Sender};
+use nix::errno::Errno;
+use nix::fcntl::{splice, SpliceFFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::error::ImageError;
+use crate::framing::{create_file, open_file, ImageFileInfo, FORMAT_MAGIC};
+use crate::proto::{Compression, PageChunk};
+use crate::PAGE_SIZE;
+
+/// Size of the pages file header (magic + zero padding).
+pub const PAGES_HEADER_LEN: u64 = 4096;
+/// Capacity of the buffers handed out by [`PageWriter::take_buffer`].
+pub const PAGE_BUFFER_CAPACITY: usize = 1 << 20;
+/// Largest chunk accepted by [`PageWriter::submit`] (stored_len is a u32).
+pub const MAX_CHUNK_LEN: usize = 1 << 30;
+
+const READBACK_LEN: usize = 1 << 20;
+const POOL_LEN: usize = 8;
+
+fn pages_header() -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[..4].copy_from_slice(&FORMAT_MAGIC);
+    h[4..].copy_from_slice(b"PAGE");
+    h
+}
+
+fn check_len(path: &Path, len: usize) -> Result<u32, ImageError> {
+    // Not is_multiple_of(): the workspace MSRV (1.85) predates it.
+    #[allow(clippy::manual_is_multiple_of)]
+    let unaligned = len % PAGE_SIZE != 0;
+    if len == 0 || unaligned {
+        return Err(ImageError::BadPageData {
+            path: path.to_path_buf(),
+            len: len as u64,
+        });
+    }
+    if len > MAX_CHUNK_LEN {
+        return Err(ImageError::ChunkTooLarge {
+            path: path.to_path_buf(),
+            len: len as u64,
+        });
+    }
+    // MAX_CHUNK_LEN / PAGE_SIZE fits in u32.
+    Ok((len / PAGE_SIZE) as u32)
+}
+
+/// Output side of a pages file: file, end offset, running hash and chunk list.
+struct Sink {
+    path: PathBuf,
+    file: File,
+    offset: u64,
+    hasher: Xxh3,
+    chunks: Vec<PageChunk>,
+}
+
+impl Sink {
+    fn append(&mut self, bytes: &[u8], nr_pages: u32, xxh3: u64) -> Result<(), ImageError> {
+        self.file
+            .write_all_at(bytes, self.offset)
+            .map_err(|e| ImageError::io(&self.path, "write", e))?;
+        self.hasher.update(bytes);
+        self.chunks.push(PageChunk {
+            offset: self.offset,
+            // Bounded by compress_bound(MAX_CHUNK_LEN) < u32::MAX.
+            stored_len: bytes.len() as u32,
+            nr_pages,
+            xxh3,
+        });
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+struct Job {
+    seq: u64,
+    data: Vec<u8>,
+}
+
+enum Done {
+    Chunk {
+        seq: u64,
+        stored: Vec<u8>,
+        nr_pages: u32,
+        xxh3: u64,
+    },
+    Failed(ImageError),
+}
+
+/// Marks the pipeline failed if a worker unwinds.
+struct PanicGuard(Arc<AtomicBool>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+struct Pipeline {
+    seq: u64,
+    job_tx: Sender<Job>,
+    free_rx: Receiver<Vec<u8>>,
+    failed: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+    writer: JoinHandle<Result<Sink, ImageError>>,
+}
+
+impl Pipeline {
+    fn start(sink: Sink, level: i32, threads: usize) -> Result<Pipeline, ImageError> {
+        let threads = threads.max(1);
+        let path = sink.path.clone();
+        let (job_tx, job_rx) = bounded::<Job>(threads * 2);
+        let (done_tx, done_rx) = bounded::<Done>(threads * 2);
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(POOL_LEN + threads * 2);
+        let (out_tx, out_rx) = bounded::<Vec<u8>>(POOL_LEN + threads * 2);
+        let failed = Arc::new(AtomicBool::new(false));
+
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (wpath, job_rx, done_tx, free_tx, out_rx, failed) = (
+                path.clone(),
+                job_rx.clone(),
+                done_tx.clone(),
+                free_tx.clone(),
+                out_rx.clone(),
+                failed.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name(format!("cryo-zstd-{i}"))
+                .spawn(move || {
+                    let _guard = PanicGuard(failed);
+                    compress_worker(&wpath, level, job_rx, done_tx, free_tx, out_rx)
+                })
+                .map_err(|e| ImageError::io(&path, "spawn compression worker", e))?;
+            workers.push(handle);
+        }
+        drop(done_tx);
+        let writer_failed = failed.clone();
+        let writer = std::thread::Builder::new()
+            .name("cryo-pagewriter".into())
+            .spawn(move || {
+                let _guard = PanicGuard(writer_failed.clone());
+                let res = write_in_order(sink, done_rx, out_tx);
+                if res.is_err() {
+                    writer_failed.store(true, Ordering::SeqCst);
+                }
+                res
+            })
+            .map_err(|e| ImageError::io(&path, "spawn page writer", e))?;
+        Ok(Pipeline {
+            seq: 0,
+            job_tx,
+            free_rx,
+            failed,
+            workers,
+            writer,
+        })
+    }
+
+    /// Closes the job queue, joins every thread and returns the sink.
+    fn shutdown(self, path: &Path) -> Result<Sink, ImageError> {
+        drop(self.job_tx);
+        let mut panicked = false;
+        for w in self.workers {
+            panicked |= w.join().is_err();
+        }
+        let res = self.writer.join();
+        if panicked {
+            return Err(ImageError::WorkerPanicked {
+                path: path.to_path_buf(),
+            });
+        }
+        match res {
+            Ok(r) => r,
+            Err(_) => Err(ImageError::WorkerPanicked {
+                path: path.to_path_buf(),
+            }),
+        }
+    }
+}
+
+fn compress_worker(
+    path: &Path,
+    level: i32,
+    job_rx: Receiver<Job>,
+    done_tx: Sender<Done>,
+    free_tx: Sender<Vec<u8>>,
+    out_rx: Receiver<Vec<u8>>,
+) {
+    let mut compressor: Option<zstd::bulk::Compressor<'static>> = None;
+    for job in job_rx.iter() {
+        let nr_pages = (job.data.len() / PAGE_SIZE) as u32;
+        let xxh3 = xxh3_64(&job.data);
+        let mut stored = out_rx.try_recv().unwrap_or_default();
+        stored.clear();
+        stored.reserve(zstd::zstd_safe::compress_bound(job.data.len()));
+        let res = match &mut compressor {
+            Some(c) => Ok(c),
+            None => zstd::bulk::Compressor::new(level).map(|c| compressor.insert(c)),
+        }
+        .and_then(|c| c.compress_to_buffer(&job.data, &mut stored));
+        let mut data = job.data;
+        data.clear();
+        // The pool is bounded; when it is full the buffer is simply freed.
+        let _ = free_tx.try_send(data);
+        let msg = match res {
+            Ok(_) => Done::Chunk {
+                seq: job.seq,
+                stored,
+                nr_pages,
+                xxh3,
+            },
+            Err(source) => Done::Failed(ImageError::ChunkCompress {
+                path: path.to_path_buf(),
+                chunk: job.seq as usize,
+                source,
+            }),
+        };
+        if done_tx.send(msg).is_err() {
+            return; // the writer stopped on an error
+        }
+    }
+}
+
+fn write_in_order(
+    mut sink: Sink,
+    done_rx: Receiver<Done>,
+    out_tx: Sender<Vec<u8>>,
+) -> Result<Sink, ImageError> {
+    let mut pending: BTreeMap<u64, (Vec<u8>, u32, u64)> = BTreeMap::new();
+    let mut next = 0u64;
+    for msg in done_rx.iter() {
+        match msg {
+            Done::Failed(e) => return Err(e),
+            Done::Chunk {
+                seq,
+                stored,
+                nr_pages,
+                xxh3,
+            } => {
+                pending.insert(seq, (stored, nr_pages, xxh3));
+            }
+        }
+        while let Some((stored, nr_pages, xxh3)) = pending.remove(&next) {
+            sink.append(&stored, nr_pages, xxh3)?;
+            let _ = out_tx.try_send(stored);
+            next += 1;
+        }
+    }
+    if !pending.is_empty() {
+        // A chunk never arrived: its worker died.
+        return Err(ImageError::WorkerPanicked {
+            path: sink.path.clone(),
+        });
+    }
+    Ok(sink)
+}
+
+enum Mode {
+    Raw { sink: Box<Sink>, free: Vec<Vec<u8>> },
+    Zstd(Pipeline),
+    Closed,
+}
+
+/// Writes a pages file, chunk by chunk, in submission order.
+pub struct PageWriter {
+    path: PathBuf,
+    name: String,
+    mode: Mode,
+    readback: Vec<u8>,
+}
+
+impl PageWriter {
+    /// Creates `dir/name` (mode 0600) and writes the header. With
+    /// `Compression::Zstd`, `threads` workers compress at `level`.
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        compression: Compression,
+        level: i32,
+        threads: usize,
+    ) -> Result<PageWriter, ImageError> {
+        let path = dir.join(name);
+        let mut file = create_file(&path)?;
+        let mut header = vec![0u8; PAGES_HEADER_LEN as usize];
+        header[..8].copy_from_slice(&pages_header());
+        file.write_all(&header)
+            .map_err(|e| ImageError::io(&path, "write", e))?;
+        let mut hasher = Xxh3::new();
+        hasher.update(&header);
+        let sink = Sink {
+            path: path.clone(),
+            file,
+            offset: PAGES_HEADER_LEN,
+            hasher,
+            chunks: Vec::new(),
+        };
+        let mode = match compression {
+            Compression::None => Mode::Raw {
+                sink: Box::new(sink),
+                free: Vec::new(),
+            },
+            Compression::Zstd => Mode::Zstd(Pipeline::start(sink, level, threads)?),
+        };
+        Ok(PageWriter {
+            path,
+            name: name.to_string(),
+            mode,
+            readback: Vec::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An empty buffer with capacity of at least [`PAGE_BUFFER_CAPACITY`],
+    /// recycled from chunks already processed when possible.
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        let recycled = match &mut self.mode {
+            Mode::Raw { free, .. } => free.pop(),
+            Mode::Zstd(p) => p.free_rx.try_recv().ok(),
+            Mode::Closed => None,
+        };
+        let mut buf = recycled.unwrap_or_default();
+        buf.clear();
+        if buf.capacity() < PAGE_BUFFER_CAPACITY {
+            buf.reserve_exact(PAGE_BUFFER_CAPACITY);
+        }
+        buf
+    }
+
+    /// Tears the pipeline down after a failure and returns the real error.
+    fn fail(&mut self) -> ImageError {
+        match std::mem::replace(&mut self.mode, Mode::Closed) {
+            Mode::Zstd(p) => match p.shutdown(&self.path) {
+                Err(e) => e,
+                Ok(_) => ImageError::WriterClosed {
+                    path: self.path.clone(),
+                },
+            },
+            _ => ImageError::WriterClosed {
+                path: self.path.clone(),
+            },
+        }
+    }
+
+    /// Appends one chunk holding `data` (a non-zero multiple of 4096 bytes).
+    pub fn submit(&mut self, data: Vec<u8>) -> Result<(), ImageError> {
+        let nr_pages = check_len(&self.path, data.len())?;
+        match &mut self.mode {
+            Mode::Raw { sink, free } => {
+                let xxh3 = xxh3_64(&data);
+                sink.append(&data, nr_pages, xxh3)?;
+                if free.len() < POOL_LEN {
+                    let mut data = data;
+                    data.clear();
+                    free.push(data);
+                }
+                Ok(())
+            }
+            Mode::Zstd(p) => {
+                if p.failed.load(Ordering::SeqCst) {
+                    return Err(self.fail());
+                }
+                let seq = p.seq;
+                if p.job_tx.send(Job { seq, data }).is_err() {
+                    return Err(self.fail());
+                }
+                p.seq += 1;
+                Ok(())
+            }
+            Mode::Closed => Err(ImageError::WriterClosed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    /// Moves `len` bytes (a non-zero multiple of 4096) from `pipe` to the end
+    /// of the file as one chunk, without copying through user space.
+    /// Only for `Compression::None`.
+    pub fn splice_from_pipe(&mut self, pipe: BorrowedFd<'_>, len: usize) -> Result<(), ImageError> {
+        let nr_pages = check_len(&self.path, len)?;
+        let Mode::Raw { sink, .. } = &mut self.mode else {
+            return Err(match self.mode {
+                Mode::Closed => ImageError::WriterClosed {
+                    path: self.path.clone(),
+                },
+                _ => ImageError::SpliceNeedsRaw {
+                    path: self.path.clone(),
+                },
+            });
+        };
+        let start = sink.offset;
+        if let Err(e) = splice_all(&self.path, pipe, &sink.file, start, len) {
+            // Drop whatever part of the chunk made it into the file.
+            let _ = sink.file.set_len(start);
+            return Err(e);
+        }
+        // Checksum the spliced bytes by reading them back (page cache).
+        if self.readback.len() < READBACK_LEN {
+            self.readback.resize(READBACK_LEN, 0);
+        }
+        let mut chunk_hasher = Xxh3::new();
+        let mut pos = 0usize;
+        while pos < len {
+            let n = (len - pos).min(READBACK_LEN);
+            let buf = &mut self.readback[..n];
+            sink.file
+                .read_exact_at(buf, start + pos as u64)
+                .map_err(|e| ImageError::io(&self.path, "read back", e))?;
+            chunk_hasher.update(buf);
+            sink.hasher.update(buf);
+            pos += n;
+        }
+        sink.chunks.push(PageChunk {
+            offset: start,
+            stored_len: len as u32,
+            nr_pages,
+            xxh3: chunk_hasher.digest(),
+        });
+        sink.offset = start + len as u64;
+        Ok(())
+    }
+
+    /// Waits for every chunk to be written; returns the chunks in order and
+    /// the file's size and whole-content xxh3-64.
+    pub fn finish(mut self) -> Result<(Vec<PageChunk>, ImageFileInfo), ImageError> {
+        let sink = match std::mem::replace(&mut self.mode, Mode::Closed) {
+            Mode::Raw { sink, .. } => *sink,
+            Mode::Zstd(p) => p.shutdown(&self.path)?,
+            Mode::Closed => {
+                return Err(ImageError::WriterClosed {
+                    path: self.path.clone(),
+                })
+            }
+        };
+        let info = ImageFileInfo {
+            name: self.name.clone(),
+            size: sink.offset,
+            xxh3: sink.hasher.digest(),
+        };
+        Ok((sink.chunks, info))
+    }
+}
+
+impl Drop for PageWriter {
+    fn drop(&mut self) {
+        // Never leave threads behind; errors are moot once the writer is dropped.
+        if let Mode::Zstd(p) = std::mem::replace(&mut self.mode, Mode::Closed) {
+            let _ = p.shutdown(&self.path);
+        }
+    }
+}
+
+/// Splices exactly `len` bytes from `pipe` into `file` at `start`.
+fn splice_all(
+    path: &Path,
+    pipe: BorrowedFd<'_>,
+    file: &File,
+    start: u64,
+    len: usize,
+) -> Result<(), ImageError> {
+    let mut off = start as i64;
+    let mut done = 0usize;
+    while done < len {
+        match splice(
+            pipe,
+            None,
+            file,
+            Some(&mut off),
+            len - done,
+            SpliceFFlags::SPLICE_F_MOVE,
+        ) {
+            Ok(0) => {
+                return Err(ImageError::PipeClosed {
+                    path: path.to_path_buf(),
+                    done: done as u64,
+                    len: len as u64,
+                })
+            }
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                // Non-blocking pipe with nothing in it yet: wait for data.
+                let mut fds = [PollFd::new(pipe, PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(ImageError::io(path, "poll", io::Error::from(e))),
+                }
+            }
+            Err(e) => return Err(ImageError::io(path, "splice", io::Error::from(e))),
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    static ZSTD_SCRATCH: RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
+        const { RefCell::new((Vec::new(), None)) };
+}
+
+/// Reads chunks of a pages file; `read_chunk` may run on several threads.
+pub struct PageReader {
+    path: PathBuf,
+    file: File,
+    compression: Compression,
+    chunks: Vec<PageChunk>,
+    starts: Vec<u64>,
+    total_pages: u64,
+}
+
+impl PageReader {
+    /// Opens `dir/name`, checks its header and that the chunks lie inside
+    /// the file, in increasing order, without overlap.
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        compression: Compression,
+        chunks: Vec<PageChunk>,
+    ) -> Result<PageReader, ImageError> {
+        let path = dir.join(name);
+        let file = open_file(&path)?;
+        let file_size = file
+            .metadata()
+            .map_err(|e| ImageError::io(&path, "stat", e))?
+            .len();
+        if file_size == 0 {
+            return Err(ImageError::EmptyFile { path });
+        }
+        let mut header = [0u8; 8];
+        let n = header.len().min(file_size as usize);
+        file.read_exact_at(&mut header[..n], 0)
+            .map_err(|e| ImageError::io(&path, "read", e))?;
+        if header[..n] != pages_header()[..n] {
+            return Err(ImageError::BadPagesHeader {
+                path,
+                found: header[..n].to_vec(),
+            });
+        }
+        if file_size < PAGES_HEADER_LEN {
+            return Err(ImageError::TruncatedHeader {
+                path,
+                expected: PAGES_HEADER_LEN,
+                found: file_size,
+            });
+        }
+        let mut prev_end = PAGES_HEADER_LEN;
+        let mut starts = Vec::with_capacity(chunks.len());
+        let mut total_pages = 0u64;
+        for (i, c) in chunks.iter().enumerate() {
+            if c.nr_pages == 0 {
+                return Err(ImageError::ChunkEmpty { path, chunk: i });
+            }
+            let raw_len = u64::from(c.nr_pages) * PAGE_SIZE as u64;
+            let bad_len = match compression {
+                Compression::None => u64::from(c.stored_len) != raw_len,
+                Compression::Zstd => c.stored_len == 0,
+            };
+            if bad_len {
+                return Err(ImageError::ChunkBadLength {
+                    path,
+                    chunk: i,
+                    stored_len: u64::from(c.stored_len),
+                    nr_pages: u64::from(c.nr_pages),
+                });
+            }
+            if c.offset < prev_end {
+                return Err(ImageError::ChunkOverlap {
+                    path,
+                    chunk: i,
+                    offset: c.offset,
+                    prev_end,
+                });
+            }
+            let end = c.offset.saturating_add(u64::from(c.stored_len));
+            if end > file_size {
+                return Err(ImageError::ChunkOutOfFile {
+                    path,
+                    chunk: i,
+                    offset: c.offset,
+                    end,
+                    file_size,
+                });
+            }
+            prev_end = end;
+            starts.push(total_pages);
+            total_pages += u64::from(c.nr_pages);
+        }
+        Ok(PageReader {
+            path,
+            file,
+            compression,
+            chunks,
+            starts,
+            total_pages,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    pub fn chunks(&self) -> &[PageChunk] {
+        &self.chunks
+    }
+
+    /// Page index (counting from the file's first page) where each chunk starts.
+    pub fn chunk_page_starts(&self) -> &[u64] {
+        &self.starts
+    }
+
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// Reads chunk `idx` into `out` (exactly `nr_pages * 4096` bytes) and
+    /// verifies its checksum.
+    pub fn read_chunk(&self, idx: usize, out: &mut [u8]) -> Result<(), ImageError> {
+        let c = self
+            .chunks
+            .get(idx)
+            .ok_or_else(|| ImageError::NoSuchChunk {
+                path: self.path.clone(),
+                chunk: idx,
+                count: self.chunks.len(),
+            })?;
+        let expected = u64::from(c.nr_pages) * PAGE_SIZE as u64;
+        if out.len() as u64 != expected {
+            return Err(ImageError::ChunkBufferSize {
+                path: self.path.clone(),
+                chunk: idx,
+                expected,
+                found: out.len() as u64,
+            });
+        }
+        match self.compression {
+            Compression::None => self
+                .file
+                .read_exact_at(out, c.offset)
+                .map_err(|e| ImageError::io(&self.path, "read", e))?,
+            Compression::Zstd => self.read_zstd(idx, c, out)?,
+        }
+        let found = xxh3_64(out);
+        if found != c.xxh3 {
+            return Err(ImageError::ChunkChecksum {
+                path: self.path.clone(),
+                chunk: idx,
+                expected: c.xxh3,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_zstd(&self, idx: usize, c: &PageChunk, out: &mut [u8]) -> Result<(), ImageError> {
+        ZSTD_SCRATCH.with_borrow_mut(|(src, dctx)| {
+            src.resize(c.stored_len as usize, 0);
+            self.file
+                .read_exact_at(src, c.offset)
+                .map_err(|e| ImageError::io(&self.path, "read", e))?;
+            let decompress_err = |source| ImageError::ChunkDecompress {
+                path: self.path.clone(),
+                chunk: idx,
+                source,
+            };
+            let d = match dctx {
+                Some(d) => d,
+                None => dctx.insert(zstd::bulk::Decompressor::new().map_err(decompress_err)?),
+            };
+            let n = d
+                .decompress_to_buffer(&src[..], out)
+                .map_err(decompress_err)?;
+            if n != out.len() {
+                return Err(ImageError::ChunkTruncated {
+                    path: self.path.clone(),
+                    chunk: idx,
+                    expected: out.len() as u64,
+                    found: n as u64,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Convenience: reads chunk `idx` into a new buffer.
+    pub fn read_chunk_vec(&self, idx: usize) -> Result<Vec<u8>, ImageError> {
+        let len = self
+            .chunks
+            .get(idx)
+            .map_or(0, |c| c.nr_pages as usize * PAGE_SIZE);
+        let mut out = vec![0u8; len];
+        self.read_chunk(idx, &mut out)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,298 @@
+//! Checkpoint/restore scenarios of one single-threaded process (wl_single).
+//!
+//! Each test starts its own workload, dumps it with the real cryo binary,
+//! restores it and reads its self-check verdict.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cryo_tests::*;
+
+/// Dump (kill mode), restore -d, PASS.
+fn kill_mode(wait: &str, dump_extra: &[&str]) {
+    let dir = TestDir::new();
+    let mut wl = Workload::single(wait, &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, dump_extra);
+    assert!(!pid_alive(pid), "pid {pid} alive after a kill-mode dump");
+    restore_ok(&mut wl, &img);
+    assert_eq!(wl.pid(), pid);
+    assert_eq!(tracer_pid(pid), Some(0), "restored task is traced");
+    wl.assert_pass(&format!("restored ({wait} wait)"));
+}
+
+#[test]
+fn kill_mode_nanosleep() {
+    kill_mode("nanosleep", &[]);
+}
+
+#[test]
+fn kill_mode_pause() {
+    kill_mode("pause", &[]);
+}
+
+#[test]
+fn kill_mode_busy() {
+    kill_mode("busy", &[]);
+}
+
+fn pages_file_size(img: &Path, pid: i32) -> u64 {
+    let p = img.join(format!("pages-{pid}.img"));
+    std::fs::metadata(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .len()
+}
+
+#[test]
+fn compress_none() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--compress", "none"]);
+    // The workload fills an 8 MiB malloc block and ~100 more pages: raw pages
+    // must all be there.
+    let size = pages_file_size(&img, pid);
+    assert!(
+        size >= 8 << 20,
+        "uncompressed pages-{pid}.img is only {size} bytes"
+    );
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored from uncompressed pages");
+}
+
+#[test]
+fn compress_zstd() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--compress", "zstd"]);
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored from zstd pages");
+}
+
+#[test]
+fn leave_running() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let maps_before = proc_maps(pid);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert!(pid_alive(pid), "pid {pid} gone after dump -R");
+    assert_eq!(
+        wait_untraced(pid, Duration::from_secs(5)),
+        Some(0),
+        "pid {pid} still traced after dump -R"
+    );
+    assert_eq!(
+        proc_maps(pid),
+        maps_before,
+        "maps of pid {pid} changed by dump -R"
+    );
+    // The original passes its self-check...
+    wl.assert_pass("original after dump -R");
+    assert!(!pid_alive(pid));
+    // ...and so does the restored copy.
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored after dump -R");
+}
+
+#[test]
+fn leave_running_then_restore_busy() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("busy", &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--leave-running"]);
+    assert!(pid_alive(pid), "pid {pid} gone after dump --leave-running");
+    wl.assert_pass("original after dump --leave-running");
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored after dump --leave-running");
+}
+
+#[test]
+fn three_cycles() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    for cycle in 0..3 {
+        let img = dir.subdir(&format!("img-{cycle}"));
+        dump_ok(&mut wl, &img, &[]);
+        restore_ok(&mut wl, &img);
+        assert_eq!(wl.pid(), pid, "cycle {cycle}");
+    }
+    wl.assert_pass("after three dump/restore cycles");
+}
+
+#[test]
+fn three_cycles_pause_leave_running() {
+    // Dump -R, then kill mode, then restore twice: images of an image.
+    let dir = TestDir::new();
+    let mut wl = Workload::single("pause", &dir);
+    for cycle in 0..3 {
+        let img = dir.subdir(&format!("img-{cycle}"));
+        if cycle == 0 {
+            dump_ok(&mut wl, &img, &["-R"]);
+            continue;
+        }
+        dump_ok(&mut wl, &img, &[]);
+        restore_ok(&mut wl, &img);
+    }
+    wl.assert_pass("after dump -R and two kill-mode cycles");
+}
+
+#[test]
+fn restore_attached() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    wl.mark_running();
+
+    // A thread waits until the pid runs the workload again, then SIGTERMs it.
+    let exe = workload_bin("wl_single");
+    let signaller = std::thread::spawn(move || -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cur = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if comm.trim() == "wl-single" && cur.as_deref() == Some(exe.as_path()) && pid_alive(pid)
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(format!("pid {pid} never ran the workload again"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Let it get back into its wait loop.
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill by the explicit pid of the restored workload.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        Ok(())
+    });
+    let out = run_cryo(&["restore", "-D", img.to_str().unwrap()], &[]);
+    let sig = signaller.join().expect("signaller thread");
+    let verdict = std::fs::read_to_string(wl.verdict_path()).unwrap_or_default();
+    assert!(
+        sig.is_ok(),
+        "{}\ncryo stderr:\n{}",
+        sig.unwrap_err(),
+        stderr_of(&out)
+    );
+    assert!(
+        !stderr_of(&out).contains("panicked at"),
+        "cryo panicked:\n{}",
+        stderr_of(&out)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "attached restore: cryo's status should be the task's (0 on PASS); verdict {verdict:?}\nstderr:\n{}\nlog:\n{}",
+        stderr_of(&out),
+        wl.log_text()
+    );
+    assert_eq!(
+        verdict.trim(),
+        "PASS",
+        "verdict of the attached restore\nlog:\n{}",
+        wl.log_text()
+    );
+    // cryo waited for the task: it is gone.
+    let _ = try_reap(pid);
+    assert!(
+        !pid_alive(pid),
+        "pid {pid} alive after cryo restore returned"
+    );
+    let _ = wl.terminate_and_verdict();
+}
+
+#[test]
+fn sigkill_cryo_while_parasite_runs() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let maps_before = proc_maps(pid);
+    let sigblk_before = proc_status_field(pid, "SigBlk");
+    let img = dir.subdir("img");
+    let flag = dir.join("parasite-running");
+    let fault = format!("pause-in-parasite:{}", flag.display());
+    let pid_s = pid.to_string();
+    let mut run = spawn_cryo(
+        &["dump", "-t", &pid_s, "-D", img.to_str().unwrap()],
+        &[("CRYO_FAULT", &fault)],
+    );
+    let start = Instant::now();
+    while !flag.exists() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let err = run.stderr_so_far();
+            run.kill();
+            panic!("cryo did not reach the parasite pause within 30 s; stderr:\n{err}");
+        }
+        if !pid_alive(run.pid()) {
+            let err = run.stderr_so_far();
+            run.kill();
+            panic!("cryo exited before reaching the parasite pause; stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The parasite is inside the task now.
+    run.kill();
+    assert!(
+        pid_alive(pid),
+        "workload died when cryo was killed mid-dump\nlog:\n{}",
+        wl.log_text()
+    );
+    assert_eq!(
+        wait_untraced(pid, Duration::from_secs(5)),
+        Some(0),
+        "workload still traced 5 s after cryo was killed"
+    );
+    // The parasite is gone: mappings and the blocked mask are back.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        proc_maps(pid),
+        maps_before,
+        "maps changed after cryo was killed mid-dump"
+    );
+    assert_eq!(
+        proc_status_field(pid, "SigBlk"),
+        sigblk_before,
+        "SigBlk changed"
+    );
+    wl.assert_pass("workload after cryo was SIGKILLed while its parasite ran");
+}
+
+#[test]
+fn fail_after_parasite_leaves_task_running() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let maps_before = proc_maps(pid);
+    let sigblk_before = proc_status_field(pid, "SigBlk");
+    let img = dir.subdir("img");
+    let out = dump(pid, &img, &[], &[("CRYO_FAULT", "fail-after-parasite")]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with CRYO_FAULT=fail-after-parasite: {e}");
+    }
+    assert!(
+        pid_alive(pid),
+        "workload died in a failed dump\nlog:\n{}",
+        wl.log_text()
+    );
+    assert_eq!(
+        tracer_pid(pid),
+        Some(0),
+        "workload still traced after a failed dump"
+    );
+    assert_eq!(proc_maps(pid), maps_before, "maps changed by a failed dump");
+    assert_eq!(
+        proc_status_field(pid, "SigBlk"),
+        sigblk_before,
+        "SigBlk changed by a failed dump"
+    );
+    wl.assert_pass("workload after a failed dump");
+}

@@ -1,0 +1,91 @@
+//! `cryo dump`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use cryo_engine::dump::{dump, remove_partial, DumpOptions};
+use cryo_image::proto::Compression;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Compress {
+    /// Raw pages (they can be mapped straight from the file).
+    None,
+    /// zstd, in independent chunks compressed in parallel.
+    Zstd,
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    /// Process to dump.
+    #[arg(short = 't', long = "tree")]
+    pub pid: i32,
+    /// Image directory (created if missing).
+    #[arg(short = 'D', long = "images-dir")]
+    pub dir: PathBuf,
+    /// Leave the process running after the dump (default: kill it).
+    #[arg(short = 'R', long)]
+    pub leave_running: bool,
+    /// Page compression.
+    #[arg(long, value_enum, default_value = "zstd")]
+    pub compress: Compress,
+    /// zstd level (negative levels are faster).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub zstd_level: i32,
+    /// Compression threads (default: number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let opts = DumpOptions {
+        pid: a.pid,
+        dir: a.dir.clone(),
+        leave_running: a.leave_running,
+        compression: match a.compress {
+            Compress::None => Compression::None,
+            Compress::Zstd => Compression::Zstd,
+        },
+        zstd_level: a.zstd_level,
+        threads,
+    };
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let bar: std::cell::RefCell<Option<indicatif::ProgressBar>> = std::cell::RefCell::new(None);
+    let progress = |done: u64, total: u64| {
+        if !tty || start.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let mut b = bar.borrow_mut();
+        let pb = b.get_or_insert_with(|| {
+            let pb = indicatif::ProgressBar::new(total);
+            pb.set_style(indicatif::ProgressStyle::with_template("dumping pages {bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            pb
+        });
+        pb.set_position(done);
+    };
+    let res = dump(&opts, &progress);
+    if let Some(pb) = bar.borrow_mut().take() {
+        pb.finish_and_clear();
+    }
+    match res {
+        Ok(st) => {
+            tracing::info!(
+                pid = a.pid,
+                pages = st.pages.pages_stored,
+                zero_pages = st.pages.zero_pages,
+                frozen_ms = st.frozen.as_millis() as u64,
+                total_ms = st.total.as_millis() as u64,
+                image_bytes = st.image_bytes,
+                "dump done"
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            remove_partial(&a.dir);
+            Err(anyhow::anyhow!("dump of task {} failed: {e}", a.pid))
+        }
+    }
+}

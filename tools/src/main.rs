@@ -1,0 +1,80 @@
+//! cryo: checkpoint and restore Linux processes.
+
+mod check;
+mod dump;
+mod restore;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cryo", version, about = "Checkpoint and restore Linux processes")]
+struct Cli {
+    /// More logging (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Write the log to this file instead of stderr.
+    #[arg(short = 'o', long = "log-file", global = true)]
+    log_file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Checkpoint a running process into an image directory.
+    Dump(dump::DumpArgs),
+    /// Restore a process from an image directory.
+    Restore(restore::RestoreArgs),
+    /// Report which kernel features cryo relies on are present.
+    Check {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRYO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("opening log file {}: {e}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.verbose, cli.log_file.as_ref()) {
+        eprintln!("cryo: {e:#}");
+        std::process::exit(1);
+    }
+    let res = match cli.cmd {
+        Cmd::Dump(a) => dump::run(a),
+        Cmd::Restore(a) => restore::run(a),
+        Cmd::Check { json } => check::run(json),
+    };
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("cryo: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
