@@ -95,7 +95,7 @@ fn readlink(path: &str) -> Result<String> {
 
 fn fault(point: &str) -> Result<()> {
     let Ok(f) = std::env::var("CRYO_FAULT") else { return Ok(()) };
-    if f == point {
+    if f == format!("fail-{point}") {
         return Err(DumpError::Fault { what: point.into() });
     }
     if let Some(path) = f.strip_prefix(&format!("pause-{point}:")) {
@@ -233,6 +233,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     check_task(pid)?;
     collect_fds(pid)?;
 
+    // The guardian cleans up after us if we die while the parasite runs.
+    // Declared before the victim so it is dismissed after the cure.
+    let guard = crate::infect::guard::Guard::spawn(npid)?;
     let mut victim = Victim::seize(npid)?;
     let frozen_at = Instant::now();
     fault("after-seize")?;
@@ -255,7 +258,11 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let private_sigs = sys::peek_siginfo(npid, false)?;
     let shared_sigs = sys::peek_siginfo(npid, true)?;
 
-    victim.start_parasite()?;
+    let started = victim.start_parasite();
+    if let Some(area) = victim.area() {
+        guard.arm(area);
+    }
+    started?;
     fault("in-parasite")?;
     let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let st = victim.state(&timer_ids)?;

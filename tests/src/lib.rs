@@ -243,6 +243,66 @@ pub fn proc_maps(pid: i32) -> String {
         .unwrap_or_else(|e| panic!("read /proc/{pid}/maps: {e}"))
 }
 
+/// The lines present in only one of two /proc/PID/maps texts, for messages.
+pub fn maps_diff(before: &str, after: &str) -> String {
+    let b: Vec<&str> = before.lines().collect();
+    let a: Vec<&str> = after.lines().collect();
+    let mut out = String::new();
+    for l in &b {
+        if !a.contains(l) {
+            out.push_str(&format!("- {l}\n"));
+        }
+    }
+    for l in &a {
+        if !b.contains(l) {
+            out.push_str(&format!("+ {l}\n"));
+        }
+    }
+    out
+}
+
+/// Contents of files that a workload shares with the outside world (its log,
+/// the files under `<dir>/tmp`). An image does not contain them: to restore
+/// an image taken with `--leave-running` after the original has run on and
+/// changed them, put them back first, as a user would restore a file system
+/// snapshot together with the image. Written back in place (same inodes).
+pub struct FileSnapshot {
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl FileSnapshot {
+    /// The log and every regular file directly under `<dir>/tmp`.
+    pub fn of_workload(dir: &TestDir) -> FileSnapshot {
+        let mut paths = vec![dir.join("log")];
+        let tmp = dir.join("tmp");
+        if tmp.is_dir() {
+            paths.extend(file_names(&tmp).into_iter().map(|n| tmp.join(n)));
+        }
+        let files = paths
+            .into_iter()
+            .map(|p| {
+                let data =
+                    std::fs::read(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+                (p, data)
+            })
+            .collect();
+        FileSnapshot { files }
+    }
+
+    pub fn put_back(&self) {
+        use std::io::Write;
+        for (p, data) in &self.files {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(p)
+                .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+            f.write_all(data)
+                .unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        }
+    }
+}
+
 /// A running cryo process whose output goes to files.
 pub struct CryoRun {
     pid: i32,

@@ -36,6 +36,9 @@ pub struct DumpArgs {
     /// Compression threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Write the dump's figures (time stopped, image size, ...) as JSON here.
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
@@ -81,6 +84,17 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                 image_bytes = st.image_bytes,
                 "dump done"
             );
+            if let Some(path) = &a.stats {
+                let j = serde_json::json!({
+                    "frozen_ms": st.frozen.as_secs_f64() * 1e3,
+                    "total_ms": st.total.as_secs_f64() * 1e3,
+                    "image_bytes": st.image_bytes,
+                    "pages_stored": st.pages.pages_stored,
+                    "zero_pages": st.pages.zero_pages,
+                    "pages_scanned": st.pages.pages_scanned,
+                });
+                std::fs::write(path, format!("{j}\n")).map_err(|e| anyhow::anyhow!("writing stats to {}: {e}", path.display()))?;
+            }
             Ok(0)
         }
         Err(e) => {

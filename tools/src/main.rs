@@ -72,7 +72,9 @@ fn main() {
     match res {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            tracing::error!("{e:#}");
+            if cli.log_file.is_some() {
+                tracing::error!("{e:#}");
+            }
             eprintln!("cryo: error: {e:#}");
             std::process::exit(1);
         }

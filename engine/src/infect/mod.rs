@@ -8,6 +8,7 @@
 //! running as before.
 
 pub mod blob;
+pub mod guard;
 
 use std::io::IoSlice;
 use std::mem::size_of;
@@ -191,6 +192,11 @@ impl Victim {
         self.saved_mask = sys::get_sigmask(pid)?;
         sys::set_sigmask(pid, !0u64)?;
         Ok(())
+    }
+
+    /// The parasite's mapping in the task, once made.
+    pub fn area(&self) -> Option<(u64, u64)> {
+        self.area
     }
 
     pub fn regs(&self) -> &Regs {

@@ -251,7 +251,7 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
             if msg.starts_with(b"ERR:") {
                 continue; // read the whole message until EOF
             }
-            while msg.len() >= std::mem::size_of::<RStatus>() && done.is_none() {
+            while msg.len() >= std::mem::size_of::<RStatus>() && done.is_none() && !msg.starts_with(b"ERR:") {
                 let st: RStatus = crate::infect::from_bytes(&msg);
                 msg.drain(..std::mem::size_of::<RStatus>());
                 if st.stage == STAGE_BOOT {
@@ -344,15 +344,18 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
 
 /// Child side, running as the new task with the dumped pid. Never returns.
 fn child_main(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: OwnedFd) -> ! {
-    let status_raw = status_w.as_raw_fd();
-    match prepare(img, pages, go_r, status_w) {
+    STATUS_FD.store(status_w.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    // The descriptor is closed by hand once moved (see prepare).
+    let status_w = std::mem::ManuallyDrop::new(status_w);
+    match prepare(img, pages, go_r, status_w.as_raw_fd()) {
         Ok(never) => match never {},
         Err(msg) => {
             let mut m = b"ERR:".to_vec();
             m.extend_from_slice(msg.as_bytes());
+            let fd = STATUS_FD.load(std::sync::atomic::Ordering::Relaxed);
             // SAFETY: writing a byte buffer we own to a descriptor we hold.
             unsafe {
-                libc::write(status_raw, m.as_ptr().cast(), m.len());
+                libc::write(fd, m.as_ptr().cast(), m.len());
                 libc::_exit(1);
             }
         }
@@ -360,6 +363,9 @@ fn child_main(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status
 }
 
 enum Never {}
+
+/// Where the new task reports errors (the status pipe moves during setup).
+static STATUS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// A bump allocator over the bootstrap area.
 struct Boot {
@@ -431,7 +437,7 @@ fn regs_from(img: &Image) -> Regs {
 }
 
 /// Everything the new task does before jumping into the restorer.
-fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: OwnedFd) -> std::result::Result<Never, String> {
+fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: RawFd) -> std::result::Result<Never, String> {
     let mut go = [0u8; 1];
     // SAFETY: reading one byte into a local buffer.
     if unsafe { libc::read(go_r.as_raw_fd(), go.as_mut_ptr().cast(), 1) } != 1 {
@@ -489,7 +495,7 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         err: boot_base as i64,
     };
     // SAFETY: writing a plain struct we own to our status descriptor.
-    unsafe { libc::write(status_w.as_raw_fd(), (&boot_msg as *const RStatus).cast(), std::mem::size_of::<RStatus>()) };
+    unsafe { libc::write(status_w, (&boot_msg as *const RStatus).cast(), std::mem::size_of::<RStatus>()) };
     if premap_len > 0 {
         // SAFETY: as above, a fresh range; PROT_NONE reservation carved below.
         let p = unsafe {
@@ -597,8 +603,10 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         keep.push(n);
         Ok(n)
     };
-    let status_fd = dup_high(status_w.as_raw_fd(), &mut keep)?;
-    drop(status_w);
+    let status_fd = dup_high(status_w, &mut keep)?;
+    STATUS_FD.store(status_fd, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: closing the old number of the status pipe, now moved.
+    unsafe { libc::close(status_w) };
     // Close everything below our kept block and after it.
     let lo = *keep.iter().min().unwrap_or(&high);
     let hi = *keep.iter().max().unwrap_or(&high);
