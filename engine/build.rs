@@ -7,11 +7,17 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let blob_dir = manifest.join("../parasite/blob");
     let target_dir = out.join("blob-target");
-    for p in ["../parasite/blob/src", "../parasite/blob/Cargo.toml", "../parasite/src", "../parasite/Cargo.toml"] {
+    for p in [
+        "../parasite/blob/src",
+        "../parasite/blob/Cargo.toml",
+        "../parasite/src",
+        "../parasite/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={p}");
     }
     let flags = [
@@ -49,16 +55,30 @@ fn main() {
             || k.starts_with("CARGO_ENCODED_")
             || matches!(
                 k.as_str(),
-                "RUSTFLAGS" | "CARGO_TARGET_DIR" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER" | "CARGO_MAKEFLAGS" | "TARGET" | "HOST" | "PROFILE" | "OPT_LEVEL" | "DEBUG"
+                "RUSTFLAGS"
+                    | "CARGO_TARGET_DIR"
+                    | "RUSTC_WRAPPER"
+                    | "RUSTC_WORKSPACE_WRAPPER"
+                    | "CARGO_MAKEFLAGS"
+                    | "TARGET"
+                    | "HOST"
+                    | "PROFILE"
+                    | "OPT_LEVEL"
+                    | "DEBUG"
             )
         {
             cmd.env_remove(&k);
         }
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", flags);
-    let status = cmd.status().expect("failed to run cargo for the parasite blobs");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the parasite blobs");
     if !status.success() {
-        panic!("building the parasite blobs in {} failed", blob_dir.display());
+        panic!(
+            "building the parasite blobs in {} failed",
+            blob_dir.display()
+        );
     }
     for name in ["parasite", "restorer"] {
         let src = target_dir.join("release").join(name);

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cryo_image::proto::{
-    self, Compression, CoreEntry, Creds, FdEntry, FileEntry, FileKind, GpRegs, Inventory, Itimer, MmEntry, PagemapHead, PagemapRecord, PendingSignal, PosixTimer, ProcessCore, PstreeEntry,
+    self, Compression, CoreEntry, Creds, FdEntry, FileEntry, FileKind, GpRegs, Inventory, Itimer,
+    MmEntry, PagemapHead, PagemapRecord, PendingSignal, PosixTimer, ProcessCore, PstreeEntry,
     Rlimit, SigAction, SigaltStack,
 };
 use cryo_image::{ImageError, ImageFileInfo, ImageWriter, Kind, PageWriter};
@@ -34,11 +35,20 @@ pub enum DumpError {
     Parse { path: String },
     #[error("task {pid} has {threads} threads; multi-threaded processes are not supported yet")]
     Threads { pid: i32, threads: u64 },
-    #[error("task {pid} has child processes ({children}); dumping process trees is not supported yet")]
+    #[error(
+        "task {pid} has child processes ({children}); dumping process trees is not supported yet"
+    )]
     Children { pid: i32, children: String },
     #[error("task {pid}: fd {fd} is {what} ({link}); only regular files, directories and character devices are supported for now")]
-    UnsupportedFd { pid: i32, fd: i32, what: &'static str, link: String },
-    #[error("task {pid}: fd {fd} refers to deleted file {link}; deleted files are not supported yet")]
+    UnsupportedFd {
+        pid: i32,
+        fd: i32,
+        what: &'static str,
+        link: String,
+    },
+    #[error(
+        "task {pid}: fd {fd} refers to deleted file {link}; deleted files are not supported yet"
+    )]
     DeletedFile { pid: i32, fd: i32, link: String },
     #[error("task {pid} has {n} POSIX timers; at most {max} are supported")]
     TooManyTimers { pid: i32, n: usize, max: usize },
@@ -84,17 +94,25 @@ pub struct DumpStats {
 }
 
 fn read(path: &str) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| DumpError::Proc { path: path.into(), source })
+    std::fs::read_to_string(path).map_err(|source| DumpError::Proc {
+        path: path.into(),
+        source,
+    })
 }
 
 fn readlink(path: &str) -> Result<String> {
     std::fs::read_link(path)
         .map(|p| p.to_string_lossy().into_owned())
-        .map_err(|source| DumpError::Proc { path: path.into(), source })
+        .map_err(|source| DumpError::Proc {
+            path: path.into(),
+            source,
+        })
 }
 
 fn fault(point: &str) -> Result<()> {
-    let Ok(f) = std::env::var("CRYO_FAULT") else { return Ok(()) };
+    let Ok(f) = std::env::var("CRYO_FAULT") else {
+        return Ok(());
+    };
     if f == format!("fail-{point}") {
         return Err(DumpError::Fault { what: point.into() });
     }
@@ -111,16 +129,24 @@ fn fault(point: &str) -> Result<()> {
 /// The files a process has open, checked for what cryo can restore.
 fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
     let dir = format!("/proc/{pid}/fd");
-    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc { path: dir.clone(), source })?;
-    let mut fds: Vec<i32> = rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
     fds.sort_unstable();
     let mut fd_entries = Vec::new();
     let mut files = Vec::new();
     for fd in fds {
         let link = readlink(&format!("/proc/{pid}/fd/{fd}"))?;
-        let st = nix::sys::stat::stat(format!("/proc/{pid}/fd/{fd}").as_str()).map_err(|e| DumpError::Proc {
-            path: format!("/proc/{pid}/fd/{fd}"),
-            source: e.into(),
+        let st = nix::sys::stat::stat(format!("/proc/{pid}/fd/{fd}").as_str()).map_err(|e| {
+            DumpError::Proc {
+                path: format!("/proc/{pid}/fd/{fd}"),
+                source: e.into(),
+            }
         })?;
         let fmt = st.st_mode & libc::S_IFMT;
         let kind = match fmt {
@@ -132,10 +158,17 @@ fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
                     libc::S_IFIFO => "a pipe or FIFO",
                     libc::S_IFSOCK => "a socket",
                     libc::S_IFBLK => "a block device",
-                    _ if link.starts_with("anon_inode:") => "an anonymous-inode file (eventfd, epoll, timerfd, ...)",
+                    _ if link.starts_with("anon_inode:") => {
+                        "an anonymous-inode file (eventfd, epoll, timerfd, ...)"
+                    }
                     _ => "an unsupported kind of file",
                 };
-                return Err(DumpError::UnsupportedFd { pid, fd, what, link });
+                return Err(DumpError::UnsupportedFd {
+                    pid,
+                    fd,
+                    what,
+                    link,
+                });
             }
         };
         if link.ends_with(" (deleted)") || !link.starts_with('/') {
@@ -177,9 +210,13 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
     let text = std::fs::read_to_string(&stat_path).map_err(|_| DumpError::NoTask { pid })?;
     let st = procfmt::parse_stat(&text).ok_or(DumpError::Parse { path: stat_path })?;
     if st.num_threads != 1 {
-        return Err(DumpError::Threads { pid, threads: st.num_threads });
+        return Err(DumpError::Threads {
+            pid,
+            threads: st.num_threads,
+        });
     }
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     if !children.trim().is_empty() {
         return Err(DumpError::Children {
             pid,
@@ -243,7 +280,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let stat = check_task(pid)?;
     let (fd_entries, files) = collect_fds(pid)?;
     let status = procfmt::parse_status(&read(&format!("/proc/{pid}/status"))?);
-    let timers = procfmt::parse_timers(&std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default());
+    let timers = procfmt::parse_timers(
+        &std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default(),
+    );
     if timers.len() > cryo_parasite::MAX_TIMERS {
         return Err(DumpError::TooManyTimers {
             pid,
@@ -271,7 +310,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     // parasite splices them, then put back.
     let unreadable: Vec<(u32, cryo_parasite::Iov)> = vmas
         .iter()
-        .filter(|v| v.prot & libc::PROT_READ as u32 == 0 && runs.iter().any(|r| r.start >= v.start && r.start < v.end))
+        .filter(|v| {
+            v.prot & libc::PROT_READ as u32 == 0
+                && runs.iter().any(|r| r.start >= v.start && r.start < v.end)
+        })
         .map(|v| {
             (
                 v.prot,
@@ -286,9 +328,17 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         victim.mprotect(prot | libc::PROT_READ as u32, std::slice::from_ref(iov))?;
     }
     let raw = opts.compression == Compression::None;
-    let mut pw = PageWriter::create(&opts.dir, &cryo_image::pages_file(pid as u32), opts.compression, opts.zstd_level, opts.threads)?;
+    let mut pw = PageWriter::create(
+        &opts.dir,
+        &cryo_image::pages_file(pid as u32),
+        opts.compression,
+        opts.zstd_level,
+        opts.threads,
+    )?;
     let total_bytes: u64 = runs.iter().map(|r| r.pages * mem::PAGE).sum();
-    let (entries, pstats) = transfer::transfer(&mut victim, &runs, &mut pw, raw, &|done| progress(done, total_bytes))?;
+    let (entries, pstats) = transfer::transfer(&mut victim, &runs, &mut pw, raw, &|done| {
+        progress(done, total_bytes)
+    })?;
     for (prot, iov) in &unreadable {
         victim.mprotect(*prot, std::slice::from_ref(iov))?;
     }
@@ -299,7 +349,11 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let (chunks, pages_info) = pw.finish()?;
     written.push(pages_info);
     {
-        let mut w = ImageWriter::create(&opts.dir, &cryo_image::pagemap_file(pid as u32), Kind::Pagemap)?;
+        let mut w = ImageWriter::create(
+            &opts.dir,
+            &cryo_image::pagemap_file(pid as u32),
+            Kind::Pagemap,
+        )?;
         w.write(&PagemapHead {
             pages_file: cryo_image::pages_file(pid as u32),
             compression: opts.compression as i32,
@@ -319,11 +373,15 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     }
 
     // mm
-    let auxv_bytes = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|source| DumpError::Proc {
-        path: format!("/proc/{pid}/auxv"),
-        source,
-    })?;
-    let auxv: Vec<u64> = auxv_bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default())).collect();
+    let auxv_bytes =
+        std::fs::read(format!("/proc/{pid}/auxv")).map_err(|source| DumpError::Proc {
+            path: format!("/proc/{pid}/auxv"),
+            source,
+        })?;
+    let auxv: Vec<u64> = auxv_bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+        .collect();
     let mm = MmEntry {
         start_code: stat.start_code,
         end_code: stat.end_code,
@@ -341,7 +399,12 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         vmas,
         thp_disabled: false,
     };
-    written.push(cryo_image::write_one(&opts.dir, &cryo_image::mm_file(pid as u32), Kind::Mm, &mm)?);
+    written.push(cryo_image::write_one(
+        &opts.dir,
+        &cryo_image::mm_file(pid as u32),
+        Kind::Mm,
+        &mm,
+    )?);
 
     // core
     let mut regs = *victim.regs();
@@ -406,7 +469,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         .collect();
     let mut rlimits = Vec::new();
     for res in 0..16u32 {
-        let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: prlimit64 only writes the rlimit64 we pass; new is NULL.
         let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
         if r == 0 {
@@ -430,7 +496,8 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         securebits: st.securebits as u32,
         no_new_privs: get("NoNewPrivs") == "1",
     };
-    let personality = u32::from_str_radix(read(&format!("/proc/{pid}/personality"))?.trim(), 16).unwrap_or(0);
+    let personality =
+        u32::from_str_radix(read(&format!("/proc/{pid}/personality"))?.trim(), 16).unwrap_or(0);
     let process = ProcessCore {
         personality,
         umask: u32::from_str_radix(&get("Umask"), 8).unwrap_or(0o022),
@@ -438,7 +505,12 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         itimers,
         posix_timers,
         rlimits,
-        shared_pending: shared_sigs.iter().map(|s| PendingSignal { siginfo: s.to_vec() }).collect(),
+        shared_pending: shared_sigs
+            .iter()
+            .map(|s| PendingSignal {
+                siginfo: s.to_vec(),
+            })
+            .collect(),
         cwd: readlink(&format!("/proc/{pid}/cwd"))?,
         root: readlink(&format!("/proc/{pid}/root"))?,
         child_subreaper: st.child_subreaper != 0,
@@ -465,11 +537,21 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             rseq_cs,
         }),
         comm: stat.comm.clone(),
-        pending: private_sigs.iter().map(|s| PendingSignal { siginfo: s.to_vec() }).collect(),
+        pending: private_sigs
+            .iter()
+            .map(|s| PendingSignal {
+                siginfo: s.to_vec(),
+            })
+            .collect(),
         creds: Some(creds),
         process: Some(process),
     };
-    written.push(cryo_image::write_one(&opts.dir, &cryo_image::core_file(pid as u32), Kind::Core, &core)?);
+    written.push(cryo_image::write_one(
+        &opts.dir,
+        &cryo_image::core_file(pid as u32),
+        Kind::Core,
+        &core,
+    )?);
 
     let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_default()
@@ -485,9 +567,18 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         threads: vec![pid as u32],
         cmdline,
     };
-    written.push(cryo_image::write_one(&opts.dir, cryo_image::PSTREE_FILE, Kind::Pstree, &pstree)?);
+    written.push(cryo_image::write_one(
+        &opts.dir,
+        cryo_image::PSTREE_FILE,
+        Kind::Pstree,
+        &pstree,
+    )?);
     {
-        let mut w = ImageWriter::create(&opts.dir, &cryo_image::fdinfo_file(pid as u32), Kind::Fdinfo)?;
+        let mut w = ImageWriter::create(
+            &opts.dir,
+            &cryo_image::fdinfo_file(pid as u32),
+            Kind::Fdinfo,
+        )?;
         for e in &fd_entries {
             w.write(e)?;
         }
@@ -503,10 +594,15 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         format_major: cryo_image::FORMAT_MAJOR,
         format_minor: cryo_image::FORMAT_MINOR,
         producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
-        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
         root_pid: pid as u32,
         files: written.into_iter().map(Into::into).collect(),
-        kernel_release: nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
         leave_running: opts.leave_running,
     };
     cryo_image::write_inventory(&opts.dir, &inv)?;
@@ -528,7 +624,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
 fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), nix::errno::Errno> {
     let len = out.len();
     let mut iov = [std::io::IoSliceMut::new(out)];
-    let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
     nix::sys::uio::process_vm_readv(pid, &mut iov, &remote).map(|_| ())
 }
 

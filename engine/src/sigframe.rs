@@ -60,7 +60,8 @@ pub fn build_fpstate(xsave: &[u8]) -> Vec<u8> {
 /// will live in the task (64-byte aligned), 0 for none.
 pub fn build_frame(regs: &Regs, mask: u64, altstack: &KStack, fpstate_addr: u64) -> Vec<u8> {
     let mut f = vec![0u8; sf::SIZE];
-    let put = |f: &mut Vec<u8>, off: usize, v: u64| f[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    let put =
+        |f: &mut Vec<u8>, off: usize, v: u64| f[off..off + 8].copy_from_slice(&v.to_le_bytes());
     put(&mut f, sf::UC_FLAGS, sf::UC_FLAGS_VALUE);
     put(&mut f, sf::UC_STACK, altstack.sp);
     f[sf::UC_STACK + 8..sf::UC_STACK + 12].copy_from_slice(&altstack.flags.to_le_bytes());

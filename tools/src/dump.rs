@@ -42,7 +42,11 @@ pub struct DumpArgs {
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let opts = DumpOptions {
         pid: a.pid,
         dir: a.dir.clone(),
@@ -64,7 +68,12 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         let mut b = bar.borrow_mut();
         let pb = b.get_or_insert_with(|| {
             let pb = indicatif::ProgressBar::new(total);
-            pb.set_style(indicatif::ProgressStyle::with_template("dumping pages {bar:40} {bytes}/{total_bytes} {bytes_per_sec}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "dumping pages {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
             pb
         });
         pb.set_position(done);
@@ -93,7 +102,8 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                     "zero_pages": st.pages.zero_pages,
                     "pages_scanned": st.pages.pages_scanned,
                 });
-                std::fs::write(path, format!("{j}\n")).map_err(|e| anyhow::anyhow!("writing stats to {}: {e}", path.display()))?;
+                std::fs::write(path, format!("{j}\n"))
+                    .map_err(|e| anyhow::anyhow!("writing stats to {}: {e}", path.display()))?;
             }
             Ok(0)
         }

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cryo", version, about = "Checkpoint and restore Linux processes")]
+#[command(
+    name = "cryo",
+    version,
+    about = "Checkpoint and restore Linux processes"
+)]
 struct Cli {
     /// More logging (-v: info, -vv: debug, -vvv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -42,8 +46,11 @@ fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
         2 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CRYO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRYO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match file {
         Some(path) => {
             let f = std::fs::OpenOptions::new()
@@ -51,7 +58,10 @@ fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .map_err(|e| anyhow::anyhow!("opening log file {}: {e}", path.display()))?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .init();
         }
         None => builder.with_writer(std::io::stderr).init(),
     }

@@ -18,7 +18,8 @@ pub struct RestoreArgs {
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
-    let r = restore(&RestoreOptions { dir: a.dir.clone() }).map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
+    let r = restore(&RestoreOptions { dir: a.dir.clone() })
+        .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");
     if a.restore_detached {
         return Ok(0);

@@ -18,9 +18,16 @@ pub enum BlobError {
         source: goblin::error::Error,
     },
     #[error("blob {name}: relocation type {kind} at {offset:#x} is not supported (only R_X86_64_RELATIVE)")]
-    Relocation { name: &'static str, kind: u32, offset: u64 },
+    Relocation {
+        name: &'static str,
+        kind: u32,
+        offset: u64,
+    },
     #[error("blob {name}: symbol {symbol} not found")]
-    Symbol { name: &'static str, symbol: &'static str },
+    Symbol {
+        name: &'static str,
+        symbol: &'static str,
+    },
 }
 
 /// A blob laid out for one load address.
@@ -57,8 +64,15 @@ impl Blob {
         }
         let mut image = vec![0u8; page_up(size)];
         for ph in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
-            let (off, len, va) = (ph.p_offset as usize, ph.p_filesz as usize, ph.p_vaddr as usize);
-            let src = elf_bytes.get(off..off + len).ok_or(BlobError::Symbol { name, symbol: "PT_LOAD" })?;
+            let (off, len, va) = (
+                ph.p_offset as usize,
+                ph.p_filesz as usize,
+                ph.p_vaddr as usize,
+            );
+            let src = elf_bytes.get(off..off + len).ok_or(BlobError::Symbol {
+                name,
+                symbol: "PT_LOAD",
+            })?;
             image[va..va + len].copy_from_slice(src);
         }
         for rel in elf.dynrelas.iter().chain(elf.dynrels.iter()) {
@@ -105,7 +119,10 @@ mod tests {
     fn blobs_load_and_relocate() {
         for (name, elf) in [("parasite", PARASITE_ELF), ("restorer", RESTORER_ELF)] {
             let b = Blob::load(name, elf, 0x7000_0000_0000).unwrap();
-            assert!(b.entry >= b.text.0 && b.entry < b.text.1, "{name}: entry in text");
+            assert!(
+                b.entry >= b.text.0 && b.entry < b.text.1,
+                "{name}: entry in text"
+            );
             assert!(b.done > b.entry && b.done < b.text.1);
             assert_eq!(b.image.len() % PAGE, 0);
         }

@@ -24,10 +24,12 @@ impl Guard {
     /// Fork the guardian for task `pid`. Must be called while cryo is
     /// single-threaded.
     pub fn spawn(pid: Pid) -> Result<Guard, InfectError> {
-        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| InfectError::Channel {
-            pid: pid.as_raw(),
-            what: "guardian pipe",
-            errno,
+        let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| {
+            InfectError::Channel {
+                pid: pid.as_raw(),
+                what: "guardian pipe",
+                errno,
+            }
         })?;
         // SAFETY: the caller guarantees cryo is single-threaded here, so
         // the child can use the allocator and the rest of the process
@@ -41,7 +43,10 @@ impl Guard {
                 // parent's atexit handlers or flushing its buffers.
                 unsafe { libc::_exit(0) }
             }
-            Ok(ForkResult::Parent { child }) => Ok(Guard { tx: Some(tx), child }),
+            Ok(ForkResult::Parent { child }) => Ok(Guard {
+                tx: Some(tx),
+                child,
+            }),
             Err(errno) => Err(InfectError::Channel {
                 pid: pid.as_raw(),
                 what: "forking the guardian",

@@ -34,7 +34,11 @@ pub enum InfectError {
     #[error(transparent)]
     Sys(#[from] SysError),
     #[error("ptrace {op} on task {pid}: {errno}")]
-    Ptrace { op: &'static str, pid: i32, errno: Errno },
+    Ptrace {
+        op: &'static str,
+        pid: i32,
+        errno: Errno,
+    },
     #[error("task {pid} exited while cryo was working on it ({status})")]
     Gone { pid: i32, status: String },
     #[error("task {pid} stopped unexpectedly: {status} at rip {rip:#x}")]
@@ -52,7 +56,11 @@ pub enum InfectError {
     #[error(transparent)]
     Blob(#[from] BlobError),
     #[error("parasite in task {pid}: {what}: {errno}")]
-    Channel { pid: i32, what: &'static str, errno: Errno },
+    Channel {
+        pid: i32,
+        what: &'static str,
+        errno: Errno,
+    },
     #[error("parasite in task {pid} did not answer command {cmd} within {secs} s")]
     Timeout { pid: i32, cmd: u32, secs: u64 },
     #[error("parasite in task {pid}: command {cmd} failed: {errno}")]
@@ -178,7 +186,10 @@ impl Victim {
                     // interrupt stays pending and stops the task right after.
                     ptrace::cont(pid, Some(sig)).map_err(ptrace_err("CONT", pid))?;
                 }
-                WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) | WaitStatus::Continued(_) | WaitStatus::StillAlive => {}
+                WaitStatus::PtraceEvent(..)
+                | WaitStatus::PtraceSyscall(_)
+                | WaitStatus::Continued(_)
+                | WaitStatus::StillAlive => {}
                 st => {
                     return Err(InfectError::Gone {
                         pid: pid.as_raw(),
@@ -244,7 +255,10 @@ impl Victim {
         let pid = self.pid;
         let maps = procfs::process::Process::new(pid.as_raw())
             .and_then(|p| p.maps())
-            .map_err(|source| InfectError::Maps { pid: pid.as_raw(), source })?;
+            .map_err(|source| InfectError::Maps {
+                pid: pid.as_raw(),
+                source,
+            })?;
         for m in maps {
             use procfs::process::{MMPermissions, MMapPath};
             if m.perms.contains(MMPermissions::EXECUTE)
@@ -281,7 +295,11 @@ impl Victim {
             ptrace::setregs(pid, r).map_err(ptrace_err("SETREGS", pid))?;
             ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
             self.wait_stop()?;
-            Ok::<i64, InfectError>(ptrace::getregs(pid).map_err(ptrace_err("GETREGS", pid))?.rax as i64)
+            Ok::<i64, InfectError>(
+                ptrace::getregs(pid)
+                    .map_err(ptrace_err("GETREGS", pid))?
+                    .rax as i64,
+            )
         })();
         // Put the code back whatever happened (the page is dumped later).
         let restore = ptrace::write(pid, at as _, orig).map_err(ptrace_err("POKEDATA", pid));
@@ -319,11 +337,15 @@ impl Victim {
     fn read_mem(&self, addr: u64, out: &mut [u8]) -> Result<()> {
         let len = out.len();
         let mut iov = [std::io::IoSliceMut::new(out)];
-        let remote = [RemoteIoVec { base: addr as usize, len }];
-        let n = process_vm_readv(self.pid, &mut iov, &remote).map_err(|errno| InfectError::Write {
-            pid: self.pid.as_raw(),
-            errno,
-        })?;
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        let n =
+            process_vm_readv(self.pid, &mut iov, &remote).map_err(|errno| InfectError::Write {
+                pid: self.pid.as_raw(),
+                errno,
+            })?;
         if n != len {
             return Err(InfectError::Write {
                 pid: self.pid.as_raw(),
@@ -393,7 +415,10 @@ impl Victim {
 
         // The task's alternate signal stack goes into the frame that lets
         // the parasite return on its own if we die.
-        self.syscall(libc::SYS_sigaltstack as u64, [0, args_at + OFF_ALTSTACK, 0, 0, 0, 0])?;
+        self.syscall(
+            libc::SYS_sigaltstack as u64,
+            [0, args_at + OFF_ALTSTACK, 0, 0, 0, 0],
+        )?;
         let mut ss = [0u8; 24];
         self.read_mem(args_at + OFF_ALTSTACK, &mut ss)?;
         let altstack = KStack {
@@ -429,11 +454,14 @@ impl Victim {
     }
 
     fn sock_fd(&self) -> Result<RawFd> {
-        self.sock.as_ref().map(|s| s.as_raw_fd()).ok_or(InfectError::Channel {
-            pid: self.pid.as_raw(),
-            what: "no control socket",
-            errno: Errno::ENOTCONN,
-        })
+        self.sock
+            .as_ref()
+            .map(|s| s.as_raw_fd())
+            .ok_or(InfectError::Channel {
+                pid: self.pid.as_raw(),
+                what: "no control socket",
+                errno: Errno::ENOTCONN,
+            })
     }
 
     fn send(&self, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
@@ -441,10 +469,12 @@ impl Victim {
         let iov = [IoSlice::new(bytes)];
         let cmsg = [ControlMessage::ScmRights(fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-        sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(|errno| InfectError::Channel {
-            pid: self.pid.as_raw(),
-            what: "send",
-            errno,
+        sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(|errno| {
+            InfectError::Channel {
+                pid: self.pid.as_raw(),
+                what: "send",
+                errno,
+            }
         })?;
         Ok(())
     }
@@ -461,17 +491,20 @@ impl Victim {
         let start = Instant::now();
         loop {
             let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-            let n = poll(&mut fds, PollTimeout::from(100u16)).map_err(|errno| InfectError::Channel {
-                pid: pid.as_raw(),
-                what: "poll",
-                errno,
+            let n = poll(&mut fds, PollTimeout::from(100u16)).map_err(|errno| {
+                InfectError::Channel {
+                    pid: pid.as_raw(),
+                    what: "poll",
+                    errno,
+                }
             })?;
             if n > 0 {
-                let got = nix::sys::socket::recv(sock.as_raw_fd(), out, MsgFlags::empty()).map_err(|errno| InfectError::Channel {
-                    pid: pid.as_raw(),
-                    what: "recv",
-                    errno,
-                })?;
+                let got = nix::sys::socket::recv(sock.as_raw_fd(), out, MsgFlags::empty())
+                    .map_err(|errno| InfectError::Channel {
+                        pid: pid.as_raw(),
+                        what: "recv",
+                        errno,
+                    })?;
                 if got == 0 {
                     return Err(InfectError::Channel {
                         pid: pid.as_raw(),
@@ -631,7 +664,10 @@ impl Victim {
         self.sock = None;
         self.phase = Phase::Stopped;
         if let Err(e) = fini {
-            tracing::warn!(pid = self.pid.as_raw(), "parasite did not finish cleanly ({e}); stopping it from outside");
+            tracing::warn!(
+                pid = self.pid.as_raw(),
+                "parasite did not finish cleanly ({e}); stopping it from outside"
+            );
             let pid = self.pid;
             ptrace::interrupt(pid).map_err(ptrace_err("INTERRUPT", pid))?;
             loop {
@@ -666,7 +702,10 @@ impl Victim {
         let mut first_err = self.stop_parasite().err();
         if self.sock.is_none() && self.task_sock >= 0 && self.blob.is_none() {
             // Parasite never started but the socket pair exists in the task.
-            let _ = self.syscall(libc::SYS_close as u64, [self.task_sock as u64, 0, 0, 0, 0, 0]);
+            let _ = self.syscall(
+                libc::SYS_close as u64,
+                [self.task_sock as u64, 0, 0, 0, 0, 0],
+            );
         }
         self.task_sock = -1;
         if let Some((addr, len)) = self.area.take() {
@@ -703,7 +742,9 @@ impl Victim {
         self.phase = Phase::Killed;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => break,
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                    break
+                }
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(errno) => return Err(ptrace_err("wait", pid)(errno)),
             }
@@ -715,7 +756,10 @@ impl Victim {
 impl Drop for Victim {
     fn drop(&mut self) {
         if let Err(e) = self.cure() {
-            tracing::error!(pid = self.pid.as_raw(), "could not return task to its state: {e}");
+            tracing::error!(
+                pid = self.pid.as_raw(),
+                "could not return task to its state: {e}"
+            );
         }
     }
 }
@@ -759,7 +803,10 @@ pub(crate) fn as_bytes<T: Copy>(v: &T) -> &[u8] {
 /// Read a plain-data ABI struct from the start of `buf` (which must be at
 /// least `size_of::<T>()` long).
 pub(crate) fn from_bytes<T: Copy>(buf: &[u8]) -> T {
-    assert!(buf.len() >= size_of::<T>(), "buffer shorter than the ABI struct");
+    assert!(
+        buf.len() >= size_of::<T>(),
+        "buffer shorter than the ABI struct"
+    );
     // SAFETY: the length is checked above; read_unaligned copes with any
     // alignment; T is an integer-only #[repr(C)] struct, valid for every
     // bit pattern.

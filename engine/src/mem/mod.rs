@@ -26,7 +26,12 @@ pub enum MemError {
     #[error(transparent)]
     Sys(#[from] SysError),
     #[error("task {pid}: mapping {start:#x}-{end:#x} ({what}) is not supported yet")]
-    Unsupported { pid: i32, start: u64, end: u64, what: String },
+    Unsupported {
+        pid: i32,
+        start: u64,
+        end: u64,
+        what: String,
+    },
 }
 
 pub const PAGE: u64 = 4096;
@@ -35,7 +40,10 @@ pub const PAGE: u64 = 4096;
 pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
     let maps = procfs::process::Process::new(pid.as_raw())
         .and_then(|p| p.smaps())
-        .map_err(|source| MemError::Smaps { pid: pid.as_raw(), source })?;
+        .map_err(|source| MemError::Smaps {
+            pid: pid.as_raw(),
+            source,
+        })?;
     let mut out = Vec::new();
     for m in maps {
         let (start, end) = m.address;
@@ -53,7 +61,13 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
         if m.perms.contains(MMPermissions::EXECUTE) {
             prot |= libc::PROT_EXEC as u32;
         }
-        let flags: Vec<String> = m.extension.vm_flags.iter_names().map(|(n, _)| vm_flag_name(n).to_string()).filter(|s| !s.is_empty()).collect();
+        let flags: Vec<String> = m
+            .extension
+            .vm_flags
+            .iter_names()
+            .map(|(n, _)| vm_flag_name(n).to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
         let unsupported = |what: String| MemError::Unsupported {
             pid: pid.as_raw(),
             start,
@@ -66,11 +80,25 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
             MMapPath::Vdso => (VmaKind::VmaVdso, String::new()),
             MMapPath::Vvar => (VmaKind::VmaVvar, String::new()),
             MMapPath::Vsyscall => continue,
-            MMapPath::Anonymous => (if shared { VmaKind::VmaAnonShared } else { VmaKind::VmaAnonPrivate }, String::new()),
-            MMapPath::Other(s) if s == "vvar_vclock" || s == "[vvar_vclock]" => (VmaKind::VmaVvarVclock, String::new()),
-            MMapPath::Other(s) if s.starts_with("[anon:") || s.starts_with("anon:") => {
-                (if shared { VmaKind::VmaAnonShared } else { VmaKind::VmaAnonPrivate }, String::new())
+            MMapPath::Anonymous => (
+                if shared {
+                    VmaKind::VmaAnonShared
+                } else {
+                    VmaKind::VmaAnonPrivate
+                },
+                String::new(),
+            ),
+            MMapPath::Other(s) if s == "vvar_vclock" || s == "[vvar_vclock]" => {
+                (VmaKind::VmaVvarVclock, String::new())
             }
+            MMapPath::Other(s) if s.starts_with("[anon:") || s.starts_with("anon:") => (
+                if shared {
+                    VmaKind::VmaAnonShared
+                } else {
+                    VmaKind::VmaAnonPrivate
+                },
+                String::new(),
+            ),
             MMapPath::Path(p) => {
                 let p = p.to_string_lossy().into_owned();
                 if shared && p.starts_with("/dev/zero") {
@@ -96,11 +124,23 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
             kind: kind as i32,
             pgoff: if is_file { m.offset } else { 0 },
             path,
-            dev: if is_file { ((m.dev.0 as u64) << 8) | m.dev.1 as u64 } else { 0 },
+            dev: if is_file {
+                ((m.dev.0 as u64) << 8) | m.dev.1 as u64
+            } else {
+                0
+            },
             inode: if is_file { m.inode } else { 0 },
             vm_flags: flags,
-            file_flags: if is_file && shared && may_write { libc::O_RDWR as u32 } else { libc::O_RDONLY as u32 },
-            shmid: if kind == VmaKind::VmaAnonShared { m.inode } else { 0 },
+            file_flags: if is_file && shared && may_write {
+                libc::O_RDWR as u32
+            } else {
+                libc::O_RDONLY as u32
+            },
+            shmid: if kind == VmaKind::VmaAnonShared {
+                m.inode
+            } else {
+                0
+            },
         });
     }
     Ok(out)
@@ -134,13 +174,21 @@ pub struct Run {
 
 /// Which pages of each mapping go into the image.
 pub fn page_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<Run>, MemError> {
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| MemError::Pagemap { pid: pid.as_raw(), source })?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| {
+        MemError::Pagemap {
+            pid: pid.as_raw(),
+            source,
+        }
+    })?;
     let mut runs = Vec::new();
     for v in vmas {
         let q = match VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaVdso) {
             // Private memory: pages the task has (not the shared zero page,
             // not page-cache pages of a file it never wrote to).
-            VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack | VmaKind::VmaFilePrivate => ScanQuery {
+            VmaKind::VmaAnonPrivate
+            | VmaKind::VmaHeap
+            | VmaKind::VmaStack
+            | VmaKind::VmaFilePrivate => ScanQuery {
                 inverted: sys::PAGE_IS_PFNZERO | sys::PAGE_IS_FILE,
                 mask: sys::PAGE_IS_PFNZERO | sys::PAGE_IS_FILE,
                 anyof: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED,

@@ -62,7 +62,10 @@ fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
         while left > 0 {
             let room = (max_bytes - cur.bytes) / PAGE;
             let n = left.min(room);
-            cur.iovs.push(Iov { base: start, len: n * PAGE });
+            cur.iovs.push(Iov {
+                base: start,
+                len: n * PAGE,
+            });
             cur.runs.push(Piece {
                 start,
                 pages: n,
@@ -95,7 +98,9 @@ fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
 /// previous ones (runs never span two mappings).
 fn push_entry(out: &mut Vec<PagemapEntry>, vaddr: u64, pages: u64, join: bool) {
     if let (true, Some(last)) = (join, out.last_mut()) {
-        if last.vaddr + last.nr_pages as u64 * PAGE == vaddr && (last.nr_pages as u64 + pages) <= u32::MAX as u64 {
+        if last.vaddr + last.nr_pages as u64 * PAGE == vaddr
+            && (last.nr_pages as u64 + pages) <= u32::MAX as u64
+        {
             last.nr_pages += pages as u32;
             return;
         }
@@ -117,7 +122,13 @@ pub struct TransferStats {
 
 /// Move the pages of `runs` from the task into `writer`; returns the
 /// pagemap entries describing what was stored, in order.
-pub fn transfer(victim: &mut Victim, runs: &[Run], writer: &mut PageWriter, raw: bool, progress: &dyn Fn(u64)) -> Result<(Vec<PagemapEntry>, TransferStats), TransferError> {
+pub fn transfer(
+    victim: &mut Victim,
+    runs: &[Run],
+    writer: &mut PageWriter,
+    raw: bool,
+    progress: &dyn Fn(u64),
+) -> Result<(Vec<PagemapEntry>, TransferStats), TransferError> {
     let pid = victim.pid.as_raw();
     let pipe_err = |errno| TransferError::Pipe { pid, errno };
     let mut pipes: Vec<(OwnedFd, OwnedFd)> = Vec::new();
@@ -142,24 +153,52 @@ pub fn transfer(victim: &mut Victim, runs: &[Run], writer: &mut PageWriter, raw:
         victim.splice_pages_start(first + (k % 2) as u32, &b.iovs)?;
         if k > 0 {
             // Drain the previous batch while the parasite fills this one.
-            drain(pid, &readers[(k - 1) % 2], &batches[k - 1], writer, raw, &mut entries, &mut stats)?;
+            drain(
+                pid,
+                &readers[(k - 1) % 2],
+                &batches[k - 1],
+                writer,
+                raw,
+                &mut entries,
+                &mut stats,
+            )?;
             done_bytes += batches[k - 1].bytes;
             progress(done_bytes);
         }
         let got = victim.splice_pages_finish()?;
         if got != b.bytes {
-            return Err(TransferError::Short { pid, got, want: b.bytes });
+            return Err(TransferError::Short {
+                pid,
+                got,
+                want: b.bytes,
+            });
         }
     }
     if let Some(last) = batches.last() {
-        drain(pid, &readers[(batches.len() - 1) % 2], last, writer, raw, &mut entries, &mut stats)?;
+        drain(
+            pid,
+            &readers[(batches.len() - 1) % 2],
+            last,
+            writer,
+            raw,
+            &mut entries,
+            &mut stats,
+        )?;
         done_bytes += last.bytes;
         progress(done_bytes);
     }
     Ok((entries, stats))
 }
 
-fn drain(pid: i32, pipe: &OwnedFd, b: &Batch, writer: &mut PageWriter, raw: bool, entries: &mut Vec<PagemapEntry>, stats: &mut TransferStats) -> Result<(), TransferError> {
+fn drain(
+    pid: i32,
+    pipe: &OwnedFd,
+    b: &Batch,
+    writer: &mut PageWriter,
+    raw: bool,
+    entries: &mut Vec<PagemapEntry>,
+    stats: &mut TransferStats,
+) -> Result<(), TransferError> {
     stats.pages_scanned += b.bytes / PAGE;
     if raw {
         writer.splice_from_pipe(pipe.as_fd(), b.bytes as usize)?;
@@ -171,8 +210,12 @@ fn drain(pid: i32, pipe: &OwnedFd, b: &Batch, writer: &mut PageWriter, raw: bool
     }
     let mut buf = writer.take_buffer();
     buf.resize(b.bytes as usize, 0);
-    let mut f = std::fs::File::from(pipe.try_clone().map_err(|source| TransferError::Drain { pid, source })?);
-    f.read_exact(&mut buf).map_err(|source| TransferError::Drain { pid, source })?;
+    let mut f = std::fs::File::from(
+        pipe.try_clone()
+            .map_err(|source| TransferError::Drain { pid, source })?,
+    );
+    f.read_exact(&mut buf)
+        .map_err(|source| TransferError::Drain { pid, source })?;
     // Drop pages of anonymous memory that hold only zeros: they read as
     // zero after restore without being stored.
     let mut keep = 0usize;

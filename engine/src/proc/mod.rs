@@ -64,7 +64,9 @@ pub fn parse_status(text: &str) -> HashMap<String, String> {
 
 /// Numbers of a whitespace-separated status value ("0\t0\t0\t0").
 pub fn status_numbers(v: &str) -> Vec<u32> {
-    v.split_whitespace().filter_map(|s| s.parse().ok()).collect()
+    v.split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
 }
 
 /// A hexadecimal status value (SigBlk, CapEff, ...).
@@ -88,7 +90,9 @@ pub struct TimerInfo {
 pub fn parse_timers(text: &str) -> Vec<TimerInfo> {
     let mut out: Vec<TimerInfo> = Vec::new();
     for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
         match k.trim() {
             "ID" => out.push(TimerInfo {
@@ -98,7 +102,8 @@ pub fn parse_timers(text: &str) -> Vec<TimerInfo> {
             "signal" => {
                 if let (Some(t), Some((s, val))) = (out.last_mut(), v.split_once('/')) {
                     t.signo = s.parse().unwrap_or(0);
-                    t.sigev_value = u64::from_str_radix(val.trim_start_matches("0x"), 16).unwrap_or(0);
+                    t.sigev_value =
+                        u64::from_str_radix(val.trim_start_matches("0x"), 16).unwrap_or(0);
                 }
             }
             "notify" => {
@@ -129,7 +134,10 @@ pub fn parse_timers(text: &str) -> Vec<TimerInfo> {
 pub fn parse_fdinfo(text: &str) -> (u64, u32) {
     let m = parse_status(text);
     let pos = m.get("pos").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let flags = m.get("flags").and_then(|v| u32::from_str_radix(v, 8).ok()).unwrap_or(0);
+    let flags = m
+        .get("flags")
+        .and_then(|v| u32::from_str_radix(v, 8).ok())
+        .unwrap_or(0);
     (pos, flags)
 }
 
@@ -145,9 +153,18 @@ mod tests {
         assert_eq!(st.state, 'S');
         assert_eq!((st.ppid, st.pgid, st.sid), (1, 1234, 1234));
         assert_eq!(st.num_threads, 1);
-        assert_eq!((st.start_code, st.end_code, st.start_stack), (94000, 95000, 140000));
-        assert_eq!((st.start_data, st.end_data, st.start_brk), (96000, 97000, 98000));
-        assert_eq!((st.arg_start, st.arg_end, st.env_start, st.env_end), (140100, 140200, 140300, 140400));
+        assert_eq!(
+            (st.start_code, st.end_code, st.start_stack),
+            (94000, 95000, 140000)
+        );
+        assert_eq!(
+            (st.start_data, st.end_data, st.start_brk),
+            (96000, 97000, 98000)
+        );
+        assert_eq!(
+            (st.arg_start, st.arg_end, st.env_start, st.env_end),
+            (140100, 140200, 140300, 140400)
+        );
     }
 
     #[test]
@@ -155,18 +172,31 @@ mod tests {
         let t = "ID: 0\nsignal: 39/0000000000001234\nnotify: signal/pid.77\nClockID: 1\nID: 3\nsignal: 14/0000000000000000\nnotify: thread/tid.78\nClockID: 0\n";
         let v = parse_timers(t);
         assert_eq!(v.len(), 2);
-        assert_eq!((v[0].id, v[0].signo, v[0].sigev_value, v[0].notify, v[0].clock_id), (0, 39, 0x1234, 0, 1));
+        assert_eq!(
+            (
+                v[0].id,
+                v[0].signo,
+                v[0].sigev_value,
+                v[0].notify,
+                v[0].clock_id
+            ),
+            (0, 39, 0x1234, 0, 1)
+        );
         assert_eq!((v[1].id, v[1].notify, v[1].notify_tid), (3, 6, 78));
     }
 
     #[test]
     fn fdinfo() {
-        assert_eq!(parse_fdinfo("pos:\t42\nflags:\t0102002\nmnt_id:\t20\n"), (42, 0o102002));
+        assert_eq!(
+            parse_fdinfo("pos:\t42\nflags:\t0102002\nmnt_id:\t20\n"),
+            (42, 0o102002)
+        );
     }
 
     #[test]
     fn status() {
-        let m = parse_status("Name:\tcat\nUmask:\t0022\nUid:\t0\t1\t2\t3\nSigBlk:\t0000000000010000\n");
+        let m =
+            parse_status("Name:\tcat\nUmask:\t0022\nUid:\t0\t1\t2\t3\nSigBlk:\t0000000000010000\n");
         assert_eq!(status_numbers(&m["Uid"]), vec![0, 1, 2, 3]);
         assert_eq!(status_hex(&m["SigBlk"]), 0x10000);
         assert_eq!(m["Umask"], "0022");

@@ -6,7 +6,10 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use cryo_image::proto::{self, CoreEntry, FdEntry, FileEntry, Inventory, MmEntry, PageChunk, PagemapEntry, PagemapHead, PagemapRecord, PstreeEntry, VmaKind};
+use cryo_image::proto::{
+    self, CoreEntry, FdEntry, FileEntry, Inventory, MmEntry, PageChunk, PagemapEntry, PagemapHead,
+    PagemapRecord, PstreeEntry, VmaKind,
+};
 use cryo_image::{ImageError, ImageReader, Kind, PageReader};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +54,18 @@ impl Image {
     /// Open the pages file (checks its header and that every chunk lies
     /// inside it).
     pub fn page_reader(&self) -> Result<PageReader> {
-        let comp = proto::Compression::try_from(self.pagemap_head.compression).map_err(|_| invalid(&cryo_image::pagemap_file(self.pstree.pid), "unknown compression"))?;
-        Ok(PageReader::open(&self.dir, &self.pagemap_head.pages_file, comp, self.chunks.clone())?)
+        let comp = proto::Compression::try_from(self.pagemap_head.compression).map_err(|_| {
+            invalid(
+                &cryo_image::pagemap_file(self.pstree.pid),
+                "unknown compression",
+            )
+        })?;
+        Ok(PageReader::open(
+            &self.dir,
+            &self.pagemap_head.pages_file,
+            comp,
+            self.chunks.clone(),
+        )?)
     }
 
     pub fn load(dir: &Path) -> Result<Image> {
@@ -62,13 +75,18 @@ impl Image {
         for f in &inventory.files {
             let path = dir.join(&f.name);
             if f.name.contains('/') || f.name.starts_with('.') {
-                return Err(invalid("inventory.img", format!("bad file name {:?}", f.name)));
+                return Err(invalid(
+                    "inventory.img",
+                    format!("bad file name {:?}", f.name),
+                ));
             }
             let kind = Kind::from_file_name(&f.name);
             if kind == Some(Kind::Pages) {
-                let size = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| ImageLoadError::Listing {
-                    file: f.name.clone(),
-                    what: format!("cannot be read: {e}"),
+                let size = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| {
+                    ImageLoadError::Listing {
+                        file: f.name.clone(),
+                        what: format!("cannot be read: {e}"),
+                    }
                 })?;
                 if size != f.size {
                     return Err(ImageLoadError::Listing {
@@ -97,7 +115,10 @@ impl Image {
             if listed.contains(name) {
                 Ok(())
             } else {
-                Err(invalid("inventory.img", format!("does not list {name}; the image is incomplete")))
+                Err(invalid(
+                    "inventory.img",
+                    format!("does not list {name}; the image is incomplete"),
+                ))
             }
         };
         need(cryo_image::PSTREE_FILE)?;
@@ -107,7 +128,13 @@ impl Image {
             return Err(invalid(cryo_image::PSTREE_FILE, format!("bad pid {pid}")));
         }
         if pid != inventory.root_pid {
-            return Err(invalid(cryo_image::PSTREE_FILE, format!("pid {pid} differs from the inventory's root pid {}", inventory.root_pid)));
+            return Err(invalid(
+                cryo_image::PSTREE_FILE,
+                format!(
+                    "pid {pid} differs from the inventory's root pid {}",
+                    inventory.root_pid
+                ),
+            ));
         }
         let core_name = cryo_image::core_file(pid);
         let mm_name = cryo_image::mm_file(pid);
@@ -122,39 +149,72 @@ impl Image {
             return Err(invalid(&core_name, "missing registers or process state"));
         }
         if core.xsave.len() < 576 || core.xsave.len() > 64 * 1024 {
-            return Err(invalid(&core_name, format!("XSAVE area of {} bytes", core.xsave.len())));
+            return Err(invalid(
+                &core_name,
+                format!("XSAVE area of {} bytes", core.xsave.len()),
+            ));
         }
         let mm: MmEntry = cryo_image::read_one(dir, &mm_name, Kind::Mm)?;
         let mut prev_end = 0;
         for (i, v) in mm.vmas.iter().enumerate() {
-            if v.start % 4096 != 0 || v.end % 4096 != 0 || v.end <= v.start || v.start < prev_end || v.end > 0x7fff_ffff_f000 {
-                return Err(invalid(&mm_name, format!("mapping {i} ({:#x}-{:#x}) is malformed or out of order", v.start, v.end)));
+            if v.start % 4096 != 0
+                || v.end % 4096 != 0
+                || v.end <= v.start
+                || v.start < prev_end
+                || v.end > 0x7fff_ffff_f000
+            {
+                return Err(invalid(
+                    &mm_name,
+                    format!(
+                        "mapping {i} ({:#x}-{:#x}) is malformed or out of order",
+                        v.start, v.end
+                    ),
+                ));
             }
             if VmaKind::try_from(v.kind).is_err() {
-                return Err(invalid(&mm_name, format!("mapping {i} has unknown kind {}", v.kind)));
+                return Err(invalid(
+                    &mm_name,
+                    format!("mapping {i} has unknown kind {}", v.kind),
+                ));
             }
             prev_end = v.end;
         }
 
         let mut r = ImageReader::open(dir, &pm_name, Kind::Pagemap)?;
-        let pagemap_head: PagemapHead = r.next()?.ok_or_else(|| invalid(&pm_name, "no header record"))?;
+        let pagemap_head: PagemapHead = r
+            .next()?
+            .ok_or_else(|| invalid(&pm_name, "no header record"))?;
         let mut runs = Vec::new();
         let mut chunks = Vec::new();
         while let Some(rec) = r.next::<PagemapRecord>()? {
             match rec.record {
                 Some(proto::pagemap_record::Record::Run(e)) => runs.push(e),
                 Some(proto::pagemap_record::Record::Chunk(c)) => chunks.push(c),
-                None => return Err(invalid(&pm_name, format!("empty record {}", r.record_index()))),
+                None => {
+                    return Err(invalid(
+                        &pm_name,
+                        format!("empty record {}", r.record_index()),
+                    ))
+                }
             }
         }
         if pagemap_head.pages_file != cryo_image::pages_file(pid) {
-            return Err(invalid(&pm_name, format!("names pages file {:?}", pagemap_head.pages_file)));
+            return Err(invalid(
+                &pm_name,
+                format!("names pages file {:?}", pagemap_head.pages_file),
+            ));
         }
         need(&pagemap_head.pages_file)?;
         let run_pages: u64 = runs.iter().map(|e| e.nr_pages as u64).sum();
         let chunk_pages: u64 = chunks.iter().map(|c| c.nr_pages as u64).sum();
         if run_pages != chunk_pages || run_pages != pagemap_head.total_pages {
-            return Err(invalid(&pm_name, format!("runs hold {run_pages} pages, chunks {chunk_pages}, header says {}", pagemap_head.total_pages)));
+            return Err(invalid(
+                &pm_name,
+                format!(
+                    "runs hold {run_pages} pages, chunks {chunk_pages}, header says {}",
+                    pagemap_head.total_pages
+                ),
+            ));
         }
         // Every run lies inside one mapping whose pages are stored.
         let mut prev = 0u64;
@@ -168,7 +228,11 @@ impl Image {
                         && end <= v.end
                         && matches!(
                             VmaKind::try_from(v.kind),
-                            Ok(VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared | VmaKind::VmaFilePrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
+                            Ok(VmaKind::VmaAnonPrivate
+                                | VmaKind::VmaAnonShared
+                                | VmaKind::VmaFilePrivate
+                                | VmaKind::VmaHeap
+                                | VmaKind::VmaStack)
                         )
                 });
             if !ok {
@@ -189,10 +253,19 @@ impl Image {
         }
         for f in &fds {
             if !files.iter().any(|x| x.id == f.id) {
-                return Err(invalid(&fd_name, format!("fd {} refers to file id {} missing from files.img", f.fd, f.id)));
+                return Err(invalid(
+                    &fd_name,
+                    format!(
+                        "fd {} refers to file id {} missing from files.img",
+                        f.fd, f.id
+                    ),
+                ));
             }
             if f.fd > 1 << 20 {
-                return Err(invalid(&fd_name, format!("fd number {} is out of range", f.fd)));
+                return Err(invalid(
+                    &fd_name,
+                    format!("fd number {} is out of range", f.fd),
+                ));
             }
         }
         Ok(Image {

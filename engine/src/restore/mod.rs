@@ -34,11 +34,20 @@ pub enum RestoreError {
     #[error("creating task with pid {pid}: {errno}")]
     Clone { pid: i32, errno: Errno },
     #[error("restoring task {pid}: {what}: {errno}")]
-    Sys { pid: i32, what: &'static str, errno: Errno },
+    Sys {
+        pid: i32,
+        what: &'static str,
+        errno: Errno,
+    },
     #[error("restoring task {pid}: {message}")]
     Child { pid: i32, message: String },
     #[error("restoring task {pid}: the restorer failed at {stage} (item {index}): {errno}")]
-    Restorer { pid: i32, stage: String, index: u32, errno: Errno },
+    Restorer {
+        pid: i32,
+        stage: String,
+        index: u32,
+        errno: Errno,
+    },
     #[error("restoring task {pid}: the new task {what}")]
     Died { pid: i32, what: String },
     #[error("restoring task {pid}: finishing: {source}")]
@@ -102,11 +111,21 @@ fn kind(v: &Vma) -> VmaKind {
 }
 
 fn needs_premap(v: &Vma) -> bool {
-    matches!(kind(v), VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared | VmaKind::VmaFilePrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
+    matches!(
+        kind(v),
+        VmaKind::VmaAnonPrivate
+            | VmaKind::VmaAnonShared
+            | VmaKind::VmaFilePrivate
+            | VmaKind::VmaHeap
+            | VmaKind::VmaStack
+    )
 }
 
 fn is_vdso(v: &Vma) -> bool {
-    matches!(kind(v), VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock)
+    matches!(
+        kind(v),
+        VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock
+    )
 }
 
 /// Our own vdso/vvar mappings, ascending: (start, end, name).
@@ -134,7 +153,10 @@ fn own_maps() -> Vec<(u64, u64)> {
     text.lines()
         .filter_map(|l| {
             let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-            Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            Some((
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            ))
         })
         .collect()
 }
@@ -185,7 +207,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(RestoreError::PidTaken { pid, holder });
     }
     let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
-    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
 
     // SAFETY: cryo restore is single-threaded here (no worker threads were
@@ -210,7 +233,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let cpid = Pid::from_raw(child);
     let res = supervise(pid, cpid, status_r, go_w);
     match res {
-        Ok(()) => Ok(Restored { pid, elapsed: t0.elapsed() }),
+        Ok(()) => Ok(Restored {
+            pid,
+            elapsed: t0.elapsed(),
+        }),
         Err(e) => {
             // Leave nothing behind.
             let _ = kill(cpid, Signal::SIGKILL);
@@ -224,7 +250,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
 /// restorer is done remove the bootstrap area and let it go.
 fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()> {
     let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
-    ptrace::seize(cpid, ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL).map_err(sys("PTRACE_SEIZE"))?;
+    ptrace::seize(
+        cpid,
+        ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
+    )
+    .map_err(sys("PTRACE_SEIZE"))?;
     nix::unistd::write(&go_w, b"g").map_err(sys("write"))?;
     drop(go_w);
     let mut msg = Vec::new();
@@ -251,7 +281,10 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
             if msg.starts_with(b"ERR:") {
                 continue; // read the whole message until EOF
             }
-            while msg.len() >= std::mem::size_of::<RStatus>() && done.is_none() && !msg.starts_with(b"ERR:") {
+            while msg.len() >= std::mem::size_of::<RStatus>()
+                && done.is_none()
+                && !msg.starts_with(b"ERR:")
+            {
                 let st: RStatus = crate::infect::from_bytes(&msg);
                 msg.drain(..std::mem::size_of::<RStatus>());
                 if st.stage == STAGE_BOOT {
@@ -334,11 +367,14 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
     wait_for("syscall")?; // entry of rt_sigreturn
     ptrace::syscall(cpid, None).map_err(sys("PTRACE_SYSCALL"))?;
     wait_for("syscall")?; // exit: registers are the restored ones
-    let mut v = Victim::attach_stopped(cpid).map_err(|source| RestoreError::Finish { pid, source })?;
+    let mut v =
+        Victim::attach_stopped(cpid).map_err(|source| RestoreError::Finish { pid, source })?;
     if let Some((start, len)) = boot {
-        v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0]).map_err(|source| RestoreError::Finish { pid, source })?;
+        v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0])
+            .map_err(|source| RestoreError::Finish { pid, source })?;
     }
-    v.cure().map_err(|source| RestoreError::Finish { pid, source })?;
+    v.cure()
+        .map_err(|source| RestoreError::Finish { pid, source })?;
     Ok(())
 }
 
@@ -379,7 +415,10 @@ impl Boot {
     fn alloc(&mut self, size: usize, align: usize) -> std::result::Result<(u64, *mut u8), String> {
         let off = (self.used + align - 1) & !(align - 1);
         if off + size > self.len {
-            return Err(format!("bootstrap area too small ({} bytes needed)", off + size));
+            return Err(format!(
+                "bootstrap area too small ({} bytes needed)",
+                off + size
+            ));
         }
         self.used = off + size;
         // SAFETY: off + size <= len, so the pointer stays in the mapping.
@@ -437,7 +476,12 @@ fn regs_from(img: &Image) -> Regs {
 }
 
 /// Everything the new task does before jumping into the restorer.
-fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: RawFd) -> std::result::Result<Never, String> {
+fn prepare(
+    img: &Image,
+    pages: &cryo_image::PageReader,
+    go_r: OwnedFd,
+    status_w: RawFd,
+) -> std::result::Result<Never, String> {
     let mut go = [0u8; 1];
     // SAFETY: reading one byte into a local buffer.
     if unsafe { libc::read(go_r.as_raw_fd(), go.as_mut_ptr().cast(), 1) } != 1 {
@@ -457,7 +501,11 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
     // and in the dumped layout. Map it first, before anything else here
     // allocates memory.
     let vmas = &img.mm.vmas;
-    let premap_len: u64 = vmas.iter().filter(|v| needs_premap(v)).map(|v| v.end - v.start).sum();
+    let premap_len: u64 = vmas
+        .iter()
+        .filter(|v| needs_premap(v))
+        .map(|v| v.end - v.start)
+        .sum();
     let probe = Blob::load("restorer", RESTORER_ELF, 0).map_err(|e| e.to_string())?;
     let vdso_now = own_vdso();
     let vdso_span = match (vdso_now.first(), vdso_now.last()) {
@@ -465,11 +513,16 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         _ => 0,
     };
     let xs_len = img.core.xsave.len() as u64;
-    let boot_len = probe.image.len() as u64 + 64 * 1024 + ((vmas.len() as u64 * 48 + xs_len + 16 * 1024 + 4095) & !4095) + vdso_span + BOOT_STACK;
+    let boot_len = probe.image.len() as u64
+        + 64 * 1024
+        + ((vmas.len() as u64 * 48 + xs_len + 16 * 1024 + 4095) & !4095)
+        + vdso_span
+        + BOOT_STACK;
     let mut busy = own_maps();
     busy.extend(vmas.iter().map(|v| (v.start, v.end)));
     let total = boot_len + premap_len + PAGE;
-    let hole = find_hole(&busy, total).ok_or_else(|| format!("no free address range of {total} bytes for the restorer"))?;
+    let hole = find_hole(&busy, total)
+        .ok_or_else(|| format!("no free address range of {total} bytes for the restorer"))?;
     let boot_base = hole;
     let premap_base = hole + boot_len + PAGE;
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the
@@ -495,7 +548,13 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         err: boot_base as i64,
     };
     // SAFETY: writing a plain struct we own to our status descriptor.
-    unsafe { libc::write(status_w, (&boot_msg as *const RStatus).cast(), std::mem::size_of::<RStatus>()) };
+    unsafe {
+        libc::write(
+            status_w,
+            (&boot_msg as *const RStatus).cast(),
+            std::mem::size_of::<RStatus>(),
+        )
+    };
     if premap_len > 0 {
         // SAFETY: as above, a fresh range; PROT_NONE reservation carved below.
         let p = unsafe {
@@ -503,7 +562,10 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
                 premap_base as *mut libc::c_void,
                 premap_len as usize,
                 libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED_NOREPLACE
+                    | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
@@ -531,9 +593,18 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
             }
         });
         match kind(v) {
-            VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack | VmaKind::VmaAnonShared | VmaKind::VmaFilePrivate => {
+            VmaKind::VmaAnonPrivate
+            | VmaKind::VmaHeap
+            | VmaKind::VmaStack
+            | VmaKind::VmaAnonShared
+            | VmaKind::VmaFilePrivate => {
                 let shared = kind(v) == VmaKind::VmaAnonShared;
-                let mut flags = libc::MAP_FIXED | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let mut flags = libc::MAP_FIXED
+                    | if shared {
+                        libc::MAP_SHARED
+                    } else {
+                        libc::MAP_PRIVATE
+                    };
                 if v.vm_flags.iter().any(|f| f == "gd") {
                     flags |= libc::MAP_GROWSDOWN;
                 }
@@ -543,20 +614,47 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
                     // SAFETY: NUL-terminated path we own.
                     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
                     if fd < 0 {
-                        return Err(format!("{mm_name}: opening {} for the mapping at {:#x}: {}", v.path, v.start, std::io::Error::last_os_error()));
+                        return Err(format!(
+                            "{mm_name}: opening {} for the mapping at {:#x}: {}",
+                            v.path,
+                            v.start,
+                            std::io::Error::last_os_error()
+                        ));
                     }
                     // SAFETY: maps the file over our own reservation (MAP_FIXED
                     // inside the PROT_NONE range reserved above).
-                    let p = unsafe { libc::mmap(off as *mut libc::c_void, len as usize, prot, flags, fd, v.pgoff as i64) };
+                    let p = unsafe {
+                        libc::mmap(
+                            off as *mut libc::c_void,
+                            len as usize,
+                            prot,
+                            flags,
+                            fd,
+                            v.pgoff as i64,
+                        )
+                    };
                     // SAFETY: closing our temporary descriptor; the mapping keeps the file.
                     unsafe { libc::close(fd) };
                     p
                 } else {
                     // SAFETY: anonymous mapping over our own reservation.
-                    unsafe { libc::mmap(off as *mut libc::c_void, len as usize, prot, flags | libc::MAP_ANONYMOUS, -1, 0) }
+                    unsafe {
+                        libc::mmap(
+                            off as *mut libc::c_void,
+                            len as usize,
+                            prot,
+                            flags | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        )
+                    }
                 };
                 if p == libc::MAP_FAILED {
-                    return Err(format!("{mm_name}: preparing the mapping at {:#x}: {}", v.start, std::io::Error::last_os_error()));
+                    return Err(format!(
+                        "{mm_name}: preparing the mapping at {:#x}: {}",
+                        v.start,
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 premap_of.push((v.start, v.end, off));
                 rvmas.push(RVma {
@@ -591,7 +689,13 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
 
     // 2. Descriptors: keep ours above every dumped number, close the rest,
     // then open the dumped ones.
-    let max_fd = img.fds.iter().map(|f| f.fd as i32).max().unwrap_or(2).max(2);
+    let max_fd = img
+        .fds
+        .iter()
+        .map(|f| f.fd as i32)
+        .max()
+        .unwrap_or(2)
+        .max(2);
     let high = max_fd + 1;
     let mut keep: Vec<RawFd> = Vec::new();
     let dup_high = |fd: RawFd, keep: &mut Vec<RawFd>| -> std::result::Result<RawFd, String> {
@@ -617,16 +721,26 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         libc::syscall(libc::SYS_close_range, (hi + 1) as u32, u32::MAX, 0u32);
     }
     for e in &img.fds {
-        let f = img.files.iter().find(|f| f.id == e.id).ok_or("fd without file")?;
+        let f = img
+            .files
+            .iter()
+            .find(|f| f.id == e.id)
+            .ok_or("fd without file")?;
         let path = cstr(&f.path)?;
-        let mut flags = f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY);
+        let mut flags = f.flags as i32
+            & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY);
         if f.kind == FileKind::FileDirectory as i32 {
             flags |= libc::O_DIRECTORY;
         }
         // SAFETY: path is a NUL-terminated string we own.
         let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY) };
         if fd < 0 {
-            return Err(format!("fd {}: opening {}: {}", e.fd, f.path, std::io::Error::last_os_error()));
+            return Err(format!(
+                "fd {}: opening {}: {}",
+                e.fd,
+                f.path,
+                std::io::Error::last_os_error()
+            ));
         }
         let target = e.fd as i32;
         let cloexec = if e.cloexec { libc::O_CLOEXEC } else { 0 };
@@ -644,7 +758,13 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         if f.kind == FileKind::FileRegular as i32 {
             // SAFETY: lseek on the descriptor just opened.
             if unsafe { libc::lseek(target, f.pos as i64, libc::SEEK_SET) } < 0 {
-                return Err(format!("fd {}: seeking {} to {}: {}", e.fd, f.path, f.pos, std::io::Error::last_os_error()));
+                return Err(format!(
+                    "fd {}: seeking {} to {}: {}",
+                    e.fd,
+                    f.path,
+                    f.pos,
+                    std::io::Error::last_os_error()
+                ));
             }
         }
     }
@@ -652,25 +772,44 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
     // 3. Filesystem context.
     let pc = img.core.process.clone().unwrap_or_default();
     if pc.root != "/" {
-        return Err(format!("the task's root was {}; restoring a chrooted task is not supported yet", pc.root));
+        return Err(format!(
+            "the task's root was {}; restoring a chrooted task is not supported yet",
+            pc.root
+        ));
     }
     let cwd = cstr(&pc.cwd)?;
     // SAFETY: NUL-terminated path we own.
     if unsafe { libc::chdir(cwd.as_ptr()) } < 0 {
-        return Err(format!("changing to the working directory {}: {}", pc.cwd, std::io::Error::last_os_error()));
+        return Err(format!(
+            "changing to the working directory {}: {}",
+            pc.cwd,
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(pc.umask as libc::mode_t) };
 
-
     // Shared file mappings are mapped by the restorer from these.
-    for (rv, v) in rvmas.iter_mut().filter(|r| r.premap == 0).zip(vmas.iter().filter(|v| kind(v) == VmaKind::VmaFileShared)) {
+    for (rv, v) in rvmas
+        .iter_mut()
+        .filter(|r| r.premap == 0)
+        .zip(vmas.iter().filter(|v| kind(v) == VmaKind::VmaFileShared))
+    {
         let path = cstr(&v.path)?;
-        let oflags = if v.file_flags as i32 & libc::O_ACCMODE == libc::O_RDWR { libc::O_RDWR } else { libc::O_RDONLY };
+        let oflags = if v.file_flags as i32 & libc::O_ACCMODE == libc::O_RDWR {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
         // SAFETY: NUL-terminated path we own.
         let fd = unsafe { libc::open(path.as_ptr(), oflags | libc::O_CLOEXEC) };
         if fd < 0 {
-            return Err(format!("{mm_name}: opening {} for the shared mapping at {:#x}: {}", v.path, v.start, std::io::Error::last_os_error()));
+            return Err(format!(
+                "{mm_name}: opening {} for the shared mapping at {:#x}: {}",
+                v.path,
+                v.start,
+                std::io::Error::last_os_error()
+            ));
         }
         close_fds.push(fd);
         rv.fd = fd;
@@ -681,7 +820,11 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
     // SAFETY: NUL-terminated path we own.
     let exe_fd = unsafe { libc::open(exe.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     if exe_fd < 0 {
-        return Err(format!("{mm_name}: opening the executable {}: {}", img.mm.exe_path, std::io::Error::last_os_error()));
+        return Err(format!(
+            "{mm_name}: opening the executable {}: {}",
+            img.mm.exe_path,
+            std::io::Error::last_os_error()
+        ));
     }
     close_fds.push(exe_fd);
 
@@ -689,16 +832,19 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
     let dumped_vdso: Vec<&Vma> = vmas.iter().filter(|v| is_vdso(v)).collect();
     let mut vdso_parts = [Range::default(); 4];
     for (i, p) in vdso_now.iter().take(4).enumerate() {
-        vdso_parts[i] = Range { start: p.0, end: p.1 };
+        vdso_parts[i] = Range {
+            start: p.0,
+            end: p.1,
+        };
     }
     let vdso_dst = if dumped_vdso.is_empty() {
         0
     } else {
         let same = dumped_vdso.len() == vdso_now.len()
-            && dumped_vdso
-                .iter()
-                .zip(vdso_now.iter())
-                .all(|(d, n)| d.end - d.start == n.1 - n.0 && d.start - dumped_vdso[0].start == n.0 - vdso_now[0].0);
+            && dumped_vdso.iter().zip(vdso_now.iter()).all(|(d, n)| {
+                d.end - d.start == n.1 - n.0
+                    && d.start - dumped_vdso[0].start == n.0 - vdso_now[0].0
+            });
         if !same {
             return Err(format!("{mm_name}: the dumped vdso/vvar layout differs from this kernel's; restoring across kernels is not supported yet"));
         }
@@ -722,7 +868,7 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
 
     let mut regs = regs_from(img);
     sigframe::apply_syscall_restart(&mut regs);
-    let alt = img.core.altstack.clone().unwrap_or_default();
+    let alt = img.core.altstack.unwrap_or_default();
     let altstack = KStack {
         sp: alt.sp,
         flags: alt.flags as i32,
@@ -745,7 +891,10 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         });
     }
     if let (Some(f), Some(l)) = (vdso_now.first(), vdso_now.last()) {
-        keep_ranges.push(Range { start: f.0, end: l.1 });
+        keep_ranges.push(Range {
+            start: f.0,
+            end: l.1,
+        });
     }
     keep_ranges.sort_by_key(|r| r.start);
 
@@ -808,7 +957,11 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
                 interval_nsec: (t.interval_ns % 1_000_000_000) as i64,
                 // A timer that was about to fire fires right away.
                 value_sec: (t.value_ns / 1_000_000_000) as i64,
-                value_nsec: if t.value_ns == 0 && t.interval_ns == 0 { 0 } else { (t.value_ns % 1_000_000_000).max(if t.value_ns == 0 { 1 } else { 0 }) as i64 },
+                value_nsec: if t.value_ns == 0 && t.interval_ns == 0 {
+                    0
+                } else {
+                    (t.value_ns % 1_000_000_000).max(if t.value_ns == 0 { 1 } else { 0 }) as i64
+                },
             },
         })
         .collect();
@@ -818,7 +971,11 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
             let mut info = [0u8; 128];
             let n = s.siginfo.len().min(128);
             info[..n].copy_from_slice(&s.siginfo[..n]);
-            siginfos.push(RSiginfo { info, private, _pad: 0 });
+            siginfos.push(RSiginfo {
+                info,
+                private,
+                _pad: 0,
+            });
         }
     }
     let rlimits: Vec<RRlimit> = pc
@@ -836,7 +993,7 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
     let mut comm = [0u8; 16];
     let cb = img.core.comm.as_bytes();
     comm[..cb.len().min(15)].copy_from_slice(&cb[..cb.len().min(15)]);
-    let rseq = img.core.rseq.clone().unwrap_or_default();
+    let rseq = img.core.rseq.unwrap_or_default();
     // Our own rseq registration (glibc's), to drop before the switch.
     // SAFETY: reading two plain statics exported by glibc.
     let (rseq_off, rseq_size) = unsafe { (__rseq_offset, __rseq_size) };
@@ -871,7 +1028,11 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
         close_fds: close_at,
         nr_close_fds: close_fds.len() as u64,
         own_rseq_ptr,
-        own_rseq_len: if own_rseq_ptr != 0 { rseq_size.max(32) } else { 0 },
+        own_rseq_len: if own_rseq_ptr != 0 {
+            rseq_size.max(32)
+        } else {
+            0
+        },
         own_rseq_sig: 0x5305_3053,
         rseq_ptr: rseq.ptr,
         rseq_len: rseq.len,
@@ -935,7 +1096,11 @@ fn prepare(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w:
 }
 
 /// Decompress every chunk and copy its pages to their premapped places.
-fn fill_pages(img: &Image, pages: &cryo_image::PageReader, premap_of: &[(u64, u64, u64)]) -> std::result::Result<(), String> {
+fn fill_pages(
+    img: &Image,
+    pages: &cryo_image::PageReader,
+    premap_of: &[(u64, u64, u64)],
+) -> std::result::Result<(), String> {
     let pm_name = cryo_image::pagemap_file(img.pstree.pid);
     // Flatten runs into (vaddr) per page index lazily: walk runs alongside chunks.
     let mut run_idx = 0usize;
@@ -948,18 +1113,29 @@ fn fill_pages(img: &Image, pages: &cryo_image::PageReader, premap_of: &[(u64, u6
         pages.read_chunk(ci, &mut buf).map_err(|e| e.to_string())?;
         let mut pos = 0usize;
         while pos < len {
-            let run = img.runs.get(run_idx).ok_or_else(|| format!("{pm_name}: more pages than runs"))?;
+            let run = img
+                .runs
+                .get(run_idx)
+                .ok_or_else(|| format!("{pm_name}: more pages than runs"))?;
             let avail = (run.nr_pages as u64 - run_off) as usize;
             let n = avail.min((len - pos) / PAGE as usize);
             let vaddr = run.vaddr + run_off * PAGE;
             // Find the premapped mapping holding vaddr.
-            if !(premap_of.get(vma_hint).is_some_and(|m| m.0 <= vaddr && vaddr < m.1)) {
-                vma_hint = premap_of.iter().position(|m| m.0 <= vaddr && vaddr < m.1).ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;
+            if !(premap_of
+                .get(vma_hint)
+                .is_some_and(|m| m.0 <= vaddr && vaddr < m.1))
+            {
+                vma_hint = premap_of
+                    .iter()
+                    .position(|m| m.0 <= vaddr && vaddr < m.1)
+                    .ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;
             }
             let (vs, ve, pre) = premap_of[vma_hint];
             let bytes = n * PAGE as usize;
             if vaddr + bytes as u64 > ve {
-                return Err(format!("{pm_name}: run at {vaddr:#x} crosses the end of its mapping"));
+                return Err(format!(
+                    "{pm_name}: run at {vaddr:#x} crosses the end of its mapping"
+                ));
             }
             let dst = (pre + (vaddr - vs)) as *mut u8;
             // SAFETY: dst..dst+bytes lies inside the premapped (writable)

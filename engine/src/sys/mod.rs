@@ -42,7 +42,14 @@ pub fn get_xstate(pid: Pid) -> SysResult<Vec<u8>> {
     };
     // SAFETY: iov describes `buf`, which lives across the call; the kernel
     // writes at most iov_len bytes and updates iov_len.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGSET, pid.as_raw(), NT_X86_XSTATE, &mut iov) };
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            pid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov,
+        )
+    };
     if r < 0 {
         return Err(err("PTRACE_GETREGSET(NT_X86_XSTATE)", pid));
     }
@@ -58,7 +65,14 @@ pub fn set_xstate(pid: Pid, xs: &[u8]) -> SysResult<()> {
         iov_len: buf.len(),
     };
     // SAFETY: iov describes `buf`, alive across the call; the kernel only reads it.
-    let r = unsafe { libc::ptrace(libc::PTRACE_SETREGSET, pid.as_raw(), NT_X86_XSTATE, &mut iov) };
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            pid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov,
+        )
+    };
     if r < 0 {
         return Err(err("PTRACE_SETREGSET(NT_X86_XSTATE)", pid));
     }
@@ -69,7 +83,14 @@ pub fn set_xstate(pid: Pid, xs: &[u8]) -> SysResult<()> {
 pub fn get_sigmask(pid: Pid) -> SysResult<u64> {
     let mut mask: u64 = 0;
     // SAFETY: the kernel writes 8 bytes (the size passed) into `mask`.
-    let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK, pid.as_raw(), 8usize, &mut mask as *mut u64) };
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GETSIGMASK,
+            pid.as_raw(),
+            8usize,
+            &mut mask as *mut u64,
+        )
+    };
     if r < 0 {
         return Err(err("PTRACE_GETSIGMASK", pid));
     }
@@ -147,7 +168,14 @@ pub fn peek_siginfo(pid: Pid, shared: bool) -> SysResult<Vec<[u8; 128]>> {
         };
         // SAFETY: `a` is read by the kernel; `buf` has room for `nr`
         // siginfos of 128 bytes each.
-        let r = unsafe { libc::ptrace(PTRACE_PEEKSIGINFO, pid.as_raw(), &a as *const Args, buf.as_mut_ptr()) };
+        let r = unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO,
+                pid.as_raw(),
+                &a as *const Args,
+                buf.as_mut_ptr(),
+            )
+        };
         if r < 0 {
             return Err(err("PTRACE_PEEKSIGINFO", pid));
         }
@@ -263,7 +291,13 @@ pub struct ScanQuery {
 
 /// Run PAGEMAP_SCAN over [start, end) on an open /proc/PID/pagemap and
 /// return the matching regions (start, end, categories).
-pub fn pagemap_scan(pagemap: &std::fs::File, pid: Pid, start: u64, end: u64, q: &ScanQuery) -> SysResult<Vec<(u64, u64, u64)>> {
+pub fn pagemap_scan(
+    pagemap: &std::fs::File,
+    pid: Pid,
+    start: u64,
+    end: u64,
+    q: &ScanQuery,
+) -> SysResult<Vec<(u64, u64, u64)>> {
     #[repr(C)]
     struct Arg {
         size: u64,

@@ -83,7 +83,12 @@ fn recv(st: &mut State, buf: &mut Buf) -> isize {
         flags: 0,
         _pad2: 0,
     };
-    let n = syscall3(SYS_RECVMSG, st.sock, &mut msg as *mut MsgHdr as usize, 0x4000_0000); // MSG_CMSG_CLOEXEC
+    let n = syscall3(
+        SYS_RECVMSG,
+        st.sock,
+        &mut msg as *mut MsgHdr as usize,
+        0x4000_0000,
+    ); // MSG_CMSG_CLOEXEC
     if n > 0 && msg.controllen >= 16 {
         // One cmsghdr: len u64, level i32, type i32, then the fds.
         let len = ctl[0] as usize;
@@ -156,7 +161,11 @@ fn state(sock: usize, cmd: &StateCmd) -> isize {
         }
     }
     for which in 0..3 {
-        let r = syscall2(SYS_GETITIMER, which, &mut st.itimers[which] as *mut KItimerval as usize);
+        let r = syscall2(
+            SYS_GETITIMER,
+            which,
+            &mut st.itimers[which] as *mut KItimerval as usize,
+        );
         if r < 0 {
             return reply(sock, CMD_STATE, r);
         }
@@ -180,7 +189,11 @@ fn state(sock: usize, cmd: &StateCmd) -> isize {
         let id = cmd.timer_ids[i];
         let t = &mut st.timers[i];
         t.id = id;
-        let r = syscall2(SYS_TIMER_GETTIME, id as usize, &mut t.spec as *mut KItimerspec as usize);
+        let r = syscall2(
+            SYS_TIMER_GETTIME,
+            id as usize,
+            &mut t.spec as *mut KItimerspec as usize,
+        );
         if r < 0 {
             return reply(sock, CMD_STATE, r);
         }
@@ -195,8 +208,12 @@ fn state(sock: usize, cmd: &StateCmd) -> isize {
     send(sock, st)
 }
 
+/// Entered from `_cryo_start` with the argument pointer in rdi.
+///
+/// # Safety
+/// `args` must point to a complete `ParasiteArgs` that stays mapped.
 #[no_mangle]
-pub extern "C" fn blob_main(args: *const ParasiteArgs) {
+pub unsafe extern "C" fn blob_main(args: *const ParasiteArgs) {
     // SAFETY: the dumper wrote a ParasiteArgs at this address inside the
     // parasite's own mapping before starting us.
     let args = unsafe { *args };
@@ -231,7 +248,12 @@ pub extern "C" fn blob_main(args: *const ParasiteArgs) {
                 } else {
                     let mut res = 0;
                     for iov in &cmd.iovs[..count] {
-                        let r = syscall3(SYS_MPROTECT, iov.base as usize, iov.len as usize, hdr.arg as usize);
+                        let r = syscall3(
+                            SYS_MPROTECT,
+                            iov.base as usize,
+                            iov.len as usize,
+                            hdr.arg as usize,
+                        );
                         if r < 0 {
                             res = r;
                             break;

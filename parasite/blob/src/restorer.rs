@@ -24,7 +24,12 @@ fn fail(fd: i32, stage: u32, index: usize, err: isize) -> ! {
         index: index as u32,
         err: err as i64,
     };
-    syscall3(SYS_WRITE, fd as usize, &st as *const RStatus as usize, size_of::<RStatus>());
+    syscall3(
+        SYS_WRITE,
+        fd as usize,
+        &st as *const RStatus as usize,
+        size_of::<RStatus>(),
+    );
     exit_group(1);
 }
 
@@ -47,8 +52,12 @@ fn check(fd: i32, stage: u32, index: usize, r: isize) {
     }
 }
 
+/// Entered from `_cryo_start` with the argument pointer in rdi.
+///
+/// # Safety
+/// `args` must point to a complete `RestoreArgs` that stays mapped.
 #[no_mangle]
-pub extern "C" fn blob_main(a: *const RestoreArgs) {
+pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     // SAFETY: the engine wrote a RestoreArgs at this address inside the
     // bootstrap area, which is never unmapped here.
     let a = unsafe { &*a };
@@ -72,14 +81,24 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
     let mut cur = 0u64;
     for (i, k) in keep.iter().enumerate() {
         if k.start > cur {
-            check(sfd, STAGE_UNMAP, i, syscall2(SYS_MUNMAP, cur as usize, (k.start - cur) as usize));
+            check(
+                sfd,
+                STAGE_UNMAP,
+                i,
+                syscall2(SYS_MUNMAP, cur as usize, (k.start - cur) as usize),
+            );
         }
         if k.end > cur {
             cur = k.end;
         }
     }
     if cur < TASK_SIZE {
-        check(sfd, STAGE_UNMAP, keep.len(), syscall2(SYS_MUNMAP, cur as usize, (TASK_SIZE - cur) as usize));
+        check(
+            sfd,
+            STAGE_UNMAP,
+            keep.len(),
+            syscall2(SYS_MUNMAP, cur as usize, (TASK_SIZE - cur) as usize),
+        );
     }
 
     // 3. Move our vdso/vvar block where the dumped task had it, through a
@@ -89,20 +108,39 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
         let base = first.start;
         if a.vdso_dst == 0 {
             for (i, p) in parts.iter().enumerate() {
-                check(sfd, STAGE_VDSO, i, syscall2(SYS_MUNMAP, p.start as usize, (p.end - p.start) as usize));
+                check(
+                    sfd,
+                    STAGE_VDSO,
+                    i,
+                    syscall2(SYS_MUNMAP, p.start as usize, (p.end - p.start) as usize),
+                );
             }
         } else if a.vdso_dst != base {
             for (i, p) in parts.iter().enumerate() {
                 let len = (p.end - p.start) as usize;
                 let tmp = a.vdso_scratch + (p.start - base);
-                let r = syscall5(SYS_MREMAP, p.start as usize, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, tmp as usize);
+                let r = syscall5(
+                    SYS_MREMAP,
+                    p.start as usize,
+                    len,
+                    len,
+                    MREMAP_MAYMOVE | MREMAP_FIXED,
+                    tmp as usize,
+                );
                 check(sfd, STAGE_VDSO, i, r);
             }
             for (i, p) in parts.iter().enumerate() {
                 let len = (p.end - p.start) as usize;
                 let tmp = a.vdso_scratch + (p.start - base);
                 let dst = a.vdso_dst + (p.start - base);
-                let r = syscall5(SYS_MREMAP, tmp as usize, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst as usize);
+                let r = syscall5(
+                    SYS_MREMAP,
+                    tmp as usize,
+                    len,
+                    len,
+                    MREMAP_MAYMOVE | MREMAP_FIXED,
+                    dst as usize,
+                );
                 check(sfd, STAGE_VDSO, i, r);
             }
         }
@@ -124,7 +162,17 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
                 );
                 check(sfd, STAGE_MREMAP, i, r);
             }
-            check(sfd, STAGE_MPROTECT, i, syscall3(SYS_MPROTECT, v.start as usize, v.len as usize, v.prot as usize));
+            check(
+                sfd,
+                STAGE_MPROTECT,
+                i,
+                syscall3(
+                    SYS_MPROTECT,
+                    v.start as usize,
+                    v.len as usize,
+                    v.prot as usize,
+                ),
+            );
         } else if v.fd >= 0 {
             let r = syscall6(
                 SYS_MMAP,
@@ -146,13 +194,25 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
         ];
         for (bit, adv) in advice {
             if v.madv & bit != 0 {
-                check(sfd, STAGE_MADVISE, i, syscall3(SYS_MADVISE, v.start as usize, v.len as usize, adv));
+                check(
+                    sfd,
+                    STAGE_MADVISE,
+                    i,
+                    syscall3(SYS_MADVISE, v.start as usize, v.len as usize, adv),
+                );
             }
         }
     }
 
     // 5. mm fields, exe link included (our own binary is unmapped now).
-    let r = syscall5(SYS_PRCTL, 35, 14, &a.mm_map as *const PrctlMmMap as usize, size_of::<PrctlMmMap>(), 0);
+    let r = syscall5(
+        SYS_PRCTL,
+        35,
+        14,
+        &a.mm_map as *const PrctlMmMap as usize,
+        size_of::<PrctlMmMap>(),
+        0,
+    );
     check(sfd, STAGE_MM_MAP, 0, r);
     // SAFETY: close_fds/nr_close_fds describe an array in the bootstrap area.
     let close: &[i32] = unsafe { slice(a.close_fds, a.nr_close_fds) };
@@ -163,12 +223,27 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
     // 6. Per-thread state.
     syscall1(SYS_SET_TID_ADDRESS, a.clear_child_tid as usize);
     if a.robust_list != 0 {
-        let r = syscall2(SYS_SET_ROBUST_LIST, a.robust_list as usize, a.robust_list_len as usize);
+        let r = syscall2(
+            SYS_SET_ROBUST_LIST,
+            a.robust_list as usize,
+            a.robust_list_len as usize,
+        );
         check(sfd, STAGE_THREAD_STATE, 0, r);
     }
-    check(sfd, STAGE_THREAD_STATE, 1, syscall2(SYS_PRCTL, 15, a.comm.as_ptr() as usize)); // PR_SET_NAME
+    check(
+        sfd,
+        STAGE_THREAD_STATE,
+        1,
+        syscall2(SYS_PRCTL, 15, a.comm.as_ptr() as usize),
+    ); // PR_SET_NAME
     if a.rseq_ptr != 0 {
-        let r = syscall4(SYS_RSEQ, a.rseq_ptr as usize, a.rseq_len as usize, 0, a.rseq_sig as usize);
+        let r = syscall4(
+            SYS_RSEQ,
+            a.rseq_ptr as usize,
+            a.rseq_len as usize,
+            0,
+            a.rseq_sig as usize,
+        );
         check(sfd, STAGE_RSEQ, 0, r);
         // Registration cleared rseq_cs; put the dumped value back.
         // SAFETY: the rseq area lies in the task's memory restored above
@@ -180,7 +255,13 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
     for sig in 1..=NSIG {
         if a.sigaction_mask & (1u64 << (sig - 1)) != 0 {
             let act = &a.sigactions[sig - 1];
-            let r = syscall4(SYS_RT_SIGACTION, sig, act as *const KSigaction as usize, 0, 8);
+            let r = syscall4(
+                SYS_RT_SIGACTION,
+                sig,
+                act as *const KSigaction as usize,
+                0,
+                8,
+            );
             check(sfd, STAGE_SIGACTION, sig, r);
         }
     }
@@ -206,7 +287,13 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
             if id != t.id {
                 fail(sfd, STAGE_TIMERS, i, -17);
             }
-            let r = syscall4(SYS_TIMER_SETTIME, id as usize, 0, &t.spec as *const KItimerspec as usize, 0);
+            let r = syscall4(
+                SYS_TIMER_SETTIME,
+                id as usize,
+                0,
+                &t.spec as *const KItimerspec as usize,
+                0,
+            );
             check(sfd, STAGE_TIMERS, i, r);
         }
         check(sfd, STAGE_TIMERS, 0, syscall2(SYS_PRCTL, 77, 0));
@@ -218,7 +305,13 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
     for (i, s) in sigs.iter().enumerate() {
         let signo = i32::from_ne_bytes([s.info[0], s.info[1], s.info[2], s.info[3]]) as usize;
         let r = if s.private != 0 {
-            syscall4(SYS_RT_TGSIGQUEUEINFO, pid, tid, signo, s.info.as_ptr() as usize)
+            syscall4(
+                SYS_RT_TGSIGQUEUEINFO,
+                pid,
+                tid,
+                signo,
+                s.info.as_ptr() as usize,
+            )
         } else {
             syscall3(SYS_RT_SIGQUEUEINFO, pid, signo, s.info.as_ptr() as usize)
         };
@@ -227,25 +320,51 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
 
     // 8. Credentials (groups), process attributes, limits.
     if a.set_groups != 0 {
-        check(sfd, STAGE_CREDS, 0, syscall2(116, a.nr_groups as usize, a.groups as usize));
+        check(
+            sfd,
+            STAGE_CREDS,
+            0,
+            syscall2(116, a.nr_groups as usize, a.groups as usize),
+        );
     }
     if a.child_subreaper != 0 {
         check(sfd, STAGE_THREAD_STATE, 2, syscall2(SYS_PRCTL, 36, 1));
     }
     if a.pdeath_signal != 0 {
-        check(sfd, STAGE_THREAD_STATE, 3, syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize));
+        check(
+            sfd,
+            STAGE_THREAD_STATE,
+            3,
+            syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
+        );
     }
     if a.dumpable <= 1 {
-        check(sfd, STAGE_THREAD_STATE, 4, syscall2(SYS_PRCTL, 4, a.dumpable as usize));
+        check(
+            sfd,
+            STAGE_THREAD_STATE,
+            4,
+            syscall2(SYS_PRCTL, 4, a.dumpable as usize),
+        );
     }
     // SAFETY: rlimits/nr_rlimits describe an array in the bootstrap area.
     let rl: &[RRlimit] = unsafe { slice(a.rlimits, a.nr_rlimits) };
     for (i, l) in rl.iter().enumerate() {
         let v = [l.cur, l.max];
-        let r = syscall4(SYS_PRLIMIT64, 0, l.resource as usize, v.as_ptr() as usize, 0);
+        let r = syscall4(
+            SYS_PRLIMIT64,
+            0,
+            l.resource as usize,
+            v.as_ptr() as usize,
+            0,
+        );
         check(sfd, STAGE_RLIMIT, i, r);
     }
-    check(sfd, STAGE_THREAD_STATE, 5, syscall1(SYS_PERSONALITY, a.personality as usize));
+    check(
+        sfd,
+        STAGE_THREAD_STATE,
+        5,
+        syscall1(SYS_PERSONALITY, a.personality as usize),
+    );
 
     // 9. Interval timers last, so they lose as little time as possible.
     for which in 0..3 {
@@ -263,13 +382,18 @@ pub extern "C" fn blob_main(a: *const RestoreArgs) {
         index: 0,
         err: 0,
     };
-    syscall3(SYS_WRITE, sfd as usize, &done as *const RStatus as usize, size_of::<RStatus>());
+    syscall3(
+        SYS_WRITE,
+        sfd as usize,
+        &done as *const RStatus as usize,
+        size_of::<RStatus>(),
+    );
     syscall1(SYS_CLOSE, sfd as usize);
     syscall2(SYS_ARCH_PRCTL, 0x1002, a.fs_base as usize); // ARCH_SET_FS
     syscall2(SYS_ARCH_PRCTL, 0x1001, a.gs_base as usize); // ARCH_SET_GS
-    // SAFETY: the engine built the frame in the bootstrap area (kept
-    // mapped) from the dumped registers, with a 64-byte aligned fpstate
-    // carrying the XSAVE magic words.
+                                                          // SAFETY: the engine built the frame in the bootstrap area (kept
+                                                          // mapped) from the dumped registers, with a 64-byte aligned fpstate
+                                                          // carrying the XSAVE magic words.
     unsafe {
         if a.trap_before_sigreturn != 0 {
             trap_then_sigreturn(a.sigframe)

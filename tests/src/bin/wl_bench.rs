@@ -1,0 +1,541 @@
+//! wl_bench: the memory workload of the cryo benchmark (`bench`).
+//!
+//! Usage: `wl_bench --ready PATH --verdict PATH [--mib N] [--rewrite]`
+//!
+//! It maps N MiB (default 512) of anonymous private memory and fills it:
+//! the first quarter with pseudo-random bytes, the next half with 64-byte
+//! "log records" (compressible, but not trivially), the last quarter with
+//! zeros written to every byte (so those pages are present). It checksums the
+//! area, writes `ready pid=.. checksum=0x.. ...` to the ready file (tmp +
+//! rename), then sleeps in 50 ms steps until SIGTERM. On SIGTERM it checksums
+//! the area again and writes `PASS` or `FAIL: ...` lines to the verdict file
+//! (exit 0 on pass, 1 on fail).
+//!
+//! `--rewrite` rewrites one page (the first page of the records) on every
+//! step; that page is then checked against the rewrite counter instead of
+//! the checksum.
+//!
+//! The content generator is duplicated in `bench.rs` (the baseline writes
+//! the same bytes); the two must stay identical: the benchmark compares its
+//! checksum with the one in the ready file.
+//!
+//! Stdin must be /dev/null and stdout/stderr a regular file; every other
+//! descriptor is closed at startup. No threads, no children.
+
+use std::ffi::c_int;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+const MIB: usize = 1 << 20;
+const PAGE: usize = 4096;
+const STEP_NS: libc::c_long = 50_000_000;
+
+static TERM: AtomicBool = AtomicBool::new(false);
+/// Number of completed rewrites of the rewrite page (`--rewrite`).
+static REWRITES: AtomicU64 = AtomicU64::new(0);
+
+// ---------------------------------------------------------------------------
+// Content generator and checksum: keep identical to bench.rs.
+
+const RAND_SEED: u64 = 0x243F_6A88_85A3_08D3;
+const REC_SEED: u64 = 0x1319_8A2E_0370_7344;
+const SEQ_START: u64 = 1_000_000;
+const TS_START: u64 = 1_700_000_000_000_000;
+const NAMES: [&[u8]; 12] = [
+    b"checkout",
+    b"billing",
+    b"auth-gw",
+    b"inventory",
+    b"search",
+    b"mailer",
+    b"thumbnailer",
+    b"ledger",
+    b"sessions",
+    b"geo-ip",
+    b"recommender",
+    b"audit-log",
+];
+
+/// xorshift64* (Vigna).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Streams the content of an area of `len` bytes (a multiple of 256).
+struct Gen {
+    len: usize,
+    pos: usize,
+    rand: XorShift,
+    rec: XorShift,
+    seq: u64,
+    ts: u64,
+}
+
+impl Gen {
+    fn new(len: usize) -> Gen {
+        Gen {
+            len,
+            pos: 0,
+            rand: XorShift(RAND_SEED),
+            rec: XorShift(REC_SEED),
+            seq: SEQ_START,
+            ts: TS_START,
+        }
+    }
+
+    /// Writes the next `out.len()` bytes (a multiple of 64) of the content.
+    fn fill(&mut self, out: &mut [u8]) {
+        let q = self.len / 4;
+        for block in out.chunks_exact_mut(64) {
+            if self.pos < q {
+                for w in block.chunks_exact_mut(8) {
+                    w.copy_from_slice(&self.rand.next().to_le_bytes());
+                }
+            } else if self.pos < 3 * q {
+                self.record(block);
+            } else {
+                block.fill(0);
+            }
+            self.pos += 64;
+        }
+    }
+
+    /// One 64-byte record: seq, timestamp (us, slowly increasing), kind,
+    /// status, length, service name, amount, user id, flags, zero padding.
+    fn record(&mut self, b: &mut [u8]) {
+        let r = self.rec.next();
+        let r2 = self.rec.next();
+        self.seq += 1;
+        self.ts += r % 1500;
+        let kind: u16 = match r >> 60 {
+            0..=7 => 0,
+            8..=11 => 1,
+            12..=13 => 2,
+            14 => 3,
+            _ => 4,
+        };
+        let status: u16 = match (r >> 40) & 0xff {
+            0..=2 => 500 + ((r >> 48) & 3) as u16,
+            3..=9 => 404,
+            10..=12 => 302,
+            _ => 200,
+        };
+        let len: u32 = 64 << ((r >> 32) % 7);
+        let name = NAMES[((r >> 20) & 0xfff) as usize % NAMES.len()];
+        let amount = if kind == 2 { r2 % 100_000 } else { 0 };
+        let user = ((r2 >> 32) % 5000) as u32;
+        let flags = (u32::from(kind) << 8) | u32::from(status == 200);
+        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.ts.to_le_bytes());
+        b[16..18].copy_from_slice(&kind.to_le_bytes());
+        b[18..20].copy_from_slice(&status.to_le_bytes());
+        b[20..24].copy_from_slice(&len.to_le_bytes());
+        b[24..40].fill(0);
+        b[24..24 + name.len()].copy_from_slice(name);
+        b[40..48].copy_from_slice(&amount.to_le_bytes());
+        b[48..52].copy_from_slice(&user.to_le_bytes());
+        b[52..56].copy_from_slice(&flags.to_le_bytes());
+        b[56..64].fill(0);
+    }
+}
+
+/// A 4-lane multiplicative hash over 32-byte blocks.
+struct Sum {
+    lanes: [u64; 4],
+    n: u64,
+}
+
+impl Sum {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    fn new() -> Sum {
+        Sum {
+            lanes: [1, 2, 3, 4],
+            n: 0,
+        }
+    }
+
+    /// `data.len()` must be a multiple of 32.
+    fn update(&mut self, data: &[u8]) {
+        for c in data.chunks_exact(32) {
+            for (i, lane) in self.lanes.iter_mut().enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&c[i * 8..i * 8 + 8]);
+                *lane = (*lane ^ u64::from_le_bytes(w))
+                    .wrapping_mul(Self::K)
+                    .rotate_left(29);
+            }
+        }
+        self.n += data.len() as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        let mut h = self.n.wrapping_mul(Self::K);
+        for l in self.lanes {
+            h = (h ^ l).wrapping_mul(0xFF51_AFD7_ED55_8CCD).rotate_left(31);
+        }
+        h ^ (h >> 33)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+struct Args {
+    ready: PathBuf,
+    verdict: PathBuf,
+    mib: usize,
+    rewrite: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut ready = None;
+    let mut verdict = None;
+    let mut mib = 512usize;
+    let mut rewrite = false;
+    let mut it = std::env::args_os().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| format!("{} needs a value", a.to_string_lossy()))
+        };
+        match a.to_str() {
+            Some("--ready") => ready = Some(PathBuf::from(val()?)),
+            Some("--verdict") => verdict = Some(PathBuf::from(val()?)),
+            Some("--mib") => {
+                let v = val()?;
+                mib = v
+                    .to_str()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&n: &usize| (1..=1 << 20).contains(&n))
+                    .ok_or_else(|| format!("bad --mib {v:?}"))?;
+            }
+            Some("--rewrite") => rewrite = true,
+            _ => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    Ok(Args {
+        ready: ready.ok_or("--ready is required")?,
+        verdict: verdict.ok_or("--verdict is required")?,
+        mib,
+        rewrite,
+    })
+}
+
+fn errstr() -> String {
+    std::io::Error::last_os_error().to_string()
+}
+
+fn write_fd(fd: c_int, data: &[u8]) {
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: the source is the unwritten tail of `data`, of exactly the
+        // length given; fd is one of our standard descriptors.
+        let r = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
+        if r <= 0 {
+            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        off += r as usize;
+    }
+}
+
+fn log(msg: &str) {
+    let line = format!("wl_bench[{}]: {msg}\n", std::process::id());
+    write_fd(1, line.as_bytes());
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Closes every descriptor above 2 (cryo refuses other open fds).
+fn close_extra_fds() {
+    // SAFETY: close_range only closes descriptors of this process; nothing
+    // else in this single-threaded program holds descriptors above 2 yet.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r == 0 {
+        return;
+    }
+    let fds: Vec<c_int> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        // SAFETY: as above; the directory's own fd is already closed, and
+        // closing an fd that is not open only fails with EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
+extern "C" fn on_term(_sig: c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
+fn install_term_handler() -> Result<(), String> {
+    // SAFETY: sigaction is plain data; zeroed is a valid (empty) value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_term as extern "C" fn(c_int) as usize;
+    act.sa_flags = 0;
+    // SAFETY: act.sa_mask is a valid sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: act is fully initialised; on_term is an async-signal-safe
+    // extern "C" fn(c_int), the handler signature for flags without
+    // SA_SIGINFO.
+    if unsafe { libc::sigaction(libc::SIGTERM, &act, std::ptr::null_mut()) } != 0 {
+        return Err(format!("sigaction(SIGTERM): {}", errstr()));
+    }
+    Ok(())
+}
+
+/// The area: one anonymous private mapping, never unmapped.
+struct Area {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Area {
+    fn map(len: usize) -> Result<Area, String> {
+        // SAFETY: mmap with a null hint and without MAP_FIXED never replaces
+        // an existing mapping; the result is checked for MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap {len} bytes: {}", errstr()));
+        }
+        Ok(Area { ptr: p.cast(), len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr is a readable and writable mapping of len bytes that is
+        // never unmapped; the program is single-threaded and never holds a
+        // mutable slice of it while this shared one is alive (the signal
+        // handler does not touch it).
+        let s = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        // The memory may be replaced behind the compiler's back (that is the
+        // point of the test): never let it reuse earlier reads.
+        std::hint::black_box(s)
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in bytes(); &mut self guarantees no other slice of the
+        // area is alive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Byte range of the page rewritten in `--rewrite` mode: the first page of
+/// the records.
+fn rewrite_range(len: usize) -> (usize, usize) {
+    let q = len / 4;
+    (q, q + PAGE)
+}
+
+fn rewrite_word(n: u64, i: usize) -> u64 {
+    n.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Checksum of the area, without the byte range `skip` if given.
+fn checksum(area: &[u8], skip: Option<(usize, usize)>) -> u64 {
+    let mut s = Sum::new();
+    match skip {
+        Some((a, b)) => {
+            s.update(&area[..a]);
+            s.update(&area[b..]);
+        }
+        None => s.update(area),
+    }
+    s.finish()
+}
+
+fn region_name(off: usize, len: usize) -> &'static str {
+    let q = len / 4;
+    if off < q {
+        "random"
+    } else if off < 3 * q {
+        "records"
+    } else {
+        "zeros"
+    }
+}
+
+/// Compares the area with freshly generated content; describes the
+/// differences (first offset, number of differing pages per region).
+fn locate_differences(area: &[u8], skip: Option<(usize, usize)>) -> String {
+    let len = area.len();
+    let mut gen = Gen::new(len);
+    let mut buf = vec![0u8; MIB];
+    let mut first = None;
+    let mut bad_pages = [0usize; 3];
+    for (ci, chunk) in area.chunks(MIB).enumerate() {
+        let want = &mut buf[..chunk.len()];
+        gen.fill(want);
+        for (pi, (got, exp)) in chunk.chunks(PAGE).zip(want.chunks(PAGE)).enumerate() {
+            let off = ci * MIB + pi * PAGE;
+            if skip.is_some_and(|(a, b)| off >= a && off < b) || got == exp {
+                continue;
+            }
+            let i = got.iter().zip(exp).position(|(x, y)| x != y).unwrap_or(0);
+            first.get_or_insert((off + i, got[i], exp[i]));
+            let r = match region_name(off, len) {
+                "random" => 0,
+                "records" => 1,
+                _ => 2,
+            };
+            bad_pages[r] += 1;
+        }
+    }
+    match first {
+        None => "content matches the generator (checksum code broken?)".to_string(),
+        Some((off, got, exp)) => format!(
+            "first difference at offset {off:#x} ({} region): {got:#04x}, expected {exp:#04x}; \
+             differing pages: random {}, records {}, zeros {}",
+            region_name(off, len),
+            bad_pages[0],
+            bad_pages[1],
+            bad_pages[2]
+        ),
+    }
+}
+
+fn sleep_step() {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: STEP_NS,
+    };
+    // SAFETY: ts is a valid timespec; a null remainder is allowed. EINTR
+    // (SIGTERM) simply ends the step early.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+fn run(args: &Args) -> Result<Vec<String>, String> {
+    let len = args.mib * MIB;
+    let mut area = Area::map(len)?;
+    let t = Instant::now();
+    Gen::new(len).fill(area.bytes_mut());
+    let fill_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let full = checksum(area.bytes(), None);
+    let sum_ms = t.elapsed().as_secs_f64() * 1e3;
+    let skip = args.rewrite.then(|| rewrite_range(len));
+    let before = if skip.is_some() {
+        checksum(area.bytes(), skip)
+    } else {
+        full
+    };
+    log(&format!(
+        "{} MiB at {:#x} filled in {fill_ms:.1} ms, checksum {full:#018x} in {sum_ms:.1} ms{}",
+        args.mib,
+        area.ptr as usize,
+        if args.rewrite { ", rewrite mode" } else { "" }
+    ));
+    let ready = format!(
+        "ready pid={} checksum={full:#018x} addr={:#x} bytes={len}\n",
+        std::process::id(),
+        area.ptr as usize
+    );
+    write_atomic(&args.ready, ready.as_bytes())
+        .map_err(|e| format!("write ready file {}: {e}", args.ready.display()))?;
+
+    let mut steps = 0u64;
+    while !TERM.load(Ordering::SeqCst) {
+        if let Some((a, b)) = skip {
+            let n = REWRITES.load(Ordering::SeqCst) + 1;
+            for (i, w) in area.bytes_mut()[a..b].chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&rewrite_word(n, i).to_le_bytes());
+            }
+            REWRITES.store(n, Ordering::SeqCst);
+        }
+        sleep_step();
+        steps += 1;
+    }
+
+    let mut fails = Vec::new();
+    let t = Instant::now();
+    let after = checksum(area.bytes(), skip);
+    let sum_ms = t.elapsed().as_secs_f64() * 1e3;
+    if after != before {
+        fails.push(format!(
+            "checksum {after:#018x}, expected {before:#018x}: {}",
+            locate_differences(area.bytes(), skip)
+        ));
+    }
+    if let Some((a, b)) = skip {
+        let n = REWRITES.load(Ordering::SeqCst);
+        let bad = area.bytes()[a..b]
+            .chunks_exact(8)
+            .enumerate()
+            .filter(|(i, w)| **w != rewrite_word(n, *i).to_le_bytes())
+            .count();
+        if n > 0 && bad > 0 {
+            fails.push(format!(
+                "rewrite page: {bad} words do not match rewrite {n}"
+            ));
+        }
+    }
+    log(&format!(
+        "SIGTERM after {steps} steps, checksum {after:#018x} in {sum_ms:.1} ms, {} failures",
+        fails.len()
+    ));
+    Ok(fails)
+}
+
+fn main() {
+    close_extra_fds();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            log(&e);
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = install_term_handler() {
+        log(&e);
+        let _ = write_atomic(&args.verdict, format!("FAIL: setup: {e}\n").as_bytes());
+        std::process::exit(2);
+    }
+    let fails = match run(&args) {
+        Ok(f) => f,
+        Err(e) => {
+            log(&format!("setup failed: {e}"));
+            let _ = write_atomic(&args.verdict, format!("FAIL: setup: {e}\n").as_bytes());
+            std::process::exit(2);
+        }
+    };
+    let verdict = if fails.is_empty() {
+        "PASS\n".to_string()
+    } else {
+        fails.iter().map(|f| format!("FAIL: {f}\n")).collect()
+    };
+    if let Err(e) = write_atomic(&args.verdict, verdict.as_bytes()) {
+        log(&format!("cannot write verdict: {e}"));
+        std::process::exit(2);
+    }
+    std::process::exit(if fails.is_empty() { 0 } else { 1 });
+}
