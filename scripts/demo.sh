@@ -9,20 +9,24 @@ work=$(mktemp -d /tmp/cryo-demo.XXXXXX)
 img=$work/image
 log=$work/counter.log
 
-# The counter runs under a small supervisor that reaps it, with stdin
-# /dev/null, output to a file and no other descriptors open.
-setsid "$bin/counter" </dev/null >"$log" 2>&1 {fd}>&- &
+# The counter gets stdin /dev/null, output to a file and no other
+# descriptors (cryo does not restore pipes or sockets yet).
+(
+	for fd in $(ls /proc/$BASHPID/fd); do
+		if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+	done
+	exec setsid "$bin/counter"
+) </dev/null >"$log" 2>&1 &
 pid=$!
+disown "$pid"
 cleanup() { kill -KILL "$pid" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-# Close any descriptor this shell passed on, by pid: only fds 0-2 may stay.
 sleep 1.5
 echo "== counter (pid $pid) is running:"
 tail -n 3 "$log"
 
 echo "== cryo dump -t $pid -D $img   (checkpoints and kills it)"
 "$bin/cryo" dump -t "$pid" -D "$img"
-wait "$pid" 2>/dev/null || true
 sleep 0.3
 echo "   process $pid exists after dump: $([ -e /proc/$pid ] && echo yes || echo no)"
 echo "   image: $(du -sh "$img" | cut -f1) in $(ls "$img" | wc -l) files"
