@@ -469,19 +469,12 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         .collect();
     let mut rlimits = Vec::new();
     for res in 0..16u32 {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 only writes the rlimit64 we pass; new is NULL.
-        let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
-        if r == 0 {
-            rlimits.push(Rlimit {
-                resource: res,
-                cur: old.rlim_cur,
-                max: old.rlim_max,
-            });
-        }
+        let (cur, max) = sys::get_rlimit(npid, res)?;
+        rlimits.push(Rlimit {
+            resource: res,
+            cur,
+            max,
+        });
     }
     let get = |k: &str| status.get(k).cloned().unwrap_or_default();
     let creds = Creds {

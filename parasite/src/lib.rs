@@ -277,6 +277,22 @@ pub struct RStatus {
 }
 const _: () = assert!(core::mem::size_of::<RStatus>() == 16);
 
+/// Credentials to put back (the last privileged step of a restore).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RCreds {
+    /// Real, effective, saved, filesystem.
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
+    pub securebits: u32,
+    pub no_new_privs: u32,
+}
+
 /// Everything the restorer needs. Pointers refer to memory inside the
 /// bootstrap area, which the restorer keeps.
 #[repr(C)]
@@ -336,6 +352,9 @@ pub struct RestoreArgs {
     pub groups: u64,
     pub nr_groups: u64,
     pub set_groups: u64,
+    /// Nonzero: switch to `creds`.
+    pub set_creds: u64,
+    pub creds: RCreds,
     /// The rt_sigreturn frame; rsp is set to `sigframe + 8` before the call.
     pub sigframe: u64,
 }

@@ -1060,6 +1060,26 @@ fn prepare(
         groups: groups_at,
         nr_groups: groups.len() as u64,
         set_groups: 1,
+        set_creds: (creds.uid.len() == 4 && creds.gid.len() == 4) as u64,
+        creds: RCreds {
+            uids: creds
+                .uid
+                .get(..4)
+                .and_then(|u| u.try_into().ok())
+                .unwrap_or_default(),
+            gids: creds
+                .gid
+                .get(..4)
+                .and_then(|g| g.try_into().ok())
+                .unwrap_or_default(),
+            cap_inh: creds.cap_inh,
+            cap_prm: creds.cap_prm,
+            cap_eff: creds.cap_eff,
+            cap_bnd: creds.cap_bnd,
+            cap_amb: creds.cap_amb,
+            securebits: creds.securebits,
+            no_new_privs: creds.no_new_privs as u32,
+        },
         sigframe: frame_at,
     };
     let args_at = boot.put(std::slice::from_ref(&args))?;

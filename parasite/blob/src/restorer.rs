@@ -56,6 +56,92 @@ fn check(fd: i32, stage: u32, index: usize, r: isize) {
 ///
 /// # Safety
 /// `args` must point to a complete `RestoreArgs` that stays mapped.
+/// Switch to the dumped credentials. Capabilities survive the uid change
+/// (SECBIT_NO_SETUID_FIXUP) until capset sets the dumped ones.
+fn restore_creds(sfd: i32, c: &RCreds) {
+    const PR_CAPBSET_READ: usize = 23;
+    const PR_CAPBSET_DROP: usize = 24;
+    const PR_GET_SECUREBITS: usize = 27;
+    const PR_SET_SECUREBITS: usize = 28;
+    const PR_CAP_AMBIENT: usize = 47;
+    const SECBIT_NO_SETUID_FIXUP: usize = 1 << 2;
+    let cur_bits = syscall1(SYS_PRCTL, PR_GET_SECUREBITS);
+    if cur_bits >= 0 && cur_bits as usize & SECBIT_NO_SETUID_FIXUP == 0 {
+        check(
+            sfd,
+            STAGE_CREDS,
+            1,
+            syscall2(
+                SYS_PRCTL,
+                PR_SET_SECUREBITS,
+                cur_bits as usize | SECBIT_NO_SETUID_FIXUP,
+            ),
+        );
+    }
+    let (g, u) = (c.gids, c.uids);
+    check(
+        sfd,
+        STAGE_CREDS,
+        2,
+        syscall3(119, g[0] as usize, g[1] as usize, g[2] as usize),
+    ); // setresgid
+    syscall1(123, g[3] as usize); // setfsgid
+    check(
+        sfd,
+        STAGE_CREDS,
+        3,
+        syscall3(117, u[0] as usize, u[1] as usize, u[2] as usize),
+    ); // setresuid
+    syscall1(122, u[3] as usize); // setfsuid
+    if syscall1(SYS_PRCTL, PR_GET_SECUREBITS) != c.securebits as isize {
+        check(
+            sfd,
+            STAGE_CREDS,
+            4,
+            syscall2(SYS_PRCTL, PR_SET_SECUREBITS, c.securebits as usize),
+        );
+    }
+    for cap in 0..64usize {
+        if c.cap_bnd & (1u64 << cap) == 0 && syscall2(SYS_PRCTL, PR_CAPBSET_READ, cap) == 1 {
+            check(
+                sfd,
+                STAGE_CREDS,
+                5,
+                syscall2(SYS_PRCTL, PR_CAPBSET_DROP, cap),
+            );
+        }
+    }
+    // capset, version 3: header {version, pid}, two data words {eff, prm, inh}.
+    let hdr: [u32; 2] = [0x2008_0522, 0];
+    let data: [u32; 6] = [
+        c.cap_eff as u32,
+        c.cap_prm as u32,
+        c.cap_inh as u32,
+        (c.cap_eff >> 32) as u32,
+        (c.cap_prm >> 32) as u32,
+        (c.cap_inh >> 32) as u32,
+    ];
+    check(
+        sfd,
+        STAGE_CREDS,
+        6,
+        syscall2(126, hdr.as_ptr() as usize, data.as_ptr() as usize),
+    );
+    for cap in 0..64usize {
+        if c.cap_amb & (1u64 << cap) != 0 {
+            check(
+                sfd,
+                STAGE_CREDS,
+                7,
+                syscall5(SYS_PRCTL, PR_CAP_AMBIENT, 2, cap, 0, 0),
+            );
+        }
+    }
+    if c.no_new_privs != 0 {
+        check(sfd, STAGE_CREDS, 8, syscall5(SYS_PRCTL, 38, 1, 0, 0, 0));
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     // SAFETY: the engine wrote a RestoreArgs at this address inside the
@@ -327,25 +413,6 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
             syscall2(116, a.nr_groups as usize, a.groups as usize),
         );
     }
-    if a.child_subreaper != 0 {
-        check(sfd, STAGE_THREAD_STATE, 2, syscall2(SYS_PRCTL, 36, 1));
-    }
-    if a.pdeath_signal != 0 {
-        check(
-            sfd,
-            STAGE_THREAD_STATE,
-            3,
-            syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
-        );
-    }
-    if a.dumpable <= 1 {
-        check(
-            sfd,
-            STAGE_THREAD_STATE,
-            4,
-            syscall2(SYS_PRCTL, 4, a.dumpable as usize),
-        );
-    }
     // SAFETY: rlimits/nr_rlimits describe an array in the bootstrap area.
     let rl: &[RRlimit] = unsafe { slice(a.rlimits, a.nr_rlimits) };
     for (i, l) in rl.iter().enumerate() {
@@ -365,6 +432,29 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         5,
         syscall1(SYS_PERSONALITY, a.personality as usize),
     );
+    if a.set_creds != 0 {
+        restore_creds(sfd, &a.creds);
+    }
+    // Changing credentials resets these, so they come after.
+    if a.child_subreaper != 0 {
+        check(sfd, STAGE_THREAD_STATE, 2, syscall2(SYS_PRCTL, 36, 1));
+    }
+    if a.pdeath_signal != 0 {
+        check(
+            sfd,
+            STAGE_THREAD_STATE,
+            3,
+            syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
+        );
+    }
+    if a.dumpable <= 1 {
+        check(
+            sfd,
+            STAGE_THREAD_STATE,
+            4,
+            syscall2(SYS_PRCTL, 4, a.dumpable as usize),
+        );
+    }
 
     // 9. Interval timers last, so they lose as little time as possible.
     for which in 0..3 {
