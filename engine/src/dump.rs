@@ -290,6 +290,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             max: cryo_parasite::MAX_TIMERS,
         });
     }
+    tracing::debug!(
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "collected /proc state"
+    );
     let vmas = mem::read_vmas(npid)?;
     let runs = mem::page_runs(npid, &vmas)?;
     let rseq = sys::rseq_config(npid)?;
@@ -297,12 +301,20 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let private_sigs = sys::peek_siginfo(npid, false)?;
     let shared_sigs = sys::peek_siginfo(npid, true)?;
 
+    tracing::debug!(
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "collected mappings and pages to dump"
+    );
     let started = victim.start_parasite();
     if let Some(area) = victim.area() {
         guard.arm(area);
     }
     started?;
     fault("in-parasite")?;
+    tracing::debug!(
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "parasite started"
+    );
     let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let st = victim.state(&timer_ids)?;
 
@@ -339,6 +351,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let (entries, pstats) = transfer::transfer(&mut victim, &runs, &mut pw, raw, &|done| {
         progress(done, total_bytes)
     })?;
+    tracing::debug!(
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "pages captured"
+    );
     for (prot, iov) in &unreadable {
         victim.mprotect(*prot, std::slice::from_ref(iov))?;
     }
@@ -467,15 +483,19 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             overrun: s.overrun,
         })
         .collect();
-    let mut rlimits = Vec::new();
-    for res in 0..16u32 {
-        let (cur, max) = sys::get_rlimit(npid, res)?;
-        rlimits.push(Rlimit {
-            resource: res,
+    // /proc/PID/limits rather than prlimit64: reading another user's
+    // limits with prlimit64 needs CAP_SYS_RESOURCE, which root lacks here.
+    let limits_path = format!("/proc/{pid}/limits");
+    let rlimits: Vec<Rlimit> = procfmt::parse_limits(&read(&limits_path)?)
+        .ok_or(DumpError::Parse { path: limits_path })?
+        .into_iter()
+        .enumerate()
+        .map(|(i, (cur, max))| Rlimit {
+            resource: i as u32,
             cur,
             max,
-        });
-    }
+        })
+        .collect();
     let get = |k: &str| status.get(k).cloned().unwrap_or_default();
     let creds = Creds {
         uid: procfmt::status_numbers(&get("Uid")),

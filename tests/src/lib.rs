@@ -211,6 +211,71 @@ pub fn kill_and_reap(pid: i32) {
     let _ = wait_exit(pid, Duration::from_secs(5));
 }
 
+/// Kills (SIGKILL) and reaps a process by its pid when dropped: for
+/// processes a test starts itself outside [`Workload`].
+pub struct PidGuard {
+    pid: i32,
+}
+
+impl PidGuard {
+    pub fn new(pid: i32) -> PidGuard {
+        PidGuard { pid }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Kills and reaps the process now; returns how it ended (None if it
+    /// did not go away).
+    pub fn kill(&mut self) -> Option<Exit> {
+        let pid = std::mem::replace(&mut self.pid, 0);
+        if pid <= 0 {
+            return None;
+        }
+        if pid_alive(pid) {
+            // SAFETY: kill by an explicit, positive pid of a process this
+            // test started and has not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        wait_exit(pid, Duration::from_secs(5))
+    }
+}
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// The state letter of /proc/<pid>/stat (`S`, `R`, `Z`, ...).
+pub fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let i = s.rfind(')')?;
+    s[i + 1..].split_whitespace().next()?.chars().next()
+}
+
+/// Waits until `pid` sleeps (state `S`) with a mapping layout that no longer
+/// changes (the dynamic loader is done), so that a later comparison of its
+/// maps is meaningful. Panics after `timeout`.
+pub fn wait_settled(pid: i32, timeout: Duration) {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if proc_state(pid) == Some('S') && !maps.is_empty() && maps == last {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "pid {pid} did not settle within {timeout:?} (state {:?})",
+            proc_state(pid)
+        );
+        last = maps;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A field of /proc/<pid>/status, trimmed ("TracerPid" -> "0").
 pub fn proc_status_field(pid: i32, name: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -583,9 +648,17 @@ impl Workload {
 
     /// `wl_single` with `--wait <wait> --tmp <dir>/tmp`.
     pub fn single(wait: &str, dir: &TestDir) -> Workload {
+        Workload::single_with(wait, dir, &[])
+    }
+
+    /// `wl_single` with `--wait <wait> --tmp <dir>/tmp` and more arguments
+    /// (`--drop-creds`, `--thread`).
+    pub fn single_with(wait: &str, dir: &TestDir, extra: &[&str]) -> Workload {
         let tmp = dir.subdir("tmp");
         let tmp = tmp.to_str().expect("utf-8 temp path").to_string();
-        Workload::start("wl_single", &["--wait", wait, "--tmp", &tmp], dir)
+        let mut args = vec!["--wait", wait, "--tmp", &tmp];
+        args.extend_from_slice(extra);
+        Workload::start("wl_single", &args, dir)
     }
 
     fn wait_ready(&mut self) {

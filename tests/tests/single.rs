@@ -37,6 +37,35 @@ fn kill_mode_busy() {
     kill_mode("busy", &[]);
 }
 
+/// wl_single as an unprivileged process: uid/gid 1000, groups 1234 and
+/// 5678, no capabilities, no_new_privs. Its credentials must come back as
+/// they were (cryo restores as root and must drop to them).
+#[test]
+fn kill_mode_unprivileged_creds() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single_with("nanosleep", &dir, &["--drop-creds"]);
+    let pid = wl.pid();
+    assert_eq!(
+        proc_status_field(pid, "Uid").as_deref(),
+        Some("1000\t1000\t1000\t1000"),
+        "wl_single --drop-creds did not drop its uid\nlog:\n{}",
+        wl.log_text()
+    );
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    assert!(!pid_alive(pid), "pid {pid} alive after a kill-mode dump");
+    restore_ok(&mut wl, &img);
+    assert_eq!(wl.pid(), pid);
+    assert_eq!(tracer_pid(pid), Some(0), "restored task is traced");
+    for field in ["Uid", "Gid", "Groups", "CapEff", "CapPrm", "NoNewPrivs"] {
+        eprintln!(
+            "restored pid {pid}: {field}: {:?}",
+            proc_status_field(pid, field)
+        );
+    }
+    wl.assert_pass("restored unprivileged workload");
+}
+
 fn pages_file_size(img: &Path, pid: i32) -> u64 {
     let p = img.join(format!("pages-{pid}.img"));
     std::fs::metadata(&p)

@@ -42,6 +42,9 @@ struct Piece {
     cont: bool,
 }
 
+/// Pipes in flight between the parasite and cryo.
+const PIPES: usize = 4;
+
 /// One batch: iovecs for the parasite and the run pieces they came from.
 struct Batch {
     iovs: Vec<Iov>,
@@ -133,7 +136,7 @@ pub fn transfer(
     let pipe_err = |errno| TransferError::Pipe { pid, errno };
     let mut pipes: Vec<(OwnedFd, OwnedFd)> = Vec::new();
     let mut cap = u64::MAX;
-    for _ in 0..2 {
+    for _ in 0..PIPES {
         let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(pipe_err)?;
         // 1 MiB is fs.pipe-max-size by default; take what we get.
         let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(1 << 20));
@@ -141,30 +144,23 @@ pub fn transfer(
         cap = cap.min(size);
         pipes.push((r, w));
     }
-    let first = victim.send_fds(&[pipes[0].1.as_raw_fd(), pipes[1].1.as_raw_fd()])?;
+    let write_ends: Vec<i32> = pipes.iter().map(|p| p.1.as_raw_fd()).collect();
+    let first = victim.send_fds(&write_ends)?;
     // The parasite holds the write ends now.
     let readers: Vec<OwnedFd> = pipes.into_iter().map(|(r, _w)| r).collect();
 
+    // Keep up to PIPES commands queued: the parasite fills the next pipes
+    // while cryo drains this one, and each pipe holds one batch at a time,
+    // so a vmsplice never blocks.
     let batches = batches(runs, cap);
     let mut entries = Vec::new();
     let mut stats = TransferStats::default();
     let mut done_bytes = 0u64;
+    let n = readers.len();
+    for (k, b) in batches.iter().enumerate().take(n) {
+        victim.splice_pages_start(first + k as u32, &b.iovs)?;
+    }
     for (k, b) in batches.iter().enumerate() {
-        victim.splice_pages_start(first + (k % 2) as u32, &b.iovs)?;
-        if k > 0 {
-            // Drain the previous batch while the parasite fills this one.
-            drain(
-                pid,
-                &readers[(k - 1) % 2],
-                &batches[k - 1],
-                writer,
-                raw,
-                &mut entries,
-                &mut stats,
-            )?;
-            done_bytes += batches[k - 1].bytes;
-            progress(done_bytes);
-        }
         let got = victim.splice_pages_finish()?;
         if got != b.bytes {
             return Err(TransferError::Short {
@@ -173,18 +169,19 @@ pub fn transfer(
                 want: b.bytes,
             });
         }
-    }
-    if let Some(last) = batches.last() {
         drain(
             pid,
-            &readers[(batches.len() - 1) % 2],
-            last,
+            &readers[k % n],
+            b,
             writer,
             raw,
             &mut entries,
             &mut stats,
         )?;
-        done_bytes += last.bytes;
+        if let Some(next) = batches.get(k + n) {
+            victim.splice_pages_start(first + (k % n) as u32, &next.iovs)?;
+        }
+        done_bytes += b.bytes;
         progress(done_bytes);
     }
     Ok((entries, stats))

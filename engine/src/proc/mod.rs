@@ -141,6 +141,32 @@ pub fn parse_fdinfo(text: &str) -> (u64, u32) {
     (pos, flags)
 }
 
+/// Soft and hard limits from /proc/PID/limits, in resource order
+/// (RLIMIT_CPU = 0 ...). "unlimited" is RLIM_INFINITY. The kernel prints
+/// fixed-width columns; their positions come from the header line.
+pub fn parse_limits(text: &str) -> Option<Vec<(u64, u64)>> {
+    let mut lines = text.lines();
+    let header = lines.next()?;
+    let soft_at = header.find("Soft Limit")?;
+    let hard_at = header.find("Hard Limit")?;
+    let value = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            s.parse().ok()
+        }
+    };
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let soft = l.get(soft_at..hard_at)?;
+            let hard = l.get(hard_at..)?.split_whitespace().next()?;
+            Some((value(soft)?, value(hard)?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +209,16 @@ mod tests {
             (0, 39, 0x1234, 0, 1)
         );
         assert_eq!((v[1].id, v[1].notify, v[1].notify_tid), (3, 6, 78));
+    }
+
+    #[test]
+    fn limits() {
+        let t = "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max file size             12345                unlimited            bytes     \n\
+Max nice priority         0                    0                    \n";
+        let v = parse_limits(t).unwrap();
+        assert_eq!(v, vec![(u64::MAX, u64::MAX), (12345, u64::MAX), (0, 0)]);
     }
 
     #[test]

@@ -355,18 +355,3 @@ pub fn pagemap_scan(
     }
     Ok(out)
 }
-
-/// A resource limit of another process (prlimit64 without setting).
-pub fn get_rlimit(pid: Pid, resource: u32) -> SysResult<(u64, u64)> {
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: prlimit64 only writes the rlimit64 we pass; the new limit
-    // pointer is NULL so nothing is changed.
-    let r = unsafe { libc::prlimit64(pid.as_raw(), resource as _, std::ptr::null(), &mut old) };
-    if r < 0 {
-        return Err(err("prlimit64", pid));
-    }
-    Ok((old.rlim_cur, old.rlim_max))
-}

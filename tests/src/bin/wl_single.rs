@@ -1,6 +1,7 @@
 //! wl_single: a single-threaded ZDTM-style workload.
 //!
-//! Usage: `wl_single --ready PATH --verdict PATH [--wait nanosleep|pause|busy] [--tmp DIR]`
+//! Usage: `wl_single --ready PATH --verdict PATH [--wait nanosleep|pause|busy] [--tmp DIR]
+//! [--drop-creds] [--thread]`
 //!
 //! It sets up a wide range of process state, records a "before" snapshot,
 //! writes the ready file, then waits until SIGTERM arrives. After that it
@@ -9,6 +10,12 @@
 //!
 //! Stdin must be /dev/null and stdout/stderr a regular file opened with
 //! O_APPEND; every other descriptor is closed at startup.
+//!
+//! `--drop-creds` (start it as root): after the setup that needs root, become
+//! uid/gid 1000 with supplementary groups 1234 and 5678, no capabilities and
+//! no_new_privs, so that the credentials checked after restore are those of
+//! an unprivileged process. `--thread` starts one extra thread that only
+//! sleeps (with every signal blocked), to make the process multi-threaded.
 
 use std::arch::asm;
 use std::cell::Cell;
@@ -37,6 +44,11 @@ const NONE_PAGES: usize = 4;
 const PRIV_FILE_PAGES: usize = 16;
 const SHARED_FILE_PAGES: usize = 8;
 const PRIV_FILE_DIRTY: [usize; 2] = [2, 5];
+const NONE_FILLED_PAGES: usize = 8;
+const RX_PAGES: usize = 8;
+/// The uid and gid `--drop-creds` switches to.
+const DROP_ID: u32 = 1000;
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 // Region ids mixed into the memory patterns, so that two regions never hold
 // the same bytes and a region restored at the wrong address is noticed.
@@ -52,6 +64,8 @@ const R_FILE_SHARED_AFTER: u64 = 9;
 const R_BSS: u64 = 10;
 const R_STACK: u64 = 11;
 const R_HEAP: u64 = 12;
+const R_NONE_FILLED: u64 = 13;
+const R_RX: u64 = 14;
 
 static TERM: AtomicBool = AtomicBool::new(false);
 static USR1_COUNT: AtomicU64 = AtomicU64::new(0);
@@ -143,6 +157,25 @@ impl Region {
     }
     fn addr(&self) -> usize {
         self.ptr as usize
+    }
+    fn protect(&self, prot: c_int) -> Result<(), String> {
+        // SAFETY: ptr/len describe a whole mapping made by Region::map (or a
+        // malloc'ed block this program owns) that is never unmapped; changing
+        // its protection affects no memory Rust code holds references into
+        // (callers only read it through words() while it is readable).
+        if unsafe { libc::mprotect(self.ptr.cast(), self.len, prot) } != 0 {
+            return Err(format!(
+                "mprotect({:#x}, {:#x}, {prot:#x}): {}",
+                self.addr(),
+                self.len,
+                errstr()
+            ));
+        }
+        Ok(())
+    }
+    /// The range of this region as /proc/PID/maps prints it.
+    fn maps_range(&self) -> String {
+        format!("{:08x}-{:08x}", self.addr(), self.addr() + self.len)
     }
     fn words(&self) -> &[u64] {
         // SAFETY: ptr is a page-aligned readable mapping of len bytes that is
@@ -297,6 +330,144 @@ fn maps_line_at(
         let t = usize::from_str_radix(r.next().unwrap_or(""), 16).unwrap_or(0);
         s <= addr && addr < t
     })
+}
+
+/// Checks that region `r` is exactly one maps line (same start and end, no
+/// merge with a neighbour) with permissions `perms`.
+fn check_vma(
+    ck: &mut Checker,
+    what: &str,
+    entries: &[(String, String, String, String)],
+    r: &Region,
+    perms: &str,
+) {
+    match maps_line_at(entries, r.addr()) {
+        Some(l) if l.0 == r.maps_range() && l.1 == perms => {}
+        other => ck.fail(format!(
+            "{what}: maps line {other:?}, expected {} {perms}",
+            r.maps_range()
+        )),
+    }
+}
+
+fn dumpable() -> c_int {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer argument and only queries.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn chown_path(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    let c = cstr(path);
+    // SAFETY: c is a NUL-terminated path; chown reads nothing else.
+    if unsafe { libc::chown(c.as_ptr(), uid, gid) } != 0 {
+        return Err(format!("chown {}: {}", path.display(), errstr()));
+    }
+    Ok(())
+}
+
+/// `--drop-creds`: becomes uid/gid DROP_ID with groups 1234 and 5678 and no
+/// capabilities, sets no_new_privs and makes the process dumpable again (a
+/// credential change clears it, which would make files like
+/// /proc/self/auxv unreadable by the process itself).
+///
+/// `after_drop` lists paths the process still opens, creates files in or
+/// renames in after the drop: they are given to DROP_ID first.
+fn drop_creds(after_drop: &[PathBuf]) -> Result<(), String> {
+    for p in after_drop {
+        chown_path(p, DROP_ID, DROP_ID)?;
+    }
+    // SAFETY: the following calls only change this process's credentials and
+    // prctl attributes; every pointer argument points to live local data of
+    // the size given. Order: the gid and the groups while we still have
+    // CAP_SETGID, then the uid (which clears the effective and permitted sets
+    // as every uid becomes non-zero).
+    unsafe {
+        if libc::setresgid(DROP_ID, DROP_ID, DROP_ID) != 0 {
+            return Err(format!("setresgid({DROP_ID}): {}", errstr()));
+        }
+        let gs: [libc::gid_t; 2] = [1234, 5678];
+        if libc::setgroups(2, gs.as_ptr()) != 0 {
+            return Err(format!("setgroups after setresgid: {}", errstr()));
+        }
+        if libc::setresuid(DROP_ID, DROP_ID, DROP_ID) != 0 {
+            return Err(format!("setresuid({DROP_ID}): {}", errstr()));
+        }
+        // Clear the inheritable set too (and anything left in the others).
+        let mut hdr = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [CapData::default(); 2];
+        if libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) != 0 {
+            return Err(format!("capset(0): {}", errstr()));
+        }
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) != 0
+        {
+            return Err(format!("PR_CAP_AMBIENT_CLEAR_ALL: {}", errstr()));
+        }
+        if libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) != 0
+        {
+            return Err(format!("PR_SET_NO_NEW_PRIVS: {}", errstr()));
+        }
+        if libc::prctl(
+            libc::PR_SET_DUMPABLE,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) != 0
+        {
+            return Err(format!("PR_SET_DUMPABLE: {}", errstr()));
+        }
+    }
+    Ok(())
+}
+
+/// `--thread`: starts a thread that sleeps forever with every signal
+/// blocked, so that signals sent to the process reach the main thread.
+fn start_sleeper_thread() -> Result<(), String> {
+    // SAFETY: sigset_t is plain data; sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: all is a valid sigset_t owned here.
+    unsafe { libc::sigfillset(&mut all) };
+    let mut old = sigset_of(&[]);
+    // Block everything while the thread is created: it inherits the mask,
+    // so no signal can be delivered to it before it sleeps.
+    // SAFETY: all and old are valid sigsets; only this thread's mask changes.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    let r = std::thread::Builder::new()
+        .name("wl-sleeper".into())
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        });
+    // SAFETY: old is the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    r.map(drop).map_err(|e| format!("spawn thread: {e}"))
 }
 
 fn sigset_list(set: &libc::sigset_t) -> Vec<c_int> {
@@ -790,6 +961,8 @@ fn log(msg: &str) {
 
 struct Args {
     corrupt: bool,
+    drop_creds: bool,
+    thread: bool,
     ready: PathBuf,
     verdict: PathBuf,
     wait: String,
@@ -802,6 +975,8 @@ fn parse_args() -> Result<Args, String> {
     let mut wait = "nanosleep".to_string();
     let mut tmp = None;
     let mut corrupt = false;
+    let mut drop_creds = false;
+    let mut thread = false;
     let mut it = std::env::args_os().skip(1);
     while let Some(a) = it.next() {
         let mut val = || {
@@ -814,6 +989,8 @@ fn parse_args() -> Result<Args, String> {
             Some("--wait") => wait = val()?.to_string_lossy().into_owned(),
             Some("--tmp") => tmp = Some(PathBuf::from(val()?)),
             Some("--self-test-corrupt") => corrupt = true,
+            Some("--drop-creds") => drop_creds = true,
+            Some("--thread") => thread = true,
             _ => return Err(format!("unknown argument {a:?}")),
         }
     }
@@ -832,6 +1009,8 @@ fn parse_args() -> Result<Args, String> {
     let tmp = std::fs::canonicalize(&tmp).map_err(|e| format!("--tmp {}: {e}", tmp.display()))?;
     Ok(Args {
         corrupt,
+        drop_creds,
+        thread,
         ready,
         verdict,
         wait,
@@ -868,6 +1047,10 @@ struct Before {
     resuid: (u32, u32, u32),
     resgid: (u32, u32, u32),
     caps: Vec<String>,
+    /// Uid, Gid, Groups and NoNewPrivs lines of /proc/self/status.
+    creds: Vec<String>,
+    dumpable: c_int,
+    threads: String,
     getfl: [c_int; 3],
     fds: Vec<(String, String)>,
     mono: (i64, i64),
@@ -880,6 +1063,10 @@ struct Setup {
     untouched: Region,
     ro: Region,
     none: Region,
+    /// Written with a pattern, then made PROT_NONE.
+    none_filled: Region,
+    /// Written with a pattern, then made PROT_READ|PROT_EXEC.
+    rx: Region,
     altstack: Region,
     large: Region,
     heap_bufs: Vec<(usize, usize)>,
@@ -891,6 +1078,8 @@ struct Setup {
     timer_sig: c_int,
     rt3: c_int,
     rseq: Option<usize>,
+    creds_dropped: bool,
+    thread: bool,
 }
 
 fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
@@ -1046,6 +1235,14 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
     let pa = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     let priv_anon = Region::map(PRIV_ANON_PAGES * PAGE, rw, pa, -1)?;
     priv_anon.fill(R_PRIV_ANON);
+    // Mapped here, between read-write neighbours, so that no neighbour has
+    // the same protection (the maps checks want them as lines of their own).
+    let none_filled = Region::map(NONE_FILLED_PAGES * PAGE, rw, pa, -1)?;
+    none_filled.fill(R_NONE_FILLED);
+    none_filled.protect(libc::PROT_NONE)?;
+    let rx = Region::map(RX_PAGES * PAGE, rw, pa, -1)?;
+    rx.fill(R_RX);
+    rx.protect(libc::PROT_READ | libc::PROT_EXEC)?;
     let shared_anon = Region::map(
         SHARED_ANON_PAGES * PAGE,
         rw,
@@ -1172,12 +1369,36 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
     std::env::set_current_dir(&args.tmp)
         .map_err(|e| format!("chdir {}: {e}", args.tmp.display()))?;
 
+    if args.thread {
+        start_sleeper_thread()?;
+    }
+    if args.drop_creds {
+        // After the drop the process still writes the ready and verdict
+        // files (write to a temporary name, then rename: it needs their
+        // directories) and preads the mapped files by path. The log is only
+        // written through the inherited descriptor and read by path (0644).
+        let dir_of = |p: &Path| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut paths = vec![
+            dir_of(&args.ready),
+            dir_of(&args.verdict),
+            priv_file_path.clone(),
+            shared_file_path.clone(),
+        ];
+        paths.dedup();
+        drop_creds(&paths)?;
+    }
+
     Ok(Setup {
         priv_anon,
         shared_anon,
         untouched,
         ro,
         none,
+        none_filled,
+        rx,
         altstack: alt,
         large,
         heap_bufs,
@@ -1189,6 +1410,8 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
         timer_sig: rt5,
         rt3,
         rseq,
+        creds_dropped: args.drop_creds,
+        thread: args.thread,
     })
 }
 
@@ -1224,6 +1447,9 @@ fn snapshot(s: &Setup) -> Before {
         resuid: resuid(),
         resgid: resgid(),
         caps: status_lines(&["Cap"]),
+        creds: status_lines(&["Uid:", "Gid:", "Groups:", "NoNewPrivs:"]),
+        dumpable: dumpable(),
+        threads: status_field("Threads"),
         getfl: [getfl(0), getfl(1), getfl(2)],
         fds: fd_list(),
         mono: monotonic(),
@@ -1241,6 +1467,49 @@ fn check_before(b: &Before, s: &Setup, maps: &[u8], ck: &mut Checker) {
     match maps_line_at(&e, s.ro.addr()) {
         Some(l) if l.1 == "r--p" => {}
         other => ck.fail(format!("setup: read-only area not r--p in maps: {other:?}")),
+    }
+    check_vma(
+        ck,
+        "setup: filled PROT_NONE area",
+        &e,
+        &s.none_filled,
+        "---p",
+    );
+    check_vma(ck, "setup: PROT_READ|PROT_EXEC area", &e, &s.rx, "r-xp");
+    let want_threads = if s.thread { "2" } else { "1" };
+    if b.threads != want_threads {
+        ck.fail(format!(
+            "setup: {} threads, expected {want_threads}",
+            b.threads
+        ));
+    }
+    if b.dumpable != 1 {
+        ck.fail(format!("setup: dumpable is {}, expected 1", b.dumpable));
+    }
+    if s.creds_dropped {
+        let id = (DROP_ID, DROP_ID, DROP_ID);
+        if b.resuid != id || b.resgid != id {
+            ck.fail(format!(
+                "setup: after --drop-creds uids {:?}, gids {:?}",
+                b.resuid, b.resgid
+            ));
+        }
+        let zero = "0000000000000000";
+        for c in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            let line = format!("{c}:\t{zero}");
+            if !b.caps.contains(&line) {
+                ck.fail(format!(
+                    "setup: after --drop-creds no {line:?} in {:?}",
+                    b.caps
+                ));
+            }
+        }
+        if !b.creds.iter().any(|l| l == "NoNewPrivs:\t1") {
+            ck.fail(format!(
+                "setup: after --drop-creds NoNewPrivs is not 1: {:?}",
+                b.creds
+            ));
+        }
     }
     match maps_line_at(&e, s.shared_anon.addr()) {
         Some(l) if l.1 == "rw-s" => {}
@@ -1346,6 +1615,8 @@ fn check_after(
             "PROT_NONE area: maps line {other:?}, expected ---p"
         )),
     }
+    check_vma(ck, "filled PROT_NONE area", &e1, &s.none_filled, "---p");
+    check_vma(ck, "PROT_READ|PROT_EXEC area", &e1, &s.rx, "r-xp");
     // SAFETY: brk(0) only queries.
     ck.eq("brk", b.brk, unsafe { libc::syscall(libc::SYS_brk, 0) }
         as usize);
@@ -1373,6 +1644,19 @@ fn check_after(
         ));
     }
     check_words(ck, "read-only anon mapping", s.ro.words(), R_RO, 0);
+    check_words(ck, "r-x anon mapping", s.rx.words(), R_RX, 0);
+    // The task could not read these pages when it was dumped: their
+    // contents must have been saved all the same. (maps was read already.)
+    match s.none_filled.protect(libc::PROT_READ) {
+        Ok(()) => check_words(
+            ck,
+            "PROT_NONE anon mapping (made readable after restore)",
+            s.none_filled.words(),
+            R_NONE_FILLED,
+            0,
+        ),
+        Err(e) => ck.fail(format!("PROT_NONE anon mapping: {e}")),
+    }
     check_words(ck, "8 MiB malloc", s.large.words(), R_LARGE, 0);
     for (n, &(p, size)) in s.heap_bufs.iter().enumerate() {
         for i in 0..size {
@@ -1670,6 +1954,13 @@ fn check_after(
     ck.eq("getresuid", b.resuid, resuid());
     ck.eq("getresgid", b.resgid, resgid());
     ck.eq("capabilities", &b.caps, &status_lines(&["Cap"]));
+    ck.eq(
+        "/proc/self/status Uid/Gid/Groups/NoNewPrivs",
+        &b.creds,
+        &status_lines(&["Uid:", "Gid:", "Groups:", "NoNewPrivs:"]),
+    );
+    ck.eq("dumpable", b.dumpable, dumpable());
+    ck.eq("threads", &b.threads, &status_field("Threads"));
     ck.eq("TracerPid", "0".to_string(), status_field("TracerPid"));
 
     // Descriptors.

@@ -1,0 +1,316 @@
+//! What cryo must refuse, and how: a clear message, a non-zero exit, no
+//! image that looks complete, and the process it was pointed at left exactly
+//! as it was (running, untraced, same mappings, same blocked mask).
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cryo_tests::*;
+
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Does `text` mention descriptor `fd` ("fd 1", not "fd 10")?
+fn mentions_fd(text: &str, fd: i32) -> bool {
+    let key = format!("fd {fd}");
+    text.match_indices(&key).any(|(i, _)| {
+        !text[i + key.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+/// Does `text` mention `pid` as a number of its own (not inside a longer one)?
+fn count_pid(text: &str, pid: i32) -> usize {
+    let key = pid.to_string();
+    text.match_indices(&key)
+        .filter(|(i, _)| {
+            let before = text[..*i].chars().next_back();
+            let after = text[i + key.len()..].chars().next();
+            !before.is_some_and(|c| c.is_ascii_digit())
+                && !after.is_some_and(|c| c.is_ascii_digit())
+        })
+        .count()
+}
+
+fn sleep_bin() -> &'static str {
+    ["/bin/sleep", "/usr/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("no sleep binary in /bin or /usr/bin")
+}
+
+/// What a refused operation must not have changed in a live process.
+struct Untouched {
+    pid: i32,
+    maps: String,
+    sigblk: Option<String>,
+}
+
+impl Untouched {
+    fn record(pid: i32) -> Untouched {
+        Untouched {
+            pid,
+            maps: proc_maps(pid),
+            sigblk: proc_status_field(pid, "SigBlk"),
+        }
+    }
+
+    fn assert_unchanged(&self, what: &str) {
+        let pid = self.pid;
+        assert!(pid_alive(pid), "{what}: pid {pid} is gone");
+        assert_eq!(
+            wait_untraced(pid, Duration::from_secs(5)),
+            Some(0),
+            "{what}: pid {pid} still traced 5 s later"
+        );
+        let state = proc_state(pid);
+        assert!(
+            matches!(state, Some('S') | Some('R')),
+            "{what}: pid {pid} is in state {state:?}, expected running or sleeping (not stopped)"
+        );
+        let maps = proc_maps(pid);
+        assert!(
+            maps == self.maps,
+            "{what}: maps of pid {pid} changed:\n{}",
+            maps_diff(&self.maps, &maps)
+        );
+        assert_eq!(
+            proc_status_field(pid, "SigBlk"),
+            self.sigblk,
+            "{what}: SigBlk of pid {pid} changed"
+        );
+    }
+}
+
+/// Dumps `pid` (kill mode, the default: a refusal must not kill it) and
+/// checks that cryo refused cleanly with a message containing every string
+/// of `must` (case-insensitive) and `fd <fd>` if given, and left the process
+/// untouched. Returns cryo's stderr.
+fn assert_dump_refused(pid: i32, fd: Option<i32>, must: &[&str], what: &str) -> String {
+    let before = Untouched::record(pid);
+    let dir = TestDir::new();
+    let img = dir.subdir("img");
+    let out = dump(pid, &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("{what}: cryo dump of pid {pid} should have been refused: {e}");
+    }
+    let err = stderr_of(&out);
+    let lower = err.to_lowercase();
+    if let Some(fd) = fd {
+        assert!(
+            mentions_fd(&err, fd),
+            "{what}: cryo's message does not name fd {fd}:\n{err}"
+        );
+    }
+    for m in must {
+        assert!(
+            lower.contains(&m.to_lowercase()),
+            "{what}: cryo's message does not mention {m:?}:\n{err}"
+        );
+    }
+    assert!(
+        !img.join("inventory.img").exists(),
+        "{what}: the refused dump left an inventory.img (a complete-looking image) in {}",
+        img.display()
+    );
+    before.assert_unchanged(what);
+    err
+}
+
+#[test]
+fn dump_refuses_pipe_on_stdout() {
+    become_subreaper();
+    let mut child = Command::new(sleep_bin())
+        .arg("1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let mut guard = PidGuard::new(child.id() as i32);
+    let pid = guard.pid();
+    // Keep the read end open for the whole test.
+    let _stdout = child.stdout.take().expect("piped stdout");
+    drop(child);
+    wait_settled(pid, SETTLE_TIMEOUT);
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/1")).expect("readlink fd 1");
+    assert!(
+        link.to_string_lossy().starts_with("pipe:"),
+        "setup: fd 1 of sleep is {link:?}, not a pipe"
+    );
+
+    assert_dump_refused(pid, Some(1), &["pipe"], "pipe on stdout");
+
+    let exit = guard.kill();
+    assert_eq!(
+        exit,
+        Some(Exit::Signal(libc::SIGKILL)),
+        "sleep (pid {pid}) did not end by our SIGKILL"
+    );
+}
+
+#[test]
+fn dump_refuses_unix_socket_on_fd_3() {
+    become_subreaper();
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let raw: RawFd = theirs.as_raw_fd();
+    let mut cmd = Command::new(sleep_bin());
+    cmd.arg("1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // the async-signal-safe dup2 and fcntl on descriptor numbers (no
+    // allocation, no locks); `raw` stays open in the parent until after
+    // spawn returns, so it is open in the child. dup2 gives fd 3 without
+    // FD_CLOEXEC; if the socket already is fd 3, FD_CLOEXEC is cleared
+    // instead.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn sleep with a socket on fd 3");
+    let mut guard = PidGuard::new(child.id() as i32);
+    let pid = guard.pid();
+    drop(child);
+    drop(theirs);
+    wait_settled(pid, SETTLE_TIMEOUT);
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/3")).expect("readlink fd 3");
+    assert!(
+        link.to_string_lossy().starts_with("socket:"),
+        "setup: fd 3 of sleep is {link:?}, not a socket"
+    );
+
+    assert_dump_refused(pid, Some(3), &["socket"], "UNIX socket on fd 3");
+
+    // The socket still works: the peer is alive and connected (no data,
+    // no EOF).
+    ours.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 1];
+    match (&ours).read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("our end of the socketpair: expected no data and no EOF, got {other:?}"),
+    }
+    let exit = guard.kill();
+    assert_eq!(
+        exit,
+        Some(Exit::Signal(libc::SIGKILL)),
+        "sleep (pid {pid}) did not end by our SIGKILL"
+    );
+}
+
+#[test]
+fn dump_refuses_multithreaded_process() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single_with("nanosleep", &dir, &["--thread"]);
+    let pid = wl.pid();
+    assert_eq!(
+        proc_status_field(pid, "Threads").as_deref(),
+        Some("2"),
+        "setup: wl_single --thread is not multi-threaded"
+    );
+    assert_dump_refused(pid, None, &["threads"], "multi-threaded process");
+    assert_eq!(
+        proc_status_field(pid, "Threads").as_deref(),
+        Some("2"),
+        "the refused dump changed the number of threads"
+    );
+    wl.assert_pass("multi-threaded workload after a refused dump");
+}
+
+/// The children of this process (all its threads'), for spotting a task a
+/// failed restore left behind.
+fn own_children() -> Vec<i32> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc/self/task") {
+        for t in rd.flatten() {
+            let p = t.path().join("children");
+            let s = std::fs::read_to_string(p).unwrap_or_default();
+            v.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[test]
+fn restore_refuses_pid_in_use() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert!(pid_alive(pid), "pid {pid} gone after dump -R");
+    assert_eq!(
+        wait_untraced(pid, Duration::from_secs(5)),
+        Some(0),
+        "pid {pid} still traced after dump -R"
+    );
+    let before = Untouched::record(pid);
+    let children_before = own_children();
+    assert!(
+        img.join("inventory.img").exists(),
+        "dump -R wrote no inventory.img"
+    );
+
+    let out = restore_detached(&img);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("restore of pid {pid} while it runs should have been refused: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.to_lowercase().contains("in use"),
+        "the message does not say that the pid is in use:\n{err}"
+    );
+    assert!(
+        count_pid(&err, pid) >= 1,
+        "the message does not name pid {pid}:\n{err}"
+    );
+    // The holder is the original itself: named by its pid (and, if cryo
+    // says more, by its name).
+    assert!(
+        count_pid(&err, pid) >= 2 || err.contains("wl-single") || err.contains("wl_single"),
+        "the message does not name the process holding pid {pid}:\n{err}"
+    );
+
+    before.assert_unchanged("original after a refused restore");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("readlink exe");
+    assert_eq!(
+        exe,
+        workload_bin("wl_single"),
+        "pid {pid} runs something else"
+    );
+    let children_after = own_children();
+    assert_eq!(
+        children_after, children_before,
+        "the refused restore left a task behind (children of the test)"
+    );
+    wl.assert_pass("original after a refused restore");
+}
+
+#[test]
+fn check_reports_ptrace_seize() {
+    let out = run_cryo(&["check"], &[]);
+    assert_cryo_ok(&out, "cryo check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.contains("ptrace-seize")),
+        "cryo check printed no line about ptrace-seize:\n{stdout}"
+    );
+}
