@@ -32,6 +32,12 @@ fn kill_mode_pause() {
     kill_mode("pause", &[]);
 }
 
+/// Blocked in FUTEX_WAIT (ERESTARTSYS, like a blocking read).
+#[test]
+fn kill_mode_futex() {
+    kill_mode("futex", &[]);
+}
+
 #[test]
 fn kill_mode_busy() {
     kill_mode("busy", &[]);

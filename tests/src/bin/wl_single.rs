@@ -1,6 +1,6 @@
 //! wl_single: a single-threaded ZDTM-style workload.
 //!
-//! Usage: `wl_single --ready PATH --verdict PATH [--wait nanosleep|pause|busy] [--tmp DIR]
+//! Usage: `wl_single --ready PATH --verdict PATH [--wait nanosleep|pause|busy|futex] [--tmp DIR]
 //! [--drop-creds] [--thread]`
 //!
 //! It sets up a wide range of process state, records a "before" snapshot,
@@ -68,6 +68,8 @@ const R_NONE_FILLED: u64 = 13;
 const R_RX: u64 = 14;
 
 static TERM: AtomicBool = AtomicBool::new(false);
+/// The word the `futex` wait mode sleeps on; SIGTERM sets it.
+static FUTEX_WORD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 static USR1_COUNT: AtomicU64 = AtomicU64::new(0);
 static USR1_LAST_SIGNO: AtomicI32 = AtomicI32::new(0);
 static USR1_LAST_CODE: AtomicI32 = AtomicI32::new(0);
@@ -540,6 +542,7 @@ fn set_action(sig: c_int, handler: usize, flags: c_int, mask: &[c_int]) -> Resul
 
 extern "C" fn on_term(_sig: c_int) {
     TERM.store(true, Ordering::SeqCst);
+    FUTEX_WORD.store(1, Ordering::SeqCst);
 }
 
 extern "C" fn on_usr1(sig: c_int, info: *mut libc::siginfo_t, _ctx: *mut c_void) {
@@ -912,14 +915,50 @@ fn wait_nanosleep() -> (u64, Option<String>) {
     (round, first_bad)
 }
 
-fn wait_pause() -> u64 {
+fn wait_pause() -> (u64, Option<String>) {
     let mut n = 0;
+    let mut bad = None;
     while !TERM.load(Ordering::SeqCst) {
         // SAFETY: pause takes no arguments and only returns on a signal.
-        unsafe { libc::syscall(libc::SYS_pause) };
+        let r = unsafe { libc::syscall(libc::SYS_pause) };
+        bad = bad.or_else(|| syscall_leak("pause", r));
         n += 1;
     }
-    n
+    (n, bad)
+}
+
+/// Sleeps in FUTEX_WAIT without a timeout: a dump finds the task inside
+/// the syscall with -ERESTARTSYS, the same restart path as a blocking read.
+fn wait_futex() -> (u64, Option<String>) {
+    let mut n = 0;
+    let mut bad = None;
+    while !TERM.load(Ordering::SeqCst) {
+        // SAFETY: FUTEX_WAIT_PRIVATE on a static word that lives for the
+        // whole program; a NULL timeout waits until woken or interrupted.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                FUTEX_WORD.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0u32,
+                std::ptr::null::<libc::timespec>(),
+            )
+        };
+        bad = bad.or_else(|| syscall_leak("futex", r));
+        n += 1;
+    }
+    (n, bad)
+}
+
+/// A wait syscall may only end with EINTR or EAGAIN; a kernel-internal
+/// restart code (ERESTART*, 512..516) reaching user space means the
+/// restart after restore went wrong.
+fn syscall_leak(what: &str, r: libc::c_long) -> Option<String> {
+    if r >= 0 {
+        return None;
+    }
+    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    (e != libc::EINTR && e != libc::EAGAIN).then(|| format!("{what} returned errno {e}"))
 }
 
 fn wait_busy() -> u64 {
@@ -996,7 +1035,7 @@ fn parse_args() -> Result<Args, String> {
     }
     let ready = ready.ok_or("--ready is required")?;
     let verdict = verdict.ok_or("--verdict is required")?;
-    if !["nanosleep", "pause", "busy"].contains(&wait.as_str()) {
+    if !["nanosleep", "pause", "busy", "futex"].contains(&wait.as_str()) {
         return Err(format!("bad --wait {wait}"));
     }
     let tmp = match tmp {
@@ -2147,7 +2186,11 @@ fn main() {
             wait_fail = f;
             r
         }
-        "pause" => wait_pause(),
+        "pause" | "futex" => {
+            let (r, f) = if args.wait == "pause" { wait_pause() } else { wait_futex() };
+            wait_fail = f;
+            r
+        }
         _ => wait_busy(),
     };
 
