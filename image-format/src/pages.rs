@@ -75,7 +75,13 @@ struct Sink {
 }
 
 impl Sink {
-    fn append(&mut self, bytes: &[u8], nr_pages: u32, xxh3: u64) -> Result<(), ImageError> {
+    fn append(
+        &mut self,
+        bytes: &[u8],
+        nr_pages: u32,
+        xxh3: u64,
+        raw: bool,
+    ) -> Result<(), ImageError> {
         self.file
             .write_all_at(bytes, self.offset)
             .map_err(|e| ImageError::io(&self.path, "write", e))?;
@@ -86,6 +92,7 @@ impl Sink {
             stored_len: bytes.len() as u32,
             nr_pages,
             xxh3,
+            raw,
         });
         self.offset += bytes.len() as u64;
         Ok(())
@@ -103,6 +110,7 @@ enum Done {
         stored: Vec<u8>,
         nr_pages: u32,
         xxh3: u64,
+        raw: bool,
     },
     Failed(ImageError),
 }
@@ -220,17 +228,30 @@ fn compress_worker(
             Some(c) => Ok(c),
             None => zstd::bulk::Compressor::new(level).map(|c| compressor.insert(c)),
         }
-        .and_then(|c| c.compress_to_buffer(&job.data, &mut stored));
+        .and_then(|c| {
+            // Random or already compressed pages would only cost time:
+            // try a few sample pages first and store the chunk as it is
+            // if they do not shrink.
+            if worth_compressing(c, &job.data, &mut stored)? {
+                stored.clear();
+                c.compress_to_buffer(&job.data, &mut stored).map(|_| false)
+            } else {
+                stored.clear();
+                stored.extend_from_slice(&job.data);
+                Ok(true)
+            }
+        });
         let mut data = job.data;
         data.clear();
         // The pool is bounded; when it is full the buffer is simply freed.
         let _ = free_tx.try_send(data);
         let msg = match res {
-            Ok(_) => Done::Chunk {
+            Ok(raw) => Done::Chunk {
                 seq: job.seq,
                 stored,
                 nr_pages,
                 xxh3,
+                raw,
             },
             Err(source) => Done::Failed(ImageError::ChunkCompress {
                 path: path.to_path_buf(),
@@ -244,12 +265,33 @@ fn compress_worker(
     }
 }
 
+/// Compress four pages spread over the chunk; worth it if they shrink
+/// below 90%.
+fn worth_compressing(
+    c: &mut zstd::bulk::Compressor<'static>,
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    let pages = data.len() / PAGE_SIZE;
+    if pages < 16 {
+        return Ok(true);
+    }
+    let mut sample = Vec::with_capacity(4 * PAGE_SIZE);
+    for k in 0..4 {
+        let p = (pages * k / 4) * PAGE_SIZE;
+        sample.extend_from_slice(&data[p..p + PAGE_SIZE]);
+    }
+    scratch.clear();
+    let n = c.compress_to_buffer(&sample, scratch)?;
+    Ok(n * 10 < sample.len() * 9)
+}
+
 fn write_in_order(
     mut sink: Sink,
     done_rx: Receiver<Done>,
     out_tx: Sender<Vec<u8>>,
 ) -> Result<Sink, ImageError> {
-    let mut pending: BTreeMap<u64, (Vec<u8>, u32, u64)> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, (Vec<u8>, u32, u64, bool)> = BTreeMap::new();
     let mut next = 0u64;
     for msg in done_rx.iter() {
         match msg {
@@ -259,12 +301,13 @@ fn write_in_order(
                 stored,
                 nr_pages,
                 xxh3,
+                raw,
             } => {
-                pending.insert(seq, (stored, nr_pages, xxh3));
+                pending.insert(seq, (stored, nr_pages, xxh3, raw));
             }
         }
-        while let Some((stored, nr_pages, xxh3)) = pending.remove(&next) {
-            sink.append(&stored, nr_pages, xxh3)?;
+        while let Some((stored, nr_pages, xxh3, raw)) = pending.remove(&next) {
+            sink.append(&stored, nr_pages, xxh3, raw)?;
             let _ = out_tx.try_send(stored);
             next += 1;
         }
@@ -373,7 +416,7 @@ impl PageWriter {
         match &mut self.mode {
             Mode::Raw { sink, free } => {
                 let xxh3 = xxh3_64(&data);
-                sink.append(&data, nr_pages, xxh3)?;
+                sink.append(&data, nr_pages, xxh3, false)?;
                 if free.len() < POOL_LEN {
                     let mut data = data;
                     data.clear();
@@ -440,6 +483,7 @@ impl PageWriter {
             stored_len: len as u32,
             nr_pages,
             xxh3: chunk_hasher.digest(),
+            raw: false,
         });
         sink.offset = start + len as u64;
         Ok(())
@@ -576,7 +620,8 @@ impl PageReader {
             }
             let raw_len = u64::from(c.nr_pages) * PAGE_SIZE as u64;
             let bad_len = match compression {
-                Compression::None => u64::from(c.stored_len) != raw_len,
+                Compression::None => u64::from(c.stored_len) != raw_len || c.raw,
+                Compression::Zstd if c.raw => u64::from(c.stored_len) != raw_len,
                 Compression::Zstd => c.stored_len == 0,
             };
             if bad_len {
@@ -661,11 +706,11 @@ impl PageReader {
             });
         }
         match self.compression {
-            Compression::None => self
+            Compression::Zstd if !c.raw => self.read_zstd(idx, c, out)?,
+            _ => self
                 .file
                 .read_exact_at(out, c.offset)
                 .map_err(|e| ImageError::io(&self.path, "read", e))?,
-            Compression::Zstd => self.read_zstd(idx, c, out)?,
         }
         let found = xxh3_64(out);
         if found != c.xxh3 {

@@ -199,6 +199,7 @@ fn round_trip_every_kind() {
                 stored_len: 100,
                 nr_pages: 3,
                 xxh3: 42,
+                raw: false,
             })),
         },
     ];
@@ -804,4 +805,31 @@ fn pages_splice() {
     assert_eq!(r.read_chunk_vec(0).unwrap(), first);
     assert_eq!(r.read_chunk_vec(1).unwrap(), spliced);
     assert_eq!(r.read_chunk_vec(2).unwrap(), last);
+}
+
+#[test]
+fn incompressible_chunks_are_stored_raw_and_read_back() {
+    let td = TestDir::new("rawchunk");
+    let dir = td.path();
+    // One chunk of pseudo-random bytes (incompressible), one of a pattern.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let random: Vec<u8> = (0..64 * 4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let pattern: Vec<u8> = (0..64 * 4096).map(|i| (i % 251) as u8).collect();
+    let mut w = PageWriter::create(dir, "pages-9.img", Compression::Zstd, 1, 2).unwrap();
+    w.submit(random.clone()).unwrap();
+    w.submit(pattern.clone()).unwrap();
+    let (chunks, _) = w.finish().unwrap();
+    assert!(chunks[0].raw, "random chunk stored raw");
+    assert!(!chunks[1].raw, "patterned chunk compressed");
+    assert!((chunks[1].stored_len as usize) < pattern.len() / 4);
+    let r = PageReader::open(dir, "pages-9.img", Compression::Zstd, chunks).unwrap();
+    assert_eq!(r.read_chunk_vec(0).unwrap(), random);
+    assert_eq!(r.read_chunk_vec(1).unwrap(), pattern);
 }

@@ -2187,7 +2187,11 @@ fn main() {
             r
         }
         "pause" | "futex" => {
-            let (r, f) = if args.wait == "pause" { wait_pause() } else { wait_futex() };
+            let (r, f) = if args.wait == "pause" {
+                wait_pause()
+            } else {
+                wait_futex()
+            };
             wait_fail = f;
             r
         }
