@@ -321,15 +321,28 @@ fn sigkill_cryo_while_parasite_runs() {
 
 #[test]
 fn fail_after_parasite_leaves_task_running() {
+    failed_dump_leaves_task_running(&["fail-after-parasite"]);
+}
+
+/// A dump failing right after the seize, and another failing while the
+/// parasite runs (before any page moved), both on the same task in a row.
+#[test]
+fn fail_at_other_steps_leaves_task_running() {
+    failed_dump_leaves_task_running(&["fail-after-seize", "fail-in-parasite"]);
+}
+
+fn failed_dump_leaves_task_running(faults: &[&str]) {
     let dir = TestDir::new();
     let mut wl = Workload::single("nanosleep", &dir);
     let pid = wl.pid();
     let maps_before = proc_maps(pid);
     let sigblk_before = proc_status_field(pid, "SigBlk");
     let img = dir.subdir("img");
-    let out = dump(pid, &img, &[], &[("CRYO_FAULT", "fail-after-parasite")]);
-    if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump with CRYO_FAULT=fail-after-parasite: {e}");
+    for fault in faults {
+        let out = dump(pid, &img, &[], &[("CRYO_FAULT", fault)]);
+        if let Err(e) = check_cryo_failed_cleanly(&out) {
+            panic!("dump with CRYO_FAULT={fault}: {e}");
+        }
     }
     assert!(
         pid_alive(pid),

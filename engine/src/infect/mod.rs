@@ -107,6 +107,9 @@ pub struct Victim {
     blob: Option<Blob>,
     sock: Option<OwnedFd>,
     task_sock: i32,
+    /// Descriptors cryo made in the task that nothing else will close
+    /// (the socket pair before the parasite owns it).
+    stray_fds: Vec<i32>,
     phase: Phase,
     /// Descriptors sent to the parasite so far.
     sent_fds: u32,
@@ -139,6 +142,7 @@ impl Victim {
             blob: None,
             sock: None,
             task_sock: -1,
+            stray_fds: Vec::new(),
             phase: Phase::Stopped,
             sent_fds: 0,
         };
@@ -166,6 +170,7 @@ impl Victim {
             blob: None,
             sock: None,
             task_sock: -1,
+            stray_fds: Vec::new(),
             phase: Phase::Stopped,
             sent_fds: 0,
         };
@@ -409,9 +414,11 @@ impl Victim {
         let task_end = i32::from_ne_bytes([pair[0], pair[1], pair[2], pair[3]]);
         let our_end = i32::from_ne_bytes([pair[4], pair[5], pair[6], pair[7]]);
         self.task_sock = task_end;
+        self.stray_fds = vec![task_end, our_end];
         let sock = sys::pidfd_getfd(&self.pidfd, pid, our_end)?;
         self.sock = Some(sock);
         self.syscall(libc::SYS_close as u64, [our_end as u64, 0, 0, 0, 0, 0])?;
+        self.stray_fds.retain(|&fd| fd != our_end);
 
         // The task's alternate signal stack goes into the frame that lets
         // the parasite return on its own if we die.
@@ -450,6 +457,8 @@ impl Victim {
         ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
         self.blob = Some(blob);
         self.phase = Phase::Running;
+        // The parasite owns its socket end now and closes it itself.
+        self.stray_fds.clear();
         Ok(())
     }
 
@@ -700,12 +709,9 @@ impl Victim {
         }
         let pid = self.pid;
         let mut first_err = self.stop_parasite().err();
-        if self.sock.is_none() && self.task_sock >= 0 && self.blob.is_none() {
-            // Parasite never started but the socket pair exists in the task.
-            let _ = self.syscall(
-                libc::SYS_close as u64,
-                [self.task_sock as u64, 0, 0, 0, 0, 0],
-            );
+        // The parasite never started: close what we made in the task.
+        for fd in std::mem::take(&mut self.stray_fds) {
+            let _ = self.syscall(libc::SYS_close as u64, [fd as u64, 0, 0, 0, 0, 0]);
         }
         self.task_sock = -1;
         if let Some((addr, len)) = self.area.take() {

@@ -1115,22 +1115,30 @@ fn prepare(
     }
 }
 
-/// Decompress every chunk and copy its pages to their premapped places.
+/// One piece of a chunk: `len` bytes at `offset` in the chunk go to the
+/// premapped address `dst`.
+#[derive(Clone, Copy)]
+struct Piece {
+    offset: usize,
+    dst: usize,
+    len: usize,
+}
+
+/// Work out where every page of every chunk goes (checked against the
+/// premapped mappings), then decompress the chunks in parallel threads.
 fn fill_pages(
     img: &Image,
     pages: &cryo_image::PageReader,
     premap_of: &[(u64, u64, u64)],
 ) -> std::result::Result<(), String> {
     let pm_name = cryo_image::pagemap_file(img.pstree.pid);
-    // Flatten runs into (vaddr) per page index lazily: walk runs alongside chunks.
+    let mut plan: Vec<Vec<Piece>> = Vec::with_capacity(img.chunks.len());
     let mut run_idx = 0usize;
     let mut run_off = 0u64; // pages consumed from runs[run_idx]
-    let mut buf: Vec<u8> = Vec::new();
     let mut vma_hint = 0usize;
-    for (ci, c) in img.chunks.iter().enumerate() {
+    for c in img.chunks.iter() {
         let len = c.nr_pages as usize * PAGE as usize;
-        buf.resize(len, 0);
-        pages.read_chunk(ci, &mut buf).map_err(|e| e.to_string())?;
+        let mut pieces = Vec::new();
         let mut pos = 0usize;
         while pos < len {
             let run = img
@@ -1140,7 +1148,6 @@ fn fill_pages(
             let avail = (run.nr_pages as u64 - run_off) as usize;
             let n = avail.min((len - pos) / PAGE as usize);
             let vaddr = run.vaddr + run_off * PAGE;
-            // Find the premapped mapping holding vaddr.
             if !(premap_of
                 .get(vma_hint)
                 .is_some_and(|m| m.0 <= vaddr && vaddr < m.1))
@@ -1157,11 +1164,19 @@ fn fill_pages(
                     "{pm_name}: run at {vaddr:#x} crosses the end of its mapping"
                 ));
             }
-            let dst = (pre + (vaddr - vs)) as *mut u8;
-            // SAFETY: dst..dst+bytes lies inside the premapped (writable)
-            // copy of the mapping [vs, ve), checked just above; the source
-            // is inside `buf`.
-            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(pos), dst, bytes) };
+            let dst = (pre + (vaddr - vs)) as usize;
+            match pieces.last_mut() {
+                Some(Piece {
+                    offset,
+                    dst: d,
+                    len: l,
+                }) if *offset + *l == pos && *d + *l == dst => *l += bytes,
+                _ => pieces.push(Piece {
+                    offset: pos,
+                    dst,
+                    len: bytes,
+                }),
+            }
             pos += bytes;
             run_off += n as u64;
             if run_off == run.nr_pages as u64 {
@@ -1169,6 +1184,59 @@ fn fill_pages(
                 run_off = 0;
             }
         }
+        plan.push(pieces);
     }
-    Ok(())
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
+        .min(img.chunks.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = |_: usize| -> std::result::Result<(), String> {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let ci = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(pieces) = plan.get(ci) else {
+                return Ok(());
+            };
+            let len = img.chunks[ci].nr_pages as usize * PAGE as usize;
+            if let [p] = pieces.as_slice() {
+                if p.len == len {
+                    // The whole chunk lands in one place: decompress there.
+                    // SAFETY: [p.dst, p.dst + len) lies inside one premapped,
+                    // writable mapping (checked while planning); chunks map
+                    // to disjoint pages, so no other thread touches it.
+                    let out = unsafe { std::slice::from_raw_parts_mut(p.dst as *mut u8, len) };
+                    pages.read_chunk(ci, out).map_err(|e| e.to_string())?;
+                    continue;
+                }
+            }
+            buf.resize(len, 0);
+            pages.read_chunk(ci, &mut buf).map_err(|e| e.to_string())?;
+            for p in pieces {
+                // SAFETY: as above for the destination; the source range
+                // lies inside `buf` (offset + len <= chunk length).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr().add(p.offset),
+                        p.dst as *mut u8,
+                        p.len,
+                    )
+                };
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (1..threads).map(|t| s.spawn(move || work(t))).collect();
+        let mut res = work(0);
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err("a page worker panicked".into()));
+            if res.is_ok() {
+                res = r;
+            }
+        }
+        res
+    })
 }

@@ -462,14 +462,23 @@ fn start_sleeper_thread() -> Result<(), String> {
     // so no signal can be delivered to it before it sleeps.
     // SAFETY: all and old are valid sigsets; only this thread's mask changes.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
     let r = std::thread::Builder::new()
         .name("wl-sleeper".into())
-        .spawn(|| loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
+        .spawn(move || {
+            // Allocate once so glibc sets up this thread's malloc arena
+            // now, before the main thread takes its maps snapshot.
+            drop(std::hint::black_box(vec![0u8; 4096]));
+            let _ = tx.send(());
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
         });
     // SAFETY: old is the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    r.map(drop).map_err(|e| format!("spawn thread: {e}"))
+    r.map(drop).map_err(|e| format!("spawn thread: {e}"))?;
+    rx.recv()
+        .map_err(|e| format!("sleeper thread did not start: {e}"))
 }
 
 fn sigset_list(set: &libc::sigset_t) -> Vec<c_int> {
