@@ -2,9 +2,11 @@
 //! store. No unsafe code.
 #![forbid(unsafe_code)]
 
+pub mod descriptor;
 pub mod error;
 pub mod framing;
 pub mod inventory;
+pub mod json;
 pub mod pages;
 pub mod proto;
 

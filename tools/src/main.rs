@@ -2,6 +2,7 @@
 
 mod check;
 mod dump;
+mod image;
 mod restore;
 
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect, decode, encode or verify an image.
+    Image(image::ImageArgs),
 }
 
 fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
@@ -78,6 +81,7 @@ fn main() {
         Cmd::Dump(a) => dump::run(a),
         Cmd::Restore(a) => restore::run(a),
         Cmd::Check { json } => check::run(json),
+        Cmd::Image(a) => image::run(a),
     };
     match res {
         Ok(code) => std::process::exit(code),

@@ -43,7 +43,7 @@ struct Piece {
 }
 
 /// Pipes in flight between the parasite and cryo.
-const PIPES: usize = 4;
+const PIPES: usize = 2;
 
 /// One batch: iovecs for the parasite and the run pieces they came from.
 struct Batch {

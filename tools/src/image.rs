@@ -1,0 +1,61 @@
+//! `cryo image`: inspect, convert and check image directories.
+//!
+//! - `show DIR [--json]`: what the image holds, task by task.
+//! - `decode FILE`: any image file as `{"kind", "records"}` JSON (proto3
+//!   canonical JSON per record); a summary for pages files.
+//! - `encode`: that JSON on stdin back to the binary file on stdout.
+//! - `verify DIR`: framing, inventory, page checksums and cross-references;
+//!   reports every problem.
+
+mod codec;
+mod load;
+mod show;
+mod verify;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    cmd: ImageCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Summarise an image: process tree, memory, descriptors, core state, files.
+    Show {
+        /// Image directory.
+        dir: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an image file as JSON ({"kind", "records"}; a summary for pages files).
+    Decode {
+        /// Image file.
+        file: PathBuf,
+    },
+    /// Read `cryo image decode` JSON on stdin and write the binary file.
+    Encode {
+        /// Write here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Check an image thoroughly and report every problem found.
+    Verify {
+        /// Image directory.
+        dir: PathBuf,
+    },
+}
+
+/// Runs `cryo image ...`; returns the exit code.
+pub fn run(a: ImageArgs) -> anyhow::Result<i32> {
+    match a.cmd {
+        ImageCmd::Show { dir, json } => show::run(&dir, json),
+        ImageCmd::Decode { file } => codec::decode(&file),
+        ImageCmd::Encode { output } => codec::encode(output.as_deref()),
+        ImageCmd::Verify { dir } => verify::run(&dir),
+    }
+}

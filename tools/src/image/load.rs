@@ -1,0 +1,150 @@
+//! Reading the records of image files, shared by `show` and `verify`.
+
+use std::path::Path;
+
+use cryo_image::proto::{self, PageChunk, PagemapEntry, PagemapHead, PagemapRecord, VmaKind};
+use cryo_image::{ImageError, ImageReader, Kind};
+
+/// Every record of `dir/name`, decoded as `M`.
+pub fn read_all<M: prost::Message + Default>(
+    dir: &Path,
+    name: &str,
+    kind: Kind,
+) -> Result<Vec<M>, ImageError> {
+    let mut r = ImageReader::open(dir, name, kind)?;
+    let mut out = Vec::new();
+    while let Some(m) = r.next::<M>()? {
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// A decoded `pagemap-<pid>.img`.
+#[derive(Debug, Default)]
+pub struct Pagemap {
+    pub head: PagemapHead,
+    pub runs: Vec<PagemapEntry>,
+    pub chunks: Vec<PageChunk>,
+    /// Indexes of records that hold neither a run nor a chunk.
+    pub empty_records: Vec<usize>,
+}
+
+impl Pagemap {
+    pub fn run_pages(&self) -> u64 {
+        self.runs.iter().map(|e| u64::from(e.nr_pages)).sum()
+    }
+
+    pub fn chunk_pages(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.nr_pages)).sum()
+    }
+
+    pub fn compression(&self) -> Option<proto::Compression> {
+        proto::Compression::try_from(self.head.compression).ok()
+    }
+}
+
+/// Reads `dir/name` as a pagemap file. `Ok(None)` when the file has no
+/// head record.
+pub fn read_pagemap(dir: &Path, name: &str) -> Result<Option<Pagemap>, ImageError> {
+    let mut r = ImageReader::open(dir, name, Kind::Pagemap)?;
+    let Some(head) = r.next::<PagemapHead>()? else {
+        return Ok(None);
+    };
+    let mut pm = Pagemap {
+        head,
+        ..Pagemap::default()
+    };
+    loop {
+        let idx = r.record_index();
+        let Some(rec) = r.next::<PagemapRecord>()? else {
+            break;
+        };
+        match rec.record {
+            Some(proto::pagemap_record::Record::Run(e)) => pm.runs.push(e),
+            Some(proto::pagemap_record::Record::Chunk(c)) => pm.chunks.push(c),
+            None => pm.empty_records.push(idx),
+        }
+    }
+    Ok(Some(pm))
+}
+
+/// Whether the pages of mappings of this kind are stored in the image.
+pub fn kind_stores_pages(kind: i32) -> bool {
+    matches!(
+        VmaKind::try_from(kind),
+        Ok(VmaKind::VmaAnonPrivate
+            | VmaKind::VmaAnonShared
+            | VmaKind::VmaFilePrivate
+            | VmaKind::VmaHeap
+            | VmaKind::VmaStack)
+    )
+}
+
+/// `VMA_ANON_PRIVATE` -> `anon-private`; unknown values as `kind-<n>`.
+pub fn vma_kind_name(kind: i32) -> String {
+    match VmaKind::try_from(kind) {
+        Ok(k) => k
+            .as_str_name()
+            .trim_start_matches("VMA_")
+            .to_ascii_lowercase()
+            .replace('_', "-"),
+        Err(_) => format!("kind-{kind}"),
+    }
+}
+
+/// `FILE_REGULAR` -> `regular`; unknown values as `kind-<n>`.
+pub fn file_kind_name(kind: i32) -> String {
+    match proto::FileKind::try_from(kind) {
+        Ok(k) => k
+            .as_str_name()
+            .trim_start_matches("FILE_")
+            .to_ascii_lowercase(),
+        Err(_) => format!("kind-{kind}"),
+    }
+}
+
+/// `none` / `zstd`; unknown values as `compression-<n>`.
+pub fn compression_name(c: i32) -> String {
+    match proto::Compression::try_from(c) {
+        Ok(proto::Compression::None) => "none".into(),
+        Ok(proto::Compression::Zstd) => "zstd".into(),
+        Err(_) => format!("compression-{c}"),
+    }
+}
+
+/// Names of the entries of `dir`, sorted.
+pub fn dir_entries(dir: &Path) -> anyhow::Result<Vec<(String, std::fs::Metadata)>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{}: cannot list directory: {e}", dir.display()))?;
+    for entry in rd {
+        let entry =
+            entry.map_err(|e| anyhow::anyhow!("{}: cannot list directory: {e}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = std::fs::symlink_metadata(entry.path())
+            .map_err(|e| anyhow::anyhow!("{}: stat failed: {e}", entry.path().display()))?;
+        out.push((name, meta));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Pages of the runs that fall inside `[start, end)`.
+pub fn pages_in(runs: &[PagemapEntry], start: u64, end: u64) -> u64 {
+    const PAGE: u64 = cryo_image::PAGE_SIZE as u64;
+    runs.iter()
+        .map(|r| {
+            let rs = r.vaddr;
+            let re = r
+                .vaddr
+                .saturating_add(u64::from(r.nr_pages).saturating_mul(PAGE));
+            let lo = rs.max(start);
+            let hi = re.min(end);
+            if hi > lo {
+                (hi - lo) / PAGE
+            } else {
+                0
+            }
+        })
+        .sum()
+}

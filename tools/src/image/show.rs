@@ -1,0 +1,534 @@
+//! `cryo image show`: a readable summary of an image.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, Inventory, MmEntry, PstreeEntry, Vma};
+use cryo_image::{Kind, PAGE_SIZE};
+use serde_json::{json, Value};
+
+use super::load::{self, Pagemap};
+
+/// One process of the image, with everything read from its files.
+struct Task {
+    entry: PstreeEntry,
+    cores: Vec<(u32, CoreEntry)>,
+    mm: MmEntry,
+    pagemap: Pagemap,
+    fds: Vec<FdEntry>,
+}
+
+struct Image {
+    inventory: Inventory,
+    tasks: Vec<Task>,
+    files: HashMap<u32, FileEntry>,
+    /// Every regular file of the directory, with its size and whether the
+    /// inventory lists it.
+    dir_files: Vec<(String, u64, bool)>,
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+impl Image {
+    fn load(dir: &Path) -> anyhow::Result<Image> {
+        let inventory = cryo_image::read_inventory(dir)?;
+        let pstree: Vec<PstreeEntry> = load::read_all(dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
+        let mut files = HashMap::new();
+        for f in load::read_all::<FileEntry>(dir, cryo_image::FILES_FILE, Kind::Files)? {
+            files.insert(f.id, f);
+        }
+        let mut tasks = Vec::new();
+        for entry in pstree {
+            let pid = entry.pid;
+            let mut cores = Vec::new();
+            for &tid in &entry.threads {
+                let core: CoreEntry =
+                    cryo_image::read_one(dir, &cryo_image::core_file(tid), Kind::Core)?;
+                cores.push((tid, core));
+            }
+            let mm: MmEntry = cryo_image::read_one(dir, &cryo_image::mm_file(pid), Kind::Mm)?;
+            let pm_name = cryo_image::pagemap_file(pid);
+            let pagemap = load::read_pagemap(dir, &pm_name)?
+                .with_context(|| format!("{}: no head record", dir.join(&pm_name).display()))?;
+            let fds: Vec<FdEntry> =
+                load::read_all(dir, &cryo_image::fdinfo_file(pid), Kind::Fdinfo)?;
+            tasks.push(Task {
+                entry,
+                cores,
+                mm,
+                pagemap,
+                fds,
+            });
+        }
+        let listed: std::collections::HashSet<&str> =
+            inventory.files.iter().map(|f| f.name.as_str()).collect();
+        let dir_files = load::dir_entries(dir)?
+            .into_iter()
+            .filter(|(_, m)| m.is_file())
+            .map(|(name, m)| {
+                let is_listed =
+                    name == cryo_image::INVENTORY_FILE || listed.contains(name.as_str());
+                (name, m.len(), is_listed)
+            })
+            .collect();
+        Ok(Image {
+            inventory,
+            tasks,
+            files,
+            dir_files,
+        })
+    }
+
+    fn total_size(&self) -> u64 {
+        self.dir_files.iter().map(|f| f.1).sum()
+    }
+
+    fn pages_stored(&self) -> u64 {
+        self.tasks.iter().map(|t| t.pagemap.head.total_pages).sum()
+    }
+
+    /// Sizes of the pages files the pagemaps name.
+    fn pages_file_size(&self) -> u64 {
+        self.tasks
+            .iter()
+            .filter_map(|t| {
+                self.dir_files
+                    .iter()
+                    .find(|f| f.0 == t.pagemap.head.pages_file)
+                    .map(|f| f.1)
+            })
+            .sum()
+    }
+
+    /// Raw bytes of the stored pages / bytes of the pages files.
+    fn ratio(&self) -> f64 {
+        let size = self.pages_file_size();
+        if size == 0 {
+            0.0
+        } else {
+            (self.pages_stored() * PAGE_SIZE as u64) as f64 / size as f64
+        }
+    }
+}
+
+fn perms(v: &Vma) -> String {
+    let shared = matches!(
+        cryo_image::proto::VmaKind::try_from(v.kind),
+        Ok(cryo_image::proto::VmaKind::VmaAnonShared | cryo_image::proto::VmaKind::VmaFileShared)
+    );
+    let mut s = String::with_capacity(4);
+    s.push(if v.prot & 1 != 0 { 'r' } else { '-' });
+    s.push(if v.prot & 2 != 0 { 'w' } else { '-' });
+    s.push(if v.prot & 4 != 0 { 'x' } else { '-' });
+    s.push(if shared { 's' } else { 'p' });
+    s
+}
+
+/// O_* flags as text (`O_RDWR|O_APPEND`), unknown bits in hex.
+fn open_flags(flags: u32) -> String {
+    use nix::libc;
+    let f = flags as i32;
+    let mut parts: Vec<String> = vec![match f & libc::O_ACCMODE {
+        libc::O_RDONLY => "O_RDONLY".into(),
+        libc::O_WRONLY => "O_WRONLY".into(),
+        libc::O_RDWR => "O_RDWR".into(),
+        other => format!("O_ACCMODE({other})"),
+    }];
+    let mut rest = f & !libc::O_ACCMODE;
+    let mut take = |bits: i32, name: &str| {
+        if bits != 0 && rest & bits == bits {
+            parts.push(name.to_string());
+            rest &= !bits;
+        }
+    };
+    take(libc::O_TMPFILE, "O_TMPFILE");
+    take(libc::O_SYNC, "O_SYNC");
+    take(libc::O_DSYNC, "O_DSYNC");
+    take(libc::O_APPEND, "O_APPEND");
+    take(libc::O_NONBLOCK, "O_NONBLOCK");
+    take(libc::O_CREAT, "O_CREAT");
+    take(libc::O_EXCL, "O_EXCL");
+    take(libc::O_NOCTTY, "O_NOCTTY");
+    take(libc::O_TRUNC, "O_TRUNC");
+    take(libc::O_DIRECT, "O_DIRECT");
+    // The kernel's O_LARGEFILE (0o100000 on x86_64, where libc says 0):
+    // fdinfo shows it for every file opened by a 64-bit task.
+    take(0o100000, "O_LARGEFILE");
+    take(libc::O_DIRECTORY, "O_DIRECTORY");
+    take(libc::O_NOFOLLOW, "O_NOFOLLOW");
+    take(libc::O_NOATIME, "O_NOATIME");
+    take(libc::O_CLOEXEC, "O_CLOEXEC");
+    take(libc::O_PATH, "O_PATH");
+    take(libc::O_ASYNC, "O_ASYNC");
+    if rest != 0 {
+        parts.push(format!("{rest:#o}"));
+    }
+    parts.join("|")
+}
+
+fn ids(v: &[u32]) -> String {
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn creds_json(core: &CoreEntry) -> Value {
+    match &core.creds {
+        None => Value::Null,
+        Some(c) => json!({
+            "uid": c.uid,
+            "gid": c.gid,
+            "groups": c.groups,
+            "cap_inh": hex(c.cap_inh),
+            "cap_prm": hex(c.cap_prm),
+            "cap_eff": hex(c.cap_eff),
+            "cap_bnd": hex(c.cap_bnd),
+            "cap_amb": hex(c.cap_amb),
+            "securebits": c.securebits,
+            "no_new_privs": c.no_new_privs,
+        }),
+    }
+}
+
+fn core_json(tid: u32, core: &CoreEntry) -> Value {
+    let regs = core.regs.unwrap_or_default();
+    json!({
+        "tid": tid,
+        "comm": core.comm,
+        "rip": hex(regs.rip),
+        "rsp": hex(regs.rsp),
+        "sigmask": format!("{:#018x}", core.blocked),
+        "pending_signals": core.pending.len(),
+        "rseq": core.rseq.as_ref().map(|r| json!({
+            "ptr": hex(r.ptr),
+            "len": r.len,
+            "sig": hex(u64::from(r.sig)),
+        })),
+        "xsave_bytes": core.xsave.len(),
+        "creds": creds_json(core),
+    })
+}
+
+fn process_json(core: &CoreEntry) -> Value {
+    match &core.process {
+        None => Value::Null,
+        Some(p) => json!({
+            "cwd": p.cwd,
+            "root": p.root,
+            "umask": format!("{:04o}", p.umask),
+            "personality": hex(u64::from(p.personality)),
+            "sigactions": p.sigactions.len(),
+            "itimers": p.itimers.len(),
+            "posix_timers": p.posix_timers.len(),
+            "rlimits": p.rlimits.len(),
+            "shared_pending_signals": p.shared_pending.len(),
+            "child_subreaper": p.child_subreaper,
+            "dumpable": p.dumpable,
+            "pdeath_signal": p.pdeath_signal,
+        }),
+    }
+}
+
+fn mapping_json(v: &Vma, pm: &Pagemap) -> Value {
+    json!({
+        "start": hex(v.start),
+        "end": hex(v.end),
+        "perms": perms(v),
+        "kind": load::vma_kind_name(v.kind),
+        "path": v.path,
+        "offset": hex(v.pgoff),
+        "pages": (v.end.saturating_sub(v.start)) / PAGE_SIZE as u64,
+        "pages_stored": load::pages_in(&pm.runs, v.start, v.end),
+        "vm_flags": v.vm_flags,
+    })
+}
+
+fn fd_json(fd: &FdEntry, files: &HashMap<u32, FileEntry>) -> Value {
+    let f = files.get(&fd.id);
+    json!({
+        "fd": fd.fd,
+        "id": fd.id,
+        "cloexec": fd.cloexec,
+        "kind": f.map(|f| load::file_kind_name(f.kind)),
+        "path": f.map(|f| f.path.clone()),
+        "flags": f.map(|f| open_flags(f.flags)),
+        "offset": f.map(|f| f.pos),
+    })
+}
+
+fn to_json(img: &Image, dir: &Path) -> Value {
+    let inv = &img.inventory;
+    let processes: Vec<Value> = img
+        .tasks
+        .iter()
+        .map(|t| {
+            let e = &t.entry;
+            let pm = &t.pagemap;
+            let leader = t.cores.iter().find(|(tid, _)| *tid == e.pid).map(|c| &c.1);
+            json!({
+                "pid": e.pid,
+                "ppid": e.ppid,
+                "pgid": e.pgid,
+                "sid": e.sid,
+                "threads": e.threads,
+                "cmdline": e.cmdline,
+                "exe": t.mm.exe_path,
+                "mm": {
+                    "mappings": t.mm.vmas.iter().map(|v| mapping_json(v, pm)).collect::<Vec<_>>(),
+                    "start_brk": hex(t.mm.start_brk),
+                    "brk": hex(t.mm.brk),
+                    "start_stack": hex(t.mm.start_stack),
+                },
+                "pagemap": {
+                    "pages_file": pm.head.pages_file,
+                    "compression": load::compression_name(pm.head.compression),
+                    "pages_stored": pm.head.total_pages,
+                    "runs": pm.runs.len(),
+                    "chunks": pm.chunks.len(),
+                },
+                "fds": t.fds.iter().map(|f| fd_json(f, &img.files)).collect::<Vec<_>>(),
+                "cores": t.cores.iter().map(|(tid, c)| core_json(*tid, c)).collect::<Vec<_>>(),
+                "credentials": leader.map(creds_json).unwrap_or(Value::Null),
+                "process": leader.map(process_json).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    let files: Vec<Value> = img
+        .dir_files
+        .iter()
+        .map(|(name, size, listed)| json!({ "name": name, "size": size, "listed": listed }))
+        .collect();
+    json!({
+        "dir": dir.display().to_string(),
+        "inventory": {
+            "format": format!("{}.{}", inv.format_major, inv.format_minor),
+            "producer": inv.producer,
+            "kernel": inv.kernel_release,
+            "created_unix_ms": inv.created_unix_ms,
+            "root_pid": inv.root_pid,
+            "leave_running": inv.leave_running,
+        },
+        "processes": processes,
+        "files": files,
+        "total_size": img.total_size(),
+        "pages_stored": img.pages_stored(),
+        "pages_bytes": img.pages_stored() * PAGE_SIZE as u64,
+        "pages_file_size": img.pages_file_size(),
+        "compression_ratio": img.ratio(),
+    })
+}
+
+fn to_text(img: &Image, dir: &Path) -> String {
+    let inv = &img.inventory;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "image {} (format {}.{}, {}, kernel {}, root pid {}{})",
+        dir.display(),
+        inv.format_major,
+        inv.format_minor,
+        inv.producer,
+        inv.kernel_release,
+        inv.root_pid,
+        if inv.leave_running {
+            ", left running"
+        } else {
+            ""
+        }
+    );
+
+    // Process tree, children indented under their parents.
+    let _ = writeln!(s, "\nprocess tree:");
+    let _ = writeln!(
+        s,
+        "  {:<10} {:>7} {:>7} {:>7} {:<12} COMMAND",
+        "PID", "PPID", "PGID", "SID", "THREADS"
+    );
+    let pids: BTreeMap<u32, usize> = img
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.entry.pid, i))
+        .collect();
+    let depth = |mut i: usize| {
+        let mut d = 0;
+        while let Some(&p) = pids.get(&img.tasks[i].entry.ppid) {
+            d += 1;
+            i = p;
+            if d > img.tasks.len() {
+                break; // a cycle: damaged pstree
+            }
+        }
+        d
+    };
+    for (i, t) in img.tasks.iter().enumerate() {
+        let e = &t.entry;
+        let pid = format!("{}{}", "  ".repeat(depth(i)), e.pid);
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>7} {:>7} {:>7} {:<12} {}",
+            pid,
+            e.ppid,
+            e.pgid,
+            e.sid,
+            ids(&e.threads),
+            e.cmdline.join(" ")
+        );
+    }
+
+    for t in &img.tasks {
+        let e = &t.entry;
+        let pm = &t.pagemap;
+        let _ = writeln!(s, "\ntask {} ({}):", e.pid, t.mm.exe_path);
+        for (tid, c) in &t.cores {
+            let regs = c.regs.unwrap_or_default();
+            let rseq = match &c.rseq {
+                Some(r) => format!("{:#x} (len {}, sig {:#x})", r.ptr, r.len, r.sig),
+                None => "none".into(),
+            };
+            let _ = writeln!(
+                s,
+                "  thread {tid} {:?}: rip {:#x} rsp {:#x} sigmask {:#018x} pending {} rseq {rseq}",
+                c.comm,
+                regs.rip,
+                regs.rsp,
+                c.blocked,
+                c.pending.len()
+            );
+            if let Some(cr) = &c.creds {
+                let _ = writeln!(
+                    s,
+                    "    creds: uid {} gid {} groups [{}] cap_eff {:#x} cap_prm {:#x} cap_bnd {:#x} securebits {:#x}{}",
+                    ids(&cr.uid),
+                    ids(&cr.gid),
+                    ids(&cr.groups),
+                    cr.cap_eff,
+                    cr.cap_prm,
+                    cr.cap_bnd,
+                    cr.securebits,
+                    if cr.no_new_privs { " no_new_privs" } else { "" }
+                );
+            }
+            if let Some(p) = &c.process {
+                let _ = writeln!(
+                    s,
+                    "    process: cwd {:?} root {:?} umask {:04o} sigactions {} itimers {} posix timers {} rlimits {} shared pending {}",
+                    p.cwd,
+                    p.root,
+                    p.umask,
+                    p.sigactions.len(),
+                    p.itimers.len(),
+                    p.posix_timers.len(),
+                    p.rlimits.len(),
+                    p.shared_pending.len()
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "  memory: {} mappings, {} pages stored in {} runs, {} chunks ({}, {})",
+            t.mm.vmas.len(),
+            pm.head.total_pages,
+            pm.runs.len(),
+            pm.chunks.len(),
+            pm.head.pages_file,
+            load::compression_name(pm.head.compression)
+        );
+        let _ = writeln!(
+            s,
+            "    {:<33} {:<5} {:<13} {:>7} FILE@OFFSET",
+            "START-END", "PERMS", "KIND", "STORED"
+        );
+        for v in &t.mm.vmas {
+            let file = if v.path.is_empty() {
+                String::new()
+            } else {
+                format!("{}@{:#x}", v.path, v.pgoff)
+            };
+            let _ = writeln!(
+                s,
+                "    {:<33} {:<5} {:<13} {:>7} {}",
+                format!("{:012x}-{:012x}", v.start, v.end),
+                perms(v),
+                load::vma_kind_name(v.kind),
+                load::pages_in(&pm.runs, v.start, v.end),
+                file
+            );
+        }
+        let _ = writeln!(s, "  descriptors:");
+        let _ = writeln!(
+            s,
+            "    {:>4} {:<7} {:<9} {:<28} {:>8} PATH",
+            "FD", "CLOEXEC", "KIND", "FLAGS", "OFFSET"
+        );
+        for fd in &t.fds {
+            match img.files.get(&fd.id) {
+                Some(f) => {
+                    let _ = writeln!(
+                        s,
+                        "    {:>4} {:<7} {:<9} {:<28} {:>8} {}",
+                        fd.fd,
+                        if fd.cloexec { "yes" } else { "no" },
+                        load::file_kind_name(f.kind),
+                        open_flags(f.flags),
+                        f.pos,
+                        f.path
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "    {:>4} {:<7} file id {} missing from files.img",
+                        fd.fd,
+                        if fd.cloexec { "yes" } else { "no" },
+                        fd.id
+                    );
+                }
+            }
+        }
+    }
+
+    let _ = writeln!(s, "\nimage files:");
+    for (name, size, listed) in &img.dir_files {
+        let _ = writeln!(
+            s,
+            "  {:<24} {:>12}{}",
+            name,
+            size,
+            if *listed {
+                ""
+            } else {
+                "  (not in the inventory)"
+            }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  total {} bytes in {} files",
+        img.total_size(),
+        img.dir_files.len()
+    );
+    let pages = img.pages_stored();
+    let _ = writeln!(
+        s,
+        "pages: {} stored ({} bytes raw) in {} bytes of pages files, compression ratio {:.2}",
+        pages,
+        pages * PAGE_SIZE as u64,
+        img.pages_file_size(),
+        img.ratio()
+    );
+    s
+}
+
+pub fn run(dir: &Path, json_out: bool) -> anyhow::Result<i32> {
+    // Image errors already include their cause: print it once.
+    let img = Image::load(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&to_json(&img, dir))?);
+    } else {
+        print!("{}", to_text(&img, dir));
+    }
+    Ok(0)
+}
