@@ -11,6 +11,8 @@
 //! `.config/nextest.toml` runs them one at a time (a dumped pid must stay
 //! free until it is restored).
 
+pub mod benchdata;
+
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
