@@ -103,6 +103,22 @@ fn compress_zstd() {
     let mut wl = Workload::single("nanosleep", &dir);
     let img = dir.subdir("img");
     dump_ok(&mut wl, &img, &["--compress", "zstd"]);
+    // Every image file is private to its owner (mode 0600).
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&img).expect("read image dir") {
+        let e = e.expect("dir entry");
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&e.metadata().expect("stat").permissions());
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "{:?} has mode {:o}",
+            e.file_name(),
+            mode & 0o777
+        );
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    assert!(names.len() >= 8, "image files: {names:?}");
     restore_ok(&mut wl, &img);
     wl.assert_pass("restored from zstd pages");
 }
