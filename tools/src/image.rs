@@ -6,10 +6,17 @@
 //! - `encode`: that JSON on stdin back to the binary file on stdout.
 //! - `verify DIR`: framing, inventory, page checksums and cross-references;
 //!   reports every problem.
+//! - `core DIR -O OUTDIR`: an ELF core file per process (`core.<pid>`), for
+//!   gdb and other core-file tools.
+//! - `diff DIR1 DIR2 [--json]`: what changed between two checkpoints of the
+//!   same workload (tasks, mappings, stored pages, descriptors, registers).
 
 mod codec;
+mod core;
+mod diff;
 mod load;
 mod show;
+mod task;
 mod verify;
 
 use std::path::PathBuf;
@@ -48,6 +55,24 @@ enum ImageCmd {
         /// Image directory.
         dir: PathBuf,
     },
+    /// Write an ELF core file per process (`core.<pid>`) for gdb and readelf.
+    Core {
+        /// Image directory.
+        dir: PathBuf,
+        /// Directory for the core files (created if missing).
+        #[arg(short = 'O', long = "output-dir")]
+        output_dir: PathBuf,
+    },
+    /// Show what changed between two images of the same workload.
+    Diff {
+        /// The older image directory.
+        dir1: PathBuf,
+        /// The newer image directory.
+        dir2: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs `cryo image ...`; returns the exit code.
@@ -57,5 +82,7 @@ pub fn run(a: ImageArgs) -> anyhow::Result<i32> {
         ImageCmd::Decode { file } => codec::decode(&file),
         ImageCmd::Encode { output } => codec::encode(output.as_deref()),
         ImageCmd::Verify { dir } => verify::run(&dir),
+        ImageCmd::Core { dir, output_dir } => core::run(&dir, &output_dir),
+        ImageCmd::Diff { dir1, dir2, json } => diff::run(&dir1, &dir2, json),
     }
 }

@@ -115,7 +115,7 @@ impl Image {
     }
 }
 
-fn perms(v: &Vma) -> String {
+pub(super) fn perms(v: &Vma) -> String {
     let shared = matches!(
         cryo_image::proto::VmaKind::try_from(v.kind),
         Ok(cryo_image::proto::VmaKind::VmaAnonShared | cryo_image::proto::VmaKind::VmaFileShared)
@@ -129,7 +129,7 @@ fn perms(v: &Vma) -> String {
 }
 
 /// O_* flags as text (`O_RDWR|O_APPEND`), unknown bits in hex.
-fn open_flags(flags: u32) -> String {
+pub(super) fn open_flags(flags: u32) -> String {
     use nix::libc;
     let f = flags as i32;
     let mut parts: Vec<String> = vec![match f & libc::O_ACCMODE {

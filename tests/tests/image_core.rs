@@ -1,0 +1,392 @@
+//! `cryo image core` and `cryo image diff` on real dumps taken in
+//! leave-running mode; the workloads must still pass their own checks
+//! afterwards.
+//!
+//! - `core_file_backtrace`: the core file of `wl_stack` opened in gdb shows
+//!   the workload's own frames (`level_three` <- `level_two` <- `level_one`
+//!   <- `main`) with no unreadable memory; readelf (if present) lists the
+//!   notes the kernel writes.
+//! - `core_file_memory_matches_process`: every read-only segment of the core
+//!   of `wl_single` (code, read-only data, file mappings, the vDSO) holds the
+//!   bytes the live process has there.
+//! - `diff_two_checkpoints`: two checkpoints of `wl_stack --heap-mib 4` a
+//!   second apart differ in pages of the buffer it writes, and in nothing
+//!   structural.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cryo_image::json::serde_json::{self, Value};
+use cryo_tests::*;
+
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn stdout_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cryo_ok(args: &[&str]) -> Output {
+    let out = run_cryo(args, &[]);
+    assert_cryo_ok(&out, &format!("cryo {}", args.join(" ")));
+    out
+}
+
+/// `prog` from $PATH, or None.
+fn find_tool(prog: &str, fallback: &str) -> Option<PathBuf> {
+    let fb = PathBuf::from(fallback);
+    if fb.is_file() {
+        return Some(fb);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Runs an external tool with output to files (no pipes to hang on) and a
+/// timeout; kills it by pid if it hangs.
+fn run_tool(prog: &Path, args: &[&str], dir: &TestDir, tag: &str) -> Output {
+    let out_p = dir.join(&format!("{tag}.out"));
+    let err_p = dir.join(&format!("{tag}.err"));
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_p).expect("create tool stdout"))
+        .stderr(std::fs::File::create(&err_p).expect("create tool stderr"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", prog.display()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for tool") {
+            break st;
+        }
+        if start.elapsed() > TOOL_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} {} did not finish within {TOOL_TIMEOUT:?}; killed it",
+                prog.display(),
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    std::fs::File::open(&out_p)
+        .and_then(|mut f| f.read_to_end(&mut stdout))
+        .expect("read tool stdout");
+    std::fs::File::open(&err_p)
+        .and_then(|mut f| f.read_to_end(&mut stderr))
+        .expect("read tool stderr");
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// `key=<hex>` from a ready file.
+fn ready_hex(dir: &TestDir, key: &str) -> u64 {
+    let text = std::fs::read_to_string(dir.join("ready")).expect("read ready file");
+    let v = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in ready file {text:?}"));
+    u64::from_str_radix(v.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|e| panic!("bad {key}= in ready file {text:?}: {e}"))
+}
+
+fn hex_field(v: &Value) -> u64 {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("not a hex string: {v}"));
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|e| panic!("bad hex {s:?}: {e}"))
+}
+
+/// A PT_LOAD of a core file.
+struct Load {
+    offset: u64,
+    vaddr: u64,
+    filesz: u64,
+    memsz: u64,
+    flags: u32,
+}
+
+/// Checks the ELF header of a core file and returns its PT_LOADs and the
+/// number of PT_NOTEs.
+fn parse_core(data: &[u8]) -> (Vec<Load>, usize) {
+    assert!(data.len() >= 64, "core file of {} bytes", data.len());
+    assert_eq!(&data[..4], b"\x7fELF", "ELF magic");
+    assert_eq!(data[4], 2, "ELFCLASS64");
+    assert_eq!(data[5], 1, "ELFDATA2LSB");
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().expect("8 bytes"));
+    assert_eq!(u16_at(16), 4, "e_type ET_CORE");
+    assert_eq!(u16_at(18), 62, "e_machine EM_X86_64");
+    let phoff = u64_at(32) as usize;
+    let phnum = u16_at(56) as usize;
+    assert_eq!(u16_at(54), 56, "e_phentsize");
+    let mut loads = Vec::new();
+    let mut notes = 0;
+    for i in 0..phnum {
+        let o = phoff + i * 56;
+        match u32_at(o) {
+            1 => loads.push(Load {
+                flags: u32_at(o + 4),
+                offset: u64_at(o + 8),
+                vaddr: u64_at(o + 16),
+                filesz: u64_at(o + 32),
+                memsz: u64_at(o + 40),
+            }),
+            4 => notes += 1,
+            t => panic!("unexpected program header type {t}"),
+        }
+    }
+    (loads, notes)
+}
+
+#[test]
+fn core_file_backtrace() {
+    let gdb = find_tool("gdb", "/usr/bin/gdb").unwrap_or_else(|| {
+        panic!(
+            "gdb is not installed (not at /usr/bin/gdb nor in $PATH): install gdb \
+             (apt-get install gdb) to run this test"
+        )
+    });
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_stack", &[], &dir);
+    let pid = wl.pid();
+    wait_settled(pid, Duration::from_secs(10));
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+
+    let out_dir = dir.join("cores");
+    let out = cryo_ok(&["image", "core", path_str(&img), "-O", path_str(&out_dir)]);
+    let core = out_dir.join(format!("core.{pid}"));
+    assert!(
+        core.is_file(),
+        "{} not written; cryo said:\n{}",
+        core.display(),
+        stdout_of(&out)
+    );
+    let data = std::fs::read(&core).expect("read core file");
+    let (loads, notes) = parse_core(&data);
+    assert_eq!(notes, 1, "one PT_NOTE");
+    let maps = proc_maps(pid);
+    assert_eq!(
+        loads.len(),
+        maps.lines().filter(|l| !l.ends_with("[vsyscall]")).count(),
+        "one PT_LOAD per mapping:\n{maps}"
+    );
+
+    if let Some(readelf) = find_tool("readelf", "/usr/bin/readelf") {
+        let out = run_tool(&readelf, &["-n", path_str(&core)], &dir, "readelf");
+        let text = stdout_of(&out);
+        eprintln!(
+            "readelf -n:\n{}",
+            text.lines()
+                .filter(|l| !l.contains("description data"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        for n in [
+            "NT_PRSTATUS",
+            "NT_PRPSINFO",
+            "NT_FPREGSET",
+            "NT_X86_XSTATE",
+            "NT_SIGINFO",
+            "NT_AUXV",
+            "NT_FILE",
+        ] {
+            assert!(text.contains(n), "readelf -n lacks {n}:\n{text}");
+        }
+    }
+
+    let exe = workload_bin("wl_stack");
+    let out = run_tool(
+        &gdb,
+        &[
+            "-nx",
+            "-batch",
+            "-iex",
+            "set debuginfod enabled off",
+            "-ex",
+            "bt",
+            "-ex",
+            "info threads",
+            path_str(&exe),
+            path_str(&core),
+        ],
+        &dir,
+        "gdb",
+    );
+    let text = format!(
+        "{}{}",
+        stdout_of(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("gdb:\n{text}");
+    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
+    for f in [
+        "wl_stack::level_three",
+        "wl_stack::level_two",
+        "wl_stack::level_one",
+        "wl_stack::main",
+    ] {
+        assert!(text.contains(f), "the backtrace lacks {f}:\n{text}");
+    }
+    assert!(
+        !text.contains("Cannot access memory"),
+        "gdb could not read memory of the core:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("LWP {pid}")),
+        "info threads does not show thread {pid}:\n{text}"
+    );
+
+    wl.assert_pass("wl_stack after dump -R and image core");
+}
+
+#[test]
+fn core_file_memory_matches_process() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    let out_dir = dir.join("cores");
+    cryo_ok(&[
+        "image",
+        "core",
+        path_str(&img),
+        "--output-dir",
+        path_str(&out_dir),
+    ]);
+    let data = std::fs::read(out_dir.join(format!("core.{pid}"))).expect("read core file");
+    let (loads, _) = parse_core(&data);
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    let maps = proc_maps(pid);
+    let mut compared = 0u64;
+    let mut filled = 0u64;
+    for l in &loads {
+        assert!(
+            l.offset + l.filesz <= data.len() as u64,
+            "segment {:#x} beyond the end of the file",
+            l.vaddr
+        );
+        if l.filesz > 0 {
+            assert_eq!(
+                l.filesz, l.memsz,
+                "segment {:#x}: partial contents",
+                l.vaddr
+            );
+            filled += 1;
+        }
+        // Read-only, readable segments do not change while the workload
+        // sleeps: compare them with the live process.
+        if l.filesz == 0 || l.flags & 2 != 0 || l.flags & 4 == 0 {
+            continue;
+        }
+        let mut live = vec![0u8; l.filesz as usize];
+        if mem.read_exact_at(&mut live, l.vaddr).is_err() {
+            continue;
+        }
+        let got = &data[l.offset as usize..(l.offset + l.filesz) as usize];
+        let bad = got
+            .chunks(4096)
+            .zip(live.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        let line = maps
+            .lines()
+            .find(|m| m.starts_with(&format!("{:x}-", l.vaddr)))
+            .unwrap_or("?");
+        assert_eq!(
+            bad, 0,
+            "segment {:#x} ({line}): {bad} pages differ from the live process",
+            l.vaddr
+        );
+        compared += 1;
+    }
+    assert!(compared >= 5, "only {compared} read-only segments compared");
+    assert!(filled >= compared, "{filled} filled segments");
+    wl.assert_pass("wl_single after dump -R and image core");
+}
+
+#[test]
+fn diff_two_checkpoints() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_stack", &["--heap-mib", "4"], &dir);
+    let pid = wl.pid();
+    let buf = ready_hex(&dir, "buf");
+    wait_settled(pid, Duration::from_secs(10));
+    let img1 = dir.subdir("img1");
+    let img2 = dir.subdir("img2");
+    dump_ok(&mut wl, &img1, &["-R"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    dump_ok(&mut wl, &img2, &["-R"]);
+
+    // Text form: exit 0 although there are differences.
+    let out = cryo_ok(&["image", "diff", path_str(&img1), path_str(&img2)]);
+    let text = stdout_of(&out);
+    eprintln!("image diff:\n{text}");
+    assert!(text.contains(&format!("task {pid}")), "{text}");
+    assert!(text.contains("total"), "{text}");
+
+    let out = cryo_ok(&["image", "diff", "--json", path_str(&img1), path_str(&img2)]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("diff --json is JSON");
+    assert_eq!(v["identical"], false, "{v:#}");
+    assert_eq!(v["tasks_added"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["tasks_removed"], serde_json::json!([]), "{v:#}");
+    let tasks = v["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 1, "{v:#}");
+    let t = &tasks[0];
+    assert_eq!(t["pid"].as_u64(), Some(pid as u64), "{t:#}");
+    assert_eq!(t["changed"], serde_json::json!({}), "{t:#}");
+    assert_eq!(t["mappings"]["added"], serde_json::json!([]), "{t:#}");
+    assert_eq!(t["mappings"]["removed"], serde_json::json!([]), "{t:#}");
+    let pages = t["pages"]["mappings"].as_array().expect("pages.mappings");
+    let m = pages
+        .iter()
+        .find(|m| hex_field(&m["start"]) <= buf && buf < hex_field(&m["end"]))
+        .unwrap_or_else(|| {
+            panic!("no differing pages in the mapping of the buffer {buf:#x}: {t:#}")
+        });
+    let differ = m["differ"].as_u64().expect("differ");
+    assert!(differ >= 1, "{m:#}");
+    assert_eq!(
+        differ,
+        m["changed"].as_u64().unwrap()
+            + m["only_old"].as_u64().unwrap()
+            + m["only_new"].as_u64().unwrap(),
+        "{m:#}"
+    );
+    assert!(t["pages"]["total"].as_u64().unwrap() >= differ, "{t:#}");
+
+    // An image against itself: identical, exit 0.
+    let out = cryo_ok(&["image", "diff", "--json", path_str(&img1), path_str(&img1)]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("diff --json is JSON");
+    assert_eq!(v["identical"], true, "{v:#}");
+    assert_eq!(v["tasks"][0]["pages"]["total"], 0, "{v:#}");
+
+    // A directory that is not an image: exit 1 with a message.
+    let out = run_cryo(
+        &["image", "diff", path_str(&img1), path_str(dir.path())],
+        &[],
+    );
+    check_cryo_failed_cleanly(&out).unwrap_or_else(|e| panic!("diff with a non-image: {e}"));
+    assert_eq!(out.status.code(), Some(1));
+
+    wl.assert_pass("wl_stack after two dumps -R");
+}
