@@ -68,6 +68,10 @@ pub enum DumpError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Sys(#[from] SysError),
+    #[error(transparent)]
+    Freeze(#[from] crate::freeze::FreezeError),
+    #[error("task {pid} is not in cgroup {}", cgroup.display())]
+    NotInCgroup { pid: i32, cgroup: PathBuf },
     #[error("injected failure ({what}) from CRYO_FAULT")]
     Fault { what: String },
 }
@@ -82,6 +86,8 @@ pub struct DumpOptions {
     pub compression: Compression,
     pub zstd_level: i32,
     pub threads: usize,
+    /// Freeze this cgroup (v2 or v1 freezer) while seizing the task.
+    pub freeze_cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -273,7 +279,24 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     // The guardian cleans up after us if we die while the parasite runs.
     // Declared before the victim so it is dismissed after the cure.
     let guard = crate::infect::guard::Guard::spawn(npid)?;
-    let mut victim = Victim::seize(npid)?;
+    let mut victim = match &opts.freeze_cgroup {
+        Some(dir) => {
+            let mut freezer = crate::freeze::Freezer::freeze(dir)?;
+            let in_cgroup = crate::freeze::procs(dir)?.contains(&pid);
+            let mut v = Victim::attach(npid)?;
+            // The stop requested by attach happens once the task is thawed.
+            freezer.thaw()?;
+            if !in_cgroup {
+                return Err(DumpError::NotInCgroup {
+                    pid,
+                    cgroup: dir.clone(),
+                });
+            }
+            v.wait_stopped()?;
+            v
+        }
+        None => Victim::seize(npid)?,
+    };
     let frozen_at = Instant::now();
     fault("after-seize")?;
     // Re-check under the freeze: the task cannot change any more.
@@ -529,6 +552,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         child_subreaper: st.child_subreaper != 0,
         dumpable: st.dumpable as u32,
         pdeath_signal: st.pdeath_signal as u32,
+        cgroups: crate::cgroup::parse_membership(&read(&format!("/proc/{pid}/cgroup"))?),
     };
     let core = CoreEntry {
         tid: pid as u32,

@@ -1,6 +1,8 @@
 //! cryo's engine: checkpoint and restore of Linux processes.
 
+pub mod cgroup;
 pub mod dump;
+pub mod freeze;
 pub mod infect;
 pub mod kerndat;
 pub mod mem;

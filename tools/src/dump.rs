@@ -36,6 +36,10 @@ pub struct DumpArgs {
     /// Compression threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Freeze this cgroup (cgroup v2 directory or v1 freezer directory)
+    /// while seizing the task, and thaw it right after.
+    #[arg(long)]
+    pub freeze_cgroup: Option<PathBuf>,
     /// Write the dump's figures (time stopped, image size, ...) as JSON here.
     #[arg(long)]
     pub stats: Option<PathBuf>,
@@ -57,6 +61,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         },
         zstd_level: a.zstd_level,
         threads,
+        freeze_cgroup: a.freeze_cgroup.clone(),
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();

@@ -85,6 +85,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Seized and asked to stop; nothing saved or changed yet.
+    Attached,
     /// Seized and stopped; registers saved.
     Stopped,
     /// The parasite runs and serves commands.
@@ -127,13 +129,22 @@ impl Victim {
     /// PTRACE_SEIZE + PTRACE_INTERRUPT, wait for the stop, save the
     /// registers, XSAVE area and signal mask, and block every signal.
     pub fn seize(pid: Pid) -> Result<Victim> {
+        let mut v = Victim::attach(pid)?;
+        v.wait_stopped()?;
+        Ok(v)
+    }
+
+    /// PTRACE_SEIZE + PTRACE_INTERRUPT without waiting for the stop: a task
+    /// frozen by a cgroup freezer only stops once thawed, so every task is
+    /// attached while frozen and waited for after the thaw.
+    pub fn attach(pid: Pid) -> Result<Victim> {
         let pidfd = sys::pidfd_open(pid)?;
         ptrace::seize(pid, ptrace::Options::empty()).map_err(ptrace_err("SEIZE", pid))?;
-        let mut v = Victim {
+        let v = Victim {
             pid,
             pidfd,
             // SAFETY: user_regs_struct is plain integers; zero is valid and
-            // is overwritten below before any use.
+            // is overwritten by wait_stopped before any use.
             saved: unsafe { std::mem::zeroed() },
             saved_xstate: Vec::new(),
             saved_mask: 0,
@@ -143,16 +154,27 @@ impl Victim {
             sock: None,
             task_sock: -1,
             stray_fds: Vec::new(),
-            phase: Phase::Stopped,
+            phase: Phase::Attached,
             sent_fds: 0,
         };
-        if let Err(e) = v.interrupt_and_save() {
-            // Still seized: detach so the task runs on untouched.
-            let _ = ptrace::detach(pid, None);
-            v.phase = Phase::Cured;
-            return Err(e);
+        if let Err(errno) = ptrace::interrupt(pid) {
+            // Dropping `v` detaches: the task runs on untouched.
+            return Err(ptrace_err("INTERRUPT", pid)(errno));
         }
         Ok(v)
+    }
+
+    /// Wait for the stop requested by [`Victim::attach`], then save the
+    /// registers, XSAVE area and signal mask and block every signal.
+    pub fn wait_stopped(&mut self) -> Result<()> {
+        if let Err(e) = self.stop_and_save() {
+            // Still only attached: detach so the task runs on untouched.
+            let _ = ptrace::detach(self.pid, None);
+            self.phase = Phase::Cured;
+            return Err(e);
+        }
+        self.phase = Phase::Stopped;
+        Ok(())
     }
 
     /// Take over a task this process already traces and that sits in a
@@ -180,9 +202,8 @@ impl Victim {
         Ok(v)
     }
 
-    fn interrupt_and_save(&mut self) -> Result<()> {
+    fn stop_and_save(&mut self) -> Result<()> {
         let pid = self.pid;
-        ptrace::interrupt(pid).map_err(ptrace_err("INTERRUPT", pid))?;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(ptrace_err("wait", pid))? {
                 WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => break,
@@ -705,6 +726,27 @@ impl Victim {
     /// XSAVE state and signal mask, detach.
     pub fn cure(&mut self) -> Result<()> {
         if matches!(self.phase, Phase::Cured | Phase::Killed) {
+            return Ok(());
+        }
+        if self.phase == Phase::Attached {
+            // Nothing was changed yet. PTRACE_DETACH needs the task in a
+            // stop: if the requested one has not happened yet, wait for it.
+            self.phase = Phase::Cured;
+            let pid = self.pid;
+            if let Err(Errno::ESRCH) = ptrace::detach(pid, None) {
+                let sig = loop {
+                    match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                        Ok(WaitStatus::PtraceEvent(..)) => break None,
+                        // A signal was on its way: let it through.
+                        Ok(WaitStatus::Stopped(_, sig)) => break Some(sig),
+                        Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => {
+                            return Ok(())
+                        }
+                        Ok(_) => {}
+                    }
+                };
+                return ptrace::detach(pid, sig).map_err(ptrace_err("DETACH", pid));
+            }
             return Ok(());
         }
         let pid = self.pid;

@@ -489,6 +489,22 @@ fn prepare(
     }
     drop(go_r);
     let mm_name = cryo_image::mm_file(img.pstree.pid);
+    // Back into the dumped cgroups first, so that the memory set up below
+    // is charged to them. They must exist (creating cgroups comes later).
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let pc0 = img.core.process.clone().unwrap_or_default();
+    for e in &pc0.cgroups {
+        let dir = crate::cgroup::cgroup_dir(&mountinfo, e).ok_or_else(|| {
+            format!(
+                "cgroup {} of hierarchy {} ({}) is not mounted here",
+                e.path, e.hierarchy, e.controllers
+            )
+        })?;
+        let procs = dir.join("cgroup.procs");
+        if let Err(err) = std::fs::write(&procs, "0") {
+            return Err(format!("joining cgroup {}: {err}", dir.display()));
+        }
+    }
     // Block every signal until the final sigreturn sets the dumped mask.
     // SAFETY: sigset_t is plain data, filled by sigfillset.
     unsafe {

@@ -1,0 +1,89 @@
+//! Cgroup membership: which cgroup of each hierarchy a task is in (from
+//! /proc/PID/cgroup), and moving a restored task back there.
+
+use std::path::PathBuf;
+
+use cryo_image::proto::CgroupEntry;
+
+/// Parse /proc/PID/cgroup ("hierarchy-id:controllers:path" lines).
+pub fn parse_membership(text: &str) -> Vec<CgroupEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let id = it.next()?.parse().ok()?;
+            let controllers = it.next()?.to_string();
+            let path = it.next()?.to_string();
+            Some(CgroupEntry {
+                hierarchy: id,
+                controllers,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// Where the hierarchy of `e` is mounted, from mountinfo text: cgroup2 for
+/// hierarchy 0, else the v1 mount whose options name the same controllers.
+/// Returns the directory of the cgroup `e.path` in it.
+pub fn cgroup_dir(mountinfo: &str, e: &CgroupEntry) -> Option<PathBuf> {
+    for line in mountinfo.lines() {
+        let (pre, post) = line.split_once(" - ")?;
+        let pre: Vec<&str> = pre.split_whitespace().collect();
+        let post: Vec<&str> = post.split_whitespace().collect();
+        let (root, mnt) = (pre.get(3)?, pre.get(4)?);
+        let (fstype, opts) = (post.first()?, post.get(2).unwrap_or(&""));
+        let matches = if e.hierarchy == 0 {
+            *fstype == "cgroup2"
+        } else {
+            *fstype == "cgroup" && {
+                let have: Vec<&str> = opts.split(',').collect();
+                !e.controllers.is_empty() && e.controllers.split(',').all(|c| have.contains(&c))
+            }
+        };
+        if !matches {
+            continue;
+        }
+        // The mount shows `root` of the hierarchy at `mnt`.
+        let rel = if *root == "/" {
+            e.path.as_str()
+        } else {
+            e.path.strip_prefix(*root)?
+        };
+        return Some(PathBuf::from(mnt).join(rel.trim_start_matches('/')));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_and_mounts() {
+        let m = parse_membership("6:freezer:/a/b\n0::/x\n9:name=systemd:/\n");
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            (
+                m[0].hierarchy,
+                m[0].controllers.as_str(),
+                m[0].path.as_str()
+            ),
+            (6, "freezer", "/a/b")
+        );
+        let mi = "37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer\n\
+                  40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd\n\
+                  41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup_dir(mi, &m[0]),
+            Some(PathBuf::from("/sys/fs/cgroup/freezer/a/b"))
+        );
+        assert_eq!(
+            cgroup_dir(mi, &m[1]),
+            Some(PathBuf::from("/sys/fs/cgroup/unified/x"))
+        );
+        assert_eq!(
+            cgroup_dir(mi, &m[2]),
+            Some(PathBuf::from("/sys/fs/cgroup/systemd/"))
+        );
+    }
+}
