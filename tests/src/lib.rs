@@ -12,6 +12,7 @@
 //! free until it is restored).
 
 pub mod benchdata;
+pub mod wl;
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};

@@ -22,16 +22,14 @@
 //! Stdin must be /dev/null and stdout/stderr a regular file; every other
 //! descriptor is closed at startup. No threads, no children.
 
-use std::ffi::c_int;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 const MIB: usize = 1 << 20;
 const PAGE: usize = 4096;
 const STEP_NS: libc::c_long = 50_000_000;
 
-static TERM: AtomicBool = AtomicBool::new(false);
 /// Number of completed rewrites of the rewrite page (`--rewrite`).
 static REWRITES: AtomicU64 = AtomicU64::new(0);
 
@@ -82,77 +80,6 @@ fn parse_args() -> Result<Args, String> {
 
 fn errstr() -> String {
     std::io::Error::last_os_error().to_string()
-}
-
-fn write_fd(fd: c_int, data: &[u8]) {
-    let mut off = 0;
-    while off < data.len() {
-        // SAFETY: the source is the unwritten tail of `data`, of exactly the
-        // length given; fd is one of our standard descriptors.
-        let r = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
-        if r <= 0 {
-            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
-        off += r as usize;
-    }
-}
-
-fn log(msg: &str) {
-    let line = format!("wl_bench[{}]: {msg}\n", std::process::id());
-    write_fd(1, line.as_bytes());
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Closes every descriptor above 2 (cryo refuses other open fds).
-fn close_extra_fds() {
-    // SAFETY: close_range only closes descriptors of this process; nothing
-    // else in this single-threaded program holds descriptors above 2 yet.
-    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    if r == 0 {
-        return;
-    }
-    let fds: Vec<c_int> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(d) => d
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|&fd| fd > 2)
-            .collect(),
-        Err(_) => return,
-    };
-    for fd in fds {
-        // SAFETY: as above; the directory's own fd is already closed, and
-        // closing an fd that is not open only fails with EBADF.
-        unsafe { libc::close(fd) };
-    }
-}
-
-extern "C" fn on_term(_sig: c_int) {
-    TERM.store(true, Ordering::SeqCst);
-}
-
-fn install_term_handler() -> Result<(), String> {
-    // SAFETY: sigaction is plain data; zeroed is a valid (empty) value.
-    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = on_term as extern "C" fn(c_int) as usize;
-    act.sa_flags = 0;
-    // SAFETY: act.sa_mask is a valid sigset_t owned here.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
-    // SAFETY: act is fully initialised; on_term is an async-signal-safe
-    // extern "C" fn(c_int), the handler signature for flags without
-    // SA_SIGINFO.
-    if unsafe { libc::sigaction(libc::SIGTERM, &act, std::ptr::null_mut()) } != 0 {
-        return Err(format!("sigaction(SIGTERM): {}", errstr()));
-    }
-    Ok(())
 }
 
 /// The area: one anonymous private mapping, never unmapped.
@@ -298,12 +225,15 @@ fn run(args: &Args) -> Result<Vec<String>, String> {
     } else {
         full
     };
-    log(&format!(
-        "{} MiB at {:#x} filled in {fill_ms:.1} ms, checksum {full:#018x} in {sum_ms:.1} ms{}",
-        args.mib,
-        area.ptr as usize,
-        if args.rewrite { ", rewrite mode" } else { "" }
-    ));
+    log(
+        "wl_bench",
+        &format!(
+            "{} MiB at {:#x} filled in {fill_ms:.1} ms, checksum {full:#018x} in {sum_ms:.1} ms{}",
+            args.mib,
+            area.ptr as usize,
+            if args.rewrite { ", rewrite mode" } else { "" }
+        ),
+    );
     let ready = format!(
         "ready pid={} checksum={full:#018x} addr={:#x} bytes={len}\n",
         std::process::id(),
@@ -348,43 +278,30 @@ fn run(args: &Args) -> Result<Vec<String>, String> {
             ));
         }
     }
-    log(&format!(
-        "SIGTERM after {steps} steps, checksum {after:#018x} in {sum_ms:.1} ms, {} failures",
-        fails.len()
-    ));
+    log(
+        "wl_bench",
+        &format!(
+            "SIGTERM after {steps} steps, checksum {after:#018x} in {sum_ms:.1} ms, {} failures",
+            fails.len()
+        ),
+    );
     Ok(fails)
 }
+
+use cryo_tests::wl::{close_extra_fds, finish, install_term_handler, log, write_atomic, TERM};
 
 fn main() {
     close_extra_fds();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            log(&e);
+            log("wl_bench", &e);
             std::process::exit(2);
         }
     };
-    if let Err(e) = install_term_handler() {
-        log(&e);
-        let _ = write_atomic(&args.verdict, format!("FAIL: setup: {e}\n").as_bytes());
-        std::process::exit(2);
-    }
-    let fails = match run(&args) {
-        Ok(f) => f,
-        Err(e) => {
-            log(&format!("setup failed: {e}"));
-            let _ = write_atomic(&args.verdict, format!("FAIL: setup: {e}\n").as_bytes());
-            std::process::exit(2);
-        }
-    };
-    let verdict = if fails.is_empty() {
-        "PASS\n".to_string()
-    } else {
-        fails.iter().map(|f| format!("FAIL: {f}\n")).collect()
-    };
-    if let Err(e) = write_atomic(&args.verdict, verdict.as_bytes()) {
-        log(&format!("cannot write verdict: {e}"));
-        std::process::exit(2);
-    }
-    std::process::exit(if fails.is_empty() { 0 } else { 1 });
+    finish(
+        "wl_bench",
+        &args.verdict,
+        install_term_handler().and_then(|()| run(&args)),
+    )
 }

@@ -18,14 +18,11 @@
 //! Stdin must be /dev/null and stdout/stderr a regular file; every other
 //! descriptor is closed at startup. No threads, no children.
 
-use std::ffi::c_int;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 const PAGE: usize = 4096;
 const STEP_NS: libc::c_long = 50_000_000;
-
-static TERM: AtomicBool = AtomicBool::new(false);
 
 struct Args {
     ready: PathBuf,
@@ -62,60 +59,6 @@ fn parse_args() -> Result<Args, String> {
         verdict: verdict.ok_or("--verdict is required")?,
         heap_mib,
     })
-}
-
-fn log(msg: &str) {
-    let line = format!("wl_stack[{}]: {msg}\n", std::process::id());
-    let data = line.as_bytes();
-    let mut off = 0;
-    while off < data.len() {
-        // SAFETY: the source is the unwritten tail of `data`, of exactly the
-        // length given; fd 1 is our stdout.
-        let r = unsafe { libc::write(1, data[off..].as_ptr().cast(), data.len() - off) };
-        if r <= 0 {
-            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
-        off += r as usize;
-    }
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Closes every descriptor above 2 (cryo refuses other open fds).
-fn close_extra_fds() {
-    // SAFETY: close_range only closes descriptors of this process; nothing
-    // in this single-threaded program holds descriptors above 2 yet.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-}
-
-extern "C" fn on_term(_sig: c_int) {
-    TERM.store(true, Ordering::SeqCst);
-}
-
-fn install_term_handler() -> Result<(), String> {
-    // SAFETY: sigaction is plain data; zeroed is a valid (empty) value.
-    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = on_term as extern "C" fn(c_int) as usize;
-    // SAFETY: act.sa_mask is a valid sigset_t owned here.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
-    // SAFETY: act is fully initialised; on_term is an async-signal-safe
-    // extern "C" fn(c_int), the handler signature without SA_SIGINFO.
-    if unsafe { libc::sigaction(libc::SIGTERM, &act, std::ptr::null_mut()) } != 0 {
-        return Err(format!(
-            "sigaction(SIGTERM): {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
 }
 
 fn sleep_step() {
@@ -160,7 +103,10 @@ fn level_three(buf: &mut [u8]) -> Vec<String> {
             u64::from_le_bytes(w) != expect[p]
         })
         .count();
-    log(&format!("SIGTERM after {step} steps, {bad} bad pages"));
+    log(
+        "wl_stack",
+        &format!("SIGTERM after {step} steps, {bad} bad pages"),
+    );
     if bad > 0 {
         vec![format!(
             "{bad} of {pages} buffer pages do not hold what was written"
@@ -191,32 +137,20 @@ fn level_one(args: &Args) -> Result<Vec<String>, String> {
     Ok(std::hint::black_box(r))
 }
 
+use cryo_tests::wl::{close_extra_fds, finish, install_term_handler, log, write_atomic, TERM};
+
 fn main() {
     close_extra_fds();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            log(&e);
+            log("wl_stack", &e);
             std::process::exit(2);
         }
     };
-    let res = install_term_handler().and_then(|()| level_one(&args));
-    let fails = match res {
-        Ok(f) => f,
-        Err(e) => {
-            log(&format!("setup failed: {e}"));
-            let _ = write_atomic(&args.verdict, format!("FAIL: setup: {e}\n").as_bytes());
-            std::process::exit(2);
-        }
-    };
-    let verdict = if fails.is_empty() {
-        "PASS\n".to_string()
-    } else {
-        fails.iter().map(|f| format!("FAIL: {f}\n")).collect()
-    };
-    if let Err(e) = write_atomic(&args.verdict, verdict.as_bytes()) {
-        log(&format!("cannot write verdict: {e}"));
-        std::process::exit(2);
-    }
-    std::process::exit(if fails.is_empty() { 0 } else { 1 });
+    finish(
+        "wl_stack",
+        &args.verdict,
+        install_term_handler().and_then(|()| level_one(&args)),
+    )
 }

@@ -1,0 +1,111 @@
+//! Pieces every workload binary needs: writing the ready and verdict
+//! files, logging to stdout without allocating on the way, closing
+//! inherited descriptors, the SIGTERM flag handler, and the final verdict.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use libc::c_int;
+
+/// Set by the SIGTERM handler [`install_term_handler`] installs.
+pub static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_sig: c_int) {
+    TERM.store(true, Ordering::SeqCst);
+}
+
+/// SIGTERM sets [`TERM`].
+pub fn install_term_handler() -> Result<(), String> {
+    // SAFETY: sigaction is plain data; zeroed is a valid (empty) value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_term as extern "C" fn(c_int) as usize;
+    // SAFETY: act.sa_mask is a valid sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut act.sa_mask) };
+    // SAFETY: act is fully initialised; on_term is an async-signal-safe
+    // extern "C" fn(c_int), the handler signature without SA_SIGINFO.
+    if unsafe { libc::sigaction(libc::SIGTERM, &act, std::ptr::null_mut()) } != 0 {
+        return Err(format!(
+            "sigaction(SIGTERM): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Write `data` to `path` through a temporary file and a rename, so a
+/// reader never sees half of it.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Write all of `data` to `fd`, retrying on EINTR; gives up silently on
+/// other errors (logging must never fail a workload).
+pub fn write_fd(fd: c_int, data: &[u8]) {
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: the source is the unwritten tail of `data`, of exactly the
+        // length given; fd is one of the caller's descriptors.
+        let r = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
+        if r <= 0 {
+            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        off += r as usize;
+    }
+}
+
+/// One log line on stdout: "name[pid]: msg".
+pub fn log(name: &str, msg: &str) {
+    write_fd(
+        1,
+        format!("{name}[{}]: {msg}\n", std::process::id()).as_bytes(),
+    );
+}
+
+/// Close every descriptor above 2 (cryo refuses kinds it cannot restore
+/// yet, and a test harness may leak some).
+pub fn close_extra_fds() {
+    // SAFETY: close_range only closes descriptors of this process; nothing
+    // else in this single-threaded program holds descriptors above 2 yet.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r == 0 {
+        return;
+    }
+    let fds: Vec<c_int> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(d) => d
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        // SAFETY: as above; the directory's own fd is already closed, and
+        // closing an fd that is not open only fails with EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Write the verdict (PASS, or one FAIL line per failure; a setup error is
+/// a FAIL too) and exit: 0 on PASS, 1 on FAIL, 2 when setup failed or the
+/// verdict cannot be written.
+pub fn finish(name: &str, verdict: &Path, result: Result<Vec<String>, String>) -> ! {
+    let (text, code) = match result {
+        Ok(fails) if fails.is_empty() => ("PASS\n".to_string(), 0),
+        Ok(fails) => (fails.iter().map(|f| format!("FAIL: {f}\n")).collect(), 1),
+        Err(e) => {
+            log(name, &format!("setup failed: {e}"));
+            (format!("FAIL: setup: {e}\n"), 2)
+        }
+    };
+    if let Err(e) = write_atomic(verdict, text.as_bytes()) {
+        log(name, &format!("cannot write verdict: {e}"));
+        std::process::exit(2);
+    }
+    std::process::exit(code);
+}
