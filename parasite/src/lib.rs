@@ -11,6 +11,12 @@ pub const MAX_TIMERS: usize = 64;
 /// Number of signals with an action (1..=64).
 pub const NSIG: usize = 64;
 
+/// Most pages one CMD_PAGES batch may cover (the reply's bitmap size).
+pub const MAX_BATCH_PAGES: usize = 256;
+/// Set in `Iov::len` of a CMD_PAGES range whose pages that hold only zeros
+/// are to be skipped (anonymous memory: they read as zero after restore).
+pub const IOV_SKIP_ZERO: u64 = 1 << 63;
+
 /// Parasite commands.
 pub const CMD_PAGES: u32 = 1;
 pub const CMD_STATE: u32 = 2;
@@ -83,6 +89,17 @@ pub struct Reply {
     pub value: i64,
 }
 const _: () = assert!(core::mem::size_of::<Reply>() == 16);
+
+/// Reply to CMD_PAGES: `reply.value` bytes were spliced; bit i of
+/// `skipped` is set when page i of the batch (in iov order) held only
+/// zeros and was left out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PagesReply {
+    pub reply: Reply,
+    pub skipped: [u64; MAX_BATCH_PAGES / 64],
+}
+const _: () = assert!(core::mem::size_of::<PagesReply>() == 48);
 
 /// The kernel's `struct sigaction` for rt_sigaction on x86_64.
 #[repr(C)]

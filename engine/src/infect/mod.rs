@@ -626,8 +626,29 @@ impl Victim {
         self.send(&Self::iov_cmd(CMD_PAGES, pipe_idx, iovs), &[])
     }
 
-    pub fn splice_pages_finish(&self) -> Result<u64> {
-        Ok(self.simple_reply(CMD_PAGES)? as u64)
+    /// Bytes spliced, and the bitmap of zero pages the parasite left out.
+    pub fn splice_pages_finish(&self) -> Result<(u64, [u64; MAX_BATCH_PAGES / 64])> {
+        let mut buf = [0u8; size_of::<PagesReply>()];
+        let got = self.recv(CMD_PAGES, &mut buf)?;
+        if got >= size_of::<Reply>() {
+            let r: Reply = from_bytes(&buf);
+            if r.err < 0 {
+                return Err(InfectError::Command {
+                    pid: self.pid.as_raw(),
+                    cmd: CMD_PAGES,
+                    errno: Errno::from_raw(-r.err),
+                });
+            }
+        }
+        if got < size_of::<PagesReply>() {
+            return Err(InfectError::ShortReply {
+                pid: self.pid.as_raw(),
+                cmd: CMD_PAGES,
+                got,
+            });
+        }
+        let r: PagesReply = from_bytes(&buf);
+        Ok((r.reply.value as u64, r.skipped))
     }
 
     /// mprotect ranges inside the task.

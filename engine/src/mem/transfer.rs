@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use cryo_image::proto::PagemapEntry;
 use cryo_image::{ImageError, PageWriter};
-use cryo_parasite::{Iov, MAX_IOVS};
+use cryo_parasite::{Iov, IOV_SKIP_ZERO, MAX_BATCH_PAGES, MAX_IOVS};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 use super::{Run, PAGE};
@@ -38,7 +38,6 @@ pub enum TransferError {
 struct Piece {
     start: u64,
     pages: u64,
-    zero_ok: bool,
     cont: bool,
 }
 
@@ -67,12 +66,11 @@ fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
             let n = left.min(room);
             cur.iovs.push(Iov {
                 base: start,
-                len: n * PAGE,
+                len: n * PAGE | if r.zero_ok { IOV_SKIP_ZERO } else { 0 },
             });
             cur.runs.push(Piece {
                 start,
                 pages: n,
-                zero_ok: r.zero_ok,
                 cont: start != r.start,
             });
             cur.bytes += n * PAGE;
@@ -152,7 +150,7 @@ pub fn transfer(
     // Keep up to PIPES commands queued: the parasite fills the next pipes
     // while cryo drains this one, and each pipe holds one batch at a time,
     // so a vmsplice never blocks.
-    let batches = batches(runs, cap);
+    let batches = batches(runs, cap.min((MAX_BATCH_PAGES as u64) * PAGE));
     let mut entries = Vec::new();
     let mut stats = TransferStats::default();
     let mut done_bytes = 0u64;
@@ -161,18 +159,17 @@ pub fn transfer(
         victim.splice_pages_start(first + k as u32, &b.iovs)?;
     }
     for (k, b) in batches.iter().enumerate() {
-        let got = victim.splice_pages_finish()?;
-        if got != b.bytes {
-            return Err(TransferError::Short {
-                pid,
-                got,
-                want: b.bytes,
-            });
+        let (got, skipped) = victim.splice_pages_finish()?;
+        let zero: u64 = skipped.iter().map(|w| w.count_ones() as u64).sum();
+        let want = b.bytes - zero * PAGE;
+        if got != want {
+            return Err(TransferError::Short { pid, got, want });
         }
         drain(
             pid,
             &readers[k % n],
             b,
+            &skipped,
             writer,
             raw,
             &mut entries,
@@ -187,65 +184,53 @@ pub fn transfer(
     Ok((entries, stats))
 }
 
+/// Move one batch from its pipe into the pages file. The parasite has
+/// left out the zero pages marked in `skipped`; the pipe holds the others
+/// in order.
+#[allow(clippy::too_many_arguments)]
 fn drain(
     pid: i32,
     pipe: &OwnedFd,
     b: &Batch,
+    skipped: &[u64],
     writer: &mut PageWriter,
     raw: bool,
     entries: &mut Vec<PagemapEntry>,
     stats: &mut TransferStats,
 ) -> Result<(), TransferError> {
     stats.pages_scanned += b.bytes / PAGE;
-    if raw {
-        writer.splice_from_pipe(pipe.as_fd(), b.bytes as usize)?;
-        for r in &b.runs {
-            push_entry(entries, r.start, r.pages, r.cont);
+    let mut stored = 0u64;
+    let mut page = 0usize;
+    for r in &b.runs {
+        for i in 0..r.pages {
+            if skipped[page / 64] & (1 << (page % 64)) != 0 {
+                stats.zero_pages += 1;
+            } else {
+                push_entry(entries, r.start + i * PAGE, 1, i > 0 || r.cont);
+                stored += 1;
+            }
+            page += 1;
         }
-        stats.pages_stored += b.bytes / PAGE;
+    }
+    stats.pages_stored += stored;
+    let bytes = (stored * PAGE) as usize;
+    if bytes == 0 {
+        return Ok(());
+    }
+    if raw {
+        writer.splice_from_pipe(pipe.as_fd(), bytes)?;
         return Ok(());
     }
     let mut buf = writer.take_buffer();
-    buf.resize(b.bytes as usize, 0);
+    buf.resize(bytes, 0);
     let mut f = std::fs::File::from(
         pipe.try_clone()
             .map_err(|source| TransferError::Drain { pid, source })?,
     );
     f.read_exact(&mut buf)
         .map_err(|source| TransferError::Drain { pid, source })?;
-    // Drop pages of anonymous memory that hold only zeros: they read as
-    // zero after restore without being stored.
-    let mut keep = 0usize;
-    let mut off = 0usize;
-    for r in &b.runs {
-        for i in 0..r.pages {
-            let page = &buf[off..off + PAGE as usize];
-            let zero = r.zero_ok && is_zero(page);
-            if zero {
-                stats.zero_pages += 1;
-            } else {
-                if keep != off {
-                    buf.copy_within(off..off + PAGE as usize, keep);
-                }
-                keep += PAGE as usize;
-                push_entry(entries, r.start + i * PAGE, 1, i > 0 || r.cont);
-            }
-            off += PAGE as usize;
-        }
-    }
-    buf.truncate(keep);
-    stats.pages_stored += (keep as u64) / PAGE;
-    if keep > 0 {
-        writer.submit(buf)?;
-    }
+    writer.submit(buf)?;
     Ok(())
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    // OR each 64-byte block together: the inner fold vectorises, the outer
-    // loop stops at the first non-zero block.
-    page.chunks(64)
-        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 #[cfg(test)]

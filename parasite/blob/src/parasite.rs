@@ -212,6 +212,66 @@ fn state(sock: usize, cmd: &StateCmd) -> isize {
 ///
 /// # Safety
 /// `args` must point to a complete `ParasiteArgs` that stays mapped.
+/// Whether the page at `addr` holds only zeros.
+fn page_is_zero(addr: u64) -> bool {
+    let p = addr as *const u64;
+    let mut acc = 0u64;
+    for i in 0..512 {
+        // SAFETY: the dumper only sends ranges of readable mappings of this
+        // task (unreadable ones were made readable first), page-aligned, so
+        // all 512 words of the page are mapped.
+        acc |= unsafe { core::ptr::read_volatile(p.add(i)) };
+        if acc != 0 && i % 64 == 63 {
+            return false;
+        }
+    }
+    acc == 0
+}
+
+/// CMD_PAGES: drop zero pages of ranges that allow it, vmsplice the rest.
+fn pages(sock: usize, pipe: i32, iovs: &[Iov]) -> isize {
+    let mut out = [Iov::default(); MAX_IOVS];
+    let mut n = 0usize;
+    let mut rep = PagesReply::default();
+    let mut page = 0usize;
+    for iov in iovs {
+        let skip = iov.len & IOV_SKIP_ZERO != 0;
+        let len = iov.len & !IOV_SKIP_ZERO;
+        let mut addr = iov.base;
+        while addr < iov.base + len {
+            if page >= MAX_BATCH_PAGES {
+                return reply(sock, CMD_PAGES, -7); // E2BIG
+            }
+            if skip && page_is_zero(addr) {
+                rep.skipped[page / 64] |= 1 << (page % 64);
+            } else if n > 0 && out[n - 1].base + out[n - 1].len == addr {
+                out[n - 1].len += 4096;
+            } else if n < MAX_IOVS {
+                out[n] = Iov {
+                    base: addr,
+                    len: 4096,
+                };
+                n += 1;
+            } else {
+                return reply(sock, CMD_PAGES, -7);
+            }
+            addr += 4096;
+            page += 1;
+        }
+    }
+    let r = if n > 0 {
+        splice_pages(pipe, &mut out[..n])
+    } else {
+        0
+    };
+    rep.reply = Reply {
+        cmd: CMD_PAGES,
+        err: if r < 0 { r as i32 } else { 0 },
+        value: if r < 0 { 0 } else { r as i64 },
+    };
+    send(sock, &rep)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn blob_main(args: *const ParasiteArgs) {
     // SAFETY: the dumper wrote a ParasiteArgs at this address inside the
@@ -235,32 +295,33 @@ pub unsafe extern "C" fn blob_main(args: *const ParasiteArgs) {
         let hdr = unsafe { *(buf.0.as_ptr() as *const CmdHeader) };
         let r = match hdr.cmd {
             CMD_RECV_FDS => reply(st.sock, hdr.cmd, st.nfds as isize),
-            CMD_PAGES | CMD_MPROTECT => {
+            CMD_PAGES => {
                 // SAFETY: Buf is sized and aligned for IovCmd.
-                let cmd = unsafe { &mut *(buf.0.as_mut_ptr() as *mut IovCmd) };
+                let cmd = unsafe { &*(buf.0.as_ptr() as *const IovCmd) };
                 let count = (hdr.count as usize).min(MAX_IOVS);
-                let res = if hdr.cmd == CMD_PAGES {
-                    if (hdr.arg as usize) < st.nfds {
-                        splice_pages(st.fds[hdr.arg as usize], &mut cmd.iovs[..count])
-                    } else {
-                        -9 // EBADF
-                    }
+                if (hdr.arg as usize) < st.nfds {
+                    pages(st.sock, st.fds[hdr.arg as usize], &cmd.iovs[..count])
                 } else {
-                    let mut res = 0;
-                    for iov in &cmd.iovs[..count] {
-                        let r = syscall3(
-                            SYS_MPROTECT,
-                            iov.base as usize,
-                            iov.len as usize,
-                            hdr.arg as usize,
-                        );
-                        if r < 0 {
-                            res = r;
-                            break;
-                        }
+                    reply(st.sock, hdr.cmd, -9) // EBADF
+                }
+            }
+            CMD_MPROTECT => {
+                // SAFETY: Buf is sized and aligned for IovCmd.
+                let cmd = unsafe { &*(buf.0.as_ptr() as *const IovCmd) };
+                let count = (hdr.count as usize).min(MAX_IOVS);
+                let mut res = 0;
+                for iov in &cmd.iovs[..count] {
+                    let r = syscall3(
+                        SYS_MPROTECT,
+                        iov.base as usize,
+                        iov.len as usize,
+                        hdr.arg as usize,
+                    );
+                    if r < 0 {
+                        res = r;
+                        break;
                     }
-                    res
-                };
+                }
                 reply(st.sock, hdr.cmd, res)
             }
             CMD_STATE => {
