@@ -66,7 +66,7 @@ fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
             let n = left.min(room);
             cur.iovs.push(Iov {
                 base: start,
-                len: n * PAGE | if r.zero_ok { IOV_SKIP_ZERO } else { 0 },
+                len: (n * PAGE) | if r.zero_ok { IOV_SKIP_ZERO } else { 0 },
             });
             cur.runs.push(Piece {
                 start,

@@ -208,10 +208,6 @@ fn state(sock: usize, cmd: &StateCmd) -> isize {
     send(sock, st)
 }
 
-/// Entered from `_cryo_start` with the argument pointer in rdi.
-///
-/// # Safety
-/// `args` must point to a complete `ParasiteArgs` that stays mapped.
 /// Whether the page at `addr` holds only zeros.
 fn page_is_zero(addr: u64) -> bool {
     let p = addr as *const u64;
@@ -272,6 +268,10 @@ fn pages(sock: usize, pipe: i32, iovs: &[Iov]) -> isize {
     send(sock, &rep)
 }
 
+/// Entered from `_cryo_start` with the argument pointer in rdi.
+///
+/// # Safety
+/// `args` must point to a complete `ParasiteArgs` that stays mapped.
 #[no_mangle]
 pub unsafe extern "C" fn blob_main(args: *const ParasiteArgs) {
     // SAFETY: the dumper wrote a ParasiteArgs at this address inside the

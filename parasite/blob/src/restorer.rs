@@ -52,10 +52,6 @@ fn check(fd: i32, stage: u32, index: usize, r: isize) {
     }
 }
 
-/// Entered from `_cryo_start` with the argument pointer in rdi.
-///
-/// # Safety
-/// `args` must point to a complete `RestoreArgs` that stays mapped.
 /// Switch to the dumped credentials. Capabilities survive the uid change
 /// (SECBIT_NO_SETUID_FIXUP) until capset sets the dumped ones.
 fn restore_creds(sfd: i32, c: &RCreds) {
@@ -142,6 +138,10 @@ fn restore_creds(sfd: i32, c: &RCreds) {
     }
 }
 
+/// Entered from `_cryo_start` with the argument pointer in rdi.
+///
+/// # Safety
+/// `args` must point to a complete `RestoreArgs` that stays mapped.
 #[no_mangle]
 pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     // SAFETY: the engine wrote a RestoreArgs at this address inside the
