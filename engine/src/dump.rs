@@ -363,17 +363,32 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         victim.mprotect(prot | libc::PROT_READ as u32, std::slice::from_ref(iov))?;
     }
     let raw = opts.compression == Compression::None;
+    let pages_name = cryo_image::pages_file(pid as u32);
+    // With --leave-running, pages are spliced raw into a scratch file while
+    // the task is stopped (no copy through cryo) and compressed once it
+    // runs again, so it is stopped only for the capture.
+    let capture_raw = raw || opts.leave_running;
+    let scratch_name = format!("{pages_name}.tmp");
     let mut pw = PageWriter::create(
         &opts.dir,
-        &cryo_image::pages_file(pid as u32),
-        opts.compression,
+        if capture_raw && !raw {
+            &scratch_name
+        } else {
+            &pages_name
+        },
+        if capture_raw {
+            Compression::None
+        } else {
+            opts.compression
+        },
         opts.zstd_level,
         opts.threads,
     )?;
     let total_bytes: u64 = runs.iter().map(|r| r.pages * mem::PAGE).sum();
-    let (entries, pstats) = transfer::transfer(&mut victim, &runs, &mut pw, raw, &|done| {
-        progress(done, total_bytes)
-    })?;
+    let (entries, pstats) =
+        transfer::transfer(&mut victim, &runs, &mut pw, capture_raw, &|done| {
+            progress(done, total_bytes)
+        })?;
     tracing::debug!(
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
         "pages captured"
@@ -382,6 +397,42 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         victim.mprotect(*prot, std::slice::from_ref(iov))?;
     }
     fault("after-parasite")?;
+
+    // core
+    let mut regs = *victim.regs();
+    // Stopped inside an rseq critical section: continue at its abort
+    // handler, as the kernel would on preemption.
+    let mut rseq_cs = 0u64;
+    if rseq.ptr != 0 {
+        let mut b = [0u8; 8];
+        if read_task(npid, rseq.ptr + 8, &mut b).is_ok() {
+            rseq_cs = u64::from_ne_bytes(b);
+        }
+        if rseq_cs != 0 {
+            let mut cs = [0u8; 32];
+            if read_task(npid, rseq_cs, &mut cs).is_ok() {
+                let start_ip = u64::from_ne_bytes(cs[8..16].try_into().unwrap_or_default());
+                let post = u64::from_ne_bytes(cs[16..24].try_into().unwrap_or_default());
+                let abort = u64::from_ne_bytes(cs[24..32].try_into().unwrap_or_default());
+                if regs.rip >= start_ip && regs.rip < start_ip.wrapping_add(post) {
+                    regs.rip = abort;
+                    rseq_cs = 0;
+                }
+            }
+        }
+    }
+    let xsave = victim.xstate().to_vec();
+    let blocked = victim.sigmask();
+    // Everything is captured: a leave-running task goes on from here.
+    let mut frozen = frozen_at.elapsed();
+    if opts.leave_running {
+        victim.cure()?;
+        frozen = frozen_at.elapsed();
+    }
+    if capture_raw && !raw {
+        let (scratch_chunks, _) = pw.finish()?;
+        pw = recompress(opts, &scratch_name, &pages_name, scratch_chunks)?;
+    }
 
     let mut written: Vec<ImageFileInfo> = Vec::new();
     // Pages: the writer finishes in the background of the drain; collect.
@@ -445,29 +496,6 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         &mm,
     )?);
 
-    // core
-    let mut regs = *victim.regs();
-    // Stopped inside an rseq critical section: continue at its abort
-    // handler, as the kernel would on preemption.
-    let mut rseq_cs = 0u64;
-    if rseq.ptr != 0 {
-        let mut b = [0u8; 8];
-        if read_task(npid, rseq.ptr + 8, &mut b).is_ok() {
-            rseq_cs = u64::from_ne_bytes(b);
-        }
-        if rseq_cs != 0 {
-            let mut cs = [0u8; 32];
-            if read_task(npid, rseq_cs, &mut cs).is_ok() {
-                let start_ip = u64::from_ne_bytes(cs[8..16].try_into().unwrap_or_default());
-                let post = u64::from_ne_bytes(cs[16..24].try_into().unwrap_or_default());
-                let abort = u64::from_ne_bytes(cs[24..32].try_into().unwrap_or_default());
-                if regs.rip >= start_ip && regs.rip < start_ip.wrapping_add(post) {
-                    regs.rip = abort;
-                    rseq_cs = 0;
-                }
-            }
-        }
-    }
     let sigactions = (1..=cryo_parasite::NSIG)
         .filter(|&s| s != 9 && s != 19)
         .map(|s| {
@@ -557,8 +585,8 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let core = CoreEntry {
         tid: pid as u32,
         regs: Some(gpregs(&regs)),
-        xsave: victim.xstate().to_vec(),
-        blocked: victim.sigmask(),
+        xsave,
+        blocked,
         altstack: Some(SigaltStack {
             sp: st.altstack.sp,
             flags: st.altstack.flags as u32,
@@ -644,18 +672,47 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     };
     cryo_image::write_inventory(&opts.dir, &inv)?;
 
-    if opts.leave_running {
-        victim.cure()?;
-    } else {
+    if !opts.leave_running {
         victim.kill()?;
+        frozen = frozen_at.elapsed();
     }
-    let frozen = frozen_at.elapsed();
     Ok(DumpStats {
         pages: pstats,
         frozen,
         total: t0.elapsed(),
         image_bytes,
     })
+}
+
+/// Compress the raw scratch pages file into the real one, chunk by chunk,
+/// and remove it.
+fn recompress(
+    opts: &DumpOptions,
+    scratch: &str,
+    pages: &str,
+    chunks: Vec<proto::PageChunk>,
+) -> Result<PageWriter> {
+    let reader = cryo_image::PageReader::open(&opts.dir, scratch, Compression::None, chunks)?;
+    let mut pw = PageWriter::create(
+        &opts.dir,
+        pages,
+        opts.compression,
+        opts.zstd_level,
+        opts.threads,
+    )?;
+    for i in 0..reader.chunks().len() {
+        let mut buf = pw.take_buffer();
+        buf.resize(reader.chunks()[i].nr_pages as usize * mem::PAGE as usize, 0);
+        reader.read_chunk(i, &mut buf)?;
+        pw.submit(buf)?;
+    }
+    drop(reader);
+    let path = opts.dir.join(scratch);
+    std::fs::remove_file(&path).map_err(|source| DumpError::Proc {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(pw)
 }
 
 fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), nix::errno::Errno> {
@@ -674,7 +731,10 @@ pub fn remove_partial(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             if let Some(name) = e.file_name().to_str() {
-                if Kind::from_file_name(name).is_some() || name.starts_with("inventory.img") {
+                if Kind::from_file_name(name).is_some()
+                    || name.starts_with("inventory.img")
+                    || name.ends_with(".img.tmp")
+                {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
