@@ -131,6 +131,20 @@ fn leave_running() {
     let maps_before = proc_maps(pid);
     let img = dir.subdir("img");
     dump_ok(&mut wl, &img, &["-R"]);
+    // The scratch file of the raw capture is gone; every file is listed
+    // in the inventory.
+    let inv = cryo_image::read_inventory(&img).expect("inventory");
+    for e in std::fs::read_dir(&img).expect("read image dir") {
+        let name = e
+            .expect("dir entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name == "inventory.img" || inv.files.iter().any(|f| f.name == name),
+            "{name} is in the image directory but not in the inventory"
+        );
+    }
     let files = FileSnapshot::of_workload(&dir);
     assert!(pid_alive(pid), "pid {pid} gone after dump -R");
     assert_eq!(
