@@ -180,6 +180,33 @@ fn damaged_images_are_refused() {
         let _ = std::fs::remove_dir_all(&copy);
     }
 
+    // An image from a CPU with another XSAVE layout (here: an XSAVE area of
+    // a different size, consistently re-sealed) is refused naming the core.
+    {
+        let copy = dir.join("case-cpu");
+        copy_dir(&pristine, &copy);
+        let core_name = format!("core-{pid}.img");
+        let mut core: cryo_image::proto::CoreEntry =
+            cryo_image::read_one(&copy, &core_name, cryo_image::Kind::Core).expect("read core");
+        core.xsave.truncate(832);
+        let info = cryo_image::write_one(&copy, &core_name, cryo_image::Kind::Core, &core)
+            .expect("write core");
+        let mut inv = cryo_image::read_inventory(&copy).expect("read inventory");
+        for f in inv.files.iter_mut().filter(|f| f.name == core_name) {
+            f.size = info.size;
+            f.xxh3 = info.xxh3;
+        }
+        cryo_image::write_inventory(&copy, &inv).expect("rewrite the inventory");
+        cases += 1;
+        let case = format!("{core_name} from another CPU");
+        let (p, err) = expect_refused_err(&copy, pid, &[core_name.as_str()], &case);
+        if p.is_empty() && !err.contains("XSAVE") {
+            problems.push(format!("{case}: message does not say XSAVE: {err:?}"));
+        }
+        problems.extend(p);
+        let _ = std::fs::remove_dir_all(&copy);
+    }
+
     // The pristine image still restores: the checks above would have
     // noticed a working restore.
     restore_ok(&mut wl, &pristine);

@@ -29,6 +29,13 @@ use image::{Image, ImageLoadError};
 pub enum RestoreError {
     #[error(transparent)]
     Load(#[from] ImageLoadError),
+    #[error("{file}: task {pid} was dumped on a CPU with another XSAVE layout ({dumped}; here {here}); restoring across CPU models is not supported yet")]
+    Cpu {
+        pid: i32,
+        file: String,
+        dumped: String,
+        here: String,
+    },
     #[error("pid {pid} is in use by {holder}; cannot restore the task with its pid")]
     PidTaken { pid: i32, holder: String },
     #[error("creating task with pid {pid}: {errno}")]
@@ -203,6 +210,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Open the pages file now: a damaged pages file is refused here.
     let pages = img.page_reader()?;
     let pid = img.pid();
+    // The XSAVE area goes back through a signal frame, which only works
+    // for the same layout: another CPU (features, sizes) would silently
+    // lose vector state.
+    let (size, xcr0) = crate::sys::xsave_layout();
+    let xs = &img.core.xsave;
+    let dumped_xcr0 = xs
+        .get(464..472)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    if xs.len() != size as usize || dumped_xcr0 != xcr0 {
+        return Err(RestoreError::Cpu {
+            pid,
+            file: cryo_image::core_file(pid as u32),
+            dumped: format!("{} bytes, XCR0 {dumped_xcr0:#x}", xs.len()),
+            here: format!("{size} bytes, XCR0 {xcr0:#x}"),
+        });
+    }
     if let Some(holder) = pid_holder(pid) {
         return Err(RestoreError::PidTaken { pid, holder });
     }

@@ -355,3 +355,18 @@ pub fn pagemap_scan(
     }
     Ok(out)
 }
+
+/// This CPU's user XSAVE layout: the standard-format size for the enabled
+/// features (CPUID 0xD.0 EBX) and XCR0.
+pub fn xsave_layout() -> (u32, u64) {
+    // CPUID leaf 0xD exists on every x86_64 CPU with XSAVE.
+    let size = std::arch::x86_64::__cpuid_count(0xD, 0).ebx;
+    let (lo, hi): (u32, u32);
+    // SAFETY: xgetbv with ecx=0 reads XCR0; it is allowed in user mode
+    // once the OS set CR4.OSXSAVE, which Linux does whenever XSAVE exists
+    // (PTRACE_GETREGSET NT_X86_XSTATE working proves it here).
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+    }
+    (size, (u64::from(hi) << 32) | u64::from(lo))
+}
