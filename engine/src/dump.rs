@@ -35,6 +35,12 @@ pub enum DumpError {
     Parse { path: String },
     #[error("task {pid} has {threads} threads; multi-threaded processes are not supported yet")]
     Threads { pid: i32, threads: u64 },
+    #[error("task {pid} is in its own {ns} namespace ({id}); dumping tasks in other namespaces is not supported yet")]
+    Namespace {
+        pid: i32,
+        ns: &'static str,
+        id: String,
+    },
     #[error(
         "task {pid} has child processes ({children}); dumping process trees is not supported yet"
     )]
@@ -220,6 +226,20 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
             pid,
             threads: st.num_threads,
         });
+    }
+    // Namespaces come with a later issue: until then the task must share
+    // every namespace with cryo, or paths, pids and addresses would be
+    // taken from the wrong one.
+    for ns in ["mnt", "pid", "net", "uts", "ipc", "user", "cgroup", "time"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+        if theirs.is_some() && theirs != ours {
+            return Err(DumpError::Namespace {
+                pid,
+                ns,
+                id: theirs.map(|p| p.display().to_string()).unwrap_or_default(),
+            });
+        }
     }
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();

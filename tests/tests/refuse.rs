@@ -314,3 +314,40 @@ fn check_reports_ptrace_seize() {
         "cryo check printed no line about ptrace-seize:\n{stdout}"
     );
 }
+
+/// A task in its own UTS namespace is refused (namespaces come later),
+/// naming the namespace, and left running.
+#[test]
+fn dump_refuses_task_in_other_namespace() {
+    become_subreaper();
+    let dir = TestDir::new();
+    let log = std::fs::File::create(dir.join("log")).expect("create log");
+    let child = Command::new("unshare")
+        .args(["--uts", sleep_bin(), "1000"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn unshare --uts sleep");
+    let mut guard = PidGuard::new(child.id() as i32);
+    let pid = guard.pid();
+    drop(child);
+    // unshare execs sleep in the same process once the namespace exists.
+    let start = std::time::Instant::now();
+    while std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| !p.to_string_lossy().contains("sleep"))
+        .unwrap_or(true)
+    {
+        assert!(
+            start.elapsed() < SETTLE_TIMEOUT,
+            "unshare did not exec sleep"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    wait_settled(pid, SETTLE_TIMEOUT);
+
+    assert_dump_refused(pid, None, &["uts namespace"], "own UTS namespace");
+
+    let exit = guard.kill();
+    assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));
+}
