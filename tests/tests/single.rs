@@ -420,3 +420,35 @@ fn dump_of_a_free_pid_fails_cleanly() {
         "a failed dump left an inventory.img (a complete-looking image)"
     );
 }
+
+/// A file the task has mapped shrinks between dump and restore: the
+/// restore is refused naming the mapping's file (the pages would be gone,
+/// SIGBUS later), nothing is left running, and once the file is back the
+/// image restores.
+#[test]
+fn restore_refuses_shrunk_mapped_file() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    let files = FileSnapshot::of_workload(&dir);
+    let mapped = dir.join("tmp").join("wl-private.dat");
+    std::fs::write(&mapped, b"").expect("truncate the mapped file");
+    let out = restore_detached(&img);
+    let err = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "restore with a shrunk mapped file succeeded"
+    );
+    assert!(
+        err.contains(&format!("mm-{pid}.img")) && err.contains("wl-private.dat"),
+        "message does not name the image and the file: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = try_reap(pid);
+    assert!(!pid_alive(pid), "pid {pid} alive after a refused restore");
+    files.put_back();
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored once the file was back");
+}

@@ -116,6 +116,11 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
             other => return Err(unsupported(format!("{other:?}"))),
         };
         let is_file = matches!(kind, VmaKind::VmaFilePrivate | VmaKind::VmaFileShared);
+        let file_size = if is_file {
+            std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0)
+        } else {
+            0
+        };
         let may_write = flags.iter().any(|f| f == "mw");
         out.push(Vma {
             start,
@@ -141,6 +146,7 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
             } else {
                 0
             },
+            file_size,
         });
     }
     Ok(out)

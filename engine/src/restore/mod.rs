@@ -662,6 +662,11 @@ fn prepare(
                             std::io::Error::last_os_error()
                         ));
                     }
+                    if let Err(e) = check_file_extent(fd, v, &mm_name) {
+                        // SAFETY: closing our own temporary descriptor.
+                        unsafe { libc::close(fd) };
+                        return Err(e);
+                    }
                     // SAFETY: maps the file over our own reservation (MAP_FIXED
                     // inside the PROT_NONE range reserved above).
                     let p = unsafe {
@@ -854,6 +859,7 @@ fn prepare(
         }
         close_fds.push(fd);
         rv.fd = fd;
+        check_file_extent(fd, v, &mm_name)?;
     }
 
     // 5. exe link.
@@ -1154,6 +1160,25 @@ fn prepare(
             options(noreturn),
         );
     }
+}
+
+/// A mapped file that shrank since the dump would make pages the task
+/// could read raise SIGBUS: refuse that.
+fn check_file_extent(fd: RawFd, v: &Vma, mm_name: &str) -> std::result::Result<(), String> {
+    // SAFETY: fd is a descriptor the caller just opened and still owns;
+    // the borrow does not outlive this call.
+    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let st =
+        nix::sys::stat::fstat(bfd).map_err(|e| format!("{mm_name}: fstat of {}: {e}", v.path))?;
+    let covered = v.file_size.min(v.pgoff + (v.end - v.start));
+    let now = st.st_size as u64;
+    if now < covered {
+        return Err(format!(
+            "{mm_name}: {} is {now} bytes now but was {} at the dump; the mapping at {:#x} would lose pages",
+            v.path, v.file_size, v.start
+        ));
+    }
+    Ok(())
 }
 
 /// One piece of a chunk: `len` bytes at `offset` in the chunk go to the
