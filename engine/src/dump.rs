@@ -164,6 +164,16 @@ fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
         let kind = match fmt {
             libc::S_IFREG => FileKind::FileRegular,
             libc::S_IFDIR => FileKind::FileDirectory,
+            // Terminals (tty majors 4 and 5, pty slaves 136-143, ptmx)
+            // carry a session and job control: they come with --shell-job.
+            libc::S_IFCHR if is_terminal(st.st_rdev) => {
+                return Err(DumpError::UnsupportedFd {
+                    pid,
+                    fd,
+                    what: "a terminal (terminals come with --shell-job, not supported yet)",
+                    link,
+                });
+            }
             libc::S_IFCHR => FileKind::FileChardev,
             _ => {
                 let what = match fmt {
@@ -215,6 +225,13 @@ fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
         });
     }
     Ok((fd_entries, files))
+}
+
+/// Whether a character device number is a terminal.
+fn is_terminal(rdev: u64) -> bool {
+    let major = libc::major(rdev);
+    let minor = libc::minor(rdev);
+    matches!(major, 4 | 136..=143) || (major == 5 && matches!(minor, 0 | 1 | 2))
 }
 
 fn check_task(pid: i32) -> Result<procfmt::Stat> {

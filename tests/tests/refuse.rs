@@ -351,3 +351,53 @@ fn dump_refuses_task_in_other_namespace() {
     let exit = guard.kill();
     assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));
 }
+
+/// A terminal on stdout (a pty slave) is refused until --shell-job exists.
+#[test]
+fn dump_refuses_terminal_on_stdout() {
+    become_subreaper();
+    // SAFETY: posix_openpt returns a new descriptor or -1; no memory is
+    // passed.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    assert!(
+        master >= 0,
+        "posix_openpt: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: master is the pty master just opened.
+    assert_eq!(unsafe { libc::grantpt(master) }, 0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::unlockpt(master) }, 0);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: name has room for 128 bytes, the length passed.
+    assert_eq!(
+        unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) },
+        0
+    );
+    // SAFETY: ptsname_r wrote a NUL-terminated path into name.
+    let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let slave = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&slave_path)
+        .expect("open pty slave");
+    let child = Command::new(sleep_bin())
+        .arg("1000")
+        .stdin(Stdio::null())
+        .stdout(slave)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let mut guard = PidGuard::new(child.id() as i32);
+    let pid = guard.pid();
+    drop(child);
+    wait_settled(pid, SETTLE_TIMEOUT);
+
+    assert_dump_refused(pid, Some(1), &["terminal"], "pty on stdout");
+
+    let exit = guard.kill();
+    assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));
+    // SAFETY: closing the master we opened.
+    unsafe { libc::close(master) };
+}
