@@ -231,7 +231,7 @@ fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
 fn is_terminal(rdev: u64) -> bool {
     let major = libc::major(rdev);
     let minor = libc::minor(rdev);
-    matches!(major, 4 | 136..=143) || (major == 5 && matches!(minor, 0 | 1 | 2))
+    matches!(major, 4 | 136..=143) || (major == 5 && minor <= 2)
 }
 
 fn check_task(pid: i32) -> Result<procfmt::Stat> {
