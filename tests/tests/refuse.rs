@@ -370,10 +370,8 @@ fn dump_refuses_terminal_on_stdout() {
     assert_eq!(unsafe { libc::unlockpt(master) }, 0);
     let mut name = [0 as libc::c_char; 128];
     // SAFETY: name has room for 128 bytes, the length passed.
-    assert_eq!(
-        unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) },
-        0
-    );
+    let r = unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) };
+    assert_eq!(r, 0);
     // SAFETY: ptsname_r wrote a NUL-terminated path into name.
     let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
         .to_string_lossy()
