@@ -112,9 +112,6 @@ fn feature(
 }
 
 // Constants not (reliably) exported by libc.
-const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
-const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
-const NT_X86_XSTATE: usize = 0x202;
 const SYS_CLONE3: libc::c_long = 435;
 const SYS_KCMP: libc::c_long = 312;
 const KCMP_FILE: libc::c_long = 0;
@@ -390,16 +387,6 @@ struct PtraceProbes {
     rseq: Result<Outcome, KerndatError>,
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct RseqConfiguration {
-    rseq_abi_pointer: u64,
-    rseq_abi_size: u32,
-    signature: u32,
-    flags: u32,
-    pad: u32,
-}
-
 fn not_probed() -> Result<Outcome, KerndatError> {
     Err(KerndatError::NotProbed {
         reason: "ptrace-seize failed",
@@ -497,52 +484,34 @@ fn seize_and_interrupt(pid: Pid) -> Result<(), KerndatError> {
 }
 
 fn probe_getsigmask(pid: Pid) -> Result<Outcome, KerndatError> {
-    let mut mask: u64 = 0;
-    // SAFETY: PTRACE_GETSIGMASK writes exactly `data` length bytes (8, the
-    // size we pass) to the address, which points at our live local u64. The
-    // tracee is in a ptrace-stop, as the request requires.
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_GETSIGMASK,
-            pid.as_raw(),
-            std::mem::size_of::<u64>(),
-            &mut mask as *mut u64,
-        )
-    };
-    if r < 0 {
-        return Err(sys_err("PTRACE_GETSIGMASK"));
-    }
+    let mask = crate::sys::get_sigmask(pid).map_err(|e| KerndatError::Syscall {
+        call: "PTRACE_GETSIGMASK",
+        errno: e.errno,
+    })?;
     yes(format!("blocked mask {mask:#x}"))
 }
 
 fn probe_rseq_config(pid: Pid) -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
-    let mut cfg = RseqConfiguration::default();
-    // SAFETY: the kernel writes at most `addr` bytes (the size we pass,
-    // size_of::<RseqConfiguration>() = 24) into `cfg`, a live local of
-    // exactly that size with the uapi layout; the tracee is ptrace-stopped.
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_GET_RSEQ_CONFIGURATION,
-            pid.as_raw(),
-            std::mem::size_of::<RseqConfiguration>(),
-            &mut cfg as *mut RseqConfiguration,
-        )
+    let cfg = match crate::sys::rseq_config(pid) {
+        Ok(c) => c,
+        Err(e) => {
+            let rseq = Err(KerndatError::NotProbed {
+                reason: "PTRACE_GET_RSEQ_CONFIGURATION failed",
+            });
+            return (
+                Err(KerndatError::Syscall {
+                    call: "PTRACE_GET_RSEQ_CONFIGURATION",
+                    errno: e.errno,
+                }),
+                rseq,
+            );
+        }
     };
-    if r < 0 {
-        let e = sys_err("PTRACE_GET_RSEQ_CONFIGURATION");
-        let rseq = Err(KerndatError::NotProbed {
-            reason: "PTRACE_GET_RSEQ_CONFIGURATION failed",
-        });
-        return (Err(e), rseq);
-    }
-    let detail = format!(
-        "ptr {:#x} len {} sig {:#x} ({} bytes)",
-        cfg.rseq_abi_pointer, cfg.rseq_abi_size, cfg.signature, r
-    );
-    let rseq = if cfg.rseq_abi_pointer != 0 {
+    let detail = format!("ptr {:#x} len {} sig {:#x}", cfg.ptr, cfg.len, cfg.sig);
+    let rseq = if cfg.ptr != 0 {
         yes(format!(
             "libc registered rseq: len {}, sig {:#x}",
-            cfg.rseq_abi_size, cfg.signature
+            cfg.len, cfg.sig
         ))
     } else {
         no("no rseq registration in a forked child")
@@ -551,36 +520,16 @@ fn probe_rseq_config(pid: Pid) -> (Result<Outcome, KerndatError>, Result<Outcome
 }
 
 fn probe_xstate(pid: Pid) -> Result<Outcome, KerndatError> {
-    // Large enough for AVX-512 plus AMX tile data; the kernel reports the
-    // real size in iov_len.
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast::<c_void>(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: iov describes `buf`, which is live and writable for iov_len
-    // bytes; the kernel writes at most iov_len bytes there and updates
-    // iov_len in our local iovec. The tracee is ptrace-stopped.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETREGSET,
-            pid.as_raw(),
-            NT_X86_XSTATE,
-            &mut iov as *mut libc::iovec,
-        )
-    };
-    if r < 0 {
-        return Err(sys_err("PTRACE_GETREGSET(NT_X86_XSTATE)"));
-    }
-    let size = iov.iov_len;
-    let mut detail = format!("{size} bytes");
+    let buf = crate::sys::get_xstate(pid).map_err(|e| KerndatError::Syscall {
+        call: "PTRACE_GETREGSET(NT_X86_XSTATE)",
+        errno: e.errno,
+    })?;
+    let mut detail = format!("{} bytes", buf.len());
     // The kernel puts XCR0 in the software-reserved bytes at offset 464.
     if let Some(b) = buf.get(464..472) {
         let mut w = [0u8; 8];
         w.copy_from_slice(b);
-        if size >= 472 {
-            let _ = write!(detail, ", xcr0 {:#x}", u64::from_ne_bytes(w));
-        }
+        let _ = write!(detail, ", xcr0 {:#x}", u64::from_ne_bytes(w));
     }
     yes(detail)
 }
