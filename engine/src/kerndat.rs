@@ -123,8 +123,6 @@ const UFFDIO_API: u64 = 0xC018_AA3F;
 const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const PAGEMAP_SCAN: u64 = 0xC060_6610;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PR_SET_MM: libc::c_int = 35;
 const PR_SET_MM_MAP_SIZE: libc::c_ulong = 15;
 const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
@@ -851,58 +849,33 @@ impl Drop for Mapping {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
 fn probe_pagemap_scan() -> Result<Outcome, KerndatError> {
     let m = Mapping::new(4)?;
     m.touch(0, 1);
     m.touch(2, 1);
     let path = "/proc/self/pagemap";
     let f = File::open(path).map_err(|e| io_err(path, e))?;
-    let mut regions = [PageRegion::default(); 8];
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        start: m.addr(),
-        end: m.addr() + m.len as u64,
-        vec: regions.as_mut_ptr() as u64,
-        vec_len: regions.len() as u64,
-        category_mask: PAGE_IS_PRESENT,
-        category_anyof_mask: PAGE_IS_PRESENT,
-        return_mask: PAGE_IS_PRESENT,
+    let q = crate::sys::ScanQuery {
+        mask: crate::sys::PAGE_IS_PRESENT,
+        anyof: crate::sys::PAGE_IS_PRESENT,
+        ret: crate::sys::PAGE_IS_PRESENT,
         ..Default::default()
     };
-    // SAFETY: PAGEMAP_SCAN reads and writes one 96-byte pm_scan_arg (`arg`,
-    // repr(C), 12 u64) and writes at most vec_len page_region entries to
-    // `regions`, a live local array of exactly that length. The scanned
-    // range is our own mapping `m`, alive across the call.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
-    if r < 0 {
-        return Err(sys_err("ioctl(PAGEMAP_SCAN)"));
-    }
-    yes(format!("{r} present region(s) for 2 touched of 4 pages"))
+    let regions = crate::sys::pagemap_scan(
+        &f,
+        nix::unistd::getpid(),
+        m.addr(),
+        m.addr() + m.len as u64,
+        &q,
+    )
+    .map_err(|e| KerndatError::Syscall {
+        call: "ioctl(PAGEMAP_SCAN)",
+        errno: e.errno,
+    })?;
+    yes(format!(
+        "{} present region(s) for 2 touched of 4 pages",
+        regions.len()
+    ))
 }
 
 fn probe_soft_dirty() -> Result<Outcome, KerndatError> {
