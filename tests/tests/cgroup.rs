@@ -98,6 +98,18 @@ fn freeze_dump_restore(parent: &str, controllers: &str, leave_running: bool) {
         wl.assert_pass("original after a --freeze-cgroup -R dump");
         return;
     }
+    // The image shows where the task was.
+    let show = run_cryo(
+        &["image", "show", "--json", img.to_str().expect("utf-8 path")],
+        &[],
+    );
+    assert_cryo_ok(&show, "cryo image show --json");
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains(&cg.rel()),
+        "image show --json lacks {}: {text}",
+        cg.rel()
+    );
     restore_ok(&mut wl, &img);
     assert_eq!(
         cgroup_line(pid, controllers),

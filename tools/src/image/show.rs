@@ -227,6 +227,11 @@ fn process_json(core: &CoreEntry) -> Value {
             "child_subreaper": p.child_subreaper,
             "dumpable": p.dumpable,
             "pdeath_signal": p.pdeath_signal,
+            "cgroups": p.cgroups.iter().map(|c| json!({
+                "hierarchy": c.hierarchy,
+                "controllers": c.controllers,
+                "path": c.path,
+            })).collect::<Vec<_>>(),
         }),
     }
 }
@@ -424,6 +429,14 @@ fn to_text(img: &Image, dir: &Path) -> String {
                     p.rlimits.len(),
                     p.shared_pending.len()
                 );
+                for c in &p.cgroups {
+                    let what = if c.hierarchy == 0 {
+                        "cgroup2"
+                    } else {
+                        c.controllers.as_str()
+                    };
+                    let _ = writeln!(s, "    cgroup {what}: {}", c.path);
+                }
             }
         }
         let _ = writeln!(
