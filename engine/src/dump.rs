@@ -334,6 +334,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         }
         None => Victim::seize(npid)?,
     };
+    guard.arm_mask(victim.sigmask());
     let frozen_at = Instant::now();
     fault("after-seize")?;
     // Re-check under the freeze: the task cannot change any more.

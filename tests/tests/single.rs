@@ -289,6 +289,18 @@ fn restore_attached() {
 
 #[test]
 fn sigkill_cryo_while_parasite_runs() {
+    sigkill_cryo_at("in-parasite");
+}
+
+/// cryo killed right after seizing, while every signal of the task is
+/// blocked and before any parasite exists: the guardian puts the task's
+/// own mask back.
+#[test]
+fn sigkill_cryo_after_seize() {
+    sigkill_cryo_at("after-seize");
+}
+
+fn sigkill_cryo_at(point: &str) {
     let dir = TestDir::new();
     let mut wl = Workload::single("nanosleep", &dir);
     let pid = wl.pid();
@@ -296,7 +308,7 @@ fn sigkill_cryo_while_parasite_runs() {
     let sigblk_before = proc_status_field(pid, "SigBlk");
     let img = dir.subdir("img");
     let flag = dir.join("parasite-running");
-    let fault = format!("pause-in-parasite:{}", flag.display());
+    let fault = format!("pause-{point}:{}", flag.display());
     let pid_s = pid.to_string();
     let mut run = spawn_cryo(
         &["dump", "-t", &pid_s, "-D", img.to_str().unwrap()],
@@ -307,12 +319,12 @@ fn sigkill_cryo_while_parasite_runs() {
         if start.elapsed() > Duration::from_secs(30) {
             let err = run.stderr_so_far();
             run.kill();
-            panic!("cryo did not reach the parasite pause within 30 s; stderr:\n{err}");
+            panic!("cryo did not reach the pause {point} within 30 s; stderr:\n{err}");
         }
         if !pid_alive(run.pid()) {
             let err = run.stderr_so_far();
             run.kill();
-            panic!("cryo exited before reaching the parasite pause; stderr:\n{err}");
+            panic!("cryo exited before reaching the pause {point}; stderr:\n{err}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -246,6 +246,12 @@ impl Victim {
         self.saved_mask
     }
 
+    /// Make [`Victim::cure`] put back `mask` instead of the mask found at
+    /// the seize (the guardian repairing a task cryo left blocked).
+    pub fn set_saved_mask(&mut self, mask: u64) {
+        self.saved_mask = mask;
+    }
+
     fn wait_stop(&self) -> Result<()> {
         let pid = self.pid;
         loop {
