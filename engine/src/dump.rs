@@ -122,18 +122,8 @@ fn readlink(path: &str) -> Result<String> {
 }
 
 fn fault(point: &str) -> Result<()> {
-    let Ok(f) = std::env::var("CRYO_FAULT") else {
-        return Ok(());
-    };
-    if f == format!("fail-{point}") {
+    if crate::fault::check(point) {
         return Err(DumpError::Fault { what: point.into() });
-    }
-    if let Some(path) = f.strip_prefix(&format!("pause-{point}:")) {
-        // Test hook: signal that we got here, then wait to be killed.
-        let _ = std::fs::write(path, b"paused\n");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
     }
     Ok(())
 }
@@ -334,7 +324,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         }
         None => Victim::seize(npid)?,
     };
-    guard.arm_mask(victim.sigmask());
+    victim.set_notifier(guard.notifier());
+    let site = victim.injection_site()?;
+    guard.arm_state(victim.regs(), victim.xstate(), victim.sigmask(), site);
     let frozen_at = Instant::now();
     fault("after-seize")?;
     // Re-check under the freeze: the task cannot change any more.
@@ -369,6 +361,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let started = victim.start_parasite();
     if let Some(area) = victim.area() {
         guard.arm(area);
+    }
+    if let Some(done) = victim.parasite_done_addr() {
+        guard.arm_done(done);
     }
     started?;
     fault("in-parasite")?;

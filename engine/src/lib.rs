@@ -2,6 +2,7 @@
 
 pub mod cgroup;
 pub mod dump;
+pub mod fault;
 pub mod freeze;
 pub mod infect;
 pub mod kerndat;

@@ -300,6 +300,15 @@ fn sigkill_cryo_after_seize() {
     sigkill_cryo_at("after-seize");
 }
 
+/// cryo killed inside its first injected syscall (the mmap of the
+/// parasite area, from its syscall-entry stop): the task spins in cryo's
+/// `syscall; jmp .` instead of dying of a trap, and the guardian restores
+/// its code, registers and mask and unmaps what the mmap made.
+#[test]
+fn sigkill_cryo_in_injected_syscall() {
+    sigkill_cryo_at("in-syscall");
+}
+
 fn sigkill_cryo_at(point: &str) {
     let dir = TestDir::new();
     let mut wl = Workload::single("nanosleep", &dir);

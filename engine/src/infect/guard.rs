@@ -14,10 +14,26 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
 
 use super::{InfectError, Victim};
+use crate::sigframe::Regs;
 
 const MSG_DISMISS: u64 = 0;
 const MSG_AREA: u64 = 1;
 const MSG_MASK: u64 = 2;
+/// Followed by `a` bytes: registers, injection site and original word,
+/// then the XSAVE area.
+const MSG_STATE: u64 = 3;
+const MSG_DONE: u64 = 4;
+/// The syscall number cryo is about to inject (`a`).
+pub(super) const MSG_INJECT: u64 = 5;
+
+/// One guardian record: kind, two words.
+pub(super) fn record(kind: u64, a: u64, b: u64) -> [u8; 24] {
+    let mut buf = [0u8; 24];
+    buf[..8].copy_from_slice(&kind.to_ne_bytes());
+    buf[8..16].copy_from_slice(&a.to_ne_bytes());
+    buf[16..].copy_from_slice(&b.to_ne_bytes());
+    buf
+}
 
 /// Signals the kernel never lets a task block, and SIGTRAP, which it
 /// unblocks itself when an injected int3 fires.
@@ -68,20 +84,37 @@ impl Guard {
         self.send(MSG_AREA, area.0, area.1);
     }
 
-    /// Tell the guardian the task's own signal mask (cryo blocks every
-    /// signal while it works on the task).
-    pub fn arm_mask(&self, mask: u64) {
+    /// Tell the guardian the task's own registers, XSAVE area and signal
+    /// mask as saved at the seize, and where cryo runs injected syscalls
+    /// (with the original word there), so it can put the task back if cryo
+    /// dies half way through an injection.
+    pub fn arm_state(&self, regs: &Regs, xstate: &[u8], mask: u64, site: (u64, u64)) {
         self.send(MSG_MASK, mask, 0);
+        let mut payload = super::as_bytes(regs).to_vec();
+        payload.extend_from_slice(&site.0.to_ne_bytes());
+        payload.extend_from_slice(&site.1.to_ne_bytes());
+        payload.extend_from_slice(xstate);
+        self.send(MSG_STATE, payload.len() as u64, 0);
+        if let Some(tx) = &self.tx {
+            let _ = nix::unistd::write(tx, &payload);
+        }
+    }
+
+    /// Tell the guardian where the parasite's final spin is.
+    pub fn arm_done(&self, addr: u64) {
+        self.send(MSG_DONE, addr, 0);
     }
 
     fn send(&self, kind: u64, a: u64, b: u64) {
         if let Some(tx) = &self.tx {
-            let mut buf = [0u8; 24];
-            buf[..8].copy_from_slice(&kind.to_ne_bytes());
-            buf[8..16].copy_from_slice(&a.to_ne_bytes());
-            buf[16..].copy_from_slice(&b.to_ne_bytes());
-            let _ = nix::unistd::write(tx, &buf);
+            let _ = nix::unistd::write(tx, &record(kind, a, b));
         }
+    }
+
+    /// A second handle on the guardian's pipe for the victim, which tells
+    /// it every syscall it injects.
+    pub fn notifier(&self) -> Option<OwnedFd> {
+        self.tx.as_ref().and_then(|t| t.try_clone().ok())
     }
 }
 
@@ -94,59 +127,140 @@ impl Drop for Guard {
     }
 }
 
+/// What the guardian knows of the task.
+#[derive(Default)]
+struct Known {
+    area: Option<(u64, u64)>,
+    mask: Option<u64>,
+    /// Registers and XSAVE area at the seize, and the injection site.
+    state: Option<(Regs, Vec<u8>, (u64, u64))>,
+    done: Option<u64>,
+    /// The last syscall cryo injected.
+    injected: Option<u64>,
+}
+
 fn guardian(pid: Pid, rx: OwnedFd) {
+    // Test hooks are for cryo itself: the guardian must never pause in one.
+    std::env::remove_var("CRYO_FAULT");
     let mut f = std::fs::File::from(rx);
-    let mut area = None;
-    let mut mask = None;
+    let mut k = Known::default();
     loop {
         let mut buf = [0u8; 24];
-        match f.read_exact(&mut buf) {
-            Ok(()) => {
-                let word = |i: usize| {
-                    u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap_or_default())
-                };
-                match word(0) {
-                    MSG_AREA => area = Some((word(1), word(2))),
-                    MSG_MASK => mask = Some(word(1)),
-                    _ => return, // dismissed: cryo finished with the task
+        if f.read_exact(&mut buf).is_err() {
+            break; // cryo died
+        }
+        let word =
+            |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        match word(0) {
+            MSG_AREA => k.area = Some((word(1), word(2))),
+            MSG_MASK => k.mask = Some(word(1)),
+            MSG_DONE => k.done = Some(word(1)),
+            MSG_INJECT => k.injected = Some(word(1)),
+            MSG_STATE => {
+                let mut payload = vec![0u8; word(1) as usize];
+                if f.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                let n = std::mem::size_of::<Regs>();
+                if payload.len() >= n + 16 {
+                    let regs: Regs = super::from_bytes(&payload);
+                    let at = u64::from_ne_bytes(payload[n..n + 8].try_into().unwrap_or_default());
+                    let orig =
+                        u64::from_ne_bytes(payload[n + 8..n + 16].try_into().unwrap_or_default());
+                    k.state = Some((regs, payload[n + 16..].to_vec(), (at, orig)));
                 }
             }
-            Err(_) => break, // cryo died
+            _ => return, // dismissed: cryo finished with the task
         }
     }
     let _ = f.as_raw_fd();
-    if area.is_none() && mask.is_none() {
+    if k.area.is_none() && k.mask.is_none() {
         return;
     }
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
-        // Once cryo's ptrace link is gone we can seize; once the parasite
-        // has returned through its frame, the task runs its own code.
-        if let Ok(mut v) = Victim::seize(pid) {
-            let rip = v.regs().rip;
-            let in_parasite = area.is_some_and(|(addr, len)| rip >= addr && rip < addr + len);
-            if !in_parasite {
-                if let Some((addr, len)) = area {
-                    if area_mapped(pid, addr) {
-                        let _ = v.syscall(libc::SYS_munmap as u64, [addr, len, 0, 0, 0, 0]);
-                    }
-                }
-                // Still every signal blocked, as cryo left it: put the
-                // task's own mask back.
-                if let Some(m) = mask {
-                    if v.sigmask() | UNBLOCKABLE == u64::MAX {
-                        v.set_saved_mask(m);
-                    }
-                }
+        // Once cryo's ptrace link is gone we can seize.
+        let seized = Victim::seize(pid);
+        if let Err(e) = &seized {
+            tracing::debug!(pid = pid.as_raw(), "guardian: seize: {e}");
+        }
+        if let Ok(mut v) = seized {
+            tracing::debug!(pid = pid.as_raw(), rip = v.regs().rip, "guardian: seized");
+            if repair(pid, &mut v, &k) {
                 let _ = v.cure();
                 return;
             }
+            // The parasite is still on its way out: try again shortly.
             let _ = v.cure();
         } else if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             return;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Put the seized task back as it was before cryo touched it. Returns
+/// false while the parasite is still running (it returns the task to its
+/// context by itself once it sees its socket close).
+fn repair(pid: Pid, v: &mut Victim, k: &Known) -> bool {
+    let rip = v.regs().rip;
+    let spinning_done = k.done == Some(rip);
+    let in_injection = k
+        .state
+        .as_ref()
+        .is_some_and(|(_, _, (at, _))| rip >= *at && rip < at + 4);
+    let in_parasite = k
+        .area
+        .is_some_and(|(addr, len)| rip >= addr && rip < addr + len);
+    if in_parasite && !spinning_done {
+        return false;
+    }
+    // An mmap cryo injected but never saw return: the parasite area,
+    // which no message named yet.
+    let stray_map = {
+        let r = v.regs();
+        (in_injection && k.injected == Some(libc::SYS_mmap as u64) && (r.rax as i64) > 0)
+            .then_some(r.rax)
+    };
+    if in_injection || spinning_done {
+        // Stopped in cryo's own code: restore the code word, then the
+        // saved registers, XSAVE area and mask.
+        if let Some((regs, xstate, (at, orig))) = &k.state {
+            let _ = nix::sys::ptrace::write(pid, *at as _, *orig as i64);
+            v.set_saved_state(*regs, xstate.clone());
+        }
+        if let Some(m) = k.mask {
+            v.set_saved_mask(m);
+        }
+    } else if let Some(m) = k.mask {
+        // Still every signal blocked, as cryo left it: put the task's own
+        // mask back.
+        if v.sigmask() | UNBLOCKABLE == u64::MAX {
+            v.set_saved_mask(m);
+        }
+    }
+    let area = k
+        .area
+        .or_else(|| stray_map.and_then(|addr| Some((addr, mapping_len(pid, addr)?))));
+    if let Some((addr, len)) = area {
+        if area_mapped(pid, addr) {
+            let _ = v.syscall(libc::SYS_munmap as u64, [addr, len, 0, 0, 0, 0]);
+        }
+    }
+    true
+}
+
+/// Length of the mapping that starts at `addr` in the task.
+fn mapping_len(pid: Pid, addr: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    text.lines().find_map(|l| {
+        let (s, e) = l.split_whitespace().next()?.split_once('-')?;
+        let (s, e) = (
+            u64::from_str_radix(s, 16).ok()?,
+            u64::from_str_radix(e, 16).ok()?,
+        );
+        (s == addr).then_some(e - s)
+    })
 }
 
 fn area_mapped(pid: Pid, addr: u64) -> bool {

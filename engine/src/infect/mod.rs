@@ -84,6 +84,12 @@ const OFF_FPSTATE: u64 = PAGE;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Syscall,
+    Interrupt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Seized and asked to stop; nothing saved or changed yet.
     Attached,
@@ -105,6 +111,9 @@ pub struct Victim {
     saved_xstate: Vec<u8>,
     saved_mask: u64,
     inject_at: u64,
+    inject_orig: Option<u64>,
+    /// The guardian's pipe: told of every injected syscall.
+    notifier: Option<OwnedFd>,
     area: Option<(u64, u64)>,
     blob: Option<Blob>,
     sock: Option<OwnedFd>,
@@ -139,7 +148,9 @@ impl Victim {
     /// attached while frozen and waited for after the thaw.
     pub fn attach(pid: Pid) -> Result<Victim> {
         let pidfd = sys::pidfd_open(pid)?;
-        ptrace::seize(pid, ptrace::Options::empty()).map_err(ptrace_err("SEIZE", pid))?;
+        // TRACESYSGOOD: injected syscalls are driven by syscall stops.
+        ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
+            .map_err(ptrace_err("SEIZE", pid))?;
         let v = Victim {
             pid,
             pidfd,
@@ -149,6 +160,8 @@ impl Victim {
             saved_xstate: Vec::new(),
             saved_mask: 0,
             inject_at: 0,
+            inject_orig: None,
+            notifier: None,
             area: None,
             blob: None,
             sock: None,
@@ -188,6 +201,8 @@ impl Victim {
             saved_xstate: Vec::new(),
             saved_mask: 0,
             inject_at: 0,
+            inject_orig: None,
+            notifier: None,
             area: None,
             blob: None,
             sock: None,
@@ -252,32 +267,21 @@ impl Victim {
         self.saved_mask = mask;
     }
 
-    fn wait_stop(&self) -> Result<()> {
-        let pid = self.pid;
-        loop {
-            match waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(ptrace_err("wait", pid))? {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => return Ok(()),
-                WaitStatus::PtraceEvent(_, _, _) => {
-                    // A group stop (SIGSTOP arrived): keep the task going.
-                    ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
-                }
-                WaitStatus::Stopped(_, sig) => {
-                    let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
-                    return Err(InfectError::Unexpected {
-                        pid: pid.as_raw(),
-                        status: format!("signal {sig}"),
-                        rip,
-                    });
-                }
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    return Err(InfectError::Gone {
-                        pid: pid.as_raw(),
-                        status: "exited".into(),
-                    })
-                }
-                _ => {}
-            }
-        }
+    /// Make [`Victim::cure`] put back these registers and XSAVE area (the
+    /// guardian repairing a task cryo left in an injected syscall).
+    pub fn set_saved_state(&mut self, regs: Regs, xstate: Vec<u8>) {
+        self.saved = regs;
+        self.saved_xstate = xstate;
+    }
+
+    /// Tell the guardian behind `fd` about every injected syscall.
+    pub fn set_notifier(&mut self, fd: Option<OwnedFd>) {
+        self.notifier = fd;
+    }
+
+    /// Address of the blob's final spin (`_cryo_done`), once started.
+    pub fn parasite_done_addr(&self) -> Option<u64> {
+        Some(self.area?.0 + self.blob.as_ref()?.done as u64)
     }
 
     fn find_inject_addr(&mut self) -> Result<u64> {
@@ -305,14 +309,79 @@ impl Victim {
         Err(InfectError::NoExec { pid: pid.as_raw() })
     }
 
+    /// Where injected syscalls run and the original word there (read
+    /// once; cryo puts it back after every call).
+    pub fn injection_site(&mut self) -> Result<(u64, u64)> {
+        let at = self.find_inject_addr()?;
+        let orig = match self.inject_orig {
+            Some(o) => o,
+            None => {
+                let o = ptrace::read(self.pid, at as _).map_err(ptrace_err("PEEKDATA", self.pid))?
+                    as u64;
+                self.inject_orig = Some(o);
+                o
+            }
+        };
+        Ok((at, orig))
+    }
+
+    /// Wait for the next stop of `want` kind, letting group stops go.
+    fn wait_for(&self, want: Stop) -> Result<()> {
+        let pid = self.pid;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(ptrace_err("wait", pid))? {
+                WaitStatus::PtraceSyscall(_) if want == Stop::Syscall => return Ok(()),
+                WaitStatus::PtraceEvent(_, _, ev)
+                    if want == Stop::Interrupt && ev == libc::PTRACE_EVENT_STOP =>
+                {
+                    return Ok(())
+                }
+                WaitStatus::PtraceEvent(..) => {
+                    // A group stop (SIGSTOP arrived): keep the task going.
+                    ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
+                }
+                WaitStatus::Stopped(_, sig) => {
+                    let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
+                    return Err(InfectError::Unexpected {
+                        pid: pid.as_raw(),
+                        status: format!("signal {sig}"),
+                        rip,
+                    });
+                }
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    return Err(InfectError::Gone {
+                        pid: pid.as_raw(),
+                        status: "exited".into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Let the task run into a `jmp .` spin and stop it there with
+    /// PTRACE_INTERRUPT: the task ends up in an interrupt stop, from which
+    /// a later detach applies the kernel's syscall restart rules.
+    fn spin_and_stop(&self) -> Result<()> {
+        let pid = self.pid;
+        ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
+        ptrace::interrupt(pid).map_err(ptrace_err("INTERRUPT", pid))?;
+        self.wait_for(Stop::Interrupt)
+    }
+
     /// Run one system call inside the stopped task and return its result.
+    /// The task runs `syscall; jmp .` written over its code, driven by
+    /// syscall stops: if cryo dies half way, the task spins instead of
+    /// dying of an untraced int3, and the guardian puts it back.
     pub fn syscall(&mut self, nr: u64, args: [u64; 6]) -> Result<i64> {
         let pid = self.pid;
-        let at = self.find_inject_addr()?;
-        let orig = ptrace::read(pid, at as _).map_err(ptrace_err("PEEKDATA", pid))?;
-        // syscall (0f 05); int3 (cc)
-        let code = (orig & !0xff_ffff) | 0xcc_050f;
-        ptrace::write(pid, at as _, code).map_err(ptrace_err("POKEDATA", pid))?;
+        let (at, orig) = self.injection_site()?;
+        if let Some(n) = &self.notifier {
+            let _ = nix::unistd::write(n, &guard::record(guard::MSG_INJECT, nr, 0));
+        }
+        // syscall (0f 05); jmp . (eb fe)
+        let code = (orig & !0xffff_ffff) | 0xfeeb_050f;
+        ptrace::write(pid, at as _, code as i64).map_err(ptrace_err("POKEDATA", pid))?;
         let res = (|| {
             let mut r = self.saved;
             r.rax = nr;
@@ -325,16 +394,19 @@ impl Victim {
             r.rip = at;
             r.orig_rax = u64::MAX;
             ptrace::setregs(pid, r).map_err(ptrace_err("SETREGS", pid))?;
-            ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
-            self.wait_stop()?;
-            Ok::<i64, InfectError>(
-                ptrace::getregs(pid)
-                    .map_err(ptrace_err("GETREGS", pid))?
-                    .rax as i64,
-            )
+            ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid))?;
+            self.wait_for(Stop::Syscall)?; // entry
+            crate::fault::check("in-syscall");
+            ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid))?;
+            self.wait_for(Stop::Syscall)?; // exit
+            let rax = ptrace::getregs(pid)
+                .map_err(ptrace_err("GETREGS", pid))?
+                .rax as i64;
+            self.spin_and_stop()?;
+            Ok::<i64, InfectError>(rax)
         })();
         // Put the code back whatever happened (the page is dumped later).
-        let restore = ptrace::write(pid, at as _, orig).map_err(ptrace_err("POKEDATA", pid));
+        let restore = ptrace::write(pid, at as _, orig as i64).map_err(ptrace_err("POKEDATA", pid));
         let v = res?;
         restore?;
         if (-4095..0).contains(&v) {
@@ -716,7 +788,28 @@ impl Victim {
             };
             self.send(as_bytes(&hdr), &[])?;
             self.simple_reply(CMD_FINI)?;
-            self.wait_stop()
+            // The blob returns into a `jmp .` spin at _cryo_done: stop it
+            // there (it may still be closing its socket).
+            let done = self.area.map(|a| a.0).unwrap_or(0)
+                + self.blob.as_ref().map(|b| b.done as u64).unwrap_or(0);
+            for _ in 0..1000 {
+                ptrace::interrupt(self.pid).map_err(ptrace_err("INTERRUPT", self.pid))?;
+                self.wait_for(Stop::Interrupt)?;
+                if ptrace::getregs(self.pid)
+                    .map_err(ptrace_err("GETREGS", self.pid))?
+                    .rip
+                    == done
+                {
+                    return Ok(());
+                }
+                ptrace::cont(self.pid, None).map_err(ptrace_err("CONT", self.pid))?;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(InfectError::Timeout {
+                pid: self.pid.as_raw(),
+                cmd: CMD_FINI,
+                secs: 1,
+            })
         })();
         self.sock = None;
         self.phase = Phase::Stopped;

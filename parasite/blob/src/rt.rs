@@ -6,7 +6,9 @@
 use core::arch::{asm, global_asm};
 
 // Entry: rdi carries the argument pointer. Align the stack, call the
-// blob's main, then trap so whoever drives the task sees it finish.
+// blob's main, then spin at _cryo_done until whoever drives the task stops
+// it there (a spin, not a trap: if the driver is gone, a trap would kill
+// the task, a spin leaves it for the guardian to put back).
 global_asm!(
     ".globl _cryo_start",
     "_cryo_start:",
@@ -14,8 +16,7 @@ global_asm!(
     "call {main}",
     ".globl _cryo_done",
     "_cryo_done:",
-    "int3",
-    "ud2",
+    "jmp _cryo_done",
     main = sym crate::blob_main,
 );
 
