@@ -309,6 +309,13 @@ fn sigkill_cryo_in_injected_syscall() {
     sigkill_cryo_at("in-syscall");
 }
 
+/// cryo killed between injected syscalls, with the control socket pair
+/// already made in the task: the guardian also closes those descriptors.
+#[test]
+fn sigkill_cryo_after_socketpair() {
+    sigkill_cryo_at("after-socketpair");
+}
+
 fn sigkill_cryo_at(point: &str) {
     let dir = TestDir::new();
     let mut wl = Workload::single("nanosleep", &dir);

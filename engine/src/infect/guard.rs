@@ -17,12 +17,14 @@ use super::{InfectError, Victim};
 use crate::sigframe::Regs;
 
 const MSG_DISMISS: u64 = 0;
-const MSG_AREA: u64 = 1;
+pub(super) const MSG_AREA: u64 = 1;
 const MSG_MASK: u64 = 2;
 /// Followed by `a` bytes: registers, injection site and original word,
 /// then the XSAVE area.
 const MSG_STATE: u64 = 3;
 const MSG_DONE: u64 = 4;
+/// Followed by `a` bytes: the task's descriptor numbers at the seize (i32).
+const MSG_FDS: u64 = 6;
 /// The syscall number cryo is about to inject (`a`).
 pub(super) const MSG_INJECT: u64 = 5;
 
@@ -42,6 +44,7 @@ const UNBLOCKABLE: u64 = (1 << (9 - 1)) | (1 << (19 - 1)) | (1 << (5 - 1));
 pub struct Guard {
     tx: Option<OwnedFd>,
     child: Pid,
+    pid: Pid,
 }
 
 impl Guard {
@@ -70,6 +73,7 @@ impl Guard {
             Ok(ForkResult::Parent { child }) => Ok(Guard {
                 tx: Some(tx),
                 child,
+                pid,
             }),
             Err(errno) => Err(InfectError::Channel {
                 pid: pid.as_raw(),
@@ -97,6 +101,20 @@ impl Guard {
         self.send(MSG_STATE, payload.len() as u64, 0);
         if let Some(tx) = &self.tx {
             let _ = nix::unistd::write(tx, &payload);
+        }
+        // The descriptors the task has now, while it is stopped: any other
+        // one found later in a task stuck in cryo's code is cryo's.
+        let fds: Vec<u8> = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .flat_map(|fd| fd.to_ne_bytes())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.send(MSG_FDS, fds.len() as u64, 0);
+        if let Some(tx) = &self.tx {
+            let _ = nix::unistd::write(tx, &fds);
         }
     }
 
@@ -137,6 +155,8 @@ struct Known {
     done: Option<u64>,
     /// The last syscall cryo injected.
     injected: Option<u64>,
+    /// Descriptors the task had at the seize.
+    fds: Option<Vec<i32>>,
 }
 
 fn guardian(pid: Pid, rx: OwnedFd) {
@@ -156,6 +176,18 @@ fn guardian(pid: Pid, rx: OwnedFd) {
             MSG_MASK => k.mask = Some(word(1)),
             MSG_DONE => k.done = Some(word(1)),
             MSG_INJECT => k.injected = Some(word(1)),
+            MSG_FDS => {
+                let mut payload = vec![0u8; word(1) as usize];
+                if f.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                k.fds = Some(
+                    payload
+                        .chunks_exact(4)
+                        .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                );
+            }
             MSG_STATE => {
                 let mut payload = vec![0u8; word(1) as usize];
                 if f.read_exact(&mut payload).is_err() {
@@ -232,6 +264,13 @@ fn repair(pid: Pid, v: &mut Victim, k: &Known) -> bool {
         if let Some(m) = k.mask {
             v.set_saved_mask(m);
         }
+        // No code of the task ran since cryo stopped it: descriptors it
+        // did not have then are cryo's (the control socket pair).
+        if let Some(before) = &k.fds {
+            for fd in task_fds(pid).into_iter().filter(|fd| !before.contains(fd)) {
+                let _ = v.syscall(libc::SYS_close as u64, [fd as u64, 0, 0, 0, 0, 0]);
+            }
+        }
     } else if let Some(m) = k.mask {
         // Still every signal blocked, as cryo left it: put the task's own
         // mask back.
@@ -248,6 +287,16 @@ fn repair(pid: Pid, v: &mut Victim, k: &Known) -> bool {
         }
     }
     true
+}
+
+fn task_fds(pid: Pid) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Length of the mapping that starts at `addr` in the task.

@@ -112,6 +112,9 @@ pub struct Victim {
     saved_mask: u64,
     inject_at: u64,
     inject_orig: Option<u64>,
+    /// `syscall; jmp .` is written over the injection site (between
+    /// injected syscalls the task waits on that spin).
+    patched: bool,
     /// The guardian's pipe: told of every injected syscall.
     notifier: Option<OwnedFd>,
     area: Option<(u64, u64)>,
@@ -161,6 +164,7 @@ impl Victim {
             saved_mask: 0,
             inject_at: 0,
             inject_orig: None,
+            patched: false,
             notifier: None,
             area: None,
             blob: None,
@@ -202,6 +206,7 @@ impl Victim {
             saved_mask: 0,
             inject_at: 0,
             inject_orig: None,
+            patched: false,
             notifier: None,
             area: None,
             blob: None,
@@ -371,44 +376,42 @@ impl Victim {
 
     /// Run one system call inside the stopped task and return its result.
     /// The task runs `syscall; jmp .` written over its code, driven by
-    /// syscall stops: if cryo dies half way, the task spins instead of
-    /// dying of an untraced int3, and the guardian puts it back.
+    /// syscall stops, and is left stopped on the spin: if cryo dies at any
+    /// point, the task spins in cryo's code instead of running its own
+    /// with cryo's registers, and the guardian puts it back. The code word
+    /// goes back before the parasite starts and in [`Victim::cure`].
     pub fn syscall(&mut self, nr: u64, args: [u64; 6]) -> Result<i64> {
         let pid = self.pid;
         let (at, orig) = self.injection_site()?;
         if let Some(n) = &self.notifier {
             let _ = nix::unistd::write(n, &guard::record(guard::MSG_INJECT, nr, 0));
         }
-        // syscall (0f 05); jmp . (eb fe)
-        let code = (orig & !0xffff_ffff) | 0xfeeb_050f;
-        ptrace::write(pid, at as _, code as i64).map_err(ptrace_err("POKEDATA", pid))?;
-        let res = (|| {
-            let mut r = self.saved;
-            r.rax = nr;
-            r.rdi = args[0];
-            r.rsi = args[1];
-            r.rdx = args[2];
-            r.r10 = args[3];
-            r.r8 = args[4];
-            r.r9 = args[5];
-            r.rip = at;
-            r.orig_rax = u64::MAX;
-            ptrace::setregs(pid, r).map_err(ptrace_err("SETREGS", pid))?;
-            ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid))?;
-            self.wait_for(Stop::Syscall)?; // entry
-            crate::fault::check("in-syscall");
-            ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid))?;
-            self.wait_for(Stop::Syscall)?; // exit
-            let rax = ptrace::getregs(pid)
-                .map_err(ptrace_err("GETREGS", pid))?
-                .rax as i64;
-            self.spin_and_stop()?;
-            Ok::<i64, InfectError>(rax)
-        })();
-        // Put the code back whatever happened (the page is dumped later).
-        let restore = ptrace::write(pid, at as _, orig as i64).map_err(ptrace_err("POKEDATA", pid));
-        let v = res?;
-        restore?;
+        if !self.patched {
+            // syscall (0f 05); jmp . (eb fe)
+            let code = (orig & !0xffff_ffff) | 0xfeeb_050f;
+            ptrace::write(pid, at as _, code as i64).map_err(ptrace_err("POKEDATA", pid))?;
+            self.patched = true;
+        }
+        let mut r = self.saved;
+        r.rax = nr;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        r.rip = at;
+        r.orig_rax = u64::MAX;
+        ptrace::setregs(pid, r).map_err(ptrace_err("SETREGS", pid))?;
+        ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid))?;
+        self.wait_for(Stop::Syscall)?; // entry
+        crate::fault::check("in-syscall");
+        ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid))?;
+        self.wait_for(Stop::Syscall)?; // exit
+        let v = ptrace::getregs(pid)
+            .map_err(ptrace_err("GETREGS", pid))?
+            .rax as i64;
+        self.spin_and_stop()?;
         if (-4095..0).contains(&v) {
             return Err(InfectError::Syscall {
                 pid: pid.as_raw(),
@@ -417,6 +420,17 @@ impl Victim {
             });
         }
         Ok(v)
+    }
+
+    /// Put the task's own code back over the injection site.
+    fn unpatch(&mut self) -> Result<()> {
+        if self.patched {
+            let (at, orig) = self.injection_site()?;
+            ptrace::write(self.pid, at as _, orig as i64)
+                .map_err(ptrace_err("POKEDATA", self.pid))?;
+            self.patched = false;
+        }
+        Ok(())
     }
 
     fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
@@ -479,6 +493,9 @@ impl Victim {
             ],
         )? as u64;
         self.area = Some((addr, total));
+        if let Some(n) = &self.notifier {
+            let _ = nix::unistd::write(n, &guard::record(guard::MSG_AREA, addr, total));
+        }
         let blob = Blob::load("parasite", PARASITE_ELF, addr)?;
         self.write_mem(addr, &blob.image)?;
         if blob.text.1 > blob.text.0 {
@@ -497,6 +514,7 @@ impl Victim {
         let args_at = addr + blob_len;
         // The control socket: a pair made inside the task; we take one end
         // with pidfd_getfd and close it there.
+        crate::fault::check("before-socketpair");
         self.syscall(
             libc::SYS_socketpair as u64,
             [
@@ -514,6 +532,7 @@ impl Victim {
         let our_end = i32::from_ne_bytes([pair[4], pair[5], pair[6], pair[7]]);
         self.task_sock = task_end;
         self.stray_fds = vec![task_end, our_end];
+        crate::fault::check("after-socketpair");
         let sock = sys::pidfd_getfd(&self.pidfd, pid, our_end)?;
         self.sock = Some(sock);
         self.syscall(libc::SYS_close as u64, [our_end as u64, 0, 0, 0, 0, 0])?;
@@ -547,6 +566,9 @@ impl Victim {
         self.write_mem(args_at, as_bytes(&pargs))?;
 
         let mut r = self.saved;
+        // The page holding the injection site is dumped while the parasite
+        // runs: it must hold the task's own code again.
+        self.unpatch()?;
         r.rip = addr + blob.entry as u64;
         r.rsp = addr + total - 64;
         r.rdi = args_at;
@@ -880,6 +902,9 @@ impl Victim {
             if let Err(e) = self.syscall(libc::SYS_munmap as u64, [addr, len, 0, 0, 0, 0]) {
                 first_err.get_or_insert(e);
             }
+        }
+        if let Err(e) = self.unpatch() {
+            first_err.get_or_insert(e);
         }
         let restore = (|| {
             ptrace::setregs(pid, self.saved).map_err(ptrace_err("SETREGS", pid))?;
