@@ -358,10 +358,16 @@ fn sigkill_cryo_at(point: &str) {
     );
     // The parasite is gone: mappings and the blocked mask are back.
     // (The cure may finish asynchronously once cryo is gone: poll a little.)
+    // The guardian repairs the task once cryo is gone; between cryo's death
+    // and its repair the task may briefly be untraced.
     let start = Instant::now();
     let mut maps_now = proc_maps(pid);
-    while maps_now != maps_before && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
+    while (maps_now != maps_before
+        || proc_status_field(pid, "SigBlk") != sigblk_before
+        || tracer_pid(pid) != Some(0))
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(20));
         maps_now = proc_maps(pid);
     }
     assert!(
