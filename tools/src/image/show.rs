@@ -4,21 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::Context;
-use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, Inventory, MmEntry, PstreeEntry, Vma};
-use cryo_image::{Kind, PAGE_SIZE};
+use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, Inventory, Vma};
+use cryo_image::PAGE_SIZE;
 use serde_json::{json, Value};
 
 use super::load::{self, Pagemap};
 
 /// One process of the image, with everything read from its files.
-struct Task {
-    entry: PstreeEntry,
-    cores: Vec<(u32, CoreEntry)>,
-    mm: MmEntry,
-    pagemap: Pagemap,
-    fds: Vec<FdEntry>,
-}
+type Task = super::task::TaskImage;
 
 struct Image {
     inventory: Inventory,
@@ -35,35 +28,11 @@ fn hex(v: u64) -> String {
 
 impl Image {
     fn load(dir: &Path) -> anyhow::Result<Image> {
-        let inventory = cryo_image::read_inventory(dir)?;
-        let pstree: Vec<PstreeEntry> = load::read_all(dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
-        let mut files = HashMap::new();
-        for f in load::read_all::<FileEntry>(dir, cryo_image::FILES_FILE, Kind::Files)? {
-            files.insert(f.id, f);
-        }
-        let mut tasks = Vec::new();
-        for entry in pstree {
-            let pid = entry.pid;
-            let mut cores = Vec::new();
-            for &tid in &entry.threads {
-                let core: CoreEntry =
-                    cryo_image::read_one(dir, &cryo_image::core_file(tid), Kind::Core)?;
-                cores.push((tid, core));
-            }
-            let mm: MmEntry = cryo_image::read_one(dir, &cryo_image::mm_file(pid), Kind::Mm)?;
-            let pm_name = cryo_image::pagemap_file(pid);
-            let pagemap = load::read_pagemap(dir, &pm_name)?
-                .with_context(|| format!("{}: no head record", dir.join(&pm_name).display()))?;
-            let fds: Vec<FdEntry> =
-                load::read_all(dir, &cryo_image::fdinfo_file(pid), Kind::Fdinfo)?;
-            tasks.push(Task {
-                entry,
-                cores,
-                mm,
-                pagemap,
-                fds,
-            });
-        }
+        let super::task::LoadedImage {
+            inventory,
+            tasks,
+            files,
+        } = super::task::load_image(dir)?;
         let listed: std::collections::HashSet<&str> =
             inventory.files.iter().map(|f| f.name.as_str()).collect();
         let dir_files = load::dir_entries(dir)?
