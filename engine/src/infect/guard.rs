@@ -7,7 +7,7 @@
 //! exactly as it was.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use nix::sys::wait::waitpid;
@@ -205,7 +205,6 @@ fn guardian(pid: Pid, rx: OwnedFd) {
             _ => return, // dismissed: cryo finished with the task
         }
     }
-    let _ = f.as_raw_fd();
     if k.area.is_none() && k.mask.is_none() {
         return;
     }
@@ -301,19 +300,12 @@ fn task_fds(pid: Pid) -> Vec<i32> {
 
 /// Length of the mapping that starts at `addr` in the task.
 fn mapping_len(pid: Pid, addr: u64) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    text.lines().find_map(|l| {
-        let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-        let (s, e) = (
-            u64::from_str_radix(s, 16).ok()?,
-            u64::from_str_radix(e, 16).ok()?,
-        );
-        (s == addr).then_some(e - s)
-    })
+    crate::proc::read_maps(&pid.to_string())
+        .into_iter()
+        .find(|m| m.start == addr)
+        .map(|m| m.end - m.start)
 }
 
 fn area_mapped(pid: Pid, addr: u64) -> bool {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let key = format!("{addr:x}-");
-    text.lines().any(|l| l.starts_with(&key))
+    mapping_len(pid, addr).is_some()
 }

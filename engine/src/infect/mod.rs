@@ -691,7 +691,7 @@ impl Victim {
     }
 
     /// Hand descriptors to the parasite; returns the index of the first in
-    /// the parasite's table (used by [`Victim::splice_pages`]).
+    /// the parasite's table (used by [`Victim::splice_pages_start`]).
     pub fn send_fds(&mut self, fds: &[RawFd]) -> Result<u32> {
         let hdr = CmdHeader {
             cmd: CMD_RECV_FDS,

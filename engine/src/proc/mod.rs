@@ -167,6 +167,36 @@ pub fn parse_limits(text: &str) -> Option<Vec<(u64, u64)>> {
         .collect()
 }
 
+/// One line of /proc/PID/maps: start, end and the name column (empty for
+/// anonymous memory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRange {
+    pub start: u64,
+    pub end: u64,
+    pub name: String,
+}
+
+/// Parse /proc/PID/maps into ranges (lines that do not parse are skipped).
+pub fn parse_maps(text: &str) -> Vec<MapRange> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (s, e) = it.next()?.split_once('-')?;
+            Some(MapRange {
+                start: u64::from_str_radix(s, 16).ok()?,
+                end: u64::from_str_radix(e, 16).ok()?,
+                name: it.nth(4).unwrap_or("").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The ranges of /proc/PID/maps (`pid` "self" for this process); empty if
+/// it cannot be read.
+pub fn read_maps(pid: &str) -> Vec<MapRange> {
+    parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +249,20 @@ Max file size             12345                unlimited            bytes     \n
 Max nice priority         0                    0                    \n";
         let v = parse_limits(t).unwrap();
         assert_eq!(v, vec![(u64::MAX, u64::MAX), (12345, u64::MAX), (0, 0)]);
+    }
+
+    #[test]
+    fn maps() {
+        let m = parse_maps(
+            "7f00000000-7f00002000 r--p 00000000 00:00 0 [vvar]\n\
+             55aa000-55ab000 rw-p 00000000 00:00 0 \n",
+        );
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[0].start, m[0].end, m[0].name.as_str()),
+            (0x7f00000000, 0x7f00002000, "[vvar]")
+        );
+        assert_eq!(m[1].name, "");
     }
 
     #[test]

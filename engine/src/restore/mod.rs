@@ -137,34 +137,18 @@ fn is_vdso(v: &Vma) -> bool {
 
 /// Our own vdso/vvar mappings, ascending: (start, end, name).
 fn own_vdso() -> Vec<(u64, u64, String)> {
-    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let range = it.next().unwrap_or("");
-        let name = it.nth(4).unwrap_or("");
-        if matches!(name, "[vdso]" | "[vvar]" | "[vvar_vclock]") {
-            if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
-                    out.push((s, e, name.to_string()));
-                }
-            }
-        }
-    }
-    out
+    crate::proc::read_maps("self")
+        .into_iter()
+        .filter(|m| matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]"))
+        .map(|m| (m.start, m.end, m.name))
+        .collect()
 }
 
 /// Ranges mapped in this process right now.
 fn own_maps() -> Vec<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-            Some((
-                u64::from_str_radix(s, 16).ok()?,
-                u64::from_str_radix(e, 16).ok()?,
-            ))
-        })
+    crate::proc::read_maps("self")
+        .into_iter()
+        .map(|m| (m.start, m.end))
         .collect()
 }
 

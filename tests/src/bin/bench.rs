@@ -56,6 +56,7 @@ static CACHES_WARNED: AtomicBool = AtomicBool::new(false);
 static CACHES_OK: AtomicBool = AtomicBool::new(true);
 
 use cryo_tests::benchdata::*;
+use cryo_tests::pid_alive;
 
 // ---------------------------------------------------------------------------
 // Options and environment.
@@ -232,19 +233,6 @@ fn describe_status(status: i32) -> String {
         format!("signal {}", libc::WTERMSIG(status))
     } else {
         format!("status {status:#x}")
-    }
-}
-
-/// Is `pid` a live (non-zombie) process?
-fn pid_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        }
-        Err(_) => false,
     }
 }
 
