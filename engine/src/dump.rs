@@ -14,6 +14,7 @@ use cryo_image::proto::{
 use cryo_image::{ImageError, ImageFileInfo, ImageWriter, Kind, PageWriter};
 use nix::unistd::Pid;
 
+use crate::infect::guard::Guard;
 use crate::infect::{InfectError, Victim};
 use crate::mem::transfer::{self, TransferError, TransferStats};
 use crate::mem::{self, MemError};
@@ -33,8 +34,12 @@ pub enum DumpError {
     },
     #[error("parsing {path}")]
     Parse { path: String },
-    #[error("task {pid} has {threads} threads; multi-threaded processes are not supported yet")]
-    Threads { pid: i32, threads: u64 },
+    #[error("task {pid}: its thread group leader has exited while {threads} threads run on; such a process cannot be dumped")]
+    ZombieLeader { pid: i32, threads: u64 },
+    #[error(
+        "task {pid}: thread {tid} is {state:?}; only running or sleeping threads can be dumped"
+    )]
+    ThreadState { pid: i32, tid: i32, state: char },
     #[error("task {pid} is in its own {ns} namespace ({id}); dumping tasks in other namespaces is not supported yet")]
     Namespace {
         pid: i32,
@@ -228,8 +233,8 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
     let stat_path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&stat_path).map_err(|_| DumpError::NoTask { pid })?;
     let st = procfmt::parse_stat(&text).ok_or(DumpError::Parse { path: stat_path })?;
-    if st.num_threads != 1 {
-        return Err(DumpError::Threads {
+    if st.state == 'Z' && st.num_threads > 1 {
+        return Err(DumpError::ZombieLeader {
             pid,
             threads: st.num_threads,
         });
@@ -257,6 +262,204 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
         });
     }
     Ok(st)
+}
+
+/// The threads of process `pid` (leader first), from /proc/PID/task.
+fn list_threads(pid: i32) -> Result<Vec<i32>> {
+    let dir = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut tids: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&t| t != pid)
+        .collect();
+    tids.sort_unstable();
+    tids.insert(0, pid);
+    Ok(tids)
+}
+
+fn thread_exists(pid: i32, tid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+}
+
+/// Register a stopped task with the guardian.
+fn arm(guard: &Guard, v: &mut Victim, leader: Option<&Victim>) -> Result<()> {
+    v.set_notifier(guard.notifier());
+    if let Some(l) = leader {
+        v.share_site(l);
+    }
+    let site = v.injection_site()?;
+    guard.arm_state(v.pid, v.regs(), v.xstate(), v.sigmask(), site);
+    Ok(())
+}
+
+/// Seize every thread of process `pid`, freezing `freeze_cgroup` while
+/// attaching if given. Without a freezer, threads are seized one by one
+/// and the thread list rescanned until no new one appears (a running
+/// thread may create others meanwhile; a stopped one cannot).
+fn seize_process(
+    pid: i32,
+    freeze_cgroup: Option<&Path>,
+    guard: &Guard,
+) -> Result<(Victim, Vec<Victim>)> {
+    let npid = Pid::from_raw(pid);
+    let mut others: Vec<Victim> = Vec::new();
+    let mut leader = match freeze_cgroup {
+        Some(dir) => {
+            let mut freezer = crate::freeze::Freezer::freeze(dir)?;
+            let in_cgroup = crate::freeze::procs(dir)?.contains(&pid);
+            let mut l = Victim::attach(npid)?;
+            let mut attached = Vec::new();
+            for tid in list_threads(pid)?.into_iter().skip(1) {
+                match Victim::attach(Pid::from_raw(tid)) {
+                    Ok(v) => attached.push(v),
+                    Err(_) if !thread_exists(pid, tid) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // The stops requested by attach happen once the tasks thaw.
+            freezer.thaw()?;
+            if !in_cgroup {
+                return Err(DumpError::NotInCgroup {
+                    pid,
+                    cgroup: dir.to_path_buf(),
+                });
+            }
+            l.wait_stopped()?;
+            for mut v in attached {
+                let tid = v.pid.as_raw();
+                match v.wait_stopped() {
+                    Ok(()) => others.push(v),
+                    Err(_) if !thread_exists(pid, tid) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            l
+        }
+        None => Victim::seize(npid)?,
+    };
+    arm(guard, &mut leader, None)?;
+    for v in others.iter_mut() {
+        arm(guard, v, Some(&leader))?;
+    }
+    loop {
+        let new: Vec<i32> = list_threads(pid)?
+            .into_iter()
+            .skip(1)
+            .filter(|t| !others.iter().any(|v| v.pid.as_raw() == *t))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for tid in new {
+            match Victim::seize(Pid::from_raw(tid)) {
+                Ok(mut v) => {
+                    arm(guard, &mut v, Some(&leader))?;
+                    others.push(v);
+                }
+                // It exited in between.
+                Err(_) if !thread_exists(pid, tid) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    others.sort_by_key(|v| v.pid.as_raw());
+    Ok((leader, others))
+}
+
+/// A task stopped inside an rseq critical section continues at its abort
+/// handler, as the kernel would do on preemption. Returns the rseq_cs
+/// pointer to write back (0 once the abort is taken).
+fn rseq_fixup(pid: Pid, rseq: &sys::RseqConf, regs: &mut Regs) -> u64 {
+    if rseq.ptr == 0 {
+        return 0;
+    }
+    let mut b = [0u8; 8];
+    if read_task(pid, rseq.ptr + 8, &mut b).is_err() {
+        return 0;
+    }
+    let rseq_cs = u64::from_ne_bytes(b);
+    if rseq_cs != 0 {
+        let mut cs = [0u8; 32];
+        if read_task(pid, rseq_cs, &mut cs).is_ok() {
+            let start_ip = u64::from_ne_bytes(cs[8..16].try_into().unwrap_or_default());
+            let post = u64::from_ne_bytes(cs[16..24].try_into().unwrap_or_default());
+            let abort = u64::from_ne_bytes(cs[24..32].try_into().unwrap_or_default());
+            if regs.rip >= start_ip && regs.rip < start_ip.wrapping_add(post) {
+                regs.rip = abort;
+                return 0;
+            }
+        }
+    }
+    rseq_cs
+}
+
+/// Credentials of one thread, from /proc/PID/task/TID/status.
+fn thread_creds(status: &std::collections::HashMap<String, String>, securebits: u32) -> Creds {
+    let get = |k: &str| status.get(k).cloned().unwrap_or_default();
+    Creds {
+        uid: procfmt::status_numbers(&get("Uid")),
+        gid: procfmt::status_numbers(&get("Gid")),
+        groups: procfmt::status_numbers(&get("Groups")),
+        cap_inh: procfmt::status_hex(&get("CapInh")),
+        cap_prm: procfmt::status_hex(&get("CapPrm")),
+        cap_eff: procfmt::status_hex(&get("CapEff")),
+        cap_bnd: procfmt::status_hex(&get("CapBnd")),
+        cap_amb: procfmt::status_hex(&get("CapAmb")),
+        securebits,
+        no_new_privs: get("NoNewPrivs") == "1",
+    }
+}
+
+fn pending(sigs: &[[u8; 128]]) -> Vec<PendingSignal> {
+    sigs.iter()
+        .map(|s| PendingSignal {
+            siginfo: s.to_vec(),
+        })
+        .collect()
+}
+
+/// Everything about a non-leader thread, captured while it is stopped.
+fn thread_core(pid: i32, v: &mut Victim, scratch: u64) -> Result<CoreEntry> {
+    let tid = v.pid;
+    let ts = v.thread_state(scratch)?;
+    let rseq = sys::rseq_config(tid)?;
+    let (robust, robust_len) = sys::get_robust_list(tid)?;
+    let private_sigs = sys::peek_siginfo(tid, false)?;
+    let mut regs = *v.regs();
+    let rseq_cs = rseq_fixup(tid, &rseq, &mut regs);
+    let status = procfmt::parse_status(&read(&format!("/proc/{pid}/task/{tid}/status"))?);
+    let comm = read(&format!("/proc/{pid}/task/{tid}/comm"))?
+        .trim_end_matches('\n')
+        .to_string();
+    Ok(CoreEntry {
+        tid: tid.as_raw() as u32,
+        regs: Some(gpregs(&regs)),
+        xsave: v.xstate().to_vec(),
+        blocked: v.sigmask(),
+        altstack: Some(SigaltStack {
+            sp: ts.altstack.sp,
+            flags: ts.altstack.flags as u32,
+            size: ts.altstack.size,
+        }),
+        clear_child_tid: ts.tid_address,
+        robust_list: robust,
+        robust_list_len: robust_len,
+        rseq: (rseq.ptr != 0).then_some(proto::Rseq {
+            ptr: rseq.ptr,
+            len: rseq.len,
+            sig: rseq.sig,
+            rseq_cs,
+        }),
+        comm,
+        pending: pending(&private_sigs),
+        creds: Some(thread_creds(&status, ts.securebits)),
+        process: None,
+        pdeath_signal: ts.pdeath_signal,
+    })
 }
 
 fn gpregs(r: &Regs) -> GpRegs {
@@ -304,29 +507,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     collect_fds(pid)?;
 
     // The guardian cleans up after us if we die while the parasite runs.
-    // Declared before the victim so it is dismissed after the cure.
-    let guard = crate::infect::guard::Guard::spawn(npid)?;
-    let mut victim = match &opts.freeze_cgroup {
-        Some(dir) => {
-            let mut freezer = crate::freeze::Freezer::freeze(dir)?;
-            let in_cgroup = crate::freeze::procs(dir)?.contains(&pid);
-            let mut v = Victim::attach(npid)?;
-            // The stop requested by attach happens once the task is thawed.
-            freezer.thaw()?;
-            if !in_cgroup {
-                return Err(DumpError::NotInCgroup {
-                    pid,
-                    cgroup: dir.clone(),
-                });
-            }
-            v.wait_stopped()?;
-            v
-        }
-        None => Victim::seize(npid)?,
-    };
-    victim.set_notifier(guard.notifier());
-    let site = victim.injection_site()?;
-    guard.arm_state(victim.regs(), victim.xstate(), victim.sigmask(), site);
+    // Declared before the victims so it is dismissed after the cure.
+    let guard = Guard::spawn(npid)?;
+    let (mut victim, mut threads) = seize_process(pid, opts.freeze_cgroup.as_deref(), &guard)?;
     let frozen_at = Instant::now();
     fault("after-seize")?;
     // Re-check under the freeze: the task cannot change any more.
@@ -360,10 +543,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     );
     let started = victim.start_parasite();
     if let Some(area) = victim.area() {
-        guard.arm(area);
+        guard.arm(npid, area);
     }
     if let Some(done) = victim.parasite_done_addr() {
-        guard.arm_done(done);
+        guard.arm_done(npid, done);
     }
     started?;
     fault("in-parasite")?;
@@ -373,6 +556,19 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     );
     let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let st = victim.state(&timer_ids)?;
+    // The other threads' own state, by syscalls injected into each; they
+    // write into the parasite's area.
+    let scratch = victim
+        .thread_scratch()
+        .ok_or(DumpError::Infect(InfectError::Channel {
+            pid,
+            what: "parasite area",
+            errno: nix::errno::Errno::EFAULT,
+        }))?;
+    let mut thread_cores = Vec::with_capacity(threads.len());
+    for t in threads.iter_mut() {
+        thread_cores.push(thread_core(pid, t, scratch)?);
+    }
 
     // Pages of mappings the task cannot read are made readable while the
     // parasite splices them, then put back.
@@ -433,33 +629,18 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
 
     // core
     let mut regs = *victim.regs();
-    // Stopped inside an rseq critical section: continue at its abort
-    // handler, as the kernel would on preemption.
-    let mut rseq_cs = 0u64;
-    if rseq.ptr != 0 {
-        let mut b = [0u8; 8];
-        if read_task(npid, rseq.ptr + 8, &mut b).is_ok() {
-            rseq_cs = u64::from_ne_bytes(b);
-        }
-        if rseq_cs != 0 {
-            let mut cs = [0u8; 32];
-            if read_task(npid, rseq_cs, &mut cs).is_ok() {
-                let start_ip = u64::from_ne_bytes(cs[8..16].try_into().unwrap_or_default());
-                let post = u64::from_ne_bytes(cs[16..24].try_into().unwrap_or_default());
-                let abort = u64::from_ne_bytes(cs[24..32].try_into().unwrap_or_default());
-                if regs.rip >= start_ip && regs.rip < start_ip.wrapping_add(post) {
-                    regs.rip = abort;
-                    rseq_cs = 0;
-                }
-            }
-        }
-    }
+    let rseq_cs = rseq_fixup(npid, &rseq, &mut regs);
     let xsave = victim.xstate().to_vec();
     let blocked = victim.sigmask();
     // Everything is captured: a leave-running task goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
         victim.cure()?;
+        guard.release(npid);
+        for t in threads.iter_mut() {
+            t.cure()?;
+            guard.release(t.pid);
+        }
         frozen = frozen_at.elapsed();
     }
     if capture_raw && !raw {
@@ -581,18 +762,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         })
         .collect();
     let get = |k: &str| status.get(k).cloned().unwrap_or_default();
-    let creds = Creds {
-        uid: procfmt::status_numbers(&get("Uid")),
-        gid: procfmt::status_numbers(&get("Gid")),
-        groups: procfmt::status_numbers(&get("Groups")),
-        cap_inh: procfmt::status_hex(&get("CapInh")),
-        cap_prm: procfmt::status_hex(&get("CapPrm")),
-        cap_eff: procfmt::status_hex(&get("CapEff")),
-        cap_bnd: procfmt::status_hex(&get("CapBnd")),
-        cap_amb: procfmt::status_hex(&get("CapAmb")),
-        securebits: st.securebits as u32,
-        no_new_privs: get("NoNewPrivs") == "1",
-    };
+    let creds = thread_creds(&status, st.securebits as u32);
     let personality =
         u32::from_str_radix(read(&format!("/proc/{pid}/personality"))?.trim(), 16).unwrap_or(0);
     let process = ProcessCore {
@@ -602,12 +772,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         itimers,
         posix_timers,
         rlimits,
-        shared_pending: shared_sigs
-            .iter()
-            .map(|s| PendingSignal {
-                siginfo: s.to_vec(),
-            })
-            .collect(),
+        shared_pending: pending(&shared_sigs),
         cwd: readlink(&format!("/proc/{pid}/cwd"))?,
         root: readlink(&format!("/proc/{pid}/root"))?,
         child_subreaper: st.child_subreaper != 0,
@@ -635,14 +800,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             rseq_cs,
         }),
         comm: stat.comm.clone(),
-        pending: private_sigs
-            .iter()
-            .map(|s| PendingSignal {
-                siginfo: s.to_vec(),
-            })
-            .collect(),
+        pending: pending(&private_sigs),
         creds: Some(creds),
         process: Some(process),
+        pdeath_signal: st.pdeath_signal as u32,
     };
     written.push(cryo_image::write_one(
         &opts.dir,
@@ -650,6 +811,14 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         Kind::Core,
         &core,
     )?);
+    for c in &thread_cores {
+        written.push(cryo_image::write_one(
+            &opts.dir,
+            &cryo_image::core_file(c.tid),
+            Kind::Core,
+            c,
+        )?);
+    }
 
     let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_default()
@@ -662,7 +831,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         ppid: stat.ppid,
         pgid: stat.pgid,
         sid: stat.sid,
-        threads: vec![pid as u32],
+        threads: std::iter::once(pid as u32)
+            .chain(thread_cores.iter().map(|c| c.tid))
+            .collect(),
         cmdline,
     };
     written.push(cryo_image::write_one(
@@ -706,7 +877,11 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     cryo_image::write_inventory(&opts.dir, &inv)?;
 
     if !opts.leave_running {
-        victim.kill()?;
+        victim.send_kill()?;
+        for t in threads.iter_mut() {
+            t.reap_killed()?;
+        }
+        victim.reap_killed()?;
         frozen = frozen_at.elapsed();
     }
     Ok(DumpStats {

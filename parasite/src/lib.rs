@@ -251,13 +251,49 @@ pub struct RTimer {
 }
 
 /// A signal to queue again: the raw siginfo plus whether it is
-/// thread-private.
+/// thread-private (queued by the thread itself: the kernel lets a task
+/// queue a tkill-like siginfo only to itself).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct RSiginfo {
     pub info: [u8; 128],
     pub private: u32,
     pub _pad: u32,
+}
+
+/// One thread (other than the leader) for the restorer to create with
+/// clone3 `set_tid`. It sets its own per-thread state, reports ready and
+/// returns into its dumped context through its own frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RThread {
+    pub tid: u64,
+    /// Lowest address and size of the thread's stack in the bootstrap area.
+    pub stack: u64,
+    pub stack_size: u64,
+    pub sigframe: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub clear_child_tid: u64,
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    pub rseq_ptr: u64,
+    pub rseq_len: u32,
+    pub rseq_sig: u32,
+    pub rseq_cs: u64,
+    pub comm: [u8; 16],
+    pub groups: u64,
+    pub nr_groups: u64,
+    pub set_creds: u64,
+    pub creds: RCreds,
+    pub pdeath_signal: u64,
+    /// The thread's own pending signals (RSiginfo array).
+    pub siginfos: u64,
+    pub nr_siginfos: u64,
+    /// Where the thread counts itself ready (a u32 shared by all threads).
+    pub ready: u64,
+    pub status_fd: i32,
+    pub index: u32,
 }
 
 /// Restorer progress stages, reported with an errno when a step fails.
@@ -277,6 +313,9 @@ pub const STAGE_RLIMIT: u32 = 13;
 pub const STAGE_CREDS: u32 = 14;
 pub const STAGE_ITIMER: u32 = 15;
 pub const STAGE_MADVISE: u32 = 16;
+pub const STAGE_CLONE_THREAD: u32 = 17;
+/// Per-thread state set by a restored thread itself (index: thread, err).
+pub const STAGE_THREAD: u32 = 18;
 pub const STAGE_DONE: u32 = 100;
 /// Sent by the new task before the restorer runs: `err` is the bootstrap
 /// area's address, `index` its size in pages.
@@ -374,6 +413,11 @@ pub struct RestoreArgs {
     pub creds: RCreds,
     /// The rt_sigreturn frame; rsp is set to `sigframe + 8` before the call.
     pub sigframe: u64,
+    /// The other threads to create (RThread array) and the u32 word each
+    /// of them increments once its state is set.
+    pub threads: u64,
+    pub nr_threads: u64,
+    pub threads_ready: u64,
 }
 
 /// Offsets inside the kernel rt_sigframe (x86_64), from its start.

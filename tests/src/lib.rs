@@ -12,6 +12,7 @@
 //! free until it is restored).
 
 pub mod benchdata;
+pub mod cg;
 pub mod wl;
 
 use std::ffi::OsStr;

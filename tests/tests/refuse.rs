@@ -214,25 +214,6 @@ fn dump_refuses_unix_socket_on_fd_3() {
     );
 }
 
-#[test]
-fn dump_refuses_multithreaded_process() {
-    let dir = TestDir::new();
-    let mut wl = Workload::single_with("nanosleep", &dir, &["--thread"]);
-    let pid = wl.pid();
-    assert_eq!(
-        proc_status_field(pid, "Threads").as_deref(),
-        Some("2"),
-        "setup: wl_single --thread is not multi-threaded"
-    );
-    assert_dump_refused(pid, None, &["threads"], "multi-threaded process");
-    assert_eq!(
-        proc_status_field(pid, "Threads").as_deref(),
-        Some("2"),
-        "the refused dump changed the number of threads"
-    );
-    wl.assert_pass("multi-threaded workload after a refused dump");
-}
-
 /// The children of this process (all its threads'), for spotting a task a
 /// failed restore left behind.
 fn own_children() -> Vec<i32> {

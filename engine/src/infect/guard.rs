@@ -1,11 +1,13 @@
-//! The guardian: a small process forked from cryo before a task is
-//! infected. If cryo dies while the parasite is inside the task (SIGKILL,
+//! The guardian: a small process forked from cryo before any task is
+//! seized. If cryo dies while the parasite is inside a task (SIGKILL,
 //! OOM), the parasite sees its control socket close and returns the task
 //! to its saved context by itself, but its own mapping stays behind; the
 //! guardian notices cryo's death (its pipe closes), waits for the task to
 //! leave the parasite, and removes the mapping, so the task ends up
-//! exactly as it was.
+//! exactly as it was. One guardian covers every task (thread) of a dump:
+//! each record names the tid it is about.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -27,13 +29,16 @@ const MSG_DONE: u64 = 4;
 const MSG_FDS: u64 = 6;
 /// The syscall number cryo is about to inject (`a`).
 pub(super) const MSG_INJECT: u64 = 5;
+/// cryo is done with this task.
+const MSG_RELEASE: u64 = 7;
 
-/// One guardian record: kind, two words.
-pub(super) fn record(kind: u64, a: u64, b: u64) -> [u8; 24] {
-    let mut buf = [0u8; 24];
+/// One guardian record: kind, the tid it is about, two words.
+pub(super) fn record(kind: u64, tid: Pid, a: u64, b: u64) -> [u8; 32] {
+    let mut buf = [0u8; 32];
     buf[..8].copy_from_slice(&kind.to_ne_bytes());
-    buf[8..16].copy_from_slice(&a.to_ne_bytes());
-    buf[16..].copy_from_slice(&b.to_ne_bytes());
+    buf[8..16].copy_from_slice(&(tid.as_raw() as u64).to_ne_bytes());
+    buf[16..24].copy_from_slice(&a.to_ne_bytes());
+    buf[24..].copy_from_slice(&b.to_ne_bytes());
     buf
 }
 
@@ -44,12 +49,11 @@ const UNBLOCKABLE: u64 = (1 << (9 - 1)) | (1 << (19 - 1)) | (1 << (5 - 1));
 pub struct Guard {
     tx: Option<OwnedFd>,
     child: Pid,
-    pid: Pid,
 }
 
 impl Guard {
-    /// Fork the guardian for task `pid`. Must be called while cryo is
-    /// single-threaded.
+    /// Fork the guardian for the tasks of a dump (`pid` names the dump in
+    /// errors). Must be called while cryo is single-threaded.
     pub fn spawn(pid: Pid) -> Result<Guard, InfectError> {
         let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| {
             InfectError::Channel {
@@ -65,7 +69,7 @@ impl Guard {
             Ok(ForkResult::Child) => {
                 drop(tx);
                 let _ = nix::unistd::setsid();
-                guardian(pid, rx);
+                guardian(rx);
                 // SAFETY: _exit ends the child without running the
                 // parent's atexit handlers or flushing its buffers.
                 unsafe { libc::_exit(0) }
@@ -73,7 +77,6 @@ impl Guard {
             Ok(ForkResult::Parent { child }) => Ok(Guard {
                 tx: Some(tx),
                 child,
-                pid,
             }),
             Err(errno) => Err(InfectError::Channel {
                 pid: pid.as_raw(),
@@ -83,28 +86,28 @@ impl Guard {
         }
     }
 
-    /// Tell the guardian where the parasite lives in the task.
-    pub fn arm(&self, area: (u64, u64)) {
-        self.send(MSG_AREA, area.0, area.1);
+    /// Tell the guardian where the parasite lives in task `tid`.
+    pub fn arm(&self, tid: Pid, area: (u64, u64)) {
+        self.send(MSG_AREA, tid, area.0, area.1);
     }
 
-    /// Tell the guardian the task's own registers, XSAVE area and signal
+    /// Tell the guardian task `tid`'s own registers, XSAVE area and signal
     /// mask as saved at the seize, and where cryo runs injected syscalls
     /// (with the original word there), so it can put the task back if cryo
     /// dies half way through an injection.
-    pub fn arm_state(&self, regs: &Regs, xstate: &[u8], mask: u64, site: (u64, u64)) {
-        self.send(MSG_MASK, mask, 0);
+    pub fn arm_state(&self, tid: Pid, regs: &Regs, xstate: &[u8], mask: u64, site: (u64, u64)) {
+        self.send(MSG_MASK, tid, mask, 0);
         let mut payload = super::as_bytes(regs).to_vec();
         payload.extend_from_slice(&site.0.to_ne_bytes());
         payload.extend_from_slice(&site.1.to_ne_bytes());
         payload.extend_from_slice(xstate);
-        self.send(MSG_STATE, payload.len() as u64, 0);
+        self.send(MSG_STATE, tid, payload.len() as u64, 0);
         if let Some(tx) = &self.tx {
             let _ = nix::unistd::write(tx, &payload);
         }
         // The descriptors the task has now, while it is stopped: any other
         // one found later in a task stuck in cryo's code is cryo's.
-        let fds: Vec<u8> = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+        let fds: Vec<u8> = std::fs::read_dir(format!("/proc/{tid}/fd"))
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
@@ -112,20 +115,26 @@ impl Guard {
                     .collect()
             })
             .unwrap_or_default();
-        self.send(MSG_FDS, fds.len() as u64, 0);
+        self.send(MSG_FDS, tid, fds.len() as u64, 0);
         if let Some(tx) = &self.tx {
             let _ = nix::unistd::write(tx, &fds);
         }
     }
 
-    /// Tell the guardian where the parasite's final spin is.
-    pub fn arm_done(&self, addr: u64) {
-        self.send(MSG_DONE, addr, 0);
+    /// Tell the guardian where the parasite's final spin is in task `tid`.
+    pub fn arm_done(&self, tid: Pid, addr: u64) {
+        self.send(MSG_DONE, tid, addr, 0);
     }
 
-    fn send(&self, kind: u64, a: u64, b: u64) {
+    /// Tell the guardian cryo is done with task `tid` (cured, or detached
+    /// untouched): it must not touch it any more.
+    pub fn release(&self, tid: Pid) {
+        self.send(MSG_RELEASE, tid, 0, 0);
+    }
+
+    fn send(&self, kind: u64, tid: Pid, a: u64, b: u64) {
         if let Some(tx) = &self.tx {
-            let _ = nix::unistd::write(tx, &record(kind, a, b));
+            let _ = nix::unistd::write(tx, &record(kind, tid, a, b));
         }
     }
 
@@ -139,7 +148,7 @@ impl Guard {
 impl Drop for Guard {
     /// cryo is done with the task (cured or killed): dismiss the guardian.
     fn drop(&mut self) {
-        self.send(MSG_DISMISS, 0, 0);
+        self.send(MSG_DISMISS, Pid::from_raw(0), 0, 0);
         self.tx = None;
         let _ = waitpid(self.child, None);
     }
@@ -159,25 +168,35 @@ struct Known {
     fds: Option<Vec<i32>>,
 }
 
-fn guardian(pid: Pid, rx: OwnedFd) {
+fn guardian(rx: OwnedFd) {
     // Test hooks are for cryo itself: the guardian must never pause in one.
     std::env::remove_var("CRYO_FAULT");
     let mut f = std::fs::File::from(rx);
-    let mut k = Known::default();
+    let mut tasks: BTreeMap<i32, Known> = BTreeMap::new();
     loop {
-        let mut buf = [0u8; 24];
+        let mut buf = [0u8; 32];
         if f.read_exact(&mut buf).is_err() {
             break; // cryo died
         }
         let word =
             |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-        match word(0) {
-            MSG_AREA => k.area = Some((word(1), word(2))),
-            MSG_MASK => k.mask = Some(word(1)),
-            MSG_DONE => k.done = Some(word(1)),
-            MSG_INJECT => k.injected = Some(word(1)),
+        let kind = word(0);
+        if kind == MSG_DISMISS {
+            return; // cryo finished with every task
+        }
+        let tid = word(1) as i32;
+        if kind == MSG_RELEASE {
+            tasks.remove(&tid);
+            continue;
+        }
+        let k = tasks.entry(tid).or_default();
+        match kind {
+            MSG_AREA => k.area = Some((word(2), word(3))),
+            MSG_MASK => k.mask = Some(word(2)),
+            MSG_DONE => k.done = Some(word(2)),
+            MSG_INJECT => k.injected = Some(word(2)),
             MSG_FDS => {
-                let mut payload = vec![0u8; word(1) as usize];
+                let mut payload = vec![0u8; word(2) as usize];
                 if f.read_exact(&mut payload).is_err() {
                     break;
                 }
@@ -189,7 +208,7 @@ fn guardian(pid: Pid, rx: OwnedFd) {
                 );
             }
             MSG_STATE => {
-                let mut payload = vec![0u8; word(1) as usize];
+                let mut payload = vec![0u8; word(2) as usize];
                 if f.read_exact(&mut payload).is_err() {
                     break;
                 }
@@ -202,31 +221,33 @@ fn guardian(pid: Pid, rx: OwnedFd) {
                     k.state = Some((regs, payload[n + 16..].to_vec(), (at, orig)));
                 }
             }
-            _ => return, // dismissed: cryo finished with the task
+            _ => return, // not a record cryo writes: stop rather than guess
         }
     }
-    if k.area.is_none() && k.mask.is_none() {
-        return;
-    }
+    tasks.retain(|_, k| k.area.is_some() || k.mask.is_some());
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        // Once cryo's ptrace link is gone we can seize.
-        let seized = Victim::seize(pid);
-        if let Err(e) = &seized {
-            tracing::debug!(pid = pid.as_raw(), "guardian: seize: {e}");
-        }
-        if let Ok(mut v) = seized {
-            tracing::debug!(pid = pid.as_raw(), rip = v.regs().rip, "guardian: seized");
-            if repair(pid, &mut v, &k) {
-                let _ = v.cure();
-                return;
+    while !tasks.is_empty() && start.elapsed() < Duration::from_secs(10) {
+        tasks.retain(|&tid, k| {
+            let pid = Pid::from_raw(tid);
+            // Once cryo's ptrace link is gone we can seize.
+            match Victim::seize(pid) {
+                Ok(mut v) => {
+                    tracing::debug!(tid, rip = v.regs().rip, "guardian: seized");
+                    let done = repair(pid, &mut v, k);
+                    // Not done: the parasite is still on its way out; try
+                    // again shortly.
+                    let _ = v.cure();
+                    !done
+                }
+                Err(e) => {
+                    tracing::debug!(tid, "guardian: seize: {e}");
+                    std::path::Path::new(&format!("/proc/{tid}")).exists()
+                }
             }
-            // The parasite is still on its way out: try again shortly.
-            let _ = v.cure();
-        } else if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return;
+        });
+        if !tasks.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -79,6 +79,9 @@ const STACK_LEN: u64 = 64 * 1024;
 // Offsets inside the args region.
 const OFF_PAIR: u64 = 64;
 const OFF_ALTSTACK: u64 = 128;
+/// Where other threads of the task write what injected syscalls return
+/// through memory (their sigaltstack, tid address).
+const OFF_THREAD_SCRATCH: u64 = 256;
 const OFF_FRAME: u64 = 512;
 const OFF_FPSTATE: u64 = PAGE;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,6 +130,15 @@ pub struct Victim {
     phase: Phase,
     /// Descriptors sent to the parasite so far.
     sent_fds: u32,
+}
+
+/// What [`Victim::thread_state`] reads from a thread.
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadState {
+    pub altstack: KStack,
+    pub tid_address: u64,
+    pub securebits: u32,
+    pub pdeath_signal: u32,
 }
 
 fn ptrace_err(op: &'static str, pid: Pid) -> impl FnOnce(Errno) -> InfectError {
@@ -384,7 +396,7 @@ impl Victim {
         let pid = self.pid;
         let (at, orig) = self.injection_site()?;
         if let Some(n) = &self.notifier {
-            let _ = nix::unistd::write(n, &guard::record(guard::MSG_INJECT, nr, 0));
+            let _ = nix::unistd::write(n, &guard::record(guard::MSG_INJECT, pid, nr, 0));
         }
         if !self.patched {
             // syscall (0f 05); jmp . (eb fe)
@@ -420,6 +432,68 @@ impl Victim {
             });
         }
         Ok(v)
+    }
+
+    /// Run injected syscalls in this task at the injection site `leader`
+    /// found (the same code, as both share one address space), so the site
+    /// is looked up and read once per process.
+    pub fn share_site(&mut self, leader: &Victim) {
+        if leader.inject_orig.is_some() {
+            self.inject_at = leader.inject_at;
+            self.inject_orig = leader.inject_orig;
+        }
+    }
+
+    /// Scratch memory inside the running parasite's area, where another
+    /// thread of the same process can have injected syscalls write.
+    pub fn thread_scratch(&self) -> Option<u64> {
+        let (addr, _) = self.area?;
+        Some(addr + self.blob.as_ref()?.image.len() as u64 + OFF_THREAD_SCRATCH)
+    }
+
+    /// The per-thread state only the thread itself can read, by injected
+    /// syscalls that write into `scratch` (memory of the same process, see
+    /// [`Victim::thread_scratch`]). The thread's code goes back over the
+    /// injection site before this returns.
+    pub fn thread_state(&mut self, scratch: u64) -> Result<ThreadState> {
+        let res = (|| -> Result<ThreadState> {
+            self.syscall(libc::SYS_sigaltstack as u64, [0, scratch, 0, 0, 0, 0])?;
+            let mut ss = [0u8; 24];
+            self.read_mem(scratch, &mut ss)?;
+            let altstack = KStack {
+                sp: u64::from_ne_bytes(ss[0..8].try_into().unwrap_or_default()),
+                flags: i32::from_ne_bytes(ss[8..12].try_into().unwrap_or_default()),
+                _pad: 0,
+                size: u64::from_ne_bytes(ss[16..24].try_into().unwrap_or_default()),
+            };
+            self.syscall(
+                libc::SYS_prctl as u64,
+                [libc::PR_GET_TID_ADDRESS as u64, scratch, 0, 0, 0, 0],
+            )?;
+            let mut w = [0u8; 8];
+            self.read_mem(scratch, &mut w)?;
+            let tid_address = u64::from_ne_bytes(w);
+            let securebits = self.syscall(
+                libc::SYS_prctl as u64,
+                [libc::PR_GET_SECUREBITS as u64, 0, 0, 0, 0, 0],
+            )?;
+            self.syscall(
+                libc::SYS_prctl as u64,
+                [libc::PR_GET_PDEATHSIG as u64, scratch, 0, 0, 0, 0],
+            )?;
+            let mut w = [0u8; 4];
+            self.read_mem(scratch, &mut w)?;
+            Ok(ThreadState {
+                altstack,
+                tid_address,
+                securebits: securebits as u32,
+                pdeath_signal: i32::from_ne_bytes(w) as u32,
+            })
+        })();
+        let unpatched = self.unpatch();
+        let st = res?;
+        unpatched?;
+        Ok(st)
     }
 
     /// Put the task's own code back over the injection site.
@@ -494,7 +568,7 @@ impl Victim {
         )? as u64;
         self.area = Some((addr, total));
         if let Some(n) = &self.notifier {
-            let _ = nix::unistd::write(n, &guard::record(guard::MSG_AREA, addr, total));
+            let _ = nix::unistd::write(n, &guard::record(guard::MSG_AREA, pid, addr, total));
         }
         let blob = Blob::load("parasite", PARASITE_ELF, addr)?;
         self.write_mem(addr, &blob.image)?;
@@ -927,11 +1001,27 @@ impl Victim {
     }
 
     /// Kill the task (dump without --leave-running) and wait until it is
-    /// gone, so its pid can be restored right away.
+    /// gone, so its pid can be restored right away. SIGKILL ends the whole
+    /// thread group: the other threads' victims are then reaped with
+    /// [`Victim::reap_killed`] (before the leader's, whose exit the kernel
+    /// reports last).
     pub fn kill(&mut self) -> Result<()> {
         let pid = self.pid;
         self.stop_parasite().ok();
         nix::sys::signal::kill(pid, Signal::SIGKILL).map_err(ptrace_err("kill", pid))?;
+        self.reap_killed()
+    }
+
+    /// Send SIGKILL to the process without waiting for it.
+    pub fn send_kill(&mut self) -> Result<()> {
+        let pid = self.pid;
+        self.stop_parasite().ok();
+        nix::sys::signal::kill(pid, Signal::SIGKILL).map_err(ptrace_err("kill", pid))
+    }
+
+    /// Wait until this task, killed with its process, is gone.
+    pub fn reap_killed(&mut self) -> Result<()> {
+        let pid = self.pid;
         self.phase = Phase::Killed;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)) {

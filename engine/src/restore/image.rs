@@ -38,6 +38,8 @@ pub struct Image {
     pub inventory: Inventory,
     pub pstree: PstreeEntry,
     pub core: CoreEntry,
+    /// The cores of the other threads, in pstree's order.
+    pub threads: Vec<CoreEntry>,
     pub mm: MmEntry,
     pub pagemap_head: PagemapHead,
     pub runs: Vec<PagemapEntry>,
@@ -153,6 +155,42 @@ impl Image {
                 &core_name,
                 format!("XSAVE area of {} bytes", core.xsave.len()),
             ));
+        }
+        if pstree.threads.first() != Some(&pid) {
+            return Err(invalid(
+                cryo_image::PSTREE_FILE,
+                format!("process {pid}: its thread list does not start with the leader"),
+            ));
+        }
+        let mut threads = Vec::new();
+        let mut seen = HashSet::new();
+        for &tid in pstree.threads.iter().skip(1) {
+            let name = cryo_image::core_file(tid);
+            if tid == 0 || tid > 4_194_304 || !seen.insert(tid) || tid == pid {
+                return Err(invalid(
+                    cryo_image::PSTREE_FILE,
+                    format!("process {pid}: bad or repeated thread id {tid}"),
+                ));
+            }
+            need(&name)?;
+            let c: CoreEntry = cryo_image::read_one(dir, &name, Kind::Core)?;
+            if c.tid != tid || c.regs.is_none() || c.process.is_some() {
+                return Err(invalid(
+                    &name,
+                    "not the core of a non-leader thread (tid, registers)",
+                ));
+            }
+            if c.xsave.len() != core.xsave.len() {
+                return Err(invalid(
+                    &name,
+                    format!(
+                        "XSAVE area of {} bytes, the leader's has {}",
+                        c.xsave.len(),
+                        core.xsave.len()
+                    ),
+                ));
+            }
+            threads.push(c);
         }
         let mm: MmEntry = cryo_image::read_one(dir, &mm_name, Kind::Mm)?;
         let mut prev_end = 0;
@@ -273,6 +311,7 @@ impl Image {
             inventory,
             pstree,
             core,
+            threads,
             mm,
             pagemap_head,
             runs,

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cryo_image::proto::{FileKind, Vma, VmaKind};
+use cryo_image::proto::{CoreEntry, Creds, FileKind, Vma, VmaKind};
 use cryo_parasite::*;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -83,6 +83,9 @@ pub struct Restored {
 
 const PAGE: u64 = 4096;
 const BOOT_STACK: u64 = 256 * 1024;
+/// Stack of each restored thread other than the leader while it runs the
+/// restorer (it only sets its own state: a few hundred bytes deep).
+const THREAD_STACK: u64 = 32 * 1024;
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn stage_name(stage: u32) -> &'static str {
@@ -103,6 +106,8 @@ fn stage_name(stage: u32) -> &'static str {
         STAGE_CREDS => "credentials",
         STAGE_ITIMER => "interval timers",
         STAGE_MADVISE => "madvise flags",
+        STAGE_CLONE_THREAD => "creating a thread with its tid (clone3 set_tid)",
+        STAGE_THREAD => "a thread setting its own state",
         _ => "an unknown stage",
     }
 }
@@ -212,8 +217,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             here: format!("{size} bytes, XCR0 {xcr0:#x}"),
         });
     }
-    if let Some(holder) = pid_holder(pid) {
-        return Err(RestoreError::PidTaken { pid, holder });
+    for tid in std::iter::once(pid).chain(img.threads.iter().map(|t| t.tid as i32)) {
+        if let Some(holder) = pid_holder(tid) {
+            return Err(RestoreError::PidTaken { pid: tid, holder });
+        }
     }
     let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
     let (status_r, status_w) =
@@ -240,28 +247,46 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     drop(status_w);
     drop(go_r);
     let cpid = Pid::from_raw(child);
-    let res = supervise(pid, cpid, status_r, go_w);
+    let tids: Vec<i32> = img.threads.iter().map(|t| t.tid as i32).collect();
+    let res = supervise(pid, cpid, &tids, status_r, go_w);
     match res {
         Ok(()) => Ok(Restored {
             pid,
             elapsed: t0.elapsed(),
         }),
         Err(e) => {
-            // Leave nothing behind.
+            // Leave nothing behind. Reap every task of it we trace (its
+            // threads, cryo's page threads in it): a traced thread's exit
+            // must be collected before the leader's can be.
             let _ = kill(cpid, Signal::SIGKILL);
-            let _ = waitpid(cpid, Some(WaitPidFlag::__WALL));
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)) {
+                    Err(Errno::EINTR) => {}
+                    Err(_) => break,
+                    Ok(WaitStatus::Exited(p, _)) | Ok(WaitStatus::Signaled(p, _, _))
+                        if p == cpid =>
+                    {
+                        break
+                    }
+                    Ok(_) => {}
+                }
+            }
             Err(e)
         }
     }
 }
 
-/// Parent side: trace the new task, follow its progress, and once the
-/// restorer is done remove the bootstrap area and let it go.
-fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()> {
+/// Parent side: trace the new task (and, through PTRACE_O_TRACECLONE, the
+/// threads its restorer creates), follow its progress, and once the
+/// restorer is done and every thread sits on its trap before rt_sigreturn,
+/// step each over the sigreturn, remove the bootstrap area and let them go.
+fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: OwnedFd) -> Result<()> {
     let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
     ptrace::seize(
         cpid,
-        ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
+        ptrace::Options::PTRACE_O_TRACESYSGOOD
+            | ptrace::Options::PTRACE_O_EXITKILL
+            | ptrace::Options::PTRACE_O_TRACECLONE,
     )
     .map_err(sys("PTRACE_SEIZE"))?;
     nix::unistd::write(&go_w, b"g").map_err(sys("write"))?;
@@ -272,65 +297,111 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
     let mut eof = false;
     let mut done: Option<RStatus> = None;
     let mut boot: Option<(u64, u64)> = None;
-    // Read until the restorer reports (or the child fails / dies).
-    while done.is_none() && !eof {
-        let mut pfd = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
-        let n = poll(&mut pfd, PollTimeout::from(100u16)).map_err(sys("poll"))?;
-        if n > 0 {
-            let mut buf = [0u8; 4096];
-            let got = file.read(&mut buf).map_err(|e| RestoreError::Sys {
-                pid,
-                what: "read status",
-                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-            })?;
-            if got == 0 {
-                eof = true;
-            }
-            msg.extend_from_slice(&buf[..got]);
-            if msg.starts_with(b"ERR:") {
-                continue; // read the whole message until EOF
-            }
-            while msg.len() >= std::mem::size_of::<RStatus>()
-                && done.is_none()
-                && !msg.starts_with(b"ERR:")
-            {
-                let st: RStatus = crate::infect::from_bytes(&msg);
-                msg.drain(..std::mem::size_of::<RStatus>());
-                if st.stage == STAGE_BOOT {
-                    boot = Some((st.err as u64, st.index as u64 * PAGE));
-                    continue;
+    // Tasks sitting on the restorer's trap before rt_sigreturn.
+    let mut trapped: Vec<i32> = Vec::new();
+    let all_trapped = |trapped: &[i32]| {
+        trapped.contains(&cpid.as_raw()) && threads.iter().all(|t| trapped.contains(t))
+    };
+    // Until the restorer reports and every task has trapped (or the child
+    // fails / dies).
+    while !(done.is_some() && all_trapped(&trapped)) {
+        if done.is_none() && !eof {
+            let mut pfd = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+            let n = poll(&mut pfd, PollTimeout::from(20u16)).map_err(sys("poll"))?;
+            if n > 0 {
+                let mut buf = [0u8; 4096];
+                let got = file.read(&mut buf).map_err(|e| RestoreError::Sys {
+                    pid,
+                    what: "read status",
+                    errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                })?;
+                if got == 0 {
+                    eof = true;
                 }
-                if st.stage != STAGE_DONE {
-                    return Err(RestoreError::Restorer {
+                msg.extend_from_slice(&buf[..got]);
+                if msg.starts_with(b"ERR:") {
+                    continue; // read the whole message until EOF
+                }
+                while msg.len() >= std::mem::size_of::<RStatus>()
+                    && done.is_none()
+                    && !msg.starts_with(b"ERR:")
+                {
+                    let st: RStatus = crate::infect::from_bytes(&msg);
+                    msg.drain(..std::mem::size_of::<RStatus>());
+                    if st.stage == STAGE_BOOT {
+                        boot = Some((st.err as u64, st.index as u64 * PAGE));
+                        continue;
+                    }
+                    if st.stage != STAGE_DONE {
+                        return Err(RestoreError::Restorer {
+                            pid,
+                            stage: stage_name(st.stage).to_string(),
+                            index: st.index,
+                            errno: Errno::from_raw((-st.err) as i32),
+                        });
+                    }
+                    done = Some(st);
+                }
+                continue;
+            }
+        } else if eof && done.is_none() {
+            break;
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        loop {
+            let st = match waitpid(
+                Pid::from_raw(-1),
+                Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+            ) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => break,
+                Ok(st) => st,
+                Err(errno) => return Err(sys("waitpid")(errno)),
+            };
+            match st {
+                // The clone event of the task creating a thread, and the
+                // new thread's first stop: let both go on.
+                WaitStatus::PtraceEvent(t, _, _) => {
+                    let _ = ptrace::cont(t, None);
+                }
+                WaitStatus::Stopped(t, Signal::SIGTRAP)
+                    if t == cpid || threads.contains(&t.as_raw()) =>
+                {
+                    // The leader traps only after reporting success.
+                    if t == cpid && done.is_none() {
+                        let rip = ptrace::getregs(cpid).map(|r| r.rip).unwrap_or(0);
+                        return Err(RestoreError::Died {
+                            pid,
+                            what: format!(
+                                "got SIGTRAP at rip {rip:#x} before the restore finished"
+                            ),
+                        });
+                    }
+                    trapped.push(t.as_raw());
+                }
+                // cryo's own page threads in the new task, traced through
+                // TRACECLONE too: let them run and end.
+                WaitStatus::Stopped(t, sig) if t != cpid && !threads.contains(&t.as_raw()) => {
+                    let _ = ptrace::cont(t, Some(sig));
+                }
+                WaitStatus::Exited(t, _) | WaitStatus::Signaled(t, _, _)
+                    if t != cpid && !threads.contains(&t.as_raw()) => {}
+                WaitStatus::Stopped(t, sig) => {
+                    let rip = ptrace::getregs(t).map(|r| r.rip).unwrap_or(0);
+                    return Err(RestoreError::Died {
                         pid,
-                        stage: stage_name(st.stage).to_string(),
-                        index: st.index,
-                        errno: Errno::from_raw((-st.err) as i32),
+                        what: format!(
+                            "task {t} got {sig} at rip {rip:#x} before the restore finished"
+                        ),
                     });
                 }
-                done = Some(st);
+                st => {
+                    return Err(RestoreError::Died {
+                        pid,
+                        what: format!("ended before the restore finished ({st:?})"),
+                    })
+                }
             }
-            continue;
-        }
-        match waitpid(cpid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
-            Ok(WaitStatus::PtraceEvent(..)) => {
-                let _ = ptrace::cont(cpid, None);
-            }
-            Ok(WaitStatus::Stopped(_, sig)) => {
-                let rip = ptrace::getregs(cpid).map(|r| r.rip).unwrap_or(0);
-                return Err(RestoreError::Died {
-                    pid,
-                    what: format!("got {sig} at rip {rip:#x} before the restore finished"),
-                });
-            }
-            Ok(st) => {
-                return Err(RestoreError::Died {
-                    pid,
-                    what: format!("ended before the restore finished ({st:?})"),
-                })
-            }
-            Err(errno) => return Err(sys("waitpid")(errno)),
         }
         if start.elapsed() > RESTORE_TIMEOUT {
             return Err(RestoreError::Timeout {
@@ -351,31 +422,34 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
             what: "closed its status pipe without reporting".into(),
         });
     }
-    // The restorer traps right before rt_sigreturn; step over the
-    // sigreturn so the task sits in its restored context, then unmap the
-    // bootstrap area from there.
-    let wait_for = |want: &str| -> Result<()> {
-        loop {
-            match waitpid(cpid, Some(WaitPidFlag::__WALL)).map_err(sys("waitpid"))? {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) if want == "trap" => return Ok(()),
-                WaitStatus::PtraceSyscall(_) if want == "syscall" => return Ok(()),
-                WaitStatus::PtraceEvent(..) => {
-                    let _ = ptrace::cont(cpid, None);
-                }
-                st => {
-                    return Err(RestoreError::Died {
-                        pid,
-                        what: format!("stopped unexpectedly ({st:?}) while waiting for {want}"),
-                    })
+    // Every task sits on the restorer's trap right before rt_sigreturn;
+    // step each over the sigreturn so it sits in its restored context,
+    // then unmap the bootstrap area from the leader.
+    for &t in trapped.iter() {
+        let t = Pid::from_raw(t);
+        let wait_syscall = || -> Result<()> {
+            loop {
+                match waitpid(t, Some(WaitPidFlag::__WALL)).map_err(sys("waitpid"))? {
+                    WaitStatus::PtraceSyscall(_) => return Ok(()),
+                    WaitStatus::PtraceEvent(..) => {
+                        let _ = ptrace::cont(t, None);
+                    }
+                    st => {
+                        return Err(RestoreError::Died {
+                            pid,
+                            what: format!(
+                                "task {t} stopped unexpectedly ({st:?}) in its final rt_sigreturn"
+                            ),
+                        })
+                    }
                 }
             }
-        }
-    };
-    wait_for("trap")?;
-    ptrace::syscall(cpid, None).map_err(sys("PTRACE_SYSCALL"))?;
-    wait_for("syscall")?; // entry of rt_sigreturn
-    ptrace::syscall(cpid, None).map_err(sys("PTRACE_SYSCALL"))?;
-    wait_for("syscall")?; // exit: registers are the restored ones
+        };
+        ptrace::syscall(t, None).map_err(sys("PTRACE_SYSCALL"))?;
+        wait_syscall()?; // entry of rt_sigreturn
+        ptrace::syscall(t, None).map_err(sys("PTRACE_SYSCALL"))?;
+        wait_syscall()?; // exit: registers are the restored ones
+    }
     let mut v =
         Victim::attach_stopped(cpid).map_err(|source| RestoreError::Finish { pid, source })?;
     if let Some((start, len)) = boot {
@@ -384,6 +458,9 @@ fn supervise(pid: i32, cpid: Pid, status_r: OwnedFd, go_w: OwnedFd) -> Result<()
     }
     v.cure()
         .map_err(|source| RestoreError::Finish { pid, source })?;
+    for &t in threads {
+        ptrace::detach(Pid::from_raw(t), None).map_err(sys("PTRACE_DETACH"))?;
+    }
     Ok(())
 }
 
@@ -453,10 +530,10 @@ fn cstr(s: &str) -> std::result::Result<CString, String> {
     CString::new(s).map_err(|_| format!("path {s:?} contains a NUL byte"))
 }
 
-fn regs_from(img: &Image) -> Regs {
+fn regs_from(core: &CoreEntry) -> Regs {
     // SAFETY: user_regs_struct is plain integers; zero is a valid value.
     let mut r: Regs = unsafe { std::mem::zeroed() };
-    if let Some(g) = &img.core.regs {
+    if let Some(g) = &core.regs {
         r.r15 = g.r15;
         r.r14 = g.r14;
         r.r13 = g.r13;
@@ -538,11 +615,13 @@ fn prepare(
         _ => 0,
     };
     let xs_len = img.core.xsave.len() as u64;
+    let per_thread = THREAD_STACK + xs_len + 4096 + 64 * 4;
     let boot_len = probe.image.len() as u64
         + 64 * 1024
         + ((vmas.len() as u64 * 48 + xs_len + 16 * 1024 + 4095) & !4095)
         + vdso_span
-        + BOOT_STACK;
+        + BOOT_STACK
+        + ((img.threads.len() as u64 * per_thread + 4095) & !4095);
     let mut busy = own_maps();
     busy.extend(vmas.iter().map(|v| (v.start, v.end)));
     let total = boot_len + premap_len + PAGE;
@@ -897,7 +976,7 @@ fn prepare(
     let (stack_lo, _) = boot.alloc(BOOT_STACK as usize, 4096)?;
     let stack_top = stack_lo + BOOT_STACK - 64;
 
-    let mut regs = regs_from(img);
+    let mut regs = regs_from(&img.core);
     sigframe::apply_syscall_restart(&mut regs);
     let alt = img.core.altstack.unwrap_or_default();
     let altstack = KStack {
@@ -1009,6 +1088,67 @@ fn prepare(
             });
         }
     }
+    let threads_ready = boot.put(&[0u32; 16])?;
+    let mut rthreads: Vec<RThread> = Vec::with_capacity(img.threads.len());
+    for (i, t) in img.threads.iter().enumerate() {
+        let (stack, _) = boot.alloc(THREAD_STACK as usize, 4096)?;
+        let mut tregs = regs_from(t);
+        sigframe::apply_syscall_restart(&mut tregs);
+        let alt = t.altstack.unwrap_or_default();
+        let alt = KStack {
+            sp: alt.sp,
+            flags: alt.flags as i32,
+            _pad: 0,
+            size: alt.size,
+        };
+        let fp_at = boot.put(&sigframe::build_fpstate(&t.xsave))?;
+        let tframe = boot.put(&sigframe::build_frame(&tregs, t.blocked, &alt, fp_at))?;
+        let tc = t.creds.clone().unwrap_or_default();
+        let tgroups = boot.put(&tc.groups)?;
+        let trseq = t.rseq.unwrap_or_default();
+        let tsigs: Vec<RSiginfo> = t
+            .pending
+            .iter()
+            .map(|s| {
+                let mut info = [0u8; 128];
+                let n = s.siginfo.len().min(128);
+                info[..n].copy_from_slice(&s.siginfo[..n]);
+                RSiginfo {
+                    info,
+                    private: 1,
+                    _pad: 0,
+                }
+            })
+            .collect();
+        let tsigs_at = boot.put(&tsigs)?;
+        rthreads.push(RThread {
+            tid: t.tid as u64,
+            stack,
+            stack_size: THREAD_STACK,
+            sigframe: tframe,
+            fs_base: tregs.fs_base,
+            gs_base: tregs.gs_base,
+            clear_child_tid: t.clear_child_tid,
+            robust_list: t.robust_list,
+            robust_list_len: t.robust_list_len,
+            rseq_ptr: trseq.ptr,
+            rseq_len: trseq.len,
+            rseq_sig: trseq.sig,
+            rseq_cs: trseq.rseq_cs,
+            comm: comm_bytes(&t.comm),
+            groups: tgroups,
+            nr_groups: tc.groups.len() as u64,
+            set_creds: (tc.uid.len() == 4 && tc.gid.len() == 4) as u64,
+            creds: rcreds(&tc),
+            pdeath_signal: t.pdeath_signal as u64,
+            siginfos: tsigs_at,
+            nr_siginfos: tsigs.len() as u64,
+            ready: threads_ready,
+            status_fd,
+            index: i as u32,
+        });
+    }
+    let threads_at = boot.put(&rthreads)?;
     let rlimits: Vec<RRlimit> = pc
         .rlimits
         .iter()
@@ -1021,9 +1161,7 @@ fn prepare(
         .collect();
     let creds = img.core.creds.clone().unwrap_or_default();
     let groups: Vec<u32> = creds.groups.clone();
-    let mut comm = [0u8; 16];
-    let cb = img.core.comm.as_bytes();
-    comm[..cb.len().min(15)].copy_from_slice(&cb[..cb.len().min(15)]);
+    let comm = comm_bytes(&img.core.comm);
     let rseq = img.core.rseq.unwrap_or_default();
     // Our own rseq registration (glibc's), to drop before the switch.
     // SAFETY: reading two plain statics exported by glibc.
@@ -1092,26 +1230,11 @@ fn prepare(
         nr_groups: groups.len() as u64,
         set_groups: 1,
         set_creds: (creds.uid.len() == 4 && creds.gid.len() == 4) as u64,
-        creds: RCreds {
-            uids: creds
-                .uid
-                .get(..4)
-                .and_then(|u| u.try_into().ok())
-                .unwrap_or_default(),
-            gids: creds
-                .gid
-                .get(..4)
-                .and_then(|g| g.try_into().ok())
-                .unwrap_or_default(),
-            cap_inh: creds.cap_inh,
-            cap_prm: creds.cap_prm,
-            cap_eff: creds.cap_eff,
-            cap_bnd: creds.cap_bnd,
-            cap_amb: creds.cap_amb,
-            securebits: creds.securebits,
-            no_new_privs: creds.no_new_privs as u32,
-        },
+        creds: rcreds(&creds),
         sigframe: frame_at,
+        threads: threads_at,
+        nr_threads: rthreads.len() as u64,
+        threads_ready,
     };
     let args_at = boot.put(std::slice::from_ref(&args))?;
     // Blob text becomes read-only executable.
@@ -1143,6 +1266,36 @@ fn prepare(
             in("rdi") args_at,
             options(noreturn),
         );
+    }
+}
+
+/// A thread name as the 16-byte, NUL-terminated buffer PR_SET_NAME takes.
+fn comm_bytes(name: &str) -> [u8; 16] {
+    let mut comm = [0u8; 16];
+    let b = name.as_bytes();
+    comm[..b.len().min(15)].copy_from_slice(&b[..b.len().min(15)]);
+    comm
+}
+
+fn rcreds(c: &Creds) -> RCreds {
+    RCreds {
+        uids: c
+            .uid
+            .get(..4)
+            .and_then(|u| u.try_into().ok())
+            .unwrap_or_default(),
+        gids: c
+            .gid
+            .get(..4)
+            .and_then(|g| g.try_into().ok())
+            .unwrap_or_default(),
+        cap_inh: c.cap_inh,
+        cap_prm: c.cap_prm,
+        cap_eff: c.cap_eff,
+        cap_bnd: c.cap_bnd,
+        cap_amb: c.cap_amb,
+        securebits: c.securebits,
+        no_new_privs: c.no_new_privs as u32,
     }
 }
 

@@ -206,9 +206,16 @@ pub fn get_robust_list(pid: Pid) -> SysResult<(u64, u64)> {
     Ok((head, len as u64))
 }
 
+/// A pidfd for `pid`, which may be any thread: PIDFD_THREAD (Linux 6.9)
+/// where the kernel knows it, else a plain pidfd (leaders only).
 pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
+    const PIDFD_THREAD: libc::c_int = libc::O_EXCL;
     // SAFETY: plain syscall with integer arguments.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let mut r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), PIDFD_THREAD) };
+    if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    }
     if r < 0 {
         return Err(err("pidfd_open", pid));
     }

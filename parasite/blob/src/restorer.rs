@@ -10,6 +10,7 @@
 mod rt;
 
 use core::mem::size_of;
+use core::sync::atomic::{AtomicU32, Ordering};
 use cryo_parasite::*;
 use rt::*;
 
@@ -136,6 +137,192 @@ fn restore_creds(sfd: i32, c: &RCreds) {
     if c.no_new_privs != 0 {
         check(sfd, STAGE_CREDS, 8, syscall5(SYS_PRCTL, 38, 1, 0, 0, 0));
     }
+}
+
+/// The state every thread sets for itself: clear-child-tid address,
+/// robust futex list, name and rseq registration (rseq_cs written back).
+#[allow(clippy::too_many_arguments)]
+fn own_thread_state(
+    sfd: i32,
+    stage: u32,
+    clear_child_tid: u64,
+    robust_list: u64,
+    robust_list_len: u64,
+    comm: &[u8; 16],
+    rseq: (u64, u32, u32, u64),
+) {
+    syscall1(SYS_SET_TID_ADDRESS, clear_child_tid as usize);
+    if robust_list != 0 {
+        let r = syscall2(
+            SYS_SET_ROBUST_LIST,
+            robust_list as usize,
+            robust_list_len as usize,
+        );
+        check(sfd, stage, 0, r);
+    }
+    check(
+        sfd,
+        stage,
+        1,
+        syscall2(SYS_PRCTL, 15, comm.as_ptr() as usize),
+    ); // PR_SET_NAME
+    let (ptr, len, sig, cs) = rseq;
+    if ptr != 0 {
+        let r = syscall4(SYS_RSEQ, ptr as usize, len as usize, 0, sig as usize);
+        check(sfd, STAGE_RSEQ, 0, r);
+        // Registration cleared rseq_cs; put the dumped value back.
+        // SAFETY: the rseq area lies in the task's memory restored above
+        // (the kernel just accepted it), 32-byte aligned; rseq_cs is at +8.
+        unsafe { core::ptr::write_volatile((ptr + 8) as *mut u64, cs) };
+    }
+}
+
+/// Queue this thread's own pending signals again (private ones with
+/// rt_tgsigqueueinfo to itself, shared ones to the process).
+fn queue_own_signals(sfd: i32, ptr: u64, n: u64) {
+    let pid = syscall0(SYS_GETPID) as usize;
+    let tid = syscall0(SYS_GETTID) as usize;
+    // SAFETY: ptr/n describe an RSiginfo array in the bootstrap area.
+    let sigs: &[RSiginfo] = unsafe { slice(ptr, n) };
+    for (i, s) in sigs.iter().enumerate() {
+        let signo = i32::from_ne_bytes([s.info[0], s.info[1], s.info[2], s.info[3]]) as usize;
+        let r = if s.private != 0 {
+            syscall4(
+                SYS_RT_TGSIGQUEUEINFO,
+                pid,
+                tid,
+                signo,
+                s.info.as_ptr() as usize,
+            )
+        } else {
+            syscall3(SYS_RT_SIGQUEUEINFO, pid, signo, s.info.as_ptr() as usize)
+        };
+        check(sfd, STAGE_SIGNALS, i, r);
+    }
+}
+
+/// struct clone_args (clone3), version 2 (88 bytes: with set_tid and cgroup).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_FS: u64 = 0x200;
+const CLONE_FILES: u64 = 0x400;
+const CLONE_SIGHAND: u64 = 0x800;
+const CLONE_THREAD: u64 = 0x10000;
+const CLONE_SYSVSEM: u64 = 0x40000;
+
+/// Create thread `t` with its dumped tid; the new thread starts in
+/// [`thread_main`] on its own stack. Returns clone3's result in the caller.
+///
+/// # Safety
+/// `t` must point to an RThread in the bootstrap area whose stack range
+/// is mapped, writable and used by nothing else.
+unsafe fn spawn_thread(t: *const RThread) -> isize {
+    // SAFETY: the caller guarantees `t` is valid.
+    let th = unsafe { &*t };
+    let set_tid = [th.tid as i32];
+    let cl = CloneArgs {
+        flags: CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: 0,
+        stack: th.stack,
+        stack_size: th.stack_size,
+        tls: 0,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        cgroup: 0,
+    };
+    let ret: isize;
+    // SAFETY: clone3 only clobbers rax, rcx and r11 in the caller, all
+    // declared. The child starts on the stack given in `cl` (inside the
+    // bootstrap area, unused by anyone else) with the caller's registers,
+    // so r12 holds `t`; it calls thread_main, which never returns, and
+    // never comes back to this frame.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "and rsp, -16",
+            "call {entry}",
+            "ud2",
+            "2:",
+            entry = sym thread_main,
+            inlateout("rax") SYS_CLONE3 as isize => ret,
+            in("rdi") &cl as *const CloneArgs as usize,
+            in("rsi") size_of::<CloneArgs>(),
+            in("r12") t as usize,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
+}
+
+/// A restored thread other than the leader: set its own state, count
+/// itself ready, and return into its dumped context.
+///
+/// # Safety
+/// `t` must point to a complete RThread that stays mapped.
+unsafe extern "C" fn thread_main(t: *const RThread) -> ! {
+    // SAFETY: spawn_thread passes the RThread its caller vouched for.
+    let t = unsafe { &*t };
+    let sfd = t.status_fd;
+    own_thread_state(
+        sfd,
+        STAGE_THREAD,
+        t.clear_child_tid,
+        t.robust_list,
+        t.robust_list_len,
+        &t.comm,
+        (t.rseq_ptr, t.rseq_len, t.rseq_sig, t.rseq_cs),
+    );
+    if t.set_creds != 0 {
+        check(
+            sfd,
+            STAGE_CREDS,
+            0,
+            syscall2(SYS_SETGROUPS, t.nr_groups as usize, t.groups as usize),
+        );
+        restore_creds(sfd, &t.creds);
+    }
+    queue_own_signals(sfd, t.siginfos, t.nr_siginfos);
+    // Changing credentials resets it, so it comes after.
+    if t.pdeath_signal != 0 {
+        check(
+            sfd,
+            STAGE_THREAD,
+            3,
+            syscall2(SYS_PRCTL, 1, t.pdeath_signal as usize),
+        );
+    }
+    // SAFETY: `ready` is a u32 in the bootstrap area, 64-byte aligned,
+    // only ever accessed atomically (here and by the leader).
+    let ready = unsafe { AtomicU32::from_ptr(t.ready as *mut u32) };
+    ready.fetch_add(1, Ordering::SeqCst);
+    syscall3(SYS_FUTEX, t.ready as usize, 1, i32::MAX as usize); // FUTEX_WAKE
+    syscall2(SYS_ARCH_PRCTL, 0x1002, t.fs_base as usize); // ARCH_SET_FS
+    syscall2(SYS_ARCH_PRCTL, 0x1001, t.gs_base as usize); // ARCH_SET_GS
+                                                          // SAFETY: the engine built this thread's frame in the bootstrap area
+                                                          // (kept mapped until every thread has left it) from its dumped
+                                                          // registers, with a 64-byte aligned fpstate.
+    unsafe { trap_then_sigreturn(t.sigframe) }
 }
 
 /// Entered from `_cryo_start` with the argument pointer in rdi.
@@ -306,35 +493,39 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         syscall1(SYS_CLOSE, *fd as usize);
     }
 
-    // 6. Per-thread state.
-    syscall1(SYS_SET_TID_ADDRESS, a.clear_child_tid as usize);
-    if a.robust_list != 0 {
-        let r = syscall2(
-            SYS_SET_ROBUST_LIST,
-            a.robust_list as usize,
-            a.robust_list_len as usize,
-        );
-        check(sfd, STAGE_THREAD_STATE, 0, r);
-    }
+    // 6. Per-thread state, personality (per thread, so before the other
+    // threads exist), then the other threads.
+    own_thread_state(
+        sfd,
+        STAGE_THREAD_STATE,
+        a.clear_child_tid,
+        a.robust_list,
+        a.robust_list_len,
+        &a.comm,
+        (a.rseq_ptr, a.rseq_len, a.rseq_sig, a.rseq_cs),
+    );
     check(
         sfd,
         STAGE_THREAD_STATE,
-        1,
-        syscall2(SYS_PRCTL, 15, a.comm.as_ptr() as usize),
-    ); // PR_SET_NAME
-    if a.rseq_ptr != 0 {
-        let r = syscall4(
-            SYS_RSEQ,
-            a.rseq_ptr as usize,
-            a.rseq_len as usize,
-            0,
-            a.rseq_sig as usize,
-        );
-        check(sfd, STAGE_RSEQ, 0, r);
-        // Registration cleared rseq_cs; put the dumped value back.
-        // SAFETY: the rseq area lies in the task's memory restored above
-        // (the kernel just accepted it), 32-byte aligned; rseq_cs is at +8.
-        unsafe { core::ptr::write_volatile((a.rseq_ptr + 8) as *mut u64, a.rseq_cs) };
+        5,
+        syscall1(SYS_PERSONALITY, a.personality as usize),
+    );
+    for i in 0..a.nr_threads as usize {
+        let t = (a.threads as usize + i * size_of::<RThread>()) as *const RThread;
+        // SAFETY: threads/nr_threads describe an RThread array in the
+        // bootstrap area, each with its own stack there.
+        let mut r = unsafe { spawn_thread(t) };
+        // The tid may still be held for a moment by one of cryo's own
+        // page threads, joined but not yet released by the kernel.
+        let mut tries = 0;
+        while r == -17 && tries < 2000 {
+            let ts: [i64; 2] = [0, 1_000_000];
+            syscall2(SYS_NANOSLEEP, ts.as_ptr() as usize, 0);
+            tries += 1;
+            // SAFETY: as above.
+            r = unsafe { spawn_thread(t) };
+        }
+        check(sfd, STAGE_CLONE_THREAD, i, r);
     }
 
     // 7. Signal actions, timers, queued signals.
@@ -384,25 +575,7 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         }
         check(sfd, STAGE_TIMERS, 0, syscall2(SYS_PRCTL, 77, 0));
     }
-    let pid = syscall0(SYS_GETPID) as usize;
-    let tid = syscall0(SYS_GETTID) as usize;
-    // SAFETY: siginfos/nr_siginfos describe an array in the bootstrap area.
-    let sigs: &[RSiginfo] = unsafe { slice(a.siginfos, a.nr_siginfos) };
-    for (i, s) in sigs.iter().enumerate() {
-        let signo = i32::from_ne_bytes([s.info[0], s.info[1], s.info[2], s.info[3]]) as usize;
-        let r = if s.private != 0 {
-            syscall4(
-                SYS_RT_TGSIGQUEUEINFO,
-                pid,
-                tid,
-                signo,
-                s.info.as_ptr() as usize,
-            )
-        } else {
-            syscall3(SYS_RT_SIGQUEUEINFO, pid, signo, s.info.as_ptr() as usize)
-        };
-        check(sfd, STAGE_SIGNALS, i, r);
-    }
+    queue_own_signals(sfd, a.siginfos, a.nr_siginfos);
 
     // 8. Credentials (groups), process attributes, limits.
     if a.set_groups != 0 {
@@ -426,12 +599,6 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         );
         check(sfd, STAGE_RLIMIT, i, r);
     }
-    check(
-        sfd,
-        STAGE_THREAD_STATE,
-        5,
-        syscall1(SYS_PERSONALITY, a.personality as usize),
-    );
     if a.set_creds != 0 {
         restore_creds(sfd, &a.creds);
     }
@@ -465,8 +632,22 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         }
     }
 
-    // 10. Report success, then load fs/gs base and return into the
-    // dumped context. Nothing below may use TLS.
+    // 10. Wait until every other thread has set its state (so that any
+    // failure is reported before success), report success, then load
+    // fs/gs base and return into the dumped context. Nothing below may
+    // use TLS.
+    if a.nr_threads > 0 {
+        // SAFETY: threads_ready is a u32 in the bootstrap area, 64-byte
+        // aligned, only ever accessed atomically.
+        let ready = unsafe { AtomicU32::from_ptr(a.threads_ready as *mut u32) };
+        loop {
+            let n = ready.load(Ordering::SeqCst);
+            if n as u64 >= a.nr_threads {
+                break;
+            }
+            syscall4(SYS_FUTEX, a.threads_ready as usize, 0, n as usize, 0); // FUTEX_WAIT
+        }
+    }
     let done = RStatus {
         stage: STAGE_DONE,
         index: 0,

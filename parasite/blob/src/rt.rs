@@ -53,6 +53,10 @@ pub const SYS_VMSPLICE: usize = 278;
 pub const SYS_RT_TGSIGQUEUEINFO: usize = 297;
 pub const SYS_PRLIMIT64: usize = 302;
 pub const SYS_RSEQ: usize = 334;
+pub const SYS_FUTEX: usize = 202;
+pub const SYS_NANOSLEEP: usize = 35;
+pub const SYS_CLONE3: usize = 435;
+pub const SYS_SETGROUPS: usize = 116;
 
 /// Raw syscall with up to six arguments; returns the kernel's value
 /// (a negative errno on failure).

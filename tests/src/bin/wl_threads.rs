@@ -1,0 +1,476 @@
+//! A multi-threaded workload that checks its own threads after a restore.
+//!
+//! `wl_threads --ready FILE --verdict FILE [--spinners N]`
+//!
+//! Besides the main thread it runs:
+//! - `waiter`: blocked on a condition variable (a futex wait) until the
+//!   main thread wakes it for the check;
+//! - `sleeper`: a loop of 5 ms sleeps, counting;
+//! - `spinner-K` (N of them, default 1): spins in user space without any
+//!   syscall, with a pattern held in xmm9 across the whole spin and
+//!   compared with a general register copy on every round.
+//!
+//! Each thread sets its own name, signal mask and TLS value at start; the
+//! sleeper also has a sigaltstack and a SIGUSR1 queued to it alone (blocked
+//! in that thread only). Once ready, it waits for SIGTERM. Then every
+//! thread checks, by itself, that it still has its tid, name, mask, TLS
+//! value, robust list head, rseq registration (the kernel updates its cpu
+//! id again), altstack and pending signal; the sleeper and spinners that
+//! they made progress since; and the main thread joins them all (which
+//! needs the clear-child-tid address each thread had). The verdict lists
+//! every failure.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use cryo_tests::wl;
+
+const NAME: &str = "wl_threads";
+
+struct Shared {
+    /// Set by the main thread once SIGTERM came: threads check themselves.
+    check: AtomicBool,
+    /// The waiter's condition.
+    cond: (Mutex<bool>, Condvar),
+    fails: Mutex<Vec<String>>,
+    sleeper_count: AtomicU64,
+    spin_rounds: Vec<AtomicU64>,
+    /// Threads that finished their setup.
+    ready: AtomicU64,
+}
+
+impl Shared {
+    fn fail(&self, who: &str, what: String) {
+        wl::log(NAME, &format!("{who}: FAIL {what}"));
+        if let Ok(mut f) = self.fails.lock() {
+            f.push(format!("{who}: {what}"));
+        }
+    }
+}
+
+thread_local! {
+    static TLS_VALUE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+fn set_name(name: &str) {
+    let mut b = [0u8; 16];
+    b[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes from a buffer we own.
+    unsafe { libc::prctl(libc::PR_SET_NAME, b.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+fn sigset(sigs: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in sigs {
+        // SAFETY: as above; s is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+fn block(sigs: &[i32]) {
+    let set = sigset(sigs);
+    // SAFETY: set is initialised; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn blocked(sig: i32) -> bool {
+    // SAFETY: plain data, filled by pthread_sigmask.
+    let mut cur: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reading this thread's mask into `cur`.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur) };
+    // SAFETY: cur is an initialised sigset_t.
+    unsafe { libc::sigismember(&cur, sig) == 1 }
+}
+
+fn pending(sig: i32) -> bool {
+    // SAFETY: plain data, filled by sigpending.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigpending writes this thread's (and the process's) pending set.
+    unsafe { libc::sigpending(&mut set) };
+    // SAFETY: set is an initialised sigset_t.
+    unsafe { libc::sigismember(&set, sig) == 1 }
+}
+
+fn robust_head() -> u64 {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list(0) writes this thread's head and length into
+    // the two locals.
+    unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    head
+}
+
+extern "C" {
+    static __rseq_offset: isize;
+    static __rseq_size: u32;
+}
+
+/// This thread's rseq area (glibc registers one per thread), if any.
+fn rseq_area() -> Option<*mut u32> {
+    // SAFETY: plain statics glibc exports.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+    if size == 0 {
+        return None;
+    }
+    let tp: u64;
+    // SAFETY: reading fs:0, the thread pointer glibc keeps there.
+    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp) };
+    Some((tp as i64 + off as i64) as *mut u32)
+}
+
+/// Whether the kernel still updates this thread's rseq area: spoil its
+/// cpu_id, sleep (the kernel writes it again on the way back to user
+/// space when the thread is registered), read it back.
+fn rseq_alive() -> Result<(), String> {
+    let Some(area) = rseq_area() else {
+        return Ok(()); // glibc without rseq: nothing to check
+    };
+    // SAFETY: cpu_id is the u32 at offset 4 of this thread's rseq area,
+    // which lives in its TLS block and is only written by the kernel and us.
+    let cpu = unsafe { area.add(1) };
+    for _ in 0..20 {
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(cpu, 0xdead_0000) };
+        std::thread::sleep(Duration::from_millis(2));
+        // SAFETY: as above.
+        let v = unsafe { std::ptr::read_volatile(cpu) };
+        if v != 0xdead_0000 {
+            return if v < 4096 {
+                Ok(())
+            } else {
+                Err(format!("rseq cpu_id is {v:#x}"))
+            };
+        }
+    }
+    Err("the kernel no longer updates the rseq area (not registered)".into())
+}
+
+/// The checks every thread runs on itself.
+struct Own {
+    who: String,
+    tid: i32,
+    name: String,
+    tls: u64,
+    robust: u64,
+    blocked: Vec<i32>,
+}
+
+impl Own {
+    fn setup(who: &str, tls: u64, blocked: &[i32]) -> Own {
+        set_name(who);
+        TLS_VALUE.with(|v| v.set(tls));
+        block(blocked);
+        Own {
+            who: who.to_string(),
+            tid: gettid(),
+            name: who.chars().take(15).collect(),
+            tls,
+            robust: robust_head(),
+            blocked: blocked.to_vec(),
+        }
+    }
+
+    fn check(&self, sh: &Shared) {
+        let who = &self.who;
+        let tid = gettid();
+        if tid != self.tid {
+            sh.fail(who, format!("tid is {tid}, was {}", self.tid));
+        }
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+            .unwrap_or_default()
+            .trim_end()
+            .to_string();
+        if comm != self.name {
+            sh.fail(who, format!("name is {comm:?}, was {:?}", self.name));
+        }
+        let tls = TLS_VALUE.with(|v| v.get());
+        if tls != self.tls {
+            sh.fail(who, format!("TLS value {tls:#x}, was {:#x}", self.tls));
+        }
+        let robust = robust_head();
+        if robust != self.robust {
+            sh.fail(
+                who,
+                format!("robust list {robust:#x}, was {:#x}", self.robust),
+            );
+        }
+        for s in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGHUP, libc::SIGWINCH] {
+            if blocked(s) != self.blocked.contains(&s) {
+                sh.fail(
+                    who,
+                    format!(
+                        "signal {s} is {}blocked",
+                        if blocked(s) { "" } else { "not " }
+                    ),
+                );
+            }
+        }
+        if let Err(e) = rseq_alive() {
+            sh.fail(who, e);
+        }
+    }
+}
+
+fn waiter(sh: Arc<Shared>) {
+    let own = Own::setup("waiter", 0x1111_2222_3333_4444, &[libc::SIGHUP]);
+    sh.ready.fetch_add(1, Ordering::SeqCst);
+    let (m, cv) = &sh.cond;
+    let mut woke = match m.lock() {
+        Ok(g) => g,
+        Err(_) => return sh.fail("waiter", "mutex poisoned".into()),
+    };
+    while !*woke {
+        woke = match cv.wait(woke) {
+            Ok(g) => g,
+            Err(_) => return sh.fail("waiter", "mutex poisoned".into()),
+        };
+    }
+    drop(woke);
+    own.check(&sh);
+}
+
+const ALT_SIZE: usize = 64 * 1024;
+
+fn sleeper(sh: Arc<Shared>) {
+    let own = Own::setup("sleeper", 0x5555_6666_7777_8888, &[libc::SIGUSR1]);
+    let alt = vec![0u8; ALT_SIZE].into_boxed_slice();
+    let alt_sp = Box::leak(alt).as_mut_ptr() as u64;
+    let ss = libc::stack_t {
+        ss_sp: alt_sp as *mut libc::c_void,
+        ss_flags: 0,
+        ss_size: ALT_SIZE,
+    };
+    // SAFETY: the stack memory is leaked, so it stays valid for the
+    // thread's life; the old stack is not wanted.
+    unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
+    // A signal for this thread alone, blocked here: it stays queued.
+    // SAFETY: tgkill to our own thread with a valid signal.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), gettid(), libc::SIGUSR1) };
+    sh.ready.fetch_add(1, Ordering::SeqCst);
+    while !sh.check.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+        sh.sleeper_count.fetch_add(1, Ordering::SeqCst);
+    }
+    let at_check = sh.sleeper_count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(30));
+    own.check(&sh);
+    // SAFETY: plain data, filled by sigaltstack.
+    let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reading the current altstack into `cur`.
+    unsafe { libc::sigaltstack(std::ptr::null(), &mut cur) };
+    if cur.ss_sp as u64 != alt_sp || cur.ss_size != ALT_SIZE {
+        sh.fail(
+            "sleeper",
+            format!(
+                "sigaltstack {:#x}+{:#x}, was {alt_sp:#x}+{ALT_SIZE:#x}",
+                cur.ss_sp as u64, cur.ss_size
+            ),
+        );
+    }
+    if !pending(libc::SIGUSR1) {
+        sh.fail(
+            "sleeper",
+            "its own queued SIGUSR1 is no longer pending".into(),
+        );
+    }
+    if at_check == 0 {
+        sh.fail("sleeper", "never counted".into());
+    }
+}
+
+/// Spin `rounds` times comparing xmm9 with the pattern in a general
+/// register; stop early when `stop` is set. Returns the rounds done, or
+/// None if xmm9 lost the pattern.
+fn spin(pattern: u64, rounds: u64, stop: &AtomicBool) -> Option<u64> {
+    let done: u64;
+    let bad: u64;
+    // SAFETY: the asm only uses the declared registers (xmm9 is declared
+    // clobbered) and reads the AtomicBool's byte; it makes no syscall and
+    // does not touch the stack.
+    unsafe {
+        std::arch::asm!(
+            "movq xmm9, {pat}",
+            "xor {n}, {n}",
+            "xor {bad}, {bad}",
+            "2:",
+            "movq {tmp}, xmm9",
+            "cmp {tmp}, {pat}",
+            "jne 3f",
+            "add {n}, 1",
+            "cmp {n}, {max}",
+            "jae 4f",
+            "cmp byte ptr [{stop}], 0",
+            "je 2b",
+            "jmp 4f",
+            "3:",
+            "mov {bad}, 1",
+            "4:",
+            pat = in(reg) pattern,
+            max = in(reg) rounds,
+            stop = in(reg) stop as *const AtomicBool,
+            n = out(reg) done,
+            bad = out(reg) bad,
+            tmp = out(reg) _,
+            out("xmm9") _,
+            options(nostack),
+        );
+    }
+    (bad == 0).then_some(done)
+}
+
+fn spinner(sh: Arc<Shared>, k: usize) {
+    let who = format!("spinner-{k}");
+    let pattern = 0x0123_4567_89ab_cdefu64 ^ ((k as u64) << 40);
+    let own = Own::setup(&who, 0x9999_0000_0000_0000 | k as u64, &[libc::SIGUSR2]);
+    sh.ready.fetch_add(1, Ordering::SeqCst);
+    while !sh.check.load(Ordering::SeqCst) {
+        match spin(pattern, 1 << 20, &sh.check) {
+            Some(n) => {
+                sh.spin_rounds[k].fetch_add(n, Ordering::SeqCst);
+            }
+            None => {
+                sh.fail(&who, "xmm9 lost its value while spinning".into());
+                break;
+            }
+        }
+    }
+    own.check(&sh);
+    if sh.spin_rounds[k].load(Ordering::SeqCst) == 0 {
+        sh.fail(&who, "never spun".into());
+    }
+}
+
+fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    let sh = Arc::new(Shared {
+        check: AtomicBool::new(false),
+        cond: (Mutex::new(false), Condvar::new()),
+        fails: Mutex::new(Vec::new()),
+        sleeper_count: AtomicU64::new(0),
+        spin_rounds: (0..spinners).map(|_| AtomicU64::new(0)).collect(),
+        ready: AtomicU64::new(0),
+    });
+    let mut handles = Vec::new();
+    let s = sh.clone();
+    handles.push(std::thread::spawn(move || waiter(s)));
+    let s = sh.clone();
+    handles.push(std::thread::spawn(move || sleeper(s)));
+    for k in 0..spinners {
+        let s = sh.clone();
+        handles.push(std::thread::spawn(move || spinner(s, k)));
+    }
+    // After the spawns: threads inherit the creator's mask.
+    let main_own = Own::setup(NAME, 0xaaaa_bbbb_cccc_dddd, &[libc::SIGWINCH]);
+    let nthreads = 2 + spinners as u64;
+    while sh.ready.load(Ordering::SeqCst) < nthreads {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let tids_before = task_list();
+    wl::log(NAME, &format!("ready; threads {tids_before:?}"));
+    wl::write_atomic(ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    let sleeper_before = loop {
+        if wl::TERM.load(Ordering::SeqCst) {
+            break sh.sleeper_count.load(Ordering::SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let spins_before: Vec<u64> = sh
+        .spin_rounds
+        .iter()
+        .map(|r| r.load(Ordering::SeqCst))
+        .collect();
+    wl::log(NAME, "SIGTERM: checking");
+    // Let the sleeper and spinners show progress after the restore.
+    std::thread::sleep(Duration::from_millis(50));
+    let tids_now = task_list();
+    if tids_now != tids_before {
+        sh.fail(
+            NAME,
+            format!("threads are {tids_now:?}, were {tids_before:?}"),
+        );
+    }
+    if sh.sleeper_count.load(Ordering::SeqCst) <= sleeper_before {
+        sh.fail(NAME, "the sleeper made no progress after SIGTERM".into());
+    }
+    for (k, before) in spins_before.iter().enumerate() {
+        if sh.spin_rounds[k].load(Ordering::SeqCst) <= *before {
+            sh.fail(
+                &format!("spinner-{k}"),
+                "made no progress after SIGTERM".into(),
+            );
+        }
+    }
+    main_own.check(&sh);
+    sh.check.store(true, Ordering::SeqCst);
+    {
+        let (m, cv) = &sh.cond;
+        let mut g = m.lock().map_err(|_| "mutex poisoned")?;
+        *g = true;
+        cv.notify_all();
+    }
+    for h in handles {
+        if h.join().is_err() {
+            sh.fail(NAME, "a thread panicked".into());
+        }
+    }
+    let left = task_list();
+    if left.len() != 1 {
+        sh.fail(NAME, format!("threads left after join: {left:?}"));
+    }
+    let fails = sh.fails.lock().map_err(|_| "mutex poisoned")?.clone();
+    Ok(fails)
+}
+
+/// The tids of this process, sorted.
+fn task_list() -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+fn main() {
+    let mut ready = None;
+    let mut verdict = None;
+    let mut spinners = 1usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ready" => ready = args.next().map(PathBuf::from),
+            "--verdict" => verdict = args.next().map(PathBuf::from),
+            "--spinners" => spinners = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            _ => {}
+        }
+    }
+    let (Some(ready), Some(verdict)) = (ready, verdict) else {
+        eprintln!("usage: wl_threads --ready FILE --verdict FILE [--spinners N]");
+        std::process::exit(2);
+    };
+    wl::close_extra_fds();
+    let result = run(spinners, &ready);
+    wl::finish(NAME, &verdict, result);
+}
