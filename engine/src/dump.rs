@@ -19,6 +19,7 @@ use crate::infect::{InfectError, Victim};
 use crate::mem::transfer::{self, TransferError, TransferStats};
 use crate::mem::{self, MemError};
 use crate::proc as procfmt;
+use crate::pstree::{self, Seized, Tree};
 use crate::sigframe::Regs;
 use crate::sys::{self, SysError};
 
@@ -46,10 +47,6 @@ pub enum DumpError {
         ns: &'static str,
         id: String,
     },
-    #[error(
-        "task {pid} has child processes ({children}); dumping process trees is not supported yet"
-    )]
-    Children { pid: i32, children: String },
     #[error("task {pid}: fd {fd} is {what} ({link}); only regular files, directories and character devices are supported for now")]
     UnsupportedFd {
         pid: i32,
@@ -81,6 +78,10 @@ pub enum DumpError {
     Sys(#[from] SysError),
     #[error(transparent)]
     Freeze(#[from] crate::freeze::FreezeError),
+    #[error("task {pid} is a zombie; there is nothing to dump")]
+    RootZombie { pid: i32 },
+    #[error("task {pid} {what}; such a session layout cannot be restored yet")]
+    Session { pid: i32, what: String },
     #[error("task {pid} is not in cgroup {}", cgroup.display())]
     NotInCgroup { pid: i32, cgroup: PathBuf },
     #[error("injected failure ({what}) from CRYO_FAULT")]
@@ -134,7 +135,9 @@ fn fault(point: &str) -> Result<()> {
 }
 
 /// The files a process has open, checked for what cryo can restore.
-fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
+/// File ids are numbered from `*next_id` on, which is advanced past them
+/// (ids are unique across the processes of an image).
+fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         path: dir.clone(),
@@ -201,7 +204,8 @@ fn collect_fds(pid: i32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
         }
         let info_path = format!("/proc/{pid}/fdinfo/{fd}");
         let (pos, flags) = procfmt::parse_fdinfo(&read(&info_path)?);
-        let id = files.len() as u32 + 1;
+        let id = *next_id;
+        *next_id += 1;
         files.push(FileEntry {
             id,
             kind: kind as i32,
@@ -253,121 +257,7 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
             });
         }
     }
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    if !children.trim().is_empty() {
-        return Err(DumpError::Children {
-            pid,
-            children: children.trim().to_string(),
-        });
-    }
     Ok(st)
-}
-
-/// The threads of process `pid` (leader first), from /proc/PID/task.
-fn list_threads(pid: i32) -> Result<Vec<i32>> {
-    let dir = format!("/proc/{pid}/task");
-    let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
-        path: dir.clone(),
-        source,
-    })?;
-    let mut tids: Vec<i32> = rd
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|&t| t != pid)
-        .collect();
-    tids.sort_unstable();
-    tids.insert(0, pid);
-    Ok(tids)
-}
-
-fn thread_exists(pid: i32, tid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
-}
-
-/// Register a stopped task with the guardian.
-fn arm(guard: &Guard, v: &mut Victim, leader: Option<&Victim>) -> Result<()> {
-    v.set_notifier(guard.notifier());
-    if let Some(l) = leader {
-        v.share_site(l);
-    }
-    let site = v.injection_site()?;
-    guard.arm_state(v.pid, v.regs(), v.xstate(), v.sigmask(), site);
-    Ok(())
-}
-
-/// Seize every thread of process `pid`, freezing `freeze_cgroup` while
-/// attaching if given. Without a freezer, threads are seized one by one
-/// and the thread list rescanned until no new one appears (a running
-/// thread may create others meanwhile; a stopped one cannot).
-fn seize_process(
-    pid: i32,
-    freeze_cgroup: Option<&Path>,
-    guard: &Guard,
-) -> Result<(Victim, Vec<Victim>)> {
-    let npid = Pid::from_raw(pid);
-    let mut others: Vec<Victim> = Vec::new();
-    let mut leader = match freeze_cgroup {
-        Some(dir) => {
-            let mut freezer = crate::freeze::Freezer::freeze(dir)?;
-            let in_cgroup = crate::freeze::procs(dir)?.contains(&pid);
-            let mut l = Victim::attach(npid)?;
-            let mut attached = Vec::new();
-            for tid in list_threads(pid)?.into_iter().skip(1) {
-                match Victim::attach(Pid::from_raw(tid)) {
-                    Ok(v) => attached.push(v),
-                    Err(_) if !thread_exists(pid, tid) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            // The stops requested by attach happen once the tasks thaw.
-            freezer.thaw()?;
-            if !in_cgroup {
-                return Err(DumpError::NotInCgroup {
-                    pid,
-                    cgroup: dir.to_path_buf(),
-                });
-            }
-            l.wait_stopped()?;
-            for mut v in attached {
-                let tid = v.pid.as_raw();
-                match v.wait_stopped() {
-                    Ok(()) => others.push(v),
-                    Err(_) if !thread_exists(pid, tid) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            l
-        }
-        None => Victim::seize(npid)?,
-    };
-    arm(guard, &mut leader, None)?;
-    for v in others.iter_mut() {
-        arm(guard, v, Some(&leader))?;
-    }
-    loop {
-        let new: Vec<i32> = list_threads(pid)?
-            .into_iter()
-            .skip(1)
-            .filter(|t| !others.iter().any(|v| v.pid.as_raw() == *t))
-            .collect();
-        if new.is_empty() {
-            break;
-        }
-        for tid in new {
-            match Victim::seize(Pid::from_raw(tid)) {
-                Ok(mut v) => {
-                    arm(guard, &mut v, Some(&leader))?;
-                    others.push(v);
-                }
-                // It exited in between.
-                Err(_) if !thread_exists(pid, tid) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    others.sort_by_key(|v| v.pid.as_raw());
-    Ok((leader, others))
 }
 
 /// A task stopped inside an rseq critical section continues at its abort
@@ -494,27 +384,40 @@ fn gpregs(r: &Regs) -> GpRegs {
     }
 }
 
-/// Dump one process. On any error the task is left running as before.
-pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
-    let t0 = Instant::now();
-    let pid = opts.pid;
-    let npid = Pid::from_raw(pid);
-    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
-        path: opts.dir.clone(),
-        source,
-    })?;
-    check_task(pid)?;
-    collect_fds(pid)?;
+/// Everything captured from one process while the tree is stopped; the
+/// image files are written from it once every process is captured (and,
+/// with --leave-running, once the tree runs again).
+struct Captured {
+    pid: i32,
+    pstree: PstreeEntry,
+    core: CoreEntry,
+    thread_cores: Vec<CoreEntry>,
+    mm: MmEntry,
+    fd_entries: Vec<FdEntry>,
+    files: Vec<FileEntry>,
+    runs: Vec<proto::PagemapEntry>,
+    pstats: TransferStats,
+    pw: PageWriter,
+    /// Pages went raw into a scratch file, to compress afterwards.
+    scratch: Option<String>,
+}
 
-    // The guardian cleans up after us if we die while the parasite runs.
-    // Declared before the victims so it is dismissed after the cure.
-    let guard = Guard::spawn(npid)?;
-    let (mut victim, mut threads) = seize_process(pid, opts.freeze_cgroup.as_deref(), &guard)?;
+/// Capture process `p` (stopped, with every thread): /proc state, the
+/// parasite's view, per-thread state and its pages.
+fn capture(
+    opts: &DumpOptions,
+    p: &mut Seized,
+    guard: &Guard,
+    file_ids: &mut u32,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Captured> {
+    let pid = p.pid;
+    let npid = Pid::from_raw(pid);
+    let victim = &mut p.leader;
     let frozen_at = Instant::now();
-    fault("after-seize")?;
     // Re-check under the freeze: the task cannot change any more.
     let stat = check_task(pid)?;
-    let (fd_entries, files) = collect_fds(pid)?;
+    let (fd_entries, files) = collect_fds(pid, file_ids)?;
     let status = procfmt::parse_status(&read(&format!("/proc/{pid}/status"))?);
     let timers = procfmt::parse_timers(
         &std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default(),
@@ -526,20 +429,16 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             max: cryo_parasite::MAX_TIMERS,
         });
     }
-    tracing::debug!(
-        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
-        "collected /proc state"
-    );
     let vmas = mem::read_vmas(npid)?;
     let runs = mem::page_runs(npid, &vmas)?;
     let rseq = sys::rseq_config(npid)?;
     let (robust, robust_len) = sys::get_robust_list(npid)?;
     let private_sigs = sys::peek_siginfo(npid, false)?;
     let shared_sigs = sys::peek_siginfo(npid, true)?;
-
     tracing::debug!(
+        pid,
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
-        "collected mappings and pages to dump"
+        "collected /proc state, mappings and pages to dump"
     );
     let started = victim.start_parasite();
     if let Some(area) = victim.area() {
@@ -550,25 +449,22 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     }
     started?;
     fault("in-parasite")?;
-    tracing::debug!(
-        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
-        "parasite started"
-    );
     let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let st = victim.state(&timer_ids)?;
     // The other threads' own state, by syscalls injected into each; they
     // write into the parasite's area.
-    let scratch = victim
+    let scratch_mem = victim
         .thread_scratch()
         .ok_or(DumpError::Infect(InfectError::Channel {
             pid,
             what: "parasite area",
             errno: nix::errno::Errno::EFAULT,
         }))?;
-    let mut thread_cores = Vec::with_capacity(threads.len());
-    for t in threads.iter_mut() {
-        thread_cores.push(thread_core(pid, t, scratch)?);
+    let mut thread_cores = Vec::with_capacity(p.threads.len());
+    for t in p.threads.iter_mut() {
+        thread_cores.push(thread_core(pid, t, scratch_mem)?);
     }
+    let victim = &mut p.leader;
 
     // Pages of mappings the task cannot read are made readable while the
     // parasite splices them, then put back.
@@ -597,14 +493,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     // the task is stopped (no copy through cryo) and compressed once it
     // runs again, so it is stopped only for the capture.
     let capture_raw = raw || opts.leave_running;
-    let scratch_name = format!("{pages_name}.tmp");
+    let scratch = (capture_raw && !raw).then(|| format!("{pages_name}.tmp"));
     let mut pw = PageWriter::create(
         &opts.dir,
-        if capture_raw && !raw {
-            &scratch_name
-        } else {
-            &pages_name
-        },
+        scratch.as_deref().unwrap_or(&pages_name),
         if capture_raw {
             Compression::None
         } else {
@@ -614,11 +506,11 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         opts.threads,
     )?;
     let total_bytes: u64 = runs.iter().map(|r| r.pages * mem::PAGE).sum();
-    let (entries, pstats) =
-        transfer::transfer(&mut victim, &runs, &mut pw, capture_raw, &|done| {
-            progress(done, total_bytes)
-        })?;
+    let (entries, pstats) = transfer::transfer(victim, &runs, &mut pw, capture_raw, &|done| {
+        progress(done, total_bytes)
+    })?;
     tracing::debug!(
+        pid,
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
         "pages captured"
     );
@@ -627,54 +519,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     }
     fault("after-parasite")?;
 
-    // core
     let mut regs = *victim.regs();
     let rseq_cs = rseq_fixup(npid, &rseq, &mut regs);
     let xsave = victim.xstate().to_vec();
     let blocked = victim.sigmask();
-    // Everything is captured: a leave-running task goes on from here.
-    let mut frozen = frozen_at.elapsed();
-    if opts.leave_running {
-        victim.cure()?;
-        guard.release(npid);
-        for t in threads.iter_mut() {
-            t.cure()?;
-            guard.release(t.pid);
-        }
-        frozen = frozen_at.elapsed();
-    }
-    if capture_raw && !raw {
-        let (scratch_chunks, _) = pw.finish()?;
-        pw = recompress(opts, &scratch_name, &pages_name, scratch_chunks)?;
-    }
-
-    let mut written: Vec<ImageFileInfo> = Vec::new();
-    // Pages: the writer finishes in the background of the drain; collect.
-    let (chunks, pages_info) = pw.finish()?;
-    written.push(pages_info);
-    {
-        let mut w = ImageWriter::create(
-            &opts.dir,
-            &cryo_image::pagemap_file(pid as u32),
-            Kind::Pagemap,
-        )?;
-        w.write(&PagemapHead {
-            pages_file: cryo_image::pages_file(pid as u32),
-            compression: opts.compression as i32,
-            total_pages: pstats.pages_stored,
-        })?;
-        for e in entries {
-            w.write(&PagemapRecord {
-                record: Some(proto::pagemap_record::Record::Run(e)),
-            })?;
-        }
-        for c in chunks {
-            w.write(&PagemapRecord {
-                record: Some(proto::pagemap_record::Record::Chunk(c)),
-            })?;
-        }
-        written.push(w.finish()?);
-    }
 
     // mm
     let auxv_bytes =
@@ -703,12 +551,6 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         vmas,
         thp_disabled: false,
     };
-    written.push(cryo_image::write_one(
-        &opts.dir,
-        &cryo_image::mm_file(pid as u32),
-        Kind::Mm,
-        &mm,
-    )?);
 
     let sigactions = (1..=cryo_parasite::NSIG)
         .filter(|&s| s != 9 && s != 19)
@@ -805,27 +647,6 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         process: Some(process),
         pdeath_signal: st.pdeath_signal as u32,
     };
-    written.push(cryo_image::write_one(
-        &opts.dir,
-        &cryo_image::core_file(pid as u32),
-        Kind::Core,
-        &core,
-    )?);
-    for c in &thread_cores {
-        written.push(cryo_image::write_one(
-            &opts.dir,
-            &cryo_image::core_file(c.tid),
-            Kind::Core,
-            c,
-        )?);
-    }
-
-    let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
     let pstree = PstreeEntry {
         pid: pid as u32,
         ppid: stat.ppid,
@@ -834,21 +655,224 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         threads: std::iter::once(pid as u32)
             .chain(thread_cores.iter().map(|c| c.tid))
             .collect(),
-        cmdline,
+        cmdline: cmdline(pid),
+        zombie: false,
+        exit_status: 0,
+        exit_signal: stat.exit_signal,
     };
+    Ok(Captured {
+        pid,
+        pstree,
+        core,
+        thread_cores,
+        mm,
+        fd_entries,
+        files,
+        runs: entries,
+        pstats,
+        pw,
+        scratch,
+    })
+}
+
+fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// Write the image files of one captured process (compressing its
+/// scratch pages first if the capture was raw).
+fn write_process(opts: &DumpOptions, c: Captured) -> Result<Vec<ImageFileInfo>> {
+    let pid = c.pid;
+    let mut pw = c.pw;
+    if let Some(scratch) = &c.scratch {
+        let (scratch_chunks, _) = pw.finish()?;
+        pw = recompress(
+            opts,
+            scratch,
+            &cryo_image::pages_file(pid as u32),
+            scratch_chunks,
+        )?;
+    }
+    let mut written: Vec<ImageFileInfo> = Vec::new();
+    // Pages: the writer finishes in the background of the drain; collect.
+    let (chunks, pages_info) = pw.finish()?;
+    written.push(pages_info);
+    let mut w = ImageWriter::create(
+        &opts.dir,
+        &cryo_image::pagemap_file(pid as u32),
+        Kind::Pagemap,
+    )?;
+    w.write(&PagemapHead {
+        pages_file: cryo_image::pages_file(pid as u32),
+        compression: opts.compression as i32,
+        total_pages: c.pstats.pages_stored,
+    })?;
+    for e in c.runs {
+        w.write(&PagemapRecord {
+            record: Some(proto::pagemap_record::Record::Run(e)),
+        })?;
+    }
+    for ch in chunks {
+        w.write(&PagemapRecord {
+            record: Some(proto::pagemap_record::Record::Chunk(ch)),
+        })?;
+    }
+    written.push(w.finish()?);
     written.push(cryo_image::write_one(
         &opts.dir,
-        cryo_image::PSTREE_FILE,
-        Kind::Pstree,
-        &pstree,
+        &cryo_image::mm_file(pid as u32),
+        Kind::Mm,
+        &c.mm,
     )?);
-    {
-        let mut w = ImageWriter::create(
+    for core in std::iter::once(&c.core).chain(c.thread_cores.iter()) {
+        written.push(cryo_image::write_one(
             &opts.dir,
-            &cryo_image::fdinfo_file(pid as u32),
-            Kind::Fdinfo,
-        )?;
-        for e in &fd_entries {
+            &cryo_image::core_file(core.tid),
+            Kind::Core,
+            core,
+        )?);
+    }
+    let mut w = ImageWriter::create(
+        &opts.dir,
+        &cryo_image::fdinfo_file(pid as u32),
+        Kind::Fdinfo,
+    )?;
+    for e in &c.fd_entries {
+        w.write(e)?;
+    }
+    written.push(w.finish()?);
+    Ok(written)
+}
+
+/// Refuse session and process-group layouts the restore cannot rebuild,
+/// naming the task: every process must either lead its session, share its
+/// parent's, or belong to a session whose leader has exited (rebuilt with
+/// a helper task); likewise for process groups within the session.
+fn check_sessions(tree: &Tree) -> Result<()> {
+    let pids = tree.pids();
+    let info: std::collections::BTreeMap<i32, (u32, u32, u32)> = tree
+        .procs
+        .iter()
+        .map(|p| p.pid)
+        .filter_map(|pid| pstree::stat(pid).map(|s| (pid, (s.ppid, s.pgid, s.sid))))
+        .chain(
+            tree.zombies
+                .iter()
+                .map(|z| (z.pid, (z.stat.ppid, z.stat.pgid, z.stat.sid))),
+        )
+        .collect();
+    let dead = |id: u32| !pids.contains(&(id as i32)) && pstree::stat(id as i32).is_none();
+    for (&pid, &(ppid, pgid, sid)) in &info {
+        let Some(&(_, ppgid, psid)) = info.get(&(ppid as i32)) else {
+            continue; // a root: it joins the restorer's session
+        };
+        let sid_ok = sid == pid as u32 || sid == psid || dead(sid);
+        if !sid_ok {
+            return Err(DumpError::Session {
+                pid,
+                what: format!(
+                    "is in session {sid}, which is neither its own, its parent's ({psid}) nor one whose leader has exited"
+                ),
+            });
+        }
+        let group_ok = pgid == pid as u32
+            || pgid == ppgid
+            || dead(pgid)
+            || info
+                .get(&(pgid as i32))
+                .is_some_and(|&(_, _, gsid)| gsid == sid);
+        if !group_ok {
+            return Err(DumpError::Session {
+                pid,
+                what: format!("is in process group {pgid}, which is not in its session"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Dump the process tree under `opts.pid`. On any error every task is left
+/// running as before.
+pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    let t0 = Instant::now();
+    let pid = opts.pid;
+    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let roots = vec![pid];
+    if pstree::stat(pid).is_none() {
+        return Err(DumpError::NoTask { pid });
+    }
+
+    // The guardian cleans up after us if we die while a parasite runs.
+    // Declared before the victims so it is dismissed after the cure.
+    let guard = Guard::spawn(Pid::from_raw(pid))?;
+    let check = |p: i32| -> Result<()> {
+        check_task(p)?;
+        collect_fds(p, &mut 1)?;
+        Ok(())
+    };
+    let mut tree = pstree::seize_tree(&roots, opts.freeze_cgroup.as_deref(), &guard, &check)?;
+    let frozen_at = Instant::now();
+    fault("after-seize")?;
+    check_sessions(&tree)?;
+    tracing::debug!(
+        processes = tree.procs.len(),
+        zombies = tree.zombies.len(),
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "tree seized"
+    );
+    let mut file_ids = 1u32;
+    let mut caps = Vec::with_capacity(tree.procs.len());
+    for p in tree.procs.iter_mut() {
+        caps.push(capture(opts, p, &guard, &mut file_ids, progress)?);
+    }
+    // Everything is captured: a leave-running tree goes on from here.
+    let mut frozen = frozen_at.elapsed();
+    if opts.leave_running {
+        for p in tree.procs.iter_mut() {
+            p.leader.cure()?;
+            guard.release(p.leader.pid);
+            for t in p.threads.iter_mut() {
+                t.cure()?;
+                guard.release(t.pid);
+            }
+        }
+        frozen = frozen_at.elapsed();
+    }
+
+    let mut written: Vec<ImageFileInfo> = Vec::new();
+    let mut entries: Vec<PstreeEntry> = Vec::new();
+    let mut files: Vec<FileEntry> = Vec::new();
+    let mut pstats = TransferStats::default();
+    for mut c in caps {
+        entries.push(std::mem::take(&mut c.pstree));
+        files.append(&mut c.files);
+        pstats.add(&c.pstats);
+        written.extend(write_process(opts, c)?);
+    }
+    for z in &tree.zombies {
+        entries.push(PstreeEntry {
+            pid: z.pid as u32,
+            ppid: z.stat.ppid,
+            pgid: z.stat.pgid,
+            sid: z.stat.sid,
+            threads: vec![z.pid as u32],
+            cmdline: Vec::new(),
+            zombie: true,
+            exit_status: z.stat.exit_code,
+            exit_signal: z.stat.exit_signal,
+        });
+    }
+    {
+        let mut w = ImageWriter::create(&opts.dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
+        for e in &entries {
             w.write(e)?;
         }
         written.push(w.finish()?);
@@ -877,11 +901,15 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     cryo_image::write_inventory(&opts.dir, &inv)?;
 
     if !opts.leave_running {
-        victim.send_kill()?;
-        for t in threads.iter_mut() {
-            t.reap_killed()?;
+        for p in tree.procs.iter_mut() {
+            p.leader.send_kill()?;
         }
-        victim.reap_killed()?;
+        for p in tree.procs.iter_mut() {
+            for t in p.threads.iter_mut() {
+                t.reap_killed()?;
+            }
+            p.leader.reap_killed()?;
+        }
         frozen = frozen_at.elapsed();
     }
     Ok(DumpStats {

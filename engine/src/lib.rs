@@ -8,6 +8,7 @@ pub mod infect;
 pub mod kerndat;
 pub mod mem;
 pub mod proc;
+pub mod pstree;
 pub mod restore;
 pub mod sigframe;
 pub mod sys;

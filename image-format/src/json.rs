@@ -328,6 +328,7 @@ mod tests {
             sid: 0,
             threads: vec![42, 43],
             cmdline: vec!["a".into(), "b c".into()],
+            ..Default::default()
         };
         let body = entry.encode_to_vec();
         let json = codec

@@ -40,6 +40,7 @@ fn pstree() -> Vec<PstreeEntry> {
             sid: 100,
             threads: vec![100, 101],
             cmdline: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
         },
         PstreeEntry {
             pid: 102,
@@ -48,6 +49,9 @@ fn pstree() -> Vec<PstreeEntry> {
             sid: 100,
             threads: vec![102],
             cmdline: vec![],
+            zombie: true,
+            exit_status: 3 << 8,
+            exit_signal: 17,
         },
     ]
 }

@@ -320,6 +320,13 @@ pub const STAGE_DONE: u32 = 100;
 /// Sent by the new task before the restorer runs: `err` is the bootstrap
 /// area's address, `index` its size in pages.
 pub const STAGE_BOOT: u32 = 99;
+/// The task (or helper, or zombie-to-be) exists, with its session and,
+/// if it leads one, its process group (tree restore, phase 1).
+pub const STAGE_CREATED: u32 = 101;
+/// It joined its process group (phase 2).
+pub const STAGE_JOINED: u32 = 102;
+/// cryo's code in the new task failed: `index` bytes of message follow.
+pub const STAGE_CHILD_ERR: u32 = 103;
 
 /// What the restorer writes to its status descriptor.
 #[repr(C)]
@@ -330,8 +337,11 @@ pub struct RStatus {
     pub index: u32,
     /// Negative errno, or 0.
     pub err: i64,
+    /// The process reporting (many share one status pipe).
+    pub pid: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<RStatus>() == 16);
+const _: () = assert!(core::mem::size_of::<RStatus>() == 24);
 
 /// Credentials to put back (the last privileged step of a restore).
 #[repr(C)]

@@ -203,6 +203,102 @@ pub fn wait_exit(pid: i32, timeout: Duration) -> Option<Exit> {
     }
 }
 
+/// The pids of the process tree under `root` (root first, then the
+/// children of every thread, breadth first), zombies included.
+pub fn tree_pids(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let pid = out[i];
+        if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for e in rd.flatten() {
+                let text = std::fs::read_to_string(e.path().join("children")).unwrap_or_default();
+                for c in text
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok())
+                {
+                    if !out.contains(&c) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Waits until none of `pids` exists any more (not even as a zombie),
+/// reaping those that are, or become, our children. False on timeout.
+pub fn reap_gone(pids: &[i32], timeout: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        let mut left = false;
+        for &pid in pids {
+            let _ = try_reap(pid);
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                left = true;
+            }
+        }
+        if !left {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reaps every child of this process that is a zombie (tasks of a failed
+/// restore, helpers included, fall to this test, a subreaper).
+pub fn reap_zombie_children() {
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{me}/task")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let text = std::fs::read_to_string(e.path().join("children")).unwrap_or_default();
+        for c in text
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            if !pid_alive(c) {
+                let _ = try_reap(c);
+            }
+        }
+    }
+}
+
+/// Kills (SIGKILL) every process of a tree by pid when dropped, and reaps
+/// them: a tree test leaves nothing behind even when it fails.
+pub struct TreeGuard {
+    pids: Vec<i32>,
+}
+
+impl TreeGuard {
+    pub fn new(pids: Vec<i32>) -> TreeGuard {
+        TreeGuard { pids }
+    }
+
+    pub fn pids(&self) -> &[i32] {
+        &self.pids
+    }
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            if pid_alive(pid) {
+                // SAFETY: kill by an explicit, positive pid of the tree this
+                // test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = reap_gone(&self.pids, Duration::from_secs(5));
+    }
+}
+
 /// Sends SIGKILL to `pid` if it is alive and reaps it if it is ours.
 pub fn kill_and_reap(pid: i32) {
     if pid <= 0 {

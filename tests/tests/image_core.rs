@@ -6,6 +6,11 @@
 //!   the workload's own frames (`level_three` <- `level_two` <- `level_one`
 //!   <- `main`) with no unreadable memory; readelf (if present) lists the
 //!   notes the kernel writes.
+//! - `core_file_threads_backtrace`: the core file of `wl_threads
+//!   --spinners 2` opened in gdb lists every thread (one `LWP <tid>` per
+//!   tid the process had) and `thread apply all bt` shows each kind of
+//!   thread in its own function (`waiter`, `sleeper`, `spinner`, `main`);
+//!   readelf (if present) lists one NT_PRSTATUS per thread.
 //! - `core_file_memory_matches_process`: every read-only segment of the core
 //!   of `wl_single` (code, read-only data, file mappings, the vDSO) holds the
 //!   bytes the live process has there.
@@ -256,6 +261,243 @@ fn core_file_backtrace() {
     );
 
     wl.assert_pass("wl_stack after dump -R and image core");
+}
+
+/// The tids of a live process (`/proc/PID/task`), sorted.
+fn task_tids(pid: i32) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/task: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// The blocks of `thread apply all bt` output, keyed by the tid of their
+/// `Thread N (... LWP <tid> ...)` header line.
+fn gdb_thread_blocks(text: &str) -> Vec<(u32, String)> {
+    let mut blocks: Vec<(u32, String)> = Vec::new();
+    for line in text.lines() {
+        let header = line
+            .strip_prefix("Thread ")
+            .and_then(|rest| rest.split_once("LWP "))
+            .and_then(|(_, rest)| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u32>().ok()
+            });
+        match header {
+            Some(tid) => blocks.push((tid, String::new())),
+            None => {
+                if let Some((_, b)) = blocks.last_mut() {
+                    b.push_str(line);
+                    b.push('\n');
+                }
+            }
+        }
+    }
+    blocks
+}
+
+#[test]
+fn core_file_threads_backtrace() {
+    let gdb = find_tool("gdb", "/usr/bin/gdb").unwrap_or_else(|| {
+        panic!(
+            "gdb is not installed (not at /usr/bin/gdb nor in $PATH): install gdb \
+             (apt-get install gdb) to run this test"
+        )
+    });
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_threads", &["--spinners", "2"], &dir);
+    let pid = wl.pid();
+    let tids = task_tids(pid);
+    assert_eq!(tids.len(), 5, "main, waiter, sleeper, 2 spinners: {tids:?}");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert_eq!(task_tids(pid), tids, "the threads changed during the dump");
+
+    let out_dir = dir.join("cores");
+    let out = cryo_ok(&[
+        "image",
+        "core",
+        path_str(&img),
+        "--output-dir",
+        path_str(&out_dir),
+    ]);
+    let core = out_dir.join(format!("core.{pid}"));
+    assert!(
+        core.is_file(),
+        "{} not written; cryo said:\n{}",
+        core.display(),
+        stdout_of(&out)
+    );
+    let data = std::fs::read(&core).expect("read core file");
+    let (loads, notes) = parse_core(&data);
+    assert_eq!(notes, 1, "one PT_NOTE");
+    assert!(!loads.is_empty(), "no PT_LOAD");
+
+    if let Some(readelf) = find_tool("readelf", "/usr/bin/readelf") {
+        let out = run_tool(&readelf, &["-n", path_str(&core)], &dir, "readelf");
+        let text = stdout_of(&out);
+        assert!(out.status.success(), "readelf -n failed:\n{text}");
+        let count = |n: &str| {
+            text.lines()
+                .filter(|l| l.split_whitespace().any(|w| w == n))
+                .count()
+        };
+        assert_eq!(
+            count("NT_PRSTATUS"),
+            tids.len(),
+            "one NT_PRSTATUS per thread:\n{text}"
+        );
+        assert_eq!(
+            count("NT_X86_XSTATE"),
+            tids.len(),
+            "one NT_X86_XSTATE per thread:\n{text}"
+        );
+        assert_eq!(
+            count("NT_FPREGSET"),
+            tids.len(),
+            "one NT_FPREGSET per thread:\n{text}"
+        );
+        for n in ["NT_PRPSINFO", "NT_SIGINFO", "NT_AUXV", "NT_FILE"] {
+            assert_eq!(count(n), 1, "one {n} for the process:\n{text}");
+        }
+    }
+
+    let exe = workload_bin("wl_threads");
+    let out = run_tool(
+        &gdb,
+        &[
+            "-nx",
+            "-batch",
+            "-iex",
+            "set debuginfod enabled off",
+            "-ex",
+            "info threads",
+            "-ex",
+            "thread apply all bt",
+            path_str(&exe),
+            path_str(&core),
+        ],
+        &dir,
+        "gdb",
+    );
+    let text = format!(
+        "{}{}",
+        stdout_of(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("gdb:\n{text}");
+    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
+    assert!(
+        !text.contains("Cannot access memory"),
+        "gdb could not read memory of the core:\n{text}"
+    );
+    // `info threads`: one line per thread (`[*] N  Thread 0x... (LWP tid) ...`),
+    // before the first backtrace header.
+    let mut listed: Vec<u32> = text
+        .lines()
+        .take_while(|l| !l.starts_with("Thread "))
+        .filter_map(|l| {
+            let l = l.trim_start().trim_start_matches('*').trim_start();
+            l.split_whitespace().next()?.parse::<u32>().ok()?;
+            let (_, rest) = l.split_once("(LWP ")?;
+            rest.split_once(')')?.0.parse::<u32>().ok()
+        })
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(
+        listed, tids,
+        "info threads lists every thread once:\n{text}"
+    );
+
+    // One backtrace per thread, each of one thread of the workload.
+    let blocks = gdb_thread_blocks(&text);
+    let mut bt_tids: Vec<u32> = blocks.iter().map(|(t, _)| *t).collect();
+    bt_tids.sort_unstable();
+    assert_eq!(bt_tids, tids, "one backtrace per thread:\n{text}");
+    let with = |f: &str| blocks.iter().filter(|(_, b)| b.contains(f)).count();
+    for (f, n) in [
+        ("wl_threads::waiter", 1),
+        ("wl_threads::sleeper", 1),
+        ("wl_threads::spinner", 2),
+        ("wl_threads::main", 1),
+    ] {
+        assert_eq!(with(f), n, "{n} backtrace(s) should contain {f}:\n{text}");
+    }
+    // The main thread is the process's own: its backtrace is the leader's.
+    let leader = blocks
+        .iter()
+        .find(|(t, _)| *t == pid as u32)
+        .map(|(_, b)| b.as_str())
+        .unwrap_or_default();
+    assert!(
+        leader.contains("wl_threads::main"),
+        "the leader {pid} is not in main:\n{text}"
+    );
+
+    // Every thread's registers are its own: gdb's pc of each LWP is the
+    // rip the image holds for that tid, and each spinner's xmm9 holds its
+    // own pattern (the FP notes of the right thread).
+    let out = cryo_ok(&["image", "show", "--json", path_str(&img)]);
+    let show: Value = serde_json::from_slice(&out.stdout).expect("show --json is JSON");
+    let cores = show["processes"][0]["cores"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no cores in show --json: {show:#}"));
+    let out = run_tool(
+        &gdb,
+        &[
+            "-nx",
+            "-batch",
+            "-iex",
+            "set debuginfod enabled off",
+            "-ex",
+            r#"thread apply all printf "regs pc=%#lx xmm9=%#lx\n", $pc, $xmm9.v2_int64[0]"#,
+            path_str(&exe),
+            path_str(&core),
+        ],
+        &dir,
+        "gdb-regs",
+    );
+    let text = format!(
+        "{}{}",
+        stdout_of(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("gdb registers:\n{text}");
+    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
+    let regs = gdb_thread_blocks(&text);
+    assert_eq!(regs.len(), tids.len(), "registers of every thread:\n{text}");
+    for c in cores {
+        let tid = c["tid"].as_u64().expect("tid") as u32;
+        let comm = c["comm"].as_str().expect("comm");
+        let line = regs
+            .iter()
+            .find(|(t, _)| *t == tid)
+            .and_then(|(_, b)| b.lines().find_map(|l| l.strip_prefix("regs ")))
+            .unwrap_or_else(|| panic!("no registers of thread {tid} ({comm}):\n{text}"));
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).expect("hex"))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+        };
+        assert_eq!(
+            field("pc="),
+            hex_field(&c["rip"]),
+            "thread {tid} ({comm}): gdb's pc is not the image's rip"
+        );
+        if let Some(k) = comm.strip_prefix("spinner-") {
+            let k: u64 = k.parse().expect("spinner number");
+            assert_eq!(
+                field("xmm9="),
+                0x0123_4567_89ab_cdef ^ (k << 40),
+                "thread {tid} ({comm}): xmm9 is not its pattern"
+            );
+        }
+    }
+
+    wl.assert_pass("wl_threads after dump -R and image core");
 }
 
 #[test]

@@ -1,6 +1,16 @@
-//! `cryo image show / decode / encode / verify` on a real dump of
-//! `wl_single` taken in leave-running mode; the workload must still pass
-//! its own checks afterwards.
+//! `cryo image show / decode / encode / verify` on real dumps taken in
+//! leave-running mode; the workloads must still pass their own checks
+//! afterwards.
+//!
+//! - `image_show_decode_encode_verify`: all four on `wl_single`.
+//! - `image_show_threads`: `show` of `wl_threads --spinners 2` carries the
+//!   pid, every tid (leader first) and one thread entry per tid, the
+//!   process-wide state on the leader's.
+//! - `image_verify_threads`: `verify` passes on that image and names the
+//!   non-leader `core-<tid>.img` that is deleted, has a byte flipped, or
+//!   (inventory fixed up) is gone or holds another thread.
+//! - `image_decode_encode_threads`: decode | encode is byte-identical for
+//!   every file of that image, one core file per thread among them.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -98,6 +108,65 @@ fn expect_verify_fails(img: &Path, file: &str, case: &str) -> Vec<String> {
     lines
 }
 
+/// decode | encode of every file of `img` but the pages files (decoded as
+/// a summary only) gives back the identical bytes; the JSON and re-encoded
+/// files go to `work`. Returns the names of the files round-tripped.
+fn assert_decode_encode_identical(img: &Path, work: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    for name in file_names(img) {
+        let file = img.join(&name);
+        let json = work.join(format!("{name}.json"));
+        if name.starts_with("pages-") {
+            let doc = decode_to(&file, &json);
+            assert_eq!(doc["kind"], "pages", "{doc:#}");
+            assert_eq!(doc["header_ok"], true, "{doc:#}");
+            assert!(
+                doc["pagemap"]["chunks"].as_u64().unwrap_or(0) > 0,
+                "{doc:#}"
+            );
+            continue;
+        }
+        let doc = decode_to(&file, &json);
+        assert!(doc["records"].is_array(), "{name}: {doc:#}");
+        let back = work.join(format!("{name}.bin"));
+        encode(&json, &back);
+        let a = std::fs::read(&file).expect("read original");
+        let b = std::fs::read(&back).expect("read re-encoded");
+        assert!(
+            a == b,
+            "{name}: decode | encode differs from the original ({} vs {} bytes)",
+            a.len(),
+            b.len()
+        );
+        done.push(name);
+    }
+    done
+}
+
+/// The tids of a live process (`/proc/PID/task`), sorted.
+fn task_tids(pid: i32) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/task: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Starts `wl_threads --spinners 2` and dumps it with `-R` into
+/// `<dir>/img`. Returns the workload, the image and the process's tids
+/// (sorted, read before the dump and checked unchanged after it).
+fn dump_threads(dir: &TestDir) -> (Workload, PathBuf, Vec<u32>) {
+    let mut wl = Workload::start("wl_threads", &["--spinners", "2"], dir);
+    let pid = wl.pid();
+    let tids = task_tids(pid);
+    assert_eq!(tids.len(), 5, "main, waiter, sleeper, 2 spinners: {tids:?}");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert_eq!(task_tids(pid), tids, "the threads changed during the dump");
+    (wl, img, tids)
+}
+
 #[test]
 fn image_show_decode_encode_verify() {
     let dir = TestDir::new();
@@ -138,33 +207,7 @@ fn image_show_decode_encode_verify() {
 
     // (b) decode | encode is byte-identical for every metadata file.
     let work = dir.subdir("json");
-    let names = file_names(&img);
-    for name in &names {
-        let file = img.join(name);
-        let json = work.join(format!("{name}.json"));
-        if name.starts_with("pages-") {
-            let doc = decode_to(&file, &json);
-            assert_eq!(doc["kind"], "pages", "{doc:#}");
-            assert_eq!(doc["header_ok"], true, "{doc:#}");
-            assert!(
-                doc["pagemap"]["chunks"].as_u64().unwrap_or(0) > 0,
-                "{doc:#}"
-            );
-            continue;
-        }
-        let doc = decode_to(&file, &json);
-        assert!(doc["records"].is_array(), "{name}: {doc:#}");
-        let back = work.join(format!("{name}.bin"));
-        encode(&json, &back);
-        let a = std::fs::read(&file).expect("read original");
-        let b = std::fs::read(&back).expect("read re-encoded");
-        assert!(
-            a == b,
-            "{name}: decode | encode differs from the original ({} vs {} bytes)",
-            a.len(),
-            b.len()
-        );
-    }
+    assert_decode_encode_identical(&img, &work);
 
     // (c) verify: pristine, then damaged copies.
     let out = cryo_ok(&["image", "verify", path_str(&img)]);
@@ -256,4 +299,229 @@ fn image_show_decode_encode_verify() {
         ),
         Err(e) => panic!("{e}\nlog:\n{}", wl.log_text()),
     }
+}
+
+#[test]
+fn image_show_threads() {
+    let dir = TestDir::new();
+    let (mut wl, img, tids) = dump_threads(&dir);
+    let pid = wl.pid();
+    let upid = pid as u32;
+
+    let out = cryo_ok(&["image", "show", path_str(&img), "--json"]);
+    let show: Value = serde_json::from_slice(&out.stdout).expect("show --json is JSON");
+    let procs = show["processes"].as_array().expect("processes array");
+    assert_eq!(procs.len(), 1, "one process: {show:#}");
+    let p = &procs[0];
+    assert_eq!(p["pid"].as_u64(), Some(u64::from(upid)), "pid: {p:#}");
+    let threads: Vec<u32> = p["threads"]
+        .as_array()
+        .unwrap_or_else(|| panic!("threads: {p:#}"))
+        .iter()
+        .map(|t| t.as_u64().expect("tid") as u32)
+        .collect();
+    assert_eq!(threads.first(), Some(&upid), "leader first: {threads:?}");
+    let mut sorted = threads.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, tids, "threads of the image vs /proc/{pid}/task");
+
+    // One thread entry per tid, in the threads' order, each its own.
+    let cores = p["cores"].as_array().expect("cores array");
+    let core_tids: Vec<u32> = cores
+        .iter()
+        .map(|c| c["tid"].as_u64().expect("tid") as u32)
+        .collect();
+    assert_eq!(core_tids, threads, "one core per thread: {cores:#?}");
+    let mut comms: Vec<&str> = cores
+        .iter()
+        .map(|c| c["comm"].as_str().expect("comm"))
+        .collect();
+    assert_eq!(comms[0], "wl_threads", "the leader's name: {cores:#?}");
+    comms.sort_unstable();
+    assert_eq!(
+        comms,
+        ["sleeper", "spinner-0", "spinner-1", "waiter", "wl_threads"],
+        "thread names: {cores:#?}"
+    );
+    for c in cores {
+        let tid = c["tid"].as_u64().expect("tid");
+        let comm = c["comm"].as_str().unwrap_or_default();
+        let live = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .unwrap_or_else(|e| panic!("read comm of {tid}: {e}"));
+        assert_eq!(comm, live.trim_end(), "thread {tid}: name vs /proc");
+        assert!(
+            c["xsave_bytes"].as_u64().unwrap_or(0) >= 576,
+            "thread {tid} ({comm}): {c:#}"
+        );
+        assert!(c["creds"].is_object(), "thread {tid} ({comm}): {c:#}");
+    }
+    // Every thread has a stack of its own.
+    let mut rsps: Vec<&str> = cores.iter().filter_map(|c| c["rsp"].as_str()).collect();
+    rsps.sort_unstable();
+    rsps.dedup();
+    assert_eq!(
+        rsps.len(),
+        tids.len(),
+        "distinct stack pointers: {cores:#?}"
+    );
+    // The process-wide state is the leader's.
+    assert!(p["process"].is_object(), "process state: {p:#}");
+    assert!(p["credentials"].is_object(), "credentials: {p:#}");
+    assert_eq!(
+        show["inventory"]["root_pid"].as_u64(),
+        Some(u64::from(upid))
+    );
+
+    // The text form lists the threads and a line for each.
+    let out = cryo_ok(&["image", "show", path_str(&img)]);
+    let text = stdout_of(&out);
+    let list = threads
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(text.contains(&list), "no thread list {list}:\n{text}");
+    for tid in &tids {
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.trim_start().starts_with(&format!("thread {tid} ")))
+                .count(),
+            1,
+            "one line for thread {tid}:\n{text}"
+        );
+    }
+
+    wl.assert_pass("wl_threads after dump -R and image show");
+}
+
+#[test]
+fn image_verify_threads() {
+    let dir = TestDir::new();
+    let (mut wl, img, tids) = dump_threads(&dir);
+    let upid = wl.pid() as u32;
+
+    let out = cryo_ok(&["image", "verify", path_str(&img)]);
+    let text = stdout_of(&out);
+    assert!(text.starts_with("ok: "), "verify: {text}");
+    let names = file_names(&img);
+    for tid in &tids {
+        let core = cryo_image::core_file(*tid);
+        assert!(names.contains(&core), "{core} missing from {names:?}");
+    }
+
+    // A non-leader thread's core, and another one to check that only the
+    // damaged file is blamed.
+    let victim = *tids.iter().find(|&&t| t != upid).expect("a non-leader");
+    let core = cryo_image::core_file(victim);
+    let only_victim = |lines: &[String], case: &str| {
+        assert!(
+            lines.iter().all(|l| l.contains(&core)),
+            "{case}: problems beyond {core}: {lines:#?}"
+        );
+    };
+
+    // Deleted.
+    let copy = dir.join("nocore");
+    copy_dir(&img, &copy);
+    std::fs::remove_file(copy.join(&core)).expect("rm core");
+    let lines = expect_verify_fails(&copy, &core, "deleted thread core");
+    only_victim(&lines, "deleted thread core");
+
+    // A byte flipped in the middle.
+    let copy = dir.join("flipcore");
+    copy_dir(&img, &copy);
+    let mut data = std::fs::read(copy.join(&core)).expect("read core");
+    let mid = data.len() / 2;
+    data[mid] ^= 0x5a;
+    std::fs::write(copy.join(&core), data).expect("write core");
+    let lines = expect_verify_fails(&copy, &core, "flipped thread core byte");
+    only_victim(&lines, "flipped thread core byte");
+
+    // Deleted, and taken out of the inventory: pstree still lists the
+    // thread, so its core is missing.
+    let copy = dir.join("nocore-inv");
+    copy_dir(&img, &copy);
+    std::fs::remove_file(copy.join(&core)).expect("rm core");
+    let mut inv = cryo_image::read_inventory(&copy).expect("read inventory");
+    inv.files.retain(|f| f.name != core);
+    cryo_image::write_inventory(&copy, &inv).expect("write inventory");
+    let lines = expect_verify_fails(&copy, &core, "thread core gone from the image");
+    only_victim(&lines, "thread core gone from the image");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("missing") && l.contains(&format!("thread {victim}"))),
+        "thread core gone from the image: {lines:#?}"
+    );
+
+    // The core holds another thread (the leader's tid), the inventory
+    // fixed up so that only the cross-check is wrong.
+    let copy = dir.join("wrongtid");
+    copy_dir(&img, &copy);
+    let work = dir.subdir("json");
+    let json = work.join("wrongtid-core.json");
+    let mut doc = decode_to(&copy.join(&core), &json);
+    let rec = doc["records"]
+        .as_array_mut()
+        .expect("records")
+        .first_mut()
+        .expect("a core record");
+    assert_eq!(rec["tid"].as_u64(), Some(u64::from(victim)), "{rec:#}");
+    rec["tid"] = serde_json::json!(upid);
+    std::fs::write(&json, serde_json::to_vec(&doc).expect("serialize")).expect("write json");
+    encode(&json, &copy.join(&core));
+    let mut inv = cryo_image::read_inventory(&copy).expect("read inventory");
+    for f in &mut inv.files {
+        let (size, hash) = cryo_image::hash_file(&copy.join(&f.name)).expect("hash");
+        f.size = size;
+        f.xxh3 = hash;
+    }
+    cryo_image::write_inventory(&copy, &inv).expect("write inventory");
+    let lines = expect_verify_fails(&copy, &core, "core of another thread");
+    only_victim(&lines, "core of another thread");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("holds thread {upid}, expected {victim}"))),
+        "core of another thread: {lines:#?}"
+    );
+
+    wl.assert_pass("wl_threads after dump -R and image verify");
+}
+
+#[test]
+fn image_decode_encode_threads() {
+    let dir = TestDir::new();
+    let (mut wl, img, tids) = dump_threads(&dir);
+    let work = dir.subdir("json");
+    let done = assert_decode_encode_identical(&img, &work);
+    let mut cores: Vec<String> = done
+        .iter()
+        .filter(|n| n.starts_with("core-"))
+        .cloned()
+        .collect();
+    cores.sort();
+    let mut want: Vec<String> = tids.iter().map(|t| cryo_image::core_file(*t)).collect();
+    want.sort();
+    assert_eq!(cores, want, "one core file per thread");
+    for tid in &tids {
+        let core = cryo_image::core_file(*tid);
+        assert!(done.contains(&core), "{core} not round-tripped: {done:?}");
+        // Each decoded core is its own thread's.
+        let json = std::fs::read(work.join(format!("{core}.json"))).expect("read json");
+        let doc: Value = serde_json::from_slice(&json).expect("decode output is JSON");
+        assert_eq!(
+            doc["records"][0]["tid"].as_u64(),
+            Some(u64::from(*tid)),
+            "{core}: {doc:#}"
+        );
+    }
+    for name in [
+        cryo_image::PSTREE_FILE.to_string(),
+        cryo_image::mm_file(wl.pid() as u32),
+        cryo_image::pagemap_file(wl.pid() as u32),
+    ] {
+        assert!(done.contains(&name), "{name} not round-tripped: {done:?}");
+    }
+    wl.assert_pass("wl_threads after dump -R and decode/encode");
 }

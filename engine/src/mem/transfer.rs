@@ -121,6 +121,15 @@ pub struct TransferStats {
     pub zero_pages: u64,
 }
 
+impl TransferStats {
+    /// Add another process's figures.
+    pub fn add(&mut self, o: &TransferStats) {
+        self.pages_scanned += o.pages_scanned;
+        self.pages_stored += o.pages_stored;
+        self.zero_pages += o.zero_pages;
+    }
+}
+
 /// Move the pages of `runs` from the task into `writer`; returns the
 /// pagemap entries describing what was stored, in order.
 pub fn transfer(

@@ -21,6 +21,10 @@ pub struct Stat {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+    /// The signal the parent gets when this task ends (field 38).
+    pub exit_signal: u32,
+    /// A zombie's wait status (field 52; 0 for live tasks).
+    pub exit_code: u32,
 }
 
 /// Parse /proc/PID/stat. The command name may contain spaces and
@@ -49,6 +53,8 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         arg_end: f(49),
         env_start: f(50),
         env_end: f(51),
+        exit_signal: f(38) as u32,
+        exit_code: f(52) as u32,
     })
 }
 

@@ -70,7 +70,26 @@ impl Image {
         )?)
     }
 
+    /// Load a single-process image (the first process of the tree).
     pub fn load(dir: &Path) -> Result<Image> {
+        let mut t = TreeImage::load(dir)?;
+        Ok(t.procs.swap_remove(0))
+    }
+}
+
+/// A loaded and cross-checked image of one or more process trees.
+#[derive(Debug, Clone)]
+pub struct TreeImage {
+    pub inventory: Inventory,
+    /// Live processes in pstree order (the root first, parents before
+    /// their children).
+    pub procs: Vec<Image>,
+    /// Zombies: only their ids and wait status.
+    pub zombies: Vec<PstreeEntry>,
+}
+
+impl TreeImage {
+    pub fn load(dir: &Path) -> Result<TreeImage> {
         let inventory = cryo_image::read_inventory(dir)?;
         // Sizes of every file; full checksums of the metadata files (page
         // chunks carry their own checksums, checked as they are read).
@@ -124,20 +143,67 @@ impl Image {
             }
         };
         need(cryo_image::PSTREE_FILE)?;
-        let pstree: PstreeEntry = cryo_image::read_one(dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
-        let pid = pstree.pid;
-        if pid == 0 || pid as i32 > 4_194_304 {
-            return Err(invalid(cryo_image::PSTREE_FILE, format!("bad pid {pid}")));
+        need(cryo_image::FILES_FILE)?;
+        let mut entries: Vec<PstreeEntry> = Vec::new();
+        let mut r = ImageReader::open(dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
+        while let Some(e) = r.next::<PstreeEntry>()? {
+            entries.push(e);
         }
-        if pid != inventory.root_pid {
+        let first = entries
+            .first()
+            .ok_or_else(|| invalid(cryo_image::PSTREE_FILE, "no process"))?;
+        if first.pid != inventory.root_pid || first.zombie {
             return Err(invalid(
                 cryo_image::PSTREE_FILE,
                 format!(
-                    "pid {pid} differs from the inventory's root pid {}",
-                    inventory.root_pid
+                    "the first process {} is not the inventory's live root {}",
+                    first.pid, inventory.root_pid
                 ),
             ));
         }
+        let mut ids = HashSet::new();
+        for e in &entries {
+            for &id in std::iter::once(&e.pid).chain(e.threads.iter().skip(1)) {
+                if id == 0 || id > 4_194_304 || !ids.insert(id) {
+                    return Err(invalid(
+                        cryo_image::PSTREE_FILE,
+                        format!("bad or repeated pid {id}"),
+                    ));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        let mut r = ImageReader::open(dir, cryo_image::FILES_FILE, Kind::Files)?;
+        while let Some(e) = r.next::<FileEntry>()? {
+            files.push(e);
+        }
+        let mut procs = Vec::new();
+        let mut zombies = Vec::new();
+        for pstree in entries {
+            if pstree.zombie {
+                zombies.push(pstree);
+                continue;
+            }
+            procs.push(Image::load_process(dir, &inventory, &need, pstree, &files)?);
+        }
+        Ok(TreeImage {
+            inventory,
+            procs,
+            zombies,
+        })
+    }
+}
+
+impl Image {
+    /// Load and check the files of one live process.
+    fn load_process(
+        dir: &Path,
+        inventory: &Inventory,
+        need: &dyn Fn(&str) -> Result<()>,
+        pstree: PstreeEntry,
+        files: &[FileEntry],
+    ) -> Result<Image> {
+        let pid = pstree.pid;
         let core_name = cryo_image::core_file(pid);
         let mm_name = cryo_image::mm_file(pid);
         let pm_name = cryo_image::pagemap_file(pid);
@@ -145,7 +211,6 @@ impl Image {
         for n in [&core_name, &mm_name, &pm_name, &fd_name] {
             need(n)?;
         }
-        need(cryo_image::FILES_FILE)?;
         let core: CoreEntry = cryo_image::read_one(dir, &core_name, Kind::Core)?;
         if core.tid != pid || core.regs.is_none() || core.process.is_none() {
             return Err(invalid(&core_name, "missing registers or process state"));
@@ -284,11 +349,6 @@ impl Image {
         while let Some(e) = r.next::<FdEntry>()? {
             fds.push(e);
         }
-        let mut files = Vec::new();
-        let mut r = ImageReader::open(dir, cryo_image::FILES_FILE, Kind::Files)?;
-        while let Some(e) = r.next::<FileEntry>()? {
-            files.push(e);
-        }
         for f in &fds {
             if !files.iter().any(|x| x.id == f.id) {
                 return Err(invalid(
@@ -308,7 +368,7 @@ impl Image {
         }
         Ok(Image {
             dir: dir.to_path_buf(),
-            inventory,
+            inventory: inventory.clone(),
             pstree,
             core,
             threads,
@@ -317,7 +377,7 @@ impl Image {
             runs,
             chunks,
             fds,
-            files,
+            files: files.to_vec(),
         })
     }
 }

@@ -5,6 +5,7 @@
 //! traces the new task to remove the restorer's own mapping at the end.
 
 pub mod image;
+pub mod tree;
 
 use std::ffi::CString;
 use std::io::Read;
@@ -23,7 +24,8 @@ use nix::unistd::Pid;
 
 use crate::infect::{blob::Blob, blob::RESTORER_ELF, InfectError, Victim};
 use crate::sigframe::{self, Regs};
-use image::{Image, ImageLoadError};
+use image::{Image, ImageLoadError, TreeImage};
+use tree::{NodeKind, Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -36,6 +38,8 @@ pub enum RestoreError {
         dumped: String,
         here: String,
     },
+    #[error("restoring the tree of task {pid}: {what}")]
+    Plan { pid: i32, what: String },
     #[error("pid {pid} is in use by {holder}; cannot restore the task with its pid")]
     PidTaken { pid: i32, holder: String },
     #[error("creating task with pid {pid}: {errno}")]
@@ -118,6 +122,25 @@ fn pid_holder(pid: i32) -> Option<String> {
     Some(format!("process {pid} ({})", comm.trim()))
 }
 
+/// Who holds a pid, after giving a zombie holder (a task of the dumped
+/// tree, say, killed by the dump and not yet collected by its new parent)
+/// ten seconds to go away.
+fn pid_still_taken(pid: i32) -> Option<String> {
+    let start = Instant::now();
+    loop {
+        let holder = pid_holder(pid)?;
+        let zombie = crate::pstree::stat(pid).is_some_and(|s| matches!(s.state, 'Z' | 'X'));
+        if !zombie || start.elapsed() > Duration::from_secs(10) {
+            return Some(if zombie {
+                format!("{holder}, a zombie its parent does not collect")
+            } else {
+                holder
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn kind(v: &Vma) -> VmaKind {
     VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaVsyscall)
 }
@@ -192,126 +215,465 @@ extern "C" {
     static __rseq_size: u32;
 }
 
-/// Restore the image in `opts.dir`; returns once the task runs.
+/// Restore the image in `opts.dir`; returns once every task runs.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    let img = Image::load(&opts.dir)?;
-    // Open the pages file now: a damaged pages file is refused here.
-    let pages = img.page_reader()?;
-    let pid = img.pid();
+    let tree = TreeImage::load(&opts.dir)?;
+    let root = tree.procs[0].pid();
+    // Open the pages files now: a damaged pages file is refused here.
+    let mut readers = Vec::with_capacity(tree.procs.len());
+    for p in &tree.procs {
+        readers.push(p.page_reader()?);
+    }
     // The XSAVE area goes back through a signal frame, which only works
     // for the same layout: another CPU (features, sizes) would silently
     // lose vector state.
     let (size, xcr0) = crate::sys::xsave_layout();
-    let xs = &img.core.xsave;
-    let dumped_xcr0 = xs
-        .get(464..472)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0);
-    if xs.len() != size as usize || dumped_xcr0 != xcr0 {
-        return Err(RestoreError::Cpu {
-            pid,
-            file: cryo_image::core_file(pid as u32),
-            dumped: format!("{} bytes, XCR0 {dumped_xcr0:#x}", xs.len()),
-            here: format!("{size} bytes, XCR0 {xcr0:#x}"),
-        });
+    for img in &tree.procs {
+        let pid = img.pid();
+        let xs = &img.core.xsave;
+        let dumped_xcr0 = xs
+            .get(464..472)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0);
+        if xs.len() != size as usize || dumped_xcr0 != xcr0 {
+            return Err(RestoreError::Cpu {
+                pid,
+                file: cryo_image::core_file(pid as u32),
+                dumped: format!("{} bytes, XCR0 {dumped_xcr0:#x}", xs.len()),
+                here: format!("{size} bytes, XCR0 {xcr0:#x}"),
+            });
+        }
     }
-    for tid in std::iter::once(pid).chain(img.threads.iter().map(|t| t.tid as i32)) {
-        if let Some(holder) = pid_holder(tid) {
+    let plan = Plan::build(&tree).map_err(|e| RestoreError::Plan {
+        pid: root,
+        what: e.to_string(),
+    })?;
+    let all_tids = plan.nodes.iter().map(|n| n.pid).chain(
+        tree.procs
+            .iter()
+            .flat_map(|p| p.threads.iter().map(|t| t.tid as i32)),
+    );
+    for tid in all_tids {
+        if let Some(holder) = pid_still_taken(tid) {
             return Err(RestoreError::PidTaken { pid: tid, holder });
         }
     }
-    let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
-    let (status_r, status_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-
-    // SAFETY: cryo restore is single-threaded here (no worker threads were
-    // started before this point), as clone3 without CLONE_VM requires.
-    let child = match unsafe { crate::sys::clone3_with_pid(pid) } {
-        Ok(0) => {
-            drop(status_r);
-            drop(go_w);
-            child_main(&img, &pages, go_r, status_w)
+    let sys = |what: &'static str| {
+        move |errno: Errno| RestoreError::Sys {
+            pid: root,
+            what,
+            errno,
         }
-        Ok(c) => c,
-        Err(Errno::EEXIST) => {
-            return Err(RestoreError::PidTaken {
-                pid,
-                holder: pid_holder(pid).unwrap_or_else(|| "another task".into()),
-            })
-        }
-        Err(errno) => return Err(RestoreError::Clone { pid, errno }),
     };
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe"));
+    let (status_r, status_w) = pipe()?;
+    let (go0_r, go0_w) = pipe()?;
+    let (go1_r, go1_w) = pipe()?;
+    let (go2_r, go2_w) = pipe()?;
+    let ctx = NodeCtx {
+        tree: &tree,
+        readers: &readers,
+        plan: &plan,
+        status_w: status_w.as_raw_fd(),
+        go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
+    };
+    let mut roots: Vec<Pid> = Vec::new();
+    let mut started = Err(RestoreError::Plan {
+        pid: root,
+        what: "no root process".into(),
+    });
+    for r in plan.roots() {
+        let node = &plan.nodes[r];
+        // SAFETY: cryo restore is single-threaded here (no worker threads
+        // were started before this point), as clone3 without CLONE_VM
+        // requires.
+        match unsafe { crate::sys::clone3_with_pid(node.pid, node.exit_signal) } {
+            Ok(0) => node_main(&ctx, r),
+            Ok(c) => {
+                let c = Pid::from_raw(c);
+                roots.push(c);
+                // Every task the roots create is traced from its first
+                // instruction on.
+                if let Err(errno) = ptrace::seize(
+                    c,
+                    ptrace::Options::PTRACE_O_TRACESYSGOOD
+                        | ptrace::Options::PTRACE_O_EXITKILL
+                        | ptrace::Options::PTRACE_O_TRACECLONE
+                        | ptrace::Options::PTRACE_O_TRACEFORK
+                        | ptrace::Options::PTRACE_O_TRACEVFORK,
+                ) {
+                    started = Err(sys("PTRACE_SEIZE")(errno));
+                    break;
+                }
+                started = Ok(());
+            }
+            Err(Errno::EEXIST) => {
+                started = Err(RestoreError::PidTaken {
+                    pid: node.pid,
+                    holder: pid_holder(node.pid).unwrap_or_else(|| "another task".into()),
+                });
+                break;
+            }
+            Err(errno) => {
+                started = Err(RestoreError::Clone {
+                    pid: node.pid,
+                    errno,
+                });
+                break;
+            }
+        }
+    }
     drop(status_w);
-    drop(go_r);
-    let cpid = Pid::from_raw(child);
-    let tids: Vec<i32> = img.threads.iter().map(|t| t.tid as i32).collect();
-    let res = supervise(pid, cpid, &tids, status_r, go_w);
+    drop((go0_r, go1_r, go2_r));
+    let res = started.and_then(|()| {
+        // Let the roots go on, now that they are traced.
+        nix::unistd::write(&go0_w, &vec![b'g'; roots.len()]).map_err(sys("write"))?;
+        supervise(&tree, &plan, status_r, &go1_w, &go2_w)
+    });
+    // Closing the barriers ends any task still waiting on one.
+    drop((go0_w, go1_w, go2_w));
     match res {
         Ok(()) => Ok(Restored {
-            pid,
+            pid: root,
             elapsed: t0.elapsed(),
         }),
         Err(e) => {
-            // Leave nothing behind. Reap every task of it we trace (its
-            // threads, cryo's page threads in it): a traced thread's exit
-            // must be collected before the leader's can be.
-            let _ = kill(cpid, Signal::SIGKILL);
-            loop {
-                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)) {
-                    Err(Errno::EINTR) => {}
-                    Err(_) => break,
-                    Ok(WaitStatus::Exited(p, _)) | Ok(WaitStatus::Signaled(p, _, _))
-                        if p == cpid =>
-                    {
-                        break
-                    }
-                    Ok(_) => {}
-                }
-            }
+            tracing::warn!("restore failed ({e}); killing every task it made");
+            let ours = plan.nodes.iter().map(|n| n.pid).chain(
+                tree.procs
+                    .iter()
+                    .flat_map(|p| p.threads.iter().map(|t| t.tid as i32)),
+            );
+            kill_all(&roots, ours);
             Err(e)
         }
     }
 }
 
-/// Parent side: trace the new task (and, through PTRACE_O_TRACECLONE, the
-/// threads its restorer creates), follow its progress, and once the
-/// restorer is done and every thread sits on its trap before rt_sigreturn,
-/// step each over the sigreturn, remove the bootstrap area and let them go.
-fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: OwnedFd) -> Result<()> {
-    let sys = |what: &'static str| move |errno: Errno| RestoreError::Sys { pid, what, errno };
-    ptrace::seize(
-        cpid,
-        ptrace::Options::PTRACE_O_TRACESYSGOOD
-            | ptrace::Options::PTRACE_O_EXITKILL
-            | ptrace::Options::PTRACE_O_TRACECLONE,
-    )
-    .map_err(sys("PTRACE_SEIZE"))?;
-    nix::unistd::write(&go_w, b"g").map_err(sys("write"))?;
-    drop(go_w);
-    let mut msg = Vec::new();
+/// A failed restore leaves nothing behind: kill every task it made (the
+/// roots, its children, and every task of the tree that this process
+/// traces: a pid of the image held by someone else is never touched) and
+/// reap them. A traced thread's exit must be collected before its
+/// leader's can be.
+fn kill_all(roots: &[Pid], tree_pids: impl Iterator<Item = i32>) {
+    let me = std::process::id() as i32;
+    for r in roots {
+        let _ = kill(*r, Signal::SIGKILL);
+    }
+    for pid in tree_pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let tracer = status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .and_then(|v| v.trim().parse::<i32>().ok());
+        if tracer == Some(me) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let start = Instant::now();
+    loop {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+        ) {
+            Err(Errno::EINTR) => {}
+            Err(_) => break,
+            Ok(WaitStatus::StillAlive) => {
+                if start.elapsed() > Duration::from_secs(10) {
+                    tracing::error!("tasks of the failed restore did not end within 10 s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(st) => {
+                // Anything still stopping is ours (traced): kill it too.
+                if let Some(p) = st.pid() {
+                    if !matches!(st, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
+                        let _ = kill(p, Signal::SIGKILL);
+                        let _ = ptrace::cont(p, None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What every node of the tree gets from cryo across its creation.
+struct NodeCtx<'a> {
+    tree: &'a TreeImage,
+    readers: &'a [cryo_image::PageReader],
+    plan: &'a Plan,
+    status_w: RawFd,
+    /// Read ends of the three barriers: traced (roots), all created, all
+    /// in their groups.
+    go: [RawFd; 3],
+}
+
+fn report(fd: RawFd, stage: u32, pid: i32) {
+    let st = RStatus {
+        stage,
+        index: 0,
+        err: 0,
+        pid: pid as u32,
+        _pad: 0,
+    };
+    // SAFETY: writing a plain struct we own to the status pipe.
+    unsafe {
+        libc::write(
+            fd,
+            (&st as *const RStatus).cast(),
+            std::mem::size_of::<RStatus>(),
+        )
+    };
+}
+
+/// Send an error message from cryo's code in a new task and exit.
+fn report_error_and_exit(pid: i32, msg: &str) -> ! {
+    let fd = STATUS_FD.load(std::sync::atomic::Ordering::Relaxed);
+    let text = &msg.as_bytes()[..msg.len().min(3000)];
+    let st = RStatus {
+        stage: STAGE_CHILD_ERR,
+        index: text.len() as u32,
+        err: 0,
+        pid: pid as u32,
+        _pad: 0,
+    };
+    let mut m = crate::infect::as_bytes(&st).to_vec();
+    m.extend_from_slice(text);
+    // SAFETY: one write (atomic, under PIPE_BUF) of a buffer we own to a
+    // descriptor we hold, then _exit without running destructors.
+    unsafe {
+        libc::write(fd, m.as_ptr().cast(), m.len());
+        libc::_exit(1);
+    }
+}
+
+fn read_go(fd: RawFd) -> std::result::Result<(), String> {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: reading one byte into a local buffer.
+        let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        if r == 1 {
+            return Ok(());
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return Err("cryo went away while the tree was being built".into());
+    }
+}
+
+/// A new task of the tree, running cryo's code with its dumped pid: make
+/// its session and group, create its children, wait for the whole tree,
+/// join its group, then become what it was (or exit, for helpers and
+/// zombies). Never returns.
+fn node_main(ctx: &NodeCtx, idx: usize) -> ! {
+    let node = &ctx.plan.nodes[idx];
+    STATUS_FD.store(ctx.status_w, std::sync::atomic::Ordering::Relaxed);
+    match node_setup(ctx, idx) {
+        Ok(never) => match never {},
+        Err(msg) => report_error_and_exit(node.pid, &msg),
+    }
+}
+
+fn node_setup(ctx: &NodeCtx, idx: usize) -> std::result::Result<Never, String> {
+    let node = &ctx.plan.nodes[idx];
+    let pid = node.pid;
+    let creator_is_helper = node
+        .creator
+        .is_some_and(|c| ctx.plan.nodes[c].kind == NodeKind::Helper);
+    // Die with the task that made us while the tree is built (cryo itself
+    // kills the roots); a helper's children outlive it on purpose. The
+    // restorer sets the dumped value at the end.
+    if !creator_is_helper {
+        // SAFETY: prctl with integer arguments on this task only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        let want = node.creator.map(|c| ctx.plan.nodes[c].pid).unwrap_or(-1);
+        // SAFETY: getppid cannot fail.
+        if want > 0 && unsafe { libc::getppid() } != want {
+            return Err("the task creating this one died".into());
+        }
+    }
+    if node.creator.is_none() {
+        read_go(ctx.go[0])?;
+    }
+    if node.subreaper {
+        // SAFETY: prctl with integer arguments on this task only.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } < 0 {
+            return Err(os_err("PR_SET_CHILD_SUBREAPER"));
+        }
+    }
+    if node.setsid {
+        // SAFETY: setsid has no arguments.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(os_err("setsid"));
+        }
+    } else if node.group_leader {
+        // SAFETY: setpgid on this task.
+        if unsafe { libc::setpgid(0, 0) } < 0 {
+            return Err(os_err("setpgid (leading its group)"));
+        }
+    }
+    for &c in &node.children {
+        let child = &ctx.plan.nodes[c];
+        // SAFETY: this task runs cryo's code on one thread only.
+        match unsafe { crate::sys::clone3_with_pid(child.pid, child.exit_signal) } {
+            Ok(0) => node_main(ctx, c),
+            Ok(_) => {}
+            Err(errno) => {
+                let holder = pid_holder(child.pid).unwrap_or_default();
+                return Err(format!(
+                    "creating task {} (clone3 set_tid): {errno} {holder}",
+                    child.pid
+                ));
+            }
+        }
+    }
+    report(ctx.status_w, STAGE_CREATED, pid);
+    read_go(ctx.go[1])?;
+    if node.join_pgid != 0 {
+        // SAFETY: getpgid/setpgid on this task.
+        let cur = unsafe { libc::getpgid(0) };
+        // SAFETY: as above.
+        if cur != node.join_pgid && unsafe { libc::setpgid(0, node.join_pgid) } < 0 {
+            return Err(os_err(&format!("joining process group {}", node.join_pgid)));
+        }
+    }
+    report(ctx.status_w, STAGE_JOINED, pid);
+    read_go(ctx.go[2])?;
+    match node.kind {
+        // SAFETY: _exit ends this helper without running cryo's
+        // destructors; its children go to their subreaper.
+        NodeKind::Helper => unsafe { libc::_exit(0) },
+        NodeKind::Zombie(z) => become_zombie(ctx.tree.zombies[z].exit_status),
+        NodeKind::Task(i) => {
+            // Helpers made by this task are collected; zombies made by it
+            // must have exited (they stay for the task's code to collect).
+            for &c in &node.children {
+                let child = &ctx.plan.nodes[c];
+                let cpid = Pid::from_raw(child.pid);
+                match child.kind {
+                    NodeKind::Helper => {
+                        let _ = waitpid(cpid, None);
+                    }
+                    NodeKind::Zombie(_) => {
+                        // SAFETY: siginfo_t is plain data; waitid fills it.
+                        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+                        // SAFETY: waitid with WNOWAIT leaves the child a
+                        // zombie; `info` is ours.
+                        let r = unsafe {
+                            libc::waitid(
+                                libc::P_PID,
+                                child.pid as libc::id_t,
+                                &mut info,
+                                libc::WEXITED | libc::WNOWAIT,
+                            )
+                        };
+                        if r < 0 {
+                            return Err(os_err(&format!("waiting for zombie {}", child.pid)));
+                        }
+                    }
+                    NodeKind::Task(_) => {}
+                }
+            }
+            let fd = ctx.status_w;
+            // The pipes of the barriers are not the task's.
+            for g in ctx.go {
+                // SAFETY: closing inherited descriptors we no longer need.
+                unsafe { libc::close(g) };
+            }
+            child_main(&ctx.tree.procs[i], &ctx.readers[i], fd)
+        }
+    }
+}
+
+/// End the way the zombie ended: exit with its code, or die of its signal.
+fn become_zombie(status: u32) -> ! {
+    let sig = (status & 0x7f) as i32;
+    if sig != 0 {
+        // SAFETY: setting a resource limit and a signal disposition of this
+        // task, then unblocking and raising the signal it died of.
+        unsafe {
+            let zero = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &zero);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+        }
+    }
+    // SAFETY: _exit with the dumped code.
+    unsafe { libc::_exit(((status >> 8) & 0xff) as i32) }
+}
+
+/// Parent side: follow every task of the tree as it is built (through
+/// PTRACE_O_TRACEFORK/TRACECLONE every one is traced), run the barriers,
+/// and once every restorer is done and every thread sits on its trap
+/// before rt_sigreturn, step each over the sigreturn, remove each
+/// bootstrap area and let them go.
+fn supervise(
+    tree: &TreeImage,
+    plan: &Plan,
+    status_r: OwnedFd,
+    go1: &OwnedFd,
+    go2: &OwnedFd,
+) -> Result<()> {
+    let root = tree.procs[0].pid();
+    let sys = |what: &'static str| {
+        move |errno: Errno| RestoreError::Sys {
+            pid: root,
+            what,
+            errno,
+        }
+    };
+    // Per process: its threads, bootstrap area, whether its restorer is done.
+    struct Proc {
+        pid: i32,
+        threads: Vec<i32>,
+        boot: Option<(u64, u64)>,
+        done: bool,
+    }
+    let mut procs: Vec<Proc> = tree
+        .procs
+        .iter()
+        .map(|p| Proc {
+            pid: p.pid(),
+            threads: p.threads.iter().map(|t| t.tid as i32).collect(),
+            boot: None,
+            done: false,
+        })
+        .collect();
+    let tasks: std::collections::HashSet<i32> = procs
+        .iter()
+        .flat_map(|p| std::iter::once(p.pid).chain(p.threads.iter().copied()))
+        .collect();
+    let n_nodes = plan.nodes.len();
+    let (mut created, mut joined) = (0usize, 0usize);
+    let mut msg: Vec<u8> = Vec::new();
     let mut file = std::fs::File::from(status_r);
     let start = Instant::now();
     let mut eof = false;
-    let mut done: Option<RStatus> = None;
-    let mut boot: Option<(u64, u64)> = None;
-    // Tasks sitting on the restorer's trap before rt_sigreturn.
     let mut trapped: Vec<i32> = Vec::new();
-    let all_trapped = |trapped: &[i32]| {
-        trapped.contains(&cpid.as_raw()) && threads.iter().all(|t| trapped.contains(t))
-    };
-    // Until the restorer reports and every task has trapped (or the child
-    // fails / dies).
-    while !(done.is_some() && all_trapped(&trapped)) {
-        if done.is_none() && !eof {
+    let rs = std::mem::size_of::<RStatus>();
+    loop {
+        let all_done = procs.iter().all(|p| p.done);
+        if all_done && tasks.iter().all(|t| trapped.contains(t)) {
+            break;
+        }
+        if !eof {
             let mut pfd = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
-            let n = poll(&mut pfd, PollTimeout::from(20u16)).map_err(sys("poll"))?;
+            let n = poll(&mut pfd, PollTimeout::from(10u16)).map_err(sys("poll"))?;
             if n > 0 {
                 let mut buf = [0u8; 4096];
                 let got = file.read(&mut buf).map_err(|e| RestoreError::Sys {
-                    pid,
+                    pid: root,
                     what: "read status",
                     errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
                 })?;
@@ -319,35 +681,61 @@ fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: Owne
                     eof = true;
                 }
                 msg.extend_from_slice(&buf[..got]);
-                if msg.starts_with(b"ERR:") {
-                    continue; // read the whole message until EOF
-                }
-                while msg.len() >= std::mem::size_of::<RStatus>()
-                    && done.is_none()
-                    && !msg.starts_with(b"ERR:")
-                {
-                    let st: RStatus = crate::infect::from_bytes(&msg);
-                    msg.drain(..std::mem::size_of::<RStatus>());
-                    if st.stage == STAGE_BOOT {
-                        boot = Some((st.err as u64, st.index as u64 * PAGE));
-                        continue;
-                    }
-                    if st.stage != STAGE_DONE {
-                        return Err(RestoreError::Restorer {
-                            pid,
-                            stage: stage_name(st.stage).to_string(),
-                            index: st.index,
-                            errno: Errno::from_raw((-st.err) as i32),
-                        });
-                    }
-                    done = Some(st);
-                }
-                continue;
             }
-        } else if eof && done.is_none() {
-            break;
+        } else if !all_done {
+            return Err(RestoreError::Died {
+                pid: root,
+                what: "every task closed the status pipe before the restore finished".into(),
+            });
         } else {
             std::thread::sleep(Duration::from_millis(1));
+        }
+        while msg.len() >= rs {
+            let st: RStatus = crate::infect::from_bytes(&msg);
+            let pid = st.pid as i32;
+            if st.stage == STAGE_CHILD_ERR {
+                let len = st.index as usize;
+                if msg.len() < rs + len {
+                    break; // the rest of the message is on its way
+                }
+                return Err(RestoreError::Child {
+                    pid,
+                    message: String::from_utf8_lossy(&msg[rs..rs + len]).into_owned(),
+                });
+            }
+            msg.drain(..rs);
+            match st.stage {
+                STAGE_CREATED => {
+                    created += 1;
+                    if created == n_nodes {
+                        nix::unistd::write(go1, &vec![b'g'; n_nodes]).map_err(sys("write"))?;
+                    }
+                }
+                STAGE_JOINED => {
+                    joined += 1;
+                    if joined == n_nodes {
+                        nix::unistd::write(go2, &vec![b'g'; n_nodes]).map_err(sys("write"))?;
+                    }
+                }
+                STAGE_BOOT => {
+                    if let Some(p) = procs.iter_mut().find(|p| p.pid == pid) {
+                        p.boot = Some((st.err as u64, st.index as u64 * PAGE));
+                    }
+                }
+                STAGE_DONE => {
+                    if let Some(p) = procs.iter_mut().find(|p| p.pid == pid) {
+                        p.done = true;
+                    }
+                }
+                _ => {
+                    return Err(RestoreError::Restorer {
+                        pid,
+                        stage: stage_name(st.stage).to_string(),
+                        index: st.index,
+                        errno: Errno::from_raw((-st.err) as i32),
+                    })
+                }
+            }
         }
         loop {
             let st = match waitpid(
@@ -359,45 +747,28 @@ fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: Owne
                 Err(errno) => return Err(sys("waitpid")(errno)),
             };
             match st {
-                // The clone event of the task creating a thread, and the
-                // new thread's first stop: let both go on.
+                // Fork and clone events, and each new task's first stop:
+                // let them go on.
                 WaitStatus::PtraceEvent(t, _, _) => {
                     let _ = ptrace::cont(t, None);
                 }
-                WaitStatus::Stopped(t, Signal::SIGTRAP)
-                    if t == cpid || threads.contains(&t.as_raw()) =>
-                {
-                    // The leader traps only after reporting success.
-                    if t == cpid && done.is_none() {
-                        let rip = ptrace::getregs(cpid).map(|r| r.rip).unwrap_or(0);
-                        return Err(RestoreError::Died {
-                            pid,
-                            what: format!(
-                                "got SIGTRAP at rip {rip:#x} before the restore finished"
-                            ),
-                        });
-                    }
+                // The restorer's trap before rt_sigreturn. A leader writes
+                // its success report before it traps, so the report may
+                // still be in the pipe: the loop ends only once every
+                // process reported too.
+                WaitStatus::Stopped(t, Signal::SIGTRAP) if tasks.contains(&t.as_raw()) => {
                     trapped.push(t.as_raw());
                 }
-                // cryo's own page threads in the new task, traced through
-                // TRACECLONE too: let them run and end.
-                WaitStatus::Stopped(t, sig) if t != cpid && !threads.contains(&t.as_raw()) => {
+                // Any other signal (SIGCHLD from helpers and zombies, cryo's
+                // page threads' events) goes through.
+                WaitStatus::Stopped(t, sig) => {
                     let _ = ptrace::cont(t, Some(sig));
                 }
                 WaitStatus::Exited(t, _) | WaitStatus::Signaled(t, _, _)
-                    if t != cpid && !threads.contains(&t.as_raw()) => {}
-                WaitStatus::Stopped(t, sig) => {
-                    let rip = ptrace::getregs(t).map(|r| r.rip).unwrap_or(0);
-                    return Err(RestoreError::Died {
-                        pid,
-                        what: format!(
-                            "task {t} got {sig} at rip {rip:#x} before the restore finished"
-                        ),
-                    });
-                }
+                    if !tasks.contains(&t.as_raw()) => {}
                 st => {
                     return Err(RestoreError::Died {
-                        pid,
+                        pid: st.pid().map(|p| p.as_raw()).unwrap_or(root),
                         what: format!("ended before the restore finished ({st:?})"),
                     })
                 }
@@ -405,26 +776,13 @@ fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: Owne
         }
         if start.elapsed() > RESTORE_TIMEOUT {
             return Err(RestoreError::Timeout {
-                pid,
+                pid: root,
                 secs: RESTORE_TIMEOUT.as_secs(),
             });
         }
     }
-    if let Some(text) = msg.strip_prefix(b"ERR:") {
-        return Err(RestoreError::Child {
-            pid,
-            message: String::from_utf8_lossy(text).into_owned(),
-        });
-    }
-    if done.is_none() {
-        return Err(RestoreError::Died {
-            pid,
-            what: "closed its status pipe without reporting".into(),
-        });
-    }
     // Every task sits on the restorer's trap right before rt_sigreturn;
-    // step each over the sigreturn so it sits in its restored context,
-    // then unmap the bootstrap area from the leader.
+    // step each over the sigreturn so it sits in its restored context.
     for &t in trapped.iter() {
         let t = Pid::from_raw(t);
         let wait_syscall = || -> Result<()> {
@@ -436,9 +794,9 @@ fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: Owne
                     }
                     st => {
                         return Err(RestoreError::Died {
-                            pid,
+                            pid: t.as_raw(),
                             what: format!(
-                                "task {t} stopped unexpectedly ({st:?}) in its final rt_sigreturn"
+                                "stopped unexpectedly ({st:?}) in its final rt_sigreturn"
                             ),
                         })
                     }
@@ -450,37 +808,32 @@ fn supervise(pid: i32, cpid: Pid, threads: &[i32], status_r: OwnedFd, go_w: Owne
         ptrace::syscall(t, None).map_err(sys("PTRACE_SYSCALL"))?;
         wait_syscall()?; // exit: registers are the restored ones
     }
-    let mut v =
-        Victim::attach_stopped(cpid).map_err(|source| RestoreError::Finish { pid, source })?;
-    if let Some((start, len)) = boot {
-        v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0])
+    // Unmap each bootstrap area from its leader, then let every task go.
+    for p in &procs {
+        let pid = p.pid;
+        let mut v = Victim::attach_stopped(Pid::from_raw(pid))
+            .map_err(|source| RestoreError::Finish { pid, source })?;
+        if let Some((start, len)) = p.boot {
+            v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0])
+                .map_err(|source| RestoreError::Finish { pid, source })?;
+        }
+        v.cure()
             .map_err(|source| RestoreError::Finish { pid, source })?;
     }
-    v.cure()
-        .map_err(|source| RestoreError::Finish { pid, source })?;
-    for &t in threads {
-        ptrace::detach(Pid::from_raw(t), None).map_err(sys("PTRACE_DETACH"))?;
+    for p in &procs {
+        for &t in &p.threads {
+            ptrace::detach(Pid::from_raw(t), None).map_err(sys("PTRACE_DETACH"))?;
+        }
     }
     Ok(())
 }
 
 /// Child side, running as the new task with the dumped pid. Never returns.
-fn child_main(img: &Image, pages: &cryo_image::PageReader, go_r: OwnedFd, status_w: OwnedFd) -> ! {
-    STATUS_FD.store(status_w.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
-    // The descriptor is closed by hand once moved (see prepare).
-    let status_w = std::mem::ManuallyDrop::new(status_w);
-    match prepare(img, pages, go_r, status_w.as_raw_fd()) {
+fn child_main(img: &Image, pages: &cryo_image::PageReader, status_w: RawFd) -> ! {
+    STATUS_FD.store(status_w, std::sync::atomic::Ordering::Relaxed);
+    match prepare(img, pages, status_w) {
         Ok(never) => match never {},
-        Err(msg) => {
-            let mut m = b"ERR:".to_vec();
-            m.extend_from_slice(msg.as_bytes());
-            let fd = STATUS_FD.load(std::sync::atomic::Ordering::Relaxed);
-            // SAFETY: writing a byte buffer we own to a descriptor we hold.
-            unsafe {
-                libc::write(fd, m.as_ptr().cast(), m.len());
-                libc::_exit(1);
-            }
-        }
+        Err(msg) => report_error_and_exit(img.pid(), &msg),
     }
 }
 
@@ -565,15 +918,13 @@ fn regs_from(core: &CoreEntry) -> Regs {
 fn prepare(
     img: &Image,
     pages: &cryo_image::PageReader,
-    go_r: OwnedFd,
     status_w: RawFd,
 ) -> std::result::Result<Never, String> {
-    let mut go = [0u8; 1];
-    // SAFETY: reading one byte into a local buffer.
-    if unsafe { libc::read(go_r.as_raw_fd(), go.as_mut_ptr().cast(), 1) } != 1 {
-        return Err("the parent went away".into());
+    // Test hook: a restore failing in one task of the tree, the others
+    // created and on their way.
+    if img.pstree.ppid != 0 && crate::fault::check(&format!("restore-task-{}", img.pstree.pid)) {
+        return Err("injected failure (CRYO_FAULT)".into());
     }
-    drop(go_r);
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     // Back into the dumped cgroups first, so that the memory set up below
     // is charged to them. They must exist (creating cgroups comes later).
@@ -650,6 +1001,8 @@ fn prepare(
         stage: STAGE_BOOT,
         index: (boot_len / PAGE) as u32,
         err: boot_base as i64,
+        pid: img.pstree.pid,
+        _pad: 0,
     };
     // SAFETY: writing a plain struct we own to our status descriptor.
     unsafe {

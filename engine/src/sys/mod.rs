@@ -240,7 +240,7 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: Pid, fd: i32) -> SysResult<OwnedFd> {
 /// # Safety
 /// The caller must be single-threaded, as with fork(): the child only has
 /// the calling thread, and locks held by other threads stay held.
-pub unsafe fn clone3_with_pid(pid: i32) -> Result<i32, Errno> {
+pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
     #[repr(C)]
     struct CloneArgs {
         flags: u64,
@@ -261,7 +261,7 @@ pub unsafe fn clone3_with_pid(pid: i32) -> Result<i32, Errno> {
         pidfd: 0,
         child_tid: 0,
         parent_tid: 0,
-        exit_signal: libc::SIGCHLD as u64,
+        exit_signal: exit_signal as u64,
         stack: 0,
         stack_size: 0,
         tls: 0,

@@ -24,6 +24,8 @@ fn fail(fd: i32, stage: u32, index: usize, err: isize) -> ! {
         stage,
         index: index as u32,
         err: err as i64,
+        pid: syscall0(SYS_GETPID) as u32,
+        _pad: 0,
     };
     syscall3(
         SYS_WRITE,
@@ -606,14 +608,14 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     if a.child_subreaper != 0 {
         check(sfd, STAGE_THREAD_STATE, 2, syscall2(SYS_PRCTL, 36, 1));
     }
-    if a.pdeath_signal != 0 {
-        check(
-            sfd,
-            STAGE_THREAD_STATE,
-            3,
-            syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
-        );
-    }
+    // Always: cryo's restore code set SIGKILL here while the tree was
+    // being built.
+    check(
+        sfd,
+        STAGE_THREAD_STATE,
+        3,
+        syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
+    );
     if a.dumpable <= 1 {
         check(
             sfd,
@@ -652,6 +654,8 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         stage: STAGE_DONE,
         index: 0,
         err: 0,
+        pid: syscall0(SYS_GETPID) as u32,
+        _pad: 0,
     };
     syscall3(
         SYS_WRITE,

@@ -1,0 +1,390 @@
+//! A process tree that checks its own shape after a restore.
+//!
+//! `wl_tree --ready FILE --verdict FILE`
+//!
+//! The root (a child subreaper) makes:
+//! - `sess`: calls setsid (a session leader) and has a child `sess-kid`
+//!   in its session;
+//! - `group`: leads its own process group, with a child `group-kid` in it;
+//! - `parent`: has a zombie child (exited with code 42) it has not
+//!   collected;
+//! - a zombie child of its own (exited with code 7) and one killed by
+//!   SIGUSR2;
+//! - `orphan-s`: its session's leader made it and exited (it was
+//!   reparented to the root);
+//! - `orphan-g`: its process group's leader made it and exited;
+//! - `threaded`: a child with a second thread.
+//!
+//! Every live process remembers its pid, parent, group and session. On
+//! SIGTERM the root passes SIGTERM on; each child checks itself (and
+//! `parent` collects its zombie and checks the status), writes
+//! VERDICT.<name> and exits; the root collects them all, its own zombies
+//! included, and writes the verdict.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cryo_tests::wl;
+
+const NAME: &str = "wl_tree";
+
+/// The ids a process had at setup.
+#[derive(Clone, Copy, Debug)]
+struct Ids {
+    pid: i32,
+    ppid: i32,
+    pgid: i32,
+    sid: i32,
+}
+
+fn ids_now() -> Ids {
+    // SAFETY: these calls have no arguments beyond 0 (self) and cannot fail
+    // for the calling process.
+    unsafe {
+        Ids {
+            pid: libc::getpid(),
+            ppid: libc::getppid(),
+            pgid: libc::getpgid(0),
+            sid: libc::getsid(0),
+        }
+    }
+}
+
+fn check_ids(who: &str, was: Ids, fails: &mut Vec<String>) {
+    let now = ids_now();
+    if now.pid != was.pid || now.ppid != was.ppid || now.pgid != was.pgid || now.sid != was.sid {
+        fails.push(format!("{who}: ids {now:?}, were {was:?}"));
+    }
+}
+
+fn fork() -> i32 {
+    // SAFETY: the workload is single-threaded when it forks (the one
+    // extra thread is made later, in `threaded` only); the child only
+    // runs this program's own code.
+    unsafe { libc::fork() }
+}
+
+fn wait_term() {
+    while !wl::TERM.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child's life: set up, say ready, wait for SIGTERM, check, write its
+/// verdict file, exit 0 (PASS) or 1.
+fn child(name: &str, dir: &Path, check: impl FnOnce(&mut Vec<String>)) -> ! {
+    child_of(name, dir, None, check)
+}
+
+/// As [`child`], for a child whose parent will change before the dump (it
+/// is to be reparented to `ppid`).
+fn child_of(name: &str, dir: &Path, ppid: Option<i32>, check: impl FnOnce(&mut Vec<String>)) -> ! {
+    let mut ids = ids_now();
+    if let Some(p) = ppid {
+        ids.ppid = p;
+    }
+    let _ = wl::write_atomic(&dir.join(format!("ready.{name}")), b"ready\n");
+    wait_term();
+    let mut fails = Vec::new();
+    check_ids(name, ids, &mut fails);
+    check(&mut fails);
+    let text = if fails.is_empty() {
+        "PASS\n".to_string()
+    } else {
+        fails.iter().map(|f| format!("FAIL: {f}\n")).collect()
+    };
+    let _ = wl::write_atomic(&dir.join(format!("verdict.{name}")), text.as_bytes());
+    // SAFETY: _exit ends the child without running the parent's atexit
+    // handlers.
+    unsafe { libc::_exit(if fails.is_empty() { 0 } else { 1 }) }
+}
+
+fn wait_for(pid: i32) -> Option<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return Some(status);
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return None;
+    }
+}
+
+struct Kids {
+    /// name, pid, and whether its verdict file is expected.
+    live: Vec<(String, i32)>,
+    zombie_code: i32,
+    zombie_sig: i32,
+}
+
+/// Fork a child that runs `f` (which never returns: it ends in `_exit`)
+/// and wait for its ready file.
+fn spawn(name: &str, dir: &Path, f: impl FnOnce()) -> Result<i32, String> {
+    match fork() {
+        0 => {
+            f();
+            exit_now(3)
+        }
+        p if p > 0 => {
+            let ready = dir.join(format!("ready.{name}"));
+            let start = Instant::now();
+            while !ready.exists() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    return Err(format!("{name} not ready"));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(p)
+        }
+        _ => Err(format!("fork {name}: {}", std::io::Error::last_os_error())),
+    }
+}
+
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit without running atexit handlers.
+    unsafe { libc::_exit(code) }
+}
+
+fn setup(dir: &Path) -> Result<Kids, String> {
+    // SAFETY: prctl with integer arguments on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err("PR_SET_CHILD_SUBREAPER".into());
+    }
+    let mut live = Vec::new();
+    let root = std::process::id() as i32;
+    let d = dir.to_path_buf();
+    let sess = spawn("sess", dir, move || {
+        // SAFETY: setsid in a fresh child (not a group leader).
+        unsafe { libc::setsid() };
+        let d2 = d.clone();
+        let kid = spawn("sess-kid", &d, move || child("sess-kid", &d2, |_| {}));
+        let kid = kid.unwrap_or(-1);
+        child("sess", &d, move |fails| {
+            // SAFETY: kill of our own child.
+            unsafe { libc::kill(kid, libc::SIGTERM) };
+            match wait_for(kid) {
+                Some(0) => {}
+                s => fails.push(format!("sess: sess-kid ended with {s:?}")),
+            }
+        })
+    })?;
+    live.push(("sess".to_string(), sess));
+    let d = dir.to_path_buf();
+    let group = spawn("group", dir, move || {
+        // SAFETY: setpgid on ourselves.
+        unsafe { libc::setpgid(0, 0) };
+        let d2 = d.clone();
+        let kid = spawn("group-kid", &d, move || child("group-kid", &d2, |_| {})).unwrap_or(-1);
+        child("group", &d, move |fails| {
+            // SAFETY: kill of our own child.
+            unsafe { libc::kill(kid, libc::SIGTERM) };
+            match wait_for(kid) {
+                Some(0) => {}
+                s => fails.push(format!("group: group-kid ended with {s:?}")),
+            }
+        })
+    })?;
+    live.push(("group".to_string(), group));
+    let d = dir.to_path_buf();
+    let parent = spawn("parent", dir, move || {
+        let z = fork();
+        if z == 0 {
+            exit_now(42);
+        }
+        // Wait until it is a zombie, without collecting it.
+        loop {
+            let st = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
+            if st
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child("parent", &d, move |fails| match wait_for(z) {
+            Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 42 => {}
+            s => fails.push(format!("parent: its zombie {z} gave status {s:?}")),
+        })
+    })?;
+    live.push(("parent".to_string(), parent));
+    // Orphans: a session leader (and a group leader) that made a child and
+    // exited; the child was reparented to us.
+    for (name, session) in [("orphan-s", true), ("orphan-g", false)] {
+        let d = dir.to_path_buf();
+        let name_s = name.to_string();
+        let leader = fork();
+        if leader == 0 {
+            // SAFETY: setsid / setpgid on ourselves in a fresh child.
+            unsafe {
+                if session {
+                    libc::setsid();
+                } else {
+                    libc::setpgid(0, 0);
+                }
+            }
+            let _ = spawn(&name_s, &d, {
+                let d = d.clone();
+                let n = name_s.clone();
+                move || child_of(&n, &d, Some(root), |_| {})
+            });
+            exit_now(0);
+        }
+        if leader < 0 {
+            return Err("fork".into());
+        }
+        wait_for(leader);
+        let ready = dir.join(format!("ready.{name}"));
+        if !ready.exists() {
+            return Err(format!("{name} not ready"));
+        }
+        let orphan = std::fs::read_dir("/proc/self/task")
+            .ok()
+            .and_then(|_| find_child_with_sid_or_pgid(leader))
+            .ok_or(format!("{name}: not reparented to the root"))?;
+        live.push((name.to_string(), orphan));
+    }
+    let d = dir.to_path_buf();
+    let threaded = spawn("threaded", dir, move || {
+        let t = std::thread::spawn(|| loop {
+            std::thread::sleep(Duration::from_millis(7));
+        });
+        std::mem::forget(t);
+        child("threaded", &d, |fails| {
+            let n = std::fs::read_dir("/proc/self/task")
+                .map(|d| d.count())
+                .unwrap_or(0);
+            if n != 2 {
+                fails.push(format!("threaded: {n} threads, expected 2"));
+            }
+        })
+    })?;
+    live.push(("threaded".to_string(), threaded));
+    // Our own zombies: one exited with 7, one killed by SIGUSR2.
+    let zombie_code = fork();
+    if zombie_code == 0 {
+        exit_now(7);
+    }
+    let zombie_sig = fork();
+    if zombie_sig == 0 {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    // SAFETY: kill of our own child.
+    unsafe { libc::kill(zombie_sig, libc::SIGUSR2) };
+    for z in [zombie_code, zombie_sig] {
+        loop {
+            let st = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
+            if st
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(Kids {
+        live,
+        zombie_code,
+        zombie_sig,
+    })
+}
+
+/// Our child whose session or group is `leader` (the orphan it left).
+fn find_child_with_sid_or_pgid(leader: i32) -> Option<i32> {
+    let me = std::process::id();
+    let kids = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).ok()?;
+    kids.split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+        .find(|&k| {
+            // SAFETY: plain queries on another process by pid.
+            unsafe { libc::getsid(k) == leader || libc::getpgid(k) == leader }
+        })
+}
+
+fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    let dir = verdict
+        .parent()
+        .ok_or("verdict has no directory")?
+        .join("tree");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir: {e}"))?;
+    let kids = setup(&dir)?;
+    let ids = ids_now();
+    wl::log(
+        NAME,
+        &format!(
+            "ready: {:?} zombies {} {}",
+            kids.live, kids.zombie_code, kids.zombie_sig
+        ),
+    );
+    wl::write_atomic(ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    wait_term();
+    let mut fails = Vec::new();
+    check_ids(NAME, ids, &mut fails);
+    for (name, pid) in &kids.live {
+        // SAFETY: kill of our own child.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+        match wait_for(*pid) {
+            Some(0) => {}
+            s => fails.push(format!("{name} (pid {pid}) ended with {s:?}")),
+        }
+    }
+    for name in [
+        "sess",
+        "sess-kid",
+        "group",
+        "group-kid",
+        "parent",
+        "orphan-s",
+        "orphan-g",
+        "threaded",
+    ] {
+        let text = std::fs::read_to_string(dir.join(format!("verdict.{name}")))
+            .unwrap_or_else(|_| format!("FAIL: {name} wrote no verdict\n"));
+        fails.extend(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("FAIL: "))
+                .map(String::from),
+        );
+    }
+    match wait_for(kids.zombie_code) {
+        Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 7 => {}
+        s => fails.push(format!("zombie {} gave status {s:?}", kids.zombie_code)),
+    }
+    match wait_for(kids.zombie_sig) {
+        Some(s) if libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGUSR2 => {}
+        s => fails.push(format!("zombie {} gave status {s:?}", kids.zombie_sig)),
+    }
+    Ok(fails)
+}
+
+fn main() {
+    let mut ready = None;
+    let mut verdict = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ready" => ready = args.next().map(PathBuf::from),
+            "--verdict" => verdict = args.next().map(PathBuf::from),
+            _ => {}
+        }
+    }
+    let (Some(ready), Some(verdict)) = (ready, verdict) else {
+        eprintln!("usage: wl_tree --ready FILE --verdict FILE");
+        std::process::exit(2);
+    };
+    wl::close_extra_fds();
+    let result = run(&ready, &verdict);
+    wl::finish(NAME, &verdict, result);
+}

@@ -1,0 +1,323 @@
+//! Checkpoint/restore scenarios of process trees (wl_tree): a session
+//! leader, a separate process group, zombies under live parents, orphans
+//! of an exited session leader and of an exited group leader, a threaded
+//! child. wl_tree checks every process's pid, parent, group and session
+//! and collects its zombies' statuses after the restore; the scenarios
+//! assert on its verdict, and on the shape of the tree seen from outside.
+
+use std::time::Duration;
+
+use cryo_tests::cg::{cgroup_line, TestCgroup};
+use cryo_tests::*;
+
+/// (pid, ppid, pgid, sid, zombie 'Z' or live 'L') of every process of the tree, by pid.
+fn shape(root: i32) -> Vec<(i32, i32, i32, i32, char)> {
+    let mut v: Vec<(i32, i32, i32, i32, char)> = tree_pids(root)
+        .into_iter()
+        .filter_map(|pid| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+            let n = |i: usize| rest.get(i).and_then(|x| x.parse().ok()).unwrap_or(-1);
+            // Zombie or live (running and sleeping both count as live).
+            let state = match rest.first()?.chars().next()? {
+                'Z' => 'Z',
+                _ => 'L',
+            };
+            Some((pid, n(1), n(2), n(3), state))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn start(dir: &TestDir) -> (Workload, TreeGuard) {
+    let wl = Workload::start("wl_tree", &[], dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    (wl, guard)
+}
+
+/// After a kill-mode dump: every process of the tree is gone (the root
+/// reaped by dump_ok, the others, reparented to this test, reaped here).
+fn assert_tree_gone(guard: &TreeGuard) {
+    assert!(
+        reap_gone(guard.pids(), Duration::from_secs(10)),
+        "tree processes left after a kill-mode dump: {:?}",
+        guard
+            .pids()
+            .iter()
+            .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect::<Vec<_>>()
+    );
+}
+
+fn kill_and_restore(extra: &[&str]) {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    assert!(before.len() >= 12, "setup: tree {before:?}");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, extra);
+    assert_tree_gone(&guard);
+    restore_ok(&mut wl, &img);
+    assert_eq!(
+        shape(root),
+        before,
+        "restored tree (pid, ppid, pgid, sid, state)"
+    );
+    wl.assert_pass("restored tree");
+}
+
+#[test]
+fn tree_kill_and_restore() {
+    kill_and_restore(&[]);
+}
+
+#[test]
+fn tree_kill_and_restore_raw() {
+    kill_and_restore(&["--compress", "none"]);
+}
+
+#[test]
+fn tree_leave_running() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert_eq!(shape(root), before, "tree changed by dump -R");
+    for (pid, ..) in &before {
+        if pid_alive(*pid) {
+            assert_eq!(tracer_pid(*pid), Some(0), "{pid} still traced");
+        }
+    }
+    wl.assert_pass("tree after dump -R");
+}
+
+/// Dump -R, the original checks itself and exits; then the image is
+/// restored and checks itself again.
+#[test]
+fn tree_leave_running_then_restore() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    wl.assert_pass("original tree after dump -R");
+    assert_tree_gone(&guard);
+    restore_ok(&mut wl, &img);
+    assert_eq!(shape(root), before, "restored tree");
+    wl.assert_pass("tree restored from a leave-running image");
+}
+
+#[test]
+fn tree_three_cycles() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    for cycle in 0..3 {
+        let img = dir.subdir(&format!("img-{cycle}"));
+        dump_ok(&mut wl, &img, &[]);
+        assert_tree_gone(&guard);
+        restore_ok(&mut wl, &img);
+        assert_eq!(shape(root), before, "cycle {cycle}");
+    }
+    wl.assert_pass("tree after three cycles");
+}
+
+fn freeze_tree(parent: &str, controllers: &str, leave_running: bool) {
+    let cg = TestCgroup::new(parent)
+        .unwrap_or_else(|| panic!("{parent} is not mounted here: this test needs it"));
+    let dir = TestDir::new();
+    // The tree is started inside the cgroup: every task it makes is in it.
+    let (mut wl, guard) = start(&dir);
+    let root = wl.pid();
+    for pid in tree_pids(root) {
+        cg.add(pid);
+    }
+    let before = shape(root);
+    let img = dir.subdir("img");
+    let freeze = cg.dir.to_string_lossy().into_owned();
+    let mut args = vec!["--freeze-cgroup", freeze.as_str()];
+    if leave_running {
+        args.push("-R");
+    }
+    dump_ok(&mut wl, &img, &args);
+    assert!(!cg.frozen(), "{} still frozen", cg.dir.display());
+    if leave_running {
+        assert_eq!(shape(root), before);
+        wl.assert_pass("tree after a --freeze-cgroup -R dump");
+        return;
+    }
+    assert_tree_gone(&guard);
+    restore_ok(&mut wl, &img);
+    assert_eq!(shape(root), before);
+    let want = format!(":{controllers}:{}", cg.rel());
+    for (pid, .., state) in shape(root) {
+        if state != 'Z' {
+            assert_eq!(cgroup_line(pid, controllers), want, "task {pid}");
+        }
+    }
+    wl.assert_pass("tree restored after a --freeze-cgroup dump");
+}
+
+#[test]
+fn tree_freeze_cgroup_v2() {
+    freeze_tree("/sys/fs/cgroup/unified", "", false);
+}
+
+#[test]
+fn tree_freeze_cgroup_v2_leave_running() {
+    freeze_tree("/sys/fs/cgroup/unified", "", true);
+}
+
+#[test]
+fn tree_freeze_cgroup_v1() {
+    freeze_tree("/sys/fs/cgroup/freezer", "freezer", false);
+}
+
+/// A dump failing at each step leaves the whole tree as it was.
+#[test]
+fn tree_failed_dumps_leave_tree_running() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    let img = dir.subdir("img");
+    for fault in [
+        "fail-after-seize",
+        "fail-in-parasite",
+        "fail-after-parasite",
+    ] {
+        let out = dump(root, &img, &[], &[("CRYO_FAULT", fault)]);
+        if let Err(e) = check_cryo_failed_cleanly(&out) {
+            panic!("dump with CRYO_FAULT={fault}: {e}");
+        }
+        assert_eq!(
+            shape(root),
+            before,
+            "tree changed by a dump failing at {fault}"
+        );
+        for (pid, .., state) in &before {
+            if *state != 'Z' {
+                assert_eq!(tracer_pid(*pid), Some(0), "{pid} traced after {fault}");
+            }
+        }
+    }
+    wl.assert_pass("tree after failed dumps");
+}
+
+/// A restore that fails half way (a process deep in the tree fails while
+/// the others are being restored), and one refused because a pid of the
+/// tree is taken: neither leaves anything of the tree behind.
+#[test]
+fn tree_failed_restores_leave_nothing() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    // The last live process of the tree, breadth first: a grandchild.
+    let deep = *guard
+        .pids()
+        .iter()
+        .rev()
+        .find(|p| pid_alive(**p))
+        .expect("tree pids");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    assert_tree_gone(&guard);
+    let fault = format!("fail-restore-task-{deep}");
+    let out = run_cryo(
+        &["restore", "-D", img.to_str().expect("utf-8 path"), "-d"],
+        &[("CRYO_FAULT", &fault)],
+    );
+    assert!(!out.status.success(), "restore with {fault} succeeded");
+    assert!(
+        stderr_of(&out).contains("injected failure"),
+        "stderr: {}",
+        stderr_of(&out)
+    );
+    assert!(
+        reap_gone(guard.pids(), Duration::from_secs(10)),
+        "tasks of the tree left after a failed restore"
+    );
+    // Its helpers (stand-ins for the exited session and group leaders)
+    // ended too.
+    std::thread::sleep(Duration::from_millis(100));
+    reap_zombie_children();
+
+    // Take the pid of one process of the tree with a sleeper of our own.
+    let holder = spawn_with_pid(deep);
+    let out = restore_detached(&img);
+    assert!(
+        !out.status.success(),
+        "restore succeeded with pid {deep} taken"
+    );
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&deep.to_string()),
+        "error does not name pid {deep}: {err}"
+    );
+    for pid in guard.pids() {
+        if *pid != deep {
+            assert!(
+                !pid_alive(*pid),
+                "pid {pid} of the tree is running after a refused restore"
+            );
+        }
+    }
+    drop(holder);
+    // The image still restores once the pid is free.
+    assert!(reap_gone(&[deep], Duration::from_secs(5)));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("tree restored after two failed restores");
+}
+
+/// A child process of this test with the given pid (clone3 set_tid),
+/// sleeping until the guard kills it.
+fn spawn_with_pid(pid: i32) -> PidGuard {
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let tids = [pid];
+    let args = CloneArgs {
+        flags: 0,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        cgroup: 0,
+    };
+    // SAFETY: clone3 without CLONE_VM behaves like fork; the child only
+    // calls pause in a loop (async-signal-safe) until it is killed.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, 88usize) };
+    if r == 0 {
+        loop {
+            // SAFETY: pause has no arguments.
+            unsafe { libc::pause() };
+        }
+    }
+    assert!(
+        r > 0,
+        "clone3 set_tid {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    PidGuard::new(r as i32)
+}
