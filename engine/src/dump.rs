@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cryo_image::proto::{
     self, Compression, CoreEntry, Creds, FdEntry, FileEntry, FileKind, GpRegs, Inventory, Itimer,
     MmEntry, PagemapHead, PagemapRecord, PendingSignal, PosixTimer, ProcessCore, PstreeEntry,
-    Rlimit, SigAction, SigaltStack,
+    Rlimit, SigAction, SigaltStack, VmaKind,
 };
 use cryo_image::{ImageError, ImageFileInfo, ImageWriter, Kind, PageWriter};
 use nix::unistd::Pid;
@@ -384,6 +384,10 @@ fn gpregs(r: &Regs) -> GpRegs {
     }
 }
 
+/// The ranges of each shared anonymous object (by shmem inode) whose pages
+/// a process captured earlier already stored.
+type SharedStored = std::collections::HashMap<u64, Vec<(u64, u64)>>;
+
 /// Everything captured from one process while the tree is stopped; the
 /// image files are written from it once every process is captured (and,
 /// with --leave-running, once the tree runs again).
@@ -409,6 +413,7 @@ fn capture(
     p: &mut Seized,
     guard: &Guard,
     file_ids: &mut u32,
+    shared: &mut SharedStored,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Captured> {
     let pid = p.pid;
@@ -430,7 +435,21 @@ fn capture(
         });
     }
     let vmas = mem::read_vmas(npid)?;
-    let runs = mem::page_runs(npid, &vmas)?;
+    let mut runs = mem::page_runs(npid, &vmas)?;
+    // Shared anonymous memory is one object however many processes map
+    // it: its pages are stored by the first process that maps them.
+    for v in vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::VmaAnonShared as i32)
+    {
+        let range = (v.pgoff, v.pgoff + (v.end - v.start));
+        let stored = shared.entry(v.shmid).or_default();
+        if stored.iter().any(|r| r.0 <= range.0 && range.1 <= r.1) {
+            runs.retain(|r| r.start < v.start || r.start >= v.end);
+        } else {
+            stored.push(range);
+        }
+    }
     let rseq = sys::rseq_config(npid)?;
     let (robust, robust_len) = sys::get_robust_list(npid)?;
     let private_sigs = sys::peek_siginfo(npid, false)?;
@@ -829,9 +848,17 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         "tree seized"
     );
     let mut file_ids = 1u32;
+    let mut shared = SharedStored::new();
     let mut caps = Vec::with_capacity(tree.procs.len());
     for p in tree.procs.iter_mut() {
-        caps.push(capture(opts, p, &guard, &mut file_ids, progress)?);
+        caps.push(capture(
+            opts,
+            p,
+            &guard,
+            &mut file_ids,
+            &mut shared,
+            progress,
+        )?);
     }
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();

@@ -127,7 +127,12 @@ pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
             end,
             prot,
             kind: kind as i32,
-            pgoff: if is_file { m.offset } else { 0 },
+            // Shared anonymous memory: the offset into its shmem object.
+            pgoff: if is_file || kind == VmaKind::VmaAnonShared {
+                m.offset
+            } else {
+                0
+            },
             path,
             dev: if is_file {
                 ((m.dev.0 as u64) << 8) | m.dev.1 as u64

@@ -7,6 +7,7 @@
 pub mod image;
 pub mod tree;
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -272,10 +273,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go0_r, go0_w) = pipe()?;
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
+    let shm = make_shared_objects(&tree)?;
+    let shm_fds: HashMap<u64, RawFd> = shm.iter().map(|(k, v)| (*k, v.as_raw_fd())).collect();
     let ctx = NodeCtx {
         tree: &tree,
         readers: &readers,
         plan: &plan,
+        shm: &shm_fds,
         status_w: status_w.as_raw_fd(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
     };
@@ -352,6 +356,63 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
 }
 
+/// Every shared anonymous object of the image (MAP_SHARED|MAP_ANONYMOUS
+/// memory, one shmem file however many processes map it), made here so
+/// that every process of the tree inherits it and maps the same object.
+/// The process whose image holds its pages fills it.
+fn make_shared_objects(tree: &TreeImage) -> Result<HashMap<u64, OwnedFd>> {
+    let root = tree.procs[0].pid();
+    let mut sizes: HashMap<u64, u64> = HashMap::new();
+    for p in &tree.procs {
+        for v in
+            p.mm.vmas
+                .iter()
+                .filter(|v| kind(v) == VmaKind::VmaAnonShared)
+        {
+            let end = v.pgoff + (v.end - v.start);
+            let e = sizes.entry(v.shmid).or_insert(0);
+            *e = (*e).max(end);
+        }
+    }
+    let mut out = HashMap::new();
+    for (id, size) in sizes {
+        // SAFETY: a fresh shared anonymous mapping at an address the kernel
+        // picks; unmapped below once its file is open.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(RestoreError::Sys {
+                pid: root,
+                what: "creating shared anonymous memory",
+                errno: Errno::last(),
+            });
+        }
+        let start = p as u64;
+        let path = format!("/proc/self/map_files/{:x}-{:x}", start, start + size);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path);
+        // SAFETY: unmapping the mapping made just above, used by nothing.
+        unsafe { libc::munmap(p, size as usize) };
+        let file = file.map_err(|e| RestoreError::Sys {
+            pid: root,
+            what: "opening shared anonymous memory through /proc/self/map_files (needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN)",
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        out.insert(id, OwnedFd::from(file));
+    }
+    Ok(out)
+}
+
 /// A failed restore leaves nothing behind: kill every task it made (the
 /// roots, its children, and every task of the tree that this process
 /// traces: a pid of the image held by someone else is never touched) and
@@ -405,6 +466,8 @@ struct NodeCtx<'a> {
     tree: &'a TreeImage,
     readers: &'a [cryo_image::PageReader],
     plan: &'a Plan,
+    /// The shared anonymous objects (shmem files) by their dumped id.
+    shm: &'a HashMap<u64, RawFd>,
     status_w: RawFd,
     /// Read ends of the three barriers: traced (roots), all created, all
     /// in their groups.
@@ -584,7 +647,7 @@ fn node_setup(ctx: &NodeCtx, idx: usize) -> std::result::Result<Never, String> {
                 // SAFETY: closing inherited descriptors we no longer need.
                 unsafe { libc::close(g) };
             }
-            child_main(&ctx.tree.procs[i], &ctx.readers[i], fd)
+            child_main(&ctx.tree.procs[i], &ctx.readers[i], fd, ctx.shm)
         }
     }
 }
@@ -829,9 +892,14 @@ fn supervise(
 }
 
 /// Child side, running as the new task with the dumped pid. Never returns.
-fn child_main(img: &Image, pages: &cryo_image::PageReader, status_w: RawFd) -> ! {
+fn child_main(
+    img: &Image,
+    pages: &cryo_image::PageReader,
+    status_w: RawFd,
+    shm: &HashMap<u64, RawFd>,
+) -> ! {
     STATUS_FD.store(status_w, std::sync::atomic::Ordering::Relaxed);
-    match prepare(img, pages, status_w) {
+    match prepare(img, pages, status_w, shm) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(img.pid(), &msg),
     }
@@ -919,6 +987,7 @@ fn prepare(
     img: &Image,
     pages: &cryo_image::PageReader,
     status_w: RawFd,
+    shm: &HashMap<u64, RawFd>,
 ) -> std::result::Result<Never, String> {
     // Test hook: a restore failing in one task of the tree, the others
     // created and on their way.
@@ -1098,6 +1167,27 @@ fn prepare(
                     // SAFETY: closing our temporary descriptor; the mapping keeps the file.
                     unsafe { libc::close(fd) };
                     p
+                } else if shared {
+                    // The one object of the tree, made by cryo before it
+                    // created the tasks.
+                    let fd = *shm.get(&v.shmid).ok_or_else(|| {
+                        format!(
+                            "{mm_name}: no shared object {} for the mapping at {:#x}",
+                            v.shmid, v.start
+                        )
+                    })?;
+                    // SAFETY: maps the inherited shmem file over our own
+                    // reservation (MAP_FIXED inside the PROT_NONE range).
+                    unsafe {
+                        libc::mmap(
+                            off as *mut libc::c_void,
+                            len as usize,
+                            prot,
+                            flags,
+                            fd,
+                            v.pgoff as i64,
+                        )
+                    }
                 } else {
                     // SAFETY: anonymous mapping over our own reservation.
                     unsafe {

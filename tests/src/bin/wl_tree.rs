@@ -22,12 +22,129 @@
 //! included, and writes the verdict.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cryo_tests::wl;
 
 const NAME: &str = "wl_tree";
+
+/// Memory every process of the tree shares: a MAP_SHARED anonymous
+/// region and a MAP_SHARED mapping of a file, both made by the root
+/// before it forks (one u64 slot per child), and a private buffer the
+/// children inherit copy-on-write and never write.
+static SHM: AtomicUsize = AtomicUsize::new(0);
+static SHF: AtomicUsize = AtomicUsize::new(0);
+static COW: AtomicUsize = AtomicUsize::new(0);
+const SHARED_LEN: usize = 64 * 1024;
+const COW_LEN: usize = 4 << 20;
+const CHILDREN: [&str; 8] = [
+    "sess",
+    "sess-kid",
+    "group",
+    "group-kid",
+    "parent",
+    "orphan-s",
+    "orphan-g",
+    "threaded",
+];
+
+fn slot(region: &AtomicUsize, i: usize) -> *mut u64 {
+    (region.load(Ordering::SeqCst) as *mut u64).wrapping_add(i)
+}
+
+fn cow_pattern(i: usize) -> u64 {
+    (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x00c0_ffee
+}
+
+/// The private buffer still holds its pattern.
+fn check_cow(who: &str, fails: &mut Vec<String>) {
+    let p = COW.load(Ordering::SeqCst) as *const u64;
+    for i in (0..COW_LEN / 8).step_by(509) {
+        // SAFETY: COW points to COW_LEN bytes mapped by the root before
+        // any fork; i < COW_LEN / 8.
+        let v = unsafe { std::ptr::read_volatile(p.add(i)) };
+        if v != cow_pattern(i) {
+            fails.push(format!("{who}: private buffer word {i} is {v:#x}"));
+            return;
+        }
+    }
+}
+
+/// A child's side of the shared memory check: the root has written the
+/// same nonzero token into slot 0 of both regions after the restore; the
+/// child must see it in both, then acknowledges in its own slot.
+fn check_shared(who: &str, fails: &mut Vec<String>) {
+    let k = CHILDREN.iter().position(|c| *c == who).unwrap_or(0) + 1;
+    // SAFETY: slot 0 and slot k lie in the SHARED_LEN-byte regions the
+    // root mapped before forking (k <= 8); u64-aligned.
+    unsafe {
+        let a = std::ptr::read_volatile(slot(&SHM, 0));
+        let b = std::ptr::read_volatile(slot(&SHF, 0));
+        if a == 0 || a != b {
+            fails.push(format!(
+                "{who}: shared anonymous memory says {a:#x}, the shared file mapping {b:#x} (not shared with the root any more?)"
+            ));
+        }
+        std::ptr::write_volatile(slot(&SHM, k), a.wrapping_add(k as u64));
+        std::ptr::write_volatile(slot(&SHF, k), b.wrapping_add(k as u64));
+    }
+}
+
+fn map_shared(dir: &Path) -> Result<(), String> {
+    // SAFETY: a fresh anonymous shared mapping; the kernel picks the place.
+    let a = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SHARED_LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if a == libc::MAP_FAILED {
+        return Err("mmap shared anonymous".into());
+    }
+    let path = dir.join("shared-file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(SHARED_LEN as u64)
+        .map_err(|e| format!("set_len: {e}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: maps the file we just sized; the descriptor is closed after
+    // (the mapping keeps the file).
+    let b = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SHARED_LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if b == libc::MAP_FAILED {
+        return Err("mmap shared file".into());
+    }
+    drop(f);
+    let mut cow = vec![0u64; COW_LEN / 8];
+    for (i, w) in cow.iter_mut().enumerate() {
+        *w = cow_pattern(i);
+    }
+    COW.store(
+        Box::leak(cow.into_boxed_slice()).as_ptr() as usize,
+        Ordering::SeqCst,
+    );
+    SHM.store(a as usize, Ordering::SeqCst);
+    SHF.store(b as usize, Ordering::SeqCst);
+    Ok(())
+}
 
 /// The ids a process had at setup.
 #[derive(Clone, Copy, Debug)]
@@ -88,6 +205,8 @@ fn child_of(name: &str, dir: &Path, ppid: Option<i32>, check: impl FnOnce(&mut V
     wait_term();
     let mut fails = Vec::new();
     check_ids(name, ids, &mut fails);
+    check_cow(name, &mut fails);
+    check_shared(name, &mut fails);
     check(&mut fails);
     let text = if fails.is_empty() {
         "PASS\n".to_string()
@@ -319,6 +438,7 @@ fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
         .join("tree");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir: {e}"))?;
+    map_shared(&dir)?;
     let kids = setup(&dir)?;
     let ids = ids_now();
     wl::log(
@@ -332,6 +452,18 @@ fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
     wait_term();
     let mut fails = Vec::new();
     check_ids(NAME, ids, &mut fails);
+    check_cow(NAME, &mut fails);
+    // A token only this run of the root knows, into both shared regions.
+    let token = 0x5eed_0000_0000_0000u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+    // SAFETY: slot 0 of the two regions mapped by map_shared.
+    unsafe {
+        std::ptr::write_volatile(slot(&SHM, 0), token);
+        std::ptr::write_volatile(slot(&SHF, 0), token);
+    }
     for (name, pid) in &kids.live {
         // SAFETY: kill of our own child.
         unsafe { libc::kill(*pid, libc::SIGTERM) };
@@ -357,6 +489,22 @@ fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
                 .filter_map(|l| l.strip_prefix("FAIL: "))
                 .map(String::from),
         );
+    }
+    // Every child saw the token and acknowledged in its own slot.
+    for (k, name) in CHILDREN.iter().enumerate() {
+        // SAFETY: slots 1..=8 of the two regions mapped by map_shared.
+        let (a, b) = unsafe {
+            (
+                std::ptr::read_volatile(slot(&SHM, k + 1)),
+                std::ptr::read_volatile(slot(&SHF, k + 1)),
+            )
+        };
+        let want = token.wrapping_add(k as u64 + 1);
+        if a != want || b != want {
+            fails.push(format!(
+                "{name}'s acknowledgement reads {a:#x} (shared anonymous) and {b:#x} (shared file), expected {want:#x}"
+            ));
+        }
     }
     match wait_for(kids.zombie_code) {
         Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 7 => {}
