@@ -78,6 +78,8 @@ pub enum DumpError {
     Sys(#[from] SysError),
     #[error(transparent)]
     Freeze(#[from] crate::freeze::FreezeError),
+    #[error("cgroup {} has no process to dump", cgroup.display())]
+    EmptyCgroup { cgroup: PathBuf },
     #[error("task {pid} is a zombie; there is nothing to dump")]
     RootZombie { pid: i32 },
     #[error("task {pid} {what}; such a session layout cannot be restored yet")]
@@ -92,7 +94,10 @@ type Result<T> = std::result::Result<T, DumpError>;
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
+    /// The root of the tree to dump (unused with `cgroup`).
     pub pid: i32,
+    /// Dump every process of this cgroup instead, frozen by its freezer.
+    pub cgroup: Option<PathBuf>,
     pub dir: PathBuf,
     pub leave_running: bool,
     pub compression: Compression,
@@ -104,6 +109,9 @@ pub struct DumpOptions {
 
 #[derive(Debug, Default, Clone)]
 pub struct DumpStats {
+    /// The first root dumped, and how many processes were.
+    pub root: i32,
+    pub processes: usize,
     pub pages: TransferStats,
     /// How long the task was stopped.
     pub frozen: Duration,
@@ -815,6 +823,23 @@ fn check_sessions(tree: &Tree) -> Result<()> {
     Ok(())
 }
 
+/// The processes of a cgroup whose parent is not in it: the roots of the
+/// trees to dump, ascending.
+fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
+    let procs: std::collections::BTreeSet<i32> = crate::freeze::procs(dir)?.into_iter().collect();
+    let roots: Vec<i32> = procs
+        .iter()
+        .copied()
+        .filter(|&p| pstree::stat(p).is_some_and(|s| !procs.contains(&(s.ppid as i32))))
+        .collect();
+    if roots.is_empty() {
+        return Err(DumpError::EmptyCgroup {
+            cgroup: dir.to_path_buf(),
+        });
+    }
+    Ok(roots)
+}
+
 /// Dump the process tree under `opts.pid`. On any error every task is left
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
@@ -824,7 +849,12 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         path: opts.dir.clone(),
         source,
     })?;
-    let roots = vec![pid];
+    let freeze_cgroup = opts.cgroup.as_ref().or(opts.freeze_cgroup.as_ref());
+    let roots = match &opts.cgroup {
+        Some(dir) => cgroup_roots(dir)?,
+        None => vec![pid],
+    };
+    let pid = roots[0];
     if pstree::stat(pid).is_none() {
         return Err(DumpError::NoTask { pid });
     }
@@ -837,7 +867,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         collect_fds(p, &mut 1)?;
         Ok(())
     };
-    let mut tree = pstree::seize_tree(&roots, opts.freeze_cgroup.as_deref(), &guard, &check)?;
+    let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;
     let frozen_at = Instant::now();
     fault("after-seize")?;
     check_sessions(&tree)?;
@@ -940,6 +970,8 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         frozen = frozen_at.elapsed();
     }
     Ok(DumpStats {
+        root: pid,
+        processes: tree.procs.len() + tree.zombies.len(),
         pages: pstats,
         frozen,
         total: t0.elapsed(),

@@ -193,7 +193,14 @@ pub fn seize_tree(
                 Found::Live => {}
             }
             if let std::collections::btree_map::Entry::Vacant(slot) = procs.entry(pid) {
-                check(pid)?;
+                if let Err(e) = check(pid) {
+                    // A child that ended while it was looked at: walk again.
+                    if !is_root && !matches!(look(pid)?, Found::Live) {
+                        new = true;
+                        continue;
+                    }
+                    return Err(e);
+                }
                 let npid = Pid::from_raw(pid);
                 let mut leader = match Victim::seize(npid) {
                     Ok(v) => v,

@@ -321,3 +321,176 @@ fn spawn_with_pid(pid: i32) -> PidGuard {
     );
     PidGuard::new(r as i32)
 }
+
+/// `cryo dump --cgroup`: every process of a cgroup, here two separate
+/// trees (wl_tree and wl_threads), frozen by the cgroup's freezer; the
+/// restore brings both back.
+fn dump_cgroup(parent: &str, controllers: &str, leave_running: bool) {
+    let cg = TestCgroup::new(parent)
+        .unwrap_or_else(|| panic!("{parent} is not mounted here: this test needs it"));
+    let dir_a = TestDir::new();
+    let dir_b = TestDir::new();
+    let (mut tree, guard) = start(&dir_a);
+    let mut threads = Workload::start("wl_threads", &["--spinners", "1"], &dir_b);
+    let mut all = tree_pids(tree.pid());
+    all.push(threads.pid());
+    for pid in &all {
+        cg.add(*pid);
+    }
+    let before = shape(tree.pid());
+    let img = dir_a.subdir("img");
+    let cgroup = cg.dir.to_string_lossy().into_owned();
+    let mut args = vec![
+        "dump",
+        "--cgroup",
+        cgroup.as_str(),
+        "-D",
+        img.to_str().expect("utf-8 path"),
+    ];
+    if leave_running {
+        args.push("-R");
+    }
+    let out = run_cryo(&args, &[]);
+    assert_cryo_ok(&out, "cryo dump --cgroup");
+    assert!(!cg.frozen(), "{} still frozen", cg.dir.display());
+    if leave_running {
+        assert_eq!(shape(tree.pid()), before);
+        tree.assert_pass("wl_tree after dump --cgroup -R");
+        threads.assert_pass("wl_threads after dump --cgroup -R");
+        return;
+    }
+    tree.assert_gone_after_dump();
+    threads.assert_gone_after_dump();
+    assert_tree_gone(&guard);
+    let out = restore_detached(&img);
+    tree.mark_running();
+    threads.mark_running();
+    assert_cryo_ok(&out, "cryo restore of a cgroup dump");
+    tree.assert_restored();
+    threads.assert_restored();
+    assert_eq!(shape(tree.pid()), before, "restored tree");
+    let want = format!(":{controllers}:{}", cg.rel());
+    assert_eq!(cgroup_line(threads.pid(), controllers), want);
+    tree.assert_pass("wl_tree restored from a cgroup dump");
+    threads.assert_pass("wl_threads restored from a cgroup dump");
+}
+
+#[test]
+fn cgroup_dump_two_trees_v2() {
+    dump_cgroup("/sys/fs/cgroup/unified", "", false);
+}
+
+#[test]
+fn cgroup_dump_two_trees_v1() {
+    dump_cgroup("/sys/fs/cgroup/freezer", "freezer", false);
+}
+
+#[test]
+fn cgroup_dump_two_trees_leave_running() {
+    dump_cgroup("/sys/fs/cgroup/unified", "", true);
+}
+
+/// The pids of every process (and thread) in an image.
+fn image_pids(img: &std::path::Path) -> Vec<i32> {
+    let mut r =
+        cryo_image::ImageReader::open(img, cryo_image::PSTREE_FILE, cryo_image::Kind::Pstree)
+            .expect("pstree.img");
+    let mut out = Vec::new();
+    while let Some(e) = r
+        .next::<cryo_image::proto::PstreeEntry>()
+        .expect("pstree record")
+    {
+        out.push(e.pid as i32);
+        out.extend(e.threads.iter().map(|t| *t as i32));
+    }
+    out
+}
+
+/// A process forking without pause while it is dumped: every dump either
+/// captures a consistent tree (children mid-sleep and zombies included),
+/// which restores and collects every child with its own exit code, or
+/// fails cleanly and leaves the process running.
+#[test]
+fn tree_that_keeps_forking() {
+    for round in 0..3 {
+        let dir = TestDir::new();
+        let mut wl = Workload::start("wl_forker", &[], &dir);
+        let pid = wl.pid();
+        let img = dir.subdir("img");
+        let out = dump(pid, &img, &[], &[]);
+        if !out.status.success() {
+            if let Err(e) = check_cryo_failed_cleanly(&out) {
+                panic!("round {round}: {e}");
+            }
+            eprintln!(
+                "round {round}: the dump failed cleanly: {}",
+                stderr_of(&out)
+            );
+            wl.assert_pass("forker after a failed dump");
+            continue;
+        }
+        wl.assert_gone_after_dump();
+        let pids = image_pids(&img);
+        eprintln!("round {round}: dumped {} tasks", pids.len());
+        assert!(
+            reap_gone(&pids, Duration::from_secs(10)),
+            "round {round}: dumped tasks still there"
+        );
+        restore_ok(&mut wl, &img);
+        wl.assert_pass(&format!("forker restored (round {round})"));
+    }
+}
+
+/// cryo SIGKILLed while its parasite runs in the root of a tree (every
+/// other task seized, its signals blocked): the guardian puts every task
+/// of every process back.
+#[test]
+fn tree_sigkill_cryo_while_parasite_runs() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    let masks = |root: i32| -> Vec<(i32, Option<String>, Option<i32>)> {
+        tree_pids(root)
+            .into_iter()
+            .filter(|p| pid_alive(*p))
+            .map(|p| (p, proc_status_field(p, "SigBlk"), tracer_pid(p)))
+            .collect()
+    };
+    let masks_before = masks(root);
+    let img = dir.subdir("img");
+    let flag = dir.join("parasite-running");
+    let fault = format!("pause-in-parasite:{}", flag.display());
+    let root_s = root.to_string();
+    let mut run = spawn_cryo(
+        &[
+            "dump",
+            "-t",
+            &root_s,
+            "-D",
+            img.to_str().expect("utf-8 path"),
+        ],
+        &[("CRYO_FAULT", &fault)],
+    );
+    let t0 = std::time::Instant::now();
+    while !flag.exists() {
+        if t0.elapsed() > Duration::from_secs(30) || !pid_alive(run.pid()) {
+            let err = run.stderr_so_far();
+            run.kill();
+            panic!("cryo did not reach the parasite pause; stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run.kill();
+    let t0 = std::time::Instant::now();
+    while masks(root) != masks_before && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        masks(root),
+        masks_before,
+        "tasks not put back after cryo was killed"
+    );
+    assert_eq!(shape(root), before);
+    wl.assert_pass("tree after cryo was SIGKILLed mid-dump");
+}

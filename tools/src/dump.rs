@@ -18,9 +18,14 @@ pub enum Compress {
 
 #[derive(Args, Debug)]
 pub struct DumpArgs {
-    /// Process to dump.
-    #[arg(short = 't', long = "tree")]
-    pub pid: i32,
+    /// Process to dump, with all its descendants and threads.
+    #[arg(short = 't', long = "tree", required_unless_present = "cgroup")]
+    pub pid: Option<i32>,
+    /// Dump every process of this cgroup (a cgroup v2 directory or a v1
+    /// freezer directory), frozen by its freezer while they are seized;
+    /// they may form several trees.
+    #[arg(long, conflicts_with_all = ["pid", "freeze_cgroup"])]
+    pub cgroup: Option<PathBuf>,
     /// Image directory (created if missing).
     #[arg(short = 'D', long = "images-dir")]
     pub dir: PathBuf,
@@ -52,7 +57,8 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
             .unwrap_or(2)
     });
     let opts = DumpOptions {
-        pid: a.pid,
+        pid: a.pid.unwrap_or(0),
+        cgroup: a.cgroup.clone(),
         dir: a.dir.clone(),
         leave_running: a.leave_running,
         compression: match a.compress {
@@ -90,7 +96,8 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
     match res {
         Ok(st) => {
             tracing::info!(
-                pid = a.pid,
+                pid = st.root,
+                processes = st.processes,
                 pages = st.pages.pages_stored,
                 zero_pages = st.pages.zero_pages,
                 frozen_ms = st.frozen.as_millis() as u64,
@@ -106,6 +113,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                     "pages_stored": st.pages.pages_stored,
                     "zero_pages": st.pages.zero_pages,
                     "pages_scanned": st.pages.pages_scanned,
+                    "processes": st.processes,
                 });
                 std::fs::write(path, format!("{j}\n"))
                     .map_err(|e| anyhow::anyhow!("writing stats to {}: {e}", path.display()))?;
@@ -114,7 +122,11 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         }
         Err(e) => {
             remove_partial(&a.dir);
-            Err(anyhow::anyhow!("dump of task {} failed: {e}", a.pid))
+            let what = match (&a.cgroup, a.pid) {
+                (Some(cg), _) => format!("cgroup {}", cg.display()),
+                (None, pid) => format!("task {}", pid.unwrap_or(0)),
+            };
+            Err(anyhow::anyhow!("dump of {what} failed: {e}"))
         }
     }
 }
