@@ -392,6 +392,100 @@ fn gpregs(r: &Regs) -> GpRegs {
     }
 }
 
+fn private_kind(kind: i32) -> bool {
+    [
+        VmaKind::VmaAnonPrivate,
+        VmaKind::VmaHeap,
+        VmaKind::VmaStack,
+        VmaKind::VmaFilePrivate,
+    ]
+    .iter()
+    .any(|k| *k as i32 == kind)
+}
+
+/// Split the private-memory runs of `pid` into the pages it still shares
+/// copy-on-write with its parent `ppid` (the same physical page at the
+/// same address, from both /proc/PID/pagemap, which shows frame numbers to
+/// CAP_SYS_ADMIN: without it nothing is shared) and the rest. Both tasks
+/// are stopped.
+fn split_cow(
+    pid: i32,
+    ppid: i32,
+    runs: Vec<mem::Run>,
+    vmas: &[proto::Vma],
+    pvmas: &[proto::Vma],
+) -> Result<(Vec<mem::Run>, Vec<proto::PagemapEntry>)> {
+    use std::os::unix::fs::FileExt;
+    let open = |p: i32| {
+        let path = format!("/proc/{p}/pagemap");
+        std::fs::File::open(&path).map_err(|source| DumpError::Proc { path, source })
+    };
+    let (mine, theirs) = (open(pid)?, open(ppid)?);
+    const PRESENT: u64 = 1 << 63;
+    const PFN: u64 = (1 << 55) - 1;
+    let mut kept = Vec::with_capacity(runs.len());
+    let mut in_parent: Vec<proto::PagemapEntry> = Vec::new();
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for r in runs {
+        let end = r.start + r.pages * mem::PAGE;
+        let mine_private = vmas
+            .iter()
+            .any(|v| v.start <= r.start && end <= v.end && private_kind(v.kind));
+        let theirs_private = pvmas
+            .iter()
+            .any(|v| v.start <= r.start && end <= v.end && private_kind(v.kind));
+        if !mine_private || !theirs_private {
+            kept.push(r);
+            continue;
+        }
+        let n = r.pages as usize;
+        a.resize(n * 8, 0);
+        b.resize(n * 8, 0);
+        let off = r.start / mem::PAGE * 8;
+        let read = |f: &std::fs::File, buf: &mut [u8], p: i32| {
+            f.read_exact_at(buf, off).map_err(|source| DumpError::Proc {
+                path: format!("/proc/{p}/pagemap"),
+                source,
+            })
+        };
+        read(&mine, &mut a, pid)?;
+        read(&theirs, &mut b, ppid)?;
+        let word = |buf: &[u8], i: usize| {
+            u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+        };
+        let mut i = 0;
+        while i < n {
+            let same = |i: usize| {
+                let (x, y) = (word(&a, i), word(&b, i));
+                x & PRESENT != 0 && y & PRESENT != 0 && x & PFN != 0 && x & PFN == y & PFN
+            };
+            let s = same(i);
+            let mut j = i + 1;
+            while j < n && same(j) == s {
+                j += 1;
+            }
+            let start = r.start + i as u64 * mem::PAGE;
+            let pages = (j - i) as u64;
+            if s {
+                in_parent.push(proto::PagemapEntry {
+                    vaddr: start,
+                    nr_pages: pages as u32,
+                    flags: cryo_image::PAGE_IN_PARENT,
+                });
+            } else {
+                kept.push(mem::Run {
+                    start,
+                    pages,
+                    zero_ok: r.zero_ok,
+                });
+            }
+            i = j;
+        }
+    }
+    Ok((kept, in_parent))
+}
+
 /// The ranges of each shared anonymous object (by shmem inode) whose pages
 /// a process captured earlier already stored.
 type SharedStored = std::collections::HashMap<u64, Vec<(u64, u64)>>;
@@ -422,6 +516,7 @@ fn capture(
     guard: &Guard,
     file_ids: &mut u32,
     shared: &mut SharedStored,
+    parent: Option<(i32, &[proto::Vma])>,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Captured> {
     let pid = p.pid;
@@ -458,6 +553,15 @@ fn capture(
             stored.push(range);
         }
     }
+    // Pages still shared copy-on-write with the parent are its pages.
+    let in_parent = match parent {
+        Some((ppid, pvmas)) => {
+            let (kept, inp) = split_cow(pid, ppid, runs, &vmas, pvmas)?;
+            runs = kept;
+            inp
+        }
+        None => Vec::new(),
+    };
     let rseq = sys::rseq_config(npid)?;
     let (robust, robust_len) = sys::get_robust_list(npid)?;
     let private_sigs = sys::peek_siginfo(npid, false)?;
@@ -533,9 +637,13 @@ fn capture(
         opts.threads,
     )?;
     let total_bytes: u64 = runs.iter().map(|r| r.pages * mem::PAGE).sum();
-    let (entries, pstats) = transfer::transfer(victim, &runs, &mut pw, capture_raw, &|done| {
+    let (mut entries, pstats) = transfer::transfer(victim, &runs, &mut pw, capture_raw, &|done| {
         progress(done, total_bytes)
     })?;
+    if !in_parent.is_empty() {
+        entries.extend(in_parent);
+        entries.sort_by_key(|e| e.vaddr);
+    }
     tracing::debug!(
         pid,
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
@@ -881,14 +989,21 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let mut shared = SharedStored::new();
     let mut caps = Vec::with_capacity(tree.procs.len());
     for p in tree.procs.iter_mut() {
-        caps.push(capture(
+        let ppid = pstree::stat(p.pid).map(|s| s.ppid as i32).unwrap_or(0);
+        let parent = caps
+            .iter()
+            .find(|c: &&Captured| c.pid == ppid)
+            .map(|c| (ppid, c.mm.vmas.as_slice()));
+        let c = capture(
             opts,
             p,
             &guard,
             &mut file_ids,
             &mut shared,
+            parent,
             progress,
-        )?);
+        )?;
+        caps.push(c);
     }
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();

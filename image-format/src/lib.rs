@@ -18,5 +18,11 @@ pub use pages::*;
 /// Size of a page, the unit of the page store.
 pub const PAGE_SIZE: usize = 4096;
 
+/// `PagemapEntry.flags`: the run's pages are not in this process's pages
+/// file; they were still shared copy-on-write with the parent process at
+/// the dump, and are the parent's pages at the same addresses (which may
+/// in turn be its parent's).
+pub const PAGE_IN_PARENT: u32 = 1;
+
 #[cfg(test)]
 mod tests;

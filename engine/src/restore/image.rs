@@ -186,6 +186,23 @@ impl TreeImage {
             }
             procs.push(Image::load_process(dir, &inventory, &need, pstree, &files)?);
         }
+        // Pages kept in a parent's image need that parent in the image.
+        for p in &procs {
+            let has_parent = procs.iter().any(|q| q.pstree.pid == p.pstree.ppid);
+            if !has_parent
+                && p.runs
+                    .iter()
+                    .any(|r| r.flags & cryo_image::PAGE_IN_PARENT != 0)
+            {
+                return Err(invalid(
+                    &cryo_image::pagemap_file(p.pstree.pid),
+                    format!(
+                        "has pages of its parent {}, which is not in the image",
+                        p.pstree.ppid
+                    ),
+                ));
+            }
+        }
         Ok(TreeImage {
             inventory,
             procs,
@@ -308,7 +325,11 @@ impl Image {
             ));
         }
         need(&pagemap_head.pages_file)?;
-        let run_pages: u64 = runs.iter().map(|e| e.nr_pages as u64).sum();
+        let run_pages: u64 = runs
+            .iter()
+            .filter(|e| e.flags & cryo_image::PAGE_IN_PARENT == 0)
+            .map(|e| e.nr_pages as u64)
+            .sum();
         let chunk_pages: u64 = chunks.iter().map(|c| c.nr_pages as u64).sum();
         if run_pages != chunk_pages || run_pages != pagemap_head.total_pages {
             return Err(invalid(

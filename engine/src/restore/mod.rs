@@ -647,7 +647,7 @@ fn node_setup(ctx: &NodeCtx, idx: usize) -> std::result::Result<Never, String> {
                 // SAFETY: closing inherited descriptors we no longer need.
                 unsafe { libc::close(g) };
             }
-            child_main(&ctx.tree.procs[i], &ctx.readers[i], fd, ctx.shm)
+            child_main(ctx, i, fd)
         }
     }
 }
@@ -892,14 +892,10 @@ fn supervise(
 }
 
 /// Child side, running as the new task with the dumped pid. Never returns.
-fn child_main(
-    img: &Image,
-    pages: &cryo_image::PageReader,
-    status_w: RawFd,
-    shm: &HashMap<u64, RawFd>,
-) -> ! {
+fn child_main(ctx: &NodeCtx, i: usize, status_w: RawFd) -> ! {
+    let img = &ctx.tree.procs[i];
     STATUS_FD.store(status_w, std::sync::atomic::Ordering::Relaxed);
-    match prepare(img, pages, status_w, shm) {
+    match prepare(ctx, i, status_w) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(img.pid(), &msg),
     }
@@ -983,12 +979,10 @@ fn regs_from(core: &CoreEntry) -> Regs {
 }
 
 /// Everything the new task does before jumping into the restorer.
-fn prepare(
-    img: &Image,
-    pages: &cryo_image::PageReader,
-    status_w: RawFd,
-    shm: &HashMap<u64, RawFd>,
-) -> std::result::Result<Never, String> {
+fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Never, String> {
+    let img = &ctx.tree.procs[me];
+    let pages = &ctx.readers[me];
+    let shm = ctx.shm;
     // Test hook: a restore failing in one task of the tree, the others
     // created and on their way.
     if img.pstree.ppid != 0 && crate::fault::check(&format!("restore-task-{}", img.pstree.pid)) {
@@ -1238,6 +1232,7 @@ fn prepare(
         }
     }
     fill_pages(img, pages, &premap_of)?;
+    fill_from_parents(ctx, me, &premap_of)?;
 
     // 2. Descriptors: keep ours above every dumped number, close the rest,
     // then open the dumped ones.
@@ -1761,6 +1756,134 @@ fn check_file_extent(fd: RawFd, v: &Vma, mm_name: &str) -> std::result::Result<(
     Ok(())
 }
 
+/// Where a page of a process's image is.
+enum PageAt {
+    /// Stored page number `n` of its pages file.
+    Stored(u64),
+    /// The parent's page at the same address.
+    Parent,
+    /// Not in the image (it read as zero).
+    Absent,
+}
+
+fn page_at(img: &Image, vaddr: u64) -> PageAt {
+    let mut stored = 0u64;
+    for r in &img.runs {
+        let end = r.vaddr + r.nr_pages as u64 * PAGE;
+        let parent = r.flags & cryo_image::PAGE_IN_PARENT != 0;
+        if r.vaddr <= vaddr && vaddr < end {
+            return if parent {
+                PageAt::Parent
+            } else {
+                PageAt::Stored(stored + (vaddr - r.vaddr) / PAGE)
+            };
+        }
+        if !parent {
+            stored += r.nr_pages as u64;
+        }
+    }
+    PageAt::Absent
+}
+
+/// Fill the pages this process still shared copy-on-write with its parent
+/// at the dump from the parent's image (or its parent's, up the tree),
+/// decompressing each needed chunk once.
+fn fill_from_parents(
+    ctx: &NodeCtx,
+    me: usize,
+    premap_of: &[(u64, u64, u64)],
+) -> std::result::Result<(), String> {
+    let tree = ctx.tree;
+    let img = &tree.procs[me];
+    let pm_name = cryo_image::pagemap_file(img.pstree.pid);
+    let parent_of = |i: usize| {
+        let ppid = tree.procs[i].pstree.ppid;
+        tree.procs.iter().position(|p| p.pstree.pid == ppid)
+    };
+    // (source process, chunk) -> [(page in chunk, destination)]
+    let mut needs: std::collections::BTreeMap<(usize, usize), Vec<(usize, usize)>> =
+        std::collections::BTreeMap::new();
+    let mut zero: Vec<usize> = Vec::new();
+    for r in img
+        .runs
+        .iter()
+        .filter(|r| r.flags & cryo_image::PAGE_IN_PARENT != 0)
+    {
+        for k in 0..r.nr_pages as u64 {
+            let vaddr = r.vaddr + k * PAGE;
+            let (vs, _, pre) = premap_of
+                .iter()
+                .find(|m| m.0 <= vaddr && vaddr < m.1)
+                .copied()
+                .ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;
+            let dst = (pre + (vaddr - vs)) as usize;
+            let mut cur = me;
+            let mut hops = 0;
+            loop {
+                cur = parent_of(cur).ok_or_else(|| {
+                    format!("{pm_name}: page {vaddr:#x} is the parent's, but the image has no parent process")
+                })?;
+                hops += 1;
+                match page_at(&tree.procs[cur], vaddr) {
+                    PageAt::Stored(n) => {
+                        let src = &tree.procs[cur];
+                        let mut first = 0u64;
+                        let ci = src
+                            .chunks
+                            .iter()
+                            .position(|c| {
+                                let hit = n < first + c.nr_pages as u64;
+                                if !hit {
+                                    first += c.nr_pages as u64;
+                                }
+                                hit
+                            })
+                            .ok_or_else(|| {
+                                format!(
+                                    "{}: page {n} is beyond its chunks",
+                                    cryo_image::pagemap_file(src.pstree.pid)
+                                )
+                            })?;
+                        needs
+                            .entry((cur, ci))
+                            .or_default()
+                            .push(((n - first) as usize, dst));
+                        break;
+                    }
+                    PageAt::Absent => {
+                        zero.push(dst);
+                        break;
+                    }
+                    PageAt::Parent if hops < 4096 => {}
+                    PageAt::Parent => return Err(format!("{pm_name}: a loop of parents")),
+                }
+            }
+        }
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    for ((src, ci), pages) in needs {
+        let c = &tree.procs[src].chunks[ci];
+        buf.resize(c.nr_pages as usize * PAGE as usize, 0);
+        ctx.readers[src]
+            .read_chunk(ci, &mut buf)
+            .map_err(|e| e.to_string())?;
+        for (k, dst) in pages {
+            let from = k * PAGE as usize;
+            // SAFETY: `dst` is a page inside one of this task's premapped,
+            // writable mappings (looked up in premap_of above); the source
+            // page lies inside `buf` (k < the chunk's page count).
+            unsafe {
+                std::ptr::copy_nonoverlapping(buf.as_ptr().add(from), dst as *mut u8, PAGE as usize)
+            };
+        }
+    }
+    for dst in zero {
+        // SAFETY: as above, one page of a premapped writable mapping.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, PAGE as usize) };
+    }
+    Ok(())
+}
+
 /// One piece of a chunk: `len` bytes at `offset` in the chunk go to the
 /// premapped address `dst`.
 #[derive(Clone, Copy)]
@@ -1778,6 +1901,12 @@ fn fill_pages(
     premap_of: &[(u64, u64, u64)],
 ) -> std::result::Result<(), String> {
     let pm_name = cryo_image::pagemap_file(img.pstree.pid);
+    // Pages kept in a parent's image are filled by fill_from_parents.
+    let runs: Vec<&cryo_image::proto::PagemapEntry> = img
+        .runs
+        .iter()
+        .filter(|r| r.flags & cryo_image::PAGE_IN_PARENT == 0)
+        .collect();
     let mut plan: Vec<Vec<Piece>> = Vec::with_capacity(img.chunks.len());
     let mut run_idx = 0usize;
     let mut run_off = 0u64; // pages consumed from runs[run_idx]
@@ -1787,8 +1916,7 @@ fn fill_pages(
         let mut pieces = Vec::new();
         let mut pos = 0usize;
         while pos < len {
-            let run = img
-                .runs
+            let run = runs
                 .get(run_idx)
                 .ok_or_else(|| format!("{pm_name}: more pages than runs"))?;
             let avail = (run.nr_pages as u64 - run_off) as usize;
