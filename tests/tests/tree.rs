@@ -403,6 +403,38 @@ fn cgroup_dump_two_trees_leave_running() {
     dump_cgroup("/sys/fs/cgroup/unified", "", true);
 }
 
+#[test]
+fn cgroup_dump_two_trees_v1_leave_running() {
+    dump_cgroup("/sys/fs/cgroup/freezer", "freezer", true);
+}
+
+/// Three `dump --cgroup` / restore cycles in a row of a tree (the
+/// restored tasks are back in the cgroup, so the next dump finds them).
+#[test]
+fn cgroup_dump_three_cycles() {
+    let cg = TestCgroup::new("/sys/fs/cgroup/unified").expect("cgroup2 mounted");
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    for pid in tree_pids(wl.pid()) {
+        cg.add(pid);
+    }
+    let before = shape(wl.pid());
+    let cgroup = cg.dir.to_string_lossy().into_owned();
+    for cycle in 0..3 {
+        let img = dir.subdir(&format!("img-{cycle}"));
+        let out = run_cryo(
+            &["dump", "--cgroup", &cgroup, "-D", img.to_str().expect("utf-8 path")],
+            &[],
+        );
+        assert_cryo_ok(&out, &format!("cycle {cycle}: cryo dump --cgroup"));
+        wl.assert_gone_after_dump();
+        assert_tree_gone(&guard);
+        restore_ok(&mut wl, &img);
+        assert_eq!(shape(wl.pid()), before, "cycle {cycle}");
+    }
+    wl.assert_pass("tree after three cgroup dump cycles");
+}
+
 /// The pids of every process (and thread) in an image.
 fn image_pids(img: &std::path::Path) -> Vec<i32> {
     let mut r =
