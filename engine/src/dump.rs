@@ -653,6 +653,8 @@ fn capture(
         victim.mprotect(*prot, std::slice::from_ref(iov))?;
     }
     fault("after-parasite")?;
+    // A failure in one process of the tree, the ones before it captured.
+    fault(&format!("capture-{pid}"))?;
 
     let mut regs = *victim.regs();
     let rseq_cs = rseq_fixup(npid, &rseq, &mut regs);

@@ -200,10 +200,19 @@ fn tree_failed_dumps_leave_tree_running() {
     let root = wl.pid();
     let before = shape(root);
     let img = dir.subdir("img");
+    // The last live process of the tree fails after all the others were
+    // captured (their parasites still in them).
+    let last = *tree_pids(root)
+        .iter()
+        .rev()
+        .find(|p| pid_alive(**p))
+        .expect("tree pids");
+    let late = format!("fail-capture-{last}");
     for fault in [
         "fail-after-seize",
         "fail-in-parasite",
         "fail-after-parasite",
+        late.as_str(),
     ] {
         let out = dump(root, &img, &[], &[("CRYO_FAULT", fault)]);
         if let Err(e) = check_cryo_failed_cleanly(&out) {
@@ -423,7 +432,13 @@ fn cgroup_dump_three_cycles() {
     for cycle in 0..3 {
         let img = dir.subdir(&format!("img-{cycle}"));
         let out = run_cryo(
-            &["dump", "--cgroup", &cgroup, "-D", img.to_str().expect("utf-8 path")],
+            &[
+                "dump",
+                "--cgroup",
+                &cgroup,
+                "-D",
+                img.to_str().expect("utf-8 path"),
+            ],
             &[],
         );
         assert_cryo_ok(&out, &format!("cycle {cycle}: cryo dump --cgroup"));
