@@ -80,6 +80,13 @@ pub enum DumpError {
     Freeze(#[from] crate::freeze::FreezeError),
     #[error("cgroup {} has no process to dump", cgroup.display())]
     EmptyCgroup { cgroup: PathBuf },
+    #[error("task {pid}: fd {fd} ({link}) is a pipe whose other end is open in process {holder}, outside the dumped tree")]
+    ExternalPipe {
+        pid: i32,
+        fd: i32,
+        link: String,
+        holder: i32,
+    },
     #[error("task {pid} is a zombie; there is nothing to dump")]
     RootZombie { pid: i32 },
     #[error("task {pid} {what}; such a session layout cannot be restored yet")]
@@ -181,9 +188,13 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
                 });
             }
             libc::S_IFCHR => FileKind::FileChardev,
+            libc::S_IFIFO if link.starts_with("pipe:") => FileKind::FilePipe,
+            libc::S_IFIFO if link.starts_with('/') && !link.ends_with(" (deleted)") => {
+                FileKind::FileFifo
+            }
             _ => {
                 let what = match fmt {
-                    libc::S_IFIFO => "a pipe or FIFO",
+                    libc::S_IFIFO => "a deleted FIFO",
                     libc::S_IFSOCK => "a socket",
                     libc::S_IFBLK => "a block device",
                     _ if link.starts_with("anon_inode:") => {
@@ -199,7 +210,7 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
                 });
             }
         };
-        if link.ends_with(" (deleted)") || !link.starts_with('/') {
+        if kind != FileKind::FilePipe && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
             if link.starts_with("anon_inode:") {
                 return Err(DumpError::UnsupportedFd {
                     pid,
@@ -224,6 +235,8 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             inode: st.st_ino,
             rdev: st.st_rdev as u32,
             size: st.st_size as u64,
+            pipe_data: Vec::new(),
+            pipe_size: 0,
         });
         fd_entries.push(FdEntry {
             fd: fd as u32,
@@ -232,6 +245,160 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
         });
     }
     Ok((fd_entries, files))
+}
+
+/// One open file description of the tree with a descriptor that holds it.
+struct OpenFile {
+    pid: i32,
+    fd: i32,
+    entry: FileEntry,
+}
+
+/// Descriptors that share one open file description (dup, inherited over
+/// fork; kcmp says so) get one file id; pipes and FIFOs get the bytes in
+/// flight and their buffer size, read without consuming them. Every task
+/// of the tree is stopped. Returns the files table.
+fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
+    let mut table: Vec<OpenFile> = Vec::new();
+    for c in caps.iter_mut() {
+        let files = std::mem::take(&mut c.files);
+        for e in c.fd_entries.iter_mut() {
+            let Some(f) = files.iter().find(|f| f.id == e.id) else {
+                continue;
+            };
+            let same = table.iter().find(|o| {
+                o.entry.kind == f.kind
+                    && o.entry.dev == f.dev
+                    && o.entry.inode == f.inode
+                    && sys::kcmp_file(o.pid, c.pid, o.fd, e.fd as i32).unwrap_or(false)
+            });
+            match same {
+                Some(o) => e.id = o.entry.id,
+                None => table.push(OpenFile {
+                    pid: c.pid,
+                    fd: e.fd as i32,
+                    entry: f.clone(),
+                }),
+            }
+        }
+    }
+    let tree: std::collections::BTreeSet<i32> = caps.iter().map(|c| c.pid).collect();
+    let mut done: Vec<u64> = Vec::new();
+    for i in 0..table.len() {
+        let kind = table[i].entry.kind;
+        if kind != FileKind::FilePipe as i32 && kind != FileKind::FileFifo as i32 {
+            continue;
+        }
+        let ino = table[i].entry.inode;
+        if done.contains(&ino) {
+            continue;
+        }
+        done.push(ino);
+        let ends: Vec<u32> = table
+            .iter()
+            .filter(|o| o.entry.inode == ino && o.entry.kind == kind)
+            .map(|o| o.entry.flags & libc::O_ACCMODE as u32)
+            .collect();
+        let has_read = ends.iter().any(|&a| a != libc::O_WRONLY as u32);
+        let has_write = ends.iter().any(|&a| a != libc::O_RDONLY as u32);
+        if kind == FileKind::FilePipe as i32 && !(has_read && has_write) {
+            if let Some(holder) = outside_holder(ino, &tree) {
+                let o = &table[i];
+                return Err(DumpError::ExternalPipe {
+                    pid: o.pid,
+                    fd: o.fd,
+                    link: o.entry.path.clone(),
+                    holder,
+                });
+            }
+        }
+        let (data, size) = pipe_contents(table[i].pid, table[i].fd)?;
+        table[i].entry.pipe_data = data;
+        table[i].entry.pipe_size = size;
+    }
+    Ok(table.into_iter().map(|o| o.entry).collect())
+}
+
+/// A process outside `tree` with a descriptor on pipe `ino`, if any.
+fn outside_holder(ino: u64, tree: &std::collections::BTreeSet<i32>) -> Option<i32> {
+    let want = format!("pipe:[{ino}]");
+    let rd = std::fs::read_dir("/proc").ok()?;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// The bytes queued in the pipe behind `pid`'s descriptor `fd` and its
+/// buffer size, read through a second read end (opened via /proc) with
+/// tee(2), which copies them without consuming them.
+fn pipe_contents(pid: i32, fd: i32) -> Result<(Vec<u8>, u32)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let err = |what: &str, e: std::io::Error| DumpError::Proc {
+        path: format!("{path} ({what})"),
+        source: e,
+    };
+    let c = std::ffi::CString::new(path.clone())
+        .map_err(|_| DumpError::Parse { path: path.clone() })?;
+    // SAFETY: NUL-terminated path we own; a new read end of the same pipe.
+    let r = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(err("opening a read end", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the descriptor was just opened and is ours.
+    let r = unsafe { OwnedFd::from_raw_fd(r) };
+    // SAFETY: fcntl on our own descriptor.
+    let size = unsafe { libc::fcntl(r.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes the number of queued bytes into `queued`.
+    unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if size < 0 || queued <= 0 {
+        return Ok((Vec::new(), size.max(0) as u32));
+    }
+    let (sr, sw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| err("scratch pipe", e.into()))?;
+    // SAFETY: fcntl on our own pipe.
+    unsafe { libc::fcntl(sw.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    // SAFETY: tee between two pipe descriptors we own; it copies up to
+    // `queued` bytes without consuming them from `r`.
+    let n = unsafe {
+        libc::tee(
+            r.as_raw_fd(),
+            sw.as_raw_fd(),
+            queued as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n != queued as isize {
+        return Err(err(
+            "copying the bytes in flight",
+            std::io::Error::other(format!("tee copied {n} of {queued} bytes")),
+        ));
+    }
+    drop(sw);
+    let mut data = Vec::with_capacity(queued as usize);
+    std::io::Read::read_to_end(&mut std::fs::File::from(sr), &mut data)
+        .map_err(|e| err("reading the copy", e))?;
+    Ok((data, size as u32))
 }
 
 /// Whether a character device number is a terminal.
@@ -1007,6 +1174,8 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         )?;
         caps.push(c);
     }
+    // Open file descriptions and pipe contents, while all is stopped.
+    let files = link_files(&mut caps)?;
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
@@ -1023,11 +1192,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
 
     let mut written: Vec<ImageFileInfo> = Vec::new();
     let mut entries: Vec<PstreeEntry> = Vec::new();
-    let mut files: Vec<FileEntry> = Vec::new();
     let mut pstats = TransferStats::default();
     for mut c in caps {
         entries.push(std::mem::take(&mut c.pstree));
-        files.append(&mut c.files);
         pstats.add(&c.pstats);
         written.extend(write_process(opts, c)?);
     }

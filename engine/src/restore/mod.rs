@@ -10,11 +10,11 @@ pub mod tree;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cryo_image::proto::{CoreEntry, Creds, FileKind, Vma, VmaKind};
+use cryo_image::proto::{CoreEntry, Creds, FileEntry, FileKind, Vma, VmaKind};
 use cryo_parasite::*;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -38,6 +38,13 @@ pub enum RestoreError {
         file: String,
         dumped: String,
         here: String,
+    },
+    #[error("restoring task {pid}: file {id} ({path}) of files.img: {what}")]
+    File {
+        pid: i32,
+        id: u32,
+        path: String,
+        what: String,
     },
     #[error("restoring the tree of task {pid}: {what}")]
     Plan { pid: i32, what: String },
@@ -274,12 +281,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
     let shm = make_shared_objects(&tree)?;
+    let files = open_files(&tree)?;
+    let file_fds: HashMap<u32, RawFd> = files.iter().map(|(k, v)| (*k, v.as_raw_fd())).collect();
     let shm_fds: HashMap<u64, RawFd> = shm.iter().map(|(k, v)| (*k, v.as_raw_fd())).collect();
     let ctx = NodeCtx {
         tree: &tree,
         readers: &readers,
         plan: &plan,
         shm: &shm_fds,
+        files: &file_fds,
         status_w: status_w.as_raw_fd(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
     };
@@ -413,6 +423,150 @@ fn make_shared_objects(tree: &TreeImage) -> Result<HashMap<u64, OwnedFd>> {
     Ok(out)
 }
 
+/// Open every file description the tree uses, once: descriptors that
+/// shared one at the dump (dup, inherited over fork) share it again, as
+/// each task dup3s its numbers from these. Pipes and FIFOs get their
+/// buffer size and the bytes that were in flight.
+fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
+    let root = tree.procs[0].pid();
+    let files = &tree.procs[0].files;
+    let used: std::collections::BTreeSet<u32> = tree
+        .procs
+        .iter()
+        .flat_map(|p| p.fds.iter().map(|f| f.id))
+        .collect();
+    let fail = |f: &FileEntry, what: String| RestoreError::File {
+        pid: root,
+        id: f.id,
+        path: f.path.clone(),
+        what,
+    };
+    let last = || std::io::Error::last_os_error().to_string();
+    // Status flags an open file description keeps (fcntl F_SETFL).
+    let status_flags = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_NOATIME;
+    // Per pipe (inode): its read and write ends, and whether each end has
+    // been handed out once already.
+    let mut pipes: HashMap<u64, (OwnedFd, OwnedFd, bool, bool)> = HashMap::new();
+    let mut out = HashMap::new();
+    for f in files.iter().filter(|f| used.contains(&f.id)) {
+        let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
+        let fd: RawFd = match kind {
+            FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => {
+                let path = cstr(&f.path).map_err(|e| fail(f, e))?;
+                let mut flags = f.flags as i32
+                    & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
+                if kind == FileKind::FileDirectory {
+                    flags |= libc::O_DIRECTORY;
+                }
+                // SAFETY: path is a NUL-terminated string we own.
+                let fd =
+                    unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(fail(f, format!("opening it: {}", last())));
+                }
+                let seek = |fd: RawFd| {
+                    // SAFETY: lseek on the descriptor just opened.
+                    unsafe { libc::lseek(fd, f.pos as i64, libc::SEEK_SET) }
+                };
+                if kind == FileKind::FileRegular && seek(fd) < 0 {
+                    let e = last();
+                    // SAFETY: closing the descriptor we opened.
+                    unsafe { libc::close(fd) };
+                    return Err(fail(f, format!("seeking to {}: {e}", f.pos)));
+                }
+                fd
+            }
+            FileKind::FilePipe | FileKind::FileFifo => {
+                if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(f.inode) {
+                    let holder = files
+                        .iter()
+                        .find(|x| x.inode == f.inode && x.kind == f.kind && x.pipe_size > 0)
+                        .unwrap_or(f);
+                    let (r, w) = if kind == FileKind::FilePipe {
+                        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                            .map_err(|e| fail(f, format!("pipe2: {e}")))?
+                    } else {
+                        // One O_RDWR open never blocks; both ends are
+                        // reopened from it.
+                        let path = cstr(&f.path).map_err(|e| fail(f, e))?;
+                        // SAFETY: path is a NUL-terminated string we own.
+                        let a = unsafe {
+                            libc::open(
+                                path.as_ptr(),
+                                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                            )
+                        };
+                        if a < 0 {
+                            return Err(fail(f, format!("opening the FIFO: {}", last())));
+                        }
+                        // SAFETY: `a` is a descriptor we just opened; dup
+                        // gives a second owned one for the write side.
+                        let b = unsafe { libc::fcntl(a, libc::F_DUPFD_CLOEXEC, 0) };
+                        // SAFETY: both are descriptors we own from here on.
+                        unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) }
+                    };
+                    if holder.pipe_size > 0 {
+                        // SAFETY: fcntl on our own pipe.
+                        if unsafe {
+                            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, holder.pipe_size as i32)
+                        } < 0
+                        {
+                            return Err(fail(
+                                f,
+                                format!(
+                                    "setting the pipe size to {}: {}",
+                                    holder.pipe_size,
+                                    last()
+                                ),
+                            ));
+                        }
+                    }
+                    let mut data: &[u8] = &holder.pipe_data;
+                    while !data.is_empty() {
+                        match nix::unistd::write(&w, data) {
+                            Ok(n) => data = &data[n..],
+                            Err(Errno::EINTR) => {}
+                            Err(e) => return Err(fail(f, format!("refilling the pipe: {e}"))),
+                        }
+                    }
+                    slot.insert((r, w, false, false));
+                }
+                let Some(p) = pipes.get_mut(&f.inode) else {
+                    continue;
+                };
+                let write_end = f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY;
+                let (end, first) = if write_end {
+                    (p.1.as_raw_fd(), &mut p.3)
+                } else {
+                    (p.0.as_raw_fd(), &mut p.2)
+                };
+                let fd = if !*first && kind == FileKind::FilePipe {
+                    *first = true;
+                    // SAFETY: duplicating our own pipe end: this open file
+                    // description becomes the dumped one.
+                    unsafe { libc::fcntl(end, libc::F_DUPFD_CLOEXEC, 0) }
+                } else {
+                    // Another open file description of the same pipe.
+                    let path = cstr(&format!("/proc/self/fd/{end}")).map_err(|e| fail(f, e))?;
+                    let acc = f.flags as i32 & libc::O_ACCMODE;
+                    // SAFETY: path is a NUL-terminated string we own.
+                    unsafe { libc::open(path.as_ptr(), acc | libc::O_NONBLOCK | libc::O_CLOEXEC) }
+                };
+                if fd < 0 {
+                    return Err(fail(f, format!("opening the pipe end: {}", last())));
+                }
+                fd
+            }
+        };
+        // SAFETY: fcntl on the descriptor we own; sets the dumped status
+        // flags of the open file description.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, f.flags as i32 & status_flags) };
+        // SAFETY: `fd` is a descriptor we own from here on.
+        out.insert(f.id, unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    Ok(out)
+}
+
 /// A failed restore leaves nothing behind: kill every task it made (the
 /// roots, its children, and every task of the tree that this process
 /// traces: a pid of the image held by someone else is never touched) and
@@ -468,6 +622,8 @@ struct NodeCtx<'a> {
     plan: &'a Plan,
     /// The shared anonymous objects (shmem files) by their dumped id.
     shm: &'a HashMap<u64, RawFd>,
+    /// Every open file description of the tree, by its id in files.img.
+    files: &'a HashMap<u32, RawFd>,
     status_w: RawFd,
     /// Read ends of the three barriers: traced (roots), all created, all
     /// in their groups.
@@ -1258,6 +1414,19 @@ fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Nev
     STATUS_FD.store(status_fd, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: closing the old number of the status pipe, now moved.
     unsafe { libc::close(status_w) };
+    // The open file descriptions cryo made for the whole tree (inherited
+    // from it): the ones this task uses move into the kept block too.
+    let mut moved: Vec<(u32, RawFd)> = Vec::new();
+    for e in &img.fds {
+        if moved.iter().any(|m| m.0 == e.id) {
+            continue;
+        }
+        let src = *ctx
+            .files
+            .get(&e.id)
+            .ok_or_else(|| format!("fd {}: no open file {} was made for it", e.fd, e.id))?;
+        moved.push((e.id, dup_high(src, &mut keep)?));
+    }
     // Close everything below our kept block and after it.
     let lo = *keep.iter().min().unwrap_or(&high);
     let hi = *keep.iter().max().unwrap_or(&high);
@@ -1267,53 +1436,30 @@ fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Nev
         libc::syscall(libc::SYS_close_range, 0u32, (lo - 1) as u32, 0u32);
         libc::syscall(libc::SYS_close_range, (hi + 1) as u32, u32::MAX, 0u32);
     }
-    for e in &img.fds {
-        let f = img
-            .files
-            .iter()
-            .find(|f| f.id == e.id)
-            .ok_or("fd without file")?;
-        let path = cstr(&f.path)?;
-        let mut flags = f.flags as i32
-            & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY);
-        if f.kind == FileKind::FileDirectory as i32 {
-            flags |= libc::O_DIRECTORY;
-        }
-        // SAFETY: path is a NUL-terminated string we own.
-        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY) };
-        if fd < 0 {
-            return Err(format!(
-                "fd {}: opening {}: {}",
-                e.fd,
-                f.path,
-                std::io::Error::last_os_error()
-            ));
-        }
-        let target = e.fd as i32;
-        let cloexec = if e.cloexec { libc::O_CLOEXEC } else { 0 };
-        if fd != target {
-            // SAFETY: dup3 onto a number we closed above.
-            if unsafe { libc::dup3(fd, target, cloexec) } < 0 {
-                return Err(os_err("dup3"));
-            }
-            // SAFETY: closing the temporary descriptor we opened.
+    // Inherited descriptors cryo's copies landed around.
+    for fd in lo..=hi {
+        if !keep.contains(&fd) {
+            // SAFETY: closing a descriptor inherited from cryo that this
+            // task does not use (closing a free number is harmless).
             unsafe { libc::close(fd) };
-        } else if e.cloexec {
-            // SAFETY: setting a flag on our own descriptor.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
-        if f.kind == FileKind::FileRegular as i32 {
-            // SAFETY: lseek on the descriptor just opened.
-            if unsafe { libc::lseek(target, f.pos as i64, libc::SEEK_SET) } < 0 {
-                return Err(format!(
-                    "fd {}: seeking {} to {}: {}",
-                    e.fd,
-                    f.path,
-                    f.pos,
-                    std::io::Error::last_os_error()
-                ));
-            }
+    }
+    for e in &img.fds {
+        let src = moved
+            .iter()
+            .find(|m| m.0 == e.id)
+            .map(|m| m.1)
+            .ok_or("fd without file")?;
+        let cloexec = if e.cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: dup3 onto a number we closed above; it shares the open
+        // file description (offset, flags) with every other user of it.
+        if unsafe { libc::dup3(src, e.fd as i32, cloexec) } < 0 {
+            return Err(os_err(&format!("fd {}: dup3", e.fd)));
         }
+    }
+    for (_, fd) in moved {
+        // SAFETY: closing our kept copies; the task's own numbers stay.
+        unsafe { libc::close(fd) };
     }
 
     // 3. Filesystem context.

@@ -206,6 +206,18 @@ pub fn get_robust_list(pid: Pid) -> SysResult<(u64, u64)> {
     Ok((head, len as u64))
 }
 
+/// Whether descriptor `fd1` of `pid1` and `fd2` of `pid2` are the same open
+/// file description (kcmp KCMP_FILE).
+pub fn kcmp_file(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
+    if r < 0 {
+        return Err(err("kcmp", Pid::from_raw(pid1)));
+    }
+    Ok(r == 0)
+}
+
 /// A pidfd for `pid`, which may be any thread: PIDFD_THREAD (Linux 6.9)
 /// where the kernel knows it, else a plain pidfd (leaders only).
 pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {

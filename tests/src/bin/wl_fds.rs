@@ -1,0 +1,322 @@
+//! Open files that must come back as they were: shared offsets, flags,
+//! pipes and a FIFO with bytes in flight, across a parent and its child.
+//!
+//! `wl_fds --ready FILE --verdict FILE --tmp DIR`
+//!
+//! The parent opens DIR/shared (offset 10) and dups it; the child inherits
+//! both, so three descriptors in two processes share one open file
+//! description. DIR/append is open O_APPEND, /dev/null and /dev/zero and
+//! DIR itself are open too. The child writes 10000 bytes into a pipe whose
+//! buffer it made 256 KiB and the parent has not read them; the parent
+//! holds a pipe of its own with "in flight" queued (read end O_NONBLOCK)
+//! and a FIFO with "fifo data" queued. On SIGTERM each checks its own
+//! descriptors; the child moves the shared offset to 50 and exits; the
+//! parent must see 50 through its dup, read the child's 10000 bytes and
+//! then end of file (the child's write end was the only one).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cryo_tests::wl;
+
+const NAME: &str = "wl_fds";
+const PIPE_BYTES: usize = 10000;
+const PIPE_SIZE: i32 = 256 * 1024;
+
+fn pattern(i: usize) -> u8 {
+    (i * 31 % 251) as u8
+}
+
+fn open(path: &Path, flags: i32) -> Result<i32, String> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| "NUL in path".to_string())?;
+    // SAFETY: NUL-terminated path we own.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+    if fd < 0 {
+        return Err(format!(
+            "open {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
+
+fn pos(fd: i32) -> i64 {
+    // SAFETY: lseek on our own descriptor.
+    unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) }
+}
+
+fn getfl(fd: i32) -> i32 {
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(fd, libc::F_GETFL) }
+}
+
+fn write_all(fd: i32, data: &[u8]) -> Result<(), String> {
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: writing from the unwritten tail of our buffer.
+        let n = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
+        if n <= 0 {
+            return Err(format!(
+                "write fd {fd}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        off += n as usize;
+    }
+    Ok(())
+}
+
+/// Read what is there (non-blocking descriptors) or until end of file.
+fn read_some(fd: i32, max: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; max];
+    let mut got = 0;
+    while got < max {
+        // SAFETY: reading into the unfilled tail of our buffer.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), max - got) };
+        if n <= 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    buf.truncate(got);
+    buf
+}
+
+fn wait_term() {
+    while !wl::TERM.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct Fds {
+    shared: i32,
+    shared_dup: i32,
+    append: i32,
+    null: i32,
+    zero: i32,
+    dir: i32,
+    own_r: i32,
+    own_w: i32,
+    fifo: i32,
+}
+
+fn common_checks(who: &str, f: &Fds, fails: &mut Vec<String>) {
+    for (name, fd) in [("shared", f.shared), ("its dup", f.shared_dup)] {
+        if pos(fd) != 10 {
+            fails.push(format!(
+                "{who}: {name} (fd {fd}) is at offset {}, expected 10",
+                pos(fd)
+            ));
+        }
+    }
+    if getfl(f.append) & libc::O_APPEND == 0 {
+        fails.push(format!("{who}: fd {} lost O_APPEND", f.append));
+    }
+    let link = |fd: i32| {
+        std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    if link(f.null) != "/dev/null" || link(f.zero) != "/dev/zero" {
+        fails.push(format!(
+            "{who}: /dev/null and /dev/zero are {} and {}",
+            link(f.null),
+            link(f.zero)
+        ));
+    }
+    let mut st: libc::stat = unsafe_zeroed_stat();
+    // SAFETY: fstat into a local.
+    if unsafe { libc::fstat(f.dir, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        fails.push(format!("{who}: fd {} is not the directory any more", f.dir));
+    }
+}
+
+fn unsafe_zeroed_stat() -> libc::stat {
+    // SAFETY: struct stat is plain data; all zeros is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    std::fs::create_dir_all(tmp).map_err(|e| format!("mkdir: {e}"))?;
+    let shared = open(
+        &tmp.join("shared"),
+        libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC,
+    )?;
+    write_all(shared, &[b'x'; 100])?;
+    // SAFETY: lseek / dup on our own descriptor.
+    unsafe { libc::lseek(shared, 10, libc::SEEK_SET) };
+    // SAFETY: as above.
+    let shared_dup = unsafe { libc::fcntl(shared, libc::F_DUPFD_CLOEXEC, 0) };
+    let append = open(
+        &tmp.join("append"),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND,
+    )?;
+    write_all(append, b"first\n")?;
+    let null = open(Path::new("/dev/null"), libc::O_RDWR)?;
+    let zero = open(Path::new("/dev/zero"), libc::O_RDONLY)?;
+    let dir = open(tmp, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut own = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into `own`.
+    if unsafe { libc::pipe2(own.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err("pipe2".into());
+    }
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(own[0], libc::F_SETFL, libc::O_NONBLOCK) };
+    write_all(own[1], b"in flight")?;
+    let fifo_path = tmp.join("fifo");
+    let _ = std::fs::remove_file(&fifo_path);
+    let c = std::ffi::CString::new(fifo_path.as_os_str().as_encoded_bytes()).map_err(|_| "path")?;
+    // SAFETY: NUL-terminated path we own.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err("mkfifo".into());
+    }
+    let fifo = open(&fifo_path, libc::O_RDWR | libc::O_NONBLOCK)?;
+    write_all(fifo, b"fifo data")?;
+    let f = Fds {
+        shared,
+        shared_dup,
+        append,
+        null,
+        zero,
+        dir,
+        own_r: own[0],
+        own_w: own[1],
+        fifo,
+    };
+    let mut kid_pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into `kid_pipe`.
+    if unsafe { libc::pipe2(kid_pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err("pipe2".into());
+    }
+    let kid_verdict = verdict.with_extension("child");
+    // SAFETY: single-threaded; the child runs this program's own code.
+    let kid = unsafe { libc::fork() };
+    if kid == 0 {
+        // SAFETY: closing the read end, which is the parent's.
+        unsafe { libc::close(kid_pipe[0]) };
+        // SAFETY: fcntl on our own pipe.
+        unsafe { libc::fcntl(kid_pipe[1], libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        let data: Vec<u8> = (0..PIPE_BYTES).map(pattern).collect();
+        let mut fails = Vec::new();
+        if let Err(e) = write_all(kid_pipe[1], &data) {
+            fails.push(e);
+        }
+        wait_term();
+        common_checks("child", &f, &mut fails);
+        // SAFETY: fcntl on our own pipe.
+        let size = unsafe { libc::fcntl(kid_pipe[1], libc::F_GETPIPE_SZ) };
+        if size != PIPE_SIZE {
+            fails.push(format!(
+                "child: pipe buffer is {size} bytes, was {PIPE_SIZE}"
+            ));
+        }
+        // Move the shared offset: the parent must see it.
+        // SAFETY: lseek on our own descriptor.
+        unsafe { libc::lseek(f.shared, 50, libc::SEEK_SET) };
+        let text: String = if fails.is_empty() {
+            "PASS\n".into()
+        } else {
+            fails.iter().map(|l| format!("FAIL: {l}\n")).collect()
+        };
+        let _ = wl::write_atomic(&kid_verdict, text.as_bytes());
+        // SAFETY: _exit without the parent's atexit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    if kid < 0 {
+        return Err("fork".into());
+    }
+    // SAFETY: closing the write end, which is the child's alone.
+    unsafe { libc::close(kid_pipe[1]) };
+    // Wait until the child's bytes are all in the pipe.
+    loop {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD into a local.
+        unsafe { libc::ioctl(kid_pipe[0], libc::FIONREAD, &mut n) };
+        if n as usize >= PIPE_BYTES {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    wl::write_atomic(ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    wait_term();
+    let mut fails = Vec::new();
+    common_checks("parent", &f, &mut fails);
+    if getfl(f.own_r) & libc::O_NONBLOCK == 0 {
+        fails.push("parent: its pipe's read end lost O_NONBLOCK".into());
+    }
+    let got = read_some(f.own_r, 64);
+    if got != b"in flight" {
+        fails.push(format!(
+            "parent: its own pipe held {:?}",
+            String::from_utf8_lossy(&got)
+        ));
+    }
+    let _ = f.own_w;
+    let got = read_some(f.fifo, 64);
+    if got != b"fifo data" {
+        fails.push(format!(
+            "parent: the FIFO held {:?}",
+            String::from_utf8_lossy(&got)
+        ));
+    }
+    write_all(f.append, b"second\n")?;
+    let text = std::fs::read_to_string(tmp.join("append")).unwrap_or_default();
+    if text != "first\nsecond\n" {
+        fails.push(format!("parent: the O_APPEND file reads {text:?}"));
+    }
+    // SAFETY: kill of our own child.
+    unsafe { libc::kill(kid, libc::SIGTERM) };
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(kid, &mut status, 0) };
+    let kid_text = std::fs::read_to_string(&kid_verdict)
+        .unwrap_or_else(|_| "FAIL: child wrote no verdict\n".into());
+    fails.extend(
+        kid_text
+            .lines()
+            .filter_map(|l| l.strip_prefix("FAIL: "))
+            .map(String::from),
+    );
+    if pos(f.shared_dup) != 50 {
+        fails.push(format!(
+            "parent: the child moved the shared offset to 50, the parent's dup is at {}",
+            pos(f.shared_dup)
+        ));
+    }
+    let data = read_some(kid_pipe[0], PIPE_BYTES + 100);
+    let want: Vec<u8> = (0..PIPE_BYTES).map(pattern).collect();
+    if data != want {
+        fails.push(format!(
+            "parent: read {} bytes from the child's pipe (then end of file), expected its {PIPE_BYTES}{}",
+            data.len(),
+            if data.len() == PIPE_BYTES { " (different bytes)" } else { "" }
+        ));
+    }
+    Ok(fails)
+}
+
+fn main() {
+    let mut ready = None;
+    let mut verdict = None;
+    let mut tmp = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ready" => ready = args.next().map(PathBuf::from),
+            "--verdict" => verdict = args.next().map(PathBuf::from),
+            "--tmp" => tmp = args.next().map(PathBuf::from),
+            _ => {}
+        }
+    }
+    let (Some(ready), Some(verdict), Some(tmp)) = (ready, verdict, tmp) else {
+        eprintln!("usage: wl_fds --ready FILE --verdict FILE --tmp DIR");
+        std::process::exit(2);
+    };
+    wl::close_extra_fds();
+    let result = run(&ready, &verdict, &tmp);
+    wl::finish(NAME, &verdict, result);
+}

@@ -1,0 +1,49 @@
+//! Checkpoint/restore scenarios of open files (wl_fds): one open file
+//! description shared by a dup and by a child, O_APPEND and O_NONBLOCK,
+//! character devices and a directory, a pipe between parent and child
+//! with 10000 bytes in flight and a 256 KiB buffer, a pipe and a FIFO with
+//! bytes queued. wl_fds checks every descriptor after the restore.
+
+use cryo_tests::*;
+
+fn start(dir: &TestDir) -> (Workload, TreeGuard) {
+    let tmp = dir.subdir("tmp");
+    let wl = Workload::start("wl_fds", &["--tmp", tmp.to_str().expect("utf-8 path")], dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    (wl, guard)
+}
+
+#[test]
+fn fds_kill_and_restore() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("open files restored");
+}
+
+/// Dump -R leaves every descriptor and the bytes in flight alone (they
+/// are read without being consumed): the original passes.
+#[test]
+fn fds_leave_running() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    wl.assert_pass("open files after dump -R");
+}
+
+#[test]
+fn fds_three_cycles() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    for cycle in 0..3 {
+        let img = dir.subdir(&format!("img-{cycle}"));
+        dump_ok(&mut wl, &img, &[]);
+        assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
+        restore_ok(&mut wl, &img);
+    }
+    wl.assert_pass("open files after three cycles");
+}
