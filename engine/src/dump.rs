@@ -189,6 +189,9 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             }
             libc::S_IFCHR => FileKind::FileChardev,
             libc::S_IFIFO if link.starts_with("pipe:") => FileKind::FilePipe,
+            _ if link == "anon_inode:[eventfd]" => FileKind::FileEventfd,
+            _ if link == "anon_inode:[timerfd]" => FileKind::FileTimerfd,
+            _ if link == "anon_inode:[signalfd]" => FileKind::FileSignalfd,
             libc::S_IFIFO if link.starts_with('/') && !link.ends_with(" (deleted)") => {
                 FileKind::FileFifo
             }
@@ -210,7 +213,14 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
                 });
             }
         };
-        if kind != FileKind::FilePipe && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
+        let anon = matches!(
+            kind,
+            FileKind::FilePipe
+                | FileKind::FileEventfd
+                | FileKind::FileTimerfd
+                | FileKind::FileSignalfd
+        );
+        if !anon && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
             if link.starts_with("anon_inode:") {
                 return Err(DumpError::UnsupportedFd {
                     pid,
@@ -222,7 +232,41 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             return Err(DumpError::DeletedFile { pid, fd, link });
         }
         let info_path = format!("/proc/{pid}/fdinfo/{fd}");
-        let (pos, flags) = procfmt::parse_fdinfo(&read(&info_path)?);
+        let info_text = read(&info_path)?;
+        let (pos, flags) = procfmt::parse_fdinfo(&info_text);
+        let info = procfmt::parse_status(&info_text);
+        let num = |k: &str| info.get(k).and_then(|v| v.trim().parse::<u64>().ok());
+        let bad = || DumpError::Parse {
+            path: info_path.clone(),
+        };
+        let eventfd = (kind == FileKind::FileEventfd)
+            .then(|| {
+                Some(proto::EventfdState {
+                    count: num("eventfd-count")?,
+                    semaphore: num("eventfd-semaphore").unwrap_or(0) != 0,
+                })
+            })
+            .map(|s| s.ok_or_else(bad))
+            .transpose()?;
+        let timerfd = (kind == FileKind::FileTimerfd)
+            .then(|| {
+                Some(proto::TimerfdState {
+                    clock_id: num("clockid")? as i32,
+                    value_ns: procfmt::parse_timespec_pair(info.get("it_value")?)?,
+                    interval_ns: procfmt::parse_timespec_pair(info.get("it_interval")?)?,
+                    ticks: num("ticks")?,
+                })
+            })
+            .map(|s| s.ok_or_else(bad))
+            .transpose()?;
+        let signalfd = (kind == FileKind::FileSignalfd)
+            .then(|| {
+                Some(proto::SignalfdState {
+                    mask: u64::from_str_radix(info.get("sigmask")?.trim(), 16).ok()?,
+                })
+            })
+            .map(|s| s.ok_or_else(bad))
+            .transpose()?;
         let id = *next_id;
         *next_id += 1;
         files.push(FileEntry {
@@ -237,6 +281,9 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             size: st.st_size as u64,
             pipe_data: Vec::new(),
             pipe_size: 0,
+            eventfd,
+            timerfd,
+            signalfd,
         });
         fd_entries.push(FdEntry {
             fd: fd as u32,

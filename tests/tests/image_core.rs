@@ -17,6 +17,15 @@
 //! - `diff_two_checkpoints`: two checkpoints of `wl_stack --heap-mib 4` a
 //!   second apart differ in pages of the buffer it writes, and in nothing
 //!   structural.
+//! - `core_file_tree`: `cryo image core` of a `wl_tree` dump writes one core
+//!   per live process and none for the zombies; every child's core holds,
+//!   at the address of the 4 MiB copy-on-write buffer (pages the child's
+//!   image keeps in its parent's), the buffer's pattern, the same bytes as
+//!   the root's core, and gdb reads them there.
+//! - `diff_tree_checkpoints`: two checkpoints of `wl_tree` a second apart
+//!   have the same processes (zombies too, with the same state) and no
+//!   page of the copy-on-write buffer differs in any of them; an image
+//!   against itself is identical.
 
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -631,4 +640,273 @@ fn diff_two_checkpoints() {
     assert_eq!(out.status.code(), Some(1));
 
     wl.assert_pass("wl_stack after two dumps -R");
+}
+
+/// `cow_pattern(i)` of wl_tree: word i of its copy-on-write buffer.
+fn cow_pattern(i: usize) -> u64 {
+    (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x00c0_ffee
+}
+
+const COW_LEN: usize = 4 << 20;
+
+fn cow_bytes() -> Vec<u8> {
+    (0..COW_LEN / 8)
+        .flat_map(|i| cow_pattern(i).to_le_bytes())
+        .collect()
+}
+
+/// The bytes of a core file at `[addr, addr + len)`, if one PT_LOAD with
+/// contents holds all of them.
+fn core_bytes<'a>(data: &'a [u8], loads: &[Load], addr: u64, len: u64) -> Option<&'a [u8]> {
+    let l = loads
+        .iter()
+        .find(|l| l.vaddr <= addr && addr + len <= l.vaddr + l.filesz)?;
+    let off = (l.offset + (addr - l.vaddr)) as usize;
+    data.get(off..off + len as usize)
+}
+
+/// Starts `wl_tree` and dumps it with `-R` into `<dir>/<name>`. Returns
+/// the workload, the guard of its tree, the image and the live and zombie
+/// pids read from /proc before the dump.
+fn dump_tree(dir: &TestDir) -> (Workload, TreeGuard, PathBuf, Vec<u32>, Vec<u32>) {
+    let mut wl = Workload::start("wl_tree", &[], dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let (mut live, mut zombies) = (Vec::new(), Vec::new());
+    for &pid in guard.pids() {
+        match proc_state(pid) {
+            Some('Z') => zombies.push(pid as u32),
+            Some(_) => live.push(pid as u32),
+            None => panic!("{pid} of the tree is gone"),
+        }
+    }
+    live.sort_unstable();
+    zombies.sort_unstable();
+    assert!(
+        live.len() >= 9 && zombies.len() == 3,
+        "setup: live {live:?}, zombies {zombies:?}"
+    );
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    (wl, guard, img, live, zombies)
+}
+
+#[test]
+fn core_file_tree() {
+    let gdb = find_tool("gdb", "/usr/bin/gdb").unwrap_or_else(|| {
+        panic!(
+            "gdb is not installed (not at /usr/bin/gdb nor in $PATH): install gdb \
+             (apt-get install gdb) to run this test"
+        )
+    });
+    let dir = TestDir::new();
+    let (mut wl, _guard, img, live, zombies) = dump_tree(&dir);
+    let root = wl.pid() as u32;
+    // The buffer, in the root's live memory: where the pattern starts.
+    let pattern = cow_bytes();
+    let maps = proc_maps(root as i32);
+    let mem = std::fs::File::open(format!("/proc/{root}/mem")).expect("open /proc/PID/mem");
+    let mut cow = None;
+    for line in maps.lines().filter(|l| l.contains(" rw-p ")) {
+        let (a, b) = line
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'))
+            .expect("maps range");
+        let (a, b) = (
+            u64::from_str_radix(a, 16).expect("hex"),
+            u64::from_str_radix(b, 16).expect("hex"),
+        );
+        if b - a < COW_LEN as u64 {
+            continue;
+        }
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.read_exact_at(&mut buf, a).is_err() {
+            continue;
+        }
+        if let Some(off) = buf.windows(32).position(|w| w == &pattern[..32]) {
+            cow = Some(a + off as u64);
+            break;
+        }
+    }
+    let cow = cow.unwrap_or_else(|| panic!("the copy-on-write buffer is not in the root:\n{maps}"));
+    eprintln!("copy-on-write buffer at {cow:#x}");
+
+    let out_dir = dir.join("cores");
+    let out = cryo_ok(&["image", "core", path_str(&img), "-O", path_str(&out_dir)]);
+    let mut written = file_names(&out_dir);
+    written.sort();
+    let mut want: Vec<String> = live.iter().map(|p| format!("core.{p}")).collect();
+    want.sort();
+    assert_eq!(
+        written,
+        want,
+        "one core per live process, none for the zombies {zombies:?}; cryo said:\n{}",
+        stdout_of(&out)
+    );
+
+    // Which processes keep the buffer in their parent's image.
+    let out = cryo_ok(&["image", "show", "--json", path_str(&img)]);
+    let show: Value = serde_json::from_slice(&out.stdout).expect("show --json is JSON");
+    let in_parent_at = |pid: u32| -> u64 {
+        let p = show["processes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["pid"].as_u64() == Some(u64::from(pid))))
+            .unwrap_or_else(|| panic!("{pid} not in show"));
+        p["mm"]["mappings"]
+            .as_array()
+            .expect("mappings")
+            .iter()
+            .find(|m| hex_field(&m["start"]) <= cow && cow < hex_field(&m["end"]))
+            .and_then(|m| m["pages_in_parent"].as_u64())
+            .unwrap_or(0)
+    };
+
+    let root_data = std::fs::read(out_dir.join(format!("core.{root}"))).expect("read core");
+    let (root_loads, _) = parse_core(&root_data);
+    let root_cow = core_bytes(&root_data, &root_loads, cow, COW_LEN as u64)
+        .unwrap_or_else(|| panic!("the root's core lacks {cow:#x}"));
+    assert!(
+        root_cow == &pattern[..],
+        "the root's core: the buffer's bytes"
+    );
+    for &pid in live.iter().filter(|&&p| p != root) {
+        assert!(
+            in_parent_at(pid) >= 1024,
+            "process {pid}: the buffer is not its parent's pages in the image"
+        );
+        let data = std::fs::read(out_dir.join(format!("core.{pid}"))).expect("read core");
+        let (loads, notes) = parse_core(&data);
+        assert_eq!(notes, 1, "core.{pid}: one PT_NOTE");
+        let got = core_bytes(&data, &loads, cow, COW_LEN as u64)
+            .unwrap_or_else(|| panic!("core.{pid} lacks {cow:#x}"));
+        let bad = got
+            .chunks(4096)
+            .zip(root_cow.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            bad, 0,
+            "core.{pid}: {bad} pages of the buffer differ from the root's core"
+        );
+    }
+
+    // gdb reads the pattern in a grandchild's core (its pages are two
+    // levels up).
+    let grandchild = live
+        .iter()
+        .copied()
+        .find(|&p| {
+            let ppid = show["processes"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["pid"].as_u64() == Some(u64::from(p))))
+                .and_then(|x| x["ppid"].as_u64())
+                .unwrap_or(0) as u32;
+            ppid != root && live.contains(&ppid)
+        })
+        .expect("a grandchild of the root");
+    let word = 4321usize;
+    let addr = cow + (word * 8) as u64;
+    let exe = workload_bin("wl_tree");
+    let core = out_dir.join(format!("core.{grandchild}"));
+    let out = run_tool(
+        &gdb,
+        &[
+            "-nx",
+            "-batch",
+            "-iex",
+            "set debuginfod enabled off",
+            "-ex",
+            &format!("printf \"word=%#lx\\n\", *(unsigned long *){addr:#x}"),
+            path_str(&exe),
+            path_str(&core),
+        ],
+        &dir,
+        "gdb",
+    );
+    let text = format!(
+        "{}{}",
+        stdout_of(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("gdb:\n{text}");
+    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
+    let got = text
+        .lines()
+        .find_map(|l| l.strip_prefix("word="))
+        .map(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).expect("hex"))
+        .unwrap_or_else(|| panic!("gdb printed no word:\n{text}"));
+    assert_eq!(
+        got,
+        cow_pattern(word),
+        "gdb on core.{grandchild}: word {word} of the buffer"
+    );
+
+    wl.assert_pass("wl_tree after dump -R and image core");
+}
+
+#[test]
+fn diff_tree_checkpoints() {
+    let dir = TestDir::new();
+    let (mut wl, _guard, img1, live, zombies) = dump_tree(&dir);
+    std::thread::sleep(Duration::from_millis(1000));
+    let img2 = dir.subdir("img2");
+    dump_ok(&mut wl, &img2, &["-R"]);
+
+    let out = cryo_ok(&["image", "diff", path_str(&img1), path_str(&img2)]);
+    let text = stdout_of(&out);
+    eprintln!("image diff:\n{text}");
+    assert!(text.contains("0 added, 0 removed"), "{text}");
+
+    let out = cryo_ok(&["image", "diff", "--json", path_str(&img1), path_str(&img2)]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("diff --json is JSON");
+    assert_eq!(v["tasks_added"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["tasks_removed"], serde_json::json!([]), "{v:#}");
+    let tasks = v["tasks"].as_array().expect("tasks");
+    let mut pids: Vec<u32> = tasks
+        .iter()
+        .map(|t| t["pid"].as_u64().expect("pid") as u32)
+        .collect();
+    pids.sort_unstable();
+    let mut all: Vec<u32> = live.iter().chain(&zombies).copied().collect();
+    all.sort_unstable();
+    assert_eq!(pids, all, "every process of the tree, zombies too");
+    // The 4 MiB buffer nobody writes: the root stores it, the children
+    // share it; none of it differs anywhere.
+    let show = {
+        let out = cryo_ok(&["image", "show", "--json", path_str(&img1)]);
+        serde_json::from_slice::<Value>(&out.stdout).expect("show --json is JSON")
+    };
+    let root = wl.pid() as u64;
+    let cow_map = show["processes"][0]["mm"]["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .filter(|m| m["kind"] == "anon-private")
+        .max_by_key(|m| m["pages_stored"].as_u64().unwrap_or(0))
+        .expect("the root's buffer mapping")
+        .clone();
+    assert_eq!(show["processes"][0]["pid"].as_u64(), Some(root));
+    let cow_start = hex_field(&cow_map["start"]);
+    for t in tasks {
+        let pid = t["pid"].as_u64().expect("pid") as u32;
+        assert_eq!(t["changed"], serde_json::json!({}), "task {pid}: {t:#}");
+        assert_eq!(t["mappings"]["added"], serde_json::json!([]), "{t:#}");
+        assert_eq!(t["mappings"]["removed"], serde_json::json!([]), "{t:#}");
+        for m in t["pages"]["mappings"].as_array().expect("pages.mappings") {
+            assert!(
+                hex_field(&m["start"]) != cow_start,
+                "task {pid}: pages of the copy-on-write buffer differ: {m:#}"
+            );
+        }
+        if zombies.contains(&pid) {
+            assert_eq!(t["pages"]["total"], 0, "zombie {pid}: {t:#}");
+        }
+    }
+
+    // An image against itself: identical.
+    let out = cryo_ok(&["image", "diff", "--json", path_str(&img1), path_str(&img1)]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("diff --json is JSON");
+    assert_eq!(v["identical"], true, "{v:#}");
+
+    wl.assert_pass("wl_tree after two dumps -R");
 }

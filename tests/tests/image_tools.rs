@@ -11,6 +11,18 @@
 //!   (inventory fixed up) is gone or holds another thread.
 //! - `image_decode_encode_threads`: decode | encode is byte-identical for
 //!   every file of that image, one core file per thread among them.
+//! - `image_show_tree`: `show --json` of a `wl_tree` dump carries every
+//!   pid of the tree with the ppid, pgid, sid and threads /proc gave before
+//!   the dump, marks the zombies with their exit status (7, 42, SIGUSR2),
+//!   and shows the copy-on-write buffer of every child as its parent's
+//!   pages; the text form lists the tree and the zombies.
+//! - `image_verify_tree`: `verify` passes on that image (in-parent runs are
+//!   not counted against the chunks) and names the damaged file: a child's
+//!   pagemap with a byte flipped; the root's pages file deleted (and every
+//!   child whose pages are stored there); a child whose parent is made a
+//!   zombie, so that its in-parent pages have no live parent.
+//! - `image_decode_encode_tree`: decode | encode is byte-identical for every
+//!   metadata file of that image; zombies have no per-process files.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -524,4 +536,434 @@ fn image_decode_encode_threads() {
         assert!(done.contains(&name), "{name} not round-tripped: {done:?}");
     }
     wl.assert_pass("wl_threads after dump -R and decode/encode");
+}
+
+/// (ppid, pgid, sid, zombie) of a process from /proc/PID/stat.
+fn stat_ids(pid: i32) -> (u32, u32, u32, bool) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    let rest: Vec<&str> = s[s.rfind(')').expect("comm end") + 1..]
+        .split_whitespace()
+        .collect();
+    let n = |i: usize| -> u32 {
+        rest[i]
+            .parse()
+            .unwrap_or_else(|e| panic!("/proc/{pid}/stat field {i}: {e}"))
+    };
+    (n(1), n(2), n(3), rest[0] == "Z")
+}
+
+/// What /proc said about one process of the tree before the dump.
+#[derive(Debug)]
+struct Seen {
+    pid: u32,
+    ppid: u32,
+    pgid: u32,
+    sid: u32,
+    zombie: bool,
+    /// Sorted; empty for zombies.
+    tids: Vec<u32>,
+}
+
+/// Starts `wl_tree`, reads every process of the tree from /proc, dumps it
+/// with `-R` into `<dir>/img` and checks the tree did not change.
+fn dump_tree(dir: &TestDir) -> (Workload, TreeGuard, PathBuf, Vec<Seen>) {
+    let mut wl = Workload::start("wl_tree", &[], dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let seen = |pids: &[i32]| -> Vec<Seen> {
+        let mut v: Vec<Seen> = pids
+            .iter()
+            .map(|&pid| {
+                let (ppid, pgid, sid, zombie) = stat_ids(pid);
+                Seen {
+                    pid: pid as u32,
+                    ppid,
+                    pgid,
+                    sid,
+                    zombie,
+                    tids: if zombie { Vec::new() } else { task_tids(pid) },
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| s.pid);
+        v
+    };
+    let before = seen(guard.pids());
+    assert!(
+        before.len() >= 12 && before.iter().filter(|s| s.zombie).count() == 3,
+        "setup: {before:#?}"
+    );
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    let after = seen(&tree_pids(wl.pid()));
+    assert_eq!(
+        format!("{after:?}"),
+        format!("{before:?}"),
+        "the tree changed during the dump"
+    );
+    (wl, guard, img, before)
+}
+
+fn show_json(img: &Path) -> Value {
+    let out = cryo_ok(&["image", "show", path_str(img), "--json"]);
+    serde_json::from_slice(&out.stdout).expect("show --json is JSON")
+}
+
+fn u32_of(v: &Value) -> u32 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}")) as u32
+}
+
+/// A live process of the tree other than the root that has no children.
+fn leaf_child(seen: &[Seen], root: u32) -> u32 {
+    seen.iter()
+        .find(|s| {
+            s.pid != root && !s.zombie && !seen.iter().any(|c| c.ppid == s.pid && c.pid != s.pid)
+        })
+        .map(|s| s.pid)
+        .expect("a live leaf child")
+}
+
+/// Brings every size and checksum of the inventory up to date with the
+/// files, so that only the cross-checks see a change.
+fn fix_inventory(img: &Path) {
+    let mut inv = cryo_image::read_inventory(img).expect("read inventory");
+    for f in &mut inv.files {
+        let (size, hash) = cryo_image::hash_file(&img.join(&f.name)).expect("hash");
+        f.size = size;
+        f.xxh3 = hash;
+    }
+    cryo_image::write_inventory(img, &inv).expect("write inventory");
+}
+
+#[test]
+fn image_show_tree() {
+    let dir = TestDir::new();
+    let (mut wl, _guard, img, seen) = dump_tree(&dir);
+    let root = wl.pid() as u32;
+
+    let show = show_json(&img);
+    let procs = show["processes"].as_array().expect("processes array");
+    let mut pids: Vec<u32> = procs.iter().map(|p| u32_of(&p["pid"])).collect();
+    assert_eq!(u32_of(&procs[0]["pid"]), root, "the root first: {show:#}");
+    pids.sort_unstable();
+    let want: Vec<u32> = seen.iter().map(|s| s.pid).collect();
+    assert_eq!(pids, want, "the pids of the image vs the tree in /proc");
+    assert_eq!(show["zombies"].as_u64(), Some(3), "{show:#}");
+    assert_eq!(
+        show["live_processes"].as_u64(),
+        Some(seen.iter().filter(|s| !s.zombie).count() as u64)
+    );
+
+    let mut exits = Vec::new();
+    for s in &seen {
+        let p = procs
+            .iter()
+            .find(|p| u32_of(&p["pid"]) == s.pid)
+            .expect("process in show");
+        let ctx = format!("process {}: {s:?} vs {p:#}", s.pid);
+        assert_eq!(u32_of(&p["pgid"]), s.pgid, "pgid of {ctx}");
+        assert_eq!(u32_of(&p["sid"]), s.sid, "sid of {ctx}");
+        assert_eq!(u32_of(&p["ppid"]), s.ppid, "ppid of {ctx}");
+        assert_eq!(p["zombie"].as_bool(), Some(s.zombie), "zombie of {ctx}");
+        // Every child of this process is listed under it.
+        let mut kids: Vec<u32> = p["children"]
+            .as_array()
+            .unwrap_or_else(|| panic!("children of {ctx}"))
+            .iter()
+            .map(u32_of)
+            .collect();
+        kids.sort_unstable();
+        let want: Vec<u32> = seen
+            .iter()
+            .filter(|c| c.ppid == s.pid && c.pid != root)
+            .map(|c| c.pid)
+            .collect();
+        assert_eq!(kids, want, "children of {ctx}");
+        if s.zombie {
+            assert!(p["exit_status"].is_u64(), "{ctx}");
+            assert!(p.get("mm").is_none(), "a zombie has no memory: {ctx}");
+            let e = &p["exit"];
+            exits.push(match (e["code"].as_u64(), e["signal"].as_u64()) {
+                (Some(c), None) => format!("code {c}"),
+                (None, Some(sig)) => format!("signal {sig}"),
+                _ => panic!("exit of {ctx}"),
+            });
+            continue;
+        }
+        let mut threads: Vec<u32> = p["threads"]
+            .as_array()
+            .unwrap_or_else(|| panic!("threads of {ctx}"))
+            .iter()
+            .map(u32_of)
+            .collect();
+        assert_eq!(threads.first(), Some(&s.pid), "leader first: {ctx}");
+        threads.sort_unstable();
+        assert_eq!(threads, s.tids, "threads of {ctx}");
+        assert_eq!(
+            p["cores"].as_array().map(Vec::len),
+            Some(s.tids.len()),
+            "one core per thread: {ctx}"
+        );
+        // The 4 MiB copy-on-write buffer: stored by the root, the parent's
+        // pages in every child (1024 pages at least, in one mapping).
+        let maps = p["mm"]["mappings"].as_array().expect("mappings");
+        let pm = &p["pagemap"];
+        let stored: u64 = maps
+            .iter()
+            .map(|m| m["pages_stored"].as_u64().expect("pages_stored"))
+            .sum();
+        let parent: u64 = maps
+            .iter()
+            .map(|m| m["pages_in_parent"].as_u64().expect("pages_in_parent"))
+            .sum();
+        assert_eq!(pm["pages_stored"].as_u64(), Some(stored), "{ctx}");
+        assert_eq!(pm["pages_in_parent"].as_u64(), Some(parent), "{ctx}");
+        let biggest = |k: &str| maps.iter().filter_map(|m| m[k].as_u64()).max().unwrap_or(0);
+        if s.pid == root {
+            assert_eq!(parent, 0, "the root has no parent in the image: {ctx}");
+            assert!(biggest("pages_stored") >= 1024, "the root's buffer: {ctx}");
+        } else {
+            assert!(
+                biggest("pages_in_parent") >= 1024,
+                "the buffer is the parent's pages: {ctx}"
+            );
+            assert!(
+                stored < 256,
+                "a child stores only what it wrote ({stored} pages): {ctx}"
+            );
+            // Those pages are the root's, wherever the child sits.
+            let from = pm["in_parent_from"].as_array().expect("in_parent_from");
+            let of_root: u64 = from
+                .iter()
+                .filter(|f| f["pid"].as_u64() == Some(u64::from(root)))
+                .map(|f| f["pages"].as_u64().unwrap_or(0))
+                .sum();
+            assert!(of_root >= 1024, "{ctx}");
+        }
+    }
+    exits.sort();
+    let want = vec![
+        "code 42".to_string(),
+        "code 7".to_string(),
+        format!("signal {}", libc::SIGUSR2),
+    ];
+    assert_eq!(exits, want, "exit statuses of the zombies");
+    assert!(show["pages_in_parent"].as_u64().unwrap_or(0) >= 8 * 1024);
+
+    // The text form: one line per process in the tree, zombies marked, a
+    // section for every live process only.
+    let out = cryo_ok(&["image", "show", path_str(&img)]);
+    let text = stdout_of(&out);
+    let tree: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("process tree:"))
+        .skip(2)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(tree.len(), seen.len(), "tree lines:\n{text}");
+    for s in &seen {
+        let line = tree
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(&s.pid.to_string()))
+            .unwrap_or_else(|| panic!("no tree line for {}:\n{text}", s.pid));
+        assert_eq!(line.contains("<zombie: "), s.zombie, "{line}");
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with(&format!("task {} ", s.pid)))
+                .count(),
+            usize::from(!s.zombie),
+            "task section of {}:\n{text}",
+            s.pid
+        );
+    }
+    assert!(text.contains("exited with code 42"), "{text}");
+    assert!(text.contains("killed by SIGUSR2"), "{text}");
+
+    wl.assert_pass("wl_tree after dump -R and image show");
+}
+
+#[test]
+fn image_verify_tree() {
+    let dir = TestDir::new();
+    let (mut wl, _guard, img, seen) = dump_tree(&dir);
+    let root = wl.pid() as u32;
+
+    let out = cryo_ok(&["image", "verify", path_str(&img)]);
+    let text = stdout_of(&out);
+    assert!(text.starts_with("ok: "), "verify: {text}");
+
+    // A byte flipped in the middle of a leaf child's pagemap.
+    let leaf = leaf_child(&seen, root);
+    let pagemap = cryo_image::pagemap_file(leaf);
+    let copy = dir.join("flip-pagemap");
+    copy_dir(&img, &copy);
+    let mut data = std::fs::read(copy.join(&pagemap)).expect("read pagemap");
+    let mid = data.len() / 2;
+    data[mid] ^= 0x5a;
+    std::fs::write(copy.join(&pagemap), data).expect("write pagemap");
+    let lines = expect_verify_fails(&copy, &pagemap, "flipped byte in a child's pagemap");
+    // A damaged chunk record is reported on the pages file it describes.
+    let leaf_pages = cryo_image::pages_file(leaf);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(&pagemap) || l.contains(&leaf_pages)),
+        "flipped byte in a child's pagemap: problems beyond {pagemap}: {lines:#?}"
+    );
+
+    // The root's pages file deleted: named, and so is every child whose
+    // shared pages are stored there (the copy-on-write buffer: all of them).
+    let pages = cryo_image::pages_file(root);
+    let copy = dir.join("no-root-pages");
+    copy_dir(&img, &copy);
+    std::fs::remove_file(copy.join(&pages)).expect("rm pages");
+    let lines = expect_verify_fails(&copy, &pages, "root's pages file deleted");
+    assert!(
+        lines.iter().all(|l| l.contains(&pages)),
+        "root's pages file deleted: problems beyond {pages}: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("{}: listed in the inventory but missing", pages))),
+        "{lines:#?}"
+    );
+    for s in seen.iter().filter(|s| s.pid != root && !s.zombie) {
+        let pm = cryo_image::pagemap_file(s.pid);
+        assert!(
+            lines.iter().any(|l| l.contains(&pm) && l.contains(&pages)),
+            "root's pages file deleted: child {} not reported: {lines:#?}",
+            s.pid
+        );
+    }
+
+    // The leaf child made a child of a zombie in pstree.img (inventory
+    // fixed up): its in-parent pages have no live parent.
+    let zombie = seen.iter().find(|s| s.zombie).expect("a zombie").pid;
+    let copy = dir.join("zombie-parent");
+    copy_dir(&img, &copy);
+    let work = dir.subdir("json");
+    let json = work.join("zombie-parent-pstree.json");
+    let mut doc = decode_to(&copy.join(cryo_image::PSTREE_FILE), &json);
+    let rec = doc["records"]
+        .as_array_mut()
+        .expect("records")
+        .iter_mut()
+        .find(|r| r["pid"].as_u64() == Some(u64::from(leaf)))
+        .expect("the leaf's pstree record");
+    rec["ppid"] = serde_json::json!(zombie);
+    std::fs::write(&json, serde_json::to_vec(&doc).expect("serialize")).expect("write json");
+    encode(&json, &copy.join(cryo_image::PSTREE_FILE));
+    fix_inventory(&copy);
+    let lines = expect_verify_fails(&copy, &pagemap, "child of a zombie");
+    assert!(
+        lines.iter().any(|l| l.contains(&pagemap)
+            && l.contains(&format!("its parent {zombie} is not a live process"))),
+        "child of a zombie: {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(cryo_image::PSTREE_FILE)
+            && l.contains(&format!("its parent {zombie} is a zombie"))),
+        "child of a zombie: {lines:#?}"
+    );
+
+    // The buffer's mapping taken out of the root's mm (inventory fixed
+    // up): the children's in-parent runs there are covered by no mapping
+    // of their parent any more.
+    let show = show_json(&img);
+    let buf_start = show["processes"][0]["mm"]["mappings"]
+        .as_array()
+        .expect("mappings")
+        .iter()
+        .filter(|m| m["kind"] == "anon-private")
+        .max_by_key(|m| m["pages_stored"].as_u64().unwrap_or(0))
+        .and_then(|m| m["start"].as_str())
+        .map(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).expect("hex"))
+        .expect("the root's buffer mapping");
+    let mm = cryo_image::mm_file(root);
+    let copy = dir.join("no-buffer-mapping");
+    copy_dir(&img, &copy);
+    let json = work.join("no-buffer-mapping-mm.json");
+    let mut doc = decode_to(&copy.join(&mm), &json);
+    let vmas = doc["records"][0]["vmas"]
+        .as_array_mut()
+        .expect("vmas of the mm record");
+    let before = vmas.len();
+    vmas.retain(|v| {
+        v["start"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            != buf_start
+    });
+    assert_eq!(vmas.len() + 1, before, "the buffer's mapping in {mm}");
+    std::fs::write(&json, serde_json::to_vec(&doc).expect("serialize")).expect("write json");
+    encode(&json, &copy.join(&mm));
+    fix_inventory(&copy);
+    let lines = expect_verify_fails(&copy, &mm, "buffer mapping gone from the root");
+    for s in seen.iter().filter(|s| s.ppid == root && !s.zombie) {
+        let pm = cryo_image::pagemap_file(s.pid);
+        assert!(
+            lines.iter().any(|l| l.contains(&pm)
+                && l.contains(&format!(
+                    "no mapping of {mm} with stored pages covers {buf_start:#x}"
+                ))),
+            "buffer mapping gone from the root: child {} not reported: {lines:#?}",
+            s.pid
+        );
+    }
+
+    wl.assert_pass("wl_tree after dump -R and image verify");
+}
+
+#[test]
+fn image_decode_encode_tree() {
+    let dir = TestDir::new();
+    let (mut wl, _guard, img, seen) = dump_tree(&dir);
+    let work = dir.subdir("json");
+    let done = assert_decode_encode_identical(&img, &work);
+    for name in [
+        cryo_image::PSTREE_FILE,
+        cryo_image::FILES_FILE,
+        cryo_image::INVENTORY_FILE,
+    ] {
+        assert!(
+            done.iter().any(|d| d == name),
+            "{name} not round-tripped: {done:?}"
+        );
+    }
+    let names = file_names(&img);
+    for s in &seen {
+        let mut per_process = vec![
+            cryo_image::mm_file(s.pid),
+            cryo_image::pagemap_file(s.pid),
+            cryo_image::fdinfo_file(s.pid),
+        ];
+        per_process.extend(s.tids.iter().map(|t| cryo_image::core_file(*t)));
+        if s.zombie {
+            for f in per_process.iter().chain([&cryo_image::pages_file(s.pid)]) {
+                assert!(!names.contains(f), "zombie {} has {f}", s.pid);
+            }
+            assert!(
+                !names.contains(&cryo_image::core_file(s.pid)),
+                "zombie {} has a core",
+                s.pid
+            );
+        } else {
+            for f in &per_process {
+                assert!(done.contains(f), "{f} not round-tripped: {done:?}");
+            }
+        }
+    }
+    // The pstree records as decoded: the zombies' exit statuses survive.
+    let doc: Value = serde_json::from_slice(
+        &std::fs::read(work.join(format!("{}.json", cryo_image::PSTREE_FILE))).expect("read json"),
+    )
+    .expect("pstree JSON");
+    let records = doc["records"].as_array().expect("records");
+    assert_eq!(records.len(), seen.len(), "{doc:#}");
+    for r in records.iter().filter(|r| r["zombie"] == true) {
+        assert!(r["exit_status"].as_u64().unwrap_or(0) != 0, "{r:#}");
+    }
+    wl.assert_pass("wl_tree after dump -R and decode/encode");
 }

@@ -1,13 +1,15 @@
 //! `cryo image`: inspect, convert and check image directories.
 //!
-//! - `show DIR [--json]`: what the image holds, task by task.
+//! - `show DIR [--json]`: what the image holds: the process tree (zombies
+//!   with their exit status), then task by task.
 //! - `decode FILE`: any image file as `{"kind", "records"}` JSON (proto3
 //!   canonical JSON per record); a summary for pages files.
 //! - `encode`: that JSON on stdin back to the binary file on stdout.
 //! - `verify DIR`: framing, inventory, page checksums and cross-references;
 //!   reports every problem.
-//! - `core DIR -O OUTDIR`: an ELF core file per process (`core.<pid>`), for
-//!   gdb and other core-file tools.
+//! - `core DIR -O OUTDIR`: an ELF core file per live process (`core.<pid>`),
+//!   for gdb and other core-file tools; pages kept in a parent's image are
+//!   read from there.
 //! - `diff DIR1 DIR2 [--json]`: what changed between two checkpoints of the
 //!   same workload (tasks, mappings, stored pages, descriptors, registers).
 
@@ -31,7 +33,7 @@ pub struct ImageArgs {
 
 #[derive(Subcommand, Debug)]
 enum ImageCmd {
-    /// Summarise an image: process tree, memory, descriptors, core state, files.
+    /// Summarise an image: process tree (zombies too), memory, descriptors, core state, files.
     Show {
         /// Image directory.
         dir: PathBuf,
@@ -55,7 +57,7 @@ enum ImageCmd {
         /// Image directory.
         dir: PathBuf,
     },
-    /// Write an ELF core file per process (`core.<pid>`) for gdb and readelf.
+    /// Write an ELF core file per live process (`core.<pid>`) for gdb and readelf.
     Core {
         /// Image directory.
         dir: PathBuf,

@@ -147,6 +147,15 @@ pub fn parse_fdinfo(text: &str) -> (u64, u32) {
     (pos, flags)
 }
 
+/// A timerfd fdinfo time, "(SECONDS, NANOSECONDS)", in nanoseconds.
+pub fn parse_timespec_pair(v: &str) -> Option<u64> {
+    let v = v.trim().strip_prefix('(')?.strip_suffix(')')?;
+    let (s, ns) = v.split_once(',')?;
+    let s: u64 = s.trim().parse().ok()?;
+    let ns: u64 = ns.trim().parse().ok()?;
+    Some(s * 1_000_000_000 + ns)
+}
+
 /// Soft and hard limits from /proc/PID/limits, in resource order
 /// (RLIMIT_CPU = 0 ...). "unlimited" is RLIM_INFINITY. The kernel prints
 /// fixed-width columns; their positions come from the header line.
@@ -206,6 +215,13 @@ pub fn read_maps(pid: &str) -> Vec<MapRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timerfd_times() {
+        assert_eq!(parse_timespec_pair("(6, 999517986)"), Some(6_999_517_986));
+        assert_eq!(parse_timespec_pair(" (0, 0)"), Some(0));
+        assert_eq!(parse_timespec_pair("6, 1"), None);
+    }
 
     #[test]
     fn stat_with_odd_comm() {

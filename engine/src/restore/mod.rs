@@ -476,6 +476,96 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                 }
                 fd
             }
+            FileKind::FileEventfd => {
+                let st = f.eventfd.unwrap_or_default();
+                let flags = libc::EFD_CLOEXEC | if st.semaphore { libc::EFD_SEMAPHORE } else { 0 };
+                // SAFETY: eventfd with integer arguments.
+                let fd = unsafe { libc::eventfd(0, flags) };
+                if fd < 0 {
+                    return Err(fail(f, format!("eventfd: {}", last())));
+                }
+                if st.count > 0 {
+                    let b = st.count.to_ne_bytes();
+                    // SAFETY: writing 8 bytes we own to the new eventfd.
+                    if unsafe { libc::write(fd, b.as_ptr().cast(), 8) } != 8 {
+                        let e = last();
+                        // SAFETY: closing the descriptor we made.
+                        unsafe { libc::close(fd) };
+                        return Err(fail(
+                            f,
+                            format!("setting the eventfd count {}: {e}", st.count),
+                        ));
+                    }
+                }
+                fd
+            }
+            FileKind::FileSignalfd => {
+                let st = f.signalfd.unwrap_or_default();
+                // SAFETY: sigset_t is plain data, filled by sigemptyset.
+                let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+                // SAFETY: set is a valid sigset_t owned here.
+                unsafe { libc::sigemptyset(&mut set) };
+                for sig in 1..=64 {
+                    if st.mask & (1u64 << (sig - 1)) != 0 {
+                        // SAFETY: as above; sig is in range.
+                        unsafe { libc::sigaddset(&mut set, sig) };
+                    }
+                }
+                // SAFETY: a new signalfd for a mask we own.
+                let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(fail(f, format!("signalfd: {}", last())));
+                }
+                fd
+            }
+            FileKind::FileTimerfd => {
+                let st = f.timerfd.unwrap_or_default();
+                // SAFETY: timerfd_create with integer arguments.
+                let fd = unsafe { libc::timerfd_create(st.clock_id, libc::TFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(fail(
+                        f,
+                        format!("timerfd_create (clock {}): {}", st.clock_id, last()),
+                    ));
+                }
+                let ts = |ns: u64| libc::timespec {
+                    tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                    tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+                };
+                // A timer about to expire at the dump expires right away.
+                let value = if st.value_ns == 0 && st.interval_ns == 0 {
+                    0
+                } else {
+                    st.value_ns.max(1)
+                };
+                let its = libc::itimerspec {
+                    it_interval: ts(st.interval_ns),
+                    it_value: ts(value),
+                };
+                // SAFETY: arming our own timerfd with a value we own.
+                if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } < 0 {
+                    let e = last();
+                    // SAFETY: closing the descriptor we made.
+                    unsafe { libc::close(fd) };
+                    return Err(fail(f, format!("timerfd_settime: {e}")));
+                }
+                if st.ticks > 0 {
+                    // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE).
+                    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+                    let ticks = st.ticks;
+                    // SAFETY: the ioctl reads one u64 from `ticks`.
+                    if unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } < 0 {
+                        let e = last();
+                        // SAFETY: closing the descriptor we made.
+                        unsafe { libc::close(fd) };
+                        return Err(fail(
+                            f,
+                            format!("restoring {ticks} unread expirations: {e}"),
+                        ));
+                    }
+                }
+                fd
+            }
             FileKind::FilePipe | FileKind::FileFifo => {
                 if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(f.inode) {
                     let holder = files

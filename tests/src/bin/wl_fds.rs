@@ -13,6 +13,11 @@
 //! descriptors; the child moves the shared offset to 50 and exits; the
 //! parent must see 50 through its dup, read the child's 10000 bytes and
 //! then end of file (the child's write end was the only one).
+//!
+//! The parent also holds an eventfd in semaphore mode with count 5, a
+//! timerfd 30 s from expiring with a 1.5 s period, one that expired once
+//! and was not read, and a signalfd for SIGUSR1 and SIGUSR2 with a SIGUSR1
+//! queued (blocked).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -139,6 +144,109 @@ fn unsafe_zeroed_stat() -> libc::stat {
     unsafe { std::mem::zeroed() }
 }
 
+/// The event descriptors of the parent: eventfd, two timerfds, signalfd.
+struct Events {
+    efd: i32,
+    tfd: i32,
+    expired: i32,
+    sfd: i32,
+}
+
+fn make_events() -> Result<Events, String> {
+    let ns = |s: i64, n: i64| libc::timespec {
+        tv_sec: s,
+        tv_nsec: n,
+    };
+    // SAFETY: plain calls creating descriptors of this process, with
+    // values we own.
+    unsafe {
+        let efd = libc::eventfd(
+            5,
+            libc::EFD_SEMAPHORE | libc::EFD_NONBLOCK | libc::EFD_CLOEXEC,
+        );
+        let tfd = libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        );
+        let its = libc::itimerspec {
+            it_interval: ns(1, 500_000_000),
+            it_value: ns(30, 0),
+        };
+        libc::timerfd_settime(tfd, 0, &its, std::ptr::null_mut());
+        let expired = libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        );
+        let once = libc::itimerspec {
+            it_interval: ns(0, 0),
+            it_value: ns(0, 1_000_000),
+        };
+        libc::timerfd_settime(expired, 0, &once, std::ptr::null_mut());
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let sfd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        libc::raise(libc::SIGUSR1);
+        if efd < 0 || tfd < 0 || expired < 0 || sfd < 0 {
+            return Err(format!(
+                "event descriptors: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        Ok(Events {
+            efd,
+            tfd,
+            expired,
+            sfd,
+        })
+    }
+}
+
+fn check_events(e: &Events, fails: &mut Vec<String>) {
+    let read8 = |fd: i32| -> Option<u64> {
+        let mut b = [0u8; 8];
+        // SAFETY: reading 8 bytes into a local.
+        let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
+        (n == 8).then(|| u64::from_ne_bytes(b))
+    };
+    let sem: Vec<Option<u64>> = (0..6).map(|_| read8(e.efd)).collect();
+    if sem != [Some(1), Some(1), Some(1), Some(1), Some(1), None] {
+        fails.push(format!("eventfd (semaphore, count 5) read {sem:?}"));
+    }
+    // SAFETY: plain data, filled by timerfd_gettime.
+    let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: reading our own timer's setting into a local.
+    unsafe { libc::timerfd_gettime(e.tfd, &mut cur) };
+    let left = cur.it_value.tv_sec as f64 + cur.it_value.tv_nsec as f64 / 1e9;
+    if cur.it_interval.tv_sec != 1
+        || cur.it_interval.tv_nsec != 500_000_000
+        || !(0.0 < left && left <= 30.0)
+    {
+        fails.push(format!(
+            "timerfd: {left:.3} s left and a period of {}.{:09} s; was 30 s and 1.5 s",
+            cur.it_interval.tv_sec, cur.it_interval.tv_nsec
+        ));
+    }
+    match read8(e.expired) {
+        Some(1) => {}
+        other => fails.push(format!(
+            "the expired timerfd reads {other:?}, expected one expiry"
+        )),
+    }
+    let mut info = [0u8; 128];
+    // SAFETY: reading one signalfd_siginfo (128 bytes) into a local.
+    let n = unsafe { libc::read(e.sfd, info.as_mut_ptr().cast(), 128) };
+    let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+    if n != 128 || signo != libc::SIGUSR1 as u32 {
+        fails.push(format!(
+            "the signalfd read {n} bytes, signal {signo}; expected SIGUSR1"
+        ));
+    }
+}
+
 fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     std::fs::create_dir_all(tmp).map_err(|e| format!("mkdir: {e}"))?;
@@ -193,6 +301,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
         return Err("pipe2".into());
     }
     let kid_verdict = verdict.with_extension("child");
+    let events = make_events()?;
     // SAFETY: single-threaded; the child runs this program's own code.
     let kid = unsafe { libc::fork() };
     if kid == 0 {
@@ -245,6 +354,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     wait_term();
     let mut fails = Vec::new();
     common_checks("parent", &f, &mut fails);
+    check_events(&events, &mut fails);
     if getfl(f.own_r) & libc::O_NONBLOCK == 0 {
         fails.push("parent: its pipe's read end lost O_NONBLOCK".into());
     }

@@ -399,8 +399,19 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
         .map(|r| r.load(Ordering::SeqCst))
         .collect();
     wl::log(NAME, "SIGTERM: checking");
-    // Let the sleeper and spinners show progress after the restore.
-    std::thread::sleep(Duration::from_millis(50));
+    // Let the sleeper and spinners show progress after the restore (give
+    // them up to 5 s: a loaded machine may not run a spinner for a while).
+    let progressed = |sh: &Shared| {
+        sh.sleeper_count.load(Ordering::SeqCst) > sleeper_before
+            && spins_before
+                .iter()
+                .enumerate()
+                .all(|(k, b)| sh.spin_rounds[k].load(Ordering::SeqCst) > *b)
+    };
+    let t0 = std::time::Instant::now();
+    while !progressed(&sh) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let tids_now = task_list();
     if tids_now != tids_before {
         sh.fail(

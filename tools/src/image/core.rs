@@ -1,6 +1,7 @@
-//! `cryo image core DIR -O OUTDIR`: one ELF core file per process of an
-//! image (`core.<pid>`), laid out like the kernel's, so that gdb, readelf
-//! and other core-file tools can inspect a checkpoint.
+//! `cryo image core DIR -O OUTDIR`: one ELF core file per live process of
+//! an image (`core.<pid>`), laid out like the kernel's, so that gdb, readelf
+//! and other core-file tools can inspect a checkpoint. Zombies have no
+//! memory and get none.
 //!
 //! The file: ELF header, program headers (one PT_NOTE, then one PT_LOAD per
 //! mapping), the notes, then the memory of each mapping at a page-aligned
@@ -8,10 +9,12 @@
 //! NT_PRFPREG, NT_X86_XSTATE, then NT_PRPSINFO, NT_SIGINFO, NT_AUXV and
 //! NT_FILE; for every other thread NT_PRSTATUS, NT_PRFPREG, NT_X86_XSTATE.
 //!
-//! Memory: the stored pages of the image; where a page is not stored, the
-//! mapped file's content for file mappings (if the file can still be read),
-//! the running kernel's vDSO for `[vdso]` (when the image was taken on this
-//! kernel), zero otherwise. `[vvar]`-like areas and mappings marked
+//! Memory: the pages of the image, those a child still shared with its
+//! parent at the dump (`PAGE_IN_PARENT`) read from the ancestor that stored
+//! them (zeros if none did), as the restore rebuilds them; where a page is
+//! not in the image at all, the mapped file's content for file mappings
+//! (if the file can still be read), the running kernel's vDSO for `[vdso]`
+//! (when the image was taken on this kernel), zero otherwise. `[vvar]`-like areas and mappings marked
 //! MADV_DONTDUMP get a PT_LOAD without file contents, as the kernel does.
 
 use std::fs::File;
@@ -22,7 +25,7 @@ use anyhow::Context;
 use cryo_image::proto::{CoreEntry, GpRegs, Vma, VmaKind};
 use cryo_image::PAGE_SIZE;
 
-use super::task::{load_image, LoadedImage, PageStream, TaskImage};
+use super::task::{load_image, LoadedImage, MemStream, Memory, Origin, TaskImage};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -64,11 +67,15 @@ pub fn run(dir: &Path, out_dir: &Path) -> anyhow::Result<i32> {
     let img = load_image(dir).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("{}: cannot create directory", out_dir.display()))?;
-    let vdso = OwnVdso::probe(&img);
-    for t in &img.tasks {
+    let mut vdso = OwnVdso::probe(&img);
+    let mut mem = Memory::new(&img);
+    for (i, t) in img.tasks.iter().enumerate() {
         let path = out_dir.join(format!("core.{}", t.entry.pid));
-        write_core(dir, t, &vdso, &path)?;
+        write_core(&mut mem, i, t, &mut vdso, &path)?;
         println!("{}", path.display());
+    }
+    for z in img.zombies() {
+        tracing::info!("process {} is a zombie: no core file", z.pid);
     }
     Ok(0)
 }
@@ -258,9 +265,12 @@ fn notes(t: &TaskImage) -> Vec<u8> {
     b.0
 }
 
-/// The running kernel's vDSO, usable for images taken on this kernel.
+/// The running kernel's vDSO, usable for images taken on this kernel;
+/// and the mapped files already warned about, so that a tree of processes
+/// mapping the same replaced file gets one warning per file.
 struct OwnVdso {
     bytes: Option<Vec<u8>>,
+    warned: std::collections::HashSet<String>,
 }
 
 impl OwnVdso {
@@ -272,7 +282,10 @@ impl OwnVdso {
         if bytes.is_none() {
             tracing::info!("vDSO contents unavailable (other kernel); [vdso] is dumped as zeros");
         }
-        OwnVdso { bytes }
+        OwnVdso {
+            bytes,
+            warned: std::collections::HashSet::new(),
+        }
     }
 
     fn read() -> Option<Vec<u8>> {
@@ -340,23 +353,29 @@ fn write_nonzero(f: &File, path: &Path, data: &[u8], off: u64) -> anyhow::Result
 }
 
 /// Copies the mapped file's bytes for a file mapping into its segment.
-fn fill_from_file(seg: &Segment<'_>, out: &File, out_path: &Path) -> anyhow::Result<()> {
+fn fill_from_file(
+    seg: &Segment<'_>,
+    out: &File,
+    out_path: &Path,
+    warned: &mut std::collections::HashSet<String>,
+) -> anyhow::Result<()> {
     let v = seg.vma;
+    let first = warned.insert(v.path.clone());
     let src = match File::open(&v.path) {
         Ok(f) => f,
         Err(e) => {
-            tracing::warn!(
-                "{}: cannot open ({e}); mapping {:#x}-{:#x} is dumped without its file contents",
-                v.path,
-                v.start,
-                v.end
-            );
+            if first {
+                tracing::warn!(
+                    "{}: cannot open ({e}); its mappings are dumped without the file's contents",
+                    v.path
+                );
+            }
             return Ok(());
         }
     };
     if let Ok(meta) = src.metadata() {
         use std::os::unix::fs::MetadataExt;
-        if v.inode != 0 && meta.ino() != v.inode {
+        if v.inode != 0 && meta.ino() != v.inode && first {
             tracing::warn!(
                 "{}: inode {} differs from the dumped {} (file replaced?); using it anyway",
                 v.path,
@@ -384,7 +403,13 @@ fn fill_from_file(seg: &Segment<'_>, out: &File, out_path: &Path) -> anyhow::Res
     Ok(())
 }
 
-fn write_core(dir: &Path, t: &TaskImage, vdso: &OwnVdso, path: &Path) -> anyhow::Result<()> {
+fn write_core(
+    mem: &mut Memory<'_>,
+    idx: usize,
+    t: &TaskImage,
+    vdso: &mut OwnVdso,
+    path: &Path,
+) -> anyhow::Result<()> {
     let mut vmas: Vec<&Vma> = t.mm.vmas.iter().collect();
     vmas.sort_by_key(|v| v.start);
     let nr_phdrs = 1 + vmas.len() as u64;
@@ -448,11 +473,11 @@ fn write_core(dir: &Path, t: &TaskImage, vdso: &OwnVdso, path: &Path) -> anyhow:
     out.write_all_at(&h.0, 0)
         .with_context(|| format!("{}: write failed", path.display()))?;
 
-    // File and vDSO contents first; stored pages override them.
+    // File and vDSO contents first; the image's pages override them.
     for s in segs.iter().filter(|s| s.filesz > 0) {
         match VmaKind::try_from(s.vma.kind) {
             Ok(VmaKind::VmaFilePrivate | VmaKind::VmaFileShared) if is_file_mapping(s.vma) => {
-                fill_from_file(s, &out, path)?
+                fill_from_file(s, &out, path, &mut vdso.warned)?
             }
             Ok(VmaKind::VmaVdso) => {
                 if let Some(bytes) = vdso.for_len(s.filesz) {
@@ -462,9 +487,13 @@ fn write_core(dir: &Path, t: &TaskImage, vdso: &OwnVdso, path: &Path) -> anyhow:
             _ => {}
         }
     }
-    let mut pages = PageStream::open(dir, &t.pagemap)?;
+    let mut pages = MemStream::new(idx);
     let mut outside = 0u64;
-    while let Some(addr) = pages.next_page()? {
+    let mut from_parent = 0u64;
+    while let Some((addr, origin)) = pages.next_page(mem)? {
+        if origin != Origin::Own {
+            from_parent += 1;
+        }
         let i = segs.partition_point(|s| s.vma.end <= addr);
         match segs.get(i) {
             Some(s) if s.vma.start <= addr && addr + PAGE <= s.vma.start + s.filesz => {
@@ -475,6 +504,10 @@ fn write_core(dir: &Path, t: &TaskImage, vdso: &OwnVdso, path: &Path) -> anyhow:
             _ => outside += 1,
         }
     }
+    tracing::debug!(
+        "process {}: {from_parent} pages taken from its ancestors' images",
+        t.entry.pid
+    );
     if outside > 0 {
         tracing::warn!(
             "process {}: {outside} stored pages lie outside every mapping (run `cryo image verify`)",

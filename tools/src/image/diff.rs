@@ -1,11 +1,16 @@
 //! `cryo image diff DIR1 DIR2 [--json]`: what changed between two
 //! checkpoints of the same workload.
 //!
-//! Tasks are matched by pid: added, removed, and for those in both the
-//! changed pstree fields (ppid, pgid, sid, threads, cmdline) and exe/brk;
+//! Tasks (every process of the tree, zombies included) are matched by pid:
+//! added, removed, and for those in both the changed pstree fields (ppid,
+//! pgid, sid, threads, cmdline, zombie, exit status) and exe/brk;
 //! mappings added, removed or changed (range, protection, kind, file,
-//! offset); for mappings in both, how many stored pages differ (stored in
-//! one image only, or with different bytes); descriptors added, removed or
+//! offset); for mappings in both, how many pages differ (in one image only,
+//! or with different bytes; pages a child shares with its parent
+//! (`PAGE_IN_PARENT`) compare by the bytes they resolve to in the
+//! ancestor's image, so a page stored in one image and shared with the
+//! parent in the other is no change if the bytes are the same); for live
+//! processes only, descriptors added, removed or
 //! changed (kind, path, flags, position, close-on-exec); and the threads
 //! whose rip or rsp moved. The exit status is 0 whether or not anything
 //! differs; 1 only when an image cannot be read.
@@ -14,12 +19,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use cryo_image::proto::{FdEntry, FileEntry, Vma, VmaKind};
+use cryo_image::proto::{FdEntry, FileEntry, PstreeEntry, Vma, VmaKind};
 use serde_json::{json, Value};
 
 use super::load;
 use super::show::{open_flags, perms};
-use super::task::{load_image, LoadedImage, PageStream, TaskImage};
+use super::task::{load_image, LoadedImage, MemStream, Memory, Origin};
 
 fn hex(v: u64) -> String {
     format!("{v:#x}")
@@ -338,21 +343,33 @@ fn same_as_file(
     buf == page
 }
 
-/// Walks the stored pages of both tasks in address order and counts the
-/// differences per pair of mappings.
+/// The next page of a stream that the image holds for the process, in-parent
+/// pages no ancestor stored left out (they are zeros, as absent pages are).
+fn next_held(st: &mut MemStream, mem: &mut Memory<'_>) -> anyhow::Result<Option<u64>> {
+    while let Some((addr, origin)) = st.next_page(mem)? {
+        if origin != Origin::ParentZero {
+            return Ok(Some(addr));
+        }
+    }
+    Ok(None)
+}
+
+/// Walks the pages of both tasks (stored or resolved from an ancestor) in
+/// address order and counts the differences per pair of mappings.
 fn compare_pages(
-    dirs: (&Path, &Path),
-    tasks: (&TaskImage, &TaskImage),
+    mems: (&mut Memory<'_>, &mut Memory<'_>),
+    tasks: (usize, usize),
     pairs: &mut [MapPair<'_>],
 ) -> anyhow::Result<u64> {
+    let (ma, mb) = mems;
     let old_idx = RangeIndex::new(pairs.iter().enumerate().map(|(i, p)| (p.old, i)));
     let new_idx = RangeIndex::new(pairs.iter().enumerate().map(|(i, p)| (p.new, i)));
-    let mut a = PageStream::open(dirs.0, &tasks.0.pagemap)?;
-    let mut b = PageStream::open(dirs.1, &tasks.1.pagemap)?;
+    let mut a = MemStream::new(tasks.0);
+    let mut b = MemStream::new(tasks.1);
     let mut elsewhere = 0u64;
     let mut files = HashMap::new();
-    let mut pa = a.next_page()?;
-    let mut pb = b.next_page()?;
+    let mut pa = next_held(&mut a, ma)?;
+    let mut pb = next_held(&mut b, mb)?;
     loop {
         let (addr, kind) = match (pa, pb) {
             (None, None) => break,
@@ -387,33 +404,64 @@ fn compare_pages(
             }
         }
         if kind != 2 {
-            pa = a.next_page()?;
+            pa = next_held(&mut a, ma)?;
         }
         if kind != 1 {
-            pb = b.next_page()?;
+            pb = next_held(&mut b, mb)?;
         }
     }
     Ok(elsewhere)
 }
 
-fn diff_task<'a>(
-    dirs: (&Path, &Path),
-    imgs: (&'a LoadedImage, &'a LoadedImage),
-    old: &'a TaskImage,
-    new: &'a TaskImage,
-) -> anyhow::Result<TaskDiff<'a>> {
-    let (eo, en) = (&old.entry, &new.entry);
+/// A zombie's exit as text, `live` for a live process.
+fn state_text(e: &PstreeEntry) -> String {
+    if e.zombie {
+        format!(
+            "zombie, {}",
+            load::WaitStatus::of(e.exit_status).text(e.exit_status)
+        )
+    } else {
+        "live".into()
+    }
+}
+
+/// The pstree fields of a process in both images; for a zombie on either
+/// side, nothing more is compared.
+fn diff_entry(eo: &PstreeEntry, en: &PstreeEntry) -> TaskDiff<'static> {
     let mut fields = Vec::new();
     push_change(&mut fields, "ppid", &eo.ppid, &en.ppid);
     push_change(&mut fields, "pgid", &eo.pgid, &en.pgid);
     push_change(&mut fields, "sid", &eo.sid, &en.sid);
     push_change(&mut fields, "threads", &eo.threads, &en.threads);
     push_change(&mut fields, "cmdline", &eo.cmdline, &en.cmdline);
+    push_change(&mut fields, "state", &state_text(eo), &state_text(en));
+    TaskDiff {
+        pid: eo.pid,
+        fields,
+        maps_added: Vec::new(),
+        maps_removed: Vec::new(),
+        pairs: Vec::new(),
+        pages_elsewhere: 0,
+        fds_added: Vec::new(),
+        fds_removed: Vec::new(),
+        fds_changed: Vec::new(),
+        regs: Vec::new(),
+    }
+}
+
+fn diff_task<'a>(
+    mems: (&mut Memory<'_>, &mut Memory<'_>),
+    imgs: (&'a LoadedImage, &'a LoadedImage),
+    idx: (usize, usize),
+) -> anyhow::Result<TaskDiff<'a>> {
+    let (old, new) = (&imgs.0.tasks[idx.0], &imgs.1.tasks[idx.1]);
+    let (eo, en) = (&old.entry, &new.entry);
+    let mut fields = diff_entry(eo, en).fields;
     push_change(&mut fields, "exe", &old.mm.exe_path, &new.mm.exe_path);
     push_change(&mut fields, "brk", &hex(old.mm.brk), &hex(new.mm.brk));
 
     let (mut pairs, maps_added, maps_removed) = pair_mappings(&old.mm.vmas, &new.mm.vmas);
-    let pages_elsewhere = compare_pages(dirs, (old, new), &mut pairs)?;
+    let pages_elsewhere = compare_pages(mems, idx, &mut pairs)?;
 
     let fo: BTreeMap<u32, FdInfo> = old
         .fds
@@ -474,8 +522,32 @@ fn diff_task<'a>(
     })
 }
 
-fn task_summary(t: &TaskImage) -> Value {
-    json!({ "pid": t.entry.pid, "cmdline": t.entry.cmdline, "exe": t.mm.exe_path })
+fn task_summary(img: &LoadedImage, e: &PstreeEntry) -> Value {
+    let exe = img
+        .task_index(e.pid)
+        .map(|i| img.tasks[i].mm.exe_path.clone());
+    let mut v = json!({
+        "pid": e.pid,
+        "ppid": e.ppid,
+        "cmdline": e.cmdline,
+        "exe": exe,
+        "zombie": e.zombie,
+    });
+    if e.zombie {
+        let st = load::WaitStatus::of(e.exit_status);
+        v["exit_status"] = e.exit_status.into();
+        v["exit"] = st.json();
+    }
+    v
+}
+
+fn task_line(e: &PstreeEntry) -> String {
+    let state = if e.zombie {
+        format!(" <{}>", state_text(e))
+    } else {
+        String::new()
+    };
+    format!("task {}{state} ({})", e.pid, e.cmdline.join(" "))
 }
 
 fn task_json(d: &TaskDiff<'_>) -> Value {
@@ -604,22 +676,30 @@ fn task_text(s: &mut String, d: &TaskDiff<'_>) {
 pub fn run(dir1: &Path, dir2: &Path, json_out: bool) -> anyhow::Result<i32> {
     let a = load_image(dir1).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     let b = load_image(dir2).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-    let pids_b: BTreeSet<u32> = b.tasks.iter().map(|t| t.entry.pid).collect();
-    let pids_a: BTreeSet<u32> = a.tasks.iter().map(|t| t.entry.pid).collect();
-    let removed: Vec<&TaskImage> = a
-        .tasks
+    let pids_b: BTreeSet<u32> = b.pstree.iter().map(|e| e.pid).collect();
+    let pids_a: BTreeSet<u32> = a.pstree.iter().map(|e| e.pid).collect();
+    let removed: Vec<&PstreeEntry> = a
+        .pstree
         .iter()
-        .filter(|t| !pids_b.contains(&t.entry.pid))
+        .filter(|e| !pids_b.contains(&e.pid))
         .collect();
-    let added: Vec<&TaskImage> = b
-        .tasks
+    let added: Vec<&PstreeEntry> = b
+        .pstree
         .iter()
-        .filter(|t| !pids_a.contains(&t.entry.pid))
+        .filter(|e| !pids_a.contains(&e.pid))
         .collect();
+    let mut ma = Memory::new(&a);
+    let mut mb = Memory::new(&b);
     let mut diffs = Vec::new();
-    for t in &a.tasks {
-        if let Some(n) = b.tasks.iter().find(|n| n.entry.pid == t.entry.pid) {
-            diffs.push(diff_task((dir1, dir2), (&a, &b), t, n)?);
+    for eo in &a.pstree {
+        let Some(en) = b.pstree.iter().find(|n| n.pid == eo.pid) else {
+            continue;
+        };
+        match (a.task_index(eo.pid), b.task_index(en.pid)) {
+            (Some(i), Some(j)) if !eo.zombie && !en.zombie => {
+                diffs.push(diff_task((&mut ma, &mut mb), (&a, &b), (i, j))?);
+            }
+            _ => diffs.push(diff_entry(eo, en)),
         }
     }
     let identical = added.is_empty() && removed.is_empty() && diffs.iter().all(|d| d.is_empty());
@@ -628,8 +708,8 @@ pub fn run(dir1: &Path, dir2: &Path, json_out: bool) -> anyhow::Result<i32> {
             "old": dir1.display().to_string(),
             "new": dir2.display().to_string(),
             "identical": identical,
-            "tasks_added": added.iter().map(|t| task_summary(t)).collect::<Vec<_>>(),
-            "tasks_removed": removed.iter().map(|t| task_summary(t)).collect::<Vec<_>>(),
+            "tasks_added": added.iter().map(|e| task_summary(&b, e)).collect::<Vec<_>>(),
+            "tasks_removed": removed.iter().map(|e| task_summary(&a, e)).collect::<Vec<_>>(),
             "tasks": diffs.iter().map(task_json).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -644,11 +724,11 @@ pub fn run(dir1: &Path, dir2: &Path, json_out: bool) -> anyhow::Result<i32> {
         added.len(),
         removed.len()
     );
-    for t in &added {
-        let _ = writeln!(s, "+ task {} ({})", t.entry.pid, t.entry.cmdline.join(" "));
+    for e in &added {
+        let _ = writeln!(s, "+ {}", task_line(e));
     }
-    for t in &removed {
-        let _ = writeln!(s, "- task {} ({})", t.entry.pid, t.entry.cmdline.join(" "));
+    for e in &removed {
+        let _ = writeln!(s, "- {}", task_line(e));
     }
     for d in &diffs {
         task_text(&mut s, d);

@@ -1,4 +1,4 @@
-//! Reading the records of image files, shared by `show` and `verify`.
+//! Reading the records of image files, shared by every `cryo image` tool.
 
 use std::path::Path;
 
@@ -30,8 +30,23 @@ pub struct Pagemap {
 }
 
 impl Pagemap {
-    pub fn run_pages(&self) -> u64 {
-        self.runs.iter().map(|e| u64::from(e.nr_pages)).sum()
+    /// Pages of the runs stored in this process's pages file (the chunks
+    /// hold exactly these, in order).
+    pub fn stored_pages(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|e| !in_parent(e))
+            .map(|e| u64::from(e.nr_pages))
+            .sum()
+    }
+
+    /// Pages of the runs that are the parent process's (`PAGE_IN_PARENT`).
+    pub fn parent_pages(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|e| in_parent(e))
+            .map(|e| u64::from(e.nr_pages))
+            .sum()
     }
 
     pub fn chunk_pages(&self) -> u64 {
@@ -66,6 +81,11 @@ pub fn read_pagemap(dir: &Path, name: &str) -> Result<Option<Pagemap>, ImageErro
         }
     }
     Ok(Some(pm))
+}
+
+/// Whether a run's pages are the parent process's, not stored here.
+pub fn in_parent(e: &PagemapEntry) -> bool {
+    e.flags & cryo_image::PAGE_IN_PARENT != 0
 }
 
 /// Whether the pages of mappings of this kind are stored in the image.
@@ -129,10 +149,13 @@ pub fn dir_entries(dir: &Path) -> anyhow::Result<Vec<(String, std::fs::Metadata)
     Ok(out)
 }
 
-/// Pages of the runs that fall inside `[start, end)`.
-pub fn pages_in(runs: &[PagemapEntry], start: u64, end: u64) -> u64 {
+/// Pages of the runs that fall inside `[start, end)`: with `parent`
+/// false those stored in the process's own pages file, with `parent` true
+/// those that are its parent's (`PAGE_IN_PARENT`).
+pub fn pages_in(runs: &[PagemapEntry], start: u64, end: u64, parent: bool) -> u64 {
     const PAGE: u64 = cryo_image::PAGE_SIZE as u64;
     runs.iter()
+        .filter(|r| in_parent(r) == parent)
         .map(|r| {
             let rs = r.vaddr;
             let re = r
@@ -147,4 +170,67 @@ pub fn pages_in(runs: &[PagemapEntry], start: u64, end: u64) -> u64 {
             }
         })
         .sum()
+}
+
+/// `SIGUSR2` for 12; `signal 40` for those nix has no name for.
+pub fn signal_name(sig: u32) -> String {
+    i32::try_from(sig)
+        .ok()
+        .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
+        .map_or_else(|| format!("signal {sig}"), |s| s.as_str().to_string())
+}
+
+/// How a raw wait status (a zombie's `exit_status`) reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStatus {
+    /// `exit(code)`.
+    Exited(u32),
+    /// Killed by a signal, with or without a core dump.
+    Killed { signal: u32, core: bool },
+    /// Not a status a terminated process can have.
+    Invalid,
+}
+
+impl WaitStatus {
+    pub fn of(status: u32) -> WaitStatus {
+        let low = status & 0x7f;
+        if status > 0xffff {
+            WaitStatus::Invalid
+        } else if low == 0 && status & 0x80 == 0 {
+            WaitStatus::Exited(status >> 8)
+        } else if low != 0 && low != 0x7f && status >> 8 == 0 {
+            WaitStatus::Killed {
+                signal: low,
+                core: status & 0x80 != 0,
+            }
+        } else {
+            WaitStatus::Invalid
+        }
+    }
+
+    /// `exited with code 7`, `killed by SIGUSR2`.
+    pub fn text(self, status: u32) -> String {
+        match self {
+            WaitStatus::Exited(c) => format!("exited with code {c}"),
+            WaitStatus::Killed { signal, core } => format!(
+                "killed by {}{}",
+                signal_name(signal),
+                if core { " (core dumped)" } else { "" }
+            ),
+            WaitStatus::Invalid => format!("invalid wait status {status:#x}"),
+        }
+    }
+
+    /// `{"code": 7}` / `{"signal": 12, "signal_name": "SIGUSR2", "core_dumped": false}`.
+    pub fn json(self) -> serde_json::Value {
+        match self {
+            WaitStatus::Exited(c) => serde_json::json!({ "code": c }),
+            WaitStatus::Killed { signal, core } => serde_json::json!({
+                "signal": signal,
+                "signal_name": signal_name(signal),
+                "core_dumped": core,
+            }),
+            WaitStatus::Invalid => serde_json::Value::Null,
+        }
+    }
 }

@@ -1,10 +1,13 @@
-//! `cryo image show`: a readable summary of an image.
+//! `cryo image show`: a readable summary of an image: the whole process
+//! tree (zombies with their exit status), then for every live process its
+//! threads, memory (per mapping, the pages stored in its own pages file and
+//! those that are its parent's), descriptors and state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, Inventory, Vma};
+use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, Inventory, PstreeEntry, Vma};
 use cryo_image::PAGE_SIZE;
 use serde_json::{json, Value};
 
@@ -15,7 +18,12 @@ type Task = super::task::TaskImage;
 
 struct Image {
     inventory: Inventory,
+    /// Every process, zombies included, in pstree order.
+    pstree: Vec<PstreeEntry>,
     tasks: Vec<Task>,
+    /// Per live task: where its in-parent pages are stored (the pid of the
+    /// ancestor holding them, None for pages no ancestor stored).
+    parent_sources: Vec<BTreeMap<Option<u32>, u64>>,
     files: HashMap<u32, FileEntry>,
     /// Every regular file of the directory, with its size and whether the
     /// inventory lists it.
@@ -28,11 +36,17 @@ fn hex(v: u64) -> String {
 
 impl Image {
     fn load(dir: &Path) -> anyhow::Result<Image> {
+        let loaded = super::task::load_image(dir)?;
+        let parent_sources = (0..loaded.tasks.len())
+            .map(|i| super::task::parent_sources(&loaded, i))
+            .collect();
         let super::task::LoadedImage {
             inventory,
+            pstree,
             tasks,
             files,
-        } = super::task::load_image(dir)?;
+            ..
+        } = loaded;
         let listed: std::collections::HashSet<&str> =
             inventory.files.iter().map(|f| f.name.as_str()).collect();
         let dir_files = load::dir_entries(dir)?
@@ -46,7 +60,9 @@ impl Image {
             .collect();
         Ok(Image {
             inventory,
+            pstree,
             tasks,
+            parent_sources,
             files,
             dir_files,
         })
@@ -58,6 +74,25 @@ impl Image {
 
     fn pages_stored(&self) -> u64 {
         self.tasks.iter().map(|t| t.pagemap.head.total_pages).sum()
+    }
+
+    fn pages_in_parent(&self) -> u64 {
+        self.tasks.iter().map(|t| t.pagemap.parent_pages()).sum()
+    }
+
+    fn task(&self, pid: u32) -> Option<(usize, &Task)> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.entry.pid == pid)
+    }
+
+    fn children(&self, pid: u32) -> Vec<u32> {
+        self.pstree
+            .iter()
+            .filter(|e| e.ppid == pid && e.pid != pid)
+            .map(|e| e.pid)
+            .collect()
     }
 
     /// Sizes of the pages files the pagemaps name.
@@ -214,7 +249,8 @@ fn mapping_json(v: &Vma, pm: &Pagemap) -> Value {
         "path": v.path,
         "offset": hex(v.pgoff),
         "pages": (v.end.saturating_sub(v.start)) / PAGE_SIZE as u64,
-        "pages_stored": load::pages_in(&pm.runs, v.start, v.end),
+        "pages_stored": load::pages_in(&pm.runs, v.start, v.end, false),
+        "pages_in_parent": load::pages_in(&pm.runs, v.start, v.end, true),
         "vm_flags": v.vm_flags,
     })
 }
@@ -232,41 +268,81 @@ fn fd_json(fd: &FdEntry, files: &HashMap<u32, FileEntry>) -> Value {
     })
 }
 
+/// Where the in-parent pages of a process are stored, for JSON.
+fn sources_json(sources: &BTreeMap<Option<u32>, u64>) -> Value {
+    sources
+        .iter()
+        .map(|(pid, n)| match pid {
+            Some(pid) => json!({ "pid": pid, "pages": n }),
+            None => json!({ "pid": Value::Null, "pages": n, "zero": true }),
+        })
+        .collect()
+}
+
+/// The rest of a live process's JSON object.
+fn live_json(
+    p: &mut Value,
+    t: &Task,
+    sources: &BTreeMap<Option<u32>, u64>,
+    files: &HashMap<u32, FileEntry>,
+) {
+    let e = &t.entry;
+    let pm = &t.pagemap;
+    let leader = t.cores.iter().find(|(tid, _)| *tid == e.pid).map(|c| &c.1);
+    let fields = json!({
+        "exe": t.mm.exe_path,
+        "mm": {
+            "mappings": t.mm.vmas.iter().map(|v| mapping_json(v, pm)).collect::<Vec<_>>(),
+            "start_brk": hex(t.mm.start_brk),
+            "brk": hex(t.mm.brk),
+            "start_stack": hex(t.mm.start_stack),
+        },
+        "pagemap": {
+            "pages_file": pm.head.pages_file,
+            "compression": load::compression_name(pm.head.compression),
+            "pages_stored": pm.head.total_pages,
+            "pages_in_parent": pm.parent_pages(),
+            "in_parent_from": sources_json(sources),
+            "runs": pm.runs.len(),
+            "in_parent_runs": pm.runs.iter().filter(|r| load::in_parent(r)).count(),
+            "chunks": pm.chunks.len(),
+        },
+        "fds": t.fds.iter().map(|f| fd_json(f, files)).collect::<Vec<_>>(),
+        "cores": t.cores.iter().map(|(tid, c)| core_json(*tid, c)).collect::<Vec<_>>(),
+        "credentials": leader.map(creds_json).unwrap_or(Value::Null),
+        "process": leader.map(process_json).unwrap_or(Value::Null),
+    });
+    if let (Some(obj), Value::Object(more)) = (p.as_object_mut(), fields) {
+        obj.extend(more);
+    }
+}
+
 fn to_json(img: &Image, dir: &Path) -> Value {
     let inv = &img.inventory;
     let processes: Vec<Value> = img
-        .tasks
+        .pstree
         .iter()
-        .map(|t| {
-            let e = &t.entry;
-            let pm = &t.pagemap;
-            let leader = t.cores.iter().find(|(tid, _)| *tid == e.pid).map(|c| &c.1);
-            json!({
+        .map(|e| {
+            let mut p = json!({
                 "pid": e.pid,
                 "ppid": e.ppid,
                 "pgid": e.pgid,
                 "sid": e.sid,
                 "threads": e.threads,
                 "cmdline": e.cmdline,
-                "exe": t.mm.exe_path,
-                "mm": {
-                    "mappings": t.mm.vmas.iter().map(|v| mapping_json(v, pm)).collect::<Vec<_>>(),
-                    "start_brk": hex(t.mm.start_brk),
-                    "brk": hex(t.mm.brk),
-                    "start_stack": hex(t.mm.start_stack),
-                },
-                "pagemap": {
-                    "pages_file": pm.head.pages_file,
-                    "compression": load::compression_name(pm.head.compression),
-                    "pages_stored": pm.head.total_pages,
-                    "runs": pm.runs.len(),
-                    "chunks": pm.chunks.len(),
-                },
-                "fds": t.fds.iter().map(|f| fd_json(f, &img.files)).collect::<Vec<_>>(),
-                "cores": t.cores.iter().map(|(tid, c)| core_json(*tid, c)).collect::<Vec<_>>(),
-                "credentials": leader.map(creds_json).unwrap_or(Value::Null),
-                "process": leader.map(process_json).unwrap_or(Value::Null),
-            })
+                "zombie": e.zombie,
+                "exit_signal": e.exit_signal,
+                "children": img.children(e.pid),
+            });
+            if e.zombie {
+                let st = load::WaitStatus::of(e.exit_status);
+                p["exit_status"] = e.exit_status.into();
+                p["exit"] = st.json();
+                p["exit_text"] = st.text(e.exit_status).into();
+            } else if let Some((i, t)) = img.task(e.pid) {
+                live_json(&mut p, t, &img.parent_sources[i], &img.files);
+            }
+            p
         })
         .collect();
     let files: Vec<Value> = img
@@ -285,13 +361,52 @@ fn to_json(img: &Image, dir: &Path) -> Value {
             "leave_running": inv.leave_running,
         },
         "processes": processes,
+        "live_processes": img.tasks.len(),
+        "zombies": img.pstree.iter().filter(|e| e.zombie).count(),
         "files": files,
         "total_size": img.total_size(),
         "pages_stored": img.pages_stored(),
+        "pages_in_parent": img.pages_in_parent(),
         "pages_bytes": img.pages_stored() * PAGE_SIZE as u64,
         "pages_file_size": img.pages_file_size(),
         "compression_ratio": img.ratio(),
     })
+}
+
+/// The processes depth first, each with its depth: the roots (whose
+/// parent is not in the image) in pstree order, every child under its
+/// parent. Entries a damaged pstree leaves unreachable (a cycle) come last.
+fn tree_order(pstree: &[PstreeEntry]) -> Vec<(usize, &PstreeEntry)> {
+    let in_image: std::collections::HashSet<u32> = pstree.iter().map(|e| e.pid).collect();
+    let mut out = Vec::with_capacity(pstree.len());
+    let mut done = vec![false; pstree.len()];
+    let mut stack: Vec<(usize, usize)> = pstree
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, e)| !in_image.contains(&e.ppid) || e.ppid == e.pid)
+        .map(|(i, _)| (0, i))
+        .collect();
+    loop {
+        while let Some((depth, i)) = stack.pop() {
+            if done[i] {
+                continue;
+            }
+            done[i] = true;
+            out.push((depth, &pstree[i]));
+            let pid = pstree[i].pid;
+            for (j, c) in pstree.iter().enumerate().rev() {
+                if c.ppid == pid && j != i && !done[j] {
+                    stack.push((depth + 1, j));
+                }
+            }
+        }
+        match done.iter().position(|d| !d) {
+            Some(i) => stack.push((0, i)),
+            None => break,
+        }
+    }
+    out
 }
 
 fn to_text(img: &Image, dir: &Path) -> String {
@@ -314,35 +429,32 @@ fn to_text(img: &Image, dir: &Path) -> String {
     );
 
     // Process tree, children indented under their parents.
-    let _ = writeln!(s, "\nprocess tree:");
+    let zombies = img.pstree.iter().filter(|e| e.zombie).count();
     let _ = writeln!(
         s,
-        "  {:<10} {:>7} {:>7} {:>7} {:<12} COMMAND",
+        "\nprocess tree: {} processes, {} live, {} zombie{}",
+        img.pstree.len(),
+        img.tasks.len(),
+        zombies,
+        if zombies == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        s,
+        "  {:<16} {:>7} {:>7} {:>7} {:<12} COMMAND",
         "PID", "PPID", "PGID", "SID", "THREADS"
     );
-    let pids: BTreeMap<u32, usize> = img
-        .tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.entry.pid, i))
-        .collect();
-    let depth = |mut i: usize| {
-        let mut d = 0;
-        while let Some(&p) = pids.get(&img.tasks[i].entry.ppid) {
-            d += 1;
-            i = p;
-            if d > img.tasks.len() {
-                break; // a cycle: damaged pstree
-            }
-        }
-        d
-    };
-    for (i, t) in img.tasks.iter().enumerate() {
-        let e = &t.entry;
-        let pid = format!("{}{}", "  ".repeat(depth(i)), e.pid);
-        let _ = writeln!(
-            s,
-            "  {:<10} {:>7} {:>7} {:>7} {:<12} {}",
+    for (depth, e) in tree_order(&img.pstree) {
+        let pid = format!("{}{}", "  ".repeat(depth), e.pid);
+        let what = if e.zombie {
+            format!(
+                "<zombie: {}> ",
+                load::WaitStatus::of(e.exit_status).text(e.exit_status)
+            )
+        } else {
+            String::new()
+        };
+        let line = format!(
+            "  {:<16} {:>7} {:>7} {:>7} {:<12} {what}{}",
             pid,
             e.ppid,
             e.pgid,
@@ -350,9 +462,10 @@ fn to_text(img: &Image, dir: &Path) -> String {
             ids(&e.threads),
             e.cmdline.join(" ")
         );
+        let _ = writeln!(s, "{}", line.trim_end());
     }
 
-    for t in &img.tasks {
+    for (ti, t) in img.tasks.iter().enumerate() {
         let e = &t.entry;
         let pm = &t.pagemap;
         let _ = writeln!(s, "\ntask {} ({}):", e.pid, t.mm.exe_path);
@@ -418,10 +531,27 @@ fn to_text(img: &Image, dir: &Path) -> String {
             pm.head.pages_file,
             load::compression_name(pm.head.compression)
         );
+        if pm.parent_pages() > 0 {
+            let from: Vec<String> = img.parent_sources[ti]
+                .iter()
+                .map(|(pid, n)| match pid {
+                    Some(pid) => format!("{n} in process {pid}'s pages file"),
+                    None => format!("{n} stored by no ancestor (zeros)"),
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "  from the parent {}: {} pages in {} runs ({})",
+                e.ppid,
+                pm.parent_pages(),
+                pm.runs.iter().filter(|r| load::in_parent(r)).count(),
+                from.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
-            "    {:<33} {:<5} {:<13} {:>7} FILE@OFFSET",
-            "START-END", "PERMS", "KIND", "STORED"
+            "    {:<33} {:<5} {:<13} {:>7} {:>7} FILE@OFFSET",
+            "START-END", "PERMS", "KIND", "STORED", "PARENT"
         );
         for v in &t.mm.vmas {
             let file = if v.path.is_empty() {
@@ -431,11 +561,12 @@ fn to_text(img: &Image, dir: &Path) -> String {
             };
             let _ = writeln!(
                 s,
-                "    {:<33} {:<5} {:<13} {:>7} {}",
+                "    {:<33} {:<5} {:<13} {:>7} {:>7} {}",
                 format!("{:012x}-{:012x}", v.start, v.end),
                 perms(v),
                 load::vma_kind_name(v.kind),
-                load::pages_in(&pm.runs, v.start, v.end),
+                load::pages_in(&pm.runs, v.start, v.end, false),
+                load::pages_in(&pm.runs, v.start, v.end, true),
                 file
             );
         }
@@ -495,11 +626,12 @@ fn to_text(img: &Image, dir: &Path) -> String {
     let pages = img.pages_stored();
     let _ = writeln!(
         s,
-        "pages: {} stored ({} bytes raw) in {} bytes of pages files, compression ratio {:.2}",
+        "pages: {} stored ({} bytes raw) in {} bytes of pages files, compression ratio {:.2}; {} more are a parent's",
         pages,
         pages * PAGE_SIZE as u64,
         img.pages_file_size(),
-        img.ratio()
+        img.ratio(),
+        img.pages_in_parent()
     );
     s
 }

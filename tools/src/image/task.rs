@@ -1,8 +1,9 @@
-//! A whole image loaded task by task, and a stream over the stored pages of
-//! one task in address order; shared by `core` and `diff`.
+//! A whole image loaded process by process, and the memory of each live
+//! process page by page, pages kept in a parent's image (`PAGE_IN_PARENT`)
+//! included; shared by `show`, `core` and `diff`.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, MmEntry, PagemapEntry, PstreeEntry};
@@ -12,7 +13,7 @@ use super::load::{self, Pagemap};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-/// One process of an image.
+/// One live process of an image.
 pub struct TaskImage {
     pub entry: PstreeEntry,
     /// One core per thread, in pstree's `threads` order.
@@ -34,14 +35,32 @@ impl TaskImage {
     }
 }
 
-/// Everything `core` and `diff` need from an image directory.
+/// Everything the tools need from an image directory.
 pub struct LoadedImage {
+    pub dir: PathBuf,
     pub inventory: cryo_image::proto::Inventory,
+    /// Every process of pstree.img, zombies included, in its order
+    /// (parents before children).
+    pub pstree: Vec<PstreeEntry>,
+    /// The live processes, in pstree order.
     pub tasks: Vec<TaskImage>,
     pub files: HashMap<u32, FileEntry>,
 }
 
-/// Reads the inventory, pstree, files table and every task's files.
+impl LoadedImage {
+    /// The zombies of pstree.img, in its order.
+    pub fn zombies(&self) -> impl Iterator<Item = &PstreeEntry> {
+        self.pstree.iter().filter(|e| e.zombie)
+    }
+
+    /// Index in `tasks` of the live process `pid`.
+    pub fn task_index(&self, pid: u32) -> Option<usize> {
+        self.tasks.iter().position(|t| t.entry.pid == pid)
+    }
+}
+
+/// Reads the inventory, pstree, files table and every live process's
+/// files (zombies have none).
 pub fn load_image(dir: &Path) -> anyhow::Result<LoadedImage> {
     let inventory = cryo_image::read_inventory(dir)?;
     let pstree: Vec<PstreeEntry> = load::read_all(dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
@@ -50,7 +69,7 @@ pub fn load_image(dir: &Path) -> anyhow::Result<LoadedImage> {
         files.insert(f.id, f);
     }
     let mut tasks = Vec::with_capacity(pstree.len());
-    for entry in pstree {
+    for entry in pstree.iter().filter(|e| !e.zombie) {
         let pid = entry.pid;
         let mut cores = Vec::with_capacity(entry.threads.len());
         for &tid in &entry.threads {
@@ -64,7 +83,7 @@ pub fn load_image(dir: &Path) -> anyhow::Result<LoadedImage> {
             .with_context(|| format!("{}: no head record", dir.join(&pm_name).display()))?;
         let fds: Vec<FdEntry> = load::read_all(dir, &cryo_image::fdinfo_file(pid), Kind::Fdinfo)?;
         tasks.push(TaskImage {
-            entry,
+            entry: entry.clone(),
             cores,
             mm,
             pagemap,
@@ -72,73 +91,351 @@ pub fn load_image(dir: &Path) -> anyhow::Result<LoadedImage> {
         });
     }
     Ok(LoadedImage {
+        dir: dir.to_path_buf(),
         inventory,
+        pstree,
         tasks,
         files,
     })
 }
 
-/// The stored pages of one task, page by page in the order of the runs
-/// (increasing addresses), one chunk decompressed at a time.
-pub struct PageStream<'a> {
-    reader: Option<PageReader>,
-    runs: &'a [PagemapEntry],
-    run: usize,
-    page_in_run: u64,
-    chunk: usize,
-    /// Pages of `buf` already handed out.
-    used: usize,
-    /// Pages held by `buf`.
-    held: usize,
-    buf: Vec<u8>,
-    cur: usize,
+/// Where the in-parent pages of live task `i` are stored: pages per
+/// ancestor pid whose pages file holds them, and under None those no
+/// ancestor stored (they read as zeros) or that have no live parent.
+pub fn parent_sources(img: &LoadedImage, i: usize) -> BTreeMap<Option<u32>, u64> {
+    fn walk(
+        img: &LoadedImage,
+        i: usize,
+        start: u64,
+        end: u64,
+        depth: usize,
+        out: &mut BTreeMap<Option<u32>, u64>,
+    ) {
+        let parent = img.task_index(img.tasks[i].entry.ppid);
+        let Some(p) = parent.filter(|_| depth <= img.tasks.len()) else {
+            *out.entry(None).or_default() += (end - start) / PAGE;
+            return;
+        };
+        let mut covered = 0;
+        for r in &img.tasks[p].pagemap.runs {
+            let r_end = r
+                .vaddr
+                .saturating_add(u64::from(r.nr_pages).saturating_mul(PAGE));
+            let (lo, hi) = (r.vaddr.max(start), r_end.min(end));
+            if lo >= hi {
+                continue;
+            }
+            covered += (hi - lo) / PAGE;
+            if load::in_parent(r) {
+                walk(img, p, lo, hi, depth + 1, out);
+            } else {
+                *out.entry(Some(img.tasks[p].entry.pid)).or_default() += (hi - lo) / PAGE;
+            }
+        }
+        let gap = ((end - start) / PAGE).saturating_sub(covered);
+        if gap > 0 {
+            *out.entry(None).or_default() += gap;
+        }
+    }
+    let mut out = BTreeMap::new();
+    for r in img.tasks[i]
+        .pagemap
+        .runs
+        .iter()
+        .filter(|r| load::in_parent(r))
+    {
+        let end = r
+            .vaddr
+            .saturating_add(u64::from(r.nr_pages).saturating_mul(PAGE));
+        walk(img, i, r.vaddr, end, 0, &mut out);
+    }
+    out
 }
 
-impl<'a> PageStream<'a> {
-    /// Opens the pages file named by the pagemap of `dir`.
-    pub fn open(dir: &Path, pm: &'a Pagemap) -> anyhow::Result<PageStream<'a>> {
-        let compression = pm.compression().with_context(|| {
-            format!(
-                "{}: unknown compression {}",
-                dir.join(&pm.head.pages_file).display(),
-                pm.head.compression
-            )
-        })?;
-        if pm.run_pages() != pm.chunk_pages() {
-            anyhow::bail!(
-                "{}: runs hold {} pages but chunks {} (run `cryo image verify`)",
-                dir.join(&pm.head.pages_file).display(),
-                pm.run_pages(),
-                pm.chunk_pages()
-            );
-        }
-        let reader = if pm.chunks.is_empty() {
-            None
-        } else {
-            Some(PageReader::open(
-                dir,
-                &pm.head.pages_file,
-                compression,
-                pm.chunks.clone(),
-            )?)
-        };
-        Ok(PageStream {
-            reader,
-            runs: &pm.runs,
-            run: 0,
-            page_in_run: 0,
-            chunk: 0,
-            used: 0,
-            held: 0,
-            buf: Vec::new(),
-            cur: 0,
-        })
+/// Where the bytes of a page handed out by [`Memory::read_page`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The process's own pages file.
+    Own,
+    /// The pages file of the ancestor with this pid.
+    Ancestor(u32),
+    /// A page of the parent's that no ancestor stored: zeros.
+    ParentZero,
+    /// The process has no run at this address: not in the image.
+    NotStored,
+}
+
+/// The page index of one live process: its runs by address, and for each
+/// stored run the number of its first page in the pages file.
+struct TaskPages {
+    pid: u32,
+    runs: Vec<PagemapEntry>,
+    first: Vec<u64>,
+    reader: Option<PageReader>,
+    opened: bool,
+}
+
+/// Decompressed chunks kept for reuse, most recently used last.
+struct ChunkCache {
+    entries: Vec<((usize, usize), Vec<u8>)>,
+    bytes: usize,
+}
+
+const CACHE_BYTES: usize = 64 << 20;
+
+impl ChunkCache {
+    /// Index of chunk `key` in `entries`, after moving it to the end.
+    fn get(&mut self, key: (usize, usize)) -> Option<usize> {
+        let i = self.entries.iter().position(|(k, _)| *k == key)?;
+        let e = self.entries.remove(i);
+        self.entries.push(e);
+        Some(self.entries.len() - 1)
     }
 
-    /// Moves to the next stored page and returns its address; its bytes are
-    /// then [`PageStream::page`]. None after the last page.
-    pub fn next_page(&mut self) -> anyhow::Result<Option<u64>> {
-        while let Some(r) = self.runs.get(self.run) {
+    fn insert(&mut self, key: (usize, usize), data: Vec<u8>) -> usize {
+        self.bytes += data.len();
+        self.entries.push((key, data));
+        while self.bytes > CACHE_BYTES && self.entries.len() > 1 {
+            let (_, old) = self.entries.remove(0);
+            self.bytes -= old.len();
+        }
+        self.entries.len() - 1
+    }
+}
+
+/// The memory of every live process of an image, as the restore would
+/// rebuild it: a page of a `PAGE_IN_PARENT` run is read from the parent
+/// (the live process whose pid is the ppid), and up again while it is
+/// the parent's own parent's; an ancestor with no run there gives zeros.
+pub struct Memory<'a> {
+    img: &'a LoadedImage,
+    tasks: Vec<TaskPages>,
+    /// Index of each task's parent among the live tasks.
+    parent: Vec<Option<usize>>,
+    cache: ChunkCache,
+}
+
+enum Located {
+    Stored(u64),
+    Parent,
+    None,
+}
+
+impl<'a> Memory<'a> {
+    pub fn new(img: &'a LoadedImage) -> Memory<'a> {
+        let tasks = img
+            .tasks
+            .iter()
+            .map(|t| {
+                // Stored pages are numbered in the runs' record order;
+                // lookups go by address.
+                let mut n = 0u64;
+                let mut indexed: Vec<(PagemapEntry, u64)> = t
+                    .pagemap
+                    .runs
+                    .iter()
+                    .map(|r| {
+                        let first = n;
+                        if !load::in_parent(r) {
+                            n += u64::from(r.nr_pages);
+                        }
+                        (*r, first)
+                    })
+                    .collect();
+                indexed.sort_by_key(|(r, _)| r.vaddr);
+                let (runs, first) = indexed.into_iter().unzip();
+                TaskPages {
+                    pid: t.entry.pid,
+                    runs,
+                    first,
+                    reader: None,
+                    opened: false,
+                }
+            })
+            .collect();
+        let parent = img
+            .tasks
+            .iter()
+            .map(|t| img.task_index(t.entry.ppid))
+            .collect();
+        Memory {
+            img,
+            tasks,
+            parent,
+            cache: ChunkCache {
+                entries: Vec::new(),
+                bytes: 0,
+            },
+        }
+    }
+
+    /// The runs (stored and in-parent) of task `i`, by address.
+    pub fn runs(&self, i: usize) -> &[PagemapEntry] {
+        &self.tasks[i].runs
+    }
+
+    fn locate(&self, i: usize, addr: u64) -> Located {
+        let t = &self.tasks[i];
+        let k = t
+            .runs
+            .partition_point(|r| r.vaddr + u64::from(r.nr_pages) * PAGE <= addr);
+        match t.runs.get(k) {
+            Some(r) if r.vaddr <= addr => {
+                if load::in_parent(r) {
+                    Located::Parent
+                } else {
+                    Located::Stored(t.first[k] + (addr - r.vaddr) / PAGE)
+                }
+            }
+            _ => Located::None,
+        }
+    }
+
+    /// Opens task `i`'s pages file the first time it is needed.
+    fn open(&mut self, i: usize) -> anyhow::Result<()> {
+        if !self.tasks[i].opened {
+            let t = &self.img.tasks[i];
+            let pm = &t.pagemap;
+            let path = self.img.dir.join(&pm.head.pages_file);
+            let compression = pm.compression().with_context(|| {
+                format!(
+                    "{}: unknown compression {}",
+                    path.display(),
+                    pm.head.compression
+                )
+            })?;
+            if pm.stored_pages() != pm.chunk_pages() {
+                anyhow::bail!(
+                    "{}: runs hold {} stored pages but chunks {} (run `cryo image verify`)",
+                    path.display(),
+                    pm.stored_pages(),
+                    pm.chunk_pages()
+                );
+            }
+            let reader = if pm.chunks.is_empty() {
+                None
+            } else {
+                Some(PageReader::open(
+                    &self.img.dir,
+                    &pm.head.pages_file,
+                    compression,
+                    pm.chunks.clone(),
+                )?)
+            };
+            self.tasks[i].reader = reader;
+            self.tasks[i].opened = true;
+        }
+        Ok(())
+    }
+
+    /// Copies stored page `n` of task `i` into `out`.
+    fn read_stored(&mut self, i: usize, n: u64, out: &mut [u8]) -> anyhow::Result<()> {
+        self.open(i)?;
+        let Memory {
+            img, tasks, cache, ..
+        } = self;
+        let pid = tasks[i].pid;
+        let reader = tasks[i].reader.as_ref().with_context(|| {
+            format!(
+                "{}: stored pages but no chunk",
+                img.dir.join(cryo_image::pagemap_file(pid)).display()
+            )
+        })?;
+        let k = reader.chunk_page_starts().partition_point(|&s| s <= n);
+        let chunk = k
+            .checked_sub(1)
+            .with_context(|| format!("{}: no chunk holds page {n}", reader.path().display()))?;
+        let start = reader.chunk_page_starts()[chunk];
+        let slot = match cache.get((i, chunk)) {
+            Some(s) => s,
+            None => {
+                let data = reader.read_chunk_vec(chunk)?;
+                cache.insert((i, chunk), data)
+            }
+        };
+        let data = &cache.entries[slot].1;
+        let off = ((n - start) as usize) * PAGE_SIZE;
+        let page = data.get(off..off + PAGE_SIZE).with_context(|| {
+            format!(
+                "{}: chunk {chunk} holds fewer pages than the runs",
+                reader.path().display()
+            )
+        })?;
+        out.copy_from_slice(page);
+        Ok(())
+    }
+
+    /// The page of task `i` at `addr` into `out` (4096 bytes), and where
+    /// it came from; `out` is left alone for [`Origin::NotStored`].
+    pub fn read_page(&mut self, i: usize, addr: u64, out: &mut [u8]) -> anyhow::Result<Origin> {
+        let mut cur = i;
+        let mut hops = 0;
+        loop {
+            match self.locate(cur, addr) {
+                Located::Stored(n) => {
+                    self.read_stored(cur, n, out)?;
+                    return Ok(if cur == i {
+                        Origin::Own
+                    } else {
+                        Origin::Ancestor(self.tasks[cur].pid)
+                    });
+                }
+                Located::None if cur == i => return Ok(Origin::NotStored),
+                Located::None => {
+                    out.fill(0);
+                    return Ok(Origin::ParentZero);
+                }
+                Located::Parent => {
+                    let t = &self.img.tasks[cur].entry;
+                    let name = self.img.dir.join(cryo_image::pagemap_file(t.pid));
+                    cur = self.parent[cur].with_context(|| {
+                        format!(
+                            "{}: page {addr:#x} is its parent's, but the parent {} is not a live process of the image (run `cryo image verify`)",
+                            name.display(),
+                            t.ppid
+                        )
+                    })?;
+                    hops += 1;
+                    if hops > self.tasks.len() {
+                        anyhow::bail!(
+                            "{}: the parents of process {} form a cycle (run `cryo image verify`)",
+                            self.img.dir.join(cryo_image::PSTREE_FILE).display(),
+                            self.tasks[i].pid
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every page of one live process that the image holds (its stored runs
+/// and its parent's), in address order, with the resolved bytes.
+pub struct MemStream {
+    task: usize,
+    run: usize,
+    page_in_run: u64,
+    buf: Vec<u8>,
+}
+
+impl MemStream {
+    pub fn new(task: usize) -> MemStream {
+        MemStream {
+            task,
+            run: 0,
+            page_in_run: 0,
+            buf: vec![0u8; PAGE_SIZE],
+        }
+    }
+
+    /// Moves to the next page and returns its address and origin; its
+    /// bytes are then [`MemStream::page`]. In-parent pages that no ancestor
+    /// stored come as zeros ([`Origin::ParentZero`]). None after the last.
+    pub fn next_page(&mut self, mem: &mut Memory<'_>) -> anyhow::Result<Option<(u64, Origin)>> {
+        loop {
+            let Some(r) = mem.runs(self.task).get(self.run) else {
+                return Ok(None);
+            };
             if self.page_in_run >= u64::from(r.nr_pages) {
                 self.run += 1;
                 self.page_in_run = 0;
@@ -146,30 +443,16 @@ impl<'a> PageStream<'a> {
             }
             let addr = r.vaddr + self.page_in_run * PAGE;
             self.page_in_run += 1;
-            if self.used == self.held {
-                let reader = self
-                    .reader
-                    .as_ref()
-                    .context("pagemap lists pages but no chunk")?;
-                let c = reader.chunks().get(self.chunk).with_context(|| {
-                    format!("{}: fewer chunks than pages", reader.path().display())
-                })?;
-                let len = c.nr_pages as usize * PAGE_SIZE;
-                self.buf.resize(len, 0);
-                reader.read_chunk(self.chunk, &mut self.buf)?;
-                self.chunk += 1;
-                self.held = c.nr_pages as usize;
-                self.used = 0;
+            let origin = mem.read_page(self.task, addr, &mut self.buf)?;
+            if origin == Origin::NotStored {
+                continue; // cannot happen: addr lies in one of the runs
             }
-            self.cur = self.used;
-            self.used += 1;
-            return Ok(Some(addr));
+            return Ok(Some((addr, origin)));
         }
-        Ok(None)
     }
 
-    /// The bytes of the page [`PageStream::next_page`] returned last.
+    /// The bytes of the page [`MemStream::next_page`] returned last.
     pub fn page(&self) -> &[u8] {
-        &self.buf[self.cur * PAGE_SIZE..(self.cur + 1) * PAGE_SIZE]
+        &self.buf
     }
 }

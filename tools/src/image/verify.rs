@@ -6,6 +6,13 @@
 //! and xxh3), files present but not listed, every page chunk's checksum, and
 //! the cross-references between files (pstree -> per-task files, pagemap
 //! runs -> mappings, page counts, fdinfo -> files.img).
+//!
+//! Trees: pstree.img lists the root first and parents before children;
+//! zombies have an exit status a dead process can have, no children and no
+//! per-process files. A run flagged `PAGE_IN_PARENT` takes no room in the
+//! process's pages file: it needs a live parent in the image whose
+//! mappings cover it, and the pages files it ends up being read from (the
+//! parent's, or further up) must be sound.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Display;
@@ -15,7 +22,8 @@ use anyhow::Context;
 use cryo_image::proto::{CoreEntry, FdEntry, FileEntry, MmEntry, PstreeEntry, VmaKind};
 use cryo_image::{
     core_file, fdinfo_file, mm_file, pagemap_file, pages_file, parse_file_name, ImageError, Kind,
-    PageReader, FILES_FILE, FORMAT_MAJOR, INVENTORY_FILE, MAX_CHUNK_LEN, PAGE_SIZE, PSTREE_FILE,
+    PageReader, FILES_FILE, FORMAT_MAJOR, INVENTORY_FILE, MAX_CHUNK_LEN, PAGE_IN_PARENT, PAGE_SIZE,
+    PSTREE_FILE,
 };
 
 use super::load::{self, Pagemap};
@@ -84,7 +92,8 @@ pub fn run(dir: &Path) -> anyhow::Result<i32> {
     check_tasks(&mut rep, &d, &regular, &mut missing, root_pid);
     check_cores(&mut rep, &d);
     check_mms(&mut rep, &d);
-    let pages_checked = check_pagemaps(&mut rep, &d);
+    let (pages_checked, unreadable) = check_pagemaps(&mut rep, &d);
+    check_parent_pages(&mut rep, &d, &unreadable);
     check_fds(&mut rep, &d);
 
     if rep.problems.is_empty() {
@@ -272,9 +281,18 @@ fn check_tasks(
     }
     let mut pids = BTreeSet::new();
     let mut tids = BTreeSet::new();
+    // Live processes and their threads: those have per-process files.
+    let mut live = BTreeSet::new();
+    let mut live_tids = BTreeSet::new();
     for e in pstree {
         if !pids.insert(e.pid) {
             rep.file(PSTREE_FILE, format!("process {} appears twice", e.pid));
+        }
+        if !e.zombie {
+            live.insert(e.pid);
+            live_tids.extend(e.threads.iter().copied());
+        } else {
+            check_zombie(rep, e);
         }
         if !e.threads.contains(&e.pid) {
             rep.file(
@@ -297,6 +315,14 @@ fn check_tasks(
                 INVENTORY_FILE,
                 format!("root pid {root} is not a process of pstree.img"),
             );
+        } else if pstree.first().map(|e| e.pid) != Some(root) {
+            rep.file(
+                PSTREE_FILE,
+                format!("the root process {root} is not the first entry"),
+            );
+        }
+        if pstree.iter().any(|e| e.pid == root && e.zombie) {
+            rep.file(PSTREE_FILE, format!("the root process {root} is a zombie"));
         }
         for e in pstree {
             if e.pid != root && !pids.contains(&e.ppid) {
@@ -307,7 +333,28 @@ fn check_tasks(
             }
         }
     }
+    // Parents come before their children; a zombie has no children (the
+    // kernel hands them over when it exits).
+    let mut seen = BTreeSet::new();
     for e in pstree {
+        if pids.contains(&e.ppid) && !seen.contains(&e.ppid) && e.ppid != e.pid {
+            rep.file(
+                PSTREE_FILE,
+                format!("process {} comes before its parent {}", e.pid, e.ppid),
+            );
+        }
+        if pstree.iter().any(|p| p.pid == e.ppid && p.zombie) {
+            rep.file(
+                PSTREE_FILE,
+                format!(
+                    "process {}: its parent {} is a zombie, which cannot have children",
+                    e.pid, e.ppid
+                ),
+            );
+        }
+        seen.insert(e.pid);
+    }
+    for e in pstree.iter().filter(|e| !e.zombie) {
         let why = format!("process {} of pstree.img", e.pid);
         for &tid in &e.threads {
             need(rep, core_file(tid), format!("thread {tid} of {why}"));
@@ -317,10 +364,23 @@ fn check_tasks(
         need(rep, fdinfo_file(e.pid), why.clone());
         need(rep, pages_file(e.pid), why);
     }
-    let orphan = "belongs to no process of pstree.img";
+    let orphan = |pid: u32| {
+        if pids.contains(&pid) {
+            format!("belongs to process {pid}, a zombie of pstree.img (zombies have no such file)")
+        } else {
+            "belongs to no process of pstree.img".to_string()
+        }
+    };
     for &tid in d.cores.keys() {
-        if !tids.contains(&tid) {
-            rep.file(&core_file(tid), "belongs to no thread of pstree.img");
+        if !live_tids.contains(&tid) {
+            let msg = if tids.contains(&tid) {
+                format!(
+                    "belongs to thread {tid} of a zombie of pstree.img (zombies have no such file)"
+                )
+            } else {
+                "belongs to no thread of pstree.img".to_string()
+            };
+            rep.file(&core_file(tid), msg);
         }
     }
     for (ids, name) in [
@@ -333,15 +393,43 @@ fn check_tasks(
         (d.pages.iter().copied().collect(), pages_file),
     ] {
         for pid in ids {
-            if !pids.contains(&pid) {
-                rep.file(&name(pid), orphan);
+            if !live.contains(&pid) {
+                rep.file(&name(pid), orphan(pid));
             }
         }
     }
 }
 
+/// A zombie's wait status and exit signal.
+fn check_zombie(rep: &mut Report<'_>, e: &PstreeEntry) {
+    if load::WaitStatus::of(e.exit_status) == load::WaitStatus::Invalid {
+        rep.file(
+            PSTREE_FILE,
+            format!(
+                "zombie {}: exit status {:#x} is neither an exit code nor a fatal signal",
+                e.pid, e.exit_status
+            ),
+        );
+    }
+    if e.exit_signal > 64 {
+        rep.file(
+            PSTREE_FILE,
+            format!(
+                "zombie {}: exit signal {} is not a signal",
+                e.pid, e.exit_signal
+            ),
+        );
+    }
+}
+
 fn check_cores(rep: &mut Report<'_>, d: &Decoded) {
-    let leaders: BTreeSet<u32> = d.pstree.iter().flatten().map(|e| e.pid).collect();
+    let leaders: BTreeSet<u32> = d
+        .pstree
+        .iter()
+        .flatten()
+        .filter(|e| !e.zombie)
+        .map(|e| e.pid)
+        .collect();
     for (&tid, core) in &d.cores {
         let name = core_file(tid);
         if core.tid != tid {
@@ -392,10 +480,41 @@ fn check_mms(rep: &mut Report<'_>, d: &Decoded) {
     }
 }
 
-/// Runs against mappings, page counts, and every chunk's checksum.
-/// Returns the number of pages read back and verified.
-fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
+/// The first address of `[start, end)` that no mapping of `vmas` whose
+/// pages are stored covers (mappings sorted or not); None if all of it is.
+fn uncovered(vmas: &[cryo_image::proto::Vma], start: u64, end: u64) -> Option<u64> {
+    let mut at = start;
+    while at < end {
+        match vmas
+            .iter()
+            .find(|v| v.start <= at && at < v.end && load::kind_stores_pages(v.kind))
+        {
+            Some(v) => at = v.end,
+            None => return Some(at),
+        }
+    }
+    None
+}
+
+/// The live parent of `pid` in pstree.img, if there is one.
+fn live_parent(d: &Decoded, pid: u32) -> Result<u32, Option<u32>> {
+    let pstree = d.pstree.as_deref().unwrap_or_default();
+    let Some(e) = pstree.iter().find(|e| e.pid == pid) else {
+        return Err(None);
+    };
+    match pstree.iter().find(|p| p.pid == e.ppid) {
+        Some(p) if !p.zombie => Ok(p.pid),
+        _ => Err(Some(e.ppid)),
+    }
+}
+
+/// Runs against mappings (in-parent runs against the parent's too), page
+/// counts, and every chunk's checksum. Returns the number of pages read
+/// back and verified, and the processes whose stored pages cannot all be
+/// read (pages file missing, unreadable or damaged).
+fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> (u64, BTreeSet<u32>) {
     let mut checked = 0u64;
+    let mut unreadable = BTreeSet::new();
     let mut buf = Vec::new();
     for (&pid, pm) in &d.pagemaps {
         let name = pagemap_file(pid);
@@ -404,6 +523,8 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
             rep.file(&name, format!("record {i} holds neither a run nor a chunk"));
         }
         let mut prev_end = 0u64;
+        // In-parent runs with no live parent: (ppid, runs, pages).
+        let mut orphaned: Option<(u32, u64, u64)> = None;
         for (i, e) in pm.runs.iter().enumerate() {
             let end = u64::from(e.nr_pages)
                 .checked_mul(PAGE)
@@ -418,6 +539,16 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
                 );
                 continue;
             };
+            if e.flags & !PAGE_IN_PARENT != 0 {
+                rep.file(
+                    &name,
+                    format!(
+                        "run {i} ({:#x}-{end:#x}) has unknown flags {:#x}",
+                        e.vaddr,
+                        e.flags & !PAGE_IN_PARENT
+                    ),
+                );
+            }
             if e.vaddr < prev_end {
                 rep.file(
                     &name,
@@ -428,43 +559,53 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
                 );
             }
             prev_end = prev_end.max(end);
-            let Some(mm) = d.mms.get(&pid) else {
-                continue; // its own problem, reported already
-            };
-            match mm
-                .vmas
-                .iter()
-                .find(|v| v.start <= e.vaddr && end <= v.end)
-            {
-                None => rep.file(
-                    &name,
-                    format!(
-                        "run {i} ({:#x}-{end:#x}, {} pages) lies outside every mapping of {mm_name}",
-                        e.vaddr, e.nr_pages
-                    ),
-                ),
-                Some(v) if !load::kind_stores_pages(v.kind) => rep.file(
-                    &name,
-                    format!(
-                        "run {i} ({:#x}-{end:#x}) lies in the {} mapping {:#x}-{:#x} of {mm_name}, whose pages are not stored",
-                        e.vaddr,
-                        load::vma_kind_name(v.kind),
-                        v.start,
-                        v.end
-                    ),
-                ),
-                Some(_) => {}
+            if let Some(mm) = d.mms.get(&pid) {
+                // Else its own problem, reported already.
+                check_run_in_mm(rep, &name, &mm_name, mm, i, e.vaddr, end, e.nr_pages);
+            }
+            if load::in_parent(e) {
+                match live_parent(d, pid) {
+                    Err(None) => {} // no pstree entry: reported with the files
+                    Err(Some(ppid)) => {
+                        let o = orphaned.get_or_insert((ppid, 0, 0));
+                        o.1 += 1;
+                        o.2 += u64::from(e.nr_pages);
+                    }
+                    Ok(ppid) => {
+                        if let Some(pmm) = d.mms.get(&ppid) {
+                            if let Some(at) = uncovered(&pmm.vmas, e.vaddr, end) {
+                                rep.file(
+                                    &name,
+                                    format!(
+                                        "run {i} ({:#x}-{end:#x}) is its parent's pages, but no mapping of {} with stored pages covers {at:#x}",
+                                        e.vaddr,
+                                        mm_file(ppid)
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
-        let (runs, chunks) = (pm.run_pages(), pm.chunk_pages());
+        if let Some((ppid, runs, pages)) = orphaned {
+            rep.file(
+                &name,
+                format!(
+                    "{runs} runs ({pages} pages) are its parent's pages, but its parent {ppid} is not a live process of the image"
+                ),
+            );
+        }
+        let (runs, chunks) = (pm.stored_pages(), pm.chunk_pages());
         if runs != chunks || runs != pm.head.total_pages {
             rep.file(
                 &name,
                 format!(
-                    "page counts disagree: runs hold {runs} pages, chunks {chunks}, the head says {}",
+                    "page counts disagree: stored runs hold {runs} pages, chunks {chunks}, the head says {}",
                     pm.head.total_pages
                 ),
             );
+            unreadable.insert(pid);
         }
 
         // The pages file, chunk by chunk.
@@ -477,6 +618,7 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
                     pm.head.pages_file
                 ),
             );
+            unreadable.insert(pid);
             continue;
         }
         let Some(compression) = pm.compression() else {
@@ -484,6 +626,7 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
                 &name,
                 format!("unknown compression {}", pm.head.compression),
             );
+            unreadable.insert(pid);
             continue;
         };
         let mut sane = true;
@@ -500,13 +643,19 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
             }
         }
         if !sane {
+            unreadable.insert(pid);
             continue;
         }
         let reader = match PageReader::open(rep.dir, &expected, compression, pm.chunks.clone()) {
             Ok(r) => r,
-            Err(ImageError::Missing { .. }) => continue, // reported with the files
+            Err(ImageError::Missing { .. }) => {
+                // Reported with the files.
+                unreadable.insert(pid);
+                continue;
+            }
             Err(e) => {
                 rep.error(e);
+                unreadable.insert(pid);
                 continue;
             }
         };
@@ -519,17 +668,113 @@ fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> u64 {
                         &expected,
                         format!("chunk {i}: cannot allocate {len} bytes to check it"),
                     );
+                    unreadable.insert(pid);
                     continue;
                 }
             }
             buf.resize(len, 0);
             match reader.read_chunk(i, &mut buf) {
                 Ok(()) => checked += u64::from(c.nr_pages),
-                Err(e) => rep.error(e),
+                Err(e) => {
+                    rep.error(e);
+                    unreadable.insert(pid);
+                }
             }
         }
     }
-    checked
+    (checked, unreadable)
+}
+
+/// A run of `pagemap` (`start..end`) against the process's own mappings.
+#[allow(clippy::too_many_arguments)]
+fn check_run_in_mm(
+    rep: &mut Report<'_>,
+    name: &str,
+    mm_name: &str,
+    mm: &MmEntry,
+    i: usize,
+    start: u64,
+    end: u64,
+    nr_pages: u32,
+) {
+    match mm.vmas.iter().find(|v| v.start <= start && end <= v.end) {
+        None => rep.file(
+            name,
+            format!(
+                "run {i} ({start:#x}-{end:#x}, {nr_pages} pages) lies outside every mapping of {mm_name}"
+            ),
+        ),
+        Some(v) if !load::kind_stores_pages(v.kind) => rep.file(
+            name,
+            format!(
+                "run {i} ({start:#x}-{end:#x}) lies in the {} mapping {:#x}-{:#x} of {mm_name}, whose pages are not stored",
+                load::vma_kind_name(v.kind),
+                v.start,
+                v.end
+            ),
+        ),
+        Some(_) => {}
+    }
+}
+
+/// Counts, per process, the pages of `[start, end)` of `pid`'s parent
+/// chain that end up read from that process's pages file.
+fn suppliers(
+    d: &Decoded,
+    pid: u32,
+    start: u64,
+    end: u64,
+    depth: usize,
+    out: &mut BTreeMap<u32, u64>,
+) {
+    let Ok(parent) = live_parent(d, pid) else {
+        return; // reported by check_pagemaps
+    };
+    let Some(pm) = d.pagemaps.get(&parent) else {
+        return; // reported with the files
+    };
+    for r in &pm.runs {
+        let r_end = r
+            .vaddr
+            .saturating_add(u64::from(r.nr_pages).saturating_mul(PAGE));
+        let (lo, hi) = (r.vaddr.max(start), r_end.min(end));
+        if lo >= hi {
+            continue;
+        }
+        if !load::in_parent(r) {
+            *out.entry(parent).or_default() += (hi - lo) / PAGE;
+        } else if depth < d.pagemaps.len() {
+            suppliers(d, parent, lo, hi, depth + 1, out);
+        }
+    }
+}
+
+/// A process's in-parent pages must be readable where they are stored: in
+/// the parent's pages file, or an ancestor's further up.
+fn check_parent_pages(rep: &mut Report<'_>, d: &Decoded, unreadable: &BTreeSet<u32>) {
+    if unreadable.is_empty() {
+        return;
+    }
+    for (&pid, pm) in &d.pagemaps {
+        let mut from = BTreeMap::new();
+        for r in pm.runs.iter().filter(|r| load::in_parent(r)) {
+            let end = r
+                .vaddr
+                .saturating_add(u64::from(r.nr_pages).saturating_mul(PAGE));
+            suppliers(d, pid, r.vaddr, end, 0, &mut from);
+        }
+        for (owner, n) in from {
+            if unreadable.contains(&owner) {
+                rep.file(
+                    &pagemap_file(pid),
+                    format!(
+                        "{n} pages it shares with its parent are stored in {} (process {owner}), which cannot be read",
+                        pages_file(owner)
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn check_fds(rep: &mut Report<'_>, d: &Decoded) {
