@@ -87,6 +87,15 @@ pub enum DumpError {
         link: String,
         holder: i32,
     },
+    #[error("task {pid}: fd {fd}: the peer (socket {peer}) of unix socket {ino} is outside the dumped tree; connections to the outside are not supported yet (CRIU's --ext-unix-sk)")]
+    ExternalUnixPeer {
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        peer: u64,
+    },
+    #[error(transparent)]
+    Unix(#[from] crate::files::unix::UnixError),
     #[error("task {pid} is a zombie; there is nothing to dump")]
     RootZombie { pid: i32 },
     #[error("task {pid} {what}; such a session layout cannot be restored yet")]
@@ -165,6 +174,7 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
     fds.sort_unstable();
     let mut fd_entries = Vec::new();
     let mut files = Vec::new();
+    let mut diag: Option<std::collections::HashMap<u64, crate::files::unix::DiagInfo>> = None;
     for fd in fds {
         let link = readlink(&format!("/proc/{pid}/fd/{fd}"))?;
         let st = nix::sys::stat::stat(format!("/proc/{pid}/fd/{fd}").as_str()).map_err(|e| {
@@ -192,6 +202,21 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             _ if link == "anon_inode:[eventfd]" => FileKind::FileEventfd,
             _ if link == "anon_inode:[timerfd]" => FileKind::FileTimerfd,
             _ if link == "anon_inode:[signalfd]" => FileKind::FileSignalfd,
+            libc::S_IFSOCK => {
+                let d = match &diag {
+                    Some(d) => d,
+                    None => diag.insert(crate::files::unix::diag_all()?),
+                };
+                if !d.contains_key(&st.st_ino) {
+                    return Err(DumpError::UnsupportedFd {
+                        pid,
+                        fd,
+                        what: "a socket that is not a unix socket (other families are not supported yet)",
+                        link,
+                    });
+                }
+                FileKind::FileUnixSocket
+            }
             libc::S_IFIFO if link.starts_with('/') && !link.ends_with(" (deleted)") => {
                 FileKind::FileFifo
             }
@@ -216,6 +241,7 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
         let anon = matches!(
             kind,
             FileKind::FilePipe
+                | FileKind::FileUnixSocket
                 | FileKind::FileEventfd
                 | FileKind::FileTimerfd
                 | FileKind::FileSignalfd
@@ -284,6 +310,7 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             eventfd,
             timerfd,
             signalfd,
+            unix: None,
         });
         fd_entries.push(FdEntry {
             fd: fd as u32,
@@ -330,6 +357,7 @@ fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
         }
     }
     let tree: std::collections::BTreeSet<i32> = caps.iter().map(|c| c.pid).collect();
+    unix_states(&mut table)?;
     let mut done: Vec<u64> = Vec::new();
     for i in 0..table.len() {
         let kind = table[i].entry.kind;
@@ -364,6 +392,70 @@ fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
         table[i].entry.pipe_size = size;
     }
     Ok(table.into_iter().map(|o| o.entry).collect())
+}
+
+/// The state and queued messages of every unix socket of the table; a
+/// socket whose peer is not in the table (held outside the tree) is
+/// refused, and so is a listener with connections waiting to be accepted.
+fn unix_states(table: &mut [OpenFile]) -> Result<()> {
+    use crate::files::unix;
+    if !table
+        .iter()
+        .any(|o| o.entry.kind == FileKind::FileUnixSocket as i32)
+    {
+        return Ok(());
+    }
+    let diag = unix::diag_all()?;
+    let inodes: std::collections::BTreeSet<u64> = table
+        .iter()
+        .filter(|o| o.entry.kind == FileKind::FileUnixSocket as i32)
+        .map(|o| o.entry.inode)
+        .collect();
+    for o in table.iter_mut() {
+        if o.entry.kind != FileKind::FileUnixSocket as i32 {
+            continue;
+        }
+        let ino = o.entry.inode;
+        let info = diag.get(&ino).ok_or(unix::UnixError::Unknown {
+            pid: o.pid,
+            fd: o.fd,
+            ino,
+        })?;
+        if info.peer != 0 && !inodes.contains(&info.peer) {
+            return Err(DumpError::ExternalUnixPeer {
+                pid: o.pid,
+                fd: o.fd,
+                ino,
+                peer: info.peer,
+            });
+        }
+        if info.state == unix::STATE_LISTEN && info.rqueue > 0 {
+            return Err(DumpError::UnsupportedFd {
+                pid: o.pid,
+                fd: o.fd,
+                what:
+                    "a listening unix socket with connections not accepted yet (not supported yet)",
+                link: o.entry.path.clone(),
+            });
+        }
+        let pidfd = sys::pidfd_open(Pid::from_raw(o.pid))?;
+        let sock = unix::grab(std::os::fd::AsRawFd::as_raw_fd(&pidfd), o.fd).map_err(|errno| {
+            unix::UnixError::Peek {
+                pid: o.pid,
+                fd: o.fd,
+                ino,
+                errno,
+            }
+        })?;
+        let queued = unix::peek_queue(o.pid, o.fd, info, &sock)?;
+        let backlog = if info.state == unix::STATE_LISTEN {
+            info.wqueue
+        } else {
+            0
+        };
+        o.entry.unix = Some(unix::state_of(info, queued, backlog));
+    }
+    Ok(())
 }
 
 /// A process outside `tree` with a descriptor on pipe `ino`, if any.

@@ -3,6 +3,7 @@
 pub mod cgroup;
 pub mod dump;
 pub mod fault;
+pub mod files;
 pub mod freeze;
 pub mod infect;
 pub mod kerndat;

@@ -196,7 +196,13 @@ fn dump_refuses_unix_socket_on_fd_3() {
         "setup: fd 3 of sleep is {link:?}, not a socket"
     );
 
-    assert_dump_refused(pid, Some(3), &["socket"], "UNIX socket on fd 3");
+    // Its peer is held by this test, outside the dumped tree.
+    assert_dump_refused(
+        pid,
+        Some(3),
+        &["unix socket", "outside the dumped tree"],
+        "UNIX socket on fd 3 connected to another process",
+    );
 
     // The socket still works: the peer is alive and connected (no data,
     // no EOF).

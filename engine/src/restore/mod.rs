@@ -448,9 +448,24 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
     // been handed out once already.
     let mut pipes: HashMap<u64, (OwnedFd, OwnedFd, bool, bool)> = HashMap::new();
     let mut out = HashMap::new();
+    let sockets: Vec<&FileEntry> = files
+        .iter()
+        .filter(|f| used.contains(&f.id) && f.kind == FileKind::FileUnixSocket as i32)
+        .collect();
+    let mut sockets =
+        crate::files::unix::make_sockets(&sockets).map_err(|what| RestoreError::File {
+            pid: root,
+            id: 0,
+            path: "unix sockets".into(),
+            what,
+        })?;
     for f in files.iter().filter(|f| used.contains(&f.id)) {
         let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
         let fd: RawFd = match kind {
+            FileKind::FileUnixSocket => match sockets.remove(&f.id) {
+                Some(s) => std::os::fd::IntoRawFd::into_raw_fd(s),
+                None => return Err(fail(f, "no socket was made for it".into())),
+            },
             FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => {
                 let path = cstr(&f.path).map_err(|e| fail(f, e))?;
                 let mut flags = f.flags as i32

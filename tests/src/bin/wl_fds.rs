@@ -18,6 +18,13 @@
 //! timerfd 30 s from expiring with a 1.5 s period, one that expired once
 //! and was not read, and a signalfd for SIGUSR1 and SIGUSR2 with a SIGUSR1
 //! queued (blocked).
+//!
+//! Unix sockets: a stream pair between parent and child with bytes queued
+//! in both directions, a datagram pair and a seqpacket pair in the parent
+//! with messages queued (boundaries must stay; the seqpacket writer has
+//! shut down its sending side), listeners bound to a path and to an
+//! abstract name that must accept connections after the restore, and an
+//! unbound socket.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -247,6 +254,174 @@ fn check_events(e: &Events, fails: &mut Vec<String>) {
     }
 }
 
+struct Socks {
+    stream_parent: i32,
+    stream_child: i32,
+    dgram: [i32; 2],
+    seq: [i32; 2],
+    listen_path: i32,
+    listen_abstract: i32,
+    unbound: i32,
+    path: PathBuf,
+    abstract_name: Vec<u8>,
+}
+
+fn pair(ty: i32) -> Result<[i32; 2], String> {
+    let mut sv = [0i32; 2];
+    // SAFETY: socketpair writes two descriptors into `sv`.
+    if unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0
+    {
+        return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
+    }
+    Ok(sv)
+}
+
+fn unix_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain data; zero is valid.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (i, b) in name.iter().enumerate() {
+        sa.sun_path[i] = *b as libc::c_char;
+    }
+    (sa, (2 + name.len()) as libc::socklen_t)
+}
+
+fn listener(name: &[u8]) -> Result<i32, String> {
+    // SAFETY: plain socket calls on a new socket with an address we own.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let (sa, len) = unix_addr(name);
+        if s < 0
+            || libc::bind(s, (&sa as *const libc::sockaddr_un).cast(), len) != 0
+            || libc::listen(s, 8) != 0
+        {
+            return Err(format!("listener: {}", std::io::Error::last_os_error()));
+        }
+        Ok(s)
+    }
+}
+
+fn make_socks(tmp: &Path) -> Result<Socks, String> {
+    let stream = pair(libc::SOCK_STREAM)?;
+    let dgram = pair(libc::SOCK_DGRAM)?;
+    let seq = pair(libc::SOCK_SEQPACKET)?;
+    for m in [&b"a"[..], b"bb", b"ccc"] {
+        write_all(dgram[1], m)?;
+    }
+    write_all(seq[1], b"first packet")?;
+    write_all(seq[1], b"second")?;
+    // SAFETY: shutdown on our own socket.
+    unsafe { libc::shutdown(seq[1], libc::SHUT_WR) };
+    let path = tmp.join("listener.sock");
+    let _ = std::fs::remove_file(&path);
+    let listen_path = listener(path.as_os_str().as_encoded_bytes())?;
+    let abstract_name = format!("\0cryo-test-{}", std::process::id()).into_bytes();
+    let listen_abstract = listener(&abstract_name)?;
+    // SAFETY: a plain socket call.
+    let unbound = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    Ok(Socks {
+        stream_parent: stream[0],
+        stream_child: stream[1],
+        dgram,
+        seq,
+        listen_path,
+        listen_abstract,
+        unbound,
+        path,
+        abstract_name,
+    })
+}
+
+fn recv_all(fd: i32) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [0u8; 4096];
+        // SAFETY: receiving into our own buffer without blocking.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            break;
+        }
+        out.push(buf[..n as usize].to_vec());
+        if n == 0 {
+            break;
+        }
+    }
+    out
+}
+
+fn check_listener(what: &str, lfd: i32, name: &[u8], fails: &mut Vec<String>) {
+    // SAFETY: plain socket calls on new sockets with an address we own.
+    unsafe {
+        let c = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let (sa, len) = unix_addr(name);
+        if libc::connect(c, (&sa as *const libc::sockaddr_un).cast(), len) != 0 {
+            fails.push(format!(
+                "connecting to the {what} listener: {}",
+                std::io::Error::last_os_error()
+            ));
+            return;
+        }
+        let a = libc::accept(lfd, std::ptr::null_mut(), std::ptr::null_mut());
+        if a < 0 {
+            fails.push(format!(
+                "accept on the {what} listener: {}",
+                std::io::Error::last_os_error()
+            ));
+            return;
+        }
+        let _ = write_all(c, b"ping");
+        let mut b = [0u8; 4];
+        if libc::read(a, b.as_mut_ptr().cast(), 4) != 4 || &b != b"ping" {
+            fails.push(format!(
+                "no data through a connection accepted by the {what} listener"
+            ));
+        }
+        libc::close(a);
+        libc::close(c);
+    }
+}
+
+fn check_socks(s: &Socks, fails: &mut Vec<String>) {
+    let got = recv_all(s.stream_parent);
+    if got.concat() != b"hello from child" {
+        fails.push(format!("parent: the stream pair held {:?}", got));
+    }
+    let got = recv_all(s.dgram[0]);
+    if got != [b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()] {
+        fails.push(format!(
+            "the datagram pair held {got:?}, expected a, bb, ccc"
+        ));
+    }
+    let got = recv_all(s.seq[0]);
+    if got != [b"first packet".to_vec(), b"second".to_vec(), Vec::new()] {
+        fails.push(format!(
+            "the seqpacket pair held {got:?}, expected two packets and end of file"
+        ));
+    }
+    check_listener(
+        "path",
+        s.listen_path,
+        s.path.as_os_str().as_encoded_bytes(),
+        fails,
+    );
+    check_listener("abstract", s.listen_abstract, &s.abstract_name, fails);
+    let mut ty: i32 = 0;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: getsockopt into a local int.
+    let r = unsafe {
+        libc::getsockopt(
+            s.unbound,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || ty != libc::SOCK_DGRAM {
+        fails.push("the unbound datagram socket is gone".into());
+    }
+}
+
 fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     std::fs::create_dir_all(tmp).map_err(|e| format!("mkdir: {e}"))?;
@@ -302,6 +477,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     }
     let kid_verdict = verdict.with_extension("child");
     let events = make_events()?;
+    let socks = make_socks(tmp)?;
     // SAFETY: single-threaded; the child runs this program's own code.
     let kid = unsafe { libc::fork() };
     if kid == 0 {
@@ -314,8 +490,19 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
         if let Err(e) = write_all(kid_pipe[1], &data) {
             fails.push(e);
         }
+        // SAFETY: closing the parent's end of the stream pair here.
+        unsafe { libc::close(socks.stream_parent) };
+        if let Err(e) = write_all(socks.stream_child, b"hello from child") {
+            fails.push(e);
+        }
         wait_term();
         common_checks("child", &f, &mut fails);
+        let got = recv_all(socks.stream_child);
+        if got.concat() != b"to child" {
+            fails.push(format!(
+                "child: the stream pair held {got:?}, expected \"to child\""
+            ));
+        }
         // SAFETY: fcntl on our own pipe.
         let size = unsafe { libc::fcntl(kid_pipe[1], libc::F_GETPIPE_SZ) };
         if size != PIPE_SIZE {
@@ -338,8 +525,13 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     if kid < 0 {
         return Err("fork".into());
     }
-    // SAFETY: closing the write end, which is the child's alone.
-    unsafe { libc::close(kid_pipe[1]) };
+    // SAFETY: closing the write end, which is the child's alone, and the
+    // child's end of the stream pair.
+    unsafe {
+        libc::close(kid_pipe[1]);
+        libc::close(socks.stream_child);
+    }
+    write_all(socks.stream_parent, b"to child")?;
     // Wait until the child's bytes are all in the pipe.
     loop {
         let mut n: libc::c_int = 0;
@@ -355,6 +547,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     let mut fails = Vec::new();
     common_checks("parent", &f, &mut fails);
     check_events(&events, &mut fails);
+    check_socks(&socks, &mut fails);
     if getfl(f.own_r) & libc::O_NONBLOCK == 0 {
         fails.push("parent: its pipe's read end lost O_NONBLOCK".into());
     }

@@ -1,0 +1,444 @@
+//! Unix sockets, dump and restore side by side.
+//!
+//! Dump: sock_diag (NETLINK_SOCK_DIAG) lists every unix socket with its
+//! type, state, bound name, peer and queue lengths; the bytes queued for
+//! a socket of the tree are copied with MSG_PEEK through a duplicate of
+//! its descriptor (pidfd_getfd), one datagram at a time with SO_PEEK_OFF,
+//! so nothing is consumed. Restore: cryo makes every socket before it
+//! creates the tasks (they inherit them): a connected pair with
+//! socketpair, then each end's queued messages are sent again from the
+//! other end, boundaries kept; listeners are bound and listen again.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use cryo_image::proto::{FileEntry, UnixSocketState};
+use nix::errno::Errno;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnixError {
+    #[error("sock_diag: {what}: {errno}")]
+    Diag { what: &'static str, errno: Errno },
+    #[error("task {pid}: fd {fd}: unix socket {ino} is not known to sock_diag")]
+    Unknown { pid: i32, fd: i32, ino: u64 },
+    #[error("task {pid}: fd {fd}: reading the queued data of unix socket {ino}: {errno}")]
+    Peek {
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        errno: Errno,
+    },
+    #[error("task {pid}: fd {fd}: unix socket {ino} has descriptors in flight (SCM_RIGHTS); not supported yet")]
+    FdsInFlight { pid: i32, fd: i32, ino: u64 },
+}
+
+/// What sock_diag says about one unix socket.
+#[derive(Debug, Clone, Default)]
+pub struct DiagInfo {
+    pub ino: u64,
+    pub kind: u32,
+    pub state: u32,
+    pub name: Vec<u8>,
+    pub peer: u64,
+    pub rqueue: u32,
+    pub wqueue: u32,
+    pub shutdown: u32,
+}
+
+/// TCP_LISTEN, as unix sockets report it.
+pub const STATE_LISTEN: u32 = 10;
+/// TCP_ESTABLISHED.
+pub const STATE_CONNECTED: u32 = 1;
+
+fn diag_err(what: &'static str) -> impl FnOnce(Errno) -> UnixError {
+    move |errno| UnixError::Diag { what, errno }
+}
+
+/// Every unix socket of the system (the net namespace of cryo), by inode.
+pub fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
+    const NETLINK_SOCK_DIAG: i32 = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_ERROR: u16 = 2;
+    // UDIAG_SHOW_NAME | PEER | RQLEN | SHUTDOWN
+    const SHOW: u32 = 0x1 | 0x4 | 0x10 | 0x40;
+    // SAFETY: a plain socket call; the descriptor is owned below.
+    let s = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if s < 0 {
+        return Err(diag_err("socket")(Errno::last()));
+    }
+    // SAFETY: `s` is a new descriptor we own.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // nlmsghdr (16) + unix_diag_req (24)
+    let mut req = [0u8; 40];
+    req[0..4].copy_from_slice(&40u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[16] = libc::AF_UNIX as u8;
+    req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req[28..32].copy_from_slice(&SHOW.to_ne_bytes());
+    // SAFETY: sending our own buffer on our own socket (to the kernel).
+    if unsafe { libc::send(s.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(diag_err("send")(Errno::last()));
+    }
+    let mut out = HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receiving into our own buffer.
+        let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(diag_err("recv")(Errno::last()));
+        }
+        let mut off = 0usize;
+        let n = n as usize;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
+            if len < 16 || off + len > n {
+                return Err(diag_err("parse")(Errno::EBADMSG));
+            }
+            if ty == NLMSG_DONE {
+                return Ok(out);
+            }
+            if ty == NLMSG_ERROR {
+                let e = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or_default());
+                return Err(diag_err("dump")(Errno::from_raw(-e)));
+            }
+            if let Some(d) = parse_msg(&buf[off + 16..off + len]) {
+                out.insert(d.ino, d);
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// One unix_diag_msg and its attributes.
+fn parse_msg(m: &[u8]) -> Option<DiagInfo> {
+    let u32_at = |b: &[u8], i: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(i..i + 4)?.try_into().ok()?))
+    };
+    let mut d = DiagInfo {
+        kind: *m.get(1)? as u32,
+        state: *m.get(2)? as u32,
+        ino: u32_at(m, 4)? as u64,
+        ..Default::default()
+    };
+    let mut off = 16usize;
+    while off + 4 <= m.len() {
+        let len = u16::from_ne_bytes(m[off..off + 2].try_into().ok()?) as usize;
+        let ty = u16::from_ne_bytes(m[off + 2..off + 4].try_into().ok()?);
+        if len < 4 || off + len > m.len() {
+            break;
+        }
+        let p = &m[off + 4..off + len];
+        match ty {
+            0 => d.name = p.to_vec(),                       // UNIX_DIAG_NAME
+            2 => d.peer = u32_at(p, 0).unwrap_or(0) as u64, // UNIX_DIAG_PEER
+            4 => {
+                // UNIX_DIAG_RQLEN
+                d.rqueue = u32_at(p, 0).unwrap_or(0);
+                d.wqueue = u32_at(p, 4).unwrap_or(0);
+            }
+            6 => d.shutdown = p.first().copied().unwrap_or(0) as u32, // UNIX_DIAG_SHUTDOWN
+            _ => {}
+        }
+        off += (len + 3) & !3;
+    }
+    Some(d)
+}
+
+/// The messages queued for the socket behind `sock` (a duplicate of the
+/// task's descriptor), each as it was sent, without consuming them.
+pub fn peek_queue(
+    pid: i32,
+    fd: i32,
+    info: &DiagInfo,
+    sock: &OwnedFd,
+) -> Result<Vec<Vec<u8>>, UnixError> {
+    let err = |errno| UnixError::Peek {
+        pid,
+        fd,
+        ino: info.ino,
+        errno,
+    };
+    if info.rqueue == 0 || info.state == STATE_LISTEN {
+        return Ok(Vec::new());
+    }
+    let s = sock.as_raw_fd();
+    let set_peek = |v: i32| {
+        // SAFETY: setsockopt with an int we own on our descriptor.
+        unsafe {
+            libc::setsockopt(
+                s,
+                libc::SOL_SOCKET,
+                libc::SO_PEEK_OFF,
+                (&v as *const i32).cast(),
+                4,
+            )
+        }
+    };
+    if set_peek(0) < 0 {
+        return Err(err(Errno::last()));
+    }
+    let stream = info.kind == libc::SOCK_STREAM as u32;
+    let mut msgs = Vec::new();
+    let mut buf = vec![0u8; (info.rqueue as usize).clamp(64 * 1024, 16 << 20)];
+    let res = loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut cbuf = [0u8; 256];
+        // SAFETY: msghdr is plain data; the pointers set below are ours.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cbuf.as_mut_ptr().cast();
+        mh.msg_controllen = cbuf.len();
+        // SAFETY: recvmsg into our own buffers; MSG_PEEK leaves the queue
+        // as it is (the peek offset moves past what was read).
+        let n = unsafe { libc::recvmsg(s, &mut mh, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = Errno::last();
+            break if e == Errno::EAGAIN {
+                Ok(())
+            } else {
+                Err(err(e))
+            };
+        }
+        if mh.msg_controllen > 0 {
+            // SAFETY: walking the control messages the kernel wrote into
+            // cbuf; a peeked SCM_RIGHTS installed descriptors here, which
+            // are closed.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&mh);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                        let data = libc::CMSG_DATA(c) as *const i32;
+                        let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                        for i in 0..count {
+                            libc::close(*data.add(i));
+                        }
+                        set_peek(-1);
+                        return Err(UnixError::FdsInFlight {
+                            pid,
+                            fd,
+                            ino: info.ino,
+                        });
+                    }
+                    c = libc::CMSG_NXTHDR(&mh, c);
+                }
+            }
+        }
+        // Streams and seqpacket sockets count queued bytes (and read 0 at
+        // the end once the peer shut down); datagram sockets report the
+        // first datagram's length only, so they are peeked until EAGAIN.
+        let counted = info.kind != libc::SOCK_DGRAM as u32;
+        if n == 0 && counted {
+            break Ok(());
+        }
+        msgs.push(buf[..n as usize].to_vec());
+        if counted && msgs.iter().map(|m| m.len()).sum::<usize>() >= info.rqueue as usize {
+            break Ok(());
+        }
+        if msgs.len() > 1 << 16 {
+            break Ok(());
+        }
+    };
+    set_peek(-1);
+    res.map(|()| {
+        if stream {
+            // Byte streams have no boundaries: one message.
+            vec![msgs.concat()]
+        } else {
+            msgs
+        }
+    })
+}
+
+/// The socket state to store for one open unix socket.
+pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSocketState {
+    UnixSocketState {
+        sock_type: info.kind,
+        state: info.state,
+        name: info.name.clone(),
+        peer: info.peer,
+        queued,
+        shutdown: info.shutdown,
+        backlog,
+    }
+}
+
+/// Restore side: make every unix socket of `files` (one per open file
+/// description). Connected pairs whose both ends are in the image become
+/// socketpairs; each end's queued messages are sent again from its peer.
+/// Returns the descriptors by file id.
+pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, String> {
+    let mut out: HashMap<u32, OwnedFd> = HashMap::new();
+    let by_ino: HashMap<u64, &FileEntry> = files.iter().map(|f| (f.inode, *f)).collect();
+    let last = || std::io::Error::last_os_error();
+    for f in files {
+        if out.contains_key(&f.id) {
+            continue;
+        }
+        let st = f.unix.clone().unwrap_or_default();
+        let ty = st.sock_type as i32 | libc::SOCK_CLOEXEC;
+        let peer = by_ino.get(&st.peer).filter(|p| {
+            p.unix.as_ref().is_some_and(|u| u.peer == f.inode) && !out.contains_key(&p.id)
+        });
+        if let Some(p) = peer {
+            let mut sv = [0i32; 2];
+            // SAFETY: socketpair writes two descriptors into `sv`.
+            if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) } < 0 {
+                return Err(format!(
+                    "socketpair for unix sockets {} and {}: {}",
+                    f.inode,
+                    p.inode,
+                    last()
+                ));
+            }
+            // SAFETY: both are new descriptors we own.
+            let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+            let pst = p.unix.clone().unwrap_or_default();
+            // Bytes queued for `f` are sent again by its peer, and the
+            // other way round.
+            resend(&b, &st.queued, f.inode)?;
+            resend(&a, &pst.queued, p.inode)?;
+            shut(&a, st.shutdown);
+            shut(&b, pst.shutdown);
+            out.insert(f.id, a);
+            out.insert(p.id, b);
+            continue;
+        }
+        // SAFETY: a plain socket call.
+        let s = unsafe { libc::socket(libc::AF_UNIX, ty, 0) };
+        if s < 0 {
+            return Err(format!("socket for unix socket {}: {}", f.inode, last()));
+        }
+        // SAFETY: a new descriptor we own.
+        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        if !st.name.is_empty() {
+            bind(&s, &st.name).map_err(|e| format!("binding unix socket {}: {e}", f.inode))?;
+        }
+        if st.state == STATE_LISTEN {
+            // SAFETY: listen on our own socket.
+            if unsafe { libc::listen(s.as_raw_fd(), st.backlog.max(1) as i32) } < 0 {
+                return Err(format!("listen on unix socket {}: {}", f.inode, last()));
+            }
+        } else if !st.queued.is_empty() || st.state == STATE_CONNECTED {
+            // A connected socket whose peer is gone: its queue is read
+            // back, then end of file. A pair, with the other end closed.
+            let mut sv = [0i32; 2];
+            // SAFETY: socketpair writes two descriptors into `sv`.
+            if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) } < 0 {
+                return Err(format!(
+                    "socketpair for unix socket {}: {}",
+                    f.inode,
+                    last()
+                ));
+            }
+            // SAFETY: both are new descriptors we own.
+            let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+            resend(&b, &st.queued, f.inode)?;
+            drop(b);
+            shut(&a, st.shutdown);
+            out.insert(f.id, a);
+            continue;
+        }
+        shut(&s, st.shutdown);
+        out.insert(f.id, s);
+    }
+    Ok(out)
+}
+
+fn resend(from: &OwnedFd, msgs: &[Vec<u8>], ino: u64) -> Result<(), String> {
+    for m in msgs {
+        let mut off = 0;
+        loop {
+            // SAFETY: sending from our own buffer on our own socket.
+            let n = unsafe {
+                libc::send(
+                    from.as_raw_fd(),
+                    m[off..].as_ptr().cast(),
+                    m.len() - off,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                return Err(format!(
+                    "queueing {} bytes for unix socket {ino} again: {}",
+                    m.len(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+            off += n as usize;
+            if off >= m.len() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// shutdown(2) as sock_diag reported it (bit 0: no more receives, bit 1:
+/// no more sends).
+fn shut(s: &OwnedFd, how: u32) {
+    let h = match how & 3 {
+        1 => libc::SHUT_RD,
+        2 => libc::SHUT_WR,
+        3 => libc::SHUT_RDWR,
+        _ => return,
+    };
+    // SAFETY: shutdown on our own socket.
+    unsafe { libc::shutdown(s.as_raw_fd(), h) };
+}
+
+/// Bind to a path (a stale socket file left by the dumped task is
+/// replaced) or an abstract name (leading NUL).
+fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
+    // SAFETY: sockaddr_un is plain data; zero is valid.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if name.len() > sa.sun_path.len() {
+        return Err("name too long".into());
+    }
+    for (i, b) in name.iter().enumerate() {
+        sa.sun_path[i] = *b as libc::c_char;
+    }
+    if name.first() != Some(&0) {
+        let trimmed = name.split(|&b| b == 0).next().unwrap_or(name);
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(trimmed));
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
+    // SAFETY: binding our socket to an address we built, of length `len`.
+    let r = unsafe { libc::bind(s.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
+/// A descriptor of `fd` in the task behind `pidfd`.
+pub fn grab(pidfd: RawFd, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel returned a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
