@@ -54,10 +54,14 @@ pub enum DumpError {
         what: &'static str,
         link: String,
     },
-    #[error(
-        "task {pid}: fd {fd} refers to deleted file {link}; deleted files are not supported yet"
-    )]
-    DeletedFile { pid: i32, fd: i32, link: String },
+    #[error("task {pid}: fd {fd} refers to deleted file {link} of {size} bytes, more than the --ghost-limit of {limit} bytes")]
+    DeletedFile {
+        pid: i32,
+        fd: i32,
+        link: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("task {pid} has {n} POSIX timers; at most {max} are supported")]
     TooManyTimers { pid: i32, n: usize, max: usize },
     #[error("creating image directory {path}: {source}")]
@@ -121,6 +125,8 @@ pub struct DumpOptions {
     pub threads: usize,
     /// Freeze this cgroup (v2 or v1 freezer) while seizing the task.
     pub freeze_cgroup: Option<PathBuf>,
+    /// Largest deleted file or memfd whose contents go into the image.
+    pub ghost_limit: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -161,7 +167,11 @@ fn fault(point: &str) -> Result<()> {
 /// The files a process has open, checked for what cryo can restore.
 /// File ids are numbered from `*next_id` on, which is advanced past them
 /// (ids are unique across the processes of an image).
-fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
+fn collect_fds(
+    pid: i32,
+    next_id: &mut u32,
+    ghost_limit: u64,
+) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         path: dir.clone(),
@@ -185,6 +195,8 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
         })?;
         let fmt = st.st_mode & libc::S_IFMT;
         let kind = match fmt {
+            libc::S_IFREG if link.starts_with("/memfd:") => FileKind::FileMemfd,
+            libc::S_IFREG if link.ends_with(" (deleted)") => FileKind::FileDeleted,
             libc::S_IFREG => FileKind::FileRegular,
             libc::S_IFDIR => FileKind::FileDirectory,
             // Terminals (tty majors 4 and 5, pty slaves 136-143, ptmx)
@@ -246,7 +258,8 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
                 | FileKind::FileTimerfd
                 | FileKind::FileSignalfd
         );
-        if !anon && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
+        let ghost_kind = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
+        if !anon && !ghost_kind && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
             if link.starts_with("anon_inode:") {
                 return Err(DumpError::UnsupportedFd {
                     pid,
@@ -255,8 +268,32 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
                     link,
                 });
             }
-            return Err(DumpError::DeletedFile { pid, fd, link });
+            return Err(DumpError::UnsupportedFd {
+                pid,
+                fd,
+                what: "a deleted file that is not a regular file",
+                link,
+            });
         }
+        let ghost = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
+        if ghost && st.st_size as u64 > ghost_limit {
+            return Err(DumpError::DeletedFile {
+                pid,
+                fd,
+                link,
+                size: st.st_size as u64,
+                limit: ghost_limit,
+            });
+        }
+        // A memfd is named by its name, a deleted file by where it was.
+        let link = match kind {
+            FileKind::FileMemfd | FileKind::FileDeleted => link
+                .strip_prefix("/memfd:")
+                .unwrap_or(&link)
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+            _ => link,
+        };
         let info_path = format!("/proc/{pid}/fdinfo/{fd}");
         let info_text = read(&info_path)?;
         let (pos, flags) = procfmt::parse_fdinfo(&info_text);
@@ -311,6 +348,9 @@ fn collect_fds(pid: i32, next_id: &mut u32) -> Result<(Vec<FdEntry>, Vec<FileEnt
             timerfd,
             signalfd,
             unix: None,
+            contents: Vec::new(),
+            seals: 0,
+            mode: st.st_mode & 0o7777,
         });
         fd_entries.push(FdEntry {
             fd: fd as u32,
@@ -358,6 +398,7 @@ fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
     }
     let tree: std::collections::BTreeSet<i32> = caps.iter().map(|c| c.pid).collect();
     unix_states(&mut table)?;
+    ghost_contents(&mut table)?;
     let mut done: Vec<u64> = Vec::new();
     for i in 0..table.len() {
         let kind = table[i].entry.kind;
@@ -454,6 +495,42 @@ fn unix_states(table: &mut [OpenFile]) -> Result<()> {
             0
         };
         o.entry.unix = Some(unix::state_of(info, queued, backlog));
+    }
+    Ok(())
+}
+
+/// The bytes (and seals) of every memfd and deleted file of the table,
+/// read through a new open of the task's descriptor; carried by the first
+/// open file of each.
+fn ghost_contents(table: &mut [OpenFile]) -> Result<()> {
+    let mut seen: Vec<(i32, u64, u64)> = Vec::new();
+    for o in table.iter_mut() {
+        let k = o.entry.kind;
+        if k != FileKind::FileMemfd as i32 && k != FileKind::FileDeleted as i32 {
+            continue;
+        }
+        let key = (k, o.entry.dev, o.entry.inode);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let path = format!("/proc/{}/fd/{}", o.pid, o.fd);
+        let f = std::fs::File::open(&path).map_err(|source| DumpError::Proc {
+            path: path.clone(),
+            source,
+        })?;
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut data)
+            .map_err(|source| DumpError::Proc { path, source })?;
+        o.entry.size = data.len() as u64;
+        o.entry.contents = data;
+        if k == FileKind::FileMemfd as i32 {
+            // SAFETY: fcntl on our own descriptor; a negative result means
+            // no seals (not a sealable memfd).
+            let seals =
+                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GET_SEALS) };
+            o.entry.seals = seals.max(0) as u32;
+        }
     }
     Ok(())
 }
@@ -831,7 +908,7 @@ fn capture(
     let frozen_at = Instant::now();
     // Re-check under the freeze: the task cannot change any more.
     let stat = check_task(pid)?;
-    let (fd_entries, files) = collect_fds(pid, file_ids)?;
+    let (fd_entries, files) = collect_fds(pid, file_ids, opts.ghost_limit)?;
     let status = procfmt::parse_status(&read(&format!("/proc/{pid}/status"))?);
     let timers = procfmt::parse_timers(
         &std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default(),
@@ -1280,7 +1357,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let guard = Guard::spawn(Pid::from_raw(pid))?;
     let check = |p: i32| -> Result<()> {
         check_task(p)?;
-        collect_fds(p, &mut 1)?;
+        collect_fds(p, &mut 1, opts.ghost_limit)?;
         Ok(())
     };
     let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;

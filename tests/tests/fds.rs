@@ -47,3 +47,22 @@ fn fds_three_cycles() {
     }
     wl.assert_pass("open files after three cycles");
 }
+
+/// A deleted file (or memfd) larger than --ghost-limit is refused, naming
+/// the task, the descriptor and the limit; the tree runs on.
+#[test]
+fn fds_ghost_limit_refuses() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &["--ghost-limit", "4"], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with --ghost-limit 4: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("ghost-limit") && err.contains(&format!("task {}", wl.pid())),
+        "stderr: {err}"
+    );
+    wl.assert_pass("open files after a refused dump");
+}

@@ -45,6 +45,10 @@ pub struct DumpArgs {
     /// while seizing the task, and thaw it right after.
     #[arg(long)]
     pub freeze_cgroup: Option<PathBuf>,
+    /// Largest file deleted while open (or memfd) whose contents are saved
+    /// in the image, in bytes; a larger one is refused.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub ghost_limit: u64,
     /// Write the dump's figures (time stopped, image size, ...) as JSON here.
     #[arg(long)]
     pub stats: Option<PathBuf>,
@@ -68,6 +72,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         zstd_level: a.zstd_level,
         threads,
         freeze_cgroup: a.freeze_cgroup.clone(),
+        ghost_limit: a.ghost_limit,
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();

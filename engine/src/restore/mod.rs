@@ -459,9 +459,41 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
             path: "unix sockets".into(),
             what,
         })?;
+    // Memfds and deleted files, made once each: (kind, dev, inode) -> fd.
+    let mut ghosts: Vec<((i32, u64, u64), OwnedFd)> = Vec::new();
     for f in files.iter().filter(|f| used.contains(&f.id)) {
         let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
         let fd: RawFd = match kind {
+            FileKind::FileMemfd | FileKind::FileDeleted => {
+                let key = (f.kind, f.dev, f.inode);
+                if !ghosts.iter().any(|g| g.0 == key) {
+                    let holder = files
+                        .iter()
+                        .find(|x| (x.kind, x.dev, x.inode) == key && !x.contents.is_empty())
+                        .unwrap_or(f);
+                    let anchor = make_ghost(holder).map_err(|e| fail(f, e))?;
+                    ghosts.push((key, anchor));
+                }
+                let anchor = ghosts
+                    .iter()
+                    .find(|g| g.0 == key)
+                    .map(|g| g.1.as_raw_fd())
+                    .unwrap_or(-1);
+                let path = cstr(&format!("/proc/self/fd/{anchor}")).map_err(|e| fail(f, e))?;
+                let flags = f.flags as i32
+                    & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
+                // SAFETY: path is a NUL-terminated string we own; a new
+                // open file description of the file we just made.
+                let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(fail(f, format!("opening it again: {}", last())));
+                }
+                if f.flags as i32 & libc::O_PATH == 0 {
+                    // SAFETY: lseek on the descriptor just opened.
+                    unsafe { libc::lseek(fd, f.pos as i64, libc::SEEK_SET) };
+                }
+                fd
+            }
             FileKind::FileUnixSocket => match sockets.remove(&f.id) {
                 Some(s) => std::os::fd::IntoRawFd::into_raw_fd(s),
                 None => return Err(fail(f, "no socket was made for it".into())),
@@ -483,7 +515,8 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                     // SAFETY: lseek on the descriptor just opened.
                     unsafe { libc::lseek(fd, f.pos as i64, libc::SEEK_SET) }
                 };
-                if kind == FileKind::FileRegular && seek(fd) < 0 {
+                let o_path = f.flags as i32 & libc::O_PATH != 0;
+                if kind == FileKind::FileRegular && !o_path && seek(fd) < 0 {
                     let e = last();
                     // SAFETY: closing the descriptor we opened.
                     unsafe { libc::close(fd) };
@@ -670,6 +703,76 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
         out.insert(f.id, unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(out)
+}
+
+/// A memfd with its name, contents and seals, or a file deleted while
+/// open: made next to where it was (a fresh name there), filled, given
+/// its mode and unlinked again. The descriptor returned reads and writes.
+fn make_ghost(f: &FileEntry) -> std::result::Result<OwnedFd, String> {
+    let last = || std::io::Error::last_os_error();
+    let fd = if f.kind == FileKind::FileMemfd as i32 {
+        let name = cstr(&f.path)?;
+        let flags = libc::MFD_CLOEXEC
+            | if f.seals != 0 {
+                libc::MFD_ALLOW_SEALING
+            } else {
+                0
+            };
+        // SAFETY: memfd_create with a NUL-terminated name we own.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(format!("memfd_create: {}", last()));
+        }
+        fd
+    } else {
+        let mut made = -1;
+        for n in 0..1000u32 {
+            let p = cstr(&format!("{}.cryo-ghost-{}-{n}", f.path, std::process::id()))?;
+            // SAFETY: a NUL-terminated path we own; O_EXCL never opens an
+            // existing file.
+            let fd = unsafe {
+                libc::open(
+                    p.as_ptr(),
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                    0o600,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: unlinking the file we just created.
+                unsafe { libc::unlink(p.as_ptr()) };
+                made = fd;
+                break;
+            }
+            if last().raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!(
+                    "recreating the deleted file next to its old path: {}",
+                    last()
+                ));
+            }
+        }
+        if made < 0 {
+            return Err("no free name to recreate the deleted file".into());
+        }
+        made
+    };
+    // SAFETY: `fd` is a descriptor we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut data: &[u8] = &f.contents;
+    while !data.is_empty() {
+        match nix::unistd::write(&fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("writing its {} bytes: {e}", f.contents.len())),
+        }
+    }
+    // SAFETY: fchmod and fcntl on our own descriptor.
+    unsafe {
+        libc::fchmod(fd.as_raw_fd(), f.mode as libc::mode_t);
+        if f.seals != 0 && libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, f.seals as i32) < 0 {
+            return Err(format!("adding seals {:#x}: {}", f.seals, last()));
+        }
+    }
+    Ok(fd)
 }
 
 /// A failed restore leaves nothing behind: kill every task it made (the

@@ -25,6 +25,9 @@
 //! shut down its sending side), listeners bound to a path and to an
 //! abstract name that must accept connections after the restore, and an
 //! unbound socket.
+//!
+//! Files without a name: a memfd with contents and seals (offset 3), a
+//! file deleted while open (offset 8), and an O_PATH descriptor.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -422,6 +425,79 @@ fn check_socks(s: &Socks, fails: &mut Vec<String>) {
     }
 }
 
+struct Ghosts {
+    memfd: i32,
+    deleted: i32,
+    opath: i32,
+}
+
+fn make_ghosts(tmp: &Path) -> Result<Ghosts, String> {
+    let name = c"cryo-memfd";
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let memfd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if memfd < 0 {
+        return Err("memfd_create".into());
+    }
+    write_all(memfd, b"memfd contents")?;
+    // SAFETY: fcntl / lseek on our own descriptor.
+    unsafe {
+        libc::fcntl(
+            memfd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        );
+        libc::lseek(memfd, 3, libc::SEEK_SET);
+    }
+    let path = tmp.join("deleted.txt");
+    let deleted = open(&path, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC)?;
+    write_all(deleted, b"deleted but open")?;
+    std::fs::remove_file(&path).map_err(|e| format!("unlink: {e}"))?;
+    // SAFETY: lseek on our own descriptor.
+    unsafe { libc::lseek(deleted, 8, libc::SEEK_SET) };
+    let opath = open(&tmp.join("shared"), libc::O_PATH)?;
+    Ok(Ghosts {
+        memfd,
+        deleted,
+        opath,
+    })
+}
+
+fn check_ghosts(g: &Ghosts, fails: &mut Vec<String>) {
+    let got = read_some(g.memfd, 64);
+    if got != b"fd contents" {
+        fails.push(format!(
+            "the memfd read {:?} from offset 3",
+            String::from_utf8_lossy(&got)
+        ));
+    }
+    // SAFETY: fcntl on our own descriptor.
+    let seals = unsafe { libc::fcntl(g.memfd, libc::F_GET_SEALS) };
+    if seals != libc::F_SEAL_SHRINK | libc::F_SEAL_GROW {
+        fails.push(format!("the memfd's seals are {seals:#x}"));
+    }
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", g.memfd)).unwrap_or_default();
+    if link.to_string_lossy() != "/memfd:cryo-memfd (deleted)" {
+        fails.push(format!("the memfd is {}", link.display()));
+    }
+    let got = read_some(g.deleted, 64);
+    if got != b"but open" {
+        fails.push(format!(
+            "the deleted file read {:?} from offset 8",
+            String::from_utf8_lossy(&got)
+        ));
+    }
+    let mut st = unsafe_zeroed_stat();
+    // SAFETY: fstat into a local.
+    unsafe { libc::fstat(g.deleted, &mut st) };
+    if st.st_nlink != 0 {
+        fails.push(format!("the deleted file has {} links", st.st_nlink));
+    }
+    if getfl(g.opath) & libc::O_PATH == 0 {
+        fails.push("the O_PATH descriptor lost O_PATH".into());
+    }
+}
+
 fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     std::fs::create_dir_all(tmp).map_err(|e| format!("mkdir: {e}"))?;
@@ -478,6 +554,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     let kid_verdict = verdict.with_extension("child");
     let events = make_events()?;
     let socks = make_socks(tmp)?;
+    let ghosts = make_ghosts(tmp)?;
     // SAFETY: single-threaded; the child runs this program's own code.
     let kid = unsafe { libc::fork() };
     if kid == 0 {
@@ -548,6 +625,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     common_checks("parent", &f, &mut fails);
     check_events(&events, &mut fails);
     check_socks(&socks, &mut fails);
+    check_ghosts(&ghosts, &mut fails);
     if getfl(f.own_r) & libc::O_NONBLOCK == 0 {
         fails.push("parent: its pipe's read end lost O_NONBLOCK".into());
     }
