@@ -214,6 +214,8 @@ fn collect_fds(
             _ if link == "anon_inode:[eventfd]" => FileKind::FileEventfd,
             _ if link == "anon_inode:[timerfd]" => FileKind::FileTimerfd,
             _ if link == "anon_inode:[signalfd]" => FileKind::FileSignalfd,
+            _ if link == "anon_inode:[eventpoll]" => FileKind::FileEpoll,
+            _ if link == "anon_inode:[pidfd]" || link.starts_with("pidfd:") => FileKind::FilePidfd,
             libc::S_IFSOCK => {
                 let d = match &diag {
                     Some(d) => d,
@@ -257,6 +259,8 @@ fn collect_fds(
                 | FileKind::FileEventfd
                 | FileKind::FileTimerfd
                 | FileKind::FileSignalfd
+                | FileKind::FileEpoll
+                | FileKind::FilePidfd
         );
         let ghost_kind = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
         if !anon && !ghost_kind && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
@@ -351,7 +355,35 @@ fn collect_fds(
             contents: Vec::new(),
             seals: 0,
             mode: st.st_mode & 0o7777,
+            epoll: (kind == FileKind::FileEpoll).then(|| proto::EpollState {
+                targets: procfmt::parse_epoll_targets(&info_text)
+                    .into_iter()
+                    .map(|(tfd, events, data, _)| proto::EpollTarget { tfd, events, data })
+                    .collect(),
+            }),
+            pidfd_pid: if kind == FileKind::FilePidfd {
+                num("Pid").unwrap_or(0) as u32
+            } else {
+                0
+            },
         });
+        if kind == FileKind::FileEpoll {
+            // Every watched descriptor must still be the file it was added
+            // as (the target number is what restore re-adds).
+            for (tfd, _, _, ino) in procfmt::parse_epoll_targets(&info_text) {
+                let target = std::fs::metadata(format!("/proc/{pid}/fd/{tfd}"))
+                    .ok()
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+                if target != Some(ino) {
+                    return Err(DumpError::UnsupportedFd {
+                        pid,
+                        fd,
+                        what: "an epoll watching a file whose descriptor was closed or reused (not supported yet)",
+                        link: format!("{} (target fd {tfd})", files.last().map(|f: &FileEntry| f.path.clone()).unwrap_or_default()),
+                    });
+                }
+            }
+        }
         fd_entries.push(FdEntry {
             fd: fd as u32,
             id,
@@ -399,6 +431,25 @@ fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
     let tree: std::collections::BTreeSet<i32> = caps.iter().map(|c| c.pid).collect();
     unix_states(&mut table)?;
     ghost_contents(&mut table)?;
+    // An epoll or pidfd is remade by the process that holds it: one
+    // shared by several processes is not supported yet.
+    for c in caps.iter() {
+        for e in &c.fd_entries {
+            let Some(o) = table.iter().find(|o| o.entry.id == e.id) else {
+                continue;
+            };
+            let per_task = o.entry.kind == FileKind::FileEpoll as i32
+                || o.entry.kind == FileKind::FilePidfd as i32;
+            if per_task && o.pid != c.pid {
+                return Err(DumpError::UnsupportedFd {
+                    pid: c.pid,
+                    fd: e.fd as i32,
+                    what: "an epoll or pidfd shared with another process (not supported yet)",
+                    link: o.entry.path.clone(),
+                });
+            }
+        }
+    }
     let mut done: Vec<u64> = Vec::new();
     for i in 0..table.len() {
         let kind = table[i].entry.kind;

@@ -147,6 +147,30 @@ pub fn parse_fdinfo(text: &str) -> (u64, u32) {
     (pos, flags)
 }
 
+/// The targets of an epoll from its fdinfo: (tfd, events, data, inode).
+pub fn parse_epoll_targets(text: &str) -> Vec<(u32, u32, u64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim_start().strip_prefix("tfd:")?;
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let after = |key: &str| {
+                w.iter()
+                    .position(|x| *x == key)
+                    .and_then(|i| w.get(i + 1))
+                    .copied()
+            };
+            let tfd = w.first()?.parse().ok()?;
+            let events = u32::from_str_radix(after("events:")?, 16).ok()?;
+            let data = u64::from_str_radix(after("data:")?, 16).ok()?;
+            let ino = w
+                .iter()
+                .find_map(|x| x.strip_prefix("ino:"))
+                .and_then(|v| u64::from_str_radix(v, 16).ok())?;
+            Some((tfd, events, data, ino))
+        })
+        .collect()
+}
+
 /// A timerfd fdinfo time, "(SECONDS, NANOSECONDS)", in nanoseconds.
 pub fn parse_timespec_pair(v: &str) -> Option<u64> {
     let v = v.trim().strip_prefix('(')?.strip_suffix(')')?;
@@ -215,6 +239,18 @@ pub fn read_maps(pid: &str) -> Vec<MapRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoll_targets() {
+        let t = "pos:\t0\nflags:\t02\ntfd:        4 events:       19 data:                4  pos:0 ino:4c96a sdev:f\ntfd:        5 events: 8000001c data:     ffffffffffff  pos:0 ino:4c96b sdev:f\n";
+        assert_eq!(
+            parse_epoll_targets(t),
+            vec![
+                (4, 0x19, 4, 0x4c96a),
+                (5, 0x8000_001c, 0xffff_ffff_ffff, 0x4c96b)
+            ]
+        );
+    }
 
     #[test]
     fn timerfd_times() {

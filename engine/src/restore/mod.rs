@@ -494,6 +494,9 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                 }
                 fd
             }
+            // Made by the task that holds it, once its descriptors are in
+            // place (see prepare).
+            FileKind::FileEpoll | FileKind::FilePidfd => continue,
             FileKind::FileUnixSocket => match sockets.remove(&f.id) {
                 Some(s) => std::os::fd::IntoRawFd::into_raw_fd(s),
                 None => return Err(fail(f, "no socket was made for it".into())),
@@ -1624,9 +1627,14 @@ fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Nev
     unsafe { libc::close(status_w) };
     // The open file descriptions cryo made for the whole tree (inherited
     // from it): the ones this task uses move into the kept block too.
+    let per_task = |id: u32| {
+        img.files.iter().find(|f| f.id == id).filter(|f| {
+            f.kind == FileKind::FileEpoll as i32 || f.kind == FileKind::FilePidfd as i32
+        })
+    };
     let mut moved: Vec<(u32, RawFd)> = Vec::new();
     for e in &img.fds {
-        if moved.iter().any(|m| m.0 == e.id) {
+        if moved.iter().any(|m| m.0 == e.id) || per_task(e.id).is_some() {
             continue;
         }
         let src = *ctx
@@ -1652,7 +1660,7 @@ fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Nev
             unsafe { libc::close(fd) };
         }
     }
-    for e in &img.fds {
+    for e in img.fds.iter().filter(|e| per_task(e.id).is_none()) {
         let src = moved
             .iter()
             .find(|m| m.0 == e.id)
@@ -1668,6 +1676,60 @@ fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Nev
     for (_, fd) in moved {
         // SAFETY: closing our kept copies; the task's own numbers stay.
         unsafe { libc::close(fd) };
+    }
+    // pidfds, then epolls (their targets are all in place by now).
+    let mut later: Vec<(&cryo_image::proto::FdEntry, &FileEntry)> = img
+        .fds
+        .iter()
+        .filter_map(|e| per_task(e.id).map(|f| (e, f)))
+        .collect();
+    later.sort_by_key(|(e, f)| (f.kind == FileKind::FileEpoll as i32, e.fd));
+    for (e, f) in later {
+        let tmp = if f.kind == FileKind::FilePidfd as i32 {
+            // SAFETY: pidfd_open with integer arguments; the process exists
+            // (every task of the tree was made before any prepares).
+            unsafe { libc::syscall(libc::SYS_pidfd_open, f.pidfd_pid as i32, 0) as i32 }
+        } else {
+            // SAFETY: a new epoll instance.
+            unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) }
+        };
+        if tmp < 0 {
+            return Err(os_err(&format!("fd {}: making its {}", e.fd, f.path)));
+        }
+        let cloexec = if e.cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: moving our new descriptor onto its dumped number, free
+        // since the close_range above.
+        unsafe {
+            if tmp != e.fd as i32 {
+                if libc::dup3(tmp, e.fd as i32, cloexec) < 0 {
+                    return Err(os_err(&format!("fd {}: dup3", e.fd)));
+                }
+                libc::close(tmp);
+            } else if !e.cloexec {
+                libc::fcntl(tmp, libc::F_SETFD, 0);
+            }
+            libc::fcntl(
+                e.fd as i32,
+                libc::F_SETFL,
+                f.flags as i32 & (libc::O_NONBLOCK | libc::O_APPEND),
+            );
+        }
+        for t in f.epoll.iter().flat_map(|s| s.targets.iter()) {
+            let mut ev = libc::epoll_event {
+                events: t.events,
+                u64: t.data,
+            };
+            // SAFETY: adding the task's own descriptor to its own epoll
+            // with an event we own.
+            if unsafe { libc::epoll_ctl(e.fd as i32, libc::EPOLL_CTL_ADD, t.tfd as i32, &mut ev) }
+                < 0
+            {
+                return Err(os_err(&format!(
+                    "fd {}: watching fd {} again (events {:#x})",
+                    e.fd, t.tfd, t.events
+                )));
+            }
+        }
     }
 
     // 3. Filesystem context.

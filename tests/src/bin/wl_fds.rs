@@ -28,6 +28,10 @@
 //!
 //! Files without a name: a memfd with contents and seals (offset 3), a
 //! file deleted while open (offset 8), and an O_PATH descriptor.
+//!
+//! An epoll watching its own pipe, the datagram pair (edge-triggered) and
+//! the eventfd, each with its own data word, must report all three ready
+//! with those words; a pidfd of the child must still name the child.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -498,6 +502,32 @@ fn check_ghosts(g: &Ghosts, fails: &mut Vec<String>) {
     }
 }
 
+fn make_epoll(watch: &[(i32, u32, u64)]) -> Result<i32, String> {
+    // SAFETY: a new epoll instance.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    for &(fd, events, data) in watch {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: adding our own descriptor with an event we own.
+        if ep < 0 || unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+            return Err(format!("epoll: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(ep)
+}
+
+fn check_epoll(ep: i32, fails: &mut Vec<String>) {
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+    // SAFETY: waiting into our own array of 8 events.
+    let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 8, 1000) };
+    let mut got: Vec<u64> = evs[..n.max(0) as usize].iter().map(|e| e.u64).collect();
+    got.sort_unstable();
+    if got != [77, 0xabc, 0x5eed] {
+        fails.push(format!(
+            "the epoll reported data words {got:x?}, expected 4d, abc and 5eed"
+        ));
+    }
+}
+
 fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     std::fs::create_dir_all(tmp).map_err(|e| format!("mkdir: {e}"))?;
@@ -609,6 +639,20 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
         libc::close(socks.stream_child);
     }
     write_all(socks.stream_parent, b"to child")?;
+    let epfd = make_epoll(&[
+        (f.own_r, libc::EPOLLIN as u32, 0xabc),
+        (
+            socks.dgram[0],
+            libc::EPOLLIN as u32 | libc::EPOLLET as u32,
+            77,
+        ),
+        (events.efd, libc::EPOLLIN as u32, 0x5eed),
+    ])?;
+    // SAFETY: pidfd_open of our own child.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, kid, 0) } as i32;
+    if pidfd < 0 {
+        return Err("pidfd_open".into());
+    }
     // Wait until the child's bytes are all in the pipe.
     loop {
         let mut n: libc::c_int = 0;
@@ -622,6 +666,17 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     wl::write_atomic(ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
     wait_term();
     let mut fails = Vec::new();
+    check_epoll(epfd, &mut fails);
+    let pid_line = std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    if pid_line != kid.to_string() {
+        fails.push(format!(
+            "the pidfd names process {pid_line:?}, not the child {kid}"
+        ));
+    }
     common_checks("parent", &f, &mut fails);
     check_events(&events, &mut fails);
     check_socks(&socks, &mut fails);
