@@ -240,7 +240,7 @@ fn collect_fds(
                     libc::S_IFSOCK => "a socket",
                     libc::S_IFBLK => "a block device",
                     _ if link.starts_with("anon_inode:") => {
-                        "an anonymous-inode file (eventfd, epoll, timerfd, ...)"
+                        "an anonymous-inode file of a kind not supported yet (inotify, fanotify, io_uring, bpf, perf event, userfaultfd, ...)"
                     }
                     _ => "an unsupported kind of file",
                 };
@@ -268,7 +268,7 @@ fn collect_fds(
                 return Err(DumpError::UnsupportedFd {
                     pid,
                     fd,
-                    what: "an anonymous-inode file (eventfd, epoll, timerfd, ...)",
+                    what: "an anonymous-inode file of a kind not supported yet (inotify, fanotify, io_uring, bpf, perf event, userfaultfd, ...)",
                     link,
                 });
             }
@@ -758,15 +758,54 @@ fn pending(sigs: &[[u8; 128]]) -> Vec<PendingSignal> {
 fn thread_core(pid: i32, v: &mut Victim, scratch: u64) -> Result<CoreEntry> {
     let tid = v.pid;
     let ts = v.thread_state(scratch)?;
-    let rseq = sys::rseq_config(tid)?;
-    let (robust, robust_len) = sys::get_robust_list(tid)?;
-    let private_sigs = sys::peek_siginfo(tid, false)?;
-    let mut regs = *v.regs();
-    let rseq_cs = rseq_fixup(tid, &rseq, &mut regs);
     let status = procfmt::parse_status(&read(&format!("/proc/{pid}/task/{tid}/status"))?);
     let comm = read(&format!("/proc/{pid}/task/{tid}/comm"))?
         .trim_end_matches('\n')
         .to_string();
+    let bits = ptrace_bits(tid)?;
+    core_of(
+        v,
+        &ts,
+        &bits,
+        comm,
+        thread_creds(&status, ts.securebits),
+        None,
+    )
+}
+
+/// What ptrace reads of a thread in a ptrace stop (the leader's before its
+/// parasite runs).
+struct PtraceBits {
+    rseq: sys::RseqConf,
+    robust: (u64, u64),
+    private_sigs: Vec<[u8; 128]>,
+}
+
+fn ptrace_bits(tid: Pid) -> Result<PtraceBits> {
+    Ok(PtraceBits {
+        rseq: sys::rseq_config(tid)?,
+        robust: sys::get_robust_list(tid)?,
+        private_sigs: sys::peek_siginfo(tid, false)?,
+    })
+}
+
+/// The core of one stopped thread: what `ts` says (read by the parasite
+/// or by syscalls injected into it) and what ptrace reads (registers,
+/// XSAVE, mask, rseq, robust list, its own pending signals).
+fn core_of(
+    v: &Victim,
+    ts: &crate::infect::ThreadState,
+    bits: &PtraceBits,
+    comm: String,
+    creds: Creds,
+    process: Option<ProcessCore>,
+) -> Result<CoreEntry> {
+    let tid = v.pid;
+    let rseq = &bits.rseq;
+    let (robust, robust_len) = bits.robust;
+    let private_sigs = &bits.private_sigs;
+    let mut regs = *v.regs();
+    let rseq_cs = rseq_fixup(tid, rseq, &mut regs);
     Ok(CoreEntry {
         tid: tid.as_raw() as u32,
         regs: Some(gpregs(&regs)),
@@ -787,9 +826,9 @@ fn thread_core(pid: i32, v: &mut Victim, scratch: u64) -> Result<CoreEntry> {
             rseq_cs,
         }),
         comm,
-        pending: pending(&private_sigs),
-        creds: Some(thread_creds(&status, ts.securebits)),
-        process: None,
+        pending: pending(private_sigs),
+        creds: Some(creds),
+        process,
         pdeath_signal: ts.pdeath_signal,
     })
 }
@@ -996,10 +1035,9 @@ fn capture(
         }
         None => Vec::new(),
     };
-    let rseq = sys::rseq_config(npid)?;
-    let (robust, robust_len) = sys::get_robust_list(npid)?;
-    let private_sigs = sys::peek_siginfo(npid, false)?;
     let shared_sigs = sys::peek_siginfo(npid, true)?;
+    // Read with ptrace while the leader is stopped, before its parasite runs.
+    let leader_bits = ptrace_bits(npid)?;
     tracing::debug!(
         pid,
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
@@ -1089,11 +1127,6 @@ fn capture(
     fault("after-parasite")?;
     // A failure in one process of the tree, the ones before it captured.
     fault(&format!("capture-{pid}"))?;
-
-    let mut regs = *victim.regs();
-    let rseq_cs = rseq_fixup(npid, &rseq, &mut regs);
-    let xsave = victim.xstate().to_vec();
-    let blocked = victim.sigmask();
 
     // mm
     let auxv_bytes =
@@ -1193,31 +1226,20 @@ fn capture(
         pdeath_signal: st.pdeath_signal as u32,
         cgroups: crate::cgroup::parse_membership(&read(&format!("/proc/{pid}/cgroup"))?),
     };
-    let core = CoreEntry {
-        tid: pid as u32,
-        regs: Some(gpregs(&regs)),
-        xsave,
-        blocked,
-        altstack: Some(SigaltStack {
-            sp: st.altstack.sp,
-            flags: st.altstack.flags as u32,
-            size: st.altstack.size,
-        }),
-        clear_child_tid: st.tid_address,
-        robust_list: robust,
-        robust_list_len: robust_len,
-        rseq: (rseq.ptr != 0).then_some(proto::Rseq {
-            ptr: rseq.ptr,
-            len: rseq.len,
-            sig: rseq.sig,
-            rseq_cs,
-        }),
-        comm: stat.comm.clone(),
-        pending: pending(&private_sigs),
-        creds: Some(creds),
-        process: Some(process),
+    let leader_state = crate::infect::ThreadState {
+        altstack: st.altstack,
+        tid_address: st.tid_address,
+        securebits: st.securebits as u32,
         pdeath_signal: st.pdeath_signal as u32,
     };
+    let core = core_of(
+        victim,
+        &leader_state,
+        &leader_bits,
+        stat.comm.clone(),
+        creds,
+        Some(process),
+    )?;
     let pstree = PstreeEntry {
         pid: pid as u32,
         ppid: stat.ppid,

@@ -888,6 +888,30 @@ pub fn dump(pid: i32, img: &Path, extra: &[&str], env: &[(&str, &str)]) -> Outpu
     run_cryo(&args, env)
 }
 
+/// Starts `cryo dump -t PID -D IMG` with CRYO_FAULT making it pause at
+/// `point` (it writes a flag file there and waits), and SIGKILLs it once
+/// it has got there. Panics if cryo does not get there within 30 s.
+pub fn kill_cryo_paused_at(pid: i32, img: &Path, point: &str, dir: &TestDir) {
+    let flag = dir.join(&format!("paused-{point}"));
+    let fault = format!("pause-{point}:{}", flag.display());
+    let pid_s = pid.to_string();
+    let img_s = img.to_str().expect("utf-8 path");
+    let mut run = spawn_cryo(
+        &["dump", "-t", &pid_s, "-D", img_s],
+        &[("CRYO_FAULT", &fault)],
+    );
+    let start = Instant::now();
+    while !flag.exists() {
+        if start.elapsed() > Duration::from_secs(30) || !pid_alive(run.pid()) {
+            let err = run.stderr_so_far();
+            run.kill();
+            panic!("cryo did not reach the pause {point}; stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run.kill();
+}
+
 /// `cryo restore -D <img> -d`.
 pub fn restore_detached(img: &Path) -> Output {
     run_cryo(

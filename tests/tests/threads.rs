@@ -239,29 +239,7 @@ fn threads_sigkill_cryo_while_parasite_runs() {
     let before = thread_states(pid);
     let maps_before = proc_maps(pid);
     let img = dir.subdir("img");
-    let flag = dir.join("parasite-running");
-    let fault = format!("pause-in-parasite:{}", flag.display());
-    let pid_s = pid.to_string();
-    let mut run = spawn_cryo(
-        &[
-            "dump",
-            "-t",
-            &pid_s,
-            "-D",
-            img.to_str().expect("utf-8 path"),
-        ],
-        &[("CRYO_FAULT", &fault)],
-    );
-    let start = Instant::now();
-    while !flag.exists() {
-        if start.elapsed() > Duration::from_secs(30) || !pid_alive(run.pid()) {
-            let err = run.stderr_so_far();
-            run.kill();
-            panic!("cryo did not reach the parasite pause; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    run.kill();
+    kill_cryo_paused_at(pid, &img, "in-parasite", &dir);
     let start = Instant::now();
     while (thread_states(pid) != before || proc_maps(pid) != maps_before)
         && start.elapsed() < Duration::from_secs(5)

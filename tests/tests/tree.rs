@@ -519,29 +519,7 @@ fn tree_sigkill_cryo_while_parasite_runs() {
     };
     let masks_before = masks(root);
     let img = dir.subdir("img");
-    let flag = dir.join("parasite-running");
-    let fault = format!("pause-in-parasite:{}", flag.display());
-    let root_s = root.to_string();
-    let mut run = spawn_cryo(
-        &[
-            "dump",
-            "-t",
-            &root_s,
-            "-D",
-            img.to_str().expect("utf-8 path"),
-        ],
-        &[("CRYO_FAULT", &fault)],
-    );
-    let t0 = std::time::Instant::now();
-    while !flag.exists() {
-        if t0.elapsed() > Duration::from_secs(30) || !pid_alive(run.pid()) {
-            let err = run.stderr_so_far();
-            run.kill();
-            panic!("cryo did not reach the parasite pause; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    run.kill();
+    kill_cryo_paused_at(root, &img, "in-parasite", &dir);
     let t0 = std::time::Instant::now();
     while masks(root) != masks_before && t0.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(20));

@@ -842,18 +842,25 @@ struct NodeCtx<'a> {
 }
 
 fn report(fd: RawFd, stage: u32, pid: i32) {
-    let st = RStatus {
-        stage,
-        index: 0,
-        err: 0,
-        pid: pid as u32,
-        _pad: 0,
-    };
+    send_status(
+        fd,
+        &RStatus {
+            stage,
+            index: 0,
+            err: 0,
+            pid: pid as u32,
+            _pad: 0,
+        },
+    );
+}
+
+/// One status record to the supervisor (atomic: under PIPE_BUF).
+fn send_status(fd: RawFd, st: &RStatus) {
     // SAFETY: writing a plain struct we own to the status pipe.
     unsafe {
         libc::write(
             fd,
-            (&st as *const RStatus).cast(),
+            (st as *const RStatus).cast(),
             std::mem::size_of::<RStatus>(),
         )
     };
@@ -1434,14 +1441,7 @@ fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> std::result::Result<Nev
         pid: img.pstree.pid,
         _pad: 0,
     };
-    // SAFETY: writing a plain struct we own to our status descriptor.
-    unsafe {
-        libc::write(
-            status_w,
-            (&boot_msg as *const RStatus).cast(),
-            std::mem::size_of::<RStatus>(),
-        )
-    };
+    send_status(status_w, &boot_msg);
     if premap_len > 0 {
         // SAFETY: as above, a fresh range; PROT_NONE reservation carved below.
         let p = unsafe {
