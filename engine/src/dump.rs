@@ -100,6 +100,8 @@ pub enum DumpError {
     },
     #[error(transparent)]
     Unix(#[from] crate::files::unix::UnixError),
+    #[error(transparent)]
+    Inotify(#[from] crate::files::inotify::InotifyError),
     #[error("task {pid} is a zombie; there is nothing to dump")]
     RootZombie { pid: i32 },
     #[error("task {pid} {what}; such a session layout cannot be restored yet")]
@@ -215,6 +217,7 @@ fn collect_fds(
             _ if link == "anon_inode:[timerfd]" => FileKind::FileTimerfd,
             _ if link == "anon_inode:[signalfd]" => FileKind::FileSignalfd,
             _ if link == "anon_inode:[eventpoll]" => FileKind::FileEpoll,
+            _ if link == "anon_inode:inotify" => FileKind::FileInotify,
             _ if link == "anon_inode:[pidfd]" || link.starts_with("pidfd:") => FileKind::FilePidfd,
             libc::S_IFSOCK => {
                 let d = match &diag {
@@ -261,6 +264,7 @@ fn collect_fds(
                 | FileKind::FileSignalfd
                 | FileKind::FileEpoll
                 | FileKind::FilePidfd
+                | FileKind::FileInotify
         );
         let ghost_kind = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
         if !anon && !ghost_kind && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
@@ -361,6 +365,11 @@ fn collect_fds(
                     .map(|(tfd, events, data, _)| proto::EpollTarget { tfd, events, data })
                     .collect(),
             }),
+            inotify: if kind == FileKind::FileInotify {
+                Some(crate::files::inotify::dump(pid, fd, &info_text)?)
+            } else {
+                None
+            },
             pidfd_pid: if kind == FileKind::FilePidfd {
                 num("Pid").unwrap_or(0) as u32
             } else {

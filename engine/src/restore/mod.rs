@@ -497,6 +497,11 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
             // Made by the task that holds it, once its descriptors are in
             // place (see prepare).
             FileKind::FileEpoll | FileKind::FilePidfd => continue,
+            FileKind::FileInotify => {
+                let st = f.inotify.clone().unwrap_or_default();
+                let fd = crate::files::inotify::restore(&st).map_err(|e| fail(f, e))?;
+                std::os::fd::IntoRawFd::into_raw_fd(fd)
+            }
             FileKind::FileUnixSocket => match sockets.remove(&f.id) {
                 Some(s) => std::os::fd::IntoRawFd::into_raw_fd(s),
                 None => return Err(fail(f, "no socket was made for it".into())),

@@ -32,6 +32,10 @@
 //! An epoll watching its own pipe, the datagram pair (edge-triggered) and
 //! the eventfd, each with its own data word, must report all three ready
 //! with those words; a pidfd of the child must still name the child.
+//!
+//! An inotify instance watches DIR (IN_CREATE, watch 1) and DIR/watched
+//! (IN_MODIFY, watch 3; watch 2 was removed): after the restore, creating
+//! a file in DIR and writing DIR/watched must report those watches.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -502,6 +506,53 @@ fn check_ghosts(g: &Ghosts, fails: &mut Vec<String>) {
     }
 }
 
+fn make_inotify(tmp: &Path) -> Result<i32, String> {
+    let watched = tmp.join("watched");
+    std::fs::write(&watched, b"x").map_err(|e| format!("{e}"))?;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    // SAFETY: inotify calls on our own instance with paths we own; the
+    // events of the removed watch are read and dropped.
+    unsafe {
+        let fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+        let w1 = libc::inotify_add_watch(fd, c(tmp).as_ptr(), libc::IN_CREATE);
+        let w2 = libc::inotify_add_watch(fd, c(&tmp.join("shared")).as_ptr(), libc::IN_ACCESS);
+        let w3 = libc::inotify_add_watch(fd, c(&watched).as_ptr(), libc::IN_MODIFY);
+        libc::inotify_rm_watch(fd, w2);
+        if (w1, w2, w3) != (1, 2, 3) {
+            return Err(format!("inotify watches {w1} {w2} {w3}"));
+        }
+        let mut buf = [0u8; 4096];
+        while libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+        Ok(fd)
+    }
+}
+
+fn check_inotify(fd: i32, tmp: &Path, fails: &mut Vec<String>) {
+    let _ = std::fs::write(tmp.join("created-after-restore"), b"");
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .open(tmp.join("watched"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"y"));
+    std::thread::sleep(Duration::from_millis(20));
+    let mut buf = [0u8; 4096];
+    // SAFETY: reading events into our own buffer.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let mut got = Vec::new();
+    let mut off = 0usize;
+    while n > 0 && off + 16 <= n as usize {
+        let wd = i32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default());
+        let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().unwrap_or_default());
+        let len =
+            u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap_or_default()) as usize;
+        got.push((wd, mask));
+        off += 16 + len;
+    }
+    let want = [(1, libc::IN_CREATE), (3, libc::IN_MODIFY)];
+    if got != want {
+        fails.push(format!("inotify reported {got:?}, expected {want:?}"));
+    }
+}
+
 fn make_epoll(watch: &[(i32, u32, u64)]) -> Result<i32, String> {
     // SAFETY: a new epoll instance.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -585,6 +636,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     let events = make_events()?;
     let socks = make_socks(tmp)?;
     let ghosts = make_ghosts(tmp)?;
+    let inotify = make_inotify(tmp)?;
     // SAFETY: single-threaded; the child runs this program's own code.
     let kid = unsafe { libc::fork() };
     if kid == 0 {
@@ -681,6 +733,7 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     check_events(&events, &mut fails);
     check_socks(&socks, &mut fails);
     check_ghosts(&ghosts, &mut fails);
+    check_inotify(inotify, tmp, &mut fails);
     if getfl(f.own_r) & libc::O_NONBLOCK == 0 {
         fails.push("parent: its pipe's read end lost O_NONBLOCK".into());
     }

@@ -1,0 +1,198 @@
+//! inotify instances, dump and restore side by side.
+//!
+//! Dump: /proc/PID/fdinfo lists each watch with its descriptor number,
+//! mask and a file handle of the watched inode; the handle is opened with
+//! open_by_handle_at (on a mount of the same device) to learn its path.
+//! Restore: a new instance watches every path again with its mask, in
+//! descriptor order, so the kernel hands out the same watch descriptors
+//! (gaps left by removed watches are filled with watches on scratch files,
+//! removed afterwards). Events queued at the dump are not kept.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use cryo_image::proto::{InotifyState, InotifyWatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InotifyError {
+    #[error("task {pid}: fd {fd}: inotify watch {wd}: {what}")]
+    Watch {
+        pid: i32,
+        fd: i32,
+        wd: i32,
+        what: String,
+    },
+}
+
+/// One watch line of an inotify fdinfo: (wd, mask, sdev, handle type,
+/// handle bytes).
+fn parse_line(l: &str) -> Option<(i32, u32, u64, i32, Vec<u8>)> {
+    let l = l.strip_prefix("inotify ")?;
+    let field = |k: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix(':')))
+    };
+    let wd = field("wd")?.parse().ok()?;
+    let mask = u32::from_str_radix(field("mask")?, 16).ok()?;
+    let sdev = u64::from_str_radix(field("sdev")?, 16).ok()?;
+    let htype = field("fhandle-type")?.parse().ok()?;
+    let hex = field("f_handle")?;
+    let bytes = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some((wd, mask, sdev, htype, bytes))
+}
+
+/// The mount point of a mount of device `sdev` (the kernel's
+/// major << 20 | minor) in this process's mount namespace.
+fn mount_of(sdev: u64) -> Option<String> {
+    let want = format!("{}:{}", sdev >> 20, sdev & 0xf_ffff);
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        (w.get(2) == Some(&want.as_str()) && w.get(3) == Some(&"/"))
+            .then(|| w.get(4).map(|s| s.to_string()))
+            .flatten()
+    })
+}
+
+/// Every watch of the inotify instance behind `pid`'s descriptor `fd`,
+/// from its fdinfo text.
+pub fn dump(pid: i32, fd: i32, fdinfo: &str) -> Result<InotifyState, InotifyError> {
+    let mut watches = Vec::new();
+    for l in fdinfo.lines() {
+        let Some((wd, mask, sdev, htype, handle)) = parse_line(l) else {
+            continue;
+        };
+        let err = |what: String| InotifyError::Watch { pid, fd, wd, what };
+        let mnt =
+            mount_of(sdev).ok_or_else(|| err(format!("no mount of device {sdev:#x} here")))?;
+        let mfd = std::fs::File::open(&mnt).map_err(|e| err(format!("opening {mnt}: {e}")))?;
+        // struct file_handle: handle_bytes (u32), handle_type (i32), bytes.
+        let mut fh = Vec::with_capacity(8 + handle.len());
+        fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+        fh.extend_from_slice(&htype.to_ne_bytes());
+        fh.extend_from_slice(&handle);
+        // SAFETY: open_by_handle_at reads the file_handle we built (its
+        // header gives its length); it returns a new descriptor or -1.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mfd.as_raw_fd(),
+                fh.as_ptr(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if r < 0 {
+            return Err(err(format!(
+                "opening the watched file by its handle (needs CAP_DAC_READ_SEARCH): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the kernel returned a new descriptor we own.
+        let f = unsafe { OwnedFd::from_raw_fd(r as i32) };
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .map_err(|e| err(format!("the watched file's path: {e}")))?;
+        let path = path.to_string_lossy().into_owned();
+        if path.ends_with(" (deleted)") {
+            return Err(err(format!("the watched file {path} is deleted")));
+        }
+        watches.push(InotifyWatch {
+            wd: wd as u32,
+            mask,
+            path,
+        });
+    }
+    watches.sort_by_key(|w| w.wd);
+    Ok(InotifyState { watches })
+}
+
+/// A new inotify instance watching what `st` lists, with the same watch
+/// descriptors.
+pub fn restore(st: &InotifyState) -> Result<OwnedFd, String> {
+    let last = || std::io::Error::last_os_error();
+    // SAFETY: inotify_init1 with flags; returns a new descriptor or -1.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if fd < 0 {
+        return Err(format!("inotify_init1: {}", last()));
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut scratch: Option<std::path::PathBuf> = None;
+    let mut fillers: Vec<i32> = Vec::new();
+    let add = |path: &str, mask: u32| -> Result<i32, String> {
+        let c = std::ffi::CString::new(path).map_err(|_| format!("NUL in {path:?}"))?;
+        // SAFETY: a NUL-terminated path we own, on our own instance.
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(format!("watching {path}: {}", last()));
+        }
+        Ok(wd)
+    };
+    for w in &st.watches {
+        loop {
+            let wd = {
+                // Hand out descriptors below the wanted one to scratch
+                // files until the kernel reaches it.
+                let next_is_wanted = fillers.len() + 1 + count_added(st, w.wd) >= w.wd as usize;
+                if next_is_wanted {
+                    add(&w.path, w.mask)?
+                } else {
+                    let dir = match &scratch {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = std::env::temp_dir()
+                                .join(format!("cryo-inotify-{}", std::process::id()));
+                            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+                            scratch = Some(d.clone());
+                            d
+                        }
+                    };
+                    let p = dir.join(format!("gap-{}", fillers.len()));
+                    std::fs::write(&p, b"").map_err(|e| e.to_string())?;
+                    let wd = add(&p.to_string_lossy(), libc::IN_ACCESS)?;
+                    fillers.push(wd);
+                    continue;
+                }
+            };
+            if wd != w.wd as i32 {
+                return Err(format!(
+                    "watching {} again gave watch descriptor {wd}, not {}",
+                    w.path, w.wd
+                ));
+            }
+            break;
+        }
+    }
+    for wd in fillers {
+        // SAFETY: removing a watch of our own instance.
+        unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+    }
+    if let Some(d) = scratch {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    // Drop the events the scratch watches made (IN_IGNORED, ...).
+    let mut buf = [0u8; 4096];
+    // SAFETY: non-blocking reads into our own buffer until it is empty.
+    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    Ok(fd)
+}
+
+/// How many watches of `st` come before watch descriptor `wd`.
+fn count_added(st: &InotifyState, wd: u32) -> usize {
+    st.watches.iter().filter(|w| w.wd < wd).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_line() {
+        let l = "inotify wd:2 ino:263 sdev:fe00000 mask:2 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:6302000000000000";
+        assert_eq!(
+            parse_line(l),
+            Some((2, 2, 0xfe0_0000, 1, vec![0x63, 2, 0, 0, 0, 0, 0, 0]))
+        );
+        assert_eq!(parse_line("pos:\t0"), None);
+    }
+}
