@@ -91,12 +91,13 @@ pub enum DumpError {
         link: String,
         holder: i32,
     },
-    #[error("task {pid}: fd {fd}: the peer (socket {peer}) of unix socket {ino} is outside the dumped tree; connections to the outside are not supported yet (CRIU's --ext-unix-sk)")]
+    #[error("task {pid}: fd {fd}: the peer (socket {peer}) of unix socket {ino} is outside the dumped tree; {why}")]
     ExternalUnixPeer {
         pid: i32,
         fd: i32,
         ino: u64,
         peer: u64,
+        why: &'static str,
     },
     #[error(transparent)]
     Unix(#[from] crate::files::unix::UnixError),
@@ -129,6 +130,9 @@ pub struct DumpOptions {
     pub freeze_cgroup: Option<PathBuf>,
     /// Largest deleted file or memfd whose contents go into the image.
     pub ghost_limit: u64,
+    /// Accept unix datagram sockets connected to a peer outside the tree
+    /// (restore connects them to its address again).
+    pub ext_unix_sk: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -413,7 +417,7 @@ struct OpenFile {
 /// fork; kcmp says so) get one file id; pipes and FIFOs get the bytes in
 /// flight and their buffer size, read without consuming them. Every task
 /// of the tree is stopped. Returns the files table.
-fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
+fn link_files(caps: &mut [Captured], ext_unix_sk: bool) -> Result<Vec<FileEntry>> {
     let mut table: Vec<OpenFile> = Vec::new();
     for c in caps.iter_mut() {
         let files = std::mem::take(&mut c.files);
@@ -438,7 +442,7 @@ fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
         }
     }
     let tree: std::collections::BTreeSet<i32> = caps.iter().map(|c| c.pid).collect();
-    unix_states(&mut table)?;
+    unix_states(&mut table, ext_unix_sk)?;
     ghost_contents(&mut table)?;
     // An epoll or pidfd is remade by the process that holds it: one
     // shared by several processes is not supported yet.
@@ -498,7 +502,7 @@ fn link_files(caps: &mut [Captured]) -> Result<Vec<FileEntry>> {
 /// The state and queued messages of every unix socket of the table; a
 /// socket whose peer is not in the table (held outside the tree) is
 /// refused, and so is a listener with connections waiting to be accepted.
-fn unix_states(table: &mut [OpenFile]) -> Result<()> {
+fn unix_states(table: &mut [OpenFile], ext_unix_sk: bool) -> Result<()> {
     use crate::files::unix;
     if !table
         .iter()
@@ -522,13 +526,31 @@ fn unix_states(table: &mut [OpenFile]) -> Result<()> {
             fd: o.fd,
             ino,
         })?;
+        let mut external_peer = Vec::new();
         if info.peer != 0 && !inodes.contains(&info.peer) {
-            return Err(DumpError::ExternalUnixPeer {
-                pid: o.pid,
-                fd: o.fd,
-                ino,
-                peer: info.peer,
-            });
+            let name = diag
+                .get(&info.peer)
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            let dgram = info.kind == libc::SOCK_DGRAM as u32;
+            if !ext_unix_sk || !dgram || name.is_empty() || info.rqueue > 0 {
+                return Err(DumpError::ExternalUnixPeer {
+                    pid: o.pid,
+                    fd: o.fd,
+                    ino,
+                    peer: info.peer,
+                    why: if !ext_unix_sk {
+                        "connections to the outside need --ext-unix-sk"
+                    } else if !dgram {
+                        "--ext-unix-sk covers datagram sockets only"
+                    } else if name.is_empty() {
+                        "the peer has no address to connect to again"
+                    } else {
+                        "messages from it are queued, which cannot be queued again"
+                    },
+                });
+            }
+            external_peer = name;
         }
         if info.state == unix::STATE_LISTEN && info.rqueue > 0 {
             return Err(DumpError::UnsupportedFd {
@@ -554,7 +576,9 @@ fn unix_states(table: &mut [OpenFile]) -> Result<()> {
         } else {
             0
         };
-        o.entry.unix = Some(unix::state_of(info, queued, backlog));
+        let mut st = unix::state_of(info, queued, backlog);
+        st.external_peer = external_peer;
+        o.entry.unix = Some(st);
     }
     Ok(())
 }
@@ -1473,7 +1497,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         caps.push(c);
     }
     // Open file descriptions and pipe contents, while all is stopped.
-    let files = link_files(&mut caps)?;
+    let files = link_files(&mut caps, opts.ext_unix_sk)?;
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {

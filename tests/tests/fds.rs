@@ -66,3 +66,49 @@ fn fds_ghost_limit_refuses() {
     );
     wl.assert_pass("open files after a refused dump");
 }
+
+/// A datagram socket connected to a socket of this test (outside the
+/// tree): refused without --ext-unix-sk, naming the flag; with it, the
+/// restored socket is connected again and its next message arrives here.
+#[test]
+fn fds_external_dgram_peer() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TestDir::new();
+    let path = dir.join("outside.sock");
+    let ours = UnixDatagram::bind(&path).expect("bind our datagram socket");
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("read timeout");
+    let tmp = dir.subdir("tmp");
+    let mut wl = Workload::start(
+        "wl_fds",
+        &[
+            "--tmp",
+            tmp.to_str().expect("utf-8 path"),
+            "--ext-dgram",
+            path.to_str().expect("utf-8 path"),
+        ],
+        &dir,
+    );
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let mut buf = [0u8; 64];
+    let n = ours.recv(&mut buf).expect("the workload's first message");
+    assert_eq!(&buf[..n], b"before");
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump without --ext-unix-sk: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("outside the dumped tree") && err.contains("--ext-unix-sk"),
+        "stderr: {err}"
+    );
+    dump_ok(&mut wl, &img, &["--ext-unix-sk"]);
+    assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("open files with an outside datagram peer");
+    let n = ours
+        .recv(&mut buf)
+        .expect("the restored workload's message");
+    assert_eq!(&buf[..n], b"after");
+}

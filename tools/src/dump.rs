@@ -49,6 +49,11 @@ pub struct DumpArgs {
     /// in the image, in bytes; a larger one is refused.
     #[arg(long, default_value_t = 64 << 20)]
     pub ghost_limit: u64,
+    /// Accept unix datagram sockets connected to a socket outside the
+    /// dumped tree (a logger, say): the restore connects them to its
+    /// address again.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
     /// Write the dump's figures (time stopped, image size, ...) as JSON here.
     #[arg(long)]
     pub stats: Option<PathBuf>,
@@ -73,6 +78,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         threads,
         freeze_cgroup: a.freeze_cgroup.clone(),
         ghost_limit: a.ghost_limit,
+        ext_unix_sk: a.ext_unix_sk,
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();

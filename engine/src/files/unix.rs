@@ -268,6 +268,7 @@ pub fn peek_queue(
 /// The socket state to store for one open unix socket.
 pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSocketState {
     UnixSocketState {
+        external_peer: Vec::new(),
         sock_type: info.kind,
         state: info.state,
         name: info.name.clone(),
@@ -328,6 +329,24 @@ pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, Strin
         let s = unsafe { OwnedFd::from_raw_fd(s) };
         if !st.name.is_empty() {
             bind(&s, &st.name).map_err(|e| format!("binding unix socket {}: {e}", f.inode))?;
+        }
+        if !st.external_peer.is_empty() {
+            // A peer outside the tree (--ext-unix-sk): connect to it again.
+            let (sa, len) = sockaddr(&st.external_peer)?;
+            // SAFETY: connecting our socket to an address we built.
+            if unsafe {
+                libc::connect(s.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len)
+            } < 0
+            {
+                return Err(format!(
+                    "connecting unix socket {} to its outside peer {:?} again: {}",
+                    f.inode,
+                    String::from_utf8_lossy(&st.external_peer),
+                    last()
+                ));
+            }
+            out.insert(f.id, s);
+            continue;
         }
         if st.state == STATE_LISTEN {
             // SAFETY: listen on our own socket.
@@ -404,7 +423,8 @@ fn shut(s: &OwnedFd, how: u32) {
 
 /// Bind to a path (a stale socket file left by the dumped task is
 /// replaced) or an abstract name (leading NUL).
-fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
+/// A sockaddr_un for a path or an abstract name, and its length.
+fn sockaddr(name: &[u8]) -> Result<(libc::sockaddr_un, libc::socklen_t), String> {
     // SAFETY: sockaddr_un is plain data; zero is valid.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -414,6 +434,12 @@ fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
     for (i, b) in name.iter().enumerate() {
         sa.sun_path[i] = *b as libc::c_char;
     }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
+    Ok((sa, len))
+}
+
+fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
+    let (sa, len) = sockaddr(name)?;
     if name.first() != Some(&0) {
         let trimmed = name.split(|&b| b == 0).next().unwrap_or(name);
         let path = std::path::Path::new(std::ffi::OsStr::from_bytes(trimmed));
@@ -423,7 +449,6 @@ fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
             let _ = std::fs::remove_file(path);
         }
     }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
     // SAFETY: binding our socket to an address we built, of length `len`.
     let r = unsafe { libc::bind(s.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len) };
     if r < 0 {

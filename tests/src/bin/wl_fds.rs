@@ -1,7 +1,11 @@
 //! Open files that must come back as they were: shared offsets, flags,
 //! pipes and a FIFO with bytes in flight, across a parent and its child.
 //!
-//! `wl_fds --ready FILE --verdict FILE --tmp DIR`
+//! `wl_fds --ready FILE --verdict FILE --tmp DIR [--ext-dgram PATH]`
+//!
+//! With `--ext-dgram PATH` it also connects a datagram socket to PATH (a
+//! socket of whoever started it), sends "before" at once and "after" when
+//! it checks itself.
 //!
 //! The parent opens DIR/shared (offset 10) and dups it; the child inherits
 //! both, so three descriptors in two processes share one open file
@@ -579,7 +583,36 @@ fn check_epoll(ep: i32, fails: &mut Vec<String>) {
     }
 }
 
-fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> {
+fn connect_dgram(path: &Path) -> Result<i32, String> {
+    // SAFETY: a new socket connected to an address we built.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        let (sa, len) = unix_addr(path.as_os_str().as_encoded_bytes());
+        if s < 0 || libc::connect(s, (&sa as *const libc::sockaddr_un).cast(), len) != 0 {
+            return Err(format!(
+                "connecting to {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(s)
+    }
+}
+
+fn run(
+    ready: &Path,
+    verdict: &Path,
+    tmp: &Path,
+    ext: Option<&Path>,
+) -> Result<Vec<String>, String> {
+    let ext = match ext {
+        Some(p) => {
+            let s = connect_dgram(p)?;
+            write_all(s, b"before")?;
+            Some(s)
+        }
+        None => None,
+    };
     wl::install_term_handler()?;
     std::fs::create_dir_all(tmp).map_err(|e| format!("mkdir: {e}"))?;
     let shared = open(
@@ -718,6 +751,11 @@ fn run(ready: &Path, verdict: &Path, tmp: &Path) -> Result<Vec<String>, String> 
     wl::write_atomic(ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
     wait_term();
     let mut fails = Vec::new();
+    if let Some(s) = ext {
+        if let Err(e) = write_all(s, b"after") {
+            fails.push(format!("sending to the outside peer: {e}"));
+        }
+    }
     check_epoll(epfd, &mut fails);
     let pid_line = std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}"))
         .unwrap_or_default()
@@ -792,12 +830,14 @@ fn main() {
     let mut ready = None;
     let mut verdict = None;
     let mut tmp = None;
+    let mut ext = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--ready" => ready = args.next().map(PathBuf::from),
             "--verdict" => verdict = args.next().map(PathBuf::from),
             "--tmp" => tmp = args.next().map(PathBuf::from),
+            "--ext-dgram" => ext = args.next().map(PathBuf::from),
             _ => {}
         }
     }
@@ -806,6 +846,6 @@ fn main() {
         std::process::exit(2);
     };
     wl::close_extra_fds();
-    let result = run(&ready, &verdict, &tmp);
+    let result = run(&ready, &verdict, &tmp, ext.as_deref());
     wl::finish(NAME, &verdict, result);
 }
