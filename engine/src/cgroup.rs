@@ -58,6 +58,18 @@ pub fn cgroup_dir(mountinfo: &str, e: &CgroupEntry) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
+    /// A pure cgroup2 machine: the one hierarchy is /sys/fs/cgroup itself.
+    #[test]
+    fn pure_cgroup2_layout() {
+        let m = parse_membership("0::/system.slice/app.service\n");
+        let mi = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                  30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup_dir(mi, &m[0]),
+            Some(PathBuf::from("/sys/fs/cgroup/system.slice/app.service"))
+        );
+    }
+
     #[test]
     fn membership_and_mounts() {
         let m = parse_membership("6:freezer:/a/b\n0::/x\n9:name=systemd:/\n");

@@ -1258,6 +1258,7 @@ fn capture(
         dumpable: st.dumpable as u32,
         pdeath_signal: st.pdeath_signal as u32,
         cgroups: crate::cgroup::parse_membership(&read(&format!("/proc/{pid}/cgroup"))?),
+        namespaces: namespaces(pid),
     };
     let leader_state = crate::infect::ThreadState {
         altstack: st.altstack,
@@ -1299,6 +1300,22 @@ fn capture(
         pw,
         scratch,
     })
+}
+
+/// The namespaces of `pid`, from the inodes of /proc/PID/ns/*.
+fn namespaces(pid: i32) -> Vec<proto::NamespaceId> {
+    ["cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts"]
+        .iter()
+        .filter_map(|kind| {
+            let link = std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok()?;
+            let l = link.to_string_lossy();
+            let inode = l.split_once(":[")?.1.strip_suffix(']')?.parse().ok()?;
+            Some(proto::NamespaceId {
+                kind: kind.to_string(),
+                inode,
+            })
+        })
+        .collect()
 }
 
 fn cmdline(pid: i32) -> Vec<String> {

@@ -378,6 +378,24 @@ fn image_show_threads() {
     );
     // The process-wide state is the leader's.
     assert!(p["process"].is_object(), "process state: {p:#}");
+    // Its namespaces, as /proc says (the workload shares cryo's).
+    for kind in ["ipc", "mnt", "net", "pid", "user", "uts"] {
+        let link = std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("ns link");
+        let inode: u64 = link
+            .to_string_lossy()
+            .split_once(":[")
+            .and_then(|(_, r)| r.strip_suffix(']'))
+            .and_then(|n| n.parse().ok())
+            .expect("ns inode");
+        let listed = p["process"]["namespaces"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|n| n["kind"] == kind && n["inode"] == inode));
+        assert!(
+            listed,
+            "namespace {kind}:[{inode}] not shown: {:#}",
+            p["process"]
+        );
+    }
     assert!(p["credentials"].is_object(), "credentials: {p:#}");
     assert_eq!(
         show["inventory"]["root_pid"].as_u64(),

@@ -532,3 +532,37 @@ fn tree_sigkill_cryo_while_parasite_runs() {
     assert_eq!(shape(root), before);
     wl.assert_pass("tree after cryo was SIGKILLed mid-dump");
 }
+
+/// A dump under --freeze-cgroup failing in the parasite of the last
+/// process leaves the cgroup thawed and the whole tree as it was.
+#[test]
+fn tree_failed_dump_under_freezer_thaws() {
+    let cg = TestCgroup::new("/sys/fs/cgroup/unified").expect("cgroup2 mounted");
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let root = wl.pid();
+    for pid in tree_pids(root) {
+        cg.add(pid);
+    }
+    let before = shape(root);
+    let last = *tree_pids(root)
+        .iter()
+        .rev()
+        .find(|p| pid_alive(**p))
+        .expect("tree pids");
+    let img = dir.subdir("img");
+    let freeze = cg.dir.to_string_lossy().into_owned();
+    let fault = format!("fail-capture-{last}");
+    let out = dump(
+        root,
+        &img,
+        &["--freeze-cgroup", &freeze],
+        &[("CRYO_FAULT", &fault)],
+    );
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with {fault}: {e}");
+    }
+    assert!(!cg.frozen(), "{} left frozen", cg.dir.display());
+    assert_eq!(shape(root), before);
+    wl.assert_pass("tree after a failed dump under the freezer");
+}

@@ -236,6 +236,10 @@ fn process_json(core: &CoreEntry) -> Value {
                 "controllers": c.controllers,
                 "path": c.path,
             })).collect::<Vec<_>>(),
+            "namespaces": p.namespaces.iter().map(|n| json!({
+                "kind": n.kind,
+                "inode": n.inode,
+            })).collect::<Vec<_>>(),
         }),
     }
 }
@@ -518,6 +522,14 @@ fn to_text(img: &Image, dir: &Path) -> String {
                         c.controllers.as_str()
                     };
                     let _ = writeln!(s, "    cgroup {what}: {}", c.path);
+                }
+                if !p.namespaces.is_empty() {
+                    let ns: Vec<String> = p
+                        .namespaces
+                        .iter()
+                        .map(|n| format!("{}:[{}]", n.kind, n.inode))
+                        .collect();
+                    let _ = writeln!(s, "    namespaces: {}", ns.join(" "));
                 }
             }
         }
