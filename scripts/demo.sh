@@ -10,7 +10,8 @@ img=$work/image
 log=$work/counter.log
 
 # The counter gets stdin /dev/null, output to a file and no other
-# descriptors (cryo does not restore pipes or sockets yet).
+# descriptors (a pipe or socket shared with this shell would be refused:
+# its other end is outside the dumped tree).
 (
 	for fd in $(ls /proc/$BASHPID/fd); do
 		if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
