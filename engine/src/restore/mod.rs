@@ -1209,10 +1209,12 @@ fn supervise(
                 WaitStatus::Exited(t, _) | WaitStatus::Signaled(t, _, _)
                     if !tasks.contains(&t.as_raw()) => {}
                 st => {
-                    return Err(RestoreError::Died {
+                    let died = RestoreError::Died {
                         pid: st.pid().map(|p| p.as_raw()).unwrap_or(root),
                         what: format!("ended before the restore finished ({st:?})"),
-                    })
+                    };
+                    // It may have said why just before it ended.
+                    return Err(last_report(&mut file, &mut msg).unwrap_or(died));
                 }
             }
         }
@@ -1268,6 +1270,50 @@ fn supervise(
         }
     }
     Ok(())
+}
+
+/// The first failure report in what is left of the status pipe (read
+/// until it is empty for a moment), if any: a task that ends on an error
+/// writes its report first, which is a better message than its exit.
+fn last_report(file: &mut std::fs::File, msg: &mut Vec<u8>) -> Option<RestoreError> {
+    loop {
+        let mut pfd = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut pfd, PollTimeout::from(50u16)), Ok(n) if n > 0) {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match file.read(&mut buf) {
+            Ok(n) if n > 0 => msg.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let rs = std::mem::size_of::<RStatus>();
+    let mut off = 0;
+    while msg.len() >= off + rs {
+        let st: RStatus = crate::infect::from_bytes(&msg[off..]);
+        let pid = st.pid as i32;
+        if st.stage == STAGE_CHILD_ERR {
+            let len = st.index as usize;
+            let text = msg.get(off + rs..off + rs + len)?;
+            return Some(RestoreError::Child {
+                pid,
+                message: String::from_utf8_lossy(text).into_owned(),
+            });
+        }
+        if !matches!(
+            st.stage,
+            STAGE_CREATED | STAGE_JOINED | STAGE_BOOT | STAGE_DONE
+        ) {
+            return Some(RestoreError::Restorer {
+                pid,
+                stage: stage_name(st.stage).to_string(),
+                index: st.index,
+                errno: Errno::from_raw((-st.err) as i32),
+            });
+        }
+        off += rs;
+    }
+    None
 }
 
 /// Child side, running as the new task with the dumped pid. Never returns.
