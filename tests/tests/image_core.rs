@@ -65,6 +65,27 @@ fn find_tool(prog: &str, fallback: &str) -> Option<PathBuf> {
     })
 }
 
+/// gdb in batch mode on `exe` and `core`, running each of `cmds` (`-ex`);
+/// its stdout and stderr, asserting it succeeded.
+fn run_gdb(gdb: &Path, exe: &Path, core: &Path, cmds: &[&str], dir: &TestDir, tag: &str) -> String {
+    let mut args = vec!["-nx", "-batch", "-iex", "set debuginfod enabled off"];
+    for c in cmds {
+        args.push("-ex");
+        args.push(c);
+    }
+    args.push(path_str(exe));
+    args.push(path_str(core));
+    let out = run_tool(gdb, &args, dir, tag);
+    let text = format!(
+        "{}{}",
+        stdout_of(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{tag}:\n{text}");
+    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
+    text
+}
+
 /// Runs an external tool with output to files (no pipes to hang on) and a
 /// timeout; kills it by pid if it hangs.
 fn run_tool(prog: &Path, args: &[&str], dir: &TestDir, tag: &str) -> Output {
@@ -228,30 +249,7 @@ fn core_file_backtrace() {
     }
 
     let exe = workload_bin("wl_stack");
-    let out = run_tool(
-        &gdb,
-        &[
-            "-nx",
-            "-batch",
-            "-iex",
-            "set debuginfod enabled off",
-            "-ex",
-            "bt",
-            "-ex",
-            "info threads",
-            path_str(&exe),
-            path_str(&core),
-        ],
-        &dir,
-        "gdb",
-    );
-    let text = format!(
-        "{}{}",
-        stdout_of(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("gdb:\n{text}");
-    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
+    let text = run_gdb(&gdb, &exe, &core, &["bt", "info threads"], &dir, "gdb");
     for f in [
         "wl_stack::level_three",
         "wl_stack::level_two",
@@ -374,30 +372,14 @@ fn core_file_threads_backtrace() {
     }
 
     let exe = workload_bin("wl_threads");
-    let out = run_tool(
+    let text = run_gdb(
         &gdb,
-        &[
-            "-nx",
-            "-batch",
-            "-iex",
-            "set debuginfod enabled off",
-            "-ex",
-            "info threads",
-            "-ex",
-            "thread apply all bt",
-            path_str(&exe),
-            path_str(&core),
-        ],
+        &exe,
+        &core,
+        &["info threads", "thread apply all bt"],
         &dir,
         "gdb",
     );
-    let text = format!(
-        "{}{}",
-        stdout_of(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("gdb:\n{text}");
-    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
     assert!(
         !text.contains("Cannot access memory"),
         "gdb could not read memory of the core:\n{text}"
@@ -453,28 +435,14 @@ fn core_file_threads_backtrace() {
     let cores = show["processes"][0]["cores"]
         .as_array()
         .unwrap_or_else(|| panic!("no cores in show --json: {show:#}"));
-    let out = run_tool(
+    let text = run_gdb(
         &gdb,
-        &[
-            "-nx",
-            "-batch",
-            "-iex",
-            "set debuginfod enabled off",
-            "-ex",
-            r#"thread apply all printf "regs pc=%#lx xmm9=%#lx\n", $pc, $xmm9.v2_int64[0]"#,
-            path_str(&exe),
-            path_str(&core),
-        ],
+        &exe,
+        &core,
+        &[r#"thread apply all printf "regs pc=%#lx xmm9=%#lx\n", $pc, $xmm9.v2_int64[0]"#],
         &dir,
         "gdb-regs",
     );
-    let text = format!(
-        "{}{}",
-        stdout_of(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("gdb registers:\n{text}");
-    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
     let regs = gdb_thread_blocks(&text);
     assert_eq!(regs.len(), tids.len(), "registers of every thread:\n{text}");
     for c in cores {
@@ -808,28 +776,16 @@ fn core_file_tree() {
     let addr = cow + (word * 8) as u64;
     let exe = workload_bin("wl_tree");
     let core = out_dir.join(format!("core.{grandchild}"));
-    let out = run_tool(
+    let text = run_gdb(
         &gdb,
-        &[
-            "-nx",
-            "-batch",
-            "-iex",
-            "set debuginfod enabled off",
-            "-ex",
-            &format!("printf \"word=%#lx\\n\", *(unsigned long *){addr:#x}"),
-            path_str(&exe),
-            path_str(&core),
-        ],
+        &exe,
+        &core,
+        &[&format!(
+            "printf \"word=%#lx\\n\", *(unsigned long *){addr:#x}"
+        )],
         &dir,
         "gdb",
     );
-    let text = format!(
-        "{}{}",
-        stdout_of(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("gdb:\n{text}");
-    assert!(out.status.success(), "gdb failed ({}):\n{text}", out.status);
     let got = text
         .lines()
         .find_map(|l| l.strip_prefix("word="))

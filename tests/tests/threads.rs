@@ -41,6 +41,18 @@ fn thread_states(pid: i32) -> Vec<(i32, String, String)> {
     v
 }
 
+/// Every thread of `pid` has the mask and tracer it had, and the process
+/// the mappings it had, after `what`.
+fn assert_untouched(pid: i32, before: &[(i32, String, String)], maps_before: &str, what: &str) {
+    assert_eq!(thread_states(pid), before, "threads changed by {what}");
+    let maps_now = proc_maps(pid);
+    assert!(
+        maps_now == maps_before,
+        "maps changed by {what}:\n{}",
+        maps_diff(maps_before, &maps_now)
+    );
+}
+
 fn tids(pid: i32) -> Vec<i32> {
     thread_states(pid).into_iter().map(|t| t.0).collect()
 }
@@ -213,16 +225,11 @@ fn threads_failed_dumps_leave_process_running() {
         if let Err(e) = check_cryo_failed_cleanly(&out) {
             panic!("dump with CRYO_FAULT={fault}: {e}");
         }
-        assert_eq!(
-            thread_states(pid),
-            before,
-            "threads changed by a dump failing at {fault}"
-        );
-        let maps_now = proc_maps(pid);
-        assert!(
-            maps_now == maps_before,
-            "maps changed by a dump failing at {fault}:\n{}",
-            maps_diff(&maps_before, &maps_now)
+        assert_untouched(
+            pid,
+            &before,
+            &maps_before,
+            &format!("a dump failing at {fault}"),
         );
     }
     wl.assert_pass("after three failed dumps");
@@ -246,16 +253,11 @@ fn threads_sigkill_cryo_while_parasite_runs() {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(
-        thread_states(pid),
-        before,
-        "threads not put back 5 s after cryo was killed"
-    );
-    let maps_now = proc_maps(pid);
-    assert!(
-        maps_now == maps_before,
-        "parasite left behind:\n{}",
-        maps_diff(&maps_before, &maps_now)
+    assert_untouched(
+        pid,
+        &before,
+        &maps_before,
+        "cryo killed mid-dump (5 s later)",
     );
     wl.assert_pass("after cryo was SIGKILLed mid-dump");
 }

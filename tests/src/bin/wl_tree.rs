@@ -276,39 +276,33 @@ fn setup(dir: &Path) -> Result<Kids, String> {
     }
     let mut live = Vec::new();
     let root = std::process::id() as i32;
-    let d = dir.to_path_buf();
-    let sess = spawn("sess", dir, move || {
-        // SAFETY: setsid in a fresh child (not a group leader).
-        unsafe { libc::setsid() };
-        let d2 = d.clone();
-        let kid = spawn("sess-kid", &d, move || child("sess-kid", &d2, |_| {}));
-        let kid = kid.unwrap_or(-1);
-        child("sess", &d, move |fails| {
-            // SAFETY: kill of our own child.
-            unsafe { libc::kill(kid, libc::SIGTERM) };
-            match wait_for(kid) {
-                Some(0) => {}
-                s => fails.push(format!("sess: sess-kid ended with {s:?}")),
+    // A session leader and a group leader, each with a child of its own
+    // in its session or group.
+    for (name, kid_name, session) in [("sess", "sess-kid", true), ("group", "group-kid", false)] {
+        let d = dir.to_path_buf();
+        let pid = spawn(name, dir, move || {
+            // SAFETY: setsid / setpgid on ourselves in a fresh child (not
+            // a group leader yet).
+            unsafe {
+                if session {
+                    libc::setsid();
+                } else {
+                    libc::setpgid(0, 0);
+                }
             }
-        })
-    })?;
-    live.push(("sess".to_string(), sess));
-    let d = dir.to_path_buf();
-    let group = spawn("group", dir, move || {
-        // SAFETY: setpgid on ourselves.
-        unsafe { libc::setpgid(0, 0) };
-        let d2 = d.clone();
-        let kid = spawn("group-kid", &d, move || child("group-kid", &d2, |_| {})).unwrap_or(-1);
-        child("group", &d, move |fails| {
-            // SAFETY: kill of our own child.
-            unsafe { libc::kill(kid, libc::SIGTERM) };
-            match wait_for(kid) {
-                Some(0) => {}
-                s => fails.push(format!("group: group-kid ended with {s:?}")),
-            }
-        })
-    })?;
-    live.push(("group".to_string(), group));
+            let d2 = d.clone();
+            let kid = spawn(kid_name, &d, move || child(kid_name, &d2, |_| {})).unwrap_or(-1);
+            child(name, &d, move |fails| {
+                // SAFETY: kill of our own child.
+                unsafe { libc::kill(kid, libc::SIGTERM) };
+                match wait_for(kid) {
+                    Some(0) => {}
+                    s => fails.push(format!("{name}: {kid_name} ended with {s:?}")),
+                }
+            })
+        })?;
+        live.push((name.to_string(), pid));
+    }
     let d = dir.to_path_buf();
     let parent = spawn("parent", dir, move || {
         let z = fork();
