@@ -13,7 +13,9 @@
 //! DIR itself are open too. The child writes 10000 bytes into a pipe whose
 //! buffer it made 256 KiB and the parent has not read them; the parent
 //! holds a pipe of its own with "in flight" queued (read end O_NONBLOCK)
-//! and a FIFO with "fifo data" queued. On SIGTERM each checks its own
+//! and a FIFO with "fifo data" queued, which the child opened for reading
+//! too (its own open file description: the parent writes to it through
+//! the FIFO after the restore). On SIGTERM each checks its own
 //! descriptors; the child moves the shared offset to 50 and exits; the
 //! parent must see 50 through its dup, read the child's 10000 bytes and
 //! then end of file (the child's write end was the only one).
@@ -673,6 +675,9 @@ fn run(
     // SAFETY: single-threaded; the child runs this program's own code.
     let kid = unsafe { libc::fork() };
     if kid == 0 {
+        // A read end of the FIFO of the child's own (another open file
+        // description of the same FIFO).
+        let kid_fifo = open(&fifo_path, libc::O_RDONLY | libc::O_NONBLOCK);
         // SAFETY: closing the read end, which is the parent's.
         unsafe { libc::close(kid_pipe[0]) };
         // SAFETY: fcntl on our own pipe.
@@ -689,6 +694,18 @@ fn run(
         }
         wait_term();
         common_checks("child", &f, &mut fails);
+        match kid_fifo {
+            Ok(fd) => {
+                let got = read_some(fd, 64);
+                if got != b"to child via fifo" {
+                    fails.push(format!(
+                        "child: its own FIFO read end got {:?}",
+                        String::from_utf8_lossy(&got)
+                    ));
+                }
+            }
+            Err(e) => fails.push(e),
+        }
         let got = recv_all(socks.stream_child);
         if got.concat() != b"to child" {
             fails.push(format!(
@@ -784,6 +801,8 @@ fn run(
     }
     let _ = f.own_w;
     let got = read_some(f.fifo, 64);
+    // For the child, through the FIFO it opened itself.
+    write_all(f.fifo, b"to child via fifo")?;
     if got != b"fifo data" {
         fails.push(format!(
             "parent: the FIFO held {:?}",
