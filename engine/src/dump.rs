@@ -133,6 +133,9 @@ pub struct DumpOptions {
     /// Accept unix datagram sockets connected to a peer outside the tree
     /// (restore connects them to its address again).
     pub ext_unix_sk: bool,
+    /// A shell job: descriptors on the tasks' controlling terminal are
+    /// accepted and reattached to the restoring session's terminal.
+    pub shell_job: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -177,7 +180,20 @@ fn collect_fds(
     pid: i32,
     next_id: &mut u32,
     ghost_limit: u64,
+    shell_job: bool,
 ) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
+    // The controlling terminal, as a device number (0: none).
+    let ctty = pstree::stat(pid)
+        .map(|s| {
+            let major = (s.tty_nr >> 8) & 0xfff;
+            let minor = (s.tty_nr & 0xff) | ((s.tty_nr >> 12) & 0xfff00);
+            if s.tty_nr == 0 {
+                0
+            } else {
+                libc::makedev(major, minor)
+            }
+        })
+        .unwrap_or(0);
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         path: dir.clone(),
@@ -207,11 +223,18 @@ fn collect_fds(
             libc::S_IFDIR => FileKind::FileDirectory,
             // Terminals (tty majors 4 and 5, pty slaves 136-143, ptmx)
             // carry a session and job control: they come with --shell-job.
+            libc::S_IFCHR if is_terminal(st.st_rdev) && shell_job && st.st_rdev == ctty => {
+                FileKind::FileShellTty
+            }
             libc::S_IFCHR if is_terminal(st.st_rdev) => {
                 return Err(DumpError::UnsupportedFd {
                     pid,
                     fd,
-                    what: "a terminal (terminals come with --shell-job, not supported yet)",
+                    what: if st.st_rdev == ctty {
+                        "its controlling terminal (a shell job: dump it with --shell-job)"
+                    } else {
+                        "a terminal other than its controlling one (pty pairs are not supported yet)"
+                    },
                     link,
                 });
             }
@@ -1031,7 +1054,7 @@ fn capture(
     let frozen_at = Instant::now();
     // Re-check under the freeze: the task cannot change any more.
     let stat = check_task(pid)?;
-    let (fd_entries, files) = collect_fds(pid, file_ids, opts.ghost_limit)?;
+    let (fd_entries, files) = collect_fds(pid, file_ids, opts.ghost_limit, opts.shell_job)?;
     let status = procfmt::parse_status(&read(&format!("/proc/{pid}/status"))?);
     let timers = procfmt::parse_timers(
         &std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default(),
@@ -1286,6 +1309,7 @@ fn capture(
         zombie: false,
         exit_status: 0,
         exit_signal: stat.exit_signal,
+        tty_foreground: opts.shell_job && stat.tty_nr != 0 && stat.tpgid == stat.pgid as i32,
     };
     Ok(Captured {
         pid,
@@ -1480,7 +1504,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let guard = Guard::spawn(Pid::from_raw(pid))?;
     let check = |p: i32| -> Result<()> {
         check_task(p)?;
-        collect_fds(p, &mut 1, opts.ghost_limit)?;
+        collect_fds(p, &mut 1, opts.ghost_limit, opts.shell_job)?;
         Ok(())
     };
     let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;
@@ -1548,6 +1572,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             zombie: true,
             exit_status: z.stat.exit_code,
             exit_signal: z.stat.exit_signal,
+            tty_foreground: false,
         });
     }
     {

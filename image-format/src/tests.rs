@@ -52,6 +52,7 @@ fn pstree() -> Vec<PstreeEntry> {
             zombie: true,
             exit_status: 3 << 8,
             exit_signal: 17,
+            tty_foreground: false,
         },
     ]
 }

@@ -49,6 +49,10 @@ pub struct DumpArgs {
     /// in the image, in bytes; a larger one is refused.
     #[arg(long, default_value_t = 64 << 20)]
     pub ghost_limit: u64,
+    /// A shell job: accept descriptors on the tasks' controlling terminal;
+    /// restore reattaches them to the terminal of the session it runs in.
+    #[arg(short = 'j', long)]
+    pub shell_job: bool,
     /// Accept unix datagram sockets connected to a socket outside the
     /// dumped tree (a logger, say): the restore connects them to its
     /// address again.
@@ -79,6 +83,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         freeze_cgroup: a.freeze_cgroup.clone(),
         ghost_limit: a.ghost_limit,
         ext_unix_sk: a.ext_unix_sk,
+        shell_job: a.shell_job,
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();

@@ -23,6 +23,10 @@ pub struct Stat {
     pub env_end: u64,
     /// The signal the parent gets when this task ends (field 38).
     pub exit_signal: u32,
+    /// The controlling terminal (field 7, the kernel's old dev_t encoding).
+    pub tty_nr: u32,
+    /// The foreground process group of that terminal (field 8).
+    pub tpgid: i32,
     /// A zombie's wait status (field 52; 0 for live tasks).
     pub exit_code: u32,
 }
@@ -54,6 +58,8 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         env_start: f(50),
         env_end: f(51),
         exit_signal: f(38) as u32,
+        tty_nr: f(7) as u32,
+        tpgid: rest.get(5).and_then(|s| s.parse().ok()).unwrap_or(-1),
         exit_code: f(52) as u32,
     })
 }

@@ -497,6 +497,24 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
             // Made by the task that holds it, once its descriptors are in
             // place (see prepare).
             FileKind::FileEpoll | FileKind::FilePidfd => continue,
+            FileKind::FileShellTty => {
+                let flags = f.flags as i32 & (libc::O_ACCMODE | libc::O_NONBLOCK | libc::O_APPEND);
+                let path = cstr(&controlling_tty_path()).map_err(|e| fail(f, e))?;
+                // SAFETY: opening the controlling terminal of this session
+                // (by its device path, as the task had it).
+                let fd =
+                    unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(fail(
+                        f,
+                        format!(
+                            "the task had its shell's terminal open (a --shell-job dump): restore it from a terminal (/dev/tty: {})",
+                            last()
+                        ),
+                    ));
+                }
+                fd
+            }
             FileKind::FileInotify => {
                 let st = f.inotify.clone().unwrap_or_default();
                 let fd = crate::files::inotify::restore(&st).map_err(|e| fail(f, e))?;
@@ -1156,6 +1174,7 @@ fn supervise(
                 STAGE_JOINED => {
                     joined += 1;
                     if joined == n_nodes {
+                        foreground_shell_jobs(tree, plan);
                         nix::unistd::write(go2, &vec![b'g'; n_nodes]).map_err(sys("write"))?;
                     }
                 }
@@ -1270,6 +1289,67 @@ fn supervise(
         }
     }
     Ok(())
+}
+
+/// The device path of this session's controlling terminal: one of our
+/// descriptors 0-2 on it (the usual case for cryo started from a shell),
+/// else /dev/tty.
+fn controlling_tty_path() -> String {
+    let Some(st) = crate::pstree::stat(std::process::id() as i32) else {
+        return "/dev/tty".into();
+    };
+    let major = (st.tty_nr >> 8) & 0xfff;
+    let minor = (st.tty_nr & 0xff) | ((st.tty_nr >> 12) & 0xfff00);
+    let ctty = libc::makedev(major, minor);
+    for fd in 0..3 {
+        let link = format!("/proc/self/fd/{fd}");
+        let Ok(md) = std::fs::metadata(&link) else {
+            continue;
+        };
+        if st.tty_nr != 0 && std::os::unix::fs::MetadataExt::rdev(&md) == ctty {
+            if let Ok(p) = std::fs::read_link(&link) {
+                return p.display().to_string();
+            }
+        }
+    }
+    "/dev/tty".into()
+}
+
+/// A shell job that was in the foreground of its terminal is made the
+/// foreground group of the restoring session's terminal again.
+fn foreground_shell_jobs(tree: &TreeImage, plan: &Plan) {
+    for r in plan.roots() {
+        let n = &plan.nodes[r];
+        let NodeKind::Task(i) = n.kind else { continue };
+        if !tree.procs[i].pstree.tty_foreground || !(n.group_leader || n.setsid) {
+            continue;
+        }
+        // SAFETY: opening our controlling terminal; tcsetpgrp with SIGTTOU
+        // blocked (cryo may be in a background group); the mask is put back.
+        unsafe {
+            let fd = libc::open(
+                c"/dev/tty".as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                continue;
+            }
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTTOU);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+            if libc::tcsetpgrp(fd, n.pid) < 0 {
+                tracing::warn!(
+                    pid = n.pid,
+                    "could not make the shell job the terminal's foreground group: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            libc::close(fd);
+        }
+    }
 }
 
 /// The first failure report in what is left of the status pipe (read
