@@ -173,6 +173,8 @@ fn fault(point: &str) -> Result<()> {
     Ok(())
 }
 
+const ANON_UNSUPPORTED: &str = "an anonymous-inode file of a kind not supported yet (fanotify, io_uring, bpf, perf event, userfaultfd, ...)";
+
 /// The files a process has open, checked for what cryo can restore.
 /// File ids are numbered from `*next_id` on, which is advanced past them
 /// (ids are unique across the processes of an image).
@@ -182,18 +184,7 @@ fn collect_fds(
     ghost_limit: u64,
     shell_job: bool,
 ) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
-    // The controlling terminal, as a device number (0: none).
-    let ctty = pstree::stat(pid)
-        .map(|s| {
-            let major = (s.tty_nr >> 8) & 0xfff;
-            let minor = (s.tty_nr & 0xff) | ((s.tty_nr >> 12) & 0xfff00);
-            if s.tty_nr == 0 {
-                0
-            } else {
-                libc::makedev(major, minor)
-            }
-        })
-        .unwrap_or(0);
+    let ctty = pstree::stat(pid).map(|s| s.ctty()).unwrap_or(0);
     let dir = format!("/proc/{pid}/fd");
     let rd = std::fs::read_dir(&dir).map_err(|source| DumpError::Proc {
         path: dir.clone(),
@@ -269,9 +260,7 @@ fn collect_fds(
                     libc::S_IFIFO => "a deleted FIFO",
                     libc::S_IFSOCK => "a socket",
                     libc::S_IFBLK => "a block device",
-                    _ if link.starts_with("anon_inode:") => {
-                        "an anonymous-inode file of a kind not supported yet (inotify, fanotify, io_uring, bpf, perf event, userfaultfd, ...)"
-                    }
+                    _ if link.starts_with("anon_inode:") => ANON_UNSUPPORTED,
                     _ => "an unsupported kind of file",
                 };
                 return Err(DumpError::UnsupportedFd {
@@ -293,24 +282,22 @@ fn collect_fds(
                 | FileKind::FilePidfd
                 | FileKind::FileInotify
         );
-        let ghost_kind = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
-        if !anon && !ghost_kind && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
-            if link.starts_with("anon_inode:") {
-                return Err(DumpError::UnsupportedFd {
-                    pid,
-                    fd,
-                    what: "an anonymous-inode file of a kind not supported yet (inotify, fanotify, io_uring, bpf, perf event, userfaultfd, ...)",
-                    link,
-                });
-            }
+        let ghost = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
+        if !anon && !ghost && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
+            // Anonymous inodes of other kinds (some kernels give them a
+            // regular file type).
+            let what = if link.starts_with("anon_inode:") {
+                ANON_UNSUPPORTED
+            } else {
+                "a deleted file that is not a regular file"
+            };
             return Err(DumpError::UnsupportedFd {
                 pid,
                 fd,
-                what: "a deleted file that is not a regular file",
+                what,
                 link,
             });
         }
-        let ghost = matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted);
         if ghost && st.st_size as u64 > ghost_limit {
             return Err(DumpError::DeletedFile {
                 pid,
@@ -357,6 +344,11 @@ fn collect_fds(
             })
             .map(|s| s.ok_or_else(bad))
             .transpose()?;
+        let epoll_targets = if kind == FileKind::FileEpoll {
+            procfmt::parse_epoll_targets(&info_text)
+        } else {
+            Vec::new()
+        };
         let signalfd = (kind == FileKind::FileSignalfd)
             .then(|| {
                 Some(proto::SignalfdState {
@@ -387,9 +379,9 @@ fn collect_fds(
             seals: 0,
             mode: st.st_mode & 0o7777,
             epoll: (kind == FileKind::FileEpoll).then(|| proto::EpollState {
-                targets: procfmt::parse_epoll_targets(&info_text)
-                    .into_iter()
-                    .map(|(tfd, events, data, _)| proto::EpollTarget { tfd, events, data })
+                targets: epoll_targets
+                    .iter()
+                    .map(|&(tfd, events, data, _)| proto::EpollTarget { tfd, events, data })
                     .collect(),
             }),
             inotify: if kind == FileKind::FileInotify {
@@ -406,7 +398,7 @@ fn collect_fds(
         if kind == FileKind::FileEpoll {
             // Every watched descriptor must still be the file it was added
             // as (the target number is what restore re-adds).
-            for (tfd, _, _, ino) in procfmt::parse_epoll_targets(&info_text) {
+            for &(tfd, _, _, ino) in &epoll_targets {
                 let target = std::fs::metadata(format!("/proc/{pid}/fd/{tfd}"))
                     .ok()
                     .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
@@ -534,6 +526,9 @@ fn unix_states(table: &mut [OpenFile], ext_unix_sk: bool) -> Result<()> {
         return Ok(());
     }
     let diag = unix::diag_all()?;
+    // One pidfd per process, for pidfd_getfd of its sockets.
+    let mut pidfds: std::collections::HashMap<i32, std::os::fd::OwnedFd> =
+        std::collections::HashMap::new();
     let inodes: std::collections::BTreeSet<u64> = table
         .iter()
         .filter(|o| o.entry.kind == FileKind::FileUnixSocket as i32)
@@ -584,15 +579,12 @@ fn unix_states(table: &mut [OpenFile], ext_unix_sk: bool) -> Result<()> {
                 link: o.entry.path.clone(),
             });
         }
-        let pidfd = sys::pidfd_open(Pid::from_raw(o.pid))?;
-        let sock = unix::grab(std::os::fd::AsRawFd::as_raw_fd(&pidfd), o.fd).map_err(|errno| {
-            unix::UnixError::Peek {
-                pid: o.pid,
-                fd: o.fd,
-                ino,
-                errno,
-            }
-        })?;
+        let npid = Pid::from_raw(o.pid);
+        let pidfd = match pidfds.entry(o.pid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(sys::pidfd_open(npid)?),
+        };
+        let sock = sys::pidfd_getfd(pidfd, npid, o.fd)?;
         let queued = unix::peek_queue(o.pid, o.fd, info, &sock)?;
         let backlog = if info.state == unix::STATE_LISTEN {
             info.wqueue

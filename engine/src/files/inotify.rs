@@ -128,39 +128,33 @@ pub fn restore(st: &InotifyState) -> Result<OwnedFd, String> {
         }
         Ok(wd)
     };
+    // The kernel hands out watch descriptors 1, 2, ... in order: the
+    // ones below a wanted descriptor go to scratch files.
+    let mut handed = 0u32;
     for w in &st.watches {
-        loop {
-            let wd = {
-                // Hand out descriptors below the wanted one to scratch
-                // files until the kernel reaches it.
-                let next_is_wanted = fillers.len() + 1 + count_added(st, w.wd) >= w.wd as usize;
-                if next_is_wanted {
-                    add(&w.path, w.mask)?
-                } else {
-                    let dir = match &scratch {
-                        Some(d) => d.clone(),
-                        None => {
-                            let d = std::env::temp_dir()
-                                .join(format!("cryo-inotify-{}", std::process::id()));
-                            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-                            scratch = Some(d.clone());
-                            d
-                        }
-                    };
-                    let p = dir.join(format!("gap-{}", fillers.len()));
-                    std::fs::write(&p, b"").map_err(|e| e.to_string())?;
-                    let wd = add(&p.to_string_lossy(), libc::IN_ACCESS)?;
-                    fillers.push(wd);
-                    continue;
+        while handed + 1 < w.wd {
+            let dir = match &scratch {
+                Some(d) => d.clone(),
+                None => {
+                    let d =
+                        std::env::temp_dir().join(format!("cryo-inotify-{}", std::process::id()));
+                    std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+                    scratch = Some(d.clone());
+                    d
                 }
             };
-            if wd != w.wd as i32 {
-                return Err(format!(
-                    "watching {} again gave watch descriptor {wd}, not {}",
-                    w.path, w.wd
-                ));
-            }
-            break;
+            let p = dir.join(format!("gap-{}", fillers.len()));
+            std::fs::write(&p, b"").map_err(|e| e.to_string())?;
+            fillers.push(add(&p.to_string_lossy(), libc::IN_ACCESS)?);
+            handed += 1;
+        }
+        let wd = add(&w.path, w.mask)?;
+        handed += 1;
+        if wd != w.wd as i32 {
+            return Err(format!(
+                "watching {} again gave watch descriptor {wd}, not {}",
+                w.path, w.wd
+            ));
         }
     }
     for wd in fillers {
@@ -175,11 +169,6 @@ pub fn restore(st: &InotifyState) -> Result<OwnedFd, String> {
     // SAFETY: non-blocking reads into our own buffer until it is empty.
     while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
     Ok(fd)
-}
-
-/// How many watches of `st` come before watch descriptor `wd`.
-fn count_added(st: &InotifyState, wd: u32) -> usize {
-    st.watches.iter().filter(|w| w.wd < wd).count()
 }
 
 #[cfg(test)]

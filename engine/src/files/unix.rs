@@ -10,7 +10,7 @@
 //! other end, boundaries kept; listeners are bound and listen again.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use cryo_image::proto::{FileEntry, UnixSocketState};
@@ -455,15 +455,4 @@ fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
         return Err(std::io::Error::last_os_error().to_string());
     }
     Ok(())
-}
-
-/// A descriptor of `fd` in the task behind `pidfd`.
-pub fn grab(pidfd: RawFd, fd: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: plain syscall with integer arguments.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: the kernel returned a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }

@@ -31,6 +31,19 @@ pub struct Stat {
     pub exit_code: u32,
 }
 
+impl Stat {
+    /// The controlling terminal as a device number (0: none), decoded
+    /// from `tty_nr` (minor in bits 31-20 and 7-0, major in 15-8).
+    pub fn ctty(&self) -> u64 {
+        if self.tty_nr == 0 {
+            return 0;
+        }
+        let major = (self.tty_nr >> 8) & 0xfff;
+        let minor = (self.tty_nr & 0xff) | ((self.tty_nr >> 12) & 0xfff00);
+        libc::makedev(major, minor)
+    }
+}
+
 /// Parse /proc/PID/stat. The command name may contain spaces and
 /// parentheses, so fields are counted from the last ')'.
 pub fn parse_stat(text: &str) -> Option<Stat> {

@@ -479,15 +479,9 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                     .find(|g| g.0 == key)
                     .map(|g| g.1.as_raw_fd())
                     .unwrap_or(-1);
-                let path = cstr(&format!("/proc/self/fd/{anchor}")).map_err(|e| fail(f, e))?;
                 let flags = f.flags as i32
                     & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
-                // SAFETY: path is a NUL-terminated string we own; a new
-                // open file description of the file we just made.
-                let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
-                if fd < 0 {
-                    return Err(fail(f, format!("opening it again: {}", last())));
-                }
+                let fd = reopen(anchor, flags).map_err(|e| fail(f, e))?;
                 if f.flags as i32 & libc::O_PATH == 0 {
                     // SAFETY: lseek on the descriptor just opened.
                     unsafe { libc::lseek(fd, f.pos as i64, libc::SEEK_SET) };
@@ -525,121 +519,11 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                 None => return Err(fail(f, "no socket was made for it".into())),
             },
             FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => {
-                let path = cstr(&f.path).map_err(|e| fail(f, e))?;
-                let mut flags = f.flags as i32
-                    & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
-                if kind == FileKind::FileDirectory {
-                    flags |= libc::O_DIRECTORY;
-                }
-                // SAFETY: path is a NUL-terminated string we own.
-                let fd =
-                    unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY | libc::O_CLOEXEC) };
-                if fd < 0 {
-                    return Err(fail(f, format!("opening it: {}", last())));
-                }
-                let seek = |fd: RawFd| {
-                    // SAFETY: lseek on the descriptor just opened.
-                    unsafe { libc::lseek(fd, f.pos as i64, libc::SEEK_SET) }
-                };
-                let o_path = f.flags as i32 & libc::O_PATH != 0;
-                if kind == FileKind::FileRegular && !o_path && seek(fd) < 0 {
-                    let e = last();
-                    // SAFETY: closing the descriptor we opened.
-                    unsafe { libc::close(fd) };
-                    return Err(fail(f, format!("seeking to {}: {e}", f.pos)));
-                }
-                fd
+                open_by_path(f).map_err(|e| fail(f, e))?
             }
-            FileKind::FileEventfd => {
-                let st = f.eventfd.unwrap_or_default();
-                let flags = libc::EFD_CLOEXEC | if st.semaphore { libc::EFD_SEMAPHORE } else { 0 };
-                // SAFETY: eventfd with integer arguments.
-                let fd = unsafe { libc::eventfd(0, flags) };
-                if fd < 0 {
-                    return Err(fail(f, format!("eventfd: {}", last())));
-                }
-                if st.count > 0 {
-                    let b = st.count.to_ne_bytes();
-                    // SAFETY: writing 8 bytes we own to the new eventfd.
-                    if unsafe { libc::write(fd, b.as_ptr().cast(), 8) } != 8 {
-                        let e = last();
-                        // SAFETY: closing the descriptor we made.
-                        unsafe { libc::close(fd) };
-                        return Err(fail(
-                            f,
-                            format!("setting the eventfd count {}: {e}", st.count),
-                        ));
-                    }
-                }
-                fd
-            }
-            FileKind::FileSignalfd => {
-                let st = f.signalfd.unwrap_or_default();
-                // SAFETY: sigset_t is plain data, filled by sigemptyset.
-                let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-                // SAFETY: set is a valid sigset_t owned here.
-                unsafe { libc::sigemptyset(&mut set) };
-                for sig in 1..=64 {
-                    if st.mask & (1u64 << (sig - 1)) != 0 {
-                        // SAFETY: as above; sig is in range.
-                        unsafe { libc::sigaddset(&mut set, sig) };
-                    }
-                }
-                // SAFETY: a new signalfd for a mask we own.
-                let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
-                if fd < 0 {
-                    return Err(fail(f, format!("signalfd: {}", last())));
-                }
-                fd
-            }
-            FileKind::FileTimerfd => {
-                let st = f.timerfd.unwrap_or_default();
-                // SAFETY: timerfd_create with integer arguments.
-                let fd = unsafe { libc::timerfd_create(st.clock_id, libc::TFD_CLOEXEC) };
-                if fd < 0 {
-                    return Err(fail(
-                        f,
-                        format!("timerfd_create (clock {}): {}", st.clock_id, last()),
-                    ));
-                }
-                let ts = |ns: u64| libc::timespec {
-                    tv_sec: (ns / 1_000_000_000) as libc::time_t,
-                    tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-                };
-                // A timer about to expire at the dump expires right away.
-                let value = if st.value_ns == 0 && st.interval_ns == 0 {
-                    0
-                } else {
-                    st.value_ns.max(1)
-                };
-                let its = libc::itimerspec {
-                    it_interval: ts(st.interval_ns),
-                    it_value: ts(value),
-                };
-                // SAFETY: arming our own timerfd with a value we own.
-                if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } < 0 {
-                    let e = last();
-                    // SAFETY: closing the descriptor we made.
-                    unsafe { libc::close(fd) };
-                    return Err(fail(f, format!("timerfd_settime: {e}")));
-                }
-                if st.ticks > 0 {
-                    // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE).
-                    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
-                    let ticks = st.ticks;
-                    // SAFETY: the ioctl reads one u64 from `ticks`.
-                    if unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } < 0 {
-                        let e = last();
-                        // SAFETY: closing the descriptor we made.
-                        unsafe { libc::close(fd) };
-                        return Err(fail(
-                            f,
-                            format!("restoring {ticks} unread expirations: {e}"),
-                        ));
-                    }
-                }
-                fd
-            }
+            FileKind::FileEventfd => make_eventfd(f).map_err(|e| fail(f, e))?,
+            FileKind::FileSignalfd => make_signalfd(f).map_err(|e| fail(f, e))?,
+            FileKind::FileTimerfd => make_timerfd(f).map_err(|e| fail(f, e))?,
             FileKind::FilePipe | FileKind::FileFifo => {
                 if let std::collections::hash_map::Entry::Vacant(slot) = pipes.entry(f.inode) {
                     let holder = files
@@ -663,11 +547,13 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                         if a < 0 {
                             return Err(fail(f, format!("opening the FIFO: {}", last())));
                         }
-                        // SAFETY: `a` is a descriptor we just opened; dup
-                        // gives a second owned one for the write side.
-                        let b = unsafe { libc::fcntl(a, libc::F_DUPFD_CLOEXEC, 0) };
-                        // SAFETY: both are descriptors we own from here on.
-                        unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) }
+                        // SAFETY: `a` was just opened (checked above) and
+                        // is ours from here on.
+                        let a = unsafe { OwnedFd::from_raw_fd(a) };
+                        let b = a
+                            .try_clone()
+                            .map_err(|e| fail(f, format!("duplicating the FIFO: {e}")))?;
+                        (a, b)
                     };
                     if holder.pipe_size > 0 {
                         // SAFETY: fcntl on our own pipe.
@@ -704,22 +590,20 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                 } else {
                     (p.0.as_raw_fd(), &mut p.2)
                 };
-                let fd = if !*first && kind == FileKind::FilePipe {
+                if !*first && kind == FileKind::FilePipe {
                     *first = true;
                     // SAFETY: duplicating our own pipe end: this open file
                     // description becomes the dumped one.
-                    unsafe { libc::fcntl(end, libc::F_DUPFD_CLOEXEC, 0) }
+                    let fd = unsafe { libc::fcntl(end, libc::F_DUPFD_CLOEXEC, 0) };
+                    if fd < 0 {
+                        return Err(fail(f, format!("duplicating the pipe end: {}", last())));
+                    }
+                    fd
                 } else {
                     // Another open file description of the same pipe.
-                    let path = cstr(&format!("/proc/self/fd/{end}")).map_err(|e| fail(f, e))?;
                     let acc = f.flags as i32 & libc::O_ACCMODE;
-                    // SAFETY: path is a NUL-terminated string we own.
-                    unsafe { libc::open(path.as_ptr(), acc | libc::O_NONBLOCK | libc::O_CLOEXEC) }
-                };
-                if fd < 0 {
-                    return Err(fail(f, format!("opening the pipe end: {}", last())));
+                    reopen(end, acc | libc::O_NONBLOCK).map_err(|e| fail(f, e))?
                 }
-                fd
             }
         };
         // SAFETY: fcntl on the descriptor we own; sets the dumped status
@@ -729,6 +613,146 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
         out.insert(f.id, unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(out)
+}
+
+/// A new open file description of the file behind our descriptor `fd`
+/// (through /proc/self/fd), with `flags`.
+fn reopen(fd: RawFd, flags: i32) -> std::result::Result<RawFd, String> {
+    let path = cstr(&format!("/proc/self/fd/{fd}"))?;
+    // SAFETY: a NUL-terminated path we own; returns a new descriptor or -1.
+    let n = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if n < 0 {
+        return Err(format!(
+            "opening it again: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(n)
+}
+
+/// A regular file, directory or character device, opened by its path
+/// with its flags and put at its offset.
+fn open_by_path(f: &FileEntry) -> std::result::Result<RawFd, String> {
+    let last = || std::io::Error::last_os_error().to_string();
+    let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
+    let path = cstr(&f.path)?;
+    let mut flags =
+        f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
+    if kind == FileKind::FileDirectory {
+        flags |= libc::O_DIRECTORY;
+    }
+    // SAFETY: path is a NUL-terminated string we own.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("opening it: {}", last()));
+    }
+    let seek = |fd: RawFd| {
+        // SAFETY: lseek on the descriptor just opened.
+        unsafe { libc::lseek(fd, f.pos as i64, libc::SEEK_SET) }
+    };
+    let o_path = f.flags as i32 & libc::O_PATH != 0;
+    if kind == FileKind::FileRegular && !o_path && seek(fd) < 0 {
+        let e = last();
+        // SAFETY: closing the descriptor we opened.
+        unsafe { libc::close(fd) };
+        return Err(format!("seeking to {}: {e}", f.pos));
+    }
+    Ok(fd)
+}
+
+/// An eventfd with its count and mode.
+fn make_eventfd(f: &FileEntry) -> std::result::Result<RawFd, String> {
+    let last = || std::io::Error::last_os_error().to_string();
+    let st = f.eventfd.unwrap_or_default();
+    let flags = libc::EFD_CLOEXEC | if st.semaphore { libc::EFD_SEMAPHORE } else { 0 };
+    // SAFETY: eventfd with integer arguments.
+    let fd = unsafe { libc::eventfd(0, flags) };
+    if fd < 0 {
+        return Err(format!("eventfd: {}", last()));
+    }
+    if st.count > 0 {
+        let b = st.count.to_ne_bytes();
+        // SAFETY: writing 8 bytes we own to the new eventfd.
+        if unsafe { libc::write(fd, b.as_ptr().cast(), 8) } != 8 {
+            let e = last();
+            // SAFETY: closing the descriptor we made.
+            unsafe { libc::close(fd) };
+            return Err(format!("setting the eventfd count {}: {e}", st.count));
+        }
+    }
+    Ok(fd)
+}
+
+/// A signalfd for its mask.
+fn make_signalfd(f: &FileEntry) -> std::result::Result<RawFd, String> {
+    let last = || std::io::Error::last_os_error().to_string();
+    let st = f.signalfd.unwrap_or_default();
+    // SAFETY: sigset_t is plain data, filled by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in 1..=64 {
+        if st.mask & (1u64 << (sig - 1)) != 0 {
+            // SAFETY: as above; sig is in range.
+            unsafe { libc::sigaddset(&mut set, sig) };
+        }
+    }
+    // SAFETY: a new signalfd for a mask we own.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("signalfd: {}", last()));
+    }
+    Ok(fd)
+}
+
+/// A timerfd on its clock, armed with the time that was left and its
+/// period, with its unread expirations.
+fn make_timerfd(f: &FileEntry) -> std::result::Result<RawFd, String> {
+    let last = || std::io::Error::last_os_error().to_string();
+    let st = f.timerfd.unwrap_or_default();
+    // SAFETY: timerfd_create with integer arguments.
+    let fd = unsafe { libc::timerfd_create(st.clock_id, libc::TFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "timerfd_create (clock {}): {}",
+            st.clock_id,
+            last()
+        ));
+    }
+    let ts = |ns: u64| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // A timer about to expire at the dump expires right away.
+    let value = if st.value_ns == 0 && st.interval_ns == 0 {
+        0
+    } else {
+        st.value_ns.max(1)
+    };
+    let its = libc::itimerspec {
+        it_interval: ts(st.interval_ns),
+        it_value: ts(value),
+    };
+    // SAFETY: arming our own timerfd with a value we own.
+    if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } < 0 {
+        let e = last();
+        // SAFETY: closing the descriptor we made.
+        unsafe { libc::close(fd) };
+        return Err(format!("timerfd_settime: {e}"));
+    }
+    if st.ticks > 0 {
+        // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE).
+        const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+        let ticks = st.ticks;
+        // SAFETY: the ioctl reads one u64 from `ticks`.
+        if unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks) } < 0 {
+            let e = last();
+            // SAFETY: closing the descriptor we made.
+            unsafe { libc::close(fd) };
+            return Err(format!("restoring {ticks} unread expirations: {e}"));
+        }
+    }
+    Ok(fd)
 }
 
 /// A memfd with its name, contents and seals, or a file deleted while
@@ -1120,7 +1144,7 @@ fn supervise(
     let mut file = std::fs::File::from(status_r);
     let start = Instant::now();
     let mut eof = false;
-    let mut trapped: Vec<i32> = Vec::new();
+    let mut trapped: std::collections::HashSet<i32> = std::collections::HashSet::new();
     let rs = std::mem::size_of::<RStatus>();
     loop {
         let all_done = procs.iter().all(|p| p.done);
@@ -1158,10 +1182,7 @@ fn supervise(
                 if msg.len() < rs + len {
                     break; // the rest of the message is on its way
                 }
-                return Err(RestoreError::Child {
-                    pid,
-                    message: String::from_utf8_lossy(&msg[rs..rs + len]).into_owned(),
-                });
+                return Err(record_error(&st, &msg[rs..rs + len]));
             }
             msg.drain(..rs);
             match st.stage {
@@ -1188,14 +1209,7 @@ fn supervise(
                         p.done = true;
                     }
                 }
-                _ => {
-                    return Err(RestoreError::Restorer {
-                        pid,
-                        stage: stage_name(st.stage).to_string(),
-                        index: st.index,
-                        errno: Errno::from_raw((-st.err) as i32),
-                    })
-                }
+                _ => return Err(record_error(&st, &[])),
             }
         }
         loop {
@@ -1218,7 +1232,7 @@ fn supervise(
                 // still be in the pipe: the loop ends only once every
                 // process reported too.
                 WaitStatus::Stopped(t, Signal::SIGTRAP) if tasks.contains(&t.as_raw()) => {
-                    trapped.push(t.as_raw());
+                    trapped.insert(t.as_raw());
                 }
                 // Any other signal (SIGCHLD from helpers and zombies, cryo's
                 // page threads' events) goes through.
@@ -1298,9 +1312,7 @@ fn controlling_tty_path() -> String {
     let Some(st) = crate::pstree::stat(std::process::id() as i32) else {
         return "/dev/tty".into();
     };
-    let major = (st.tty_nr >> 8) & 0xfff;
-    let minor = (st.tty_nr & 0xff) | ((st.tty_nr >> 12) & 0xfff00);
-    let ctty = libc::makedev(major, minor);
+    let ctty = st.ctty();
     for fd in 0..3 {
         let link = format!("/proc/self/fd/{fd}");
         let Ok(md) = std::fs::metadata(&link) else {
@@ -1371,29 +1383,37 @@ fn last_report(file: &mut std::fs::File, msg: &mut Vec<u8>) -> Option<RestoreErr
     let mut off = 0;
     while msg.len() >= off + rs {
         let st: RStatus = crate::infect::from_bytes(&msg[off..]);
-        let pid = st.pid as i32;
         if st.stage == STAGE_CHILD_ERR {
-            let len = st.index as usize;
-            let text = msg.get(off + rs..off + rs + len)?;
-            return Some(RestoreError::Child {
-                pid,
-                message: String::from_utf8_lossy(text).into_owned(),
-            });
+            let text = msg.get(off + rs..off + rs + st.index as usize)?;
+            return Some(record_error(&st, text));
         }
         if !matches!(
             st.stage,
             STAGE_CREATED | STAGE_JOINED | STAGE_BOOT | STAGE_DONE
         ) {
-            return Some(RestoreError::Restorer {
-                pid,
-                stage: stage_name(st.stage).to_string(),
-                index: st.index,
-                errno: Errno::from_raw((-st.err) as i32),
-            });
+            return Some(record_error(&st, &[]));
         }
         off += rs;
     }
     None
+}
+
+/// The error a failure record of the status pipe reports: a message from
+/// cryo's code in the task (`text`), or the restorer's stage and errno.
+fn record_error(st: &RStatus, text: &[u8]) -> RestoreError {
+    let pid = st.pid as i32;
+    if st.stage == STAGE_CHILD_ERR {
+        return RestoreError::Child {
+            pid,
+            message: String::from_utf8_lossy(text).into_owned(),
+        };
+    }
+    RestoreError::Restorer {
+        pid,
+        stage: stage_name(st.stage).to_string(),
+        index: st.index,
+        errno: Errno::from_raw((-st.err) as i32),
+    }
 }
 
 /// Child side, running as the new task with the dumped pid. Never returns.
