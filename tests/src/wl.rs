@@ -109,3 +109,50 @@ pub fn finish(name: &str, verdict: &Path, result: Result<Vec<String>, String>) -
     }
     std::process::exit(code);
 }
+
+/// A workload's command line: `--ready FILE --verdict FILE` and its own
+/// `--KEY VALUE` options.
+pub struct Args {
+    pub ready: PathBuf,
+    pub verdict: PathBuf,
+    opts: Vec<(String, String)>,
+}
+
+impl Args {
+    /// Parse the command line; without `--ready` and `--verdict`, print
+    /// `usage` and exit 2.
+    pub fn parse(usage: &str) -> Args {
+        let mut ready = None;
+        let mut verdict = None;
+        let mut opts = Vec::new();
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let Some(key) = a.strip_prefix("--") else {
+                continue;
+            };
+            let value = args.next().unwrap_or_default();
+            match key {
+                "ready" => ready = Some(PathBuf::from(value)),
+                "verdict" => verdict = Some(PathBuf::from(value)),
+                _ => opts.push((key.to_string(), value)),
+            }
+        }
+        let (Some(ready), Some(verdict)) = (ready, verdict) else {
+            eprintln!("usage: {usage}");
+            std::process::exit(2);
+        };
+        Args {
+            ready,
+            verdict,
+            opts,
+        }
+    }
+
+    /// The value of `--key`, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.opts
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}

@@ -299,49 +299,17 @@ fn tree_failed_restores_leave_nothing() {
 /// A child process of this test with the given pid (clone3 set_tid),
 /// sleeping until the guard kills it.
 fn spawn_with_pid(pid: i32) -> PidGuard {
-    #[repr(C)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
-    let tids = [pid];
-    let args = CloneArgs {
-        flags: 0,
-        pidfd: 0,
-        child_tid: 0,
-        parent_tid: 0,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: 0,
-        stack_size: 0,
-        tls: 0,
-        set_tid: tids.as_ptr() as u64,
-        set_tid_size: 1,
-        cgroup: 0,
-    };
-    // SAFETY: clone3 without CLONE_VM behaves like fork; the child only
-    // calls pause in a loop (async-signal-safe) until it is killed.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, 88usize) };
-    if r == 0 {
-        loop {
+    // SAFETY: like fork() in this (multi-threaded) test process: the child
+    // only calls pause in a loop, which is async-signal-safe, until it is
+    // killed.
+    match unsafe { cryo_engine::sys::clone3_with_pid(pid, libc::SIGCHLD) } {
+        Ok(0) => loop {
             // SAFETY: pause has no arguments.
             unsafe { libc::pause() };
-        }
+        },
+        Ok(child) => PidGuard::new(child),
+        Err(e) => panic!("clone3 set_tid {pid}: {e}"),
     }
-    assert!(
-        r > 0,
-        "clone3 set_tid {pid}: {}",
-        std::io::Error::last_os_error()
-    );
-    PidGuard::new(r as i32)
 }
 
 /// `cryo dump --cgroup`: every process of a cgroup, here two separate

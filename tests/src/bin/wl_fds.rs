@@ -846,25 +846,14 @@ fn run(
 }
 
 fn main() {
-    let mut ready = None;
-    let mut verdict = None;
-    let mut tmp = None;
-    let mut ext = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--ready" => ready = args.next().map(PathBuf::from),
-            "--verdict" => verdict = args.next().map(PathBuf::from),
-            "--tmp" => tmp = args.next().map(PathBuf::from),
-            "--ext-dgram" => ext = args.next().map(PathBuf::from),
-            _ => {}
-        }
-    }
-    let (Some(ready), Some(verdict), Some(tmp)) = (ready, verdict, tmp) else {
-        eprintln!("usage: wl_fds --ready FILE --verdict FILE --tmp DIR");
+    let usage = "wl_fds --ready FILE --verdict FILE --tmp DIR [--ext-dgram PATH]";
+    let a = wl::Args::parse(usage);
+    let Some(tmp) = a.get("tmp").map(PathBuf::from) else {
+        eprintln!("usage: {usage}");
         std::process::exit(2);
     };
+    let ext = a.get("ext-dgram").map(PathBuf::from);
     wl::close_extra_fds();
-    let result = run(&ready, &verdict, &tmp, ext.as_deref());
-    wl::finish(NAME, &verdict, result);
+    let result = run(&a.ready, &a.verdict, &tmp, ext.as_deref());
+    wl::finish(NAME, &a.verdict, result);
 }

@@ -20,7 +20,6 @@
 //! needs the clear-child-tid address each thread had). The verdict lists
 //! every failure.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -465,23 +464,9 @@ fn task_list() -> Vec<i32> {
 }
 
 fn main() {
-    let mut ready = None;
-    let mut verdict = None;
-    let mut spinners = 1usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--ready" => ready = args.next().map(PathBuf::from),
-            "--verdict" => verdict = args.next().map(PathBuf::from),
-            "--spinners" => spinners = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
-            _ => {}
-        }
-    }
-    let (Some(ready), Some(verdict)) = (ready, verdict) else {
-        eprintln!("usage: wl_threads --ready FILE --verdict FILE [--spinners N]");
-        std::process::exit(2);
-    };
+    let a = wl::Args::parse("wl_threads --ready FILE --verdict FILE [--spinners N]");
+    let spinners = a.get("spinners").and_then(|v| v.parse().ok()).unwrap_or(1);
     wl::close_extra_fds();
-    let result = run(spinners, &ready);
-    wl::finish(NAME, &verdict, result);
+    let result = run(spinners, &a.ready);
+    wl::finish(NAME, &a.verdict, result);
 }

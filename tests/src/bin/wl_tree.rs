@@ -21,7 +21,7 @@
 //! VERDICT.<name> and exits; the root collects them all, its own zombies
 //! included, and writes the verdict.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -512,21 +512,8 @@ fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let mut ready = None;
-    let mut verdict = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--ready" => ready = args.next().map(PathBuf::from),
-            "--verdict" => verdict = args.next().map(PathBuf::from),
-            _ => {}
-        }
-    }
-    let (Some(ready), Some(verdict)) = (ready, verdict) else {
-        eprintln!("usage: wl_tree --ready FILE --verdict FILE");
-        std::process::exit(2);
-    };
+    let a = wl::Args::parse("wl_tree --ready FILE --verdict FILE");
     wl::close_extra_fds();
-    let result = run(&ready, &verdict);
-    wl::finish(NAME, &verdict, result);
+    let result = run(&a.ready, &a.verdict);
+    wl::finish(NAME, &a.verdict, result);
 }

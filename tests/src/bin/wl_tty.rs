@@ -8,7 +8,6 @@
 //! a controlling terminal (/dev/tty opens), and writes `tty-check-ok` to it
 //! for whoever holds the other side.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -58,21 +57,8 @@ fn run(ready: &std::path::Path) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let mut ready = None;
-    let mut verdict = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--ready" => ready = args.next().map(PathBuf::from),
-            "--verdict" => verdict = args.next().map(PathBuf::from),
-            _ => {}
-        }
-    }
-    let (Some(ready), Some(verdict)) = (ready, verdict) else {
-        eprintln!("usage: wl_tty --ready FILE --verdict FILE");
-        std::process::exit(2);
-    };
+    let a = wl::Args::parse("wl_tty --ready FILE --verdict FILE");
     wl::close_extra_fds();
-    let result = run(&ready);
-    wl::finish(NAME, &verdict, result);
+    let result = run(&a.ready);
+    wl::finish(NAME, &a.verdict, result);
 }
