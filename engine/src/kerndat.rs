@@ -535,21 +535,7 @@ fn probe_xstate(pid: Pid) -> Result<Outcome, KerndatError> {
 // ---------------------------------------------------------------------------
 // clone3 with set_tid
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
+use cryo_parasite::CloneArgs;
 
 fn pid_max() -> i32 {
     std::fs::read_to_string("/proc/sys/kernel/pid_max")

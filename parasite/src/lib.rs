@@ -261,6 +261,25 @@ pub struct RSiginfo {
     pub _pad: u32,
 }
 
+/// struct clone_args of clone3(2), version 2 (with set_tid and cgroup),
+/// shared by the engine and the restorer blob.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+const _: () = assert!(core::mem::size_of::<CloneArgs>() == 88);
+
 /// One thread (other than the leader) for the restorer to create with
 /// clone3 `set_tid`. It sets its own per-thread state, reports ready and
 /// returns into its dumped context through its own frame.

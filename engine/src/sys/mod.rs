@@ -253,22 +253,8 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: Pid, fd: i32) -> SysResult<OwnedFd> {
 /// The caller must be single-threaded, as with fork(): the child only has
 /// the calling thread, and locks held by other threads stay held.
 pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
-    #[repr(C)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
     let tids = [pid];
-    let args = CloneArgs {
+    let args = cryo_parasite::CloneArgs {
         flags: 0,
         pidfd: 0,
         child_tid: 0,
@@ -284,7 +270,13 @@ pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> 
     // SAFETY: `args` and `tids` live across the call; without CLONE_VM the
     // child runs on its own copy of this stack, as after fork(). The
     // single-thread requirement is the caller's.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, 88usize) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const cryo_parasite::CloneArgs,
+            std::mem::size_of::<cryo_parasite::CloneArgs>(),
+        )
+    };
     if r < 0 {
         return Err(Errno::last());
     }

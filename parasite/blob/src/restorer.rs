@@ -203,22 +203,6 @@ fn queue_own_signals(sfd: i32, ptr: u64, n: u64) {
     }
 }
 
-/// struct clone_args (clone3), version 2 (88 bytes: with set_tid and cgroup).
-#[repr(C)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
 const CLONE_VM: u64 = 0x100;
 const CLONE_FS: u64 = 0x200;
 const CLONE_FILES: u64 = 0x400;

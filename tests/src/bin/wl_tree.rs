@@ -310,17 +310,7 @@ fn setup(dir: &Path) -> Result<Kids, String> {
             exit_now(42);
         }
         // Wait until it is a zombie, without collecting it.
-        loop {
-            let st = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
-            if st
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_zombie(z);
         child("parent", &d, move |fails| match wait_for(z) {
             Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 42 => {}
             s => fails.push(format!("parent: its zombie {z} gave status {s:?}")),
@@ -393,23 +383,28 @@ fn setup(dir: &Path) -> Result<Kids, String> {
     // SAFETY: kill of our own child.
     unsafe { libc::kill(zombie_sig, libc::SIGUSR2) };
     for z in [zombie_code, zombie_sig] {
-        loop {
-            let st = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
-            if st
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_zombie(z);
     }
     Ok(Kids {
         live,
         zombie_code,
         zombie_sig,
     })
+}
+
+/// Wait until child `z` is a zombie, without collecting it.
+fn wait_zombie(z: i32) {
+    loop {
+        let st = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
+        if st
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Our child whose session or group is `leader` (the orphan it left).
