@@ -2333,23 +2333,33 @@ enum PageAt {
     Absent,
 }
 
-fn page_at(img: &Image, vaddr: u64) -> PageAt {
+/// The runs of one image by address: (start, end, first stored page
+/// number, or None for the parent's pages), for binary search.
+fn run_index(img: &Image) -> Vec<(u64, u64, Option<u64>)> {
     let mut stored = 0u64;
-    for r in &img.runs {
-        let end = r.vaddr + r.nr_pages as u64 * PAGE;
-        let parent = r.flags & cryo_image::PAGE_IN_PARENT != 0;
-        if r.vaddr <= vaddr && vaddr < end {
-            return if parent {
-                PageAt::Parent
+    img.runs
+        .iter()
+        .map(|r| {
+            let end = r.vaddr + r.nr_pages as u64 * PAGE;
+            if r.flags & cryo_image::PAGE_IN_PARENT != 0 {
+                (r.vaddr, end, None)
             } else {
-                PageAt::Stored(stored + (vaddr - r.vaddr) / PAGE)
-            };
+                stored += r.nr_pages as u64;
+                (r.vaddr, end, Some(stored - r.nr_pages as u64))
+            }
+        })
+        .collect()
+}
+
+fn page_at(index: &[(u64, u64, Option<u64>)], vaddr: u64) -> PageAt {
+    let i = index.partition_point(|r| r.1 <= vaddr);
+    match index.get(i) {
+        Some(&(start, _, Some(first))) if start <= vaddr => {
+            PageAt::Stored(first + (vaddr - start) / PAGE)
         }
-        if !parent {
-            stored += r.nr_pages as u64;
-        }
+        Some(&(start, _, None)) if start <= vaddr => PageAt::Parent,
+        _ => PageAt::Absent,
     }
-    PageAt::Absent
 }
 
 /// Fill the pages this process still shared copy-on-write with its parent
@@ -2371,6 +2381,8 @@ fn fill_from_parents(
     let mut needs: std::collections::BTreeMap<(usize, usize), Vec<(usize, usize)>> =
         std::collections::BTreeMap::new();
     let mut zero: Vec<usize> = Vec::new();
+    // Run indexes of the ancestors, made when first needed.
+    let mut indexes: HashMap<usize, Vec<(u64, u64, Option<u64>)>> = HashMap::new();
     for r in img
         .runs
         .iter()
@@ -2391,26 +2403,25 @@ fn fill_from_parents(
                     format!("{pm_name}: page {vaddr:#x} is the parent's, but the image has no parent process")
                 })?;
                 hops += 1;
-                match page_at(&tree.procs[cur], vaddr) {
+                let index = indexes
+                    .entry(cur)
+                    .or_insert_with(|| run_index(&tree.procs[cur]));
+                match page_at(index, vaddr) {
                     PageAt::Stored(n) => {
                         let src = &tree.procs[cur];
-                        let mut first = 0u64;
-                        let ci = src
+                        let starts = ctx.readers[cur].chunk_page_starts();
+                        let ci = starts.partition_point(|&s| s <= n).wrapping_sub(1);
+                        let first = starts.get(ci).copied().unwrap_or(0);
+                        let inside = src
                             .chunks
-                            .iter()
-                            .position(|c| {
-                                let hit = n < first + c.nr_pages as u64;
-                                if !hit {
-                                    first += c.nr_pages as u64;
-                                }
-                                hit
-                            })
-                            .ok_or_else(|| {
-                                format!(
-                                    "{}: page {n} is beyond its chunks",
-                                    cryo_image::pagemap_file(src.pstree.pid)
-                                )
-                            })?;
+                            .get(ci)
+                            .is_some_and(|c| n < first + c.nr_pages as u64);
+                        if !inside {
+                            return Err(format!(
+                                "{}: page {n} is beyond its chunks",
+                                cryo_image::pagemap_file(src.pstree.pid)
+                            ));
+                        }
                         needs
                             .entry((cur, ci))
                             .or_default()
