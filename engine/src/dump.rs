@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 
 use crate::infect::guard::Guard;
 use crate::infect::{InfectError, Victim};
+use crate::mem::snapshot::Snapshot;
 use crate::mem::transfer::{self, TransferError, TransferStats};
 use crate::mem::{self, MemError};
 use crate::proc as procfmt;
@@ -76,6 +77,8 @@ pub enum DumpError {
     Mem(#[from] MemError),
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::mem::snapshot::SnapshotError),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -1027,6 +1030,9 @@ struct Captured {
     pw: PageWriter,
     /// Pages went raw into a scratch file, to compress afterwards.
     scratch: Option<String>,
+    /// --leave-running: private anonymous memory write-protected, to be
+    /// copied once the task runs again.
+    snapshot: Option<Snapshot>,
 }
 
 /// Capture process `p` (stopped, with every thread): /proc state, the
@@ -1058,8 +1064,23 @@ fn capture(
             max: cryo_parasite::MAX_TIMERS,
         });
     }
+    tracing::debug!(
+        pid,
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "task state and descriptors read"
+    );
     let vmas = mem::read_vmas(npid)?;
+    tracing::debug!(
+        pid,
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "mappings read"
+    );
     let mut runs = mem::page_runs(npid, &vmas)?;
+    tracing::debug!(
+        pid,
+        ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+        "pages found"
+    );
     // Shared anonymous memory is one object however many processes map
     // it: its pages are stored by the first process that maps them.
     for v in vmas
@@ -1086,6 +1107,13 @@ fn capture(
     let shared_sigs = sys::peek_siginfo(npid, true)?;
     // Read with ptrace while the leader is stopped, before its parasite runs.
     let leader_bits = ptrace_bits(npid)?;
+    // --leave-running: the private anonymous memory is write-protected
+    // now and copied once the task runs again.
+    let snapshot = if opts.leave_running {
+        Snapshot::start(victim, &vmas, &mut runs)?
+    } else {
+        None
+    };
     tracing::debug!(
         pid,
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
@@ -1144,7 +1172,8 @@ fn capture(
     // the task is stopped (no copy through cryo) and compressed once it
     // runs again, so it is stopped only for the capture.
     let capture_raw = raw || opts.leave_running;
-    let scratch = (capture_raw && !raw).then(|| format!("{pages_name}.tmp"));
+    let scratch =
+        (capture_raw && (!raw || snapshot.is_some())).then(|| format!("{pages_name}.tmp"));
     let mut pw = PageWriter::create(
         &opts.dir,
         scratch.as_deref().unwrap_or(&pages_name),
@@ -1315,6 +1344,7 @@ fn capture(
         pstats,
         pw,
         scratch,
+        snapshot,
     })
 }
 
@@ -1345,18 +1375,43 @@ fn cmdline(pid: i32) -> Vec<String> {
 
 /// Write the image files of one captured process (compressing its
 /// scratch pages first if the capture was raw).
-fn write_process(opts: &DumpOptions, c: Captured) -> Result<Vec<ImageFileInfo>> {
+fn write_process(
+    opts: &DumpOptions,
+    mut c: Captured,
+) -> Result<(Vec<ImageFileInfo>, TransferStats)> {
     let pid = c.pid;
     let mut pw = c.pw;
+    let pages_name = cryo_image::pages_file(pid as u32);
     if let Some(scratch) = &c.scratch {
         let (scratch_chunks, _) = pw.finish()?;
-        pw = recompress(
-            opts,
-            scratch,
-            &cryo_image::pages_file(pid as u32),
-            scratch_chunks,
-        )?;
+        pw = match &c.snapshot {
+            // The pages captured while stopped and the tracked ones, read
+            // from the running task now, in address order.
+            Some(snap) => {
+                let reader = cryo_image::PageReader::open(
+                    &opts.dir,
+                    scratch,
+                    Compression::None,
+                    scratch_chunks,
+                )?;
+                let mut out = PageWriter::create(
+                    &opts.dir,
+                    &pages_name,
+                    opts.compression,
+                    opts.zstd_level,
+                    opts.threads,
+                )?;
+                let (runs, stats) = snap.copy(&reader, &c.runs, &mut out)?;
+                c.runs = runs;
+                c.pstats.add(&stats);
+                remove_scratch(opts, scratch)?;
+                out
+            }
+            None => recompress(opts, scratch, &pages_name, scratch_chunks)?,
+        };
     }
+    // The task's memory is copied: stop tracking it.
+    drop(c.snapshot.take());
     let mut written: Vec<ImageFileInfo> = Vec::new();
     // Pages: the writer finishes in the background of the drain; collect.
     let (chunks, pages_info) = pw.finish()?;
@@ -1405,7 +1460,7 @@ fn write_process(opts: &DumpOptions, c: Captured) -> Result<Vec<ImageFileInfo>> 
         w.write(e)?;
     }
     written.push(w.finish()?);
-    Ok(written)
+    Ok((written, c.pstats))
 }
 
 /// Refuse session and process-group layouts the restore cannot rebuild,
@@ -1550,8 +1605,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     let mut pstats = TransferStats::default();
     for mut c in caps {
         entries.push(std::mem::take(&mut c.pstree));
-        pstats.add(&c.pstats);
-        written.extend(write_process(opts, c)?);
+        let (files, stats) = write_process(opts, c)?;
+        pstats.add(&stats);
+        written.extend(files);
     }
     for z in &tree.zombies {
         entries.push(PstreeEntry {
@@ -1642,12 +1698,16 @@ fn recompress(
         pw.submit(buf)?;
     }
     drop(reader);
+    remove_scratch(opts, scratch)?;
+    Ok(pw)
+}
+
+fn remove_scratch(opts: &DumpOptions, scratch: &str) -> Result<()> {
     let path = opts.dir.join(scratch);
     std::fs::remove_file(&path).map_err(|source| DumpError::Proc {
         path: path.display().to_string(),
         source,
-    })?;
-    Ok(pw)
+    })
 }
 
 fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), nix::errno::Errno> {

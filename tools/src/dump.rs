@@ -129,6 +129,8 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                     "pages_stored": st.pages.pages_stored,
                     "zero_pages": st.pages.zero_pages,
                     "pages_scanned": st.pages.pages_scanned,
+                    "pages_copied_running": st.pages.pages_copied_running,
+                    "pages_saved_on_write": st.pages.pages_saved_on_write,
                     "processes": st.processes,
                 });
                 std::fs::write(path, format!("{j}\n"))

@@ -434,6 +434,26 @@ impl Victim {
         Ok(v)
     }
 
+    /// A userfaultfd on the task's memory. It must be made inside the task
+    /// (a userfaultfd belongs to the mm of its creator), so the syscall is
+    /// injected; cryo takes the descriptor with pidfd_getfd and closes the
+    /// task's copy before this returns, so its descriptor table is as it
+    /// was. A full descriptor (kernel-mode faults are handled too), which
+    /// needs CAP_SYS_PTRACE in the task or vm.unprivileged_userfaultfd.
+    pub fn userfaultfd(&mut self) -> Result<OwnedFd> {
+        const SYS_USERFAULTFD: u64 = 323;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = self.syscall(SYS_USERFAULTFD, [flags, 0, 0, 0, 0, 0])? as i32;
+        self.stray_fds.push(fd);
+        let ours = sys::pidfd_getfd(&self.pidfd, self.pid, fd);
+        let closed = self.syscall(libc::SYS_close as u64, [fd as u64, 0, 0, 0, 0, 0]);
+        if closed.is_ok() {
+            self.stray_fds.retain(|&f| f != fd);
+        }
+        closed?;
+        Ok(ours?)
+    }
+
     /// Run injected syscalls in this task at the injection site `leader`
     /// found (the same code, as both share one address space), so the site
     /// is looked up and read once per process.

@@ -97,7 +97,7 @@ fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
 /// Appends page runs to `out`, merging with the previous one when adjacent.
 /// `join` says whether the pages come from the same mapping as the
 /// previous ones (runs never span two mappings).
-fn push_entry(out: &mut Vec<PagemapEntry>, vaddr: u64, pages: u64, join: bool) {
+pub(super) fn push_entry(out: &mut Vec<PagemapEntry>, vaddr: u64, pages: u64, join: bool) {
     if let (true, Some(last)) = (join, out.last_mut()) {
         if last.vaddr + last.nr_pages as u64 * PAGE == vaddr
             && (last.nr_pages as u64 + pages) <= u32::MAX as u64
@@ -119,6 +119,11 @@ pub struct TransferStats {
     pub pages_scanned: u64,
     pub pages_stored: u64,
     pub zero_pages: u64,
+    /// Pages read from the task after it ran again (--leave-running with
+    /// write-protection), stored or zero.
+    pub pages_copied_running: u64,
+    /// Pages the fault handler saved before letting a write through.
+    pub pages_saved_on_write: u64,
 }
 
 impl TransferStats {
@@ -127,6 +132,8 @@ impl TransferStats {
         self.pages_scanned += o.pages_scanned;
         self.pages_stored += o.pages_stored;
         self.zero_pages += o.zero_pages;
+        self.pages_copied_running += o.pages_copied_running;
+        self.pages_saved_on_write += o.pages_saved_on_write;
     }
 }
 

@@ -27,6 +27,8 @@ fn err(op: &'static str, pid: Pid) -> SysError {
     }
 }
 
+pub mod uffd;
+
 const NT_X86_XSTATE: libc::c_int = 0x202;
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;

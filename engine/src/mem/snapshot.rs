@@ -1,0 +1,533 @@
+//! Leave-running dumps that stop the task only for its state: its private
+//! anonymous memory is write-protected with userfaultfd while it is
+//! stopped, then copied while it runs again. A write the task makes to a
+//! page not copied yet waits in the kernel until a handler thread has
+//! saved that page as it was and lifted the protection, so what is
+//! stored is the memory of the moment of the stop.
+//!
+//! Safety of the workload: the handler keeps serving faults until the
+//! snapshot is dropped, whatever happens to the copy; dropping it closes
+//! the only userfaultfd, which unregisters every range and wakes every
+//! waiting fault (the kernel does the same if cryo dies).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use cryo_image::proto::{PagemapEntry, Vma, VmaKind};
+use cryo_image::{ImageError, PageReader, PageWriter};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::unistd::Pid;
+
+use super::transfer::{push_entry, TransferStats};
+use super::{Run, PAGE};
+use crate::infect::{InfectError, Victim};
+use crate::sys::uffd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Infect(#[from] InfectError),
+    #[error("leave-running copy of task {pid}: {what}")]
+    Copy { pid: i32, what: String },
+}
+
+type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// Pages per read from the task and per chunk of the pages file.
+const BATCH_PAGES: u64 = 256;
+
+/// What the copier and the fault handler share.
+struct Shared {
+    pid: Pid,
+    /// Runs still to copy after the resume, sorted.
+    tracked: Vec<Run>,
+    /// Pages saved by the handler before it let a write through.
+    saved: Mutex<HashMap<u64, Box<[u8]>>>,
+    /// Every tracked page below this address has been copied.
+    done_upto: AtomicU64,
+    /// Why the copy cannot be a true snapshot any more.
+    failed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn tracked_at(&self, addr: u64) -> bool {
+        let i = self
+            .tracked
+            .partition_point(|r| r.start + r.pages * PAGE <= addr);
+        self.tracked.get(i).is_some_and(|r| r.start <= addr)
+    }
+
+    /// Whether [start, end) holds tracked pages not copied yet.
+    fn pending_in(&self, start: u64, end: u64) -> bool {
+        let start = start.max(self.done_upto.load(Ordering::SeqCst));
+        let i = self
+            .tracked
+            .partition_point(|r| r.start + r.pages * PAGE <= start);
+        self.tracked.get(i).is_some_and(|r| r.start < end)
+    }
+
+    fn fail(&self, what: String) {
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert(what);
+        }
+    }
+}
+
+/// A write-protected task whose tracked memory is still to be copied.
+pub struct Snapshot {
+    shared: Arc<Shared>,
+    uffd: Arc<OwnedFd>,
+    stop: OwnedFd,
+    handler: Option<JoinHandle<()>>,
+}
+
+/// Whether cryo can track this mapping: private anonymous memory the
+/// task can read (synchronous write-protect works on anonymous memory
+/// only; shared and file mappings are copied while the task is stopped).
+fn trackable(v: &Vma) -> bool {
+    matches!(
+        VmaKind::try_from(v.kind),
+        Ok(VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
+    ) && v.prot & libc::PROT_READ as u32 != 0
+}
+
+impl Snapshot {
+    /// Write-protect the private anonymous memory of the stopped task
+    /// `victim` and take its runs out of `runs` (they are copied by
+    /// [`Snapshot::copy`] once the task runs). None when the task cannot
+    /// have a userfaultfd (then every page is copied while it is stopped).
+    pub fn start(victim: &mut Victim, vmas: &[Vma], runs: &mut Vec<Run>) -> Result<Option<Self>> {
+        let pid = victim.pid;
+        let candidates: Vec<&Vma> = vmas
+            .iter()
+            .filter(|v| trackable(v) && runs.iter().any(|r| r.start >= v.start && r.start < v.end))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        let t0 = std::time::Instant::now();
+        let uffd = match victim.userfaultfd() {
+            Ok(fd) => fd,
+            Err(InfectError::Syscall { errno, .. }) => {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    %errno,
+                    "no userfaultfd in the task: its memory is copied while it is stopped"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let features =
+            uffd::FEATURE_EVENT_REMAP | uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP;
+        if let Err(e) = uffd::api(&uffd, pid, features) {
+            tracing::info!(
+                pid = pid.as_raw(),
+                "{e}: memory is copied while the task is stopped"
+            );
+            return Ok(None);
+        }
+        tracing::debug!(
+            pid = pid.as_raw(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "userfaultfd made in the task"
+        );
+        let mut ranges = Vec::new();
+        for v in candidates {
+            let len = v.end - v.start;
+            // A range the task registered itself cannot be ours (EBUSY):
+            // copy it while stopped.
+            if let Err(e) = uffd::register_wp(&uffd, pid, v.start, len) {
+                tracing::debug!(
+                    pid = pid.as_raw(),
+                    start = v.start,
+                    "{e}: copied while stopped"
+                );
+                continue;
+            }
+            ranges.push((v.start, v.end));
+        }
+        let (tracked, rest): (Vec<Run>, Vec<Run>) = runs
+            .iter()
+            .partition(|r| ranges.iter().any(|&(s, e)| r.start >= s && r.start < e));
+        let (stop_r, stop) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SnapshotError::Copy {
+                pid: pid.as_raw(),
+                what: format!("pipe: {e}"),
+            })?;
+        let shared = Arc::new(Shared {
+            pid,
+            tracked,
+            saved: Mutex::new(HashMap::new()),
+            done_upto: AtomicU64::new(0),
+            failed: Mutex::new(None),
+        });
+        let uffd = Arc::new(uffd);
+        // The handler runs before anything is protected: a write cryo makes
+        // into the task from here on (ptrace, the parasite's frames) must
+        // not wait on it.
+        let handler = {
+            let (shared, uffd) = (shared.clone(), uffd.clone());
+            std::thread::Builder::new()
+                .name(format!("uffd-{pid}"))
+                .spawn(move || handle_faults(&shared, &uffd, &stop_r))
+                .map_err(|e| SnapshotError::Copy {
+                    pid: pid.as_raw(),
+                    what: format!("starting the fault handler: {e}"),
+                })?
+        };
+        let snap = Snapshot {
+            shared,
+            uffd,
+            stop,
+            handler: Some(handler),
+        };
+        tracing::debug!(
+            pid = pid.as_raw(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "ranges registered"
+        );
+        for &(s, e) in &ranges {
+            if let Err(err) = uffd::writeprotect(&snap.uffd, pid, s, e - s, true) {
+                return Err(SnapshotError::Copy {
+                    pid: pid.as_raw(),
+                    what: format!("write-protecting {s:#x}-{e:#x}: {err}"),
+                });
+            }
+        }
+        *runs = rest;
+        tracing::debug!(
+            pid = pid.as_raw(),
+            ranges = ranges.len(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            pages = snap.shared.tracked.iter().map(|r| r.pages).sum::<u64>(),
+            "memory write-protected, copied after the resume"
+        );
+        Ok(Some(snap))
+    }
+
+    /// Write the final pages file `out`: the pages captured while stopped
+    /// (`stopped`, described by `entries`, in address order, with the
+    /// pages kept in a parent) merged in address order with the tracked
+    /// pages, read from the running task now. Returns the merged entries
+    /// and the figures of the tracked pages.
+    pub fn copy(
+        &self,
+        stopped: &PageReader,
+        entries: &[PagemapEntry],
+        out: &mut PageWriter,
+    ) -> Result<(Vec<PagemapEntry>, TransferStats)> {
+        let mut merged = Vec::with_capacity(entries.len() + self.shared.tracked.len());
+        let mut stats = TransferStats::default();
+        let mut w = ChunkOut {
+            buf: out.take_buffer(),
+            out,
+        };
+        let mut cursor = Cursor {
+            reader: stopped,
+            chunk: usize::MAX,
+            next_chunk: 0,
+            buf: Vec::new(),
+            at: 0,
+        };
+        let mut page = vec![0u8; (BATCH_PAGES * PAGE) as usize];
+        let tracked = &self.shared.tracked;
+        let mut ti = 0;
+        for e in entries {
+            while ti < tracked.len() && tracked[ti].start < e.vaddr {
+                self.copy_run(&tracked[ti], &mut page, &mut merged, &mut stats, &mut w)?;
+                ti += 1;
+            }
+            merged.push(*e);
+            if e.flags & cryo_image::PAGE_IN_PARENT == 0 {
+                for _ in 0..e.nr_pages {
+                    w.push(cursor.next_page()?)?;
+                }
+            }
+        }
+        for r in &tracked[ti..] {
+            self.copy_run(r, &mut page, &mut merged, &mut stats, &mut w)?;
+        }
+        w.flush()?;
+        self.check()?;
+        Ok((merged, stats))
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.shared.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(what) => Err(SnapshotError::Copy {
+                pid: self.shared.pid.as_raw(),
+                what,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Copy one tracked run from the task, batch by batch: read, replace
+    /// pages the handler saved before a write, then lift the protection.
+    fn copy_run(
+        &self,
+        r: &Run,
+        buf: &mut [u8],
+        merged: &mut Vec<PagemapEntry>,
+        stats: &mut TransferStats,
+        w: &mut ChunkOut,
+    ) -> Result<()> {
+        let sh = &self.shared;
+        let pid = sh.pid.as_raw();
+        let mut first = true;
+        let mut off = 0;
+        while off < r.pages {
+            self.check()?;
+            if crate::fault::check("in-copy") {
+                return Err(SnapshotError::Copy {
+                    pid,
+                    what: "fault injected (CRYO_FAULT=fail-in-copy)".into(),
+                });
+            }
+            let n = (r.pages - off).min(BATCH_PAGES);
+            let start = r.start + off * PAGE;
+            let len = (n * PAGE) as usize;
+            read_task(sh.pid, start, &mut buf[..len]).map_err(|e| SnapshotError::Copy {
+                pid,
+                what: format!("reading {start:#x}-{:#x}: {e}", start + len as u64),
+            })?;
+            if let Ok(mut saved) = sh.saved.lock() {
+                for i in 0..n {
+                    if let Some(p) = saved.remove(&(start + i * PAGE)) {
+                        stats.pages_saved_on_write += 1;
+                        let o = (i * PAGE) as usize;
+                        buf[o..o + PAGE as usize].copy_from_slice(&p);
+                    }
+                }
+            }
+            loop {
+                match uffd::writeprotect(&self.uffd, sh.pid, start, len as u64, false) {
+                    Ok(()) => break,
+                    // An event is waiting for the handler: let it run.
+                    Err(e) if e.errno == Errno::EAGAIN => std::thread::yield_now(),
+                    Err(e) => {
+                        return Err(SnapshotError::Copy {
+                            pid,
+                            what: format!("unprotecting {start:#x}: {e}"),
+                        })
+                    }
+                }
+            }
+            sh.done_upto.store(start + len as u64, Ordering::SeqCst);
+            for i in 0..n as usize {
+                let p = &buf[i * PAGE as usize..(i + 1) * PAGE as usize];
+                stats.pages_scanned += 1;
+                stats.pages_copied_running += 1;
+                if r.zero_ok && is_zero(p) {
+                    stats.zero_pages += 1;
+                    continue;
+                }
+                push_entry(merged, start + i as u64 * PAGE, 1, !first);
+                first = false;
+                stats.pages_stored += 1;
+                w.push(p)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = nix::unistd::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        // The last reference to the userfaultfd goes with `self.uffd`:
+        // the kernel unregisters the task's ranges.
+    }
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    p.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+}
+
+fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), Errno> {
+    let len = out.len();
+    let mut iov = [std::io::IoSliceMut::new(out)];
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    match nix::sys::uio::process_vm_readv(pid, &mut iov, &remote)? {
+        n if n == len => Ok(()),
+        _ => Err(Errno::EFAULT),
+    }
+}
+
+/// Serve the task's write-protect faults until `stop` is written: save
+/// the page as it is, then let the write through. Events that change the
+/// memory map over pages not copied yet make the copy fail (the task goes
+/// on either way).
+fn handle_faults(sh: &Shared, uffd: &OwnedFd, stop: &OwnedFd) {
+    let mut page = vec![0u8; PAGE as usize];
+    let mut queue = std::collections::VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            let mut fds = [
+                PollFd::new(uffd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => return,
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                return;
+            }
+            read_msgs(sh, uffd, &mut queue);
+        }
+        let Some(m) = queue.pop_front() else {
+            continue;
+        };
+        if m.event != uffd::EVENT_PAGEFAULT {
+            map_event(sh, &m);
+            continue;
+        }
+        let addr = m.b & !(PAGE - 1);
+        if m.a & uffd::PAGEFAULT_FLAG_WP != 0
+            && sh.tracked_at(addr)
+            && addr >= sh.done_upto.load(Ordering::SeqCst)
+        {
+            match read_task(sh.pid, addr, &mut page) {
+                Ok(()) => {
+                    if let Ok(mut s) = sh.saved.lock() {
+                        s.entry(addr).or_insert_with(|| page.clone().into());
+                    }
+                }
+                Err(e) => sh.fail(format!("saving page {addr:#x} before a write: {e}")),
+            }
+        }
+        // Lift the protection of this page and wake the writer. EAGAIN: an
+        // event must be read first (its faults are queued behind).
+        loop {
+            match uffd::writeprotect(uffd, sh.pid, addr, PAGE, false) {
+                Err(e) if e.errno == Errno::EAGAIN => {
+                    let before = queue.len();
+                    read_msgs(sh, uffd, &mut queue);
+                    // Events are handled at once; faults wait their turn.
+                    let mut i = before;
+                    while i < queue.len() {
+                        if queue[i].event != uffd::EVENT_PAGEFAULT {
+                            if let Some(ev) = queue.remove(i) {
+                                map_event(sh, &ev);
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    if queue.len() == before {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) if e.errno != Errno::ENOENT => {
+                    sh.fail(format!("letting a write to {addr:#x} through: {e}"));
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Append what the userfaultfd has queued to `queue`.
+fn read_msgs(sh: &Shared, uffd: &OwnedFd, queue: &mut std::collections::VecDeque<uffd::Msg>) {
+    let mut buf = [0u8; uffd::MSG_LEN * 64];
+    match nix::unistd::read(uffd, &mut buf) {
+        Ok(n) => queue.extend(buf[..n].chunks_exact(uffd::MSG_LEN).map(uffd::Msg::parse)),
+        Err(Errno::EAGAIN | Errno::EINTR) => {}
+        Err(e) => {
+            sh.fail(format!("reading the userfaultfd: {e}"));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+fn map_event(sh: &Shared, m: &uffd::Msg) {
+    let (what, start, end) = match m.event {
+        uffd::EVENT_REMOVE => ("discarded (madvise)", m.a, m.b),
+        uffd::EVENT_UNMAP => ("unmapped", m.a, m.b),
+        uffd::EVENT_REMAP => ("moved (mremap)", m.a, m.a + m.c),
+        _ => return,
+    };
+    if sh.pending_in(start, end) {
+        sh.fail(format!(
+            "the task {what} memory at {start:#x}-{end:#x} before cryo had copied it; dump it again (or without --leave-running)"
+        ));
+    }
+}
+
+/// The final pages file, written one chunk of up to [`BATCH_PAGES`] at a
+/// time.
+struct ChunkOut<'a> {
+    buf: Vec<u8>,
+    out: &'a mut PageWriter,
+}
+
+impl ChunkOut<'_> {
+    fn push(&mut self, page: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(page);
+        if self.buf.len() as u64 >= BATCH_PAGES * PAGE {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            let next = self.out.take_buffer();
+            self.out.submit(std::mem::replace(&mut self.buf, next))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the pages captured while stopped, in order.
+struct Cursor<'a> {
+    reader: &'a PageReader,
+    chunk: usize,
+    next_chunk: usize,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn next_page(&mut self) -> Result<&[u8]> {
+        if self.chunk == usize::MAX || self.at >= self.buf.len() {
+            let i = self.next_chunk;
+            let c = self
+                .reader
+                .chunks()
+                .get(i)
+                .ok_or_else(|| SnapshotError::Copy {
+                    pid: 0,
+                    what: format!(
+                        "{} holds fewer pages than its entries",
+                        self.reader.path().display()
+                    ),
+                })?;
+            self.buf.resize(c.nr_pages as usize * PAGE as usize, 0);
+            self.reader.read_chunk(i, &mut self.buf)?;
+            self.chunk = i;
+            self.next_chunk = i + 1;
+            self.at = 0;
+        }
+        let p = &self.buf[self.at..self.at + PAGE as usize];
+        self.at += PAGE as usize;
+        Ok(p)
+    }
+}
