@@ -1069,7 +1069,20 @@ fn capture(
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
         "task state and descriptors read"
     );
-    let vmas = mem::read_vmas(npid)?;
+    let vmas = mem::read_layout(npid)?;
+    // --leave-running: private anonymous memory is registered with a
+    // userfaultfd (under the task's mmap write lock, so before the walks
+    // below), write-protected once its pages are known, and copied after
+    // the task runs again.
+    let mut snapshot = if opts.leave_running {
+        Snapshot::register(victim, &vmas)?
+    } else {
+        None
+    };
+    // smaps (for VmFlags) walks every page table: it is read on another
+    // thread while the pages are found and protected from the layout
+    // /proc/PID/maps gave, which it must match.
+    let smaps = std::thread::spawn(move || mem::read_vmas(npid));
     tracing::debug!(
         pid,
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
@@ -1107,12 +1120,20 @@ fn capture(
     let shared_sigs = sys::peek_siginfo(npid, true)?;
     // Read with ptrace while the leader is stopped, before its parasite runs.
     let leader_bits = ptrace_bits(npid)?;
-    // --leave-running: the private anonymous memory is write-protected
-    // now and copied once the task runs again.
-    let snapshot = if opts.leave_running {
-        Snapshot::start(victim, &vmas, &mut runs)?
-    } else {
-        None
+    if let Some(snap) = snapshot.as_mut() {
+        snap.protect(&mut runs)?;
+    }
+    // Before the parasite maps its area.
+    let vmas = {
+        let full = smaps.join().map_err(|_| DumpError::Parse {
+            path: format!("/proc/{pid}/smaps"),
+        })??;
+        if !mem::same_layout(&full, &vmas) {
+            return Err(DumpError::Parse {
+                path: format!("/proc/{pid}/smaps (its mappings differ from /proc/{pid}/maps)"),
+            });
+        }
+        full
     };
     tracing::debug!(
         pid,

@@ -39,8 +39,28 @@ pub const PAGE: u64 = 4096;
 
 /// Read the task's mappings with the flags restore needs.
 pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
+    vmas_of(pid, true)
+}
+
+/// The mappings as /proc/PID/maps shows them: no VmFlags (so no
+/// `vm_flags`, and `file_flags` read-only), without the page walk smaps
+/// makes. Enough to find and protect pages while smaps is read.
+pub fn read_layout(pid: Pid) -> Result<Vec<Vma>, MemError> {
+    vmas_of(pid, false)
+}
+
+/// Whether two readings show the same mappings.
+pub fn same_layout(a: &[Vma], b: &[Vma]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (x.start, x.end, x.prot, x.kind, x.pgoff, x.inode)
+                == (y.start, y.end, y.prot, y.kind, y.pgoff, y.inode)
+        })
+}
+
+fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
     let maps = procfs::process::Process::new(pid.as_raw())
-        .and_then(|p| p.smaps())
+        .and_then(|p| if smaps { p.smaps() } else { p.maps() })
         .map_err(|source| MemError::Smaps {
             pid: pid.as_raw(),
             source,

@@ -45,8 +45,9 @@ const BATCH_PAGES: u64 = 256;
 /// What the copier and the fault handler share.
 struct Shared {
     pid: Pid,
-    /// Runs still to copy after the resume, sorted.
-    tracked: Vec<Run>,
+    /// Runs to copy after the resume, sorted (set once, before the task
+    /// can fault).
+    tracked: Mutex<Vec<Run>>,
     /// Pages saved by the handler before it let a write through.
     saved: Mutex<HashMap<u64, Box<[u8]>>>,
     /// Every tracked page below this address has been copied.
@@ -57,19 +58,21 @@ struct Shared {
 
 impl Shared {
     fn tracked_at(&self, addr: u64) -> bool {
-        let i = self
-            .tracked
-            .partition_point(|r| r.start + r.pages * PAGE <= addr);
-        self.tracked.get(i).is_some_and(|r| r.start <= addr)
+        let Ok(t) = self.tracked.lock() else {
+            return false;
+        };
+        let i = t.partition_point(|r| r.start + r.pages * PAGE <= addr);
+        t.get(i).is_some_and(|r| r.start <= addr)
     }
 
     /// Whether [start, end) holds tracked pages not copied yet.
     fn pending_in(&self, start: u64, end: u64) -> bool {
         let start = start.max(self.done_upto.load(Ordering::SeqCst));
-        let i = self
-            .tracked
-            .partition_point(|r| r.start + r.pages * PAGE <= start);
-        self.tracked.get(i).is_some_and(|r| r.start < end)
+        let Ok(t) = self.tracked.lock() else {
+            return true;
+        };
+        let i = t.partition_point(|r| r.start + r.pages * PAGE <= start);
+        t.get(i).is_some_and(|r| r.start < end)
     }
 
     fn fail(&self, what: String) {
@@ -85,6 +88,8 @@ pub struct Snapshot {
     uffd: Arc<OwnedFd>,
     stop: OwnedFd,
     handler: Option<JoinHandle<()>>,
+    /// The registered mappings.
+    ranges: Vec<(u64, u64)>,
 }
 
 /// Whether cryo can track this mapping: private anonymous memory the
@@ -98,20 +103,18 @@ fn trackable(v: &Vma) -> bool {
 }
 
 impl Snapshot {
-    /// Write-protect the private anonymous memory of the stopped task
-    /// `victim` and take its runs out of `runs` (they are copied by
-    /// [`Snapshot::copy`] once the task runs). None when the task cannot
-    /// have a userfaultfd (then every page is copied while it is stopped).
-    pub fn start(victim: &mut Victim, vmas: &[Vma], runs: &mut Vec<Run>) -> Result<Option<Self>> {
+    /// Register the private anonymous memory of the stopped task `victim`
+    /// for write-protect faults and start the handler. None when the task
+    /// cannot have a userfaultfd (then every page is copied while it is
+    /// stopped). Registering takes the task's mmap lock for writing: it
+    /// comes before the page walks (smaps, PAGEMAP_SCAN) that run in
+    /// parallel afterwards.
+    pub fn register(victim: &mut Victim, vmas: &[Vma]) -> Result<Option<Self>> {
         let pid = victim.pid;
-        let candidates: Vec<&Vma> = vmas
-            .iter()
-            .filter(|v| trackable(v) && runs.iter().any(|r| r.start >= v.start && r.start < v.end))
-            .collect();
-        if candidates.is_empty() {
+        let t0 = std::time::Instant::now();
+        if !vmas.iter().any(trackable) {
             return Ok(None);
         }
-        let t0 = std::time::Instant::now();
         let uffd = match victim.userfaultfd() {
             Ok(fd) => fd,
             Err(InfectError::Syscall { errno, .. }) => {
@@ -133,17 +136,11 @@ impl Snapshot {
             );
             return Ok(None);
         }
-        tracing::debug!(
-            pid = pid.as_raw(),
-            ms = t0.elapsed().as_secs_f64() * 1e3,
-            "userfaultfd made in the task"
-        );
         let mut ranges = Vec::new();
-        for v in candidates {
-            let len = v.end - v.start;
+        for v in vmas.iter().filter(|v| trackable(v)) {
             // A range the task registered itself cannot be ours (EBUSY):
             // copy it while stopped.
-            if let Err(e) = uffd::register_wp(&uffd, pid, v.start, len) {
+            if let Err(e) = uffd::register_wp(&uffd, pid, v.start, v.end - v.start) {
                 tracing::debug!(
                     pid = pid.as_raw(),
                     start = v.start,
@@ -153,9 +150,6 @@ impl Snapshot {
             }
             ranges.push((v.start, v.end));
         }
-        let (tracked, rest): (Vec<Run>, Vec<Run>) = runs
-            .iter()
-            .partition(|r| ranges.iter().any(|&(s, e)| r.start >= s && r.start < e));
         let (stop_r, stop) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SnapshotError::Copy {
                 pid: pid.as_raw(),
@@ -163,7 +157,7 @@ impl Snapshot {
             })?;
         let shared = Arc::new(Shared {
             pid,
-            tracked,
+            tracked: Mutex::new(Vec::new()),
             saved: Mutex::new(HashMap::new()),
             done_upto: AtomicU64::new(0),
             failed: Mutex::new(None),
@@ -182,34 +176,52 @@ impl Snapshot {
                     what: format!("starting the fault handler: {e}"),
                 })?
         };
-        let snap = Snapshot {
+        tracing::debug!(
+            pid = pid.as_raw(),
+            ranges = ranges.len(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "private memory registered with userfaultfd"
+        );
+        Ok(Some(Snapshot {
             shared,
             uffd,
             stop,
             handler: Some(handler),
-        };
-        tracing::debug!(
-            pid = pid.as_raw(),
-            ms = t0.elapsed().as_secs_f64() * 1e3,
-            "ranges registered"
-        );
-        for &(s, e) in &ranges {
-            if let Err(err) = uffd::writeprotect(&snap.uffd, pid, s, e - s, true) {
+            ranges,
+        }))
+    }
+
+    /// Write-protect the registered memory and take its runs out of
+    /// `runs`: they are copied by [`Snapshot::copy`] once the task runs.
+    pub fn protect(&mut self, runs: &mut Vec<Run>) -> Result<()> {
+        let pid = self.shared.pid;
+        let t0 = std::time::Instant::now();
+        let ranges = &self.ranges;
+        let (tracked, rest): (Vec<Run>, Vec<Run>) = runs
+            .iter()
+            .partition(|r| ranges.iter().any(|&(s, e)| r.start >= s && r.start < e));
+        for &(s, e) in ranges {
+            if !tracked.iter().any(|r| r.start >= s && r.start < e) {
+                continue; // nothing present: nothing to keep
+            }
+            if let Err(err) = uffd::writeprotect(&self.uffd, pid, s, e - s, true) {
                 return Err(SnapshotError::Copy {
                     pid: pid.as_raw(),
                     what: format!("write-protecting {s:#x}-{e:#x}: {err}"),
                 });
             }
         }
-        *runs = rest;
         tracing::debug!(
             pid = pid.as_raw(),
-            ranges = ranges.len(),
             ms = t0.elapsed().as_secs_f64() * 1e3,
-            pages = snap.shared.tracked.iter().map(|r| r.pages).sum::<u64>(),
+            pages = tracked.iter().map(|r| r.pages).sum::<u64>(),
             "memory write-protected, copied after the resume"
         );
-        Ok(Some(snap))
+        if let Ok(mut t) = self.shared.tracked.lock() {
+            *t = tracked;
+        }
+        *runs = rest;
+        Ok(())
     }
 
     /// Write the final pages file `out`: the pages captured while stopped
@@ -223,7 +235,13 @@ impl Snapshot {
         entries: &[PagemapEntry],
         out: &mut PageWriter,
     ) -> Result<(Vec<PagemapEntry>, TransferStats)> {
-        let mut merged = Vec::with_capacity(entries.len() + self.shared.tracked.len());
+        let tracked = self
+            .shared
+            .tracked
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
+        let mut merged = Vec::with_capacity(entries.len() + tracked.len());
         let mut stats = TransferStats::default();
         let mut w = ChunkOut {
             buf: out.take_buffer(),
@@ -237,7 +255,6 @@ impl Snapshot {
             at: 0,
         };
         let mut page = vec![0u8; (BATCH_PAGES * PAGE) as usize];
-        let tracked = &self.shared.tracked;
         let mut ti = 0;
         for e in entries {
             while ti < tracked.len() && tracked[ti].start < e.vaddr {
