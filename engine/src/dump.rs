@@ -48,7 +48,7 @@ pub enum DumpError {
         ns: &'static str,
         id: String,
     },
-    #[error("task {pid}: fd {fd} is {what} ({link}); only regular files, directories and character devices are supported for now")]
+    #[error("task {pid}: fd {fd} is {what} ({link})")]
     UnsupportedFd {
         pid: i32,
         fd: i32,
@@ -106,6 +106,16 @@ pub enum DumpError {
     Unix(#[from] crate::files::unix::UnixError),
     #[error(transparent)]
     Inotify(#[from] crate::files::inotify::InotifyError),
+    #[error(transparent)]
+    Pty(#[from] crate::files::pty::PtyError),
+    #[error("task {pid}: fd {fd} ({link}) is the master of pty {index}, whose slave is open in process {holder}, outside the dumped tree")]
+    ExternalPtySlave {
+        pid: i32,
+        fd: i32,
+        link: String,
+        index: u32,
+        holder: i32,
+    },
     #[error("task {pid} is a zombie; there is nothing to dump")]
     RootZombie { pid: i32 },
     #[error("task {pid} {what}; such a session layout cannot be restored yet")]
@@ -201,6 +211,8 @@ fn collect_fds(
     let mut fd_entries = Vec::new();
     let mut files = Vec::new();
     let mut diag: Option<std::collections::HashMap<u64, crate::files::unix::DiagInfo>> = None;
+    // For pidfd_getfd of pty masters (made on the first).
+    let mut pidfd: Option<std::os::fd::OwnedFd> = None;
     for fd in fds {
         let link = readlink(&format!("/proc/{pid}/fd/{fd}"))?;
         let st = nix::sys::stat::stat(format!("/proc/{pid}/fd/{fd}").as_str()).map_err(|e| {
@@ -215,8 +227,15 @@ fn collect_fds(
             libc::S_IFREG if link.ends_with(" (deleted)") => FileKind::FileDeleted,
             libc::S_IFREG => FileKind::FileRegular,
             libc::S_IFDIR => FileKind::FileDirectory,
-            // Terminals (tty majors 4 and 5, pty slaves 136-143, ptmx)
-            // carry a session and job control: they come with --shell-job.
+            // Pty pairs: whether the master of a slave is in the tree is
+            // decided once every process is collected (pair_ptys).
+            libc::S_IFCHR if st.st_rdev == sys::tty::ptmx_rdev() => FileKind::FilePtyMaster,
+            libc::S_IFCHR if sys::tty::pty_slave_index(st.st_rdev).is_some() => {
+                FileKind::FilePtySlave
+            }
+            // Other terminals (tty major 4, /dev/tty, /dev/console) carry a
+            // session and job control: only the controlling one of a
+            // --shell-job is accepted.
             libc::S_IFCHR if is_terminal(st.st_rdev) && shell_job && st.st_rdev == ctty => {
                 FileKind::FileShellTty
             }
@@ -227,7 +246,7 @@ fn collect_fds(
                     what: if st.st_rdev == ctty {
                         "its controlling terminal (a shell job: dump it with --shell-job)"
                     } else {
-                        "a terminal other than its controlling one (pty pairs are not supported yet)"
+                        "a terminal other than its controlling one (only pty pairs of the tree and a --shell-job's terminal are supported)"
                     },
                     link,
                 });
@@ -260,9 +279,9 @@ fn collect_fds(
             }
             _ => {
                 let what = match fmt {
-                    libc::S_IFIFO => "a deleted FIFO",
-                    libc::S_IFSOCK => "a socket",
-                    libc::S_IFBLK => "a block device",
+                    libc::S_IFIFO => "a deleted FIFO (not supported yet)",
+                    libc::S_IFSOCK => "a socket (not supported yet)",
+                    libc::S_IFBLK => "a block device (not supported yet)",
                     _ if link.starts_with("anon_inode:") => ANON_UNSUPPORTED,
                     _ => "an unsupported kind of file",
                 };
@@ -292,7 +311,7 @@ fn collect_fds(
             let what = if link.starts_with("anon_inode:") {
                 ANON_UNSUPPORTED
             } else {
-                "a deleted file that is not a regular file"
+                "a deleted file that is not a regular file (not supported yet)"
             };
             return Err(DumpError::UnsupportedFd {
                 pid,
@@ -360,6 +379,25 @@ fn collect_fds(
             })
             .map(|s| s.ok_or_else(bad))
             .transpose()?;
+        let pty = match kind {
+            FileKind::FilePtyMaster => {
+                let npid = Pid::from_raw(pid);
+                let pidfd = match &pidfd {
+                    Some(p) => p,
+                    None => pidfd.insert(sys::pidfd_open(npid)?),
+                };
+                let master = sys::pidfd_getfd(pidfd, npid, fd)?;
+                Some(crate::files::pty::dump_master(
+                    pid,
+                    fd,
+                    std::os::fd::AsRawFd::as_raw_fd(&master),
+                )?)
+            }
+            FileKind::FilePtySlave => {
+                sys::tty::pty_slave_index(st.st_rdev).map(crate::files::pty::slave_state)
+            }
+            _ => None,
+        };
         let id = *next_id;
         *next_id += 1;
         files.push(FileEntry {
@@ -397,6 +435,7 @@ fn collect_fds(
             } else {
                 0
             },
+            pty,
         });
         if kind == FileKind::FileEpoll {
             // Every watched descriptor must still be the file it was added
@@ -424,6 +463,150 @@ fn collect_fds(
     Ok((fd_entries, files))
 }
 
+/// The descriptors of one process, as collect_fds found them.
+struct ProcFds {
+    pid: i32,
+    fd_entries: Vec<FdEntry>,
+    files: Vec<FileEntry>,
+}
+
+/// Match pty slaves with the masters of the tree (once every process's
+/// descriptors are known: the master may be in another process than the
+/// slave). A slave whose master is held outside the tree is the
+/// controlling terminal of a --shell-job (it becomes FILE_SHELL_TTY) or is
+/// refused; so is a master whose slave is open outside the tree. Returns,
+/// for every process whose controlling terminal is a pty of the tree, its
+/// index and the terminal's foreground group (0 when that is not a group
+/// of the tree's session any more).
+fn pair_ptys(
+    tree: &Tree,
+    procs: &mut [ProcFds],
+    shell_job: bool,
+) -> Result<std::collections::BTreeMap<i32, (u32, u32)>> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let index_of = |f: &FileEntry| f.pty.as_ref().map(|p| p.index);
+    let is = |f: &FileEntry, k: FileKind| f.kind == k as i32;
+    let masters: BTreeSet<u32> = procs
+        .iter()
+        .flat_map(|p| p.files.iter())
+        .filter(|f| is(f, FileKind::FilePtyMaster))
+        .filter_map(index_of)
+        .collect();
+    let stats: BTreeMap<i32, procfmt::Stat> = tree
+        .procs
+        .iter()
+        .filter_map(|p| Some((p.pid, pstree::stat(p.pid)?)))
+        .collect();
+    for p in procs.iter_mut() {
+        let ctty = stats.get(&p.pid).map(|s| s.ctty()).unwrap_or(0);
+        let ctty_index = sys::tty::pty_slave_index(ctty).filter(|_| ctty != 0);
+        for f in p.files.iter_mut() {
+            let Some(index) = index_of(f).filter(|_| is(f, FileKind::FilePtySlave)) else {
+                continue;
+            };
+            if masters.contains(&index) {
+                continue;
+            }
+            let is_ctty = ctty_index == Some(index);
+            if shell_job && is_ctty {
+                f.kind = FileKind::FileShellTty as i32;
+                f.pty = None;
+                continue;
+            }
+            let fd = p
+                .fd_entries
+                .iter()
+                .find(|e| e.id == f.id)
+                .map(|e| e.fd as i32)
+                .unwrap_or(-1);
+            return Err(DumpError::UnsupportedFd {
+                pid: p.pid,
+                fd,
+                what: if is_ctty {
+                    "its controlling terminal, a pty whose master is held outside the dumped tree (a shell job: dump it with --shell-job)"
+                } else {
+                    "the slave of a pseudo-terminal whose master is held outside the dumped tree (not supported)"
+                },
+                link: f.path.clone(),
+            });
+        }
+    }
+    if masters.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    // A slave open outside the tree would be cut off from its restored
+    // master: refused, as for pipes.
+    let pids = tree.pids();
+    let wanted: BTreeMap<String, u32> = masters
+        .iter()
+        .map(|&i| (format!("/dev/pts/{i}"), i))
+        .collect();
+    if let Some((holder, index)) = outside_holder(&pids, |l| wanted.get(l).copied()) {
+        let (pid, fd, link) = procs
+            .iter()
+            .find_map(|p| {
+                let f = p
+                    .files
+                    .iter()
+                    .find(|f| is(f, FileKind::FilePtyMaster) && index_of(f) == Some(index))?;
+                let e = p.fd_entries.iter().find(|e| e.id == f.id)?;
+                Some((p.pid, e.fd as i32, f.path.clone()))
+            })
+            .unwrap_or_default();
+        return Err(DumpError::ExternalPtySlave {
+            pid,
+            fd,
+            link,
+            index,
+            holder,
+        });
+    }
+    // Controlling terminals. A session's terminal goes back to its leader
+    // at restore (TIOCSCTTY) and from it to the members it creates; a
+    // member that gave it up (TIOCNOTTY) gives it up again.
+    let groups: BTreeSet<(u32, u32)> = stats
+        .values()
+        .map(|s| (s.pgid, s.sid))
+        .chain(tree.zombies.iter().map(|z| (z.stat.pgid, z.stat.sid)))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (&pid, s) in &stats {
+        let ctty = s.ctty();
+        let Some(index) =
+            sys::tty::pty_slave_index(ctty).filter(|i| ctty != 0 && masters.contains(i))
+        else {
+            continue;
+        };
+        if !stats.contains_key(&(s.sid as i32)) {
+            return Err(DumpError::Session {
+                pid,
+                what: format!(
+                    "has pty {index} of the dumped tree as its controlling terminal, but its session leader {} is not in the tree",
+                    s.sid
+                ),
+            });
+        }
+        if let Some(ps) = stats.get(&(s.ppid as i32)) {
+            if ps.sid == s.sid && ps.ctty() != ctty && s.sid != pid as u32 {
+                return Err(DumpError::Session {
+                    pid,
+                    what: format!(
+                        "keeps pty {index} as its controlling terminal, which its parent {} (in the same session) gave up",
+                        s.ppid
+                    ),
+                });
+            }
+        }
+        let pgrp = if s.tpgid > 0 && groups.contains(&(s.tpgid as u32, s.sid)) {
+            s.tpgid as u32
+        } else {
+            0
+        };
+        out.insert(pid, (index, pgrp));
+    }
+    Ok(out)
+}
+
 /// One open file description of the tree with a descriptor that holds it.
 struct OpenFile {
     pid: i32,
@@ -443,10 +626,13 @@ fn link_files(caps: &mut [Captured], ext_unix_sk: bool) -> Result<Vec<FileEntry>
             let Some(f) = files.iter().find(|f| f.id == e.id) else {
                 continue;
             };
+            // Every pty master has the inode of /dev/ptmx: kcmp tells
+            // them apart (one open file description per pty).
             let same = table.iter().find(|o| {
                 o.entry.kind == f.kind
                     && o.entry.dev == f.dev
                     && o.entry.inode == f.inode
+                    && o.entry.pty.as_ref().map(|p| p.index) == f.pty.as_ref().map(|p| p.index)
                     && sys::kcmp_file(o.pid, c.pid, o.fd, e.fd as i32).unwrap_or(false)
             });
             match same {
@@ -500,7 +686,8 @@ fn link_files(caps: &mut [Captured], ext_unix_sk: bool) -> Result<Vec<FileEntry>
         let has_read = ends.iter().any(|&a| a != libc::O_WRONLY as u32);
         let has_write = ends.iter().any(|&a| a != libc::O_RDONLY as u32);
         if kind == FileKind::FilePipe as i32 && !(has_read && has_write) {
-            if let Some(holder) = outside_holder(ino, &tree) {
+            let want = format!("pipe:[{ino}]");
+            if let Some((holder, ())) = outside_holder(&tree, |l| (l == want).then_some(())) {
                 let o = &table[i];
                 return Err(DumpError::ExternalPipe {
                     pid: o.pid,
@@ -637,9 +824,12 @@ fn ghost_contents(table: &mut [OpenFile]) -> Result<()> {
     Ok(())
 }
 
-/// A process outside `tree` with a descriptor on pipe `ino`, if any.
-fn outside_holder(ino: u64, tree: &std::collections::BTreeSet<i32>) -> Option<i32> {
-    let want = format!("pipe:[{ino}]");
+/// A process outside `tree` with a descriptor whose /proc link `wanted`
+/// accepts, and what `wanted` said of it.
+fn outside_holder<T>(
+    tree: &std::collections::BTreeSet<i32>,
+    wanted: impl Fn(&str) -> Option<T>,
+) -> Option<(i32, T)> {
     let rd = std::fs::read_dir("/proc").ok()?;
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
@@ -652,8 +842,11 @@ fn outside_holder(ino: u64, tree: &std::collections::BTreeSet<i32>) -> Option<i3
             continue;
         };
         for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-                return Some(pid);
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if let Some(found) = link.to_str().and_then(&wanted) {
+                return Some((pid, found));
             }
         }
     }
@@ -719,7 +912,8 @@ fn pipe_contents(pid: i32, fd: i32) -> Result<(Vec<u8>, u32)> {
     Ok((data, size as u32))
 }
 
-/// Whether a character device number is a terminal.
+/// Whether a character device number is a terminal (a tty of major 4,
+/// /dev/tty, /dev/console, /dev/ptmx, or a pty slave).
 fn is_terminal(rdev: u64) -> bool {
     let major = libc::major(rdev);
     let minor = libc::minor(rdev);
@@ -1036,12 +1230,13 @@ struct Captured {
 }
 
 /// Capture process `p` (stopped, with every thread): /proc state, the
-/// parasite's view, per-thread state and its pages.
+/// parasite's view, per-thread state and its pages; its descriptors were
+/// collected (and pty pairs matched) before.
 fn capture(
     opts: &DumpOptions,
     p: &mut Seized,
     guard: &Guard,
-    file_ids: &mut u32,
+    (fd_entries, files): (Vec<FdEntry>, Vec<FileEntry>),
     shared: &mut SharedStored,
     parent: Option<(i32, &[proto::Vma])>,
     progress: &dyn Fn(u64, u64),
@@ -1052,7 +1247,6 @@ fn capture(
     let frozen_at = Instant::now();
     // Re-check under the freeze: the task cannot change any more.
     let stat = check_task(pid)?;
-    let (fd_entries, files) = collect_fds(pid, file_ids, opts.ghost_limit, opts.shell_job)?;
     let status = procfmt::parse_status(&read(&format!("/proc/{pid}/status"))?);
     let timers = procfmt::parse_timers(
         &std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default(),
@@ -1352,6 +1546,9 @@ fn capture(
         exit_status: 0,
         exit_signal: stat.exit_signal,
         tty_foreground: opts.shell_job && stat.tty_nr != 0 && stat.tpgid == stat.pgid as i32,
+        // Set by dump() from pair_ptys.
+        pty_ctty: None,
+        tty_pgrp: 0,
     };
     Ok(Captured {
         pid,
@@ -1585,24 +1782,43 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         ms = frozen_at.elapsed().as_secs_f64() * 1e3,
         "tree seized"
     );
+    // Descriptors of every process first (the tree is stopped): a pty
+    // slave is matched with a master of any process of the tree.
     let mut file_ids = 1u32;
+    let mut fds = Vec::with_capacity(tree.procs.len());
+    for p in &tree.procs {
+        let (fd_entries, files) =
+            collect_fds(p.pid, &mut file_ids, opts.ghost_limit, opts.shell_job)?;
+        fds.push(ProcFds {
+            pid: p.pid,
+            fd_entries,
+            files,
+        });
+    }
+    let cttys = pair_ptys(&tree, &mut fds, opts.shell_job)?;
     let mut shared = SharedStored::new();
     let mut caps = Vec::with_capacity(tree.procs.len());
-    for p in tree.procs.iter_mut() {
+    for (p, pf) in tree.procs.iter_mut().zip(fds) {
         let ppid = pstree::stat(p.pid).map(|s| s.ppid as i32).unwrap_or(0);
         let parent = caps
             .iter()
             .find(|c: &&Captured| c.pid == ppid)
             .map(|c| (ppid, c.mm.vmas.as_slice()));
-        let c = capture(
+        let mut c = capture(
             opts,
             p,
             &guard,
-            &mut file_ids,
+            (pf.fd_entries, pf.files),
             &mut shared,
             parent,
             progress,
         )?;
+        if let Some(&(index, pgrp)) = cttys.get(&c.pid) {
+            c.pstree.pty_ctty = Some(index);
+            c.pstree.tty_pgrp = pgrp;
+            // That terminal is the tree's own, not a shell's.
+            c.pstree.tty_foreground = false;
+        }
         caps.push(c);
     }
     // Open file descriptions and pipe contents, while all is stopped.
@@ -1642,6 +1858,8 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             exit_status: z.stat.exit_code,
             exit_signal: z.stat.exit_signal,
             tty_foreground: false,
+            pty_ctty: None,
+            tty_pgrp: 0,
         });
     }
     {

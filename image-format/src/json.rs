@@ -370,6 +370,52 @@ mod tests {
         );
     }
 
+    /// Explicitly present fields at their default value (pty 0 as the
+    /// controlling terminal, a pty state of index 0 with empty settings)
+    /// survive the JSON view: encoding gives back the same bytes.
+    #[test]
+    fn present_defaults_round_trip_through_json() {
+        let codec = Codec::new().expect("descriptors");
+        let file = Path::new("test.img");
+        let entry = proto::PstreeEntry {
+            pid: 42,
+            pty_ctty: Some(0),
+            ..Default::default()
+        };
+        let body = entry.encode_to_vec();
+        let json = codec
+            .record_to_json(file, Kind::Pstree, 0, &body)
+            .expect("to json");
+        assert_eq!(json["pty_ctty"], 0, "{json}");
+        let back = codec
+            .record_from_json(file, Kind::Pstree, 0, &json)
+            .expect("from json");
+        assert_eq!(back, body);
+        assert_eq!(
+            proto::PstreeEntry::decode(back.as_slice()).expect("decode"),
+            entry
+        );
+        let f = proto::FileEntry {
+            id: 3,
+            kind: proto::FileKind::FilePtySlave as i32,
+            pty: Some(proto::PtyState {
+                index: 0,
+                termios: Some(proto::Termios::default()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let body = f.encode_to_vec();
+        let json = codec
+            .record_to_json(file, Kind::Files, 0, &body)
+            .expect("to json");
+        assert_eq!(json["kind"], "FILE_PTY_SLAVE", "{json}");
+        let back = codec
+            .record_from_json(file, Kind::Files, 0, &json)
+            .expect("from json");
+        assert_eq!(back, body);
+    }
+
     #[test]
     fn documents_are_checked() {
         let codec = Codec::new().expect("descriptors");

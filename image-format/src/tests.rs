@@ -40,6 +40,9 @@ fn pstree() -> Vec<PstreeEntry> {
             sid: 100,
             threads: vec![100, 101],
             cmdline: vec!["sleep".into(), "1000".into()],
+            // Present with index 0: not the same as absent.
+            pty_ctty: Some(0),
+            tty_pgrp: 100,
             ..Default::default()
         },
         PstreeEntry {
@@ -53,6 +56,8 @@ fn pstree() -> Vec<PstreeEntry> {
             exit_status: 3 << 8,
             exit_signal: 17,
             tty_foreground: false,
+            pty_ctty: None,
+            tty_pgrp: 0,
         },
     ]
 }
@@ -237,15 +242,39 @@ fn round_trip_every_kind() {
     write_records(dir, &name, Kind::Fdinfo, &fds);
     assert_eq!(read_all::<FdEntry>(dir, &name, Kind::Fdinfo), fds);
 
-    let files = vec![FileEntry {
-        id: 1,
-        kind: FileKind::FileRegular as i32,
-        path: "/etc/passwd".into(),
-        flags: 0o2,
-        pos: 17,
-        size: 1000,
-        ..Default::default()
-    }];
+    let files = vec![
+        FileEntry {
+            id: 1,
+            kind: FileKind::FileRegular as i32,
+            path: "/etc/passwd".into(),
+            flags: 0o2,
+            pos: 17,
+            size: 1000,
+            ..Default::default()
+        },
+        FileEntry {
+            id: 2,
+            kind: FileKind::FilePtyMaster as i32,
+            path: "/dev/ptmx".into(),
+            flags: 0o2,
+            pty: Some(crate::proto::PtyState {
+                index: 0,
+                termios: Some(crate::proto::Termios {
+                    lflag: 0,
+                    cc: vec![3; 19],
+                    ..Default::default()
+                }),
+                winsize: Some(crate::proto::Winsize {
+                    rows: 37,
+                    cols: 101,
+                    ..Default::default()
+                }),
+                locked: false,
+                packet: true,
+            }),
+            ..Default::default()
+        },
+    ];
     write_records(dir, FILES_FILE, Kind::Files, &files);
     assert_eq!(read_all::<FileEntry>(dir, FILES_FILE, Kind::Files), files);
 

@@ -339,7 +339,8 @@ fn dump_refuses_task_in_other_namespace() {
     assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));
 }
 
-/// A terminal on stdout (a pty slave) is refused until --shell-job exists.
+/// A terminal on stdout (a pty slave whose master is outside the tree,
+/// not the task's controlling terminal) is refused.
 #[test]
 fn dump_refuses_terminal_on_stdout() {
     become_subreaper();
@@ -351,6 +352,10 @@ fn dump_refuses_terminal_on_stdout() {
         "posix_openpt: {}",
         std::io::Error::last_os_error()
     );
+    // Not inherited by the sleep: its master stays outside the tree (a
+    // pair inside the tree would be dumped).
+    // SAFETY: setting FD_CLOEXEC on the descriptor just opened.
+    unsafe { libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: master is the pty master just opened.
     assert_eq!(unsafe { libc::grantpt(master) }, 0);
     // SAFETY: as above.

@@ -125,7 +125,11 @@ fn leave_running_unprivileged_task_is_copied_while_stopped() {
     let img = dir.subdir("img");
     let stats = dir.join("stats.json");
     let files = FileSnapshot::of_workload(&dir);
-    dump_ok(&mut wl, &img, &["-R", "--stats", stats.to_str().expect("utf-8")]);
+    dump_ok(
+        &mut wl,
+        &img,
+        &["-R", "--stats", stats.to_str().expect("utf-8")],
+    );
     let copied = stat(&stats, "pages_copied_running");
     if !unprivileged_uffd {
         assert_eq!(copied, 0, "an unprivileged task got a userfaultfd");

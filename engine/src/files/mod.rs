@@ -2,4 +2,5 @@
 //! module per kind, dump and restore side by side.
 
 pub mod inotify;
+pub mod pty;
 pub mod unix;

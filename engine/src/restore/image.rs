@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use cryo_image::proto::{
-    self, CoreEntry, FdEntry, FileEntry, Inventory, MmEntry, PageChunk, PagemapEntry, PagemapHead,
-    PagemapRecord, PstreeEntry, VmaKind,
+    self, CoreEntry, FdEntry, FileEntry, FileKind, Inventory, MmEntry, PageChunk, PagemapEntry,
+    PagemapHead, PagemapRecord, PstreeEntry, VmaKind,
 };
 use cryo_image::{ImageError, ImageReader, Kind, PageReader};
 
@@ -177,6 +177,7 @@ impl TreeImage {
         while let Some(e) = r.next::<FileEntry>()? {
             files.push(e);
         }
+        check_ptys(&entries, &files)?;
         let mut procs = Vec::new();
         let mut zombies = Vec::new();
         for pstree in entries {
@@ -209,6 +210,58 @@ impl TreeImage {
             zombies,
         })
     }
+}
+
+/// Pty pairs: one master per index, and the master of every slave and of
+/// every controlling terminal in the image.
+fn check_ptys(entries: &[PstreeEntry], files: &[FileEntry]) -> Result<()> {
+    let files_img = cryo_image::FILES_FILE;
+    let mut masters = HashSet::new();
+    for f in files {
+        let master = f.kind == FileKind::FilePtyMaster as i32;
+        if !master && f.kind != FileKind::FilePtySlave as i32 {
+            continue;
+        }
+        let Some(pty) = &f.pty else {
+            return Err(invalid(
+                files_img,
+                format!("file {}: a pty end without its pty state", f.id),
+            ));
+        };
+        if master && !masters.insert(pty.index) {
+            return Err(invalid(
+                files_img,
+                format!("file {}: a second master of pty {}", f.id, pty.index),
+            ));
+        }
+    }
+    for f in files
+        .iter()
+        .filter(|f| f.kind == FileKind::FilePtySlave as i32)
+    {
+        let index = f.pty.as_ref().map(|p| p.index).unwrap_or_default();
+        if !masters.contains(&index) {
+            return Err(invalid(
+                files_img,
+                format!(
+                    "file {}: a slave of pty {index}, whose master is not in the image",
+                    f.id
+                ),
+            ));
+        }
+    }
+    for e in entries {
+        if let Some(index) = e.pty_ctty.filter(|i| !masters.contains(i)) {
+            return Err(invalid(
+                cryo_image::PSTREE_FILE,
+                format!(
+                    "process {}: its controlling terminal is pty {index}, whose master is not in {files_img}",
+                    e.pid
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Image {

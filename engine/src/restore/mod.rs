@@ -284,12 +284,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let files = open_files(&tree)?;
     let file_fds: HashMap<u32, RawFd> = files.iter().map(|(k, v)| (*k, v.as_raw_fd())).collect();
     let shm_fds: HashMap<u64, RawFd> = shm.iter().map(|(k, v)| (*k, v.as_raw_fd())).collect();
+    let pty_masters: HashMap<u32, RawFd> = tree.procs[0]
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::FilePtyMaster as i32)
+        .filter_map(|f| Some((f.pty.as_ref()?.index, *file_fds.get(&f.id)?)))
+        .collect();
     let ctx = NodeCtx {
         tree: &tree,
         readers: &readers,
         plan: &plan,
         shm: &shm_fds,
         files: &file_fds,
+        pty_masters: &pty_masters,
         status_w: status_w.as_raw_fd(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
     };
@@ -459,6 +466,26 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
             path: "unix sockets".into(),
             what,
         })?;
+    // Pty masters first, by index (a slave may come before its master in
+    // the table): each is the pair's only open file description, made
+    // here with its dumped index and left unlocked until the slaves are
+    // open. The masters handed out on the way are closed at the end.
+    let mut masters: Vec<&FileEntry> = files
+        .iter()
+        .filter(|f| used.contains(&f.id) && f.kind == FileKind::FilePtyMaster as i32)
+        .collect();
+    masters.sort_by_key(|f| f.pty.as_ref().map(|p| p.index));
+    let mut spare_masters: Vec<OwnedFd> = Vec::new();
+    let mut ptys: HashMap<u32, OwnedFd> = HashMap::new();
+    for f in &masters {
+        let Some(st) = &f.pty else {
+            return Err(fail(f, "a pty master without its pty state".into()));
+        };
+        let m =
+            crate::files::pty::open_master(f, st, &mut spare_masters).map_err(|e| fail(f, e))?;
+        ptys.insert(f.id, m);
+    }
+    drop(spare_masters);
     // Memfds and deleted files, made once each: (kind, dev, inode) -> fd.
     let mut ghosts: Vec<((i32, u64, u64), OwnedFd)> = Vec::new();
     for f in files.iter().filter(|f| used.contains(&f.id)) {
@@ -508,6 +535,14 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
                     ));
                 }
                 fd
+            }
+            FileKind::FilePtyMaster => match ptys.remove(&f.id) {
+                Some(m) => std::os::fd::IntoRawFd::into_raw_fd(m),
+                None => return Err(fail(f, "no pty was made for it".into())),
+            },
+            FileKind::FilePtySlave => {
+                let s = crate::files::pty::open_slave(f).map_err(|e| fail(f, e))?;
+                std::os::fd::IntoRawFd::into_raw_fd(s)
             }
             FileKind::FileInotify => {
                 let st = f.inotify.clone().unwrap_or_default();
@@ -611,6 +646,12 @@ fn open_files(tree: &TreeImage) -> Result<HashMap<u32, OwnedFd>> {
         unsafe { libc::fcntl(fd, libc::F_SETFL, f.flags as i32 & status_flags) };
         // SAFETY: `fd` is a descriptor we own from here on.
         out.insert(f.id, unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    // Every slave is open: masters that were locked are locked again.
+    for f in &masters {
+        if let (Some(st), Some(m)) = (&f.pty, out.get(&f.id)) {
+            crate::files::pty::relock(m.as_raw_fd(), st).map_err(|e| fail(f, e))?;
+        }
     }
     Ok(out)
 }
@@ -882,6 +923,8 @@ struct NodeCtx<'a> {
     shm: &'a HashMap<u64, RawFd>,
     /// Every open file description of the tree, by its id in files.img.
     files: &'a HashMap<u32, RawFd>,
+    /// The master of every pty of the tree, by its index.
+    pty_masters: &'a HashMap<u32, RawFd>,
     status_w: RawFd,
     /// Read ends of the three barriers: traced (roots), all created, all
     /// in their groups.
@@ -994,11 +1037,21 @@ fn node_setup(ctx: &NodeCtx, idx: usize) -> std::result::Result<Never, String> {
         if unsafe { libc::setsid() } < 0 {
             return Err(os_err("setsid"));
         }
+        // Its controlling terminal before it creates the members of its
+        // session, which inherit it.
+        if let Some((index, master)) = pty_ctty(ctx, node)? {
+            crate::sys::tty::set_controlling(master).map_err(|e| {
+                format!("making pty {index} its controlling terminal (TIOCSCTTY): {e}")
+            })?;
+        }
     } else if node.group_leader {
         // SAFETY: setpgid on this task.
         if unsafe { libc::setpgid(0, 0) } < 0 {
             return Err(os_err("setpgid (leading its group)"));
         }
+    }
+    if !node.setsid {
+        give_up_ctty(ctx, node)?;
     }
     for &c in &node.children {
         let child = &ctx.plan.nodes[c];
@@ -1027,6 +1080,18 @@ fn node_setup(ctx: &NodeCtx, idx: usize) -> std::result::Result<Never, String> {
     }
     report(ctx.status_w, STAGE_JOINED, pid);
     read_go(ctx.go[2])?;
+    // Every group exists: the session leader gives its terminal's
+    // foreground back to the group that had it.
+    if let (true, Some((index, master)), NodeKind::Task(i)) =
+        (node.setsid, pty_ctty(ctx, node)?, node.kind)
+    {
+        let pgrp = ctx.tree.procs[i].pstree.tty_pgrp as i32;
+        if pgrp > 0 {
+            crate::sys::tty::set_foreground(master, pgrp).map_err(|e| {
+                format!("making group {pgrp} the foreground of pty {index} (TIOCSPGRP): {e}")
+            })?;
+        }
+    }
     match node.kind {
         // SAFETY: _exit ends this helper without running cryo's
         // destructors; its children go to their subreaper.
@@ -1071,6 +1136,58 @@ fn node_setup(ctx: &NodeCtx, idx: usize) -> std::result::Result<Never, String> {
             child_main(ctx, i, fd)
         }
     }
+}
+
+/// The pty that was the controlling terminal of a task node (its index)
+/// and the master of it this task inherited.
+fn pty_ctty(ctx: &NodeCtx, node: &tree::Node) -> std::result::Result<Option<(u32, RawFd)>, String> {
+    let NodeKind::Task(i) = node.kind else {
+        return Ok(None);
+    };
+    let Some(index) = ctx.tree.procs[i].pstree.pty_ctty else {
+        return Ok(None);
+    };
+    match ctx.pty_masters.get(&index) {
+        Some(&m) => Ok(Some((index, m))),
+        None => Err(format!(
+            "its controlling terminal was pty {index}, whose master no process holds"
+        )),
+    }
+}
+
+/// A member of a session whose terminal is a pty of the tree that had
+/// given it up (TIOCNOTTY) at the dump, but inherited it from the task
+/// that made it, gives it up again. Before it creates its own children.
+fn give_up_ctty(ctx: &NodeCtx, node: &tree::Node) -> std::result::Result<(), String> {
+    let NodeKind::Task(i) = node.kind else {
+        return Ok(());
+    };
+    let me = &ctx.tree.procs[i].pstree;
+    let session_has_pty = ctx
+        .tree
+        .procs
+        .iter()
+        .any(|p| p.pstree.pid == me.sid && p.pstree.pty_ctty.is_some());
+    if me.pty_ctty.is_some() || !session_has_pty {
+        return Ok(());
+    }
+    use nix::fcntl::OFlag;
+    let fd = match nix::fcntl::open(
+        "/dev/tty",
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // No controlling terminal: nothing to give up.
+        Err(Errno::ENXIO) => return Ok(()),
+        Err(e) => {
+            return Err(format!(
+                "opening its controlling terminal to give it up: {e}"
+            ))
+        }
+    };
+    crate::sys::tty::drop_controlling(fd.as_raw_fd())
+        .map_err(|e| format!("giving up its controlling terminal (TIOCNOTTY): {e}"))
 }
 
 /// End the way the zombie ended: exit with its code, or die of its signal.

@@ -1,6 +1,9 @@
 //! Raw wrappers for the kernel interfaces nix does not cover: ptrace
 //! register sets and signal masks, rseq configuration, siginfo peeking,
-//! robust lists, clone3 with set_tid, pidfds, PAGEMAP_SCAN.
+//! robust lists, clone3 with set_tid, pidfds, PAGEMAP_SCAN; terminal
+//! ioctls in [`tty`].
+
+pub mod tty;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 

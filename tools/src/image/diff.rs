@@ -145,7 +145,7 @@ impl FdInfo {
         FdInfo {
             fd: fd.fd,
             kind: f.map_or_else(|| "missing".into(), |f| load::file_kind_name(f.kind)),
-            path: f.map(|f| f.path.clone()).unwrap_or_default(),
+            path: f.map(load::file_label).unwrap_or_default(),
             flags: f.map(|f| open_flags(f.flags)).unwrap_or_default(),
             pos: f.map_or(0, |f| f.pos),
             cloexec: fd.cloexec,

@@ -123,6 +123,22 @@ pub fn file_kind_name(kind: i32) -> String {
     }
 }
 
+/// A file's path for people, with its pty for the ends of a pty pair:
+/// `/dev/ptmx (pty 3, locked, packet mode)`, `/dev/pts/3 (pty 3)`.
+pub fn file_label(f: &proto::FileEntry) -> String {
+    let Some(pty) = &f.pty else {
+        return f.path.clone();
+    };
+    let mut what = format!("pty {}", pty.index);
+    if pty.locked {
+        what.push_str(", locked");
+    }
+    if pty.packet {
+        what.push_str(", packet mode");
+    }
+    format!("{} ({what})", f.path)
+}
+
 /// `none` / `zstd`; unknown values as `compression-<n>`.
 pub fn compression_name(c: i32) -> String {
     match proto::Compression::try_from(c) {

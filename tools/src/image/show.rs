@@ -269,6 +269,7 @@ fn fd_json(fd: &FdEntry, files: &HashMap<u32, FileEntry>) -> Value {
         "path": f.map(|f| f.path.clone()),
         "flags": f.map(|f| open_flags(f.flags)),
         "offset": f.map(|f| f.pos),
+        "pty": f.and_then(|f| f.pty.as_ref()).map(|p| p.index),
     })
 }
 
@@ -337,6 +338,8 @@ fn to_json(img: &Image, dir: &Path) -> Value {
                 "zombie": e.zombie,
                 "exit_signal": e.exit_signal,
                 "children": img.children(e.pid),
+                "pty_ctty": e.pty_ctty,
+                "tty_pgrp": e.tty_pgrp,
             });
             if e.zombie {
                 let st = load::WaitStatus::of(e.exit_status);
@@ -473,6 +476,16 @@ fn to_text(img: &Image, dir: &Path) -> String {
         let e = &t.entry;
         let pm = &t.pagemap;
         let _ = writeln!(s, "\ntask {} ({}):", e.pid, t.mm.exe_path);
+        if let Some(index) = e.pty_ctty {
+            let fg = match e.tty_pgrp {
+                0 => "its session leader's group".to_string(),
+                g => format!("group {g}"),
+            };
+            let _ = writeln!(
+                s,
+                "  controlling terminal: pty {index} of the image, {fg} in the foreground"
+            );
+        }
         for (tid, c) in &t.cores {
             let regs = c.regs.unwrap_or_default();
             let rseq = match &c.rseq {
@@ -585,7 +598,7 @@ fn to_text(img: &Image, dir: &Path) -> String {
         let _ = writeln!(s, "  descriptors:");
         let _ = writeln!(
             s,
-            "    {:>4} {:<7} {:<9} {:<28} {:>8} PATH",
+            "    {:>4} {:<7} {:<10} {:<28} {:>8} PATH",
             "FD", "CLOEXEC", "KIND", "FLAGS", "OFFSET"
         );
         for fd in &t.fds {
@@ -593,13 +606,13 @@ fn to_text(img: &Image, dir: &Path) -> String {
                 Some(f) => {
                     let _ = writeln!(
                         s,
-                        "    {:>4} {:<7} {:<9} {:<28} {:>8} {}",
+                        "    {:>4} {:<7} {:<10} {:<28} {:>8} {}",
                         fd.fd,
                         if fd.cloexec { "yes" } else { "no" },
                         load::file_kind_name(f.kind),
                         open_flags(f.flags),
                         f.pos,
-                        f.path
+                        load::file_label(f)
                     );
                 }
                 None => {

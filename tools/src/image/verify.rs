@@ -778,16 +778,61 @@ fn check_parent_pages(rep: &mut Report<'_>, d: &Decoded, unreadable: &BTreeSet<u
 }
 
 fn check_fds(rep: &mut Report<'_>, d: &Decoded) {
+    use cryo_image::proto::FileKind;
     let mut ids = BTreeSet::new();
+    // Pty pairs: one master per index; every slave's and every
+    // controlling terminal's master in the image.
+    let mut masters = BTreeSet::new();
     if let Some(files) = &d.files {
         for f in files {
             if !ids.insert(f.id) {
                 rep.file(FILES_FILE, format!("file id {} appears twice", f.id));
             }
-            if cryo_image::proto::FileKind::try_from(f.kind).is_err() {
+            let kind = FileKind::try_from(f.kind);
+            if kind.is_err() {
                 rep.file(
                     FILES_FILE,
                     format!("file id {} has unknown kind {}", f.id, f.kind),
+                );
+            }
+            let pty_end = matches!(kind, Ok(FileKind::FilePtyMaster | FileKind::FilePtySlave));
+            if pty_end && f.pty.is_none() {
+                rep.file(
+                    FILES_FILE,
+                    format!("file id {}: a pty end without its pty state", f.id),
+                );
+            }
+            if let (Ok(FileKind::FilePtyMaster), Some(p)) = (kind, &f.pty) {
+                if !masters.insert(p.index) {
+                    rep.file(
+                        FILES_FILE,
+                        format!("file id {}: a second master of pty {}", f.id, p.index),
+                    );
+                }
+            }
+        }
+        for f in files
+            .iter()
+            .filter(|f| f.kind == FileKind::FilePtySlave as i32)
+        {
+            if let Some(p) = f.pty.as_ref().filter(|p| !masters.contains(&p.index)) {
+                rep.file(
+                    FILES_FILE,
+                    format!(
+                        "file id {}: a slave of pty {}, whose master is not in the image",
+                        f.id, p.index
+                    ),
+                );
+            }
+        }
+        for e in d.pstree.iter().flatten() {
+            if let Some(index) = e.pty_ctty.filter(|i| !masters.contains(i)) {
+                rep.file(
+                    PSTREE_FILE,
+                    format!(
+                        "process {}: its controlling terminal is pty {index}, whose master is not in {FILES_FILE}",
+                        e.pid
+                    ),
                 );
             }
         }

@@ -1,0 +1,255 @@
+//! Pseudo-terminal pairs, dump and restore side by side.
+//!
+//! Dump: a master (/dev/ptmx) is taken from the stopped task with
+//! pidfd_getfd and asked for its index (TIOCGPTN), its lock and packet
+//! mode, and the slave's line settings and window size (TCGETS2 and
+//! TIOCGWINSZ on a master act on the slave). A slave (/dev/pts/N) only
+//! records N: whether its master is in the dumped tree is decided once
+//! every process's descriptors are known (see `dump::pair_ptys`).
+//!
+//! Restore: /dev/ptmx is opened until the kernel, which hands out the
+//! lowest free index, gives the dumped one (the masters opened on the way
+//! are closed once every pty is made); the pair is unlocked, its settings
+//! and window size put back, then its slaves opened, and it is locked
+//! again at the end if it was. Bytes queued in either direction at the
+//! dump are not kept: the restored pair starts empty.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use cryo_image::proto::{FileEntry, PtyState, Termios, Winsize};
+use nix::errno::Errno;
+
+use crate::sys::tty;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PtyError {
+    #[error("task {pid}: fd {fd} (a pty master): {what}: {errno}")]
+    Master {
+        pid: i32,
+        fd: i32,
+        what: &'static str,
+        #[source]
+        errno: Errno,
+    },
+}
+
+/// The index and state of the pty whose master is `master`, a duplicate
+/// of descriptor `fd` of task `pid`.
+pub fn dump_master(pid: i32, fd: i32, master: RawFd) -> Result<PtyState, PtyError> {
+    let err = |what: &'static str| {
+        move |errno: Errno| PtyError::Master {
+            pid,
+            fd,
+            what,
+            errno,
+        }
+    };
+    let index = tty::pty_number(master).map_err(err("TIOCGPTN (its index)"))?;
+    let t = tty::get_termios(master).map_err(err("TCGETS2 (line settings)"))?;
+    let w = tty::get_winsize(master).map_err(err("TIOCGWINSZ (window size)"))?;
+    let locked = tty::pty_locked(master).map_err(err("TIOCGPTLCK (lock)"))?;
+    let packet = tty::packet_mode(master).map_err(err("TIOCGPKT (packet mode)"))?;
+    Ok(PtyState {
+        index,
+        termios: Some(Termios {
+            iflag: t.c_iflag,
+            oflag: t.c_oflag,
+            cflag: t.c_cflag,
+            lflag: t.c_lflag,
+            line: t.c_line as u32,
+            cc: t.c_cc.to_vec(),
+            ispeed: t.c_ispeed,
+            ospeed: t.c_ospeed,
+        }),
+        winsize: Some(Winsize {
+            rows: w.ws_row as u32,
+            cols: w.ws_col as u32,
+            xpixel: w.ws_xpixel as u32,
+            ypixel: w.ws_ypixel as u32,
+        }),
+        locked,
+        packet,
+    })
+}
+
+/// What a slave records: its index.
+pub fn slave_state(index: u32) -> PtyState {
+    PtyState {
+        index,
+        ..Default::default()
+    }
+}
+
+/// The directory of the slaves of the devpts instance a master was opened
+/// through: /dev/pts for /dev/ptmx and for /dev/pts/ptmx.
+fn pts_dir(master_path: &str) -> PathBuf {
+    let parent = Path::new(master_path).parent().unwrap_or(Path::new("/dev"));
+    if parent.file_name().is_some_and(|n| n == "pts") {
+        parent.to_path_buf()
+    } else {
+        parent.join("pts")
+    }
+}
+
+/// Open a terminal device that never becomes the caller's controlling
+/// terminal by this open.
+fn open_raw(path: &str, flags: i32) -> Result<OwnedFd, Errno> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())
+}
+
+/// A new master of pty `st.index` (the master entry `f`), opened through
+/// its dumped path with its access mode, unlocked, with the dumped line
+/// settings, window size and packet mode. Masters the kernel hands out on
+/// the way (lower indices) go to `spare`, to be closed once every pty is
+/// made (closing one earlier would free its index for the next open).
+pub fn open_master(
+    f: &FileEntry,
+    st: &PtyState,
+    spare: &mut Vec<OwnedFd>,
+) -> Result<OwnedFd, String> {
+    let index = st.index;
+    let slave = pts_dir(&f.path).join(index.to_string());
+    if slave.exists() {
+        return Err(format!(
+            "pty {index} is in use ({} exists)",
+            slave.display()
+        ));
+    }
+    let acc = f.flags as i32 & libc::O_ACCMODE;
+    // At most index + 1 opens reach it when nothing else allocates ptys.
+    for _ in 0..=index as u64 + 64 {
+        let fd = open_raw(&f.path, acc).map_err(|e| format!("opening {}: {e}", f.path))?;
+        let got = tty::pty_number(fd.as_raw_fd()).map_err(|e| format!("TIOCGPTN: {e}"))?;
+        if got == index {
+            set_state(fd.as_raw_fd(), st)?;
+            return Ok(fd);
+        }
+        if got > index {
+            return Err(format!(
+                "pty {index} is in use (the kernel handed out pty {got} instead)"
+            ));
+        }
+        spare.push(fd);
+    }
+    Err(format!(
+        "pty {index} is in use (other ptys keep being made)"
+    ))
+}
+
+/// Unlock the master `fd` and give the pair the dumped settings.
+fn set_state(fd: RawFd, st: &PtyState) -> Result<(), String> {
+    let index = st.index;
+    tty::set_pty_locked(fd, false).map_err(|e| format!("unlocking pty {index}: {e}"))?;
+    if let Some(t) = &st.termios {
+        let mut cc = [0u8; 19];
+        let n = t.cc.len().min(cc.len());
+        cc[..n].copy_from_slice(&t.cc[..n]);
+        let t2 = libc::termios2 {
+            c_iflag: t.iflag,
+            c_oflag: t.oflag,
+            c_cflag: t.cflag,
+            c_lflag: t.lflag,
+            c_line: t.line as libc::cc_t,
+            c_cc: cc,
+            c_ispeed: t.ispeed,
+            c_ospeed: t.ospeed,
+        };
+        tty::set_termios(fd, &t2)
+            .map_err(|e| format!("setting the line settings of pty {index}: {e}"))?;
+    }
+    if let Some(w) = &st.winsize {
+        let ws = libc::winsize {
+            ws_row: w.rows as u16,
+            ws_col: w.cols as u16,
+            ws_xpixel: w.xpixel as u16,
+            ws_ypixel: w.ypixel as u16,
+        };
+        tty::set_winsize(fd, &ws)
+            .map_err(|e| format!("setting the window size of pty {index}: {e}"))?;
+    }
+    tty::set_packet_mode(fd, st.packet)
+        .map_err(|e| format!("setting packet mode of pty {index}: {e}"))
+}
+
+/// Lock the master again if it was locked at the dump (once its slaves,
+/// if any, are open).
+pub fn relock(fd: RawFd, st: &PtyState) -> Result<(), String> {
+    if st.locked {
+        tty::set_pty_locked(fd, true).map_err(|e| format!("locking pty {}: {e}", st.index))?;
+    }
+    Ok(())
+}
+
+/// A new open file description of the slave entry `f`, with its dumped
+/// flags (never becoming anyone's controlling terminal by this open).
+pub fn open_slave(f: &FileEntry) -> Result<OwnedFd, String> {
+    let flags = f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
+    open_raw(&f.path, flags).map_err(|e| format!("opening the pty slave: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slaves_live_next_to_the_master() {
+        assert_eq!(pts_dir("/dev/ptmx"), PathBuf::from("/dev/pts"));
+        assert_eq!(pts_dir("/dev/pts/ptmx"), PathBuf::from("/dev/pts"));
+        assert_eq!(
+            pts_dir("/chroot/dev/ptmx"),
+            PathBuf::from("/chroot/dev/pts")
+        );
+    }
+
+    /// A pty made here goes through dump_master and back through
+    /// open_master on a fresh index: same settings, size and modes.
+    #[test]
+    fn master_state_round_trips() {
+        let ptmx = "/dev/ptmx";
+        let Ok(m) = open_raw(ptmx, libc::O_RDWR) else {
+            return; // no ptys in this environment
+        };
+        let fd = m.as_raw_fd();
+        tty::set_pty_locked(fd, false).expect("unlock");
+        let mut t = tty::get_termios(fd).expect("TCGETS2");
+        t.c_lflag &= !(libc::ECHO | libc::ICANON);
+        t.c_cc[libc::VMIN] = 3;
+        t.c_cc[libc::VTIME] = 7;
+        tty::set_termios(fd, &t).expect("TCSETS2");
+        let ws = libc::winsize {
+            ws_row: 37,
+            ws_col: 101,
+            ws_xpixel: 5,
+            ws_ypixel: 6,
+        };
+        tty::set_winsize(fd, &ws).expect("TIOCSWINSZ");
+        tty::set_packet_mode(fd, true).expect("TIOCPKT");
+        let st = dump_master(std::process::id() as i32, fd, fd).expect("dump");
+        assert!(!st.locked && st.packet);
+        assert_eq!(st.winsize.map(|w| (w.rows, w.cols)), Some((37, 101)));
+        // Another pty with that state (any free index).
+        let n = open_raw(ptmx, libc::O_RDWR).expect("second master");
+        let st2 = PtyState {
+            index: tty::pty_number(n.as_raw_fd()).expect("TIOCGPTN"),
+            ..st.clone()
+        };
+        set_state(n.as_raw_fd(), &st2).expect("set_state");
+        let back = dump_master(std::process::id() as i32, n.as_raw_fd(), n.as_raw_fd())
+            .expect("dump again");
+        assert_eq!(back.termios, st.termios);
+        assert_eq!(back.winsize, st.winsize);
+        assert_eq!((back.locked, back.packet), (false, true));
+        let mut spare = Vec::new();
+        let f = FileEntry {
+            path: "/dev/ptmx".into(),
+            flags: libc::O_RDWR as u32,
+            ..Default::default()
+        };
+        // Its index is taken: refused by name.
+        let e = open_master(&f, &st2, &mut spare).expect_err("index in use");
+        assert!(e.contains(&format!("pty {} is in use", st2.index)), "{e}");
+    }
+}
