@@ -301,6 +301,11 @@ impl Victim {
         Some(self.area?.0 + self.blob.as_ref()?.done as u64)
     }
 
+    /// Where injected syscalls run, once it was chosen.
+    pub fn injection_addr(&self) -> Option<u64> {
+        (self.inject_at != 0).then_some(self.inject_at)
+    }
+
     fn find_inject_addr(&mut self) -> Result<u64> {
         if self.inject_at != 0 {
             return Ok(self.inject_at);

@@ -136,8 +136,16 @@ impl Snapshot {
             );
             return Ok(None);
         }
+        // cryo writes its injected code into the mapping of the injection
+        // site and puts the task's word back later: that mapping (an
+        // anonymous one only with JIT code) is copied while stopped, when
+        // it holds the task's own code again.
+        let site = victim.injection_addr();
         let mut ranges = Vec::new();
-        for v in vmas.iter().filter(|v| trackable(v)) {
+        for v in vmas
+            .iter()
+            .filter(|v| trackable(v) && !site.is_some_and(|a| v.start <= a && a < v.end))
+        {
             // A range the task registered itself cannot be ours (EBUSY):
             // copy it while stopped.
             if let Err(e) = uffd::register_wp(&uffd, pid, v.start, v.end - v.start) {
