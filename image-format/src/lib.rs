@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod json;
 pub mod pages;
 pub mod proto;
+pub mod stride;
 
 pub use error::*;
 pub use framing::*;

@@ -26,6 +26,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::error::ImageError;
 use crate::framing::{create_file, open_file, ImageFileInfo, FORMAT_MAGIC};
 use crate::proto::{Compression, PageChunk};
+use crate::stride;
 use crate::PAGE_SIZE;
 
 /// Size of the pages file header (magic + zero padding).
@@ -81,6 +82,7 @@ impl Sink {
         nr_pages: u32,
         xxh3: u64,
         raw: bool,
+        stride: u32,
     ) -> Result<(), ImageError> {
         self.file
             .write_all_at(bytes, self.offset)
@@ -93,6 +95,7 @@ impl Sink {
             nr_pages,
             xxh3,
             raw,
+            stride,
         });
         self.offset += bytes.len() as u64;
         Ok(())
@@ -111,6 +114,7 @@ enum Done {
         nr_pages: u32,
         xxh3: u64,
         raw: bool,
+        stride: u32,
     },
     Failed(ImageError),
 }
@@ -218,6 +222,7 @@ fn compress_worker(
     out_rx: Receiver<Vec<u8>>,
 ) {
     let mut compressor: Option<zstd::bulk::Compressor<'static>> = None;
+    let mut grouped: Vec<u8> = Vec::new();
     for job in job_rx.iter() {
         let nr_pages = (job.data.len() / PAGE_SIZE) as u32;
         let xxh3 = xxh3_64(&job.data);
@@ -232,13 +237,24 @@ fn compress_worker(
             // Random or already compressed pages would only cost time:
             // try a few sample pages first and store the chunk as it is
             // if they do not shrink.
-            if worth_compressing(c, &job.data, &mut stored)? {
-                stored.clear();
-                c.compress_to_buffer(&job.data, &mut stored).map(|_| false)
-            } else {
-                stored.clear();
-                stored.extend_from_slice(&job.data);
-                Ok(true)
+            match choose_form(c, &job.data, &mut stored)? {
+                Form::Raw => {
+                    stored.clear();
+                    stored.extend_from_slice(&job.data);
+                    Ok((true, 0))
+                }
+                Form::Plain => {
+                    stored.clear();
+                    c.compress_to_buffer(&job.data, &mut stored)
+                        .map(|_| (false, 0))
+                }
+                Form::Grouped(stride) => {
+                    grouped.resize(job.data.len(), 0);
+                    stride::group(&job.data, stride, &mut grouped);
+                    stored.clear();
+                    c.compress_to_buffer(&grouped, &mut stored)
+                        .map(|_| (false, stride as u32))
+                }
             }
         });
         let mut data = job.data;
@@ -246,12 +262,13 @@ fn compress_worker(
         // The pool is bounded; when it is full the buffer is simply freed.
         let _ = free_tx.try_send(data);
         let msg = match res {
-            Ok(raw) => Done::Chunk {
+            Ok((raw, stride)) => Done::Chunk {
                 seq: job.seq,
                 stored,
                 nr_pages,
                 xxh3,
                 raw,
+                stride,
             },
             Err(source) => Done::Failed(ImageError::ChunkCompress {
                 path: path.to_path_buf(),
@@ -265,16 +282,27 @@ fn compress_worker(
     }
 }
 
-/// Compress four pages spread over the chunk; worth it if they shrink
-/// below 90%.
-fn worth_compressing(
+/// How a chunk is stored.
+enum Form {
+    /// As it is (it does not compress).
+    Raw,
+    /// Compressed.
+    Plain,
+    /// Compressed after grouping its bytes by record position.
+    Grouped(usize),
+}
+
+/// Compress four pages spread over the chunk: store it raw unless they
+/// shrink below 90%; group it by the record stride whose grouped sample
+/// compresses best, if that sample is no larger than the plain one.
+fn choose_form(
     c: &mut zstd::bulk::Compressor<'static>,
     data: &[u8],
     scratch: &mut Vec<u8>,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Form> {
     let pages = data.len() / PAGE_SIZE;
     if pages < 16 {
-        return Ok(true);
+        return Ok(Form::Plain);
     }
     let mut sample = Vec::with_capacity(4 * PAGE_SIZE);
     for k in 0..4 {
@@ -282,8 +310,32 @@ fn worth_compressing(
         sample.extend_from_slice(&data[p..p + PAGE_SIZE]);
     }
     scratch.clear();
-    let n = c.compress_to_buffer(&sample, scratch)?;
-    Ok(n * 10 < sample.len() * 9)
+    let plain = c.compress_to_buffer(&sample, scratch)?;
+    if plain * 10 >= sample.len() * 9 {
+        return Ok(Form::Raw);
+    }
+    // Grouping pays off with the length of the byte planes, which a
+    // sample of a few pages keeps short (in a 1 MiB chunk of 64-byte
+    // records it shrinks the chunk by 17% where the sample gains 1%):
+    // the sample picks the stride, and grouping is used unless it makes
+    // the sample worse. Memory without a record layout gets much worse.
+    let mut grouped = vec![0u8; sample.len()];
+    let mut best: Option<(usize, usize)> = None;
+    for s in stride::CANDIDATES {
+        if !stride::valid(s, data.len()) {
+            continue;
+        }
+        stride::group(&sample, s, &mut grouped);
+        scratch.clear();
+        let n = c.compress_to_buffer(&grouped, scratch)?;
+        if best.is_none_or(|(b, _)| n < b) {
+            best = Some((n, s));
+        }
+    }
+    Ok(match best {
+        Some((n, s)) if n <= plain => Form::Grouped(s),
+        _ => Form::Plain,
+    })
 }
 
 fn write_in_order(
@@ -291,7 +343,7 @@ fn write_in_order(
     done_rx: Receiver<Done>,
     out_tx: Sender<Vec<u8>>,
 ) -> Result<Sink, ImageError> {
-    let mut pending: BTreeMap<u64, (Vec<u8>, u32, u64, bool)> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, (Vec<u8>, u32, u64, bool, u32)> = BTreeMap::new();
     let mut next = 0u64;
     for msg in done_rx.iter() {
         match msg {
@@ -302,12 +354,13 @@ fn write_in_order(
                 nr_pages,
                 xxh3,
                 raw,
+                stride,
             } => {
-                pending.insert(seq, (stored, nr_pages, xxh3, raw));
+                pending.insert(seq, (stored, nr_pages, xxh3, raw, stride));
             }
         }
-        while let Some((stored, nr_pages, xxh3, raw)) = pending.remove(&next) {
-            sink.append(&stored, nr_pages, xxh3, raw)?;
+        while let Some((stored, nr_pages, xxh3, raw, stride)) = pending.remove(&next) {
+            sink.append(&stored, nr_pages, xxh3, raw, stride)?;
             let _ = out_tx.try_send(stored);
             next += 1;
         }
@@ -416,7 +469,7 @@ impl PageWriter {
         match &mut self.mode {
             Mode::Raw { sink, free } => {
                 let xxh3 = xxh3_64(&data);
-                sink.append(&data, nr_pages, xxh3, false)?;
+                sink.append(&data, nr_pages, xxh3, false, 0)?;
                 if free.len() < POOL_LEN {
                     let mut data = data;
                     data.clear();
@@ -484,6 +537,7 @@ impl PageWriter {
             nr_pages,
             xxh3: chunk_hasher.digest(),
             raw: false,
+            stride: 0,
         });
         sink.offset = start + len as u64;
         Ok(())
@@ -562,8 +616,8 @@ fn splice_all(
 }
 
 thread_local! {
-    static ZSTD_SCRATCH: RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
-        const { RefCell::new((Vec::new(), None)) };
+    static ZSTD_SCRATCH: RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>, Vec<u8>)> =
+        const { RefCell::new((Vec::new(), None, Vec::new())) };
 }
 
 /// Reads chunks of a pages file; `read_chunk` may run on several threads.
@@ -619,11 +673,16 @@ impl PageReader {
                 return Err(ImageError::ChunkEmpty { path, chunk: i });
             }
             let raw_len = u64::from(c.nr_pages) * PAGE_SIZE as u64;
-            let bad_len = match compression {
-                Compression::None => u64::from(c.stored_len) != raw_len || c.raw,
-                Compression::Zstd if c.raw => u64::from(c.stored_len) != raw_len,
-                Compression::Zstd => c.stored_len == 0,
-            };
+            let bad_stride = c.stride != 0
+                && (compression != Compression::Zstd
+                    || c.raw
+                    || !stride::valid(c.stride as usize, raw_len as usize));
+            let bad_len = bad_stride
+                || match compression {
+                    Compression::None => u64::from(c.stored_len) != raw_len || c.raw,
+                    Compression::Zstd if c.raw => u64::from(c.stored_len) != raw_len,
+                    Compression::Zstd => c.stored_len == 0,
+                };
             if bad_len {
                 return Err(ImageError::ChunkBadLength {
                     path,
@@ -725,7 +784,7 @@ impl PageReader {
     }
 
     fn read_zstd(&self, idx: usize, c: &PageChunk, out: &mut [u8]) -> Result<(), ImageError> {
-        ZSTD_SCRATCH.with_borrow_mut(|(src, dctx)| {
+        ZSTD_SCRATCH.with_borrow_mut(|(src, dctx, grouped)| {
             src.resize(c.stored_len as usize, 0);
             self.file
                 .read_exact_at(src, c.offset)
@@ -739,9 +798,19 @@ impl PageReader {
                 Some(d) => d,
                 None => dctx.insert(zstd::bulk::Decompressor::new().map_err(decompress_err)?),
             };
-            let n = d
-                .decompress_to_buffer(&src[..], out)
-                .map_err(decompress_err)?;
+            let n = if c.stride == 0 {
+                d.decompress_to_buffer(&src[..], out)
+                    .map_err(decompress_err)?
+            } else {
+                grouped.resize(out.len(), 0);
+                let n = d
+                    .decompress_to_buffer(&src[..], &mut grouped[..])
+                    .map_err(decompress_err)?;
+                if n == out.len() {
+                    stride::ungroup(grouped, c.stride as usize, out);
+                }
+                n
+            };
             if n != out.len() {
                 return Err(ImageError::ChunkTruncated {
                     path: self.path.clone(),

@@ -210,6 +210,7 @@ fn round_trip_every_kind() {
                 nr_pages: 3,
                 xxh3: 42,
                 raw: false,
+                stride: 64,
             })),
         },
     ];
@@ -866,4 +867,59 @@ fn incompressible_chunks_are_stored_raw_and_read_back() {
     let r = PageReader::open(dir, "pages-9.img", Compression::Zstd, chunks).unwrap();
     assert_eq!(r.read_chunk_vec(0).unwrap(), random);
     assert_eq!(r.read_chunk_vec(1).unwrap(), pattern);
+}
+
+/// 1 MiB of 64-byte records: a counter, a slowly rising time stamp, a
+/// few small random fields, zero padding.
+fn records(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    let mut ts = 1_700_000_000_000_000u64;
+    let mut out = Vec::with_capacity(n * 64);
+    for i in 0..n as u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ts += x % 1500;
+        let mut r = [0u8; 64];
+        r[0..8].copy_from_slice(&(1_000_000 + i).to_le_bytes());
+        r[8..16].copy_from_slice(&ts.to_le_bytes());
+        r[16..18].copy_from_slice(&((x >> 60) as u16).to_le_bytes());
+        r[18..20].copy_from_slice(&[200, 0]);
+        r[24..32].copy_from_slice(b"checkout");
+        r[40..44].copy_from_slice(&((x >> 20) as u32 % 5000).to_le_bytes());
+        out.extend_from_slice(&r);
+    }
+    out
+}
+
+#[test]
+fn record_chunks_are_grouped_by_stride_and_read_back() {
+    let td = TestDir::new("stride");
+    let dir = td.path();
+    let recs = records(16384, 0x1234_5678_9abc_def1);
+    let text: Vec<u8> = (0..256 * 4096)
+        .map(|i| b"the quick brown fox jumps over the lazy dog; "[(i * 7 / 3) % 45])
+        .collect();
+    let mut w = PageWriter::create(dir, "pages-8.img", Compression::Zstd, 1, 2).unwrap();
+    w.submit(recs.clone()).unwrap();
+    w.submit(text.clone()).unwrap();
+    let (chunks, _) = w.finish().unwrap();
+    // By the record size or a multiple of it.
+    assert!(
+        chunks[0].stride != 0 && chunks[0].stride % 64 == 0,
+        "records grouped by stride {}",
+        chunks[0].stride
+    );
+    assert_eq!(chunks[1].stride, 0, "text left in order");
+    let r = PageReader::open(dir, "pages-8.img", Compression::Zstd, chunks.clone()).unwrap();
+    assert_eq!(r.read_chunk_vec(0).unwrap(), recs);
+    assert_eq!(r.read_chunk_vec(1).unwrap(), text);
+    // A stride a reader cannot undo is refused, naming the file.
+    let mut bad = chunks;
+    bad[0].stride = 24;
+    let err = PageReader::open(dir, "pages-8.img", Compression::Zstd, bad)
+        .err()
+        .expect("a bad stride is refused")
+        .to_string();
+    assert!(err.contains("pages-8.img"), "{err}");
 }
