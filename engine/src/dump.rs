@@ -14,6 +14,7 @@ use cryo_image::proto::{
 use cryo_image::{ImageError, ImageFileInfo, ImageWriter, Kind, PageWriter};
 use nix::unistd::Pid;
 
+use crate::files::unix::DiagSnapshot;
 use crate::infect::guard::Guard;
 use crate::infect::{InfectError, Victim};
 use crate::mem::snapshot::Snapshot;
@@ -196,6 +197,7 @@ fn collect_fds(
     next_id: &mut u32,
     ghost_limit: u64,
     shell_job: bool,
+    diag: &mut DiagSnapshot,
 ) -> Result<(Vec<FdEntry>, Vec<FileEntry>)> {
     let ctty = pstree::stat(pid).map(|s| s.ctty()).unwrap_or(0);
     let dir = format!("/proc/{pid}/fd");
@@ -210,7 +212,6 @@ fn collect_fds(
     fds.sort_unstable();
     let mut fd_entries = Vec::new();
     let mut files = Vec::new();
-    let mut diag: Option<std::collections::HashMap<u64, crate::files::unix::DiagInfo>> = None;
     // For pidfd_getfd of pty masters (made on the first).
     let mut pidfd: Option<std::os::fd::OwnedFd> = None;
     for fd in fds {
@@ -260,11 +261,7 @@ fn collect_fds(
             _ if link == "anon_inode:inotify" => FileKind::FileInotify,
             _ if link == "anon_inode:[pidfd]" || link.starts_with("pidfd:") => FileKind::FilePidfd,
             libc::S_IFSOCK => {
-                let d = match &diag {
-                    Some(d) => d,
-                    None => diag.insert(crate::files::unix::diag_all()?),
-                };
-                if !d.contains_key(&st.st_ino) {
+                if !diag.get()?.contains_key(&st.st_ino) {
                     return Err(DumpError::UnsupportedFd {
                         pid,
                         fd,
@@ -618,7 +615,11 @@ struct OpenFile {
 /// fork; kcmp says so) get one file id; pipes and FIFOs get the bytes in
 /// flight and their buffer size, read without consuming them. Every task
 /// of the tree is stopped. Returns the files table.
-fn link_files(caps: &mut [Captured], ext_unix_sk: bool) -> Result<Vec<FileEntry>> {
+fn link_files(
+    caps: &mut [Captured],
+    ext_unix_sk: bool,
+    diag: &mut DiagSnapshot,
+) -> Result<Vec<FileEntry>> {
     let mut table: Vec<OpenFile> = Vec::new();
     for c in caps.iter_mut() {
         let files = std::mem::take(&mut c.files);
@@ -646,7 +647,7 @@ fn link_files(caps: &mut [Captured], ext_unix_sk: bool) -> Result<Vec<FileEntry>
         }
     }
     let tree: std::collections::BTreeSet<i32> = caps.iter().map(|c| c.pid).collect();
-    unix_states(&mut table, ext_unix_sk)?;
+    unix_states(&mut table, ext_unix_sk, diag)?;
     ghost_contents(&mut table)?;
     // An epoll or pidfd is remade by the process that holds it: one
     // shared by several processes is not supported yet.
@@ -707,7 +708,7 @@ fn link_files(caps: &mut [Captured], ext_unix_sk: bool) -> Result<Vec<FileEntry>
 /// The state and queued messages of every unix socket of the table; a
 /// socket whose peer is not in the table (held outside the tree) is
 /// refused, and so is a listener with connections waiting to be accepted.
-fn unix_states(table: &mut [OpenFile], ext_unix_sk: bool) -> Result<()> {
+fn unix_states(table: &mut [OpenFile], ext_unix_sk: bool, diag: &mut DiagSnapshot) -> Result<()> {
     use crate::files::unix;
     if !table
         .iter()
@@ -715,7 +716,7 @@ fn unix_states(table: &mut [OpenFile], ext_unix_sk: bool) -> Result<()> {
     {
         return Ok(());
     }
-    let diag = unix::diag_all()?;
+    let diag = diag.get()?;
     // One pidfd per process, for pidfd_getfd of its sockets.
     let mut pidfds: std::collections::HashMap<i32, std::os::fd::OwnedFd> =
         std::collections::HashMap::new();
@@ -814,10 +815,8 @@ fn ghost_contents(table: &mut [OpenFile]) -> Result<()> {
         o.entry.size = data.len() as u64;
         o.entry.contents = data;
         if k == FileKind::FileMemfd as i32 {
-            // SAFETY: fcntl on our own descriptor; a negative result means
-            // no seals (not a sealable memfd).
-            let seals =
-                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::F_GET_SEALS) };
+            // A failure means no seals (not a sealable memfd).
+            let seals = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GET_SEALS).unwrap_or(0);
             o.entry.seals = seals.max(0) as u32;
         }
     }
@@ -857,48 +856,30 @@ fn outside_holder<T>(
 /// buffer size, read through a second read end (opened via /proc) with
 /// tee(2), which copies them without consuming them.
 fn pipe_contents(pid: i32, fd: i32) -> Result<(Vec<u8>, u32)> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use nix::fcntl::{fcntl, FcntlArg, OFlag, SpliceFFlags};
     let path = format!("/proc/{pid}/fd/{fd}");
     let err = |what: &str, e: std::io::Error| DumpError::Proc {
         path: format!("{path} ({what})"),
         source: e,
     };
-    let c = std::ffi::CString::new(path.clone())
-        .map_err(|_| DumpError::Parse { path: path.clone() })?;
-    // SAFETY: NUL-terminated path we own; a new read end of the same pipe.
-    let r = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
-    if r < 0 {
-        return Err(err("opening a read end", std::io::Error::last_os_error()));
-    }
-    // SAFETY: the descriptor was just opened and is ours.
-    let r = unsafe { OwnedFd::from_raw_fd(r) };
-    // SAFETY: fcntl on our own descriptor.
-    let size = unsafe { libc::fcntl(r.as_raw_fd(), libc::F_GETPIPE_SZ) };
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes the number of queued bytes into `queued`.
-    unsafe { libc::ioctl(r.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    // A new read end of the same pipe.
+    let r = nix::fcntl::open(
+        path.as_str(),
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| err("opening a read end", e.into()))?;
+    let size = fcntl(&r, FcntlArg::F_GETPIPE_SZ).unwrap_or(-1);
+    let queued = sys::fs::bytes_queued(&r).unwrap_or(0);
     if size < 0 || queued <= 0 {
         return Ok((Vec::new(), size.max(0) as u32));
     }
-    let (sr, sw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| err("scratch pipe", e.into()))?;
-    // SAFETY: fcntl on our own pipe.
-    unsafe { libc::fcntl(sw.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
-    // SAFETY: tee between two pipe descriptors we own; it copies up to
-    // `queued` bytes without consuming them from `r`.
-    let n = unsafe {
-        libc::tee(
-            r.as_raw_fd(),
-            sw.as_raw_fd(),
-            queued as usize,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
+    let (sr, sw) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| err("scratch pipe", e.into()))?;
+    let _ = fcntl(&sw, FcntlArg::F_SETPIPE_SZ(size));
+    // tee copies up to `queued` bytes without consuming them from `r`.
+    let n = nix::fcntl::tee(&r, &sw, queued as usize, SpliceFFlags::SPLICE_F_NONBLOCK)
+        .map_or(-1, |n| n as isize);
     if n != queued as isize {
         return Err(err(
             "copying the bytes in flight",
@@ -1767,9 +1748,17 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     // The guardian cleans up after us if we die while a parasite runs.
     // Declared before the victims so it is dismissed after the cure.
     let guard = Guard::spawn(Pid::from_raw(pid))?;
+    // A task is checked before it is seized, while it still runs: each
+    // check takes its own sock_diag snapshot.
     let check = |p: i32| -> Result<()> {
         check_task(p)?;
-        collect_fds(p, &mut 1, opts.ghost_limit, opts.shell_job)?;
+        collect_fds(
+            p,
+            &mut 1,
+            opts.ghost_limit,
+            opts.shell_job,
+            &mut DiagSnapshot::default(),
+        )?;
         Ok(())
     };
     let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;
@@ -1784,11 +1773,20 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     );
     // Descriptors of every process first (the tree is stopped): a pty
     // slave is matched with a master of any process of the tree.
+    // One sock_diag snapshot tells the sockets of every process; the
+    // states and queues are read from a second one after the capture
+    // (a peer outside the tree, with --ext-unix-sk, kept running).
     let mut file_ids = 1u32;
+    let mut diag = DiagSnapshot::default();
     let mut fds = Vec::with_capacity(tree.procs.len());
     for p in &tree.procs {
-        let (fd_entries, files) =
-            collect_fds(p.pid, &mut file_ids, opts.ghost_limit, opts.shell_job)?;
+        let (fd_entries, files) = collect_fds(
+            p.pid,
+            &mut file_ids,
+            opts.ghost_limit,
+            opts.shell_job,
+            &mut diag,
+        )?;
         fds.push(ProcFds {
             pid: p.pid,
             fd_entries,
@@ -1822,7 +1820,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         caps.push(c);
     }
     // Open file descriptions and pipe contents, while all is stopped.
-    let files = link_files(&mut caps, opts.ext_unix_sk)?;
+    let files = link_files(&mut caps, opts.ext_unix_sk, &mut DiagSnapshot::default())?;
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {

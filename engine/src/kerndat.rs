@@ -6,11 +6,10 @@
 //! namespaces are only created in short-lived children, and temporary cgroup
 //! directories are removed.
 
-use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{IoSlice, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +18,9 @@ use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+use crate::sys::mem::AnonMap;
+use crate::sys::{self, SysError};
 
 /// One probed kernel feature.
 #[derive(Debug, Clone)]
@@ -60,10 +62,15 @@ pub enum KerndatError {
     NotProbed { reason: &'static str },
 }
 
-fn sys_err(call: &'static str) -> KerndatError {
-    KerndatError::Syscall {
+fn sys_err(call: &'static str) -> impl FnOnce(Errno) -> KerndatError {
+    move |errno| KerndatError::Syscall { call, errno }
+}
+
+/// The same, for a wrapper that names the task.
+fn task_err(call: &'static str) -> impl FnOnce(SysError) -> KerndatError {
+    move |e| KerndatError::Syscall {
         call,
-        errno: Errno::last(),
+        errno: e.errno,
     }
 }
 
@@ -112,21 +119,8 @@ fn feature(
 }
 
 // Constants not (reliably) exported by libc.
-const SYS_CLONE3: libc::c_long = 435;
-const SYS_KCMP: libc::c_long = 312;
-const KCMP_FILE: libc::c_long = 0;
-const SYS_PIDFD_OPEN: libc::c_long = 434;
-const SYS_PIDFD_GETFD: libc::c_long = 438;
-const SYS_USERFAULTFD: libc::c_long = 323;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFDIO_API: u64 = 0xC018_AA3F;
-const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const PR_SET_MM: libc::c_int = 35;
-const PR_SET_MM_MAP_SIZE: libc::c_ulong = 15;
-const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
-const PR_TIMER_CREATE_RESTORE_IDS_GET: libc::c_ulong = 2;
 const CAP_SYS_RESOURCE: u32 = 24;
 const CLONE_NEWTIME: libc::c_int = 0x80;
 const PAGE: usize = 4096;
@@ -341,30 +335,10 @@ impl Drop for Child {
     }
 }
 
-/// Fork a child that runs `body` and `_exit`s with its return value.
-///
-/// `body` runs in the child of a possibly multi-threaded process, so it must
-/// only make raw syscalls / async-signal-safe calls: no allocation, no locks,
-/// no panics.
-fn spawn<F: FnOnce() -> i32>(body: F) -> Result<Child, KerndatError> {
-    // SAFETY: fork() duplicates only the calling thread. The child runs only
-    // `body`, which by this function's contract makes only async-signal-safe
-    // calls (no heap, no locks held by other threads), then leaves through
-    // _exit without running destructors or atexit handlers. The parent keeps
-    // ownership of every Rust value as usual.
-    let pid = unsafe { libc::fork() };
-    match pid {
-        -1 => Err(sys_err("fork")),
-        0 => {
-            let code = body();
-            // SAFETY: _exit ends the child immediately and is async-signal-safe;
-            // nothing in the child needs to be flushed or dropped.
-            unsafe { libc::_exit(code) }
-        }
-        p => Ok(Child {
-            pid: Some(Pid::from_raw(p)),
-        }),
-    }
+/// A probe child forked by `fork` (one of the sys::proc wrappers).
+fn spawn(fork: impl FnOnce() -> Result<Pid, Errno>) -> Result<Child, KerndatError> {
+    let pid = fork().map_err(sys_err("fork"))?;
+    Ok(Child { pid: Some(pid) })
 }
 
 fn errno_from_exit(status: &WaitStatus) -> Option<Errno> {
@@ -392,22 +366,7 @@ fn not_probed() -> Result<Outcome, KerndatError> {
 }
 
 fn probe_ptrace() -> PtraceProbes {
-    let child = match spawn(|| {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) and pause() are plain syscalls,
-        // async-signal-safe, touching no memory of ours.
-        unsafe {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            loop {
-                libc::pause();
-            }
-        }
-    }) {
+    let child = match spawn(sys::proc::fork_paused) {
         Ok(c) => c,
         Err(e) => {
             return PtraceProbes {
@@ -482,27 +441,18 @@ fn seize_and_interrupt(pid: Pid) -> Result<(), KerndatError> {
 }
 
 fn probe_getsigmask(pid: Pid) -> Result<Outcome, KerndatError> {
-    let mask = crate::sys::get_sigmask(pid).map_err(|e| KerndatError::Syscall {
-        call: "PTRACE_GETSIGMASK",
-        errno: e.errno,
-    })?;
+    let mask = sys::get_sigmask(pid).map_err(task_err("PTRACE_GETSIGMASK"))?;
     yes(format!("blocked mask {mask:#x}"))
 }
 
 fn probe_rseq_config(pid: Pid) -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
-    let cfg = match crate::sys::rseq_config(pid) {
+    let cfg = match sys::rseq_config(pid) {
         Ok(c) => c,
         Err(e) => {
             let rseq = Err(KerndatError::NotProbed {
                 reason: "PTRACE_GET_RSEQ_CONFIGURATION failed",
             });
-            return (
-                Err(KerndatError::Syscall {
-                    call: "PTRACE_GET_RSEQ_CONFIGURATION",
-                    errno: e.errno,
-                }),
-                rseq,
-            );
+            return (Err(task_err("PTRACE_GET_RSEQ_CONFIGURATION")(e)), rseq);
         }
     };
     let detail = format!("ptr {:#x} len {} sig {:#x}", cfg.ptr, cfg.len, cfg.sig);
@@ -518,10 +468,7 @@ fn probe_rseq_config(pid: Pid) -> (Result<Outcome, KerndatError>, Result<Outcome
 }
 
 fn probe_xstate(pid: Pid) -> Result<Outcome, KerndatError> {
-    let buf = crate::sys::get_xstate(pid).map_err(|e| KerndatError::Syscall {
-        call: "PTRACE_GETREGSET(NT_X86_XSTATE)",
-        errno: e.errno,
-    })?;
+    let buf = sys::get_xstate(pid).map_err(task_err("PTRACE_GETREGSET(NT_X86_XSTATE)"))?;
     let mut detail = format!("{} bytes", buf.len());
     // The kernel puts XCR0 in the software-reserved bytes at offset 464.
     if let Some(b) = buf.get(464..472) {
@@ -534,8 +481,6 @@ fn probe_xstate(pid: Pid) -> Result<Outcome, KerndatError> {
 
 // ---------------------------------------------------------------------------
 // clone3 with set_tid
-
-use cryo_parasite::CloneArgs;
 
 fn pid_max() -> i32 {
     std::fs::read_to_string("/proc/sys/kernel/pid_max")
@@ -563,52 +508,19 @@ fn probe_clone3_set_tid() -> Result<Outcome, KerndatError> {
         if tried > 8 {
             break;
         }
-        let tids = [want];
-        let args = CloneArgs {
-            exit_signal: libc::SIGCHLD as u64,
-            set_tid: tids.as_ptr() as u64,
-            set_tid_size: 1,
-            ..Default::default()
-        };
-        // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a
-        // copy of our memory and returns here with 0, then immediately leaves
-        // with a raw exit syscall (no Rust destructors, no locks, no heap).
-        // `args` and `tids` are live locals with the uapi layout for the size
-        // we pass (88 bytes, CLONE_ARGS_SIZE_VER2).
-        let ret = unsafe {
-            libc::syscall(
-                SYS_CLONE3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        if ret == 0 {
-            // SAFETY: child of the clone3 above: a raw exit syscall ends this
-            // process immediately; _exit is the fallback and never returns.
-            unsafe {
-                libc::syscall(libc::SYS_exit, 0);
-                libc::_exit(0);
-            }
-        }
-        if ret < 0 {
-            let errno = Errno::last();
-            if errno == Errno::EEXIST {
-                last_err = Some(KerndatError::Syscall {
-                    call: "clone3(set_tid)",
-                    errno,
-                });
+        let ret = match sys::proc::clone3_exiting(want) {
+            Ok(pid) => pid,
+            Err(errno) if errno == Errno::EEXIST => {
+                last_err = Some(sys_err("clone3(set_tid)")(errno));
                 continue;
             }
-            return Err(KerndatError::Syscall {
-                call: "clone3(set_tid)",
-                errno,
-            });
-        }
+            Err(errno) => return Err(sys_err("clone3(set_tid)")(errno)),
+        };
         let child = Child {
-            pid: Some(Pid::from_raw(ret as i32)),
+            pid: Some(Pid::from_raw(ret)),
         };
         let status = child.wait()?;
-        if ret != i64::from(want) {
+        if ret != want {
             return no(format!("asked for pid {want}, got {ret}"));
         }
         return match status {
@@ -633,22 +545,7 @@ fn open_dev_null() -> Result<File, KerndatError> {
 }
 
 fn kcmp_file(pid: libc::pid_t, fd1: RawFd, fd2: RawFd) -> Result<i64, KerndatError> {
-    // SAFETY: kcmp only compares kernel objects named by (pid, fd) pairs; it
-    // reads and writes no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            SYS_KCMP,
-            pid,
-            pid,
-            KCMP_FILE,
-            fd1 as libc::c_long,
-            fd2 as libc::c_long,
-        )
-    };
-    if r < 0 {
-        return Err(sys_err("kcmp(KCMP_FILE)"));
-    }
-    Ok(r)
+    sys::kcmp_file_order(pid, pid, fd1, fd2).map_err(task_err("kcmp(KCMP_FILE)"))
 }
 
 fn probe_kcmp() -> Result<Outcome, KerndatError> {
@@ -667,40 +564,28 @@ fn probe_kcmp() -> Result<Outcome, KerndatError> {
 
 fn probe_pidfd() -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
     let pid = std::process::id() as libc::pid_t;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd (or -1);
-    // no memory is passed.
-    let r = unsafe { libc::syscall(SYS_PIDFD_OPEN, pid, 0) };
-    if r < 0 {
-        let e = sys_err("pidfd_open");
-        return (
-            Err(e),
-            Err(KerndatError::NotProbed {
-                reason: "pidfd_open failed",
-            }),
-        );
-    }
-    // SAFETY: r is a fresh fd returned by pidfd_open that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(r as RawFd) };
+    let npid = Pid::from_raw(pid);
+    let pidfd = match sys::pidfd_open(npid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            return (
+                Err(task_err("pidfd_open")(e)),
+                Err(KerndatError::NotProbed {
+                    reason: "pidfd_open failed",
+                }),
+            )
+        }
+    };
     let getfd = match open_dev_null() {
         Err(e) => Err(e),
-        Ok(target) => {
-            // SAFETY: pidfd_getfd takes two fds and flags and returns a new fd
-            // (or -1); no memory is passed.
-            let g =
-                unsafe { libc::syscall(SYS_PIDFD_GETFD, pidfd.as_raw_fd(), target.as_raw_fd(), 0) };
-            if g < 0 {
-                Err(sys_err("pidfd_getfd"))
-            } else {
-                // SAFETY: g is a fresh fd returned by pidfd_getfd, owned by
-                // nobody else; wrapping it closes it on drop.
-                let got = unsafe { OwnedFd::from_raw_fd(g as RawFd) };
-                match kcmp_file(pid, got.as_raw_fd(), target.as_raw_fd()) {
-                    Ok(0) => yes("copied an fd of self, same file description"),
-                    Ok(_) => yes("copied an fd of self"),
-                    Err(_) => yes("copied an fd of self (kcmp unavailable to verify)"),
-                }
-            }
-        }
+        Ok(target) => match sys::pidfd_getfd(&pidfd, npid, target.as_raw_fd()) {
+            Err(e) => Err(task_err("pidfd_getfd")(e)),
+            Ok(got) => match kcmp_file(pid, got.as_raw_fd(), target.as_raw_fd()) {
+                Ok(0) => yes("copied an fd of self, same file description"),
+                Ok(_) => yes("copied an fd of self"),
+                Err(_) => yes("copied an fd of self (kcmp unavailable to verify)"),
+            },
+        },
     };
     (yes("pidfd of self"), getfd)
 }
@@ -708,37 +593,14 @@ fn probe_pidfd() -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError
 // ---------------------------------------------------------------------------
 // userfaultfd
 
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
 fn new_uffd() -> Result<OwnedFd, KerndatError> {
-    // SAFETY: userfaultfd takes only flags and returns a new fd or -1.
-    let r = unsafe { libc::syscall(SYS_USERFAULTFD, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
-    if r < 0 {
-        return Err(sys_err("userfaultfd(UFFD_USER_MODE_ONLY)"));
-    }
-    // SAFETY: r is a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    sys::uffd::open(libc::O_CLOEXEC | sys::uffd::USER_MODE_ONLY)
+        .map_err(sys_err("userfaultfd(UFFD_USER_MODE_ONLY)"))
 }
 
-fn uffdio_api(fd: &OwnedFd, features: u64) -> Result<UffdioApi, Errno> {
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (24 bytes),
-    // which `api` is (repr(C), three u64) and which lives across the call.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api as *mut UffdioApi) };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    Ok(api)
+/// The UFFDIO_API handshake asking for `features`; the supported ones.
+fn uffdio_api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
+    sys::uffd::api(fd, nix::unistd::getpid(), features).map_err(|e| e.errno)
 }
 
 fn probe_userfaultfd() -> (Result<Outcome, KerndatError>, Result<Outcome, KerndatError>) {
@@ -755,14 +617,14 @@ fn probe_userfaultfd() -> (Result<Outcome, KerndatError>, Result<Outcome, Kernda
     };
     let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
     let wp = match uffdio_api(&fd, want) {
-        Ok(api) => yes(format!("supported features {:#x}", api.features)),
+        Ok(features) => yes(format!("supported features {features:#x}")),
         Err(errno) => {
             // The API handshake happens once per fd: ask a fresh one for the
             // supported mask.
             let mask = new_uffd()
                 .ok()
                 .and_then(|f| uffdio_api(&f, 0).ok())
-                .map(|a| format!(", supported features {:#x}", a.features))
+                .map(|f| format!(", supported features {f:#x}"))
                 .unwrap_or_default();
             no(format!(
                 "UFFDIO_API(WP_ASYNC|WP_UNPOPULATED): {errno}{mask}"
@@ -775,89 +637,24 @@ fn probe_userfaultfd() -> (Result<Outcome, KerndatError>, Result<Outcome, Kernda
 // ---------------------------------------------------------------------------
 // Memory: PAGEMAP_SCAN, soft-dirty, memfd, vmsplice
 
-/// An anonymous private mapping, unmapped on drop.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(pages: usize) -> Result<Self, KerndatError> {
-        let len = pages * PAGE;
-        // SAFETY: anonymous private mapping at a kernel-chosen address: it
-        // cannot overlap any existing Rust object.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(sys_err("mmap"));
-        }
-        Ok(Mapping {
-            ptr: p.cast::<u8>(),
-            len,
-        })
-    }
-
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-
-    /// Write `val` to the first byte of page `page` (faulting it in).
-    fn touch(&self, page: usize, val: u8) {
-        if page * PAGE < self.len {
-            // SAFETY: page * PAGE < len, so the byte is inside our RW mapping,
-            // which lives as long as `self`.
-            unsafe { self.ptr.add(page * PAGE).write_volatile(val) };
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr..ptr+len is our own RW mapping, alive while `self` is,
-        // and the &mut borrow of self makes this the only live reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned; no references into
-        // the mapping outlive `self` (slices borrow self).
-        unsafe {
-            libc::munmap(self.ptr.cast::<c_void>(), self.len);
-        }
-    }
+fn map_pages(pages: usize) -> Result<AnonMap, KerndatError> {
+    AnonMap::new(pages * PAGE).map_err(sys_err("mmap"))
 }
 
 fn probe_pagemap_scan() -> Result<Outcome, KerndatError> {
-    let m = Mapping::new(4)?;
+    let m = map_pages(4)?;
     m.touch(0, 1);
-    m.touch(2, 1);
+    m.touch(2 * PAGE, 1);
     let path = "/proc/self/pagemap";
     let f = File::open(path).map_err(|e| io_err(path, e))?;
-    let q = crate::sys::ScanQuery {
-        mask: crate::sys::PAGE_IS_PRESENT,
-        anyof: crate::sys::PAGE_IS_PRESENT,
-        ret: crate::sys::PAGE_IS_PRESENT,
+    let q = sys::ScanQuery {
+        mask: sys::PAGE_IS_PRESENT,
+        anyof: sys::PAGE_IS_PRESENT,
+        ret: sys::PAGE_IS_PRESENT,
         ..Default::default()
     };
-    let regions = crate::sys::pagemap_scan(
-        &f,
-        nix::unistd::getpid(),
-        m.addr(),
-        m.addr() + m.len as u64,
-        &q,
-    )
-    .map_err(|e| KerndatError::Syscall {
-        call: "ioctl(PAGEMAP_SCAN)",
-        errno: e.errno,
-    })?;
+    let regions = sys::pagemap_scan(&f, nix::unistd::getpid(), m.addr(), m.end(), &q)
+        .map_err(task_err("ioctl(PAGEMAP_SCAN)"))?;
     yes(format!(
         "{} present region(s) for 2 touched of 4 pages",
         regions.len()
@@ -865,7 +662,7 @@ fn probe_pagemap_scan() -> Result<Outcome, KerndatError> {
 }
 
 fn probe_soft_dirty() -> Result<Outcome, KerndatError> {
-    let m = Mapping::new(1)?;
+    let m = map_pages(1)?;
     m.touch(0, 1);
     let clear = "/proc/self/clear_refs";
     std::fs::write(clear, b"4").map_err(|e| io_err(clear, e))?;
@@ -904,7 +701,7 @@ fn probe_memfd() -> Result<Outcome, KerndatError> {
 }
 
 fn probe_vmsplice() -> Result<Outcome, KerndatError> {
-    let mut m = Mapping::new(1)?;
+    let mut m = map_pages(1)?;
     for (i, b) in m.as_mut_slice().iter_mut().enumerate() {
         *b = (i % 251) as u8;
     }
@@ -1106,17 +903,7 @@ fn probe_namespaces() -> Vec<Feature> {
         .iter()
         .map(|ns| {
             let flag = ns.flag;
-            spawn(move || {
-                // SAFETY: unshare is a plain syscall taking an int; reading
-                // errno is a thread-local load. Both are async-signal-safe.
-                unsafe {
-                    if libc::unshare(flag) == 0 {
-                        0
-                    } else {
-                        *libc::__errno_location() & 0xff
-                    }
-                }
-            })
+            spawn(|| sys::proc::fork_unshare(flag))
         })
         .collect();
     NAMESPACES
@@ -1187,21 +974,7 @@ fn probe_vdso_movable() -> Result<Outcome, KerndatError> {
 }
 
 fn probe_pr_set_mm_map() -> Result<Outcome, KerndatError> {
-    let mut size: u32 = 0;
-    // SAFETY: PR_SET_MM_MAP_SIZE only writes one u32 (the size of struct
-    // prctl_mm_map) to arg3, which points at our live local `size`.
-    let r = unsafe {
-        libc::prctl(
-            PR_SET_MM,
-            PR_SET_MM_MAP_SIZE,
-            &mut size as *mut u32 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        return Err(sys_err("prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE)"));
-    }
+    let size = sys::proc::mm_map_size().map_err(sys_err("prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE)"))?;
     if size == 104 {
         yes("prctl_mm_map size 104")
     } else {
@@ -1214,20 +987,8 @@ fn probe_pr_set_mm_map() -> Result<Outcome, KerndatError> {
 }
 
 fn probe_timer_restore_ids() -> Result<Outcome, KerndatError> {
-    // SAFETY: the GET operation only returns the current mode; it takes no
-    // pointers and changes no state.
-    let r = unsafe {
-        libc::prctl(
-            PR_TIMER_CREATE_RESTORE_IDS,
-            PR_TIMER_CREATE_RESTORE_IDS_GET,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        return Err(sys_err("prctl(PR_TIMER_CREATE_RESTORE_IDS, GET)"));
-    }
+    let r = sys::proc::timer_restore_ids_mode()
+        .map_err(sys_err("prctl(PR_TIMER_CREATE_RESTORE_IDS, GET)"))?;
     yes(format!("current mode {r}"))
 }
 

@@ -8,9 +8,11 @@
 //! (gaps left by removed watches are filled with watches on scratch files,
 //! removed afterwards). Events queued at the dump are not kept.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use cryo_image::proto::{InotifyState, InotifyWatch};
+
+use crate::sys::fs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InotifyError {
@@ -67,29 +69,12 @@ pub fn dump(pid: i32, fd: i32, fdinfo: &str) -> Result<InotifyState, InotifyErro
         let mnt =
             mount_of(sdev).ok_or_else(|| err(format!("no mount of device {sdev:#x} here")))?;
         let mfd = std::fs::File::open(&mnt).map_err(|e| err(format!("opening {mnt}: {e}")))?;
-        // struct file_handle: handle_bytes (u32), handle_type (i32), bytes.
-        let mut fh = Vec::with_capacity(8 + handle.len());
-        fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
-        fh.extend_from_slice(&htype.to_ne_bytes());
-        fh.extend_from_slice(&handle);
-        // SAFETY: open_by_handle_at reads the file_handle we built (its
-        // header gives its length); it returns a new descriptor or -1.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_open_by_handle_at,
-                mfd.as_raw_fd(),
-                fh.as_ptr(),
-                libc::O_PATH | libc::O_CLOEXEC,
-            )
-        };
-        if r < 0 {
-            return Err(err(format!(
-                "opening the watched file by its handle (needs CAP_DAC_READ_SEARCH): {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: the kernel returned a new descriptor we own.
-        let f = unsafe { OwnedFd::from_raw_fd(r as i32) };
+        let f = fs::open_by_handle_at(&mfd, htype, &handle, libc::O_PATH | libc::O_CLOEXEC)
+            .map_err(|e| {
+                err(format!(
+                    "opening the watched file by its handle (needs CAP_DAC_READ_SEARCH): {e}"
+                ))
+            })?;
         let path = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
             .map_err(|e| err(format!("the watched file's path: {e}")))?;
         let path = path.to_string_lossy().into_owned();
@@ -109,24 +94,13 @@ pub fn dump(pid: i32, fd: i32, fdinfo: &str) -> Result<InotifyState, InotifyErro
 /// A new inotify instance watching what `st` lists, with the same watch
 /// descriptors.
 pub fn restore(st: &InotifyState) -> Result<OwnedFd, String> {
-    let last = || std::io::Error::last_os_error();
-    // SAFETY: inotify_init1 with flags; returns a new descriptor or -1.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-    if fd < 0 {
-        return Err(format!("inotify_init1: {}", last()));
-    }
-    // SAFETY: a new descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = fs::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK)
+        .map_err(|e| format!("inotify_init1: {e}"))?;
     let mut scratch: Option<std::path::PathBuf> = None;
     let mut fillers: Vec<i32> = Vec::new();
     let add = |path: &str, mask: u32| -> Result<i32, String> {
         let c = std::ffi::CString::new(path).map_err(|_| format!("NUL in {path:?}"))?;
-        // SAFETY: a NUL-terminated path we own, on our own instance.
-        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), mask) };
-        if wd < 0 {
-            return Err(format!("watching {path}: {}", last()));
-        }
-        Ok(wd)
+        fs::inotify_add_watch(&fd, &c, mask).map_err(|e| format!("watching {path}: {e}"))
     };
     // The kernel hands out watch descriptors 1, 2, ... in order: the
     // ones below a wanted descriptor go to scratch files.
@@ -158,16 +132,15 @@ pub fn restore(st: &InotifyState) -> Result<OwnedFd, String> {
         }
     }
     for wd in fillers {
-        // SAFETY: removing a watch of our own instance.
-        unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+        let _ = fs::inotify_rm_watch(&fd, wd);
     }
     if let Some(d) = scratch {
         let _ = std::fs::remove_dir_all(d);
     }
     // Drop the events the scratch watches made (IN_IGNORED, ...).
     let mut buf = [0u8; 4096];
-    // SAFETY: non-blocking reads into our own buffer until it is empty.
-    while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    // Non-blocking reads until it is empty.
+    while matches!(nix::unistd::read(&fd, &mut buf), Ok(n) if n > 0) {}
     Ok(fd)
 }
 

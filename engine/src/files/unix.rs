@@ -10,11 +10,14 @@
 //! other end, boundaries kept; listeners are bound and listen again.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use cryo_image::proto::{FileEntry, UnixSocketState};
 use nix::errno::Errno;
+use nix::sys::socket::{self as nixsock, MsgFlags};
+
+use crate::sys::sock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnixError {
@@ -55,9 +58,23 @@ fn diag_err(what: &'static str) -> impl FnOnce(Errno) -> UnixError {
     move |errno| UnixError::Diag { what, errno }
 }
 
+/// One sock_diag snapshot for a whole dump, taken on first use: the tree
+/// is stopped while it is captured, so one answers for all its sockets.
+#[derive(Debug, Default)]
+pub struct DiagSnapshot(Option<HashMap<u64, DiagInfo>>);
+
+impl DiagSnapshot {
+    /// The snapshot, taken now if it was not yet.
+    pub fn get(&mut self) -> Result<&HashMap<u64, DiagInfo>, UnixError> {
+        if self.0.is_none() {
+            self.0 = Some(diag_all()?);
+        }
+        Ok(self.0.get_or_insert_with(HashMap::new))
+    }
+}
+
 /// Every unix socket of the system (the net namespace of cryo), by inode.
-pub fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
-    const NETLINK_SOCK_DIAG: i32 = 4;
+fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_DUMP: u16 = 0x300;
@@ -65,19 +82,13 @@ pub fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
     const NLMSG_ERROR: u16 = 2;
     // UDIAG_SHOW_NAME | PEER | RQLEN | SHUTDOWN
     const SHOW: u32 = 0x1 | 0x4 | 0x10 | 0x40;
-    // SAFETY: a plain socket call; the descriptor is owned below.
-    let s = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if s < 0 {
-        return Err(diag_err("socket")(Errno::last()));
-    }
-    // SAFETY: `s` is a new descriptor we own.
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let s = nixsock::socket(
+        nixsock::AddressFamily::Netlink,
+        nixsock::SockType::Raw,
+        nixsock::SockFlag::SOCK_CLOEXEC,
+        nixsock::SockProtocol::NetlinkSockDiag,
+    )
+    .map_err(diag_err("socket"))?;
     // nlmsghdr (16) + unix_diag_req (24)
     let mut req = [0u8; 40];
     req[0..4].copy_from_slice(&40u32.to_ne_bytes());
@@ -86,20 +97,13 @@ pub fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
     req[16] = libc::AF_UNIX as u8;
     req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
     req[28..32].copy_from_slice(&SHOW.to_ne_bytes());
-    // SAFETY: sending our own buffer on our own socket (to the kernel).
-    if unsafe { libc::send(s.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(diag_err("send")(Errno::last()));
-    }
+    nixsock::send(s.as_raw_fd(), &req, MsgFlags::empty()).map_err(diag_err("send"))?;
     let mut out = HashMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: receiving into our own buffer.
-        let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(diag_err("recv")(Errno::last()));
-        }
+        let n =
+            nixsock::recv(s.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(diag_err("recv"))?;
         let mut off = 0usize;
-        let n = n as usize;
         while off + 16 <= n {
             let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
             let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or_default());
@@ -173,72 +177,31 @@ pub fn peek_queue(
     if info.rqueue == 0 || info.state == STATE_LISTEN {
         return Ok(Vec::new());
     }
-    let s = sock.as_raw_fd();
-    let set_peek = |v: i32| {
-        // SAFETY: setsockopt with an int we own on our descriptor.
-        unsafe {
-            libc::setsockopt(
-                s,
-                libc::SOL_SOCKET,
-                libc::SO_PEEK_OFF,
-                (&v as *const i32).cast(),
-                4,
-            )
-        }
-    };
-    if set_peek(0) < 0 {
-        return Err(err(Errno::last()));
-    }
+    sock::set_peek_off(sock, 0).map_err(err)?;
     let stream = info.kind == libc::SOCK_STREAM as u32;
     let mut msgs = Vec::new();
     let mut buf = vec![0u8; (info.rqueue as usize).clamp(64 * 1024, 16 << 20)];
     let res = loop {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut cbuf = [0u8; 256];
-        // SAFETY: msghdr is plain data; the pointers set below are ours.
-        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = cbuf.len();
-        // SAFETY: recvmsg into our own buffers; MSG_PEEK leaves the queue
-        // as it is (the peek offset moves past what was read).
-        let n = unsafe { libc::recvmsg(s, &mut mh, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-        if n < 0 {
-            let e = Errno::last();
-            break if e == Errno::EAGAIN {
-                Ok(())
-            } else {
-                Err(err(e))
-            };
-        }
-        if mh.msg_controllen > 0 {
-            // SAFETY: walking the control messages the kernel wrote into
-            // cbuf; a peeked SCM_RIGHTS installed descriptors here, which
-            // are closed.
-            unsafe {
-                let mut c = libc::CMSG_FIRSTHDR(&mh);
-                while !c.is_null() {
-                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                        let data = libc::CMSG_DATA(c) as *const i32;
-                        let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                        for i in 0..count {
-                            libc::close(*data.add(i));
-                        }
-                        set_peek(-1);
-                        return Err(UnixError::FdsInFlight {
-                            pid,
-                            fd,
-                            ino: info.ino,
-                        });
-                    }
-                    c = libc::CMSG_NXTHDR(&mh, c);
+        // MSG_PEEK leaves the queue as it is (the peek offset moves past
+        // what was read).
+        let n = match sock::peek_msg(sock, &mut buf) {
+            Ok(p) => {
+                if let Some(fds) = p.rights {
+                    // A peeked SCM_RIGHTS installed descriptors here:
+                    // closed.
+                    drop(fds);
+                    let _ = sock::set_peek_off(sock, -1);
+                    return Err(UnixError::FdsInFlight {
+                        pid,
+                        fd,
+                        ino: info.ino,
+                    });
                 }
+                p.len
             }
-        }
+            Err(Errno::EAGAIN) => break Ok(()),
+            Err(e) => break Err(err(e)),
+        };
         // Streams and seqpacket sockets count queued bytes (and read 0 at
         // the end once the peer shut down); datagram sockets report the
         // first datagram's length only, so they are peeked until EAGAIN.
@@ -246,7 +209,7 @@ pub fn peek_queue(
         if n == 0 && counted {
             break Ok(());
         }
-        msgs.push(buf[..n as usize].to_vec());
+        msgs.push(buf[..n].to_vec());
         if counted && msgs.iter().map(|m| m.len()).sum::<usize>() >= info.rqueue as usize {
             break Ok(());
         }
@@ -254,7 +217,7 @@ pub fn peek_queue(
             break Ok(());
         }
     };
-    set_peek(-1);
+    let _ = sock::set_peek_off(sock, -1);
     res.map(|()| {
         if stream {
             // Byte streams have no boundaries: one message.
@@ -286,7 +249,6 @@ pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSock
 pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, String> {
     let mut out: HashMap<u32, OwnedFd> = HashMap::new();
     let by_ino: HashMap<u64, &FileEntry> = files.iter().map(|f| (f.inode, *f)).collect();
-    let last = || std::io::Error::last_os_error();
     for f in files {
         if out.contains_key(&f.id) {
             continue;
@@ -297,18 +259,12 @@ pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, Strin
             p.unix.as_ref().is_some_and(|u| u.peer == f.inode) && !out.contains_key(&p.id)
         });
         if let Some(p) = peer {
-            let mut sv = [0i32; 2];
-            // SAFETY: socketpair writes two descriptors into `sv`.
-            if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) } < 0 {
-                return Err(format!(
-                    "socketpair for unix sockets {} and {}: {}",
-                    f.inode,
-                    p.inode,
-                    last()
-                ));
-            }
-            // SAFETY: both are new descriptors we own.
-            let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+            let (a, b) = sock::unix_socketpair(ty).map_err(|e| {
+                format!(
+                    "socketpair for unix sockets {} and {}: {e}",
+                    f.inode, p.inode
+                )
+            })?;
             let pst = p.unix.clone().unwrap_or_default();
             // Bytes queued for `f` are sent again by its peer, and the
             // other way round.
@@ -320,53 +276,32 @@ pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, Strin
             out.insert(p.id, b);
             continue;
         }
-        // SAFETY: a plain socket call.
-        let s = unsafe { libc::socket(libc::AF_UNIX, ty, 0) };
-        if s < 0 {
-            return Err(format!("socket for unix socket {}: {}", f.inode, last()));
-        }
-        // SAFETY: a new descriptor we own.
-        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let s = sock::unix_socket(ty)
+            .map_err(|e| format!("socket for unix socket {}: {e}", f.inode))?;
         if !st.name.is_empty() {
             bind(&s, &st.name).map_err(|e| format!("binding unix socket {}: {e}", f.inode))?;
         }
         if !st.external_peer.is_empty() {
             // A peer outside the tree (--ext-unix-sk): connect to it again.
-            let (sa, len) = sockaddr(&st.external_peer)?;
-            // SAFETY: connecting our socket to an address we built.
-            if unsafe {
-                libc::connect(s.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len)
-            } < 0
-            {
-                return Err(format!(
-                    "connecting unix socket {} to its outside peer {:?} again: {}",
+            let addr = sockaddr(&st.external_peer)?;
+            sock::connect(&s, &addr).map_err(|e| {
+                format!(
+                    "connecting unix socket {} to its outside peer {:?} again: {e}",
                     f.inode,
                     String::from_utf8_lossy(&st.external_peer),
-                    last()
-                ));
-            }
+                )
+            })?;
             out.insert(f.id, s);
             continue;
         }
         if st.state == STATE_LISTEN {
-            // SAFETY: listen on our own socket.
-            if unsafe { libc::listen(s.as_raw_fd(), st.backlog.max(1) as i32) } < 0 {
-                return Err(format!("listen on unix socket {}: {}", f.inode, last()));
-            }
+            sock::listen(&s, st.backlog.max(1) as i32)
+                .map_err(|e| format!("listen on unix socket {}: {e}", f.inode))?;
         } else if !st.queued.is_empty() || st.state == STATE_CONNECTED {
             // A connected socket whose peer is gone: its queue is read
             // back, then end of file. A pair, with the other end closed.
-            let mut sv = [0i32; 2];
-            // SAFETY: socketpair writes two descriptors into `sv`.
-            if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) } < 0 {
-                return Err(format!(
-                    "socketpair for unix socket {}: {}",
-                    f.inode,
-                    last()
-                ));
-            }
-            // SAFETY: both are new descriptors we own.
-            let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+            let (a, b) = sock::unix_socketpair(ty)
+                .map_err(|e| format!("socketpair for unix socket {}: {e}", f.inode))?;
             resend(&b, &st.queued, f.inode)?;
             drop(b);
             shut(&a, st.shutdown);
@@ -383,23 +318,19 @@ fn resend(from: &OwnedFd, msgs: &[Vec<u8>], ino: u64) -> Result<(), String> {
     for m in msgs {
         let mut off = 0;
         loop {
-            // SAFETY: sending from our own buffer on our own socket.
-            let n = unsafe {
-                libc::send(
-                    from.as_raw_fd(),
-                    m[off..].as_ptr().cast(),
-                    m.len() - off,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                return Err(format!(
+            let n = nixsock::send(
+                from.as_raw_fd(),
+                &m[off..],
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            )
+            .map_err(|e| {
+                format!(
                     "queueing {} bytes for unix socket {ino} again: {}",
                     m.len(),
-                    std::io::Error::last_os_error()
-                ));
-            }
-            off += n as usize;
+                    std::io::Error::from(e)
+                )
+            })?;
+            off += n;
             if off >= m.len() {
                 break;
             }
@@ -412,34 +343,23 @@ fn resend(from: &OwnedFd, msgs: &[Vec<u8>], ino: u64) -> Result<(), String> {
 /// no more sends).
 fn shut(s: &OwnedFd, how: u32) {
     let h = match how & 3 {
-        1 => libc::SHUT_RD,
-        2 => libc::SHUT_WR,
-        3 => libc::SHUT_RDWR,
+        1 => nixsock::Shutdown::Read,
+        2 => nixsock::Shutdown::Write,
+        3 => nixsock::Shutdown::Both,
         _ => return,
     };
-    // SAFETY: shutdown on our own socket.
-    unsafe { libc::shutdown(s.as_raw_fd(), h) };
+    let _ = nixsock::shutdown(s.as_raw_fd(), h);
+}
+
+/// The address of a path or an abstract name (leading NUL).
+fn sockaddr(name: &[u8]) -> Result<sock::UnixAddr, String> {
+    sock::UnixAddr::new(name).ok_or_else(|| "name too long".into())
 }
 
 /// Bind to a path (a stale socket file left by the dumped task is
 /// replaced) or an abstract name (leading NUL).
-/// A sockaddr_un for a path or an abstract name, and its length.
-fn sockaddr(name: &[u8]) -> Result<(libc::sockaddr_un, libc::socklen_t), String> {
-    // SAFETY: sockaddr_un is plain data; zero is valid.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if name.len() > sa.sun_path.len() {
-        return Err("name too long".into());
-    }
-    for (i, b) in name.iter().enumerate() {
-        sa.sun_path[i] = *b as libc::c_char;
-    }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + name.len()) as libc::socklen_t;
-    Ok((sa, len))
-}
-
 fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
-    let (sa, len) = sockaddr(name)?;
+    let addr = sockaddr(name)?;
     if name.first() != Some(&0) {
         let trimmed = name.split(|&b| b == 0).next().unwrap_or(name);
         let path = std::path::Path::new(std::ffi::OsStr::from_bytes(trimmed));
@@ -449,10 +369,5 @@ fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
             let _ = std::fs::remove_file(path);
         }
     }
-    // SAFETY: binding our socket to an address we built, of length `len`.
-    let r = unsafe { libc::bind(s.as_raw_fd(), (&sa as *const libc::sockaddr_un).cast(), len) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    Ok(())
+    sock::bind(s, &addr).map_err(|e| e.to_string())
 }

@@ -1,8 +1,14 @@
 //! Raw wrappers for the kernel interfaces nix does not cover: ptrace
 //! register sets and signal masks, rseq configuration, siginfo peeking,
 //! robust lists, clone3 with set_tid, pidfds, PAGEMAP_SCAN; terminal
-//! ioctls in [`tty`].
+//! ioctls in [`tty`], userfaultfd in [`uffd`], unix sockets in [`sock`],
+//! file handles, inotify and FIONREAD in [`fs`], probe children and
+//! prctls in [`proc`], an anonymous mapping in [`mem`].
 
+pub mod fs;
+pub mod mem;
+pub mod proc;
+pub mod sock;
 pub mod tty;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -214,13 +220,20 @@ pub fn get_robust_list(pid: Pid) -> SysResult<(u64, u64)> {
 /// Whether descriptor `fd1` of `pid1` and `fd2` of `pid2` are the same open
 /// file description (kcmp KCMP_FILE).
 pub fn kcmp_file(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<bool> {
+    kcmp_file_order(pid1, pid2, fd1, fd2).map(|r| r == 0)
+}
+
+/// What kcmp KCMP_FILE says of descriptor `fd1` of `pid1` and `fd2` of
+/// `pid2`: 0 for the same open file description, 1 or 2 for an order of
+/// two different ones, 3 for different but unordered.
+pub fn kcmp_file_order(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<i64> {
     const KCMP_FILE: libc::c_int = 0;
     // SAFETY: plain syscall with integer arguments.
     let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
     if r < 0 {
         return Err(err("kcmp", Pid::from_raw(pid1)));
     }
-    Ok(r == 0)
+    Ok(r)
 }
 
 /// A pidfd for `pid`, which may be any thread: PIDFD_THREAD (Linux 6.9)

@@ -2,7 +2,7 @@
 //! it acts on that task's memory): API handshake, write-protect
 //! registration, protecting and unprotecting ranges, reading messages.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -15,6 +15,10 @@ const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+/// userfaultfd flag: handle faults of user space accesses only (needs no
+/// privilege).
+pub const USER_MODE_ONLY: i32 = 1;
 
 /// The task maps or moves memory: the event waits until it is read.
 pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
@@ -74,9 +78,22 @@ struct Range {
     len: u64,
 }
 
-/// The UFFDIO_API handshake, asking for `features`. `pid` is the task
-/// whose memory the descriptor acts on (for error messages).
-pub fn api(uffd: &OwnedFd, pid: Pid, features: u64) -> SysResult<()> {
+/// A userfaultfd of this process (flags: O_CLOEXEC, O_NONBLOCK,
+/// [`USER_MODE_ONLY`]).
+pub fn open(flags: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: userfaultfd takes flags only and returns a new descriptor or -1.
+    let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: `r` is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// The UFFDIO_API handshake, asking for `features`; returns the features
+/// the kernel supports. `pid` is the task whose memory the descriptor acts
+/// on (for error messages).
+pub fn api(uffd: &OwnedFd, pid: Pid, features: u64) -> SysResult<u64> {
     #[repr(C)]
     struct Api {
         api: u64,
@@ -94,7 +111,7 @@ pub fn api(uffd: &OwnedFd, pid: Pid, features: u64) -> SysResult<()> {
     if r < 0 {
         return Err(err("UFFDIO_API", pid, Errno::last()));
     }
-    Ok(())
+    Ok(a.features)
 }
 
 /// Register [start, start+len) for write-protect faults.

@@ -1,0 +1,88 @@
+//! File calls nix does not offer in a form cryo can use: opening a file by
+//! its handle (open_by_handle_at), inotify instances with their watch
+//! descriptor numbers (nix hides them), and the byte count queued in a
+//! pipe or socket (FIONREAD).
+//!
+//! Every call takes a descriptor the caller holds (or returns a new one
+//! owned), so the wrappers are safe whatever the arguments are: a wrong
+//! one only makes the kernel return an error.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+/// Open the file whose handle is (`handle_type`, `handle`) on the file
+/// system that `mount` is open on (open_by_handle_at; needs
+/// CAP_DAC_READ_SEARCH).
+pub fn open_by_handle_at(
+    mount: &impl AsFd,
+    handle_type: i32,
+    handle: &[u8],
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    // struct file_handle: handle_bytes (u32), handle_type (i32), bytes.
+    let mut fh = Vec::with_capacity(8 + handle.len());
+    fh.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    fh.extend_from_slice(&handle_type.to_ne_bytes());
+    fh.extend_from_slice(handle);
+    // SAFETY: `fh` is a whole struct file_handle: its header says it holds
+    // handle.len() bytes, which follow it; it lives across the call and the
+    // kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_fd().as_raw_fd(),
+            fh.as_ptr(),
+            flags,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// A new inotify instance (inotify_init1 with IN_CLOEXEC, IN_NONBLOCK, ...).
+pub fn inotify_init1(flags: i32) -> io::Result<OwnedFd> {
+    // SAFETY: inotify_init1 takes flags only.
+    let fd = unsafe { libc::inotify_init1(flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Watch `path` with `mask` on the inotify instance `fd`; returns the
+/// watch descriptor.
+pub fn inotify_add_watch(fd: &impl AsFd, path: &CStr, mask: u32) -> io::Result<i32> {
+    // SAFETY: `path` is NUL-terminated and lives across the call; the
+    // kernel only reads it.
+    let wd = unsafe { libc::inotify_add_watch(fd.as_fd().as_raw_fd(), path.as_ptr(), mask) };
+    if wd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(wd)
+}
+
+/// Remove watch `wd` from the inotify instance `fd`.
+pub fn inotify_rm_watch(fd: &impl AsFd, wd: i32) -> io::Result<()> {
+    // SAFETY: inotify_rm_watch takes integers only.
+    if unsafe { libc::inotify_rm_watch(fd.as_fd().as_raw_fd(), wd) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The number of bytes queued for reading in the pipe or socket `fd`
+/// (FIONREAD).
+pub fn bytes_queued(fd: &impl AsFd) -> Result<i32, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, into `n`, a live local.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
+    Errno::result(r)?;
+    Ok(n)
+}

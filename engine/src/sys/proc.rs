@@ -1,0 +1,138 @@
+//! Short-lived probe children and process-wide prctls, for `cryo check`:
+//! a child that waits to be traced, a child that tries one unshare, a
+//! clone3 child with a chosen pid that exits at once, the size of struct
+//! prctl_mm_map and the POSIX timer id mode.
+//!
+//! The children are made with fork or clone3 from a process that may run
+//! other threads, so each one only makes raw system calls and leaves with
+//! _exit: it never allocates, takes a lock or returns into Rust code that
+//! could. That is why the wrappers are safe while fork itself is not.
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+/// fork(); the child runs `child` and leaves with _exit of what it
+/// returns. Returns the child's pid.
+///
+/// # Safety
+/// `child` runs in a copy of a possibly multi-threaded process in which
+/// only the calling thread exists, so it must make async-signal-safe calls
+/// only: no allocation, no locks (another thread may have held one at the
+/// fork), no panics, no Rust destructors of shared state.
+unsafe fn fork_with(child: impl FnOnce() -> i32) -> Result<Pid, Errno> {
+    // SAFETY: fork() duplicates only the calling thread. The child runs
+    // only `child`, which the caller promises is async-signal-safe, then
+    // leaves through _exit without running destructors or atexit handlers.
+    // The parent keeps ownership of every Rust value as usual.
+    match unsafe { libc::fork() } {
+        -1 => Err(Errno::last()),
+        0 => {
+            let code = child();
+            // SAFETY: _exit ends the child at once and is async-signal-safe;
+            // nothing in the child needs to be flushed or dropped.
+            unsafe { libc::_exit(code) }
+        }
+        pid => Ok(Pid::from_raw(pid)),
+    }
+}
+
+/// A child that dies with its parent (PR_SET_PDEATHSIG SIGKILL) and
+/// otherwise pauses until it is killed: something to trace.
+pub fn fork_paused() -> Result<Pid, Errno> {
+    let child = || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) and pause take integers only and
+        // touch no memory of ours.
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            loop {
+                libc::pause();
+            }
+        }
+    };
+    // SAFETY: the child only calls prctl and pause, plain system calls that
+    // are async-signal-safe.
+    unsafe { fork_with(child) }
+}
+
+/// A child that calls unshare(`flags`) and exits with 0 when it worked,
+/// else with the errno (its low 8 bits, what an exit status keeps).
+pub fn fork_unshare(flags: i32) -> Result<Pid, Errno> {
+    let child = || {
+        // SAFETY: unshare takes an integer only and touches no memory of ours.
+        if unsafe { libc::unshare(flags) } == 0 {
+            0
+        } else {
+            Errno::last_raw() & 0xff
+        }
+    };
+    // SAFETY: the child only calls unshare, a plain system call, and reads
+    // errno, a thread-local load: both async-signal-safe.
+    unsafe { fork_with(child) }
+}
+
+/// clone3 a child with exactly pid `pid` (set_tid) that exits with status
+/// 0 at once; SIGCHLD tells the parent. Returns the child's pid.
+pub fn clone3_exiting(pid: i32) -> Result<i32, Errno> {
+    // SAFETY: clone3_with_pid wants a single-threaded caller because the
+    // child inherits locks other threads may hold; this child takes none:
+    // back from the call, it leaves with a raw exit system call before
+    // anything else runs.
+    let r = unsafe { super::clone3_with_pid(pid, libc::SIGCHLD) }?;
+    if r == 0 {
+        // SAFETY: in the child of the clone3 above: a raw exit syscall ends
+        // this (single-threaded) process at once; _exit is the fallback and
+        // never returns.
+        unsafe {
+            libc::syscall(libc::SYS_exit, 0);
+            libc::_exit(0);
+        }
+    }
+    Ok(r)
+}
+
+const PR_SET_MM: libc::c_int = 35;
+const PR_SET_MM_MAP_SIZE: libc::c_ulong = 15;
+const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
+const PR_TIMER_CREATE_RESTORE_IDS_GET: libc::c_ulong = 2;
+
+/// The size of struct prctl_mm_map this kernel expects
+/// (prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE)).
+pub fn mm_map_size() -> Result<u32, Errno> {
+    let mut size: u32 = 0;
+    // SAFETY: PR_SET_MM_MAP_SIZE only writes one u32 (the size of struct
+    // prctl_mm_map) to arg3, which points at our live local `size`.
+    let r = unsafe {
+        libc::prctl(
+            PR_SET_MM,
+            PR_SET_MM_MAP_SIZE,
+            &mut size as *mut u32 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    Errno::result(r)?;
+    Ok(size)
+}
+
+/// The calling thread's POSIX timer id mode
+/// (prctl(PR_TIMER_CREATE_RESTORE_IDS, PR_TIMER_CREATE_RESTORE_IDS_GET)).
+pub fn timer_restore_ids_mode() -> Result<i32, Errno> {
+    // SAFETY: the GET operation only returns the current mode; it takes no
+    // pointers and changes no state.
+    let r = unsafe {
+        libc::prctl(
+            PR_TIMER_CREATE_RESTORE_IDS,
+            PR_TIMER_CREATE_RESTORE_IDS_GET,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    Errno::result(r)
+}
