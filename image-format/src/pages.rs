@@ -223,7 +223,7 @@ fn compress_worker(
 ) {
     let mut compressor: Option<zstd::bulk::Compressor<'static>> = None;
     let mut grouped: Vec<u8> = Vec::new();
-    for job in job_rx.iter() {
+    for mut job in job_rx.iter() {
         let nr_pages = (job.data.len() / PAGE_SIZE) as u32;
         let xxh3 = xxh3_64(&job.data);
         let mut stored = out_rx.try_recv().unwrap_or_default();
@@ -238,9 +238,10 @@ fn compress_worker(
             // try a few sample pages first and store the chunk as it is
             // if they do not shrink.
             match choose_form(c, &job.data, &mut stored)? {
+                // The data itself is what is stored: no copy (the empty
+                // output buffer goes back to the pool in its place).
                 Form::Raw => {
-                    stored.clear();
-                    stored.extend_from_slice(&job.data);
+                    std::mem::swap(&mut stored, &mut job.data);
                     Ok((true, 0))
                 }
                 Form::Plain => {
