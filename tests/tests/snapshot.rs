@@ -40,15 +40,15 @@ fn assert_untracked(pid: i32) {
 
 /// Dump -R while wl_sweep writes, check the original, then restore the
 /// image and check the restored copy sweeps on from one instant's memory.
-fn sweep_cycle(dir: &TestDir, wl: &mut Workload, img: &Path) {
+fn sweep_cycle(dir: &TestDir, wl: &mut Workload, img: &Path, mib: u64) {
     let stats = dir.join("stats.json");
     let stats_s = stats.to_str().expect("utf-8 path");
     dump_ok(wl, img, &["-R", "--stats", stats_s]);
     let copied = stat(&stats, "pages_copied_running");
     let saved = stat(&stats, "pages_saved_on_write");
     assert!(
-        copied >= 32 * 256,
-        "only {copied} pages were copied after the resume (the 32 MiB area was not tracked)"
+        copied >= mib * 256,
+        "only {copied} pages were copied after the resume (the {mib} MiB swept were not tracked)"
     );
     assert!(
         saved > 0,
@@ -68,7 +68,7 @@ fn leave_running_copy_is_one_instant() {
     let dir = TestDir::new();
     let mut wl = Workload::start("wl_sweep", &["--mib", "32"], &dir);
     let img = dir.subdir("img");
-    sweep_cycle(&dir, &mut wl, &img);
+    sweep_cycle(&dir, &mut wl, &img, 32);
 }
 
 #[test]
@@ -77,11 +77,21 @@ fn leave_running_copy_two_cycles() {
     let mut wl = Workload::start("wl_sweep", &["--mib", "32"], &dir);
     for cycle in 0..2 {
         let img = dir.subdir(&format!("img{cycle}"));
-        sweep_cycle(&dir, &mut wl, &img);
+        sweep_cycle(&dir, &mut wl, &img, 32);
         // The restored copy was told to stop: start the next cycle from a
         // fresh process.
         wl = Workload::start("wl_sweep", &["--mib", "32"], &dir);
     }
+}
+
+/// Three threads sweep their own areas (one written through read(2) every
+/// 32 pages): faults from several threads at once, kernel-mode writes.
+#[test]
+fn leave_running_copy_threads() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_sweep", &["--mib", "12", "--threads", "3"], &dir);
+    let img = dir.subdir("img");
+    sweep_cycle(&dir, &mut wl, &img, 36);
 }
 
 /// A failure while memory is copied after the resume: the task goes on

@@ -2,9 +2,10 @@
 //! that a leave-running dump stores the memory of one instant although
 //! the task keeps writing while cryo copies it.
 //!
-//! Usage: `wl_sweep --ready FILE --verdict FILE [--mib N]`
+//! Usage: `wl_sweep --ready FILE --verdict FILE [--mib N] [--threads T]`
 //!
-//! It maps N MiB (default 32) of private anonymous memory and sweeps over
+//! Each of T threads (default 1) maps N MiB (default 32) of private
+//! anonymous memory of its own and sweeps over
 //! it page by page for ever: generation g writes g into the first word of
 //! every page, in order, after checking that the page still holds g - 1
 //! (what the previous sweep wrote). Before each page it records in a
@@ -17,7 +18,8 @@
 //! page by page, holds pages of different generations on both sides of
 //! the cursor, and the restored process fails within two sweeps.
 //!
-//! The ready file reads `ready pid=<pid>` once the first sweep is done. On
+//! The ready file reads `ready pid=<pid>` once every thread has done its
+//! first sweep. On
 //! SIGTERM it checks the whole area against the cursor and writes `PASS`
 //! or `FAIL: ...` lines to the verdict file (exit 0 on pass).
 
@@ -34,6 +36,9 @@ struct Cursor {
     page: u64,
 }
 
+/// Threads that have finished their first sweep.
+static SWEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     let mib: usize = a
@@ -41,6 +46,40 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         .unwrap_or("32")
         .parse()
         .map_err(|_| "bad --mib")?;
+    let threads: usize = a
+        .get("threads")
+        .unwrap_or("1")
+        .parse()
+        .map_err(|_| "bad --threads")?;
+    let others: Vec<_> = (1..threads)
+        .map(|_| std::thread::spawn(move || sweep(mib)))
+        .collect();
+    let ready = a.ready.clone();
+    let mine = std::thread::spawn(move || {
+        // The ready file once every thread has swept once.
+        while SWEPT.load(Ordering::SeqCst) < threads && !wl::TERM.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        wl::write_atomic(
+            &ready,
+            format!("ready pid={}\n", std::process::id()).as_bytes(),
+        )
+        .map_err(|e| format!("ready file: {e}"))
+    });
+    let mut fails = sweep(mib)?;
+    mine.join().map_err(|_| "ready thread panicked")??;
+    for (i, t) in others.into_iter().enumerate() {
+        match t.join() {
+            Ok(Ok(f)) => fails.extend(f.into_iter().map(|f| format!("thread {}: {f}", i + 1))),
+            Ok(Err(e)) => fails.push(format!("thread {}: {e}", i + 1)),
+            Err(_) => fails.push(format!("thread {} panicked", i + 1)),
+        }
+    }
+    Ok(fails)
+}
+
+/// One sweeper over a mapping of its own, until SIGTERM.
+fn sweep(mib: usize) -> Result<Vec<String>, String> {
     let pages = mib * 256;
     // SAFETY: a new private anonymous mapping; nothing else uses it.
     let area = unsafe {
@@ -68,7 +107,6 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     }
     let mut fails = Vec::new();
     let mut gen = 1u64;
-    let mut ready = false;
     'sweeps: loop {
         for i in 0..pages {
             // SAFETY: `word(i)` is inside the mapping; volatile, since the
@@ -109,13 +147,8 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
                 break 'sweeps;
             }
         }
-        if !ready {
-            ready = true;
-            wl::write_atomic(
-                &a.ready,
-                format!("ready pid={}\n", std::process::id()).as_bytes(),
-            )
-            .map_err(|e| format!("ready file: {e}"))?;
+        if gen == 1 {
+            SWEPT.fetch_add(1, Ordering::SeqCst);
         }
         gen += 1;
     }
@@ -144,7 +177,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let a = wl::Args::parse("wl_sweep --ready FILE --verdict FILE [--mib N]");
+    let a = wl::Args::parse("wl_sweep --ready FILE --verdict FILE [--mib N] [--threads T]");
     wl::close_extra_fds();
     let result = run(&a);
     wl::finish(NAME, &a.verdict, result);
