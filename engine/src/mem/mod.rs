@@ -1,6 +1,7 @@
 //! Memory: the task's mappings (from /proc/PID/smaps), which pages of
 //! each are worth storing (PAGEMAP_SCAN), and the page transfer.
 
+pub mod merge;
 pub mod snapshot;
 pub mod transfer;
 

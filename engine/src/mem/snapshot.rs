@@ -22,7 +22,8 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::Pid;
 
-use super::transfer::{push_entry, TransferStats};
+use super::merge;
+use super::transfer::TransferStats;
 use super::{Run, PAGE};
 use crate::infect::{InfectError, Victim};
 use crate::sys::uffd;
@@ -38,9 +39,6 @@ pub enum SnapshotError {
 }
 
 type Result<T> = std::result::Result<T, SnapshotError>;
-
-/// Pages per read from the task and per chunk of the pages file.
-const BATCH_PAGES: u64 = 256;
 
 /// What the copier and the fault handler share.
 struct Shared {
@@ -243,44 +241,49 @@ impl Snapshot {
         entries: &[PagemapEntry],
         out: &mut PageWriter,
     ) -> Result<(Vec<PagemapEntry>, TransferStats)> {
-        let tracked = self
-            .shared
-            .tracked
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default();
-        let mut merged = Vec::with_capacity(entries.len() + tracked.len());
-        let mut stats = TransferStats::default();
-        let mut w = ChunkOut {
-            buf: out.take_buffer(),
-            out,
-        };
-        let mut cursor = Cursor {
-            reader: stopped,
-            chunk: usize::MAX,
-            next_chunk: 0,
-            buf: Vec::new(),
-            at: 0,
-        };
-        let mut page = vec![0u8; (BATCH_PAGES * PAGE) as usize];
-        let mut ti = 0;
-        for e in entries {
-            while ti < tracked.len() && tracked[ti].start < e.vaddr {
-                self.copy_run(&tracked[ti], &mut page, &mut merged, &mut stats, &mut w)?;
-                ti += 1;
+        let sh = &self.shared;
+        let pid = sh.pid.as_raw();
+        let tracked = sh.tracked.lock().map(|t| t.clone()).unwrap_or_default();
+        let mut saved_pages = 0u64;
+        // Batch by batch: read, replace pages the handler saved before a
+        // write, then lift the protection.
+        let mut fetch = |start: u64, buf: &mut [u8]| -> std::result::Result<(), String> {
+            if let Some(what) = sh.failed.lock().ok().and_then(|f| f.clone()) {
+                return Err(what);
             }
-            merged.push(*e);
-            if e.flags & cryo_image::PAGE_IN_PARENT == 0 {
-                for _ in 0..e.nr_pages {
-                    w.push(cursor.next_page()?)?;
+            if crate::fault::check("in-copy") {
+                return Err("fault injected (CRYO_FAULT=fail-in-copy)".into());
+            }
+            let len = buf.len() as u64;
+            read_task(sh.pid, start, buf)
+                .map_err(|e| format!("reading {start:#x}-{:#x}: {e}", start + len))?;
+            if let Ok(mut saved) = sh.saved.lock() {
+                for (i, page) in buf.chunks_exact_mut(PAGE as usize).enumerate() {
+                    if let Some(p) = saved.remove(&(start + i as u64 * PAGE)) {
+                        saved_pages += 1;
+                        page.copy_from_slice(&p);
+                    }
                 }
             }
-        }
-        for r in &tracked[ti..] {
-            self.copy_run(r, &mut page, &mut merged, &mut stats, &mut w)?;
-        }
-        w.flush()?;
+            loop {
+                match uffd::writeprotect(&self.uffd, sh.pid, start, len, false) {
+                    Ok(()) => break,
+                    // An event is waiting for the handler: let it run.
+                    Err(e) if e.errno == Errno::EAGAIN => std::thread::yield_now(),
+                    Err(e) => return Err(format!("unprotecting {start:#x}: {e}")),
+                }
+            }
+            sh.done_upto.store(start + len, Ordering::SeqCst);
+            Ok(())
+        };
+        let (merged, mut stats) = merge::merge(stopped, entries, &tracked, out, &mut fetch)
+            .map_err(|e| match e {
+                merge::MergeError::Image(e) => SnapshotError::Image(e),
+                merge::MergeError::Fetch(what) => SnapshotError::Copy { pid, what },
+            })?;
         self.check()?;
+        stats.pages_copied_running = stats.pages_scanned;
+        stats.pages_saved_on_write = saved_pages;
         Ok((merged, stats))
     }
 
@@ -293,76 +296,6 @@ impl Snapshot {
             None => Ok(()),
         }
     }
-
-    /// Copy one tracked run from the task, batch by batch: read, replace
-    /// pages the handler saved before a write, then lift the protection.
-    fn copy_run(
-        &self,
-        r: &Run,
-        buf: &mut [u8],
-        merged: &mut Vec<PagemapEntry>,
-        stats: &mut TransferStats,
-        w: &mut ChunkOut,
-    ) -> Result<()> {
-        let sh = &self.shared;
-        let pid = sh.pid.as_raw();
-        let mut first = true;
-        let mut off = 0;
-        while off < r.pages {
-            self.check()?;
-            if crate::fault::check("in-copy") {
-                return Err(SnapshotError::Copy {
-                    pid,
-                    what: "fault injected (CRYO_FAULT=fail-in-copy)".into(),
-                });
-            }
-            let n = (r.pages - off).min(BATCH_PAGES);
-            let start = r.start + off * PAGE;
-            let len = (n * PAGE) as usize;
-            read_task(sh.pid, start, &mut buf[..len]).map_err(|e| SnapshotError::Copy {
-                pid,
-                what: format!("reading {start:#x}-{:#x}: {e}", start + len as u64),
-            })?;
-            if let Ok(mut saved) = sh.saved.lock() {
-                for i in 0..n {
-                    if let Some(p) = saved.remove(&(start + i * PAGE)) {
-                        stats.pages_saved_on_write += 1;
-                        let o = (i * PAGE) as usize;
-                        buf[o..o + PAGE as usize].copy_from_slice(&p);
-                    }
-                }
-            }
-            loop {
-                match uffd::writeprotect(&self.uffd, sh.pid, start, len as u64, false) {
-                    Ok(()) => break,
-                    // An event is waiting for the handler: let it run.
-                    Err(e) if e.errno == Errno::EAGAIN => std::thread::yield_now(),
-                    Err(e) => {
-                        return Err(SnapshotError::Copy {
-                            pid,
-                            what: format!("unprotecting {start:#x}: {e}"),
-                        })
-                    }
-                }
-            }
-            sh.done_upto.store(start + len as u64, Ordering::SeqCst);
-            for i in 0..n as usize {
-                let p = &buf[i * PAGE as usize..(i + 1) * PAGE as usize];
-                stats.pages_scanned += 1;
-                stats.pages_copied_running += 1;
-                if r.zero_ok && is_zero(p) {
-                    stats.zero_pages += 1;
-                    continue;
-                }
-                push_entry(merged, start + i as u64 * PAGE, 1, !first);
-                first = false;
-                stats.pages_stored += 1;
-                w.push(p)?;
-            }
-            off += n;
-        }
-        Ok(())
-    }
 }
 
 impl Drop for Snapshot {
@@ -374,11 +307,6 @@ impl Drop for Snapshot {
         // The last reference to the userfaultfd goes with `self.uffd`:
         // the kernel unregisters the task's ranges.
     }
-}
-
-fn is_zero(p: &[u8]) -> bool {
-    p.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
 }
 
 fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), Errno> {
@@ -493,66 +421,5 @@ fn map_event(sh: &Shared, m: &uffd::Msg) {
         sh.fail(format!(
             "the task {what} memory at {start:#x}-{end:#x} before cryo had copied it; dump it again (or without --leave-running)"
         ));
-    }
-}
-
-/// The final pages file, written one chunk of up to [`BATCH_PAGES`] at a
-/// time.
-struct ChunkOut<'a> {
-    buf: Vec<u8>,
-    out: &'a mut PageWriter,
-}
-
-impl ChunkOut<'_> {
-    fn push(&mut self, page: &[u8]) -> Result<()> {
-        self.buf.extend_from_slice(page);
-        if self.buf.len() as u64 >= BATCH_PAGES * PAGE {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if !self.buf.is_empty() {
-            let next = self.out.take_buffer();
-            self.out.submit(std::mem::replace(&mut self.buf, next))?;
-        }
-        Ok(())
-    }
-}
-
-/// Reads the pages captured while stopped, in order.
-struct Cursor<'a> {
-    reader: &'a PageReader,
-    chunk: usize,
-    next_chunk: usize,
-    buf: Vec<u8>,
-    at: usize,
-}
-
-impl Cursor<'_> {
-    fn next_page(&mut self) -> Result<&[u8]> {
-        if self.chunk == usize::MAX || self.at >= self.buf.len() {
-            let i = self.next_chunk;
-            let c = self
-                .reader
-                .chunks()
-                .get(i)
-                .ok_or_else(|| SnapshotError::Copy {
-                    pid: 0,
-                    what: format!(
-                        "{} holds fewer pages than its entries",
-                        self.reader.path().display()
-                    ),
-                })?;
-            self.buf.resize(c.nr_pages as usize * PAGE as usize, 0);
-            self.reader.read_chunk(i, &mut self.buf)?;
-            self.chunk = i;
-            self.next_chunk = i + 1;
-            self.at = 0;
-        }
-        let p = &self.buf[self.at..self.at + PAGE as usize];
-        self.at += PAGE as usize;
-        Ok(p)
     }
 }
