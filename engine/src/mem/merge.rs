@@ -19,6 +19,9 @@ pub enum MergeError {
     Fetch(String),
 }
 
+/// A page source: fills a buffer with the pages at an address.
+pub type Fetch<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
+
 /// Pages per fetch and per chunk of the pages file.
 pub const BATCH_PAGES: u64 = 256;
 
@@ -32,7 +35,7 @@ pub fn merge(
     entries: &[PagemapEntry],
     later: &[Run],
     out: &mut PageWriter,
-    fetch: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), String>,
+    fetch: &mut Fetch,
 ) -> Result<(Vec<PagemapEntry>, TransferStats), MergeError> {
     let mut merged = Vec::with_capacity(entries.len() + later.len());
     let mut stats = TransferStats::default();
@@ -71,7 +74,7 @@ pub fn merge(
 fn copy_run(
     r: &Run,
     buf: &mut [u8],
-    fetch: &mut dyn FnMut(u64, &mut [u8]) -> Result<(), String>,
+    fetch: &mut Fetch,
     merged: &mut Vec<PagemapEntry>,
     stats: &mut TransferStats,
     w: &mut ChunkOut,
