@@ -17,6 +17,9 @@ use nix::unistd::Pid;
 use crate::files::unix::DiagSnapshot;
 use crate::infect::guard::Guard;
 use crate::infect::{InfectError, Victim};
+use std::collections::HashMap;
+
+use crate::mem::precopy::PreCopy;
 use crate::mem::snapshot::Snapshot;
 use crate::mem::transfer::{self, TransferError, TransferStats};
 use crate::mem::{self, MemError};
@@ -80,6 +83,10 @@ pub enum DumpError {
     Transfer(#[from] TransferError),
     #[error(transparent)]
     Snapshot(#[from] crate::mem::snapshot::SnapshotError),
+    #[error(transparent)]
+    PreCopy(#[from] crate::mem::precopy::PreCopyError),
+    #[error("--pre-copy is for dumps that stop the tasks; with --leave-running they are already stopped only for their state")]
+    PreCopyLeaveRunning,
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -150,6 +157,10 @@ pub struct DumpOptions {
     /// A shell job: descriptors on the tasks' controlling terminal are
     /// accepted and reattached to the restoring session's terminal.
     pub shell_job: bool,
+    /// Copy private memory while the tasks still run, in rounds, and stop
+    /// them only for what they wrote since the last one (not with
+    /// `leave_running`, where the stop is already short).
+    pub pre_copy: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -1208,11 +1219,16 @@ struct Captured {
     /// --leave-running: private anonymous memory write-protected, to be
     /// copied once the task runs again.
     snapshot: Option<Snapshot>,
+    /// --pre-copy: the chunks written before the stop that are kept.
+    kept: Option<crate::mem::precopy::Kept>,
 }
 
 /// Capture process `p` (stopped, with every thread): /proc state, the
 /// parasite's view, per-thread state and its pages; its descriptors were
 /// collected (and pty pairs matched) before.
+// What a process brings to its capture is all different: one argument
+// each reads better than a bag of them.
+#[allow(clippy::too_many_arguments)]
 fn capture(
     opts: &DumpOptions,
     p: &mut Seized,
@@ -1220,6 +1236,7 @@ fn capture(
     (fd_entries, files): (Vec<FdEntry>, Vec<FileEntry>),
     shared: &mut SharedStored,
     parent: Option<(i32, &[proto::Vma])>,
+    mut precopy: Option<PreCopy>,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Captured> {
     let pid = p.pid;
@@ -1298,6 +1315,21 @@ fn capture(
     if let Some(snap) = snapshot.as_mut() {
         snap.protect(&mut runs)?;
     }
+    // --pre-copy: pages copied before the stop and not written since are
+    // already in the pages file.
+    let (kept, breaks) = match precopy.as_mut() {
+        Some(pc) => {
+            let (kept, breaks) = pc.keep(&vmas, &mut runs)?;
+            tracing::debug!(
+                pid,
+                pages = kept.stats.pages_precopied,
+                ms = frozen_at.elapsed().as_secs_f64() * 1e3,
+                "pre-copied pages kept"
+            );
+            (Some(kept), breaks)
+        }
+        None => (None, Vec::new()),
+    };
     // Before the parasite maps its area.
     let vmas = {
         let full = smaps.join().map_err(|_| DumpError::Parse {
@@ -1367,24 +1399,33 @@ fn capture(
     // With --leave-running, pages are spliced raw into a scratch file while
     // the task is stopped (no copy through cryo) and compressed once it
     // runs again, so it is stopped only for the capture.
-    let capture_raw = raw || opts.leave_running;
-    let scratch =
-        (capture_raw && (!raw || snapshot.is_some())).then(|| format!("{pages_name}.tmp"));
-    let mut pw = PageWriter::create(
-        &opts.dir,
-        scratch.as_deref().unwrap_or(&pages_name),
-        if capture_raw {
-            Compression::None
-        } else {
-            opts.compression
-        },
-        opts.zstd_level,
-        opts.threads,
-    )?;
+    // A pre-copied process goes on in the pages file the pre-copy wrote.
+    let precopy_pw = precopy.as_mut().and_then(|pc| pc.writer());
+    let capture_raw = raw || (opts.leave_running && precopy_pw.is_none());
+    let scratch = (precopy_pw.is_none() && capture_raw && (!raw || snapshot.is_some()))
+        .then(|| format!("{pages_name}.tmp"));
+    let mut pw = match precopy_pw {
+        Some(pw) => pw,
+        None => PageWriter::create(
+            &opts.dir,
+            scratch.as_deref().unwrap_or(&pages_name),
+            if capture_raw {
+                Compression::None
+            } else {
+                opts.compression
+            },
+            opts.zstd_level,
+            opts.threads,
+        )?,
+    };
     let total_bytes: u64 = runs.iter().map(|r| r.pages * mem::PAGE).sum();
-    let (mut entries, pstats) = transfer::transfer(victim, &runs, &mut pw, capture_raw, &|done| {
-        progress(done, total_bytes)
-    })?;
+    let (mut entries, mut pstats) =
+        transfer::transfer(victim, &runs, &breaks, &mut pw, capture_raw, &|done| {
+            progress(done, total_bytes)
+        })?;
+    if let Some(k) = &kept {
+        pstats.add(&k.stats);
+    }
     if !in_parent.is_empty() {
         entries.extend(in_parent);
         entries.sort_by_key(|e| e.vaddr);
@@ -1544,6 +1585,7 @@ fn capture(
         pw,
         scratch,
         snapshot,
+        kept,
     })
 }
 
@@ -1613,8 +1655,13 @@ fn write_process(
     drop(c.snapshot.take());
     let mut written: Vec<ImageFileInfo> = Vec::new();
     // Pages: the writer finishes in the background of the drain; collect.
-    let (chunks, pages_info) = pw.finish()?;
+    let (mut chunks, pages_info) = pw.finish()?;
     written.push(pages_info);
+    if let Some(k) = &c.kept {
+        let (runs, used) = k.order(pid, std::mem::take(&mut c.runs), chunks)?;
+        c.runs = runs;
+        chunks = used;
+    }
     let mut w = ImageWriter::create(
         &opts.dir,
         &cryo_image::pagemap_file(pid as u32),
@@ -1711,6 +1758,66 @@ fn check_sessions(tree: &Tree) -> Result<()> {
 
 /// The processes of a cgroup whose parent is not in it: the roots of the
 /// trees to dump, ascending.
+/// --pre-copy: track and copy every process of the trees under `roots`
+/// while they run, round after round while what they write in between
+/// shrinks. Processes started later are captured whole at the stop.
+fn pre_copy(opts: &DumpOptions, roots: &[i32], guard: &Guard) -> Result<HashMap<i32, PreCopy>> {
+    const MAX_ROUNDS: u32 = 5;
+    /// Few enough pages written to stop the rounds.
+    const SETTLED: u64 = 256;
+    let mut pids = Vec::new();
+    let mut todo = roots.to_vec();
+    while let Some(p) = todo.pop() {
+        if !pids.contains(&p) {
+            pids.push(p);
+            todo.extend(pstree::children(p));
+        }
+    }
+    let t0 = Instant::now();
+    let mut out = HashMap::new();
+    for p in pids {
+        // Zombies have no memory left.
+        if pstree::stat(p).is_none_or(|s| s.state == 'Z') {
+            continue;
+        }
+        match PreCopy::start(
+            p,
+            guard,
+            &opts.dir,
+            opts.compression,
+            opts.zstd_level,
+            opts.threads,
+        ) {
+            Ok(Some(pc)) => {
+                out.insert(p, pc);
+            }
+            Ok(None) => {}
+            // Gone meanwhile: the seize finds out again.
+            Err(_) if pstree::stat(p).is_none() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut last = u64::MAX;
+    for round in 0..MAX_ROUNDS {
+        let mut copied = 0;
+        for pc in out.values_mut() {
+            copied += pc.round()?;
+        }
+        tracing::debug!(
+            round,
+            copied,
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            "pre-copy"
+        );
+        if round > 0 && (copied <= SETTLED || copied >= last) {
+            break;
+        }
+        last = copied;
+    }
+    fault("after-precopy")?;
+    Ok(out)
+}
+
 fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
     let procs: std::collections::BTreeSet<i32> = crate::freeze::procs(dir)?.into_iter().collect();
     let roots: Vec<i32> = procs
@@ -1747,7 +1854,15 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
 
     // The guardian cleans up after us if we die while a parasite runs.
     // Declared before the victims so it is dismissed after the cure.
+    if opts.pre_copy && opts.leave_running {
+        return Err(DumpError::PreCopyLeaveRunning);
+    }
     let guard = Guard::spawn(Pid::from_raw(pid))?;
+    let mut precopies = if opts.pre_copy {
+        pre_copy(opts, &roots, &guard)?
+    } else {
+        HashMap::new()
+    };
     // A task is checked before it is seized, while it still runs: each
     // check takes its own sock_diag snapshot.
     let check = |p: i32| -> Result<()> {
@@ -1809,6 +1924,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             (pf.fd_entries, pf.files),
             &mut shared,
             parent,
+            precopies.remove(&p.pid),
             progress,
         )?;
         if let Some(&(index, pgrp)) = cttys.get(&c.pid) {
@@ -1818,6 +1934,11 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             c.pstree.tty_foreground = false;
         }
         caps.push(c);
+    }
+    // Processes pre-copied that were gone by the stop: no pages file.
+    for (p, mut pc) in precopies.drain() {
+        drop(pc.writer());
+        let _ = std::fs::remove_file(opts.dir.join(cryo_image::pages_file(p as u32)));
     }
     // Open file descriptions and pipe contents, while all is stopped.
     let files = link_files(&mut caps, opts.ext_unix_sk, &mut DiagSnapshot::default())?;

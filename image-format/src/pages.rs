@@ -132,6 +132,8 @@ impl Drop for PanicGuard {
 
 struct Pipeline {
     seq: u64,
+    /// Chunks in the file so far.
+    written: Arc<std::sync::atomic::AtomicU64>,
     job_tx: Sender<Job>,
     free_rx: Receiver<Vec<u8>>,
     failed: Arc<AtomicBool>,
@@ -169,12 +171,14 @@ impl Pipeline {
             workers.push(handle);
         }
         drop(done_tx);
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer_written = written.clone();
         let writer_failed = failed.clone();
         let writer = std::thread::Builder::new()
             .name("cryo-pagewriter".into())
             .spawn(move || {
                 let _guard = PanicGuard(writer_failed.clone());
-                let res = write_in_order(sink, done_rx, out_tx);
+                let res = write_in_order(sink, done_rx, out_tx, &writer_written);
                 if res.is_err() {
                     writer_failed.store(true, Ordering::SeqCst);
                 }
@@ -183,6 +187,7 @@ impl Pipeline {
             .map_err(|e| ImageError::io(&path, "spawn page writer", e))?;
         Ok(Pipeline {
             seq: 0,
+            written,
             job_tx,
             free_rx,
             failed,
@@ -343,6 +348,7 @@ fn write_in_order(
     mut sink: Sink,
     done_rx: Receiver<Done>,
     out_tx: Sender<Vec<u8>>,
+    written: &std::sync::atomic::AtomicU64,
 ) -> Result<Sink, ImageError> {
     let mut pending: BTreeMap<u64, (Vec<u8>, u32, u64, bool, u32)> = BTreeMap::new();
     let mut next = 0u64;
@@ -364,6 +370,7 @@ fn write_in_order(
             sink.append(&stored, nr_pages, xxh3, raw, stride)?;
             let _ = out_tx.try_send(stored);
             next += 1;
+            written.store(next, Ordering::SeqCst);
         }
     }
     if !pending.is_empty() {
@@ -461,6 +468,16 @@ impl PageWriter {
             _ => ImageError::WriterClosed {
                 path: self.path.clone(),
             },
+        }
+    }
+
+    /// Waits until every chunk submitted so far is in the file (compressed
+    /// and written), or the pipeline failed.
+    pub fn wait_written(&self) {
+        if let Mode::Zstd(p) = &self.mode {
+            while p.written.load(Ordering::SeqCst) < p.seq && !p.failed.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
 
@@ -633,7 +650,7 @@ pub struct PageReader {
 
 impl PageReader {
     /// Opens `dir/name`, checks its header and that the chunks lie inside
-    /// the file, in increasing order, without overlap.
+    /// the file without overlap (in any order).
     pub fn open(
         dir: &Path,
         name: &str,
@@ -666,7 +683,7 @@ impl PageReader {
                 found: file_size,
             });
         }
-        let mut prev_end = PAGES_HEADER_LEN;
+        let mut spans = Vec::with_capacity(chunks.len());
         let mut starts = Vec::with_capacity(chunks.len());
         let mut total_pages = 0u64;
         for (i, c) in chunks.iter().enumerate() {
@@ -692,14 +709,6 @@ impl PageReader {
                     nr_pages: u64::from(c.nr_pages),
                 });
             }
-            if c.offset < prev_end {
-                return Err(ImageError::ChunkOverlap {
-                    path,
-                    chunk: i,
-                    offset: c.offset,
-                    prev_end,
-                });
-            }
             let end = c.offset.saturating_add(u64::from(c.stored_len));
             if end > file_size {
                 return Err(ImageError::ChunkOutOfFile {
@@ -710,9 +719,25 @@ impl PageReader {
                     file_size,
                 });
             }
-            prev_end = end;
+            spans.push((c.offset, end, i));
             starts.push(total_pages);
             total_pages += u64::from(c.nr_pages);
+        }
+        // Chunks may lie in the file in another order than their pages (a
+        // pre-copy writes some before the pages around them), never over
+        // each other or the header.
+        spans.sort_unstable();
+        let mut prev_end = PAGES_HEADER_LEN;
+        for (offset, end, i) in spans {
+            if offset < prev_end {
+                return Err(ImageError::ChunkOverlap {
+                    path,
+                    chunk: i,
+                    offset,
+                    prev_end,
+                });
+            }
+            prev_end = end;
         }
         Ok(PageReader {
             path,

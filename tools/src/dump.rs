@@ -53,6 +53,11 @@ pub struct DumpArgs {
     /// restore reattaches them to the terminal of the session it runs in.
     #[arg(short = 'j', long)]
     pub shell_job: bool,
+    /// Copy private memory while the tasks still run (in rounds, tracking
+    /// their writes with userfaultfd) and stop them only for what they
+    /// wrote since: a shorter stop for migrations. Not with -R.
+    #[arg(long)]
+    pub pre_copy: bool,
     /// Accept unix datagram sockets connected to a socket outside the
     /// dumped tree (a logger, say): the restore connects them to its
     /// address again.
@@ -84,6 +89,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         ghost_limit: a.ghost_limit,
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
+        pre_copy: a.pre_copy,
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -131,6 +137,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                     "pages_scanned": st.pages.pages_scanned,
                     "pages_copied_running": st.pages.pages_copied_running,
                     "pages_saved_on_write": st.pages.pages_saved_on_write,
+                    "pages_precopied": st.pages.pages_precopied,
                     "processes": st.processes,
                 });
                 std::fs::write(path, format!("{j}\n"))

@@ -443,11 +443,19 @@ impl Victim {
     /// (a userfaultfd belongs to the mm of its creator), so the syscall is
     /// injected; cryo takes the descriptor with pidfd_getfd and closes the
     /// task's copy before this returns, so its descriptor table is as it
-    /// was. A full descriptor (kernel-mode faults are handled too), which
-    /// needs CAP_SYS_PTRACE in the task or vm.unprivileged_userfaultfd.
-    pub fn userfaultfd(&mut self) -> Result<OwnedFd> {
+    /// was. A full descriptor (kernel-mode faults are handled too) needs
+    /// CAP_SYS_PTRACE in the task or vm.unprivileged_userfaultfd;
+    /// `user_mode_only` (UFFD_USER_MODE_ONLY, enough for asynchronous
+    /// write-protect tracking) needs nothing.
+    pub fn userfaultfd(&mut self, user_mode_only: bool) -> Result<OwnedFd> {
         const SYS_USERFAULTFD: u64 = 323;
-        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        const UFFD_USER_MODE_ONLY: u64 = 1;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64
+            | if user_mode_only {
+                UFFD_USER_MODE_ONLY
+            } else {
+                0
+            };
         let fd = self.syscall(SYS_USERFAULTFD, [flags, 0, 0, 0, 0, 0])? as i32;
         self.stray_fds.push(fd);
         let ours = sys::pidfd_getfd(&self.pidfd, self.pid, fd);

@@ -2,6 +2,7 @@
 //! each are worth storing (PAGEMAP_SCAN), and the page transfer.
 
 pub mod merge;
+pub mod precopy;
 pub mod snapshot;
 pub mod transfer;
 

@@ -113,7 +113,7 @@ impl Snapshot {
         if !vmas.iter().any(trackable) {
             return Ok(None);
         }
-        let uffd = match victim.userfaultfd() {
+        let uffd = match victim.userfaultfd(false) {
             Ok(fd) => fd,
             Err(InfectError::Syscall { errno, .. }) => {
                 tracing::info!(

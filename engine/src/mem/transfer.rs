@@ -51,16 +51,32 @@ struct Batch {
     bytes: u64,
 }
 
-fn batches(runs: &[Run], max_bytes: u64) -> Vec<Batch> {
+/// Batches of at most `max_bytes`; none holds pages on both sides of an
+/// address of `breaks` (sorted).
+fn batches(runs: &[Run], max_bytes: u64, breaks: &[u64]) -> Vec<Batch> {
     let mut out = Vec::new();
     let mut cur = Batch {
         iovs: Vec::new(),
         runs: Vec::new(),
         bytes: 0,
     };
+    let mut prev_end = 0u64;
     for r in runs {
         let mut start = r.start;
         let mut left = r.pages;
+        // A break between the batch so far and this run: a new batch.
+        let i = breaks.partition_point(|&b| b < prev_end);
+        if cur.bytes > 0 && breaks.get(i).is_some_and(|&b| b <= r.start) {
+            out.push(std::mem::replace(
+                &mut cur,
+                Batch {
+                    iovs: Vec::new(),
+                    runs: Vec::new(),
+                    bytes: 0,
+                },
+            ));
+        }
+        prev_end = r.start + r.pages * PAGE;
         while left > 0 {
             let room = (max_bytes - cur.bytes) / PAGE;
             let n = left.min(room);
@@ -124,6 +140,8 @@ pub struct TransferStats {
     pub pages_copied_running: u64,
     /// Pages the fault handler saved before letting a write through.
     pub pages_saved_on_write: u64,
+    /// Pages kept from the copy made before the stop (--pre-copy).
+    pub pages_precopied: u64,
 }
 
 impl TransferStats {
@@ -134,14 +152,17 @@ impl TransferStats {
         self.zero_pages += o.zero_pages;
         self.pages_copied_running += o.pages_copied_running;
         self.pages_saved_on_write += o.pages_saved_on_write;
+        self.pages_precopied += o.pages_precopied;
     }
 }
 
 /// Move the pages of `runs` from the task into `writer`; returns the
-/// pagemap entries describing what was stored, in order.
+/// pagemap entries describing what was stored, in order. No chunk holds
+/// pages on both sides of an address of `breaks` (sorted).
 pub fn transfer(
     victim: &mut Victim,
     runs: &[Run],
+    breaks: &[u64],
     writer: &mut PageWriter,
     raw: bool,
     progress: &dyn Fn(u64),
@@ -166,7 +187,7 @@ pub fn transfer(
     // Keep up to PIPES commands queued: the parasite fills the next pipes
     // while cryo drains this one, and each pipe holds one batch at a time,
     // so a vmsplice never blocks.
-    let batches = batches(runs, cap.min((MAX_BATCH_PAGES as u64) * PAGE));
+    let batches = batches(runs, cap.min((MAX_BATCH_PAGES as u64) * PAGE), breaks);
     let mut entries = Vec::new();
     let mut stats = TransferStats::default();
     let mut done_bytes = 0u64;
@@ -267,11 +288,15 @@ mod tests {
                 zero_ok: false,
             },
         ];
-        let b = batches(&runs, 256 * PAGE);
+        let b = batches(&runs, 256 * PAGE, &[]);
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].bytes, 256 * PAGE);
         assert_eq!(b[1].bytes, 54 * PAGE);
         assert_eq!(b[1].runs.len(), 2);
+        // A break between the two runs ends the batch there.
+        let b = batches(&runs, 512 * PAGE, &[0x800000]);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].bytes, 300 * PAGE);
         let mut e = Vec::new();
         push_entry(&mut e, 0x1000, 1, false);
         push_entry(&mut e, 0x2000, 2, true);

@@ -26,6 +26,10 @@ pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 /// munmap of a registered range.
 pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+/// Write-protect faults are resolved by the kernel itself, which only
+/// marks the page written (seen by PAGEMAP_SCAN): tracking without a
+/// handler.
+pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 pub const EVENT_PAGEFAULT: u8 = 0x12;
 pub const EVENT_REMAP: u8 = 0x14;

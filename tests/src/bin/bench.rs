@@ -671,11 +671,13 @@ fn put_stats(f: &mut Figures, prefix: &str, s: &Option<Stats>) {
     }
 }
 
-/// Steps a/b and d: kill-mode dump, restore, verdict.
+/// Steps a/b, d and f: kill-mode dump (figures under `compress`, cryo
+/// given `args`), restore, verdict.
 fn dump_restore(
     env: &mut Env,
     run_dir: &Path,
     compress: &'static str,
+    args: &[&str],
     f: &mut Figures,
     checksums: &mut Vec<u64>,
 ) -> Result<(), String> {
@@ -684,17 +686,12 @@ fn dump_restore(
     let w = start_workload(env, &wdir)?;
     checksums.push(w.checksum);
     sync();
-    let d = dump(
-        env,
-        &w,
-        &img,
-        &["--compress", compress],
-        &format!("dump-{compress}"),
-    )?;
+    let d = dump(env, &w, &img, args, &format!("dump-{compress}"))?;
     reap_dumped(&w)?;
     let bytes = dir_bytes(&img)?;
     println!(
-        "    dump --compress {compress} of {}: {:.1} ms, image {:.1} MiB{}",
+        "    dump {} of {}: {:.1} ms, image {:.1} MiB{}",
+        args.join(" "),
         w.pid,
         d.wall_ms,
         mib_of(bytes as f64),
@@ -799,9 +796,24 @@ fn one_run(env: &mut Env, n: usize, content: &[u8], expect: u64) -> Result<Figur
     let mut f = Figures::new();
     let mut sums = Vec::new();
     println!("run {}:", n + 1);
-    dump_restore(env, &run_dir, "zstd", &mut f, &mut sums)?;
+    dump_restore(
+        env,
+        &run_dir,
+        "zstd",
+        &["--compress", "zstd"],
+        &mut f,
+        &mut sums,
+    )?;
     dump_leave_running(env, &run_dir, &mut f, &mut sums)?;
-    dump_restore(env, &run_dir, "none", &mut f, &mut sums)?;
+    dump_restore(
+        env,
+        &run_dir,
+        "none",
+        &["--compress", "none"],
+        &mut f,
+        &mut sums,
+    )?;
+    dump_restore(env, &run_dir, "pre", &["--pre-copy"], &mut f, &mut sums)?;
     if let Some(s) = sums.iter().find(|&&s| s != expect) {
         return Err(format!(
             "a workload reported checksum {s:#018x}, the bench generated {expect:#018x}: \
@@ -999,6 +1011,25 @@ fn report(opts: &Opts, runs: &[Figures]) {
         fmt_ms(rdump),
         format!("{} (write)", fmt_ms(base_write)),
         ratio(rdump, base_write),
+        ("-".into(), "-".into()),
+    );
+    let pfrozen = g("pre.frozen_ms");
+    row(
+        "task stopped, --pre-copy (kill)",
+        fmt_ms(pfrozen),
+        format!("{} (memcpy)", fmt_ms(base_copy)),
+        ratio(pfrozen, base_copy),
+        criu(
+            format!("{CRIU_DUMP_MS:.0} ms (dump)"),
+            ratio(pfrozen, Some(CRIU_DUMP_MS)),
+        ),
+    );
+    let pdump = g("pre.dump_ms");
+    row(
+        "dump time, --pre-copy (kill)",
+        fmt_ms(pdump),
+        format!("{} (write)", fmt_ms(base_write)),
+        ratio(pdump, base_write),
         ("-".into(), "-".into()),
     );
 

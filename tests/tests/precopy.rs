@@ -1,0 +1,154 @@
+//! `dump --pre-copy`: private memory is copied (and compressed into the
+//! pages file) while the tasks still run, tracked with asynchronous
+//! userfaultfd write-protection; the stop then captures only what was
+//! written since. Each workload checks its own memory after the restore:
+//! `wl_bench` 32 MiB filled once, one page rewritten per step (most of
+//! it is kept from the pre-copy), `wl_sweep` memory it rewrites without pause
+//! (nothing settles; what is restored must still be one instant's),
+//! `wl_single` every kind of mapping, `wl_tree` a tree with pages shared
+//! copy-on-write.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cryo_tests::*;
+
+/// A number field of cryo's --stats JSON.
+fn stat(path: &Path, key: &str) -> u64 {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let pat = format!("\"{key}\":");
+    let at = text
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in the stats: {text}"))
+        + pat.len();
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
+}
+
+/// Kill-mode dump with --pre-copy; returns the pages kept from the
+/// pre-copy.
+fn dump_pre_copy(dir: &TestDir, wl: &mut Workload, img: &Path) -> u64 {
+    let stats = dir.join("stats.json");
+    dump_ok(
+        wl,
+        img,
+        &["--pre-copy", "--stats", stats.to_str().expect("utf-8 path")],
+    );
+    stat(&stats, "pages_precopied")
+}
+
+#[test]
+fn pre_copy_keeps_unchanged_memory() {
+    let dir = TestDir::new();
+    // 32 MiB filled once (one page rewritten every 50 ms).
+    let mut wl = Workload::start("wl_bench", &["--mib", "32", "--rewrite"], &dir);
+    let img = dir.subdir("img");
+    let kept = dump_pre_copy(&dir, &mut wl, &img);
+    assert!(
+        kept >= 32 * 256 / 2,
+        "only {kept} pages were kept from the pre-copy (the 32 MiB hardly change)"
+    );
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(200));
+    wl.assert_pass("restored after a pre-copy dump");
+}
+
+#[test]
+fn pre_copy_of_memory_rewritten_all_the_time() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_sweep", &["--mib", "16", "--threads", "2"], &dir);
+    let img = dir.subdir("img");
+    dump_pre_copy(&dir, &mut wl, &img);
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(500));
+    wl.assert_pass("restored sweeper");
+}
+
+#[test]
+fn pre_copy_single_every_mapping_kind() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let img = dir.subdir("img");
+    let kept = dump_pre_copy(&dir, &mut wl, &img);
+    assert!(kept > 0, "nothing was kept from the pre-copy");
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("wl_single after a pre-copy dump");
+}
+
+#[test]
+fn pre_copy_tree() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_tree", &[], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_pre_copy(&dir, &mut wl, &img);
+    assert!(
+        reap_gone(guard.pids(), Duration::from_secs(10)),
+        "the tree outlived a kill-mode dump"
+    );
+    // Pages the children share copy-on-write with their parent are not
+    // pre-copied: the pages files stay small (the 4 MiB buffer once).
+    let pages: u64 = std::fs::read_dir(&img)
+        .expect("image dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert!(pages < 12 << 20, "pages files hold {pages} bytes");
+    let out = run_cryo(&["image", "verify", img.to_str().expect("utf-8 path")], &[]);
+    assert_cryo_ok(&out, "cryo image verify of a pre-copy image");
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("tree after a pre-copy dump");
+}
+
+#[test]
+fn pre_copy_with_leave_running_is_refused() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &["--pre-copy", "-R"], &[]);
+    assert!(!out.status.success(), "--pre-copy -R was accepted");
+    assert!(
+        stderr_of(&out).contains("--pre-copy"),
+        "the refusal does not name the option: {}",
+        stderr_of(&out)
+    );
+    wl.assert_pass("task after the refused dump");
+}
+
+/// A dump that fails after the pre-copy: the task runs on untracked (no
+/// userfaultfd registration left), and no image file stays behind.
+#[test]
+fn failed_pre_copy_dump_leaves_task_running() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "8", "--rewrite"], &dir);
+    let img = dir.subdir("img");
+    let out = dump(
+        wl.pid(),
+        &img,
+        &["--pre-copy"],
+        &[("CRYO_FAULT", "fail-after-precopy")],
+    );
+    assert!(!out.status.success(), "the dump did not fail");
+    check_cryo_failed_cleanly(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(pid_alive(wl.pid()), "the task died");
+    assert_eq!(tracer_pid(wl.pid()), Some(0), "the task is still traced");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", wl.pid())).unwrap_or_default();
+    assert!(
+        !smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw")),
+        "a userfaultfd registration is left in the task"
+    );
+    assert!(
+        file_names(&img).is_empty(),
+        "a failed dump left files: {:?}",
+        file_names(&img)
+    );
+    wl.assert_pass("task after the failed dump");
+}
