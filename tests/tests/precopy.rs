@@ -58,6 +58,30 @@ fn pre_copy_keeps_unchanged_memory() {
     wl.assert_pass("restored after a pre-copy dump");
 }
 
+/// The same with --compress none (raw chunks, the pre-copy's first).
+#[test]
+fn pre_copy_raw_image() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "16", "--rewrite"], &dir);
+    let img = dir.subdir("img");
+    let stats = dir.join("stats.json");
+    dump_ok(
+        &mut wl,
+        &img,
+        &[
+            "--pre-copy",
+            "--compress",
+            "none",
+            "--stats",
+            stats.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(stat(&stats, "pages_precopied") > 0, "nothing kept");
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(200));
+    wl.assert_pass("restored raw pre-copy image");
+}
+
 #[test]
 fn pre_copy_of_memory_rewritten_all_the_time() {
     let dir = TestDir::new();
