@@ -975,3 +975,59 @@ pub fn file_names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A number field of cryo's `--stats` JSON file.
+pub fn stats_field(path: &Path, key: &str) -> u64 {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let pat = format!("\"{key}\":");
+    let at = text
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in the stats: {text}"))
+        + pat.len();
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
+}
+
+/// Bytes of the pages files of an image directory.
+pub fn pages_bytes(img: &Path) -> u64 {
+    std::fs::read_dir(img)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", img.display()))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// A new pty made by the test: (master, slave), both close-on-exec.
+pub fn openpty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: openpty writes two new descriptors; no name, termios or
+    // window size is passed.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [m, s] {
+        // SAFETY: setting FD_CLOEXEC on descriptors we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: both are new descriptors we own.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(m),
+            std::os::fd::OwnedFd::from_raw_fd(s),
+        )
+    }
+}

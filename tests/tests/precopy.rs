@@ -13,23 +13,6 @@ use std::time::Duration;
 
 use cryo_tests::*;
 
-/// A number field of cryo's --stats JSON.
-fn stat(path: &Path, key: &str) -> u64 {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let pat = format!("\"{key}\":");
-    let at = text
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in the stats: {text}"))
-        + pat.len();
-    text[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
-}
-
 /// Kill-mode dump with --pre-copy; returns the pages kept from the
 /// pre-copy.
 fn dump_pre_copy(dir: &TestDir, wl: &mut Workload, img: &Path) -> u64 {
@@ -39,7 +22,7 @@ fn dump_pre_copy(dir: &TestDir, wl: &mut Workload, img: &Path) -> u64 {
         img,
         &["--pre-copy", "--stats", stats.to_str().expect("utf-8 path")],
     );
-    stat(&stats, "pages_precopied")
+    stats_field(&stats, "pages_precopied")
 }
 
 #[test]
@@ -76,7 +59,7 @@ fn pre_copy_raw_image() {
             stats.to_str().expect("utf-8 path"),
         ],
     );
-    assert!(stat(&stats, "pages_precopied") > 0, "nothing kept");
+    assert!(stats_field(&stats, "pages_precopied") > 0, "nothing kept");
     restore_ok(&mut wl, &img);
     std::thread::sleep(Duration::from_millis(200));
     wl.assert_pass("restored raw pre-copy image");
@@ -117,12 +100,7 @@ fn pre_copy_tree() {
     );
     // Pages the children share copy-on-write with their parent are not
     // pre-copied: the pages files stay small (the 4 MiB buffer once).
-    let pages: u64 = std::fs::read_dir(&img)
-        .expect("image dir")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
-        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let pages = pages_bytes(&img);
     assert!(pages < 12 << 20, "pages files hold {pages} bytes");
     let out = run_cryo(&["image", "verify", img.to_str().expect("utf-8 path")], &[]);
     assert_cryo_ok(&out, "cryo image verify of a pre-copy image");

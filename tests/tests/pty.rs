@@ -6,7 +6,7 @@
 //! flows both ways. A pty end whose other end is held outside the tree is
 //! refused, naming the descriptor, and the tree runs on.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -79,29 +79,12 @@ fn pty_two_cycles() {
 }
 
 /// A pty made by this test: (master, slave path).
-fn openpty() -> (OwnedFd, String) {
-    let (mut m, mut s) = (0, 0);
-    // SAFETY: openpty writes two new descriptors; no name, termios or
-    // window size is passed.
-    let r = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both are new descriptors we own.
-    let (m, s) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
-    // SAFETY: FD_CLOEXEC on our master: the workload must not inherit it.
-    unsafe { libc::fcntl(m.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+fn openpty_path() -> (OwnedFd, String) {
+    let (m, s) = openpty();
     let path = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd()))
         .expect("slave path")
         .display()
         .to_string();
-    drop(s);
     (m, path)
 }
 
@@ -111,7 +94,7 @@ fn openpty() -> (OwnedFd, String) {
 #[test]
 fn pty_slave_with_master_outside_refused() {
     let dir = TestDir::new();
-    let (master, slave) = openpty();
+    let (master, slave) = openpty_path();
     let (mut wl, _guard) = start(&dir, &["--hold-slave", &slave]);
     let img = dir.subdir("img");
     for extra in [&[][..], &["--shell-job"][..]] {

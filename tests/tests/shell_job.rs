@@ -5,36 +5,12 @@
 //! same terminal, where it finds its terminal again (wl_tty checks).
 
 use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cryo_tests::*;
-
-/// A pty: (master, slave).
-fn openpty() -> (OwnedFd, OwnedFd) {
-    let (mut m, mut s) = (0, 0);
-    // SAFETY: openpty writes two new descriptors; no name, termios or
-    // window size is passed.
-    let r = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
-    // Not inherited by the shells (only their 0-2, dups of the slave).
-    for fd in [m, s] {
-        // SAFETY: setting FD_CLOEXEC on descriptors we own.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    // SAFETY: both are new descriptors we own.
-    unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
-}
 
 /// `setsid -c sh -c SCRIPT` on the pty: a shell session whose controlling
 /// terminal is the pty.

@@ -10,23 +10,6 @@ use std::time::Duration;
 
 use cryo_tests::*;
 
-/// A number field of cryo's --stats JSON.
-fn stat(path: &Path, key: &str) -> u64 {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let pat = format!("\"{key}\":");
-    let at = text
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in the stats: {text}"))
-        + pat.len();
-    text[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
-}
-
 /// smaps of `pid` shows no userfaultfd registration left ("uw").
 fn assert_untracked(pid: i32) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
@@ -44,8 +27,8 @@ fn sweep_cycle(dir: &TestDir, wl: &mut Workload, img: &Path, mib: u64) {
     let stats = dir.join("stats.json");
     let stats_s = stats.to_str().expect("utf-8 path");
     dump_ok(wl, img, &["-R", "--stats", stats_s]);
-    let copied = stat(&stats, "pages_copied_running");
-    let saved = stat(&stats, "pages_saved_on_write");
+    let copied = stats_field(&stats, "pages_copied_running");
+    let saved = stats_field(&stats, "pages_saved_on_write");
     assert!(
         copied >= mib * 256,
         "only {copied} pages were copied after the resume (the {mib} MiB swept were not tracked)"
@@ -140,7 +123,7 @@ fn leave_running_unprivileged_task_is_copied_while_stopped() {
         &img,
         &["-R", "--stats", stats.to_str().expect("utf-8")],
     );
-    let copied = stat(&stats, "pages_copied_running");
+    let copied = stats_field(&stats, "pages_copied_running");
     if !unprivileged_uffd {
         assert_eq!(copied, 0, "an unprivileged task got a userfaultfd");
     }

@@ -61,12 +61,7 @@ fn kill_and_restore(extra: &[&str]) {
     assert_tree_gone(&guard);
     // The 4 MiB buffer every child inherited copy-on-write (incompressible)
     // is stored once, not once per process (nine of them).
-    let pages: u64 = std::fs::read_dir(&img)
-        .expect("image dir")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
-        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let pages = pages_bytes(&img);
     eprintln!("pages files: {pages} bytes");
     assert!(
         pages < 8 << 20,

@@ -45,6 +45,7 @@ struct Piece {
 const PIPES: usize = 2;
 
 /// One batch: iovecs for the parasite and the run pieces they came from.
+#[derive(Default)]
 struct Batch {
     iovs: Vec<Iov>,
     runs: Vec<Piece>,
@@ -55,11 +56,7 @@ struct Batch {
 /// address of `breaks` (sorted).
 fn batches(runs: &[Run], max_bytes: u64, breaks: &[u64]) -> Vec<Batch> {
     let mut out = Vec::new();
-    let mut cur = Batch {
-        iovs: Vec::new(),
-        runs: Vec::new(),
-        bytes: 0,
-    };
+    let mut cur = Batch::default();
     let mut prev_end = 0u64;
     for r in runs {
         let mut start = r.start;
@@ -67,14 +64,7 @@ fn batches(runs: &[Run], max_bytes: u64, breaks: &[u64]) -> Vec<Batch> {
         // A break between the batch so far and this run: a new batch.
         let i = breaks.partition_point(|&b| b < prev_end);
         if cur.bytes > 0 && breaks.get(i).is_some_and(|&b| b <= r.start) {
-            out.push(std::mem::replace(
-                &mut cur,
-                Batch {
-                    iovs: Vec::new(),
-                    runs: Vec::new(),
-                    bytes: 0,
-                },
-            ));
+            out.push(std::mem::take(&mut cur));
         }
         prev_end = r.start + r.pages * PAGE;
         while left > 0 {
@@ -93,14 +83,7 @@ fn batches(runs: &[Run], max_bytes: u64, breaks: &[u64]) -> Vec<Batch> {
             start += n * PAGE;
             left -= n;
             if cur.bytes >= max_bytes || cur.iovs.len() >= MAX_IOVS {
-                out.push(std::mem::replace(
-                    &mut cur,
-                    Batch {
-                        iovs: Vec::new(),
-                        runs: Vec::new(),
-                        bytes: 0,
-                    },
-                ));
+                out.push(std::mem::take(&mut cur));
             }
         }
     }
