@@ -39,6 +39,16 @@ pub enum MemError {
 
 pub const PAGE: u64 = 4096;
 
+/// Memory whose writes userfaultfd can track for cryo (write-protection
+/// of anonymous memory works in both modes): private anonymous memory the
+/// task can read.
+pub(crate) fn trackable(v: &Vma) -> bool {
+    matches!(
+        VmaKind::try_from(v.kind),
+        Ok(VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
+    ) && v.prot & libc::PROT_READ as u32 != 0
+}
+
 /// Read the task's mappings with the flags restore needs.
 pub fn read_vmas(pid: Pid) -> Result<Vec<Vma>, MemError> {
     vmas_of(pid, true)

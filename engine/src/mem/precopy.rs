@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use cryo_image::proto::{Compression, PageChunk, PagemapEntry, Vma, VmaKind};
+use cryo_image::proto::{Compression, PageChunk, PagemapEntry, Vma};
 use cryo_image::{ImageError, PageWriter};
 use nix::unistd::Pid;
 
@@ -47,14 +47,6 @@ type Result<T> = std::result::Result<T, PreCopyError>;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// Pages per read from the task and most pages per chunk.
 const READ_PAGES: u64 = 256;
-
-/// Memory the pre-copy tracks: private anonymous memory the task can read.
-fn trackable(v: &Vma) -> bool {
-    matches!(
-        VmaKind::try_from(v.kind),
-        Ok(VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
-    ) && v.prot & libc::PROT_READ as u32 != 0
-}
 
 /// The parts of [start, end) whose pages are mapped by this process only
 /// (pagemap bit 56), as ranges.
@@ -164,7 +156,7 @@ impl PreCopy {
         })?;
         let ranges: Vec<(u64, u64)> = vmas
             .iter()
-            .filter(|v| trackable(v))
+            .filter(|v| super::trackable(v))
             .filter(|v| uffd::register_wp(&uffd, npid, v.start, v.end - v.start).is_ok())
             .map(|v| (v.start, v.end))
             .collect();
@@ -309,7 +301,7 @@ impl PreCopy {
         // The mappings still tracked, and what was written in them since
         // the last round.
         let mut tracked: Vec<(u64, u64)> = Vec::new();
-        for v in vmas.iter().filter(|v| trackable(v)) {
+        for v in vmas.iter().filter(|v| super::trackable(v)) {
             if !self.ranges.iter().any(|&(s, e)| s < v.end && v.start < e) {
                 continue;
             }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use cryo_image::proto::{PagemapEntry, Vma, VmaKind};
+use cryo_image::proto::{PagemapEntry, Vma};
 use cryo_image::{ImageError, PageReader, PageWriter};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -90,16 +90,6 @@ pub struct Snapshot {
     ranges: Vec<(u64, u64)>,
 }
 
-/// Whether cryo can track this mapping: private anonymous memory the
-/// task can read (synchronous write-protect works on anonymous memory
-/// only; shared and file mappings are copied while the task is stopped).
-fn trackable(v: &Vma) -> bool {
-    matches!(
-        VmaKind::try_from(v.kind),
-        Ok(VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack)
-    ) && v.prot & libc::PROT_READ as u32 != 0
-}
-
 impl Snapshot {
     /// Register the private anonymous memory of the stopped task `victim`
     /// for write-protect faults and start the handler. None when the task
@@ -110,7 +100,7 @@ impl Snapshot {
     pub fn register(victim: &mut Victim, vmas: &[Vma]) -> Result<Option<Self>> {
         let pid = victim.pid;
         let t0 = std::time::Instant::now();
-        if !vmas.iter().any(trackable) {
+        if !vmas.iter().any(super::trackable) {
             return Ok(None);
         }
         let uffd = match victim.userfaultfd(false) {
@@ -142,7 +132,7 @@ impl Snapshot {
         let mut ranges = Vec::new();
         for v in vmas
             .iter()
-            .filter(|v| trackable(v) && !site.is_some_and(|a| v.start <= a && a < v.end))
+            .filter(|v| super::trackable(v) && !site.is_some_and(|a| v.start <= a && a < v.end))
         {
             // A range the task registered itself cannot be ours (EBUSY):
             // copy it while stopped.
