@@ -1237,6 +1237,7 @@ fn capture(
     shared: &mut SharedStored,
     parent: Option<(i32, &[proto::Vma])>,
     mut precopy: Option<PreCopy>,
+    use_snapshot: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Captured> {
     let pid = p.pid;
@@ -1266,7 +1267,7 @@ fn capture(
     // userfaultfd (under the task's mmap write lock, so before the walks
     // below), write-protected once its pages are known, and copied after
     // the task runs again.
-    let mut snapshot = if opts.leave_running {
+    let mut snapshot = if opts.leave_running && use_snapshot {
         Snapshot::register(victim, &vmas)?
     } else {
         None
@@ -1836,6 +1837,25 @@ fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
 /// Dump the process tree under `opts.pid`. On any error every task is left
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    match dump_once(opts, progress, true) {
+        // A leave-running copy the task's own munmap/madvise/mremap made
+        // impossible (it ran on untouched): once more, with its memory
+        // copied while it is stopped.
+        Err(DumpError::Snapshot(crate::mem::snapshot::SnapshotError::MapChanged { pid, what })) => {
+            tracing::warn!(
+                pid,
+                "{what}: dumping again, copying its memory while it is stopped"
+            );
+            remove_partial(&opts.dir);
+            dump_once(opts, progress, false)
+        }
+        r => r,
+    }
+}
+
+/// One dump; `snapshot`: with --leave-running, copy private memory after
+/// the resume under write-protection.
+fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) -> Result<DumpStats> {
     let t0 = Instant::now();
     let pid = opts.pid;
     std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
@@ -1925,6 +1945,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
             &mut shared,
             parent,
             precopies.remove(&p.pid),
+            snapshot,
             progress,
         )?;
         if let Some(&(index, pgrp)) = cttys.get(&c.pid) {

@@ -77,6 +77,36 @@ fn leave_running_copy_threads() {
     sweep_cycle(&dir, &mut wl, &img, 36);
 }
 
+/// Memory the task discards (MADV_DONTNEED) or unmaps before cryo has
+/// copied it makes a copy of one instant impossible: cryo dumps again
+/// with the memory copied while the task is stopped. Either way the dump
+/// succeeds, and the restored sweep finds one instant's memory.
+#[test]
+fn leave_running_copy_with_discarded_memory() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_sweep", &["--mib", "16", "--discard", "4"], &dir);
+    let img = dir.subdir("img");
+    let stats = dir.join("stats.json");
+    let out = dump(
+        wl.pid(),
+        &img,
+        &["-R", "--stats", stats.to_str().expect("utf-8 path")],
+        &[],
+    );
+    assert_cryo_ok(&out, "cryo dump -R of a task discarding memory");
+    let again = stderr_of(&out).contains("dumping again");
+    let copied = stats_field(&stats, "pages_copied_running");
+    eprintln!("dumped again: {again}; pages copied after the resume: {copied}");
+    assert!(
+        again == (copied == 0),
+        "a second dump ({again}) must copy nothing after the resume ({copied} pages did)"
+    );
+    wl.assert_pass("original after dump -R");
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(500));
+    wl.assert_pass("restored copy");
+}
+
 /// A failure while memory is copied after the resume: the task goes on
 /// untouched (no registration left, its own check passes), no image.
 #[test]

@@ -36,6 +36,10 @@ pub enum SnapshotError {
     Infect(#[from] InfectError),
     #[error("leave-running copy of task {pid}: {what}")]
     Copy { pid: i32, what: String },
+    /// The task unmapped, moved or discarded memory not copied yet: the
+    /// copy cannot be of one instant.
+    #[error("leave-running copy of task {pid}: {what}")]
+    MapChanged { pid: i32, what: String },
 }
 
 type Result<T> = std::result::Result<T, SnapshotError>;
@@ -52,6 +56,8 @@ struct Shared {
     done_upto: AtomicU64,
     /// Why the copy cannot be a true snapshot any more.
     failed: Mutex<Option<String>>,
+    /// The failure is a change of the task's memory map.
+    map_changed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -157,6 +163,7 @@ impl Snapshot {
             saved: Mutex::new(HashMap::new()),
             done_upto: AtomicU64::new(0),
             failed: Mutex::new(None),
+            map_changed: std::sync::atomic::AtomicBool::new(false),
         });
         let uffd = Arc::new(uffd);
         // The handler runs before anything is protected: a write cryo makes
@@ -266,11 +273,20 @@ impl Snapshot {
             sh.done_upto.store(start + len, Ordering::SeqCst);
             Ok(())
         };
-        let (merged, mut stats) = merge::merge(stopped, entries, &tracked, out, &mut fetch)
-            .map_err(|e| match e {
-                merge::MergeError::Image(e) => SnapshotError::Image(e),
-                merge::MergeError::Fetch(what) => SnapshotError::Copy { pid, what },
-            })?;
+        let merged = merge::merge(stopped, entries, &tracked, out, &mut fetch);
+        if sh.map_changed.load(Ordering::SeqCst) {
+            let what = sh
+                .failed
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .unwrap_or_default();
+            return Err(SnapshotError::MapChanged { pid, what });
+        }
+        let (merged, mut stats) = merged.map_err(|e| match e {
+            merge::MergeError::Image(e) => SnapshotError::Image(e),
+            merge::MergeError::Fetch(what) => SnapshotError::Copy { pid, what },
+        })?;
         self.check()?;
         stats.pages_copied_running = stats.pages_scanned;
         stats.pages_saved_on_write = saved_pages;
@@ -409,7 +425,8 @@ fn map_event(sh: &Shared, m: &uffd::Msg) {
     };
     if sh.pending_in(start, end) {
         sh.fail(format!(
-            "the task {what} memory at {start:#x}-{end:#x} before cryo had copied it; dump it again (or without --leave-running)"
+            "the task {what} memory at {start:#x}-{end:#x} before cryo had copied it"
         ));
+        sh.map_changed.store(true, Ordering::SeqCst);
     }
 }

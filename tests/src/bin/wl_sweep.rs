@@ -2,7 +2,7 @@
 //! that a leave-running dump stores the memory of one instant although
 //! the task keeps writing while cryo copies it.
 //!
-//! Usage: `wl_sweep --ready FILE --verdict FILE [--mib N] [--threads T]`
+//! Usage: `wl_sweep --ready FILE --verdict FILE [--mib N] [--threads T] [--discard M]`
 //!
 //! Each of T threads (default 1) maps N MiB (default 32) of private
 //! anonymous memory of its own and sweeps over
@@ -17,6 +17,10 @@
 //! carries on sweeping without a failure. A copy taken while the task ran,
 //! page by page, holds pages of different generations on both sides of
 //! the cursor, and the restored process fails within two sweeps.
+//!
+//! With `--discard M` one more thread fills M MiB of its own and
+//! discards them (MADV_DONTNEED) over and over, as allocators do with
+//! memory they free.
 //!
 //! The ready file reads `ready pid=<pid>` once every thread has done its
 //! first sweep. On
@@ -54,6 +58,12 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     let others: Vec<_> = (1..threads)
         .map(|_| std::thread::spawn(move || sweep(mib)))
         .collect();
+    let discard: usize = a
+        .get("discard")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|_| "bad --discard")?;
+    let discarder = (discard > 0).then(|| std::thread::spawn(move || discard_loop(discard)));
     let ready = a.ready.clone();
     let mine = std::thread::spawn(move || {
         // The ready file once every thread has swept once.
@@ -68,6 +78,14 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     });
     let mut fails = sweep(mib)?;
     mine.join().map_err(|_| "ready thread panicked")??;
+    if let Some(d) = discarder {
+        if let Err(e) = d
+            .join()
+            .map_err(|_| "discard thread panicked".to_string())?
+        {
+            fails.push(format!("discard thread: {e}"));
+        }
+    }
     for (i, t) in others.into_iter().enumerate() {
         match t.join() {
             Ok(Ok(f)) => fails.extend(f.into_iter().map(|f| format!("thread {}: {f}", i + 1))),
@@ -76,6 +94,36 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         }
     }
     Ok(fails)
+}
+
+/// Fill `mib` MiB and discard them, again and again, until SIGTERM.
+fn discard_loop(mib: usize) -> Result<(), String> {
+    let len = mib << 20;
+    // SAFETY: a new private anonymous mapping; nothing else uses it.
+    let area = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if area == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let mut n = 0u8;
+    while !wl::TERM.load(Ordering::SeqCst) {
+        n = n.wrapping_add(1);
+        // SAFETY: `area` is `len` bytes of our own mapping.
+        unsafe { std::ptr::write_bytes(area as *mut u8, n | 1, len) };
+        // SAFETY: discarding our own mapping's pages.
+        if unsafe { libc::madvise(area, len, libc::MADV_DONTNEED) } != 0 {
+            return Err(format!("madvise: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// One sweeper over a mapping of its own, until SIGTERM.
@@ -177,7 +225,9 @@ fn sweep(mib: usize) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let a = wl::Args::parse("wl_sweep --ready FILE --verdict FILE [--mib N] [--threads T]");
+    let a = wl::Args::parse(
+        "wl_sweep --ready FILE --verdict FILE [--mib N] [--threads T] [--discard M]",
+    );
     wl::close_extra_fds();
     let result = run(&a);
     wl::finish(NAME, &a.verdict, result);
