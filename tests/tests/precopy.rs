@@ -154,3 +154,35 @@ fn failed_pre_copy_dump_leaves_task_running() {
     );
     wl.assert_pass("task after the failed dump");
 }
+
+/// `--cgroup` with `--pre-copy`: the pre-copy runs before the freeze.
+#[test]
+fn pre_copy_cgroup() {
+    let cg = cryo_tests::cg::TestCgroup::new("/sys/fs/cgroup/unified").expect("cgroup2 mounted");
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "16", "--rewrite"], &dir);
+    cg.add(wl.pid());
+    let img = dir.subdir("img");
+    let stats = dir.join("stats.json");
+    let cgroup = cg.dir.to_string_lossy().into_owned();
+    let out = run_cryo(
+        &[
+            "dump",
+            "--cgroup",
+            &cgroup,
+            "-D",
+            img.to_str().expect("utf-8 path"),
+            "--pre-copy",
+            "--stats",
+            stats.to_str().expect("utf-8 path"),
+        ],
+        &[],
+    );
+    assert_cryo_ok(&out, "cryo dump --cgroup --pre-copy");
+    wl.assert_gone_after_dump();
+    assert!(!cg.frozen(), "the cgroup stayed frozen");
+    assert!(stats_field(&stats, "pages_precopied") > 0, "nothing kept");
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(200));
+    wl.assert_pass("restored cgroup after a pre-copy dump");
+}

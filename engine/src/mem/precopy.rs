@@ -265,7 +265,11 @@ impl PreCopy {
             return Ok(0);
         };
         let page = |i: usize| &buf[i * PAGE as usize..(i + 1) * PAGE as usize];
-        let is_zero = |i: usize| page(i).iter().all(|&b| b == 0);
+        let is_zero = |i: usize| {
+            page(i)
+                .chunks_exact(8)
+                .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        };
         let mut i = 0;
         while i < n {
             if is_zero(i) {
