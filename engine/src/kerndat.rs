@@ -213,22 +213,22 @@ pub fn probe() -> Vec<Feature> {
     let (uffd, wp_async) = probe_userfaultfd();
     out.push(feature(
         "userfaultfd",
-        "no lazy (post-copy) restore and no uffd dirty tracking",
+        "dump -R stops the task for the copy of all its memory; no --pre-copy",
         uffd,
     ));
     out.push(feature(
         "uffd-wp-async",
-        "no incremental or pre-copy dumps without soft-dirty",
+        "no --pre-copy (its write tracking)",
         wp_async,
     ));
     out.push(feature(
         "pagemap-scan",
-        "page discovery falls back to reading pagemap; no uffd-wp dirty scans",
+        "cryo cannot find the pages to dump (PAGEMAP_SCAN, Linux 6.7); no --pre-copy",
         probe_pagemap_scan(),
     ));
     out.push(feature(
         "soft-dirty",
-        "incremental dumps use userfaultfd write-protect instead",
+        "none: cryo tracks writes with userfaultfd write-protection instead",
         probe_soft_dirty(),
     ));
     out.push(feature(
