@@ -1801,8 +1801,20 @@ fn pre_copy(opts: &DumpOptions, roots: &[i32], guard: &Guard) -> Result<HashMap<
     let mut last = u64::MAX;
     for round in 0..MAX_ROUNDS {
         let mut copied = 0;
-        for pc in out.values_mut() {
-            copied += pc.round()?;
+        let mut gone = Vec::new();
+        for (&p, pc) in out.iter_mut() {
+            match pc.round() {
+                Ok(n) => copied += n,
+                // Ended meanwhile: no pre-copy of it (the seize sees).
+                Err(_) if pstree::stat(p).is_none_or(|s| s.state == 'Z') => gone.push(p),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for p in gone {
+            if let Some(mut pc) = out.remove(&p) {
+                drop(pc.writer());
+                let _ = std::fs::remove_file(opts.dir.join(cryo_image::pages_file(p as u32)));
+            }
         }
         tracing::debug!(
             round,

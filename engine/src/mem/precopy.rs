@@ -118,7 +118,8 @@ impl PreCopy {
     /// Start tracking process `pid` (running): stop it just long enough
     /// to make a userfaultfd inside it, register its private anonymous
     /// memory for asynchronous write-protection, let it go. None when
-    /// there is nothing to track or the kernel cannot.
+    /// there is nothing to track or the kernel or the task cannot (an
+    /// error only when the task could not be let go as it was).
     pub fn start(
         pid: i32,
         guard: &Guard,
@@ -128,7 +129,13 @@ impl PreCopy {
         threads: usize,
     ) -> Result<Option<PreCopy>> {
         let npid = Pid::from_raw(pid);
-        let mut v = Victim::seize(npid)?;
+        let mut v = match Victim::seize(npid) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(pid, "no pre-copy: {e}");
+                return Ok(None);
+            }
+        };
         let made = (|| -> std::result::Result<OwnedFd, InfectError> {
             v.set_notifier(guard.notifier());
             let site = v.injection_site()?;
@@ -140,11 +147,12 @@ impl PreCopy {
         cured?;
         let uffd = match made {
             Ok(fd) => fd,
-            Err(InfectError::Syscall { errno, .. }) => {
-                tracing::info!(pid, %errno, "no userfaultfd in the task: no pre-copy");
+            // The task is as it was: the dump goes on without a pre-copy
+            // of it (and the seize finds out what is wrong, if anything).
+            Err(e) => {
+                tracing::info!(pid, "no pre-copy: {e}");
                 return Ok(None);
             }
-            Err(e) => return Err(e.into()),
         };
         if let Err(e) = uffd::api(&uffd, npid, uffd::FEATURE_WP_ASYNC) {
             tracing::info!(pid, "{e}: no pre-copy");
