@@ -47,6 +47,8 @@ type Result<T> = std::result::Result<T, SnapshotError>;
 /// What the copier and the fault handler share.
 struct Shared {
     pid: Pid,
+    /// /proc/PID/mem, opened while the task was stopped.
+    mem: std::fs::File,
     /// Runs to copy after the resume, sorted (set once, before the task
     /// can fault).
     tracked: Mutex<Vec<Run>>,
@@ -157,8 +159,14 @@ impl Snapshot {
                 pid: pid.as_raw(),
                 what: format!("pipe: {e}"),
             })?;
+        let mem_path = format!("/proc/{pid}/mem");
+        let mem = std::fs::File::open(&mem_path).map_err(|e| SnapshotError::Copy {
+            pid: pid.as_raw(),
+            what: format!("{mem_path}: {e}"),
+        })?;
         let shared = Arc::new(Shared {
             pid,
+            mem,
             tracked: Mutex::new(Vec::new()),
             saved: Mutex::new(HashMap::new()),
             done_upto: AtomicU64::new(0),
@@ -252,7 +260,7 @@ impl Snapshot {
                 return Err("fault injected (CRYO_FAULT=fail-in-copy)".into());
             }
             let len = buf.len() as u64;
-            read_task(sh.pid, start, buf)
+            read_task(&sh.mem, start, buf)
                 .map_err(|e| format!("reading {start:#x}-{:#x}: {e}", start + len))?;
             if let Ok(mut saved) = sh.saved.lock() {
                 for (i, page) in buf.chunks_exact_mut(PAGE as usize).enumerate() {
@@ -315,17 +323,14 @@ impl Drop for Snapshot {
     }
 }
 
-fn read_task(pid: Pid, addr: u64, out: &mut [u8]) -> std::result::Result<(), Errno> {
-    let len = out.len();
-    let mut iov = [std::io::IoSliceMut::new(out)];
-    let remote = [nix::sys::uio::RemoteIoVec {
-        base: addr as usize,
-        len,
-    }];
-    match nix::sys::uio::process_vm_readv(pid, &mut iov, &remote)? {
-        n if n == len => Ok(()),
-        _ => Err(Errno::EFAULT),
-    }
+/// Read the task's memory through the /proc/PID/mem descriptor opened
+/// while it was stopped: that descriptor holds the address space of that
+/// moment, so a task that calls exec meanwhile is not read in its new
+/// one (the reads fail once the old one is gone).
+fn read_task(mem: &std::fs::File, addr: u64, out: &mut [u8]) -> std::result::Result<(), Errno> {
+    use std::os::unix::fs::FileExt;
+    mem.read_exact_at(out, addr)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EFAULT)))
 }
 
 /// Serve the task's write-protect faults until `stop` is written: save
@@ -362,7 +367,7 @@ fn handle_faults(sh: &Shared, uffd: &OwnedFd, stop: &OwnedFd) {
             && sh.tracked_at(addr)
             && addr >= sh.done_upto.load(Ordering::SeqCst)
         {
-            match read_task(sh.pid, addr, &mut page) {
+            match read_task(&sh.mem, addr, &mut page) {
                 Ok(()) => {
                     if let Ok(mut s) = sh.saved.lock() {
                         s.entry(addr).or_insert_with(|| page.clone().into());
