@@ -348,34 +348,58 @@ impl PreCopy {
             let i = runs.partition_point(|r| r.start + r.pages * PAGE <= p);
             runs.get(i).is_some_and(|r| r.start <= p)
         };
+        // The whole of [start, end) in one run.
+        let within_run = |start: u64, end: u64| {
+            let i = runs.partition_point(|r| r.start + r.pages * PAGE <= start);
+            runs.get(i)
+                .is_some_and(|r| r.start <= start && end <= r.start + r.pages * PAGE)
+        };
         let vma_of = |p: u64| tracked.iter().position(|&(s, e)| s <= p && p < e);
-        let in_tracked = |p: u64| vma_of(p).is_some();
-        let unchanged = |p: u64, round: u32| self.written.get(&p).is_none_or(|&w| w <= round);
+        let mut written: Vec<(u64, u32)> = self.written.iter().map(|(&p, &r)| (p, r)).collect();
+        written.sort_unstable();
+        // No page of [start, end) written after `round`.
+        let unchanged = |start: u64, end: u64, round: u32| {
+            let i = written.partition_point(|&(p, _)| p < start);
+            written[i..]
+                .iter()
+                .take_while(|&&(p, _)| p < end)
+                .all(|&(_, w)| w <= round)
+        };
         let mut valid: Vec<(usize, PreChunk)> = self
             .chunks
             .iter()
             .enumerate()
             .filter(|(_, c)| {
+                let end = c.start + c.pages * PAGE;
                 // Inside one mapping still tracked (an entry never spans
-                // two mappings).
+                // two mappings), unchanged, all its pages to be stored.
                 vma_of(c.start).is_some()
-                    && vma_of(c.start) == vma_of(c.start + (c.pages - 1) * PAGE)
-                    && (0..c.pages).all(|i| {
-                        let p = c.start + i * PAGE;
-                        unchanged(p, c.round) && in_runs(p)
-                    })
+                    && vma_of(c.start) == vma_of(end - PAGE)
+                    && unchanged(c.start, end, c.round)
+                    && within_run(c.start, end)
             })
             .map(|(i, c)| (i, *c))
             .collect();
         valid.sort_by_key(|(_, c)| c.start);
-        let zeros: std::collections::BTreeSet<u64> = self
+        let mut zeros: Vec<u64> = self
             .zero
             .iter()
-            .filter(|&(&p, &round)| unchanged(p, round) && in_tracked(p) && in_runs(p))
+            .filter(|&(&p, &round)| {
+                unchanged(p, p + PAGE, round) && vma_of(p).is_some() && in_runs(p)
+            })
             .map(|(&p, _)| p)
             .collect();
-        // What is left to capture now.
+        zeros.sort_unstable();
+        // What is left to capture now (runs, chunks and zeros are sorted:
+        // one walk).
         let mut kept_at = valid.iter().map(|(_, c)| (c.start, c.pages)).peekable();
+        let mut zi = 0;
+        let mut is_zero = |p: u64| {
+            while zi < zeros.len() && zeros[zi] < p {
+                zi += 1;
+            }
+            zeros.get(zi) == Some(&p)
+        };
         let mut now = Vec::with_capacity(runs.len());
         let mut kept_pages = 0;
         for r in runs.iter() {
@@ -392,14 +416,14 @@ impl PreCopy {
                         continue;
                     }
                 }
-                if zeros.contains(&p) {
+                if is_zero(p) {
                     p += PAGE;
                     continue;
                 }
                 // A piece to capture: up to the next kept chunk or zero.
                 let limit = kept_at.peek().map_or(end, |&(s, _)| s.min(end));
                 let mut q = p + PAGE;
-                while q < limit && !zeros.contains(&q) {
+                while q < limit && !is_zero(q) {
                     q += PAGE;
                 }
                 now.push(Run {
