@@ -1031,3 +1031,32 @@ pub fn openpty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
         )
     }
 }
+
+/// Pages of process `pid` that its image stores as its parent's (runs
+/// flagged in-parent in `pagemap-<pid>.img`, from `cryo image decode`).
+pub fn in_parent_pages(img: &Path, pid: i32) -> u64 {
+    let file = img.join(format!("pagemap-{pid}.img"));
+    let out = run_cryo(
+        &["image", "decode", file.to_str().expect("utf-8 path")],
+        &[],
+    );
+    assert_cryo_ok(&out, "cryo image decode");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |run: &str, key: &str| -> u64 {
+        run.split_once(&format!("\"{key}\":"))
+            .map(|(_, v)| {
+                v.trim_start()
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect::<String>()
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    text.split("\"run\":")
+        .skip(1)
+        .map(|r| r.split('}').next().unwrap_or(""))
+        .filter(|r| field(r, "flags") & 1 != 0)
+        .map(|r| field(r, "nr_pages"))
+        .sum()
+}

@@ -186,3 +186,138 @@ fn pre_copy_cgroup() {
     std::thread::sleep(Duration::from_millis(200));
     wl.assert_pass("restored cgroup after a pre-copy dump");
 }
+
+// Adversarial scenarios: the task changes its memory map between the
+// pre-copy rounds and the stop. The sweep is paced (about 0.7 s per sweep
+// of 16 MiB) so that pages copied in a round are still unchanged at the
+// stop and kept, next to pages rewritten, discarded, moved or mapped anew
+// since. Each wl_sweep variation checks that what it finds after the
+// restore is the memory of the stop, page by page.
+
+/// Kill-mode dump with --pre-copy of wl_sweep, paced, with `more`
+/// arguments; `check` looks at the image (given the pids of the tree at
+/// the start), then the restored tree checks itself. Returns the pages
+/// kept from the pre-copy.
+fn pre_copy_variant(more: &[&str], what: &str, check: &dyn Fn(&Path, &[i32])) -> u64 {
+    let dir = TestDir::new();
+    let mut args = vec!["--mib", "16", "--pace", "10000"];
+    args.extend_from_slice(more);
+    let mut wl = Workload::start("wl_sweep", &args, &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let t0 = std::time::Instant::now();
+    let kept = dump_pre_copy(&dir, &mut wl, &img);
+    eprintln!(
+        "{what}: pages kept from the pre-copy: {kept} (dump {:?})",
+        t0.elapsed()
+    );
+    assert!(
+        reap_gone(guard.pids(), Duration::from_secs(10)),
+        "the tree outlived a kill-mode dump"
+    );
+    // Children forked after the start were reparented to this test.
+    reap_zombie_children();
+    check(&img, guard.pids());
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(600));
+    wl.assert_pass(&format!("restored {what}"));
+    kept
+}
+
+fn some_kept(what: &str, more: &[&str]) {
+    let kept = pre_copy_variant(more, what, &|_, _| {});
+    assert!(kept > 0, "nothing was kept from the pre-copy");
+}
+
+#[test]
+fn pre_copy_of_memory_moved_with_mremap() {
+    some_kept("a task moving memory", &["--mremap", "512"]);
+}
+
+#[test]
+fn pre_copy_of_memory_unmapped_and_mapped_anew() {
+    some_kept(
+        "a task unmapping and mapping memory again",
+        &["--remap", "512"],
+    );
+}
+
+#[test]
+fn pre_copy_of_pages_discarded_then_rewritten() {
+    some_kept("a task discarding and rewriting pages", &["--redo", "512"]);
+}
+
+#[test]
+fn pre_copy_of_memory_changing_protections() {
+    some_kept(
+        "a task changing protections",
+        &["--mprotect", "1024", "--protnone", "1024"],
+    );
+}
+
+#[test]
+fn pre_copy_of_huge_pages() {
+    some_kept("a task in huge pages", &["--thp", "1"]);
+}
+
+/// Children come and go during the rounds (some may be pre-copied, then
+/// end before the stop).
+#[test]
+fn pre_copy_of_a_forking_task() {
+    some_kept("a task forking", &["--forker", "1"]);
+}
+
+/// A parent and its child sweeping the area they still partly share
+/// copy-on-write.
+#[test]
+fn pre_copy_tree_writing_shared_pages() {
+    pre_copy_variant(&["--tree", "1"], "a tree sharing pages", &|img, pids| {
+        assert_eq!(pids.len(), 2, "the sweeper has no child: {pids:?}");
+        let shared = in_parent_pages(img, pids[1]);
+        assert!(
+            shared >= 256,
+            "only {shared} pages of the child were still shared with its parent"
+        );
+    });
+}
+
+/// All of it at once, in huge pages, with two plain sweepers.
+#[test]
+fn pre_copy_with_everything_at_once() {
+    some_kept(
+        "a task changing its memory every way",
+        &[
+            "--threads",
+            "2",
+            "--thp",
+            "1",
+            "--mremap",
+            "512",
+            "--remap",
+            "512",
+            "--mprotect",
+            "512",
+            "--protnone",
+            "512",
+            "--redo",
+            "512",
+            "--forker",
+            "1",
+            "--discard",
+            "2",
+        ],
+    );
+}
+
+/// A child that ends on its own during the rounds (or just before the
+/// stop): its pre-copy is dropped, the zombie is dumped as one.
+#[test]
+fn pre_copy_tree_child_exits_during_rounds() {
+    for life in ["60", "150"] {
+        pre_copy_variant(
+            &["--tree", "1", "--child-life", life],
+            "a tree whose child exits",
+            &|_, _| {},
+        );
+    }
+}

@@ -36,13 +36,22 @@ pub enum SnapshotError {
     Infect(#[from] InfectError),
     #[error("leave-running copy of task {pid}: {what}")]
     Copy { pid: i32, what: String },
-    /// The task unmapped, moved or discarded memory not copied yet: the
-    /// copy cannot be of one instant.
+    /// The task unmapped, moved or discarded memory not copied yet, or
+    /// ended: the copy cannot be of one instant.
     #[error("leave-running copy of task {pid}: {what}")]
     MapChanged { pid: i32, what: String },
 }
 
 type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// Why the copy cannot be a true snapshot any more.
+#[derive(Clone)]
+struct Failure {
+    what: String,
+    /// A change of the task's memory map: dumping again with the memory
+    /// copied while stopped will do.
+    map_changed: bool,
+}
 
 /// What the copier and the fault handler share.
 struct Shared {
@@ -56,10 +65,13 @@ struct Shared {
     saved: Mutex<HashMap<u64, Box<[u8]>>>,
     /// Every tracked page below this address has been copied.
     done_upto: AtomicU64,
-    /// Why the copy cannot be a true snapshot any more.
-    failed: Mutex<Option<String>>,
-    /// The failure is a change of the task's memory map.
-    map_changed: std::sync::atomic::AtomicBool,
+    /// Held by the handler from reading the userfaultfd until it has
+    /// judged the events read, and by the copier when it counts a batch
+    /// as copied: an unmap, move or discard the handler has let go on
+    /// (the kernel completes an event as it is read) is judged against
+    /// the pages copied before it could change them.
+    events: Mutex<()>,
+    failed: Mutex<Option<Failure>>,
 }
 
 impl Shared {
@@ -81,10 +93,18 @@ impl Shared {
         t.get(i).is_some_and(|r| r.start < end)
     }
 
-    fn fail(&self, what: String) {
+    /// Record a failure; the first one is kept, unless a later one is a
+    /// map change (which is likely its cause, and can be retried).
+    fn fail(&self, what: String, map_changed: bool) {
         if let Ok(mut f) = self.failed.lock() {
-            f.get_or_insert(what);
+            if f.as_ref().is_none_or(|f| map_changed && !f.map_changed) {
+                *f = Some(Failure { what, map_changed });
+            }
         }
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        self.failed.lock().ok().and_then(|f| f.clone())
     }
 }
 
@@ -170,8 +190,8 @@ impl Snapshot {
             tracked: Mutex::new(Vec::new()),
             saved: Mutex::new(HashMap::new()),
             done_upto: AtomicU64::new(0),
+            events: Mutex::new(()),
             failed: Mutex::new(None),
-            map_changed: std::sync::atomic::AtomicBool::new(false),
         });
         let uffd = Arc::new(uffd);
         // The handler runs before anything is protected: a write cryo makes
@@ -250,18 +270,37 @@ impl Snapshot {
         let pid = sh.pid.as_raw();
         let tracked = sh.tracked.lock().map(|t| t.clone()).unwrap_or_default();
         let mut saved_pages = 0u64;
+        // A batch that cannot be read or unprotected any more was
+        // unmapped, moved or made unreadable by the task (it was mapped
+        // and readable at the stop), or the task has ended since (ESRCH,
+        // a process of a tree that exits): a map change, as dumping again
+        // copies what is there then while it is stopped.
+        let moved = |what: String, errno: Errno| {
+            let why = if errno == Errno::ESRCH {
+                "the task ended before cryo had copied its memory"
+            } else {
+                "the task changed its memory map before cryo had copied it"
+            };
+            sh.fail(format!("{why}: {what}"), true);
+            what
+        };
         // Batch by batch: read, replace pages the handler saved before a
-        // write, then lift the protection.
+        // write, lift the protection, count the batch as copied.
         let mut fetch = |start: u64, buf: &mut [u8]| -> std::result::Result<(), String> {
-            if let Some(what) = sh.failed.lock().ok().and_then(|f| f.clone()) {
-                return Err(what);
+            if let Some(f) = sh.failure() {
+                return Err(f.what);
             }
             if crate::fault::check("in-copy") {
                 return Err("fault injected (CRYO_FAULT=fail-in-copy)".into());
             }
             let len = buf.len() as u64;
-            read_task(&sh.mem, start, buf)
-                .map_err(|e| format!("reading {start:#x}-{:#x}: {e}", start + len))?;
+            read_task(&sh.mem, start, buf).map_err(|e| {
+                let what = format!("reading {start:#x}-{:#x}: {e}", start + len);
+                match e {
+                    Errno::EFAULT | Errno::ENOMEM | Errno::ESRCH | Errno::EIO => moved(what, e),
+                    _ => what,
+                }
+            })?;
             if let Ok(mut saved) = sh.saved.lock() {
                 for (i, page) in buf.chunks_exact_mut(PAGE as usize).enumerate() {
                     if let Some(p) = saved.remove(&(start + i as u64 * PAGE)) {
@@ -270,25 +309,35 @@ impl Snapshot {
                     }
                 }
             }
+            // Succeeds only once no unmap or move is in flight (EAGAIN
+            // until the handler has read its event), so one that changed
+            // what was read above has been judged when the lock is taken
+            // below. ENOENT: part of the batch is not registered any more
+            // (unmapped, or mapped anew); ESRCH: the task has ended.
             loop {
                 match uffd::writeprotect(&self.uffd, sh.pid, start, len, false) {
                     Ok(()) => break,
                     // An event is waiting for the handler: let it run.
                     Err(e) if e.errno == Errno::EAGAIN => std::thread::yield_now(),
+                    Err(e) if matches!(e.errno, Errno::ENOENT | Errno::ESRCH) => {
+                        return Err(moved(format!("unprotecting {start:#x}: {e}"), e.errno))
+                    }
                     Err(e) => return Err(format!("unprotecting {start:#x}: {e}")),
                 }
+            }
+            let _judged = sh.events.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(f) = sh.failure() {
+                return Err(f.what);
             }
             sh.done_upto.store(start + len, Ordering::SeqCst);
             Ok(())
         };
         let merged = merge::merge(stopped, entries, &tracked, out, &mut fetch);
-        if sh.map_changed.load(Ordering::SeqCst) {
-            let what = sh
-                .failed
-                .lock()
-                .ok()
-                .and_then(|f| f.clone())
-                .unwrap_or_default();
+        if let Some(Failure {
+            what,
+            map_changed: true,
+        }) = sh.failure()
+        {
             return Err(SnapshotError::MapChanged { pid, what });
         }
         let (merged, mut stats) = merged.map_err(|e| match e {
@@ -302,10 +351,10 @@ impl Snapshot {
     }
 
     fn check(&self) -> Result<()> {
-        match self.shared.failed.lock().ok().and_then(|f| f.clone()) {
-            Some(what) => Err(SnapshotError::Copy {
+        match self.shared.failure() {
+            Some(f) => Err(SnapshotError::Copy {
                 pid: self.shared.pid.as_raw(),
-                what,
+                what: f.what,
             }),
             None => Ok(()),
         }
@@ -358,10 +407,6 @@ fn handle_faults(sh: &Shared, uffd: &OwnedFd, stop: &OwnedFd) {
         let Some(m) = queue.pop_front() else {
             continue;
         };
-        if m.event != uffd::EVENT_PAGEFAULT {
-            map_event(sh, &m);
-            continue;
-        }
         let addr = m.b & !(PAGE - 1);
         if m.a & uffd::PAGEFAULT_FLAG_WP != 0
             && sh.tracked_at(addr)
@@ -373,33 +418,26 @@ fn handle_faults(sh: &Shared, uffd: &OwnedFd, stop: &OwnedFd) {
                         s.entry(addr).or_insert_with(|| page.clone().into());
                     }
                 }
-                Err(e) => sh.fail(format!("saving page {addr:#x} before a write: {e}")),
+                // Unmapped or made unreadable by another thread meanwhile,
+                // or the task is ending.
+                Err(e) => sh.fail(
+                    format!("saving page {addr:#x} before a write: {e}"),
+                    matches!(e, Errno::EFAULT | Errno::ENOMEM | Errno::ESRCH | Errno::EIO),
+                ),
             }
         }
         // Lift the protection of this page and wake the writer. EAGAIN: an
-        // event must be read first (its faults are queued behind).
+        // event must be read first (the faults read with it wait their
+        // turn).
         loop {
             match uffd::writeprotect(uffd, sh.pid, addr, PAGE, false) {
                 Err(e) if e.errno == Errno::EAGAIN => {
-                    let before = queue.len();
-                    read_msgs(sh, uffd, &mut queue);
-                    // Events are handled at once; faults wait their turn.
-                    let mut i = before;
-                    while i < queue.len() {
-                        if queue[i].event != uffd::EVENT_PAGEFAULT {
-                            if let Some(ev) = queue.remove(i) {
-                                map_event(sh, &ev);
-                            }
-                        } else {
-                            i += 1;
-                        }
-                    }
-                    if queue.len() == before {
+                    if !read_msgs(sh, uffd, &mut queue) {
                         std::thread::yield_now();
                     }
                 }
                 Err(e) if e.errno != Errno::ENOENT => {
-                    sh.fail(format!("letting a write to {addr:#x} through: {e}"));
+                    sh.fail(format!("letting a write to {addr:#x} through: {e}"), false);
                     break;
                 }
                 _ => break,
@@ -408,15 +446,33 @@ fn handle_faults(sh: &Shared, uffd: &OwnedFd, stop: &OwnedFd) {
     }
 }
 
-/// Append what the userfaultfd has queued to `queue`.
-fn read_msgs(sh: &Shared, uffd: &OwnedFd, queue: &mut std::collections::VecDeque<uffd::Msg>) {
+/// Read what the userfaultfd has queued: judge the events at once (under
+/// [`Shared::events`], before the copier can count more pages copied) and
+/// append the faults to `queue`. Whether anything was read.
+fn read_msgs(
+    sh: &Shared,
+    uffd: &OwnedFd,
+    queue: &mut std::collections::VecDeque<uffd::Msg>,
+) -> bool {
     let mut buf = [0u8; uffd::MSG_LEN * 64];
+    let judging = sh.events.lock().unwrap_or_else(|e| e.into_inner());
     match nix::unistd::read(uffd, &mut buf) {
-        Ok(n) => queue.extend(buf[..n].chunks_exact(uffd::MSG_LEN).map(uffd::Msg::parse)),
-        Err(Errno::EAGAIN | Errno::EINTR) => {}
+        Ok(n) => {
+            for m in buf[..n].chunks_exact(uffd::MSG_LEN).map(uffd::Msg::parse) {
+                if m.event == uffd::EVENT_PAGEFAULT {
+                    queue.push_back(m);
+                } else {
+                    map_event(sh, &m);
+                }
+            }
+            n > 0
+        }
+        Err(Errno::EAGAIN | Errno::EINTR) => false,
         Err(e) => {
-            sh.fail(format!("reading the userfaultfd: {e}"));
+            drop(judging);
+            sh.fail(format!("reading the userfaultfd: {e}"), false);
             std::thread::sleep(std::time::Duration::from_millis(1));
+            false
         }
     }
 }
@@ -429,9 +485,9 @@ fn map_event(sh: &Shared, m: &uffd::Msg) {
         _ => return,
     };
     if sh.pending_in(start, end) {
-        sh.fail(format!(
-            "the task {what} memory at {start:#x}-{end:#x} before cryo had copied it"
-        ));
-        sh.map_changed.store(true, Ordering::SeqCst);
+        sh.fail(
+            format!("the task {what} memory at {start:#x}-{end:#x} before cryo had copied it"),
+            true,
+        );
     }
 }
