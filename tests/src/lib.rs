@@ -1060,3 +1060,27 @@ pub fn in_parent_pages(img: &Path, pid: i32) -> u64 {
         .map(|r| field(r, "nr_pages"))
         .sum()
 }
+
+/// wl_sweep options that make it change its memory every way at once
+/// (threads, huge pages, mremap, munmap + mmap, mprotect, PROT_NONE,
+/// discard and rewrite, forks, discards).
+pub const SWEEP_EVERYTHING: &[&str] = &[
+    "--threads",
+    "2",
+    "--thp",
+    "1",
+    "--mremap",
+    "512",
+    "--remap",
+    "512",
+    "--mprotect",
+    "512",
+    "--protnone",
+    "512",
+    "--redo",
+    "512",
+    "--forker",
+    "1",
+    "--discard",
+    "2",
+];

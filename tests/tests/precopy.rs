@@ -284,29 +284,7 @@ fn pre_copy_tree_writing_shared_pages() {
 /// All of it at once, in huge pages, with two plain sweepers.
 #[test]
 fn pre_copy_with_everything_at_once() {
-    some_kept(
-        "a task changing its memory every way",
-        &[
-            "--threads",
-            "2",
-            "--thp",
-            "1",
-            "--mremap",
-            "512",
-            "--remap",
-            "512",
-            "--mprotect",
-            "512",
-            "--protnone",
-            "512",
-            "--redo",
-            "512",
-            "--forker",
-            "1",
-            "--discard",
-            "2",
-        ],
-    );
+    some_kept("a task changing its memory every way", SWEEP_EVERYTHING);
 }
 
 /// A child that ends on its own during the rounds (or just before the

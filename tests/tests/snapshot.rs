@@ -321,28 +321,7 @@ fn leave_running_tree_writing_shared_pages() {
 #[test]
 fn leave_running_copy_with_everything_at_once() {
     leave_running_variant(
-        &[
-            "--mib",
-            "8",
-            "--threads",
-            "2",
-            "--thp",
-            "1",
-            "--mremap",
-            "512",
-            "--remap",
-            "512",
-            "--mprotect",
-            "512",
-            "--protnone",
-            "512",
-            "--redo",
-            "512",
-            "--forker",
-            "1",
-            "--discard",
-            "2",
-        ],
+        &[&["--mib", "8"], SWEEP_EVERYTHING].concat(),
         "a task changing its memory every way",
     );
 }
