@@ -436,11 +436,18 @@ fn handle_faults(sh: &Shared, uffd: &OwnedFd, stop: &OwnedFd) {
                         std::thread::yield_now();
                     }
                 }
-                Err(e) if e.errno != Errno::ENOENT => {
+                // Not registered any more (unmapped or mapped anew by
+                // another thread): wake the writer, which then faults on
+                // what is there now.
+                Err(e) if e.errno == Errno::ENOENT => {
+                    let _ = uffd::wake(uffd, sh.pid, addr, PAGE);
+                    break;
+                }
+                Err(e) => {
                     sh.fail(format!("letting a write to {addr:#x} through: {e}"), false);
                     break;
                 }
-                _ => break,
+                Ok(()) => break,
             }
         }
     }

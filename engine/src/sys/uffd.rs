@@ -12,6 +12,7 @@ use super::{SysError, SysResult};
 const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
 const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -178,4 +179,17 @@ pub fn writeprotect(
             e => return Err(err("UFFDIO_WRITEPROTECT", pid, e)),
         }
     }
+}
+
+/// Wake the threads waiting on a fault in [start, start+len).
+pub fn wake(uffd: &OwnedFd, pid: Pid, start: u64, len: u64) -> SysResult<()> {
+    let range = Range { start, len };
+    // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range` (16 bytes, the
+    // layout of `Range`), which lives for the call; it only wakes threads
+    // of the registered task.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE, &range) };
+    if r < 0 {
+        return Err(err("UFFDIO_WAKE", pid, Errno::last()));
+    }
+    Ok(())
 }
