@@ -1630,19 +1630,7 @@ fn write_process(
             // The pages captured while stopped and the tracked ones, read
             // from the running task now, in address order.
             Some(snap) => {
-                let reader = cryo_image::PageReader::open(
-                    &opts.dir,
-                    scratch,
-                    Compression::None,
-                    scratch_chunks,
-                )?;
-                let mut out = PageWriter::create(
-                    &opts.dir,
-                    &pages_name,
-                    opts.compression,
-                    opts.zstd_level,
-                    opts.threads,
-                )?;
+                let (reader, mut out) = reopen_scratch(opts, scratch, &pages_name, scratch_chunks)?;
                 let (runs, stats) = snap.copy(&reader, &c.runs, &mut out)?;
                 c.runs = runs;
                 c.pstats.add(&stats);
@@ -1811,9 +1799,8 @@ fn pre_copy(opts: &DumpOptions, roots: &[i32], guard: &Guard) -> Result<HashMap<
             }
         }
         for p in gone {
-            if let Some(mut pc) = out.remove(&p) {
-                drop(pc.writer());
-                let _ = std::fs::remove_file(opts.dir.join(cryo_image::pages_file(p as u32)));
+            if let Some(pc) = out.remove(&p) {
+                pc.discard(&opts.dir);
             }
         }
         tracing::debug!(
@@ -1969,9 +1956,8 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         caps.push(c);
     }
     // Processes pre-copied that were gone by the stop: no pages file.
-    for (p, mut pc) in precopies.drain() {
-        drop(pc.writer());
-        let _ = std::fs::remove_file(opts.dir.join(cryo_image::pages_file(p as u32)));
+    for (_, pc) in precopies.drain() {
+        pc.discard(&opts.dir);
     }
     // Open file descriptions and pipe contents, while all is stopped.
     let files = link_files(&mut caps, opts.ext_unix_sk, &mut DiagSnapshot::default())?;
@@ -2066,6 +2052,24 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     })
 }
 
+/// The raw scratch pages file, to read, and the real pages file, to write.
+fn reopen_scratch(
+    opts: &DumpOptions,
+    scratch: &str,
+    pages: &str,
+    chunks: Vec<proto::PageChunk>,
+) -> Result<(cryo_image::PageReader, PageWriter)> {
+    let reader = cryo_image::PageReader::open(&opts.dir, scratch, Compression::None, chunks)?;
+    let pw = PageWriter::create(
+        &opts.dir,
+        pages,
+        opts.compression,
+        opts.zstd_level,
+        opts.threads,
+    )?;
+    Ok((reader, pw))
+}
+
 /// Compress the raw scratch pages file into the real one, chunk by chunk,
 /// and remove it.
 fn recompress(
@@ -2074,14 +2078,7 @@ fn recompress(
     pages: &str,
     chunks: Vec<proto::PageChunk>,
 ) -> Result<PageWriter> {
-    let reader = cryo_image::PageReader::open(&opts.dir, scratch, Compression::None, chunks)?;
-    let mut pw = PageWriter::create(
-        &opts.dir,
-        pages,
-        opts.compression,
-        opts.zstd_level,
-        opts.threads,
-    )?;
+    let (reader, mut pw) = reopen_scratch(opts, scratch, pages, chunks)?;
     for i in 0..reader.chunks().len() {
         let mut buf = pw.take_buffer();
         buf.resize(reader.chunks()[i].nr_pages as usize * mem::PAGE as usize, 0);

@@ -103,7 +103,8 @@ fn copy_run(
     Ok(())
 }
 
-fn is_zero(p: &[u8]) -> bool {
+/// Whether a page holds only zeros.
+pub(super) fn is_zero(p: &[u8]) -> bool {
     p.chunks_exact(8)
         .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
 }

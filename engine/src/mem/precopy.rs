@@ -23,6 +23,7 @@ use cryo_image::proto::{Compression, PageChunk, PagemapEntry, Vma};
 use cryo_image::{ImageError, PageWriter};
 use nix::unistd::Pid;
 
+use super::merge::is_zero;
 use super::transfer::TransferStats;
 use super::{Run, PAGE};
 use crate::infect::guard::Guard;
@@ -218,7 +219,6 @@ impl PreCopy {
         };
         let round = self.rounds;
         let mut copied = 0;
-        let mut buf = vec![0u8; (READ_PAGES * PAGE) as usize];
         for (s, e) in self.ranges.clone() {
             for (rs, re, cat) in sys::pagemap_scan(&pagemap, pid, s, e, &q)? {
                 let (rs, re) = (rs.max(s), re.min(e));
@@ -237,7 +237,7 @@ impl PreCopy {
                     let mut at = xs;
                     while at < xe {
                         let n = ((xe - at) / PAGE).min(READ_PAGES);
-                        copied += self.copy(at, &mut buf[..(n * PAGE) as usize], round)?;
+                        copied += self.copy(at, n, round)?;
                         at += n * PAGE;
                     }
                 }
@@ -256,10 +256,17 @@ impl PreCopy {
     /// Read the pages at `at` from the task and submit the runs of them
     /// that are not all zeros as chunks (pages the task unmapped meanwhile
     /// are left out: they get no chunk).
-    fn copy(&mut self, at: u64, buf: &mut [u8], round: u32) -> Result<u64> {
-        let len = buf.len();
+    fn copy(&mut self, at: u64, pages: u64, round: u32) -> Result<u64> {
+        let Some(pw) = self.pw.as_mut() else {
+            return Ok(0);
+        };
+        // Read into a buffer of the writer: a batch without zero pages (the
+        // common case) is submitted as it is, without another copy.
+        let mut buf = pw.take_buffer();
+        buf.resize((pages * PAGE) as usize, 0);
         let n = {
-            let mut iov = [std::io::IoSliceMut::new(&mut *buf)];
+            let len = buf.len();
+            let mut iov = [std::io::IoSliceMut::new(&mut buf[..])];
             let remote = [nix::sys::uio::RemoteIoVec {
                 base: at as usize,
                 len,
@@ -269,37 +276,39 @@ impl PreCopy {
                 Err(_) => 0,
             }
         };
-        let Some(pw) = self.pw.as_mut() else {
-            return Ok(0);
-        };
-        let page = |i: usize| &buf[i * PAGE as usize..(i + 1) * PAGE as usize];
-        let is_zero = |i: usize| {
-            page(i)
-                .chunks_exact(8)
-                .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
-        };
+        let zero = |i: usize| is_zero(&buf[i * PAGE as usize..(i + 1) * PAGE as usize]);
         let mut i = 0;
         while i < n {
-            if is_zero(i) {
+            if zero(i) {
                 self.zero.insert(at + i as u64 * PAGE, round);
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < n && !is_zero(j) {
+            while j < n && !zero(j) {
                 j += 1;
             }
-            let mut data = pw.take_buffer();
-            data.extend_from_slice(&buf[i * PAGE as usize..j * PAGE as usize]);
-            pw.submit(data)?;
             self.chunks.push(PreChunk {
                 start: at + i as u64 * PAGE,
                 pages: (j - i) as u64,
                 round,
             });
+            if i == 0 && j == buf.len() / PAGE as usize {
+                pw.submit(std::mem::take(&mut buf))?;
+                break;
+            }
+            let mut data = pw.take_buffer();
+            data.extend_from_slice(&buf[i * PAGE as usize..j * PAGE as usize]);
+            pw.submit(data)?;
             i = j;
         }
         Ok(n as u64)
+    }
+
+    /// Drop a pre-copy the dump has no use for, with its pages file.
+    pub fn discard(mut self, dir: &Path) {
+        drop(self.pw.take());
+        let _ = std::fs::remove_file(dir.join(cryo_image::pages_file(self.pid.as_raw() as u32)));
     }
 
     /// With the task stopped: take out of `runs` (the pages to store, in
