@@ -1793,9 +1793,13 @@ fn pre_copy(opts: &DumpOptions, roots: &[i32], guard: &Guard) -> Result<HashMap<
         for (&p, pc) in out.iter_mut() {
             match pc.round() {
                 Ok(n) => copied += n,
-                // Ended meanwhile: no pre-copy of it (the seize sees).
-                Err(_) if pstree::stat(p).is_none_or(|s| s.state == 'Z') => gone.push(p),
-                Err(e) => return Err(e.into()),
+                // Ending meanwhile (ESRCH before it is even a zombie), or
+                // anything else: it is dumped without a pre-copy, and the
+                // seize sees what became of it. The task was not touched.
+                Err(e) => {
+                    tracing::info!(pid = p, "pre-copy given up: {e}");
+                    gone.push(p);
+                }
             }
         }
         for p in gone {
