@@ -1,5 +1,9 @@
-//! Cgroup membership: which cgroup of each hierarchy a task is in (from
-//! /proc/PID/cgroup), and moving a restored task back there.
+//! Cgroup membership: which cgroup of each hierarchy a task is in (dump:
+//! /proc/PID/cgroup), and moving a restored task back there (restore: the
+//! new task writes itself into each cgroup's cgroup.procs before it sets
+//! up its memory, which is then charged to them; they must exist).
+
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
@@ -52,6 +56,24 @@ pub fn cgroup_dir(mountinfo: &str, e: &CgroupEntry) -> Option<PathBuf> {
         return Some(PathBuf::from(mnt).join(rel.trim_start_matches('/')));
     }
     None
+}
+
+/// In a new task: join every dumped cgroup (they must exist; creating
+/// cgroups comes later).
+pub fn join(entries: &[CgroupEntry]) -> Result<(), String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for e in entries {
+        let dir = cgroup_dir(&mountinfo, e).ok_or_else(|| {
+            format!(
+                "cgroup {} of hierarchy {} ({}) is not mounted here",
+                e.path, e.hierarchy, e.controllers
+            )
+        })?;
+        if let Err(err) = std::fs::write(dir.join("cgroup.procs"), "0") {
+            return Err(format!("joining cgroup {}: {err}", dir.display()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

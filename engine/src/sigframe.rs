@@ -7,6 +7,39 @@ use cryo_parasite::{sigframe as sf, KStack};
 /// user_regs_struct, as PTRACE_GETREGS returns it.
 pub type Regs = libc::user_regs_struct;
 
+/// All-zero registers.
+pub fn zeroed_regs() -> Regs {
+    Regs {
+        r15: 0,
+        r14: 0,
+        r13: 0,
+        r12: 0,
+        rbp: 0,
+        rbx: 0,
+        r11: 0,
+        r10: 0,
+        r9: 0,
+        r8: 0,
+        rax: 0,
+        rcx: 0,
+        rdx: 0,
+        rsi: 0,
+        rdi: 0,
+        orig_rax: 0,
+        rip: 0,
+        cs: 0,
+        eflags: 0,
+        rsp: 0,
+        ss: 0,
+        fs_base: 0,
+        gs_base: 0,
+        ds: 0,
+        es: 0,
+        fs: 0,
+        gs: 0,
+    }
+}
+
 const ERESTARTSYS: i64 = -512;
 const ERESTARTNOINTR: i64 = -513;
 const ERESTARTNOHAND: i64 = -514;
@@ -101,8 +134,7 @@ mod tests {
     use super::*;
 
     fn zero_regs() -> Regs {
-        // SAFETY: user_regs_struct is plain integers; all-zero is valid.
-        unsafe { std::mem::zeroed() }
+        zeroed_regs()
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! (gaps left by removed watches are filled with watches on scratch files,
 //! removed afterwards). Events queued at the dump are not kept.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use cryo_image::proto::{InotifyState, InotifyWatch};

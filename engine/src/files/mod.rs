@@ -1,6 +1,649 @@
-//! Descriptor kinds whose dump and restore need more than a path: one
-//! module per kind, dump and restore side by side.
+//! Descriptors: one module per kind of open file, dump and restore side
+//! by side. This file holds what every kind shares: telling the kind of a
+//! descriptor, the two exhaustive dispatches over [`FileKind`] (what the
+//! dump reads of a descriptor, and how the restore opens it again), and
+//! the open file descriptions shared between descriptors (dup, fork).
+//!
+//! A new kind in files.proto does not compile until it has an arm in
+//! [`dump_kind`], [`Opener::open`] and [`made_by_task`].
+//!
+//! Dump, per process (the tree is stopped): [`collect`] lists the
+//! descriptors and reads each one's state; once every process is
+//! collected, pty slaves are paired with their masters
+//! ([`pty::pair`]) and [`link`] gives descriptors that share an open file
+//! description one file id, then reads what needs the whole table (unix
+//! socket peers and queues, pipe bytes in flight, ghost file contents).
+//!
+//! Restore: [`open_all`] opens every open file description of the tree
+//! once, in the restoring process, before any task is made (the tasks
+//! inherit them and move them to their numbers, see `restore::fdtable`);
+//! epolls and pidfds are made by the task that holds them
+//! ([`make_in_task`]).
 
+#![forbid(unsafe_code)]
+
+pub mod epoll;
+pub mod eventfd;
+pub mod ghost;
 pub mod inotify;
+pub mod pidfd;
+pub mod pipe;
 pub mod pty;
+pub mod regfile;
+pub mod signalfd;
+pub mod timerfd;
+pub mod tty;
 pub mod unix;
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use cryo_image::proto::{FdEntry, FileEntry, FileKind};
+use nix::fcntl::{FcntlArg, OFlag};
+use nix::sys::stat::FileStat;
+
+use crate::proc as procfmt;
+use crate::pstree;
+use crate::sys::{self, SysError};
+use unix::DiagSnapshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    Parse { path: String },
+    #[error("task {pid}: fd {fd} is {what} ({link})")]
+    UnsupportedFd {
+        pid: i32,
+        fd: i32,
+        what: &'static str,
+        link: String,
+    },
+    #[error("task {pid}: fd {fd} refers to deleted file {link} of {size} bytes, more than the --ghost-limit of {limit} bytes")]
+    DeletedFile {
+        pid: i32,
+        fd: i32,
+        link: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error("task {pid}: fd {fd} ({link}) is a pipe whose other end is open in process {holder}, outside the dumped tree")]
+    ExternalPipe {
+        pid: i32,
+        fd: i32,
+        link: String,
+        holder: i32,
+    },
+    #[error("task {pid}: fd {fd}: the peer (socket {peer}) of unix socket {ino} is outside the dumped tree; {why}")]
+    ExternalUnixPeer {
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        peer: u64,
+        why: &'static str,
+    },
+    #[error("task {pid}: fd {fd} ({link}) is the master of pty {index}, whose slave is open in process {holder}, outside the dumped tree")]
+    ExternalPtySlave {
+        pid: i32,
+        fd: i32,
+        link: String,
+        index: u32,
+        holder: i32,
+    },
+    #[error(transparent)]
+    Unix(#[from] unix::UnixError),
+    #[error(transparent)]
+    Inotify(#[from] inotify::InotifyError),
+    #[error(transparent)]
+    Pty(#[from] pty::PtyError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+}
+
+type Result<T> = std::result::Result<T, FilesError>;
+
+/// What the dump accepts, from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct CollectOptions {
+    /// Largest deleted file or memfd whose contents go into the image.
+    pub ghost_limit: u64,
+    /// Descriptors on the controlling terminal of a shell job are kept.
+    pub shell_job: bool,
+}
+
+/// The descriptors of one process and the files they refer to (one
+/// `FileEntry` per descriptor until [`link`] merges shared ones).
+#[derive(Debug, Default)]
+pub struct ProcFds {
+    pub pid: i32,
+    pub fd_entries: Vec<FdEntry>,
+    pub files: Vec<FileEntry>,
+}
+
+impl ProcFds {
+    /// The descriptor number of file `id` in this process (-1: none).
+    pub fn fd_of(&self, id: u32) -> i32 {
+        self.fd_entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.fd as i32)
+            .unwrap_or(-1)
+    }
+}
+
+/// One descriptor being dumped: where it is and what /proc says of it.
+pub struct FdCtx<'a> {
+    pub pid: i32,
+    pub fd: i32,
+    /// The /proc/PID/fd/N link, as the kernel prints it.
+    pub link: &'a str,
+    pub st: &'a FileStat,
+    /// /proc/PID/fdinfo/N, whole and as `key: value` pairs.
+    pub fdinfo: &'a str,
+    pub info: &'a HashMap<String, String>,
+    pub info_path: &'a str,
+}
+
+impl FdCtx<'_> {
+    /// A decimal field of fdinfo.
+    pub fn num(&self, key: &str) -> Option<u64> {
+        self.info
+            .get(key)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    }
+
+    pub fn bad(&self) -> FilesError {
+        FilesError::Parse {
+            path: self.info_path.to_string(),
+        }
+    }
+
+    fn unsupported(&self, what: &'static str) -> FilesError {
+        FilesError::UnsupportedFd {
+            pid: self.pid,
+            fd: self.fd,
+            what,
+            link: self.link.to_string(),
+        }
+    }
+}
+
+/// Per-process resources a kind may need while its descriptors are read.
+#[derive(Default)]
+pub struct ProcHandles {
+    /// A pidfd of the process, for pidfd_getfd (made on first use).
+    pidfd: Option<OwnedFd>,
+}
+
+impl ProcHandles {
+    /// A duplicate of descriptor `fd` of task `pid`.
+    pub fn getfd(&mut self, pid: i32, fd: i32) -> Result<OwnedFd> {
+        let npid = nix::unistd::Pid::from_raw(pid);
+        let pidfd = match &self.pidfd {
+            Some(p) => p,
+            None => self.pidfd.insert(sys::pidfd_open(npid)?),
+        };
+        Ok(sys::pidfd_getfd(pidfd, npid, fd)?)
+    }
+}
+
+pub(crate) fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| FilesError::Proc {
+        path: path.into(),
+        source,
+    })
+}
+
+fn readlink(path: &str) -> Result<String> {
+    std::fs::read_link(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| FilesError::Proc {
+            path: path.into(),
+            source,
+        })
+}
+
+const ANON_UNSUPPORTED: &str = "an anonymous-inode file of a kind not supported yet (fanotify, io_uring, bpf, perf event, userfaultfd, ...)";
+
+/// The kind of descriptor `fd` of `pid`, or why it cannot be dumped.
+fn classify(
+    cx: &FdCtx,
+    ctty: u64,
+    opts: &CollectOptions,
+    diag: &mut DiagSnapshot,
+) -> Result<FileKind> {
+    let (link, st) = (cx.link, cx.st);
+    let fmt = st.st_mode & libc::S_IFMT;
+    let kind = match fmt {
+        libc::S_IFREG if link.starts_with("/memfd:") => FileKind::FileMemfd,
+        libc::S_IFREG if link.ends_with(" (deleted)") => FileKind::FileDeleted,
+        libc::S_IFREG => FileKind::FileRegular,
+        libc::S_IFDIR => FileKind::FileDirectory,
+        libc::S_IFCHR => tty::classify_chardev(cx, ctty, opts.shell_job)?,
+        libc::S_IFIFO if link.starts_with("pipe:") => FileKind::FilePipe,
+        _ if link == "anon_inode:[eventfd]" => FileKind::FileEventfd,
+        _ if link == "anon_inode:[timerfd]" => FileKind::FileTimerfd,
+        _ if link == "anon_inode:[signalfd]" => FileKind::FileSignalfd,
+        _ if link == "anon_inode:[eventpoll]" => FileKind::FileEpoll,
+        _ if link == "anon_inode:inotify" => FileKind::FileInotify,
+        _ if link == "anon_inode:[pidfd]" || link.starts_with("pidfd:") => FileKind::FilePidfd,
+        libc::S_IFSOCK => {
+            if !diag.get()?.contains_key(&st.st_ino) {
+                return Err(cx.unsupported(
+                    "a socket that is not a unix socket (other families are not supported yet)",
+                ));
+            }
+            FileKind::FileUnixSocket
+        }
+        libc::S_IFIFO if link.starts_with('/') && !link.ends_with(" (deleted)") => {
+            FileKind::FileFifo
+        }
+        _ => {
+            return Err(cx.unsupported(match fmt {
+                libc::S_IFIFO => "a deleted FIFO (not supported yet)",
+                libc::S_IFSOCK => "a socket (not supported yet)",
+                libc::S_IFBLK => "a block device (not supported yet)",
+                _ if link.starts_with("anon_inode:") => ANON_UNSUPPORTED,
+                _ => "an unsupported kind of file",
+            }))
+        }
+    };
+    let named = !is_anon(kind) && !ghost::is_ghost(kind);
+    if named && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
+        // Anonymous inodes of other kinds (some kernels give them a
+        // regular file type).
+        return Err(cx.unsupported(if link.starts_with("anon_inode:") {
+            ANON_UNSUPPORTED
+        } else {
+            "a deleted file that is not a regular file (not supported yet)"
+        }));
+    }
+    Ok(kind)
+}
+
+/// Kinds without a path: the kernel names them by inode.
+fn is_anon(kind: FileKind) -> bool {
+    matches!(
+        kind,
+        FileKind::FilePipe
+            | FileKind::FileUnixSocket
+            | FileKind::FileEventfd
+            | FileKind::FileTimerfd
+            | FileKind::FileSignalfd
+            | FileKind::FileEpoll
+            | FileKind::FilePidfd
+            | FileKind::FileInotify
+    )
+}
+
+/// Dump side of every kind: what one descriptor's own state is, read
+/// while its process is stopped. State that needs the whole tree's table
+/// is read by [`link`].
+fn dump_kind(
+    kind: FileKind,
+    cx: &FdCtx,
+    h: &mut ProcHandles,
+    opts: &CollectOptions,
+    e: &mut FileEntry,
+) -> Result<()> {
+    match kind {
+        FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => Ok(()),
+        FileKind::FileMemfd | FileKind::FileDeleted => ghost::dump(cx, opts.ghost_limit, e),
+        FileKind::FilePipe | FileKind::FileFifo => Ok(()), // bytes in flight: link()
+        FileKind::FileUnixSocket => Ok(()),                // state and queues: link()
+        FileKind::FileEventfd => eventfd::dump(cx, e),
+        FileKind::FileTimerfd => timerfd::dump(cx, e),
+        FileKind::FileSignalfd => signalfd::dump(cx, e),
+        FileKind::FileEpoll => epoll::dump(cx, e),
+        FileKind::FilePidfd => pidfd::dump(cx, e),
+        FileKind::FileInotify => {
+            e.inotify = Some(inotify::dump(cx.pid, cx.fd, cx.fdinfo)?);
+            Ok(())
+        }
+        FileKind::FileShellTty => Ok(()),
+        FileKind::FilePtyMaster | FileKind::FilePtySlave => pty::dump(kind, cx, h, e),
+    }
+}
+
+/// The files `pid` has open, checked for what cryo can restore. File ids
+/// are numbered from `*next_id` on, which is advanced past them (ids are
+/// unique across the processes of an image).
+pub fn collect(
+    pid: i32,
+    next_id: &mut u32,
+    opts: &CollectOptions,
+    diag: &mut DiagSnapshot,
+) -> Result<ProcFds> {
+    let ctty = pstree::stat(pid).map(|s| s.ctty()).unwrap_or(0);
+    let dir = format!("/proc/{pid}/fd");
+    let rd = std::fs::read_dir(&dir).map_err(|source| FilesError::Proc {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    let mut out = ProcFds {
+        pid,
+        ..Default::default()
+    };
+    let mut handles = ProcHandles::default();
+    for fd in fds {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let link = readlink(&path)?;
+        let st = nix::sys::stat::stat(path.as_str()).map_err(|e| FilesError::Proc {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let info_path = format!("/proc/{pid}/fdinfo/{fd}");
+        let fdinfo = read(&info_path)?;
+        let info = procfmt::parse_status(&fdinfo);
+        let cx = FdCtx {
+            pid,
+            fd,
+            link: &link,
+            st: &st,
+            fdinfo: &fdinfo,
+            info: &info,
+            info_path: &info_path,
+        };
+        let kind = classify(&cx, ctty, opts, diag)?;
+        let (pos, flags) = procfmt::parse_fdinfo(&fdinfo);
+        let id = *next_id;
+        *next_id += 1;
+        let mut e = FileEntry {
+            id,
+            kind: kind as i32,
+            path: ghost::name(kind, &link),
+            flags: flags & !(libc::O_CLOEXEC as u32),
+            pos,
+            dev: st.st_dev,
+            inode: st.st_ino,
+            rdev: st.st_rdev as u32,
+            size: st.st_size as u64,
+            mode: st.st_mode & 0o7777,
+            ..Default::default()
+        };
+        dump_kind(kind, &cx, &mut handles, opts, &mut e)?;
+        out.files.push(e);
+        out.fd_entries.push(FdEntry {
+            fd: fd as u32,
+            id,
+            cloexec: flags & libc::O_CLOEXEC as u32 != 0,
+        });
+    }
+    Ok(out)
+}
+
+/// One open file description of the tree with a descriptor that holds it.
+pub struct OpenFile {
+    pub pid: i32,
+    pub fd: i32,
+    pub entry: FileEntry,
+}
+
+/// Descriptors that share one open file description (dup, inherited over
+/// fork; kcmp says so) get one file id; then what needs the whole table
+/// is read (unix socket states, ghost contents, pipe bytes in flight).
+/// Every task of the tree is stopped. Returns the files table.
+pub fn link(
+    procs: &mut [&mut ProcFds],
+    ext_unix_sk: bool,
+    diag: &mut DiagSnapshot,
+) -> Result<Vec<FileEntry>> {
+    let mut table: Vec<OpenFile> = Vec::new();
+    for p in procs.iter_mut() {
+        let files = std::mem::take(&mut p.files);
+        for e in p.fd_entries.iter_mut() {
+            let Some(f) = files.iter().find(|f| f.id == e.id) else {
+                continue;
+            };
+            // Every pty master has the inode of /dev/ptmx: kcmp tells
+            // them apart (one open file description per pty).
+            let same = table.iter().find(|o| {
+                o.entry.kind == f.kind
+                    && o.entry.dev == f.dev
+                    && o.entry.inode == f.inode
+                    && o.entry.pty.as_ref().map(|p| p.index) == f.pty.as_ref().map(|p| p.index)
+                    && sys::kcmp_file(o.pid, p.pid, o.fd, e.fd as i32).unwrap_or(false)
+            });
+            match same {
+                Some(o) => e.id = o.entry.id,
+                None => table.push(OpenFile {
+                    pid: p.pid,
+                    fd: e.fd as i32,
+                    entry: f.clone(),
+                }),
+            }
+        }
+    }
+    let tree: BTreeSet<i32> = procs.iter().map(|p| p.pid).collect();
+    unix::states(&mut table, ext_unix_sk, diag)?;
+    ghost::contents(&mut table)?;
+    check_per_task(procs, &table)?;
+    pipe::contents(&mut table, &tree)?;
+    Ok(table.into_iter().map(|o| o.entry).collect())
+}
+
+/// An epoll or pidfd is remade by the process that holds it: one shared
+/// by several processes is not supported yet.
+fn check_per_task(procs: &[&mut ProcFds], table: &[OpenFile]) -> Result<()> {
+    for p in procs {
+        for e in &p.fd_entries {
+            let Some(o) = table.iter().find(|o| o.entry.id == e.id) else {
+                continue;
+            };
+            let per_task = FileKind::try_from(o.entry.kind).is_ok_and(made_by_task);
+            if per_task && o.pid != p.pid {
+                return Err(FilesError::UnsupportedFd {
+                    pid: p.pid,
+                    fd: e.fd as i32,
+                    what: "an epoll or pidfd shared with another process (not supported yet)",
+                    link: o.entry.path.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A process outside `tree` with a descriptor whose /proc link `wanted`
+/// accepts, and what `wanted` said of it.
+pub fn outside_holder<T>(
+    tree: &BTreeSet<i32>,
+    wanted: impl Fn(&str) -> Option<T>,
+) -> Option<(i32, T)> {
+    let rd = std::fs::read_dir("/proc").ok()?;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if let Some(found) = link.to_str().and_then(&wanted) {
+                return Some((pid, found));
+            }
+        }
+    }
+    None
+}
+
+// ---- restore ----
+
+/// Why one file of files.img could not be opened again.
+#[derive(Debug)]
+pub struct OpenError {
+    pub id: u32,
+    pub path: String,
+    pub what: String,
+}
+
+/// Whether a kind is made by the task that holds it, once its other
+/// descriptors are in place (an epoll re-adds its targets by number, a
+/// pidfd needs the tree's tasks to exist), rather than by [`open_all`].
+pub fn made_by_task(kind: FileKind) -> bool {
+    match kind {
+        FileKind::FileEpoll | FileKind::FilePidfd => true,
+        FileKind::FileRegular
+        | FileKind::FileDirectory
+        | FileKind::FileChardev
+        | FileKind::FilePipe
+        | FileKind::FileFifo
+        | FileKind::FileEventfd
+        | FileKind::FileTimerfd
+        | FileKind::FileSignalfd
+        | FileKind::FileUnixSocket
+        | FileKind::FileMemfd
+        | FileKind::FileDeleted
+        | FileKind::FileInotify
+        | FileKind::FileShellTty
+        | FileKind::FilePtyMaster
+        | FileKind::FilePtySlave => false,
+    }
+}
+
+/// Make a file of a kind [`made_by_task`] says is the task's own, in the
+/// task (its other descriptors are at their numbers).
+pub fn make_in_task(f: &FileEntry) -> std::result::Result<OwnedFd, String> {
+    match FileKind::try_from(f.kind) {
+        Ok(FileKind::FilePidfd) => pidfd::make(f),
+        Ok(FileKind::FileEpoll) => epoll::make(f),
+        _ => Err(format!("file kind {} is not made by its task", f.kind)),
+    }
+}
+
+/// What a task does with a file of its own once it is at its number.
+pub fn finish_in_task(f: &FileEntry, fd: RawFd) -> std::result::Result<(), String> {
+    match FileKind::try_from(f.kind) {
+        Ok(FileKind::FileEpoll) => epoll::add_targets(f, fd),
+        _ => Ok(()),
+    }
+}
+
+/// The restore side's state across the files of the table: what is made
+/// for several entries at once (pipe ends, ghost files, ptys, sockets).
+struct Opener<'a> {
+    files: &'a [FileEntry],
+    pipes: pipe::Pipes,
+    ghosts: ghost::Ghosts,
+    ptys: HashMap<u32, OwnedFd>,
+    sockets: HashMap<u32, OwnedFd>,
+}
+
+impl Opener<'_> {
+    /// Restore side of every kind: a new open file description for `f`
+    /// (None: the task makes it, see [`made_by_task`]).
+    fn open(&mut self, f: &FileEntry) -> std::result::Result<Option<OwnedFd>, String> {
+        let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
+        let fd = match kind {
+            FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => {
+                regfile::open(f, kind)?
+            }
+            FileKind::FileMemfd | FileKind::FileDeleted => self.ghosts.open(self.files, f)?,
+            FileKind::FilePipe | FileKind::FileFifo => self.pipes.open(self.files, f, kind)?,
+            FileKind::FileEventfd => eventfd::make(f)?,
+            FileKind::FileTimerfd => timerfd::make(f)?,
+            FileKind::FileSignalfd => signalfd::make(f)?,
+            FileKind::FileInotify => inotify::restore(&f.inotify.clone().unwrap_or_default())?,
+            FileKind::FileShellTty => tty::open_shell_tty(f)?,
+            FileKind::FilePtyMaster => self
+                .ptys
+                .remove(&f.id)
+                .ok_or("no pty was made for it".to_string())?,
+            FileKind::FilePtySlave => pty::open_slave(f)?,
+            FileKind::FileUnixSocket => self
+                .sockets
+                .remove(&f.id)
+                .ok_or("no socket was made for it".to_string())?,
+            FileKind::FileEpoll | FileKind::FilePidfd => return Ok(None),
+        };
+        Ok(Some(fd))
+    }
+}
+
+/// Open every file description the tree uses, once: descriptors that
+/// shared one at the dump (dup, inherited over fork) share it again, as
+/// each task dup3s its numbers from these.
+pub fn open_all(
+    files: &[FileEntry],
+    used: &BTreeSet<u32>,
+) -> std::result::Result<HashMap<u32, OwnedFd>, OpenError> {
+    let fail = |f: &FileEntry, what: String| OpenError {
+        id: f.id,
+        path: f.path.clone(),
+        what,
+    };
+    let of_kind = |k: FileKind| {
+        files
+            .iter()
+            .filter(move |f| used.contains(&f.id) && f.kind == k as i32)
+    };
+    let sockets: Vec<&FileEntry> = of_kind(FileKind::FileUnixSocket).collect();
+    let sockets = unix::make_sockets(&sockets).map_err(|what| OpenError {
+        id: 0,
+        path: "unix sockets".into(),
+        what,
+    })?;
+    // Pty masters first, by index (a slave may come before its master).
+    let masters: Vec<&FileEntry> = of_kind(FileKind::FilePtyMaster).collect();
+    let ptys = pty::open_masters(&masters).map_err(|(f, e)| fail(f, e))?;
+    let mut op = Opener {
+        files,
+        pipes: pipe::Pipes::default(),
+        ghosts: ghost::Ghosts::default(),
+        ptys,
+        sockets,
+    };
+    // Status flags an open file description keeps (fcntl F_SETFL).
+    let status_flags = OFlag::O_APPEND | OFlag::O_NONBLOCK | OFlag::O_ASYNC | OFlag::O_NOATIME;
+    let mut out = HashMap::new();
+    for f in files.iter().filter(|f| used.contains(&f.id)) {
+        let Some(fd) = op.open(f).map_err(|e| fail(f, e))? else {
+            continue;
+        };
+        let fl = OFlag::from_bits_truncate(f.flags as i32) & status_flags;
+        let _ = nix::fcntl::fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl));
+        out.insert(f.id, fd);
+    }
+    // Every slave is open: masters that were locked are locked again.
+    for f in &masters {
+        if let (Some(st), Some(m)) = (&f.pty, out.get(&f.id)) {
+            pty::relock(m.as_raw_fd(), st).map_err(|e| fail(f, e))?;
+        }
+    }
+    Ok(out)
+}
+
+/// A new open file description of the file behind our descriptor `fd`
+/// (through /proc/self/fd), with `flags`.
+pub fn reopen(fd: &impl AsFd, flags: OFlag) -> std::result::Result<OwnedFd, String> {
+    let path = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+    nix::fcntl::open(
+        path.as_str(),
+        flags | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("opening it again: {}", std::io::Error::from(e)))
+}
+
+/// Flags of a dumped open file for opening its path again: never
+/// creating, truncating or taking a controlling terminal.
+pub fn open_flags(f: &FileEntry) -> OFlag {
+    OFlag::from_bits_retain(f.flags as i32)
+        & !(OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_EXCL | OFlag::O_NOCTTY)
+}

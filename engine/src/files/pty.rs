@@ -5,7 +5,8 @@
 //! mode, and the slave's line settings and window size (TCGETS2 and
 //! TIOCGWINSZ on a master act on the slave). A slave (/dev/pts/N) only
 //! records N: whether its master is in the dumped tree is decided once
-//! every process's descriptors are known (see `dump::pair_ptys`).
+//! every process's descriptors are known ([`pair`]); the sessions whose
+//! controlling terminal is a pty of the tree are `sessions::pty_cttys`.
 //!
 //! Restore: /dev/ptmx is opened until the kernel, which hands out the
 //! lowest free index, gives the dumped one (the masters opened on the way
@@ -14,12 +15,16 @@
 //! again at the end if it was. Bytes queued in either direction at the
 //! dump are not kept: the restored pair starts empty.
 
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use cryo_image::proto::{FileEntry, PtyState, Termios, Winsize};
+use cryo_image::proto::{FileEntry, FileKind, PtyState, Termios, Winsize};
 use nix::errno::Errno;
 
+use super::{FdCtx, FilesError, ProcFds, ProcHandles};
 use crate::sys::tty;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +37,119 @@ pub enum PtyError {
         #[source]
         errno: Errno,
     },
+}
+
+/// Dump side: a master's index and state (read through a duplicate of the
+/// task's descriptor), a slave's index.
+pub fn dump(
+    kind: FileKind,
+    cx: &FdCtx,
+    h: &mut ProcHandles,
+    e: &mut FileEntry,
+) -> Result<(), FilesError> {
+    e.pty = if kind == FileKind::FilePtyMaster {
+        let master = h.getfd(cx.pid, cx.fd)?;
+        Some(dump_master(cx.pid, cx.fd, master.as_raw_fd())?)
+    } else {
+        tty::pty_slave_index(cx.st.st_rdev).map(slave_state)
+    };
+    Ok(())
+}
+
+fn index_of(f: &FileEntry) -> Option<u32> {
+    f.pty.as_ref().map(|p| p.index)
+}
+
+fn is(f: &FileEntry, k: FileKind) -> bool {
+    f.kind == k as i32
+}
+
+/// Match pty slaves with the masters of the tree (once every process's
+/// descriptors are known: the master may be in another process than the
+/// slave). A slave whose master is held outside the tree is the
+/// controlling terminal of a --shell-job (it becomes FILE_SHELL_TTY) or is
+/// refused; so is a master whose slave is open outside the tree. `cttys`
+/// gives each process's controlling terminal (device number). Returns the
+/// indices of the tree's masters.
+pub fn pair(
+    procs: &mut [ProcFds],
+    cttys: &BTreeMap<i32, u64>,
+    tree: &BTreeSet<i32>,
+    shell_job: bool,
+) -> Result<BTreeSet<u32>, FilesError> {
+    let masters: BTreeSet<u32> = procs
+        .iter()
+        .flat_map(|p| p.files.iter())
+        .filter(|f| is(f, FileKind::FilePtyMaster))
+        .filter_map(index_of)
+        .collect();
+    for p in procs.iter_mut() {
+        let ctty = cttys.get(&p.pid).copied().unwrap_or(0);
+        let ctty_index = tty::pty_slave_index(ctty).filter(|_| ctty != 0);
+        let ProcFds {
+            pid,
+            fd_entries,
+            files,
+        } = p;
+        for f in files.iter_mut() {
+            let Some(index) = index_of(f).filter(|_| is(f, FileKind::FilePtySlave)) else {
+                continue;
+            };
+            if masters.contains(&index) {
+                continue;
+            }
+            let is_ctty = ctty_index == Some(index);
+            if shell_job && is_ctty {
+                f.kind = FileKind::FileShellTty as i32;
+                f.pty = None;
+                continue;
+            }
+            let fd = fd_entries
+                .iter()
+                .find(|e| e.id == f.id)
+                .map(|e| e.fd as i32)
+                .unwrap_or(-1);
+            return Err(FilesError::UnsupportedFd {
+                pid: *pid,
+                fd,
+                what: if is_ctty {
+                    "its controlling terminal, a pty whose master is held outside the dumped tree (a shell job: dump it with --shell-job)"
+                } else {
+                    "the slave of a pseudo-terminal whose master is held outside the dumped tree (not supported)"
+                },
+                link: f.path.clone(),
+            });
+        }
+    }
+    if masters.is_empty() {
+        return Ok(masters);
+    }
+    // A slave open outside the tree would be cut off from its restored
+    // master: refused, as for pipes.
+    let wanted: BTreeMap<String, u32> = masters
+        .iter()
+        .map(|&i| (format!("/dev/pts/{i}"), i))
+        .collect();
+    if let Some((holder, index)) = super::outside_holder(tree, |l| wanted.get(l).copied()) {
+        let (pid, fd, link) = procs
+            .iter()
+            .find_map(|p| {
+                let f = p
+                    .files
+                    .iter()
+                    .find(|f| is(f, FileKind::FilePtyMaster) && index_of(f) == Some(index))?;
+                Some((p.pid, p.fd_of(f.id), f.path.clone()))
+            })
+            .unwrap_or_default();
+        return Err(FilesError::ExternalPtySlave {
+            pid,
+            fd,
+            link,
+            index,
+            holder,
+        });
+    }
+    Ok(masters)
 }
 
 /// The index and state of the pty whose master is `master`, a duplicate
@@ -105,11 +223,7 @@ fn open_raw(path: &str, flags: i32) -> Result<OwnedFd, Errno> {
 /// settings, window size and packet mode. Masters the kernel hands out on
 /// the way (lower indices) go to `spare`, to be closed once every pty is
 /// made (closing one earlier would free its index for the next open).
-pub fn open_master(
-    f: &FileEntry,
-    st: &PtyState,
-    spare: &mut Vec<OwnedFd>,
-) -> Result<OwnedFd, String> {
+fn open_master(f: &FileEntry, st: &PtyState, spare: &mut Vec<OwnedFd>) -> Result<OwnedFd, String> {
     let index = st.index;
     let slave = pts_dir(&f.path).join(index.to_string());
     if slave.exists() {
@@ -137,6 +251,26 @@ pub fn open_master(
     Err(format!(
         "pty {index} is in use (other ptys keep being made)"
     ))
+}
+
+/// Every master of the table, by file id, opened in index order (each is
+/// its pair's only open file description), unlocked until the slaves are
+/// open. The masters handed out on the way are closed at the end.
+pub fn open_masters<'a>(
+    masters: &[&'a FileEntry],
+) -> Result<HashMap<u32, OwnedFd>, (&'a FileEntry, String)> {
+    let mut sorted = masters.to_vec();
+    sorted.sort_by_key(|f| index_of(f));
+    let mut spare: Vec<OwnedFd> = Vec::new();
+    let mut out = HashMap::new();
+    for f in sorted {
+        let Some(st) = &f.pty else {
+            return Err((f, "a pty master without its pty state".into()));
+        };
+        let m = open_master(f, st, &mut spare).map_err(|e| (f, e))?;
+        out.insert(f.id, m);
+    }
+    Ok(out)
 }
 
 /// Unlock the master `fd` and give the pair the dumped settings.

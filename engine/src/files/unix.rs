@@ -9,15 +9,18 @@
 //! socketpair, then each end's queued messages are sent again from the
 //! other end, boundaries kept; listeners are bound and listen again.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use cryo_image::proto::{FileEntry, UnixSocketState};
+use cryo_image::proto::{FileEntry, FileKind, UnixSocketState};
 use nix::errno::Errno;
 use nix::sys::socket::{self as nixsock, MsgFlags};
 
-use crate::sys::sock;
+use super::{FilesError, OpenFile};
+use crate::sys::{self, sock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnixError {
@@ -47,6 +50,100 @@ pub struct DiagInfo {
     pub rqueue: u32,
     pub wqueue: u32,
     pub shutdown: u32,
+}
+
+/// The state and queued messages of every unix socket of the table; a
+/// socket whose peer is not in the table (held outside the tree) is
+/// refused (unless --ext-unix-sk covers it), and so is a listener with
+/// connections waiting to be accepted.
+pub fn states(
+    table: &mut [OpenFile],
+    ext_unix_sk: bool,
+    diag: &mut DiagSnapshot,
+) -> Result<(), FilesError> {
+    let is_sock = |o: &OpenFile| o.entry.kind == FileKind::FileUnixSocket as i32;
+    if !table.iter().any(is_sock) {
+        return Ok(());
+    }
+    let diag = diag.get()?;
+    // One pidfd per process, for pidfd_getfd of its sockets.
+    let mut pidfds: HashMap<i32, OwnedFd> = HashMap::new();
+    let inodes: std::collections::BTreeSet<u64> = table
+        .iter()
+        .filter(|o| is_sock(o))
+        .map(|o| o.entry.inode)
+        .collect();
+    for o in table.iter_mut().filter(|o| is_sock(o)) {
+        let ino = o.entry.inode;
+        let info = diag.get(&ino).ok_or(UnixError::Unknown {
+            pid: o.pid,
+            fd: o.fd,
+            ino,
+        })?;
+        let external_peer = if info.peer != 0 && !inodes.contains(&info.peer) {
+            external(o, info, diag, ext_unix_sk)?
+        } else {
+            Vec::new()
+        };
+        if info.state == STATE_LISTEN && info.rqueue > 0 {
+            return Err(FilesError::UnsupportedFd {
+                pid: o.pid,
+                fd: o.fd,
+                what:
+                    "a listening unix socket with connections not accepted yet (not supported yet)",
+                link: o.entry.path.clone(),
+            });
+        }
+        let npid = nix::unistd::Pid::from_raw(o.pid);
+        let pidfd = match pidfds.entry(o.pid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(sys::pidfd_open(npid)?),
+        };
+        let sock = sys::pidfd_getfd(pidfd, npid, o.fd)?;
+        let queued = peek_queue(o.pid, o.fd, info, &sock)?;
+        let backlog = if info.state == STATE_LISTEN {
+            info.wqueue
+        } else {
+            0
+        };
+        let mut st = state_of(info, queued, backlog);
+        st.external_peer = external_peer;
+        o.entry.unix = Some(st);
+    }
+    Ok(())
+}
+
+/// The address to connect to again of the outside peer of socket `o`, if
+/// --ext-unix-sk accepts it.
+fn external(
+    o: &OpenFile,
+    info: &DiagInfo,
+    diag: &HashMap<u64, DiagInfo>,
+    ext_unix_sk: bool,
+) -> Result<Vec<u8>, FilesError> {
+    let name = diag
+        .get(&info.peer)
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
+    let dgram = info.kind == libc::SOCK_DGRAM as u32;
+    if !ext_unix_sk || !dgram || name.is_empty() || info.rqueue > 0 {
+        return Err(FilesError::ExternalUnixPeer {
+            pid: o.pid,
+            fd: o.fd,
+            ino: o.entry.inode,
+            peer: info.peer,
+            why: if !ext_unix_sk {
+                "connections to the outside need --ext-unix-sk"
+            } else if !dgram {
+                "--ext-unix-sk covers datagram sockets only"
+            } else if name.is_empty() {
+                "the peer has no address to connect to again"
+            } else {
+                "messages from it are queued, which cannot be queued again"
+            },
+        });
+    }
+    Ok(name)
 }
 
 /// TCP_LISTEN, as unix sockets report it.

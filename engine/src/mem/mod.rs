@@ -1,9 +1,14 @@
 //! Memory: the task's mappings (from /proc/PID/smaps), which pages of
 //! each are worth storing (PAGEMAP_SCAN), and the page transfer.
 
+pub mod cow;
 pub mod merge;
+pub mod mm;
 pub mod precopy;
+pub mod restore;
+pub mod shared;
 pub mod snapshot;
+pub mod store;
 pub mod transfer;
 
 use cryo_image::proto::{Vma, VmaKind};
@@ -22,6 +27,18 @@ pub enum MemError {
     },
     #[error("opening /proc/{pid}/pagemap: {source}")]
     Pagemap {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading /proc/{pid}/pagemap: {source}")]
+    PagemapRead {
         pid: i32,
         #[source]
         source: std::io::Error,

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use cryo_image::proto::{Compression, PageChunk, PagemapEntry, Vma};
+use cryo_image::proto::{PageChunk, PagemapEntry, Vma};
 use cryo_image::{ImageError, PageWriter};
 use nix::unistd::Pid;
 
@@ -124,10 +124,7 @@ impl PreCopy {
     pub fn start(
         pid: i32,
         guard: &Guard,
-        dir: &Path,
-        compression: Compression,
-        level: i32,
-        threads: usize,
+        store: &super::store::StoreOptions,
     ) -> Result<Option<PreCopy>> {
         let npid = Pid::from_raw(pid);
         let mut v = match Victim::seize(npid) {
@@ -173,11 +170,11 @@ impl PreCopy {
             return Ok(None);
         }
         let pw = PageWriter::create(
-            dir,
+            &store.dir,
             &cryo_image::pages_file(pid as u32),
-            compression,
-            level,
-            threads,
+            store.compression,
+            store.zstd_level,
+            store.threads,
         )?;
         Ok(Some(PreCopy {
             pid: npid,

@@ -185,16 +185,11 @@ pub fn transfer(
         if got != want {
             return Err(TransferError::Short { pid, got, want });
         }
-        drain(
-            pid,
-            &readers[k % n],
-            b,
-            &skipped,
-            writer,
-            raw,
-            &mut entries,
-            &mut stats,
-        )?;
+        let out = Drained {
+            entries: &mut entries,
+            stats: &mut stats,
+        };
+        drain((pid, &readers[k % n]), b, &skipped, writer, raw, out)?;
         if let Some(next) = batches.get(k + n) {
             victim.splice_pages_start(first + (k % n) as u32, &next.iovs)?;
         }
@@ -204,20 +199,25 @@ pub fn transfer(
     Ok((entries, stats))
 }
 
-/// Move one batch from its pipe into the pages file. The parasite has
-/// left out the zero pages marked in `skipped`; the pipe holds the others
-/// in order.
-#[allow(clippy::too_many_arguments)]
+/// What the batches drained so far stored: their pagemap entries and
+/// page counts.
+struct Drained<'a> {
+    entries: &'a mut Vec<PagemapEntry>,
+    stats: &'a mut TransferStats,
+}
+
+/// Move one batch from its pipe (of task `pid`) into the pages file. The
+/// parasite has left out the zero pages marked in `skipped`; the pipe
+/// holds the others in order.
 fn drain(
-    pid: i32,
-    pipe: &OwnedFd,
+    (pid, pipe): (i32, &OwnedFd),
     b: &Batch,
     skipped: &[u64],
     writer: &mut PageWriter,
     raw: bool,
-    entries: &mut Vec<PagemapEntry>,
-    stats: &mut TransferStats,
+    out: Drained,
 ) -> Result<(), TransferError> {
+    let Drained { entries, stats } = out;
     stats.pages_scanned += b.bytes / PAGE;
     let mut stored = 0u64;
     let mut page = 0usize;

@@ -282,164 +282,12 @@ impl Image {
             need(n)?;
         }
         let core: CoreEntry = cryo_image::read_one(dir, &core_name, Kind::Core)?;
-        if core.tid != pid || core.regs.is_none() || core.process.is_none() {
-            return Err(invalid(&core_name, "missing registers or process state"));
-        }
-        if core.xsave.len() < 576 || core.xsave.len() > 64 * 1024 {
-            return Err(invalid(
-                &core_name,
-                format!("XSAVE area of {} bytes", core.xsave.len()),
-            ));
-        }
-        if pstree.threads.first() != Some(&pid) {
-            return Err(invalid(
-                cryo_image::PSTREE_FILE,
-                format!("process {pid}: its thread list does not start with the leader"),
-            ));
-        }
-        let mut threads = Vec::new();
-        let mut seen = HashSet::new();
-        for &tid in pstree.threads.iter().skip(1) {
-            let name = cryo_image::core_file(tid);
-            if tid == 0 || tid > 4_194_304 || !seen.insert(tid) || tid == pid {
-                return Err(invalid(
-                    cryo_image::PSTREE_FILE,
-                    format!("process {pid}: bad or repeated thread id {tid}"),
-                ));
-            }
-            need(&name)?;
-            let c: CoreEntry = cryo_image::read_one(dir, &name, Kind::Core)?;
-            if c.tid != tid || c.regs.is_none() || c.process.is_some() {
-                return Err(invalid(
-                    &name,
-                    "not the core of a non-leader thread (tid, registers)",
-                ));
-            }
-            if c.xsave.len() != core.xsave.len() {
-                return Err(invalid(
-                    &name,
-                    format!(
-                        "XSAVE area of {} bytes, the leader's has {}",
-                        c.xsave.len(),
-                        core.xsave.len()
-                    ),
-                ));
-            }
-            threads.push(c);
-        }
+        let core = check_leader_core(&core_name, pid, core)?;
+        let threads = load_threads(dir, need, &pstree, &core)?;
         let mm: MmEntry = cryo_image::read_one(dir, &mm_name, Kind::Mm)?;
-        let mut prev_end = 0;
-        for (i, v) in mm.vmas.iter().enumerate() {
-            if v.start % 4096 != 0
-                || v.end % 4096 != 0
-                || v.end <= v.start
-                || v.start < prev_end
-                || v.end > 0x7fff_ffff_f000
-            {
-                return Err(invalid(
-                    &mm_name,
-                    format!(
-                        "mapping {i} ({:#x}-{:#x}) is malformed or out of order",
-                        v.start, v.end
-                    ),
-                ));
-            }
-            if VmaKind::try_from(v.kind).is_err() {
-                return Err(invalid(
-                    &mm_name,
-                    format!("mapping {i} has unknown kind {}", v.kind),
-                ));
-            }
-            prev_end = v.end;
-        }
-
-        let mut r = ImageReader::open(dir, &pm_name, Kind::Pagemap)?;
-        let pagemap_head: PagemapHead = r
-            .next()?
-            .ok_or_else(|| invalid(&pm_name, "no header record"))?;
-        let mut runs = Vec::new();
-        let mut chunks = Vec::new();
-        while let Some(rec) = r.next::<PagemapRecord>()? {
-            match rec.record {
-                Some(proto::pagemap_record::Record::Run(e)) => runs.push(e),
-                Some(proto::pagemap_record::Record::Chunk(c)) => chunks.push(c),
-                None => {
-                    return Err(invalid(
-                        &pm_name,
-                        format!("empty record {}", r.record_index()),
-                    ))
-                }
-            }
-        }
-        if pagemap_head.pages_file != cryo_image::pages_file(pid) {
-            return Err(invalid(
-                &pm_name,
-                format!("names pages file {:?}", pagemap_head.pages_file),
-            ));
-        }
-        need(&pagemap_head.pages_file)?;
-        let run_pages: u64 = runs
-            .iter()
-            .filter(|e| e.flags & cryo_image::PAGE_IN_PARENT == 0)
-            .map(|e| e.nr_pages as u64)
-            .sum();
-        let chunk_pages: u64 = chunks.iter().map(|c| c.nr_pages as u64).sum();
-        if run_pages != chunk_pages || run_pages != pagemap_head.total_pages {
-            return Err(invalid(
-                &pm_name,
-                format!(
-                    "runs hold {run_pages} pages, chunks {chunk_pages}, header says {}",
-                    pagemap_head.total_pages
-                ),
-            ));
-        }
-        // Every run lies inside one mapping whose pages are stored.
-        let mut prev = 0u64;
-        for (i, e) in runs.iter().enumerate() {
-            let end = e.vaddr + e.nr_pages as u64 * 4096;
-            let ok = e.vaddr % 4096 == 0
-                && e.nr_pages > 0
-                && e.vaddr >= prev
-                && mm.vmas.iter().any(|v| {
-                    v.start <= e.vaddr
-                        && end <= v.end
-                        && matches!(
-                            VmaKind::try_from(v.kind),
-                            Ok(VmaKind::VmaAnonPrivate
-                                | VmaKind::VmaAnonShared
-                                | VmaKind::VmaFilePrivate
-                                | VmaKind::VmaHeap
-                                | VmaKind::VmaStack)
-                        )
-                });
-            if !ok {
-                return Err(invalid(&pm_name, format!("page run {i} ({:#x}, {} pages) is not inside a restorable mapping of {mm_name}", e.vaddr, e.nr_pages)));
-            }
-            prev = end;
-        }
-
-        let mut fds = Vec::new();
-        let mut r = ImageReader::open(dir, &fd_name, Kind::Fdinfo)?;
-        while let Some(e) = r.next::<FdEntry>()? {
-            fds.push(e);
-        }
-        for f in &fds {
-            if !files.iter().any(|x| x.id == f.id) {
-                return Err(invalid(
-                    &fd_name,
-                    format!(
-                        "fd {} refers to file id {} missing from files.img",
-                        f.fd, f.id
-                    ),
-                ));
-            }
-            if f.fd > 1 << 20 {
-                return Err(invalid(
-                    &fd_name,
-                    format!("fd number {} is out of range", f.fd),
-                ));
-            }
-        }
+        check_vmas(&mm_name, &mm)?;
+        let (pagemap_head, runs, chunks) = load_pagemap(dir, need, pid, &mm)?;
+        let fds = load_fds(dir, &fd_name, files)?;
         Ok(Image {
             dir: dir.to_path_buf(),
             inventory: inventory.clone(),
@@ -454,4 +302,203 @@ impl Image {
             files: files.to_vec(),
         })
     }
+}
+
+/// The leader's core must have its registers, its process state and a
+/// sane XSAVE area.
+fn check_leader_core(core_name: &str, pid: u32, core: CoreEntry) -> Result<CoreEntry> {
+    if core.tid != pid || core.regs.is_none() || core.process.is_none() {
+        return Err(invalid(core_name, "missing registers or process state"));
+    }
+    if core.xsave.len() < 576 || core.xsave.len() > 64 * 1024 {
+        return Err(invalid(
+            core_name,
+            format!("XSAVE area of {} bytes", core.xsave.len()),
+        ));
+    }
+    Ok(core)
+}
+
+/// The cores of the threads other than the leader, each checked against
+/// the leader's.
+fn load_threads(
+    dir: &Path,
+    need: &dyn Fn(&str) -> Result<()>,
+    pstree: &PstreeEntry,
+    core: &CoreEntry,
+) -> Result<Vec<CoreEntry>> {
+    let pid = pstree.pid;
+    if pstree.threads.first() != Some(&pid) {
+        return Err(invalid(
+            cryo_image::PSTREE_FILE,
+            format!("process {pid}: its thread list does not start with the leader"),
+        ));
+    }
+    let mut threads = Vec::new();
+    let mut seen = HashSet::new();
+    for &tid in pstree.threads.iter().skip(1) {
+        let name = cryo_image::core_file(tid);
+        if tid == 0 || tid > 4_194_304 || !seen.insert(tid) || tid == pid {
+            return Err(invalid(
+                cryo_image::PSTREE_FILE,
+                format!("process {pid}: bad or repeated thread id {tid}"),
+            ));
+        }
+        need(&name)?;
+        let c: CoreEntry = cryo_image::read_one(dir, &name, Kind::Core)?;
+        if c.tid != tid || c.regs.is_none() || c.process.is_some() {
+            return Err(invalid(
+                &name,
+                "not the core of a non-leader thread (tid, registers)",
+            ));
+        }
+        if c.xsave.len() != core.xsave.len() {
+            return Err(invalid(
+                &name,
+                format!(
+                    "XSAVE area of {} bytes, the leader's has {}",
+                    c.xsave.len(),
+                    core.xsave.len()
+                ),
+            ));
+        }
+        threads.push(c);
+    }
+    Ok(threads)
+}
+
+/// Every mapping page aligned, in order, below the top of user memory,
+/// of a known kind.
+fn check_vmas(mm_name: &str, mm: &MmEntry) -> Result<()> {
+    let mut prev_end = 0;
+    for (i, v) in mm.vmas.iter().enumerate() {
+        if v.start % 4096 != 0
+            || v.end % 4096 != 0
+            || v.end <= v.start
+            || v.start < prev_end
+            || v.end > 0x7fff_ffff_f000
+        {
+            return Err(invalid(
+                mm_name,
+                format!(
+                    "mapping {i} ({:#x}-{:#x}) is malformed or out of order",
+                    v.start, v.end
+                ),
+            ));
+        }
+        if VmaKind::try_from(v.kind).is_err() {
+            return Err(invalid(
+                mm_name,
+                format!("mapping {i} has unknown kind {}", v.kind),
+            ));
+        }
+        prev_end = v.end;
+    }
+
+    Ok(())
+}
+
+/// The pagemap: its header, runs and chunks, which must agree with each
+/// other and lie inside restorable mappings of `mm`.
+fn load_pagemap(
+    dir: &Path,
+    need: &dyn Fn(&str) -> Result<()>,
+    pid: u32,
+    mm: &MmEntry,
+) -> Result<(PagemapHead, Vec<PagemapEntry>, Vec<PageChunk>)> {
+    let pm_name = cryo_image::pagemap_file(pid);
+    let mm_name = cryo_image::mm_file(pid);
+    let mut r = ImageReader::open(dir, &pm_name, Kind::Pagemap)?;
+    let pagemap_head: PagemapHead = r
+        .next()?
+        .ok_or_else(|| invalid(&pm_name, "no header record"))?;
+    let mut runs = Vec::new();
+    let mut chunks = Vec::new();
+    while let Some(rec) = r.next::<PagemapRecord>()? {
+        match rec.record {
+            Some(proto::pagemap_record::Record::Run(e)) => runs.push(e),
+            Some(proto::pagemap_record::Record::Chunk(c)) => chunks.push(c),
+            None => {
+                return Err(invalid(
+                    &pm_name,
+                    format!("empty record {}", r.record_index()),
+                ))
+            }
+        }
+    }
+    if pagemap_head.pages_file != cryo_image::pages_file(pid) {
+        return Err(invalid(
+            &pm_name,
+            format!("names pages file {:?}", pagemap_head.pages_file),
+        ));
+    }
+    need(&pagemap_head.pages_file)?;
+    let run_pages: u64 = runs
+        .iter()
+        .filter(|e| e.flags & cryo_image::PAGE_IN_PARENT == 0)
+        .map(|e| e.nr_pages as u64)
+        .sum();
+    let chunk_pages: u64 = chunks.iter().map(|c| c.nr_pages as u64).sum();
+    if run_pages != chunk_pages || run_pages != pagemap_head.total_pages {
+        return Err(invalid(
+            &pm_name,
+            format!(
+                "runs hold {run_pages} pages, chunks {chunk_pages}, header says {}",
+                pagemap_head.total_pages
+            ),
+        ));
+    }
+    // Every run lies inside one mapping whose pages are stored.
+    let mut prev = 0u64;
+    for (i, e) in runs.iter().enumerate() {
+        let end = e.vaddr + e.nr_pages as u64 * 4096;
+        let ok = e.vaddr % 4096 == 0
+            && e.nr_pages > 0
+            && e.vaddr >= prev
+            && mm.vmas.iter().any(|v| {
+                v.start <= e.vaddr
+                    && end <= v.end
+                    && matches!(
+                        VmaKind::try_from(v.kind),
+                        Ok(VmaKind::VmaAnonPrivate
+                            | VmaKind::VmaAnonShared
+                            | VmaKind::VmaFilePrivate
+                            | VmaKind::VmaHeap
+                            | VmaKind::VmaStack)
+                    )
+            });
+        if !ok {
+            return Err(invalid(&pm_name, format!("page run {i} ({:#x}, {} pages) is not inside a restorable mapping of {mm_name}", e.vaddr, e.nr_pages)));
+        }
+        prev = end;
+    }
+
+    Ok((pagemap_head, runs, chunks))
+}
+
+/// The descriptors of one process, each naming a file of files.img.
+fn load_fds(dir: &Path, fd_name: &str, files: &[FileEntry]) -> Result<Vec<FdEntry>> {
+    let mut fds = Vec::new();
+    let mut r = ImageReader::open(dir, fd_name, Kind::Fdinfo)?;
+    while let Some(e) = r.next::<FdEntry>()? {
+        fds.push(e);
+    }
+    for f in &fds {
+        if !files.iter().any(|x| x.id == f.id) {
+            return Err(invalid(
+                fd_name,
+                format!(
+                    "fd {} refers to file id {} missing from files.img",
+                    f.fd, f.id
+                ),
+            ));
+        }
+        if f.fd > 1 << 20 {
+            return Err(invalid(
+                fd_name,
+                format!("fd number {} is out of range", f.fd),
+            ));
+        }
+    }
+    Ok(fds)
 }

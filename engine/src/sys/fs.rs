@@ -86,3 +86,72 @@ pub fn bytes_queued(fd: &impl AsFd) -> Result<i32, Errno> {
     Errno::result(r)?;
     Ok(n)
 }
+
+/// A new signalfd (close-on-exec) for the signals of `mask` (bit N-1 for
+/// signal N, realtime signals included, which nix's SigSet cannot name).
+pub fn signalfd(mask: u64) -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live, initialised sigset_t of ours.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in 1..=64 {
+        if mask & (1u64 << (sig - 1)) != 0 {
+            // SAFETY: as above; sigaddset rejects a signal out of range.
+            unsafe { libc::sigaddset(&mut set, sig) };
+        }
+    }
+    // SAFETY: -1 asks for a new signalfd; the kernel copies `set`, which
+    // lives across the call.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new timerfd (close-on-exec) on clock `clock_id`.
+pub fn timerfd_create(clock_id: i32) -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create takes integers only.
+    let fd = unsafe { libc::timerfd_create(clock_id, libc::TFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn timespec(ns: u64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    }
+}
+
+/// Arm the timerfd `fd` to expire in `value_ns` (0: disarmed), then every
+/// `interval_ns`.
+pub fn timerfd_settime(fd: &impl AsFd, value_ns: u64, interval_ns: u64) -> io::Result<()> {
+    let its = libc::itimerspec {
+        it_interval: timespec(interval_ns),
+        it_value: timespec(value_ns),
+    };
+    // SAFETY: the kernel reads `its`, a live local, and writes no old value
+    // (null pointer).
+    let r = unsafe { libc::timerfd_settime(fd.as_fd().as_raw_fd(), 0, &its, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Set the count of expirations not read yet of the timerfd `fd`
+/// (TFD_IOC_SET_TICKS, CONFIG_CHECKPOINT_RESTORE).
+pub fn timerfd_set_ticks(fd: &impl AsFd, ticks: u64) -> io::Result<()> {
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    // SAFETY: the ioctl reads one u64, from `ticks`, a live local.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

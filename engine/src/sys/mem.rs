@@ -1,5 +1,7 @@
-//! An anonymous private mapping of this process, for probes that need
-//! fresh pages of their own (PAGEMAP_SCAN, soft-dirty, vmsplice).
+//! Mappings of this process: an anonymous private mapping for probes that
+//! need fresh pages of their own (PAGEMAP_SCAN, soft-dirty, vmsplice), a
+//! reserved range at a chosen address that the restore fills with a
+//! task's memory, and new shared anonymous memory objects.
 
 use std::ffi::c_void;
 
@@ -72,4 +74,210 @@ impl Drop for AnonMap {
             libc::munmap(self.ptr.cast::<c_void>(), self.len);
         }
     }
+}
+
+/// An address range reserved by this process at a chosen address
+/// (PROT_NONE, MAP_NORESERVE, never replacing an existing mapping), into
+/// which mappings are made with MAP_FIXED. Only the range itself is ever
+/// remapped, so nothing else of the process can be clobbered; its bytes
+/// are handed out as a slice only once every page of it is mapped
+/// read-write. Unmapped on drop, unless kept with [`Reservation::keep`].
+pub struct Reservation {
+    base: u64,
+    len: u64,
+    /// Read-write mapped (offset, length) pieces, in the order made.
+    mapped: Vec<(u64, u64)>,
+}
+
+/// What to map into a piece of a [`Reservation`].
+pub enum Backing<'a> {
+    /// Private or shared anonymous memory.
+    Anon { shared: bool },
+    /// The file behind `fd` from byte `offset` on, private or shared.
+    File {
+        fd: std::os::fd::BorrowedFd<'a>,
+        offset: u64,
+        shared: bool,
+    },
+}
+
+impl Reservation {
+    /// Reserve `len` bytes at exactly `base` (page aligned).
+    pub fn new(base: u64, len: u64) -> Result<Reservation, Errno> {
+        if len == 0 {
+            return Ok(Reservation {
+                base,
+                len,
+                mapped: Vec::new(),
+            });
+        }
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping,
+        // so no Rust object can be affected; the range becomes ours.
+        let p = unsafe {
+            libc::mmap(
+                base as *mut c_void,
+                len as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED_NOREPLACE
+                    | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let r = Reservation {
+            base: p as u64,
+            len,
+            mapped: Vec::new(),
+        };
+        if p as u64 != base {
+            // An old kernel that ignores the flag placed it elsewhere (r
+            // unmaps it).
+            return Err(Errno::EEXIST);
+        }
+        Ok(r)
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Map `len` bytes at `offset` into the range, read-write, from
+    /// `backing` (`growsdown`: MAP_GROWSDOWN, for a stack).
+    pub fn map(
+        &mut self,
+        offset: u64,
+        len: u64,
+        backing: Backing,
+        growsdown: bool,
+    ) -> Result<(), Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > self.len || !offset.is_multiple_of(4096) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut flags = libc::MAP_FIXED | if growsdown { libc::MAP_GROWSDOWN } else { 0 };
+        let (fd, off) = match backing {
+            Backing::Anon { shared } => {
+                flags |= libc::MAP_ANONYMOUS;
+                flags |= if shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                (-1, 0)
+            }
+            Backing::File { fd, offset, shared } => {
+                use std::os::fd::AsRawFd;
+                flags |= if shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                (fd.as_raw_fd(), offset as i64)
+            }
+        };
+        // SAFETY: [offset, end) lies inside our own reservation (checked
+        // above), so MAP_FIXED replaces only memory of this Reservation,
+        // and no slice of it is alive (`bytes_mut` borrows self mutably).
+        let p = unsafe {
+            libc::mmap(
+                (self.base + offset) as *mut c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        self.mapped.push((offset, len));
+        Ok(())
+    }
+
+    /// The whole range as bytes, once every page of it is mapped
+    /// read-write (None before).
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        let mut pieces = self.mapped.clone();
+        pieces.sort_unstable();
+        let mut covered = 0;
+        for (o, l) in pieces {
+            if o > covered {
+                return None;
+            }
+            covered = covered.max(o + l);
+        }
+        if covered < self.len || self.len == 0 {
+            return None;
+        }
+        // SAFETY: every page of [base, base + len) is mapped read-write
+        // (checked above) and stays so while the slice lives (remapping
+        // needs &mut self); the range is ours alone, no other Rust object
+        // lives in it. Pages of a file mapping past the end of its file
+        // would fault if touched; callers write only pages the dumped task
+        // had, which lie inside the file.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.base as *mut u8, self.len as usize) })
+    }
+
+    /// Keep the mappings past this object's life (the restorer takes them
+    /// over); returns (base, len).
+    pub fn keep(self) -> (u64, u64) {
+        let r = (self.base, self.len);
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the range is ours (reserved by `new`) and no slice of
+            // it outlives `self`.
+            unsafe { libc::munmap(self.base as *mut c_void, self.len as usize) };
+        }
+    }
+}
+
+/// A new shared anonymous memory object (the shmem file behind a
+/// MAP_SHARED|MAP_ANONYMOUS mapping) of `size` bytes, opened read-write
+/// through /proc/self/map_files (needs CAP_CHECKPOINT_RESTORE or
+/// CAP_SYS_ADMIN). The mapping made to get it is gone on return.
+pub fn shared_anon_object(size: u64) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: a fresh shared anonymous mapping at an address the kernel
+    // picks: it overlaps nothing of ours; it is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = p as u64;
+    let path = format!("/proc/self/map_files/{:x}-{:x}", start, start + size);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path);
+    // SAFETY: unmapping the mapping made just above, used by nothing.
+    unsafe { libc::munmap(p, size as usize) };
+    Ok(std::os::fd::OwnedFd::from(file?))
 }

@@ -5,6 +5,7 @@
 //! file handles, inotify and FIONREAD in [`fs`], probe children and
 //! prctls in [`proc`], an anonymous mapping in [`mem`].
 
+pub mod fd;
 pub mod fs;
 pub mod mem;
 pub mod proc;

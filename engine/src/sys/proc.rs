@@ -136,3 +136,69 @@ pub fn timer_restore_ids_mode() -> Result<i32, Errno> {
     };
     Errno::result(r)
 }
+
+/// The number of threads of this process (/proc/self/status `Threads:`).
+fn own_threads() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// clone3 with exactly pid `pid` (set_tid) and `exit_signal`, like fork():
+/// returns 0 in the child and the child's pid in the parent. Refused with
+/// EDEADLK unless this process runs one thread only (the child of a
+/// multi-threaded process could inherit locks that no thread of it will
+/// ever release), which is what makes it safe to call.
+pub fn fork_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
+    if own_threads() != Some(1) {
+        return Err(Errno::EDEADLK);
+    }
+    // SAFETY: this process is single-threaded (checked just above; a
+    // single-threaded process cannot gain a thread between the check and
+    // the call, as only this thread could make one).
+    unsafe { super::clone3_with_pid(pid, exit_signal) }
+}
+
+/// Block every signal of this thread.
+pub fn block_all_signals() {
+    let all = nix::sys::signal::SigSet::all();
+    let _ =
+        nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&all), None);
+}
+
+/// End this process the way a dumped zombie ended (its wait status): die
+/// of its signal (without a core dump), or exit with its code.
+pub fn exit_like(status: u32) -> ! {
+    let sig = (status & 0x7f) as i32;
+    if sig != 0 {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: setrlimit reads `zero`, a live local; signal() resets the
+        // disposition to the default (no handler of ours runs); the mask
+        // and kill calls take plain values. The process dies of `sig`.
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_CORE, &zero);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+        }
+    }
+    exit_now(((status >> 8) & 0xff) as i32)
+}
+
+/// _exit: end this process at once, without running destructors, atexit
+/// handlers or stdio flushes (a task of a restore that is done, or a
+/// helper).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes an integer and never returns; skipping the
+    // process's destructors is the point (nothing of cryo's needs them in a
+    // new task).
+    unsafe { libc::_exit(code) }
+}

@@ -1,0 +1,540 @@
+//! The dump pipeline: check what the tree holds, seize it, collect every
+//! process's descriptors, capture each process (its state, the
+//! parasite's view, its pages), link the open files of the whole tree,
+//! write the image, then cure the tasks (--leave-running) or kill them.
+//! Each resource is dumped by its own module; this one only orchestrates.
+
+mod capture;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryo_image::proto::{Compression, FileEntry, Inventory, PstreeEntry};
+use cryo_image::{ImageError, ImageFileInfo, ImageWriter, Kind};
+use nix::unistd::Pid;
+
+use crate::files::unix::DiagSnapshot;
+use crate::files::{CollectOptions, FilesError, ProcFds};
+use crate::infect::guard::Guard;
+use crate::infect::InfectError;
+use crate::mem::precopy::PreCopy;
+use crate::mem::shared::SharedStored;
+use crate::mem::snapshot::SnapshotError;
+use crate::mem::store::StoreError;
+use crate::mem::transfer::{TransferError, TransferStats};
+use crate::mem::MemError;
+use crate::proc as procfmt;
+use crate::pstree::{self, Tree};
+use crate::sys::SysError;
+use capture::{Captured, ProcCtx};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("task {pid} does not exist")]
+    NoTask { pid: i32 },
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    Parse { path: String },
+    #[error("task {pid}: its thread group leader has exited while {threads} threads run on; such a process cannot be dumped")]
+    ZombieLeader { pid: i32, threads: u64 },
+    #[error(
+        "task {pid}: thread {tid} is {state:?}; only running or sleeping threads can be dumped"
+    )]
+    ThreadState { pid: i32, tid: i32, state: char },
+    #[error(transparent)]
+    Namespace(#[from] crate::ns::NsError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    #[error(transparent)]
+    Session(#[from] crate::sessions::SessionError),
+    #[error(transparent)]
+    Core(#[from] crate::core::CoreError),
+    #[error(transparent)]
+    FsInfo(#[from] crate::fsinfo::FsInfoError),
+    #[error("task {pid} has {n} POSIX timers; at most {max} are supported")]
+    TooManyTimers { pid: i32, n: usize, max: usize },
+    #[error("creating image directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Infect(#[from] InfectError),
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    PreCopy(#[from] crate::mem::precopy::PreCopyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("--pre-copy is for dumps that stop the tasks; with --leave-running they are already stopped only for their state")]
+    PreCopyLeaveRunning,
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error(transparent)]
+    Freeze(#[from] crate::freeze::FreezeError),
+    #[error("cgroup {} has no process to dump", cgroup.display())]
+    EmptyCgroup { cgroup: PathBuf },
+    #[error("task {pid} is a zombie; there is nothing to dump")]
+    RootZombie { pid: i32 },
+    #[error("task {pid} is not in cgroup {}", cgroup.display())]
+    NotInCgroup { pid: i32, cgroup: PathBuf },
+    #[error("injected failure ({what}) from CRYO_FAULT")]
+    Fault { what: String },
+}
+
+impl From<crate::files::unix::UnixError> for DumpError {
+    fn from(e: crate::files::unix::UnixError) -> Self {
+        DumpError::Files(e.into())
+    }
+}
+
+type Result<T> = std::result::Result<T, DumpError>;
+
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    /// The root of the tree to dump (unused with `cgroup`).
+    pub pid: i32,
+    /// Dump every process of this cgroup instead, frozen by its freezer.
+    pub cgroup: Option<PathBuf>,
+    pub dir: PathBuf,
+    pub leave_running: bool,
+    pub compression: Compression,
+    pub zstd_level: i32,
+    pub threads: usize,
+    /// Freeze this cgroup (v2 or v1 freezer) while seizing the task.
+    pub freeze_cgroup: Option<PathBuf>,
+    /// Largest deleted file or memfd whose contents go into the image.
+    pub ghost_limit: u64,
+    /// Accept unix datagram sockets connected to a peer outside the tree
+    /// (restore connects them to its address again).
+    pub ext_unix_sk: bool,
+    /// A shell job: descriptors on the tasks' controlling terminal are
+    /// accepted and reattached to the restoring session's terminal.
+    pub shell_job: bool,
+    /// Copy private memory while the tasks still run, in rounds, and stop
+    /// them only for what they wrote since the last one (not with
+    /// `leave_running`, where the stop is already short).
+    pub pre_copy: bool,
+}
+
+impl DumpOptions {
+    fn collect(&self) -> CollectOptions {
+        CollectOptions {
+            ghost_limit: self.ghost_limit,
+            shell_job: self.shell_job,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct DumpStats {
+    /// The first root dumped, and how many processes were.
+    pub root: i32,
+    pub processes: usize,
+    pub pages: TransferStats,
+    /// How long the task was stopped.
+    pub frozen: Duration,
+    pub total: Duration,
+    pub image_bytes: u64,
+}
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| DumpError::Proc {
+        path: path.into(),
+        source,
+    })
+}
+
+fn fault(point: &str) -> Result<()> {
+    if crate::fault::check(point) {
+        return Err(DumpError::Fault { what: point.into() });
+    }
+    Ok(())
+}
+
+/// The task's stat, if it can be dumped: not a zombie leader with live
+/// threads, in cryo's own namespaces.
+fn check_task(pid: i32) -> Result<procfmt::Stat> {
+    let stat_path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&stat_path).map_err(|_| DumpError::NoTask { pid })?;
+    let st = procfmt::parse_stat(&text).ok_or(DumpError::Parse { path: stat_path })?;
+    if st.state == 'Z' && st.num_threads > 1 {
+        return Err(DumpError::ZombieLeader {
+            pid,
+            threads: st.num_threads,
+        });
+    }
+    crate::ns::check(pid)?;
+    Ok(st)
+}
+
+/// --pre-copy: track and copy every process of the trees under `roots`
+/// while they run, round after round while what they write in between
+/// shrinks. Processes started later are captured whole at the stop.
+fn pre_copy(opts: &DumpOptions, roots: &[i32], guard: &Guard) -> Result<HashMap<i32, PreCopy>> {
+    const MAX_ROUNDS: u32 = 5;
+    /// Few enough pages written to stop the rounds.
+    const SETTLED: u64 = 256;
+    let mut pids = Vec::new();
+    let mut todo = roots.to_vec();
+    while let Some(p) = todo.pop() {
+        if !pids.contains(&p) {
+            pids.push(p);
+            todo.extend(pstree::children(p));
+        }
+    }
+    let t0 = Instant::now();
+    let store = opts.store();
+    let mut out = HashMap::new();
+    for p in pids {
+        // Zombies have no memory left.
+        if pstree::stat(p).is_none_or(|s| s.state == 'Z') {
+            continue;
+        }
+        match PreCopy::start(p, guard, &store) {
+            Ok(Some(pc)) => {
+                out.insert(p, pc);
+            }
+            Ok(None) => {}
+            // Gone meanwhile: the seize finds out again.
+            Err(_) if pstree::stat(p).is_none() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut last = u64::MAX;
+    for round in 0..MAX_ROUNDS {
+        let mut copied = 0;
+        let mut gone = Vec::new();
+        for (&p, pc) in out.iter_mut() {
+            match pc.round() {
+                Ok(n) => copied += n,
+                // Ending meanwhile (ESRCH before it is even a zombie), or
+                // anything else: it is dumped without a pre-copy, and the
+                // seize sees what became of it. The task was not touched.
+                Err(e) => {
+                    tracing::info!(pid = p, "pre-copy given up: {e}");
+                    gone.push(p);
+                }
+            }
+        }
+        for p in gone {
+            if let Some(pc) = out.remove(&p) {
+                pc.discard(&opts.dir);
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(round, copied, ms, "pre-copy");
+        if round > 0 && (copied <= SETTLED || copied >= last) {
+            break;
+        }
+        last = copied;
+    }
+    fault("after-precopy")?;
+    Ok(out)
+}
+
+/// The processes of a cgroup whose parent is not in it: the roots of the
+/// trees to dump, ascending.
+fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
+    let procs: BTreeSet<i32> = crate::freeze::procs(dir)?.into_iter().collect();
+    let roots: Vec<i32> = procs
+        .iter()
+        .copied()
+        .filter(|&p| pstree::stat(p).is_some_and(|s| !procs.contains(&(s.ppid as i32))))
+        .collect();
+    if roots.is_empty() {
+        return Err(DumpError::EmptyCgroup {
+            cgroup: dir.to_path_buf(),
+        });
+    }
+    Ok(roots)
+}
+
+/// Dump the process tree under `opts.pid`. On any error every task is left
+/// running as before.
+pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    match dump_once(opts, progress, true) {
+        // A leave-running copy the task's own munmap/madvise/mremap made
+        // impossible (it ran on untouched): once more, with its memory
+        // copied while it is stopped.
+        Err(DumpError::Snapshot(SnapshotError::MapChanged { pid, what }))
+        | Err(DumpError::Store(StoreError::Snapshot(SnapshotError::MapChanged { pid, what }))) => {
+            tracing::warn!(
+                pid,
+                "{what}: dumping again, copying its memory while it is stopped"
+            );
+            remove_partial(&opts.dir);
+            dump_once(opts, progress, false)
+        }
+        r => r,
+    }
+}
+
+/// Per process whose controlling terminal is a pty of the tree: the pty's
+/// index and its foreground group.
+type PtyCttys = BTreeMap<i32, (u32, u32)>;
+
+/// The descriptors of every process of the tree (stopped), with pty
+/// slaves paired to the tree's masters; and each session's controlling
+/// pty with its foreground group. One sock_diag snapshot tells the
+/// sockets of every process.
+fn collect_all_fds(opts: &DumpOptions, tree: &Tree) -> Result<(Vec<ProcFds>, PtyCttys)> {
+    let mut file_ids = 1u32;
+    let mut diag = DiagSnapshot::default();
+    let mut fds = Vec::with_capacity(tree.procs.len());
+    for p in &tree.procs {
+        fds.push(crate::files::collect(
+            p.pid,
+            &mut file_ids,
+            &opts.collect(),
+            &mut diag,
+        )?);
+    }
+    let stats: BTreeMap<i32, procfmt::Stat> = tree
+        .procs
+        .iter()
+        .filter_map(|p| Some((p.pid, pstree::stat(p.pid)?)))
+        .collect();
+    let cttys: BTreeMap<i32, u64> = stats.iter().map(|(&p, s)| (p, s.ctty())).collect();
+    let masters = crate::files::pty::pair(&mut fds, &cttys, &tree.pids(), opts.shell_job)?;
+    let pty_cttys = crate::sessions::pty_cttys(tree, &stats, &masters)?;
+    Ok((fds, pty_cttys))
+}
+
+/// Capture every process of the stopped tree, parents first.
+fn capture_all(
+    opts: &DumpOptions,
+    tree: &mut Tree,
+    guard: &Guard,
+    mut precopies: HashMap<i32, PreCopy>,
+    snapshot: bool,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<Captured>> {
+    let (fds, cttys) = collect_all_fds(opts, tree)?;
+    let mut shared = SharedStored::new();
+    let mut caps: Vec<Captured> = Vec::with_capacity(tree.procs.len());
+    for (p, pf) in tree.procs.iter_mut().zip(fds) {
+        let ppid = pstree::stat(p.pid).map(|s| s.ppid as i32).unwrap_or(0);
+        let parent = caps
+            .iter()
+            .find(|c| c.pid == ppid)
+            .map(|c| (ppid, c.mm.vmas.as_slice()));
+        let cx = ProcCtx {
+            opts,
+            guard,
+            shared: &mut shared,
+            parent,
+            precopy: precopies.remove(&p.pid),
+            use_snapshot: snapshot,
+            progress,
+        };
+        let mut c = capture::capture(cx, p, pf)?;
+        if let Some(&(index, pgrp)) = cttys.get(&c.pid) {
+            c.pstree.pty_ctty = Some(index);
+            c.pstree.tty_pgrp = pgrp;
+            // That terminal is the tree's own, not a shell's.
+            c.pstree.tty_foreground = false;
+        }
+        caps.push(c);
+    }
+    // Processes pre-copied that were gone by the stop: no pages file.
+    for (_, pc) in precopies.drain() {
+        pc.discard(&opts.dir);
+    }
+    Ok(caps)
+}
+
+/// The zombies of the tree, as pstree entries.
+fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
+    tree.zombies.iter().map(|z| PstreeEntry {
+        pid: z.pid as u32,
+        ppid: z.stat.ppid,
+        pgid: z.stat.pgid,
+        sid: z.stat.sid,
+        threads: vec![z.pid as u32],
+        cmdline: Vec::new(),
+        zombie: true,
+        exit_status: z.stat.exit_code,
+        exit_signal: z.stat.exit_signal,
+        tty_foreground: false,
+        pty_ctty: None,
+        tty_pgrp: 0,
+    })
+}
+
+/// Every process's files, then the tree's tables (pstree.img, files.img)
+/// and, last, the inventory that lists them all. Returns the page counts
+/// and the image size.
+fn write_image(
+    opts: &DumpOptions,
+    root: i32,
+    caps: Vec<Captured>,
+    tree: &Tree,
+    files: &[FileEntry],
+) -> Result<(TransferStats, u64)> {
+    let mut written: Vec<ImageFileInfo> = Vec::new();
+    let mut entries: Vec<PstreeEntry> = Vec::new();
+    let mut pstats = TransferStats::default();
+    for mut c in caps {
+        entries.push(std::mem::take(&mut c.pstree));
+        let (files, stats) = capture::write_process(opts, c)?;
+        pstats.add(&stats);
+        written.extend(files);
+    }
+    entries.extend(zombie_entries(tree));
+    let mut w = ImageWriter::create(&opts.dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
+    for e in &entries {
+        w.write(e)?;
+    }
+    written.push(w.finish()?);
+    let mut w = ImageWriter::create(&opts.dir, cryo_image::FILES_FILE, Kind::Files)?;
+    for f in files {
+        w.write(f)?;
+    }
+    written.push(w.finish()?);
+    let image_bytes = written.iter().map(|f| f.size).sum();
+    let inv = Inventory {
+        format_major: cryo_image::FORMAT_MAJOR,
+        format_minor: cryo_image::FORMAT_MINOR,
+        producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        root_pid: root as u32,
+        files: written.into_iter().map(Into::into).collect(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        leave_running: opts.leave_running,
+    };
+    cryo_image::write_inventory(&opts.dir, &inv)?;
+    Ok((pstats, image_bytes))
+}
+
+/// Let every task of the tree go on, each back in its own context.
+fn cure_all(tree: &mut Tree, guard: &Guard) -> Result<()> {
+    for p in tree.procs.iter_mut() {
+        p.leader.cure()?;
+        guard.release(p.leader.pid);
+        for t in p.threads.iter_mut() {
+            t.cure()?;
+            guard.release(t.pid);
+        }
+    }
+    Ok(())
+}
+
+/// Kill every task of the tree and reap it (a kill-mode dump is done).
+fn kill_all(tree: &mut Tree) -> Result<()> {
+    for p in tree.procs.iter_mut() {
+        p.leader.send_kill()?;
+    }
+    for p in tree.procs.iter_mut() {
+        for t in p.threads.iter_mut() {
+            t.reap_killed()?;
+        }
+        p.leader.reap_killed()?;
+    }
+    Ok(())
+}
+
+/// One dump; `snapshot`: with --leave-running, copy private memory after
+/// the resume under write-protection.
+fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) -> Result<DumpStats> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let freeze_cgroup = opts.cgroup.as_ref().or(opts.freeze_cgroup.as_ref());
+    let roots = match &opts.cgroup {
+        Some(dir) => cgroup_roots(dir)?,
+        None => vec![opts.pid],
+    };
+    let pid = roots[0];
+    if pstree::stat(pid).is_none() {
+        return Err(DumpError::NoTask { pid });
+    }
+    if opts.pre_copy && opts.leave_running {
+        return Err(DumpError::PreCopyLeaveRunning);
+    }
+    // The guardian cleans up after us if we die while a parasite runs.
+    // Declared before the victims so it is dismissed after the cure.
+    let guard = Guard::spawn(Pid::from_raw(pid))?;
+    let precopies = if opts.pre_copy {
+        pre_copy(opts, &roots, &guard)?
+    } else {
+        HashMap::new()
+    };
+    // A task is checked before it is seized, while it still runs: each
+    // check takes its own sock_diag snapshot.
+    let check = |p: i32| -> Result<()> {
+        check_task(p)?;
+        let mut diag = DiagSnapshot::default();
+        crate::files::collect(p, &mut 1, &opts.collect(), &mut diag)?;
+        Ok(())
+    };
+    let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;
+    let frozen_at = Instant::now();
+    fault("after-seize")?;
+    crate::sessions::check(&tree)?;
+    let ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+    let (processes, zombies) = (tree.procs.len(), tree.zombies.len());
+    tracing::debug!(processes, zombies, ms, "tree seized");
+    let mut caps = capture_all(opts, &mut tree, &guard, precopies, snapshot, progress)?;
+    // Open file descriptions and pipe contents, while all is stopped; the
+    // socket states and queues come from a fresh sock_diag snapshot (a
+    // peer outside the tree, with --ext-unix-sk, kept running).
+    let mut procs: Vec<&mut ProcFds> = caps.iter_mut().map(|c| &mut c.fds).collect();
+    let files = crate::files::link(&mut procs, opts.ext_unix_sk, &mut DiagSnapshot::default())?;
+    // Everything is captured: a leave-running tree goes on from here.
+    let mut frozen = frozen_at.elapsed();
+    if opts.leave_running {
+        cure_all(&mut tree, &guard)?;
+        frozen = frozen_at.elapsed();
+    }
+    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, &files)?;
+    if !opts.leave_running {
+        kill_all(&mut tree)?;
+        frozen = frozen_at.elapsed();
+    }
+    Ok(DumpStats {
+        root: pid,
+        processes: processes + zombies,
+        pages,
+        frozen,
+        total: t0.elapsed(),
+        image_bytes,
+    })
+}
+
+/// Remove image files a failed dump left behind (never the directory, and
+/// only files cryo names).
+pub fn remove_partial(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Some(name) = e.file_name().to_str() {
+                if Kind::from_file_name(name).is_some()
+                    || name.starts_with("inventory.img")
+                    || name.ends_with(".img.tmp")
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Memfds and files deleted while open ("ghost" files): their contents
+//! travel in the image.
+//!
+//! Dump: the file's bytes (up to --ghost-limit), mode and, for a memfd,
+//! its seals, read through a new open of the task's descriptor; carried
+//! by the first open file of each in the table. Restore: a memfd with the
+//! same name, or a file made next to the deleted one's old path (a fresh
+//! name there, unlinked at once), filled, given its mode and seals; every
+//! open file description of it is a new open of that one.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use cryo_image::proto::{FileEntry, FileKind};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SealFlag};
+use nix::sys::memfd::MFdFlags;
+use nix::sys::stat::Mode;
+use nix::unistd::Whence;
+
+use super::{FdCtx, FilesError, OpenFile};
+
+pub fn is_ghost(kind: FileKind) -> bool {
+    matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted)
+}
+
+/// What the image calls a file: a memfd by its name, a deleted file by
+/// where it was; any other file by its link.
+pub fn name(kind: FileKind, link: &str) -> String {
+    if !is_ghost(kind) {
+        return link.to_string();
+    }
+    link.strip_prefix("/memfd:")
+        .unwrap_or(link)
+        .trim_end_matches(" (deleted)")
+        .to_string()
+}
+
+/// A ghost larger than the limit is refused (its contents would go into
+/// the image).
+pub fn dump(cx: &FdCtx, limit: u64, _e: &mut FileEntry) -> Result<(), FilesError> {
+    let size = cx.st.st_size as u64;
+    if size > limit {
+        return Err(FilesError::DeletedFile {
+            pid: cx.pid,
+            fd: cx.fd,
+            link: cx.link.to_string(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// The bytes (and seals) of every memfd and deleted file of the table,
+/// read through a new open of the task's descriptor; carried by the first
+/// open file of each.
+pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
+    let mut seen: Vec<(i32, u64, u64)> = Vec::new();
+    for o in table.iter_mut() {
+        let k = o.entry.kind;
+        if !FileKind::try_from(k).is_ok_and(is_ghost) {
+            continue;
+        }
+        let key = (k, o.entry.dev, o.entry.inode);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let path = format!("/proc/{}/fd/{}", o.pid, o.fd);
+        let f = std::fs::File::open(&path).map_err(|source| FilesError::Proc {
+            path: path.clone(),
+            source,
+        })?;
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut data)
+            .map_err(|source| FilesError::Proc { path, source })?;
+        o.entry.size = data.len() as u64;
+        o.entry.contents = data;
+        if k == FileKind::FileMemfd as i32 {
+            // A failure means no seals (not a sealable memfd).
+            let seals = nix::fcntl::fcntl(&f, FcntlArg::F_GET_SEALS).unwrap_or(0);
+            o.entry.seals = seals.max(0) as u32;
+        }
+    }
+    Ok(())
+}
+
+/// The ghost files made so far, by (kind, dev, inode): one per file,
+/// however many open file descriptions it has.
+#[derive(Default)]
+pub struct Ghosts(Vec<((i32, u64, u64), OwnedFd)>);
+
+impl Ghosts {
+    /// A new open file description of the ghost behind `f`, made (from
+    /// the entry of `files` that carries its contents) on first use.
+    pub fn open(&mut self, files: &[FileEntry], f: &FileEntry) -> Result<OwnedFd, String> {
+        let key = (f.kind, f.dev, f.inode);
+        let i = match self.0.iter().position(|g| g.0 == key) {
+            Some(i) => i,
+            None => {
+                let holder = files
+                    .iter()
+                    .find(|x| (x.kind, x.dev, x.inode) == key && !x.contents.is_empty())
+                    .unwrap_or(f);
+                self.0.push((key, make(holder)?));
+                self.0.len() - 1
+            }
+        };
+        let fd = super::reopen(&self.0[i].1, super::open_flags(f))?;
+        if !OFlag::from_bits_retain(f.flags as i32).contains(OFlag::O_PATH) {
+            let _ = nix::unistd::lseek(&fd, f.pos as i64, Whence::SeekSet);
+        }
+        Ok(fd)
+    }
+}
+
+/// A memfd with its name, contents and seals, or a file deleted while
+/// open: made next to where it was (a fresh name there), filled, given
+/// its mode and unlinked again. The descriptor returned reads and writes.
+fn make(f: &FileEntry) -> Result<OwnedFd, String> {
+    let io = std::io::Error::from;
+    let fd = if f.kind == FileKind::FileMemfd as i32 {
+        let mut flags = MFdFlags::MFD_CLOEXEC;
+        if f.seals != 0 {
+            flags |= MFdFlags::MFD_ALLOW_SEALING;
+        }
+        nix::sys::memfd::memfd_create(f.path.as_str(), flags)
+            .map_err(|e| format!("memfd_create: {}", io(e)))?
+    } else {
+        recreate(&f.path)?
+    };
+    let mut data: &[u8] = &f.contents;
+    while !data.is_empty() {
+        match nix::unistd::write(&fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("writing its {} bytes: {e}", f.contents.len())),
+        }
+    }
+    let _ = nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(f.mode));
+    if f.seals != 0 {
+        let seals = SealFlag::from_bits_retain(f.seals as i32);
+        nix::fcntl::fcntl(&fd, FcntlArg::F_ADD_SEALS(seals))
+            .map_err(|e| format!("adding seals {:#x}: {}", f.seals, io(e)))?;
+    }
+    Ok(fd)
+}
+
+/// A new empty file next to `path` (which was deleted), unlinked at once.
+fn recreate(path: &str) -> Result<OwnedFd, String> {
+    for n in 0..1000u32 {
+        let p = format!("{path}.cryo-ghost-{}-{n}", std::process::id());
+        match nix::fcntl::open(
+            p.as_str(),
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(fd) => {
+                let _ = nix::unistd::unlink(p.as_str());
+                return Ok(fd);
+            }
+            Err(Errno::EEXIST) => {}
+            Err(e) => {
+                return Err(format!(
+                    "recreating the deleted file next to its old path: {}",
+                    std::io::Error::from(e)
+                ))
+            }
+        }
+    }
+    Err("no free name to recreate the deleted file".into())
+}

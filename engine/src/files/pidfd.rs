@@ -1,0 +1,25 @@
+//! pidfd: the process it refers to.
+//!
+//! Dump: fdinfo's `Pid`. Restore: made by the task that holds it, once
+//! every task of the tree exists (pidfd_open of the same pid).
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::OwnedFd;
+
+use cryo_image::proto::FileEntry;
+use nix::unistd::Pid;
+
+use super::{FdCtx, FilesError};
+
+pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
+    e.pidfd_pid = cx.num("Pid").unwrap_or(0) as u32;
+    Ok(())
+}
+
+/// A pidfd of the dumped process (every task of the tree was made before
+/// any task opens its descriptors).
+pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
+    crate::sys::pidfd_open(Pid::from_raw(f.pidfd_pid as i32))
+        .map_err(|e| format!("making its {}: {}", f.path, std::io::Error::from(e.errno)))
+}

@@ -1,0 +1,154 @@
+//! The new tasks of a restore, from their creation (clone3 with the
+//! dumped pid, by the task that is to be their parent) to the hand-off:
+//! each makes its session or group, creates its children, waits on the
+//! barriers until the whole tree exists and every group is in place, then
+//! becomes what it was: a helper exits, a zombie exits with its dumped
+//! status, a task prepares itself ([`super::task`]) and jumps into the
+//! restorer.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+
+use cryo_image::PageReader;
+use cryo_parasite::{STAGE_CREATED, STAGE_JOINED};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{Id, WaitPidFlag};
+use nix::unistd::Pid;
+
+use super::image::TreeImage;
+use super::status::{read_go, report, report_error_and_exit, Never, STATUS_FD};
+use super::tree::{Node, NodeKind, Plan};
+use crate::sessions;
+
+/// What every node of the tree gets from cryo across its creation.
+pub struct NodeCtx<'a> {
+    pub tree: &'a TreeImage,
+    pub readers: &'a [PageReader],
+    pub plan: &'a Plan,
+    /// The shared anonymous objects (shmem files) by their dumped id.
+    pub shm: &'a HashMap<u64, RawFd>,
+    /// Every open file description of the tree, by its id in files.img.
+    pub files: &'a HashMap<u32, RawFd>,
+    /// The master of every pty of the tree, by its index.
+    pub pty_masters: &'a HashMap<u32, RawFd>,
+    pub status_w: RawFd,
+    /// Read ends of the three barriers: traced (roots), all created, all
+    /// in their groups.
+    pub go: [RawFd; 3],
+}
+
+/// A new task of the tree, running cryo's code with its dumped pid.
+/// Never returns.
+pub fn node_main(ctx: &NodeCtx, idx: usize) -> ! {
+    let node = &ctx.plan.nodes[idx];
+    STATUS_FD.store(ctx.status_w, Ordering::Relaxed);
+    match node_setup(ctx, idx) {
+        Ok(never) => match never {},
+        Err(msg) => report_error_and_exit(node.pid, &msg),
+    }
+}
+
+/// Before its children: die with the task that made it while the tree is
+/// built (cryo itself kills the roots; a helper's children outlive it on
+/// purpose, and the restorer sets the dumped value at the end), the
+/// subreaper flag, its session or group.
+fn setup_self(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
+    let os = |what: &'static str| move |e| format!("{what}: {}", std::io::Error::from(e));
+    let creator_is_helper = node
+        .creator
+        .is_some_and(|c| ctx.plan.nodes[c].kind == NodeKind::Helper);
+    if !creator_is_helper {
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+        let want = node.creator.map(|c| ctx.plan.nodes[c].pid).unwrap_or(-1);
+        if want > 0 && nix::unistd::getppid().as_raw() != want {
+            return Err("the task creating this one died".into());
+        }
+    }
+    if node.creator.is_none() {
+        read_go(ctx.go[0])?;
+    }
+    if node.subreaper {
+        nix::sys::prctl::set_child_subreaper(true).map_err(os("PR_SET_CHILD_SUBREAPER"))?;
+    }
+    sessions::enter(ctx.tree, ctx.pty_masters, node)
+}
+
+fn node_setup(ctx: &NodeCtx, idx: usize) -> Result<Never, String> {
+    let node = &ctx.plan.nodes[idx];
+    let pid = node.pid;
+    setup_self(ctx, node)?;
+    for &c in &node.children {
+        let child = &ctx.plan.nodes[c];
+        match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal) {
+            Ok(0) => node_main(ctx, c),
+            Ok(_) => {}
+            Err(errno) => {
+                let holder = super::pid_holder(child.pid).unwrap_or_default();
+                return Err(format!(
+                    "creating task {} (clone3 set_tid): {errno} {holder}",
+                    child.pid
+                ));
+            }
+        }
+    }
+    report(ctx.status_w, STAGE_CREATED, pid);
+    read_go(ctx.go[1])?;
+    sessions::join_group(node.join_pgid)?;
+    report(ctx.status_w, STAGE_JOINED, pid);
+    read_go(ctx.go[2])?;
+    sessions::give_back_foreground(ctx.tree, ctx.pty_masters, node)?;
+    match node.kind {
+        // A helper's children go to their subreaper.
+        NodeKind::Helper => crate::sys::proc::exit_now(0),
+        NodeKind::Zombie(z) => crate::sys::proc::exit_like(ctx.tree.zombies[z].exit_status),
+        NodeKind::Task(i) => {
+            collect_children(ctx, node)?;
+            let fd = ctx.status_w;
+            // The pipes of the barriers are not the task's.
+            for g in ctx.go {
+                crate::sys::fd::close(g);
+            }
+            task_main(ctx, i, fd)
+        }
+    }
+}
+
+/// Helpers made by this task are collected; zombies made by it must have
+/// exited (they stay for the task's code to collect).
+fn collect_children(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
+    for &c in &node.children {
+        let child = &ctx.plan.nodes[c];
+        let cpid = Pid::from_raw(child.pid);
+        match child.kind {
+            NodeKind::Helper => {
+                let _ = nix::sys::wait::waitpid(cpid, None);
+            }
+            NodeKind::Zombie(_) => {
+                nix::sys::wait::waitid(Id::Pid(cpid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+                    .map_err(|e| {
+                        format!(
+                            "waiting for zombie {}: {}",
+                            child.pid,
+                            std::io::Error::from(e)
+                        )
+                    })?;
+            }
+            NodeKind::Task(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The task with its dumped pid, prepared for and handed over to the
+/// restorer. Never returns.
+fn task_main(ctx: &NodeCtx, i: usize, status_w: RawFd) -> ! {
+    let img = &ctx.tree.procs[i];
+    STATUS_FD.store(status_w, Ordering::Relaxed);
+    match super::task::prepare(ctx, i, status_w) {
+        Ok(never) => match never {},
+        Err(msg) => report_error_and_exit(img.pid(), &msg),
+    }
+}

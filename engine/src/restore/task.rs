@@ -1,0 +1,59 @@
+//! A new task with its dumped pid, after the tree is built: everything it
+//! does before it jumps into the restorer, one resource after another.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::{IntoRawFd, RawFd};
+
+use super::handoff::{self, Boot, Prepared};
+use super::node::NodeCtx;
+use super::status::Never;
+use crate::{cgroup, fsinfo, mem, ns};
+
+/// Prepare task `me` of the tree and hand over to the restorer.
+pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> Result<Never, String> {
+    let img = &ctx.tree.procs[me];
+    // Test hook: a restore failing in one task of the tree, the others
+    // created and on their way.
+    if img.pstree.ppid != 0 && crate::fault::check(&format!("restore-task-{}", img.pstree.pid)) {
+        return Err("injected failure (CRYO_FAULT)".into());
+    }
+    let pc = img.core.process.clone().unwrap_or_default();
+    // Back into the dumped cgroups first, so that the memory set up below
+    // is charged to them.
+    cgroup::join(&pc.cgroups)?;
+    ns::restore(&pc.namespaces)?;
+    // Every signal stays blocked until the final sigreturn sets the
+    // dumped mask.
+    crate::sys::proc::block_all_signals();
+    // The bootstrap and premap areas first, before anything else here
+    // allocates memory.
+    let layout = handoff::plan(img)?;
+    let boot = Boot::map(&layout, img.pstree.pid, status_w)?;
+    let (mut premap, mut rvmas) = mem::restore::premap(img, layout.premap_base, ctx.shm)?;
+    mem::restore::fill_pages(img, &ctx.readers[me], &mut premap)?;
+    mem::cow::fill_from_parents(ctx.tree, ctx.readers, me, &mut premap)?;
+    // Descriptors: the pages are read, every inherited descriptor but the
+    // tree's files goes.
+    let status_fd = crate::restore::fdtable::install(img, ctx.files, status_w)?;
+    fsinfo::restore(&pc)?;
+    let mm_name = cryo_image::mm_file(img.pstree.pid);
+    // Shared file mappings are mapped by the restorer from these, and the
+    // executable goes to PR_SET_MM_MAP; it closes them all.
+    let mut close_fds: Vec<i32> = mem::restore::open_shared_files(img, &mut rvmas)?
+        .into_iter()
+        .map(IntoRawFd::into_raw_fd)
+        .collect();
+    let exe_fd = mem::mm::open_exe(&img.mm, &mm_name)?.into_raw_fd();
+    close_fds.push(exe_fd);
+    let prepared = Prepared {
+        layout,
+        boot,
+        premap: premap.keep(),
+        rvmas,
+        close_fds,
+        exe_fd,
+        status_fd,
+    };
+    handoff::enter(img, prepared)
+}
