@@ -2,6 +2,8 @@
 //! makes a dump fail at POINT, `pause-POINT:PATH` writes PATH there and
 //! waits to be killed (tests kill cryo at that moment).
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 /// If CRYO_FAULT asks to pause at `point`, write the flag file and wait

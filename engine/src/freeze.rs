@@ -4,6 +4,8 @@
 //! after (the tasks then stay in their ptrace stops), and always thawed
 //! if anything fails.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,8 @@
 //! may fork or create threads; a stopped one cannot). With a freezer, the
 //! whole cgroup is frozen, every task attached, then thawed.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,8 @@
 //! parasite to return the task to its saved context on its own, and by the
 //! restorer to enter the restored context.
 
+#![forbid(unsafe_code)]
+
 use cryo_parasite::{sigframe as sf, KStack};
 
 /// user_regs_struct, as PTRACE_GETREGS returns it.

@@ -3,6 +3,8 @@
 //! core and the pages themselves; then, once the whole tree is captured
 //! (and, with --leave-running, runs again), its image files.
 
+#![forbid(unsafe_code)]
+
 use std::time::Instant;
 
 use cryo_image::proto::{

@@ -4,6 +4,8 @@
 //! write the image, then cure the tasks (--leave-running) or kill them.
 //! Each resource is dumped by its own module; this one only orchestrates.
 
+#![forbid(unsafe_code)]
+
 mod capture;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

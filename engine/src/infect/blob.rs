@@ -2,6 +2,8 @@
 //! image, apply R_X86_64_RELATIVE relocations for the load address, and
 //! find the entry symbols.
 
+#![forbid(unsafe_code)]
+
 use goblin::elf::{program_header::PT_LOAD, reloc::R_X86_64_RELATIVE, Elf};
 
 /// The parasite blob ELF, built from parasite/blob by engine/build.rs.

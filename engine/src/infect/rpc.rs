@@ -1,6 +1,8 @@
 //! The parasite itself: mapping and starting the blob in the task, the
 //! command socket to it, every command cryo sends, and stopping it.
 
+#![forbid(unsafe_code)]
+
 use std::io::IoSlice;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, RawFd};

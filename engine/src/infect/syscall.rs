@@ -4,6 +4,8 @@
 //! task's memory; the syscalls cryo needs this way (userfaultfd, a
 //! thread's altstack and tid address).
 
+#![forbid(unsafe_code)]
+
 use cryo_parasite::*;
 use nix::errno::Errno;
 use nix::sys::ptrace;

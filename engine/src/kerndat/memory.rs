@@ -1,6 +1,8 @@
 //! Probes of the memory interfaces: userfaultfd (write-protection, async
 //! mode), PAGEMAP_SCAN, soft-dirty, memfd and vmsplice.
 
+#![forbid(unsafe_code)]
+
 use super::*;
 
 pub(super) fn new_uffd() -> Result<OwnedFd, KerndatError> {

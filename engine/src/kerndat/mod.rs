@@ -6,6 +6,8 @@
 //! namespaces are only created in short-lived children, and temporary cgroup
 //! directories are removed.
 
+#![forbid(unsafe_code)]
+
 mod memory;
 mod system;
 mod task;

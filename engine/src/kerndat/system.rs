@@ -1,6 +1,8 @@
 //! Probes of the system around the tasks: cgroup freezers, namespaces,
 //! the vdso, PR_SET_MM_MAP, POSIX timer ids and CAP_SYS_RESOURCE.
 
+#![forbid(unsafe_code)]
+
 use super::*;
 
 pub(super) struct MountEntry {

@@ -1,6 +1,8 @@
 //! Probes of the task interfaces: ptrace (seize, interrupt, signal masks,
 //! rseq, XSAVE), clone3 with set_tid, kcmp and pidfds.
 
+#![forbid(unsafe_code)]
+
 use super::*;
 
 pub(super) struct PtraceProbes {

@@ -4,6 +4,8 @@
 //! task under write-protection, or a copy made before the stop). Both are
 //! merged in address order, zero pages of the later runs left out.
 
+#![forbid(unsafe_code)]
+
 use cryo_image::proto::PagemapEntry;
 use cryo_image::{ImageError, PageReader, PageWriter};
 

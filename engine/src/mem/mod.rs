@@ -1,6 +1,8 @@
 //! Memory: the task's mappings (from /proc/PID/smaps), which pages of
 //! each are worth storing (PAGEMAP_SCAN), and the page transfer.
 
+#![forbid(unsafe_code)]
+
 pub mod cow;
 pub mod merge;
 pub mod mm;

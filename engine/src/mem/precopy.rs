@@ -15,6 +15,8 @@
 //! in the file). If cryo dies, the kernel drops the tracking with the
 //! descriptor and the tasks run on unaffected.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;

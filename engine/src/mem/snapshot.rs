@@ -10,6 +10,8 @@
 //! the only userfaultfd, which unregisters every range and wakes every
 //! waiting fault (the kernel does the same if cryo dies).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};

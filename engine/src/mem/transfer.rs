@@ -4,6 +4,8 @@
 //! to the zstd workers. Two pipes alternate so the parasite fills one
 //! while cryo drains the other.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 

@@ -1,5 +1,7 @@
 //! Pure parsers of /proc text, tested on fixture strings.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 
 /// The fields of /proc/PID/stat cryo uses.

@@ -3,6 +3,8 @@
 //! against each other, so that a damaged image is refused before anything
 //! is created.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 

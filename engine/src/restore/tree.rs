@@ -6,6 +6,8 @@
 //! Zombies are recreated by their parent and exit with their dumped
 //! status.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::image::TreeImage;
