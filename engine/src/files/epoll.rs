@@ -15,7 +15,10 @@ use super::{FdCtx, FilesError};
 use crate::proc as procfmt;
 
 pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
-    let targets = procfmt::parse_epoll_targets(cx.fdinfo);
+    let targets = procfmt::parse_epoll_targets(cx.fdinfo).map_err(|line| {
+        tracing::warn!(pid = cx.pid, fd = cx.fd, "unreadable epoll target: {line}");
+        cx.bad()
+    })?;
     for &(tfd, _, _, ino) in &targets {
         let target = std::fs::metadata(format!("/proc/{}/fd/{tfd}", cx.pid))
             .ok()

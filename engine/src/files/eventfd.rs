@@ -1,6 +1,7 @@
 //! eventfd: the counter and the semaphore mode.
 //!
-//! Dump: fdinfo's `eventfd-count` and `eventfd-semaphore`. Restore: a new
+//! Dump: fdinfo's `eventfd-count` (hexadecimal: the kernel prints it with
+//! `%16llx`) and `eventfd-semaphore` (decimal). Restore: a new
 //! eventfd in the same mode, with the counter written back into it.
 
 #![forbid(unsafe_code)]
@@ -15,7 +16,7 @@ use super::{FdCtx, FilesError};
 pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
     let st = (|| {
         Some(EventfdState {
-            count: cx.num("eventfd-count")?,
+            count: cx.hex("eventfd-count")?,
             semaphore: cx.num("eventfd-semaphore").unwrap_or(0) != 0,
         })
     })();

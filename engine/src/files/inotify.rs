@@ -28,20 +28,24 @@ pub enum InotifyError {
 }
 
 /// One watch line of an inotify fdinfo: (wd, mask, sdev, handle type,
-/// handle bytes).
+/// handle bytes). The kernel prints every number of it in hexadecimal
+/// (`inotify wd:%x ino:%lx sdev:%x mask:%x ignored_mask:%x
+/// fhandle-bytes:%x fhandle-type:%x f_handle:%02x...`, fs/notify/fdinfo.c):
+/// watch 10 is `wd:a`.
 fn parse_line(l: &str) -> Option<(i32, u32, u64, i32, Vec<u8>)> {
     let l = l.strip_prefix("inotify ")?;
     let field = |k: &str| {
         l.split_whitespace()
             .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix(':')))
     };
-    let wd = field("wd")?.parse().ok()?;
-    let mask = u32::from_str_radix(field("mask")?, 16).ok()?;
-    let sdev = u64::from_str_radix(field("sdev")?, 16).ok()?;
-    let htype = field("fhandle-type")?.parse().ok()?;
-    let hex = field("f_handle")?;
-    let bytes = (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok())
+    let hex = |k: &str| u64::from_str_radix(field(k)?, 16).ok();
+    let wd = i32::try_from(hex("wd")?).ok()?;
+    let mask = u32::try_from(hex("mask")?).ok()?;
+    let sdev = hex("sdev")?;
+    let htype = i32::try_from(hex("fhandle-type")?).ok()?;
+    let handle = field("f_handle")?;
+    let bytes = (0..handle.len() / 2)
+        .map(|i| u8::from_str_radix(handle.get(i * 2..i * 2 + 2)?, 16).ok())
         .collect::<Option<Vec<u8>>>()?;
     Some((wd, mask, sdev, htype, bytes))
 }
@@ -63,9 +67,16 @@ fn mount_of(sdev: u64) -> Option<String> {
 /// from its fdinfo text.
 pub fn dump(pid: i32, fd: i32, fdinfo: &str) -> Result<InotifyState, InotifyError> {
     let mut watches = Vec::new();
-    for l in fdinfo.lines() {
+    for l in fdinfo.lines().filter(|l| l.starts_with("inotify ")) {
+        // A watch line that does not read is an error, never a watch
+        // silently left out of the image.
         let Some((wd, mask, sdev, htype, handle)) = parse_line(l) else {
-            continue;
+            return Err(InotifyError::Watch {
+                pid,
+                fd,
+                wd: -1,
+                what: format!("cannot read its fdinfo line {l:?}"),
+            });
         };
         let err = |what: String| InotifyError::Watch { pid, fd, wd, what };
         let mnt =
@@ -158,5 +169,17 @@ mod tests {
             Some((2, 2, 0xfe0_0000, 1, vec![0x63, 2, 0, 0, 0, 0, 0, 0]))
         );
         assert_eq!(parse_line("pos:\t0"), None);
+        // Watch 10 and up, as Linux 6.18 prints them.
+        let l = "inotify wd:1f ino:98e0e1 sdev:fe00000 mask:fff ignored_mask:0 fhandle-bytes:8 fhandle-type:4d f_handle:e1e09800b9c7687b";
+        assert_eq!(
+            parse_line(l),
+            Some((
+                31,
+                0xfff,
+                0xfe0_0000,
+                0x4d,
+                vec![0xe1, 0xe0, 0x98, 0, 0xb9, 0xc7, 0x68, 0x7b]
+            ))
+        );
     }
 }

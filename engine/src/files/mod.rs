@@ -157,13 +157,25 @@ impl FdCtx<'_> {
             .and_then(|v| v.trim().parse::<u64>().ok())
     }
 
+    /// A hexadecimal field of fdinfo.
+    pub fn hex(&self, key: &str) -> Option<u64> {
+        self.info.get(key).and_then(|v| procfmt::fdinfo_hex(v))
+    }
+
+    /// A signed decimal field of fdinfo.
+    pub fn int(&self, key: &str) -> Option<i64> {
+        self.info
+            .get(key)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    }
+
     pub fn bad(&self) -> FilesError {
         FilesError::Parse {
             path: self.info_path.to_string(),
         }
     }
 
-    fn unsupported(&self, what: &'static str) -> FilesError {
+    pub fn unsupported(&self, what: &'static str) -> FilesError {
         FilesError::UnsupportedFd {
             pid: self.pid,
             fd: self.fd,

@@ -12,11 +12,7 @@ use cryo_image::proto::{FileEntry, SignalfdState};
 use super::{FdCtx, FilesError};
 
 pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
-    let mask = cx
-        .info
-        .get("sigmask")
-        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-        .ok_or_else(|| cx.bad())?;
+    let mask = cx.hex("sigmask").ok_or_else(|| cx.bad())?;
     e.signalfd = Some(SignalfdState { mask });
     Ok(())
 }

@@ -169,27 +169,37 @@ pub fn parse_fdinfo(text: &str) -> (u64, u32) {
 }
 
 /// The targets of an epoll from its fdinfo: (tfd, events, data, inode).
-pub fn parse_epoll_targets(text: &str) -> Vec<(u32, u32, u64, u64)> {
+/// The kernel prints `tfd: %8d events: %8x data: %16llx pos:%lli ino:%lx
+/// sdev:%x` (fs/eventpoll.c): a `tfd:` line that does not read so is an
+/// error (its text), never a watch silently left out.
+pub fn parse_epoll_targets(text: &str) -> Result<Vec<(u32, u32, u64, u64)>, String> {
+    let parse = |l: &str| -> Option<(u32, u32, u64, u64)> {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let after = |key: &str| {
+            w.iter()
+                .position(|x| *x == key)
+                .and_then(|i| w.get(i + 1))
+                .copied()
+        };
+        let tfd = w.first()?.parse().ok()?;
+        let events = u32::from_str_radix(after("events:")?, 16).ok()?;
+        let data = u64::from_str_radix(after("data:")?, 16).ok()?;
+        let ino = w
+            .iter()
+            .find_map(|x| x.strip_prefix("ino:"))
+            .and_then(|v| u64::from_str_radix(v, 16).ok())?;
+        Some((tfd, events, data, ino))
+    };
     text.lines()
-        .filter_map(|l| {
-            let l = l.trim_start().strip_prefix("tfd:")?;
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let after = |key: &str| {
-                w.iter()
-                    .position(|x| *x == key)
-                    .and_then(|i| w.get(i + 1))
-                    .copied()
-            };
-            let tfd = w.first()?.parse().ok()?;
-            let events = u32::from_str_radix(after("events:")?, 16).ok()?;
-            let data = u64::from_str_radix(after("data:")?, 16).ok()?;
-            let ino = w
-                .iter()
-                .find_map(|x| x.strip_prefix("ino:"))
-                .and_then(|v| u64::from_str_radix(v, 16).ok())?;
-            Some((tfd, events, data, ino))
-        })
+        .filter_map(|l| l.trim_start().strip_prefix("tfd:"))
+        .map(|l| parse(l).ok_or_else(|| format!("tfd:{l}")))
         .collect()
+}
+
+/// A hexadecimal fdinfo value (`eventfd-count: %16llx`, `sigmask:
+/// %016llx`), padding allowed.
+pub fn fdinfo_hex(v: &str) -> Option<u64> {
+    u64::from_str_radix(v.trim(), 16).ok()
 }
 
 /// A timerfd fdinfo time, "(SECONDS, NANOSECONDS)", in nanoseconds.
@@ -266,11 +276,33 @@ mod tests {
         let t = "pos:\t0\nflags:\t02\ntfd:        4 events:       19 data:                4  pos:0 ino:4c96a sdev:f\ntfd:        5 events: 8000001c data:     ffffffffffff  pos:0 ino:4c96b sdev:f\n";
         assert_eq!(
             parse_epoll_targets(t),
-            vec![
+            Ok(vec![
                 (4, 0x19, 4, 0x4c96a),
                 (5, 0x8000_001c, 0xffff_ffff_ffff, 0x4c96b)
-            ]
+            ])
         );
+        // As Linux 6.18 prints a data word with every bit set high.
+        let t = "tfd:        7 events: 8000001d data: fedcba9876543210  pos:0 ino:21954 sdev:f\n";
+        assert_eq!(
+            parse_epoll_targets(t),
+            Ok(vec![(7, 0x8000_001d, 0xfedc_ba98_7654_3210, 0x21954)])
+        );
+        // A line the parser cannot read is an error, not a lost watch.
+        assert!(parse_epoll_targets("tfd: 7 events: zz data: 1 ino:2\n").is_err());
+    }
+
+    #[test]
+    fn fdinfo_hex_values() {
+        // Linux 6.18: eventfd-count is "%16llx", a count of 42 reads "2a".
+        let t = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1038\neventfd-count:               2a\neventfd-id: 2\neventfd-semaphore: 0\n";
+        let m = parse_status(t);
+        assert_eq!(m.get("eventfd-count").and_then(|v| fdinfo_hex(v)), Some(42));
+        assert_eq!(fdinfo_hex("4000000200000200"), Some(0x4000_0002_0000_0200));
+        assert_eq!(fdinfo_hex("fffffffffffffffe"), Some(u64::MAX - 1));
+        assert_eq!(fdinfo_hex("g"), None);
+        // flags are octal, pos decimal.
+        let f = "pos:\t123456789012\nflags:\t02106002\nmnt_id:\t27\n";
+        assert_eq!(parse_fdinfo(f), (123_456_789_012, 0o2106002));
     }
 
     #[test]

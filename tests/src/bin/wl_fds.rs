@@ -20,10 +20,12 @@
 //! parent must see 50 through its dup, read the child's 10000 bytes and
 //! then end of file (the child's write end was the only one).
 //!
-//! The parent also holds an eventfd in semaphore mode with count 5, a
-//! timerfd 30 s from expiring with a 1.5 s period, one that expired once
-//! and was not read, and a signalfd for SIGUSR1 and SIGUSR2 with a SIGUSR1
-//! queued (blocked).
+//! The parent also holds an eventfd in semaphore mode with count 5, one
+//! with a count that needs every hex digit (0x123456789abc: the kernel
+//! prints it in hexadecimal), a timerfd 30 s from expiring with a 1.5 s
+//! period, one that expired once and was not read, and a signalfd for
+//! SIGUSR1, SIGUSR2 and two realtime signals (a mask with high bits) with
+//! a SIGUSR1 queued (blocked).
 //!
 //! Unix sockets: a stream pair between parent and child with bytes queued
 //! in both directions, a datagram pair and a seqpacket pair in the parent
@@ -40,8 +42,10 @@
 //! with those words; a pidfd of the child must still name the child.
 //!
 //! An inotify instance watches DIR (IN_CREATE, watch 1) and DIR/watched
-//! (IN_MODIFY, watch 3; watch 2 was removed): after the restore, creating
-//! a file in DIR and writing DIR/watched must report those watches.
+//! (IN_MODIFY, watch 3; watch 2 was removed), and DIR/watched-4 to
+//! DIR/watched-17 (watches 4 to 0x11): after the restore, creating a file
+//! in DIR and writing DIR/watched and DIR/watched-17 must report those
+//! watches.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -168,9 +172,22 @@ fn unsafe_zeroed_stat() -> libc::stat {
     unsafe { std::mem::zeroed() }
 }
 
-/// The event descriptors of the parent: eventfd, two timerfds, signalfd.
+/// The count of the second eventfd: every hex digit but 0 and d-f.
+const BIG_COUNT: u64 = 0x1234_5678_9abc;
+
+/// The mask the signalfd reads, as its fdinfo prints it.
+fn sigmask_of(fd: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("sigmask:").map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// The event descriptors of the parent: two eventfds, two timerfds, signalfd.
 struct Events {
     efd: i32,
+    big: i32,
     tfd: i32,
     expired: i32,
     sfd: i32,
@@ -188,6 +205,11 @@ fn make_events() -> Result<Events, String> {
             5,
             libc::EFD_SEMAPHORE | libc::EFD_NONBLOCK | libc::EFD_CLOEXEC,
         );
+        let big = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        let count = BIG_COUNT.to_ne_bytes();
+        if big < 0 || libc::write(big, count.as_ptr().cast(), 8) != 8 {
+            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+        }
         let tfd = libc::timerfd_create(
             libc::CLOCK_MONOTONIC,
             libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
@@ -210,6 +232,8 @@ fn make_events() -> Result<Events, String> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::sigaddset(&mut set, libc::SIGRTMIN() + 3);
+        libc::sigaddset(&mut set, libc::SIGRTMAX());
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         let sfd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
         libc::raise(libc::SIGUSR1);
@@ -222,6 +246,7 @@ fn make_events() -> Result<Events, String> {
         std::thread::sleep(Duration::from_millis(5));
         Ok(Events {
             efd,
+            big,
             tfd,
             expired,
             sfd,
@@ -239,6 +264,24 @@ fn check_events(e: &Events, fails: &mut Vec<String>) {
     let sem: Vec<Option<u64>> = (0..6).map(|_| read8(e.efd)).collect();
     if sem != [Some(1), Some(1), Some(1), Some(1), Some(1), None] {
         fails.push(format!("eventfd (semaphore, count 5) read {sem:?}"));
+    }
+    match read8(e.big) {
+        Some(BIG_COUNT) => {}
+        other => fails.push(format!(
+            "the eventfd with count {BIG_COUNT:#x} read {other:x?}"
+        )),
+    }
+    // SIGUSR1, SIGUSR2, SIGRTMIN+3 and SIGRTMAX (glibc's SIGRTMIN is 34).
+    let want = format!(
+        "{:016x}",
+        (1u64 << (libc::SIGUSR1 - 1))
+            | (1 << (libc::SIGUSR2 - 1))
+            | (1 << (libc::SIGRTMIN() + 3 - 1))
+            | (1 << (libc::SIGRTMAX() - 1))
+    );
+    let mask = sigmask_of(e.sfd);
+    if mask != want {
+        fails.push(format!("the signalfd's mask is {mask}, expected {want}"));
     }
     // SAFETY: plain data, filled by timerfd_gettime.
     let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
@@ -512,6 +555,9 @@ fn check_ghosts(g: &Ghosts, fails: &mut Vec<String>) {
     }
 }
 
+/// The last inotify watch (0x11).
+const LAST_WATCH: i32 = 17;
+
 fn make_inotify(tmp: &Path) -> Result<i32, String> {
     let watched = tmp.join("watched");
     std::fs::write(&watched, b"x").map_err(|e| format!("{e}"))?;
@@ -527,6 +573,15 @@ fn make_inotify(tmp: &Path) -> Result<i32, String> {
         if (w1, w2, w3) != (1, 2, 3) {
             return Err(format!("inotify watches {w1} {w2} {w3}"));
         }
+        // Watches 4 to 17: the kernel prints watch numbers in hexadecimal.
+        for n in 4..=LAST_WATCH {
+            let p = tmp.join(format!("watched-{n}"));
+            std::fs::write(&p, b"x").map_err(|e| format!("{e}"))?;
+            let w = libc::inotify_add_watch(fd, c(&p).as_ptr(), libc::IN_MODIFY | libc::IN_ATTRIB);
+            if w != n {
+                return Err(format!("inotify watch {w}, expected {n}"));
+            }
+        }
         let mut buf = [0u8; 4096];
         while libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
         Ok(fd)
@@ -538,6 +593,10 @@ fn check_inotify(fd: i32, tmp: &Path, fails: &mut Vec<String>) {
     let _ = std::fs::OpenOptions::new()
         .append(true)
         .open(tmp.join("watched"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"y"));
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .open(tmp.join(format!("watched-{LAST_WATCH}")))
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"y"));
     std::thread::sleep(Duration::from_millis(20));
     let mut buf = [0u8; 4096];
@@ -553,7 +612,11 @@ fn check_inotify(fd: i32, tmp: &Path, fails: &mut Vec<String>) {
         got.push((wd, mask));
         off += 16 + len;
     }
-    let want = [(1, libc::IN_CREATE), (3, libc::IN_MODIFY)];
+    let want = [
+        (1, libc::IN_CREATE),
+        (3, libc::IN_MODIFY),
+        (LAST_WATCH, libc::IN_MODIFY),
+    ];
     if got != want {
         fails.push(format!("inotify reported {got:?}, expected {want:?}"));
     }
@@ -572,15 +635,18 @@ fn make_epoll(watch: &[(i32, u32, u64)]) -> Result<i32, String> {
     Ok(ep)
 }
 
+/// A data word with every bit of its top byte set.
+const EPOLL_HIGH: u64 = 0xfedc_ba98_7654_3210;
+
 fn check_epoll(ep: i32, fails: &mut Vec<String>) {
     let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
     // SAFETY: waiting into our own array of 8 events.
     let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 8, 1000) };
     let mut got: Vec<u64> = evs[..n.max(0) as usize].iter().map(|e| e.u64).collect();
     got.sort_unstable();
-    if got != [77, 0xabc, 0x5eed] {
+    if got != [77, 0x5eed, EPOLL_HIGH] {
         fails.push(format!(
-            "the epoll reported data words {got:x?}, expected 4d, abc and 5eed"
+            "the epoll reported data words {got:x?}, expected 4d, 5eed and {EPOLL_HIGH:x}"
         ));
     }
 }
@@ -742,7 +808,7 @@ fn run(
     }
     write_all(socks.stream_parent, b"to child")?;
     let epfd = make_epoll(&[
-        (f.own_r, libc::EPOLLIN as u32, 0xabc),
+        (f.own_r, libc::EPOLLIN as u32, EPOLL_HIGH),
         (
             socks.dgram[0],
             libc::EPOLLIN as u32 | libc::EPOLLET as u32,
