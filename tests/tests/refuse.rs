@@ -391,3 +391,68 @@ fn dump_refuses_terminal_on_stdout() {
     // SAFETY: closing the master we opened.
     unsafe { libc::close(master) };
 }
+
+/// A pidfd whose process has exited and been reaped (fdinfo `Pid: -1`)
+/// cannot be made again: refused, naming the descriptor and why.
+#[test]
+fn dump_refuses_pidfd_of_exited_process() {
+    become_subreaper();
+    let mut gone = Command::new(sleep_bin())
+        .arg("0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn a short sleep");
+    // SAFETY: pidfd_open of our own child, which is not reaped yet.
+    let pidfd =
+        unsafe { libc::syscall(libc::SYS_pidfd_open, gone.id() as libc::pid_t, 0) } as RawFd;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    gone.wait().expect("reap the short sleep");
+    let mut cmd = Command::new(sleep_bin());
+    cmd.arg("1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // the async-signal-safe dup2 and fcntl on descriptor numbers; `pidfd` is
+    // open in the parent (and so in the child) until after spawn. A pidfd
+    // is close-on-exec: dup2 makes fd 3 without it, or, if the pidfd is fd
+    // 3 already, FD_CLOEXEC is cleared.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if pidfd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(pidfd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn sleep with a pidfd on fd 3");
+    let mut guard = PidGuard::new(child.id() as i32);
+    let pid = guard.pid();
+    drop(child);
+    // SAFETY: closing our own copy of the pidfd.
+    unsafe { libc::close(pidfd) };
+    wait_settled(pid, SETTLE_TIMEOUT);
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/3")).expect("fdinfo 3");
+    assert!(
+        info.lines().any(|l| l == "Pid:\t-1"),
+        "setup: fd 3 is not a pidfd of an exited process:\n{info}"
+    );
+    assert_dump_refused(
+        pid,
+        Some(3),
+        &["pidfd", "exited"],
+        "pidfd of an exited process",
+    );
+    assert_eq!(guard.kill(), Some(Exit::Signal(libc::SIGKILL)));
+}
