@@ -186,7 +186,11 @@ fn run_tools(dir: &Path) -> Result<(), String> {
         let out = try_run_cryo(&args, &[], Duration::from_secs(30))
             .map_err(|e| format!("cryo {}: {e}", args.join(" ")))?;
         // `verify` lists the problems on stdout, one per line, by file.
-        let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr_of(&out));
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr_of(&out)
+        );
         if out.status.code().is_none() || out.status.code() == Some(101) || err.contains("panicked")
         {
             return Err(format!(

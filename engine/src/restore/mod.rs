@@ -79,6 +79,20 @@ pub enum RestoreError {
     },
     #[error("restoring task {pid}: timed out after {secs} s")]
     Timeout { pid: i32, secs: u64 },
+    #[error("injected failure ({what}) from CRYO_FAULT")]
+    Fault { what: String },
+}
+
+/// Test hook: `CRYO_FAULT=pause-restore-POINT:PATH` stops cryo at POINT
+/// (tests kill it there), `fail-restore-POINT` fails the restore there.
+/// The points, in order: loaded, files, spawned, created, joined,
+/// trapped, stepped, unmapped.
+fn fault(point: &str) -> Result<()> {
+    let what = format!("restore-{point}");
+    if crate::fault::check(&what) {
+        return Err(RestoreError::Fault { what });
+    }
+    Ok(())
 }
 
 type Result<T> = std::result::Result<T, RestoreError>;
@@ -243,6 +257,7 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     let (tree, readers, plan) = load(opts)?;
+    fault("loaded")?;
     let root = tree.procs[0].pid();
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| RestoreError::Sys {
@@ -256,6 +271,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
     let shared = make_shared(&tree)?;
+    fault("files")?;
     let file_fds = raw_fds(&shared.files);
     let shm_fds = raw_fds(&shared.shm);
     let pty_masters: HashMap<u32, RawFd> = tree.procs[0]
@@ -279,6 +295,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     drop(status_w);
     drop((go0_r, go1_r, go2_r));
     let res = started.and_then(|()| {
+        fault("spawned")?;
         // Let the roots go on, now that they are traced.
         nix::unistd::write(&go0_w, &vec![b'g'; roots.len()]).map_err(|errno| {
             RestoreError::Sys {

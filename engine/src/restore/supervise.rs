@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 use super::image::TreeImage;
 use super::status::record_error;
 use super::tree::Plan;
-use super::{RestoreError, Result, PAGE, RESTORE_TIMEOUT};
+use super::{fault, RestoreError, Result, PAGE, RESTORE_TIMEOUT};
 use crate::infect::Victim;
 
 /// A process of the tree as the supervisor follows it: its threads,
@@ -165,12 +165,14 @@ impl Supervisor<'_> {
                 STAGE_CREATED => {
                     self.created += 1;
                     if self.created == n_nodes {
+                        fault("created")?;
                         write(self.go1)?;
                     }
                 }
                 STAGE_JOINED => {
                     self.joined += 1;
                     if self.joined == n_nodes {
+                        fault("joined")?;
                         crate::sessions::foreground_shell_jobs(self.tree, self.plan);
                         write(self.go2)?;
                     }
@@ -236,21 +238,28 @@ impl Supervisor<'_> {
 
     /// Every task sits on the restorer's trap right before rt_sigreturn:
     /// step each over the sigreturn so it sits in its restored context,
-    /// unmap each bootstrap area from its leader, then let every task go.
+    /// unmap each bootstrap area from its leader, then let every task go
+    /// in one sweep. Until that sweep every task is stopped and traced, so
+    /// a cryo killed up to there takes the whole tree with it
+    /// (PTRACE_O_EXITKILL), and a failure kills it.
     fn finish(self) -> Result<()> {
         let root = self.root;
+        fault("trapped")?;
         for &t in self.trapped.iter() {
             step_over_sigreturn(Pid::from_raw(t), root)?;
         }
-        for p in &self.procs {
-            let pid = p.pid;
-            let fin = |source| RestoreError::Finish { pid, source };
-            let mut v = Victim::attach_stopped(Pid::from_raw(pid)).map_err(fin)?;
-            if let Some((start, len)) = p.boot {
-                v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0])
-                    .map_err(fin)?;
+        fault("stepped")?;
+        let mut leaders: Vec<Victim> = Vec::with_capacity(self.procs.len());
+        if let Err(e) = self.unmap_boot(&mut leaders) {
+            for v in leaders.iter_mut() {
+                let _ = v.kill();
             }
-            v.cure().map_err(fin)?;
+            return Err(e);
+        }
+        for mut v in leaders {
+            let pid = v.pid.as_raw();
+            v.cure()
+                .map_err(|source| RestoreError::Finish { pid, source })?;
         }
         for p in &self.procs {
             for &t in &p.threads {
@@ -258,6 +267,21 @@ impl Supervisor<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Unmap each process's bootstrap area (through its leader, kept in
+    /// `leaders`, stopped).
+    fn unmap_boot(&self, leaders: &mut Vec<Victim>) -> Result<()> {
+        for p in &self.procs {
+            let pid = p.pid;
+            let fin = |source| RestoreError::Finish { pid, source };
+            leaders.push(Victim::attach_stopped(Pid::from_raw(pid)).map_err(fin)?);
+            if let (Some((start, len)), Some(v)) = (p.boot, leaders.last_mut()) {
+                v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0])
+                    .map_err(fin)?;
+            }
+        }
+        fault("unmapped")
     }
 }
 
