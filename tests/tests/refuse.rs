@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -455,4 +456,80 @@ fn dump_refuses_pidfd_of_exited_process() {
         "pidfd of an exited process",
     );
     assert_eq!(guard.kill(), Some(Exit::Signal(libc::SIGKILL)));
+}
+
+/// A tmpfs of `size` mounted on `dir` by this test, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount a {size} tmpfs on {}", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A dump into a directory that runs out of space (ENOSPC) fails with
+/// the file it could not write, in every mode, leaves no image behind
+/// (no inventory, no image file), and the task runs on untouched.
+#[test]
+fn dump_to_a_full_disk_fails_cleanly() {
+    become_subreaper();
+    let dir = TestDir::new();
+    let disk = dir.subdir("small");
+    let _mount = SmallDisk::mount(&disk, "1m");
+    let mut wl = Workload::start("wl_bench", &["--mib", "8"], &dir);
+    let pid = wl.pid();
+    let before = Untouched::record(pid);
+    let img = disk.join("img");
+    let modes: [&[&str]; 4] = [&[], &["-R"], &["--compress", "none"], &["--pre-copy"]];
+    for mode in modes {
+        let what = format!("dump {mode:?} to a 1 MiB disk");
+        let out = dump(pid, &img, mode, &[]);
+        if let Err(e) = check_cryo_failed_cleanly(&out) {
+            panic!("{what}: should have failed: {e}");
+        }
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("No space left") && err.contains(".img"),
+            "{what}: the message does not say which file ran out of space:\n{err}"
+        );
+        let left: Vec<String> = std::fs::read_dir(&img)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(".img"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{what}: image files left behind: {left:?}");
+        before.assert_unchanged(&what);
+    }
+    // A directory cryo makes for an image is its owner's alone.
+    let fresh = dir.path().join("fresh").join("img");
+    let pid_s = pid.to_string();
+    let fresh_s = fresh.to_str().expect("utf-8 path");
+    let out = run_cryo(&["dump", "-t", &pid_s, "-D", fresh_s, "-R"], &[]);
+    assert_cryo_ok(&out, "dump -R into a new directory");
+    for d in [fresh.clone(), dir.path().join("fresh")] {
+        let mode = std::fs::metadata(&d).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode.ok(), Some(0o700), "{} is not 0700", d.display());
+    }
+    wl.assert_pass("after four dumps that ran out of space and one -R");
 }

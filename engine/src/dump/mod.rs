@@ -458,10 +458,14 @@ fn kill_all(tree: &mut Tree) -> Result<()> {
 /// the resume under write-protection.
 fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) -> Result<DumpStats> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(&opts.dir).map_err(|source| DumpError::Dir {
-        path: opts.dir.clone(),
-        source,
-    })?;
+    // An image holds the tasks' memory: a directory cryo makes is its
+    // owner's alone (0700), like every file in it (0600).
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&opts.dir)
+        .map_err(|source| DumpError::Dir {
+            path: opts.dir.clone(),
+            source,
+        })?;
     let freeze_cgroup = opts.cgroup.as_ref().or(opts.freeze_cgroup.as_ref());
     let roots = match &opts.cgroup {
         Some(dir) => cgroup_roots(dir)?,
