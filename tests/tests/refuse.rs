@@ -156,11 +156,9 @@ fn dump_refuses_pipe_on_stdout() {
     );
 }
 
-#[test]
-fn dump_refuses_unix_socket_on_fd_3() {
-    become_subreaper();
-    let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    let raw: RawFd = theirs.as_raw_fd();
+/// A `sleep 1000` with our descriptor `raw` as its fd 3 (kept across
+/// exec), guarded by pid.
+fn sleep_with_fd3(raw: RawFd) -> PidGuard {
     let mut cmd = Command::new(sleep_bin());
     cmd.arg("1000")
         .stdin(Stdio::null())
@@ -170,8 +168,7 @@ fn dump_refuses_unix_socket_on_fd_3() {
     // the async-signal-safe dup2 and fcntl on descriptor numbers (no
     // allocation, no locks); `raw` stays open in the parent until after
     // spawn returns, so it is open in the child. dup2 gives fd 3 without
-    // FD_CLOEXEC; if the socket already is fd 3, FD_CLOEXEC is cleared
-    // instead.
+    // FD_CLOEXEC; if `raw` already is fd 3, FD_CLOEXEC is cleared instead.
     unsafe {
         cmd.pre_exec(move || {
             let r = if raw == 3 {
@@ -185,10 +182,20 @@ fn dump_refuses_unix_socket_on_fd_3() {
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("spawn sleep with a socket on fd 3");
-    let mut guard = PidGuard::new(child.id() as i32);
-    let pid = guard.pid();
+    let child = cmd.spawn().expect("spawn sleep with a descriptor on fd 3");
+    // The guard reaps it by pid.
+    let guard = PidGuard::new(child.id() as i32);
     drop(child);
+    guard
+}
+
+#[test]
+fn dump_refuses_unix_socket_on_fd_3() {
+    become_subreaper();
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let raw: RawFd = theirs.as_raw_fd();
+    let mut guard = sleep_with_fd3(raw);
+    let pid = guard.pid();
     drop(theirs);
     wait_settled(pid, SETTLE_TIMEOUT);
     let link = std::fs::read_link(format!("/proc/{pid}/fd/3")).expect("readlink fd 3");
@@ -414,33 +421,8 @@ fn dump_refuses_pidfd_of_exited_process() {
         std::io::Error::last_os_error()
     );
     gone.wait().expect("reap the short sleep");
-    let mut cmd = Command::new(sleep_bin());
-    cmd.arg("1000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // the async-signal-safe dup2 and fcntl on descriptor numbers; `pidfd` is
-    // open in the parent (and so in the child) until after spawn. A pidfd
-    // is close-on-exec: dup2 makes fd 3 without it, or, if the pidfd is fd
-    // 3 already, FD_CLOEXEC is cleared.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if pidfd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(pidfd, 3)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("spawn sleep with a pidfd on fd 3");
-    let mut guard = PidGuard::new(child.id() as i32);
+    let mut guard = sleep_with_fd3(pidfd);
     let pid = guard.pid();
-    drop(child);
     // SAFETY: closing our own copy of the pidfd.
     unsafe { libc::close(pidfd) };
     wait_settled(pid, SETTLE_TIMEOUT);
