@@ -1,10 +1,26 @@
 //! Test hooks driven by the CRYO_FAULT environment variable: `fail-POINT`
 //! makes a dump fail at POINT, `pause-POINT:PATH` writes PATH there and
-//! waits to be killed (tests kill cryo at that moment).
+//! waits to be killed (tests kill cryo at that moment), and `fail-step-N`
+//! makes the Nth step of a dump fail, whatever it is: every seize, every
+//! syscall injected into a task, every parasite command and every image
+//! file written is a step (tests raise N until the dump succeeds).
 
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// The steps of this process's dump so far.
+static STEPS: AtomicU64 = AtomicU64::new(0);
+
+/// Count one step of the dump (`what`: what it is); `Some(message)` when
+/// CRYO_FAULT says this step fails.
+pub fn step(what: &str) -> Option<String> {
+    let n = STEPS.fetch_add(1, Ordering::Relaxed) + 1;
+    let f = std::env::var("CRYO_FAULT").ok()?;
+    let want: u64 = f.strip_prefix("fail-step-")?.parse().ok()?;
+    (n == want).then(|| format!("step {n}: {what}"))
+}
 
 /// If CRYO_FAULT asks to pause at `point`, write the flag file and wait
 /// forever. Returns whether CRYO_FAULT asks to fail at `point`.

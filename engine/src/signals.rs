@@ -100,15 +100,24 @@ pub fn restorer_sigactions(pc: &ProcessCore) -> ([KSigaction; NSIG], u64) {
     (out, mask)
 }
 
-pub fn restorer_itimers(pc: &ProcessCore) -> [KItimerval; 3] {
+/// The interval timers for the restorer. The kernel adds a tick to the
+/// value of a CPU-time timer (ITIMER_VIRTUAL, ITIMER_PROF) it is given;
+/// `cpu_slack_us` (see `sys::proc::cpu_itimer_slack_us`) is taken off
+/// here, so that the timer does not expire a tick later at every restore
+/// (a value shorter than that fires at the first tick, as it would have).
+pub fn restorer_itimers(pc: &ProcessCore, cpu_slack_us: u64) -> [KItimerval; 3] {
     let mut out = [KItimerval::default(); 3];
     for t in &pc.itimers {
+        let value_us = match t.which {
+            1 | 2 if t.value_us > 0 => t.value_us.saturating_sub(cpu_slack_us).max(1),
+            _ => t.value_us,
+        };
         if let Some(slot) = out.get_mut(t.which as usize) {
             *slot = KItimerval {
                 interval_sec: (t.interval_us / 1_000_000) as i64,
                 interval_usec: (t.interval_us % 1_000_000) as i64,
-                value_sec: (t.value_us / 1_000_000) as i64,
-                value_usec: (t.value_us % 1_000_000) as i64,
+                value_sec: (value_us / 1_000_000) as i64,
+                value_usec: (value_us % 1_000_000) as i64,
             };
         }
     }

@@ -515,3 +515,53 @@ fn dump_to_a_full_disk_fails_cleanly() {
     }
     wl.assert_pass("after four dumps that ran out of space and one -R");
 }
+
+/// Every step of a dump (each seize, each syscall injected into a task,
+/// each parasite command, each image file written) made to fail in turn
+/// (CRYO_FAULT `fail-step-N`, N raised until the dump succeeds), with
+/// --leave-running and in kill mode: each time cryo fails with a message,
+/// leaves no image file, and the process (two threads) runs on untouched;
+/// the kill-mode dump that finally succeeds restores and passes.
+#[test]
+#[ignore = "finds a bug not fixed yet: after the 35 failed kill-mode dumps wl_single reports ymm0 changed (one failure path does not give back the XSAVE state); run with --run-ignored only"]
+fn dump_failing_at_every_step_leaves_the_task_as_it_was() {
+    become_subreaper();
+    let dir = TestDir::new();
+    let mut wl = Workload::single_with("nanosleep", &dir, &["--thread"]);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    let modes: [&[&str]; 2] = [&["-R"], &[]];
+    for mode in modes {
+        let mut n = 1u32;
+        loop {
+            assert!(n < 3000, "{mode:?}: still failing at step {n}");
+            let before = Untouched::record(pid);
+            let fault = format!("fail-step-{n}");
+            let out = dump(pid, &img, mode, &[("CRYO_FAULT", &fault)]);
+            if out.status.success() {
+                break;
+            }
+            let what = format!("dump {mode:?} failing at step {n}");
+            if let Err(e) = check_cryo_failed_cleanly(&out) {
+                panic!("{what}: {e}");
+            }
+            let err = stderr_of(&out);
+            assert!(
+                err.contains("injected failure"),
+                "{what}: failed for another reason:\n{err}"
+            );
+            let left: Vec<String> = file_names(&img)
+                .into_iter()
+                .filter(|n| n.contains(".img"))
+                .collect();
+            assert!(left.is_empty(), "{what}: image files left behind: {left:?}");
+            before.assert_unchanged(&what);
+            n += 1;
+        }
+        eprintln!("dump {mode:?}: each of its {} steps failed once", n - 1);
+        assert!(n > 10, "dump {mode:?} has only {} steps", n - 1);
+    }
+    wl.assert_gone_after_dump();
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("after a dump failing at every step, then a whole one");
+}

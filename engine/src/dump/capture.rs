@@ -13,7 +13,7 @@ use cryo_image::proto::{
 use cryo_image::{ImageFileInfo, ImageWriter, Kind};
 use nix::unistd::Pid;
 
-use super::{fault, DumpError, DumpOptions, Result};
+use super::{fault, write_step, DumpError, DumpOptions, Result};
 use crate::files::ProcFds;
 use crate::infect::guard::Guard;
 use crate::infect::{InfectError, ThreadState, Victim};
@@ -200,8 +200,6 @@ fn run_parasite(
 /// a raw scratch file, compressed once the task runs again). Pages of
 /// mappings the task cannot read are made readable meanwhile.
 fn capture_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> Result<Pages> {
-    let opts = cx.opts;
-    let pid = victim.pid.as_raw();
     let unreadable: Vec<(u32, cryo_parasite::Iov)> = plan
         .vmas
         .iter()
@@ -220,9 +218,21 @@ fn capture_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> R
             (v.prot, iov)
         })
         .collect();
-    for (prot, iov) in &unreadable {
-        victim.mprotect(prot | libc::PROT_READ as u32, std::slice::from_ref(iov))?;
+    // What was made readable is put back once the pages are out; if the
+    // capture fails first, the cure puts it back (Victim::make_readable).
+    for (prot, iov) in unreadable {
+        victim.make_readable(prot, iov)?;
     }
+    let pages = spliced_pages(cx, victim, plan)?;
+    victim.put_back_protections()?;
+    Ok(pages)
+}
+
+/// The pages of the plan, through the parasite, into the pages file (or
+/// a raw scratch file).
+fn spliced_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> Result<Pages> {
+    let opts = cx.opts;
+    let pid = victim.pid.as_raw();
     let raw = opts.compression == Compression::None;
     let pages_name = cryo_image::pages_file(pid as u32);
     // With --leave-running, pages are spliced raw into a scratch file while
@@ -232,6 +242,7 @@ fn capture_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> R
     let capture_raw = raw || (opts.leave_running && precopy_pw.is_none());
     let scratch = (precopy_pw.is_none() && capture_raw && (!raw || plan.snapshot.is_some()))
         .then(|| format!("{pages_name}.tmp"));
+    write_step(&pages_name)?;
     let mut pw = match precopy_pw {
         Some(pw) => pw,
         None => opts
@@ -254,9 +265,6 @@ fn capture_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> R
     if !plan.in_parent.is_empty() {
         runs.append(&mut plan.in_parent);
         runs.sort_by_key(|e| e.vaddr);
-    }
-    for (prot, iov) in &unreadable {
-        victim.mprotect(*prot, std::slice::from_ref(iov))?;
     }
     Ok(Pages {
         pid,
@@ -391,7 +399,9 @@ pub fn write_process(
     c: Captured,
 ) -> Result<(Vec<ImageFileInfo>, TransferStats)> {
     let pid = c.pid;
+    write_step(&cryo_image::pagemap_file(pid as u32))?;
     let (mut written, stats) = mem::store::finish(&opts.store(), c.pages)?;
+    write_step(&cryo_image::mm_file(pid as u32))?;
     written.push(cryo_image::write_one(
         &opts.dir,
         &cryo_image::mm_file(pid as u32),
@@ -399,6 +409,7 @@ pub fn write_process(
         &c.mm,
     )?);
     for core in std::iter::once(&c.core).chain(c.thread_cores.iter()) {
+        write_step(&cryo_image::core_file(core.tid))?;
         written.push(cryo_image::write_one(
             &opts.dir,
             &cryo_image::core_file(core.tid),
@@ -406,6 +417,7 @@ pub fn write_process(
             core,
         )?);
     }
+    write_step(&cryo_image::fdinfo_file(pid as u32))?;
     let mut w = ImageWriter::create(
         &opts.dir,
         &cryo_image::fdinfo_file(pid as u32),

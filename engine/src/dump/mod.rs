@@ -167,6 +167,14 @@ fn fault(point: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writing one file of the image is a step (CRYO_FAULT `fail-step-N`).
+fn write_step(name: &str) -> Result<()> {
+    match crate::fault::step(&format!("writing {name}")) {
+        Some(what) => Err(DumpError::Fault { what }),
+        None => Ok(()),
+    }
+}
+
 /// The task's stat, if it can be dumped: not a zombie leader with live
 /// threads, in cryo's own namespaces.
 fn check_task(pid: i32) -> Result<procfmt::Stat> {
@@ -397,11 +405,13 @@ fn write_image(
         written.extend(files);
     }
     entries.extend(zombie_entries(tree));
+    write_step(cryo_image::PSTREE_FILE)?;
     let mut w = ImageWriter::create(&opts.dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
     for e in &entries {
         w.write(e)?;
     }
     written.push(w.finish()?);
+    write_step(cryo_image::FILES_FILE)?;
     let mut w = ImageWriter::create(&opts.dir, cryo_image::FILES_FILE, Kind::Files)?;
     for f in files {
         w.write(f)?;
@@ -423,6 +433,7 @@ fn write_image(
             .unwrap_or_default(),
         leave_running: opts.leave_running,
     };
+    write_step("inventory.img")?;
     cryo_image::write_inventory(&opts.dir, &inv)?;
     Ok((pstats, image_bytes))
 }

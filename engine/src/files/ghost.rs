@@ -25,16 +25,59 @@ pub fn is_ghost(kind: FileKind) -> bool {
     matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted)
 }
 
+/// The suffix of the name a deleted file is recreated under when its old
+/// path is taken: `PATH.cryo-ghost-PID-N`.
+const GHOST_SUFFIX: &str = ".cryo-ghost-";
+
 /// What the image calls a file: a memfd by its name, a deleted file by
-/// where it was; any other file by its link.
+/// where it was (a name cryo gave it at an earlier restore, with
+/// [`GHOST_SUFFIX`], loses that suffix: names do not grow over cycles);
+/// any other file by its link.
 pub fn name(kind: FileKind, link: &str) -> String {
     if !is_ghost(kind) {
         return link.to_string();
     }
-    link.strip_prefix("/memfd:")
+    let name = link
+        .strip_prefix("/memfd:")
         .unwrap_or(link)
-        .trim_end_matches(" (deleted)")
-        .to_string()
+        .trim_end_matches(" (deleted)");
+    if kind != FileKind::FileDeleted {
+        return name.to_string();
+    }
+    // Only cryo's own suffix, PID-N in digits, goes.
+    let mut base = name;
+    while let Some(i) = base.rfind(GHOST_SUFFIX) {
+        let tail = &base[i + GHOST_SUFFIX.len()..];
+        let ours = tail.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
+        });
+        if !ours {
+            break;
+        }
+        base = &base[..i];
+    }
+    base.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ghost_names_do_not_grow() {
+        let d = FileKind::FileDeleted;
+        assert_eq!(name(d, "/t/a.txt (deleted)"), "/t/a.txt");
+        assert_eq!(
+            name(d, "/t/a.txt.cryo-ghost-12-0.cryo-ghost-13-4 (deleted)"),
+            "/t/a.txt"
+        );
+        assert_eq!(name(d, "/t/a.cryo-ghost-x (deleted)"), "/t/a.cryo-ghost-x");
+        assert_eq!(name(FileKind::FileMemfd, "/memfd:m (deleted)"), "m");
+        assert_eq!(name(FileKind::FileRegular, "/t/a"), "/t/a");
+    }
 }
 
 /// A ghost larger than the limit is refused (its contents would go into
@@ -148,10 +191,13 @@ fn make(f: &FileEntry) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
-/// A new empty file next to `path` (which was deleted), unlinked at once.
+/// A new empty file where the deleted one was, unlinked at once, so that
+/// its /proc link names the same deleted path as at the dump; if that
+/// path is taken now, next to it under a fresh name.
 fn recreate(path: &str) -> Result<OwnedFd, String> {
-    for n in 0..1000u32 {
-        let p = format!("{path}.cryo-ghost-{}-{n}", std::process::id());
+    let names = std::iter::once(path.to_string())
+        .chain((0..1000u32).map(|n| format!("{path}{GHOST_SUFFIX}{}-{n}", std::process::id())));
+    for p in names {
         match nix::fcntl::open(
             p.as_str(),
             OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,

@@ -60,6 +60,8 @@ pub enum InfectError {
         what: &'static str,
         errno: Errno,
     },
+    #[error("task {pid}: injected failure ({what}) from CRYO_FAULT")]
+    Fault { pid: i32, what: String },
     #[error("parasite in task {pid} did not answer command {cmd} within {secs} s")]
     Timeout { pid: i32, cmd: u32, secs: u64 },
     #[error("parasite in task {pid}: command {cmd} failed: {errno}")]
@@ -129,6 +131,10 @@ pub struct Victim {
     phase: Phase,
     /// Descriptors sent to the parasite so far.
     sent_fds: u32,
+    /// Mappings made readable for the page transfer, to put back to their
+    /// protection (start, length, prot): by the parasite once the pages
+    /// are out, else by injected mprotect calls when the task is cured.
+    reprotect: Vec<(u64, u64, u32)>,
 }
 
 /// What [`Victim::thread_state`] reads from a thread.
@@ -138,6 +144,17 @@ pub struct ThreadState {
     pub tid_address: u64,
     pub securebits: u32,
     pub pdeath_signal: u32,
+}
+
+/// A step of the dump (CRYO_FAULT `fail-step-N`, see [`crate::fault::step`]).
+fn fault_step(pid: Pid, what: &str) -> Result<()> {
+    match crate::fault::step(what) {
+        Some(what) => Err(InfectError::Fault {
+            pid: pid.as_raw(),
+            what,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn ptrace_err(op: &'static str, pid: Pid) -> impl FnOnce(Errno) -> InfectError {
@@ -161,6 +178,7 @@ impl Victim {
     /// frozen by a cgroup freezer only stops once thawed, so every task is
     /// attached while frozen and waited for after the thaw.
     pub fn attach(pid: Pid) -> Result<Victim> {
+        fault_step(pid, "seizing the task")?;
         let pidfd = sys::pidfd_open(pid)?;
         // TRACESYSGOOD: injected syscalls are driven by syscall stops.
         ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
@@ -184,6 +202,7 @@ impl Victim {
             stray_fds: Vec::new(),
             phase: Phase::Attached,
             sent_fds: 0,
+            reprotect: Vec::new(),
         };
         if let Err(errno) = ptrace::interrupt(pid) {
             // Dropping `v` detaches: the task runs on untouched.
@@ -226,6 +245,7 @@ impl Victim {
             stray_fds: Vec::new(),
             phase: Phase::Stopped,
             sent_fds: 0,
+            reprotect: Vec::new(),
         };
         v.saved_xstate = sys::get_xstate(pid)?;
         v.saved_mask = sys::get_sigmask(pid)?;
@@ -339,6 +359,13 @@ impl Victim {
             let _ = self.syscall(libc::SYS_close as u64, [fd as u64, 0, 0, 0, 0, 0]);
         }
         self.task_sock = -1;
+        // Mappings still readable for a transfer that did not finish.
+        for (start, len, prot) in std::mem::take(&mut self.reprotect) {
+            let args = [start, len, prot as u64, 0, 0, 0];
+            if let Err(e) = self.syscall(libc::SYS_mprotect as u64, args) {
+                first_err.get_or_insert(e);
+            }
+        }
         if let Some((addr, len)) = self.area.take() {
             if let Err(e) = self.syscall(libc::SYS_munmap as u64, [addr, len, 0, 0, 0, 0]) {
                 first_err.get_or_insert(e);

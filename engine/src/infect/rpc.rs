@@ -141,6 +141,7 @@ impl Victim {
     }
 
     pub(super) fn send(&self, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
+        fault_step(self.pid, "a parasite command")?;
         let sock = self.sock_fd()?;
         let iov = [IoSlice::new(bytes)];
         let cmsg = [ControlMessage::ScmRights(fds)];
@@ -302,6 +303,23 @@ impl Victim {
         for chunk in iovs.chunks(MAX_IOVS) {
             self.send(&Self::iov_cmd(CMD_MPROTECT, prot, chunk), &[])?;
             self.simple_reply(CMD_MPROTECT)?;
+        }
+        Ok(())
+    }
+
+    /// Make the mapping `iov` (protection `prot`) readable for the page
+    /// transfer; its protection goes back with [`Victim::put_back_protections`]
+    /// or, if that never happens, when the task is cured.
+    pub fn make_readable(&mut self, prot: u32, iov: Iov) -> Result<()> {
+        self.reprotect.push((iov.base, iov.len, prot));
+        self.mprotect(prot | libc::PROT_READ as u32, std::slice::from_ref(&iov))
+    }
+
+    /// Put back the protection of every mapping made readable.
+    pub fn put_back_protections(&mut self) -> Result<()> {
+        while let Some(&(base, len, prot)) = self.reprotect.last() {
+            self.mprotect(prot, &[Iov { base, len }])?;
+            self.reprotect.pop();
         }
         Ok(())
     }

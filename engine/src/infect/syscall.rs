@@ -109,6 +109,7 @@ impl Victim {
     /// goes back before the parasite starts and in [`Victim::cure`].
     pub fn syscall(&mut self, nr: u64, args: [u64; 6]) -> Result<i64> {
         let pid = self.pid;
+        fault_step(pid, &format!("injecting syscall {nr}"))?;
         let (at, orig) = self.injection_site()?;
         if let Some(n) = &self.notifier {
             let _ = nix::unistd::write(n, &guard::record(guard::MSG_INJECT, pid, nr, 0));

@@ -294,6 +294,8 @@ pub struct Prepared {
     pub close_fds: Vec<i32>,
     pub exe_fd: i32,
     pub status_fd: i32,
+    /// See `NodeCtx::cpu_timer_slack_us`.
+    pub cpu_timer_slack_us: u64,
 }
 
 /// Fill the bootstrap area with the restorer, its arguments and the
@@ -378,7 +380,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
         personality: pc.personality as u64,
         sigactions,
         sigaction_mask,
-        itimers: signals::restorer_itimers(&pc),
+        itimers: signals::restorer_itimers(&pc, p.cpu_timer_slack_us),
         timers: boot.put(&timers)?,
         nr_timers: timers.len() as u64,
         siginfos: boot.put(&siginfos)?,

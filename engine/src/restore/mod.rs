@@ -288,6 +288,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         files: &file_fds,
         pty_masters: &pty_masters,
         status_w: status_w.as_raw_fd(),
+        cpu_timer_slack_us: crate::sys::proc::cpu_itimer_slack_us(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
     };
     let mut roots: Vec<Pid> = Vec::new();

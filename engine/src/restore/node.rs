@@ -35,6 +35,8 @@ pub struct NodeCtx<'a> {
     /// The master of every pty of the tree, by its index.
     pub pty_masters: &'a HashMap<u32, RawFd>,
     pub status_w: RawFd,
+    /// How much later than asked this kernel fires a CPU-time itimer.
+    pub cpu_timer_slack_us: u64,
     /// Read ends of the three barriers: traced (roots), all created, all
     /// in their groups.
     pub go: [RawFd; 3],

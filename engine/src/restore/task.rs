@@ -54,6 +54,7 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> Result<Never, Strin
         close_fds,
         exe_fd,
         status_fd,
+        cpu_timer_slack_us: ctx.cpu_timer_slack_us,
     };
     handoff::enter(img, prepared)
 }

@@ -202,3 +202,45 @@ pub fn exit_now(code: i32) -> ! {
     // new task).
     unsafe { libc::_exit(code) }
 }
+
+/// How much later than asked a CPU-time interval timer (ITIMER_VIRTUAL,
+/// ITIMER_PROF) of this kernel expires: setitimer adds one scheduler tick
+/// to the value (the kernel's set_cpu_itimer), so a timer set again from
+/// the time it had left would drift a tick later at every restore.
+/// Measured on this process's ITIMER_PROF (set, read back, cleared), in
+/// microseconds rounded up to 50 (a value a little short fires a few
+/// microseconds early rather than a tick late); 0 if it cannot be read.
+pub fn cpu_itimer_slack_us() -> u64 {
+    const ASKED: i64 = 100;
+    let tv = |sec: i64| libc::timeval {
+        tv_sec: sec,
+        tv_usec: 0,
+    };
+    let set = libc::itimerval {
+        it_interval: tv(0),
+        it_value: tv(ASKED),
+    };
+    let off = libc::itimerval {
+        it_interval: tv(0),
+        it_value: tv(0),
+    };
+    let mut got = off;
+    // SAFETY: setitimer and getitimer read and write itimervals that are
+    // live locals; the timer is this process's ITIMER_PROF, which cryo does
+    // not use otherwise, and it is cleared before return.
+    let ok = unsafe {
+        libc::setitimer(libc::ITIMER_PROF, &set, std::ptr::null_mut()) == 0
+            && libc::getitimer(libc::ITIMER_PROF, &mut got) == 0
+    };
+    // SAFETY: as above: clearing our own ITIMER_PROF.
+    unsafe { libc::setitimer(libc::ITIMER_PROF, &off, std::ptr::null_mut()) };
+    if !ok {
+        return 0;
+    }
+    let got_us = got.it_value.tv_sec * 1_000_000 + got.it_value.tv_usec;
+    let extra = got_us - ASKED * 1_000_000;
+    if extra <= 0 {
+        return 0;
+    }
+    (extra as u64).div_ceil(50) * 50
+}

@@ -485,6 +485,8 @@ fn check_socks(s: &Socks, fails: &mut Vec<String>) {
 struct Ghosts {
     memfd: i32,
     deleted: i32,
+    /// Where the deleted file was: its descriptor's /proc link must name it.
+    deleted_path: PathBuf,
     opath: i32,
 }
 
@@ -516,6 +518,7 @@ fn make_ghosts(tmp: &Path) -> Result<Ghosts, String> {
     Ok(Ghosts {
         memfd,
         deleted,
+        deleted_path: path,
         opath,
     })
 }
@@ -542,6 +545,14 @@ fn check_ghosts(g: &Ghosts, fails: &mut Vec<String>) {
         fails.push(format!(
             "the deleted file read {:?} from offset 8",
             String::from_utf8_lossy(&got)
+        ));
+    }
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", g.deleted)).unwrap_or_default();
+    let want = format!("{} (deleted)", g.deleted_path.display());
+    if link.to_string_lossy() != want {
+        fails.push(format!(
+            "the deleted file is {}, expected {want}",
+            link.display()
         ));
     }
     let mut st = unsafe_zeroed_stat();
