@@ -1,73 +1,9 @@
-//! The page store: raw page contents, outside protobuf.
-//!
-//! A pages file is an 8-byte header (`b"CRYO"` + `b"PAGE"`) padded with
-//! zeros to 4096 bytes, then chunks. A chunk holds whole pages, stored raw
-//! (offsets stay page aligned, so raw pages can be mapped straight from the
-//! file) or as one independent zstd frame. Chunks are described by
-//! `proto::PageChunk` records kept in the pagemap file.
+//! The writing side of a pages file: the compression pipeline and [`PageWriter`].
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::BorrowedFd;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-
-use crossbeam::channel::{bounded, Receiver, Sender};
-use nix::errno::Errno;
-use nix::fcntl::{splice, SpliceFFlags};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
-
-use crate::error::ImageError;
-use crate::framing::{create_file, open_file, ImageFileInfo, FORMAT_MAGIC};
-use crate::proto::{Compression, PageChunk};
-use crate::stride;
-use crate::PAGE_SIZE;
-
-/// Size of the pages file header (magic + zero padding).
-pub const PAGES_HEADER_LEN: u64 = 4096;
-/// Capacity of the buffers handed out by [`PageWriter::take_buffer`].
-pub const PAGE_BUFFER_CAPACITY: usize = 1 << 20;
-/// Largest chunk accepted by [`PageWriter::submit`] (stored_len is a u32).
-pub const MAX_CHUNK_LEN: usize = 1 << 30;
-
-const READBACK_LEN: usize = 1 << 20;
-const POOL_LEN: usize = 8;
-
-fn pages_header() -> [u8; 8] {
-    let mut h = [0u8; 8];
-    h[..4].copy_from_slice(&FORMAT_MAGIC);
-    h[4..].copy_from_slice(b"PAGE");
-    h
-}
-
-fn check_len(path: &Path, len: usize) -> Result<u32, ImageError> {
-    // Not is_multiple_of(): the workspace MSRV (1.85) predates it.
-    #[allow(clippy::manual_is_multiple_of)]
-    let unaligned = len % PAGE_SIZE != 0;
-    if len == 0 || unaligned {
-        return Err(ImageError::BadPageData {
-            path: path.to_path_buf(),
-            len: len as u64,
-        });
-    }
-    if len > MAX_CHUNK_LEN {
-        return Err(ImageError::ChunkTooLarge {
-            path: path.to_path_buf(),
-            len: len as u64,
-        });
-    }
-    // MAX_CHUNK_LEN / PAGE_SIZE fits in u32.
-    Ok((len / PAGE_SIZE) as u32)
-}
+use super::*;
 
 /// Output side of a pages file: file, end offset, running hash and chunk list.
-struct Sink {
+pub(super) struct Sink {
     path: PathBuf,
     file: File,
     offset: u64,
@@ -102,12 +38,12 @@ impl Sink {
     }
 }
 
-struct Job {
+pub(super) struct Job {
     seq: u64,
     data: Vec<u8>,
 }
 
-enum Done {
+pub(super) enum Done {
     Chunk {
         seq: u64,
         stored: Vec<u8>,
@@ -120,7 +56,7 @@ enum Done {
 }
 
 /// Marks the pipeline failed if a worker unwinds.
-struct PanicGuard(Arc<AtomicBool>);
+pub(super) struct PanicGuard(Arc<AtomicBool>);
 
 impl Drop for PanicGuard {
     fn drop(&mut self) {
@@ -130,7 +66,7 @@ impl Drop for PanicGuard {
     }
 }
 
-struct Pipeline {
+pub(super) struct Pipeline {
     seq: u64,
     /// Chunks in the file so far.
     written: Arc<std::sync::atomic::AtomicU64>,
@@ -218,7 +154,7 @@ impl Pipeline {
     }
 }
 
-fn compress_worker(
+pub(super) fn compress_worker(
     path: &Path,
     level: i32,
     job_rx: Receiver<Job>,
@@ -289,7 +225,7 @@ fn compress_worker(
 }
 
 /// How a chunk is stored.
-enum Form {
+pub(super) enum Form {
     /// As it is (it does not compress).
     Raw,
     /// Compressed.
@@ -301,7 +237,7 @@ enum Form {
 /// Compress four pages spread over the chunk: store it raw unless they
 /// shrink below 90%; group it by the record stride whose grouped sample
 /// compresses best, if that sample is no larger than the plain one.
-fn choose_form(
+pub(super) fn choose_form(
     c: &mut zstd::bulk::Compressor<'static>,
     data: &[u8],
     scratch: &mut Vec<u8>,
@@ -344,7 +280,7 @@ fn choose_form(
     })
 }
 
-fn write_in_order(
+pub(super) fn write_in_order(
     mut sink: Sink,
     done_rx: Receiver<Done>,
     out_tx: Sender<Vec<u8>>,
@@ -382,7 +318,7 @@ fn write_in_order(
     Ok(sink)
 }
 
-enum Mode {
+pub(super) enum Mode {
     Raw { sink: Box<Sink>, free: Vec<Vec<u8>> },
     Zstd(Pipeline),
     Closed,
@@ -592,7 +528,7 @@ impl Drop for PageWriter {
 }
 
 /// Splices exactly `len` bytes from `pipe` into `file` at `start`.
-fn splice_all(
+pub(super) fn splice_all(
     path: &Path,
     pipe: BorrowedFd<'_>,
     file: &File,
@@ -631,232 +567,4 @@ fn splice_all(
         }
     }
     Ok(())
-}
-
-thread_local! {
-    static ZSTD_SCRATCH: RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>, Vec<u8>)> =
-        const { RefCell::new((Vec::new(), None, Vec::new())) };
-}
-
-/// Reads chunks of a pages file; `read_chunk` may run on several threads.
-pub struct PageReader {
-    path: PathBuf,
-    file: File,
-    compression: Compression,
-    chunks: Vec<PageChunk>,
-    starts: Vec<u64>,
-    total_pages: u64,
-}
-
-impl PageReader {
-    /// Opens `dir/name`, checks its header and that the chunks lie inside
-    /// the file without overlap (in any order).
-    pub fn open(
-        dir: &Path,
-        name: &str,
-        compression: Compression,
-        chunks: Vec<PageChunk>,
-    ) -> Result<PageReader, ImageError> {
-        let path = dir.join(name);
-        let file = open_file(&path)?;
-        let file_size = file
-            .metadata()
-            .map_err(|e| ImageError::io(&path, "stat", e))?
-            .len();
-        if file_size == 0 {
-            return Err(ImageError::EmptyFile { path });
-        }
-        let mut header = [0u8; 8];
-        let n = header.len().min(file_size as usize);
-        file.read_exact_at(&mut header[..n], 0)
-            .map_err(|e| ImageError::io(&path, "read", e))?;
-        if header[..n] != pages_header()[..n] {
-            return Err(ImageError::BadPagesHeader {
-                path,
-                found: header[..n].to_vec(),
-            });
-        }
-        if file_size < PAGES_HEADER_LEN {
-            return Err(ImageError::TruncatedHeader {
-                path,
-                expected: PAGES_HEADER_LEN,
-                found: file_size,
-            });
-        }
-        let mut spans = Vec::with_capacity(chunks.len());
-        let mut starts = Vec::with_capacity(chunks.len());
-        let mut total_pages = 0u64;
-        for (i, c) in chunks.iter().enumerate() {
-            if c.nr_pages == 0 {
-                return Err(ImageError::ChunkEmpty { path, chunk: i });
-            }
-            let raw_len = u64::from(c.nr_pages) * PAGE_SIZE as u64;
-            let bad_stride = c.stride != 0
-                && (compression != Compression::Zstd
-                    || c.raw
-                    || !stride::valid(c.stride as usize, raw_len as usize));
-            let bad_len = bad_stride
-                || match compression {
-                    Compression::None => u64::from(c.stored_len) != raw_len || c.raw,
-                    Compression::Zstd if c.raw => u64::from(c.stored_len) != raw_len,
-                    Compression::Zstd => c.stored_len == 0,
-                };
-            if bad_len {
-                return Err(ImageError::ChunkBadLength {
-                    path,
-                    chunk: i,
-                    stored_len: u64::from(c.stored_len),
-                    nr_pages: u64::from(c.nr_pages),
-                });
-            }
-            let end = c.offset.saturating_add(u64::from(c.stored_len));
-            if end > file_size {
-                return Err(ImageError::ChunkOutOfFile {
-                    path,
-                    chunk: i,
-                    offset: c.offset,
-                    end,
-                    file_size,
-                });
-            }
-            spans.push((c.offset, end, i));
-            starts.push(total_pages);
-            total_pages += u64::from(c.nr_pages);
-        }
-        // Chunks may lie in the file in another order than their pages (a
-        // pre-copy writes some before the pages around them), never over
-        // each other or the header.
-        spans.sort_unstable();
-        let mut prev_end = PAGES_HEADER_LEN;
-        for (offset, end, i) in spans {
-            if offset < prev_end {
-                return Err(ImageError::ChunkOverlap {
-                    path,
-                    chunk: i,
-                    offset,
-                    prev_end,
-                });
-            }
-            prev_end = end;
-        }
-        Ok(PageReader {
-            path,
-            file,
-            compression,
-            chunks,
-            starts,
-            total_pages,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn compression(&self) -> Compression {
-        self.compression
-    }
-
-    pub fn chunks(&self) -> &[PageChunk] {
-        &self.chunks
-    }
-
-    /// Page index (counting from the file's first page) where each chunk starts.
-    pub fn chunk_page_starts(&self) -> &[u64] {
-        &self.starts
-    }
-
-    pub fn total_pages(&self) -> u64 {
-        self.total_pages
-    }
-
-    /// Reads chunk `idx` into `out` (exactly `nr_pages * 4096` bytes) and
-    /// verifies its checksum.
-    pub fn read_chunk(&self, idx: usize, out: &mut [u8]) -> Result<(), ImageError> {
-        let c = self
-            .chunks
-            .get(idx)
-            .ok_or_else(|| ImageError::NoSuchChunk {
-                path: self.path.clone(),
-                chunk: idx,
-                count: self.chunks.len(),
-            })?;
-        let expected = u64::from(c.nr_pages) * PAGE_SIZE as u64;
-        if out.len() as u64 != expected {
-            return Err(ImageError::ChunkBufferSize {
-                path: self.path.clone(),
-                chunk: idx,
-                expected,
-                found: out.len() as u64,
-            });
-        }
-        match self.compression {
-            Compression::Zstd if !c.raw => self.read_zstd(idx, c, out)?,
-            _ => self
-                .file
-                .read_exact_at(out, c.offset)
-                .map_err(|e| ImageError::io(&self.path, "read", e))?,
-        }
-        let found = xxh3_64(out);
-        if found != c.xxh3 {
-            return Err(ImageError::ChunkChecksum {
-                path: self.path.clone(),
-                chunk: idx,
-                expected: c.xxh3,
-                found,
-            });
-        }
-        Ok(())
-    }
-
-    fn read_zstd(&self, idx: usize, c: &PageChunk, out: &mut [u8]) -> Result<(), ImageError> {
-        ZSTD_SCRATCH.with_borrow_mut(|(src, dctx, grouped)| {
-            src.resize(c.stored_len as usize, 0);
-            self.file
-                .read_exact_at(src, c.offset)
-                .map_err(|e| ImageError::io(&self.path, "read", e))?;
-            let decompress_err = |source| ImageError::ChunkDecompress {
-                path: self.path.clone(),
-                chunk: idx,
-                source,
-            };
-            let d = match dctx {
-                Some(d) => d,
-                None => dctx.insert(zstd::bulk::Decompressor::new().map_err(decompress_err)?),
-            };
-            let n = if c.stride == 0 {
-                d.decompress_to_buffer(&src[..], out)
-                    .map_err(decompress_err)?
-            } else {
-                grouped.resize(out.len(), 0);
-                let n = d
-                    .decompress_to_buffer(&src[..], &mut grouped[..])
-                    .map_err(decompress_err)?;
-                if n == out.len() {
-                    stride::ungroup(grouped, c.stride as usize, out);
-                }
-                n
-            };
-            if n != out.len() {
-                return Err(ImageError::ChunkTruncated {
-                    path: self.path.clone(),
-                    chunk: idx,
-                    expected: out.len() as u64,
-                    found: n as u64,
-                });
-            }
-            Ok(())
-        })
-    }
-
-    /// Convenience: reads chunk `idx` into a new buffer.
-    pub fn read_chunk_vec(&self, idx: usize) -> Result<Vec<u8>, ImageError> {
-        let len = self
-            .chunks
-            .get(idx)
-            .map_or(0, |c| c.nr_pages as usize * PAGE_SIZE);
-        let mut out = vec![0u8; len];
-        self.read_chunk(idx, &mut out)?;
-        Ok(out)
-    }
 }

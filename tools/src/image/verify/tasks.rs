@@ -1,0 +1,230 @@
+//! The process tree, cores and mappings of an image.
+
+use super::*;
+
+/// pstree.img itself, and that every process has its files and every
+/// per-task file its process.
+pub(super) fn check_tasks(
+    rep: &mut Report<'_>,
+    d: &Decoded,
+    regular: &BTreeSet<String>,
+    missing: &mut HashSet<String>,
+    root_pid: Option<u32>,
+) {
+    let mut need = |rep: &mut Report<'_>, name: String, why: String| {
+        if !regular.contains(&name) && missing.insert(name.clone()) {
+            rep.file(&name, format!("missing ({why})"));
+        }
+    };
+    if !regular.contains(FILES_FILE) {
+        need(rep, FILES_FILE.to_string(), "every image has one".into());
+    }
+    let Some(pstree) = &d.pstree else {
+        if !regular.contains(PSTREE_FILE) {
+            need(rep, PSTREE_FILE.to_string(), "every image has one".into());
+        }
+        return;
+    };
+    if pstree.is_empty() {
+        rep.file(PSTREE_FILE, "holds no process");
+    }
+    let mut pids = BTreeSet::new();
+    let mut tids = BTreeSet::new();
+    // Live processes and their threads: those have per-process files.
+    let mut live = BTreeSet::new();
+    let mut live_tids = BTreeSet::new();
+    for e in pstree {
+        if !pids.insert(e.pid) {
+            rep.file(PSTREE_FILE, format!("process {} appears twice", e.pid));
+        }
+        if !e.zombie {
+            live.insert(e.pid);
+            live_tids.extend(e.threads.iter().copied());
+        } else {
+            check_zombie(rep, e);
+        }
+        if !e.threads.contains(&e.pid) {
+            rep.file(
+                PSTREE_FILE,
+                format!(
+                    "process {}: its threads {:?} do not include its pid",
+                    e.pid, e.threads
+                ),
+            );
+        }
+        for &tid in &e.threads {
+            if !tids.insert(tid) {
+                rep.file(PSTREE_FILE, format!("thread {tid} appears twice"));
+            }
+        }
+    }
+    if let Some(root) = root_pid {
+        if !pids.contains(&root) {
+            rep.file(
+                INVENTORY_FILE,
+                format!("root pid {root} is not a process of pstree.img"),
+            );
+        } else if pstree.first().map(|e| e.pid) != Some(root) {
+            rep.file(
+                PSTREE_FILE,
+                format!("the root process {root} is not the first entry"),
+            );
+        }
+        if pstree.iter().any(|e| e.pid == root && e.zombie) {
+            rep.file(PSTREE_FILE, format!("the root process {root} is a zombie"));
+        }
+        for e in pstree {
+            if e.pid != root && !pids.contains(&e.ppid) {
+                rep.file(
+                    PSTREE_FILE,
+                    format!("process {}: parent {} is not in the image", e.pid, e.ppid),
+                );
+            }
+        }
+    }
+    // Parents come before their children; a zombie has no children (the
+    // kernel hands them over when it exits).
+    let mut seen = BTreeSet::new();
+    for e in pstree {
+        if pids.contains(&e.ppid) && !seen.contains(&e.ppid) && e.ppid != e.pid {
+            rep.file(
+                PSTREE_FILE,
+                format!("process {} comes before its parent {}", e.pid, e.ppid),
+            );
+        }
+        if pstree.iter().any(|p| p.pid == e.ppid && p.zombie) {
+            rep.file(
+                PSTREE_FILE,
+                format!(
+                    "process {}: its parent {} is a zombie, which cannot have children",
+                    e.pid, e.ppid
+                ),
+            );
+        }
+        seen.insert(e.pid);
+    }
+    for e in pstree.iter().filter(|e| !e.zombie) {
+        let why = format!("process {} of pstree.img", e.pid);
+        for &tid in &e.threads {
+            need(rep, core_file(tid), format!("thread {tid} of {why}"));
+        }
+        need(rep, mm_file(e.pid), why.clone());
+        need(rep, pagemap_file(e.pid), why.clone());
+        need(rep, fdinfo_file(e.pid), why.clone());
+        need(rep, pages_file(e.pid), why);
+    }
+    let orphan = |pid: u32| {
+        if pids.contains(&pid) {
+            format!("belongs to process {pid}, a zombie of pstree.img (zombies have no such file)")
+        } else {
+            "belongs to no process of pstree.img".to_string()
+        }
+    };
+    for &tid in d.cores.keys() {
+        if !live_tids.contains(&tid) {
+            let msg = if tids.contains(&tid) {
+                format!(
+                    "belongs to thread {tid} of a zombie of pstree.img (zombies have no such file)"
+                )
+            } else {
+                "belongs to no thread of pstree.img".to_string()
+            };
+            rep.file(&core_file(tid), msg);
+        }
+    }
+    for (ids, name) in [
+        (
+            d.mms.keys().copied().collect::<Vec<_>>(),
+            mm_file as fn(u32) -> String,
+        ),
+        (d.pagemaps.keys().copied().collect(), pagemap_file),
+        (d.fdinfos.keys().copied().collect(), fdinfo_file),
+        (d.pages.iter().copied().collect(), pages_file),
+    ] {
+        for pid in ids {
+            if !live.contains(&pid) {
+                rep.file(&name(pid), orphan(pid));
+            }
+        }
+    }
+}
+
+/// A zombie's wait status and exit signal.
+pub(super) fn check_zombie(rep: &mut Report<'_>, e: &PstreeEntry) {
+    if load::WaitStatus::of(e.exit_status) == load::WaitStatus::Invalid {
+        rep.file(
+            PSTREE_FILE,
+            format!(
+                "zombie {}: exit status {:#x} is neither an exit code nor a fatal signal",
+                e.pid, e.exit_status
+            ),
+        );
+    }
+    if e.exit_signal > 64 {
+        rep.file(
+            PSTREE_FILE,
+            format!(
+                "zombie {}: exit signal {} is not a signal",
+                e.pid, e.exit_signal
+            ),
+        );
+    }
+}
+
+pub(super) fn check_cores(rep: &mut Report<'_>, d: &Decoded) {
+    let leaders: BTreeSet<u32> = d
+        .pstree
+        .iter()
+        .flatten()
+        .filter(|e| !e.zombie)
+        .map(|e| e.pid)
+        .collect();
+    for (&tid, core) in &d.cores {
+        let name = core_file(tid);
+        if core.tid != tid {
+            rep.file(&name, format!("holds thread {}, expected {tid}", core.tid));
+        }
+        if core.regs.is_none() {
+            rep.file(&name, "no registers");
+        }
+        if core.xsave.len() < XSAVE_MIN || core.xsave.len() > XSAVE_MAX {
+            rep.file(
+                &name,
+                format!(
+                    "XSAVE area of {} bytes (expected {XSAVE_MIN}..={XSAVE_MAX})",
+                    core.xsave.len()
+                ),
+            );
+        }
+        if leaders.contains(&tid) && core.process.is_none() {
+            rep.file(&name, "the leader's core lacks the process-wide state");
+        }
+    }
+}
+
+pub(super) fn check_mms(rep: &mut Report<'_>, d: &Decoded) {
+    for (&pid, mm) in &d.mms {
+        let name = mm_file(pid);
+        let mut prev_end = 0u64;
+        for (i, v) in mm.vmas.iter().enumerate() {
+            if v.start % PAGE != 0 || v.end % PAGE != 0 || v.end <= v.start {
+                rep.file(
+                    &name,
+                    format!("mapping {i} ({:#x}-{:#x}) is malformed", v.start, v.end),
+                );
+            } else if v.start < prev_end {
+                rep.file(
+                    &name,
+                    format!(
+                        "mapping {i} ({:#x}-{:#x}) overlaps or precedes the previous one",
+                        v.start, v.end
+                    ),
+                );
+            }
+            if VmaKind::try_from(v.kind).is_err() {
+                rep.file(&name, format!("mapping {i} has unknown kind {}", v.kind));
+            }
+            prev_end = prev_end.max(v.end);
+        }
+    }
+}
