@@ -280,16 +280,24 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         // A leave-running copy the task's own munmap/madvise/mremap made
         // impossible (it ran on untouched): once more, with its memory
         // copied while it is stopped.
-        Err(DumpError::Snapshot(SnapshotError::MapChanged { pid, what }))
-        | Err(DumpError::Store(StoreError::Snapshot(SnapshotError::MapChanged { pid, what }))) => {
-            tracing::warn!(
-                pid,
-                "{what}: dumping again, copying its memory while it is stopped"
-            );
+        Err(e) if e.snapshot_map_changed() => {
+            tracing::warn!("{e}: dumping again, copying its memory while it is stopped");
             remove_partial(&opts.dir);
             dump_once(opts, progress, false)
         }
         r => r,
+    }
+}
+
+impl DumpError {
+    /// Whether a leave-running copy failed because the task changed its
+    /// memory map meanwhile (wherever the snapshot error surfaced).
+    fn snapshot_map_changed(&self) -> bool {
+        matches!(
+            self,
+            DumpError::Snapshot(SnapshotError::MapChanged { .. })
+                | DumpError::Store(StoreError::Snapshot(SnapshotError::MapChanged { .. }))
+        )
     }
 }
 

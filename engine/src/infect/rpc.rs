@@ -277,23 +277,11 @@ impl Victim {
     pub fn splice_pages_finish(&self) -> Result<(u64, [u64; MAX_BATCH_PAGES / 64])> {
         let mut buf = [0u8; size_of::<PagesReply>()];
         let got = self.recv(CMD_PAGES, &mut buf)?;
-        if got >= size_of::<Reply>() {
-            let r: Reply = from_bytes(&buf);
-            if r.err < 0 {
-                return Err(InfectError::Command {
-                    pid: self.pid.as_raw(),
-                    cmd: CMD_PAGES,
-                    errno: Errno::from_raw(-r.err),
-                });
-            }
-        }
-        if got < size_of::<PagesReply>() {
-            return Err(InfectError::ShortReply {
-                pid: self.pid.as_raw(),
-                cmd: CMD_PAGES,
-                got,
-            });
-        }
+        self.check_reply(
+            CMD_PAGES,
+            &buf[..got.min(buf.len())],
+            size_of::<PagesReply>(),
+        )?;
         let r: PagesReply = from_bytes(&buf);
         Ok((r.reply.value as u64, r.skipped))
     }
@@ -303,6 +291,24 @@ impl Victim {
         for chunk in iovs.chunks(MAX_IOVS) {
             self.send(&Self::iov_cmd(CMD_MPROTECT, prot, chunk), &[])?;
             self.simple_reply(CMD_MPROTECT)?;
+        }
+        Ok(())
+    }
+
+    /// A reply of `want` bytes to `cmd`: an error the parasite reports, or
+    /// a reply too short, is an error naming the command.
+    fn check_reply(&self, cmd: u32, reply: &[u8], want: usize) -> Result<()> {
+        let pid = self.pid.as_raw();
+        if reply.len() >= size_of::<Reply>() {
+            let r: Reply = from_bytes(reply);
+            if r.err < 0 {
+                let errno = Errno::from_raw(-r.err);
+                return Err(InfectError::Command { pid, cmd, errno });
+            }
+        }
+        if reply.len() < want {
+            let got = reply.len();
+            return Err(InfectError::ShortReply { pid, cmd, got });
         }
         Ok(())
     }
@@ -341,23 +347,11 @@ impl Victim {
         self.send(as_bytes(&cmd), &[])?;
         let mut buf = vec![0u8; size_of::<StateReply>() + 64];
         let got = self.recv(CMD_STATE, &mut buf)?;
-        if got >= size_of::<Reply>() {
-            let r: Reply = from_bytes(&buf);
-            if r.err < 0 {
-                return Err(InfectError::Command {
-                    pid: self.pid.as_raw(),
-                    cmd: CMD_STATE,
-                    errno: Errno::from_raw(-r.err),
-                });
-            }
-        }
-        if got < size_of::<StateReply>() {
-            return Err(InfectError::ShortReply {
-                pid: self.pid.as_raw(),
-                cmd: CMD_STATE,
-                got,
-            });
-        }
+        self.check_reply(
+            CMD_STATE,
+            &buf[..got.min(buf.len())],
+            size_of::<StateReply>(),
+        )?;
         Ok(Box::new(from_bytes(&buf)))
     }
 

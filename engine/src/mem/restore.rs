@@ -57,7 +57,9 @@ pub struct Premap {
 impl Premap {
     /// Where the page at dumped address `vaddr` is in the area.
     pub fn offset_of(&self, vaddr: u64) -> Option<usize> {
-        let (s, _, off) = self.of.iter().find(|m| m.0 <= vaddr && vaddr < m.1)?;
+        // The mappings are in address order (smaps order).
+        let i = self.of.partition_point(|m| m.1 <= vaddr);
+        let &(s, _, off) = self.of.get(i).filter(|m| m.0 <= vaddr)?;
         Some((off + (vaddr - s)) as usize)
     }
 
