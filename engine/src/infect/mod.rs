@@ -131,6 +131,9 @@ pub struct Victim {
     phase: Phase,
     /// Descriptors sent to the parasite so far.
     sent_fds: u32,
+    /// What they are (their /proc link, `pipe:[INODE]`), to find and close
+    /// the task's copies from outside if the parasite cannot.
+    sent_links: Vec<String>,
     /// Mappings made readable for the page transfer, to put back to their
     /// protection (start, length, prot): by the parasite once the pages
     /// are out, else by injected mprotect calls when the task is cured.
@@ -202,6 +205,7 @@ impl Victim {
             stray_fds: Vec::new(),
             phase: Phase::Attached,
             sent_fds: 0,
+            sent_links: Vec::new(),
             reprotect: Vec::new(),
         };
         if let Err(errno) = ptrace::interrupt(pid) {
@@ -245,6 +249,7 @@ impl Victim {
             stray_fds: Vec::new(),
             phase: Phase::Stopped,
             sent_fds: 0,
+            sent_links: Vec::new(),
             reprotect: Vec::new(),
         };
         v.saved_xstate = sys::get_xstate(pid)?;
@@ -441,18 +446,12 @@ impl Drop for Victim {
     }
 }
 
-/// Descriptors in the task that are pipes made by this cryo process
-/// (matched by inode against our own pipes).
-fn parasite_pipe_fds(pid: Pid) -> Vec<i32> {
-    let ours: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .map(|l| l.to_string_lossy().into_owned())
-                .filter(|l| l.starts_with("pipe:"))
-                .collect()
-        })
-        .unwrap_or_default();
+/// Descriptors of the task whose /proc link is one of `links` (the
+/// descriptors cryo sent to the parasite).
+fn fds_linked_to(pid: Pid, links: &[String]) -> Vec<i32> {
+    if links.is_empty() {
+        return Vec::new();
+    }
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -460,7 +459,7 @@ fn parasite_pipe_fds(pid: Pid) -> Vec<i32> {
         .filter_map(|e| {
             let link = std::fs::read_link(e.path()).ok()?;
             let l = link.to_string_lossy();
-            if ours.iter().any(|o| o == &*l) {
+            if links.iter().any(|o| o == &*l) {
                 e.file_name().to_str()?.parse().ok()
             } else {
                 None

@@ -189,6 +189,16 @@ impl Victim {
                         errno: Errno::ECONNRESET,
                     });
                 }
+                // A reply to an earlier command that cryo gave up waiting
+                // for (a page batch whose pipe it closed after an error)
+                // still sits in the socket: skip it.
+                let answers = out
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                if answers.is_some_and(|c| c != cmd) {
+                    tracing::debug!(pid = pid.as_raw(), cmd, "skipping a stale parasite reply");
+                    continue;
+                }
                 return Ok(got);
             }
             match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
@@ -244,6 +254,11 @@ impl Victim {
             cmd: CMD_RECV_FDS,
             ..Default::default()
         };
+        for fd in fds {
+            if let Ok(l) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+                self.sent_links.push(l.to_string_lossy().into_owned());
+            }
+        }
         self.send(as_bytes(&hdr), fds)?;
         let total = self.simple_reply(CMD_RECV_FDS)? as u32;
         let first = self.sent_fds;
@@ -391,7 +406,6 @@ impl Victim {
                 secs: 1,
             })
         })();
-        self.sock = None;
         self.phase = Phase::Stopped;
         if let Err(e) = fini {
             tracing::warn!(
@@ -412,13 +426,49 @@ impl Victim {
                     _ => {}
                 }
             }
+            // Only now close cryo's end of the control socket: the parasite
+            // takes a closed socket to mean that cryo died and returns into
+            // the task's own context by itself, and if it did that before the
+            // stop, the cure would put the task back to the registers of the
+            // seize while its memory had moved on.
+            self.sock = None;
+            self.adopt_own_context()?;
             // Close what the parasite held: its socket end and the pipes.
             let mut fds = vec![self.task_sock];
-            fds.extend(parasite_pipe_fds(pid));
+            fds.extend(fds_linked_to(pid, &self.sent_links));
             for fd in fds {
                 let _ = self.syscall(libc::SYS_close as u64, [fd as u64, 0, 0, 0, 0, 0]);
             }
         }
+        self.sock = None;
+        Ok(())
+    }
+
+    /// The task was stopped from outside while the parasite was thought to
+    /// run: if it is not in the parasite's mapping, the parasite had
+    /// already returned into the task's own context (through its prepared
+    /// sigreturn frame), so what the task holds now is its state, and the
+    /// cure must put back that, not the state of the seize.
+    fn adopt_own_context(&mut self) -> Result<()> {
+        let pid = self.pid;
+        let rip = ptrace::getregs(pid)
+            .map_err(ptrace_err("GETREGS", pid))?
+            .rip;
+        let in_parasite = self
+            .area
+            .is_some_and(|(start, len)| (start..start + len).contains(&rip));
+        let at_spin = self.inject_at != 0 && (self.inject_at..=self.inject_at + 2).contains(&rip);
+        if in_parasite || at_spin {
+            return Ok(());
+        }
+        tracing::warn!(
+            pid = pid.as_raw(),
+            "the parasite had already returned the task to its own context; keeping that"
+        );
+        self.saved = ptrace::getregs(pid).map_err(ptrace_err("GETREGS", pid))?;
+        self.saved_xstate = sys::get_xstate(pid)?;
+        self.saved_mask = sys::get_sigmask(pid)?;
+        sys::set_sigmask(pid, !0u64)?;
         Ok(())
     }
 }

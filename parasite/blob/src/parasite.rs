@@ -224,6 +224,31 @@ fn page_is_zero(addr: u64) -> bool {
     acc == 0
 }
 
+const SIGPIPE_BIT: u64 = 1 << (13 - 1);
+
+/// Whether SIGPIPE is pending for this thread or its process.
+fn sigpipe_pending() -> bool {
+    let mut set: u64 = 0;
+    let r = syscall2(SYS_RT_SIGPENDING, &mut set as *mut u64 as usize, 8);
+    r == 0 && set & SIGPIPE_BIT != 0
+}
+
+/// A vmsplice into a pipe whose reader is gone (the dumper gave up on the
+/// transfer) raises SIGPIPE in this thread. Every signal is blocked while
+/// the parasite runs, so it would reach the task once cured, where its
+/// default action kills it: dequeue it again, without waiting.
+fn take_back_sigpipe() {
+    let set: u64 = SIGPIPE_BIT;
+    let zero = [0i64; 2];
+    syscall4(
+        SYS_RT_SIGTIMEDWAIT,
+        &set as *const u64 as usize,
+        0,
+        zero.as_ptr() as usize,
+        8,
+    );
+}
+
 /// CMD_PAGES: drop zero pages of ranges that allow it, vmsplice the rest.
 fn pages(sock: usize, pipe: i32, iovs: &[Iov]) -> isize {
     let mut out = [Iov::default(); MAX_IOVS];
@@ -255,11 +280,15 @@ fn pages(sock: usize, pipe: i32, iovs: &[Iov]) -> isize {
             page += 1;
         }
     }
+    let had_sigpipe = sigpipe_pending();
     let r = if n > 0 {
         splice_pages(pipe, &mut out[..n])
     } else {
         0
     };
+    if r == -32 && !had_sigpipe {
+        take_back_sigpipe();
+    }
     rep.reply = Reply {
         cmd: CMD_PAGES,
         err: if r < 0 { r as i32 } else { 0 },
