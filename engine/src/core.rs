@@ -157,6 +157,8 @@ pub fn core_of(
         creds: Some(creds),
         process,
         pdeath_signal: ts.pdeath_signal,
+        // Read by the dump from outside (crate::sched).
+        sched: None,
     }
 }
 

@@ -24,6 +24,7 @@ pub mod ns;
 pub mod proc;
 pub mod pstree;
 pub mod restore;
+pub mod sched;
 pub mod sessions;
 pub mod sigframe;
 pub mod signals;

@@ -24,6 +24,9 @@ pub const CMD_MPROTECT: u32 = 3;
 pub const CMD_FINI: u32 = 4;
 /// Receive descriptors sent with SCM_RIGHTS (pipes for pages).
 pub const CMD_RECV_FDS: u32 = 5;
+/// Test hook (CRYO_FAULT `fail-silent-parasite`): never answer, waiting
+/// in pause() until stopped from outside.
+pub const CMD_TEST_SILENT: u32 = 6;
 
 /// Arguments the dumper places at the start of the parasite's data area
 /// before starting it.

@@ -244,3 +244,55 @@ fn restore_from_nonexistent_directory_fails() {
     );
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Without root, cryo refuses an image another user wrote (an image is a
+/// program's memory, registers and descriptors: restoring it would run what
+/// that user chose), naming the file and the owner; nothing is started,
+/// and root restores the same image afterwards.
+#[test]
+fn image_of_another_user_is_refused_without_root() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    become_subreaper();
+    let dir = TestDir::new();
+    let mut wl = Workload::single_with("nanosleep", &dir, &[]);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    // Readable by the other user, so only the ownership stands in the way;
+    // the binary copied where that user can run it.
+    let perm = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
+    };
+    perm(dir.path(), 0o755);
+    perm(&img, 0o755);
+    for name in file_names(&img) {
+        perm(&img.join(name), 0o644);
+    }
+    let cryo = dir.join("cryo");
+    std::fs::copy(cryo_bin(), &cryo).expect("copy cryo");
+    perm(&cryo, 0o755);
+    const NOBODY: u32 = 65534;
+    let out = std::process::Command::new(&cryo)
+        .args(["restore", "-D", img.to_str().expect("utf-8"), "-d"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run cryo as uid 65534");
+    let err = stderr_of(&out);
+    check_cryo_failed_cleanly(&out).unwrap_or_else(|e| panic!("restore as uid {NOBODY}: {e}"));
+    for want in [
+        img.to_str().expect("utf-8"),
+        "owned by uid 0",
+        &format!("uid {NOBODY}"),
+        "only root",
+    ] {
+        assert!(err.contains(want), "stderr does not say {want:?}:\n{err}");
+    }
+    let _ = try_reap(pid);
+    assert!(!pid_alive(pid), "pid {pid} runs after the refused restore");
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored by root after another user was refused");
+}

@@ -222,6 +222,69 @@ fn sleep_with_fd3(raw: RawFd) -> PidGuard {
     guard
 }
 
+/// A task under a seccomp filter is refused (cryo cannot put the filter
+/// back, and a restore without it would give the task more than it had),
+/// naming the task and seccomp, and left running untouched.
+#[test]
+fn dump_refuses_a_task_under_seccomp() {
+    become_subreaper();
+    let mut cmd = Command::new(sleep_bin());
+    cmd.arg("1000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // One BPF instruction: return SECCOMP_RET_ALLOW.
+    let filter = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: libc::SECCOMP_RET_ALLOW,
+    }];
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes two prctl calls (async-signal-safe, no allocation); `filter`
+    // is copied into the closure and outlives the calls, and the program
+    // points at it with its length.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn sleep under a seccomp filter");
+    let mut guard = PidGuard::new(child.id() as i32);
+    drop(child);
+    let pid = guard.pid();
+    wait_settled(pid, SETTLE_TIMEOUT);
+    assert_eq!(
+        proc_status_field(pid, "Seccomp").as_deref(),
+        Some("2"),
+        "setup: sleep is not under a seccomp filter"
+    );
+    let err = assert_dump_refused(pid, None, &["seccomp", &format!("task {pid}")], "seccomp");
+    assert!(
+        err.contains("filter"),
+        "the refusal does not say filter:\n{err}"
+    );
+    let exit = guard.kill();
+    assert_eq!(
+        exit,
+        Some(Exit::Signal(libc::SIGKILL)),
+        "sleep (pid {pid}) did not end by our SIGKILL"
+    );
+}
+
 #[test]
 fn dump_refuses_unix_socket_on_fd_3() {
     become_subreaper();
@@ -620,4 +683,38 @@ fn dump_of_every_descriptor_kind_failing_at_every_step_leaves_the_tree_as_it_was
     let tmp = dir.subdir("tmp");
     let wl = Workload::start("wl_fds", &["--tmp", tmp.to_str().expect("utf-8")], &dir);
     fail_every_step(wl, &dir);
+}
+
+/// A parasite that stops answering (CRYO_FAULT `fail-silent-parasite`: a
+/// command it never replies to) fails the dump within cryo's command
+/// timeout, with a message naming the task, and the task (two threads)
+/// runs on untouched; a dump and restore afterwards pass.
+#[test]
+fn dump_with_a_silent_parasite_fails_and_leaves_the_task_as_it_was() {
+    become_subreaper();
+    let dir = TestDir::new();
+    let mut wl = Workload::single_with("nanosleep", &dir, &["--thread"]);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    for mode in [&["-R"][..], &[]] {
+        let before = Untouched::record(pid);
+        let t0 = std::time::Instant::now();
+        let out = dump(pid, &img, mode, &[("CRYO_FAULT", "fail-silent-parasite")]);
+        eprintln!(
+            "dump {mode:?} with a silent parasite failed after {:?}",
+            t0.elapsed()
+        );
+        if let Err(e) = check_cryo_failed_cleanly(&out) {
+            panic!("dump {mode:?} with a silent parasite: {e}");
+        }
+        let err = stderr_of(&out);
+        for want in [format!("task {pid}"), "did not answer".to_string()] {
+            assert!(err.contains(&want), "stderr does not say {want:?}:\n{err}");
+        }
+        before.assert_unchanged(&format!("dump {mode:?} with a silent parasite"));
+    }
+    dump_ok(&mut wl, &img, &[]);
+    wl.assert_gone_after_dump();
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("after two dumps whose parasite fell silent");
 }

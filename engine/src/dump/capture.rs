@@ -178,6 +178,9 @@ fn run_parasite(
     }
     started?;
     fault("in-parasite")?;
+    if crate::fault::check("silent-parasite") {
+        victim.test_silent()?;
+    }
     let timer_ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
     let st = victim.state(&timer_ids)?;
     // The other threads' own state, by syscalls injected into each; they
@@ -306,6 +309,7 @@ fn process_core(
         pdeath_signal: st.pdeath_signal as u32,
         cgroups: crate::cgroup::parse_membership(&super::read(&format!("/proc/{pid}/cgroup"))?),
         namespaces: crate::ns::ids(pid),
+        oom_score_adj: crate::sched::oom_score_adj(pid),
     })
 }
 
@@ -373,7 +377,7 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
     };
     let creds = creds::of_thread(&ps.status, st.securebits as u32);
     let comm = ps.stat.comm.clone();
-    let core = core::core_of(
+    let mut core = core::core_of(
         &p.leader,
         &leader_state,
         &leader_bits,
@@ -381,6 +385,10 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
         creds,
         Some(process),
     );
+    let mut thread_cores = thread_cores;
+    for c in std::iter::once(&mut core).chain(thread_cores.iter_mut()) {
+        c.sched = Some(crate::sched::dump(c.tid as i32)?);
+    }
     Ok(Captured {
         pid,
         pstree: pstree_entry(cx.opts, pid, &ps.stat, &thread_cores),

@@ -59,6 +59,14 @@ pub enum DumpError {
     Core(#[from] crate::core::CoreError),
     #[error(transparent)]
     FsInfo(#[from] crate::fsinfo::FsInfoError),
+    #[error(transparent)]
+    Sched(#[from] crate::sched::SchedError),
+    #[error("task {pid}: thread {tid} runs under seccomp ({mode}); cryo does not restore seccomp filters yet, so it does not dump such a task")]
+    Seccomp {
+        pid: i32,
+        tid: i32,
+        mode: &'static str,
+    },
     #[error("task {pid} has {n} POSIX timers; at most {max} are supported")]
     TooManyTimers { pid: i32, n: usize, max: usize },
     #[error("creating image directory {path}: {source}")]
@@ -188,7 +196,37 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
         });
     }
     crate::ns::check(pid)?;
+    check_seccomp(pid)?;
     Ok(st)
+}
+
+/// Refuse a task any thread of which runs under seccomp: a restore
+/// without the filter would give it more than it had.
+fn check_seccomp(pid: i32) -> Result<()> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Ok(());
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+            continue;
+        };
+        // A thread that ended meanwhile has nothing to refuse.
+        let Ok(text) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let mode = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(str::trim);
+        let mode = match mode {
+            None | Some("0") => continue,
+            Some("1") => "strict mode",
+            Some("2") => "a filter",
+            Some(_) => "an unknown mode",
+        };
+        return Err(DumpError::Seccomp { pid, tid, mode });
+    }
+    Ok(())
 }
 
 /// --pre-copy: track and copy every process of the trees under `roots`

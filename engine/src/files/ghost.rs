@@ -1,11 +1,12 @@
 //! Memfds and files deleted while open ("ghost" files): their contents
 //! travel in the image.
 //!
-//! Dump: the file's bytes (up to --ghost-limit), mode and, for a memfd,
-//! its seals, read through a new open of the task's descriptor; carried
+//! Dump: the file's bytes (up to --ghost-limit), owner, mode, access and
+//! modification times and, for a memfd, its seals, read through a new open of the task's descriptor; carried
 //! by the first open file of each in the table. Restore: a memfd with the
 //! same name, or a file made next to the deleted one's old path (a fresh
-//! name there, unlinked at once), filled, given its mode and seals; every
+//! name there, unlinked at once), filled, given its owner, mode, times and
+//! seals; every
 //! open file description of it is a new open of that one.
 
 #![forbid(unsafe_code)]
@@ -82,7 +83,10 @@ mod tests {
 
 /// A ghost larger than the limit is refused (its contents would go into
 /// the image).
-pub fn dump(cx: &FdCtx, limit: u64, _e: &mut FileEntry) -> Result<(), FilesError> {
+pub fn dump(cx: &FdCtx, limit: u64, e: &mut FileEntry) -> Result<(), FilesError> {
+    let ns = |sec: i64, nsec: i64| sec.saturating_mul(1_000_000_000).saturating_add(nsec);
+    e.atime_ns = Some(ns(cx.st.st_atime, cx.st.st_atime_nsec));
+    e.mtime_ns = Some(ns(cx.st.st_mtime, cx.st.st_mtime_nsec));
     let size = cx.st.st_size as u64;
     if size > limit {
         return Err(FilesError::DeletedFile {
@@ -112,10 +116,21 @@ pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
         }
         seen.push(key);
         let path = format!("/proc/{}/fd/{}", o.pid, o.fd);
-        let f = std::fs::File::open(&path).map_err(|source| FilesError::Proc {
-            path: path.clone(),
-            source,
-        })?;
+        // O_NOATIME: reading it for the image must not change the access
+        // time the image records (nor, with --leave-running, the file's).
+        let open = |extra: i32| {
+            std::os::unix::fs::OpenOptionsExt::custom_flags(
+                std::fs::OpenOptions::new().read(true),
+                extra,
+            )
+            .open(&path)
+        };
+        let f = open(libc::O_NOATIME)
+            .or_else(|_| open(0))
+            .map_err(|source| FilesError::Proc {
+                path: path.clone(),
+                source,
+            })?;
         let mut data = Vec::new();
         std::io::Read::read_to_end(&mut &f, &mut data)
             .map_err(|source| FilesError::Proc { path, source })?;
@@ -182,7 +197,35 @@ fn make(f: &FileEntry) -> Result<OwnedFd, String> {
             Err(e) => return Err(format!("writing its {} bytes: {e}", f.contents.len())),
         }
     }
-    let _ = nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(f.mode));
+    // The owner first: chown drops the set-id bits that the mode puts back.
+    if f.uid.is_some() || f.gid.is_some() {
+        nix::unistd::fchown(
+            &fd,
+            f.uid.map(nix::unistd::Uid::from_raw),
+            f.gid.map(nix::unistd::Gid::from_raw),
+        )
+        .map_err(|e| {
+            format!(
+                "giving it its owner {}:{}: {}",
+                f.uid.unwrap_or(0),
+                f.gid.unwrap_or(0),
+                io(e)
+            )
+        })?;
+    }
+    nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(f.mode))
+        .map_err(|e| format!("giving it its mode {:o}: {}", f.mode, io(e)))?;
+    // The times last: writing the contents set them to now.
+    if let (Some(a), Some(m)) = (f.atime_ns, f.mtime_ns) {
+        let ts = |ns: i64| {
+            nix::sys::time::TimeSpec::new(
+                ns.div_euclid(1_000_000_000),
+                ns.rem_euclid(1_000_000_000),
+            )
+        };
+        nix::sys::stat::futimens(&fd, &ts(a), &ts(m))
+            .map_err(|e| format!("setting its access and modification times: {}", io(e)))?;
+    }
     if f.seals != 0 {
         let seals = SealFlag::from_bits_retain(f.seals as i32);
         nix::fcntl::fcntl(&fd, FcntlArg::F_ADD_SEALS(seals))

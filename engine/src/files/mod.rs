@@ -381,6 +381,8 @@ pub fn collect(
             rdev: st.st_rdev as u32,
             size: st.st_size as u64,
             mode: st.st_mode & 0o7777,
+            uid: Some(st.st_uid),
+            gid: Some(st.st_gid),
             ..Default::default()
         };
         dump_kind(kind, &cx, &mut handles, opts, &mut e)?;

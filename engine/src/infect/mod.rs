@@ -85,7 +85,10 @@ const OFF_ALTSTACK: u64 = 128;
 const OFF_THREAD_SCRATCH: u64 = 256;
 const OFF_FRAME: u64 = 512;
 const OFF_FPSTATE: u64 = PAGE;
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a parasite command may take: every one is a few system calls
+/// in the task (a page batch's reply is awaited after its pipe was
+/// drained), so a parasite silent this long is stuck.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -138,6 +141,9 @@ pub struct Victim {
     /// protection (start, length, prot): by the parasite once the pages
     /// are out, else by injected mprotect calls when the task is cured.
     reprotect: Vec<(u64, u64, u32)>,
+    /// A command went unanswered: the parasite is not listening, so it is
+    /// stopped from outside without a FINI.
+    silent: std::cell::Cell<bool>,
 }
 
 /// What [`Victim::thread_state`] reads from a thread.
@@ -207,6 +213,7 @@ impl Victim {
             sent_fds: 0,
             sent_links: Vec::new(),
             reprotect: Vec::new(),
+            silent: std::cell::Cell::new(false),
         };
         if let Err(errno) = ptrace::interrupt(pid) {
             // Dropping `v` detaches: the task runs on untouched.
@@ -251,6 +258,7 @@ impl Victim {
             sent_fds: 0,
             sent_links: Vec::new(),
             reprotect: Vec::new(),
+            silent: std::cell::Cell::new(false),
         };
         v.saved_xstate = sys::get_xstate(pid)?;
         v.saved_mask = sys::get_sigmask(pid)?;

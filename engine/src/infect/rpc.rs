@@ -217,6 +217,7 @@ impl Victim {
                 Err(errno) => return Err(ptrace_err("wait", pid)(errno)),
             }
             if start.elapsed() > COMMAND_TIMEOUT {
+                self.silent.set(true);
                 return Err(InfectError::Timeout {
                     pid: pid.as_raw(),
                     cmd,
@@ -370,6 +371,18 @@ impl Victim {
         Ok(Box::new(from_bytes(&buf)))
     }
 
+    /// Test hook: a command the parasite never answers (CRYO_FAULT
+    /// `fail-silent-parasite`), to show that the dump then fails within
+    /// the command timeout and leaves the task as it was.
+    pub fn test_silent(&self) -> Result<()> {
+        let hdr = CmdHeader {
+            cmd: CMD_TEST_SILENT,
+            ..Default::default()
+        };
+        self.send(as_bytes(&hdr), &[])?;
+        self.simple_reply(CMD_TEST_SILENT).map(drop)
+    }
+
     /// Stop the parasite: FINI, or if it does not answer, interrupt it and
     /// close its descriptors from outside.
     pub(super) fn stop_parasite(&mut self) -> Result<()> {
@@ -377,6 +390,13 @@ impl Victim {
             return Ok(());
         }
         let fini = (|| -> Result<()> {
+            if self.silent.get() {
+                return Err(InfectError::Timeout {
+                    pid: self.pid.as_raw(),
+                    cmd: CMD_FINI,
+                    secs: 0,
+                });
+            }
             let hdr = CmdHeader {
                 cmd: CMD_FINI,
                 ..Default::default()

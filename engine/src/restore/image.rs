@@ -22,6 +22,44 @@ pub enum ImageLoadError {
     Invalid { file: String, what: String },
     #[error("{file}: listed in inventory.img but {what}")]
     Listing { file: String, what: String },
+    #[error("{file}: owned by uid {owner}, not by uid {euid} that runs cryo; only root restores an image that another user wrote")]
+    Foreign { file: String, owner: u32, euid: u32 },
+}
+
+/// Without root, every file of the image directory (and the directory)
+/// must be the caller's own: an image is a program's memory, registers and
+/// descriptors, and another user's image would run with what they chose.
+fn check_owner(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid == 0 {
+        return Ok(());
+    }
+    let foreign = |path: &Path, owner: u32| ImageLoadError::Foreign {
+        file: path.display().to_string(),
+        owner,
+        euid,
+    };
+    // What cannot be read here is reported by the reads that follow.
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if meta.uid() != euid {
+        return Err(foreign(dir, meta.uid()));
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for path in paths {
+        if let Ok(m) = std::fs::symlink_metadata(&path) {
+            if m.uid() != euid {
+                return Err(foreign(&path, m.uid()));
+            }
+        }
+    }
+    Ok(())
 }
 
 type Result<T> = std::result::Result<T, ImageLoadError>;
@@ -92,6 +130,7 @@ pub struct TreeImage {
 
 impl TreeImage {
     pub fn load(dir: &Path) -> Result<TreeImage> {
+        check_owner(dir)?;
         let inventory = cryo_image::read_inventory(dir)?;
         // Sizes of every file; full checksums of the metadata files (page
         // chunks carry their own checksums, checked as they are read).

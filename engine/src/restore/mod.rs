@@ -77,6 +77,12 @@ pub enum RestoreError {
         #[source]
         source: InfectError,
     },
+    #[error("restoring task {pid}: its scheduling state: {source}")]
+    Sched {
+        pid: i32,
+        #[source]
+        source: crate::sched::SchedError,
+    },
     #[error("restoring task {pid}: timed out after {secs} s")]
     Timeout { pid: i32, secs: u64 },
     #[error("injected failure ({what}) from CRYO_FAULT")]

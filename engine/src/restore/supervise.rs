@@ -250,7 +250,7 @@ impl Supervisor<'_> {
         }
         fault("stepped")?;
         let mut leaders: Vec<Victim> = Vec::with_capacity(self.procs.len());
-        if let Err(e) = self.unmap_boot(&mut leaders) {
+        if let Err(e) = self.unmap_boot(&mut leaders).and_then(|()| self.sched()) {
             for v in leaders.iter_mut() {
                 let _ = v.kill();
             }
@@ -264,6 +264,25 @@ impl Supervisor<'_> {
         for p in &self.procs {
             for &t in &p.threads {
                 ptrace::detach(Pid::from_raw(t), None).map_err(sys_err(root, "PTRACE_DETACH"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Give every thread its scheduling state and every process its
+    /// oom_score_adj, from outside, while all are stopped: set last, so
+    /// that a real-time policy never runs the restorer.
+    fn sched(&self) -> Result<()> {
+        for img in &self.tree.procs {
+            let pid = img.pid();
+            let err = |source| RestoreError::Sched { pid, source };
+            for core in std::iter::once(&img.core).chain(img.threads.iter()) {
+                if let Some(s) = &core.sched {
+                    crate::sched::restore(core.tid as i32, s).map_err(err)?;
+                }
+            }
+            if let Some(adj) = img.core.process.as_ref().and_then(|p| p.oom_score_adj) {
+                crate::sched::restore_oom_score_adj(pid, adj).map_err(err)?;
             }
         }
         Ok(())

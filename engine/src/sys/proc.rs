@@ -244,3 +244,66 @@ pub fn cpu_itimer_slack_us() -> u64 {
     }
     (extra as u64).div_ceil(50) * 50
 }
+
+/// The kernel's `struct sched_attr` up to its first version
+/// (SCHED_ATTR_SIZE_VER0, 48 bytes): policy, flags, nice, the real-time
+/// priority and the SCHED_DEADLINE parameters.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SchedAttr {
+    pub size: u32,
+    pub policy: u32,
+    pub flags: u64,
+    pub nice: i32,
+    pub priority: u32,
+    pub runtime: u64,
+    pub deadline: u64,
+    pub period: u64,
+}
+const _: () = assert!(std::mem::size_of::<SchedAttr>() == 48);
+
+/// sched_getattr(2) of task `tid`.
+pub fn sched_getattr(tid: i32) -> Result<SchedAttr, Errno> {
+    let mut a = SchedAttr::default();
+    let size = std::mem::size_of::<SchedAttr>() as libc::c_uint;
+    // SAFETY: the kernel writes at most `size` bytes (the struct's size)
+    // into `a`, a live local of that size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            tid,
+            &mut a as *mut SchedAttr,
+            size,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(a)
+}
+
+/// sched_setattr(2) of task `tid`.
+pub fn sched_setattr(tid: i32, a: &SchedAttr) -> Result<(), Errno> {
+    let mut a = *a;
+    a.size = std::mem::size_of::<SchedAttr>() as u32;
+    // SAFETY: the kernel reads `a.size` bytes from `a`, a live local of
+    // exactly that size.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &a as *const SchedAttr, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// The nice value of task `tid` (getpriority(PRIO_PROCESS, tid)), which
+/// sched_getattr leaves out for a real-time thread.
+pub fn nice_of(tid: i32) -> Result<i32, Errno> {
+    Errno::clear();
+    // SAFETY: getpriority takes integers and touches no memory of ours.
+    let n = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    if n == -1 && Errno::last_raw() != 0 {
+        return Err(Errno::last());
+    }
+    Ok(n)
+}

@@ -368,6 +368,11 @@ pub unsafe extern "C" fn blob_main(args: *const ParasiteArgs) {
                 }
                 return;
             }
+            // pause(), not a sleep: an interrupted pause leaves no restart
+            // block that the task's own interrupted syscall would resume.
+            CMD_TEST_SILENT => loop {
+                syscall0(SYS_PAUSE);
+            },
             _ => reply(st.sock, hdr.cmd, -22),
         };
         if r < 0 {

@@ -511,6 +511,29 @@ fn make_ghosts(tmp: &Path) -> Result<Ghosts, String> {
     let path = tmp.join("deleted.txt");
     let deleted = open(&path, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC)?;
     write_all(deleted, b"deleted but open")?;
+    let times = [
+        libc::timespec {
+            tv_sec: GHOST_ATIME.0,
+            tv_nsec: GHOST_ATIME.1,
+        },
+        libc::timespec {
+            tv_sec: GHOST_MTIME.0,
+            tv_nsec: GHOST_MTIME.1,
+        },
+    ];
+    // SAFETY: fchown/fchmod/futimens on our own descriptor; times is a
+    // valid array of two timespecs.
+    let r = unsafe {
+        libc::fchown(deleted, GHOST_OWNER.0, GHOST_OWNER.1)
+            | libc::fchmod(deleted, GHOST_MODE)
+            | libc::futimens(deleted, times.as_ptr())
+    };
+    if r != 0 {
+        return Err(format!(
+            "owner, mode and times of the deleted file: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     std::fs::remove_file(&path).map_err(|e| format!("unlink: {e}"))?;
     // SAFETY: lseek on our own descriptor.
     unsafe { libc::lseek(deleted, 8, libc::SEEK_SET) };
@@ -523,7 +546,39 @@ fn make_ghosts(tmp: &Path) -> Result<Ghosts, String> {
     })
 }
 
+/// What the deleted file's owner, mode and times are set to (none of them
+/// what a new file of root's would get).
+const GHOST_OWNER: (u32, u32) = (4321, 8765);
+const GHOST_MODE: libc::mode_t = 0o4751;
+const GHOST_ATIME: (i64, i64) = (1_000_000_000, 123_456_789);
+const GHOST_MTIME: (i64, i64) = (1_500_000_000, 987_654_321);
+
 fn check_ghosts(g: &Ghosts, fails: &mut Vec<String>) {
+    // Before anything reads it (a read may set the access time).
+    let mut st = unsafe_zeroed_stat();
+    // SAFETY: fstat into a local.
+    unsafe { libc::fstat(g.deleted, &mut st) };
+    let owner = (st.st_uid, st.st_gid);
+    if owner != GHOST_OWNER {
+        fails.push(format!(
+            "the deleted file is owned by {owner:?}, expected {GHOST_OWNER:?}"
+        ));
+    }
+    if st.st_mode & 0o7777 != GHOST_MODE {
+        fails.push(format!(
+            "the deleted file has mode {:o}, expected {GHOST_MODE:o}",
+            st.st_mode & 0o7777
+        ));
+    }
+    let (a, m) = (
+        (st.st_atime, st.st_atime_nsec),
+        (st.st_mtime, st.st_mtime_nsec),
+    );
+    if a != GHOST_ATIME || m != GHOST_MTIME {
+        fails.push(format!(
+            "the deleted file's access and modification times are {a:?} and {m:?}, expected {GHOST_ATIME:?} and {GHOST_MTIME:?}"
+        ));
+    }
     let got = read_some(g.memfd, 64);
     if got != b"fd contents" {
         fails.push(format!(

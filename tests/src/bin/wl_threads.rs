@@ -10,12 +10,15 @@
 //!   syscall, with a pattern held in xmm9 across the whole spin and
 //!   compared with a general register copy on every round.
 //!
-//! Each thread sets its own name, signal mask and TLS value at start; the
+//! Each thread sets its own name, signal mask, TLS value and scheduling
+//! state (policy, real-time priority, nice value, CPU affinity, timer
+//! slack: different in every thread) at start, and the process its
+//! oom_score_adj; the
 //! sleeper also has a sigaltstack and a SIGUSR1 queued to it alone (blocked
 //! in that thread only). Once ready, it waits for SIGTERM. Then every
 //! thread checks, by itself, that it still has its tid, name, mask, TLS
 //! value, robust list head, rseq registration (the kernel updates its cpu
-//! id again), altstack and pending signal; the sleeper and spinners that
+//! id again), scheduling state, altstack and pending signal; the sleeper and spinners that
 //! they made progress since; and the main thread joins them all (which
 //! needs the clear-child-tid address each thread had). The verdict lists
 //! every failure.
@@ -27,6 +30,8 @@ use std::time::Duration;
 use cryo_tests::wl;
 
 const NAME: &str = "wl_threads";
+/// What the process sets its /proc/self/oom_score_adj to.
+const OOM_SCORE_ADJ: i32 = 345;
 
 struct Shared {
     /// Set by the main thread once SIGTERM came: threads check themselves.
@@ -38,6 +43,8 @@ struct Shared {
     spin_rounds: Vec<AtomicU64>,
     /// Threads that finished their setup.
     ready: AtomicU64,
+    /// The CPUs the process could run on at start.
+    cpus: Vec<usize>,
 }
 
 impl Shared {
@@ -171,13 +178,125 @@ struct Own {
     tls: u64,
     robust: u64,
     blocked: Vec<i32>,
+    sched: Sched,
+    /// What went wrong giving the thread its scheduling state.
+    sched_setup: Option<String>,
+}
+
+/// How a thread has itself scheduled (each thread its own), checked by
+/// the thread after the restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sched {
+    policy: i32,
+    reset_on_fork: bool,
+    priority: i32,
+    nice: i32,
+    /// Bound to this one CPU, or to every CPU the process had at start.
+    cpu: Option<usize>,
+    slack_ns: u64,
+}
+
+/// The CPUs this process may run on.
+fn cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed.
+    unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads the set with an index below CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+impl Sched {
+    /// Give the calling thread this state.
+    fn apply(&self) -> Result<(), String> {
+        let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+        // SAFETY: setpriority on the calling thread (who 0) with integers.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, self.nice) } != 0 {
+            return Err(err("setpriority"));
+        }
+        let param = libc::sched_param {
+            sched_priority: self.priority,
+        };
+        let policy = self.policy
+            | if self.reset_on_fork {
+                libc::SCHED_RESET_ON_FORK
+            } else {
+                0
+            };
+        // SAFETY: `param` is a live sched_param; pid 0 is the calling thread.
+        if unsafe { libc::sched_setscheduler(0, policy, &param) } != 0 {
+            return Err(err("sched_setscheduler"));
+        }
+        if let Some(cpu) = self.cpu {
+            // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it
+            // (cpu < CPU_SETSIZE, from cpus()); the set outlives the call.
+            let r = unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            };
+            if r != 0 {
+                return Err(err("sched_setaffinity"));
+            }
+        }
+        // A real-time thread has no timer slack (the kernel keeps it 0).
+        let rt = self.policy == libc::SCHED_FIFO || self.policy == libc::SCHED_RR;
+        if !rt
+            // SAFETY: prctl with integer arguments on the calling thread.
+            && unsafe {
+                libc::prctl(
+                    libc::PR_SET_TIMERSLACK,
+                    self.slack_ns as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            } != 0
+        {
+            return Err(err("PR_SET_TIMERSLACK"));
+        }
+        Ok(())
+    }
+
+    /// The calling thread's state, as `self` describes it.
+    fn now(&self, all: &[usize]) -> Sched {
+        // SAFETY: sched_getscheduler, sched_getparam, getpriority and
+        // prctl(PR_GET_TIMERSLACK) on the calling thread, writing only into
+        // the live local `param`.
+        let (raw, param, nice, slack) = unsafe {
+            let mut param = libc::sched_param { sched_priority: -1 };
+            let raw = libc::sched_getscheduler(0);
+            libc::sched_getparam(0, &mut param);
+            let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+            let slack = libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0);
+            (raw, param, nice, slack)
+        };
+        let mine = cpus();
+        let cpu = match mine.as_slice() {
+            [c] if self.cpu == Some(*c) => Some(*c),
+            m if m == all => None,
+            // Neither: a value that differs from what was set.
+            _ => Some(usize::MAX),
+        };
+        Sched {
+            policy: raw & !libc::SCHED_RESET_ON_FORK,
+            reset_on_fork: raw & libc::SCHED_RESET_ON_FORK != 0,
+            priority: param.sched_priority,
+            nice,
+            cpu,
+            slack_ns: slack as u64,
+        }
+    }
 }
 
 impl Own {
-    fn setup(who: &str, tls: u64, blocked: &[i32]) -> Own {
+    fn setup(who: &str, tls: u64, blocked: &[i32], sched: Sched) -> Own {
         set_name(who);
         TLS_VALUE.with(|v| v.set(tls));
         block(blocked);
+        let sched_setup = sched.apply().err();
         Own {
             who: who.to_string(),
             tid: gettid(),
@@ -185,6 +304,8 @@ impl Own {
             tls,
             robust: robust_head(),
             blocked: blocked.to_vec(),
+            sched,
+            sched_setup,
         }
     }
 
@@ -226,11 +347,27 @@ impl Own {
         if let Err(e) = rseq_alive() {
             sh.fail(who, e);
         }
+        if let Some(e) = &self.sched_setup {
+            sh.fail(who, format!("setting its scheduling state failed: {e}"));
+        } else {
+            let now = self.sched.now(&sh.cpus);
+            if now != self.sched {
+                sh.fail(who, format!("scheduled as {now:?}, was {:?}", self.sched));
+            }
+        }
     }
 }
 
 fn waiter(sh: Arc<Shared>) {
-    let own = Own::setup("waiter", 0x1111_2222_3333_4444, &[libc::SIGHUP]);
+    let sched = Sched {
+        policy: libc::SCHED_BATCH,
+        reset_on_fork: false,
+        priority: 0,
+        nice: 7,
+        cpu: None,
+        slack_ns: 200_001,
+    };
+    let own = Own::setup("waiter", 0x1111_2222_3333_4444, &[libc::SIGHUP], sched);
     sh.ready.fetch_add(1, Ordering::SeqCst);
     let (m, cv) = &sh.cond;
     let mut woke = match m.lock() {
@@ -250,7 +387,16 @@ fn waiter(sh: Arc<Shared>) {
 const ALT_SIZE: usize = 64 * 1024;
 
 fn sleeper(sh: Arc<Shared>) {
-    let own = Own::setup("sleeper", 0x5555_6666_7777_8888, &[libc::SIGUSR1]);
+    // Real-time, with the nice value it had before (kept under RR).
+    let sched = Sched {
+        policy: libc::SCHED_RR,
+        reset_on_fork: true,
+        priority: 7,
+        nice: 5,
+        cpu: sh.cpus.last().copied(),
+        slack_ns: 0,
+    };
+    let own = Own::setup("sleeper", 0x5555_6666_7777_8888, &[libc::SIGUSR1], sched);
     let alt = vec![0u8; ALT_SIZE].into_boxed_slice();
     let alt_sp = Box::leak(alt).as_mut_ptr() as u64;
     let ss = libc::stack_t {
@@ -339,7 +485,20 @@ fn spin(pattern: u64, rounds: u64, stop: &AtomicBool) -> Option<u64> {
 fn spinner(sh: Arc<Shared>, k: usize) {
     let who = format!("spinner-{k}");
     let pattern = 0x0123_4567_89ab_cdefu64 ^ ((k as u64) << 40);
-    let own = Own::setup(&who, 0x9999_0000_0000_0000 | k as u64, &[libc::SIGUSR2]);
+    let sched = Sched {
+        policy: libc::SCHED_OTHER,
+        reset_on_fork: false,
+        priority: 0,
+        nice: 11,
+        cpu: None,
+        slack_ns: 77_001 + k as u64,
+    };
+    let own = Own::setup(
+        &who,
+        0x9999_0000_0000_0000 | k as u64,
+        &[libc::SIGUSR2],
+        sched,
+    );
     sh.ready.fetch_add(1, Ordering::SeqCst);
     while !sh.check.load(Ordering::SeqCst) {
         match spin(pattern, 1 << 20, &sh.check) {
@@ -367,6 +526,7 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
         sleeper_count: AtomicU64::new(0),
         spin_rounds: (0..spinners).map(|_| AtomicU64::new(0)).collect(),
         ready: AtomicU64::new(0),
+        cpus: cpus(),
     });
     let mut handles = Vec::new();
     let s = sh.clone();
@@ -378,7 +538,17 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
         handles.push(std::thread::spawn(move || spinner(s, k)));
     }
     // After the spawns: threads inherit the creator's mask.
-    let main_own = Own::setup(NAME, 0xaaaa_bbbb_cccc_dddd, &[libc::SIGWINCH]);
+    let sched = Sched {
+        policy: libc::SCHED_OTHER,
+        reset_on_fork: false,
+        priority: 0,
+        nice: 3,
+        cpu: sh.cpus.first().copied(),
+        slack_ns: 123_457,
+    };
+    let main_own = Own::setup(NAME, 0xaaaa_bbbb_cccc_dddd, &[libc::SIGWINCH], sched);
+    std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ.to_string())
+        .map_err(|e| format!("writing /proc/self/oom_score_adj: {e}"))?;
     let nthreads = 2 + spinners as u64;
     while sh.ready.load(Ordering::SeqCst) < nthreads {
         std::thread::sleep(Duration::from_millis(1));
@@ -430,6 +600,13 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
         }
     }
     main_own.check(&sh);
+    let adj = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap_or_default();
+    if adj.trim() != OOM_SCORE_ADJ.to_string() {
+        sh.fail(
+            NAME,
+            format!("oom_score_adj is {}, was {OOM_SCORE_ADJ}", adj.trim()),
+        );
+    }
     sh.check.store(true, Ordering::SeqCst);
     {
         let (m, cv) = &sh.cond;
