@@ -58,6 +58,7 @@ fn pstree() -> Vec<PstreeEntry> {
             tty_foreground: false,
             pty_ctty: None,
             tty_pgrp: 0,
+            stopped: false,
         },
     ]
 }

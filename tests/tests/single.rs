@@ -486,3 +486,88 @@ fn restore_refuses_shrunk_mapped_file() {
     restore_ok(&mut wl, &img);
     wl.assert_pass("restored once the file was back");
 }
+
+/// Waits up to 5 s for `pid` to be in state `want`; the state it has.
+fn wait_state(pid: i32, want: char) -> Option<char> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = proc_state(pid);
+        if s == Some(want) || t0.elapsed() > std::time::Duration::from_secs(5) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill by the explicit pid of the workload this test started.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// A process stopped by SIGSTOP (two threads) is dumped: with
+/// --leave-running it stays stopped and goes on at SIGCONT; in kill mode it
+/// is restored stopped, and goes on at SIGCONT with its state intact.
+#[test]
+fn stopped_process_is_dumped_and_restored_stopped() {
+    become_subreaper();
+    let dir = TestDir::new();
+    let mut wl = Workload::single_with("nanosleep", &dir, &["--thread"]);
+    let pid = wl.pid();
+    let img = dir.subdir("img");
+    signal(pid, libc::SIGSTOP);
+    assert_eq!(
+        wait_state(pid, 'T'),
+        Some('T'),
+        "setup: SIGSTOP did not stop pid {pid}"
+    );
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert_eq!(
+        wait_state(pid, 'T'),
+        Some('T'),
+        "pid {pid} is no longer stopped after dump -R"
+    );
+    signal(pid, libc::SIGCONT);
+    assert_ne!(
+        wait_state(pid, 'S'),
+        Some('T'),
+        "pid {pid} did not go on at SIGCONT after dump -R"
+    );
+    signal(pid, libc::SIGSTOP);
+    assert_eq!(
+        wait_state(pid, 'T'),
+        Some('T'),
+        "SIGSTOP did not stop pid {pid} again"
+    );
+    let _ = std::fs::remove_dir_all(&img);
+    dump_ok(&mut wl, &img, &[]);
+    wl.assert_gone_after_dump();
+    restore_ok(&mut wl, &img);
+    assert_eq!(
+        wait_state(pid, 'T'),
+        Some('T'),
+        "pid {pid} was not restored stopped"
+    );
+    // Every thread is in the group stop.
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_string));
+        assert_eq!(
+            state.as_deref(),
+            Some("T"),
+            "thread {:?} of pid {pid} is not stopped",
+            t.file_name()
+        );
+    }
+    signal(pid, libc::SIGCONT);
+    assert_ne!(
+        wait_state(pid, 'S'),
+        Some('T'),
+        "restored pid {pid} did not go on at SIGCONT"
+    );
+    wl.assert_pass("restored stopped, then continued");
+}

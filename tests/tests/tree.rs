@@ -529,3 +529,67 @@ fn tree_failed_dump_under_freezer_thaws() {
     assert_eq!(shape(root), before);
     wl.assert_pass("tree after a failed dump under the freezer");
 }
+
+/// Stopped children of a tree (SIGSTOP to the threaded child, a whole
+/// thread group, and to one other): dump -R leaves them stopped, a
+/// kill-mode dump restores them stopped (the rest running), and after
+/// SIGCONT the tree passes its own checks.
+#[test]
+fn tree_with_stopped_children() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    let root = wl.pid();
+    let before = shape(root);
+    let threads = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let live: Vec<i32> = before
+        .iter()
+        .filter(|s| s.0 != root && s.4 == 'L')
+        .map(|s| s.0)
+        .collect();
+    let mut stopped: Vec<i32> = live.iter().copied().filter(|&p| threads(p) > 1).collect();
+    assert!(
+        !stopped.is_empty(),
+        "setup: no threaded child in {before:?}"
+    );
+    if let Some(&other) = live.iter().find(|p| !stopped.contains(p)) {
+        stopped.push(other);
+    }
+    let signal = |sig: i32| {
+        for &p in &stopped {
+            // SAFETY: kill by the explicit pid of a process of the tree
+            // this test started.
+            assert_eq!(unsafe { libc::kill(p, sig) }, 0, "kill({p}, {sig})");
+        }
+    };
+    let states = || -> Vec<Option<char>> {
+        // Give a stop or a continue time to take effect.
+        std::thread::sleep(Duration::from_millis(200));
+        stopped.iter().map(|&p| proc_state(p)).collect()
+    };
+    let all_stopped = vec![Some('T'); stopped.len()];
+    signal(libc::SIGSTOP);
+    assert_eq!(states(), all_stopped, "setup: SIGSTOP to {stopped:?}");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    assert_eq!(states(), all_stopped, "{stopped:?} after dump -R");
+    let _ = std::fs::remove_dir_all(&img);
+    dump_ok(&mut wl, &img, &[]);
+    assert_tree_gone(&guard);
+    restore_ok(&mut wl, &img);
+    assert_eq!(states(), all_stopped, "{stopped:?} after the restore");
+    for &(pid, ..) in &before {
+        if !stopped.contains(&pid) && pid_alive(pid) {
+            assert_ne!(proc_state(pid), Some('T'), "{pid} was restored stopped");
+        }
+    }
+    signal(libc::SIGCONT);
+    assert!(
+        states().iter().all(|s| *s != Some('T')),
+        "{stopped:?} still stopped after SIGCONT"
+    );
+    wl.assert_pass("restored tree with stopped children");
+}

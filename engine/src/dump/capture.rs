@@ -339,6 +339,8 @@ fn pstree_entry(opts: &DumpOptions, pid: i32, stat: &Stat, threads: &[CoreEntry]
         // Set by the dump from the tree's ptys.
         pty_ctty: None,
         tty_pgrp: 0,
+        // Set by capture from the seize.
+        stopped: false,
     }
 }
 
@@ -389,9 +391,11 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
     for c in std::iter::once(&mut core).chain(thread_cores.iter_mut()) {
         c.sched = Some(crate::sched::dump(c.tid as i32)?);
     }
+    let mut pstree = pstree_entry(cx.opts, pid, &ps.stat, &thread_cores);
+    pstree.stopped = p.leader.was_stopped() || p.threads.iter().any(|t| t.was_stopped());
     Ok(Captured {
         pid,
-        pstree: pstree_entry(cx.opts, pid, &ps.stat, &thread_cores),
+        pstree,
         core,
         thread_cores,
         mm,

@@ -428,6 +428,7 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
         tty_foreground: false,
         pty_ctty: None,
         tty_pgrp: 0,
+        stopped: false,
     })
 }
 

@@ -144,6 +144,20 @@ pub struct Victim {
     /// A command went unanswered: the parasite is not listening, so it is
     /// stopped from outside without a FINI.
     silent: std::cell::Cell<bool>,
+    /// The task was stopped (SIGSTOP, job control) when seized: it goes
+    /// back to that stop by itself on detach, and a restore stops it.
+    stopped: bool,
+    /// A stop signal arrived while cryo worked in the task and was held
+    /// back: it is raised again once the task is detached.
+    held_stop: std::cell::Cell<bool>,
+}
+
+/// SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU.
+fn is_stop_signal(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
 }
 
 /// What [`Victim::thread_state`] reads from a thread.
@@ -214,6 +228,8 @@ impl Victim {
             sent_links: Vec::new(),
             reprotect: Vec::new(),
             silent: std::cell::Cell::new(false),
+            stopped: false,
+            held_stop: std::cell::Cell::new(false),
         };
         if let Err(errno) = ptrace::interrupt(pid) {
             // Dropping `v` detaches: the task runs on untouched.
@@ -259,6 +275,8 @@ impl Victim {
             sent_links: Vec::new(),
             reprotect: Vec::new(),
             silent: std::cell::Cell::new(false),
+            stopped: false,
+            held_stop: std::cell::Cell::new(false),
         };
         v.saved_xstate = sys::get_xstate(pid)?;
         v.saved_mask = sys::get_sigmask(pid)?;
@@ -270,7 +288,12 @@ impl Victim {
         let pid = self.pid;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(ptrace_err("wait", pid))? {
-                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => break,
+                WaitStatus::PtraceEvent(_, sig, ev) if ev == libc::PTRACE_EVENT_STOP => {
+                    // A stopped task reports its group stop (with the stop
+                    // signal) instead of the interrupt's trap (SIGTRAP).
+                    self.stopped = is_stop_signal(sig);
+                    break;
+                }
                 WaitStatus::Stopped(_, sig) => {
                     // A signal was being delivered: let it go through; the
                     // interrupt stays pending and stops the task right after.
@@ -293,6 +316,11 @@ impl Victim {
         self.saved_mask = sys::get_sigmask(pid)?;
         sys::set_sigmask(pid, !0u64)?;
         Ok(())
+    }
+
+    /// Whether the task was stopped (SIGSTOP, job control) when seized.
+    pub fn was_stopped(&self) -> bool {
+        self.stopped
     }
 
     /// The parasite's mapping in the task, once made.
@@ -400,6 +428,13 @@ impl Victim {
         self.phase = Phase::Cured;
         if let Err(e) = det {
             first_err.get_or_insert(e);
+        }
+        if self.held_stop.get() {
+            // The stop signal held back while cryo worked: the task gets it
+            // now. (A task stopped before the seize goes back to its stop on
+            // detach by itself.)
+            // kill() of a tid signals its whole thread group.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGSTOP);
         }
         match first_err {
             Some(e) => Err(e),

@@ -206,6 +206,10 @@ impl Victim {
                 Ok(WaitStatus::PtraceEvent(..)) => {
                     let _ = ptrace::cont(pid, None);
                 }
+                Ok(WaitStatus::Stopped(_, sig)) if is_stop_signal(sig) => {
+                    self.held_stop.set(true);
+                    let _ = ptrace::cont(pid, None);
+                }
                 Ok(st) => {
                     let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);
                     return Err(InfectError::Unexpected {

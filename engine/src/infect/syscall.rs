@@ -57,9 +57,16 @@ impl Victim {
         Ok((at, orig))
     }
 
-    /// Wait for the next stop of `want` kind, letting group stops go.
+    /// Wait for the next stop of `want` kind, letting group stops go (a
+    /// stop signal that arrives meanwhile is held back and raised again
+    /// when the task is cured).
     pub(super) fn wait_for(&self, want: Stop) -> Result<()> {
         let pid = self.pid;
+        // Resuming for a syscall stop must keep syscall stops on.
+        let resume = || match want {
+            Stop::Syscall => ptrace::syscall(pid, None).map_err(ptrace_err("SYSCALL", pid)),
+            Stop::Interrupt => ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid)),
+        };
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(ptrace_err("wait", pid))? {
                 WaitStatus::PtraceSyscall(_) if want == Stop::Syscall => return Ok(()),
@@ -69,8 +76,13 @@ impl Victim {
                     return Ok(())
                 }
                 WaitStatus::PtraceEvent(..) => {
-                    // A group stop (SIGSTOP arrived): keep the task going.
-                    ptrace::cont(pid, None).map_err(ptrace_err("CONT", pid))?;
+                    // A group stop, or the trap of a stopped task's
+                    // interrupt: keep the task going.
+                    resume()?;
+                }
+                WaitStatus::Stopped(_, sig) if is_stop_signal(sig) => {
+                    self.held_stop.set(true);
+                    resume()?;
                 }
                 WaitStatus::Stopped(_, sig) => {
                     let rip = ptrace::getregs(pid).map(|r| r.rip).unwrap_or(0);

@@ -256,6 +256,15 @@ impl Supervisor<'_> {
             }
             return Err(e);
         }
+        // A process dumped stopped: SIGSTOP queued while every task is
+        // still in a ptrace stop, so it stops on its way out of the first
+        // detach, before any of its own code runs.
+        for img in &self.tree.procs {
+            if img.pstree.stopped {
+                nix::sys::signal::kill(Pid::from_raw(img.pid()), nix::sys::signal::Signal::SIGSTOP)
+                    .map_err(sys_err(img.pid(), "kill(SIGSTOP)"))?;
+            }
+        }
         for mut v in leaders {
             let pid = v.pid.as_raw();
             v.cure()

@@ -340,6 +340,7 @@ fn to_json(img: &Image, dir: &Path) -> Value {
                 "children": img.children(e.pid),
                 "pty_ctty": e.pty_ctty,
                 "tty_pgrp": e.tty_pgrp,
+                "stopped": e.stopped,
             });
             if e.zombie {
                 let st = load::WaitStatus::of(e.exit_status);
@@ -476,6 +477,9 @@ fn to_text(img: &Image, dir: &Path) -> String {
         let e = &t.entry;
         let pm = &t.pagemap;
         let _ = writeln!(s, "\ntask {} ({}):", e.pid, t.mm.exe_path);
+        if e.stopped {
+            let _ = writeln!(s, "  stopped (SIGSTOP or job control): restored stopped");
+        }
         if let Some(index) = e.pty_ctty {
             let fg = match e.tty_pgrp {
                 0 => "its session leader's group".to_string(),
