@@ -14,8 +14,9 @@
 //! state (policy, real-time priority, nice value, CPU affinity, timer
 //! slack: different in every thread) at start, and the process its
 //! oom_score_adj; the
-//! sleeper also has a sigaltstack and a SIGUSR1 queued to it alone (blocked
-//! in that thread only). Once ready, it waits for SIGTERM. Then every
+//! sleeper also has a sigaltstack, a SIGUSR1 queued to it alone (blocked
+//! in that thread only) and a POSIX timer that signals it alone
+//! (SIGEV_THREAD_ID). Once ready, it waits for SIGTERM. Then every
 //! thread checks, by itself, that it still has its tid, name, mask, TLS
 //! value, robust list head, rseq registration (the kernel updates its cpu
 //! id again), scheduling state, altstack and pending signal; the sleeper and spinners that
@@ -386,6 +387,77 @@ fn waiter(sh: Arc<Shared>) {
 
 const ALT_SIZE: usize = 64 * 1024;
 
+/// The interval and first expiry of the sleeper's thread timer, in seconds.
+const TIMER_INTERVAL: i64 = 600;
+const TIMER_VALUE: i64 = 900;
+
+/// A CLOCK_MONOTONIC timer whose expiry sends SIGRTMIN+2 to thread `tid`
+/// alone (SIGEV_THREAD_ID), armed for TIMER_VALUE s, then every
+/// TIMER_INTERVAL s.
+fn thread_timer(tid: i32) -> Result<libc::timer_t, String> {
+    // SAFETY: sigevent is plain data; every field used is set below.
+    let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+    sev.sigev_notify = libc::SIGEV_THREAD_ID;
+    sev.sigev_signo = libc::SIGRTMIN() + 2;
+    sev.sigev_notify_thread_id = tid;
+    sev.sigev_value = libc::sigval {
+        sival_ptr: 0x7111_2222 as *mut libc::c_void,
+    };
+    let mut t: libc::timer_t = std::ptr::null_mut();
+    // SAFETY: sev is initialised, t is a valid out pointer.
+    if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t) } != 0 {
+        return Err(format!(
+            "timer_create(SIGEV_THREAD_ID): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: TIMER_INTERVAL,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: TIMER_VALUE,
+            tv_nsec: 0,
+        },
+    };
+    // SAFETY: t was returned by timer_create; spec is initialised.
+    if unsafe { libc::timer_settime(t, 0, &spec, std::ptr::null_mut()) } != 0 {
+        return Err(format!(
+            "timer_settime: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(t)
+}
+
+/// The thread timer still counts down from TIMER_VALUE with its interval,
+/// and /proc/self/timers still says it signals this thread.
+fn check_thread_timer(t: libc::timer_t) -> Result<(), String> {
+    // SAFETY: itimerspec is plain data; timer_gettime fills it.
+    let mut v: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: t was returned by timer_create; v is a valid out pointer.
+    if unsafe { libc::timer_gettime(t, &mut v) } != 0 {
+        return Err(format!(
+            "timer_gettime of the thread timer: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let value = (v.it_value.tv_sec, v.it_value.tv_nsec);
+    if v.it_interval.tv_sec != TIMER_INTERVAL || value <= (0, 0) || value > (TIMER_VALUE, 0) {
+        return Err(format!(
+            "thread timer: interval {:?} value {value:?}, expected {TIMER_INTERVAL} s and at most {TIMER_VALUE} s",
+            (v.it_interval.tv_sec, v.it_interval.tv_nsec)
+        ));
+    }
+    let text = std::fs::read_to_string("/proc/self/timers").unwrap_or_default();
+    let want = format!("signal/tid.{}", gettid());
+    if !text.contains(&want) {
+        return Err(format!("/proc/self/timers does not name {want}:\n{text}"));
+    }
+    Ok(())
+}
+
 fn sleeper(sh: Arc<Shared>) {
     // Real-time, with the nice value it had before (kept under RR).
     let sched = Sched {
@@ -397,6 +469,14 @@ fn sleeper(sh: Arc<Shared>) {
         slack_ns: 0,
     };
     let own = Own::setup("sleeper", 0x5555_6666_7777_8888, &[libc::SIGUSR1], sched);
+    // A POSIX timer that signals this thread alone (SIGEV_THREAD_ID).
+    let timer = match thread_timer(gettid()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            sh.fail("sleeper", e);
+            None
+        }
+    };
     let alt = vec![0u8; ALT_SIZE].into_boxed_slice();
     let alt_sp = Box::leak(alt).as_mut_ptr() as u64;
     let ss = libc::stack_t {
@@ -418,6 +498,11 @@ fn sleeper(sh: Arc<Shared>) {
     let at_check = sh.sleeper_count.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(30));
     own.check(&sh);
+    if let Some(t) = timer {
+        if let Err(e) = check_thread_timer(t) {
+            sh.fail("sleeper", e);
+        }
+    }
     // SAFETY: plain data, filled by sigaltstack.
     let mut cur: libc::stack_t = unsafe { std::mem::zeroed() };
     // SAFETY: reading the current altstack into `cur`.
