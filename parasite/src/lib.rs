@@ -221,6 +221,7 @@ pub const RVMA_DONTFORK: u32 = 2;
 pub const RVMA_WIPEONFORK: u32 = 4;
 pub const RVMA_HUGEPAGE: u32 = 8;
 pub const RVMA_NOHUGEPAGE: u32 = 16;
+pub const RVMA_MERGEABLE: u32 = 32;
 
 /// A range the restorer keeps while it unmaps everything else.
 #[repr(C)]

@@ -218,6 +218,7 @@ fn vm_flag_name(n: &str) -> &'static str {
         "WF" => "wf",
         "HG" => "hg",
         "NH" => "nh",
+        "MG" => "mg",
         "MW" => "mw",
         "LO" => "lo",
         "SD" => "sd",

@@ -16,7 +16,8 @@ use std::sync::Mutex;
 use cryo_image::proto::{PagemapEntry, Vma, VmaKind};
 use cryo_image::PageReader;
 use cryo_parasite::{
-    RVma, RVMA_DONTDUMP, RVMA_DONTFORK, RVMA_HUGEPAGE, RVMA_NOHUGEPAGE, RVMA_WIPEONFORK,
+    RVma, RVMA_DONTDUMP, RVMA_DONTFORK, RVMA_HUGEPAGE, RVMA_MERGEABLE, RVMA_NOHUGEPAGE,
+    RVMA_WIPEONFORK,
 };
 
 use super::PAGE;
@@ -93,6 +94,7 @@ fn madv_of(v: &Vma) -> u32 {
             "wf" => RVMA_WIPEONFORK,
             "hg" => RVMA_HUGEPAGE,
             "nh" => RVMA_NOHUGEPAGE,
+            "mg" => RVMA_MERGEABLE,
             _ => 0,
         }
     })

@@ -444,12 +444,13 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
             );
             check(sfd, STAGE_MAP_SHARED, i, r);
         }
-        let advice: [(u32, usize); 5] = [
+        let advice: [(u32, usize); 6] = [
             (RVMA_DONTDUMP, 16),
             (RVMA_DONTFORK, 10),
             (RVMA_WIPEONFORK, 18),
             (RVMA_HUGEPAGE, 14),
             (RVMA_NOHUGEPAGE, 15),
+            (RVMA_MERGEABLE, 12),
         ];
         for (bit, adv) in advice {
             if v.madv & bit != 0 {

@@ -66,6 +66,51 @@ const R_STACK: u64 = 11;
 const R_HEAP: u64 = 12;
 const R_NONE_FILLED: u64 = 13;
 const R_RX: u64 = 14;
+const R_ADVISED: u64 = 15;
+
+/// The advice given to each page of the `advised` region, and the smaps
+/// VmFlags letters each shows.
+const ADVICE: [(c_int, &str); 6] = [
+    (libc::MADV_DONTFORK, "dc"),
+    (libc::MADV_WIPEONFORK, "wf"),
+    (libc::MADV_DONTDUMP, "dd"),
+    (libc::MADV_HUGEPAGE, "hg"),
+    (libc::MADV_NOHUGEPAGE, "nh"),
+    (libc::MADV_MERGEABLE, "mg"),
+];
+
+/// For each page of `r`: the advice letters (of ADVICE) in the VmFlags of
+/// the mapping that holds it, from /proc/self/smaps.
+fn advice_of(r: &Region) -> Vec<String> {
+    let smaps = read_text("/proc/self/smaps");
+    let mut vmas: Vec<(usize, usize, Vec<&str>)> = Vec::new();
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(v) = vmas.last_mut() {
+                v.2 = flags
+                    .split_whitespace()
+                    .filter(|f| ADVICE.iter().any(|(_, l)| l == f))
+                    .collect();
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    vmas.push((a, b, Vec::new()));
+                }
+            }
+        }
+    }
+    (0..r.len / PAGE)
+        .map(|i| {
+            let at = r.ptr as usize + i * PAGE;
+            match vmas.iter().find(|v| v.0 <= at && at < v.1) {
+                Some(v) => format!("page {i}: {}", v.2.join(" ")),
+                None => format!("page {i}: not mapped"),
+            }
+        })
+        .collect()
+}
 
 static TERM: AtomicBool = AtomicBool::new(false);
 /// The word the `futex` wait mode sleeps on; SIGTERM sets it.
@@ -1108,6 +1153,8 @@ struct Before {
     getfl: [c_int; 3],
     fds: Vec<(String, String)>,
     mono: (i64, i64),
+    /// advice_of(advised).
+    advice: Vec<String>,
 }
 
 /// State set up by main and handed to the checks.
@@ -1115,6 +1162,8 @@ struct Setup {
     priv_anon: Region,
     shared_anon: Region,
     untouched: Region,
+    /// One page per advice of ADVICE.
+    advised: Region,
     ro: Region,
     none: Region,
     /// Written with a pattern, then made PROT_NONE.
@@ -1305,6 +1354,17 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
     )?;
     shared_anon.fill(R_SHARED_ANON);
     let untouched = Region::map(UNTOUCHED_PAGES * PAGE, rw, pa, -1)?;
+    // One page per advice (each its own mapping, by its flags), filled.
+    let advised = Region::map(ADVICE.len() * PAGE, rw, pa, -1)?;
+    advised.fill(R_ADVISED);
+    for (i, (adv, _)) in ADVICE.iter().enumerate() {
+        // SAFETY: madvise on one page of our own mapping.
+        let r = unsafe { libc::madvise(advised.ptr.add(i * PAGE).cast(), PAGE, *adv) };
+        // KSM (MADV_MERGEABLE) may be absent from the kernel.
+        if r != 0 && *adv != libc::MADV_MERGEABLE {
+            return Err(format!("madvise({adv}): {}", errstr()));
+        }
+    }
     let ro = Region::map(RO_PAGES * PAGE, rw, pa, -1)?;
     ro.fill(R_RO);
     // SAFETY: ro is our own mapping of that length.
@@ -1449,6 +1509,7 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
         priv_anon,
         shared_anon,
         untouched,
+        advised,
         ro,
         none,
         none_filled,
@@ -1507,6 +1568,7 @@ fn snapshot(s: &Setup) -> Before {
         getfl: [getfl(0), getfl(1), getfl(2)],
         fds: fd_list(),
         mono: monotonic(),
+        advice: advice_of(&s.advised),
     }
 }
 
@@ -1698,6 +1760,12 @@ fn check_after(
         ));
     }
     check_words(ck, "read-only anon mapping", s.ro.words(), R_RO, 0);
+    check_words(ck, "madvised anon mapping", s.advised.words(), R_ADVISED, 0);
+    ck.eq(
+        "madvise advice (smaps VmFlags)",
+        &b.advice,
+        &advice_of(&s.advised),
+    );
     check_words(ck, "r-x anon mapping", s.rx.words(), R_RX, 0);
     // The task could not read these pages when it was dumped: their
     // contents must have been saved all the same. (maps was read already.)
