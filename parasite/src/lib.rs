@@ -451,6 +451,9 @@ pub struct RestoreArgs {
     pub threads: u64,
     pub nr_threads: u64,
     pub threads_ready: u64,
+    /// Nonzero: PR_SET_THP_DISABLE (the process had transparent huge
+    /// pages turned off).
+    pub thp_disable: u64,
 }
 
 /// Offsets inside the kernel rt_sigframe (x86_64), from its start.

@@ -310,6 +310,7 @@ fn process_core(
         cgroups: crate::cgroup::parse_membership(&super::read(&format!("/proc/{pid}/cgroup"))?),
         namespaces: crate::ns::ids(pid),
         oom_score_adj: crate::sched::oom_score_adj(pid),
+        thp_disable: ps.status.get("THP_enabled").map(|v| v.trim()) == Some("0"),
     })
 }
 

@@ -390,6 +390,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
         child_subreaper: pc.child_subreaper as u64,
         dumpable: pc.dumpable as u64,
         pdeath_signal: pc.pdeath_signal as u64,
+        thp_disable: pc.thp_disable as u64,
         fs_base: regs.fs_base,
         gs_base: regs.gs_base,
         groups: boot.put(&creds.groups)?,

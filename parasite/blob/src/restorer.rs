@@ -601,6 +601,9 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         3,
         syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
     );
+    if a.thp_disable != 0 {
+        check(sfd, STAGE_THREAD_STATE, 5, syscall2(SYS_PRCTL, 41, 1)); // PR_SET_THP_DISABLE
+    }
     if a.dumpable <= 1 {
         check(
             sfd,

@@ -13,7 +13,7 @@
 //! Each thread sets its own name, signal mask, TLS value and scheduling
 //! state (policy, real-time priority, nice value, CPU affinity, timer
 //! slack: different in every thread) at start, and the process its
-//! oom_score_adj; the
+//! oom_score_adj and PR_SET_THP_DISABLE; the
 //! sleeper also has a sigaltstack, a SIGUSR1 queued to it alone (blocked
 //! in that thread only) and a POSIX timer that signals it alone
 //! (SIGEV_THREAD_ID). Once ready, it waits for SIGTERM. Then every
@@ -634,6 +634,13 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
     let main_own = Own::setup(NAME, 0xaaaa_bbbb_cccc_dddd, &[libc::SIGWINCH], sched);
     std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ.to_string())
         .map_err(|e| format!("writing /proc/self/oom_score_adj: {e}"))?;
+    // SAFETY: prctl with integer arguments, for the whole process.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "PR_SET_THP_DISABLE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let nthreads = 2 + spinners as u64;
     while sh.ready.load(Ordering::SeqCst) < nthreads {
         std::thread::sleep(Duration::from_millis(1));
@@ -691,6 +698,11 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
             NAME,
             format!("oom_score_adj is {}, was {OOM_SCORE_ADJ}", adj.trim()),
         );
+    }
+    // SAFETY: prctl with integer arguments.
+    let thp_disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+    if thp_disabled != 1 {
+        sh.fail(NAME, format!("PR_GET_THP_DISABLE is {thp_disabled}, was 1"));
     }
     sh.check.store(true, Ordering::SeqCst);
     {
