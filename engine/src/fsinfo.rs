@@ -2,9 +2,10 @@
 //! umask.
 //!
 //! Dump: /proc/PID/cwd and /proc/PID/root, and the umask from
-//! /proc/PID/status. Restore: the new task changes to the directory and
-//! sets the umask before it hands over to the restorer; a root other
-//! than `/` (a chrooted task) is refused.
+//! /proc/PID/status; a working directory or root that was deleted, and a
+//! root other than `/` (a chrooted task), are refused. Restore: the new
+//! task changes to the directory and sets the umask before it hands over
+//! to the restorer.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,16 @@ pub enum FsInfoError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "task {pid}: its {what} {path} was deleted; cryo does not recreate deleted directories yet"
+    )]
+    Deleted {
+        pid: i32,
+        what: &'static str,
+        path: String,
+    },
+    #[error("task {pid}: its root is {root} (chrooted); cryo restores only tasks whose root is /")]
+    Chroot { pid: i32, root: String },
 }
 
 /// The process's working directory, root and umask.
@@ -42,11 +53,26 @@ pub fn dump(pid: i32, status: &HashMap<String, String>) -> Result<FsInfo, FsInfo
         .get("Umask")
         .and_then(|u| u32::from_str_radix(u, 8).ok())
         .unwrap_or(0o022);
-    Ok(FsInfo {
-        cwd: link("cwd")?,
-        root: link("root")?,
-        umask,
-    })
+    let cwd = link("cwd")?;
+    let root = link("root")?;
+    for (what, name, path) in [("working directory", "cwd", &cwd), ("root", "root", &root)] {
+        let removed = std::os::unix::fs::MetadataExt::nlink(
+            &std::fs::metadata(format!("/proc/{pid}/{name}")).map_err(|source| {
+                FsInfoError::Proc {
+                    path: format!("/proc/{pid}/{name}"),
+                    source,
+                }
+            })?,
+        ) == 0;
+        if removed {
+            let path = path.trim_end_matches(" (deleted)").to_string();
+            return Err(FsInfoError::Deleted { pid, what, path });
+        }
+    }
+    if root != "/" {
+        return Err(FsInfoError::Chroot { pid, root });
+    }
+    Ok(FsInfo { cwd, root, umask })
 }
 
 /// In the new task: its working directory and umask.

@@ -718,3 +718,44 @@ fn dump_with_a_silent_parasite_fails_and_leaves_the_task_as_it_was() {
     restore_ok(&mut wl, &img);
     wl.assert_pass("after two dumps whose parasite fell silent");
 }
+
+/// A process whose working directory was removed while it sat in it is
+/// refused at dump (naming the task, its working directory and the path),
+/// and left running untouched.
+#[test]
+fn dump_refuses_a_deleted_working_directory() {
+    become_subreaper();
+    let dir = TestDir::new();
+    let cwd = dir.subdir("gone");
+    let child = Command::new(sleep_bin())
+        .arg("1000")
+        .current_dir(&cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sleep");
+    let mut guard = PidGuard::new(child.id() as i32);
+    drop(child);
+    let pid = guard.pid();
+    wait_settled(pid, SETTLE_TIMEOUT);
+    std::fs::remove_dir(&cwd).expect("rmdir the working directory");
+    let path = cwd.to_str().expect("utf-8").to_string();
+    assert_dump_refused(
+        pid,
+        None,
+        &[
+            "working directory",
+            "deleted",
+            &path,
+            &format!("task {pid}"),
+        ],
+        "deleted working directory",
+    );
+    let exit = guard.kill();
+    assert_eq!(
+        exit,
+        Some(Exit::Signal(libc::SIGKILL)),
+        "sleep (pid {pid}) did not end by our SIGKILL"
+    );
+}
