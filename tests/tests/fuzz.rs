@@ -15,7 +15,7 @@
 //! image default to 600 (`CRYO_FUZZ_ROUNDS`).
 //!
 //! The seeds of rounds that once found a bug are kept in [`CORPUS`] and
-//! replayed first.
+//! replayed first; real images kept in `tests/corpus` are fuzzed too.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -337,4 +337,28 @@ fn fuzz_images_of_memory_with_records() {
     let mut wl = Workload::start("wl_bench", &["--mib", "4"], &dir);
     let img = seed_image(&mut wl, &dir, "img");
     fuzz_image(&img);
+}
+
+/// The images kept in `tests/corpus` (real images dumped by an earlier
+/// build: a `sleep`), fuzzed like the live ones on a copy. They do not
+/// depend on today's workloads, and an incompatible change of the image
+/// format shows here as an undamaged image that no longer loads.
+#[test]
+fn fuzz_the_stored_corpus() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let dir = TestDir::new();
+    let mut images = 0;
+    let entries =
+        std::fs::read_dir(&corpus).unwrap_or_else(|e| panic!("read_dir {}: {e}", corpus.display()));
+    for e in entries.flatten() {
+        if !e.path().join("inventory.img").is_file() {
+            continue;
+        }
+        let copy = dir.join(&e.file_name().to_string_lossy());
+        copy_dir(&e.path(), &copy);
+        eprintln!("fuzzing the stored image {}", e.path().display());
+        fuzz_image(&copy);
+        images += 1;
+    }
+    assert!(images > 0, "no image in {}", corpus.display());
 }

@@ -716,7 +716,14 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
             sh.fail(NAME, "a thread panicked".into());
         }
     }
-    let left = task_list();
+    // A joined thread has cleared its tid but may still be leaving the
+    // kernel: give it a moment to disappear from /proc.
+    let t0 = std::time::Instant::now();
+    let mut left = task_list();
+    while left.len() != 1 && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+        left = task_list();
+    }
     if left.len() != 1 {
         sh.fail(NAME, format!("threads left after join: {left:?}"));
     }
