@@ -425,8 +425,11 @@ fn chown_path(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// `--drop-creds`: becomes uid/gid DROP_ID with groups 1234 and 5678 and no
-/// capabilities, sets no_new_privs and makes the process dumpable again (a
+/// SECBIT_NOROOT and SECBIT_NOROOT_LOCKED, set by `--drop-creds`.
+const DROP_SECUREBITS: c_int = 0b11;
+
+/// `--drop-creds`: sets securebits DROP_SECUREBITS, becomes uid/gid DROP_ID
+/// with groups 1234 and 5678 and no capabilities, sets no_new_privs and makes the process dumpable again (a
 /// credential change clears it, which would make files like
 /// /proc/self/auxv unreadable by the process itself).
 ///
@@ -442,6 +445,18 @@ fn drop_creds(after_drop: &[PathBuf]) -> Result<(), String> {
     // CAP_SETGID, then the uid (which clears the effective and permitted sets
     // as every uid becomes non-zero).
     unsafe {
+        // Securebits while we still have CAP_SETPCAP: a restore must put
+        // them back (and may not drop the lock).
+        if libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            DROP_SECUREBITS as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(format!("PR_SET_SECUREBITS: {}", errstr()));
+        }
         if libc::setresgid(DROP_ID, DROP_ID, DROP_ID) != 0 {
             return Err(format!("setresgid({DROP_ID}): {}", errstr()));
         }
@@ -770,6 +785,11 @@ fn posix_timer(t: libc::timer_t) -> Result<TimerVal, String> {
 fn add_usec((sec, usec): (i64, i64), us: i64) -> (i64, i64) {
     let t = sec * 1_000_000 + usec + us;
     (t / 1_000_000, t % 1_000_000)
+}
+
+fn securebits() -> c_int {
+    // SAFETY: prctl with integer arguments only reads a process attribute.
+    unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) }
 }
 
 fn monotonic() -> (i64, i64) {
@@ -1149,6 +1169,8 @@ struct Before {
     /// Uid, Gid, Groups and NoNewPrivs lines of /proc/self/status.
     creds: Vec<String>,
     dumpable: c_int,
+    /// PR_GET_SECUREBITS.
+    securebits: c_int,
     threads: String,
     getfl: [c_int; 3],
     fds: Vec<(String, String)>,
@@ -1564,6 +1586,7 @@ fn snapshot(s: &Setup) -> Before {
         caps: status_lines(&["Cap"]),
         creds: status_lines(&["Uid:", "Gid:", "Groups:", "NoNewPrivs:"]),
         dumpable: dumpable(),
+        securebits: securebits(),
         threads: status_field("Threads"),
         getfl: [getfl(0), getfl(1), getfl(2)],
         fds: fd_list(),
@@ -2086,6 +2109,13 @@ fn check_after(
         &status_lines(&["Uid:", "Gid:", "Groups:", "NoNewPrivs:"]),
     );
     ck.eq("dumpable", b.dumpable, dumpable());
+    ck.eq("securebits", b.securebits, securebits());
+    if s.creds_dropped && b.securebits != DROP_SECUREBITS {
+        ck.fail(format!(
+            "setup: securebits are {:#x}, expected {DROP_SECUREBITS:#x}",
+            b.securebits
+        ));
+    }
     ck.eq("threads", &b.threads, &status_field("Threads"));
     ck.eq("TracerPid", "0".to_string(), status_field("TracerPid"));
 
