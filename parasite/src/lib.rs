@@ -11,6 +11,14 @@ pub const MAX_TIMERS: usize = 64;
 /// Number of signals with an action (1..=64).
 pub const NSIG: usize = 64;
 
+/// The membarrier commands whose registration is kept (each one's
+/// registration command is twice its value).
+pub const MEMBARRIER_PRIVATE_CMDS: [u32; 3] = [
+    1 << 3, // MEMBARRIER_CMD_PRIVATE_EXPEDITED
+    1 << 5, // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+    1 << 7, // MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ
+];
+
 /// Most pages one CMD_PAGES batch may cover (the reply's bitmap size).
 pub const MAX_BATCH_PAGES: usize = 256;
 /// Set in `Iov::len` of a CMD_PAGES range whose pages that hold only zeros
@@ -169,7 +177,10 @@ pub struct StateReply {
     pub dumpable: i64,
     pub pdeath_signal: i64,
     pub nr_timers: u32,
-    pub _pad: u32,
+    /// The membarrier commands (MEMBARRIER_CMD_PRIVATE_EXPEDITED and its
+    /// _SYNC_CORE and _RSEQ kinds) that succeed in the task: it registered
+    /// for them (they fail with EPERM before).
+    pub membarrier: u32,
     pub timers: [TimerState; MAX_TIMERS],
 }
 
@@ -454,6 +465,8 @@ pub struct RestoreArgs {
     /// Nonzero: PR_SET_THP_DISABLE (the process had transparent huge
     /// pages turned off).
     pub thp_disable: u64,
+    /// StateReply::membarrier: register for each of those commands again.
+    pub membarrier: u64,
 }
 
 /// Offsets inside the kernel rt_sigframe (x86_64), from its start.

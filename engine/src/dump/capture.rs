@@ -311,6 +311,7 @@ fn process_core(
         namespaces: crate::ns::ids(pid),
         oom_score_adj: crate::sched::oom_score_adj(pid),
         thp_disable: ps.status.get("THP_enabled").map(|v| v.trim()) == Some("0"),
+        membarrier: st.membarrier,
     })
 }
 

@@ -391,6 +391,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
         dumpable: pc.dumpable as u64,
         pdeath_signal: pc.pdeath_signal as u64,
         thp_disable: pc.thp_disable as u64,
+        membarrier: pc.membarrier as u64,
         fs_base: regs.fs_base,
         gs_base: regs.gs_base,
         groups: boot.put(&creds.groups)?,

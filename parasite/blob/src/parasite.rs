@@ -184,6 +184,14 @@ fn state(sock: usize, cmd: &StateCmd) -> isize {
     let mut v: i32 = 0;
     syscall2(SYS_PRCTL, 2, &mut v as *mut i32 as usize); // PR_GET_PDEATHSIG
     st.pdeath_signal = v as i64;
+    // A private expedited barrier succeeds only after its registration
+    // (EPERM before); running one is harmless (an IPI to the CPUs that run
+    // the process's threads).
+    for cmd in MEMBARRIER_PRIVATE_CMDS {
+        if syscall3(SYS_MEMBARRIER, cmd as usize, 0, 0) == 0 {
+            st.membarrier |= cmd;
+        }
+    }
     let n = (cmd.hdr.arg as usize).min(MAX_TIMERS);
     for i in 0..n {
         let id = cmd.timer_ids[i];

@@ -601,6 +601,13 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         3,
         syscall2(SYS_PRCTL, 1, a.pdeath_signal as usize),
     );
+    for cmd in MEMBARRIER_PRIVATE_CMDS {
+        if a.membarrier & cmd as u64 != 0 {
+            // MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED and its kinds.
+            let r = syscall3(SYS_MEMBARRIER, (cmd << 1) as usize, 0, 0);
+            check(sfd, STAGE_THREAD_STATE, 6, r);
+        }
+    }
     if a.thp_disable != 0 {
         check(sfd, STAGE_THREAD_STATE, 5, syscall2(SYS_PRCTL, 41, 1)); // PR_SET_THP_DISABLE
     }

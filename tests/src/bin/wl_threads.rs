@@ -13,7 +13,7 @@
 //! Each thread sets its own name, signal mask, TLS value and scheduling
 //! state (policy, real-time priority, nice value, CPU affinity, timer
 //! slack: different in every thread) at start, and the process its
-//! oom_score_adj and PR_SET_THP_DISABLE; the
+//! oom_score_adj, PR_SET_THP_DISABLE and its membarrier registrations; the
 //! sleeper also has a sigaltstack, a SIGUSR1 queued to it alone (blocked
 //! in that thread only) and a POSIX timer that signals it alone
 //! (SIGEV_THREAD_ID). Once ready, it waits for SIGTERM. Then every
@@ -31,6 +31,15 @@ use std::time::Duration;
 use cryo_tests::wl;
 
 const NAME: &str = "wl_threads";
+const MEMBARRIER_PRIVATE_EXPEDITED: i32 = 1 << 3;
+const MEMBARRIER_PRIVATE_EXPEDITED_RSEQ: i32 = 1 << 7;
+
+/// membarrier(cmd, 0, 0).
+fn membarrier(cmd: i32) -> i64 {
+    // SAFETY: membarrier takes integers and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }
+}
+
 /// What the process sets its /proc/self/oom_score_adj to.
 const OOM_SCORE_ADJ: i32 = 345;
 
@@ -634,6 +643,22 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
     let main_own = Own::setup(NAME, 0xaaaa_bbbb_cccc_dddd, &[libc::SIGWINCH], sched);
     std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ.to_string())
         .map_err(|e| format!("writing /proc/self/oom_score_adj: {e}"))?;
+    // Private expedited membarrier, plain and for rseq: registered once,
+    // usable until the process ends.
+    let mut barriers = Vec::new();
+    for cmd in [
+        MEMBARRIER_PRIVATE_EXPEDITED,
+        MEMBARRIER_PRIVATE_EXPEDITED_RSEQ,
+    ] {
+        if membarrier(cmd << 1) == 0 {
+            barriers.push(cmd);
+        } else if cmd == MEMBARRIER_PRIVATE_EXPEDITED {
+            return Err(format!(
+                "MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
     // SAFETY: prctl with integer arguments, for the whole process.
     if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
         return Err(format!(
@@ -698,6 +723,17 @@ fn run(spinners: usize, ready: &std::path::Path) -> Result<Vec<String>, String> 
             NAME,
             format!("oom_score_adj is {}, was {OOM_SCORE_ADJ}", adj.trim()),
         );
+    }
+    for &cmd in &barriers {
+        if membarrier(cmd) != 0 {
+            sh.fail(
+                NAME,
+                format!(
+                    "membarrier({cmd}) after its registration: {}",
+                    std::io::Error::last_os_error()
+                ),
+            );
+        }
     }
     // SAFETY: prctl with integer arguments.
     let thp_disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
