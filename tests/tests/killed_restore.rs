@@ -43,7 +43,7 @@ fn image_hashes(img: &Path) -> Vec<(String, u64, u64)> {
 /// After cryo died: reap what the kill left (the tasks it made were
 /// traced with PTRACE_O_EXITKILL; they fall to this test, a subreaper) and
 /// check that nothing of the tree is left.
-fn assert_nothing_left(pids: &[i32], what: &str) {
+fn assert_nothing_left(pids: &[i32], outside: &Outside, what: &str) {
     let gone = reap_gone(pids, Duration::from_secs(10));
     // Helpers (stand-ins for exited leaders) have pids of the image too.
     std::thread::sleep(Duration::from_millis(50));
@@ -53,6 +53,54 @@ fn assert_nothing_left(pids: &[i32], what: &str) {
         "{what}: tasks of the tree left after cryo was killed: {:?}",
         alive(pids)
     );
+    outside.assert_same(what);
+}
+
+/// What a killed restore must not have changed outside the tree: the
+/// mounts, and the cgroups (this test's membership, and the cgroups that
+/// exist under the cgroup v2 root's first level).
+struct Outside {
+    mounts: Vec<String>,
+    cgroup: String,
+    cgroups: Vec<String>,
+}
+
+impl Outside {
+    fn get() -> Outside {
+        // Mount ids and options only; the order of lines is kept.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let mut cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        cgroups.sort();
+        Outside {
+            mounts,
+            cgroup: std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+            cgroups,
+        }
+    }
+
+    fn assert_same(&self, what: &str) {
+        let now = Outside::get();
+        assert_eq!(now.mounts, self.mounts, "{what}: the mounts changed");
+        assert_eq!(
+            now.cgroup, self.cgroup,
+            "{what}: this test's cgroups changed"
+        );
+        assert_eq!(
+            now.cgroups, self.cgroups,
+            "{what}: cgroups appeared or went"
+        );
+    }
 }
 
 fn start_tree(dir: &TestDir) -> (Workload, TreeGuard) {
@@ -84,16 +132,17 @@ fn kill_restore_at(img: &Path, point: &str, dir: &TestDir) {
 #[test]
 fn restore_killed_at_every_step_leaves_nothing() {
     become_subreaper();
+    let outside = Outside::get();
     let dir = TestDir::new();
     let (mut wl, guard) = start_tree(&dir);
     let pids = guard.pids().to_vec();
     let img = dir.subdir("img");
     dump_ok(&mut wl, &img, &[]);
-    assert_nothing_left(&pids, "after the dump");
+    assert_nothing_left(&pids, &outside, "after the dump");
     let hashes = image_hashes(&img);
     for point in POINTS {
         kill_restore_at(&img, point, &dir);
-        assert_nothing_left(&pids, &format!("cryo killed at restore-{point}"));
+        assert_nothing_left(&pids, &outside, &format!("cryo killed at restore-{point}"));
         assert_eq!(
             image_hashes(&img),
             hashes,
@@ -110,13 +159,14 @@ fn restore_killed_at_every_step_leaves_nothing() {
 #[test]
 fn restore_killed_at_any_moment_leaves_nothing_or_everything() {
     become_subreaper();
+    let outside = Outside::get();
     let dir = TestDir::new();
     let (mut wl, guard) = start_tree(&dir);
     let pids = guard.pids().to_vec();
     let root = wl.pid();
     let img = dir.subdir("img");
     dump_ok(&mut wl, &img, &[]);
-    assert_nothing_left(&pids, "after the dump");
+    assert_nothing_left(&pids, &outside, "after the dump");
     let hashes = image_hashes(&img);
     // How long a whole restore takes here, then the tree is put away
     // again (by a dump, which checks it too).
@@ -126,7 +176,7 @@ fn restore_killed_at_any_moment_leaves_nothing_or_everything() {
     let live = alive(&pids);
     let img2 = dir.subdir("img2");
     dump_ok(&mut wl, &img2, &[]);
-    assert_nothing_left(&pids, "after the second dump");
+    assert_nothing_left(&pids, &outside, "after the second dump");
     let steps = 12u32;
     let mut restored = 0;
     for i in 0..steps {
@@ -147,9 +197,9 @@ fn restore_killed_at_any_moment_leaves_nothing_or_everything() {
             restored += 1;
             wl.mark_running();
             wl.assert_pass(&format!("tree restored by a cryo killed after {delay:?}"));
-            assert_nothing_left(&pids, "after the restored tree ended");
+            assert_nothing_left(&pids, &outside, "after the restored tree ended");
         } else {
-            assert_nothing_left(&pids, &format!("cryo killed after {delay:?}"));
+            assert_nothing_left(&pids, &outside, &format!("cryo killed after {delay:?}"));
         }
         assert_eq!(
             image_hashes(&img),
