@@ -467,6 +467,9 @@ pub struct RestoreArgs {
     pub thp_disable: u64,
     /// StateReply::membarrier: register for each of those commands again.
     pub membarrier: u64,
+    /// The audit login uid to write to /proc/self/loginuid (only the task
+    /// itself may), or u64::MAX to leave it.
+    pub loginuid: u64,
 }
 
 /// Offsets inside the kernel rt_sigframe (x86_64), from its start.

@@ -312,6 +312,9 @@ fn process_core(
         oom_score_adj: crate::sched::oom_score_adj(pid),
         thp_disable: ps.status.get("THP_enabled").map(|v| v.trim()) == Some("0"),
         membarrier: st.membarrier,
+        loginuid: std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok()),
     })
 }
 

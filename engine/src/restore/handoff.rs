@@ -392,6 +392,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
         pdeath_signal: pc.pdeath_signal as u64,
         thp_disable: pc.thp_disable as u64,
         membarrier: pc.membarrier as u64,
+        loginuid: loginuid_to_set(pc.loginuid),
         fs_base: regs.fs_base,
         gs_base: regs.gs_base,
         groups: boot.put(&creds.groups)?,
@@ -442,5 +443,21 @@ fn jump(boot: &Boot, blob: &Blob, stack_top: u64, args_at: u64) -> Result<Never,
             in("rdi") args_at,
             options(noreturn),
         );
+    }
+}
+
+/// The login uid the restorer writes: the image's, unless the new task
+/// already has it (it inherits cryo's), or u64::MAX to leave it.
+fn loginuid_to_set(image: Option<u32>) -> u64 {
+    let Some(want) = image else {
+        return u64::MAX;
+    };
+    let ours: Option<u32> = std::fs::read_to_string("/proc/self/loginuid")
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    if ours == Some(want) {
+        u64::MAX
+    } else {
+        want as u64
     }
 }

@@ -55,6 +55,34 @@ fn check(fd: i32, stage: u32, index: usize, r: isize) {
     }
 }
 
+/// Write `uid` in decimal to /proc/self/loginuid (the kernel lets only the
+/// task itself do that).
+fn restore_loginuid(sfd: i32, uid: u32) {
+    const AT_FDCWD: isize = -100;
+    const O_WRONLY: usize = 1;
+    let path = b"/proc/self/loginuid\0";
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    let mut v = uid;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut text = [0u8; 10];
+    for i in 0..n {
+        text[i] = digits[n - 1 - i];
+    }
+    let fd = syscall3(SYS_OPENAT, AT_FDCWD as usize, path.as_ptr() as usize, O_WRONLY);
+    check(sfd, STAGE_CREDS, 9, fd);
+    let r = syscall3(SYS_WRITE, fd as usize, text.as_ptr() as usize, n);
+    syscall1(SYS_CLOSE, fd as usize);
+    check(sfd, STAGE_CREDS, 10, r);
+}
+
 /// Switch to the dumped credentials. Capabilities survive the uid change
 /// (SECBIT_NO_SETUID_FIXUP) until capset sets the dumped ones.
 fn restore_creds(sfd: i32, c: &RCreds) {
@@ -564,7 +592,12 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     }
     queue_own_signals(sfd, a.siginfos, a.nr_siginfos);
 
-    // 8. Credentials (groups), process attributes, limits.
+    // 8. Credentials (groups), process attributes, limits. The login uid
+    // first: writing it needs CAP_AUDIT_CONTROL, which the credentials may
+    // drop.
+    if a.loginuid != u64::MAX {
+        restore_loginuid(sfd, a.loginuid as u32);
+    }
     if a.set_groups != 0 {
         check(
             sfd,

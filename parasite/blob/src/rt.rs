@@ -53,6 +53,7 @@ pub const SYS_TIMER_GETOVERRUN: usize = 225;
 pub const SYS_EXIT_GROUP: usize = 231;
 pub const SYS_SET_ROBUST_LIST: usize = 273;
 pub const SYS_VMSPLICE: usize = 278;
+pub const SYS_OPENAT: usize = 257;
 pub const SYS_MEMBARRIER: usize = 324;
 pub const SYS_RT_TGSIGQUEUEINFO: usize = 297;
 pub const SYS_PRLIMIT64: usize = 302;

@@ -425,6 +425,9 @@ fn chown_path(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The audit login uid the process gives itself.
+const LOGINUID: u32 = 4242;
+
 /// SECBIT_NOROOT and SECBIT_NOROOT_LOCKED, set by `--drop-creds`.
 const DROP_SECUREBITS: c_int = 0b11;
 
@@ -1171,6 +1174,8 @@ struct Before {
     dumpable: c_int,
     /// PR_GET_SECUREBITS.
     securebits: c_int,
+    /// /proc/self/loginuid.
+    loginuid: String,
     threads: String,
     getfl: [c_int; 3],
     fds: Vec<(String, String)>,
@@ -1508,6 +1513,12 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
     if args.thread {
         start_sleeper_thread()?;
     }
+    // An audit login uid (root may set it; only the process itself can).
+    if let Err(e) = std::fs::write("/proc/self/loginuid", LOGINUID.to_string()) {
+        log(&format!(
+            "cannot set /proc/self/loginuid ({e}): not checked"
+        ));
+    }
     if args.drop_creds {
         // After the drop the process still writes the ready and verdict
         // files (write to a temporary name, then rename: it needs their
@@ -1587,6 +1598,7 @@ fn snapshot(s: &Setup) -> Before {
         creds: status_lines(&["Uid:", "Gid:", "Groups:", "NoNewPrivs:"]),
         dumpable: dumpable(),
         securebits: securebits(),
+        loginuid: read_text("/proc/self/loginuid"),
         threads: status_field("Threads"),
         getfl: [getfl(0), getfl(1), getfl(2)],
         fds: fd_list(),
@@ -2110,6 +2122,11 @@ fn check_after(
     );
     ck.eq("dumpable", b.dumpable, dumpable());
     ck.eq("securebits", b.securebits, securebits());
+    ck.eq(
+        "/proc/self/loginuid",
+        &b.loginuid,
+        &read_text("/proc/self/loginuid"),
+    );
     if s.creds_dropped && b.securebits != DROP_SECUREBITS {
         ck.fail(format!(
             "setup: securebits are {:#x}, expected {DROP_SECUREBITS:#x}",
