@@ -4,8 +4,9 @@
 //! no_new_privs from /proc/PID/task/TID/status, its securebits from the
 //! parasite or an injected prctl; the process's limits from
 //! /proc/PID/limits (prlimit64 on another user's task would need
-//! CAP_SYS_RESOURCE, which root lacks here). Restore: the restorer sets
-//! the limits and, last, each thread's credentials.
+//! CAP_SYS_RESOURCE, which root lacks here), its audit login uid; a
+//! thread under seccomp is refused. Restore: the restorer writes the login
+//! uid, sets the limits and, last, each thread's credentials.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +32,29 @@ pub fn of_thread(status: &HashMap<String, String>, securebits: u32) -> Creds {
         securebits,
         no_new_privs: get("NoNewPrivs") == "1",
     }
+}
+
+/// The audit login uid of `pid` ("self" for this process): /proc/PID/loginuid.
+pub fn loginuid(pid: &str) -> Option<u32> {
+    procfmt::read_number(&format!("/proc/{pid}/loginuid"))
+}
+
+/// The first thread of `pid` that runs under seccomp, and its mode: a
+/// restore without the filter would give the task more than it had.
+pub fn seccomp_thread(pid: i32) -> Option<(i32, &'static str)> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    dir.flatten().find_map(|e| {
+        let tid = e.file_name().to_str()?.parse::<i32>().ok()?;
+        // A thread that ended meanwhile has nothing to refuse.
+        let status = procfmt::parse_status(&std::fs::read_to_string(e.path().join("status")).ok()?);
+        let mode = match status.get("Seccomp").map(String::as_str) {
+            None | Some("0") => return None,
+            Some("1") => "strict mode",
+            Some("2") => "a filter",
+            Some(_) => "an unknown mode",
+        };
+        Some((tid, mode))
+    })
 }
 
 /// The limits of /proc/PID/limits (`text`), or None if it does not parse.

@@ -56,15 +56,13 @@ pub fn dump(pid: i32, status: &HashMap<String, String>) -> Result<FsInfo, FsInfo
     let cwd = link("cwd")?;
     let root = link("root")?;
     for (what, name, path) in [("working directory", "cwd", &cwd), ("root", "root", &root)] {
-        let removed = std::os::unix::fs::MetadataExt::nlink(
-            &std::fs::metadata(format!("/proc/{pid}/{name}")).map_err(|source| {
-                FsInfoError::Proc {
-                    path: format!("/proc/{pid}/{name}"),
-                    source,
-                }
-            })?,
-        ) == 0;
-        if removed {
+        let proc_path = format!("/proc/{pid}/{name}");
+        let meta = std::fs::metadata(&proc_path).map_err(|source| FsInfoError::Proc {
+            path: proc_path,
+            source,
+        })?;
+        // A removed directory has no links left.
+        if std::os::unix::fs::MetadataExt::nlink(&meta) == 0 {
             let path = path.trim_end_matches(" (deleted)").to_string();
             return Err(FsInfoError::Deleted { pid, what, path });
         }

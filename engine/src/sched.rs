@@ -112,23 +112,28 @@ fn mask_words(set: &CpuSet) -> Vec<u64> {
 
 /// `/proc/PID/oom_score_adj`, if it can be read.
 pub fn oom_score_adj(pid: i32) -> Option<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    crate::proc::read_number(&format!("/proc/{pid}/oom_score_adj"))
+}
+
+/// The CPUs this process (cryo) may run on: the ones a restored thread's
+/// mask is cut to.
+pub fn online_cpus() -> Result<CpuSet> {
+    nix::sched::sched_getaffinity(Pid::from_raw(0)).map_err(|errno| SchedError::Sys {
+        tid: std::process::id() as i32,
+        what: "sched_getaffinity of cryo".into(),
+        errno,
+    })
 }
 
 // ---- restore ----
 
-/// Give thread `tid` (restored, stopped) the scheduling state `s`.
-pub fn restore(tid: i32, s: &SchedState) -> Result<()> {
+/// Give thread `tid` (restored, stopped) the scheduling state `s`; its
+/// CPU mask is cut to `online` ([`online_cpus`]).
+pub fn restore(tid: i32, s: &SchedState, online: &CpuSet) -> Result<()> {
     let sys = |what: String| move |errno| SchedError::Sys { tid, what, errno };
     // The mask first: SCHED_DEADLINE is refused on a task whose mask is
     // narrower than its root domain, and the mask of a task already under
     // it cannot be narrowed.
-    let online = nix::sched::sched_getaffinity(Pid::from_raw(0))
-        .map_err(sys("sched_getaffinity of cryo".into()))?;
     let mut set = CpuSet::new();
     let mut any = false;
     for (w, word) in s.affinity.iter().enumerate() {
@@ -155,10 +160,9 @@ pub fn restore(tid: i32, s: &SchedState) -> Result<()> {
     }
     let rt = matches!(s.policy, SCHED_FIFO | SCHED_RR | SCHED_DEADLINE);
     let path = format!("/proc/{tid}/timerslack_ns");
-    let now = std::fs::read_to_string(&path).unwrap_or_default();
     // A real-time or deadline thread has no timer slack (the kernel sets
     // it to 0 with the policy and ignores changes).
-    if !rt && now.trim().parse::<u64>().ok() != Some(s.timer_slack_ns) {
+    if !rt && crate::proc::read_number::<u64>(&path) != Some(s.timer_slack_ns) {
         std::fs::write(&path, s.timer_slack_ns.to_string()).map_err(|source| SchedError::Io {
             tid,
             what: format!("writing {} to {path}", s.timer_slack_ns),

@@ -189,14 +189,28 @@ fn dump_refuses_pipe_on_stdout() {
     );
 }
 
-/// A `sleep 1000` with our descriptor `raw` as its fd 3 (kept across
-/// exec), guarded by pid.
-fn sleep_with_fd3(raw: RawFd) -> PidGuard {
+/// `sleep 1000` with its standard descriptors on /dev/null.
+fn sleep_cmd() -> Command {
     let mut cmd = Command::new(sleep_bin());
     cmd.arg("1000")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    cmd
+}
+
+/// Spawn `cmd`, guarded (and reaped) by pid.
+fn spawn_guarded(mut cmd: Command, what: &str) -> PidGuard {
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let guard = PidGuard::new(child.id() as i32);
+    drop(child);
+    guard
+}
+
+/// A `sleep 1000` with our descriptor `raw` as its fd 3 (kept across
+/// exec), guarded by pid.
+fn sleep_with_fd3(raw: RawFd) -> PidGuard {
+    let mut cmd = sleep_cmd();
     // SAFETY: the closure runs in the forked child before exec and only calls
     // the async-signal-safe dup2 and fcntl on descriptor numbers (no
     // allocation, no locks); `raw` stays open in the parent until after
@@ -215,11 +229,7 @@ fn sleep_with_fd3(raw: RawFd) -> PidGuard {
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("spawn sleep with a descriptor on fd 3");
-    // The guard reaps it by pid.
-    let guard = PidGuard::new(child.id() as i32);
-    drop(child);
-    guard
+    spawn_guarded(cmd, "sleep with a descriptor on fd 3")
 }
 
 /// A task under a seccomp filter is refused (cryo cannot put the filter
@@ -228,11 +238,7 @@ fn sleep_with_fd3(raw: RawFd) -> PidGuard {
 #[test]
 fn dump_refuses_a_task_under_seccomp() {
     become_subreaper();
-    let mut cmd = Command::new(sleep_bin());
-    cmd.arg("1000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut cmd = sleep_cmd();
     // One BPF instruction: return SECCOMP_RET_ALLOW.
     let filter = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
@@ -262,9 +268,7 @@ fn dump_refuses_a_task_under_seccomp() {
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("spawn sleep under a seccomp filter");
-    let mut guard = PidGuard::new(child.id() as i32);
-    drop(child);
+    let mut guard = spawn_guarded(cmd, "sleep under a seccomp filter");
     let pid = guard.pid();
     wait_settled(pid, SETTLE_TIMEOUT);
     assert_eq!(
@@ -727,16 +731,9 @@ fn dump_refuses_a_deleted_working_directory() {
     become_subreaper();
     let dir = TestDir::new();
     let cwd = dir.subdir("gone");
-    let child = Command::new(sleep_bin())
-        .arg("1000")
-        .current_dir(&cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sleep");
-    let mut guard = PidGuard::new(child.id() as i32);
-    drop(child);
+    let mut cmd = sleep_cmd();
+    cmd.current_dir(&cwd);
+    let mut guard = spawn_guarded(cmd, "sleep");
     let pid = guard.pid();
     wait_settled(pid, SETTLE_TIMEOUT);
     std::fs::remove_dir(&cwd).expect("rmdir the working directory");

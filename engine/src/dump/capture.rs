@@ -312,9 +312,7 @@ fn process_core(
         oom_score_adj: crate::sched::oom_score_adj(pid),
         thp_disable: ps.status.get("THP_enabled").map(|v| v.trim()) == Some("0"),
         membarrier: st.membarrier,
-        loginuid: std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
-            .ok()
-            .and_then(|v| v.trim().parse().ok()),
+        loginuid: creds::loginuid(&pid.to_string()),
     })
 }
 
@@ -367,7 +365,7 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
         ms = ms(t0),
         "collected /proc state, mappings and pages to dump"
     );
-    let (st, thread_cores) = run_parasite(&cx, p, &ps.timers)?;
+    let (st, mut thread_cores) = run_parasite(&cx, p, &ps.timers)?;
     let pages = capture_pages(&mut cx, &mut p.leader, &mut plan)?;
     tracing::debug!(pid, ms = ms(t0), "pages captured");
     fault("after-parasite")?;
@@ -392,7 +390,6 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
         creds,
         Some(process),
     );
-    let mut thread_cores = thread_cores;
     for c in std::iter::once(&mut core).chain(thread_cores.iter_mut()) {
         c.sched = Some(crate::sched::dump(c.tid as i32)?);
     }

@@ -196,37 +196,10 @@ fn check_task(pid: i32) -> Result<procfmt::Stat> {
         });
     }
     crate::ns::check(pid)?;
-    check_seccomp(pid)?;
-    Ok(st)
-}
-
-/// Refuse a task any thread of which runs under seccomp: a restore
-/// without the filter would give it more than it had.
-fn check_seccomp(pid: i32) -> Result<()> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Ok(());
-    };
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
-            continue;
-        };
-        // A thread that ended meanwhile has nothing to refuse.
-        let Ok(text) = std::fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        let mode = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .map(str::trim);
-        let mode = match mode {
-            None | Some("0") => continue,
-            Some("1") => "strict mode",
-            Some("2") => "a filter",
-            Some(_) => "an unknown mode",
-        };
+    if let Some((tid, mode)) = crate::creds::seccomp_thread(pid) {
         return Err(DumpError::Seccomp { pid, tid, mode });
     }
-    Ok(())
+    Ok(st)
 }
 
 /// --pre-copy: track and copy every process of the trees under `roots`

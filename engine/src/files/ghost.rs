@@ -2,12 +2,12 @@
 //! travel in the image.
 //!
 //! Dump: the file's bytes (up to --ghost-limit), owner, mode, access and
-//! modification times and, for a memfd, its seals, read through a new open of the task's descriptor; carried
-//! by the first open file of each in the table. Restore: a memfd with the
-//! same name, or a file made next to the deleted one's old path (a fresh
-//! name there, unlinked at once), filled, given its owner, mode, times and
-//! seals; every
-//! open file description of it is a new open of that one.
+//! modification times and, for a memfd, its seals, read through a new
+//! open of the task's descriptor; carried by the first open file of each
+//! in the table. Restore: a memfd with the same name, or a file made next
+//! to the deleted one's old path (a fresh name there, unlinked at once),
+//! filled, given its owner, mode, times and seals; every open file
+//! description of it is a new open of that one.
 
 #![forbid(unsafe_code)]
 

@@ -141,9 +141,9 @@ pub struct Victim {
     /// protection (start, length, prot): by the parasite once the pages
     /// are out, else by injected mprotect calls when the task is cured.
     reprotect: Vec<(u64, u64, u32)>,
-    /// A command went unanswered: the parasite is not listening, so it is
-    /// stopped from outside without a FINI.
-    silent: std::cell::Cell<bool>,
+    /// The command that went unanswered: the parasite is not listening,
+    /// so it is stopped from outside without a FINI.
+    silent: std::cell::Cell<Option<u32>>,
     /// The task was stopped (SIGSTOP, job control) when seized: it goes
     /// back to that stop by itself on detach, and a restore stops it.
     stopped: bool,
@@ -227,7 +227,7 @@ impl Victim {
             sent_fds: 0,
             sent_links: Vec::new(),
             reprotect: Vec::new(),
-            silent: std::cell::Cell::new(false),
+            silent: std::cell::Cell::new(None),
             stopped: false,
             held_stop: std::cell::Cell::new(false),
         };
@@ -274,7 +274,7 @@ impl Victim {
             sent_fds: 0,
             sent_links: Vec::new(),
             reprotect: Vec::new(),
-            silent: std::cell::Cell::new(false),
+            silent: std::cell::Cell::new(None),
             stopped: false,
             held_stop: std::cell::Cell::new(false),
         };

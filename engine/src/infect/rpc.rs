@@ -192,9 +192,10 @@ impl Victim {
                 // A reply to an earlier command that cryo gave up waiting
                 // for (a page batch whose pipe it closed after an error)
                 // still sits in the socket: skip it.
-                let answers = out
+                let answers = out[..got.min(out.len())]
                     .get(..4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_le_bytes);
                 if answers.is_some_and(|c| c != cmd) {
                     tracing::debug!(pid = pid.as_raw(), cmd, "skipping a stale parasite reply");
                     continue;
@@ -221,7 +222,7 @@ impl Victim {
                 Err(errno) => return Err(ptrace_err("wait", pid)(errno)),
             }
             if start.elapsed() > COMMAND_TIMEOUT {
-                self.silent.set(true);
+                self.silent.set(Some(cmd));
                 return Err(InfectError::Timeout {
                     pid: pid.as_raw(),
                     cmd,
@@ -394,11 +395,12 @@ impl Victim {
             return Ok(());
         }
         let fini = (|| -> Result<()> {
-            if self.silent.get() {
+            if let Some(cmd) = self.silent.get() {
+                // It would not answer FINI either.
                 return Err(InfectError::Timeout {
                     pid: self.pid.as_raw(),
-                    cmd: CMD_FINI,
-                    secs: 0,
+                    cmd,
+                    secs: COMMAND_TIMEOUT.as_secs(),
                 });
             }
             let hdr = CmdHeader {
@@ -475,9 +477,8 @@ impl Victim {
     /// cure must put back that, not the state of the seize.
     fn adopt_own_context(&mut self) -> Result<()> {
         let pid = self.pid;
-        let rip = ptrace::getregs(pid)
-            .map_err(ptrace_err("GETREGS", pid))?
-            .rip;
+        let regs = ptrace::getregs(pid).map_err(ptrace_err("GETREGS", pid))?;
+        let rip = regs.rip;
         let in_parasite = self
             .area
             .is_some_and(|(start, len)| (start..start + len).contains(&rip));
@@ -489,7 +490,7 @@ impl Victim {
             pid = pid.as_raw(),
             "the parasite had already returned the task to its own context; keeping that"
         );
-        self.saved = ptrace::getregs(pid).map_err(ptrace_err("GETREGS", pid))?;
+        self.saved = regs;
         self.saved_xstate = sys::get_xstate(pid)?;
         self.saved_mask = sys::get_sigmask(pid)?;
         sys::set_sigmask(pid, !0u64)?;

@@ -261,6 +261,12 @@ pub fn parse_maps(text: &str) -> Vec<MapRange> {
         .collect()
 }
 
+/// The number a one-value /proc file holds (oom_score_adj, loginuid,
+/// timerslack_ns), if it can be read and parsed.
+pub fn read_number<T: std::str::FromStr>(path: &str) -> Option<T> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 /// The ranges of /proc/PID/maps (`pid` "self" for this process); empty if
 /// it cannot be read.
 pub fn read_maps(pid: &str) -> Vec<MapRange> {

@@ -452,10 +452,7 @@ fn loginuid_to_set(image: Option<u32>) -> u64 {
     let Some(want) = image else {
         return u64::MAX;
     };
-    let ours: Option<u32> = std::fs::read_to_string("/proc/self/loginuid")
-        .ok()
-        .and_then(|v| v.trim().parse().ok());
-    if ours == Some(want) {
+    if crate::creds::loginuid("self") == Some(want) {
         u64::MAX
     } else {
         want as u64

@@ -282,12 +282,16 @@ impl Supervisor<'_> {
     /// oom_score_adj, from outside, while all are stopped: set last, so
     /// that a real-time policy never runs the restorer.
     fn sched(&self) -> Result<()> {
+        let online = crate::sched::online_cpus().map_err(|source| RestoreError::Sched {
+            pid: self.root,
+            source,
+        })?;
         for img in &self.tree.procs {
             let pid = img.pid();
             let err = |source| RestoreError::Sched { pid, source };
             for core in std::iter::once(&img.core).chain(img.threads.iter()) {
                 if let Some(s) = &core.sched {
-                    crate::sched::restore(core.tid as i32, s).map_err(err)?;
+                    crate::sched::restore(core.tid as i32, s, &online).map_err(err)?;
                 }
             }
             if let Some(adj) = img.core.process.as_ref().and_then(|p| p.oom_score_adj) {

@@ -61,24 +61,26 @@ fn restore_loginuid(sfd: i32, uid: u32) {
     const AT_FDCWD: isize = -100;
     const O_WRONLY: usize = 1;
     let path = b"/proc/self/loginuid\0";
-    let mut digits = [0u8; 10];
-    let mut n = 0;
+    // Decimal digits, written from the end of the buffer.
+    let mut text = [0u8; 10];
+    let mut at = text.len();
     let mut v = uid;
     loop {
-        digits[n] = b'0' + (v % 10) as u8;
-        n += 1;
+        at -= 1;
+        text[at] = b'0' + (v % 10) as u8;
         v /= 10;
         if v == 0 {
             break;
         }
     }
-    let mut text = [0u8; 10];
-    for i in 0..n {
-        text[i] = digits[n - 1 - i];
-    }
     let fd = syscall3(SYS_OPENAT, AT_FDCWD as usize, path.as_ptr() as usize, O_WRONLY);
     check(sfd, STAGE_CREDS, 9, fd);
-    let r = syscall3(SYS_WRITE, fd as usize, text.as_ptr() as usize, n);
+    let r = syscall3(
+        SYS_WRITE,
+        fd as usize,
+        text[at..].as_ptr() as usize,
+        text.len() - at,
+    );
     syscall1(SYS_CLOSE, fd as usize);
     check(sfd, STAGE_CREDS, 10, r);
 }

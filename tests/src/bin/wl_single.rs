@@ -431,10 +431,11 @@ const LOGINUID: u32 = 4242;
 /// SECBIT_NOROOT and SECBIT_NOROOT_LOCKED, set by `--drop-creds`.
 const DROP_SECUREBITS: c_int = 0b11;
 
-/// `--drop-creds`: sets securebits DROP_SECUREBITS, becomes uid/gid DROP_ID
-/// with groups 1234 and 5678 and no capabilities, sets no_new_privs and makes the process dumpable again (a
-/// credential change clears it, which would make files like
-/// /proc/self/auxv unreadable by the process itself).
+/// `--drop-creds`: sets securebits DROP_SECUREBITS, becomes uid/gid
+/// DROP_ID with groups 1234 and 5678 and no capabilities, sets
+/// no_new_privs and makes the process dumpable again (a credential change
+/// clears it, which would make files like /proc/self/auxv unreadable by
+/// the process itself).
 ///
 /// `after_drop` lists paths the process still opens, creates files in or
 /// renames in after the drop: they are given to DROP_ID first.
