@@ -32,6 +32,8 @@ pub enum CoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("task {pid}: its AMX tile registers are in use (XSAVE feature XTILEDATA); cryo does not save them yet")]
+    AmxInUse { pid: i32 },
     #[error("{file}: task {pid} was dumped on a CPU with another XSAVE layout ({dumped}; here {here}); restoring across CPU models is not supported yet")]
     Cpu {
         pid: i32,
@@ -225,6 +227,21 @@ pub fn regs_from(core: &CoreEntry) -> Regs {
         r.gs_base = g.gs_base;
     }
     r
+}
+
+/// A thread whose AMX tile registers hold state (XSTATE_BV has
+/// XTILEDATA) is refused: the signal frames cryo returns and restores
+/// through carry the default features only.
+pub fn check_xstate(pid: i32, xsave: &[u8]) -> Result<()> {
+    let xstate_bv = xsave
+        .get(512..520)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    if xstate_bv & sys::XFEATURE_XTILEDATA != 0 {
+        return Err(CoreError::AmxInUse { pid });
+    }
+    Ok(())
 }
 
 /// The XSAVE area goes back through a signal frame, which only works for

@@ -73,18 +73,30 @@ pub fn fpstate_len(xsave_len: usize) -> usize {
 
 /// Build the fpstate (XSAVE area plus the software bytes and trailing
 /// magic the kernel checks before it uses the extended state).
+///
+/// PTRACE_GETREGSET gives the area of every feature in XCR0, AMX tile
+/// data included where the CPU has it; a signal frame of a task that did
+/// not ask for AMX is shorter, and the kernel takes only x87/SSE from a
+/// frame that claims more than its own size (the upper halves of the
+/// vector registers would be lost). So the frame claims the features and
+/// size of the default frame (the same layout, cut before the tile data),
+/// and carries the trailing magic both there and after the whole area
+/// (where the kernel of a task that did ask for AMX looks for it).
 pub fn build_fpstate(xsave: &[u8]) -> Vec<u8> {
     let s = xsave.len();
+    let (frame_size, frame_features) = crate::sys::sigframe_xsave();
     let mut fp = vec![0u8; fpstate_len(s)];
     fp[..s].copy_from_slice(xsave);
-    if s >= 512 {
+    if s >= 576 {
+        let size = s.min(frame_size as usize);
         // XCR0 as PTRACE_GETREGSET reported it sits at 464.
-        let xfeatures = u64::from_le_bytes(xsave[464..472].try_into().unwrap_or([0; 8]));
+        let xcr0 = u64::from_le_bytes(xsave[464..472].try_into().unwrap_or([0; 8]));
         fp[464..512].fill(0);
         fp[464..468].copy_from_slice(&sf::FP_XSTATE_MAGIC1.to_le_bytes());
         fp[468..472].copy_from_slice(&((s + 4) as u32).to_le_bytes());
-        fp[472..480].copy_from_slice(&xfeatures.to_le_bytes());
-        fp[480..484].copy_from_slice(&(s as u32).to_le_bytes());
+        fp[472..480].copy_from_slice(&(xcr0 & frame_features).to_le_bytes());
+        fp[480..484].copy_from_slice(&(size as u32).to_le_bytes());
+        fp[size..size + 4].copy_from_slice(&sf::FP_XSTATE_MAGIC2.to_le_bytes());
         fp[s..s + 4].copy_from_slice(&sf::FP_XSTATE_MAGIC2.to_le_bytes());
     }
     fp
@@ -168,5 +180,21 @@ mod tests {
         assert_eq!(fp.len(), 836);
         assert_eq!(&fp[832..836], &sf::FP_XSTATE_MAGIC2.to_le_bytes());
         assert_eq!(u64::from_le_bytes(fp[472..480].try_into().unwrap()), 7);
+    }
+
+    /// An area larger than this CPU's default signal frame (AMX tile data
+    /// in XCR0) claims the default frame's size, with the magic there and
+    /// at its end.
+    #[test]
+    fn fpstate_of_a_larger_area() {
+        let (frame, _) = crate::sys::sigframe_xsave();
+        let s = frame as usize + 8192;
+        let mut xs = vec![0u8; s];
+        xs[464] = 7;
+        let fp = build_fpstate(&xs);
+        let at = |o: usize| u32::from_le_bytes(fp[o..o + 4].try_into().unwrap());
+        assert_eq!(at(480), frame);
+        assert_eq!(at(frame as usize), sf::FP_XSTATE_MAGIC2);
+        assert_eq!(at(s), sf::FP_XSTATE_MAGIC2);
     }
 }

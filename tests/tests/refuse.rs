@@ -723,36 +723,46 @@ fn dump_with_a_silent_parasite_fails_and_leaves_the_task_as_it_was() {
     wl.assert_pass("after two dumps whose parasite fell silent");
 }
 
-/// A process whose working directory was removed while it sat in it is
-/// refused at dump (naming the task, its working directory and the path),
-/// and left running untouched.
+/// A process under chroot() (its root not the mount namespace's) is
+/// refused at dump, naming the task and its root, and left running.
 #[test]
-fn dump_refuses_a_deleted_working_directory() {
-    become_subreaper();
+fn dump_refuses_a_chrooted_task() {
     let dir = TestDir::new();
-    let cwd = dir.subdir("gone");
-    let mut cmd = sleep_cmd();
-    cmd.current_dir(&cwd);
-    let mut guard = spawn_guarded(cmd, "sleep");
-    let pid = guard.pid();
+    let root = dir.subdir("jail");
+    let root_c = std::ffi::CString::new(root.to_str().expect("utf-8")).expect("no NUL");
+    // SAFETY: the child calls only async-signal-safe system calls (open,
+    // dup2, close_range, chroot, chdir, pause, _exit) before it is killed.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: as above, in the child only.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                libc::_exit(3);
+            }
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    let mut guard = PidGuard::new(pid);
     wait_settled(pid, SETTLE_TIMEOUT);
-    std::fs::remove_dir(&cwd).expect("rmdir the working directory");
-    let path = cwd.to_str().expect("utf-8").to_string();
+    let path = root.to_str().expect("utf-8").to_string();
     assert_dump_refused(
         pid,
         None,
-        &[
-            "working directory",
-            "deleted",
-            &path,
-            &format!("task {pid}"),
-        ],
-        "deleted working directory",
+        &["chrooted", &path, &format!("task {pid}")],
+        "chrooted task",
     );
     let exit = guard.kill();
     assert_eq!(
         exit,
         Some(Exit::Signal(libc::SIGKILL)),
-        "sleep (pid {pid}) did not end by our SIGKILL"
+        "the chrooted child (pid {pid}) did not end by our SIGKILL"
     );
 }

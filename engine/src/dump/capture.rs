@@ -8,13 +8,13 @@
 use std::time::Instant;
 
 use cryo_image::proto::{
-    Compression, CoreEntry, MmEntry, PagemapEntry, ProcessCore, PstreeEntry, Vma,
+    Compression, CoreEntry, MmEntry, PageRange, PagemapEntry, ProcessCore, PstreeEntry, Vma,
 };
 use cryo_image::{ImageFileInfo, ImageWriter, Kind};
 use nix::unistd::Pid;
 
 use super::{fault, write_step, DumpError, DumpOptions, Result};
-use crate::files::ProcFds;
+use crate::files::{HeldBy, HeldFile, ProcFds};
 use crate::infect::guard::Guard;
 use crate::infect::{InfectError, ThreadState, Victim};
 use crate::mem::precopy::{Kept, PreCopy};
@@ -63,6 +63,7 @@ fn ms(t: Instant) -> f64 {
 /// stopped and before the parasite maps its area.
 struct MemPlan {
     vmas: Vec<Vma>,
+    guards: Vec<PageRange>,
     runs: Vec<Run>,
     in_parent: Vec<PagemapEntry>,
     snapshot: Option<Snapshot>,
@@ -115,7 +116,7 @@ fn plan_memory(cx: &mut ProcCtx, victim: &mut Victim, t0: Instant) -> Result<Mem
         None
     };
     let smaps = std::thread::spawn(move || mem::read_vmas(npid));
-    let mut runs = mem::page_runs(npid, &vmas)?;
+    let (mut runs, guards) = mem::page_runs(npid, &vmas)?;
     tracing::debug!(pid, ms = ms(t0), "pages found");
     mem::shared::skip_stored(cx.shared, &vmas, &mut runs);
     // Pages still shared copy-on-write with the parent are its pages.
@@ -151,6 +152,7 @@ fn plan_memory(cx: &mut ProcCtx, victim: &mut Victim, t0: Instant) -> Result<Mem
     }
     Ok(MemPlan {
         vmas: full,
+        guards,
         runs,
         in_parent,
         snapshot,
@@ -280,6 +282,50 @@ fn spliced_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> R
     })
 }
 
+/// The files the process holds without a descriptor and with no name to
+/// open them by at restore: mapped memfds and deleted files (each mapping
+/// of one; files::link makes them one entry), a removed working
+/// directory.
+fn held_files(
+    opts: &DumpOptions,
+    pid: i32,
+    mm: &MmEntry,
+    process: &ProcessCore,
+) -> Result<Vec<HeldFile>> {
+    use cryo_image::proto::{FileKind, VmaKind};
+    let mut held = Vec::new();
+    for v in &mm.vmas {
+        let file = matches!(
+            VmaKind::try_from(v.kind),
+            Ok(VmaKind::VmaFilePrivate | VmaKind::VmaFileShared)
+        );
+        if !file || !mem::is_unnamed(&v.path) {
+            continue;
+        }
+        let kind = if v.path.starts_with("/memfd:") {
+            FileKind::FileMemfd
+        } else {
+            FileKind::FileDeleted
+        };
+        let via = mem::map_files(pid, v.start, v.end);
+        let by = HeldBy::Mapping(v.start);
+        held.push(HeldFile::new(pid, via, &v.path, kind, by, &opts.collect())?);
+    }
+    if process.cwd_file.is_some() {
+        let via = format!("/proc/{pid}/cwd");
+        let (kind, by) = (FileKind::FileDirectory, HeldBy::WorkingDir);
+        held.push(HeldFile::new(
+            pid,
+            via,
+            &process.cwd,
+            kind,
+            by,
+            &opts.collect(),
+        )?);
+    }
+    Ok(held)
+}
+
 /// The process-wide part of the leader's core.
 fn process_core(
     pid: i32,
@@ -302,7 +348,13 @@ fn process_core(
         posix_timers: signals::posix_timers(&ps.timers, st),
         rlimits,
         shared_pending: signals::pending(shared_sigs),
-        cwd: fs.cwd,
+        cwd: if fs.cwd_deleted {
+            crate::files::ghost::deleted_name(&fs.cwd)
+        } else {
+            fs.cwd
+        },
+        // The id is the one files::link gives it.
+        cwd_file: fs.cwd_deleted.then_some(0),
         root: fs.root,
         child_subreaper: st.child_subreaper != 0,
         dumpable: st.dumpable as u32,
@@ -365,6 +417,9 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
         ms = ms(t0),
         "collected /proc state, mappings and pages to dump"
     );
+    for v in std::iter::once(&p.leader).chain(p.threads.iter()) {
+        core::check_xstate(v.pid.as_raw(), v.xstate())?;
+    }
     let (st, mut thread_cores) = run_parasite(&cx, p, &ps.timers)?;
     let pages = capture_pages(&mut cx, &mut p.leader, &mut plan)?;
     tracing::debug!(pid, ms = ms(t0), "pages captured");
@@ -372,8 +427,11 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
     // A failure in one process of the tree, the ones before it captured.
     fault(&format!("capture-{pid}"))?;
 
-    let mm = mem::mm::dump(pid, &ps.stat, st.brk, std::mem::take(&mut plan.vmas))?;
+    let mut mm = mem::mm::dump(pid, &ps.stat, st.brk, std::mem::take(&mut plan.vmas))?;
+    mm.guards = std::mem::take(&mut plan.guards);
     let process = process_core(pid, &ps, &st, &shared_sigs)?;
+    let mut fds = fds;
+    fds.held = held_files(cx.opts, pid, &mm, &process)?;
     let leader_state = ThreadState {
         altstack: st.altstack,
         tid_address: st.tid_address,

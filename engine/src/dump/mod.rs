@@ -538,6 +538,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     // peer outside the tree, with --ext-unix-sk, kept running).
     let mut procs: Vec<&mut ProcFds> = caps.iter_mut().map(|c| &mut c.fds).collect();
     let files = crate::files::link(&mut procs, opts.ext_unix_sk, &mut DiagSnapshot::default())?;
+    name_held_files(&mut caps);
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
@@ -557,6 +558,28 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         total: t0.elapsed(),
         image_bytes,
     })
+}
+
+/// Each mapping of a memfd or deleted file, and a removed working
+/// directory, names the files.img entry files::link gave it.
+fn name_held_files(caps: &mut [Captured]) {
+    use crate::files::HeldBy;
+    for c in caps {
+        for h in &c.fds.held {
+            match h.user {
+                HeldBy::Mapping(start) => {
+                    if let Some(v) = c.mm.vmas.iter_mut().find(|v| v.start == start) {
+                        v.file_id = h.entry.id;
+                    }
+                }
+                HeldBy::WorkingDir => {
+                    if let Some(p) = c.core.process.as_mut() {
+                        p.cwd_file = Some(h.entry.id);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Remove image files a failed dump left behind (never the directory, and

@@ -26,6 +26,31 @@ pub fn is_ghost(kind: FileKind) -> bool {
     matches!(kind, FileKind::FileMemfd | FileKind::FileDeleted)
 }
 
+/// Kinds other than regular files that the restore makes again when
+/// their name was removed (`deleted` in the entry): directories and
+/// device nodes here, FIFOs in `pipe`.
+pub fn remade_when_deleted(kind: FileKind) -> bool {
+    matches!(
+        kind,
+        FileKind::FileDirectory | FileKind::FileChardev | FileKind::FileFifo
+    )
+}
+
+/// Whether the restore opens `f` from a file it makes (a memfd, a file,
+/// directory or device node whose name was removed).
+pub fn is_remade(f: &FileEntry) -> bool {
+    let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
+    is_ghost(kind) || (f.deleted && kind != FileKind::FileFifo && remade_when_deleted(kind))
+}
+
+/// The access and modification times of the file, which a remade one
+/// gets back.
+pub fn times(st: &nix::sys::stat::FileStat, e: &mut FileEntry) {
+    let ns = |sec: i64, nsec: i64| sec.saturating_mul(1_000_000_000).saturating_add(nsec);
+    e.atime_ns = Some(ns(st.st_atime, st.st_atime_nsec));
+    e.mtime_ns = Some(ns(st.st_mtime, st.st_mtime_nsec));
+}
+
 /// The suffix of the name a deleted file is recreated under when its old
 /// path is taken: `PATH.cryo-ghost-PID-N`.
 const GHOST_SUFFIX: &str = ".cryo-ghost-";
@@ -45,8 +70,14 @@ pub fn name(kind: FileKind, link: &str) -> String {
     if kind != FileKind::FileDeleted {
         return name.to_string();
     }
+    deleted_name(name)
+}
+
+/// Where a file whose name was removed was: its kernel name without
+/// " (deleted)" and without the suffixes cryo gave it at earlier restores.
+pub fn deleted_name(link: &str) -> String {
     // Only cryo's own suffix, PID-N in digits, goes.
-    let mut base = name;
+    let mut base = link.trim_end_matches(" (deleted)");
     while let Some(i) = base.rfind(GHOST_SUFFIX) {
         let tail = &base[i + GHOST_SUFFIX.len()..];
         let ours = tail.split_once('-').is_some_and(|(a, b)| {
@@ -84,9 +115,7 @@ mod tests {
 /// A ghost larger than the limit is refused (its contents would go into
 /// the image).
 pub fn dump(cx: &FdCtx, limit: u64, e: &mut FileEntry) -> Result<(), FilesError> {
-    let ns = |sec: i64, nsec: i64| sec.saturating_mul(1_000_000_000).saturating_add(nsec);
-    e.atime_ns = Some(ns(cx.st.st_atime, cx.st.st_atime_nsec));
-    e.mtime_ns = Some(ns(cx.st.st_mtime, cx.st.st_mtime_nsec));
+    times(cx.st, e);
     let size = cx.st.st_size as u64;
     if size > limit {
         return Err(FilesError::DeletedFile {
@@ -115,7 +144,7 @@ pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
             continue;
         }
         seen.push(key);
-        let path = format!("/proc/{}/fd/{}", o.pid, o.fd);
+        let path = o.proc_path();
         // O_NOATIME: reading it for the image must not change the access
         // time the image records (nor, with --leave-running, the file's).
         let open = |extra: i32| {
@@ -167,7 +196,8 @@ impl Ghosts {
             }
         };
         let fd = super::reopen(&self.0[i].1, super::open_flags(f))?;
-        if !OFlag::from_bits_retain(f.flags as i32).contains(OFlag::O_PATH) {
+        let regular = is_ghost(FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular));
+        if regular && !OFlag::from_bits_retain(f.flags as i32).contains(OFlag::O_PATH) {
             let _ = nix::unistd::lseek(&fd, f.pos as i64, Whence::SeekSet);
         }
         Ok(fd)
@@ -177,8 +207,12 @@ impl Ghosts {
 /// A memfd with its name, contents and seals, or a file deleted while
 /// open: made next to where it was (a fresh name there), filled, given
 /// its mode and unlinked again. The descriptor returned reads and writes.
+/// A removed directory or device node: see [`make_node`].
 fn make(f: &FileEntry) -> Result<OwnedFd, String> {
     let io = std::io::Error::from;
+    if f.deleted {
+        return make_node(f);
+    }
     let fd = if f.kind == FileKind::FileMemfd as i32 {
         let mut flags = MFdFlags::MFD_CLOEXEC;
         if f.seals != 0 {
@@ -216,14 +250,8 @@ fn make(f: &FileEntry) -> Result<OwnedFd, String> {
     nix::sys::stat::fchmod(fd.as_fd(), Mode::from_bits_truncate(f.mode))
         .map_err(|e| format!("giving it its mode {:o}: {}", f.mode, io(e)))?;
     // The times last: writing the contents set them to now.
-    if let (Some(a), Some(m)) = (f.atime_ns, f.mtime_ns) {
-        let ts = |ns: i64| {
-            nix::sys::time::TimeSpec::new(
-                ns.div_euclid(1_000_000_000),
-                ns.rem_euclid(1_000_000_000),
-            )
-        };
-        nix::sys::stat::futimens(&fd, &ts(a), &ts(m))
+    if let Some((a, m)) = timespecs(f) {
+        nix::sys::stat::futimens(&fd, &a, &m)
             .map_err(|e| format!("setting its access and modification times: {}", io(e)))?;
     }
     if f.seals != 0 {
@@ -234,30 +262,127 @@ fn make(f: &FileEntry) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// The entry's access and modification times, for futimens/utimensat.
+fn timespecs(f: &FileEntry) -> Option<(nix::sys::time::TimeSpec, nix::sys::time::TimeSpec)> {
+    let ts = |ns: i64| {
+        nix::sys::time::TimeSpec::new(ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+    };
+    Some((ts(f.atime_ns?), ts(f.mtime_ns?)))
+}
+
 /// A new empty file where the deleted one was, unlinked at once, so that
 /// its /proc link names the same deleted path as at the dump; if that
 /// path is taken now, next to it under a fresh name.
 fn recreate(path: &str) -> Result<OwnedFd, String> {
+    let (name, fd) = at_free_name(path, "file", |p| {
+        nix::fcntl::open(
+            p,
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+    })?;
+    let _ = nix::unistd::unlink(name.as_str());
+    Ok(fd)
+}
+
+/// `make` run at `path`, or, while it fails with EEXIST, next to it under
+/// fresh names; returns the name it succeeded at and what it made.
+fn at_free_name<T>(
+    path: &str,
+    what: &str,
+    mut make: impl FnMut(&str) -> nix::Result<T>,
+) -> Result<(String, T), String> {
     let names = std::iter::once(path.to_string())
         .chain((0..1000u32).map(|n| format!("{path}{GHOST_SUFFIX}{}-{n}", std::process::id())));
     for p in names {
-        match nix::fcntl::open(
-            p.as_str(),
-            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        ) {
-            Ok(fd) => {
-                let _ = nix::unistd::unlink(p.as_str());
-                return Ok(fd);
-            }
+        match make(p.as_str()) {
+            Ok(t) => return Ok((p, t)),
             Err(Errno::EEXIST) => {}
             Err(e) => {
                 return Err(format!(
-                    "recreating the deleted file next to its old path: {}",
+                    "recreating the deleted {what} next to its old path: {}",
                     std::io::Error::from(e)
                 ))
             }
         }
     }
-    Err("no free name to recreate the deleted file".into())
+    Err(format!("no free name to recreate the deleted {what}"))
+}
+
+/// A directory, device node or FIFO whose name was removed: a new one at
+/// its old path (or next to it), with its owner, mode, times (and device
+/// number), removed again once a descriptor holds it. Directories and
+/// FIFOs come back open for reading (a FIFO without blocking: read and
+/// write), device nodes as O_PATH (each open file description opens the
+/// device through it).
+pub fn make_node(f: &FileEntry) -> Result<OwnedFd, String> {
+    use nix::sys::stat::{mknod, SFlag};
+    let io = std::io::Error::from;
+    let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
+    let perm = Mode::from_bits_truncate(f.mode);
+    let (what, open_flags) = match kind {
+        FileKind::FileDirectory => ("directory", OFlag::O_RDONLY | OFlag::O_DIRECTORY),
+        FileKind::FileFifo => ("FIFO", OFlag::O_RDWR | OFlag::O_NONBLOCK),
+        _ => ("device node", OFlag::O_PATH),
+    };
+    let (name, ()) = at_free_name(&f.path, what, |p| match kind {
+        FileKind::FileDirectory => nix::unistd::mkdir(p, Mode::from_bits_truncate(0o700)),
+        FileKind::FileFifo => nix::unistd::mkfifo(p, Mode::from_bits_truncate(0o600)),
+        _ => mknod(
+            p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            f.rdev as libc::dev_t,
+        ),
+    })?;
+    let remove = || {
+        let _ = if kind == FileKind::FileDirectory {
+            nix::unistd::unlinkat(
+                nix::fcntl::AT_FDCWD,
+                name.as_str(),
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            )
+        } else {
+            nix::unistd::unlink(name.as_str())
+        };
+    };
+    let made = (|| {
+        let no_follow = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+        // The owner first: chown drops the set-id bits that the mode puts
+        // back; the times last.
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            name.as_str(),
+            f.uid.map(nix::unistd::Uid::from_raw),
+            f.gid.map(nix::unistd::Gid::from_raw),
+            no_follow,
+        )
+        .map_err(|e| format!("giving the {what} its owner: {}", io(e)))?;
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            name.as_str(),
+            perm,
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| format!("giving the {what} its mode {:o}: {}", f.mode, io(e)))?;
+        let fd = nix::fcntl::open(
+            name.as_str(),
+            open_flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening the recreated {what}: {}", io(e)))?;
+        if let Some((a, m)) = timespecs(f) {
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                name.as_str(),
+                &a,
+                &m,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .map_err(|e| format!("setting the {what}'s times: {}", io(e)))?;
+        }
+        Ok(fd)
+    })();
+    remove();
+    made
 }

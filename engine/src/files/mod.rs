@@ -72,6 +72,13 @@ pub enum FilesError {
         size: u64,
         limit: u64,
     },
+    #[error("task {pid}: maps {link} of {size} bytes (a memfd or a file deleted while mapped), more than the --ghost-limit of {limit} bytes")]
+    DeletedMapping {
+        pid: i32,
+        link: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("task {pid}: fd {fd} ({link}) is a pipe whose other end is open in process {holder}, outside the dumped tree")]
     ExternalPipe {
         pid: i32,
@@ -123,6 +130,87 @@ pub struct ProcFds {
     pub pid: i32,
     pub fd_entries: Vec<FdEntry>,
     pub files: Vec<FileEntry>,
+    /// Files it uses without a descriptor that the restore must recreate.
+    pub held: Vec<HeldFile>,
+}
+
+/// A file a process uses without a descriptor, with no name left to open
+/// it by at restore: a mapping of a memfd or of a file deleted while
+/// mapped, a working directory removed while the process sat in it. It
+/// goes into files.img like an open file (its id filled in by [`link`]).
+#[derive(Debug)]
+pub struct HeldFile {
+    /// Where cryo opens it at the dump (/proc/PID/map_files/START-END,
+    /// /proc/PID/cwd).
+    pub via: String,
+    pub entry: FileEntry,
+    pub user: HeldBy,
+}
+
+/// What holds a [`HeldFile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldBy {
+    /// The mapping that starts at this address.
+    Mapping(u64),
+    WorkingDir,
+}
+
+impl HeldFile {
+    /// The file behind `via` (its kernel name `link`), of `kind`: a memfd
+    /// or deleted regular file (contents, read by [`link`], up to the
+    /// ghost limit), or a removed directory.
+    pub fn new(
+        pid: i32,
+        via: String,
+        link: &str,
+        kind: FileKind,
+        user: HeldBy,
+        opts: &CollectOptions,
+    ) -> Result<HeldFile> {
+        let st = nix::sys::stat::stat(via.as_str()).map_err(|e| FilesError::Proc {
+            path: via.clone(),
+            source: e.into(),
+        })?;
+        let mut entry = FileEntry {
+            kind: kind as i32,
+            path: if kind == FileKind::FileDirectory {
+                ghost::deleted_name(link)
+            } else {
+                ghost::name(kind, link)
+            },
+            flags: if kind == FileKind::FileDirectory {
+                (libc::O_RDONLY | libc::O_DIRECTORY) as u32
+            } else {
+                libc::O_RDWR as u32
+            },
+            deleted: kind == FileKind::FileDirectory,
+            ..entry_of(&st)
+        };
+        if ghost::is_ghost(kind) && entry.size > opts.ghost_limit {
+            return Err(FilesError::DeletedMapping {
+                pid,
+                link: link.to_string(),
+                size: entry.size,
+                limit: opts.ghost_limit,
+            });
+        }
+        ghost::times(&st, &mut entry);
+        Ok(HeldFile { via, entry, user })
+    }
+}
+
+/// What every entry records of the file's inode.
+fn entry_of(st: &FileStat) -> FileEntry {
+    FileEntry {
+        dev: st.st_dev,
+        inode: st.st_ino,
+        rdev: st.st_rdev as u32,
+        size: st.st_size as u64,
+        mode: st.st_mode & 0o7777,
+        uid: Some(st.st_uid),
+        gid: Some(st.st_gid),
+        ..Default::default()
+    }
 }
 
 impl ProcFds {
@@ -231,6 +319,11 @@ fn classify(
 ) -> Result<FileKind> {
     let (link, st) = (cx.link, cx.st);
     let fmt = st.st_mode & libc::S_IFMT;
+    if is_ns_file(link) {
+        return Err(cx.unsupported(
+            "a namespace file (from /proc/PID/ns; namespace descriptors come with the containers work)",
+        ));
+    }
     let kind = match fmt {
         libc::S_IFREG if link.starts_with("/memfd:") => FileKind::FileMemfd,
         libc::S_IFREG if link.ends_with(" (deleted)") => FileKind::FileDeleted,
@@ -252,12 +345,9 @@ fn classify(
             }
             FileKind::FileUnixSocket
         }
-        libc::S_IFIFO if link.starts_with('/') && !link.ends_with(" (deleted)") => {
-            FileKind::FileFifo
-        }
+        libc::S_IFIFO if link.starts_with('/') => FileKind::FileFifo,
         _ => {
             return Err(cx.unsupported(match fmt {
-                libc::S_IFIFO => "a deleted FIFO (not supported yet)",
                 libc::S_IFSOCK => "a socket (not supported yet)",
                 libc::S_IFBLK => "a block device (not supported yet)",
                 _ if link.starts_with("anon_inode:") => ANON_UNSUPPORTED,
@@ -266,16 +356,50 @@ fn classify(
         }
     };
     let named = !is_anon(kind) && !ghost::is_ghost(kind);
-    if named && (link.ends_with(" (deleted)") || !link.starts_with('/')) {
+    if named && !link.starts_with('/') {
         // Anonymous inodes of other kinds (some kernels give them a
         // regular file type).
         return Err(cx.unsupported(if link.starts_with("anon_inode:") {
             ANON_UNSUPPORTED
         } else {
-            "a deleted file that is not a regular file (not supported yet)"
+            "a file without a path of a kind not supported yet"
         }));
     }
+    if named && is_deleted(cx) && !ghost::remade_when_deleted(kind) {
+        return Err(cx.unsupported(
+            "a deleted file of a kind cryo does not recreate (a pty slave, a terminal)",
+        ));
+    }
     Ok(kind)
+}
+
+/// Whether the descriptor's file lost its name: the kernel's link says
+/// " (deleted)" and no link to the inode is left.
+fn is_deleted(cx: &FdCtx) -> bool {
+    cx.link.ends_with(" (deleted)") && cx.st.st_nlink == 0
+}
+
+/// A namespace file's link: `KIND:[INODE]` (net:[4026531840]).
+fn is_ns_file(link: &str) -> bool {
+    let Some((kind, rest)) = link.split_once(":[") else {
+        return false;
+    };
+    const KINDS: [&str; 10] = [
+        "cgroup",
+        "ipc",
+        "mnt",
+        "net",
+        "pid",
+        "pid_for_children",
+        "time",
+        "time_for_children",
+        "user",
+        "uts",
+    ];
+    KINDS.contains(&kind)
+        && rest
+            .strip_suffix(']')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
 }
 
 /// Kinds without a path: the kernel names them by inode.
@@ -370,21 +494,23 @@ pub fn collect(
         let (pos, flags) = procfmt::parse_fdinfo(&fdinfo);
         let id = *next_id;
         *next_id += 1;
+        let deleted = !ghost::is_ghost(kind) && is_deleted(&cx);
         let mut e = FileEntry {
             id,
             kind: kind as i32,
-            path: ghost::name(kind, &link),
+            path: if deleted {
+                ghost::deleted_name(&link)
+            } else {
+                ghost::name(kind, &link)
+            },
             flags: flags & !(libc::O_CLOEXEC as u32),
             pos,
-            dev: st.st_dev,
-            inode: st.st_ino,
-            rdev: st.st_rdev as u32,
-            size: st.st_size as u64,
-            mode: st.st_mode & 0o7777,
-            uid: Some(st.st_uid),
-            gid: Some(st.st_gid),
-            ..Default::default()
+            deleted,
+            ..entry_of(&st)
         };
+        if deleted {
+            ghost::times(&st, &mut e);
+        }
         dump_kind(kind, &cx, &mut handles, opts, &mut e)?;
         out.files.push(e);
         out.fd_entries.push(FdEntry {
@@ -399,8 +525,21 @@ pub fn collect(
 /// One open file description of the tree with a descriptor that holds it.
 pub struct OpenFile {
     pub pid: i32,
+    /// -1: a file the process holds without a descriptor, opened at
+    /// `via`.
     pub fd: i32,
     pub entry: FileEntry,
+    pub via: Option<String>,
+}
+
+impl OpenFile {
+    /// Where cryo opens it again to read it.
+    pub fn proc_path(&self) -> String {
+        match &self.via {
+            Some(v) => v.clone(),
+            None => format!("/proc/{}/fd/{}", self.pid, self.fd),
+        }
+    }
 }
 
 /// Descriptors that share one open file description (dup, inherited over
@@ -434,16 +573,48 @@ pub fn link(
                     pid: p.pid,
                     fd: e.fd as i32,
                     entry: f.clone(),
+                    via: None,
                 }),
             }
         }
     }
+    link_held(procs, &mut table);
     let tree: BTreeSet<i32> = procs.iter().map(|p| p.pid).collect();
     unix::states(&mut table, ext_unix_sk, diag)?;
     ghost::contents(&mut table)?;
     check_per_task(procs, &table)?;
     pipe::contents(&mut table, &tree)?;
     Ok(table.into_iter().map(|o| o.entry).collect())
+}
+
+/// Each file held without a descriptor is the file of the table with the
+/// same inode (any open file description of it will do to map it or
+/// change into it), or a new entry of its own.
+fn link_held(procs: &mut [&mut ProcFds], table: &mut Vec<OpenFile>) {
+    let mut next = table.iter().map(|o| o.entry.id).max().unwrap_or(0) + 1;
+    for p in procs.iter_mut() {
+        for h in p.held.iter_mut() {
+            let e = &h.entry;
+            let same = table.iter().find(|o| {
+                (o.entry.kind, o.entry.dev, o.entry.inode, o.entry.deleted)
+                    == (e.kind, e.dev, e.inode, e.deleted)
+            });
+            h.entry.id = match same {
+                Some(o) => o.entry.id,
+                None => {
+                    h.entry.id = next;
+                    next += 1;
+                    table.push(OpenFile {
+                        pid: p.pid,
+                        fd: -1,
+                        entry: h.entry.clone(),
+                        via: Some(h.via.clone()),
+                    });
+                    h.entry.id
+                }
+            };
+        }
+    }
 }
 
 /// An epoll or pidfd is remade by the process that holds it: one shared
@@ -565,6 +736,9 @@ impl Opener<'_> {
     fn open(&mut self, f: &FileEntry) -> std::result::Result<Option<OwnedFd>, String> {
         let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
         let fd = match kind {
+            FileKind::FileDirectory | FileKind::FileChardev if f.deleted => {
+                self.ghosts.open(self.files, f)?
+            }
             FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => {
                 regfile::open(f, kind)?
             }

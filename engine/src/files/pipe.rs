@@ -5,7 +5,8 @@
 //! The bytes queued in each pipe are copied with tee(2) through a second
 //! read end opened via /proc, which does not consume them, and go with
 //! the first open file of the pipe in the table. Restore: one pipe (or
-//! one O_RDWR open of the FIFO) per inode, given its size and refilled;
+//! one O_RDWR open of the FIFO, made again first if its name was
+//! removed) per inode, given its size and refilled;
 //! the first open file description of each end is that end, any other
 //! one a new open of it through /proc/self/fd.
 
@@ -158,6 +159,13 @@ impl Pipes {
 fn make(f: &FileEntry, holder: &FileEntry, kind: FileKind) -> Result<Ends, String> {
     let (read, write) = if kind == FileKind::FilePipe {
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe2: {e}"))?
+    } else if f.deleted {
+        // A FIFO whose name was removed: made again, opened and removed.
+        let a = super::ghost::make_node(f)?;
+        let b = a
+            .try_clone()
+            .map_err(|e| format!("duplicating the FIFO: {e}"))?;
+        (a, b)
     } else {
         let a = nix::fcntl::open(
             f.path.as_str(),

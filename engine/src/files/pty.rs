@@ -90,6 +90,7 @@ pub fn pair(
             pid,
             fd_entries,
             files,
+            ..
         } = p;
         for f in files.iter_mut() {
             let Some(index) = index_of(f).filter(|_| is(f, FileKind::FilePtySlave)) else {

@@ -47,6 +47,8 @@ pub fn dump(pid: i32, stat: &Stat, brk: u64, vmas: Vec<Vma>) -> Result<MmEntry, 
         exe_path,
         vmas,
         thp_disabled: false,
+        // Found with the pages (mem::page_runs).
+        guards: Vec::new(),
     })
 }
 

@@ -13,20 +13,13 @@ pub mod snapshot;
 pub mod store;
 pub mod transfer;
 
-use cryo_image::proto::{Vma, VmaKind};
+use cryo_image::proto::{PageRange, Vma, VmaKind};
 use nix::unistd::Pid;
-use procfs::process::{MMPermissions, MMapPath};
 
 use crate::sys::{self, ScanQuery, SysError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
-    #[error("reading /proc/{pid}/smaps: {source}")]
-    Smaps {
-        pid: i32,
-        #[source]
-        source: procfs::ProcError,
-    },
     #[error("opening /proc/{pid}/pagemap: {source}")]
     Pagemap {
         pid: i32,
@@ -90,35 +83,34 @@ pub fn same_layout(a: &[Vma], b: &[Vma]) -> bool {
 }
 
 fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
-    let maps = procfs::process::Process::new(pid.as_raw())
-        .and_then(|p| if smaps { p.smaps() } else { p.maps() })
-        .map_err(|source| MemError::Smaps {
-            pid: pid.as_raw(),
-            source,
-        })?;
+    let path = format!("/proc/{pid}/{}", if smaps { "smaps" } else { "maps" });
+    let text = std::fs::read_to_string(&path).map_err(|source| MemError::Proc {
+        path: path.clone(),
+        source,
+    })?;
     let mut out = Vec::new();
-    for m in maps {
-        let (start, end) = m.address;
+    for m in crate::proc::parse_maps(&text) {
+        let (start, end) = (m.start, m.end);
         if start >= 0x8000_0000_0000 {
             continue; // [vsyscall] lives above the user address space
         }
-        let shared = m.perms.contains(MMPermissions::SHARED);
+        let perm = |i: usize| m.perms.as_bytes().get(i).copied();
+        let shared = perm(3) == Some(b's');
         let mut prot = 0u32;
-        if m.perms.contains(MMPermissions::READ) {
-            prot |= libc::PROT_READ as u32;
-        }
-        if m.perms.contains(MMPermissions::WRITE) {
-            prot |= libc::PROT_WRITE as u32;
-        }
-        if m.perms.contains(MMPermissions::EXECUTE) {
-            prot |= libc::PROT_EXEC as u32;
+        for (i, c, p) in [
+            (0, b'r', libc::PROT_READ),
+            (1, b'w', libc::PROT_WRITE),
+            (2, b'x', libc::PROT_EXEC),
+        ] {
+            if perm(i) == Some(c) {
+                prot |= p as u32;
+            }
         }
         let flags: Vec<String> = m
-            .extension
             .vm_flags
-            .iter_names()
-            .map(|(n, _)| vm_flag_name(n).to_string())
-            .filter(|s| !s.is_empty())
+            .iter()
+            .filter(|f| KEPT_VM_FLAGS.contains(&f.as_str()))
+            .cloned()
             .collect();
         let unsupported = |what: String| MemError::Unsupported {
             pid: pid.as_raw(),
@@ -126,50 +118,42 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
             end,
             what,
         };
-        let (kind, path) = match &m.pathname {
-            MMapPath::Heap => (VmaKind::VmaHeap, String::new()),
-            MMapPath::Stack => (VmaKind::VmaStack, String::new()),
-            MMapPath::Vdso => (VmaKind::VmaVdso, String::new()),
-            MMapPath::Vvar => (VmaKind::VmaVvar, String::new()),
-            MMapPath::Vsyscall => continue,
-            MMapPath::Anonymous => (
-                if shared {
-                    VmaKind::VmaAnonShared
-                } else {
-                    VmaKind::VmaAnonPrivate
-                },
-                String::new(),
-            ),
-            MMapPath::Other(s) if s == "vvar_vclock" || s == "[vvar_vclock]" => {
-                (VmaKind::VmaVvarVclock, String::new())
+        let anon = if shared {
+            VmaKind::VmaAnonShared
+        } else {
+            VmaKind::VmaAnonPrivate
+        };
+        let name = m.name.as_str();
+        let (kind, path) = match name {
+            "" => (anon, String::new()),
+            "[heap]" => (VmaKind::VmaHeap, String::new()),
+            "[stack]" => (VmaKind::VmaStack, String::new()),
+            "[vdso]" => (VmaKind::VmaVdso, String::new()),
+            "[vvar]" => (VmaKind::VmaVvar, String::new()),
+            "[vvar_vclock]" => (VmaKind::VmaVvarVclock, String::new()),
+            "[vsyscall]" => continue,
+            // Named with PR_SET_VMA_ANON_NAME.
+            _ if name.starts_with("[anon:") || name.starts_with("[anon_shmem:") => {
+                (anon, String::new())
             }
-            MMapPath::Other(s) if s.starts_with("[anon:") || s.starts_with("anon:") => (
-                if shared {
-                    VmaKind::VmaAnonShared
-                } else {
-                    VmaKind::VmaAnonPrivate
-                },
-                String::new(),
-            ),
-            MMapPath::Path(p) => {
-                let p = p.to_string_lossy().into_owned();
-                if shared && p.starts_with("/dev/zero") {
-                    (VmaKind::VmaAnonShared, String::new())
-                } else if p.ends_with(" (deleted)") {
-                    return Err(unsupported(format!("mapping of deleted file {p}")));
-                } else if p.starts_with("/SYSV") || p.starts_with("/memfd:") {
-                    return Err(unsupported(format!("SysV/memfd shared memory {p}")));
-                } else if shared {
-                    (VmaKind::VmaFileShared, p)
-                } else {
-                    (VmaKind::VmaFilePrivate, p)
-                }
+            _ if shared && name.starts_with("/dev/zero") => (VmaKind::VmaAnonShared, String::new()),
+            _ if name.starts_with("/SYSV") => {
+                return Err(unsupported(format!("SysV shared memory {name}")));
             }
-            other => return Err(unsupported(format!("{other:?}"))),
+            _ if name.starts_with('/') && shared => (VmaKind::VmaFileShared, name.to_string()),
+            _ if name.starts_with('/') => (VmaKind::VmaFilePrivate, name.to_string()),
+            _ => return Err(unsupported(format!("a mapping of kind {name}"))),
         };
         let is_file = matches!(kind, VmaKind::VmaFilePrivate | VmaKind::VmaFileShared);
+        // A memfd or a deleted file is measured through map_files (its
+        // old path may name another file now).
+        let size_at = if is_file && is_unnamed(&path) {
+            map_files(pid.as_raw(), start, end)
+        } else {
+            path.clone()
+        };
         let file_size = if is_file {
-            std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0)
+            std::fs::metadata(&size_at).map(|md| md.len()).unwrap_or(0)
         } else {
             0
         };
@@ -187,7 +171,7 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
             },
             path,
             dev: if is_file {
-                ((m.dev.0 as u64) << 8) | m.dev.1 as u64
+                (u64::from(m.dev.0) << 8) | u64::from(m.dev.1)
             } else {
                 0
             },
@@ -204,26 +188,30 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
                 0
             },
             file_size,
+            file_id: 0,
         });
     }
     Ok(out)
 }
 
-/// The two-letter smaps name of a procfs VmFlags flag.
-fn vm_flag_name(n: &str) -> &'static str {
-    match n {
-        "GD" => "gd",
-        "DC" => "dc",
-        "DD" => "dd",
-        "WF" => "wf",
-        "HG" => "hg",
-        "NH" => "nh",
-        "MG" => "mg",
-        "MW" => "mw",
-        "LO" => "lo",
-        "SD" => "sd",
-        _ => "",
-    }
+/// The smaps VmFlags the image keeps: what restore sets again (gd
+/// growsdown, dc dontcopy, dd dontdump, wf wipeonfork, hg/nh huge page
+/// advice, mg mergeable, dp droppable) or needs to know (mw may write,
+/// lo locked, sd soft-dirty).
+const KEPT_VM_FLAGS: [&str; 11] = [
+    "gd", "dc", "dd", "wf", "hg", "nh", "mg", "mw", "lo", "sd", "dp",
+];
+
+/// Whether a mapped file's kernel name says it has no name left: a memfd,
+/// or a file deleted while mapped (its contents go into the image).
+pub fn is_unnamed(path: &str) -> bool {
+    path.ends_with(" (deleted)")
+}
+
+/// The /proc link that opens the file mapped at `start`-`end` of `pid`
+/// (root only: CAP_SYS_ADMIN).
+pub fn map_files(pid: i32, start: u64, end: u64) -> String {
+    format!("/proc/{pid}/map_files/{start:x}-{end:x}")
 }
 
 /// A run of pages to store: start address, page count, and whether pages
@@ -236,15 +224,24 @@ pub struct Run {
     pub zero_ok: bool,
 }
 
-/// Which pages of each mapping go into the image.
-pub fn page_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<Run>, MemError> {
+/// Which pages of each mapping go into the image, and the guard regions
+/// (MADV_GUARD_INSTALL) of the mappings restore premaps (one in a shared
+/// file mapping is refused).
+pub fn page_runs(pid: Pid, vmas: &[Vma]) -> Result<(Vec<Run>, Vec<PageRange>), MemError> {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| {
         MemError::Pagemap {
             pid: pid.as_raw(),
             source,
         }
     })?;
+    // A guard page reads as swapped: it is told apart by its own bit.
+    let guard = if sys::scan_knows_guards() {
+        sys::PAGE_IS_GUARD
+    } else {
+        0
+    };
     let mut runs = Vec::new();
+    let mut guards = Vec::new();
     for v in vmas {
         let q = match VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaVdso) {
             // Private memory: pages the task has (not the shared zero page,
@@ -255,24 +252,50 @@ pub fn page_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<Run>, MemError> {
             | VmaKind::VmaFilePrivate => ScanQuery {
                 inverted: sys::PAGE_IS_PFNZERO | sys::PAGE_IS_FILE,
                 mask: sys::PAGE_IS_PFNZERO | sys::PAGE_IS_FILE,
-                anyof: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED,
-                ret: sys::PAGE_IS_PRESENT,
+                anyof: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED | guard,
+                ret: sys::PAGE_IS_PRESENT | guard,
                 ..Default::default()
             },
             VmaKind::VmaAnonShared => ScanQuery {
                 inverted: sys::PAGE_IS_PFNZERO,
                 mask: sys::PAGE_IS_PFNZERO,
-                anyof: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED,
-                ret: sys::PAGE_IS_PRESENT,
+                anyof: sys::PAGE_IS_PRESENT | sys::PAGE_IS_SWAPPED | guard,
+                ret: sys::PAGE_IS_PRESENT | guard,
                 ..Default::default()
             },
+            VmaKind::VmaFileShared if guard != 0 => {
+                let q = ScanQuery {
+                    mask: guard,
+                    ret: guard,
+                    ..Default::default()
+                };
+                if let Some(&(s, e, _)) =
+                    sys::pagemap_scan(&pagemap, pid, v.start, v.end, &q)?.first()
+                {
+                    return Err(MemError::Unsupported {
+                        pid: pid.as_raw(),
+                        start: v.start,
+                        end: v.end,
+                        what: format!(
+                            "a guard region ({s:#x}-{e:#x}, MADV_GUARD_INSTALL) in a shared mapping of {}",
+                            v.path
+                        ),
+                    });
+                }
+                continue;
+            }
             _ => continue,
         };
         let zero_ok = v.kind != VmaKind::VmaFilePrivate as i32;
-        for (s, e, _) in sys::pagemap_scan(&pagemap, pid, v.start, v.end, &q)? {
+        for (s, e, cat) in sys::pagemap_scan(&pagemap, pid, v.start, v.end, &q)? {
             let s = s.max(v.start);
             let e = e.min(v.end);
-            if e > s {
+            if e <= s {
+                continue;
+            }
+            if cat & guard != 0 {
+                guards.push(PageRange { start: s, end: e });
+            } else {
                 runs.push(Run {
                     start: s,
                     pages: (e - s) / PAGE,
@@ -281,5 +304,5 @@ pub fn page_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<Run>, MemError> {
             }
         }
     }
-    Ok(runs)
+    Ok((runs, guards))
 }

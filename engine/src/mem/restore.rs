@@ -116,15 +116,36 @@ fn check_file_extent(fd: &impl AsFd, v: &Vma, mm_name: &str) -> Result<(), Strin
     Ok(())
 }
 
-fn open_file(v: &Vma, write: bool, mm_name: &str, what: &str) -> Result<OwnedFd, String> {
+/// The file of a file mapping, opened by its path, or, for a memfd or a
+/// deleted file (`file_id`), through the descriptor of the file cryo made
+/// again (one of `files`, inherited).
+fn open_file(
+    v: &Vma,
+    write: bool,
+    files: &HashMap<u32, RawFd>,
+    mm_name: &str,
+    what: &str,
+) -> Result<OwnedFd, String> {
     use nix::fcntl::OFlag;
     let acc = if write {
         OFlag::O_RDWR
     } else {
         OFlag::O_RDONLY
     };
+    let path = match v.file_id {
+        0 => v.path.clone(),
+        id => {
+            let fd = files.get(&id).ok_or_else(|| {
+                format!(
+                    "{mm_name}: no file {id} was made again for the {what} of {} at {:#x}",
+                    v.path, v.start
+                )
+            })?;
+            format!("/proc/self/fd/{fd}")
+        }
+    };
     let fd = nix::fcntl::open(
-        v.path.as_str(),
+        path.as_str(),
         acc | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
@@ -148,6 +169,7 @@ pub fn premap(
     img: &Image,
     base: u64,
     shm: &HashMap<u64, RawFd>,
+    files: &HashMap<u32, RawFd>,
 ) -> Result<(Premap, Vec<RVma>), String> {
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     let vmas = &img.mm.vmas;
@@ -181,7 +203,7 @@ pub fn premap(
                 rv.pgoff = v.pgoff;
             }
             _ if needs_premap(v) => {
-                map_one(&mut pm.res, v, off, shm, &mm_name)?;
+                map_one(&mut pm.res, v, off, (shm, files), &mm_name)?;
                 pm.of.push((v.start, v.end, off));
                 rv.premap = base + off;
                 off += len;
@@ -199,14 +221,14 @@ fn map_one(
     res: &mut Reservation,
     v: &Vma,
     off: u64,
-    shm: &HashMap<u64, RawFd>,
+    (shm, files): (&HashMap<u64, RawFd>, &HashMap<u32, RawFd>),
     mm_name: &str,
 ) -> Result<(), String> {
     let len = v.end - v.start;
     let growsdown = v.vm_flags.iter().any(|f| f == "gd");
     let made = match kind(v) {
         VmaKind::VmaFilePrivate => {
-            let fd = open_file(v, false, mm_name, "mapping")?;
+            let fd = open_file(v, false, files, mm_name, "mapping")?;
             let backing = Backing::File {
                 fd: fd.as_fd(),
                 offset: v.pgoff,
@@ -232,6 +254,7 @@ fn map_one(
             };
             res.map(off, len, backing, growsdown)
         }
+        _ if v.vm_flags.iter().any(|f| f == "dp") => res.map(off, len, Backing::Droppable, false),
         _ => res.map(off, len, Backing::Anon { shared: false }, growsdown),
     };
     made.map_err(|e| {
@@ -243,10 +266,37 @@ fn map_one(
     })
 }
 
-/// Open the file of every shared file mapping for the restorer (its
-/// entry in `rvmas` gets the number); returns the descriptors, which the
-/// restorer closes once it has mapped them.
-pub fn open_shared_files(img: &Image, rvmas: &mut [RVma]) -> Result<Vec<OwnedFd>, String> {
+/// The guard regions of the process, installed in the premap area once
+/// every page is filled (the restorer's mremap moves them along).
+pub fn install_guards(img: &Image, premap: &mut Premap) -> Result<(), String> {
+    for g in &img.mm.guards {
+        let off = premap.offset_of(g.start).ok_or_else(|| {
+            format!(
+                "{}: the guard region at {:#x} is in no premapped mapping",
+                cryo_image::mm_file(img.pstree.pid),
+                g.start
+            )
+        })?;
+        premap.res.guard(off as u64, g.end - g.start).map_err(|e| {
+            format!(
+                "installing the guard region {:#x}-{:#x} (MADV_GUARD_INSTALL, Linux 6.13): {}",
+                g.start,
+                g.end,
+                std::io::Error::from(e)
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Open the file of every shared file mapping for the restorer, in the
+/// order of their entries in `rvmas` (see [`give_shared_files`]); the
+/// restorer closes them once it has mapped them.
+pub fn open_shared_files(
+    img: &Image,
+    rvmas: &[RVma],
+    files: &HashMap<u32, RawFd>,
+) -> Result<Vec<OwnedFd>, String> {
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     let shared = img
         .mm
@@ -254,13 +304,19 @@ pub fn open_shared_files(img: &Image, rvmas: &mut [RVma]) -> Result<Vec<OwnedFd>
         .iter()
         .filter(|v| kind(v) == VmaKind::VmaFileShared);
     let mut out = Vec::new();
-    for (rv, v) in rvmas.iter_mut().filter(|r| r.premap == 0).zip(shared) {
+    for (_, v) in rvmas.iter().filter(|r| r.premap == 0).zip(shared) {
         let write = v.file_flags as i32 & libc::O_ACCMODE == libc::O_RDWR;
-        let fd = open_file(v, write, &mm_name, "shared mapping")?;
-        rv.fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        out.push(fd);
+        out.push(open_file(v, write, files, &mm_name, "shared mapping")?);
     }
     Ok(out)
+}
+
+/// Each shared file mapping of `rvmas` gets its descriptor, opened by
+/// [`open_shared_files`] (and maybe moved since).
+pub fn give_shared_files(rvmas: &mut [RVma], fds: &[RawFd]) {
+    for (rv, &fd) in rvmas.iter_mut().filter(|r| r.premap == 0).zip(fds) {
+        rv.fd = fd;
+    }
 }
 
 /// One piece of a chunk: `len` bytes at `offset` in the chunk go to

@@ -237,28 +237,68 @@ pub fn parse_limits(text: &str) -> Option<Vec<(u64, u64)>> {
         .collect()
 }
 
-/// One line of /proc/PID/maps: start, end and the name column (empty for
-/// anonymous memory).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One mapping of /proc/PID/maps or /proc/PID/smaps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapRange {
     pub start: u64,
     pub end: u64,
+    /// `rwxp` or `rwxs`.
+    pub perms: String,
+    pub offset: u64,
+    /// Major and minor device number of a mapped file.
+    pub dev: (u32, u32),
+    pub inode: u64,
+    /// The name column, whole (empty for anonymous memory; a file's path
+    /// may end in " (deleted)").
     pub name: String,
+    /// smaps only: the two-letter names of its VmFlags line.
+    pub vm_flags: Vec<String>,
 }
 
-/// Parse /proc/PID/maps into ranges (lines that do not parse are skipped).
+/// Parse /proc/PID/maps or smaps into mappings (lines that do not parse
+/// are skipped).
 pub fn parse_maps(text: &str) -> Vec<MapRange> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let (s, e) = it.next()?.split_once('-')?;
-            Some(MapRange {
-                start: u64::from_str_radix(s, 16).ok()?,
-                end: u64::from_str_radix(e, 16).ok()?,
-                name: it.nth(4).unwrap_or("").to_string(),
-            })
-        })
-        .collect()
+    let mut out: Vec<MapRange> = Vec::new();
+    for l in text.lines() {
+        if let Some(flags) = l.strip_prefix("VmFlags:") {
+            if let Some(m) = out.last_mut() {
+                m.vm_flags = flags.split_whitespace().map(String::from).collect();
+            }
+            continue;
+        }
+        if let Some(m) = parse_map_line(l) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// `START-END PERMS OFFSET MAJOR:MINOR INODE NAME`, NAME what is left
+/// after the fifth field (it may hold spaces).
+fn parse_map_line(l: &str) -> Option<MapRange> {
+    let mut rest = l;
+    let mut fields = [""; 5];
+    for f in fields.iter_mut() {
+        rest = rest.trim_start();
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        *f = &rest[..end];
+        rest = &rest[end..];
+    }
+    let (s, e) = fields[0].split_once('-')?;
+    let (major, minor) = fields[3].split_once(':')?;
+    Some(MapRange {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        perms: fields[1].to_string(),
+        offset: u64::from_str_radix(fields[2], 16).ok()?,
+        dev: (
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode: fields[4].parse().ok()?,
+        name: rest.trim_start().to_string(),
+        vm_flags: Vec::new(),
+    })
 }
 
 /// The number a one-value /proc file holds (oom_score_adj, loginuid,
@@ -276,6 +316,28 @@ pub fn read_maps(pid: &str) -> Vec<MapRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_and_smaps() {
+        let t = "7f00-7f10 rw-s 00002000 00:01 42                         /tmp/a b.dat (deleted)\n\
+Size:                 64 kB\n\
+VmFlags: rd wr sh mr mw me ms dp \n\
+7f20-7f30 rw-p 00000000 00:00 0 \n\
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]\n";
+        let m = parse_maps(t);
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            (m[0].start, m[0].end, m[0].offset),
+            (0x7f00, 0x7f10, 0x2000)
+        );
+        assert_eq!((m[0].dev, m[0].inode), ((0, 1), 42));
+        assert_eq!(m[0].perms, "rw-s");
+        assert_eq!(m[0].name, "/tmp/a b.dat (deleted)");
+        assert_eq!(m[0].vm_flags.last().map(String::as_str), Some("dp"));
+        assert_eq!(m[1].name, "");
+        assert!(m[1].vm_flags.is_empty());
+        assert_eq!(m[2].name, "[vsyscall]");
+    }
 
     #[test]
     fn epoll_targets() {

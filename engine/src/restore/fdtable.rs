@@ -33,8 +33,15 @@ fn own_file<'a>(img: &'a Image, e: &FdEntry) -> Option<&'a FileEntry> {
 
 /// Build the task's descriptor table from the open file descriptions cryo
 /// made (`made`, by file id, inherited); `status_w` is the status pipe,
-/// moved above the dumped numbers. Returns its new number.
-pub fn install(img: &Image, made: &HashMap<u32, RawFd>, status_w: RawFd) -> Result<RawFd, String> {
+/// moved above the dumped numbers, like the task's own descriptors in
+/// `extra` (their numbers are updated). Returns the status pipe's new
+/// number.
+pub fn install(
+    img: &Image,
+    made: &HashMap<u32, RawFd>,
+    status_w: RawFd,
+    extra: &mut [RawFd],
+) -> Result<RawFd, String> {
     let max_fd = img
         .fds
         .iter()
@@ -53,6 +60,11 @@ pub fn install(img: &Image, made: &HashMap<u32, RawFd>, status_w: RawFd) -> Resu
     let status_fd = dup_high(status_w)?;
     STATUS_FD.store(status_fd, Ordering::Relaxed);
     fd::close(status_w);
+    for n in extra.iter_mut() {
+        let moved = dup_high(*n)?;
+        fd::close(*n);
+        *n = moved;
+    }
     // The open file descriptions this task uses move into the kept block.
     let mut moved: Vec<(u32, RawFd)> = Vec::new();
     for e in &img.fds {

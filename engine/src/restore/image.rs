@@ -327,6 +327,7 @@ impl Image {
         let threads = load_threads(dir, need, &pstree, &core)?;
         let mm: MmEntry = cryo_image::read_one(dir, &mm_name, Kind::Mm)?;
         check_vmas(&mm_name, &mm)?;
+        check_held(&mm_name, &core_name, &mm, &core, files)?;
         let (pagemap_head, runs, chunks) = load_pagemap(dir, need, pid, &mm)?;
         let fds = load_fds(dir, &fd_name, files)?;
         Ok(Image {
@@ -435,8 +436,95 @@ fn check_vmas(mm_name: &str, mm: &MmEntry) -> Result<()> {
         }
         prev_end = v.end;
     }
-
+    // Each guard region lies inside one premapped mapping, in order.
+    let mut prev_end = 0;
+    for g in &mm.guards {
+        let inside = mm
+            .vmas
+            .iter()
+            .any(|v| v.start <= g.start && g.end <= v.end && crate::mem::restore::needs_premap(v));
+        if !inside
+            || g.start % 4096 != 0
+            || g.end % 4096 != 0
+            || g.end <= g.start
+            || g.start < prev_end
+        {
+            return Err(invalid(
+                mm_name,
+                format!(
+                    "guard region {:#x}-{:#x} is malformed or not inside a premapped mapping",
+                    g.start, g.end
+                ),
+            ));
+        }
+        prev_end = g.end;
+    }
     Ok(())
+}
+
+/// A mapping of a file with no name left names a memfd or deleted file of
+/// files.img; a removed working directory names a removed directory.
+fn check_held(
+    mm_name: &str,
+    core_name: &str,
+    mm: &MmEntry,
+    core: &CoreEntry,
+    files: &[FileEntry],
+) -> Result<()> {
+    let kind_of = |id: u32| {
+        files
+            .iter()
+            .find(|f| f.id == id)
+            .map(|f| (f.kind, f.deleted))
+    };
+    for v in mm.vmas.iter().filter(|v| v.file_id != 0) {
+        let ghost = matches!(
+            kind_of(v.file_id),
+            Some((k, _)) if k == FileKind::FileMemfd as i32 || k == FileKind::FileDeleted as i32
+        );
+        let file_map = matches!(
+            VmaKind::try_from(v.kind),
+            Ok(VmaKind::VmaFilePrivate | VmaKind::VmaFileShared)
+        );
+        if !ghost || !file_map {
+            return Err(invalid(
+                mm_name,
+                format!(
+                    "the mapping at {:#x} names file {}, which is not a memfd or deleted file of {}",
+                    v.start,
+                    v.file_id,
+                    cryo_image::FILES_FILE
+                ),
+            ));
+        }
+    }
+    let cwd = core.process.as_ref().and_then(|p| p.cwd_file);
+    if let Some(id) = cwd {
+        if kind_of(id) != Some((FileKind::FileDirectory as i32, true)) {
+            return Err(invalid(
+                core_name,
+                format!(
+                    "the working directory names file {id}, which is not a removed directory of {}",
+                    cryo_image::FILES_FILE
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Image {
+    /// The files of files.img this process uses without a descriptor
+    /// (mapped memfds and deleted files, a removed working directory).
+    pub fn held_files(&self) -> impl Iterator<Item = u32> + '_ {
+        let cwd = self.core.process.as_ref().and_then(|p| p.cwd_file);
+        self.mm
+            .vmas
+            .iter()
+            .map(|v| v.file_id)
+            .filter(|&id| id != 0)
+            .chain(cwd)
+    }
 }
 
 /// The pagemap: its header, runs and chunks, which must agree with each

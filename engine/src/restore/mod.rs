@@ -198,7 +198,7 @@ fn make_shared(tree: &TreeImage) -> Result<Shared> {
     let used = tree
         .procs
         .iter()
-        .flat_map(|p| p.fds.iter().map(|f| f.id))
+        .flat_map(|p| p.fds.iter().map(|f| f.id).chain(p.held_files()))
         .collect();
     let files =
         crate::files::open_all(&tree.procs[0].files, &used).map_err(|e| RestoreError::File {

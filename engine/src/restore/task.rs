@@ -30,20 +30,28 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> Result<Never, Strin
     // allocates memory.
     let layout = handoff::plan(img)?;
     let boot = Boot::map(&layout, img.pstree.pid, status_w)?;
-    let (mut premap, mut rvmas) = mem::restore::premap(img, layout.premap_base, ctx.shm)?;
+    let (mut premap, mut rvmas) =
+        mem::restore::premap(img, layout.premap_base, ctx.shm, ctx.files)?;
     mem::restore::fill_pages(img, &ctx.readers[me], &mut premap)?;
     mem::cow::fill_from_parents(ctx.tree, ctx.readers, me, &mut premap)?;
-    // Descriptors: the pages are read, every inherited descriptor but the
-    // tree's files goes.
-    let status_fd = crate::restore::fdtable::install(img, ctx.files, status_w)?;
-    fsinfo::restore(&pc)?;
-    let mm_name = cryo_image::mm_file(img.pstree.pid);
-    // Shared file mappings are mapped by the restorer from these, and the
-    // executable goes to PR_SET_MM_MAP; it closes them all.
-    let mut close_fds: Vec<i32> = mem::restore::open_shared_files(img, &mut rvmas)?
+    mem::restore::install_guards(img, &mut premap)?;
+    // While the tree's files are all inherited (a removed working
+    // directory or a mapped memfd is one of them): into the working
+    // directory, and the files of shared mappings, which the restorer
+    // maps.
+    fsinfo::restore(&pc, ctx.files)?;
+    let mut shared_files: Vec<RawFd> = mem::restore::open_shared_files(img, &rvmas, ctx.files)?
         .into_iter()
         .map(IntoRawFd::into_raw_fd)
         .collect();
+    // Descriptors: the pages are read, every inherited descriptor but the
+    // tree's files goes (the shared mappings' files move above them).
+    let status_fd = crate::restore::fdtable::install(img, ctx.files, status_w, &mut shared_files)?;
+    mem::restore::give_shared_files(&mut rvmas, &shared_files);
+    let mm_name = cryo_image::mm_file(img.pstree.pid);
+    // The restorer closes the shared mappings' files once they are mapped,
+    // and the executable's once PR_SET_MM_MAP has it.
+    let mut close_fds = shared_files;
     let exe_fd = mem::mm::open_exe(&img.mm, &mm_name)?.into_raw_fd();
     close_fds.push(exe_fd);
     let prepared = Prepared {

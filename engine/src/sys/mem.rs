@@ -87,12 +87,23 @@ pub struct Reservation {
     len: u64,
     /// Read-write mapped (offset, length) pieces, in the order made.
     mapped: Vec<(u64, u64)>,
+    /// Guard regions were installed: some pages fault on any access, so
+    /// the range is no longer handed out as bytes.
+    guarded: bool,
 }
+
+/// mmap: a private anonymous mapping the kernel may drop (Linux 6.11).
+const MAP_DROPPABLE: i32 = 0x08;
+/// madvise: install guard pages (Linux 6.13).
+const MADV_GUARD_INSTALL: i32 = 102;
 
 /// What to map into a piece of a [`Reservation`].
 pub enum Backing<'a> {
     /// Private or shared anonymous memory.
     Anon { shared: bool },
+    /// Private anonymous memory the kernel may drop under memory pressure
+    /// (MAP_DROPPABLE; it reads as zeros then).
+    Droppable,
     /// The file behind `fd` from byte `offset` on, private or shared.
     File {
         fd: std::os::fd::BorrowedFd<'a>,
@@ -109,6 +120,7 @@ impl Reservation {
                 base,
                 len,
                 mapped: Vec::new(),
+                guarded: false,
             });
         }
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping,
@@ -133,6 +145,7 @@ impl Reservation {
             base: p as u64,
             len,
             mapped: Vec::new(),
+            guarded: false,
         };
         if p as u64 != base {
             // An old kernel that ignores the flag placed it elsewhere (r
@@ -178,6 +191,10 @@ impl Reservation {
                 };
                 (-1, 0)
             }
+            Backing::Droppable => {
+                flags |= libc::MAP_ANONYMOUS | MAP_DROPPABLE;
+                (-1, 0)
+            }
             Backing::File { fd, offset, shared } => {
                 use std::os::fd::AsRawFd;
                 flags |= if shared {
@@ -211,6 +228,9 @@ impl Reservation {
     /// The whole range as bytes, once every page of it is mapped
     /// read-write (None before).
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        if self.guarded {
+            return None;
+        }
         let mut pieces = self.mapped.clone();
         pieces.sort_unstable();
         let mut covered = 0;
@@ -230,6 +250,31 @@ impl Reservation {
         // would fault if touched; callers write only pages the dumped task
         // had, which lie inside the file.
         Some(unsafe { std::slice::from_raw_parts_mut(self.base as *mut u8, self.len as usize) })
+    }
+
+    /// Make `len` bytes at `offset` a guard region (MADV_GUARD_INSTALL:
+    /// every access faults); the mappings move with their guards.
+    pub fn guard(&mut self, offset: u64, len: u64) -> Result<(), Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > self.len || !offset.is_multiple_of(4096) || !len.is_multiple_of(4096) {
+            return Err(Errno::EINVAL);
+        }
+        self.guarded = true;
+        // SAFETY: the range lies inside our reservation (checked above);
+        // no slice of it is alive (`bytes_mut` borrows self mutably) and
+        // none is handed out again (`guarded`), so nothing of ours touches
+        // the pages that now fault.
+        let r = unsafe {
+            libc::madvise(
+                (self.base + offset) as *mut c_void,
+                len as usize,
+                MADV_GUARD_INSTALL,
+            )
+        };
+        if r != 0 {
+            return Err(Errno::last());
+        }
+        Ok(())
     }
 
     /// Keep the mappings past this object's life (the restorer takes them

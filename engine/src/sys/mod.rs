@@ -308,6 +308,29 @@ pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+/// A guard region's page (MADV_GUARD_INSTALL), since Linux 6.14.
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
+
+/// Whether PAGEMAP_SCAN knows PAGE_IS_GUARD here (older kernels refuse
+/// the bit with EINVAL).
+pub fn scan_knows_guards() -> bool {
+    static KNOWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOWS.get_or_init(|| {
+        let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+            return false;
+        };
+        // Any mapped page of ours will do: the one this local is on.
+        let local = 0u8;
+        let here = (std::ptr::addr_of!(local) as u64) & !4095;
+        let q = ScanQuery {
+            mask: PAGE_IS_GUARD,
+            ret: PAGE_IS_GUARD,
+            ..Default::default()
+        };
+        let me = Pid::this();
+        pagemap_scan(&pagemap, me, here, here + 4096, &q).is_ok()
+    })
+}
 
 /// A PAGEMAP_SCAN query.
 #[derive(Debug, Clone, Copy, Default)]
@@ -384,6 +407,33 @@ pub fn pagemap_scan(
         cur = a.walk_end.max(vec[n - 1].end);
     }
     Ok(out)
+}
+
+/// XTILEDATA, the AMX tile registers: enabled in XCR0 but given to a
+/// process only on its request (arch_prctl ARCH_REQ_XCOMP_PERM), and left
+/// out of the signal frames of the others.
+pub const XFEATURE_XTILEDATA: u64 = 1 << 18;
+
+/// The XSAVE part of a signal frame of a task that asked for no dynamic
+/// feature (XTILEDATA): its features (XCR0 without those) and its size in
+/// the standard format (the end of the last of them, from CPUID 0xD).
+/// Smaller than the area PTRACE_GETREGSET gives where XCR0 has AMX.
+pub fn sigframe_xsave() -> (u32, u64) {
+    static LAYOUT: std::sync::OnceLock<(u32, u64)> = std::sync::OnceLock::new();
+    *LAYOUT.get_or_init(|| {
+        let (_, xcr0) = xsave_layout();
+        let features = xcr0 & !XFEATURE_XTILEDATA;
+        // The legacy area and the XSAVE header, then each feature at its
+        // offset (CPUID 0xD.i: EAX its size, EBX its offset).
+        let mut size = 576u32;
+        for i in 2..63u32 {
+            if features & (1u64 << i) != 0 {
+                let l = std::arch::x86_64::__cpuid_count(0xD, i);
+                size = size.max(l.ebx.saturating_add(l.eax));
+            }
+        }
+        (size, features)
+    })
 }
 
 /// This CPU's user XSAVE layout: the standard-format size for the enabled

@@ -67,6 +67,49 @@ const R_HEAP: u64 = 12;
 const R_NONE_FILLED: u64 = 13;
 const R_RX: u64 = 14;
 const R_ADVISED: u64 = 15;
+const R_GUARDED: u64 = 16;
+const R_DROPPABLE: u64 = 17;
+
+/// The `guarded` region's pages, and which of them are guard pages
+/// (MADV_GUARD_INSTALL: every access faults).
+const GUARDED_PAGES: usize = 5;
+const GUARD_AT: [usize; 2] = [1, 3];
+/// madvise(2) advice and mmap(2) flag newer than the libc crate.
+const MADV_GUARD_INSTALL: c_int = 102;
+const MAP_DROPPABLE: c_int = 0x08;
+
+/// For each page of `r`: whether it is a guard page (pagemap bit 58).
+fn guard_pages(r: &Region) -> Vec<bool> {
+    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
+        return Vec::new();
+    };
+    let mut buf = vec![0u8; r.len / PAGE * 8];
+    let off = (r.addr() / PAGE * 8) as u64;
+    if std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off).is_err() {
+        return Vec::new();
+    }
+    buf.chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()) >> 58 & 1 == 1)
+        .collect()
+}
+
+/// The VmFlags of the mapping holding `addr` (/proc/self/smaps).
+fn vm_flags_at(addr: usize) -> Vec<String> {
+    let smaps = read_text("/proc/self/smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if inside {
+                return flags.split_whitespace().map(String::from).collect();
+            }
+        } else if let Some((a, b)) = line.split_once(' ').and_then(|(r, _)| r.split_once('-')) {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                inside = a <= addr && addr < b;
+            }
+        }
+    }
+    Vec::new()
+}
 
 /// The advice given to each page of the `advised` region, and the smaps
 /// VmFlags letters each shows.
@@ -240,6 +283,34 @@ impl Region {
     fn fill(&self, region: u64) {
         for (i, w) in self.words_mut().iter_mut().enumerate() {
             *w = pat(region, i * 8 / PAGE, i % (PAGE / 8));
+        }
+    }
+}
+
+/// The guard pages are guard pages still, the pages between them hold
+/// their pattern; the droppable mapping is droppable, each page either
+/// its pattern or dropped (zeros).
+fn check_guards(ck: &mut Checker, s: &Setup) {
+    let want: Vec<bool> = (0..GUARDED_PAGES).map(|p| GUARD_AT.contains(&p)).collect();
+    ck.eq(
+        "guard pages (pagemap bit 58)",
+        &want,
+        &guard_pages(&s.guarded),
+    );
+    let words = s.guarded.words();
+    for p in (0..GUARDED_PAGES).filter(|p| !GUARD_AT.contains(p)) {
+        let page = &words[p * PAGE / 8..(p + 1) * PAGE / 8];
+        check_words(ck, "anon mapping with guard pages", page, R_GUARDED, p);
+    }
+    let Some(d) = &s.droppable else {
+        return;
+    };
+    if !vm_flags_at(d.addr()).iter().any(|f| f == "dp") {
+        ck.fail("the MAP_DROPPABLE mapping is not droppable (no dp in its VmFlags)");
+    }
+    for (p, page) in d.words().chunks(PAGE / 8).enumerate() {
+        if page.iter().any(|&w| w != 0) {
+            check_words(ck, "droppable mapping", page, R_DROPPABLE, p);
         }
     }
 }
@@ -1192,6 +1263,11 @@ struct Setup {
     untouched: Region,
     /// One page per advice of ADVICE.
     advised: Region,
+    /// GUARDED_PAGES pages of R_GUARDED, those of GUARD_AT guard pages.
+    guarded: Region,
+    /// Two pages of R_DROPPABLE mapped MAP_DROPPABLE (None: the kernel
+    /// has no droppable mappings).
+    droppable: Option<Region>,
     ro: Region,
     none: Region,
     /// Written with a pattern, then made PROT_NONE.
@@ -1393,6 +1469,20 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
             return Err(format!("madvise({adv}): {}", errstr()));
         }
     }
+    let guarded = Region::map(GUARDED_PAGES * PAGE, rw, pa, -1)?;
+    guarded.fill(R_GUARDED);
+    for p in GUARD_AT {
+        // SAFETY: madvise on one page of our own mapping, which nothing
+        // touches again (the checks skip it).
+        if unsafe { libc::madvise(guarded.ptr.add(p * PAGE).cast(), PAGE, MADV_GUARD_INSTALL) } != 0
+        {
+            return Err(format!("madvise(MADV_GUARD_INSTALL): {}", errstr()));
+        }
+    }
+    let droppable = Region::map(2 * PAGE, rw, MAP_DROPPABLE | libc::MAP_ANONYMOUS, -1).ok();
+    if let Some(d) = &droppable {
+        d.fill(R_DROPPABLE);
+    }
     let ro = Region::map(RO_PAGES * PAGE, rw, pa, -1)?;
     ro.fill(R_RO);
     // SAFETY: ro is our own mapping of that length.
@@ -1544,6 +1634,8 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
         shared_anon,
         untouched,
         advised,
+        guarded,
+        droppable,
         ro,
         none,
         none_filled,
@@ -1802,6 +1894,7 @@ fn check_after(
         &b.advice,
         &advice_of(&s.advised),
     );
+    check_guards(ck, s);
     check_words(ck, "r-x anon mapping", s.rx.words(), R_RX, 0);
     // The task could not read these pages when it was dumped: their
     // contents must have been saved all the same. (maps was read already.)

@@ -126,6 +126,9 @@ pub fn file_kind_name(kind: i32) -> String {
 /// A file's path for people, with its pty for the ends of a pty pair:
 /// `/dev/ptmx (pty 3, locked, packet mode)`, `/dev/pts/3 (pty 3)`.
 pub fn file_label(f: &proto::FileEntry) -> String {
+    if f.deleted {
+        return format!("{} (removed)", f.path);
+    }
     let Some(pty) = &f.pty else {
         return f.path.clone();
     };

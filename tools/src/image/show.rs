@@ -220,6 +220,7 @@ fn process_json(core: &CoreEntry) -> Value {
         None => Value::Null,
         Some(p) => json!({
             "cwd": p.cwd,
+            "cwd_file": p.cwd_file,
             "root": p.root,
             "umask": format!("{:04o}", p.umask),
             "personality": hex(u64::from(p.personality)),
@@ -251,6 +252,7 @@ fn mapping_json(v: &Vma, pm: &Pagemap) -> Value {
         "perms": perms(v),
         "kind": load::vma_kind_name(v.kind),
         "path": v.path,
+        "file_id": (v.file_id != 0).then_some(v.file_id),
         "offset": hex(v.pgoff),
         "pages": (v.end.saturating_sub(v.start)) / PAGE_SIZE as u64,
         "pages_stored": load::pages_in(&pm.runs, v.start, v.end, false),
@@ -522,8 +524,11 @@ fn to_text(img: &Image, dir: &Path) -> String {
             if let Some(p) = &c.process {
                 let _ = writeln!(
                     s,
-                    "    process: cwd {:?} root {:?} umask {:04o} sigactions {} itimers {} posix timers {} rlimits {} shared pending {}",
+                    "    process: cwd {:?}{} root {:?} umask {:04o} sigactions {} itimers {} posix timers {} rlimits {} shared pending {}",
                     p.cwd,
+                    p.cwd_file
+                        .map(|id| format!(" (removed: file {id})"))
+                        .unwrap_or_default(),
                     p.root,
                     p.umask,
                     p.sigactions.len(),
@@ -583,10 +588,11 @@ fn to_text(img: &Image, dir: &Path) -> String {
             "START-END", "PERMS", "KIND", "STORED", "PARENT"
         );
         for v in &t.mm.vmas {
-            let file = if v.path.is_empty() {
-                String::new()
-            } else {
-                format!("{}@{:#x}", v.path, v.pgoff)
+            let file = match (v.path.is_empty(), v.file_id) {
+                (true, _) => String::new(),
+                (false, 0) => format!("{}@{:#x}", v.path, v.pgoff),
+                // Its contents are those of that entry of files.img.
+                (false, id) => format!("{}@{:#x} (file {id})", v.path, v.pgoff),
             };
             let _ = writeln!(
                 s,
