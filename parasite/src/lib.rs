@@ -408,12 +408,12 @@ pub struct RestoreArgs {
     /// Mappings, in the order to put them in place.
     pub vmas: u64,
     pub nr_vmas: u64,
-    /// The vdso/vvar VMAs currently mapped (ascending), where the first
-    /// must go (0: unmap them, the dumped task had none), and a scratch
-    /// area as large as the whole block to bounce through.
+    /// The vdso/vvar VMAs currently mapped (ascending), where each must
+    /// go (its dumped address; 0: unmap it, the dumped task had none such),
+    /// and a scratch area as large as the whole block to bounce through.
     pub vdso_parts: [Range; 4],
     pub nr_vdso_parts: u64,
-    pub vdso_dst: u64,
+    pub vdso_dst: [u64; 4],
     pub vdso_scratch: u64,
     pub mm_map: PrctlMmMap,
     /// Descriptors to close once mappings are in place.

@@ -7,14 +7,14 @@
 //! raw memory of the new task that the restorer keeps after it unmaps
 //! everything else, and the jump leaves Rust for good.
 
-use cryo_image::proto::{CoreEntry, Vma};
+use cryo_image::proto::{CoreEntry, Vma, VmaKind};
 use cryo_parasite::*;
 
 use super::image::Image;
 use super::status::{send_status, Never};
 use super::{BOOT_STACK, PAGE, THREAD_STACK};
 use crate::infect::blob::{Blob, RESTORER_ELF};
-use crate::mem::restore::{is_vdso, premap_len};
+use crate::mem::restore::{is_vdso, kind, premap_len};
 use crate::{core, creds, mem, sigframe, signals};
 
 extern "C" {
@@ -203,21 +203,53 @@ impl Boot {
     }
 }
 
-/// Where the restorer moves our vdso to: the dumped vdso's address (0:
-/// the dump had none), refused when the layouts differ part for part.
-fn vdso_target(vmas: &[Vma], now: &[(u64, u64, String)], mm_name: &str) -> Result<u64, String> {
-    let dumped: Vec<&Vma> = vmas.iter().filter(|v| is_vdso(v)).collect();
-    if dumped.is_empty() {
-        return Ok(0);
+/// Where the restorer moves each of our vdso/vvar parts: the address of
+/// the dumped part of the same kind and size (the program may have moved
+/// parts, together or apart), or 0 to unmap it (the program had unmapped
+/// it). A dumped part this kernel has no counterpart for is refused.
+fn vdso_targets(
+    vmas: &[Vma],
+    now: &[(u64, u64, String)],
+    mm_name: &str,
+) -> Result<[u64; 4], String> {
+    let kind_of = |name: &str| match name {
+        "[vdso]" => Some(VmaKind::VmaVdso),
+        "[vvar]" => Some(VmaKind::VmaVvar),
+        "[vvar_vclock]" => Some(VmaKind::VmaVvarVclock),
+        _ => None,
+    };
+    let mut dst = [0u64; 4];
+    let mut used = vec![false; vmas.len()];
+    for (i, n) in now.iter().take(4).enumerate() {
+        let want = kind_of(&n.2);
+        let found = vmas
+            .iter()
+            .enumerate()
+            .position(|(k, v)| !used[k] && Some(kind(v)) == want && v.end - v.start == n.1 - n.0);
+        if let Some(k) = found {
+            used[k] = true;
+            dst[i] = vmas[k].start;
+        }
     }
-    let same = dumped.len() == now.len()
-        && dumped.iter().zip(now.iter()).all(|(d, n)| {
-            d.end - d.start == n.1 - n.0 && d.start - dumped[0].start == n.0 - now[0].0
-        });
-    if !same {
-        return Err(format!("{mm_name}: the dumped vdso/vvar layout differs from this kernel's; restoring across kernels is not supported yet"));
+    if let Some(v) = vmas
+        .iter()
+        .enumerate()
+        .find(|(k, v)| is_vdso(v) && !used[*k])
+        .map(|x| x.1)
+    {
+        let here: Vec<String> = now
+            .iter()
+            .map(|n| format!("{} of {} bytes", n.2, n.1 - n.0))
+            .collect();
+        return Err(format!(
+            "{mm_name}: the dumped {} mapping at {:#x} ({} bytes) has no counterpart here ({}); restoring across kernels is not supported yet",
+            crate::mem::restore::kind(v).as_str_name(),
+            v.start,
+            v.end - v.start,
+            here.join(", ")
+        ));
     }
-    Ok(dumped[0].start)
+    Ok(dst)
 }
 
 /// The arguments of every thread other than the leader: its own stack,
@@ -304,7 +336,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     let pc = img.core.process.clone().unwrap_or_default();
     let vdso_now = &p.layout.vdso_now;
-    let vdso_dst = vdso_target(&img.mm.vmas, vdso_now, &mm_name)?;
+    let vdso_dst = vdso_targets(&img.mm.vmas, vdso_now, &mm_name)?;
     let mut vdso_parts = [Range::default(); 4];
     for (i, v) in vdso_now.iter().take(4).enumerate() {
         vdso_parts[i] = Range {

@@ -390,23 +390,19 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         );
     }
 
-    // 3. Move our vdso/vvar block where the dumped task had it, through a
-    // scratch area so no step lands on a part not moved yet.
-    let parts = &a.vdso_parts[..(a.nr_vdso_parts as usize).min(4)];
+    // 3. Move each vdso/vvar part where the dumped task had it (or unmap
+    // it), through a scratch area so no step lands on a part not moved yet.
+    let n = (a.nr_vdso_parts as usize).min(4);
+    let parts = &a.vdso_parts[..n];
+    let dsts = &a.vdso_dst[..n];
     if let Some(first) = parts.first() {
         let base = first.start;
-        if a.vdso_dst == 0 {
-            for (i, p) in parts.iter().enumerate() {
-                check(
-                    sfd,
-                    STAGE_VDSO,
-                    i,
-                    syscall2(SYS_MUNMAP, p.start as usize, (p.end - p.start) as usize),
-                );
-            }
-        } else if a.vdso_dst != base {
-            for (i, p) in parts.iter().enumerate() {
-                let len = (p.end - p.start) as usize;
+        let moves = |i: usize| dsts[i] != 0 && dsts[i] != parts[i].start;
+        for (i, p) in parts.iter().enumerate() {
+            let len = (p.end - p.start) as usize;
+            if dsts[i] == 0 {
+                check(sfd, STAGE_VDSO, i, syscall2(SYS_MUNMAP, p.start as usize, len));
+            } else if moves(i) {
                 let tmp = a.vdso_scratch + (p.start - base);
                 let r = syscall5(
                     SYS_MREMAP,
@@ -418,20 +414,22 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
                 );
                 check(sfd, STAGE_VDSO, i, r);
             }
-            for (i, p) in parts.iter().enumerate() {
-                let len = (p.end - p.start) as usize;
-                let tmp = a.vdso_scratch + (p.start - base);
-                let dst = a.vdso_dst + (p.start - base);
-                let r = syscall5(
-                    SYS_MREMAP,
-                    tmp as usize,
-                    len,
-                    len,
-                    MREMAP_MAYMOVE | MREMAP_FIXED,
-                    dst as usize,
-                );
-                check(sfd, STAGE_VDSO, i, r);
+        }
+        for (i, p) in parts.iter().enumerate() {
+            if !moves(i) {
+                continue;
             }
+            let len = (p.end - p.start) as usize;
+            let tmp = a.vdso_scratch + (p.start - base);
+            let r = syscall5(
+                SYS_MREMAP,
+                tmp as usize,
+                len,
+                len,
+                MREMAP_MAYMOVE | MREMAP_FIXED,
+                dsts[i] as usize,
+            );
+            check(sfd, STAGE_VDSO, i, r);
         }
     }
 
