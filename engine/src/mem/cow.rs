@@ -185,6 +185,9 @@ fn find_needs(
     for r in parents {
         for k in 0..r.nr_pages as u64 {
             let vaddr = r.vaddr + k * PAGE;
+            if premap.adopted(vaddr) {
+                continue; // the parent's own frame already
+            }
             let dst = premap
                 .offset_of(vaddr)
                 .ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;

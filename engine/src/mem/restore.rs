@@ -53,9 +53,24 @@ pub struct Premap {
     res: Reservation,
     /// (dumped start, dumped end, offset in the area), in dumped order.
     of: Vec<(u64, u64, u64)>,
+    /// The mappings taken whole from the parent's premap area (dumped
+    /// start, end): their pages in the parent are the parent's frames.
+    adopted: Vec<(u64, u64)>,
 }
 
 impl Premap {
+    /// Whether the page at dumped address `vaddr` lies in a mapping taken
+    /// from the parent.
+    pub fn adopted(&self, vaddr: u64) -> bool {
+        self.adopted.iter().any(|&(s, e)| s <= vaddr && vaddr < e)
+    }
+
+    /// Where the mapping of dumped address `vaddr` is now, in this
+    /// process (and in its children, which inherit the area).
+    fn addr_of(&self, vaddr: u64) -> Option<u64> {
+        Some(self.res.base() + self.offset_of(vaddr)? as u64)
+    }
+
     /// Where the page at dumped address `vaddr` is in the area.
     pub fn offset_of(&self, vaddr: u64) -> Option<usize> {
         // The mappings are in address order (smaps order).
@@ -170,6 +185,7 @@ pub fn premap(
     base: u64,
     shm: &HashMap<u64, RawFd>,
     files: &HashMap<u32, RawFd>,
+    parent: Option<(&Image, &Premap)>,
 ) -> Result<(Premap, Vec<RVma>), String> {
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     let vmas = &img.mm.vmas;
@@ -182,6 +198,7 @@ pub fn premap(
     let mut pm = Premap {
         res,
         of: Vec::new(),
+        adopted: Vec::new(),
     };
     let mut rvmas = Vec::new();
     let mut off = 0u64;
@@ -203,7 +220,13 @@ pub fn premap(
                 rv.pgoff = v.pgoff;
             }
             _ if needs_premap(v) => {
-                map_one(&mut pm.res, v, off, (shm, files), &mm_name)?;
+                match parent.and_then(|(pimg, ppm)| from_parent(img, v, pimg, ppm)) {
+                    Some(src) => {
+                        adopt(&mut pm.res, img, v, off, src, &mm_name)?;
+                        pm.adopted.push((v.start, v.end));
+                    }
+                    None => map_one(&mut pm.res, v, off, (shm, files), &mm_name)?,
+                }
                 pm.of.push((v.start, v.end, off));
                 rv.premap = base + off;
                 off += len;
@@ -213,6 +236,80 @@ pub fn premap(
         rvmas.push(rv);
     }
     Ok((pm, rvmas))
+}
+
+/// Where, in the parent's premap area (inherited by the fork), the same
+/// private mapping is, when this process still shared pages of it with
+/// the parent copy-on-write at the dump: the parent's mapping of the same
+/// range, kind, flags (and file) without guard regions. Taking it whole
+/// keeps those pages one frame.
+fn from_parent(img: &Image, v: &Vma, pimg: &Image, ppm: &Premap) -> Option<u64> {
+    if !matches!(
+        kind(v),
+        VmaKind::VmaAnonPrivate | VmaKind::VmaHeap | VmaKind::VmaStack | VmaKind::VmaFilePrivate
+    ) {
+        return None;
+    }
+    let shares = img.runs.iter().any(|r| {
+        r.flags & cryo_image::PAGE_IN_PARENT != 0 && v.start <= r.vaddr && r.vaddr < v.end
+    });
+    let pv = pimg.mm.vmas.iter().find(|p| p.start == v.start)?;
+    let same = (
+        pv.end,
+        pv.kind,
+        &pv.vm_flags,
+        &pv.path,
+        pv.pgoff,
+        pv.file_id,
+    ) == (v.end, v.kind, &v.vm_flags, &v.path, v.pgoff, v.file_id);
+    let guarded = pimg
+        .mm
+        .guards
+        .iter()
+        .any(|g| g.start < v.end && v.start < g.end);
+    if !shares || !same || guarded {
+        return None;
+    }
+    ppm.addr_of(v.start)
+}
+
+/// Take the parent's copy of mapping `v` (at `src`, inherited) into the
+/// area at `off`; the pages this process had neither stored nor shared
+/// with the parent are dropped from it (zeros again, or the file's).
+fn adopt(
+    res: &mut Reservation,
+    img: &Image,
+    v: &Vma,
+    off: u64,
+    src: u64,
+    mm_name: &str,
+) -> Result<(), String> {
+    let len = v.end - v.start;
+    let err = |what: &str, e: nix::errno::Errno| {
+        format!(
+            "{mm_name}: {what} the parent's copy of the mapping at {:#x}: {}",
+            v.start,
+            std::io::Error::from(e)
+        )
+    };
+    res.adopt(off, len, src).map_err(|e| err("taking", e))?;
+    // The runs of the process inside `v`, in address order.
+    let mut covered: Vec<(u64, u64)> = img
+        .runs
+        .iter()
+        .map(|r| (r.vaddr, r.vaddr + r.nr_pages as u64 * PAGE))
+        .filter(|&(s, e)| s < v.end && v.start < e)
+        .collect();
+    covered.sort_unstable();
+    let mut at = v.start;
+    for (s, e) in covered.into_iter().chain(std::iter::once((v.end, v.end))) {
+        if s > at {
+            res.discard(off + (at - v.start), s - at)
+                .map_err(|e| err("dropping pages of", e))?;
+        }
+        at = at.max(e);
+    }
+    Ok(())
 }
 
 /// One private or shared anonymous mapping, or a private file mapping,

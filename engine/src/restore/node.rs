@@ -1,6 +1,7 @@
 //! The new tasks of a restore, from their creation (clone3 with the
 //! dumped pid, by the task that is to be their parent) to the hand-off:
-//! each makes its session or group, creates its children, waits on the
+//! each makes its session or group and its memory (which its children
+//! inherit), creates its children, waits on the
 //! barriers until the whole tree exists and every group is in place, then
 //! becomes what it was: a helper exits, a zombie exits with its dumped
 //! status, a task prepares itself ([`super::task`]) and jumps into the
@@ -42,12 +43,16 @@ pub struct NodeCtx<'a> {
     pub go: [RawFd; 3],
 }
 
+/// The memory of the task that creates a node, when it is the node's
+/// dumped parent: its image's index and its premap area (inherited).
+pub type Parent<'a> = Option<(usize, &'a crate::mem::restore::Premap)>;
+
 /// A new task of the tree, running cryo's code with its dumped pid.
 /// Never returns.
-pub fn node_main(ctx: &NodeCtx, idx: usize) -> ! {
+pub fn node_main(ctx: &NodeCtx, idx: usize, parent: Parent) -> ! {
     let node = &ctx.plan.nodes[idx];
     STATUS_FD.store(ctx.status_w, Ordering::Relaxed);
-    match node_setup(ctx, idx) {
+    match node_setup(ctx, idx, parent) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(node.pid, &msg),
     }
@@ -78,14 +83,30 @@ fn setup_self(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
     sessions::enter(ctx.tree, ctx.pty_masters, node)
 }
 
-fn node_setup(ctx: &NodeCtx, idx: usize) -> Result<Never, String> {
+fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String> {
     let node = &ctx.plan.nodes[idx];
     let pid = node.pid;
     setup_self(ctx, node)?;
+    // A task makes its memory before its children, which inherit it: the
+    // pages they still shared copy-on-write with it stay one frame.
+    let memory = match node.kind {
+        NodeKind::Task(i) => Some((
+            i,
+            super::task::prepare_memory(ctx, i, ctx.status_w, parent)?,
+        )),
+        _ => None,
+    };
     for &c in &node.children {
         let child = &ctx.plan.nodes[c];
+        let its_parent = memory.as_ref().and_then(|(i, m)| {
+            let dumped_parent = match child.kind {
+                NodeKind::Task(k) => ctx.tree.procs[k].pstree.ppid == ctx.tree.procs[*i].pstree.pid,
+                _ => false,
+            };
+            dumped_parent.then(|| (*i, m.premap()))
+        });
         match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal) {
-            Ok(0) => node_main(ctx, c),
+            Ok(0) => node_main(ctx, c, its_parent),
             Ok(_) => {}
             Err(errno) => {
                 let holder = super::pid_holder(child.pid).unwrap_or_default();
@@ -113,7 +134,8 @@ fn node_setup(ctx: &NodeCtx, idx: usize) -> Result<Never, String> {
             for g in ctx.go {
                 crate::sys::fd::close(g);
             }
-            task_main(ctx, i, fd)
+            let (_, m) = memory.ok_or("a task without its memory")?;
+            task_main(ctx, i, fd, m)
         }
     }
 }
@@ -146,10 +168,10 @@ fn collect_children(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
 
 /// The task with its dumped pid, prepared for and handed over to the
 /// restorer. Never returns.
-fn task_main(ctx: &NodeCtx, i: usize, status_w: RawFd) -> ! {
+fn task_main(ctx: &NodeCtx, i: usize, status_w: RawFd, m: super::task::Memory) -> ! {
     let img = &ctx.tree.procs[i];
     STATUS_FD.store(status_w, Ordering::Relaxed);
-    match super::task::prepare(ctx, i, status_w) {
+    match super::task::prepare(ctx, i, status_w, m) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(img.pid(), &msg),
     }

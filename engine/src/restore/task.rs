@@ -10,8 +10,34 @@ use super::node::NodeCtx;
 use super::status::Never;
 use crate::{cgroup, fsinfo, mem, ns};
 
-/// Prepare task `me` of the tree and hand over to the restorer.
-pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> Result<Never, String> {
+/// What a task made of its memory before it created its children, who
+/// inherit it: the bootstrap and premap areas, filled.
+pub struct Memory {
+    layout: handoff::Layout,
+    boot: Boot,
+    premap: mem::restore::Premap,
+    rvmas: Vec<cryo_parasite::RVma>,
+}
+
+impl Memory {
+    /// The premap area, for a child to take the mappings it still shared
+    /// copy-on-write with this task from (it inherits them by the fork).
+    pub fn premap(&self) -> &mem::restore::Premap {
+        &self.premap
+    }
+}
+
+/// The first part of task `me`'s preparation, before it creates its
+/// children: its cgroups and namespaces, then its memory. `parent` is the
+/// memory of the task that created it, if that was its dumped parent
+/// (with its image's index): the mappings still shared copy-on-write are
+/// taken from it, so the pages stay one frame.
+pub fn prepare_memory(
+    ctx: &NodeCtx,
+    me: usize,
+    status_w: RawFd,
+    parent: Option<(usize, &mem::restore::Premap)>,
+) -> Result<Memory, String> {
     let img = &ctx.tree.procs[me];
     // Test hook: a restore failing in one task of the tree, the others
     // created and on their way.
@@ -30,11 +56,31 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd) -> Result<Never, Strin
     // allocates memory.
     let layout = handoff::plan(img)?;
     let boot = Boot::map(&layout, img.pstree.pid, status_w)?;
-    let (mut premap, mut rvmas) =
-        mem::restore::premap(img, layout.premap_base, ctx.shm, ctx.files)?;
+    let parent = parent.map(|(i, pm)| (&ctx.tree.procs[i], pm));
+    let (mut premap, rvmas) =
+        mem::restore::premap(img, layout.premap_base, ctx.shm, ctx.files, parent)?;
     mem::restore::fill_pages(img, &ctx.readers[me], &mut premap)?;
     mem::cow::fill_from_parents(ctx.tree, ctx.readers, me, &mut premap)?;
     mem::restore::install_guards(img, &mut premap)?;
+    Ok(Memory {
+        layout,
+        boot,
+        premap,
+        rvmas,
+    })
+}
+
+/// The rest of task `me`'s preparation, once the tree is built: its
+/// working directory, descriptors and the hand-over to the restorer.
+pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd, m: Memory) -> Result<Never, String> {
+    let img = &ctx.tree.procs[me];
+    let pc = img.core.process.clone().unwrap_or_default();
+    let Memory {
+        layout,
+        boot,
+        premap,
+        mut rvmas,
+    } = m;
     // While the tree's files are all inherited (a removed working
     // directory or a mapped memfd is one of them): into the working
     // directory, and the files of shared mappings, which the restorer

@@ -252,6 +252,60 @@ impl Reservation {
         Some(unsafe { std::slice::from_raw_parts_mut(self.base as *mut u8, self.len as usize) })
     }
 
+    /// Move `len` bytes of memory mapped at `src` (outside the range, an
+    /// inherited mapping nothing of ours uses) to `offset` in the range.
+    pub fn adopt(&mut self, offset: u64, len: u64, src: u64) -> Result<(), Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        let src_end = src.checked_add(len).ok_or(Errno::EINVAL)?;
+        let overlaps = src < self.base + self.len && self.base < src_end;
+        if end > self.len || !offset.is_multiple_of(4096) || len == 0 || overlaps {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: the destination lies inside our reservation (checked
+        // above) and no slice of it is alive (`bytes_mut` borrows self
+        // mutably); the source is a mapping the caller says no Rust object
+        // uses (the parent's premap area, inherited by the fork), and does
+        // not overlap the destination.
+        let p = unsafe {
+            libc::mremap(
+                src as *mut c_void,
+                len as usize,
+                len as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                (self.base + offset) as *mut c_void,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        self.mapped.push((offset, len));
+        Ok(())
+    }
+
+    /// Drop the pages of `len` bytes at `offset` (MADV_DONTNEED: private
+    /// anonymous memory reads as zeros again, a private file mapping as
+    /// the file).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), Errno> {
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > self.len || !offset.is_multiple_of(4096) || !len.is_multiple_of(4096) {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: the range lies inside our reservation (checked above) and
+        // no slice of it is alive (`bytes_mut` borrows self mutably); its
+        // contents change, which no Rust object relies on.
+        let r = unsafe {
+            libc::madvise(
+                (self.base + offset) as *mut c_void,
+                len as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(Errno::last());
+        }
+        Ok(())
+    }
+
     /// Make `len` bytes at `offset` a guard region (MADV_GUARD_INSTALL:
     /// every access faults); the mappings move with their guards.
     pub fn guard(&mut self, offset: u64, len: u64) -> Result<(), Errno> {

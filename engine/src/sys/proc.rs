@@ -152,8 +152,15 @@ fn own_threads() -> Option<u64> {
 /// multi-threaded process could inherit locks that no thread of it will
 /// ever release), which is what makes it safe to call.
 pub fn fork_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
-    if own_threads() != Some(1) {
-        return Err(Errno::EDEADLK);
+    // Worker threads just joined may take a moment to leave the thread
+    // group (the kernel counts them until their exit completes).
+    let mut waited = 0;
+    while own_threads() != Some(1) {
+        if waited == 500 {
+            return Err(Errno::EDEADLK);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
     }
     // SAFETY: this process is single-threaded (checked just above; a
     // single-threaded process cannot gain a thread between the check and
