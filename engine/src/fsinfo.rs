@@ -1,19 +1,19 @@
 //! The filesystem context of a process: its working directory, root and
 //! umask.
 //!
-//! Dump: /proc/PID/cwd and /proc/PID/root, and the umask from
-//! /proc/PID/status; a root that was deleted, and a root other than `/`
-//! (a chrooted task), are refused. A working directory removed while the
-//! process sat in it goes into files.img (`cwd_file`, made again and
-//! removed again by the restore, see files::ghost). Restore: the new task
-//! changes to the directory (or into the remade one, through the
-//! descriptor cryo made) and sets the umask before it hands over to the
-//! restorer.
+//! Dump: /proc/PID/cwd and /proc/PID/root (a chrooted task's root is a
+//! directory other than `/`), and the umask from /proc/PID/status. A
+//! working directory or root removed while the process had it goes into
+//! files.img (`cwd_file`, `root_file`: made again and removed again by the
+//! restore, see files::ghost). Restore: the new task changes to its
+//! working directory (or into the remade one, through the descriptor cryo
+//! made) and sets the umask; last, once it needs no more paths of cryo's,
+//! it changes its root ([`open_root`], [`enter_root`]).
 
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 
 use cryo_image::proto::ProcessCore;
 use nix::sys::stat::Mode;
@@ -26,10 +26,6 @@ pub enum FsInfoError {
         #[source]
         source: std::io::Error,
     },
-    #[error("task {pid}: its root {path} was deleted; cryo does not restore a removed root")]
-    DeletedRoot { pid: i32, path: String },
-    #[error("task {pid}: its root is {root} (chrooted); cryo restores only tasks whose root is /")]
-    Chroot { pid: i32, root: String },
 }
 
 /// The process's working directory, root and umask.
@@ -39,6 +35,7 @@ pub struct FsInfo {
     pub root: String,
     pub umask: u32,
     pub cwd_deleted: bool,
+    pub root_deleted: bool,
 }
 
 /// Read from /proc; `status` is /proc/PID/status, parsed.
@@ -62,19 +59,12 @@ pub fn dump(pid: i32, status: &HashMap<String, String>) -> Result<FsInfo, FsInfo
             .map(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0)
             .map_err(|source| FsInfoError::Proc { path, source })
     };
-    if removed("root")? {
-        let path = root.trim_end_matches(" (deleted)").to_string();
-        return Err(FsInfoError::DeletedRoot { pid, path });
-    }
-    if root != "/" {
-        return Err(FsInfoError::Chroot { pid, root });
-    }
-    let cwd_deleted = removed("cwd")?;
     Ok(FsInfo {
         cwd,
         root,
         umask,
-        cwd_deleted,
+        cwd_deleted: removed("cwd")?,
+        root_deleted: removed("root")?,
     })
 }
 
@@ -82,12 +72,6 @@ pub fn dump(pid: i32, status: &HashMap<String, String>) -> Result<FsInfo, FsInfo
 /// open file descriptions cryo made, by id (a removed working directory
 /// is one of them).
 pub fn restore(pc: &ProcessCore, files: &HashMap<u32, RawFd>) -> Result<(), String> {
-    if pc.root != "/" {
-        return Err(format!(
-            "the task's root was {}; restoring a chrooted task is not supported yet",
-            pc.root
-        ));
-    }
     let io = std::io::Error::from;
     match pc.cwd_file {
         Some(id) => {
@@ -110,4 +94,43 @@ pub fn restore(pc: &ProcessCore, files: &HashMap<u32, RawFd>) -> Result<(), Stri
     }
     nix::sys::stat::umask(Mode::from_bits_truncate(pc.umask));
     Ok(())
+}
+
+/// The task's root, other than `/` (a chrooted task), opened while cryo's
+/// paths still resolve: the directory by its path, or the remade one
+/// (`root_file`, one of `files`). None: its root is `/`.
+pub fn open_root(pc: &ProcessCore, files: &HashMap<u32, RawFd>) -> Result<Option<OwnedFd>, String> {
+    use nix::fcntl::OFlag;
+    let path = match pc.root_file {
+        Some(id) => {
+            let fd = files
+                .get(&id)
+                .ok_or_else(|| format!("no directory was made again for the root {}", pc.root))?;
+            format!("/proc/self/fd/{fd}")
+        }
+        None if pc.root == "/" => return Ok(None),
+        None => pc.root.clone(),
+    };
+    nix::fcntl::open(
+        path.as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(Some)
+    .map_err(|e| format!("opening the root {}: {}", pc.root, std::io::Error::from(e)))
+}
+
+/// Change the task's root to the directory `root` holds (see
+/// [`open_root`]) and close it; the working directory stays.
+pub fn enter_root(root: RawFd, pc: &ProcessCore) -> Result<(), String> {
+    let path = format!("/proc/self/fd/{root}");
+    let r = nix::unistd::chroot(path.as_str()).map_err(|e| {
+        format!(
+            "changing the root to {} (chroot): {}",
+            pc.root,
+            std::io::Error::from(e)
+        )
+    });
+    crate::sys::fd::close(root);
+    r
 }

@@ -468,8 +468,10 @@ pub struct RestoreArgs {
     /// StateReply::membarrier: register for each of those commands again.
     pub membarrier: u64,
     /// The audit login uid to write to /proc/self/loginuid (only the task
-    /// itself may), or u64::MAX to leave it.
+    /// itself may), or u64::MAX to leave it; through `loginuid_fd`, that
+    /// file opened by the task before it changed its root.
     pub loginuid: u64,
+    pub loginuid_fd: i64,
 }
 
 /// Offsets inside the kernel rt_sigframe (x86_64), from its start.

@@ -285,7 +285,7 @@ fn spliced_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> R
 /// The files the process holds without a descriptor and with no name to
 /// open them by at restore: mapped memfds and deleted files (each mapping
 /// of one; files::link makes them one entry), a removed working
-/// directory.
+/// directory or root.
 fn held_files(
     opts: &DumpOptions,
     pid: i32,
@@ -311,17 +311,16 @@ fn held_files(
         let by = HeldBy::Mapping(v.start);
         held.push(HeldFile::new(pid, via, &v.path, kind, by, &opts.collect())?);
     }
-    if process.cwd_file.is_some() {
-        let via = format!("/proc/{pid}/cwd");
-        let (kind, by) = (FileKind::FileDirectory, HeldBy::WorkingDir);
-        held.push(HeldFile::new(
-            pid,
-            via,
-            &process.cwd,
-            kind,
-            by,
-            &opts.collect(),
-        )?);
+    let dirs = [
+        (process.cwd_file, "cwd", &process.cwd, HeldBy::WorkingDir),
+        (process.root_file, "root", &process.root, HeldBy::Root),
+    ];
+    for (file, name, path, by) in dirs {
+        if file.is_some() {
+            let via = format!("/proc/{pid}/{name}");
+            let kind = FileKind::FileDirectory;
+            held.push(HeldFile::new(pid, via, path, kind, by, &opts.collect())?);
+        }
     }
     Ok(held)
 }
@@ -353,9 +352,14 @@ fn process_core(
         } else {
             fs.cwd
         },
-        // The id is the one files::link gives it.
+        // The ids are the ones files::link gives them.
         cwd_file: fs.cwd_deleted.then_some(0),
-        root: fs.root,
+        root_file: fs.root_deleted.then_some(0),
+        root: if fs.root_deleted {
+            crate::files::ghost::deleted_name(&fs.root)
+        } else {
+            fs.root
+        },
         child_subreaper: st.child_subreaper != 0,
         dumpable: st.dumpable as u32,
         pdeath_signal: st.pdeath_signal as u32,

@@ -577,6 +577,11 @@ fn name_held_files(caps: &mut [Captured]) {
                         p.cwd_file = Some(h.entry.id);
                     }
                 }
+                HeldBy::Root => {
+                    if let Some(p) = c.core.process.as_mut() {
+                        p.root_file = Some(h.entry.id);
+                    }
+                }
             }
         }
     }

@@ -153,6 +153,7 @@ pub enum HeldBy {
     /// The mapping that starts at this address.
     Mapping(u64),
     WorkingDir,
+    Root,
 }
 
 impl HeldFile {

@@ -326,6 +326,8 @@ pub struct Prepared {
     pub close_fds: Vec<i32>,
     pub exe_fd: i32,
     pub status_fd: i32,
+    /// See [`open_loginuid`] (the restorer closes it).
+    pub loginuid_fd: i32,
     /// See `NodeCtx::cpu_timer_slack_us`.
     pub cpu_timer_slack_us: u64,
 }
@@ -424,7 +426,12 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
         pdeath_signal: pc.pdeath_signal as u64,
         thp_disable: pc.thp_disable as u64,
         membarrier: pc.membarrier as u64,
-        loginuid: loginuid_to_set(pc.loginuid),
+        loginuid: if p.loginuid_fd >= 0 {
+            loginuid_to_set(pc.loginuid)
+        } else {
+            u64::MAX
+        },
+        loginuid_fd: p.loginuid_fd as i64,
         fs_base: regs.fs_base,
         gs_base: regs.gs_base,
         groups: boot.put(&creds.groups)?,
@@ -476,6 +483,23 @@ fn jump(boot: &Boot, blob: &Blob, stack_top: u64, args_at: u64) -> Result<Never,
             options(noreturn),
         );
     }
+}
+
+/// /proc/self/loginuid opened for the restorer to write the image's login
+/// uid to, if the new task has another one (it inherits cryo's); -1: none
+/// to write. Opened before the task changes its root.
+pub fn open_loginuid(img: &Image) -> Result<i32, String> {
+    let pc = img.core.process.as_ref();
+    if loginuid_to_set(pc.and_then(|p| p.loginuid)) == u64::MAX {
+        return Ok(-1);
+    }
+    nix::fcntl::open(
+        "/proc/self/loginuid",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(std::os::fd::IntoRawFd::into_raw_fd)
+    .map_err(|e| format!("opening /proc/self/loginuid: {}", std::io::Error::from(e)))
 }
 
 /// The login uid the restorer writes: the image's, unless the new task

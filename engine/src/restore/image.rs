@@ -498,13 +498,17 @@ fn check_held(
             ));
         }
     }
-    let cwd = core.process.as_ref().and_then(|p| p.cwd_file);
-    if let Some(id) = cwd {
+    let p = core.process.as_ref();
+    for (what, id) in [
+        ("working directory", p.and_then(|p| p.cwd_file)),
+        ("root", p.and_then(|p| p.root_file)),
+    ] {
+        let Some(id) = id else { continue };
         if kind_of(id) != Some((FileKind::FileDirectory as i32, true)) {
             return Err(invalid(
                 core_name,
                 format!(
-                    "the working directory names file {id}, which is not a removed directory of {}",
+                    "the {what} names file {id}, which is not a removed directory of {}",
                     cryo_image::FILES_FILE
                 ),
             ));
@@ -515,15 +519,17 @@ fn check_held(
 
 impl Image {
     /// The files of files.img this process uses without a descriptor
-    /// (mapped memfds and deleted files, a removed working directory).
+    /// (mapped memfds and deleted files, a removed working directory or
+    /// root).
     pub fn held_files(&self) -> impl Iterator<Item = u32> + '_ {
-        let cwd = self.core.process.as_ref().and_then(|p| p.cwd_file);
+        let p = self.core.process.as_ref();
+        let dirs = [p.and_then(|p| p.cwd_file), p.and_then(|p| p.root_file)];
         self.mm
             .vmas
             .iter()
             .map(|v| v.file_id)
             .filter(|&id| id != 0)
-            .chain(cwd)
+            .chain(dirs.into_iter().flatten())
     }
 }
 

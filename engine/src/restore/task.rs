@@ -86,13 +86,18 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd, m: Memory) -> Result<N
     // directory, and the files of shared mappings, which the restorer
     // maps.
     fsinfo::restore(&pc, ctx.files)?;
-    let mut shared_files: Vec<RawFd> = mem::restore::open_shared_files(img, &rvmas, ctx.files)?
+    let mut kept: Vec<RawFd> = mem::restore::open_shared_files(img, &rvmas, ctx.files)?
         .into_iter()
         .map(IntoRawFd::into_raw_fd)
         .collect();
+    let root = fsinfo::open_root(&pc, ctx.files)?.map(IntoRawFd::into_raw_fd);
+    kept.extend(root);
     // Descriptors: the pages are read, every inherited descriptor but the
-    // tree's files goes (the shared mappings' files move above them).
-    let status_fd = crate::restore::fdtable::install(img, ctx.files, status_w, &mut shared_files)?;
+    // tree's files goes (the shared mappings' files and the root move
+    // above them).
+    let status_fd = crate::restore::fdtable::install(img, ctx.files, status_w, &mut kept)?;
+    let root = root.and_then(|_| kept.pop());
+    let shared_files = kept;
     mem::restore::give_shared_files(&mut rvmas, &shared_files);
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     // The restorer closes the shared mappings' files once they are mapped,
@@ -100,6 +105,11 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd, m: Memory) -> Result<N
     let mut close_fds = shared_files;
     let exe_fd = mem::mm::open_exe(&img.mm, &mm_name)?.into_raw_fd();
     close_fds.push(exe_fd);
+    let loginuid_fd = handoff::open_loginuid(img)?;
+    // The root last: no path of cryo's is opened from here on.
+    if let Some(fd) = root {
+        fsinfo::enter_root(fd, &pc)?;
+    }
     let prepared = Prepared {
         layout,
         boot,
@@ -108,6 +118,7 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd, m: Memory) -> Result<N
         close_fds,
         exe_fd,
         status_fd,
+        loginuid_fd,
         cpu_timer_slack_us: ctx.cpu_timer_slack_us,
     };
     handoff::enter(img, prepared)

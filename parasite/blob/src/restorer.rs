@@ -55,12 +55,9 @@ fn check(fd: i32, stage: u32, index: usize, r: isize) {
     }
 }
 
-/// Write `uid` in decimal to /proc/self/loginuid (the kernel lets only the
-/// task itself do that).
-fn restore_loginuid(sfd: i32, uid: u32) {
-    const AT_FDCWD: isize = -100;
-    const O_WRONLY: usize = 1;
-    let path = b"/proc/self/loginuid\0";
+/// Write `uid` in decimal to /proc/self/loginuid, open as `fd` (the
+/// kernel lets only the task itself write it), and close it.
+fn restore_loginuid(sfd: i32, fd: i64, uid: u32) {
     // Decimal digits, written from the end of the buffer.
     let mut text = [0u8; 10];
     let mut at = text.len();
@@ -73,8 +70,6 @@ fn restore_loginuid(sfd: i32, uid: u32) {
             break;
         }
     }
-    let fd = syscall3(SYS_OPENAT, AT_FDCWD as usize, path.as_ptr() as usize, O_WRONLY);
-    check(sfd, STAGE_CREDS, 9, fd);
     let r = syscall3(
         SYS_WRITE,
         fd as usize,
@@ -596,7 +591,7 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     // first: writing it needs CAP_AUDIT_CONTROL, which the credentials may
     // drop.
     if a.loginuid != u64::MAX {
-        restore_loginuid(sfd, a.loginuid as u32);
+        restore_loginuid(sfd, a.loginuid_fd, a.loginuid as u32);
     }
     if a.set_groups != 0 {
         check(
