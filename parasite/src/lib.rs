@@ -233,6 +233,8 @@ pub const RVMA_WIPEONFORK: u32 = 4;
 pub const RVMA_HUGEPAGE: u32 = 8;
 pub const RVMA_NOHUGEPAGE: u32 = 16;
 pub const RVMA_MERGEABLE: u32 = 32;
+/// mseal(2) the mapping once it is in place (smaps VmFlags `sl`).
+pub const RVMA_SEALED: u32 = 64;
 
 /// A range the restorer keeps while it unmaps everything else.
 #[repr(C)]

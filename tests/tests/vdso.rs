@@ -43,3 +43,8 @@ fn vdso_gone_kill_and_restore() {
 fn vdso_gone_leave_running() {
     cycle("gone", true);
 }
+
+#[test]
+fn vdso_apart_leave_running() {
+    cycle("apart", true);
+}

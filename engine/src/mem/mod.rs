@@ -196,10 +196,10 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
 
 /// The smaps VmFlags the image keeps: what restore sets again (gd
 /// growsdown, dc dontcopy, dd dontdump, wf wipeonfork, hg/nh huge page
-/// advice, mg mergeable, dp droppable) or needs to know (mw may write,
-/// lo locked, sd soft-dirty).
-const KEPT_VM_FLAGS: [&str; 11] = [
-    "gd", "dc", "dd", "wf", "hg", "nh", "mg", "mw", "lo", "sd", "dp",
+/// advice, mg mergeable, dp droppable, sl sealed) or needs to know (mw
+/// may write, lo locked, sd soft-dirty).
+const KEPT_VM_FLAGS: [&str; 12] = [
+    "gd", "dc", "dd", "wf", "hg", "nh", "mg", "mw", "lo", "sd", "dp", "sl",
 ];
 
 /// Whether a mapped file's kernel name says it has no name left: a memfd,

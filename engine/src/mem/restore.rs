@@ -17,7 +17,7 @@ use cryo_image::proto::{PagemapEntry, Vma, VmaKind};
 use cryo_image::PageReader;
 use cryo_parasite::{
     RVma, RVMA_DONTDUMP, RVMA_DONTFORK, RVMA_HUGEPAGE, RVMA_MERGEABLE, RVMA_NOHUGEPAGE,
-    RVMA_WIPEONFORK,
+    RVMA_SEALED, RVMA_WIPEONFORK,
 };
 
 use super::PAGE;
@@ -110,6 +110,7 @@ fn madv_of(v: &Vma) -> u32 {
             "hg" => RVMA_HUGEPAGE,
             "nh" => RVMA_NOHUGEPAGE,
             "mg" => RVMA_MERGEABLE,
+            "sl" => RVMA_SEALED,
             _ => 0,
         }
     })

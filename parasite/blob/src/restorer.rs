@@ -485,6 +485,15 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
                 );
             }
         }
+        // Sealed last: nothing may change the mapping after this.
+        if v.madv & RVMA_SEALED != 0 {
+            check(
+                sfd,
+                STAGE_MADVISE,
+                i,
+                syscall3(SYS_MSEAL, v.start as usize, v.len as usize, 0),
+            );
+        }
     }
 
     // 5. mm fields, exe link included (our own binary is unmapped now).

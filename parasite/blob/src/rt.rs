@@ -30,6 +30,7 @@ pub const SYS_BRK: usize = 12;
 pub const SYS_RT_SIGACTION: usize = 13;
 pub const SYS_MREMAP: usize = 25;
 pub const SYS_MADVISE: usize = 28;
+pub const SYS_MSEAL: usize = 462;
 pub const SYS_PAUSE: usize = 34;
 pub const SYS_GETITIMER: usize = 36;
 pub const SYS_SETITIMER: usize = 38;

@@ -77,6 +77,7 @@ const GUARD_AT: [usize; 2] = [1, 3];
 /// madvise(2) advice and mmap(2) flag newer than the libc crate.
 const MADV_GUARD_INSTALL: c_int = 102;
 const MAP_DROPPABLE: c_int = 0x08;
+const SYS_MSEAL: libc::c_long = 462;
 
 /// For each page of `r`: whether it is a guard page (pagemap bit 58).
 fn guard_pages(r: &Region) -> Vec<bool> {
@@ -288,8 +289,8 @@ impl Region {
 }
 
 /// The guard pages are guard pages still, the pages between them hold
-/// their pattern; the droppable mapping is droppable, each page either
-/// its pattern or dropped (zeros).
+/// their pattern; the sealed page is sealed; the droppable mapping is
+/// droppable, each page either its pattern or dropped (zeros).
 fn check_guards(ck: &mut Checker, s: &Setup) {
     let want: Vec<bool> = (0..GUARDED_PAGES).map(|p| GUARD_AT.contains(&p)).collect();
     ck.eq(
@@ -301,6 +302,16 @@ fn check_guards(ck: &mut Checker, s: &Setup) {
     for p in (0..GUARDED_PAGES).filter(|p| !GUARD_AT.contains(p)) {
         let page = &words[p * PAGE / 8..(p + 1) * PAGE / 8];
         check_words(ck, "anon mapping with guard pages", page, R_GUARDED, p);
+    }
+    if let Some(m) = &s.sealed {
+        if !vm_flags_at(m.addr()).iter().any(|f| f == "sl") {
+            ck.fail("the sealed page is not sealed (no sl in its VmFlags)");
+        }
+        // SAFETY: mprotect of our sealed page, which the seal must refuse
+        // (it changes nothing if it is honoured).
+        if unsafe { libc::mprotect(m.ptr.cast(), PAGE, libc::PROT_READ | libc::PROT_WRITE) } == 0 {
+            ck.fail("mprotect of the sealed page succeeded");
+        }
     }
     let Some(d) = &s.droppable else {
         return;
@@ -1268,6 +1279,8 @@ struct Setup {
     /// Two pages of R_DROPPABLE mapped MAP_DROPPABLE (None: the kernel
     /// has no droppable mappings).
     droppable: Option<Region>,
+    /// A read-only page sealed with mseal (None: the kernel cannot seal).
+    sealed: Option<Region>,
     ro: Region,
     none: Region,
     /// Written with a pattern, then made PROT_NONE.
@@ -1479,6 +1492,9 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
             return Err(format!("madvise(MADV_GUARD_INSTALL): {}", errstr()));
         }
     }
+    let sealed = Region::map(PAGE, libc::PROT_READ, pa, -1)?;
+    // SAFETY: mseal of our own mapping, which stays as it is for good.
+    let sealed = (unsafe { libc::syscall(SYS_MSEAL, sealed.ptr, PAGE, 0) } == 0).then_some(sealed);
     let droppable = Region::map(2 * PAGE, rw, MAP_DROPPABLE | libc::MAP_ANONYMOUS, -1).ok();
     if let Some(d) = &droppable {
         d.fill(R_DROPPABLE);
@@ -1636,6 +1652,7 @@ fn setup(args: &Args, ck: &mut Checker) -> Result<Setup, String> {
         advised,
         guarded,
         droppable,
+        sealed,
         ro,
         none,
         none_filled,
