@@ -233,11 +233,13 @@ fn round_trip_every_kind() {
             fd: 0,
             id: 1,
             cloexec: false,
+            ..Default::default()
         },
         FdEntry {
             fd: 3,
             id: 2,
             cloexec: true,
+            ..Default::default()
         },
     ];
     let name = fdinfo_file(100);

@@ -500,46 +500,6 @@ fn dump_refuses_terminal_on_stdout() {
     unsafe { libc::close(master) };
 }
 
-/// A pidfd whose process has exited and been reaped (fdinfo `Pid: -1`)
-/// cannot be made again: refused, naming the descriptor and why.
-#[test]
-fn dump_refuses_pidfd_of_exited_process() {
-    become_subreaper();
-    let mut gone = Command::new(sleep_bin())
-        .arg("0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn a short sleep");
-    // SAFETY: pidfd_open of our own child, which is not reaped yet.
-    let pidfd =
-        unsafe { libc::syscall(libc::SYS_pidfd_open, gone.id() as libc::pid_t, 0) } as RawFd;
-    assert!(
-        pidfd >= 0,
-        "pidfd_open: {}",
-        std::io::Error::last_os_error()
-    );
-    gone.wait().expect("reap the short sleep");
-    let mut guard = sleep_with_fd3(pidfd);
-    let pid = guard.pid();
-    // SAFETY: closing our own copy of the pidfd.
-    unsafe { libc::close(pidfd) };
-    wait_settled(pid, SETTLE_TIMEOUT);
-    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/3")).expect("fdinfo 3");
-    assert!(
-        info.lines().any(|l| l == "Pid:\t-1"),
-        "setup: fd 3 is not a pidfd of an exited process:\n{info}"
-    );
-    assert_dump_refused(
-        pid,
-        Some(3),
-        &["pidfd", "exited"],
-        "pidfd of an exited process",
-    );
-    assert_eq!(guard.kill(), Some(Exit::Signal(libc::SIGKILL)));
-}
-
 /// A tmpfs of `size` mounted on `dir` by this test, unmounted on drop.
 struct SmallDisk(std::path::PathBuf);
 

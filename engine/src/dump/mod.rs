@@ -145,6 +145,7 @@ impl DumpOptions {
         CollectOptions {
             ghost_limit: self.ghost_limit,
             shell_job: self.shell_job,
+            owners: true,
         }
     }
 }
@@ -522,7 +523,11 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     let check = |p: i32| -> Result<()> {
         check_task(p)?;
         let mut diag = DiagSnapshot::default();
-        crate::files::collect(p, &mut 1, &opts.collect(), &mut diag)?;
+        let running = CollectOptions {
+            owners: false,
+            ..opts.collect()
+        };
+        crate::files::collect(p, &mut 1, &running, &mut diag)?;
         Ok(())
     };
     let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;

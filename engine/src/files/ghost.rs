@@ -13,7 +13,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use cryo_image::proto::{FileEntry, FileKind};
+use cryo_image::proto::{Extent, FileEntry, FileKind};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SealFlag};
 use nix::sys::memfd::MFdFlags;
@@ -116,7 +116,7 @@ mod tests {
 /// the image).
 pub fn dump(cx: &FdCtx, limit: u64, e: &mut FileEntry) -> Result<(), FilesError> {
     times(cx.st, e);
-    let size = cx.st.st_size as u64;
+    let size = data_size(cx.st);
     if size > limit {
         return Err(FilesError::DeletedFile {
             pid: cx.pid,
@@ -127,6 +127,43 @@ pub fn dump(cx: &FdCtx, limit: u64, e: &mut FileEntry) -> Result<(), FilesError>
         });
     }
     Ok(())
+}
+
+/// The bytes of a file that hold data (a sparse file's holes are not in
+/// the image): its size, or less where fewer blocks are allocated.
+pub fn data_size(st: &nix::sys::stat::FileStat) -> u64 {
+    (st.st_size as u64).min(st.st_blocks as u64 * 512)
+}
+
+/// The data of a file, extent by extent (SEEK_DATA, SEEK_HOLE): the bytes
+/// and the extents, or no extents when the file is one extent from its
+/// start to its end.
+fn read_extents(f: &std::fs::File, size: u64) -> std::io::Result<(Vec<u8>, Vec<Extent>)> {
+    use std::os::unix::fs::FileExt;
+    let mut data = Vec::new();
+    let mut extents = Vec::new();
+    let mut off = 0i64;
+    while (off as u64) < size {
+        let start = match nix::unistd::lseek(f, off, Whence::SeekData) {
+            Ok(s) => s,
+            Err(Errno::ENXIO) => break, // a hole up to the end
+            Err(e) => return Err(e.into()),
+        };
+        let end = nix::unistd::lseek(f, start, Whence::SeekHole)?.min(size as i64);
+        let len = (end - start).max(0) as usize;
+        let at = data.len();
+        data.resize(at + len, 0);
+        f.read_exact_at(&mut data[at..], start as u64)?;
+        extents.push(Extent {
+            offset: start as u64,
+            len: len as u64,
+        });
+        off = end;
+    }
+    if extents.len() == 1 && extents[0].offset == 0 && extents[0].len == size {
+        extents.clear();
+    }
+    Ok((data, extents))
 }
 
 /// The bytes (and seals) of every memfd and deleted file of the table,
@@ -160,11 +197,18 @@ pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
                 path: path.clone(),
                 source,
             })?;
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut &f, &mut data)
-            .map_err(|source| FilesError::Proc { path, source })?;
-        o.entry.size = data.len() as u64;
+        let size = f
+            .metadata()
+            .map_err(|source| FilesError::Proc {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        let (data, extents) =
+            read_extents(&f, size).map_err(|source| FilesError::Proc { path, source })?;
+        o.entry.size = size;
         o.entry.contents = data;
+        o.entry.extents = extents;
         if k == FileKind::FileMemfd as i32 {
             // A failure means no seals (not a sealable memfd).
             let seals = nix::fcntl::fcntl(&f, FcntlArg::F_GET_SEALS).unwrap_or(0);
@@ -177,25 +221,46 @@ pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
 /// The ghost files made so far, by (kind, dev, inode): one per file,
 /// however many open file descriptions it has.
 #[derive(Default)]
-pub struct Ghosts(Vec<((i32, u64, u64), OwnedFd)>);
+pub struct Ghosts(Vec<Ghost>);
+
+struct Ghost {
+    key: (i32, u64, u64),
+    fd: OwnedFd,
+    /// The open file description made with O_TMPFILE went to an entry
+    /// that had been made so (it keeps the flag that lets it be linked
+    /// in; a new open through /proc would not).
+    tmpfile_given: bool,
+}
 
 impl Ghosts {
     /// A new open file description of the ghost behind `f`, made (from
     /// the entry of `files` that carries its contents) on first use.
     pub fn open(&mut self, files: &[FileEntry], f: &FileEntry) -> Result<OwnedFd, String> {
         let key = (f.kind, f.dev, f.inode);
-        let i = match self.0.iter().position(|g| g.0 == key) {
+        let i = match self.0.iter().position(|g| g.key == key) {
             Some(i) => i,
             None => {
                 let holder = files
                     .iter()
                     .find(|x| (x.kind, x.dev, x.inode) == key && !x.contents.is_empty())
                     .unwrap_or(f);
-                self.0.push((key, make(holder)?));
+                self.0.push(Ghost {
+                    key,
+                    fd: make(holder, made_as_tmpfile(files, key))?,
+                    tmpfile_given: false,
+                });
                 self.0.len() - 1
             }
         };
-        let fd = super::reopen(&self.0[i].1, super::open_flags(f))?;
+        let g = &mut self.0[i];
+        let tmpfile = f.flags as i32 & super::O_TMPFILE_BIT != 0;
+        let fd = if tmpfile && !g.tmpfile_given {
+            g.tmpfile_given = true;
+            g.fd.try_clone()
+                .map_err(|e| format!("duplicating the file: {e}"))?
+        } else {
+            super::reopen(&g.fd, super::open_flags(f))?
+        };
         let regular = is_ghost(FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular));
         if regular && !OFlag::from_bits_retain(f.flags as i32).contains(OFlag::O_PATH) {
             let _ = nix::unistd::lseek(&fd, f.pos as i64, Whence::SeekSet);
@@ -204,11 +269,19 @@ impl Ghosts {
     }
 }
 
+/// Whether the ghost `key` was made with O_TMPFILE (an open file
+/// description of it still has the flag).
+fn made_as_tmpfile(files: &[FileEntry], key: (i32, u64, u64)) -> bool {
+    files
+        .iter()
+        .any(|x| (x.kind, x.dev, x.inode) == key && x.flags as i32 & super::O_TMPFILE_BIT != 0)
+}
+
 /// A memfd with its name, contents and seals, or a file deleted while
 /// open: made next to where it was (a fresh name there), filled, given
 /// its mode and unlinked again. The descriptor returned reads and writes.
 /// A removed directory or device node: see [`make_node`].
-fn make(f: &FileEntry) -> Result<OwnedFd, String> {
+fn make(f: &FileEntry, tmpfile: bool) -> Result<OwnedFd, String> {
     let io = std::io::Error::from;
     if f.deleted {
         return make_node(f);
@@ -220,17 +293,12 @@ fn make(f: &FileEntry) -> Result<OwnedFd, String> {
         }
         nix::sys::memfd::memfd_create(f.path.as_str(), flags)
             .map_err(|e| format!("memfd_create: {}", io(e)))?
+    } else if tmpfile {
+        tmpfile_in(&f.path)?
     } else {
         recreate(&f.path)?
     };
-    let mut data: &[u8] = &f.contents;
-    while !data.is_empty() {
-        match nix::unistd::write(&fd, data) {
-            Ok(n) => data = &data[n..],
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(format!("writing its {} bytes: {e}", f.contents.len())),
-        }
-    }
+    fill(&fd, f)?;
     // The owner first: chown drops the set-id bits that the mode puts back.
     if f.uid.is_some() || f.gid.is_some() {
         nix::unistd::fchown(
@@ -260,6 +328,68 @@ fn make(f: &FileEntry) -> Result<OwnedFd, String> {
             .map_err(|e| format!("adding seals {:#x}: {}", f.seals, io(e)))?;
     }
     Ok(fd)
+}
+
+/// Write the file's data back: its contents at 0, or extent by extent
+/// (the holes stay holes), then its size.
+fn fill(fd: &OwnedFd, f: &FileEntry) -> Result<(), String> {
+    let whole = [Extent {
+        offset: 0,
+        len: f.contents.len() as u64,
+    }];
+    let extents: &[Extent] = if f.extents.is_empty() {
+        &whole
+    } else {
+        &f.extents
+    };
+    let mut from = 0usize;
+    for x in extents {
+        let end = from.saturating_add(x.len as usize);
+        let mut data = f
+            .contents
+            .get(from..end)
+            .ok_or("its extents hold more bytes than its contents")?;
+        let mut at = x.offset as i64;
+        while !data.is_empty() {
+            match nix::sys::uio::pwrite(fd, data, at) {
+                Ok(n) => {
+                    data = &data[n..];
+                    at += n as i64;
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(format!("writing its {} bytes: {e}", f.contents.len())),
+            }
+        }
+        from = end;
+    }
+    if f.size != f.contents.len() as u64 || !f.extents.is_empty() {
+        nix::unistd::ftruncate(fd, f.size as i64)
+            .map_err(|e| format!("giving it its size {}: {e}", f.size))?;
+    }
+    Ok(())
+}
+
+/// A new file without a name in the directory of `path` (O_TMPFILE, as
+/// the dumped one was made: it may still be linked in).
+fn tmpfile_in(path: &str) -> Result<OwnedFd, String> {
+    let dir = std::path::Path::new(path)
+        .parent()
+        .unwrap_or(std::path::Path::new("/"));
+    nix::fcntl::open(
+        dir,
+        OFlag::from_bits_retain(super::O_TMPFILE_BIT)
+            | OFlag::O_DIRECTORY
+            | OFlag::O_RDWR
+            | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| {
+        format!(
+            "making a file without a name in {} (O_TMPFILE): {}",
+            dir.display(),
+            std::io::Error::from(e)
+        )
+    })
 }
 
 /// The entry's access and modification times, for futimens/utimensat.

@@ -26,6 +26,7 @@ pub mod epoll;
 pub mod eventfd;
 pub mod ghost;
 pub mod inotify;
+pub mod lock;
 pub mod pidfd;
 pub mod pipe;
 pub mod pty;
@@ -121,6 +122,10 @@ pub struct CollectOptions {
     pub ghost_limit: u64,
     /// Descriptors on the controlling terminal of a shell job are kept.
     pub shell_job: bool,
+    /// Read each descriptor's signal owner (through a duplicate of it):
+    /// done once the tree is stopped, not by the checks made while it
+    /// still runs (a task on its way out has no descriptors to duplicate).
+    pub owners: bool,
 }
 
 /// The descriptors of one process and the files they refer to (one
@@ -187,11 +192,12 @@ impl HeldFile {
             deleted: kind == FileKind::FileDirectory,
             ..entry_of(&st)
         };
-        if ghost::is_ghost(kind) && entry.size > opts.ghost_limit {
+        let data = ghost::data_size(&st);
+        if ghost::is_ghost(kind) && data > opts.ghost_limit {
             return Err(FilesError::DeletedMapping {
                 pid,
                 link: link.to_string(),
-                size: entry.size,
+                size: data,
                 limit: opts.ghost_limit,
             });
         }
@@ -337,7 +343,14 @@ fn classify(
         _ if link == "anon_inode:[signalfd]" => FileKind::FileSignalfd,
         _ if link == "anon_inode:[eventpoll]" => FileKind::FileEpoll,
         _ if link == "anon_inode:inotify" => FileKind::FileInotify,
-        _ if link == "anon_inode:[pidfd]" || link.starts_with("pidfd:") => FileKind::FilePidfd,
+        _ if link == "anon_inode:[pidfd]" || link.starts_with("pidfd:") => {
+            if cx.int("Pid") == Some(-1) {
+                FileKind::FilePidfdDead
+            } else {
+                FileKind::FilePidfd
+            }
+        }
+        libc::S_IFLNK if link.starts_with('/') => FileKind::FileSymlink,
         libc::S_IFSOCK => {
             if !diag.get()?.contains_key(&st.st_ino) {
                 return Err(cx.unsupported(
@@ -403,6 +416,15 @@ fn is_ns_file(link: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
 }
 
+/// Kinds that can have a signal owner worth keeping (F_SETOWN_EX): what
+/// can signal I/O (O_ASYNC) or urgent data.
+fn has_owner(kind: FileKind) -> bool {
+    !matches!(
+        kind,
+        FileKind::FileSymlink | FileKind::FileDirectory | FileKind::FileShellTty
+    )
+}
+
 /// Kinds without a path: the kernel names them by inode.
 fn is_anon(kind: FileKind) -> bool {
     matches!(
@@ -414,6 +436,7 @@ fn is_anon(kind: FileKind) -> bool {
             | FileKind::FileSignalfd
             | FileKind::FileEpoll
             | FileKind::FilePidfd
+            | FileKind::FilePidfdDead
             | FileKind::FileInotify
     )
 }
@@ -438,6 +461,8 @@ fn dump_kind(
         FileKind::FileSignalfd => signalfd::dump(cx, e),
         FileKind::FileEpoll => epoll::dump(cx, e),
         FileKind::FilePidfd => pidfd::dump(cx, e),
+        FileKind::FilePidfdDead => Ok(()),
+        FileKind::FileSymlink => regfile::dump_symlink(cx, h, e),
         FileKind::FileInotify => {
             e.inotify = Some(inotify::dump(cx.pid, cx.fd, cx.fdinfo)?);
             Ok(())
@@ -513,11 +538,18 @@ pub fn collect(
             ghost::times(&st, &mut e);
         }
         dump_kind(kind, &cx, &mut handles, opts, &mut e)?;
+        let (locks, posix_locks) = lock::dump_locks(&cx)?;
+        e.locks = locks;
+        // An O_PATH descriptor has no owner (fcntl refuses it).
+        if opts.owners && has_owner(kind) && flags & libc::O_PATH as u32 == 0 {
+            e.owner = lock::dump_owner(&cx, &mut handles)?;
+        }
         out.files.push(e);
         out.fd_entries.push(FdEntry {
             fd: fd as u32,
             id,
             cloexec: flags & libc::O_CLOEXEC as u32 != 0,
+            posix_locks,
         });
     }
     Ok(out)
@@ -699,7 +731,9 @@ pub fn made_by_task(kind: FileKind) -> bool {
         | FileKind::FileInotify
         | FileKind::FileShellTty
         | FileKind::FilePtyMaster
-        | FileKind::FilePtySlave => false,
+        | FileKind::FilePtySlave
+        | FileKind::FileSymlink
+        | FileKind::FilePidfdDead => false,
     }
 }
 
@@ -755,6 +789,8 @@ impl Opener<'_> {
                 .remove(&f.id)
                 .ok_or("no pty was made for it".to_string())?,
             FileKind::FilePtySlave => pty::open_slave(f)?,
+            FileKind::FileSymlink => regfile::open_symlink(f)?,
+            FileKind::FilePidfdDead => pidfd::make_dead()?,
             FileKind::FileUnixSocket => self
                 .sockets
                 .remove(&f.id)
@@ -807,6 +843,7 @@ pub fn open_all(
         };
         let fl = OFlag::from_bits_truncate(f.flags as i32) & status_flags;
         let _ = nix::fcntl::fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl));
+        lock::take_own(&fd, &f.locks).map_err(|e| fail(f, e))?;
         out.insert(f.id, fd);
     }
     // Every slave is open: masters that were locked are locked again.
@@ -833,6 +870,15 @@ pub fn reopen(fd: &impl AsFd, flags: OFlag) -> std::result::Result<OwnedFd, Stri
 /// Flags of a dumped open file for opening its path again: never
 /// creating, truncating or taking a controlling terminal.
 pub fn open_flags(f: &FileEntry) -> OFlag {
-    OFlag::from_bits_retain(f.flags as i32)
-        & !(OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_EXCL | OFlag::O_NOCTTY)
+    let mut flags = OFlag::from_bits_retain(f.flags as i32)
+        & !(OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_EXCL | OFlag::O_NOCTTY);
+    // O_TMPFILE (__O_TMPFILE with O_DIRECTORY) made the file; it is not
+    // how it opens again.
+    if flags.bits() & O_TMPFILE_BIT != 0 {
+        flags = OFlag::from_bits_retain(flags.bits() & !O_TMPFILE_BIT) & !OFlag::O_DIRECTORY;
+    }
+    flags
 }
+
+/// __O_TMPFILE: the open file description was made by open(O_TMPFILE).
+pub const O_TMPFILE_BIT: i32 = 0o20000000;

@@ -1,8 +1,10 @@
 //! pidfd: the process it refers to.
 //!
-//! Dump: fdinfo's `Pid` (-1 once the process has exited and been reaped,
-//! 0 when it is outside cryo's pid namespace: both refused). Restore: made by the task that holds it, once
-//! every task of the tree exists (pidfd_open of the same pid).
+//! Dump: fdinfo's `Pid` (0 when it is outside cryo's pid namespace:
+//! refused; -1 once the process has exited and been reaped: a
+//! FILE_PIDFD_DEAD). Restore: made by the task that holds it, once every
+//! task of the tree exists (pidfd_open of the same pid); a pidfd of a
+//! reaped process is one of a child of cryo's, reaped at once.
 
 #![forbid(unsafe_code)]
 
@@ -15,7 +17,6 @@ use super::{FdCtx, FilesError};
 
 pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
     match cx.int("Pid").ok_or_else(|| cx.bad())? {
-        -1 => Err(cx.unsupported("a pidfd of a process that has exited (not supported yet)")),
         pid if pid <= 0 => Err(
             cx.unsupported("a pidfd of a process outside cryo's pid namespace (not supported yet)")
         ),
@@ -31,4 +32,15 @@ pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
 pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
     crate::sys::pidfd_open(Pid::from_raw(f.pidfd_pid as i32))
         .map_err(|e| format!("making its {}: {}", f.path, std::io::Error::from(e.errno)))
+}
+
+/// A pidfd whose process has exited and been reaped: what polling it and
+/// waitid(P_PIDFD) report is the exit, as for the dumped one.
+pub fn make_dead() -> Result<OwnedFd, String> {
+    crate::sys::proc::reaped_child_pidfd().map_err(|e| {
+        format!(
+            "making a pidfd of a reaped process: {}",
+            std::io::Error::from(e)
+        )
+    })
 }

@@ -91,6 +91,18 @@ pub fn install(
         fd::close(n);
     }
     make_own(img)?;
+    // What names the process or other tasks: they all exist by now.
+    for e in &img.fds {
+        files::lock::take_posix(e.fd as RawFd, &e.posix_locks)?;
+        let owner = img
+            .files
+            .iter()
+            .find(|f| f.id == e.id)
+            .and_then(|f| f.owner.as_ref());
+        if let Some(o) = owner {
+            files::lock::set_owner(e.fd as RawFd, o)?;
+        }
+    }
     Ok(status_fd)
 }
 

@@ -155,3 +155,105 @@ pub fn timerfd_set_ticks(fd: &impl AsFd, ticks: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// struct f_owner_ex of fcntl(2).
+#[repr(C)]
+struct OwnerEx {
+    kind: i32,
+    pid: i32,
+}
+const F_SETOWN_EX: i32 = 15;
+const F_GETOWN_EX: i32 = 16;
+const F_SETSIG: i32 = 10;
+const F_GETSIG: i32 = 11;
+
+/// F_GETOWN_EX: who gets the descriptor's SIGIO (type, pid; pid 0: none).
+pub fn get_owner(fd: i32) -> Result<(i32, i32), Errno> {
+    let mut o = OwnerEx { kind: 0, pid: 0 };
+    // SAFETY: F_GETOWN_EX writes one f_owner_ex, a live local.
+    let r = unsafe { libc::fcntl(fd, F_GETOWN_EX, &mut o as *mut OwnerEx) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok((o.kind, o.pid))
+}
+
+/// F_SETOWN_EX.
+pub fn set_owner(fd: i32, kind: i32, pid: i32) -> Result<(), Errno> {
+    let o = OwnerEx { kind, pid };
+    // SAFETY: F_SETOWN_EX reads one f_owner_ex, a live local.
+    let r = unsafe { libc::fcntl(fd, F_SETOWN_EX, &o as *const OwnerEx) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// F_GETSIG: the signal sent instead of SIGIO (0: SIGIO).
+pub fn get_sig(fd: i32) -> Result<i32, Errno> {
+    // SAFETY: F_GETSIG takes no argument.
+    let r = unsafe { libc::fcntl(fd, F_GETSIG) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(r)
+}
+
+/// F_SETSIG.
+pub fn set_sig(fd: i32, sig: i32) -> Result<(), Errno> {
+    // SAFETY: F_SETSIG takes an int.
+    let r = unsafe { libc::fcntl(fd, F_SETSIG, sig) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// flock(2), shared or exclusive, without waiting.
+pub fn flock(fd: i32, exclusive: bool) -> Result<(), Errno> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: flock takes plain values.
+    if unsafe { libc::flock(fd, op) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// A POSIX (F_SETLK) or OFD (F_OFD_SETLK) lock of bytes `start` to `end`
+/// (u64::MAX: to the end of the file), without waiting.
+pub fn set_lock(fd: i32, ofd: bool, write: bool, start: u64, end: u64) -> Result<(), Errno> {
+    // SAFETY: flock is plain data; zeroed is a valid value.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+    l.l_whence = libc::SEEK_SET as i16;
+    l.l_start = start as i64;
+    l.l_len = if end == u64::MAX {
+        0
+    } else {
+        (end - start + 1) as i64
+    };
+    let cmd = if ofd {
+        libc::F_OFD_SETLK
+    } else {
+        libc::F_SETLK
+    };
+    // SAFETY: the command reads one struct flock, a live local.
+    if unsafe { libc::fcntl(fd, cmd, &l as *const libc::flock) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// F_SETLEASE, a read or write lease.
+pub fn set_lease(fd: i32, write: bool) -> Result<(), Errno> {
+    let t = if write { libc::F_WRLCK } else { libc::F_RDLCK };
+    // SAFETY: F_SETLEASE takes an int.
+    if unsafe { libc::fcntl(fd, libc::F_SETLEASE, t) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

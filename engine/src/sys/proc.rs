@@ -8,6 +8,8 @@
 //! _exit: it never allocates, takes a lock or returns into Rust code that
 //! could. That is why the wrappers are safe while fork itself is not.
 
+use std::os::fd::OwnedFd;
+
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
@@ -313,4 +315,24 @@ pub fn nice_of(tid: i32) -> Result<i32, Errno> {
         return Err(Errno::last());
     }
     Ok(n)
+}
+
+/// A pidfd of a child that exited at once and was reaped.
+pub fn reaped_child_pidfd() -> Result<OwnedFd, Errno> {
+    // SAFETY: the child calls only _exit (async-signal-safe), so forking a
+    // multi-threaded process is sound; the parent waits for that child
+    // only.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Errno::last());
+    }
+    if pid == 0 {
+        // SAFETY: see above.
+        unsafe { libc::_exit(0) };
+    }
+    let child = Pid::from_raw(pid);
+    // Open while it is still a zombie, then reap it.
+    let fd = super::pidfd_open(child).map_err(|e| e.errno);
+    let _ = nix::sys::wait::waitpid(child, None);
+    fd
 }

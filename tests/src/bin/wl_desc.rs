@@ -1,0 +1,397 @@
+//! Descriptors whose finer state must come back: files without a name
+//! made by O_TMPFILE, sparse files, symbolic links opened as O_PATH, a
+//! pidfd of a reaped process, signal ownership, and locks.
+//!
+//! `wl_desc --ready FILE --verdict FILE --tmp DIR`
+//!
+//! - `tmpfile`: open(DIR, O_TMPFILE) holding "tmpfile data", at offset 4;
+//!   after the restore it is still a file without a name in DIR, and
+//!   linking it in (linkat) gives a file with its bytes;
+//! - `sparse`: DIR/sparse.dat, 64 MiB with 4 KiB of data at 0 and at
+//!   32 MiB, deleted while open; and a memfd of 32 MiB with data at 16 MiB:
+//!   same bytes, same size, and their holes still holes (few blocks);
+//! - `symlink`: DIR/link -> "no-such-target", open O_PATH | O_NOFOLLOW;
+//! - `dead pidfd`: a pidfd of a child that exited and was reaped: its
+//!   fdinfo says Pid -1 and poll reports it readable;
+//! - `owner`: a pipe's read end with O_ASYNC, F_SETOWN_EX to this process
+//!   and F_SETSIG SIGRTMIN+3: a write after the restore delivers it;
+//! - `locks`: flock(LOCK_EX) on DIR/flocked, a POSIX write lock on bytes
+//!   0-99 of DIR/posix, an OFD read lock on bytes 10-19 of DIR/ofd and a
+//!   read lease on DIR/leased, each seen again in its fdinfo.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use cryo_tests::wl;
+
+const NAME: &str = "wl_desc";
+const MIB: i64 = 1 << 20;
+const F_SETSIG: i32 = 10;
+const F_GETSIG: i32 = 11;
+const F_SETOWN_EX: i32 = 15;
+const F_GETOWN_EX: i32 = 16;
+const F_OWNER_PID: i32 = 1;
+
+static SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn on_io(_sig: i32) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+#[repr(C)]
+struct OwnerEx {
+    kind: i32,
+    pid: i32,
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("no NUL in paths")
+}
+
+fn open(p: &Path, flags: i32, mode: u32) -> Result<i32, String> {
+    // SAFETY: a NUL-terminated path we own.
+    let fd = unsafe { libc::open(c(p).as_ptr(), flags | libc::O_CLOEXEC, mode) };
+    if fd < 0 {
+        return Err(os_err(&format!("open {}", p.display())));
+    }
+    Ok(fd)
+}
+
+fn pwrite(fd: i32, data: &[u8], off: i64) -> Result<(), String> {
+    // SAFETY: writes from our buffer.
+    if unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), off) } != data.len() as isize {
+        return Err(os_err("pwrite"));
+    }
+    Ok(())
+}
+
+fn pread(fd: i32, len: usize, off: i64) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    // SAFETY: reads into our buffer.
+    let n = unsafe { libc::pread(fd, b.as_mut_ptr().cast(), len, off) };
+    b.truncate(n.max(0) as usize);
+    b
+}
+
+fn fstat(fd: i32) -> libc::stat {
+    // SAFETY: zeroed is a valid stat; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::fstat(fd, &mut st) };
+    st
+}
+
+fn fdinfo(fd: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default()
+}
+
+fn link_of(fd: i32) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+struct Desc {
+    tmp: PathBuf,
+    tmpfile: i32,
+    sparse: i32,
+    memfd: i32,
+    symlink: i32,
+    pidfd: i32,
+    pipe: [i32; 2],
+    locked: [i32; 4],
+}
+
+/// A sparse file's data: 4 KiB of `tag` at each offset.
+fn sparse_data(tag: u8) -> Vec<u8> {
+    (0..4096).map(|i| tag ^ (i % 251) as u8).collect()
+}
+
+fn setup(tmp: &Path) -> Result<Desc, String> {
+    let tmpfile = open(tmp, libc::O_TMPFILE | libc::O_RDWR, 0o640)?;
+    pwrite(tmpfile, b"tmpfile data", 0)?;
+    // SAFETY: lseek on our descriptor.
+    unsafe { libc::lseek(tmpfile, 4, libc::SEEK_SET) };
+
+    let p = tmp.join("sparse.dat");
+    let sparse = open(&p, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o600)?;
+    pwrite(sparse, &sparse_data(1), 0)?;
+    pwrite(sparse, &sparse_data(2), 32 * MIB)?;
+    // SAFETY: ftruncate of our file.
+    if unsafe { libc::ftruncate(sparse, 64 * MIB) } != 0 {
+        return Err(os_err("ftruncate"));
+    }
+    std::fs::remove_file(&p).map_err(|e| format!("unlink: {e}"))?;
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let memfd = unsafe { libc::memfd_create(c"cryo-sparse".as_ptr(), libc::MFD_CLOEXEC) };
+    if memfd < 0 {
+        return Err(os_err("memfd_create"));
+    }
+    pwrite(memfd, &sparse_data(3), 16 * MIB)?;
+    // SAFETY: ftruncate of our memfd.
+    if unsafe { libc::ftruncate(memfd, 32 * MIB) } != 0 {
+        return Err(os_err("ftruncate"));
+    }
+
+    let l = tmp.join("link");
+    std::os::unix::fs::symlink("no-such-target", &l).map_err(|e| format!("symlink: {e}"))?;
+    let symlink = open(&l, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+
+    // SAFETY: the child only exits.
+    let kid = unsafe { libc::fork() };
+    if kid == 0 {
+        // SAFETY: see above.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: pidfd_open of our child, then reaping it.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, kid, 0) } as i32;
+    // SAFETY: waits for our child.
+    unsafe { libc::waitpid(kid, std::ptr::null_mut(), 0) };
+    if pidfd < 0 {
+        return Err("pidfd_open".into());
+    }
+
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 into a local array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(os_err("pipe2"));
+    }
+    // SAFETY: a handler that only bumps an atomic counter.
+    unsafe { libc::signal(libc::SIGRTMIN() + 3, on_io as extern "C" fn(i32) as usize) };
+    let owner = OwnerEx {
+        kind: F_OWNER_PID,
+        // SAFETY: getpid has no preconditions.
+        pid: unsafe { libc::getpid() },
+    };
+    // SAFETY: fcntl on our pipe with a live f_owner_ex and plain ints.
+    unsafe {
+        if libc::fcntl(pipe[0], F_SETOWN_EX, &owner as *const OwnerEx) != 0
+            || libc::fcntl(pipe[0], F_SETSIG, libc::SIGRTMIN() + 3) != 0
+            || libc::fcntl(pipe[0], libc::F_SETFL, libc::O_NONBLOCK | libc::O_ASYNC) != 0
+        {
+            return Err(os_err("F_SETOWN_EX/F_SETSIG/O_ASYNC"));
+        }
+    }
+
+    let mk = |name: &str, flags: i32| open(&tmp.join(name), flags | libc::O_CREAT, 0o644);
+    let flocked = mk("flocked", libc::O_RDWR)?;
+    let posix = mk("posix", libc::O_RDWR)?;
+    let ofd = mk("ofd", libc::O_RDWR)?;
+    let leased = mk("leased", libc::O_RDONLY)?;
+    let lock = |fd: i32, cmd: i32, t: i32, start: i64, len: i64| {
+        // SAFETY: zeroed is a valid flock.
+        let mut l: libc::flock = unsafe { std::mem::zeroed() };
+        l.l_type = t as i16;
+        l.l_whence = libc::SEEK_SET as i16;
+        l.l_start = start;
+        l.l_len = len;
+        // SAFETY: the command reads one flock, a live local.
+        unsafe { libc::fcntl(fd, cmd, &l as *const libc::flock) }
+    };
+    // SAFETY: flock and fcntl on our own descriptors.
+    unsafe {
+        if libc::flock(flocked, libc::LOCK_EX | libc::LOCK_NB) != 0
+            || lock(posix, libc::F_SETLK, libc::F_WRLCK, 0, 100) != 0
+            || lock(ofd, libc::F_OFD_SETLK, libc::F_RDLCK, 10, 10) != 0
+            || libc::fcntl(leased, libc::F_SETLEASE, libc::F_RDLCK) != 0
+        {
+            return Err(os_err("taking the locks"));
+        }
+    }
+    Ok(Desc {
+        tmp: tmp.to_path_buf(),
+        tmpfile,
+        sparse,
+        memfd,
+        symlink,
+        pidfd,
+        pipe,
+        locked: [flocked, posix, ofd, leased],
+    })
+}
+
+fn check_files(d: &Desc, fails: &mut Vec<String>) {
+    let t = d.tmp.display().to_string();
+    let link = link_of(d.tmpfile);
+    let nameless = link
+        .strip_prefix(&format!("{t}/#"))
+        .and_then(|r| r.strip_suffix(" (deleted)"))
+        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+    if !nameless {
+        fails.push(format!("the O_TMPFILE file is {link}"));
+    }
+    // SAFETY: lseek on our descriptor.
+    let at = unsafe { libc::lseek(d.tmpfile, 0, libc::SEEK_CUR) };
+    if pread(d.tmpfile, 64, 0) != b"tmpfile data" || at != 4 {
+        fails.push(format!(
+            "the O_TMPFILE file lost its bytes or offset ({at})"
+        ));
+    }
+    let named = d.tmp.join("linked-in");
+    let proc = CString::new(format!("/proc/self/fd/{}", d.tmpfile)).expect("no NUL");
+    // SAFETY: linkat of our O_TMPFILE file (through /proc) to a new name.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc.as_ptr(),
+            libc::AT_FDCWD,
+            c(&named).as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r != 0 {
+        fails.push(os_err("linking the O_TMPFILE file in"));
+    } else {
+        if std::fs::read(&named).unwrap_or_default() != b"tmpfile data" {
+            fails.push("the O_TMPFILE file, linked in, lost its bytes".into());
+        }
+        let _ = std::fs::remove_file(&named);
+    }
+    for (what, fd, size, data) in [
+        (
+            "sparse file",
+            d.sparse,
+            64 * MIB,
+            vec![(0, 1u8), (32 * MIB, 2)],
+        ),
+        ("sparse memfd", d.memfd, 32 * MIB, vec![(16 * MIB, 3)]),
+    ] {
+        let st = fstat(fd);
+        if st.st_size != size {
+            fails.push(format!("the {what} is {} bytes, not {size}", st.st_size));
+        }
+        for (off, tag) in data {
+            if pread(fd, 4096, off) != sparse_data(tag) {
+                fails.push(format!("the {what} lost its data at {off}"));
+            }
+        }
+        if pread(fd, 4096, 4 * MIB) != vec![0u8; 4096] {
+            fails.push(format!("a hole of the {what} does not read as zeros"));
+        }
+        if st.st_blocks * 512 > MIB {
+            fails.push(format!(
+                "the {what} takes {} blocks: its holes were filled",
+                st.st_blocks
+            ));
+        }
+    }
+    let st = fstat(d.symlink);
+    let mut buf = [0u8; 64];
+    // SAFETY: readlinkat of our O_PATH descriptor into a local buffer.
+    let n = unsafe { libc::readlinkat(d.symlink, c"".as_ptr(), buf.as_mut_ptr().cast(), 64) };
+    let target = &buf[..n.max(0) as usize];
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK || target != b"no-such-target" {
+        fails.push(format!(
+            "the O_PATH symlink is mode {:o} pointing to {:?}",
+            st.st_mode,
+            String::from_utf8_lossy(target)
+        ));
+    }
+}
+
+fn check_pidfd_and_owner(d: &Desc, fails: &mut Vec<String>) {
+    if !fdinfo(d.pidfd)
+        .lines()
+        .any(|l| l.starts_with("Pid:") && l.ends_with("-1"))
+    {
+        fails.push(format!("the dead pidfd's fdinfo: {:?}", fdinfo(d.pidfd)));
+    }
+    let mut p = libc::pollfd {
+        fd: d.pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll one pollfd of ours, without waiting.
+    if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
+        fails.push("the dead pidfd does not poll readable".into());
+    }
+    let mut o = OwnerEx { kind: -1, pid: 0 };
+    // SAFETY: fcntl on our pipe into a live f_owner_ex.
+    let sig = unsafe {
+        libc::fcntl(d.pipe[0], F_GETOWN_EX, &mut o as *mut OwnerEx);
+        libc::fcntl(d.pipe[0], F_GETSIG)
+    };
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    if (o.kind, o.pid, sig) != (F_OWNER_PID, me, libc::SIGRTMIN() + 3) {
+        fails.push(format!(
+            "the pipe's owner is {} {} with signal {sig}",
+            o.kind, o.pid
+        ));
+    }
+    let before = SIGNALS.load(Ordering::SeqCst);
+    // SAFETY: writes one byte to our pipe.
+    unsafe { libc::write(d.pipe[1], b"x".as_ptr().cast(), 1) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while SIGNALS.load(Ordering::SeqCst) == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if SIGNALS.load(Ordering::SeqCst) == before {
+        fails.push("no SIGRTMIN+3 came for the O_ASYNC pipe".into());
+    }
+}
+
+fn check_locks(d: &Desc, fails: &mut Vec<String>) {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let want = [
+        ("flocked", "FLOCK", "WRITE", "0 EOF"),
+        ("posix", "POSIX", "WRITE", "0 99"),
+        ("ofd", "OFDLCK", "READ", "10 19"),
+        ("leased", "LEASE", "READ", "0 EOF"),
+    ];
+    for (fd, (name, kind, mode, range)) in d.locked.iter().zip(want) {
+        let info = fdinfo(*fd);
+        let found = info
+            .lines()
+            .filter_map(|l| l.strip_prefix("lock:"))
+            .any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() >= 8
+                    && w[1] == kind
+                    && w[3] == mode
+                    && format!("{} {}", w[6], w[7]) == range
+                    && (kind != "POSIX" || w[4] == me.to_string())
+            });
+        if !found {
+            fails.push(format!("no {kind} {mode} lock {range} on {name}: {info:?}"));
+        }
+    }
+}
+
+fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    let d = setup(tmp)?;
+    wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    while !wl::TERM.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fails = Vec::new();
+    check_files(&d, &mut fails);
+    check_pidfd_and_owner(&d, &mut fails);
+    check_locks(&d, &mut fails);
+    Ok(fails)
+}
+
+fn main() {
+    let usage = "wl_desc --ready FILE --verdict FILE --tmp DIR";
+    let a = wl::Args::parse(usage);
+    let Some(tmp) = a.get("tmp").map(PathBuf::from) else {
+        eprintln!("usage: {usage}");
+        std::process::exit(2);
+    };
+    wl::close_extra_fds();
+    let tmp = match std::fs::canonicalize(&tmp) {
+        Ok(t) => t,
+        Err(e) => wl::finish(NAME, &a.verdict, Err(format!("--tmp: {e}"))),
+    };
+    let result = run(&a, &tmp);
+    wl::finish(NAME, &a.verdict, result);
+}

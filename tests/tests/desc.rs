@@ -1,0 +1,59 @@
+//! Checkpoint/restore of descriptors with finer state (wl_desc): an
+//! O_TMPFILE file, sparse deleted files and memfds with their holes, an
+//! O_PATH symlink, a pidfd of a reaped process, a pipe's signal owner and
+//! signal, and flock, POSIX, OFD locks and a lease.
+
+use cryo_tests::*;
+
+fn start(dir: &TestDir) -> (Workload, TreeGuard) {
+    let tmp = dir.subdir("tmp");
+    let wl = Workload::start(
+        "wl_desc",
+        &["--tmp", tmp.to_str().expect("utf-8 path")],
+        dir,
+    );
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    (wl, guard)
+}
+
+#[test]
+fn desc_kill_and_restore() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    let size: u64 = std::fs::read_dir(&img)
+        .expect("image dir")
+        .flatten()
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert!(
+        size < 16 << 20,
+        "the image of 96 MiB of sparse files with 12 KiB of data is {size} bytes"
+    );
+    assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("descriptors restored");
+}
+
+#[test]
+fn desc_leave_running() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start(&dir);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["-R"]);
+    wl.assert_pass("descriptors after dump -R");
+}
+
+#[test]
+fn desc_two_cycles() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start(&dir);
+    for cycle in 0..2 {
+        let img = dir.subdir(&format!("img-{cycle}"));
+        dump_ok(&mut wl, &img, &[]);
+        assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
+        restore_ok(&mut wl, &img);
+    }
+    wl.assert_pass("descriptors after two cycles");
+}
