@@ -1,9 +1,12 @@
 //! epoll: the descriptors it watches, with their events and data words.
 //!
-//! Dump: fdinfo's `tfd:` lines; every watched descriptor must still be
-//! the file it was added as (its number is what restore re-adds).
+//! Dump: fdinfo's `tfd:` lines; kcmp (KCMP_EPOLL_TFD) tells whether the
+//! number a target was added with still holds the watched file, or which
+//! other descriptor of the process does (the program dup'ed it and closed
+//! or reused the number); a file no descriptor holds any more is refused.
 //! Restore: made by the task that holds it, after its other descriptors
-//! are at their numbers, and every target added again.
+//! are at their numbers, and every target added again with its number
+//! (a moved file put there for the time it takes).
 
 #![forbid(unsafe_code)]
 
@@ -19,26 +22,47 @@ pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
         tracing::warn!(pid = cx.pid, fd = cx.fd, "unreadable epoll target: {line}");
         cx.bad()
     })?;
-    for &(tfd, _, _, ino) in &targets {
-        let target = std::fs::metadata(format!("/proc/{}/fd/{tfd}", cx.pid))
-            .ok()
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-        if target != Some(ino) {
-            return Err(FilesError::UnsupportedFd {
-                pid: cx.pid,
-                fd: cx.fd,
-                what: "an epoll watching a file whose descriptor was closed or reused (not supported yet)",
-                link: format!("{} (target fd {tfd})", e.path),
-            });
-        }
+    let mut out = Vec::with_capacity(targets.len());
+    for &(tfd, events, data, _) in &targets {
+        let same =
+            |fd: i32| crate::sys::kcmp_epoll_target(cx.pid, fd, cx.fd, tfd as i32).unwrap_or(false);
+        let via_fd = if same(tfd as i32) {
+            None
+        } else {
+            let found = own_fds(cx.pid)
+                .into_iter()
+                .find(|&fd| fd != tfd as i32 && same(fd));
+            match found {
+                Some(fd) => Some(fd as u32),
+                None => return Err(FilesError::UnsupportedFd {
+                    pid: cx.pid,
+                    fd: cx.fd,
+                    what:
+                        "an epoll watching a file that no descriptor of its process holds any more",
+                    link: format!("{} (target added as fd {tfd})", e.path),
+                }),
+            }
+        };
+        out.push(EpollTarget {
+            tfd,
+            events,
+            data,
+            via_fd,
+        });
     }
-    e.epoll = Some(EpollState {
-        targets: targets
-            .iter()
-            .map(|&(tfd, events, data, _)| EpollTarget { tfd, events, data })
-            .collect(),
-    });
+    e.epoll = Some(EpollState { targets: out });
     Ok(())
+}
+
+/// The descriptor numbers of `pid`.
+fn own_fds(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A new, empty epoll instance.
@@ -46,11 +70,41 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
     crate::sys::fd::epoll_create().map_err(|e| format!("making its {}: {e}", f.path))
 }
 
-/// Watch every dumped target again from the epoll at number `fd`.
+/// Watch every dumped target again from the epoll at number `fd`. A
+/// target whose file is at another number now goes to its number for the
+/// time it is added; what that number holds (if anything) comes back.
 pub fn add_targets(f: &FileEntry, fd: RawFd) -> Result<(), String> {
+    use crate::sys::fd as sfd;
     for t in f.epoll.iter().flat_map(|s| s.targets.iter()) {
-        crate::sys::fd::epoll_add(fd, t.tfd as RawFd, t.events, t.data)
-            .map_err(|e| format!("watching fd {} again (events {:#x}): {e}", t.tfd, t.events))?;
+        let tfd = t.tfd as RawFd;
+        let add = || {
+            sfd::epoll_add(fd, tfd, t.events, t.data)
+                .map_err(|e| format!("watching fd {tfd} again (events {:#x}): {e}", t.events))
+        };
+        let Some(via) = t.via_fd else {
+            add()?;
+            continue;
+        };
+        let err = |what: &'static str| move |e: std::io::Error| format!("fd {tfd}: {what}: {e}");
+        // What the number holds now, kept aside.
+        let held = match sfd::cloexec_of(tfd) {
+            Some(cloexec) => Some((
+                sfd::dup_at_least(tfd, 3).map_err(err("keeping it aside"))?,
+                cloexec,
+            )),
+            None => None,
+        };
+        sfd::dup_onto(via as RawFd, tfd, true).map_err(err("putting the watched file there"))?;
+        let added = add();
+        match held {
+            Some((aside, cloexec)) => {
+                let back = sfd::dup_onto(aside, tfd, cloexec).map_err(err("putting it back"));
+                sfd::close(aside);
+                back?;
+            }
+            None => sfd::close(tfd),
+        }
+        added?;
     }
     Ok(())
 }

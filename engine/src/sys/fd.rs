@@ -71,6 +71,13 @@ pub fn dup_at_least(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     Ok(n)
 }
 
+/// Whether `fd` is open, and then whether it is close-on-exec.
+pub fn cloexec_of(fd: RawFd) -> Option<bool> {
+    // SAFETY: fcntl(F_GETFD) takes integers only.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    (r >= 0).then_some(r & libc::FD_CLOEXEC != 0)
+}
+
 /// Set or clear close-on-exec of `fd`.
 pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     let flags = if on { libc::FD_CLOEXEC } else { 0 };

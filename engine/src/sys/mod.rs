@@ -237,6 +237,39 @@ pub fn kcmp_file_order(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<i6
     Ok(r)
 }
 
+/// Whether descriptor `fd` of `pid` is the file epoll `efd` of the same
+/// process watches as target `tfd` (kcmp KCMP_EPOLL_TFD).
+pub fn kcmp_epoll_target(pid: i32, fd: i32, efd: i32, tfd: i32) -> SysResult<bool> {
+    const KCMP_EPOLL_TFD: libc::c_int = 7;
+    #[repr(C)]
+    struct Slot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = Slot {
+        efd: efd as u32,
+        tfd: tfd as u32,
+        toff: 0,
+    };
+    // SAFETY: kcmp reads one kcmp_epoll_slot, a live local, through the
+    // pointer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_EPOLL_TFD,
+            fd,
+            &slot as *const Slot,
+        )
+    };
+    if r < 0 {
+        return Err(err("kcmp", Pid::from_raw(pid)));
+    }
+    Ok(r == 0)
+}
+
 /// A pidfd for `pid`, which may be any thread: PIDFD_THREAD (Linux 6.9)
 /// where the kernel knows it, else a plain pidfd (leaders only).
 pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {

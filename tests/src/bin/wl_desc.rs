@@ -17,7 +17,11 @@
 //!   and F_SETSIG SIGRTMIN+3: a write after the restore delivers it;
 //! - `locks`: flock(LOCK_EX) on DIR/flocked, a POSIX write lock on bytes
 //!   0-99 of DIR/posix, an OFD read lock on bytes 10-19 of DIR/ofd and a
-//!   read lease on DIR/leased, each seen again in its fdinfo.
+//!   read lease on DIR/leased, each seen again in its fdinfo;
+//! - `epoll`: an epoll watching a pipe added as a number since closed
+//!   (the pipe lives on at another number) and an eventfd added as a
+//!   number now holding /dev/null: both still report their events, with
+//!   their data words, and the numbers are as the program left them.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -107,6 +111,10 @@ struct Desc {
     pidfd: i32,
     pipe: [i32; 2],
     locked: [i32; 4],
+    /// The epoll, the pipe's write end, the eventfd's number now, the
+    /// number the pipe was added as (closed), the eventfd's old number
+    /// (now /dev/null).
+    epoll: [i32; 5],
 }
 
 /// A sparse file's data: 4 KiB of `tag` at each offset.
@@ -205,7 +213,9 @@ fn setup(tmp: &Path) -> Result<Desc, String> {
             return Err(os_err("taking the locks"));
         }
     }
+    let epoll = setup_epoll()?;
     Ok(Desc {
+        epoll,
         tmp: tmp.to_path_buf(),
         tmpfile,
         sparse,
@@ -215,6 +225,83 @@ fn setup(tmp: &Path) -> Result<Desc, String> {
         pipe,
         locked: [flocked, posix, ofd, leased],
     })
+}
+
+/// An epoll whose targets were added as numbers the program changed
+/// since: see the module note.
+fn setup_epoll() -> Result<[i32; 5], String> {
+    let mut p = [0; 2];
+    // SAFETY: pipe2 into a local array; epoll_create1 and eventfd take
+    // plain values.
+    let (ep, ev) = unsafe {
+        if libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) != 0 {
+            return Err(os_err("pipe2"));
+        }
+        (
+            libc::epoll_create1(libc::EPOLL_CLOEXEC),
+            libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK),
+        )
+    };
+    if ep < 0 || ev < 0 {
+        return Err(os_err("epoll_create1/eventfd"));
+    }
+    let add = |fd: i32, data: u64| {
+        let mut e = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: data,
+        };
+        // SAFETY: epoll_ctl with a live event of ours.
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut e) }
+    };
+    if add(p[0], 0x1111) != 0 || add(ev, 0x2222) != 0 {
+        return Err(os_err("epoll_ctl"));
+    }
+    // SAFETY: dup, close and open on our own descriptors and a literal
+    // path.
+    let (moved_pipe, moved_ev) = unsafe {
+        let a = libc::fcntl(p[0], libc::F_DUPFD_CLOEXEC, 100);
+        let b = libc::fcntl(ev, libc::F_DUPFD_CLOEXEC, 100);
+        libc::close(p[0]);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        libc::dup3(null, ev, libc::O_CLOEXEC);
+        libc::close(null);
+        (a, b)
+    };
+    if moved_pipe < 0 || moved_ev < 0 {
+        return Err(os_err("dup"));
+    }
+    Ok([ep, p[1], moved_ev, p[0], ev])
+}
+
+fn check_epoll(d: &Desc, fails: &mut Vec<String>) {
+    let [ep, pipe_w, ev, closed, reused] = d.epoll;
+    // SAFETY: writes to our pipe and eventfd.
+    unsafe {
+        libc::write(pipe_w, b"e".as_ptr().cast(), 1);
+        let one = 1u64;
+        libc::write(ev, (&one as *const u64).cast(), 8);
+    }
+    let mut got = Vec::new();
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    // SAFETY: epoll_wait into a local array of 4.
+    let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, 1000) };
+    for e in &evs[..n.max(0) as usize] {
+        got.push(e.u64);
+    }
+    got.sort_unstable();
+    if got != [0x1111, 0x2222] {
+        fails.push(format!(
+            "the epoll reported data words {got:x?}, expected 1111 and 2222"
+        ));
+    }
+    // SAFETY: fcntl on numbers of ours.
+    if unsafe { libc::fcntl(closed, libc::F_GETFD) } >= 0 {
+        fails.push(format!("fd {closed}, which the program closed, is open"));
+    }
+    let st = fstat(reused);
+    if st.st_mode & libc::S_IFMT != libc::S_IFCHR {
+        fails.push(format!("fd {reused} is no longer /dev/null"));
+    }
 }
 
 fn check_files(d: &Desc, fails: &mut Vec<String>) {
@@ -377,6 +464,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_files(&d, &mut fails);
     check_pidfd_and_owner(&d, &mut fails);
     check_locks(&d, &mut fails);
+    check_epoll(&d, &mut fails);
     Ok(fails)
 }
 

@@ -321,27 +321,30 @@ impl Sweeper {
     }
 
     /// Move the area to its other place, and reserve the one it leaves.
+    /// MREMAP_DONTUNMAP leaves the old range mapped (empty): no hole opens
+    /// that another mapping of this process could take before it is
+    /// reserved again.
     fn move_area(&mut self) -> Result<(), String> {
-        // SAFETY: moves this sweeper's area over its own reservation.
+        // SAFETY: moves this sweeper's area over its own reservation; the
+        // old range stays mapped, emptied.
         let p = unsafe {
             libc::mremap(
                 self.base as *mut libc::c_void,
                 self.len,
                 self.len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
                 self.other as *mut libc::c_void,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(os_err("mremap"));
         }
-        map(
-            self.base,
-            self.len,
-            libc::PROT_NONE,
-            libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE,
-            "mmap reservation again",
-        )?;
+        // SAFETY: the range just left is this sweeper's own (now empty)
+        // mapping: it becomes its reservation again.
+        if unsafe { libc::mprotect(self.base as *mut libc::c_void, self.len, libc::PROT_NONE) } != 0
+        {
+            return Err(os_err("mprotect of the reservation"));
+        }
         std::mem::swap(&mut self.base, &mut self.other);
         Ok(())
     }
