@@ -804,9 +804,12 @@ impl Opener<'_> {
 /// Open every file description the tree uses, once: descriptors that
 /// shared one at the dump (dup, inherited over fork) share it again, as
 /// each task dup3s its numbers from these.
+/// The socket files it binds are added to `socket_files` (a failed
+/// restore removes them).
 pub fn open_all(
     files: &[FileEntry],
     used: &BTreeSet<u32>,
+    socket_files: &mut Vec<std::path::PathBuf>,
 ) -> std::result::Result<HashMap<u32, OwnedFd>, OpenError> {
     let fail = |f: &FileEntry, what: String| OpenError {
         id: f.id,
@@ -819,7 +822,7 @@ pub fn open_all(
             .filter(move |f| used.contains(&f.id) && f.kind == k as i32)
     };
     let sockets: Vec<&FileEntry> = of_kind(FileKind::FileUnixSocket).collect();
-    let sockets = unix::make_sockets(&sockets).map_err(|what| OpenError {
+    let sockets = unix::make_sockets(&sockets, socket_files).map_err(|what| OpenError {
         id: 0,
         path: "unix sockets".into(),
         what,

@@ -50,6 +50,8 @@ pub struct DiagInfo {
     pub rqueue: u32,
     pub wqueue: u32,
     pub shutdown: u32,
+    /// The socket file of a path-bound socket: (inode, device).
+    pub vfs: Option<(u64, u64)>,
 }
 
 /// The state and queued messages of every unix socket of the table; a
@@ -108,6 +110,7 @@ pub fn states(
         };
         let mut st = state_of(info, queued, backlog);
         st.external_peer = external_peer;
+        st.name_removed = name_removed(o.pid, info);
         o.entry.unix = Some(st);
     }
     Ok(())
@@ -177,8 +180,8 @@ fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_DONE: u16 = 3;
     const NLMSG_ERROR: u16 = 2;
-    // UDIAG_SHOW_NAME | PEER | RQLEN | SHUTDOWN
-    const SHOW: u32 = 0x1 | 0x4 | 0x10 | 0x40;
+    // UDIAG_SHOW_NAME | VFS | PEER | RQLEN | SHUTDOWN
+    const SHOW: u32 = 0x1 | 0x2 | 0x4 | 0x10 | 0x40;
     let s = nixsock::socket(
         nixsock::AddressFamily::Netlink,
         nixsock::SockType::Raw,
@@ -242,7 +245,16 @@ fn parse_msg(m: &[u8]) -> Option<DiagInfo> {
         }
         let p = &m[off + 4..off + len];
         match ty {
-            0 => d.name = p.to_vec(),                       // UNIX_DIAG_NAME
+            0 => d.name = p.to_vec(), // UNIX_DIAG_NAME
+            1 => {
+                // UNIX_DIAG_VFS: the socket file's inode and device, as
+                // the kernel keeps it (major << 20 | minor), made the
+                // number stat(2) gives.
+                let ino = u32_at(p, 0).unwrap_or(0) as u64;
+                let dev = u32_at(p, 4).unwrap_or(0);
+                let dev = libc::makedev(dev >> 20, dev & 0xf_ffff);
+                d.vfs = Some((ino, dev));
+            }
             2 => d.peer = u32_at(p, 0).unwrap_or(0) as u64, // UNIX_DIAG_PEER
             4 => {
                 // UNIX_DIAG_RQLEN
@@ -325,6 +337,31 @@ pub fn peek_queue(
     })
 }
 
+/// Whether a path-bound socket's path names another file now, or none
+/// (a relative name is taken from the task's working directory).
+fn name_removed(pid: i32, info: &DiagInfo) -> bool {
+    let Some((ino, dev)) = info.vfs else {
+        return false;
+    };
+    if info.name.is_empty() || info.name[0] == 0 {
+        return false;
+    }
+    let name = info.name.split(|&b| b == 0).next().unwrap_or(&info.name);
+    let name = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
+    let path = if name.is_absolute() {
+        name.to_path_buf()
+    } else {
+        std::path::PathBuf::from(format!("/proc/{pid}/cwd")).join(name)
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) => {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.dev()) != (ino, dev)
+        }
+        Err(_) => true,
+    }
+}
+
 /// The socket state to store for one open unix socket.
 pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSocketState {
     UnixSocketState {
@@ -336,14 +373,21 @@ pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSock
         queued,
         shutdown: info.shutdown,
         backlog,
+        name_removed: false,
+        vfs_ino: info.vfs.map_or(0, |v| v.0),
+        vfs_dev: info.vfs.map_or(0, |v| v.1),
     }
 }
 
 /// Restore side: make every unix socket of `files` (one per open file
 /// description). Connected pairs whose both ends are in the image become
 /// socketpairs; each end's queued messages are sent again from its peer.
-/// Returns the descriptors by file id.
-pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, String> {
+/// Returns the descriptors by file id; the socket files it made are
+/// added to `made` (a failed restore removes them).
+pub fn make_sockets(
+    files: &[&FileEntry],
+    made: &mut Vec<std::path::PathBuf>,
+) -> Result<HashMap<u32, OwnedFd>, String> {
     let mut out: HashMap<u32, OwnedFd> = HashMap::new();
     let by_ino: HashMap<u64, &FileEntry> = files.iter().map(|f| (f.inode, *f)).collect();
     for f in files {
@@ -376,7 +420,9 @@ pub fn make_sockets(files: &[&FileEntry]) -> Result<HashMap<u32, OwnedFd>, Strin
         let s = sock::unix_socket(ty)
             .map_err(|e| format!("socket for unix socket {}: {e}", f.inode))?;
         if !st.name.is_empty() {
-            bind(&s, &st.name).map_err(|e| format!("binding unix socket {}: {e}", f.inode))?;
+            let file =
+                bind(&s, &st).map_err(|e| format!("binding unix socket {}: {e}", f.inode))?;
+            made.extend(file);
         }
         if !st.external_peer.is_empty() {
             // A peer outside the tree (--ext-unix-sk): connect to it again.
@@ -453,18 +499,52 @@ fn sockaddr(name: &[u8]) -> Result<sock::UnixAddr, String> {
     sock::UnixAddr::new(name).ok_or_else(|| "name too long".into())
 }
 
-/// Bind to a path (a stale socket file left by the dumped task is
-/// replaced) or an abstract name (leading NUL).
-fn bind(s: &OwnedFd, name: &[u8]) -> Result<(), String> {
-    let addr = sockaddr(name)?;
-    if name.first() != Some(&0) {
-        let trimmed = name.split(|&b| b == 0).next().unwrap_or(name);
-        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(trimmed));
-        if std::fs::symlink_metadata(path)
-            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-        {
-            let _ = std::fs::remove_file(path);
-        }
+/// Bind to an abstract name (leading NUL), or to a path: the socket file
+/// the dumped socket left there is replaced (one with its inode; in an
+/// image without it, any socket file), another file never. A name that
+/// no longer named the socket at the dump is bound (next to it, under a
+/// fresh name, if the path is taken) and removed again. Returns the
+/// socket file made and kept.
+fn bind(s: &OwnedFd, st: &UnixSocketState) -> Result<Option<std::path::PathBuf>, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let name = &st.name;
+    if name.first() == Some(&0) {
+        sock::bind(s, &sockaddr(name)?).map_err(|e| e.to_string())?;
+        return Ok(None);
     }
-    sock::bind(s, &addr).map_err(|e| e.to_string())
+    let trimmed = name.split(|&b| b == 0).next().unwrap_or(name);
+    let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(trimmed));
+    let ours = |m: &std::fs::Metadata| {
+        m.file_type().is_socket()
+            && (st.vfs_ino == 0 || (m.ino(), m.dev()) == (st.vfs_ino, st.vfs_dev))
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if ours(&m) => {
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(_) if st.name_removed => {
+            // Its name belongs to another file now: a name next to it.
+            let other = (0..1000)
+                .map(|n| format!("{}.cryo-sock-{}-{n}", path.display(), std::process::id()))
+                .find(|p| std::fs::symlink_metadata(p).is_err())
+                .ok_or("no free name next to its old path")?;
+            let addr = sock::UnixAddr::new(other.as_bytes()).ok_or("name too long")?;
+            sock::bind(s, &addr).map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_file(&other);
+            return Ok(None);
+        }
+        Ok(_) => {
+            return Err(format!(
+                "{} is another file now, not the socket's",
+                path.display()
+            ))
+        }
+        Err(_) => {}
+    }
+    sock::bind(s, &sockaddr(name)?).map_err(|e| e.to_string())?;
+    if st.name_removed {
+        let _ = std::fs::remove_file(&path);
+        return Ok(None);
+    }
+    Ok(Some(path))
 }

@@ -186,6 +186,16 @@ fn load(opts: &RestoreOptions) -> Result<(TreeImage, Vec<cryo_image::PageReader>
 struct Shared {
     shm: HashMap<u64, OwnedFd>,
     files: HashMap<u32, OwnedFd>,
+    /// The socket files bound for the tree's unix sockets: removed if the
+    /// restore fails.
+    socket_files: Vec<std::path::PathBuf>,
+}
+
+/// Remove the socket files a failed restore bound.
+fn remove_socket_files(paths: &[std::path::PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 fn make_shared(tree: &TreeImage) -> Result<Shared> {
@@ -200,14 +210,22 @@ fn make_shared(tree: &TreeImage) -> Result<Shared> {
         .iter()
         .flat_map(|p| p.fds.iter().map(|f| f.id).chain(p.held_files()))
         .collect();
+    let mut socket_files = Vec::new();
     let files =
-        crate::files::open_all(&tree.procs[0].files, &used).map_err(|e| RestoreError::File {
-            pid: root,
-            id: e.id,
-            path: e.path,
-            what: e.what,
+        crate::files::open_all(&tree.procs[0].files, &used, &mut socket_files).map_err(|e| {
+            remove_socket_files(&socket_files);
+            RestoreError::File {
+                pid: root,
+                id: e.id,
+                path: e.path,
+                what: e.what,
+            }
         })?;
-    Ok(Shared { shm, files })
+    Ok(Shared {
+        shm,
+        files,
+        socket_files,
+    })
 }
 
 fn raw_fds<K: Copy + std::hash::Hash + Eq>(m: &HashMap<K, OwnedFd>) -> HashMap<K, RawFd> {
@@ -323,6 +341,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         Err(e) => {
             tracing::warn!("restore failed ({e}); killing every task it made");
             kill_all(&roots, all_tids(&tree, &plan));
+            remove_socket_files(&shared.socket_files);
             Err(e)
         }
     }

@@ -21,7 +21,12 @@
 //! - `epoll`: an epoll watching a pipe added as a number since closed
 //!   (the pipe lives on at another number) and an eventfd added as a
 //!   number now holding /dev/null: both still report their events, with
-//!   their data words, and the numbers are as the program left them.
+//!   their data words, and the numbers are as the program left them;
+//! - `unix names`: a listener bound to DIR/gone.sock, whose socket file
+//!   was removed, and a datagram socket bound to DIR/taken.sock, whose
+//!   name now belongs to a regular file: the removed name stays removed,
+//!   the regular file untouched, and both sockets still know their name
+//!   (the second one a name of cryo's next to it, after a restore).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -111,6 +116,9 @@ struct Desc {
     pidfd: i32,
     pipe: [i32; 2],
     locked: [i32; 4],
+    /// The listener whose socket file was removed, the datagram socket
+    /// whose name was taken.
+    named: [i32; 2],
     /// The epoll, the pipe's write end, the eventfd's number now, the
     /// number the pipe was added as (closed), the eventfd's old number
     /// (now /dev/null).
@@ -213,9 +221,12 @@ fn setup(tmp: &Path) -> Result<Desc, String> {
             return Err(os_err("taking the locks"));
         }
     }
+    let named = setup_named(tmp)?;
+    // Last: the number it closes must stay free.
     let epoll = setup_epoll()?;
     Ok(Desc {
         epoll,
+        named,
         tmp: tmp.to_path_buf(),
         tmpfile,
         sparse,
@@ -271,6 +282,85 @@ fn setup_epoll() -> Result<[i32; 5], String> {
         return Err(os_err("dup"));
     }
     Ok([ep, p[1], moved_ev, p[0], ev])
+}
+
+fn bound(ty: i32, path: &Path) -> Result<i32, String> {
+    // SAFETY: socket/bind with a sockaddr_un of ours.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0);
+        let mut a: libc::sockaddr_un = std::mem::zeroed();
+        a.sun_family = libc::AF_UNIX as u16;
+        for (i, b) in path.as_os_str().as_bytes().iter().enumerate().take(107) {
+            a.sun_path[i] = *b as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+        if s < 0 || libc::bind(s, (&a as *const libc::sockaddr_un).cast(), len) != 0 {
+            return Err(os_err("bind"));
+        }
+        Ok(s)
+    }
+}
+
+fn setup_named(tmp: &Path) -> Result<[i32; 2], String> {
+    let gone = tmp.join("gone.sock");
+    let l = bound(libc::SOCK_STREAM, &gone)?;
+    // SAFETY: listen on our socket.
+    if unsafe { libc::listen(l, 4) } != 0 {
+        return Err(os_err("listen"));
+    }
+    std::fs::remove_file(&gone).map_err(|e| format!("unlink: {e}"))?;
+    let taken = tmp.join("taken.sock");
+    let d = bound(libc::SOCK_DGRAM, &taken)?;
+    std::fs::write(tmp.join("taken.new"), b"not a socket").map_err(|e| format!("write: {e}"))?;
+    std::fs::rename(tmp.join("taken.new"), &taken).map_err(|e| format!("rename: {e}"))?;
+    Ok([l, d])
+}
+
+/// The path a unix socket of ours is bound to.
+fn sock_name(s: i32) -> String {
+    // SAFETY: getsockname into a zeroed sockaddr_un of ours.
+    unsafe {
+        let mut a: libc::sockaddr_un = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+        libc::getsockname(s, (&mut a as *mut libc::sockaddr_un).cast(), &mut len);
+        let bytes: Vec<u8> = a
+            .sun_path
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+fn check_named(d: &Desc, fails: &mut Vec<String>) {
+    let t = d.tmp.display().to_string();
+    let [l, dg] = d.named;
+    if sock_name(l) != format!("{t}/gone.sock") {
+        fails.push(format!("the listener is bound to {}", sock_name(l)));
+    }
+    if d.tmp.join("gone.sock").exists() {
+        fails.push("gone.sock, removed by the program, is back".into());
+    }
+    let name = sock_name(dg);
+    let next_to = format!("{t}/taken.sock.cryo-sock-");
+    if name != format!("{t}/taken.sock") && !name.starts_with(&next_to) {
+        fails.push(format!("the datagram socket is bound to {name}"));
+    }
+    if std::fs::read(d.tmp.join("taken.sock")).unwrap_or_default() != b"not a socket" {
+        fails.push("the file that took taken.sock's name was changed".into());
+    }
+    let strays: Vec<String> = std::fs::read_dir(&d.tmp)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("cryo-sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !strays.is_empty() {
+        fails.push(format!("names cryo made are left in {t}: {strays:?}"));
+    }
 }
 
 fn check_epoll(d: &Desc, fails: &mut Vec<String>) {
@@ -465,6 +555,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_pidfd_and_owner(&d, &mut fails);
     check_locks(&d, &mut fails);
     check_epoll(&d, &mut fails);
+    check_named(&d, &mut fails);
     Ok(fails)
 }
 
