@@ -275,6 +275,7 @@ fn round_trip_every_kind() {
                 }),
                 locked: false,
                 packet: true,
+                ..Default::default()
             }),
             ..Default::default()
         },

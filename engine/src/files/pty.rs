@@ -49,7 +49,15 @@ pub fn dump(
 ) -> Result<(), FilesError> {
     e.pty = if kind == FileKind::FilePtyMaster {
         let master = h.getfd(cx.pid, cx.fd)?;
-        Some(dump_master(cx.pid, cx.fd, master.as_raw_fd())?)
+        let mut st = dump_master(cx.pid, cx.fd, master.as_raw_fd())?;
+        // The slave node's owner and mode.
+        if let Ok(m) = std::fs::metadata(pts_dir(cx.link).join(st.index.to_string())) {
+            use std::os::unix::fs::MetadataExt;
+            st.slave_uid = Some(m.uid());
+            st.slave_gid = Some(m.gid());
+            st.slave_mode = Some(m.mode() & 0o7777);
+        }
+        Some(st)
     } else {
         tty::pty_slave_index(cx.st.st_rdev).map(slave_state)
     };
@@ -189,6 +197,7 @@ pub fn dump_master(pid: i32, fd: i32, master: RawFd) -> Result<PtyState, PtyErro
         }),
         locked,
         packet,
+        ..Default::default()
     })
 }
 
@@ -240,6 +249,7 @@ fn open_master(f: &FileEntry, st: &PtyState, spare: &mut Vec<OwnedFd>) -> Result
         let got = tty::pty_number(fd.as_raw_fd()).map_err(|e| format!("TIOCGPTN: {e}"))?;
         if got == index {
             set_state(fd.as_raw_fd(), st)?;
+            set_slave_owner(&slave, st)?;
             return Ok(fd);
         }
         if got > index {
@@ -272,6 +282,30 @@ pub fn open_masters<'a>(
         out.insert(f.id, m);
     }
     Ok(out)
+}
+
+/// The slave node's dumped owner and mode, given back (the kernel made
+/// it the opener's).
+fn set_slave_owner(slave: &Path, st: &PtyState) -> Result<(), String> {
+    let io = std::io::Error::from;
+    if st.slave_uid.is_some() || st.slave_gid.is_some() {
+        nix::unistd::chown(
+            slave,
+            st.slave_uid.map(nix::unistd::Uid::from_raw),
+            st.slave_gid.map(nix::unistd::Gid::from_raw),
+        )
+        .map_err(|e| format!("giving {} its owner: {}", slave.display(), io(e)))?;
+    }
+    if let Some(mode) = st.slave_mode {
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            slave,
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| format!("giving {} its mode {mode:o}: {}", slave.display(), io(e)))?;
+    }
+    Ok(())
 }
 
 /// Unlock the master `fd` and give the pair the dumped settings.

@@ -7,7 +7,8 @@
 //! The parent opens a pty (/dev/ptmx, grantpt, unlockpt), puts the slave
 //! side in raw mode with VMIN 5, VTIME 3, VINTR ^G and 9600 baud, sets the
 //! window to 37 rows by 101 columns (640x480 pixels) and the master to
-//! packet mode; it also opens a second pty that it leaves locked. The
+//! packet mode; it also opens a second pty that it leaves locked, whose
+//! slave node it gives owner 4321:8765 and mode 0640. The
 //! child makes its own session with the slave as its controlling terminal
 //! (on fds 0 and 20, one open file description, O_NONBLOCK), forks a
 //! grandchild that leads its own process group, and makes that group the
@@ -72,6 +73,10 @@ fn open(path: &str, flags: i32) -> Result<i32, String> {
     }
     Ok(fd)
 }
+
+/// The owner and mode the locked pty's slave node is given.
+const SLAVE_OWNER: (u32, u32) = (4321, 8765);
+const SLAVE_MODE: u32 = 0o640;
 
 /// A new master, grantpt'd, unlocked if asked.
 fn open_master(unlock: bool) -> Result<i32, String> {
@@ -629,6 +634,14 @@ fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
     }
     let locked = open_master(false)?;
     let locked_path = ptsname(locked)?;
+    // The locked pty's slave node gets an owner and mode of its own.
+    std::os::unix::fs::chown(&locked_path, Some(SLAVE_OWNER.0), Some(SLAVE_OWNER.1))
+        .map_err(|e| format!("chown {locked_path}: {e}"))?;
+    std::fs::set_permissions(
+        &locked_path,
+        std::os::unix::fs::PermissionsExt::from_mode(SLAVE_MODE),
+    )
+    .map_err(|e| format!("chmod {locked_path}: {e}"))?;
     // The slave's device number, from a short-lived open of it.
     let s = open(&path, libc::O_RDWR | libc::O_NOCTTY)?;
     let e = Expect {
@@ -726,6 +739,20 @@ fn run(ready: &Path, verdict: &Path) -> Result<Vec<String>, String> {
             Ok(v) => fails.push(format!("parent: {name} is {v}, was {want}")),
             Err(err) => fails.push(format!("parent: reading {name}: {err}")),
         }
+    }
+    match std::fs::metadata(&locked_path) {
+        Ok(md) => {
+            use std::os::unix::fs::MetadataExt;
+            let got = (md.uid(), md.gid(), md.mode() & 0o7777);
+            let want = (SLAVE_OWNER.0, SLAVE_OWNER.1, SLAVE_MODE);
+            if got != want {
+                fails.push(format!(
+                    "parent: {locked_path} is owned by {}:{} with mode {:o}, expected {}:{} {:o}",
+                    got.0, got.1, got.2, want.0, want.1, want.2
+                ));
+            }
+        }
+        Err(e) => fails.push(format!("parent: stat {locked_path}: {e}")),
     }
     match open(&locked_path, libc::O_RDWR | libc::O_NOCTTY) {
         Err(err) if err.contains("Input/output error") => {}
