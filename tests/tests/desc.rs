@@ -1,17 +1,21 @@
 //! Checkpoint/restore of descriptors with finer state (wl_desc): an
 //! O_TMPFILE file, sparse deleted files and memfds with their holes, an
 //! O_PATH symlink, a pidfd of a reaped process, a pipe's signal owner and
-//! signal, and flock, POSIX, OFD locks and a lease.
+//! signal, flock, POSIX, OFD locks and a lease, epoll targets added as
+//! numbers since closed or reused, unix sockets whose names were removed
+//! or taken, and descriptors in flight (SCM_RIGHTS).
 
 use cryo_tests::*;
 
 fn start(dir: &TestDir) -> (Workload, TreeGuard) {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &TestDir, extra: &[&str]) -> (Workload, TreeGuard) {
     let tmp = dir.subdir("tmp");
-    let wl = Workload::start(
-        "wl_desc",
-        &["--tmp", tmp.to_str().expect("utf-8 path")],
-        dir,
-    );
+    let mut args = vec!["--tmp", tmp.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let wl = Workload::start("wl_desc", &args, dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     (wl, guard)
 }
@@ -56,4 +60,23 @@ fn desc_two_cycles() {
         restore_ok(&mut wl, &img);
     }
     wl.assert_pass("descriptors after two cycles");
+}
+
+/// A pipe end that only a message in flight holds is refused, naming the
+/// socket and why; the task runs on.
+#[test]
+fn desc_pipe_in_flight_refused() {
+    let dir = TestDir::new();
+    let (mut wl, _guard) = start_with(&dir, &["--flight-pipe", "1"]);
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with a pipe in flight: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("in flight") && err.contains(&format!("task {}", wl.pid())),
+        "stderr: {err}"
+    );
+    wl.assert_pass("descriptors after a refused dump");
 }

@@ -542,7 +542,12 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     // socket states and queues come from a fresh sock_diag snapshot (a
     // peer outside the tree, with --ext-unix-sk, kept running).
     let mut procs: Vec<&mut ProcFds> = caps.iter_mut().map(|c| &mut c.fds).collect();
-    let files = crate::files::link(&mut procs, opts.ext_unix_sk, &mut DiagSnapshot::default())?;
+    let files = crate::files::link(
+        &mut procs,
+        opts.ext_unix_sk,
+        &mut DiagSnapshot::default(),
+        &opts.collect(),
+    )?;
     name_held_files(&mut caps);
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();

@@ -498,61 +498,79 @@ pub fn collect(
     };
     let mut handles = ProcHandles::default();
     for fd in fds {
-        let path = format!("/proc/{pid}/fd/{fd}");
-        let link = readlink(&path)?;
-        let st = nix::sys::stat::stat(path.as_str()).map_err(|e| FilesError::Proc {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let info_path = format!("/proc/{pid}/fdinfo/{fd}");
-        let fdinfo = read(&info_path)?;
-        let info = procfmt::parse_status(&fdinfo);
-        let cx = FdCtx {
-            pid,
-            fd,
-            link: &link,
-            st: &st,
-            fdinfo: &fdinfo,
-            info: &info,
-            info_path: &info_path,
-        };
-        let kind = classify(&cx, ctty, opts, diag)?;
-        let (pos, flags) = procfmt::parse_fdinfo(&fdinfo);
         let id = *next_id;
         *next_id += 1;
-        let deleted = !ghost::is_ghost(kind) && is_deleted(&cx);
-        let mut e = FileEntry {
-            id,
-            kind: kind as i32,
-            path: if deleted {
-                ghost::deleted_name(&link)
-            } else {
-                ghost::name(kind, &link)
-            },
-            flags: flags & !(libc::O_CLOEXEC as u32),
-            pos,
-            deleted,
-            ..entry_of(&st)
-        };
-        if deleted {
-            ghost::times(&st, &mut e);
-        }
-        dump_kind(kind, &cx, &mut handles, opts, &mut e)?;
-        let (locks, posix_locks) = lock::dump_locks(&cx)?;
-        e.locks = locks;
-        // An O_PATH descriptor has no owner (fcntl refuses it).
-        if opts.owners && has_owner(kind) && flags & libc::O_PATH as u32 == 0 {
-            e.owner = lock::dump_owner(&cx, &mut handles)?;
-        }
+        let (e, fe) = describe(pid, fd, id, ctty, opts, diag, &mut handles)?;
         out.files.push(e);
-        out.fd_entries.push(FdEntry {
-            fd: fd as u32,
-            id,
-            cloexec: flags & libc::O_CLOEXEC as u32 != 0,
-            posix_locks,
-        });
+        out.fd_entries.push(fe);
     }
     Ok(out)
+}
+
+/// The entry of descriptor `fd` of `pid` (file id `id`) and its
+/// descriptor record: its kind, flags, offset, inode and what its kind
+/// keeps, its locks and signal owner. `ctty` is the process's controlling
+/// terminal.
+fn describe(
+    pid: i32,
+    fd: i32,
+    id: u32,
+    ctty: u64,
+    opts: &CollectOptions,
+    diag: &mut DiagSnapshot,
+    handles: &mut ProcHandles,
+) -> Result<(FileEntry, FdEntry)> {
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let link = readlink(&path)?;
+    let st = nix::sys::stat::stat(path.as_str()).map_err(|e| FilesError::Proc {
+        path: path.clone(),
+        source: e.into(),
+    })?;
+    let info_path = format!("/proc/{pid}/fdinfo/{fd}");
+    let fdinfo = read(&info_path)?;
+    let info = procfmt::parse_status(&fdinfo);
+    let cx = FdCtx {
+        pid,
+        fd,
+        link: &link,
+        st: &st,
+        fdinfo: &fdinfo,
+        info: &info,
+        info_path: &info_path,
+    };
+    let kind = classify(&cx, ctty, opts, diag)?;
+    let (pos, flags) = procfmt::parse_fdinfo(&fdinfo);
+    let deleted = !ghost::is_ghost(kind) && is_deleted(&cx);
+    let mut e = FileEntry {
+        id,
+        kind: kind as i32,
+        path: if deleted {
+            ghost::deleted_name(&link)
+        } else {
+            ghost::name(kind, &link)
+        },
+        flags: flags & !(libc::O_CLOEXEC as u32),
+        pos,
+        deleted,
+        ..entry_of(&st)
+    };
+    if deleted {
+        ghost::times(&st, &mut e);
+    }
+    dump_kind(kind, &cx, handles, opts, &mut e)?;
+    let (locks, posix_locks) = lock::dump_locks(&cx)?;
+    e.locks = locks;
+    // An O_PATH descriptor has no owner (fcntl refuses it).
+    if opts.owners && has_owner(kind) && flags & libc::O_PATH as u32 == 0 {
+        e.owner = lock::dump_owner(&cx, handles)?;
+    }
+    let fe = FdEntry {
+        fd: fd as u32,
+        id,
+        cloexec: flags & libc::O_CLOEXEC as u32 != 0,
+        posix_locks,
+    };
+    Ok((e, fe))
 }
 
 /// One open file description of the tree with a descriptor that holds it.
@@ -583,6 +601,7 @@ pub fn link(
     procs: &mut [&mut ProcFds],
     ext_unix_sk: bool,
     diag: &mut DiagSnapshot,
+    opts: &CollectOptions,
 ) -> Result<Vec<FileEntry>> {
     let mut table: Vec<OpenFile> = Vec::new();
     for p in procs.iter_mut() {
@@ -613,7 +632,9 @@ pub fn link(
     }
     link_held(procs, &mut table);
     let tree: BTreeSet<i32> = procs.iter().map(|p| p.pid).collect();
-    unix::states(&mut table, ext_unix_sk, diag)?;
+    // Descriptors in flight that only messages hold: open until the
+    // end, for what is read of them below.
+    let _in_flight = unix::states(&mut table, ext_unix_sk, diag, opts)?;
     ghost::contents(&mut table)?;
     check_per_task(procs, &table)?;
     pipe::contents(&mut table, &tree)?;
@@ -822,11 +843,13 @@ pub fn open_all(
             .filter(move |f| used.contains(&f.id) && f.kind == k as i32)
     };
     let sockets: Vec<&FileEntry> = of_kind(FileKind::FileUnixSocket).collect();
-    let sockets = unix::make_sockets(&sockets, socket_files).map_err(|what| OpenError {
-        id: 0,
-        path: "unix sockets".into(),
-        what,
-    })?;
+    let mut later = Vec::new();
+    let sockets =
+        unix::make_sockets(&sockets, socket_files, &mut later).map_err(|what| OpenError {
+            id: 0,
+            path: "unix sockets".into(),
+            what,
+        })?;
     // Pty masters first, by index (a slave may come before its master).
     let masters: Vec<&FileEntry> = of_kind(FileKind::FilePtyMaster).collect();
     let ptys = pty::open_masters(&masters).map_err(|(f, e)| fail(f, e))?;
@@ -848,6 +871,14 @@ pub fn open_all(
         let _ = nix::fcntl::fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl));
         lock::take_own(&fd, &f.locks).map_err(|e| fail(f, e))?;
         out.insert(f.id, fd);
+    }
+    // Every file is open: the messages with descriptors in flight.
+    for l in later {
+        l.send(&out).map_err(|what| OpenError {
+            id: 0,
+            path: "unix sockets".into(),
+            what,
+        })?;
     }
     // Every slave is open: masters that were locked are locked again.
     for f in &masters {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use cryo_image::proto::{FileEntry, FileKind, UnixSocketState};
+use cryo_image::proto::{FileEntry, FileKind, InFlight, UnixSocketState};
 use nix::errno::Errno;
 use nix::sys::socket::{self as nixsock, MsgFlags};
 
@@ -35,8 +35,13 @@ pub enum UnixError {
         ino: u64,
         errno: Errno,
     },
-    #[error("task {pid}: fd {fd}: unix socket {ino} has descriptors in flight (SCM_RIGHTS); not supported yet")]
-    FdsInFlight { pid: i32, fd: i32, ino: u64 },
+    #[error("task {pid}: fd {fd}: unix socket {ino} has a descriptor in flight (SCM_RIGHTS) that is {what}")]
+    FdsInFlight {
+        pid: i32,
+        fd: i32,
+        ino: u64,
+        what: String,
+    },
 }
 
 /// What sock_diag says about one unix socket.
@@ -59,14 +64,29 @@ pub struct DiagInfo {
 /// refused (unless --ext-unix-sk covers it), and so is a listener with
 /// connections waiting to be accepted.
 pub fn states(
-    table: &mut [OpenFile],
+    table: &mut Vec<OpenFile>,
     ext_unix_sk: bool,
     diag: &mut DiagSnapshot,
-) -> Result<(), FilesError> {
+    opts: &super::CollectOptions,
+) -> Result<Vec<OwnedFd>, FilesError> {
     let is_sock = |o: &OpenFile| o.entry.kind == FileKind::FileUnixSocket as i32;
     if !table.iter().any(is_sock) {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    // The tree's open file descriptions, for the descriptors in flight.
+    // Epolls and pidfds are made by their tasks, after the messages are
+    // sent again: not in flight.
+    let known: Vec<(i32, i32, u32)> = table
+        .iter()
+        .filter(|o| o.fd >= 0)
+        .filter(|o| !FileKind::try_from(o.entry.kind).is_ok_and(super::made_by_task))
+        .map(|o| (o.pid, o.fd, o.entry.id))
+        .collect();
+    let mut in_flight = InFlightFiles {
+        next_id: table.iter().map(|o| o.entry.id).max().unwrap_or(0) + 1,
+        known,
+        ..Default::default()
+    };
     let diag = diag.get()?;
     // One pidfd per process, for pidfd_getfd of its sockets.
     let mut pidfds: HashMap<i32, OwnedFd> = HashMap::new();
@@ -102,7 +122,23 @@ pub fn states(
             std::collections::hash_map::Entry::Vacant(e) => e.insert(sys::pidfd_open(npid)?),
         };
         let sock = sys::pidfd_getfd(pidfd, npid, o.fd)?;
-        let queued = peek_queue(o.pid, o.fd, info, &sock)?;
+        let peeked = peek_queue(o.pid, o.fd, info, &sock)?;
+        let mut queued = Vec::with_capacity(peeked.len());
+        let mut rights = Vec::new();
+        for (i, m) in peeked.into_iter().enumerate() {
+            if !m.fds.is_empty() {
+                let files = m
+                    .fds
+                    .into_iter()
+                    .map(|f| in_flight.file_of(f, (o.pid, o.fd, ino), opts))
+                    .collect::<Result<Vec<u32>, FilesError>>()?;
+                rights.push(InFlight {
+                    message: i as u32,
+                    files,
+                });
+            }
+            queued.push(m.data);
+        }
         let backlog = if info.state == STATE_LISTEN {
             info.wqueue
         } else {
@@ -111,9 +147,90 @@ pub fn states(
         let mut st = state_of(info, queued, backlog);
         st.external_peer = external_peer;
         st.name_removed = name_removed(o.pid, info);
+        st.rights = rights;
         o.entry.unix = Some(st);
     }
-    Ok(())
+    table.append(&mut in_flight.new_files);
+    Ok(in_flight.held)
+}
+
+/// The files of descriptors in flight: those that are also open in the
+/// tree, and those only the messages hold (described from cryo's copy,
+/// which stays open until the image is written).
+#[derive(Default)]
+struct InFlightFiles {
+    next_id: u32,
+    /// (pid, fd, file id) of every descriptor of the tree.
+    known: Vec<(i32, i32, u32)>,
+    new_files: Vec<OpenFile>,
+    held: Vec<OwnedFd>,
+}
+
+impl InFlightFiles {
+    /// The file id of in-flight descriptor `fd` (cryo's copy), carried by
+    /// socket `sock` (pid, fd, inode).
+    fn file_of(
+        &mut self,
+        fd: OwnedFd,
+        (pid, sfd, ino): (i32, i32, u64),
+        opts: &super::CollectOptions,
+    ) -> Result<u32, FilesError> {
+        let me = std::process::id() as i32;
+        let raw = fd.as_raw_fd();
+        let same = |p: i32, f: i32| sys::kcmp_file(me, p, raw, f).unwrap_or(false);
+        if let Some(&(_, _, id)) = self.known.iter().find(|&&(p, f, _)| same(p, f)) {
+            return Ok(id);
+        }
+        if let Some(o) = self.new_files.iter().find(|o| same(me, o.fd)) {
+            return Ok(o.entry.id);
+        }
+        let id = self.next_id;
+        let mut handles = super::ProcHandles::default();
+        let mut diag = DiagSnapshot::default();
+        let (entry, _) = super::describe(me, raw, id, 0, opts, &mut diag, &mut handles)?;
+        let kind = FileKind::try_from(entry.kind).unwrap_or(FileKind::FileRegular);
+        if !sendable(kind) {
+            return Err(UnixError::FdsInFlight {
+                pid,
+                fd: sfd,
+                ino,
+                what: format!(
+                    "{} ({}) held by no task of the tree; cryo keeps only files, directories, devices, memfds, eventfds, timerfds, signalfds and inotify instances in flight alone",
+                    entry.path,
+                    kind.as_str_name()
+                ),
+            }
+            .into());
+        }
+        self.next_id += 1;
+        self.new_files.push(OpenFile {
+            pid: me,
+            fd: raw,
+            entry,
+            via: None,
+        });
+        self.held.push(fd);
+        Ok(id)
+    }
+}
+
+/// Kinds a message in flight may hold without any task holding them too:
+/// those whose state is the file's own (not a pipe's or socket's other
+/// end, nor made by a task).
+fn sendable(kind: FileKind) -> bool {
+    matches!(
+        kind,
+        FileKind::FileRegular
+            | FileKind::FileDirectory
+            | FileKind::FileChardev
+            | FileKind::FileMemfd
+            | FileKind::FileDeleted
+            | FileKind::FileEventfd
+            | FileKind::FileTimerfd
+            | FileKind::FileSignalfd
+            | FileKind::FileInotify
+            | FileKind::FileSymlink
+    )
 }
 
 /// The address to connect to again of the outside peer of socket `o`, if
@@ -276,7 +393,7 @@ pub fn peek_queue(
     fd: i32,
     info: &DiagInfo,
     sock: &OwnedFd,
-) -> Result<Vec<Vec<u8>>, UnixError> {
+) -> Result<Vec<Queued>, UnixError> {
     let err = |errno| UnixError::Peek {
         pid,
         fd,
@@ -293,21 +410,9 @@ pub fn peek_queue(
     let res = loop {
         // MSG_PEEK leaves the queue as it is (the peek offset moves past
         // what was read).
-        let n = match sock::peek_msg(sock, &mut buf) {
-            Ok(p) => {
-                if let Some(fds) = p.rights {
-                    // A peeked SCM_RIGHTS installed descriptors here:
-                    // closed.
-                    drop(fds);
-                    let _ = sock::set_peek_off(sock, -1);
-                    return Err(UnixError::FdsInFlight {
-                        pid,
-                        fd,
-                        ino: info.ino,
-                    });
-                }
-                p.len
-            }
+        let (n, fds) = match sock::peek_msg(sock, &mut buf) {
+            // A peeked SCM_RIGHTS installed copies of its descriptors here.
+            Ok(p) => (p.len, p.rights.unwrap_or_default()),
             Err(Errno::EAGAIN) => break Ok(()),
             Err(e) => break Err(err(e)),
         };
@@ -318,8 +423,11 @@ pub fn peek_queue(
         if n == 0 && counted {
             break Ok(());
         }
-        msgs.push(buf[..n].to_vec());
-        if counted && msgs.iter().map(|m| m.len()).sum::<usize>() >= info.rqueue as usize {
+        msgs.push(Queued {
+            data: buf[..n].to_vec(),
+            fds,
+        });
+        if counted && msgs.iter().map(|m| m.data.len()).sum::<usize>() >= info.rqueue as usize {
             break Ok(());
         }
         if msgs.len() > 1 << 16 {
@@ -328,13 +436,25 @@ pub fn peek_queue(
     };
     let _ = sock::set_peek_off(sock, -1);
     res.map(|()| {
-        if stream {
-            // Byte streams have no boundaries: one message.
-            vec![msgs.concat()]
+        if stream && msgs.iter().all(|m| m.fds.is_empty()) {
+            // Byte streams have no boundaries: one message (the bytes a
+            // descriptor came with keep theirs).
+            let data = msgs.into_iter().flat_map(|m| m.data).collect();
+            vec![Queued {
+                data,
+                fds: Vec::new(),
+            }]
         } else {
             msgs
         }
     })
+}
+
+/// One message queued for a socket, with the descriptors it carries
+/// (copies installed in cryo by the peek).
+pub struct Queued {
+    pub data: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
 }
 
 /// Whether a path-bound socket's path names another file now, or none
@@ -374,6 +494,7 @@ pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSock
         shutdown: info.shutdown,
         backlog,
         name_removed: false,
+        rights: Vec::new(),
         vfs_ino: info.vfs.map_or(0, |v| v.0),
         vfs_dev: info.vfs.map_or(0, |v| v.1),
     }
@@ -387,6 +508,7 @@ pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSock
 pub fn make_sockets(
     files: &[&FileEntry],
     made: &mut Vec<std::path::PathBuf>,
+    later: &mut Vec<Later>,
 ) -> Result<HashMap<u32, OwnedFd>, String> {
     let mut out: HashMap<u32, OwnedFd> = HashMap::new();
     let by_ino: HashMap<u64, &FileEntry> = files.iter().map(|f| (f.inode, *f)).collect();
@@ -409,10 +531,29 @@ pub fn make_sockets(
             let pst = p.unix.clone().unwrap_or_default();
             // Bytes queued for `f` are sent again by its peer, and the
             // other way round.
-            resend(&b, &st.queued, f.inode)?;
-            resend(&a, &pst.queued, p.inode)?;
-            shut(&a, st.shutdown);
-            shut(&b, pst.shutdown);
+            if st.rights.is_empty() && pst.rights.is_empty() {
+                resend(&b, &st.queued, f.inode)?;
+                resend(&a, &pst.queued, p.inode)?;
+                shut(&a, st.shutdown);
+                shut(&b, pst.shutdown);
+            } else {
+                // Descriptors in flight: once every file is open.
+                let dup = |s: &OwnedFd| s.try_clone().map_err(|e| format!("dup: {e}"));
+                later.push(Later {
+                    sender: dup(&b)?,
+                    msgs: st.queued.clone(),
+                    rights: st.rights.clone(),
+                    ino: f.inode,
+                    shut: Vec::new(),
+                });
+                later.push(Later {
+                    sender: dup(&a)?,
+                    msgs: pst.queued.clone(),
+                    rights: pst.rights.clone(),
+                    ino: p.inode,
+                    shut: vec![(dup(&a)?, st.shutdown), (dup(&b)?, pst.shutdown)],
+                });
+            }
             out.insert(f.id, a);
             out.insert(p.id, b);
             continue;
@@ -445,9 +586,22 @@ pub fn make_sockets(
             // back, then end of file. A pair, with the other end closed.
             let (a, b) = sock::unix_socketpair(ty)
                 .map_err(|e| format!("socketpair for unix socket {}: {e}", f.inode))?;
-            resend(&b, &st.queued, f.inode)?;
-            drop(b);
-            shut(&a, st.shutdown);
+            if st.rights.is_empty() {
+                resend(&b, &st.queued, f.inode)?;
+                drop(b);
+                shut(&a, st.shutdown);
+            } else {
+                // Descriptors in flight: once every file is open (the
+                // sending end goes then, for the end of file).
+                let shut_a = a.try_clone().map_err(|e| format!("dup: {e}"))?;
+                later.push(Later {
+                    sender: b,
+                    msgs: st.queued.clone(),
+                    rights: st.rights.clone(),
+                    ino: f.inode,
+                    shut: vec![(shut_a, st.shutdown)],
+                });
+            }
             out.insert(f.id, a);
             continue;
         }
@@ -455,6 +609,68 @@ pub fn make_sockets(
         out.insert(f.id, s);
     }
     Ok(out)
+}
+
+/// Messages with descriptors in flight, sent again once every open file
+/// description of the tree is made: from `sender`, then the shutdowns.
+pub struct Later {
+    sender: OwnedFd,
+    msgs: Vec<Vec<u8>>,
+    rights: Vec<InFlight>,
+    ino: u64,
+    shut: Vec<(OwnedFd, u32)>,
+}
+
+impl Later {
+    /// Send the messages again, each with its descriptors (by file id in
+    /// `files`).
+    pub fn send(self, files: &HashMap<u32, OwnedFd>) -> Result<(), String> {
+        let ino = self.ino;
+        for (i, m) in self.msgs.iter().enumerate() {
+            let ids: &[u32] = self
+                .rights
+                .iter()
+                .find(|r| r.message as usize == i)
+                .map(|r| r.files.as_slice())
+                .unwrap_or(&[]);
+            if ids.is_empty() {
+                resend(&self.sender, std::slice::from_ref(m), ino)?;
+                continue;
+            }
+            let fds = ids
+                .iter()
+                .map(|id| {
+                    files.get(id).map(|f| f.as_raw_fd()).ok_or_else(|| {
+                        format!("unix socket {ino}: no file {id} for a descriptor in flight")
+                    })
+                })
+                .collect::<Result<Vec<i32>, String>>()?;
+            let iov = [std::io::IoSlice::new(m)];
+            let cmsg = [nixsock::ControlMessage::ScmRights(&fds)];
+            let n = nixsock::sendmsg::<()>(
+                self.sender.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(|e| {
+                format!(
+                    "queueing {} bytes with {} descriptors for unix socket {ino} again: {}",
+                    m.len(),
+                    fds.len(),
+                    std::io::Error::from(e)
+                )
+            })?;
+            if n < m.len() {
+                resend(&self.sender, &[m[n..].to_vec()], ino)?;
+            }
+        }
+        for (s, how) in &self.shut {
+            shut(s, *how);
+        }
+        Ok(())
+    }
 }
 
 fn resend(from: &OwnedFd, msgs: &[Vec<u8>], ino: u64) -> Result<(), String> {

@@ -205,10 +205,17 @@ fn make_shared(tree: &TreeImage) -> Result<Shared> {
         what: "creating shared anonymous memory (through /proc/self/map_files: needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN)",
         errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
     })?;
+    // The files of descriptors in flight (SCM_RIGHTS) too.
+    let in_flight = tree.procs[0]
+        .files
+        .iter()
+        .filter_map(|f| f.unix.as_ref())
+        .flat_map(|u| u.rights.iter().flat_map(|r| r.files.iter().copied()));
     let used = tree
         .procs
         .iter()
         .flat_map(|p| p.fds.iter().map(|f| f.id).chain(p.held_files()))
+        .chain(in_flight)
         .collect();
     let mut socket_files = Vec::new();
     let files =

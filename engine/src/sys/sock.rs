@@ -152,7 +152,7 @@ pub fn peek_msg(s: &impl AsFd, buf: &mut [u8]) -> Result<Peeked, Errno> {
         libc::recvmsg(
             s.as_fd().as_raw_fd(),
             &mut mh,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
         )
     };
     if n < 0 {
