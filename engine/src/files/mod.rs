@@ -843,6 +843,11 @@ pub fn open_all(
             .filter(move |f| used.contains(&f.id) && f.kind == k as i32)
     };
     let sockets: Vec<&FileEntry> = of_kind(FileKind::FileUnixSocket).collect();
+    let sockets_named: Vec<(Vec<u8>, u32)> = sockets
+        .iter()
+        .filter_map(|f| Some((unix::name_key(&f.unix.as_ref()?.name), f.id)))
+        .filter(|(n, _)| !n.is_empty())
+        .collect();
     let mut later = Vec::new();
     let sockets =
         unix::make_sockets(&sockets, socket_files, &mut later).map_err(|what| OpenError {
@@ -872,9 +877,14 @@ pub fn open_all(
         lock::take_own(&fd, &f.locks).map_err(|e| fail(f, e))?;
         out.insert(f.id, fd);
     }
-    // Every file is open: the messages with descriptors in flight.
+    // Every file is open: the messages with descriptors in flight, and
+    // the datagrams each from its sender (the tree's socket of its name).
+    let by_name: HashMap<Vec<u8>, RawFd> = sockets_named
+        .iter()
+        .filter_map(|(name, id)| Some((name.clone(), out.get(id)?.as_raw_fd())))
+        .collect();
     for l in later {
-        l.send(&out).map_err(|what| OpenError {
+        l.send(&out, &by_name).map_err(|what| OpenError {
             id: 0,
             path: "unix sockets".into(),
             what,

@@ -12,7 +12,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use cryo_image::proto::{FileEntry, FileKind, InFlight, UnixSocketState};
@@ -125,6 +125,12 @@ pub fn states(
         let peeked = peek_queue(o.pid, o.fd, info, &sock)?;
         let mut queued = Vec::with_capacity(peeked.len());
         let mut rights = Vec::new();
+        let unconnected_dgram = info.kind == libc::SOCK_DGRAM as u32 && info.peer == 0;
+        let senders: Vec<Vec<u8>> = if unconnected_dgram {
+            peeked.iter().map(|m| m.from.clone()).collect()
+        } else {
+            Vec::new()
+        };
         for (i, m) in peeked.into_iter().enumerate() {
             if !m.fds.is_empty() {
                 let files = m
@@ -148,6 +154,7 @@ pub fn states(
         st.external_peer = external_peer;
         st.name_removed = name_removed(o.pid, info);
         st.rights = rights;
+        st.senders = senders;
         o.entry.unix = Some(st);
     }
     table.append(&mut in_flight.new_files);
@@ -410,9 +417,9 @@ pub fn peek_queue(
     let res = loop {
         // MSG_PEEK leaves the queue as it is (the peek offset moves past
         // what was read).
-        let (n, fds) = match sock::peek_msg(sock, &mut buf) {
+        let (n, fds, from) = match sock::peek_msg(sock, &mut buf) {
             // A peeked SCM_RIGHTS installed copies of its descriptors here.
-            Ok(p) => (p.len, p.rights.unwrap_or_default()),
+            Ok(p) => (p.len, p.rights.unwrap_or_default(), p.from),
             Err(Errno::EAGAIN) => break Ok(()),
             Err(e) => break Err(err(e)),
         };
@@ -426,6 +433,7 @@ pub fn peek_queue(
         msgs.push(Queued {
             data: buf[..n].to_vec(),
             fds,
+            from,
         });
         if counted && msgs.iter().map(|m| m.data.len()).sum::<usize>() >= info.rqueue as usize {
             break Ok(());
@@ -443,6 +451,7 @@ pub fn peek_queue(
             vec![Queued {
                 data,
                 fds: Vec::new(),
+                from: Vec::new(),
             }]
         } else {
             msgs
@@ -455,6 +464,8 @@ pub fn peek_queue(
 pub struct Queued {
     pub data: Vec<u8>,
     pub fds: Vec<OwnedFd>,
+    /// The sender's address (datagrams; empty: unnamed).
+    pub from: Vec<u8>,
 }
 
 /// Whether a path-bound socket's path names another file now, or none
@@ -495,6 +506,7 @@ pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSock
         backlog,
         name_removed: false,
         rights: Vec::new(),
+        senders: Vec::new(),
         vfs_ino: info.vfs.map_or(0, |v| v.0),
         vfs_dev: info.vfs.map_or(0, |v| v.1),
     }
@@ -540,14 +552,18 @@ pub fn make_sockets(
                 // Descriptors in flight: once every file is open.
                 let dup = |s: &OwnedFd| s.try_clone().map_err(|e| format!("dup: {e}"));
                 later.push(Later {
-                    sender: dup(&b)?,
+                    sender: Some(dup(&b)?),
+                    to: Vec::new(),
+                    senders: Vec::new(),
                     msgs: st.queued.clone(),
                     rights: st.rights.clone(),
                     ino: f.inode,
                     shut: Vec::new(),
                 });
                 later.push(Later {
-                    sender: dup(&a)?,
+                    sender: Some(dup(&a)?),
+                    to: Vec::new(),
+                    senders: Vec::new(),
                     msgs: pst.queued.clone(),
                     rights: pst.rights.clone(),
                     ino: p.inode,
@@ -581,6 +597,20 @@ pub fn make_sockets(
         if st.state == STATE_LISTEN {
             sock::listen(&s, st.backlog.max(1) as i32)
                 .map_err(|e| format!("listen on unix socket {}: {e}", f.inode))?;
+        } else if !st.senders.is_empty() && !st.name.is_empty() {
+            // Datagrams from several senders: each sent to it again from
+            // its sender, once every socket is made.
+            later.push(Later {
+                sender: None,
+                to: st.name.clone(),
+                senders: st.senders.clone(),
+                msgs: st.queued.clone(),
+                rights: st.rights.clone(),
+                ino: f.inode,
+                shut: vec![(s.try_clone().map_err(|e| format!("dup: {e}"))?, st.shutdown)],
+            });
+            out.insert(f.id, s);
+            continue;
         } else if !st.queued.is_empty() || st.state == STATE_CONNECTED {
             // A connected socket whose peer is gone: its queue is read
             // back, then end of file. A pair, with the other end closed.
@@ -595,7 +625,9 @@ pub fn make_sockets(
                 // sending end goes then, for the end of file).
                 let shut_a = a.try_clone().map_err(|e| format!("dup: {e}"))?;
                 later.push(Later {
-                    sender: b,
+                    sender: Some(b),
+                    to: Vec::new(),
+                    senders: Vec::new(),
                     msgs: st.queued.clone(),
                     rights: st.rights.clone(),
                     ino: f.inode,
@@ -614,7 +646,12 @@ pub fn make_sockets(
 /// Messages with descriptors in flight, sent again once every open file
 /// description of the tree is made: from `sender`, then the shutdowns.
 pub struct Later {
-    sender: OwnedFd,
+    sender: Option<OwnedFd>,
+    /// An unconnected datagram socket's name: each message goes there
+    /// from the socket of the tree named as its sender (`senders`), or
+    /// from an unnamed one.
+    to: Vec<u8>,
+    senders: Vec<Vec<u8>>,
     msgs: Vec<Vec<u8>>,
     rights: Vec<InFlight>,
     ino: u64,
@@ -624,17 +661,40 @@ pub struct Later {
 impl Later {
     /// Send the messages again, each with its descriptors (by file id in
     /// `files`).
-    pub fn send(self, files: &HashMap<u32, OwnedFd>) -> Result<(), String> {
+    pub fn send(
+        self,
+        files: &HashMap<u32, OwnedFd>,
+        by_name: &HashMap<Vec<u8>, RawFd>,
+    ) -> Result<(), String> {
         let ino = self.ino;
+        let mut unnamed: Option<OwnedFd> = None;
         for (i, m) in self.msgs.iter().enumerate() {
+            // Where it goes from: the connected sender, or the socket
+            // named as this message's sender.
+            let from: RawFd = match &self.sender {
+                Some(s) => s.as_raw_fd(),
+                None => match self.senders.get(i).and_then(|n| by_name.get(n)) {
+                    Some(&fd) => fd,
+                    None => {
+                        if unnamed.is_none() {
+                            unnamed = Some(
+                                sock::unix_socket(libc::SOCK_DGRAM | libc::SOCK_CLOEXEC)
+                                    .map_err(|e| format!("socket: {e}"))?,
+                            );
+                        }
+                        unnamed.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1)
+                    }
+                },
+            };
+            let to = address(&self.to).map_err(|e| format!("unix socket {ino}: its name: {e}"))?;
             let ids: &[u32] = self
                 .rights
                 .iter()
                 .find(|r| r.message as usize == i)
                 .map(|r| r.files.as_slice())
                 .unwrap_or(&[]);
-            if ids.is_empty() {
-                resend(&self.sender, std::slice::from_ref(m), ino)?;
+            if ids.is_empty() && to.is_none() {
+                resend_raw(from, m, ino)?;
                 continue;
             }
             let fds = ids
@@ -646,13 +706,14 @@ impl Later {
                 })
                 .collect::<Result<Vec<i32>, String>>()?;
             let iov = [std::io::IoSlice::new(m)];
-            let cmsg = [nixsock::ControlMessage::ScmRights(&fds)];
-            let n = nixsock::sendmsg::<()>(
-                self.sender.as_raw_fd(),
+            let rights = [nixsock::ControlMessage::ScmRights(&fds)];
+            let cmsg: &[nixsock::ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+            let n = nixsock::sendmsg(
+                from,
                 &iov,
-                &cmsg,
+                cmsg,
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-                None,
+                to.as_ref(),
             )
             .map_err(|e| {
                 format!(
@@ -663,7 +724,7 @@ impl Later {
                 )
             })?;
             if n < m.len() {
-                resend(&self.sender, &[m[n..].to_vec()], ino)?;
+                resend_raw(from, &m[n..], ino)?;
             }
         }
         for (s, how) in &self.shut {
@@ -671,6 +732,50 @@ impl Later {
         }
         Ok(())
     }
+}
+
+/// A socket name as an address to send to: a path (up to its first
+/// NUL), an abstract name (leading NUL); None for no name.
+fn address(name: &[u8]) -> nix::Result<Option<nixsock::UnixAddr>> {
+    match name.first() {
+        None => Ok(None),
+        Some(0) => nixsock::UnixAddr::new_abstract(&name[1..]).map(Some),
+        Some(_) => {
+            let path = name.split(|&b| b == 0).next().unwrap_or(name);
+            nixsock::UnixAddr::new(std::ffi::OsStr::from_bytes(path)).map(Some)
+        }
+    }
+}
+
+/// A socket name as the kernel reports a sender's: a path up to its
+/// first NUL, an abstract name whole.
+pub fn name_key(name: &[u8]) -> Vec<u8> {
+    if name.first() == Some(&0) {
+        name.to_vec()
+    } else {
+        name.split(|&b| b == 0).next().unwrap_or(name).to_vec()
+    }
+}
+
+/// Send the rest of one message on connected socket `from`.
+fn resend_raw(from: RawFd, m: &[u8], ino: u64) -> Result<(), String> {
+    let mut off = 0;
+    while off < m.len() {
+        let n = nixsock::send(
+            from,
+            &m[off..],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )
+        .map_err(|e| {
+            format!(
+                "queueing {} bytes for unix socket {ino} again: {}",
+                m.len(),
+                std::io::Error::from(e)
+            )
+        })?;
+        off += n;
+    }
+    Ok(())
 }
 
 fn resend(from: &OwnedFd, msgs: &[Vec<u8>], ino: u64) -> Result<(), String> {

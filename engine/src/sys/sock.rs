@@ -128,6 +128,9 @@ pub struct Peeked {
     /// (a peek installs copies of them in this process); None when none
     /// came.
     pub rights: Option<Vec<OwnedFd>>,
+    /// The sender's address (datagrams: a path, or an abstract name with
+    /// its leading NUL; empty: an unnamed socket).
+    pub from: Vec<u8>,
 }
 
 /// recvmsg(2) on `s` with MSG_PEEK | MSG_DONTWAIT into `buf`: the message
@@ -145,8 +148,12 @@ pub fn peek_msg(s: &impl AsFd, buf: &mut [u8]) -> Result<Peeked, Errno> {
     mh.msg_iovlen = 1;
     mh.msg_control = cbuf.as_mut_ptr().cast();
     mh.msg_controllen = cbuf.len();
-    // SAFETY: `mh` points at `iov` (which describes `buf`) and at `cbuf`
-    // with their true lengths; all three live across the call and the
+    // SAFETY: sockaddr_un is plain data; all zero is a valid value.
+    let mut name: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    mh.msg_name = (&mut name as *mut libc::sockaddr_un).cast();
+    mh.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as u32;
+    // SAFETY: `mh` points at `iov` (which describes `buf`), at `cbuf` and
+    // at `name` with their true lengths; all live across the call and the
     // kernel writes within those lengths only.
     let n = unsafe {
         libc::recvmsg(
@@ -183,8 +190,23 @@ pub fn peek_msg(s: &impl AsFd, buf: &mut [u8]) -> Result<Peeked, Errno> {
             }
         }
     }
+    // The name's bytes after sun_family (msg_namelen says how many).
+    let path_len = (mh.msg_namelen as usize)
+        .saturating_sub(2)
+        .min(name.sun_path.len());
+    let from = name.sun_path[..path_len]
+        .iter()
+        .map(|&c| c as u8)
+        .collect::<Vec<u8>>();
+    // A path comes NUL-terminated; an abstract name starts with its NUL.
+    let from = if from.first() == Some(&0) {
+        from
+    } else {
+        from.split(|&b| b == 0).next().unwrap_or(&[]).to_vec()
+    };
     Ok(Peeked {
         len: n as usize,
         rights,
+        from,
     })
 }

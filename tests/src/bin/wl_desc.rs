@@ -35,7 +35,11 @@
 //!   program closed since (only the message holds them) and an eventfd it
 //!   still holds; after the restore the messages come in order, the
 //!   memfd and file with their bytes, the eventfd the same open file as
-//!   the one held.
+//!   the one held;
+//! - `senders`: a datagram socket bound to DIR/r.sock with four
+//!   messages queued from three senders (one bound to DIR/a.sock, one
+//!   unnamed, one with an abstract name): they come in order, each with
+//!   its sender's address, and the receiver keeps its name.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -125,6 +129,8 @@ struct Desc {
     pidfd: i32,
     pipe: [i32; 2],
     locked: [i32; 4],
+    /// The datagram receiver and its three senders (kept open).
+    senders: [i32; 4],
     /// The receiving end of the pair with descriptors in flight, the
     /// eventfd sent and held.
     flight: [i32; 2],
@@ -235,6 +241,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
     }
     let named = setup_named(tmp)?;
     let flight = setup_flight(tmp)?;
+    let senders = setup_senders(tmp)?;
     if with_flight_pipe {
         flight_pipe()?;
     }
@@ -244,6 +251,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
         epoll,
         named,
         flight,
+        senders,
         tmp: tmp.to_path_buf(),
         tmpfile,
         sparse,
@@ -492,6 +500,127 @@ fn flight_pipe() -> Result<(), String> {
         libc::close(p[0]);
     }
     Ok(())
+}
+
+/// The abstract name of the third sender.
+fn abstract_name() -> Vec<u8> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let mut n = vec![0u8];
+    n.extend_from_slice(format!("cryo-wl-desc-{me}").as_bytes());
+    n
+}
+
+/// A unix datagram socket bound to `name` (a path, or abstract with a
+/// leading NUL; empty: unnamed).
+fn dgram_named(name: &[u8]) -> Result<i32, String> {
+    // SAFETY: socket/bind with a sockaddr_un of ours of the right length.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(os_err("socket"));
+        }
+        if name.is_empty() {
+            return Ok(s);
+        }
+        let mut a: libc::sockaddr_un = std::mem::zeroed();
+        a.sun_family = libc::AF_UNIX as u16;
+        for (i, b) in name.iter().enumerate().take(107) {
+            a.sun_path[i] = *b as libc::c_char;
+        }
+        let len = (2 + name.len() + usize::from(name[0] != 0)) as u32;
+        if libc::bind(s, (&a as *const libc::sockaddr_un).cast(), len) != 0 {
+            return Err(os_err("bind"));
+        }
+        Ok(s)
+    }
+}
+
+fn setup_senders(tmp: &Path) -> Result<[i32; 4], String> {
+    let r_path = tmp.join("r.sock");
+    let r = dgram_named(r_path.as_os_str().as_bytes())?;
+    let a = dgram_named(tmp.join("a.sock").as_os_str().as_bytes())?;
+    let b = dgram_named(b"")?;
+    let c = dgram_named(&abstract_name())?;
+    for (s, m) in [
+        (a, &b"from a"[..]),
+        (b, b"from b"),
+        (a, b"a again"),
+        (c, b"from c"),
+    ] {
+        // SAFETY: sendto with a sockaddr_un of ours.
+        unsafe {
+            let mut to: libc::sockaddr_un = std::mem::zeroed();
+            to.sun_family = libc::AF_UNIX as u16;
+            for (i, x) in r_path.as_os_str().as_bytes().iter().enumerate().take(107) {
+                to.sun_path[i] = *x as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+            if libc::sendto(
+                s,
+                m.as_ptr().cast(),
+                m.len(),
+                0,
+                (&to as *const libc::sockaddr_un).cast(),
+                len,
+            ) < 0
+            {
+                return Err(os_err("sendto"));
+            }
+        }
+    }
+    Ok([r, a, b, c])
+}
+
+fn check_senders(d: &Desc, fails: &mut Vec<String>) {
+    let t = d.tmp.display().to_string();
+    let r = d.senders[0];
+    if sock_name(r) != format!("{t}/r.sock") {
+        fails.push(format!(
+            "the datagram receiver is bound to {:?}",
+            sock_name(r)
+        ));
+    }
+    let want: [(&[u8], Vec<u8>); 4] = [
+        (b"from a", format!("{t}/a.sock").into_bytes()),
+        (b"from b", Vec::new()),
+        (b"a again", format!("{t}/a.sock").into_bytes()),
+        (b"from c", abstract_name()),
+    ];
+    for (i, (data, from)) in want.iter().enumerate() {
+        let mut buf = [0u8; 64];
+        // SAFETY: recvfrom into local buffers of the given sizes.
+        let (n, got_from) = unsafe {
+            let mut a: libc::sockaddr_un = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+            let n = libc::recvfrom(
+                r,
+                buf.as_mut_ptr().cast(),
+                64,
+                libc::MSG_DONTWAIT,
+                (&mut a as *mut libc::sockaddr_un).cast(),
+                &mut len,
+            );
+            let path_len = (len as usize).saturating_sub(2).min(108);
+            let raw: Vec<u8> = a.sun_path[..path_len].iter().map(|&c| c as u8).collect();
+            let name = if raw.first() == Some(&0) {
+                raw
+            } else {
+                raw.split(|&b| b == 0).next().unwrap_or(&[]).to_vec()
+            };
+            (n, name)
+        };
+        let got = &buf[..n.max(0) as usize];
+        if got != *data || got_from != *from {
+            fails.push(format!(
+                "datagram {i}: {:?} from {:?}, expected {:?} from {:?}",
+                String::from_utf8_lossy(got),
+                String::from_utf8_lossy(&got_from),
+                String::from_utf8_lossy(data),
+                String::from_utf8_lossy(from)
+            ));
+        }
+    }
 }
 
 /// One datagram and the descriptors it carries.
@@ -767,6 +896,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_epoll(&d, &mut fails);
     check_named(&d, &mut fails);
     check_flight(&d, &mut fails);
+    check_senders(&d, &mut fails);
     Ok(fails)
 }
 
