@@ -39,7 +39,11 @@
 //! - `senders`: a datagram socket bound to DIR/r.sock with four
 //!   messages queued from three senders (one bound to DIR/a.sock, one
 //!   unnamed, one with an abstract name): they come in order, each with
-//!   its sender's address, and the receiver keeps its name.
+//!   its sender's address, and the receiver keeps its name;
+//! - `inotify renamed`: an inotify instance watching DIR/watched
+//!   (IN_MODIFY) and DIR/wdir (IN_CREATE), both renamed since (to
+//!   DIR/moved and DIR/mdir): after the restore, writing the one and
+//!   creating a file in the other report their watches.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -129,6 +133,8 @@ struct Desc {
     pidfd: i32,
     pipe: [i32; 2],
     locked: [i32; 4],
+    /// The inotify instance and its two watch descriptors.
+    inotify: [i32; 3],
     /// The datagram receiver and its three senders (kept open).
     senders: [i32; 4],
     /// The receiving end of the pair with descriptors in flight, the
@@ -242,6 +248,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
     let named = setup_named(tmp)?;
     let flight = setup_flight(tmp)?;
     let senders = setup_senders(tmp)?;
+    let inotify = setup_inotify(tmp)?;
     if with_flight_pipe {
         flight_pipe()?;
     }
@@ -252,6 +259,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
         named,
         flight,
         senders,
+        inotify,
         tmp: tmp.to_path_buf(),
         tmpfile,
         sparse,
@@ -500,6 +508,56 @@ fn flight_pipe() -> Result<(), String> {
         libc::close(p[0]);
     }
     Ok(())
+}
+
+fn setup_inotify(tmp: &Path) -> Result<[i32; 3], String> {
+    std::fs::write(tmp.join("watched"), b"w").map_err(|e| format!("write: {e}"))?;
+    std::fs::create_dir(tmp.join("wdir")).map_err(|e| format!("mkdir: {e}"))?;
+    // SAFETY: inotify calls with NUL-terminated paths of ours.
+    let (fd, w1, w2) = unsafe {
+        let fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+        (
+            fd,
+            libc::inotify_add_watch(fd, c(&tmp.join("watched")).as_ptr(), libc::IN_MODIFY),
+            libc::inotify_add_watch(fd, c(&tmp.join("wdir")).as_ptr(), libc::IN_CREATE),
+        )
+    };
+    if fd < 0 || w1 < 0 || w2 < 0 {
+        return Err(os_err("inotify"));
+    }
+    std::fs::rename(tmp.join("watched"), tmp.join("moved")).map_err(|e| format!("rename: {e}"))?;
+    std::fs::rename(tmp.join("wdir"), tmp.join("mdir")).map_err(|e| format!("rename: {e}"))?;
+    // The renames' own events (IN_MOVE_SELF is not asked for): none.
+    let mut buf = [0u8; 512];
+    // SAFETY: reads into a local buffer; nothing is queued.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    Ok([fd, w1, w2])
+}
+
+fn check_inotify(d: &Desc, fails: &mut Vec<String>) {
+    let [fd, w1, w2] = d.inotify;
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.tmp.join("moved"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"));
+    let _ = std::fs::write(d.tmp.join("mdir").join("new"), b"n");
+    std::thread::sleep(Duration::from_millis(50));
+    let mut buf = [0u8; 1024];
+    // SAFETY: reads into a local buffer.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let mut got = Vec::new();
+    let mut off = 0usize;
+    while off + 16 <= n.max(0) as usize {
+        let wd = i32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default());
+        let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().unwrap_or_default());
+        let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap_or_default());
+        got.push((wd, mask));
+        off += 16 + len as usize;
+    }
+    let want = vec![(w1, libc::IN_MODIFY), (w2, libc::IN_CREATE)];
+    if got != want {
+        fails.push(format!("inotify reported {got:x?}, expected {want:x?}"));
+    }
 }
 
 /// The abstract name of the third sender.
@@ -897,6 +955,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_named(&d, &mut fails);
     check_flight(&d, &mut fails);
     check_senders(&d, &mut fails);
+    check_inotify(&d, &mut fails);
     Ok(fails)
 }
 
