@@ -59,6 +59,7 @@ fn pstree() -> Vec<PstreeEntry> {
             pty_ctty: None,
             tty_pgrp: 0,
             stopped: false,
+            shares_fs: false,
         },
     ]
 }

@@ -400,6 +400,8 @@ fn pstree_entry(opts: &DumpOptions, pid: i32, stat: &Stat, threads: &[CoreEntry]
         tty_pgrp: 0,
         // Set by capture from the seize.
         stopped: false,
+        // Set by the dump once the tree is captured.
+        shares_fs: false,
     }
 }
 

@@ -403,6 +403,7 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
         pty_ctty: None,
         tty_pgrp: 0,
         stopped: false,
+        shares_fs: false,
     })
 }
 
@@ -549,6 +550,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         &opts.collect(),
     )?;
     name_held_files(&mut caps);
+    mark_shared_fs(&mut caps);
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
@@ -593,6 +595,18 @@ fn name_held_files(caps: &mut [Captured]) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Each process that shares its filesystem information with its parent
+/// (kcmp KCMP_FS) says so; the tree is stopped.
+fn mark_shared_fs(caps: &mut [Captured]) {
+    let pids: Vec<i32> = caps.iter().map(|c| c.pid).collect();
+    for c in caps.iter_mut() {
+        let ppid = c.pstree.ppid as i32;
+        if pids.contains(&ppid) {
+            c.pstree.shares_fs = crate::sys::kcmp_fs(ppid, c.pid).unwrap_or(false);
         }
     }
 }

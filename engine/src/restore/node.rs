@@ -105,7 +105,8 @@ fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String
             };
             dumped_parent.then(|| (*i, m.premap()))
         });
-        match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal) {
+        let share_fs = shares_fs(ctx, node, child);
+        match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal, share_fs) {
             Ok(0) => node_main(ctx, c, its_parent),
             Ok(_) => {}
             Err(errno) => {
@@ -138,6 +139,24 @@ fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String
             task_main(ctx, i, fd, m)
         }
     }
+}
+
+/// Whether task `child` is made sharing `node`'s filesystem information
+/// (CLONE_FS): it did so with its dumped parent, which `node` is, and
+/// neither is chrooted (the first to change its root would change the
+/// other's while it still opens paths of cryo's).
+fn shares_fs(ctx: &NodeCtx, node: &Node, child: &Node) -> bool {
+    let (NodeKind::Task(p), NodeKind::Task(c)) = (node.kind, child.kind) else {
+        return false;
+    };
+    let (p, c) = (&ctx.tree.procs[p], &ctx.tree.procs[c]);
+    let unrooted = |i: &super::image::Image| {
+        i.core
+            .process
+            .as_ref()
+            .is_some_and(|pc| pc.root == "/" && pc.root_file.is_none())
+    };
+    c.pstree.shares_fs && c.pstree.ppid == p.pstree.pid && unrooted(p) && unrooted(c)
 }
 
 /// Helpers made by this task are collected; zombies made by it must have

@@ -237,6 +237,18 @@ pub fn kcmp_file_order(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<i6
     Ok(r)
 }
 
+/// Whether `pid1` and `pid2` share their filesystem information (kcmp
+/// KCMP_FS: clone with CLONE_FS).
+pub fn kcmp_fs(pid1: i32, pid2: i32) -> SysResult<bool> {
+    const KCMP_FS: libc::c_int = 3;
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FS, 0, 0) };
+    if r < 0 {
+        return Err(err("kcmp", Pid::from_raw(pid1)));
+    }
+    Ok(r == 0)
+}
+
 /// Whether descriptor `fd` of `pid` is the file epoll `efd` of the same
 /// process watches as target `tfd` (kcmp KCMP_EPOLL_TFD).
 pub fn kcmp_epoll_target(pid: i32, fd: i32, efd: i32, tfd: i32) -> SysResult<bool> {
@@ -304,10 +316,10 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: Pid, fd: i32) -> SysResult<OwnedFd> {
 /// # Safety
 /// The caller must be single-threaded, as with fork(): the child only has
 /// the calling thread, and locks held by other threads stay held.
-pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
+pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32, flags: u64) -> Result<i32, Errno> {
     let tids = [pid];
     let args = cryo_parasite::CloneArgs {
-        flags: 0,
+        flags,
         pidfd: 0,
         child_tid: 0,
         parent_tid: 0,

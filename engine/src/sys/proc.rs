@@ -85,7 +85,7 @@ pub fn clone3_exiting(pid: i32) -> Result<i32, Errno> {
     // child inherits locks other threads may hold; this child takes none:
     // back from the call, it leaves with a raw exit system call before
     // anything else runs.
-    let r = unsafe { super::clone3_with_pid(pid, libc::SIGCHLD) }?;
+    let r = unsafe { super::clone3_with_pid(pid, libc::SIGCHLD, 0) }?;
     if r == 0 {
         // SAFETY: in the child of the clone3 above: a raw exit syscall ends
         // this (single-threaded) process at once; _exit is the fallback and
@@ -148,12 +148,13 @@ fn own_threads() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// clone3 with exactly pid `pid` (set_tid) and `exit_signal`, like fork():
-/// returns 0 in the child and the child's pid in the parent. Refused with
+/// clone3 with exactly pid `pid` (set_tid) and `exit_signal`, like fork()
+/// (sharing the filesystem information with `share_fs`): returns 0 in the
+/// child and the child's pid in the parent. Refused with
 /// EDEADLK unless this process runs one thread only (the child of a
 /// multi-threaded process could inherit locks that no thread of it will
 /// ever release), which is what makes it safe to call.
-pub fn fork_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
+pub fn fork_with_pid(pid: i32, exit_signal: i32, share_fs: bool) -> Result<i32, Errno> {
     // Worker threads just joined may take a moment to leave the thread
     // group (the kernel counts them until their exit completes).
     let mut waited = 0;
@@ -164,10 +165,12 @@ pub fn fork_with_pid(pid: i32, exit_signal: i32) -> Result<i32, Errno> {
         std::thread::sleep(std::time::Duration::from_millis(1));
         waited += 1;
     }
+    let flags = if share_fs { libc::CLONE_FS as u64 } else { 0 };
     // SAFETY: this process is single-threaded (checked just above; a
     // single-threaded process cannot gain a thread between the check and
-    // the call, as only this thread could make one).
-    unsafe { super::clone3_with_pid(pid, exit_signal) }
+    // the call, as only this thread could make one); CLONE_FS only shares
+    // the working directory, root and umask with the child.
+    unsafe { super::clone3_with_pid(pid, exit_signal, flags) }
 }
 
 /// Block every signal of this thread.

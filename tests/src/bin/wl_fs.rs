@@ -1,0 +1,157 @@
+//! A parent and a child made with clone(CLONE_FS): they share their
+//! working directory and umask, which a restore must keep shared.
+//!
+//! `wl_fs --ready FILE --verdict FILE --tmp DIR`
+//!
+//! Both sit in DIR/a with umask 022. On SIGTERM the parent asks the child
+//! (through a pipe) to change to DIR/b and set umask 077; once the child
+//! says it did, the parent must find itself in DIR/b with umask 077 (one
+//! fs_struct between them), and the child must have been in DIR/a first.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cryo_tests::wl;
+
+const NAME: &str = "wl_fs";
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// clone3 with CLONE_FS and SIGCHLD: returns 0 in the child, as fork.
+fn fork_sharing_fs() -> Result<i32, String> {
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+    }
+    let args = CloneArgs {
+        flags: libc::CLONE_FS as u64,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+    };
+    // SAFETY: clone3 without CLONE_VM: the child runs on its own copy of
+    // this (single-threaded) process, as after fork.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(os_err("clone3(CLONE_FS)"));
+    }
+    Ok(r as i32)
+}
+
+fn umask_now() -> u32 {
+    // SAFETY: umask only sets and returns the mask; it is put back.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    }
+}
+
+fn read_byte(fd: i32) -> Option<u8> {
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into a local.
+    (unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) } == 1).then_some(b[0])
+}
+
+fn write_byte(fd: i32, b: u8) {
+    // SAFETY: writes one byte from a local.
+    unsafe { libc::write(fd, [b].as_ptr().cast(), 1) };
+}
+
+fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    let (da, db) = (tmp.join("a"), tmp.join("b"));
+    std::fs::create_dir_all(&da).map_err(|e| format!("mkdir: {e}"))?;
+    std::fs::create_dir_all(&db).map_err(|e| format!("mkdir: {e}"))?;
+    std::env::set_current_dir(&da).map_err(|e| format!("chdir: {e}"))?;
+    // SAFETY: umask takes a plain value.
+    unsafe { libc::umask(0o022) };
+    let (mut ask, mut done) = ([0; 2], [0; 2]);
+    // SAFETY: pipe2 into local arrays.
+    let r = unsafe {
+        libc::pipe2(ask.as_mut_ptr(), libc::O_CLOEXEC)
+            | libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC)
+    };
+    if r != 0 {
+        return Err(os_err("pipe2"));
+    }
+    let kid = fork_sharing_fs()?;
+    if kid == 0 {
+        // The child: waits for the parent's word, then moves both.
+        let first = std::env::current_dir().unwrap_or_default();
+        if read_byte(ask[0]) == Some(b'g') {
+            let ok = first == da && std::env::set_current_dir(&db).is_ok();
+            // SAFETY: umask takes a plain value.
+            unsafe { libc::umask(0o077) };
+            write_byte(done[1], if ok { b'y' } else { b'n' });
+        }
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    while !wl::TERM.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fails = Vec::new();
+    write_byte(ask[1], b'g');
+    match read_byte(done[0]) {
+        Some(b'y') => {}
+        other => fails.push(format!(
+            "the child was not in {} or could not move ({other:?})",
+            da.display()
+        )),
+    }
+    let now = std::env::current_dir().unwrap_or_default();
+    if now != db {
+        fails.push(format!(
+            "the child moved to {}, the parent is in {} (not one fs_struct)",
+            db.display(),
+            now.display()
+        ));
+    }
+    if umask_now() != 0o077 {
+        fails.push(format!(
+            "the child set umask 077, the parent's is {:03o}",
+            umask_now()
+        ));
+    }
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(kid, std::ptr::null_mut(), 0) };
+    Ok(fails)
+}
+
+fn main() {
+    let usage = "wl_fs --ready FILE --verdict FILE --tmp DIR";
+    let a = wl::Args::parse(usage);
+    let Some(tmp) = a.get("tmp").map(PathBuf::from) else {
+        eprintln!("usage: {usage}");
+        std::process::exit(2);
+    };
+    wl::close_extra_fds();
+    let tmp = match std::fs::canonicalize(&tmp) {
+        Ok(t) => t,
+        Err(e) => wl::finish(NAME, &a.verdict, Err(format!("--tmp: {e}"))),
+    };
+    let result = run(&a, &tmp);
+    wl::finish(NAME, &a.verdict, result);
+}
