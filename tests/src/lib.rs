@@ -944,6 +944,27 @@ pub fn dump_ok(wl: &mut Workload, img: &Path, extra: &[&str]) {
 
 /// `cryo restore -D <img> -d`, asserting success and that the pid runs the
 /// workload again.
+/// One checkpoint of the workload into `img`: with `leave_running` a
+/// dump -R (the original runs on), else a dump, the tree's end (the pids
+/// of `guard`) and a restore.
+pub fn dump_and_maybe_restore(
+    wl: &mut Workload,
+    guard: &TreeGuard,
+    img: &Path,
+    leave_running: bool,
+) {
+    if leave_running {
+        dump_ok(wl, img, &["-R"]);
+    } else {
+        dump_ok(wl, img, &[]);
+        assert!(
+            reap_gone(guard.pids(), Duration::from_secs(10)),
+            "the dumped tree did not end"
+        );
+        restore_ok(wl, img);
+    }
+}
+
 pub fn restore_ok(wl: &mut Workload, img: &Path) {
     let out = restore_detached(img);
     wl.mark_running();

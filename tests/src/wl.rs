@@ -148,6 +148,20 @@ impl Args {
         }
     }
 
+    /// The directory `--tmp` names, made absolute; without it, print
+    /// `usage` and exit 2; a directory that cannot be resolved is the
+    /// workload `name`'s setup failure.
+    pub fn tmp_dir(&self, name: &str, usage: &str) -> PathBuf {
+        let Some(tmp) = self.get("tmp") else {
+            eprintln!("usage: {usage}");
+            std::process::exit(2);
+        };
+        match std::fs::canonicalize(tmp) {
+            Ok(t) => t,
+            Err(e) => finish(name, &self.verdict, Err(format!("--tmp {tmp}: {e}"))),
+        }
+    }
+
     /// The value of `--key`, if given.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.opts

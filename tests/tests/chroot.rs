@@ -14,13 +14,7 @@ fn cycle(gone: bool, leave_running: bool) {
     let mut wl = Workload::start("wl_root", &args, &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    if leave_running {
-        dump_ok(&mut wl, &img, &["-R"]);
-    } else {
-        dump_ok(&mut wl, &img, &[]);
-        assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
-        restore_ok(&mut wl, &img);
-    }
+    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
     if gone {
         assert!(
             !jail.exists(),

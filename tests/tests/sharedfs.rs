@@ -11,13 +11,7 @@ fn cycle(leave_running: bool) {
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     assert_eq!(guard.pids().len(), 2, "wl_fs is two processes");
     let img = dir.subdir("img");
-    if leave_running {
-        dump_ok(&mut wl, &img, &["-R"]);
-    } else {
-        dump_ok(&mut wl, &img, &[]);
-        assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
-        restore_ok(&mut wl, &img);
-    }
+    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
     wl.assert_pass("filesystem information shared by clone(CLONE_FS)");
 }
 

@@ -29,7 +29,7 @@ pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
         let via_fd = if same(tfd as i32) {
             None
         } else {
-            let found = own_fds(cx.pid)
+            let found = procfmt::fd_numbers(cx.pid)
                 .into_iter()
                 .find(|&fd| fd != tfd as i32 && same(fd));
             match found {
@@ -52,17 +52,6 @@ pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
     }
     e.epoll = Some(EpollState { targets: out });
     Ok(())
-}
-
-/// The descriptor numbers of `pid`.
-fn own_fds(pid: i32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A new, empty epoll instance.

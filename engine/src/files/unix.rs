@@ -780,25 +780,7 @@ fn resend_raw(from: RawFd, m: &[u8], ino: u64) -> Result<(), String> {
 
 fn resend(from: &OwnedFd, msgs: &[Vec<u8>], ino: u64) -> Result<(), String> {
     for m in msgs {
-        let mut off = 0;
-        loop {
-            let n = nixsock::send(
-                from.as_raw_fd(),
-                &m[off..],
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            )
-            .map_err(|e| {
-                format!(
-                    "queueing {} bytes for unix socket {ino} again: {}",
-                    m.len(),
-                    std::io::Error::from(e)
-                )
-            })?;
-            off += n;
-            if off >= m.len() {
-                break;
-            }
-        }
+        resend_raw(from.as_raw_fd(), m, ino)?;
     }
     Ok(())
 }

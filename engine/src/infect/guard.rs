@@ -310,13 +310,7 @@ fn repair(pid: Pid, v: &mut Victim, k: &Known) -> bool {
 }
 
 fn task_fds(pid: Pid) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    crate::proc::fd_numbers(pid.as_raw())
 }
 
 /// Length of the mapping that starts at `addr` in the task.

@@ -307,6 +307,18 @@ pub fn read_number<T: std::str::FromStr>(path: &str) -> Option<T> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// The descriptor numbers of process `pid` (/proc/PID/fd); empty if it
+/// cannot be read.
+pub fn fd_numbers(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The ranges of /proc/PID/maps (`pid` "self" for this process); empty if
 /// it cannot be read.
 pub fn read_maps(pid: &str) -> Vec<MapRange> {

@@ -962,15 +962,8 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
 fn main() {
     let usage = "wl_desc --ready FILE --verdict FILE --tmp DIR";
     let a = wl::Args::parse(usage);
-    let Some(tmp) = a.get("tmp").map(PathBuf::from) else {
-        eprintln!("usage: {usage}");
-        std::process::exit(2);
-    };
     wl::close_extra_fds();
-    let tmp = match std::fs::canonicalize(&tmp) {
-        Ok(t) => t,
-        Err(e) => wl::finish(NAME, &a.verdict, Err(format!("--tmp: {e}"))),
-    };
+    let tmp = a.tmp_dir(NAME, usage);
     let result = run(&a, &tmp);
     wl::finish(NAME, &a.verdict, result);
 }

@@ -8,7 +8,7 @@
 //! says it did, the parent must find itself in DIR/b with umask 077 (one
 //! fs_struct between them), and the child must have been in DIR/a first.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -143,15 +143,8 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
 fn main() {
     let usage = "wl_fs --ready FILE --verdict FILE --tmp DIR";
     let a = wl::Args::parse(usage);
-    let Some(tmp) = a.get("tmp").map(PathBuf::from) else {
-        eprintln!("usage: {usage}");
-        std::process::exit(2);
-    };
     wl::close_extra_fds();
-    let tmp = match std::fs::canonicalize(&tmp) {
-        Ok(t) => t,
-        Err(e) => wl::finish(NAME, &a.verdict, Err(format!("--tmp: {e}"))),
-    };
+    let tmp = a.tmp_dir(NAME, usage);
     let result = run(&a, &tmp);
     wl::finish(NAME, &a.verdict, result);
 }
