@@ -28,19 +28,15 @@ pub fn is_ghost(kind: FileKind) -> bool {
 
 /// Kinds other than regular files that the restore makes again when
 /// their name was removed (`deleted` in the entry): directories and
-/// device nodes here, FIFOs in `pipe`.
+/// device nodes here, FIFOs in `pipe`, hung-up pty slaves in `pty`.
 pub fn remade_when_deleted(kind: FileKind) -> bool {
     matches!(
         kind,
-        FileKind::FileDirectory | FileKind::FileChardev | FileKind::FileFifo
+        FileKind::FileDirectory
+            | FileKind::FileChardev
+            | FileKind::FileFifo
+            | FileKind::FilePtySlave
     )
-}
-
-/// Whether the restore opens `f` from a file it makes (a memfd, a file,
-/// directory or device node whose name was removed).
-pub fn is_remade(f: &FileEntry) -> bool {
-    let kind = FileKind::try_from(f.kind).unwrap_or(FileKind::FileRegular);
-    is_ghost(kind) || (f.deleted && kind != FileKind::FileFifo && remade_when_deleted(kind))
 }
 
 /// The access and modification times of the file, which a remade one

@@ -381,7 +381,7 @@ fn classify(
     }
     if named && is_deleted(cx) && !ghost::remade_when_deleted(kind) {
         return Err(cx.unsupported(
-            "a deleted file of a kind cryo does not recreate (a pty slave, a terminal)",
+            "a deleted file of a kind cryo does not recreate (a terminal, a pty master)",
         ));
     }
     Ok(kind)

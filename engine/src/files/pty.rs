@@ -13,7 +13,9 @@
 //! are closed once every pty is made); the pair is unlocked, its settings
 //! and window size put back, then its slaves opened, and it is locked
 //! again at the end if it was. Bytes queued in either direction at the
-//! dump are not kept: the restored pair starts empty.
+//! dump are not kept: the restored pair starts empty. A slave whose
+//! master had been closed (hung up, its node gone) comes back as the slave
+//! of a new pair whose master is closed at once.
 
 #![forbid(unsafe_code)]
 
@@ -104,7 +106,8 @@ pub fn pair(
             let Some(index) = index_of(f).filter(|_| is(f, FileKind::FilePtySlave)) else {
                 continue;
             };
-            if masters.contains(&index) {
+            // A slave whose master was closed has none to pair with.
+            if masters.contains(&index) || f.deleted {
                 continue;
             }
             let is_ctty = ctty_index == Some(index);
@@ -356,7 +359,31 @@ pub fn relock(fd: RawFd, st: &PtyState) -> Result<(), String> {
 /// flags (never becoming anyone's controlling terminal by this open).
 pub fn open_slave(f: &FileEntry) -> Result<OwnedFd, String> {
     let flags = f.flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
+    if f.deleted {
+        return open_hung_up(f, flags);
+    }
     open_raw(&f.path, flags).map_err(|e| format!("opening the pty slave: {e}"))
+}
+
+/// A slave whose master had been closed (its /dev/pts node gone: reads
+/// give end of file, writes EIO): the slave of a new pair, whose master
+/// is closed at once.
+fn open_hung_up(f: &FileEntry, flags: i32) -> Result<OwnedFd, String> {
+    let dir = pts_dir(&f.path);
+    let ptmx = dir
+        .parent()
+        .map(|d| d.join("ptmx"))
+        .unwrap_or_else(|| PathBuf::from("/dev/ptmx"));
+    let m = open_raw(&ptmx.to_string_lossy(), libc::O_RDWR)
+        .map_err(|e| format!("opening {} for a hung-up slave: {e}", ptmx.display()))?;
+    let index = tty::pty_number(m.as_raw_fd()).map_err(|e| format!("TIOCGPTN: {e}"))?;
+    tty::set_pty_locked(m.as_raw_fd(), false).map_err(|e| format!("unlocking: {e}"))?;
+    let slave = dir.join(index.to_string());
+    let s = open_raw(&slave.to_string_lossy(), flags)
+        .map_err(|e| format!("opening {}: {e}", slave.display()))?;
+    // Closing the only master hangs the slave up.
+    drop(m);
+    Ok(s)
 }
 
 #[cfg(test)]

@@ -276,9 +276,10 @@ fn check_ptys(entries: &[PstreeEntry], files: &[FileEntry]) -> Result<()> {
             ));
         }
     }
+    // (A hung-up slave, whose master was closed, has none.)
     for f in files
         .iter()
-        .filter(|f| f.kind == FileKind::FilePtySlave as i32)
+        .filter(|f| f.kind == FileKind::FilePtySlave as i32 && !f.deleted)
     {
         let index = f.pty.as_ref().map(|p| p.index).unwrap_or_default();
         if !masters.contains(&index) {

@@ -43,7 +43,9 @@
 //! - `inotify renamed`: an inotify instance watching DIR/watched
 //!   (IN_MODIFY) and DIR/wdir (IN_CREATE), both renamed since (to
 //!   DIR/moved and DIR/mdir): after the restore, writing the one and
-//!   creating a file in the other report their watches.
+//!   creating a file in the other report their watches;
+//! - `hung-up pty`: the slave of a pty whose master it closed: its node is
+//!   gone, reads give end of file and writes fail with EIO.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -133,6 +135,8 @@ struct Desc {
     pidfd: i32,
     pipe: [i32; 2],
     locked: [i32; 4],
+    /// The slave of a pty whose master was closed.
+    hung_up: i32,
     /// The inotify instance and its two watch descriptors.
     inotify: [i32; 3],
     /// The datagram receiver and its three senders (kept open).
@@ -249,6 +253,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
     let flight = setup_flight(tmp)?;
     let senders = setup_senders(tmp)?;
     let inotify = setup_inotify(tmp)?;
+    let hung_up = setup_hung_up()?;
     if with_flight_pipe {
         flight_pipe()?;
     }
@@ -260,6 +265,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
         flight,
         senders,
         inotify,
+        hung_up,
         tmp: tmp.to_path_buf(),
         tmpfile,
         sparse,
@@ -508,6 +514,53 @@ fn flight_pipe() -> Result<(), String> {
         libc::close(p[0]);
     }
     Ok(())
+}
+
+/// A pty slave whose master is closed.
+fn setup_hung_up() -> Result<i32, String> {
+    // SAFETY: posix_openpt, grantpt, unlockpt, ptsname_r into a local
+    // buffer, open of the NUL-terminated name, close of the master.
+    unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        if m < 0 || libc::grantpt(m) != 0 || libc::unlockpt(m) != 0 {
+            return Err(os_err("posix_openpt"));
+        }
+        let mut name = [0 as libc::c_char; 64];
+        if libc::ptsname_r(m, name.as_mut_ptr(), name.len()) != 0 {
+            return Err(os_err("ptsname_r"));
+        }
+        let s = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if s < 0 {
+            return Err(os_err("open the pty slave"));
+        }
+        libc::close(m);
+        Ok(s)
+    }
+}
+
+fn check_hung_up(d: &Desc, fails: &mut Vec<String>) {
+    let s = d.hung_up;
+    let link = link_of(s);
+    if !(link.starts_with("/dev/pts/") && link.ends_with(" (deleted)")) {
+        fails.push(format!("the hung-up pty slave is {link}"));
+    }
+    let mut b = [0u8; 8];
+    // SAFETY: reads into and writes from local buffers.
+    let (r, w) = unsafe {
+        (
+            libc::read(s, b.as_mut_ptr().cast(), 8),
+            libc::write(s, b"x".as_ptr().cast(), 1),
+        )
+    };
+    let werr = std::io::Error::last_os_error().raw_os_error();
+    if r != 0 || w != -1 || werr != Some(libc::EIO) {
+        fails.push(format!(
+            "the hung-up pty slave read {r} and wrote {w} ({werr:?}), expected 0 and EIO"
+        ));
+    }
 }
 
 fn setup_inotify(tmp: &Path) -> Result<[i32; 3], String> {
@@ -956,6 +1009,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_flight(&d, &mut fails);
     check_senders(&d, &mut fails);
     check_inotify(&d, &mut fails);
+    check_hung_up(&d, &mut fails);
     Ok(fails)
 }
 

@@ -293,9 +293,10 @@ fn check_fds(rep: &mut Report<'_>, d: &Decoded) {
                 }
             }
         }
+        // (A hung-up slave, whose master was closed, has none.)
         for f in files
             .iter()
-            .filter(|f| f.kind == FileKind::FilePtySlave as i32)
+            .filter(|f| f.kind == FileKind::FilePtySlave as i32 && !f.deleted)
         {
             if let Some(p) = f.pty.as_ref().filter(|p| !masters.contains(&p.index)) {
                 rep.file(
