@@ -57,6 +57,8 @@ pub struct DiagInfo {
     pub shutdown: u32,
     /// The socket file of a path-bound socket: (inode, device).
     pub vfs: Option<(u64, u64)>,
+    /// A listener: the inodes of the connections in its accept queue.
+    pub icons: Vec<u64>,
 }
 
 /// The state and queued messages of every unix socket of the table; a
@@ -102,20 +104,19 @@ pub fn states(
             fd: o.fd,
             ino,
         })?;
-        let external_peer = if info.peer != 0 && !inodes.contains(&info.peer) {
+        // Connected to a connection a listener of the tree has not
+        // accepted yet: connected again at restore.
+        let pending_on = pending_listener(info, diag, &inodes);
+        let external_peer = if info.peer != 0 && !inodes.contains(&info.peer) && pending_on == 0 {
             external(o, info, diag, ext_unix_sk)?
         } else {
             Vec::new()
         };
-        if info.state == STATE_LISTEN && info.rqueue > 0 {
-            return Err(FilesError::UnsupportedFd {
-                pid: o.pid,
-                fd: o.fd,
-                what:
-                    "a listening unix socket with connections not accepted yet (not supported yet)",
-                link: o.entry.path.clone(),
-            });
-        }
+        let pending = if info.state == STATE_LISTEN && info.rqueue > 0 {
+            pending_clients(o, info, diag, &inodes)?
+        } else {
+            Vec::new()
+        };
         let npid = nix::unistd::Pid::from_raw(o.pid);
         let pidfd = match pidfds.entry(o.pid) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -155,6 +156,8 @@ pub fn states(
         st.name_removed = name_removed(o.pid, info);
         st.rights = rights;
         st.senders = senders;
+        st.pending_on = pending_on;
+        st.pending = pending;
         o.entry.unix = Some(st);
     }
     table.append(&mut in_flight.new_files);
@@ -240,6 +243,60 @@ fn sendable(kind: FileKind) -> bool {
     )
 }
 
+/// The listener of the tree (by inode) whose accept queue holds the
+/// connection `info` is connected to; 0: none.
+fn pending_listener(
+    info: &DiagInfo,
+    diag: &HashMap<u64, DiagInfo>,
+    inodes: &std::collections::BTreeSet<u64>,
+) -> u64 {
+    // (sock_diag shows no peer for it: the embryonic socket has no inode
+    // until it is accepted.)
+    if info.state != STATE_CONNECTED || inodes.contains(&info.peer) {
+        return 0;
+    }
+    // The kernel lists a listener's pending connections by their
+    // connecting sockets.
+    diag.values()
+        .find(|l| l.state == STATE_LISTEN && l.icons.contains(&info.ino) && inodes.contains(&l.ino))
+        .map_or(0, |l| l.ino)
+}
+
+/// The sockets of the tree waiting in listener `o`'s accept queue, in
+/// order; a connection from outside the tree, or one with data queued
+/// (which no one can read before it is accepted), is refused.
+fn pending_clients(
+    o: &OpenFile,
+    info: &DiagInfo,
+    diag: &HashMap<u64, DiagInfo>,
+    inodes: &std::collections::BTreeSet<u64>,
+) -> Result<Vec<u64>, FilesError> {
+    let refuse = |what: &'static str| FilesError::UnsupportedFd {
+        pid: o.pid,
+        fd: o.fd,
+        what,
+        link: o.entry.path.clone(),
+    };
+    // ICONS names the connecting sockets (the embryonic sockets waiting
+    // in the queue are not in sock_diag's table); what a client sent and
+    // no one read yet counts in its write queue.
+    let mut out = Vec::with_capacity(info.icons.len());
+    for ino in &info.icons {
+        if !inodes.contains(ino) {
+            return Err(refuse("a listening unix socket with a connection not accepted yet from a socket outside the dumped tree"));
+        }
+        let queued = diag.get(ino).is_none_or(|client| client.wqueue > 0);
+        if queued {
+            return Err(refuse("a listening unix socket with a connection not accepted yet that has data queued (it cannot be read before it is accepted)"));
+        }
+        out.push(*ino);
+    }
+    if out.len() < info.rqueue as usize {
+        return Err(refuse("a listening unix socket with connections not accepted yet that sock_diag does not all show"));
+    }
+    Ok(out)
+}
+
 /// The address to connect to again of the outside peer of socket `o`, if
 /// --ext-unix-sk accepts it.
 fn external(
@@ -304,8 +361,8 @@ fn diag_all() -> Result<HashMap<u64, DiagInfo>, UnixError> {
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_DONE: u16 = 3;
     const NLMSG_ERROR: u16 = 2;
-    // UDIAG_SHOW_NAME | VFS | PEER | RQLEN | SHUTDOWN
-    const SHOW: u32 = 0x1 | 0x2 | 0x4 | 0x10 | 0x40;
+    // UDIAG_SHOW_NAME | VFS | PEER | ICONS | RQLEN | SHUTDOWN
+    const SHOW: u32 = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40;
     let s = nixsock::socket(
         nixsock::AddressFamily::Netlink,
         nixsock::SockType::Raw,
@@ -380,6 +437,13 @@ fn parse_msg(m: &[u8]) -> Option<DiagInfo> {
                 d.vfs = Some((ino, dev));
             }
             2 => d.peer = u32_at(p, 0).unwrap_or(0) as u64, // UNIX_DIAG_PEER
+            3 => {
+                // UNIX_DIAG_ICONS: the pending connections' inodes.
+                d.icons = (0..p.len() / 4)
+                    .filter_map(|i| u32_at(p, i * 4))
+                    .map(u64::from)
+                    .collect();
+            }
             4 => {
                 // UNIX_DIAG_RQLEN
                 d.rqueue = u32_at(p, 0).unwrap_or(0);
@@ -507,6 +571,8 @@ pub fn state_of(info: &DiagInfo, queued: Vec<Vec<u8>>, backlog: u32) -> UnixSock
         name_removed: false,
         rights: Vec::new(),
         senders: Vec::new(),
+        pending_on: 0,
+        pending: Vec::new(),
         vfs_ino: info.vfs.map_or(0, |v| v.0),
         vfs_dev: info.vfs.map_or(0, |v| v.1),
     }
@@ -529,6 +595,9 @@ pub fn make_sockets(
             continue;
         }
         let st = f.unix.clone().unwrap_or_default();
+        if st.pending_on != 0 {
+            continue; // connected again once its listener listens
+        }
         let ty = st.sock_type as i32 | libc::SOCK_CLOEXEC;
         let peer = by_ino.get(&st.peer).filter(|p| {
             p.unix.as_ref().is_some_and(|u| u.peer == f.inode) && !out.contains_key(&p.id)
@@ -640,7 +709,48 @@ pub fn make_sockets(
         shut(&s, st.shutdown);
         out.insert(f.id, s);
     }
+    connect_pending(files, &by_ino, &mut out, made)?;
     Ok(out)
+}
+
+/// The sockets that waited in a listener's accept queue at the dump
+/// connect to it again, in that order (the listeners listen by now).
+fn connect_pending(
+    files: &[&FileEntry],
+    by_ino: &HashMap<u64, &FileEntry>,
+    out: &mut HashMap<u32, OwnedFd>,
+    made: &mut Vec<std::path::PathBuf>,
+) -> Result<(), String> {
+    for l in files {
+        let Some(ls) = l.unix.as_ref().filter(|u| !u.pending.is_empty()) else {
+            continue;
+        };
+        let addr = sockaddr(&ls.name)?;
+        for ino in &ls.pending {
+            let c = by_ino.get(ino).ok_or_else(|| {
+                format!(
+                    "unix socket {ino}, waiting on listener {}, is not in the image",
+                    l.inode
+                )
+            })?;
+            let cs = c.unix.clone().unwrap_or_default();
+            let s = sock::unix_socket(cs.sock_type as i32 | libc::SOCK_CLOEXEC)
+                .map_err(|e| format!("socket for unix socket {ino}: {e}"))?;
+            if !cs.name.is_empty() {
+                let file = bind(&s, &cs).map_err(|e| format!("binding unix socket {ino}: {e}"))?;
+                made.extend(file);
+            }
+            sock::connect(&s, &addr).map_err(|e| {
+                format!(
+                    "connecting unix socket {ino} to listener {} again: {e}",
+                    l.inode
+                )
+            })?;
+            shut(&s, cs.shutdown);
+            out.insert(c.id, s);
+        }
+    }
+    Ok(())
 }
 
 /// Messages with descriptors in flight, sent again once every open file

@@ -45,7 +45,10 @@
 //!   DIR/moved and DIR/mdir): after the restore, writing the one and
 //!   creating a file in the other report their watches;
 //! - `hung-up pty`: the slave of a pty whose master it closed: its node is
-//!   gone, reads give end of file and writes fail with EIO.
+//!   gone, reads give end of file and writes fail with EIO;
+//! - `pending`: a listener on DIR/pend.sock with two connections it has
+//!   not accepted (one from a socket bound to DIR/c1.sock, one unnamed):
+//!   after the restore it accepts them in that order, and bytes flow.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -135,6 +138,9 @@ struct Desc {
     pidfd: i32,
     pipe: [i32; 2],
     locked: [i32; 4],
+    /// The listener with two connections not accepted, and the two
+    /// connecting sockets.
+    pending: [i32; 3],
     /// The slave of a pty whose master was closed.
     hung_up: i32,
     /// The inotify instance and its two watch descriptors.
@@ -254,6 +260,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
     let senders = setup_senders(tmp)?;
     let inotify = setup_inotify(tmp)?;
     let hung_up = setup_hung_up()?;
+    let pending = setup_pending(tmp)?;
     if with_flight_pipe {
         flight_pipe()?;
     }
@@ -266,6 +273,7 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
         senders,
         inotify,
         hung_up,
+        pending,
         tmp: tmp.to_path_buf(),
         tmpfile,
         sparse,
@@ -514,6 +522,101 @@ fn flight_pipe() -> Result<(), String> {
         libc::close(p[0]);
     }
     Ok(())
+}
+
+fn connect_to(s: i32, path: &Path) -> Result<(), String> {
+    // SAFETY: connect with a sockaddr_un of ours.
+    unsafe {
+        let mut a: libc::sockaddr_un = std::mem::zeroed();
+        a.sun_family = libc::AF_UNIX as u16;
+        for (i, b) in path.as_os_str().as_bytes().iter().enumerate().take(107) {
+            a.sun_path[i] = *b as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+        if libc::connect(s, (&a as *const libc::sockaddr_un).cast(), len) != 0 {
+            return Err(os_err("connect"));
+        }
+    }
+    Ok(())
+}
+
+/// A listener and two sockets connected to it, not accepted.
+fn setup_pending(tmp: &Path) -> Result<[i32; 3], String> {
+    let lp = tmp.join("pend.sock");
+    let l = bound(libc::SOCK_STREAM, &lp)?;
+    // SAFETY: listen on our socket.
+    if unsafe { libc::listen(l, 8) } != 0 {
+        return Err(os_err("listen"));
+    }
+    let c1 = bound(libc::SOCK_STREAM, &tmp.join("c1.sock"))?;
+    connect_to(c1, &lp)?;
+    // SAFETY: a new socket of ours.
+    let c2 = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if c2 < 0 {
+        return Err(os_err("socket"));
+    }
+    connect_to(c2, &lp)?;
+    Ok([l, c1, c2])
+}
+
+fn check_pending(d: &Desc, fails: &mut Vec<String>) {
+    let t = d.tmp.display().to_string();
+    let [l, c1, c2] = d.pending;
+    for (i, (c, peer)) in [(c1, format!("{t}/c1.sock")), (c2, String::new())]
+        .into_iter()
+        .enumerate()
+    {
+        // SAFETY: accept on our listener (it has connections waiting; no
+        // address asked for).
+        let a = unsafe {
+            libc::accept4(
+                l,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            )
+        };
+        if a < 0 {
+            fails.push(format!(
+                "accepting pending connection {i}: {}",
+                std::io::Error::last_os_error()
+            ));
+            return;
+        }
+        // SAFETY: getpeername into a zeroed sockaddr_un of ours.
+        let got = unsafe {
+            let mut sa: libc::sockaddr_un = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_un>() as u32;
+            libc::getpeername(a, (&mut sa as *mut libc::sockaddr_un).cast(), &mut len);
+            let b: Vec<u8> = sa
+                .sun_path
+                .iter()
+                .take_while(|&&x| x != 0)
+                .map(|&x| x as u8)
+                .collect();
+            String::from_utf8_lossy(&b).into_owned()
+        };
+        if got != peer {
+            fails.push(format!(
+                "pending connection {i} came from {got:?}, expected {peer:?}"
+            ));
+        }
+        let msg = format!("hello {i}");
+        // SAFETY: write and read with local buffers on our sockets.
+        let n = unsafe {
+            libc::write(c, msg.as_ptr().cast(), msg.len());
+            std::thread::sleep(Duration::from_millis(10));
+            let mut b = [0u8; 32];
+            let n = libc::read(a, b.as_mut_ptr().cast(), 32);
+            (n.max(0) as usize, b)
+        };
+        if &n.1[..n.0] != msg.as_bytes() {
+            fails.push(format!(
+                "pending connection {i} carried {:?}",
+                String::from_utf8_lossy(&n.1[..n.0])
+            ));
+        }
+    }
 }
 
 /// A pty slave whose master is closed.
@@ -1010,6 +1113,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_senders(&d, &mut fails);
     check_inotify(&d, &mut fails);
     check_hung_up(&d, &mut fails);
+    check_pending(&d, &mut fails);
     Ok(fails)
 }
 
