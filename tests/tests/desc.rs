@@ -62,16 +62,16 @@ fn desc_two_cycles() {
     wl.assert_pass("descriptors after two cycles");
 }
 
-/// A pipe end that only a message in flight holds is refused, naming the
+/// A socket that only a message in flight holds is refused, naming the
 /// socket and why; the task runs on.
 #[test]
-fn desc_pipe_in_flight_refused() {
+fn desc_socket_in_flight_refused() {
     let dir = TestDir::new();
-    let (mut wl, _guard) = start_with(&dir, &["--flight-pipe", "1"]);
+    let (mut wl, _guard) = start_with(&dir, &["--flight-socket", "1"]);
     let img = dir.subdir("img");
     let out = dump(wl.pid(), &img, &[], &[]);
     if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump with a pipe in flight: {e}");
+        panic!("dump with a socket in flight: {e}");
     }
     let err = stderr_of(&out);
     assert!(

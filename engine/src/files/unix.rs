@@ -205,7 +205,7 @@ impl InFlightFiles {
                 fd: sfd,
                 ino,
                 what: format!(
-                    "{} ({}) held by no task of the tree; cryo keeps only files, directories, devices, memfds, eventfds, timerfds, signalfds and inotify instances in flight alone",
+                    "{} ({}) held by no task of the tree; cryo keeps only files, directories, devices, memfds, pipes, eventfds, timerfds, signalfds and inotify instances in flight alone",
                     entry.path,
                     kind.as_str_name()
                 ),
@@ -225,8 +225,8 @@ impl InFlightFiles {
 }
 
 /// Kinds a message in flight may hold without any task holding them too:
-/// those whose state is the file's own (not a pipe's or socket's other
-/// end, nor made by a task).
+/// those whose state is the file's own or a pipe's (not a socket's, whose
+/// state is read with the tree's, nor one made by a task).
 fn sendable(kind: FileKind) -> bool {
     matches!(
         kind,
@@ -240,6 +240,8 @@ fn sendable(kind: FileKind) -> bool {
             | FileKind::FileSignalfd
             | FileKind::FileInotify
             | FileKind::FileSymlink
+            | FileKind::FilePipe
+            | FileKind::FileFifo
     )
 }
 

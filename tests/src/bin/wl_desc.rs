@@ -2,10 +2,10 @@
 //! made by O_TMPFILE, sparse files, symbolic links opened as O_PATH, a
 //! pidfd of a reaped process, signal ownership, and locks.
 //!
-//! `wl_desc --ready FILE --verdict FILE --tmp DIR [--flight-pipe 1]`
+//! `wl_desc --ready FILE --verdict FILE --tmp DIR [--flight-socket 1]`
 //!
-//! `--flight-pipe 1` also sends a pipe's read end in flight and closes
-//! it, which cryo must refuse (only the message holds that end).
+//! `--flight-socket 1` also sends one end of a socket pair in flight and
+//! closes it, which cryo must refuse (only the message holds that end).
 //!
 //! - `tmpfile`: open(DIR, O_TMPFILE) holding "tmpfile data", at offset 4;
 //!   after the restore it is still a file without a name in DIR, and
@@ -33,9 +33,10 @@
 //! - `in flight`: a datagram pair with three messages queued, the second
 //!   carrying three descriptors (SCM_RIGHTS): a memfd and a file the
 //!   program closed since (only the message holds them) and an eventfd it
-//!   still holds; after the restore the messages come in order, the
-//!   memfd and file with their bytes, the eventfd the same open file as
-//!   the one held;
+//!   still holds, and a pipe's read end it closed (keeping the write
+//!   end); after the restore the messages come in order, the memfd and
+//!   file with their bytes, the eventfd the same open file as the one
+//!   held, and bytes written to the pipe come out of the end received;
 //! - `senders`: a datagram socket bound to DIR/r.sock with four
 //!   messages queued from three senders (one bound to DIR/a.sock, one
 //!   unnamed, one with an abstract name): they come in order, each with
@@ -149,7 +150,7 @@ struct Desc {
     senders: [i32; 4],
     /// The receiving end of the pair with descriptors in flight, the
     /// eventfd sent and held.
-    flight: [i32; 2],
+    flight: [i32; 3],
     /// The listener whose socket file was removed, the datagram socket
     /// whose name was taken.
     named: [i32; 2],
@@ -164,7 +165,7 @@ fn sparse_data(tag: u8) -> Vec<u8> {
     (0..4096).map(|i| tag ^ (i % 251) as u8).collect()
 }
 
-fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
+fn setup(tmp: &Path, with_flight_socket: bool) -> Result<Desc, String> {
     let tmpfile = open(tmp, libc::O_TMPFILE | libc::O_RDWR, 0o640)?;
     pwrite(tmpfile, b"tmpfile data", 0)?;
     // SAFETY: lseek on our descriptor.
@@ -261,8 +262,8 @@ fn setup(tmp: &Path, with_flight_pipe: bool) -> Result<Desc, String> {
     let inotify = setup_inotify(tmp)?;
     let hung_up = setup_hung_up()?;
     let pending = setup_pending(tmp)?;
-    if with_flight_pipe {
-        flight_pipe()?;
+    if with_flight_socket {
+        flight_socket()?;
     }
     // Last: the number it closes must stay free.
     let epoll = setup_epoll()?;
@@ -412,7 +413,7 @@ fn check_named(d: &Desc, fails: &mut Vec<String>) {
 
 /// A datagram pair, its receiving end returned, with three messages
 /// queued: "first", "rights" with a memfd, an eventfd and a file, "last".
-fn setup_flight(tmp: &Path) -> Result<[i32; 2], String> {
+fn setup_flight(tmp: &Path) -> Result<[i32; 3], String> {
     let mut sv = [0; 2];
     // SAFETY: socketpair into a local array; memfd_create and eventfd
     // take plain values.
@@ -438,6 +439,11 @@ fn setup_flight(tmp: &Path) -> Result<[i32; 2], String> {
     let p = tmp.join("flight.txt");
     std::fs::write(&p, b"in flight file").map_err(|e| format!("write: {e}"))?;
     let file = open(&p, libc::O_RDONLY, 0)?;
+    let mut pipe = [0; 2];
+    // SAFETY: pipe2 into a local array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_err("pipe2"));
+    }
     let send = |data: &[u8], fds: &[i32]| -> Result<(), String> {
         // SAFETY: sendmsg with an iovec over `data` and a control buffer
         // sized for the descriptors, both alive across the call.
@@ -471,36 +477,34 @@ fn setup_flight(tmp: &Path) -> Result<[i32; 2], String> {
         Ok(())
     };
     send(b"first", &[])?;
-    send(b"rights", &[mfd, efd, file])?;
+    send(b"rights", &[mfd, efd, file, pipe[0]])?;
     send(b"last", &[])?;
     // SAFETY: closing our own descriptors: the message keeps the files.
     unsafe {
         libc::close(mfd);
         libc::close(file);
+        libc::close(pipe[0]);
     }
     std::fs::remove_file(&p).map_err(|e| format!("unlink: {e}"))?;
-    Ok([sv[1], efd])
+    Ok([sv[1], efd, pipe[1]])
 }
 
-/// A datagram pair with a pipe's read end in flight, which only the
-/// message holds (the pair and the write end stay open, leaked).
-fn flight_pipe() -> Result<(), String> {
+/// A datagram pair with one end of a socket pair in flight, which only
+/// the message holds (the pairs stay open, leaked).
+fn flight_socket() -> Result<(), String> {
     let mut sv = [0; 2];
     let mut p = [0; 2];
-    // SAFETY: socketpair and pipe2 into local arrays, then sendmsg with a
-    // control buffer sized for one descriptor and closing our copy.
+    // SAFETY: socketpair into local arrays, then sendmsg with a control
+    // buffer sized for one descriptor and closing our copy.
     unsafe {
-        if libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            0,
-            sv.as_mut_ptr(),
-        ) != 0
-            || libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) != 0
+        let dgram = libc::SOCK_DGRAM | libc::SOCK_CLOEXEC;
+        let stream = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+        if libc::socketpair(libc::AF_UNIX, dgram, 0, sv.as_mut_ptr()) != 0
+            || libc::socketpair(libc::AF_UNIX, stream, 0, p.as_mut_ptr()) != 0
         {
-            return Err(os_err("socketpair/pipe2"));
+            return Err(os_err("socketpair"));
         }
-        let data = b"pipe";
+        let data = b"sock";
         let mut iov = libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
             iov_len: data.len(),
@@ -874,7 +878,7 @@ fn recv_with_fds(s: i32) -> (Vec<u8>, Vec<i32>) {
 }
 
 fn check_flight(d: &Desc, fails: &mut Vec<String>) {
-    let [s, efd] = d.flight;
+    let [s, efd, pipe_w] = d.flight;
     let (a, _) = recv_with_fds(s);
     let (b, fds) = recv_with_fds(s);
     let (c, _) = recv_with_fds(s);
@@ -892,12 +896,25 @@ fn check_flight(d: &Desc, fails: &mut Vec<String>) {
             String::from_utf8_lossy(&c)
         ));
     }
-    if fds.len() != 3 {
+    if fds.len() != 4 {
         fails.push(format!(
-            "the message carried {} descriptors, not 3",
+            "the message carried {} descriptors, not 4",
             fds.len()
         ));
         return;
+    }
+    // SAFETY: write to our pipe's write end, read from the end received.
+    let got = unsafe {
+        libc::write(pipe_w, b"piped".as_ptr().cast(), 5);
+        let mut b = [0u8; 16];
+        let n = libc::read(fds[3], b.as_mut_ptr().cast(), 16);
+        b[..n.max(0) as usize].to_vec()
+    };
+    if got != b"piped" {
+        fails.push(format!(
+            "the pipe end in flight read {:?}",
+            String::from_utf8_lossy(&got)
+        ));
     }
     if pread(fds[0], 64, 0) != b"in flight memfd" {
         fails.push("the memfd in flight lost its bytes".into());
@@ -1098,7 +1115,7 @@ fn check_locks(d: &Desc, fails: &mut Vec<String>) {
 
 fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
-    let d = setup(tmp, a.get("flight-pipe") == Some("1"))?;
+    let d = setup(tmp, a.get("flight-socket") == Some("1"))?;
     wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
