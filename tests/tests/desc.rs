@@ -80,3 +80,27 @@ fn desc_socket_in_flight_refused() {
     );
     wl.assert_pass("descriptors after a refused dump");
 }
+
+/// A deleted file larger than --ghost-limit that still has another name:
+/// refused without --link-remap; with it, kept by a link the restore
+/// removes, and the restored descriptor is that very file.
+#[test]
+fn desc_link_remap() {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start_with(&dir, &["--expect-linked", "1"]);
+    let img = dir.subdir("img");
+    let limit = ["--ghost-limit", "8192"];
+    let out = dump(wl.pid(), &img, &limit, &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with --ghost-limit 8192: {e}");
+    }
+    assert!(
+        stderr_of(&out).contains("ghost-limit"),
+        "stderr: {}",
+        stderr_of(&out)
+    );
+    dump_ok(&mut wl, &img, &[&limit[..], &["--link-remap"]].concat());
+    assert!(reap_gone(guard.pids(), std::time::Duration::from_secs(10)));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("descriptors restored with --link-remap");
+}

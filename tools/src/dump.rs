@@ -49,6 +49,11 @@ pub struct DumpArgs {
     /// in the image, in bytes; a larger one is refused.
     #[arg(long, default_value_t = 64 << 20)]
     pub ghost_limit: u64,
+    /// A deleted file larger than --ghost-limit that still has another
+    /// name is kept by a hard link cryo makes next to its old path
+    /// (NAME.cryo-link-PID-N, removed by the restore) instead of refused.
+    #[arg(long)]
+    pub link_remap: bool,
     /// A shell job: accept descriptors on the tasks' controlling terminal;
     /// restore reattaches them to the terminal of the session it runs in.
     #[arg(short = 'j', long)]
@@ -87,6 +92,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         threads,
         freeze_cgroup: a.freeze_cgroup.clone(),
         ghost_limit: a.ghost_limit,
+        link_remap: a.link_remap,
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
         pre_copy: a.pre_copy,

@@ -128,6 +128,9 @@ pub struct DumpOptions {
     pub freeze_cgroup: Option<PathBuf>,
     /// Largest deleted file or memfd whose contents go into the image.
     pub ghost_limit: u64,
+    /// A larger deleted file that still has another name is kept by a
+    /// hard link next to its old path (removed by the restore).
+    pub link_remap: bool,
     /// Accept unix datagram sockets connected to a peer outside the tree
     /// (restore connects them to its address again).
     pub ext_unix_sk: bool,
@@ -144,6 +147,7 @@ impl DumpOptions {
     fn collect(&self) -> CollectOptions {
         CollectOptions {
             ghost_limit: self.ghost_limit,
+            link_remap: self.link_remap,
             shell_job: self.shell_job,
             owners: true,
         }
@@ -288,6 +292,14 @@ fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
 /// Dump the process tree under `opts.pid`. On any error every task is left
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    let r = dump_with_retry(opts, progress);
+    // The links --link-remap made stay for the restore, unless the dump
+    // failed.
+    crate::files::ghost::settle_links(r.is_ok());
+    r
+}
+
+fn dump_with_retry(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
     match dump_once(opts, progress, true) {
         // A leave-running copy the task's own munmap/madvise/mremap made
         // impossible (it ran on untouched): once more, with its memory
@@ -295,6 +307,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         Err(e) if e.snapshot_map_changed() => {
             tracing::warn!("{e}: dumping again, copying its memory while it is stopped");
             remove_partial(&opts.dir);
+            crate::files::ghost::settle_links(false);
             dump_once(opts, progress, false)
         }
         r => r,

@@ -110,9 +110,16 @@ mod tests {
 
 /// A ghost larger than the limit is refused (its contents would go into
 /// the image).
-pub fn dump(cx: &FdCtx, limit: u64, e: &mut FileEntry) -> Result<(), FilesError> {
+pub fn dump(cx: &FdCtx, opts: &super::CollectOptions, e: &mut FileEntry) -> Result<(), FilesError> {
     times(cx.st, e);
     let size = data_size(cx.st);
+    let limit = opts.ghost_limit;
+    let linked = cx.st.st_nlink > 0 && e.kind == FileKind::FileDeleted as i32;
+    if size > limit && opts.link_remap && linked {
+        // Kept by a hard link, made once the tree is stopped (contents).
+        e.link_remap = LINK_PENDING.into();
+        return Ok(());
+    }
     if size > limit {
         return Err(FilesError::DeletedFile {
             pid: cx.pid,
@@ -162,22 +169,80 @@ fn read_extents(f: &std::fs::File, size: u64) -> std::io::Result<(Vec<u8>, Vec<E
     Ok((data, extents))
 }
 
+/// What a file to be kept by a hard link says until the link is made.
+const LINK_PENDING: &str = "(a link is to be made)";
+
+/// The hard links --link-remap made during this dump.
+static LINKS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Once the dump is over: the links it made stay for the restore (`keep`)
+/// or are removed (a failed dump leaves nothing behind).
+pub fn settle_links(keep: bool) {
+    let mut links = LINKS.lock().unwrap_or_else(|e| e.into_inner());
+    if !keep {
+        for l in links.iter() {
+            let _ = std::fs::remove_file(l);
+        }
+    }
+    links.clear();
+}
+
+/// A hard link to the file behind `proc_path` (deleted from `path`, still
+/// linked elsewhere), made next to `path` under a fresh name.
+fn link_remap(proc_path: &str, path: &str) -> Result<String, FilesError> {
+    let err = |source: std::io::Error| FilesError::Proc {
+        path: format!("{proc_path} (a hard link to it next to {path}, --link-remap)"),
+        source,
+    };
+    for n in 0..1000u32 {
+        let name = format!("{path}.cryo-link-{}-{n}", std::process::id());
+        match nix::unistd::linkat(
+            nix::fcntl::AT_FDCWD,
+            proc_path,
+            nix::fcntl::AT_FDCWD,
+            name.as_str(),
+            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => {
+                LINKS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(name.clone());
+                return Ok(name);
+            }
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err(err(e.into())),
+        }
+    }
+    Err(err(std::io::Error::other("no free name")))
+}
+
 /// The bytes (and seals) of every memfd and deleted file of the table,
 /// read through a new open of the task's descriptor; carried by the first
 /// open file of each.
 pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
     let mut seen: Vec<(i32, u64, u64)> = Vec::new();
+    // Links made (--link-remap), by file: every entry of the file names it.
+    let mut links: Vec<((i32, u64, u64), String)> = Vec::new();
     for o in table.iter_mut() {
         let k = o.entry.kind;
         if !FileKind::try_from(k).is_ok_and(is_ghost) {
             continue;
         }
         let key = (k, o.entry.dev, o.entry.inode);
+        if let Some((_, l)) = links.iter().find(|(lk, _)| *lk == key) {
+            o.entry.link_remap = l.clone();
+        }
         if seen.contains(&key) {
             continue;
         }
         seen.push(key);
         let path = o.proc_path();
+        if o.entry.link_remap == LINK_PENDING {
+            o.entry.link_remap = link_remap(&path, &o.entry.path)?;
+            links.push((key, o.entry.link_remap.clone()));
+            continue;
+        }
         // O_NOATIME: reading it for the image must not change the access
         // time the image records (nor, with --leave-running, the file's).
         let open = |extra: i32| {
@@ -281,6 +346,17 @@ fn make(f: &FileEntry, tmpfile: bool) -> Result<OwnedFd, String> {
     let io = std::io::Error::from;
     if f.deleted {
         return make_node(f);
+    }
+    if !f.link_remap.is_empty() {
+        // The file itself, through the link made at the dump.
+        let fd = nix::fcntl::open(
+            f.link_remap.as_str(),
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening its link {}: {}", f.link_remap, io(e)))?;
+        let _ = nix::unistd::unlink(f.link_remap.as_str());
+        return Ok(fd);
     }
     let fd = if f.kind == FileKind::FileMemfd as i32 {
         let mut flags = MFdFlags::MFD_CLOEXEC;

@@ -120,6 +120,9 @@ type Result<T> = std::result::Result<T, FilesError>;
 pub struct CollectOptions {
     /// Largest deleted file or memfd whose contents go into the image.
     pub ghost_limit: u64,
+    /// A larger deleted file with another name left is kept by a hard
+    /// link (--link-remap).
+    pub link_remap: bool,
     /// Descriptors on the controlling terminal of a shell job are kept.
     pub shell_job: bool,
     /// Read each descriptor's signal owner (through a duplicate of it):
@@ -453,7 +456,7 @@ fn dump_kind(
 ) -> Result<()> {
     match kind {
         FileKind::FileRegular | FileKind::FileDirectory | FileKind::FileChardev => Ok(()),
-        FileKind::FileMemfd | FileKind::FileDeleted => ghost::dump(cx, opts.ghost_limit, e),
+        FileKind::FileMemfd | FileKind::FileDeleted => ghost::dump(cx, opts, e),
         FileKind::FilePipe | FileKind::FileFifo => Ok(()), // bytes in flight: link()
         FileKind::FileUnixSocket => Ok(()),                // state and queues: link()
         FileKind::FileEventfd => eventfd::dump(cx, e),

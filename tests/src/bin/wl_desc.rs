@@ -45,6 +45,11 @@
 //!   (IN_MODIFY) and DIR/wdir (IN_CREATE), both renamed since (to
 //!   DIR/moved and DIR/mdir): after the restore, writing the one and
 //!   creating a file in the other report their watches;
+//! - `linked`: DIR/big.dat (16 KiB), open, also linked as DIR/other-name,
+//!   then removed under its first name: after the restore the descriptor
+//!   holds its bytes and, with `--expect-linked 1` (a dump with
+//!   --link-remap and a ghost limit below its size), is the very file
+//!   DIR/other-name still names; no name of cryo's is left in DIR;
 //! - `hung-up pty`: the slave of a pty whose master it closed: its node is
 //!   gone, reads give end of file and writes fail with EIO;
 //! - `pending`: a listener on DIR/pend.sock with two connections it has
@@ -144,6 +149,8 @@ struct Desc {
     pending: [i32; 3],
     /// The slave of a pty whose master was closed.
     hung_up: i32,
+    /// The deleted file still linked as DIR/other-name.
+    linked: i32,
     /// The inotify instance and its two watch descriptors.
     inotify: [i32; 3],
     /// The datagram receiver and its three senders (kept open).
@@ -261,6 +268,7 @@ fn setup(tmp: &Path, with_flight_socket: bool) -> Result<Desc, String> {
     let senders = setup_senders(tmp)?;
     let inotify = setup_inotify(tmp)?;
     let hung_up = setup_hung_up()?;
+    let linked = setup_linked(tmp)?;
     let pending = setup_pending(tmp)?;
     if with_flight_socket {
         flight_socket()?;
@@ -274,6 +282,7 @@ fn setup(tmp: &Path, with_flight_socket: bool) -> Result<Desc, String> {
         senders,
         inotify,
         hung_up,
+        linked,
         pending,
         tmp: tmp.to_path_buf(),
         tmpfile,
@@ -620,6 +629,38 @@ fn check_pending(d: &Desc, fails: &mut Vec<String>) {
                 String::from_utf8_lossy(&n.1[..n.0])
             ));
         }
+    }
+}
+
+fn setup_linked(tmp: &Path) -> Result<i32, String> {
+    let big = tmp.join("big.dat");
+    let fd = open(&big, libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
+    pwrite(fd, &[b'L'; 16384], 0)?;
+    std::fs::hard_link(&big, tmp.join("other-name")).map_err(|e| format!("link: {e}"))?;
+    std::fs::remove_file(&big).map_err(|e| format!("unlink: {e}"))?;
+    Ok(fd)
+}
+
+fn check_linked(d: &Desc, expect_linked: bool, fails: &mut Vec<String>) {
+    let other = d.tmp.join("other-name");
+    let st = fstat(d.linked);
+    let ino = std::fs::metadata(&other).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    if expect_linked && ino.ok() != Some(st.st_ino) {
+        fails.push("the deleted file is not the one other-name still names".into());
+    }
+    if pread(d.linked, 16384, 0) != vec![b'L'; 16384] {
+        fails.push("the deleted, still linked file lost its bytes".into());
+    }
+    let strays: Vec<String> = std::fs::read_dir(&d.tmp)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("cryo-link"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !strays.is_empty() {
+        fails.push(format!("links cryo made are left: {strays:?}"));
     }
 }
 
@@ -1130,6 +1171,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_senders(&d, &mut fails);
     check_inotify(&d, &mut fails);
     check_hung_up(&d, &mut fails);
+    check_linked(&d, a.get("expect-linked") == Some("1"), &mut fails);
     check_pending(&d, &mut fails);
     Ok(fails)
 }
