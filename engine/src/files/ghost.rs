@@ -114,11 +114,8 @@ pub fn dump(cx: &FdCtx, opts: &super::CollectOptions, e: &mut FileEntry) -> Resu
     times(cx.st, e);
     let size = data_size(cx.st);
     let limit = opts.ghost_limit;
-    let linked = cx.st.st_nlink > 0 && e.kind == FileKind::FileDeleted as i32;
-    if size > limit && opts.link_remap && linked {
-        // Kept by a hard link, made once the tree is stopped (contents).
-        e.link_remap = LINK_PENDING.into();
-        return Ok(());
+    if kept_by_link(opts, e.kind, cx.st) {
+        return Ok(()); // the link is made once the tree is stopped (contents)
     }
     if size > limit {
         return Err(FilesError::DeletedFile {
@@ -169,8 +166,15 @@ fn read_extents(f: &std::fs::File, size: u64) -> std::io::Result<(Vec<u8>, Vec<E
     Ok((data, extents))
 }
 
-/// What a file to be kept by a hard link says until the link is made.
-const LINK_PENDING: &str = "(a link is to be made)";
+/// Whether a ghost is kept by a hard link instead of its contents
+/// (--link-remap): a deleted file over the ghost limit that still has
+/// another name.
+fn kept_by_link(opts: &super::CollectOptions, kind: i32, st: &nix::sys::stat::FileStat) -> bool {
+    opts.link_remap
+        && kind == FileKind::FileDeleted as i32
+        && st.st_nlink > 0
+        && data_size(st) > opts.ghost_limit
+}
 
 /// The hard links --link-remap made during this dump.
 static LINKS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
@@ -220,7 +224,7 @@ fn link_remap(proc_path: &str, path: &str) -> Result<String, FilesError> {
 /// The bytes (and seals) of every memfd and deleted file of the table,
 /// read through a new open of the task's descriptor; carried by the first
 /// open file of each.
-pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
+pub fn contents(table: &mut [OpenFile], opts: &super::CollectOptions) -> Result<(), FilesError> {
     let mut seen: Vec<(i32, u64, u64)> = Vec::new();
     // Links made (--link-remap), by file: every entry of the file names it.
     let mut links: Vec<((i32, u64, u64), String)> = Vec::new();
@@ -238,7 +242,11 @@ pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
         }
         seen.push(key);
         let path = o.proc_path();
-        if o.entry.link_remap == LINK_PENDING {
+        let st = nix::sys::stat::stat(path.as_str()).map_err(|e| FilesError::Proc {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        if kept_by_link(opts, k, &st) {
             o.entry.link_remap = link_remap(&path, &o.entry.path)?;
             links.push((key, o.entry.link_remap.clone()));
             continue;
@@ -258,13 +266,7 @@ pub fn contents(table: &mut [OpenFile]) -> Result<(), FilesError> {
                 path: path.clone(),
                 source,
             })?;
-        let size = f
-            .metadata()
-            .map_err(|source| FilesError::Proc {
-                path: path.clone(),
-                source,
-            })?
-            .len();
+        let size = st.st_size as u64;
         let (data, extents) =
             read_extents(&f, size).map_err(|source| FilesError::Proc { path, source })?;
         o.entry.size = size;

@@ -581,7 +581,7 @@ pub fn link(
     // Descriptors in flight that only messages hold: open until the
     // end, for what is read of them below.
     let _in_flight = unix::states(&mut table, ext_unix_sk, diag, opts)?;
-    ghost::contents(&mut table)?;
+    ghost::contents(&mut table, opts)?;
     check_per_task(procs, &table)?;
     // cryo's own copies of pipe ends in flight are not an outside holder.
     let mut tree = tree;

@@ -239,6 +239,14 @@ pub fn premap(
     Ok((pm, rvmas))
 }
 
+/// The page runs (stored or in the parent) of mapping `v`: the image
+/// checked they are in address order, each inside one mapping.
+fn runs_in<'a>(img: &'a Image, v: &Vma) -> &'a [PagemapEntry] {
+    let from = img.runs.partition_point(|r| r.vaddr < v.start);
+    let to = img.runs.partition_point(|r| r.vaddr < v.end);
+    &img.runs[from..to.max(from)]
+}
+
 /// Where, in the parent's premap area (inherited by the fork), the same
 /// private mapping is, when this process still shared pages of it with
 /// the parent copy-on-write at the dump: the parent's mapping of the same
@@ -251,9 +259,9 @@ fn from_parent(img: &Image, v: &Vma, pimg: &Image, ppm: &Premap) -> Option<u64> 
     ) {
         return None;
     }
-    let shares = img.runs.iter().any(|r| {
-        r.flags & cryo_image::PAGE_IN_PARENT != 0 && v.start <= r.vaddr && r.vaddr < v.end
-    });
+    let shares = runs_in(img, v)
+        .iter()
+        .any(|r| r.flags & cryo_image::PAGE_IN_PARENT != 0);
     let pv = pimg.mm.vmas.iter().find(|p| p.start == v.start)?;
     let same = (
         pv.end,
@@ -295,13 +303,9 @@ fn adopt(
     };
     res.adopt(off, len, src).map_err(|e| err("taking", e))?;
     // The runs of the process inside `v`, in address order.
-    let mut covered: Vec<(u64, u64)> = img
-        .runs
+    let covered = runs_in(img, v)
         .iter()
-        .map(|r| (r.vaddr, r.vaddr + r.nr_pages as u64 * PAGE))
-        .filter(|&(s, e)| s < v.end && v.start < e)
-        .collect();
-    covered.sort_unstable();
+        .map(|r| (r.vaddr, r.vaddr + r.nr_pages as u64 * PAGE));
     let mut at = v.start;
     for (s, e) in covered.into_iter().chain(std::iter::once((v.end, v.end))) {
         if s > at {

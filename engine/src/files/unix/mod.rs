@@ -86,6 +86,15 @@ pub fn states(
         .filter(|o| is_sock(o))
         .map(|o| o.entry.inode)
         .collect();
+    // The connecting sockets waiting in the accept queue of a listener of
+    // the tree (the kernel lists them by their own inodes): client ->
+    // listener. One pass over the snapshot, which holds every unix
+    // socket of the host.
+    let waiting: HashMap<u64, u64> = diag
+        .values()
+        .filter(|l| l.state == STATE_LISTEN && inodes.contains(&l.ino))
+        .flat_map(|l| l.icons.iter().map(move |&c| (c, l.ino)))
+        .collect();
     for o in table.iter_mut().filter(|o| is_sock(o)) {
         let ino = o.entry.inode;
         let info = diag.get(&ino).ok_or(UnixError::Unknown {
@@ -95,7 +104,7 @@ pub fn states(
         })?;
         // Connected to a connection a listener of the tree has not
         // accepted yet: connected again at restore.
-        let pending_on = pending_listener(info, diag, &inodes);
+        let pending_on = pending_listener(info, &waiting, &inodes);
         let external_peer = if info.peer != 0 && !inodes.contains(&info.peer) && pending_on == 0 {
             external(o, info, diag, ext_unix_sk)?
         } else {
@@ -238,7 +247,7 @@ fn sendable(kind: FileKind) -> bool {
 /// connection `info` is connected to; 0: none.
 fn pending_listener(
     info: &DiagInfo,
-    diag: &HashMap<u64, DiagInfo>,
+    waiting: &HashMap<u64, u64>,
     inodes: &std::collections::BTreeSet<u64>,
 ) -> u64 {
     // (sock_diag shows no peer for it: the embryonic socket has no inode
@@ -246,11 +255,7 @@ fn pending_listener(
     if info.state != STATE_CONNECTED || inodes.contains(&info.peer) {
         return 0;
     }
-    // The kernel lists a listener's pending connections by their
-    // connecting sockets.
-    diag.values()
-        .find(|l| l.state == STATE_LISTEN && l.icons.contains(&info.ino) && inodes.contains(&l.ino))
-        .map_or(0, |l| l.ino)
+    waiting.get(&info.ino).copied().unwrap_or(0)
 }
 
 /// The sockets of the tree waiting in listener `o`'s accept queue, in

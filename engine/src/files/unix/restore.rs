@@ -214,6 +214,7 @@ impl Later {
         by_name: &HashMap<Vec<u8>, RawFd>,
     ) -> Result<(), String> {
         let ino = self.ino;
+        let to = address(&self.to).map_err(|e| format!("unix socket {ino}: its name: {e}"))?;
         let mut unnamed: Option<OwnedFd> = None;
         for (i, m) in self.msgs.iter().enumerate() {
             // Where it goes from: the connected sender, or the socket
@@ -233,7 +234,6 @@ impl Later {
                     }
                 },
             };
-            let to = address(&self.to).map_err(|e| format!("unix socket {ino}: its name: {e}"))?;
             let ids: &[u32] = self
                 .rights
                 .iter()
