@@ -60,6 +60,7 @@ fn pstree() -> Vec<PstreeEntry> {
             tty_pgrp: 0,
             stopped: false,
             shares_fs: false,
+            shares_files: false,
         },
     ]
 }

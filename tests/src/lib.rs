@@ -13,6 +13,7 @@
 
 pub mod benchdata;
 pub mod cg;
+pub mod msg;
 pub mod wl;
 
 use std::ffi::OsStr;

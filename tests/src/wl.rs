@@ -32,6 +32,48 @@ pub fn install_term_handler() -> Result<(), String> {
     Ok(())
 }
 
+/// clone3 with `flags` (CLONE_FS, CLONE_FILES: what the child shares with
+/// this process) and SIGCHLD: returns 0 in the child, as fork.
+pub fn clone_sharing(flags: u64) -> Result<i32, String> {
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+    }
+    let args = CloneArgs {
+        flags,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+    };
+    // SAFETY: clone3 without CLONE_VM: the child runs on its own copy of
+    // the (single-threaded) caller, as after fork.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(format!(
+            "clone3({flags:#x}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(r as i32)
+}
+
 /// Write `data` to `path` through a temporary file and a rename, so a
 /// reader never sees half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

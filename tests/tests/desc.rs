@@ -3,7 +3,7 @@
 //! O_PATH symlink, a pidfd of a reaped process, a pipe's signal owner and
 //! signal, flock, POSIX, OFD locks and a lease, epoll targets added as
 //! numbers since closed or reused, unix sockets whose names were removed
-//! or taken, and descriptors in flight (SCM_RIGHTS).
+//! or taken; and descriptors in flight (SCM_RIGHTS, wl_flight).
 
 use cryo_tests::*;
 
@@ -62,23 +62,55 @@ fn desc_two_cycles() {
     wl.assert_pass("descriptors after two cycles");
 }
 
-/// A socket that only a message in flight holds is refused, naming the
+fn start_flight(dir: &TestDir, extra: &[&str]) -> (Workload, TreeGuard) {
+    let tmp = dir.subdir("tmp");
+    let mut args = vec!["--tmp", tmp.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let wl = Workload::start("wl_flight", &args, dir);
+    let guard = TreeGuard::new(vec![wl.pid()]);
+    (wl, guard)
+}
+
+/// Descriptors in flight (wl_flight): files, a pipe end, a unix socket
+/// with its own queue carrying another socket, each only held by the
+/// messages, come back in their messages.
+fn flight_cycle(leave_running: bool) {
+    let dir = TestDir::new();
+    let (mut wl, guard) = start_flight(&dir, &[]);
+    let img = dir.subdir("img");
+    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
+    wl.assert_pass("descriptors in flight");
+}
+
+#[test]
+fn flight_kill_and_restore() {
+    flight_cycle(false);
+}
+
+#[test]
+fn flight_leave_running() {
+    flight_cycle(true);
+}
+
+/// An epoll that only a message in flight holds is refused, naming the
 /// socket and why; the task runs on.
 #[test]
-fn desc_socket_in_flight_refused() {
+fn flight_epoll_refused() {
     let dir = TestDir::new();
-    let (mut wl, _guard) = start_with(&dir, &["--flight-socket", "1"]);
+    let (mut wl, _guard) = start_flight(&dir, &["--flight-epoll", "1"]);
     let img = dir.subdir("img");
     let out = dump(wl.pid(), &img, &[], &[]);
     if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump with a socket in flight: {e}");
+        panic!("dump with an epoll in flight: {e}");
     }
     let err = stderr_of(&out);
     assert!(
-        err.contains("in flight") && err.contains(&format!("task {}", wl.pid())),
+        err.contains("in flight")
+            && err.contains("FILE_EPOLL")
+            && err.contains(&format!("task {}", wl.pid())),
         "stderr: {err}"
     );
-    wl.assert_pass("descriptors after a refused dump");
+    wl.assert_pass("descriptors in flight after a refused dump");
 }
 
 /// A deleted file larger than --ghost-limit that still has another name:

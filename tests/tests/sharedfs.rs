@@ -24,3 +24,61 @@ fn shared_fs_kill_and_restore() {
 fn shared_fs_leave_running() {
     cycle(true);
 }
+
+fn table_cycle(leave_running: bool) {
+    let dir = TestDir::new();
+    let tmp = dir.subdir("tmp");
+    let mut wl = Workload::start(
+        "wl_table",
+        &["--tmp", tmp.to_str().expect("utf-8 path")],
+        &dir,
+    );
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    assert_eq!(guard.pids().len(), 4, "wl_table is four processes");
+    let img = dir.subdir("img");
+    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
+    wl.assert_pass("a descriptor table shared by clone(CLONE_FILES)");
+}
+
+/// Three processes with one descriptor table (clone CLONE_FILES, a chain
+/// of two) and a forked one with a copy: after a restore a descriptor one
+/// opens or closes is opened or closed for the others.
+#[test]
+fn shared_table_kill_and_restore() {
+    table_cycle(false);
+}
+
+#[test]
+fn shared_table_leave_running() {
+    table_cycle(true);
+}
+
+/// A table shared by a process and its grandchild but not by the child
+/// between them (it unshared) is refused, naming both; they run on.
+#[test]
+fn shared_table_not_through_parents_refused() {
+    let dir = TestDir::new();
+    let tmp = dir.subdir("tmp");
+    let mut wl = Workload::start(
+        "wl_table",
+        &[
+            "--tmp",
+            tmp.to_str().expect("utf-8 path"),
+            "--unshared-middle",
+            "1",
+        ],
+        &dir,
+    );
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump of a table shared past a parent: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("share one descriptor table") && err.contains(&wl.pid().to_string()),
+        "stderr: {err}"
+    );
+    wl.assert_pass("a shared table after a refused dump");
+}

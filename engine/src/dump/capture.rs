@@ -402,6 +402,7 @@ fn pstree_entry(opts: &DumpOptions, pid: i32, stat: &Stat, threads: &[CoreEntry]
         stopped: false,
         // Set by the dump once the tree is captured.
         shares_fs: false,
+        shares_files: false,
     }
 }
 

@@ -60,6 +60,8 @@ pub enum DumpError {
     #[error(transparent)]
     FsInfo(#[from] crate::fsinfo::FsInfoError),
     #[error(transparent)]
+    SharedTable(#[from] crate::files::table::TableError),
+    #[error(transparent)]
     Sched(#[from] crate::sched::SchedError),
     #[error("task {pid}: thread {tid} runs under seccomp ({mode}); cryo does not restore seccomp filters yet, so it does not dump such a task")]
     Seccomp {
@@ -417,6 +419,7 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
         tty_pgrp: 0,
         stopped: false,
         shares_fs: false,
+        shares_files: false,
     })
 }
 
@@ -563,7 +566,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         &opts.collect(),
     )?;
     name_held_files(&mut caps);
-    mark_shared_fs(&mut caps);
+    mark_shared(&mut caps)?;
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
@@ -612,16 +615,20 @@ fn name_held_files(caps: &mut [Captured]) {
     }
 }
 
-/// Each process that shares its filesystem information with its parent
-/// (kcmp KCMP_FS) says so; the tree is stopped.
-fn mark_shared_fs(caps: &mut [Captured]) {
-    let pids: Vec<i32> = caps.iter().map(|c| c.pid).collect();
-    for c in caps.iter_mut() {
+/// Each process that shares its filesystem information (kcmp KCMP_FS)
+/// or its descriptor table (KCMP_FILES) with its parent says so; the tree
+/// is stopped.
+fn mark_shared(caps: &mut [Captured]) -> Result<()> {
+    let pids: Vec<(i32, i32)> = caps.iter().map(|c| (c.pid, c.pstree.ppid as i32)).collect();
+    let files = crate::files::table::shared_with_parent(&pids)?;
+    for (c, shares_files) in caps.iter_mut().zip(files) {
         let ppid = c.pstree.ppid as i32;
-        if pids.contains(&ppid) {
+        if pids.iter().any(|p| p.0 == ppid) {
             c.pstree.shares_fs = crate::sys::kcmp_fs(ppid, c.pid).unwrap_or(false);
         }
+        c.pstree.shares_files = shares_files;
     }
+    Ok(())
 }
 
 /// Remove image files a failed dump left behind (never the directory, and

@@ -34,6 +34,7 @@ pub mod pipe;
 pub mod pty;
 pub mod regfile;
 pub mod signalfd;
+pub mod table;
 pub mod timerfd;
 pub mod tty;
 pub mod unix;

@@ -35,12 +35,15 @@ fn own_file<'a>(img: &'a Image, e: &FdEntry) -> Option<&'a FileEntry> {
 /// made (`made`, by file id, inherited); `status_w` is the status pipe,
 /// moved above the dumped numbers, like the task's own descriptors in
 /// `extra` (their numbers are updated). Returns the status pipe's new
-/// number.
+/// number. `shared_floor`: the table is shared with other tasks, whose
+/// own descriptors are at this number and above (left alone; everything
+/// of this task's lands there too).
 pub fn install(
     img: &Image,
     made: &HashMap<u32, RawFd>,
     status_w: RawFd,
     extra: &mut [RawFd],
+    shared_floor: Option<RawFd>,
 ) -> Result<RawFd, String> {
     let max_fd = img
         .fds
@@ -49,7 +52,7 @@ pub fn install(
         .max()
         .unwrap_or(2)
         .max(2);
-    let high = max_fd + 1;
+    let high = shared_floor.unwrap_or(0).max(max_fd + 1);
     let mut keep: Vec<RawFd> = Vec::new();
     let mut dup_high = |from: RawFd| -> Result<RawFd, String> {
         let n = fd::dup_at_least(from, high + keep.len() as i32)
@@ -76,7 +79,11 @@ pub fn install(
             .ok_or_else(|| format!("fd {}: no open file {} was made for it", e.fd, e.id))?;
         moved.push((e.id, dup_high(src)?));
     }
-    close_others(&keep, high)?;
+    if shared_floor.is_some() {
+        fd::close_range(0, (high - 1) as u32).map_err(os("close_range".into()))?;
+    } else {
+        close_others(&keep, high)?;
+    }
     for e in img.fds.iter().filter(|e| own_file(img, e).is_none()) {
         let src = moved
             .iter()

@@ -245,8 +245,8 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
     let root = ctx.tree.procs[0].pid();
     for r in ctx.plan.roots() {
         let node = &ctx.plan.nodes[r];
-        match crate::sys::proc::fork_with_pid(node.pid, node.exit_signal, false) {
-            Ok(0) => node::node_main(ctx, r, None),
+        match crate::sys::proc::fork_with_pid(node.pid, node.exit_signal, false, false) {
+            Ok(0) => node::node_main(ctx, r, None, None),
             Ok(c) => {
                 let c = Pid::from_raw(c);
                 roots.push(c);

@@ -22,6 +22,7 @@ use nix::unistd::Pid;
 use super::image::TreeImage;
 use super::status::{read_go, report, report_error_and_exit, Never, STATUS_FD};
 use super::tree::{Node, NodeKind, Plan};
+use crate::files::table::SharedTable;
 use crate::sessions;
 
 /// What every node of the tree gets from cryo across its creation.
@@ -47,12 +48,13 @@ pub struct NodeCtx<'a> {
 /// dumped parent: its image's index and its premap area (inherited).
 pub type Parent<'a> = Option<(usize, &'a crate::mem::restore::Premap)>;
 
-/// A new task of the tree, running cryo's code with its dumped pid.
+/// A new task of the tree, running cryo's code with its dumped pid;
+/// `table`: the descriptor table it was created sharing (CLONE_FILES).
 /// Never returns.
-pub fn node_main(ctx: &NodeCtx, idx: usize, parent: Parent) -> ! {
+pub fn node_main(ctx: &NodeCtx, idx: usize, parent: Parent, table: Option<SharedTable>) -> ! {
     let node = &ctx.plan.nodes[idx];
     STATUS_FD.store(ctx.status_w, Ordering::Relaxed);
-    match node_setup(ctx, idx, parent) {
+    match node_setup(ctx, idx, parent, table) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(node.pid, &msg),
     }
@@ -83,7 +85,23 @@ fn setup_self(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
     sessions::enter(ctx.tree, ctx.pty_masters, node)
 }
 
-fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String> {
+/// What a task does about its descriptor table.
+#[derive(Clone, Copy)]
+pub enum TableRole {
+    /// Builds its own.
+    Own,
+    /// Builds the one it shares with this many other tasks.
+    Builder(SharedTable, u32),
+    /// Shares one another task builds.
+    Member(SharedTable),
+}
+
+fn node_setup(
+    ctx: &NodeCtx,
+    idx: usize,
+    parent: Parent,
+    inherited: Option<SharedTable>,
+) -> Result<Never, String> {
     let node = &ctx.plan.nodes[idx];
     let pid = node.pid;
     setup_self(ctx, node)?;
@@ -96,6 +114,23 @@ fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String
         )),
         _ => None,
     };
+    // Its descriptor table, if shared: made here by its first task, before
+    // any other exists.
+    let role = match (inherited, sharers(ctx, idx)) {
+        (Some(t), _) => TableRole::Member(t),
+        (None, 0) => TableRole::Own,
+        (None, n) => {
+            let max_fd = match node.kind {
+                NodeKind::Task(i) => ctx.tree.procs[i].fds.iter().map(|f| f.fd as RawFd).max(),
+                _ => None,
+            };
+            TableRole::Builder(SharedTable::new(max_fd.unwrap_or(2))?, n)
+        }
+    };
+    let table = match role {
+        TableRole::Own => None,
+        TableRole::Builder(t, _) | TableRole::Member(t) => Some(t),
+    };
     for &c in &node.children {
         let child = &ctx.plan.nodes[c];
         let its_parent = memory.as_ref().and_then(|(i, m)| {
@@ -106,8 +141,9 @@ fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String
             dumped_parent.then(|| (*i, m.premap()))
         });
         let share_fs = shares_fs(ctx, node, child);
-        match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal, share_fs) {
-            Ok(0) => node_main(ctx, c, its_parent),
+        let share_files = shares_files(ctx, node, child);
+        match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal, share_fs, share_files) {
+            Ok(0) => node_main(ctx, c, its_parent, table.filter(|_| share_files)),
             Ok(_) => {}
             Err(errno) => {
                 let holder = super::pid_holder(child.pid).unwrap_or_default();
@@ -131,12 +167,16 @@ fn node_setup(ctx: &NodeCtx, idx: usize, parent: Parent) -> Result<Never, String
         NodeKind::Task(i) => {
             collect_children(ctx, node)?;
             let fd = ctx.status_w;
-            // The pipes of the barriers are not the task's.
-            for g in ctx.go {
-                crate::sys::fd::close(g);
+            // The pipes of the barriers are not the task's (in a shared
+            // table they go when its builder fills it: other tasks may
+            // still wait on them).
+            if table.is_none() {
+                for g in ctx.go {
+                    crate::sys::fd::close(g);
+                }
             }
             let (_, m) = memory.ok_or("a task without its memory")?;
-            task_main(ctx, i, fd, m)
+            task_main(ctx, i, fd, m, role)
         }
     }
 }
@@ -157,6 +197,27 @@ fn shares_fs(ctx: &NodeCtx, node: &Node, child: &Node) -> bool {
             .is_some_and(|pc| pc.root == "/" && pc.root_file.is_none())
     };
     c.pstree.shares_fs && c.pstree.ppid == p.pstree.pid && unrooted(p) && unrooted(c)
+}
+
+/// Whether task `child` is made sharing `node`'s descriptor table
+/// (CLONE_FILES): it did so with its dumped parent, which `node` is.
+fn shares_files(ctx: &NodeCtx, node: &Node, child: &Node) -> bool {
+    let (NodeKind::Task(p), NodeKind::Task(c)) = (node.kind, child.kind) else {
+        return false;
+    };
+    let (p, c) = (&ctx.tree.procs[p], &ctx.tree.procs[c]);
+    c.pstree.shares_files && c.pstree.ppid == p.pstree.pid
+}
+
+/// How many tasks share node `idx`'s descriptor table through it: its
+/// children made sharing it, theirs, and so on.
+fn sharers(ctx: &NodeCtx, idx: usize) -> u32 {
+    let node = &ctx.plan.nodes[idx];
+    node.children
+        .iter()
+        .filter(|&&c| shares_files(ctx, node, &ctx.plan.nodes[c]))
+        .map(|&c| 1 + sharers(ctx, c))
+        .sum()
 }
 
 /// Helpers made by this task are collected; zombies made by it must have
@@ -187,10 +248,16 @@ fn collect_children(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
 
 /// The task with its dumped pid, prepared for and handed over to the
 /// restorer. Never returns.
-fn task_main(ctx: &NodeCtx, i: usize, status_w: RawFd, m: super::task::Memory) -> ! {
+fn task_main(
+    ctx: &NodeCtx,
+    i: usize,
+    status_w: RawFd,
+    m: super::task::Memory,
+    table: TableRole,
+) -> ! {
     let img = &ctx.tree.procs[i];
     STATUS_FD.store(status_w, Ordering::Relaxed);
-    match super::task::prepare(ctx, i, status_w, m) {
+    match super::task::prepare(ctx, i, status_w, m, table) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(img.pid(), &msg),
     }

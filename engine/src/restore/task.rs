@@ -6,7 +6,7 @@
 use std::os::fd::{IntoRawFd, RawFd};
 
 use super::handoff::{self, Boot, Prepared};
-use super::node::NodeCtx;
+use super::node::{NodeCtx, TableRole};
 use super::status::Never;
 use crate::{cgroup, fsinfo, mem, ns};
 
@@ -72,7 +72,13 @@ pub fn prepare_memory(
 
 /// The rest of task `me`'s preparation, once the tree is built: its
 /// working directory, descriptors and the hand-over to the restorer.
-pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd, m: Memory) -> Result<Never, String> {
+pub fn prepare(
+    ctx: &NodeCtx,
+    me: usize,
+    status_w: RawFd,
+    m: Memory,
+    table: TableRole,
+) -> Result<Never, String> {
     let img = &ctx.tree.procs[me];
     let pc = img.core.process.clone().unwrap_or_default();
     let Memory {
@@ -94,8 +100,37 @@ pub fn prepare(ctx: &NodeCtx, me: usize, status_w: RawFd, m: Memory) -> Result<N
     kept.extend(root);
     // Descriptors: the pages are read, every inherited descriptor but the
     // tree's files goes (the shared mappings' files and the root move
-    // above them).
-    let status_fd = crate::restore::fdtable::install(img, ctx.files, status_w, &mut kept)?;
+    // above them). A table shared with other tasks is built by one of
+    // them once the others keep their own above its floor.
+    let status_fd = match table {
+        TableRole::Own => {
+            crate::restore::fdtable::install(img, ctx.files, status_w, &mut kept, None)?
+        }
+        TableRole::Builder(t, members) => {
+            t.wait_members(members);
+            let fd = crate::restore::fdtable::install(
+                img,
+                ctx.files,
+                status_w,
+                &mut kept,
+                Some(t.floor),
+            )?;
+            t.built();
+            fd
+        }
+        TableRole::Member(t) => {
+            let fd = t.keep(status_w)?;
+            for k in kept.iter_mut() {
+                let above = t.keep(*k)?;
+                crate::sys::fd::close(*k);
+                *k = above;
+            }
+            super::status::STATUS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+            t.member_ready();
+            t.wait_built();
+            fd
+        }
+    };
     let root = root.and_then(|_| kept.pop());
     let shared_files = kept;
     mem::restore::give_shared_files(&mut rvmas, &shared_files);

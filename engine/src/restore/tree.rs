@@ -204,6 +204,22 @@ impl Plan {
         for n in nodes.iter_mut() {
             n.children.sort_unstable();
         }
+        // A task sharing its parent's descriptor table is created by it.
+        for n in &nodes {
+            let NodeKind::Task(i) = n.kind else { continue };
+            let e = &t.procs[i].pstree;
+            let by_parent = n.creator.is_some_and(|c| {
+                nodes[c].pid == e.ppid as i32 && matches!(nodes[c].kind, NodeKind::Task(_))
+            });
+            if e.shares_files && !by_parent {
+                return Err(PlanError::Unsupported {
+                    what: format!(
+                        "task {} shares its parent {}'s descriptor table (CLONE_FILES) but is created by a stand-in for its session's exited leader",
+                        e.pid, e.ppid
+                    ),
+                });
+            }
+        }
         Ok(Plan { nodes })
     }
 }

@@ -380,3 +380,94 @@ pub fn shared_anon_object(size: u64) -> std::io::Result<std::os::fd::OwnedFd> {
     unsafe { libc::munmap(p, size as usize) };
     Ok(std::os::fd::OwnedFd::from(file?))
 }
+
+/// Counters in a page of anonymous memory shared with the children forked
+/// after it is made (MAP_SHARED), which one process waits on until
+/// another raises them (futex). The page is never unmapped by Rust code
+/// (the value is `Copy`, handed down to children): it lives until the
+/// process's address space is replaced (a restored task's restorer
+/// unmaps it with the rest of cryo's memory).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedCounters {
+    addr: usize,
+}
+
+impl SharedCounters {
+    const PAGE: usize = 4096;
+
+    pub fn new() -> Result<SharedCounters, Errno> {
+        // SAFETY: a fresh shared anonymous mapping at an address the
+        // kernel picks: it overlaps no Rust object; its pages read as zero.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        Ok(SharedCounters { addr: p as usize })
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < Self::PAGE / 4);
+        // SAFETY: the page is mapped read-write for the rest of this
+        // address space's life (never unmapped, see the type); word `i`
+        // is inside it and 4-byte aligned; every process sharing it only
+        // ever accesses it atomically.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr((self.addr as *mut u32).add(i)) }
+    }
+
+    /// Add `n` to counter `i` and wake whoever waits on it.
+    pub fn add(&self, i: usize, n: u32) {
+        let w = self.word(i);
+        w.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: FUTEX_WAKE (shared: the word is in a MAP_SHARED page)
+        // on a live, aligned u32; it only wakes waiters.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                w.as_ptr(),
+                libc::FUTEX_WAKE,
+                i32::MAX,
+                0,
+                0,
+                0,
+            );
+        }
+    }
+
+    /// Wait until counter `i` is at least `n`.
+    pub fn wait_for(&self, i: usize, n: u32) {
+        let w = self.word(i);
+        let tick = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
+        loop {
+            let v = w.load(std::sync::atomic::Ordering::SeqCst);
+            if v >= n {
+                return;
+            }
+            // SAFETY: FUTEX_WAIT on a live, aligned u32 with a timeout
+            // read from a local: it sleeps while the word still holds `v`
+            // (the timeout only makes a missed wake cost a tick).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    w.as_ptr(),
+                    libc::FUTEX_WAIT,
+                    v,
+                    &tick,
+                    0,
+                    0,
+                );
+            }
+        }
+    }
+}

@@ -241,12 +241,35 @@ pub fn kcmp_file_order(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> SysResult<i6
 /// KCMP_FS: clone with CLONE_FS).
 pub fn kcmp_fs(pid1: i32, pid2: i32) -> SysResult<bool> {
     const KCMP_FS: libc::c_int = 3;
+    kcmp_order(pid1, pid2, KCMP_FS).map(|r| r == 0)
+}
+
+/// How the descriptor tables of `pid1` and `pid2` compare (kcmp
+/// KCMP_FILES): equal (one table, clone with CLONE_FILES) or in the
+/// kernel's order of the two.
+pub fn kcmp_files(pid1: i32, pid2: i32) -> SysResult<std::cmp::Ordering> {
+    const KCMP_FILES: libc::c_int = 2;
+    match kcmp_order(pid1, pid2, KCMP_FILES)? {
+        0 => Ok(std::cmp::Ordering::Equal),
+        1 => Ok(std::cmp::Ordering::Less),
+        2 => Ok(std::cmp::Ordering::Greater),
+        _ => Err(SysError {
+            op: "kcmp(KCMP_FILES) without an order",
+            pid: pid1,
+            errno: Errno::EINVAL,
+        }),
+    }
+}
+
+/// kcmp of an object of `pid1` and `pid2` that takes no index: 0 for the
+/// same, 1 or 2 for an order of two different ones, 3 for unordered.
+fn kcmp_order(pid1: i32, pid2: i32, kind: libc::c_int) -> SysResult<i64> {
     // SAFETY: plain syscall with integer arguments.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FS, 0, 0) };
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, kind, 0, 0) };
     if r < 0 {
         return Err(err("kcmp", Pid::from_raw(pid1)));
     }
-    Ok(r == 0)
+    Ok(r)
 }
 
 /// Whether descriptor `fd` of `pid` is the file epoll `efd` of the same

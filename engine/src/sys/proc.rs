@@ -154,7 +154,12 @@ fn own_threads() -> Option<u64> {
 /// EDEADLK unless this process runs one thread only (the child of a
 /// multi-threaded process could inherit locks that no thread of it will
 /// ever release), which is what makes it safe to call.
-pub fn fork_with_pid(pid: i32, exit_signal: i32, share_fs: bool) -> Result<i32, Errno> {
+pub fn fork_with_pid(
+    pid: i32,
+    exit_signal: i32,
+    share_fs: bool,
+    share_files: bool,
+) -> Result<i32, Errno> {
     // Worker threads just joined may take a moment to leave the thread
     // group (the kernel counts them until their exit completes).
     let mut waited = 0;
@@ -165,11 +170,16 @@ pub fn fork_with_pid(pid: i32, exit_signal: i32, share_fs: bool) -> Result<i32, 
         std::thread::sleep(std::time::Duration::from_millis(1));
         waited += 1;
     }
-    let flags = if share_fs { libc::CLONE_FS as u64 } else { 0 };
+    let mut flags = if share_fs { libc::CLONE_FS as u64 } else { 0 };
+    if share_files {
+        flags |= libc::CLONE_FILES as u64;
+    }
     // SAFETY: this process is single-threaded (checked just above; a
     // single-threaded process cannot gain a thread between the check and
     // the call, as only this thread could make one); CLONE_FS only shares
-    // the working directory, root and umask with the child.
+    // the working directory, root and umask with the child, CLONE_FILES
+    // the descriptor table (the restore orders who changes it, see
+    // files::table).
     unsafe { super::clone3_with_pid(pid, exit_signal, flags) }
 }
 

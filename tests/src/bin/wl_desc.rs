@@ -2,10 +2,7 @@
 //! made by O_TMPFILE, sparse files, symbolic links opened as O_PATH, a
 //! pidfd of a reaped process, signal ownership, and locks.
 //!
-//! `wl_desc --ready FILE --verdict FILE --tmp DIR [--flight-socket 1]`
-//!
-//! `--flight-socket 1` also sends one end of a socket pair in flight and
-//! closes it, which cryo must refuse (only the message holds that end).
+//! `wl_desc --ready FILE --verdict FILE --tmp DIR`
 //!
 //! - `tmpfile`: open(DIR, O_TMPFILE) holding "tmpfile data", at offset 4;
 //!   after the restore it is still a file without a name in DIR, and
@@ -30,13 +27,6 @@
 //!   name now belongs to a regular file: the removed name stays removed,
 //!   the regular file untouched, and both sockets still know their name
 //!   (the second one a name of cryo's next to it, after a restore);
-//! - `in flight`: a datagram pair with three messages queued, the second
-//!   carrying three descriptors (SCM_RIGHTS): a memfd and a file the
-//!   program closed since (only the message holds them) and an eventfd it
-//!   still holds, and a pipe's read end it closed (keeping the write
-//!   end); after the restore the messages come in order, the memfd and
-//!   file with their bytes, the eventfd the same open file as the one
-//!   held, and bytes written to the pipe come out of the end received;
 //! - `senders`: a datagram socket bound to DIR/r.sock with four
 //!   messages queued from three senders (one bound to DIR/a.sock, one
 //!   unnamed, one with an abstract name): they come in order, each with
@@ -155,9 +145,6 @@ struct Desc {
     inotify: [i32; 3],
     /// The datagram receiver and its three senders (kept open).
     senders: [i32; 4],
-    /// The receiving end of the pair with descriptors in flight, the
-    /// eventfd sent and held.
-    flight: [i32; 3],
     /// The listener whose socket file was removed, the datagram socket
     /// whose name was taken.
     named: [i32; 2],
@@ -172,7 +159,7 @@ fn sparse_data(tag: u8) -> Vec<u8> {
     (0..4096).map(|i| tag ^ (i % 251) as u8).collect()
 }
 
-fn setup(tmp: &Path, with_flight_socket: bool) -> Result<Desc, String> {
+fn setup(tmp: &Path) -> Result<Desc, String> {
     let tmpfile = open(tmp, libc::O_TMPFILE | libc::O_RDWR, 0o640)?;
     pwrite(tmpfile, b"tmpfile data", 0)?;
     // SAFETY: lseek on our descriptor.
@@ -264,21 +251,16 @@ fn setup(tmp: &Path, with_flight_socket: bool) -> Result<Desc, String> {
         }
     }
     let named = setup_named(tmp)?;
-    let flight = setup_flight(tmp)?;
     let senders = setup_senders(tmp)?;
     let inotify = setup_inotify(tmp)?;
     let hung_up = setup_hung_up()?;
     let linked = setup_linked(tmp)?;
     let pending = setup_pending(tmp)?;
-    if with_flight_socket {
-        flight_socket()?;
-    }
     // Last: the number it closes must stay free.
     let epoll = setup_epoll()?;
     Ok(Desc {
         epoll,
         named,
-        flight,
         senders,
         inotify,
         hung_up,
@@ -418,123 +400,6 @@ fn check_named(d: &Desc, fails: &mut Vec<String>) {
     if !strays.is_empty() {
         fails.push(format!("names cryo made are left in {t}: {strays:?}"));
     }
-}
-
-/// A datagram pair, its receiving end returned, with three messages
-/// queued: "first", "rights" with a memfd, an eventfd and a file, "last".
-fn setup_flight(tmp: &Path) -> Result<[i32; 3], String> {
-    let mut sv = [0; 2];
-    // SAFETY: socketpair into a local array; memfd_create and eventfd
-    // take plain values.
-    let (mfd, efd) = unsafe {
-        if libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            0,
-            sv.as_mut_ptr(),
-        ) != 0
-        {
-            return Err(os_err("socketpair"));
-        }
-        (
-            libc::memfd_create(c"cryo-flight".as_ptr(), libc::MFD_CLOEXEC),
-            libc::eventfd(7, libc::EFD_CLOEXEC),
-        )
-    };
-    if mfd < 0 || efd < 0 {
-        return Err(os_err("memfd_create/eventfd"));
-    }
-    pwrite(mfd, b"in flight memfd", 0)?;
-    let p = tmp.join("flight.txt");
-    std::fs::write(&p, b"in flight file").map_err(|e| format!("write: {e}"))?;
-    let file = open(&p, libc::O_RDONLY, 0)?;
-    let mut pipe = [0; 2];
-    // SAFETY: pipe2 into a local array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(os_err("pipe2"));
-    }
-    let send = |data: &[u8], fds: &[i32]| -> Result<(), String> {
-        // SAFETY: sendmsg with an iovec over `data` and a control buffer
-        // sized for the descriptors, both alive across the call.
-        unsafe {
-            let mut iov = libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            };
-            let mut cbuf = [0u8; 64];
-            let mut mh: libc::msghdr = std::mem::zeroed();
-            mh.msg_iov = &mut iov;
-            mh.msg_iovlen = 1;
-            if !fds.is_empty() {
-                let len = libc::CMSG_SPACE((fds.len() * 4) as u32) as usize;
-                mh.msg_control = cbuf.as_mut_ptr().cast();
-                mh.msg_controllen = len;
-                let c = libc::CMSG_FIRSTHDR(&mh);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr(),
-                    libc::CMSG_DATA(c) as *mut i32,
-                    fds.len(),
-                );
-            }
-            if libc::sendmsg(sv[0], &mh, 0) < 0 {
-                return Err(os_err("sendmsg"));
-            }
-        }
-        Ok(())
-    };
-    send(b"first", &[])?;
-    send(b"rights", &[mfd, efd, file, pipe[0]])?;
-    send(b"last", &[])?;
-    // SAFETY: closing our own descriptors: the message keeps the files.
-    unsafe {
-        libc::close(mfd);
-        libc::close(file);
-        libc::close(pipe[0]);
-    }
-    std::fs::remove_file(&p).map_err(|e| format!("unlink: {e}"))?;
-    Ok([sv[1], efd, pipe[1]])
-}
-
-/// A datagram pair with one end of a socket pair in flight, which only
-/// the message holds (the pairs stay open, leaked).
-fn flight_socket() -> Result<(), String> {
-    let mut sv = [0; 2];
-    let mut p = [0; 2];
-    // SAFETY: socketpair into local arrays, then sendmsg with a control
-    // buffer sized for one descriptor and closing our copy.
-    unsafe {
-        let dgram = libc::SOCK_DGRAM | libc::SOCK_CLOEXEC;
-        let stream = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
-        if libc::socketpair(libc::AF_UNIX, dgram, 0, sv.as_mut_ptr()) != 0
-            || libc::socketpair(libc::AF_UNIX, stream, 0, p.as_mut_ptr()) != 0
-        {
-            return Err(os_err("socketpair"));
-        }
-        let data = b"sock";
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        let mut cbuf = [0u8; 32];
-        let mut mh: libc::msghdr = std::mem::zeroed();
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = libc::CMSG_SPACE(4) as usize;
-        let c = libc::CMSG_FIRSTHDR(&mh);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-        *(libc::CMSG_DATA(c) as *mut i32) = p[0];
-        if libc::sendmsg(sv[0], &mh, 0) < 0 {
-            return Err(os_err("sendmsg"));
-        }
-        libc::close(p[0]);
-    }
-    Ok(())
 }
 
 fn connect_to(s: i32, path: &Path) -> Result<(), String> {
@@ -882,98 +747,6 @@ fn check_senders(d: &Desc, fails: &mut Vec<String>) {
     }
 }
 
-/// One datagram and the descriptors it carries.
-fn recv_with_fds(s: i32) -> (Vec<u8>, Vec<i32>) {
-    let mut buf = [0u8; 64];
-    let mut cbuf = [0u8; 128];
-    // SAFETY: recvmsg into local buffers of the given sizes; the control
-    // messages are walked within msg_controllen.
-    unsafe {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut mh: libc::msghdr = std::mem::zeroed();
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = cbuf.len();
-        let n = libc::recvmsg(s, &mut mh, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return (Vec::new(), Vec::new());
-        }
-        let mut fds = Vec::new();
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            if (*c).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                let data = libc::CMSG_DATA(c) as *const i32;
-                for k in 0..count {
-                    fds.push(*data.add(k));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-        (buf[..n as usize].to_vec(), fds)
-    }
-}
-
-fn check_flight(d: &Desc, fails: &mut Vec<String>) {
-    let [s, efd, pipe_w] = d.flight;
-    let (a, _) = recv_with_fds(s);
-    let (b, fds) = recv_with_fds(s);
-    let (c, _) = recv_with_fds(s);
-    if (a.as_slice(), b.as_slice(), c.as_slice())
-        != (
-            b"first".as_slice(),
-            b"rights".as_slice(),
-            b"last".as_slice(),
-        )
-    {
-        fails.push(format!(
-            "the messages in flight were {:?}, {:?}, {:?}",
-            String::from_utf8_lossy(&a),
-            String::from_utf8_lossy(&b),
-            String::from_utf8_lossy(&c)
-        ));
-    }
-    if fds.len() != 4 {
-        fails.push(format!(
-            "the message carried {} descriptors, not 4",
-            fds.len()
-        ));
-        return;
-    }
-    // SAFETY: write to our pipe's write end, read from the end received.
-    let got = unsafe {
-        libc::write(pipe_w, b"piped".as_ptr().cast(), 5);
-        let mut b = [0u8; 16];
-        let n = libc::read(fds[3], b.as_mut_ptr().cast(), 16);
-        b[..n.max(0) as usize].to_vec()
-    };
-    if got != b"piped" {
-        fails.push(format!(
-            "the pipe end in flight read {:?}",
-            String::from_utf8_lossy(&got)
-        ));
-    }
-    if pread(fds[0], 64, 0) != b"in flight memfd" {
-        fails.push("the memfd in flight lost its bytes".into());
-    }
-    // SAFETY: getpid has no preconditions; kcmp compares two of our
-    // descriptors.
-    let same = unsafe {
-        let me = libc::getpid();
-        libc::syscall(libc::SYS_kcmp, me, me, 0, fds[1], efd)
-    };
-    if same != 0 {
-        fails.push("the eventfd in flight is not the one the program holds".into());
-    }
-    if pread(fds[2], 64, 0) != b"in flight file" {
-        fails.push("the file in flight lost its bytes".into());
-    }
-}
-
 fn check_epoll(d: &Desc, fails: &mut Vec<String>) {
     let [ep, pipe_w, ev, closed, reused] = d.epoll;
     // SAFETY: writes to our pipe and eventfd.
@@ -1156,7 +929,7 @@ fn check_locks(d: &Desc, fails: &mut Vec<String>) {
 
 fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
-    let d = setup(tmp, a.get("flight-socket") == Some("1"))?;
+    let d = setup(tmp)?;
     wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
@@ -1167,7 +940,6 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     check_locks(&d, &mut fails);
     check_epoll(&d, &mut fails);
     check_named(&d, &mut fails);
-    check_flight(&d, &mut fails);
     check_senders(&d, &mut fails);
     check_inotify(&d, &mut fails);
     check_hung_up(&d, &mut fails);

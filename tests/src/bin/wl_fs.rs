@@ -20,44 +20,6 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// clone3 with CLONE_FS and SIGCHLD: returns 0 in the child, as fork.
-fn fork_sharing_fs() -> Result<i32, String> {
-    #[repr(C)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-    }
-    let args = CloneArgs {
-        flags: libc::CLONE_FS as u64,
-        pidfd: 0,
-        child_tid: 0,
-        parent_tid: 0,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: 0,
-        stack_size: 0,
-        tls: 0,
-    };
-    // SAFETY: clone3 without CLONE_VM: the child runs on its own copy of
-    // this (single-threaded) process, as after fork.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if r < 0 {
-        return Err(os_err("clone3(CLONE_FS)"));
-    }
-    Ok(r as i32)
-}
-
 fn umask_now() -> u32 {
     // SAFETY: umask only sets and returns the mask; it is put back.
     unsafe {
@@ -95,7 +57,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     if r != 0 {
         return Err(os_err("pipe2"));
     }
-    let kid = fork_sharing_fs()?;
+    let kid = wl::clone_sharing(libc::CLONE_FS as u64)?;
     if kid == 0 {
         // The child: waits for the parent's word, then moves both.
         let first = std::env::current_dir().unwrap_or_default();

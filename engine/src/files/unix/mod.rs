@@ -19,7 +19,7 @@ pub use diag::{DiagInfo, DiagSnapshot};
 pub use restore::{make_sockets, name_key, Later};
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use cryo_image::proto::{FileKind, InFlight, UnixSocketState};
@@ -53,7 +53,11 @@ pub enum UnixError {
 /// The state and queued messages of every unix socket of the table; a
 /// socket whose peer is not in the table (held outside the tree) is
 /// refused (unless --ext-unix-sk covers it), and so is a listener with
-/// connections waiting to be accepted.
+/// connections waiting to be accepted that cannot be connected again.
+/// Files that only messages in flight hold are added to the table (a
+/// socket among them is read like the tree's, its own queue too); their
+/// descriptors (cryo's copies) are returned, to stay open until the
+/// image is written.
 pub fn states(
     table: &mut Vec<OpenFile>,
     ext_unix_sk: bool,
@@ -79,8 +83,19 @@ pub fn states(
         ..Default::default()
     };
     let diag = diag.get()?;
-    // One pidfd per process, for pidfd_getfd of its sockets.
+    // First every queue, the sockets found in flight appended as they
+    // come (their queues are read in turn).
+    let mut queues: Vec<(usize, Peeked)> = Vec::new();
     let mut pidfds: HashMap<i32, OwnedFd> = HashMap::new();
+    let mut i = 0;
+    while i < table.len() {
+        if is_sock(&table[i]) {
+            let peeked = read_queue(&table[i], diag, &mut pidfds, &mut in_flight, opts)?;
+            queues.push((i, peeked));
+            table.append(&mut in_flight.new_files);
+        }
+        i += 1;
+    }
     let inodes: std::collections::BTreeSet<u64> = table
         .iter()
         .filter(|o| is_sock(o))
@@ -95,18 +110,17 @@ pub fn states(
         .filter(|l| l.state == STATE_LISTEN && inodes.contains(&l.ino))
         .flat_map(|l| l.icons.iter().map(move |&c| (c, l.ino)))
         .collect();
-    for o in table.iter_mut().filter(|o| is_sock(o)) {
-        let ino = o.entry.inode;
-        let info = diag.get(&ino).ok_or(UnixError::Unknown {
-            pid: o.pid,
-            fd: o.fd,
-            ino,
-        })?;
+    for (i, q) in queues {
+        let o = &table[i];
+        let info = &diag[&o.entry.inode];
         // Connected to a connection a listener of the tree has not
         // accepted yet: connected again at restore.
         let pending_on = pending_listener(info, &waiting, &inodes);
         let external_peer = if info.peer != 0 && !inodes.contains(&info.peer) && pending_on == 0 {
-            external(o, info, diag, ext_unix_sk)?
+            match in_flight.carrier_of(o) {
+                Some(c) => return Err(c.refuse("a unix socket connected outside the tree")),
+                None => external(o, info, diag, ext_unix_sk)?,
+            }
         } else {
             Vec::new()
         };
@@ -115,51 +129,118 @@ pub fn states(
         } else {
             Vec::new()
         };
-        let npid = nix::unistd::Pid::from_raw(o.pid);
-        let pidfd = match pidfds.entry(o.pid) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(sys::pidfd_open(npid)?),
-        };
-        let sock = sys::pidfd_getfd(pidfd, npid, o.fd)?;
-        let peeked = peek_queue(o.pid, o.fd, info, &sock)?;
-        let mut queued = Vec::with_capacity(peeked.len());
-        let mut rights = Vec::new();
-        let unconnected_dgram = info.kind == libc::SOCK_DGRAM as u32 && info.peer == 0;
-        let senders: Vec<Vec<u8>> = if unconnected_dgram {
-            peeked.iter().map(|m| m.from.clone()).collect()
-        } else {
-            Vec::new()
-        };
-        for (i, m) in peeked.into_iter().enumerate() {
-            if !m.fds.is_empty() {
-                let files = m
-                    .fds
-                    .into_iter()
-                    .map(|f| in_flight.file_of(f, (o.pid, o.fd, ino), opts))
-                    .collect::<Result<Vec<u32>, FilesError>>()?;
-                rights.push(InFlight {
-                    message: i as u32,
-                    files,
-                });
-            }
-            queued.push(m.data);
-        }
         let backlog = if info.state == STATE_LISTEN {
             info.wqueue
         } else {
             0
         };
-        let mut st = state_of(info, queued, backlog);
+        let mut st = state_of(info, q.queued, backlog);
         st.external_peer = external_peer;
         st.name_removed = name_removed(o.pid, info);
-        st.rights = rights;
-        st.senders = senders;
+        st.rights = q.rights;
+        st.senders = q.senders;
         st.pending_on = pending_on;
         st.pending = pending;
-        o.entry.unix = Some(st);
+        table[i].entry.unix = Some(st);
     }
-    table.append(&mut in_flight.new_files);
     Ok(in_flight.held)
+}
+
+/// A socket's queue as it is stored: the messages, the descriptors in
+/// flight among them (by file id) and, for an unconnected datagram
+/// socket, each message's sender.
+struct Peeked {
+    queued: Vec<Vec<u8>>,
+    rights: Vec<InFlight>,
+    senders: Vec<Vec<u8>>,
+}
+
+/// Read the queue of socket `o` (a task's descriptor, through a pidfd of
+/// its process, or cryo's copy of one in flight), resolving the
+/// descriptors its messages carry.
+fn read_queue(
+    o: &OpenFile,
+    diag: &HashMap<u64, DiagInfo>,
+    pidfds: &mut HashMap<i32, OwnedFd>,
+    in_flight: &mut InFlightFiles,
+    opts: &super::CollectOptions,
+) -> Result<Peeked, FilesError> {
+    let ino = o.entry.inode;
+    let info = diag.get(&ino).ok_or(UnixError::Unknown {
+        pid: o.pid,
+        fd: o.fd,
+        ino,
+    })?;
+    let sock = if o.pid == std::process::id() as i32 {
+        sys::fd::borrow(o.fd)
+            .try_clone_to_owned()
+            .map_err(|e| FilesError::Proc {
+                path: format!("cryo's copy of unix socket {ino}"),
+                source: e,
+            })?
+    } else {
+        let npid = nix::unistd::Pid::from_raw(o.pid);
+        let pidfd = match pidfds.entry(o.pid) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(sys::pidfd_open(npid)?),
+        };
+        sys::pidfd_getfd(pidfd, npid, o.fd)?
+    };
+    let peeked = peek_queue(o.pid, o.fd, info, &sock)?;
+    let unconnected_dgram = info.kind == libc::SOCK_DGRAM as u32 && info.peer == 0;
+    let senders: Vec<Vec<u8>> = if unconnected_dgram {
+        peeked.iter().map(|m| m.from.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut queued = Vec::with_capacity(peeked.len());
+    let mut rights = Vec::new();
+    // A socket in flight is named by the one whose queue holds it.
+    let carrier = in_flight.carrier_of(o).unwrap_or(Carrier {
+        pid: o.pid,
+        fd: o.fd,
+        ino,
+    });
+    for (i, m) in peeked.into_iter().enumerate() {
+        if !m.fds.is_empty() {
+            let files = m
+                .fds
+                .into_iter()
+                .map(|f| in_flight.file_of(f, carrier, opts))
+                .collect::<Result<Vec<u32>, FilesError>>()?;
+            rights.push(InFlight {
+                message: i as u32,
+                files,
+            });
+        }
+        queued.push(m.data);
+    }
+    Ok(Peeked {
+        queued,
+        rights,
+        senders,
+    })
+}
+
+/// The socket of the tree whose queue holds a descriptor in flight (the
+/// first found), to name in a refusal.
+#[derive(Debug, Clone, Copy)]
+struct Carrier {
+    pid: i32,
+    fd: i32,
+    ino: u64,
+}
+
+impl Carrier {
+    fn refuse(&self, what: &str) -> FilesError {
+        UnixError::FdsInFlight {
+            pid: self.pid,
+            fd: self.fd,
+            ino: self.ino,
+            what: what.to_string(),
+        }
+        .into()
+    }
 }
 
 /// The files of descriptors in flight: those that are also open in the
@@ -170,17 +251,28 @@ struct InFlightFiles {
     next_id: u32,
     /// (pid, fd, file id) of every descriptor of the tree.
     known: Vec<(i32, i32, u32)>,
+    /// Files only messages hold, not in the table yet.
     new_files: Vec<OpenFile>,
+    /// cryo's copy, file id and carrier of each file only messages hold.
+    mine: Vec<(RawFd, u32, Carrier)>,
     held: Vec<OwnedFd>,
 }
 
 impl InFlightFiles {
+    /// The carrier of `o` if it is a file only messages hold.
+    fn carrier_of(&self, o: &OpenFile) -> Option<Carrier> {
+        if o.pid != std::process::id() as i32 {
+            return None;
+        }
+        self.mine.iter().find(|m| m.0 == o.fd).map(|m| m.2)
+    }
+
     /// The file id of in-flight descriptor `fd` (cryo's copy), carried by
-    /// socket `sock` (pid, fd, inode).
+    /// a message for `carrier`.
     fn file_of(
         &mut self,
         fd: OwnedFd,
-        (pid, sfd, ino): (i32, i32, u64),
+        carrier: Carrier,
         opts: &super::CollectOptions,
     ) -> Result<u32, FilesError> {
         let me = std::process::id() as i32;
@@ -189,8 +281,8 @@ impl InFlightFiles {
         if let Some(&(_, _, id)) = self.known.iter().find(|&&(p, f, _)| same(p, f)) {
             return Ok(id);
         }
-        if let Some(o) = self.new_files.iter().find(|o| same(me, o.fd)) {
-            return Ok(o.entry.id);
+        if let Some(&(_, id, _)) = self.mine.iter().find(|m| same(me, m.0)) {
+            return Ok(id);
         }
         let id = self.next_id;
         let mut handles = super::ProcHandles::default();
@@ -198,17 +290,11 @@ impl InFlightFiles {
         let (entry, _) = super::describe(me, raw, id, 0, opts, &mut diag, &mut handles)?;
         let kind = FileKind::try_from(entry.kind).unwrap_or(FileKind::FileRegular);
         if !sendable(kind) {
-            return Err(UnixError::FdsInFlight {
-                pid,
-                fd: sfd,
-                ino,
-                what: format!(
-                    "{} ({}) held by no task of the tree; cryo keeps only files, directories, devices, memfds, pipes, eventfds, timerfds, signalfds and inotify instances in flight alone",
-                    entry.path,
-                    kind.as_str_name()
-                ),
-            }
-            .into());
+            return Err(carrier.refuse(&format!(
+                "{} ({}) held by no task of the tree; cryo keeps only files, directories, devices, memfds, pipes, unix sockets, eventfds, timerfds, signalfds and inotify instances in flight alone",
+                entry.path,
+                kind.as_str_name()
+            )));
         }
         self.next_id += 1;
         self.new_files.push(OpenFile {
@@ -217,14 +303,15 @@ impl InFlightFiles {
             entry,
             via: None,
         });
+        self.mine.push((raw, id, carrier));
         self.held.push(fd);
         Ok(id)
     }
 }
 
 /// Kinds a message in flight may hold without any task holding them too:
-/// those whose state is the file's own or a pipe's (not a socket's, whose
-/// state is read with the tree's, nor one made by a task).
+/// those whose state is the file's own, a pipe's or a unix socket's (read
+/// like the tree's), not one made by a task.
 fn sendable(kind: FileKind) -> bool {
     matches!(
         kind,
@@ -240,6 +327,7 @@ fn sendable(kind: FileKind) -> bool {
             | FileKind::FileSymlink
             | FileKind::FilePipe
             | FileKind::FileFifo
+            | FileKind::FileUnixSocket
     )
 }
 
