@@ -582,6 +582,7 @@ pub fn link(
     // Descriptors in flight that only messages hold: open until the
     // end, for what is read of them below.
     let _in_flight = unix::states(&mut table, ext_unix_sk, diag, opts)?;
+    inotify::link_removed(&mut table)?;
     ghost::contents(&mut table, opts)?;
     check_per_task(procs, &table)?;
     // cryo's own copies of pipe ends in flight are not an outside holder.
@@ -592,7 +593,8 @@ pub fn link(
 }
 
 /// An epoll or pidfd is remade by the process that holds it: one shared
-/// by several processes is not supported yet.
+/// by several processes is not supported yet, unless they share one
+/// descriptor table.
 fn check_per_task(procs: &[&mut ProcFds], table: &[OpenFile]) -> Result<()> {
     for p in procs {
         for e in &p.fd_entries {
@@ -600,7 +602,10 @@ fn check_per_task(procs: &[&mut ProcFds], table: &[OpenFile]) -> Result<()> {
                 continue;
             };
             let per_task = FileKind::try_from(o.entry.kind).is_ok_and(made_by_task);
-            if per_task && o.pid != p.pid {
+            // In one descriptor table (CLONE_FILES) it is made once.
+            let one_table =
+                || sys::kcmp_files(o.pid, p.pid).is_ok_and(|c| c == std::cmp::Ordering::Equal);
+            if per_task && o.pid != p.pid && !one_table() {
                 return Err(FilesError::UnsupportedFd {
                     pid: p.pid,
                     fd: e.fd as i32,

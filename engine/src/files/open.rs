@@ -96,7 +96,8 @@ impl Opener<'_> {
             FileKind::FileEventfd => eventfd::make(f)?,
             FileKind::FileTimerfd => timerfd::make(f)?,
             FileKind::FileSignalfd => signalfd::make(f)?,
-            FileKind::FileInotify => inotify::restore(&f.inotify.clone().unwrap_or_default())?,
+            // After every other file: it may watch one of them.
+            FileKind::FileInotify => return Ok(None),
             FileKind::FileShellTty => tty::open_shell_tty(f)?,
             FileKind::FilePtyMaster => self
                 .ptys
@@ -158,17 +159,20 @@ pub fn open_all(
         ptys,
         sockets,
     };
-    // Status flags an open file description keeps (fcntl F_SETFL).
-    let status_flags = OFlag::O_APPEND | OFlag::O_NONBLOCK | OFlag::O_ASYNC | OFlag::O_NOATIME;
     let mut out = HashMap::new();
+    let inotifies = files
+        .iter()
+        .filter(|f| used.contains(&f.id) && f.kind == FileKind::FileInotify as i32);
     for f in files.iter().filter(|f| used.contains(&f.id)) {
         let Some(fd) = op.open(f).map_err(|e| fail(f, e))? else {
             continue;
         };
-        let fl = OFlag::from_bits_truncate(f.flags as i32) & status_flags;
-        let _ = nix::fcntl::fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl));
-        lock::take_own(&fd, &f.locks).map_err(|e| fail(f, e))?;
-        out.insert(f.id, fd);
+        keep(f, fd, &mut out).map_err(|e| fail(f, e))?;
+    }
+    for f in inotifies {
+        let fd = inotify::restore(&f.inotify.clone().unwrap_or_default(), &out)
+            .map_err(|e| fail(f, e))?;
+        keep(f, fd, &mut out).map_err(|e| fail(f, e))?;
     }
     // Every file is open: the messages with descriptors in flight, and
     // the datagrams each from its sender (the tree's socket of its name).
@@ -190,6 +194,22 @@ pub fn open_all(
         }
     }
     Ok(out)
+}
+
+/// An open file description made again, given the status flags and the
+/// locks it kept, among the tree's files.
+fn keep(
+    f: &FileEntry,
+    fd: OwnedFd,
+    out: &mut HashMap<u32, OwnedFd>,
+) -> std::result::Result<(), String> {
+    // Status flags an open file description keeps (fcntl F_SETFL).
+    let status_flags = OFlag::O_APPEND | OFlag::O_NONBLOCK | OFlag::O_ASYNC | OFlag::O_NOATIME;
+    let fl = OFlag::from_bits_truncate(f.flags as i32) & status_flags;
+    let _ = nix::fcntl::fcntl(fd.as_fd(), FcntlArg::F_SETFL(fl));
+    lock::take_own(&fd, &f.locks)?;
+    out.insert(f.id, fd);
+    Ok(())
 }
 
 /// A new open file description of the file behind our descriptor `fd`

@@ -33,8 +33,10 @@
 //!   its sender's address, and the receiver keeps its name;
 //! - `inotify renamed`: an inotify instance watching DIR/watched
 //!   (IN_MODIFY) and DIR/wdir (IN_CREATE), both renamed since (to
-//!   DIR/moved and DIR/mdir): after the restore, writing the one and
-//!   creating a file in the other report their watches;
+//!   DIR/moved and DIR/mdir), and DIR/removed (IN_MODIFY), removed since
+//!   but held open: after the restore, writing the first, creating a
+//!   file in the second and writing the third through the descriptor
+//!   held report their watches;
 //! - `linked`: DIR/big.dat (16 KiB), open, also linked as DIR/other-name,
 //!   then removed under its first name: after the restore the descriptor
 //!   holds its bytes and, with `--expect-linked 1` (a dump with
@@ -141,8 +143,9 @@ struct Desc {
     hung_up: i32,
     /// The deleted file still linked as DIR/other-name.
     linked: i32,
-    /// The inotify instance and its two watch descriptors.
-    inotify: [i32; 3],
+    /// The inotify instance, its three watch descriptors (the third on
+    /// a file removed since, held open by the fourth descriptor).
+    inotify: [i32; 5],
     /// The datagram receiver and its three senders (kept open).
     senders: [i32; 4],
     /// The listener whose socket file was removed, the datagram socket
@@ -576,37 +579,44 @@ fn check_hung_up(d: &Desc, fails: &mut Vec<String>) {
     }
 }
 
-fn setup_inotify(tmp: &Path) -> Result<[i32; 3], String> {
+fn setup_inotify(tmp: &Path) -> Result<[i32; 5], String> {
     std::fs::write(tmp.join("watched"), b"w").map_err(|e| format!("write: {e}"))?;
+    std::fs::write(tmp.join("removed"), b"r").map_err(|e| format!("write: {e}"))?;
+    let held = open(&tmp.join("removed"), libc::O_WRONLY, 0)?;
     std::fs::create_dir(tmp.join("wdir")).map_err(|e| format!("mkdir: {e}"))?;
     // SAFETY: inotify calls with NUL-terminated paths of ours.
-    let (fd, w1, w2) = unsafe {
+    let (fd, w1, w2, w3) = unsafe {
         let fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
         (
             fd,
             libc::inotify_add_watch(fd, c(&tmp.join("watched")).as_ptr(), libc::IN_MODIFY),
             libc::inotify_add_watch(fd, c(&tmp.join("wdir")).as_ptr(), libc::IN_CREATE),
+            libc::inotify_add_watch(fd, c(&tmp.join("removed")).as_ptr(), libc::IN_MODIFY),
         )
     };
-    if fd < 0 || w1 < 0 || w2 < 0 {
+    if fd < 0 || w1 < 0 || w2 < 0 || w3 < 0 {
         return Err(os_err("inotify"));
     }
     std::fs::rename(tmp.join("watched"), tmp.join("moved")).map_err(|e| format!("rename: {e}"))?;
     std::fs::rename(tmp.join("wdir"), tmp.join("mdir")).map_err(|e| format!("rename: {e}"))?;
+    // Held open, so the watch stays (IN_ATTRIB is not asked for).
+    std::fs::remove_file(tmp.join("removed")).map_err(|e| format!("unlink: {e}"))?;
     // The renames' own events (IN_MOVE_SELF is not asked for): none.
     let mut buf = [0u8; 512];
     // SAFETY: reads into a local buffer; nothing is queued.
     unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    Ok([fd, w1, w2])
+    Ok([fd, w1, w2, w3, held])
 }
 
 fn check_inotify(d: &Desc, fails: &mut Vec<String>) {
-    let [fd, w1, w2] = d.inotify;
+    let [fd, w1, w2, w3, held] = d.inotify;
     let _ = std::fs::OpenOptions::new()
         .append(true)
         .open(d.tmp.join("moved"))
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"));
     let _ = std::fs::write(d.tmp.join("mdir").join("new"), b"n");
+    // SAFETY: writes to our descriptor of the removed file.
+    unsafe { libc::write(held, b"more".as_ptr().cast(), 4) };
     std::thread::sleep(Duration::from_millis(50));
     let mut buf = [0u8; 1024];
     // SAFETY: reads into a local buffer.
@@ -620,7 +630,11 @@ fn check_inotify(d: &Desc, fails: &mut Vec<String>) {
         got.push((wd, mask));
         off += 16 + len as usize;
     }
-    let want = vec![(w1, libc::IN_MODIFY), (w2, libc::IN_CREATE)];
+    let want = vec![
+        (w1, libc::IN_MODIFY),
+        (w2, libc::IN_CREATE),
+        (w3, libc::IN_MODIFY),
+    ];
     if got != want {
         fails.push(format!("inotify reported {got:x?}, expected {want:x?}"));
     }

@@ -9,7 +9,8 @@
 //! KCMP_FILES, that P, C and G have one table and S its own; asks G to
 //! open DIR/after and reads it through the number G got; asks C to close
 //! X and finds X closed; asks S whether it has G's new number (it must
-//! not) and X (it must); and reads the pipe's bytes back.
+//! not) and X (it must); reads the pipe's bytes back; and finds that an
+//! epoll made in the shared table still watches its eventfd.
 //!
 //! With `--unshared-middle`, C leaves the table after making G (unshare
 //! CLONE_FILES): P and G share one that C does not, which cryo refuses;
@@ -51,6 +52,23 @@ fn pipe() -> Result<[i32; 2], String> {
         return Err(os_err("pipe2"));
     }
     Ok(p)
+}
+
+/// An eventfd and an epoll watching it (EPOLLIN, data 0xfeed).
+fn epoll_of_eventfd() -> Result<(i32, i32), String> {
+    // SAFETY: eventfd and epoll calls with plain values and a local event.
+    unsafe {
+        let ev = libc::eventfd(0, libc::EFD_CLOEXEC);
+        let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        let mut e = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0xfeed,
+        };
+        if ev < 0 || ep < 0 || libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, ev, &mut e) != 0 {
+            return Err(os_err("eventfd/epoll"));
+        }
+        Ok((ep, ev))
+    }
 }
 
 fn is_open(fd: i32) -> bool {
@@ -161,6 +179,8 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     wl::write_fd(flight[1], b"inflight");
     let back = pipe()?;
     let kids = make_kids(tmp, back[1], unshared_middle)?;
+    // In the shared table, not in the forked child's copy.
+    let (ep, ev) = epoll_of_eventfd()?;
     wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
@@ -217,6 +237,17 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
         fails.push(format!(
             "the forked child has fd {opened} / fd {x}: {:?} (want n, y)",
             String::from_utf8_lossy(&has)
+        ));
+    }
+    // The epoll, in every sharer's table, still watches the eventfd.
+    wl::write_fd(ev, &1u64.to_ne_bytes());
+    let mut e = [libc::epoll_event { events: 0, u64: 0 }];
+    // SAFETY: epoll_wait into a local array of one.
+    let n = unsafe { libc::epoll_wait(ep, e.as_mut_ptr(), 1, 1000) };
+    let data = e[0].u64;
+    if n != 1 || data != 0xfeed {
+        fails.push(format!(
+            "the shared epoll reported {n} events, data {data:#x}"
         ));
     }
     let mut inflight = [0u8; 8];
