@@ -20,6 +20,7 @@ pub const MAX_RECORD_LEN: u32 = 64 << 20;
 pub const INVENTORY_FILE: &str = "inventory.img";
 pub const PSTREE_FILE: &str = "pstree.img";
 pub const FILES_FILE: &str = "files.img";
+pub const NAMESPACES_FILE: &str = "namespaces.img";
 
 /// `core-<tid>.img`
 pub fn core_file(tid: u32) -> String {
@@ -53,10 +54,11 @@ pub enum Kind {
     Pages,
     Fdinfo,
     Files,
+    Namespaces,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Inventory,
         Kind::Pstree,
         Kind::Core,
@@ -65,6 +67,7 @@ impl Kind {
         Kind::Pages,
         Kind::Fdinfo,
         Kind::Files,
+        Kind::Namespaces,
     ];
 
     pub fn magic(self) -> [u8; 4] {
@@ -77,6 +80,7 @@ impl Kind {
             Kind::Pages => *b"PAGE",
             Kind::Fdinfo => *b"FDIN",
             Kind::Files => *b"FILE",
+            Kind::Namespaces => *b"NSPC",
         }
     }
 
@@ -95,6 +99,7 @@ impl Kind {
             Kind::Pages => "pages",
             Kind::Fdinfo => "fdinfo",
             Kind::Files => "files",
+            Kind::Namespaces => "namespaces",
         }
     }
 

@@ -61,6 +61,7 @@ fn pstree() -> Vec<PstreeEntry> {
             stopped: false,
             shares_fs: false,
             shares_files: false,
+            ns_pids: Vec::new(),
         },
     ]
 }

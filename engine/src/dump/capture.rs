@@ -403,6 +403,7 @@ fn pstree_entry(opts: &DumpOptions, pid: i32, stat: &Stat, threads: &[CoreEntry]
         // Set by the dump once the tree is captured.
         shares_fs: false,
         shares_files: false,
+        ns_pids: crate::ns::ns_pids(pid),
     }
 }
 

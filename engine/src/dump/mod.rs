@@ -420,6 +420,7 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
         stopped: false,
         shares_fs: false,
         shares_files: false,
+        ns_pids: crate::ns::ns_pids(z.pid),
     })
 }
 
@@ -432,6 +433,7 @@ fn write_image(
     caps: Vec<Captured>,
     tree: &Tree,
     files: &[FileEntry],
+    namespaces: &[cryo_image::proto::NamespaceEntry],
 ) -> Result<(TransferStats, u64)> {
     let mut written: Vec<ImageFileInfo> = Vec::new();
     let mut entries: Vec<PstreeEntry> = Vec::new();
@@ -455,6 +457,14 @@ fn write_image(
         w.write(f)?;
     }
     written.push(w.finish()?);
+    if !namespaces.is_empty() {
+        write_step(cryo_image::NAMESPACES_FILE)?;
+        let mut w = ImageWriter::create(&opts.dir, cryo_image::NAMESPACES_FILE, Kind::Namespaces)?;
+        for e in namespaces {
+            w.write(e)?;
+        }
+        written.push(w.finish()?);
+    }
     let image_bytes = written.iter().map(|f| f.size).sum();
     let inv = Inventory {
         format_major: cryo_image::FORMAT_MAJOR,
@@ -567,13 +577,21 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     )?;
     name_held_files(&mut caps);
     mark_shared(&mut caps)?;
+    let ns_procs: Vec<(i32, i32, &[cryo_image::proto::NamespaceId])> = caps
+        .iter()
+        .map(|c| {
+            let ids = c.core.process.as_ref().map(|p| p.namespaces.as_slice());
+            (c.pid, c.pstree.ppid as i32, ids.unwrap_or_default())
+        })
+        .collect();
+    let namespaces = crate::ns::collect(&ns_procs)?;
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
         cure_all(&mut tree, &guard)?;
         frozen = frozen_at.elapsed();
     }
-    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, &files)?;
+    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, &files, &namespaces)?;
     if !opts.leave_running {
         kill_all(&mut tree)?;
         frozen = frozen_at.elapsed();

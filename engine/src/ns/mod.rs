@@ -1,16 +1,23 @@
-//! Namespaces: one arm per kind in [`dump`] and [`restore`], so that a new
-//! kind does not compile until both sides handle it.
+//! Namespaces: one arm per kind in [`check`] and [`restore`], so that a
+//! new kind does not compile until both sides handle it.
 //!
-//! Today every task must share each namespace with cryo: the dump refuses
-//! a task in a namespace of its own (paths, pids and addresses would be
-//! taken from the wrong one) and records the inode of each, for `cryo
-//! image show`; the restored tasks are made in the restoring cryo's
-//! namespaces. Modules for the kinds that get their own state (uts, ipc,
-//! mnt, net, pid, user, cgroup, time) go next to this one.
+//! Dump: every task's namespaces are recorded by the inode of each
+//! /proc/PID/ns link, marked `host` when it is cryo's own; each other one
+//! becomes a namespaces.img entry with its owner (NS_GET_USERNS), its
+//! members and its kind's state ([`uts`]: the names). A kind whose state
+//! is not kept yet is refused when it is not cryo's. The tasks of one
+//! namespace must hang together: one of them, the first the restore
+//! creates, has its parent outside it (or is a root).
+//!
+//! Restore: a task whose namespace of a kind differs from its parent's
+//! makes it (unshare, then the kind's state) before it makes its memory
+//! and its children, which inherit it.
 
 #![forbid(unsafe_code)]
 
-use cryo_image::proto::NamespaceId;
+use cryo_image::proto::{NamespaceEntry, NamespaceId};
+
+pub mod uts;
 
 /// The kinds of namespace, as /proc/PID/ns names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +60,43 @@ impl NsKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NsError {
-    #[error("task {pid} is in its own {ns} namespace ({id}); dumping tasks in other namespaces is not supported yet")]
+    #[error("task {pid} is in its own {ns} namespace ({id}); dumping tasks in other {ns} namespaces is not supported yet")]
     Foreign {
         pid: i32,
         ns: &'static str,
         id: String,
     },
+    #[error("{ns} namespace {inode}: {what}")]
+    Shape {
+        ns: String,
+        inode: u64,
+        what: String,
+    },
+    #[error("task {pid}: its {ns} namespace: {what}")]
+    Read {
+        pid: i32,
+        ns: &'static str,
+        what: String,
+    },
+}
+
+/// Whether a namespace of this kind other than cryo's is dumped and
+/// restored.
+fn kept(kind: NsKind) -> bool {
+    match kind {
+        NsKind::Uts => true,
+        NsKind::Cgroup
+        | NsKind::Ipc
+        | NsKind::Mnt
+        | NsKind::Net
+        | NsKind::Pid
+        | NsKind::Time
+        | NsKind::User => false,
+    }
+}
+
+fn kind_of(name: &str) -> Option<NsKind> {
+    ALL.into_iter().find(|k| k.name() == name)
 }
 
 fn link(pid: &str, kind: NsKind) -> Option<String> {
@@ -73,8 +111,9 @@ fn inode(link: &str) -> Option<u64> {
 }
 
 /// Dump side of every kind: refuse a namespace that is not cryo's own
-/// (none is restored yet). Checked in the order the kernel lists them,
-/// mnt first (paths), then pid, net, uts, ipc, user, cgroup, time.
+/// and whose state is not kept yet. Checked in the order the kernel
+/// lists them, mnt first (paths), then pid, net, uts, ipc, user, cgroup,
+/// time.
 pub fn check(pid: i32) -> Result<(), NsError> {
     let order = [
         NsKind::Mnt,
@@ -88,17 +127,8 @@ pub fn check(pid: i32) -> Result<(), NsError> {
     ];
     for kind in order {
         let theirs = link(&pid.to_string(), kind);
-        let same = match kind {
-            NsKind::Cgroup
-            | NsKind::Ipc
-            | NsKind::Mnt
-            | NsKind::Net
-            | NsKind::Pid
-            | NsKind::Time
-            | NsKind::User
-            | NsKind::Uts => theirs.is_none() || theirs == link("self", kind),
-        };
-        if !same {
+        let same = theirs.is_none() || theirs == link("self", kind);
+        if !same && !kept(kind) {
             return Err(NsError::Foreign {
                 pid,
                 ns: kind.name(),
@@ -110,33 +140,170 @@ pub fn check(pid: i32) -> Result<(), NsError> {
 }
 
 /// The namespaces of `pid`, by the inodes of /proc/PID/ns/*, in
-/// alphabetical order of kind.
+/// alphabetical order of kind; `host`: cryo's own.
 pub fn ids(pid: i32) -> Vec<NamespaceId> {
     ALL.iter()
         .filter_map(|&kind| {
+            let theirs = link(&pid.to_string(), kind)?;
             Some(NamespaceId {
                 kind: kind.name().to_string(),
-                inode: inode(&link(&pid.to_string(), kind)?)?,
+                inode: inode(&theirs)?,
+                host: link("self", kind).as_deref() == Some(theirs.as_str()),
             })
         })
         .collect()
 }
 
-/// Restore side of every kind, in the new task before it hands over:
-/// nothing is restored yet, the task stays in the namespaces cryo
-/// created it in (the dump refused any other).
-pub fn restore(_ids: &[NamespaceId]) -> Result<(), String> {
-    for kind in ALL {
-        match kind {
+/// `pid`'s pid in each pid namespace it is in, cryo's first
+/// (/proc/PID/status NSpid).
+pub fn ns_pids(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            let l = t.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            l.split_whitespace().map(|v| v.parse().ok()).collect()
+        })
+        .unwrap_or_else(|| vec![pid as u32])
+}
+
+/// One namespaces.img entry per namespace of the tree that is not cryo's,
+/// from each process's (pid, ppid, namespaces); the tree is stopped.
+pub fn collect(procs: &[(i32, i32, &[NamespaceId])]) -> Result<Vec<NamespaceEntry>, NsError> {
+    let mut out: Vec<NamespaceEntry> = Vec::new();
+    for &(pid, _, ids) in procs {
+        for id in ids.iter().filter(|i| !i.host) {
+            match out
+                .iter_mut()
+                .find(|e| e.kind == id.kind && e.inode == id.inode)
+            {
+                Some(e) => e.pids.push(pid as u32),
+                None => out.push(entry(pid, id)?),
+            }
+        }
+    }
+    check_shape(procs, &out)?;
+    Ok(out)
+}
+
+/// The entry of namespace `id`, read through its first process `pid`.
+fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
+    let kind = kind_of(&id.kind).ok_or_else(|| NsError::Shape {
+        ns: id.kind.clone(),
+        inode: id.inode,
+        what: "a kind cryo does not know".into(),
+    })?;
+    let read = |what: String| NsError::Read {
+        pid,
+        ns: kind.name(),
+        what,
+    };
+    let path = format!("/proc/{pid}/ns/{}", kind.name());
+    let open = || std::fs::File::open(&path).map_err(|e| read(format!("opening {path}: {e}")));
+    let owner = crate::sys::ns::owner_inode(&open()?).unwrap_or(0);
+    let mut e = NamespaceEntry {
+        kind: id.kind.clone(),
+        inode: id.inode,
+        owner,
+        pids: vec![pid as u32],
+        uts: None,
+    };
+    match kind {
+        NsKind::Uts => e.uts = Some(uts::dump(open()?.into()).map_err(read)?),
+        NsKind::Cgroup
+        | NsKind::Ipc
+        | NsKind::Mnt
+        | NsKind::Net
+        | NsKind::Pid
+        | NsKind::Time
+        | NsKind::User => return Err(read("not kept yet".into())),
+    }
+    Ok(e)
+}
+
+/// Each namespace has one process whose parent is not in it (the one
+/// the restore makes it in), and a process in cryo's namespace does not
+/// have a parent in another one (it could not go back there).
+fn check_shape(
+    procs: &[(i32, i32, &[NamespaceId])],
+    out: &[NamespaceEntry],
+) -> Result<(), NsError> {
+    let ns_of = |pid: i32, kind: &str| {
+        procs
+            .iter()
+            .find(|p| p.0 == pid)
+            .and_then(|p| p.2.iter().find(|i| i.kind == kind))
+    };
+    for e in out {
+        let tops: Vec<u32> = e
+            .pids
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let ppid = procs.iter().find(|x| x.0 == p as i32).map_or(0, |x| x.1);
+                ns_of(ppid, &e.kind).is_none_or(|i| i.inode != e.inode)
+            })
+            .collect();
+        if tops.len() > 1 {
+            return Err(NsError::Shape {
+                ns: e.kind.clone(),
+                inode: e.inode,
+                what: format!(
+                    "processes {tops:?} are in it but their parents are not: only one process of a namespace may have its parent outside it (the restore makes the namespace there)"
+                ),
+            });
+        }
+    }
+    for &(pid, ppid, ids) in procs {
+        for id in ids.iter().filter(|i| i.host) {
+            if ns_of(ppid, &id.kind).is_some_and(|p| !p.host) {
+                return Err(NsError::Shape {
+                    ns: id.kind.clone(),
+                    inode: id.inode,
+                    what: format!(
+                        "task {pid} is in cryo's own {} namespace but its parent {ppid} is not",
+                        id.kind
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restore side of every kind, in the new task before it makes its
+/// memory and its children: each namespace that is not its parent's
+/// (`parent`: None for a root, which cryo made in its own) is made here,
+/// with its state from `entries`.
+pub fn restore(
+    ids: &[NamespaceId],
+    parent: Option<&[NamespaceId]>,
+    entries: &[NamespaceEntry],
+) -> Result<(), String> {
+    for id in ids.iter().filter(|i| !i.host) {
+        let inherited = parent
+            .and_then(|p| p.iter().find(|i| i.kind == id.kind))
+            .is_some_and(|p| p.inode == id.inode);
+        if inherited {
+            continue;
+        }
+        let Some(kind) = kind_of(&id.kind) else {
+            return Err(format!("a namespace of unknown kind {:?}", id.kind));
+        };
+        let e = entries
+            .iter()
+            .find(|e| e.kind == id.kind && e.inode == id.inode)
+            .ok_or_else(|| format!("{} namespace {}: not in namespaces.img", id.kind, id.inode))?;
+        let made = match kind {
+            NsKind::Uts => uts::restore(e.uts.as_ref()),
             NsKind::Cgroup
             | NsKind::Ipc
             | NsKind::Mnt
             | NsKind::Net
             | NsKind::Pid
             | NsKind::Time
-            | NsKind::User
-            | NsKind::Uts => {}
-        }
+            | NsKind::User => Err("restoring it is not supported yet".to_string()),
+        };
+        made.map_err(|m| format!("making its {} namespace {}: {m}", id.kind, id.inode))?;
     }
     Ok(())
 }

@@ -126,6 +126,8 @@ pub struct TreeImage {
     pub procs: Vec<Image>,
     /// Zombies: only their ids and wait status.
     pub zombies: Vec<PstreeEntry>,
+    /// The namespaces that were not the dumping cryo's (namespaces.img).
+    pub namespaces: Vec<cryo_image::proto::NamespaceEntry>,
 }
 
 impl TreeImage {
@@ -245,10 +247,42 @@ impl TreeImage {
                 ));
             }
         }
+        // Written only when a task was in a namespace of its own.
+        let mut namespaces = Vec::new();
+        if listed.contains(cryo_image::NAMESPACES_FILE) {
+            let mut r = ImageReader::open(dir, cryo_image::NAMESPACES_FILE, Kind::Namespaces)?;
+            while let Some(e) = r.next::<cryo_image::proto::NamespaceEntry>()? {
+                namespaces.push(e);
+            }
+        }
+        for p in &procs {
+            let pc = p.core.process.as_ref();
+            for id in pc
+                .iter()
+                .flat_map(|pc| pc.namespaces.iter())
+                .filter(|i| !i.host)
+            {
+                if !namespaces
+                    .iter()
+                    .any(|e| e.kind == id.kind && e.inode == id.inode)
+                {
+                    return Err(invalid(
+                        cryo_image::NAMESPACES_FILE,
+                        format!(
+                            "does not describe the {} namespace {} of process {}",
+                            id.kind,
+                            id.inode,
+                            p.pid()
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(TreeImage {
             inventory,
             procs,
             zombies,
+            namespaces,
         })
     }
 }

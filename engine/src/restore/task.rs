@@ -48,7 +48,16 @@ pub fn prepare_memory(
     // Back into the dumped cgroups first, so that the memory set up below
     // is charged to them.
     cgroup::join(&pc.cgroups)?;
-    ns::restore(&pc.namespaces)?;
+    // Namespaces other than its parent's are made here (a root's parent is
+    // cryo, in the restoring cryo's own).
+    let parent_ns = ctx
+        .tree
+        .procs
+        .iter()
+        .find(|p| p.pstree.pid == img.pstree.ppid)
+        .and_then(|p| p.core.process.as_ref())
+        .map(|p| p.namespaces.as_slice());
+    ns::restore(&pc.namespaces, parent_ns, &ctx.tree.namespaces)?;
     // Every signal stays blocked until the final sigreturn sets the
     // dumped mask.
     crate::sys::proc::block_all_signals();

@@ -8,6 +8,7 @@
 pub mod fd;
 pub mod fs;
 pub mod mem;
+pub mod ns;
 pub mod proc;
 pub mod sock;
 pub mod tty;

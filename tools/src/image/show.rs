@@ -28,6 +28,8 @@ struct Image {
     /// Every regular file of the directory, with its size and whether the
     /// inventory lists it.
     dir_files: Vec<(String, u64, bool)>,
+    /// The namespaces that were not the dumping cryo's (namespaces.img).
+    namespaces: Vec<cryo_image::proto::NamespaceEntry>,
 }
 
 fn hex(v: u64) -> String {
@@ -58,6 +60,15 @@ impl Image {
                 (name, m.len(), is_listed)
             })
             .collect();
+        let namespaces = if listed.contains(cryo_image::NAMESPACES_FILE) {
+            load::read_all(
+                dir,
+                cryo_image::NAMESPACES_FILE,
+                cryo_image::Kind::Namespaces,
+            )?
+        } else {
+            Vec::new()
+        };
         Ok(Image {
             inventory,
             pstree,
@@ -65,6 +76,7 @@ impl Image {
             parent_sources,
             files,
             dir_files,
+            namespaces,
         })
     }
 
@@ -240,8 +252,50 @@ fn process_json(core: &CoreEntry) -> Value {
             "namespaces": p.namespaces.iter().map(|n| json!({
                 "kind": n.kind,
                 "inode": n.inode,
+                "host": n.host,
             })).collect::<Vec<_>>(),
         }),
+    }
+}
+
+fn namespace_json(n: &cryo_image::proto::NamespaceEntry) -> Value {
+    let mut v = json!({
+        "kind": n.kind,
+        "inode": n.inode,
+        "owner_user_ns": n.owner,
+        "pids": n.pids,
+    });
+    if let Some(u) = &n.uts {
+        v["hostname"] = u.hostname.clone().into();
+        v["domainname"] = u.domainname.clone().into();
+    }
+    v
+}
+
+/// The namespaces of the tree that were not the dumping cryo's, with
+/// their members and state (a process's own list marks them with `*`).
+fn namespaces_text(img: &Image, s: &mut String) {
+    if img.namespaces.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "
+namespaces of the tree's own (* below):"
+    );
+    for n in &img.namespaces {
+        let state = match &n.uts {
+            Some(u) => format!(" hostname {:?} domainname {:?}", u.hostname, u.domainname),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "  {}:[{}] owner user:[{}] processes {}{state}",
+            n.kind,
+            n.inode,
+            n.owner,
+            ids(&n.pids)
+        );
     }
 }
 
@@ -343,6 +397,7 @@ fn to_json(img: &Image, dir: &Path) -> Value {
                 "pty_ctty": e.pty_ctty,
                 "tty_pgrp": e.tty_pgrp,
                 "stopped": e.stopped,
+                "ns_pids": e.ns_pids,
             });
             if e.zombie {
                 let st = load::WaitStatus::of(e.exit_status);
@@ -374,6 +429,7 @@ fn to_json(img: &Image, dir: &Path) -> Value {
         "live_processes": img.tasks.len(),
         "zombies": img.pstree.iter().filter(|e| e.zombie).count(),
         "files": files,
+        "namespaces": img.namespaces.iter().map(namespace_json).collect::<Vec<_>>(),
         "total_size": img.total_size(),
         "pages_stored": img.pages_stored(),
         "pages_in_parent": img.pages_in_parent(),
@@ -474,6 +530,7 @@ fn to_text(img: &Image, dir: &Path) -> String {
         );
         let _ = writeln!(s, "{}", line.trim_end());
     }
+    namespaces_text(img, &mut s);
 
     for (ti, t) in img.tasks.iter().enumerate() {
         let e = &t.entry;
@@ -549,7 +606,10 @@ fn to_text(img: &Image, dir: &Path) -> String {
                     let ns: Vec<String> = p
                         .namespaces
                         .iter()
-                        .map(|n| format!("{}:[{}]", n.kind, n.inode))
+                        .map(|n| {
+                            let host = if n.host { "" } else { "*" };
+                            format!("{}:[{}]{host}", n.kind, n.inode)
+                        })
                         .collect();
                     let _ = writeln!(s, "    namespaces: {}", ns.join(" "));
                 }

@@ -71,6 +71,7 @@ struct Decoded {
     pagemaps: BTreeMap<u32, Pagemap>,
     fdinfos: BTreeMap<u32, Vec<FdEntry>>,
     pages: BTreeSet<u32>,
+    namespaces: Vec<cryo_image::proto::NamespaceEntry>,
 }
 
 pub fn run(dir: &Path) -> anyhow::Result<i32> {
@@ -97,6 +98,7 @@ pub fn run(dir: &Path) -> anyhow::Result<i32> {
     let d = decode_all(&mut rep, &regular);
     check_tasks(&mut rep, &d, &regular, &mut missing, root_pid);
     check_cores(&mut rep, &d);
+    tasks::check_namespaces(&mut rep, &d);
     check_mms(&mut rep, &d);
     let (pages_checked, unreadable) = check_pagemaps(&mut rep, &d);
     check_parent_pages(&mut rep, &d, &unreadable);
@@ -254,6 +256,10 @@ fn decode_all(rep: &mut Report<'_>, regular: &BTreeSet<String>) -> Decoded {
             Kind::Pages => {
                 d.pages.insert(id);
             }
+            Kind::Namespaces => match load::read_all(dir, name, kind) {
+                Ok(v) => d.namespaces = v,
+                Err(e) => rep.error(e),
+            },
         }
     }
     d

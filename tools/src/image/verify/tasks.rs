@@ -202,6 +202,37 @@ pub(super) fn check_cores(rep: &mut Report<'_>, d: &Decoded) {
     }
 }
 
+/// Every namespace a process names that is not the dumping cryo's is
+/// described by namespaces.img, with the process among its members.
+pub(super) fn check_namespaces(rep: &mut Report<'_>, d: &Decoded) {
+    for (&tid, core) in &d.cores {
+        let Some(pc) = &core.process else { continue };
+        for id in pc.namespaces.iter().filter(|i| !i.host) {
+            let e = d
+                .namespaces
+                .iter()
+                .find(|e| e.kind == id.kind && e.inode == id.inode);
+            match e {
+                None => rep.file(
+                    cryo_image::NAMESPACES_FILE,
+                    format!(
+                        "does not describe the {} namespace {} of process {tid}",
+                        id.kind, id.inode
+                    ),
+                ),
+                Some(e) if !e.pids.contains(&tid) => rep.file(
+                    cryo_image::NAMESPACES_FILE,
+                    format!(
+                        "the {} namespace {} does not list its process {tid}",
+                        id.kind, id.inode
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
 pub(super) fn check_mms(rep: &mut Report<'_>, d: &Decoded) {
     for (&pid, mm) in &d.mms {
         let name = mm_file(pid);
