@@ -255,6 +255,20 @@ impl TreeImage {
                 namespaces.push(e);
             }
         }
+        // Without namespaces.img every namespace was the dumping cryo's
+        // (so are those of images made before it existed).
+        if namespaces.is_empty() {
+            for p in procs.iter_mut() {
+                for id in p
+                    .core
+                    .process
+                    .iter_mut()
+                    .flat_map(|pc| pc.namespaces.iter_mut())
+                {
+                    id.host = true;
+                }
+            }
+        }
         for p in &procs {
             let pc = p.core.process.as_ref();
             for id in pc

@@ -607,7 +607,8 @@ fn to_text(img: &Image, dir: &Path) -> String {
                         .namespaces
                         .iter()
                         .map(|n| {
-                            let host = if n.host { "" } else { "*" };
+                            let own = !n.host && !img.namespaces.is_empty();
+                            let host = if own { "*" } else { "" };
                             format!("{}:[{}]{host}", n.kind, n.inode)
                         })
                         .collect();

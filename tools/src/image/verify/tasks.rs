@@ -205,6 +205,11 @@ pub(super) fn check_cores(rep: &mut Report<'_>, d: &Decoded) {
 /// Every namespace a process names that is not the dumping cryo's is
 /// described by namespaces.img, with the process among its members.
 pub(super) fn check_namespaces(rep: &mut Report<'_>, d: &Decoded) {
+    // Without it, every namespace was the dumping cryo's (so are those of
+    // images made before it existed).
+    if d.namespaces.is_empty() {
+        return;
+    }
     for (&tid, core) in &d.cores {
         let Some(pc) = &core.process else { continue };
         for id in pc.namespaces.iter().filter(|i| !i.host) {
