@@ -74,6 +74,72 @@ pub fn clone_sharing(flags: u64) -> Result<i32, String> {
     Ok(r as i32)
 }
 
+/// Write a file through `dir` (a descriptor of its directory, opened
+/// before a chroot): a temporary name, then a rename.
+pub fn write_at(dir: i32, name: &str, text: &str) {
+    let (Ok(tmp), Ok(fin)) = (
+        std::ffi::CString::new(format!("{name}.tmp")),
+        std::ffi::CString::new(name),
+    ) else {
+        return;
+    };
+    // SAFETY: openat/write/close/renameat on our own descriptors and
+    // NUL-terminated names.
+    unsafe {
+        let fd = libc::openat(
+            dir,
+            tmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o644,
+        );
+        if fd < 0 {
+            return;
+        }
+        libc::write(fd, text.as_ptr().cast(), text.len());
+        libc::close(fd);
+        libc::renameat(dir, tmp.as_ptr(), dir, fin.as_ptr());
+    }
+}
+
+/// A descriptor of the directory of `path`, and its file name (for
+/// [`write_at`]).
+pub fn dir_of(path: &Path) -> Result<(i32, String), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: open of a NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!(
+            "open {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok((fd, name))
+}
+
+/// Write the verdict through a descriptor of its directory (see
+/// [`dir_of`]) and exit: 0 on PASS.
+pub fn finish_at(verdict: (i32, String), result: Result<Vec<String>, String>) -> ! {
+    let text = match result {
+        Ok(fails) if fails.is_empty() => "PASS\n".to_string(),
+        Ok(fails) => fails.iter().map(|f| format!("FAIL: {f}\n")).collect(),
+        Err(e) => format!("FAIL: setup: {e}\n"),
+    };
+    write_at(verdict.0, &verdict.1, &text);
+    std::process::exit(if text == "PASS\n" { 0 } else { 1 });
+}
+
 /// Write `data` to `path` through a temporary file and a rename, so a
 /// reader never sees half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

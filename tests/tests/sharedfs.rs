@@ -4,10 +4,14 @@
 
 use cryo_tests::*;
 
-fn cycle(leave_running: bool) {
+fn cycle(leave_running: bool, chroot: bool) {
     let dir = TestDir::new();
     let tmp = dir.subdir("tmp");
-    let mut wl = Workload::start("wl_fs", &["--tmp", tmp.to_str().expect("utf-8 path")], &dir);
+    let mut args = vec!["--tmp", tmp.to_str().expect("utf-8 path")];
+    if chroot {
+        args.extend(["--chroot", "1"]);
+    }
+    let mut wl = Workload::start("wl_fs", &args, &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     assert_eq!(guard.pids().len(), 2, "wl_fs is two processes");
     let img = dir.subdir("img");
@@ -17,12 +21,24 @@ fn cycle(leave_running: bool) {
 
 #[test]
 fn shared_fs_kill_and_restore() {
-    cycle(false);
+    cycle(false, false);
 }
 
 #[test]
 fn shared_fs_leave_running() {
-    cycle(true);
+    cycle(true, false);
+}
+
+/// The same two chrooted: the root is shared again too (the first task
+/// enters it once the other has opened every path of cryo's).
+#[test]
+fn shared_fs_chrooted_kill_and_restore() {
+    cycle(false, true);
+}
+
+#[test]
+fn shared_fs_chrooted_leave_running() {
+    cycle(true, true);
 }
 
 fn table_cycle(leave_running: bool) {

@@ -246,7 +246,7 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
     for r in ctx.plan.roots() {
         let node = &ctx.plan.nodes[r];
         match crate::sys::proc::fork_with_pid(node.pid, node.exit_signal, false, false) {
-            Ok(0) => node::node_main(ctx, r, None, None),
+            Ok(0) => node::node_main(ctx, r, None, node::Sharing::default()),
             Ok(c) => {
                 let c = Pid::from_raw(c);
                 roots.push(c);

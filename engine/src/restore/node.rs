@@ -24,6 +24,7 @@ use super::status::{read_go, report, report_error_and_exit, Never, STATUS_FD};
 use super::tree::{Node, NodeKind, Plan};
 use crate::files::table::SharedTable;
 use crate::sessions;
+use crate::sys::mem::SharedCounters;
 
 /// What every node of the tree gets from cryo across its creation.
 pub struct NodeCtx<'a> {
@@ -48,13 +49,21 @@ pub struct NodeCtx<'a> {
 /// dumped parent: its image's index and its premap area (inherited).
 pub type Parent<'a> = Option<(usize, &'a crate::mem::restore::Premap)>;
 
-/// A new task of the tree, running cryo's code with its dumped pid;
-/// `table`: the descriptor table it was created sharing (CLONE_FILES).
+/// What a task was created sharing with the task that created it: its
+/// descriptor table (CLONE_FILES) and its filesystem information
+/// (CLONE_FS), with what orders their use.
+#[derive(Clone, Copy, Default)]
+pub struct Sharing {
+    pub table: Option<SharedTable>,
+    pub fs: Option<SharedCounters>,
+}
+
+/// A new task of the tree, running cryo's code with its dumped pid.
 /// Never returns.
-pub fn node_main(ctx: &NodeCtx, idx: usize, parent: Parent, table: Option<SharedTable>) -> ! {
+pub fn node_main(ctx: &NodeCtx, idx: usize, parent: Parent, sharing: Sharing) -> ! {
     let node = &ctx.plan.nodes[idx];
     STATUS_FD.store(ctx.status_w, Ordering::Relaxed);
-    match node_setup(ctx, idx, parent, table) {
+    match node_setup(ctx, idx, parent, sharing) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(node.pid, &msg),
     }
@@ -85,22 +94,35 @@ fn setup_self(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
     sessions::enter(ctx.tree, ctx.pty_masters, node)
 }
 
-/// What a task does about its descriptor table.
+/// What a task does about its descriptor table, or its filesystem
+/// information (`T`: what orders the tasks sharing it).
 #[derive(Clone, Copy)]
-pub enum TableRole {
-    /// Builds its own.
+pub enum Role<T> {
+    /// Its own.
     Own,
-    /// Builds the one it shares with this many other tasks.
-    Builder(SharedTable, u32),
-    /// Shares one another task builds.
-    Member(SharedTable),
+    /// Makes the one it shares with this many other tasks.
+    Builder(T, u32),
+    /// Shares one another task makes.
+    Member(T),
 }
+
+impl<T: Copy> Role<T> {
+    fn sync(&self) -> Option<T> {
+        match self {
+            Role::Own => None,
+            Role::Builder(t, _) | Role::Member(t) => Some(*t),
+        }
+    }
+}
+
+pub type TableRole = Role<SharedTable>;
+pub type FsRole = Role<SharedCounters>;
 
 fn node_setup(
     ctx: &NodeCtx,
     idx: usize,
     parent: Parent,
-    inherited: Option<SharedTable>,
+    inherited: Sharing,
 ) -> Result<Never, String> {
     let node = &ctx.plan.nodes[idx];
     let pid = node.pid;
@@ -116,7 +138,7 @@ fn node_setup(
     };
     // Its descriptor table, if shared: made here by its first task, before
     // any other exists.
-    let role = match (inherited, sharers(ctx, idx)) {
+    let role = match (inherited.table, sharers(ctx, idx, shares_files)) {
         (Some(t), _) => TableRole::Member(t),
         (None, 0) => TableRole::Own,
         (None, n) => {
@@ -127,10 +149,19 @@ fn node_setup(
             TableRole::Builder(SharedTable::new(max_fd.unwrap_or(2))?, n)
         }
     };
-    let table = match role {
-        TableRole::Own => None,
-        TableRole::Builder(t, _) | TableRole::Member(t) => Some(t),
+    let table = role.sync();
+    // Its filesystem information, if shared: the first task of it enters
+    // the root (chroot) once the others have opened every path of cryo's.
+    let fs_role = match (inherited.fs, sharers(ctx, idx, shares_fs)) {
+        (Some(c), _) => FsRole::Member(c),
+        (None, 0) => FsRole::Own,
+        (None, n) => FsRole::Builder(
+            SharedCounters::new()
+                .map_err(|e| format!("a page shared with its CLONE_FS children: {e}"))?,
+            n,
+        ),
     };
+    let fs = fs_role.sync();
     for &c in &node.children {
         let child = &ctx.plan.nodes[c];
         let its_parent = memory.as_ref().and_then(|(i, m)| {
@@ -143,7 +174,13 @@ fn node_setup(
         let share_fs = shares_fs(ctx, node, child);
         let share_files = shares_files(ctx, node, child);
         match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal, share_fs, share_files) {
-            Ok(0) => node_main(ctx, c, its_parent, table.filter(|_| share_files)),
+            Ok(0) => {
+                let sharing = Sharing {
+                    table: table.filter(|_| share_files),
+                    fs: fs.filter(|_| share_fs),
+                };
+                node_main(ctx, c, its_parent, sharing)
+            }
             Ok(_) => {}
             Err(errno) => {
                 let holder = super::pid_holder(child.pid).unwrap_or_default();
@@ -176,27 +213,19 @@ fn node_setup(
                 }
             }
             let (_, m) = memory.ok_or("a task without its memory")?;
-            task_main(ctx, i, fd, m, role)
+            task_main(ctx, i, fd, m, (role, fs_role))
         }
     }
 }
 
 /// Whether task `child` is made sharing `node`'s filesystem information
-/// (CLONE_FS): it did so with its dumped parent, which `node` is, and
-/// neither is chrooted (the first to change its root would change the
-/// other's while it still opens paths of cryo's).
+/// (CLONE_FS): it did so with its dumped parent, which `node` is.
 fn shares_fs(ctx: &NodeCtx, node: &Node, child: &Node) -> bool {
     let (NodeKind::Task(p), NodeKind::Task(c)) = (node.kind, child.kind) else {
         return false;
     };
     let (p, c) = (&ctx.tree.procs[p], &ctx.tree.procs[c]);
-    let unrooted = |i: &super::image::Image| {
-        i.core
-            .process
-            .as_ref()
-            .is_some_and(|pc| pc.root == "/" && pc.root_file.is_none())
-    };
-    c.pstree.shares_fs && c.pstree.ppid == p.pstree.pid && unrooted(p) && unrooted(c)
+    c.pstree.shares_fs && c.pstree.ppid == p.pstree.pid
 }
 
 /// Whether task `child` is made sharing `node`'s descriptor table
@@ -209,14 +238,15 @@ fn shares_files(ctx: &NodeCtx, node: &Node, child: &Node) -> bool {
     c.pstree.shares_files && c.pstree.ppid == p.pstree.pid
 }
 
-/// How many tasks share node `idx`'s descriptor table through it: its
-/// children made sharing it, theirs, and so on.
-fn sharers(ctx: &NodeCtx, idx: usize) -> u32 {
+/// How many tasks share node `idx`'s descriptor table (`shares` is
+/// [`shares_files`]) or filesystem information ([`shares_fs`]) through
+/// it: its children made sharing it, theirs, and so on.
+fn sharers(ctx: &NodeCtx, idx: usize, shares: fn(&NodeCtx, &Node, &Node) -> bool) -> u32 {
     let node = &ctx.plan.nodes[idx];
     node.children
         .iter()
-        .filter(|&&c| shares_files(ctx, node, &ctx.plan.nodes[c]))
-        .map(|&c| 1 + sharers(ctx, c))
+        .filter(|&&c| shares(ctx, node, &ctx.plan.nodes[c]))
+        .map(|&c| 1 + sharers(ctx, c, shares))
         .sum()
 }
 
@@ -253,11 +283,11 @@ fn task_main(
     i: usize,
     status_w: RawFd,
     m: super::task::Memory,
-    table: TableRole,
+    roles: (TableRole, FsRole),
 ) -> ! {
     let img = &ctx.tree.procs[i];
     STATUS_FD.store(status_w, Ordering::Relaxed);
-    match super::task::prepare(ctx, i, status_w, m, table) {
+    match super::task::prepare(ctx, i, status_w, m, roles) {
         Ok(never) => match never {},
         Err(msg) => report_error_and_exit(img.pid(), &msg),
     }

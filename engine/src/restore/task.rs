@@ -6,7 +6,7 @@
 use std::os::fd::{IntoRawFd, RawFd};
 
 use super::handoff::{self, Boot, Prepared};
-use super::node::{NodeCtx, TableRole};
+use super::node::{FsRole, NodeCtx, TableRole};
 use super::status::Never;
 use crate::{cgroup, fsinfo, mem, ns};
 
@@ -86,7 +86,7 @@ pub fn prepare(
     me: usize,
     status_w: RawFd,
     m: Memory,
-    table: TableRole,
+    (table, fs): (TableRole, FsRole),
 ) -> Result<Never, String> {
     let img = &ctx.tree.procs[me];
     let pc = img.core.process.clone().unwrap_or_default();
@@ -105,7 +105,13 @@ pub fn prepare(
         .into_iter()
         .map(IntoRawFd::into_raw_fd)
         .collect();
-    let root = fsinfo::open_root(&pc, ctx.files)?.map(IntoRawFd::into_raw_fd);
+    // Shared filesystem information: the root is the first task's to enter.
+    let root = match fs {
+        FsRole::Member(_) => None,
+        FsRole::Own | FsRole::Builder(..) => {
+            fsinfo::open_root(&pc, ctx.files)?.map(IntoRawFd::into_raw_fd)
+        }
+    };
     kept.extend(root);
     // Descriptors: the pages are read, every inherited descriptor but the
     // tree's files goes (the shared mappings' files and the root move
@@ -150,7 +156,13 @@ pub fn prepare(
     let exe_fd = mem::mm::open_exe(&img.mm, &mm_name)?.into_raw_fd();
     close_fds.push(exe_fd);
     let loginuid_fd = handoff::open_loginuid(img)?;
-    // The root last: no path of cryo's is opened from here on.
+    // The root last: no path of cryo's is opened from here on, by this
+    // task or (shared filesystem information) any other that shares it.
+    match fs {
+        FsRole::Member(c) => c.add(0, 1),
+        FsRole::Builder(c, members) if root.is_some() => c.wait_for(0, members),
+        FsRole::Builder(..) | FsRole::Own => {}
+    }
     if let Some(fd) = root {
         fsinfo::enter_root(fd, &pc)?;
     }

@@ -1,12 +1,17 @@
 //! A parent and a child made with clone(CLONE_FS): they share their
 //! working directory and umask, which a restore must keep shared.
 //!
-//! `wl_fs --ready FILE --verdict FILE --tmp DIR`
+//! `wl_fs --ready FILE --verdict FILE --tmp DIR [--chroot 1]`
 //!
 //! Both sit in DIR/a with umask 022. On SIGTERM the parent asks the child
 //! (through a pipe) to change to DIR/b and set umask 077; once the child
 //! says it did, the parent must find itself in DIR/b with umask 077 (one
 //! fs_struct between them), and the child must have been in DIR/a first.
+//!
+//! With `--chroot 1` the parent first changes its root to DIR (the child
+//! shares it): the directories are /a and /b, and the child checks that
+//! its root is DIR's inode; the ready file and the verdict are written
+//! through descriptors of their directories.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -40,11 +45,22 @@ fn write_byte(fd: i32, b: u8) {
     unsafe { libc::write(fd, [b].as_ptr().cast(), 1) };
 }
 
-fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
+fn run(a: &wl::Args, tmp: &Path, chroot: bool) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
-    let (da, db) = (tmp.join("a"), tmp.join("b"));
+    let (mut da, mut db) = (tmp.join("a"), tmp.join("b"));
     std::fs::create_dir_all(&da).map_err(|e| format!("mkdir: {e}"))?;
     std::fs::create_dir_all(&db).map_err(|e| format!("mkdir: {e}"))?;
+    let ready = wl::dir_of(&a.ready)?;
+    let jail = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(tmp)
+            .map_err(|e| format!("stat: {e}"))?
+            .ino()
+    };
+    if chroot {
+        std::os::unix::fs::chroot(tmp).map_err(|e| format!("chroot: {e}"))?;
+        (da, db) = ("/a".into(), "/b".into());
+    }
     std::env::set_current_dir(&da).map_err(|e| format!("chdir: {e}"))?;
     // SAFETY: umask takes a plain value.
     unsafe { libc::umask(0o022) };
@@ -62,7 +78,11 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
         // The child: waits for the parent's word, then moves both.
         let first = std::env::current_dir().unwrap_or_default();
         if read_byte(ask[0]) == Some(b'g') {
-            let ok = first == da && std::env::set_current_dir(&db).is_ok();
+            let root_ok = !chroot || {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata("/").is_ok_and(|m| m.ino() == jail)
+            };
+            let ok = root_ok && first == da && std::env::set_current_dir(&db).is_ok();
             // SAFETY: umask takes a plain value.
             unsafe { libc::umask(0o077) };
             write_byte(done[1], if ok { b'y' } else { b'n' });
@@ -70,7 +90,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
         // SAFETY: ends the child at once.
         unsafe { libc::_exit(0) };
     }
-    wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    wl::write_at(ready.0, &ready.1, "ready\n");
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -79,7 +99,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     match read_byte(done[0]) {
         Some(b'y') => {}
         other => fails.push(format!(
-            "the child was not in {} or could not move ({other:?})",
+            "the child was not in {} under its root, or could not move ({other:?})",
             da.display()
         )),
     }
@@ -103,10 +123,14 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_fs --ready FILE --verdict FILE --tmp DIR";
+    let usage = "wl_fs --ready FILE --verdict FILE --tmp DIR [--chroot 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let tmp = a.tmp_dir(NAME, usage);
-    let result = run(&a, &tmp);
-    wl::finish(NAME, &a.verdict, result);
+    // The verdict goes through a descriptor of its directory (a chroot).
+    let verdict = match wl::dir_of(&a.verdict) {
+        Ok(d) => d,
+        Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
+    };
+    wl::finish_at(verdict, run(&a, &tmp, a.get("chroot") == Some("1")));
 }

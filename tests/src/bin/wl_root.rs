@@ -41,51 +41,8 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// Write a file through `dir` (a descriptor of its directory): a
-/// temporary name, then a rename.
-fn write_at(dir: i32, name: &str, text: &str) {
-    let tmp = CString::new(format!("{name}.tmp")).expect("no NUL");
-    let fin = CString::new(name).expect("no NUL");
-    // SAFETY: openat/write/close/renameat on our own descriptors and
-    // NUL-terminated names.
-    unsafe {
-        let fd = libc::openat(
-            dir,
-            tmp.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-            0o644,
-        );
-        if fd < 0 {
-            return;
-        }
-        libc::write(fd, text.as_ptr().cast(), text.len());
-        libc::close(fd);
-        libc::renameat(dir, tmp.as_ptr(), dir, fin.as_ptr());
-    }
-}
-
-/// A descriptor of the directory of `path`, and its file name.
-fn dir_of(path: &Path) -> Result<(i32, String), String> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // SAFETY: open of a NUL-terminated path.
-    let fd = unsafe {
-        libc::open(
-            c(&dir).as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(os_err(&format!("open {}", dir.display())));
-    }
-    Ok((fd, name))
-}
-
 fn run(a: &wl::Args, jail: &Path, gone: bool) -> Result<Vec<String>, String> {
-    let (ready_dir, ready_name) = dir_of(&a.ready)?;
+    let (ready_dir, ready_name) = wl::dir_of(&a.ready)?;
     wl::install_term_handler()?;
     std::fs::create_dir_all(jail.join("inner")).map_err(|e| format!("mkdir: {e}"))?;
     std::fs::set_permissions(jail, std::os::unix::fs::PermissionsExt::from_mode(MODE))
@@ -129,7 +86,7 @@ fn run(a: &wl::Args, jail: &Path, gone: bool) -> Result<Vec<String>, String> {
             return Err(os_err("rmdir of the jail"));
         }
     }
-    write_at(ready_dir, &ready_name, "ready\n");
+    wl::write_at(ready_dir, &ready_name, "ready\n");
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -172,15 +129,9 @@ fn main() {
     wl::close_extra_fds();
     let gone = a.get("gone") == Some("1");
     // The verdict goes through a descriptor of its directory.
-    let (dir_fd, name) = match dir_of(&a.verdict) {
+    let verdict = match wl::dir_of(&a.verdict) {
         Ok(d) => d,
         Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
     };
-    let text = match run(&a, &jail, gone) {
-        Ok(fails) if fails.is_empty() => "PASS\n".to_string(),
-        Ok(fails) => fails.iter().map(|f| format!("FAIL: {f}\n")).collect(),
-        Err(e) => format!("FAIL: setup: {e}\n"),
-    };
-    write_at(dir_fd, &name, &text);
-    std::process::exit(if text == "PASS\n" { 0 } else { 1 });
+    wl::finish_at(verdict, run(&a, &jail, gone));
 }
