@@ -128,16 +128,41 @@ pub fn dir_of(path: &Path) -> Result<(i32, String), String> {
     Ok((fd, name))
 }
 
-/// Write the verdict through a descriptor of its directory (see
-/// [`dir_of`]) and exit: 0 on PASS.
-pub fn finish_at(verdict: (i32, String), result: Result<Vec<String>, String>) -> ! {
-    let text = match result {
-        Ok(fails) if fails.is_empty() => "PASS\n".to_string(),
-        Ok(fails) => fails.iter().map(|f| format!("FAIL: {f}\n")).collect(),
-        Err(e) => format!("FAIL: setup: {e}\n"),
-    };
+/// [`finish`], the verdict written through a descriptor of its directory
+/// (see [`dir_of`]).
+pub fn finish_at(name: &str, verdict: (i32, String), result: Result<Vec<String>, String>) -> ! {
+    let (text, code) = verdict_text(name, result);
     write_at(verdict.0, &verdict.1, &text);
-    std::process::exit(if text == "PASS\n" { 0 } else { 1 });
+    std::process::exit(code);
+}
+
+/// A new pipe (O_CLOEXEC): [read end, write end].
+pub fn pipe() -> Result<[c_int; 2], String> {
+    let mut p = [0; 2];
+    // SAFETY: pipe2 into a local array.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    Ok(p)
+}
+
+/// Fill `buf` from `fd`, retrying on EINTR; false at end of file or on
+/// another error.
+pub fn read_exact(fd: c_int, buf: &mut [u8]) -> bool {
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: reads into the unread tail of `buf`, of exactly that
+        // length.
+        let r = unsafe { libc::read(fd, buf[off..].as_mut_ptr().cast(), buf.len() - off) };
+        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if r <= 0 {
+            return false;
+        }
+        off += r as usize;
+    }
+    true
 }
 
 /// Write `data` to `path` through a temporary file and a rename, so a
@@ -203,19 +228,25 @@ pub fn close_extra_fds() {
 /// a FAIL too) and exit: 0 on PASS, 1 on FAIL, 2 when setup failed or the
 /// verdict cannot be written.
 pub fn finish(name: &str, verdict: &Path, result: Result<Vec<String>, String>) -> ! {
-    let (text, code) = match result {
+    let (text, code) = verdict_text(name, result);
+    if let Err(e) = write_atomic(verdict, text.as_bytes()) {
+        log(name, &format!("cannot write verdict: {e}"));
+        std::process::exit(2);
+    }
+    std::process::exit(code);
+}
+
+/// The verdict's text and the exit code that goes with it (a setup error
+/// is logged too).
+fn verdict_text(name: &str, result: Result<Vec<String>, String>) -> (String, i32) {
+    match result {
         Ok(fails) if fails.is_empty() => ("PASS\n".to_string(), 0),
         Ok(fails) => (fails.iter().map(|f| format!("FAIL: {f}\n")).collect(), 1),
         Err(e) => {
             log(name, &format!("setup failed: {e}"));
             (format!("FAIL: setup: {e}\n"), 2)
         }
-    };
-    if let Err(e) = write_atomic(verdict, text.as_bytes()) {
-        log(name, &format!("cannot write verdict: {e}"));
-        std::process::exit(2);
     }
-    std::process::exit(code);
 }
 
 /// A workload's command line: `--ready FILE --verdict FILE` and its own

@@ -381,7 +381,13 @@ fn cmdline(pid: i32) -> Vec<String> {
         .collect()
 }
 
-fn pstree_entry(opts: &DumpOptions, pid: i32, stat: &Stat, threads: &[CoreEntry]) -> PstreeEntry {
+fn pstree_entry(
+    opts: &DumpOptions,
+    pid: i32,
+    ps: &ProcState,
+    threads: &[CoreEntry],
+) -> PstreeEntry {
+    let stat = &ps.stat;
     PstreeEntry {
         pid: pid as u32,
         ppid: stat.ppid,
@@ -403,7 +409,7 @@ fn pstree_entry(opts: &DumpOptions, pid: i32, stat: &Stat, threads: &[CoreEntry]
         // Set by the dump once the tree is captured.
         shares_fs: false,
         shares_files: false,
-        ns_pids: crate::ns::ns_pids(pid),
+        ns_pids: crate::ns::ns_pids(pid, ps.status.get("NSpid").map(String::as_str)),
     }
 }
 
@@ -459,7 +465,7 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
     for c in std::iter::once(&mut core).chain(thread_cores.iter_mut()) {
         c.sched = Some(crate::sched::dump(c.tid as i32)?);
     }
-    let mut pstree = pstree_entry(cx.opts, pid, &ps.stat, &thread_cores);
+    let mut pstree = pstree_entry(cx.opts, pid, &ps, &thread_cores);
     pstree.stopped = p.leader.was_stopped() || p.threads.iter().any(|t| t.was_stopped());
     Ok(Captured {
         pid,

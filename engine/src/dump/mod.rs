@@ -402,6 +402,12 @@ fn capture_all(
     Ok(caps)
 }
 
+/// The `NSpid` value of a zombie's /proc/PID/status.
+fn zombie_nspid(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    crate::proc::parse_status(&text).remove("NSpid")
+}
+
 /// The zombies of the tree, as pstree entries.
 fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
     tree.zombies.iter().map(|z| PstreeEntry {
@@ -420,7 +426,7 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
         stopped: false,
         shares_fs: false,
         shares_files: false,
-        ns_pids: crate::ns::ns_pids(z.pid),
+        ns_pids: crate::ns::ns_pids(z.pid, zombie_nspid(z.pid).as_deref()),
     })
 }
 

@@ -55,11 +55,16 @@ pub fn shared_with_parent(procs: &[(i32, i32)]) -> Result<Vec<bool>, TableError>
             }
         }
     }
-    let index_of = |pid: i32| procs.iter().position(|p| p.0 == pid);
+    let index_of: std::collections::HashMap<i32, usize> =
+        procs.iter().enumerate().map(|(i, p)| (p.0, i)).collect();
     let shares: Vec<bool> = procs
         .iter()
         .enumerate()
-        .map(|(i, &(_, ppid))| index_of(ppid).is_some_and(|p| table_of[p] == table_of[i]))
+        .map(|(i, &(_, ppid))| {
+            index_of
+                .get(&ppid)
+                .is_some_and(|&p| table_of[p] == table_of[i])
+        })
         .collect();
     // Of the processes of one table, only one may have a parent outside
     // it (its first, which the others descend from).

@@ -154,16 +154,15 @@ pub fn ids(pid: i32) -> Vec<NamespaceId> {
         .collect()
 }
 
-/// `pid`'s pid in each pid namespace it is in, cryo's first
-/// (/proc/PID/status NSpid).
-pub fn ns_pids(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            let l = t.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-            l.split_whitespace().map(|v| v.parse().ok()).collect()
-        })
-        .unwrap_or_else(|| vec![pid as u32])
+/// `pid`'s pid in each pid namespace it is in, cryo's first, from the
+/// `NSpid` value of its /proc/PID/status (just `pid` without one).
+pub fn ns_pids(pid: i32, nspid: Option<&str>) -> Vec<u32> {
+    let pids = nspid.map(crate::proc::status_numbers).unwrap_or_default();
+    if pids.is_empty() {
+        vec![pid as u32]
+    } else {
+        pids
+    }
 }
 
 /// One namespaces.img entry per namespace of the tree that is not cryo's,
@@ -198,8 +197,8 @@ fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
         what,
     };
     let path = format!("/proc/{pid}/ns/{}", kind.name());
-    let open = || std::fs::File::open(&path).map_err(|e| read(format!("opening {path}: {e}")));
-    let owner = crate::sys::ns::owner_inode(&open()?).unwrap_or(0);
+    let ns = std::fs::File::open(&path).map_err(|e| read(format!("opening {path}: {e}")))?;
+    let owner = crate::sys::ns::owner_inode(&ns).unwrap_or(0);
     let mut e = NamespaceEntry {
         kind: id.kind.clone(),
         inode: id.inode,
@@ -208,7 +207,7 @@ fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
         uts: None,
     };
     match kind {
-        NsKind::Uts => e.uts = Some(uts::dump(open()?.into()).map_err(read)?),
+        NsKind::Uts => e.uts = Some(uts::dump(ns.into()).map_err(read)?),
         NsKind::Cgroup
         | NsKind::Ipc
         | NsKind::Mnt
@@ -227,11 +226,14 @@ fn check_shape(
     procs: &[(i32, i32, &[NamespaceId])],
     out: &[NamespaceEntry],
 ) -> Result<(), NsError> {
+    let by_pid: std::collections::HashMap<i32, (i32, &[NamespaceId])> = procs
+        .iter()
+        .map(|&(pid, ppid, ids)| (pid, (ppid, ids)))
+        .collect();
     let ns_of = |pid: i32, kind: &str| {
-        procs
-            .iter()
-            .find(|p| p.0 == pid)
-            .and_then(|p| p.2.iter().find(|i| i.kind == kind))
+        by_pid
+            .get(&pid)
+            .and_then(|p| p.1.iter().find(|i| i.kind == kind))
     };
     for e in out {
         let tops: Vec<u32> = e
@@ -239,7 +241,7 @@ fn check_shape(
             .iter()
             .copied()
             .filter(|&p| {
-                let ppid = procs.iter().find(|x| x.0 == p as i32).map_or(0, |x| x.1);
+                let ppid = by_pid.get(&(p as i32)).map_or(0, |x| x.0);
                 ns_of(ppid, &e.kind).is_none_or(|i| i.inode != e.inode)
             })
             .collect();

@@ -10,6 +10,10 @@ use super::node::{FsRole, NodeCtx, TableRole};
 use super::status::Never;
 use crate::{cgroup, fsinfo, mem, ns};
 
+/// The counter of a shared filesystem information's page (see
+/// [`FsRole`]): its members that opened every path they need.
+const PATHS_OPENED: usize = 0;
+
 /// What a task made of its memory before it created its children, who
 /// inherit it: the bootstrap and premap areas, filled.
 pub struct Memory {
@@ -159,8 +163,8 @@ pub fn prepare(
     // The root last: no path of cryo's is opened from here on, by this
     // task or (shared filesystem information) any other that shares it.
     match fs {
-        FsRole::Member(c) => c.add(0, 1),
-        FsRole::Builder(c, members) if root.is_some() => c.wait_for(0, members),
+        FsRole::Member(c) => c.add(PATHS_OPENED, 1),
+        FsRole::Builder(c, members) if root.is_some() => c.wait_for(PATHS_OPENED, members),
         FsRole::Builder(..) | FsRole::Own => {}
     }
     if let Some(fd) = root {

@@ -132,5 +132,5 @@ fn main() {
         Ok(d) => d,
         Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
     };
-    wl::finish_at(verdict, run(&a, &tmp, a.get("chroot") == Some("1")));
+    wl::finish_at(NAME, verdict, run(&a, &tmp, a.get("chroot") == Some("1")));
 }

@@ -133,5 +133,5 @@ fn main() {
         Ok(d) => d,
         Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
     };
-    wl::finish_at(verdict, run(&a, &jail, gone));
+    wl::finish_at(NAME, verdict, run(&a, &jail, gone));
 }

@@ -29,31 +29,6 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-fn read_exact(fd: i32, buf: &mut [u8]) -> bool {
-    let mut off = 0;
-    while off < buf.len() {
-        // SAFETY: reads into the unread tail of `buf`.
-        let r = unsafe { libc::read(fd, buf[off..].as_mut_ptr().cast(), buf.len() - off) };
-        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        if r <= 0 {
-            return false;
-        }
-        off += r as usize;
-    }
-    true
-}
-
-fn pipe() -> Result<[i32; 2], String> {
-    let mut p = [0; 2];
-    // SAFETY: pipe2 into a local array.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(os_err("pipe2"));
-    }
-    Ok(p)
-}
-
 /// An eventfd and an epoll watching it (EPOLLIN, data 0xfeed).
 fn epoll_of_eventfd() -> Result<(i32, i32), String> {
     // SAFETY: eventfd and epoll calls with plain values and a local event.
@@ -87,7 +62,7 @@ fn same_table(a: i32, b: i32) -> bool {
 fn serve(cmd: i32, back: i32, tmp: &Path) -> ! {
     loop {
         let mut c = [0u8; 1];
-        if !read_exact(cmd, &mut c) {
+        if !wl::read_exact(cmd, &mut c) {
             break;
         }
         match c[0] {
@@ -100,14 +75,14 @@ fn serve(cmd: i32, back: i32, tmp: &Path) -> ! {
             }
             b'c' => {
                 let mut n = [0u8; 4];
-                let ok = read_exact(cmd, &mut n)
+                let ok = wl::read_exact(cmd, &mut n)
                     // SAFETY: closes a number of the shared table, on request.
                     && unsafe { libc::close(i32::from_le_bytes(n)) } == 0;
                 wl::write_fd(back, if ok { b"k" } else { b"n" });
             }
             b'q' => {
                 let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
-                let _ = read_exact(cmd, &mut a) && read_exact(cmd, &mut b);
+                let _ = wl::read_exact(cmd, &mut a) && wl::read_exact(cmd, &mut b);
                 let has = |n: [u8; 4]| {
                     if is_open(i32::from_le_bytes(n)) {
                         b'y'
@@ -131,9 +106,9 @@ struct Kids {
 }
 
 fn make_kids(tmp: &Path, back: i32, unshared_middle: bool) -> Result<Kids, String> {
-    let (to_c, to_g, to_s) = (pipe()?, pipe()?, pipe()?);
+    let (to_c, to_g, to_s) = (wl::pipe()?, wl::pipe()?, wl::pipe()?);
     // G's pid comes back from C through this pipe.
-    let gpid = pipe()?;
+    let gpid = wl::pipe()?;
     let c = wl::clone_sharing(libc::CLONE_FILES as u64)?;
     if c == 0 {
         let g = match wl::clone_sharing(libc::CLONE_FILES as u64) {
@@ -150,7 +125,7 @@ fn make_kids(tmp: &Path, back: i32, unshared_middle: bool) -> Result<Kids, Strin
         serve(to_c[0], back, tmp)
     }
     let mut g = [0u8; 4];
-    if !read_exact(gpid[0], &mut g) || i32::from_le_bytes(g) <= 0 {
+    if !wl::read_exact(gpid[0], &mut g) || i32::from_le_bytes(g) <= 0 {
         return Err("the grandchild was not made".into());
     }
     // SAFETY: fork of this single-threaded process; the child only serves.
@@ -175,9 +150,9 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     std::fs::write(tmp.join("after"), b"after-data").map_err(|e| format!("after: {e}"))?;
     let data = std::fs::File::open(tmp.join("data")).map_err(|e| format!("data: {e}"))?;
     let x = std::os::fd::IntoRawFd::into_raw_fd(data);
-    let flight = pipe()?;
+    let flight = wl::pipe()?;
     wl::write_fd(flight[1], b"inflight");
-    let back = pipe()?;
+    let back = wl::pipe()?;
     let kids = make_kids(tmp, back[1], unshared_middle)?;
     // In the shared table, not in the forked child's copy.
     let (ep, ev) = epoll_of_eventfd()?;
@@ -203,7 +178,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     // G opens a file: its number is ours.
     wl::write_fd(kids.g.1, b"o");
     let mut n = [0u8; 4];
-    let opened = if read_exact(back[0], &mut n) {
+    let opened = if wl::read_exact(back[0], &mut n) {
         i32::from_le_bytes(n)
     } else {
         -1
@@ -221,7 +196,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
         wl::write_fd(kids.c.1, b"c");
         wl::write_fd(kids.c.1, &x.to_le_bytes());
         let mut k = [0u8; 1];
-        if !read_exact(back[0], &mut k) || k[0] != b'k' || is_open(x) {
+        if !wl::read_exact(back[0], &mut k) || k[0] != b'k' || is_open(x) {
             fails.push(format!(
                 "the child closed fd {x}; here it is open: {}",
                 is_open(x)
@@ -233,7 +208,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
     wl::write_fd(kids.s.1, &opened.to_le_bytes());
     wl::write_fd(kids.s.1, &x.to_le_bytes());
     let mut has = [0u8; 2];
-    if !read_exact(back[0], &mut has) || has != *b"ny" {
+    if !wl::read_exact(back[0], &mut has) || has != *b"ny" {
         fails.push(format!(
             "the forked child has fd {opened} / fd {x}: {:?} (want n, y)",
             String::from_utf8_lossy(&has)
@@ -251,7 +226,7 @@ fn run(a: &wl::Args, tmp: &Path) -> Result<Vec<String>, String> {
         ));
     }
     let mut inflight = [0u8; 8];
-    if !read_exact(flight[0], &mut inflight) || &inflight != b"inflight" {
+    if !wl::read_exact(flight[0], &mut inflight) || &inflight != b"inflight" {
         fails.push("the pipe's bytes are not back".into());
     }
     for (pid, cmd) in [kids.c, kids.g, kids.s] {

@@ -62,20 +62,10 @@ fn uts_link(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-fn pipe() -> Result<[i32; 2], String> {
-    let mut p = [0; 2];
-    // SAFETY: pipe2 into a local array.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(os_err("pipe2"));
-    }
-    Ok(p)
-}
-
 fn read_line(fd: i32) -> String {
     let mut out = Vec::new();
     let mut b = [0u8; 1];
-    // SAFETY: reads one byte at a time into a local.
-    while unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) } == 1 && b[0] != b'\n' {
+    while wl::read_exact(fd, &mut b) && b[0] != b'\n' {
         out.push(b[0]);
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -90,8 +80,7 @@ fn serve(cmd: i32, back: i32, ends: &[i32]) -> ! {
         unsafe { libc::close(fd) };
     }
     let mut b = [0u8; 1];
-    // SAFETY: reads one byte into a local.
-    while unsafe { libc::read(cmd, b.as_mut_ptr().cast(), 1) } == 1 {
+    while wl::read_exact(cmd, &mut b) {
         let (h, d) = names();
         wl::write_fd(back, format!("{h} {d}\n").as_bytes());
     }
@@ -123,7 +112,13 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     let host = std::fs::File::open("/proc/self/ns/uts").map_err(|e| format!("ns: {e}"))?;
     let host = std::os::fd::IntoRawFd::into_raw_fd(host);
     new_uts("cryo-uts-a", "cryo-dom-a")?;
-    let (to_c1, to_c2, to_g, back, ready) = (pipe()?, pipe()?, pipe()?, pipe()?, pipe()?);
+    let (to_c1, to_c2, to_g, back, ready) = (
+        wl::pipe()?,
+        wl::pipe()?,
+        wl::pipe()?,
+        wl::pipe()?,
+        wl::pipe()?,
+    );
     let ends = [to_c1[1], to_c2[1], to_g[1]];
     let c1 = fork_serving(to_c1[0], back[1], &ends, || {
         if back_to_host && setns_uts(host) != 0 {
@@ -149,8 +144,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     let mut got = String::new();
     while !(got.contains('c') && got.contains('g') && got.contains('\n')) {
         let mut b = [0u8; 1];
-        // SAFETY: reads one byte into a local.
-        if unsafe { libc::read(ready[0], b.as_mut_ptr().cast(), 1) } != 1 {
+        if !wl::read_exact(ready[0], &mut b) {
             return Err("a child did not start".into());
         }
         got.push(b[0] as char);

@@ -278,11 +278,7 @@ fn namespaces_text(img: &Image, s: &mut String) {
     if img.namespaces.is_empty() {
         return;
     }
-    let _ = writeln!(
-        s,
-        "
-namespaces of the tree's own (* below):"
-    );
+    let _ = writeln!(s, "\nnamespaces of the tree's own (* below):");
     for n in &img.namespaces {
         let state = match &n.uts {
             Some(u) => format!(" hostname {:?} domainname {:?}", u.hostname, u.domainname),

@@ -112,7 +112,7 @@ pub fn states(
         .collect();
     for (i, q) in queues {
         let o = &table[i];
-        let info = &diag[&o.entry.inode];
+        let info = q.info;
         // Connected to a connection a listener of the tree has not
         // accepted yet: connected again at restore.
         let pending_on = pending_listener(info, &waiting, &inodes);
@@ -149,7 +149,9 @@ pub fn states(
 /// A socket's queue as it is stored: the messages, the descriptors in
 /// flight among them (by file id) and, for an unconnected datagram
 /// socket, each message's sender.
-struct Peeked {
+struct Peeked<'a> {
+    /// The socket as sock_diag shows it.
+    info: &'a DiagInfo,
     queued: Vec<Vec<u8>>,
     rights: Vec<InFlight>,
     senders: Vec<Vec<u8>>,
@@ -158,13 +160,13 @@ struct Peeked {
 /// Read the queue of socket `o` (a task's descriptor, through a pidfd of
 /// its process, or cryo's copy of one in flight), resolving the
 /// descriptors its messages carry.
-fn read_queue(
+fn read_queue<'a>(
     o: &OpenFile,
-    diag: &HashMap<u64, DiagInfo>,
+    diag: &'a HashMap<u64, DiagInfo>,
     pidfds: &mut HashMap<i32, OwnedFd>,
     in_flight: &mut InFlightFiles,
     opts: &super::CollectOptions,
-) -> Result<Peeked, FilesError> {
+) -> Result<Peeked<'a>, FilesError> {
     let ino = o.entry.inode;
     let info = diag.get(&ino).ok_or(UnixError::Unknown {
         pid: o.pid,
@@ -216,6 +218,7 @@ fn read_queue(
         queued.push(m.data);
     }
     Ok(Peeked {
+        info,
         queued,
         rights,
         senders,
