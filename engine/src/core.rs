@@ -161,6 +161,8 @@ pub fn core_of(
         pdeath_signal: ts.pdeath_signal,
         // Read by the dump from outside (crate::sched).
         sched: None,
+        // A thread's, set by the dump (the leader's are the pstree's).
+        ns_tids: Vec::new(),
     }
 }
 

@@ -124,28 +124,40 @@ pub fn restorer_itimers(pc: &ProcessCore, cpu_slack_us: u64) -> [KItimerval; 3] 
     out
 }
 
-pub fn restorer_timers(pc: &ProcessCore) -> Vec<RTimer> {
+/// The process's POSIX timers for the restorer; `local_tid`: a thread
+/// (cryo's view of its tid) as the process sees it.
+pub fn restorer_timers(
+    pc: &ProcessCore,
+    local_tid: impl Fn(u32) -> Result<u32, String>,
+) -> Result<Vec<RTimer>, String> {
     pc.posix_timers
         .iter()
-        .map(|t| RTimer {
-            id: t.id,
-            clock_id: t.clock_id,
-            notify: t.notify,
-            signo: t.signo,
-            sigev_value: t.sigev_value,
-            notify_tid: if t.notify & 4 != 0 { t.notify_tid } else { 0 },
-            _pad: 0,
-            spec: KItimerspec {
-                interval_sec: (t.interval_ns / 1_000_000_000) as i64,
-                interval_nsec: (t.interval_ns % 1_000_000_000) as i64,
-                // A timer that was about to fire fires right away.
-                value_sec: (t.value_ns / 1_000_000_000) as i64,
-                value_nsec: if t.value_ns == 0 && t.interval_ns == 0 {
-                    0
-                } else {
-                    (t.value_ns % 1_000_000_000).max(if t.value_ns == 0 { 1 } else { 0 }) as i64
+        .map(|t| {
+            let notify_tid = match t.notify & 4 != 0 {
+                true => local_tid(t.notify_tid)
+                    .map_err(|e| format!("POSIX timer {}: its thread: {e}", t.id))?,
+                false => 0,
+            };
+            Ok(RTimer {
+                id: t.id,
+                clock_id: t.clock_id,
+                notify: t.notify,
+                signo: t.signo,
+                sigev_value: t.sigev_value,
+                notify_tid,
+                _pad: 0,
+                spec: KItimerspec {
+                    interval_sec: (t.interval_ns / 1_000_000_000) as i64,
+                    interval_nsec: (t.interval_ns % 1_000_000_000) as i64,
+                    // A timer that was about to fire fires right away.
+                    value_sec: (t.value_ns / 1_000_000_000) as i64,
+                    value_nsec: if t.value_ns == 0 && t.interval_ns == 0 {
+                        0
+                    } else {
+                        (t.value_ns % 1_000_000_000).max(if t.value_ns == 0 { 1 } else { 0 }) as i64
+                    },
                 },
-            },
+            })
         })
         .collect()
 }

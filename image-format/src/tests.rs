@@ -62,6 +62,8 @@ fn pstree() -> Vec<PstreeEntry> {
             shares_fs: false,
             shares_files: false,
             ns_pids: Vec::new(),
+            ns_sids: Vec::new(),
+            ns_pgids: Vec::new(),
         },
     ]
 }

@@ -304,6 +304,10 @@ const _: () = assert!(core::mem::size_of::<CloneArgs>() == 88);
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RThread {
     pub tid: u64,
+    /// Its tid at each level of its pid namespaces, innermost first (an
+    /// i32 array for clone3 `set_tid`).
+    pub set_tid: u64,
+    pub set_tid_size: u64,
     /// Lowest address and size of the thread's stack in the bootstrap area.
     pub stack: u64,
     pub stack_size: u64,
@@ -330,6 +334,10 @@ pub struct RThread {
     pub ready: u64,
     pub status_fd: i32,
     pub index: u32,
+    /// The pid its status records carry: the process's as cryo sees it
+    /// (getpid inside a pid namespace of its own is another).
+    pub report_pid: u32,
+    pub _pad: u32,
 }
 
 /// Restorer progress stages, reported with an errno when a step fails.
@@ -474,6 +482,8 @@ pub struct RestoreArgs {
     /// file opened by the task before it changed its root.
     pub loginuid: u64,
     pub loginuid_fd: i64,
+    /// The pid its status records carry (see RThread::report_pid).
+    pub report_pid: u64,
 }
 
 /// Offsets inside the kernel rt_sigframe (x86_64), from its start.

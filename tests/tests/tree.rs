@@ -297,7 +297,7 @@ fn spawn_with_pid(pid: i32) -> PidGuard {
     // SAFETY: like fork() in this (multi-threaded) test process: the child
     // only calls pause in a loop, which is async-signal-safe, until it is
     // killed.
-    match unsafe { cryo_engine::sys::clone3_with_pid(pid, libc::SIGCHLD, 0) } {
+    match unsafe { cryo_engine::sys::clone3_with_pid(&[pid], libc::SIGCHLD, 0) } {
         Ok(0) => loop {
             // SAFETY: pause has no arguments.
             unsafe { libc::pause() };

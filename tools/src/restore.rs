@@ -15,12 +15,32 @@ pub struct RestoreArgs {
     /// Return as soon as the task runs instead of waiting for it to exit.
     #[arg(short = 'd', long)]
     pub restore_detached: bool,
+    /// Write the restored root's pid (as this process's pid namespace
+    /// sees it: a container's init, not its pid 1 inside) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
+    // Made before the restore, so that a pid file that cannot be written
+    // fails it before any task exists.
+    let pidfile = a
+        .pidfile
+        .as_ref()
+        .map(|p| {
+            std::fs::File::create(p).map_err(|e| anyhow::anyhow!("--pidfile {}: {e}", p.display()))
+        })
+        .transpose()?;
     let r = restore(&RestoreOptions { dir: a.dir.clone() })
         .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");
+    if let (Some(mut f), Some(p)) = (pidfile, a.pidfile.as_ref()) {
+        use std::io::Write;
+        // The tree runs: a pid file that fails now is reported, not undone.
+        if let Err(e) = write!(f, "{}", r.pid).and_then(|_| f.sync_all()) {
+            tracing::error!(pid = r.pid, "writing --pidfile {}: {e}", p.display());
+        }
+    }
     if a.restore_detached {
         return Ok(0);
     }

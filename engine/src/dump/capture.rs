@@ -410,6 +410,8 @@ fn pstree_entry(
         shares_fs: false,
         shares_files: false,
         ns_pids: crate::ns::ns_pids(pid, ps.status.get("NSpid").map(String::as_str)),
+        ns_sids: crate::ns::pid::levels(ps.status.get("NSsid").map(String::as_str)),
+        ns_pgids: crate::ns::pid::levels(ps.status.get("NSpgid").map(String::as_str)),
     }
 }
 
@@ -464,6 +466,9 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
     );
     for c in std::iter::once(&mut core).chain(thread_cores.iter_mut()) {
         c.sched = Some(crate::sched::dump(c.tid as i32)?);
+    }
+    for c in thread_cores.iter_mut() {
+        c.ns_tids = crate::ns::pid::thread_levels(pid, c.tid);
     }
     let mut pstree = pstree_entry(cx.opts, pid, &ps, &thread_cores);
     pstree.stopped = p.leader.was_stopped() || p.threads.iter().any(|t| t.was_stopped());

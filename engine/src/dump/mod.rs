@@ -402,31 +402,33 @@ fn capture_all(
     Ok(caps)
 }
 
-/// The `NSpid` value of a zombie's /proc/PID/status.
-fn zombie_nspid(pid: i32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    crate::proc::parse_status(&text).remove("NSpid")
-}
-
 /// The zombies of the tree, as pstree entries.
 fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
-    tree.zombies.iter().map(|z| PstreeEntry {
-        pid: z.pid as u32,
-        ppid: z.stat.ppid,
-        pgid: z.stat.pgid,
-        sid: z.stat.sid,
-        threads: vec![z.pid as u32],
-        cmdline: Vec::new(),
-        zombie: true,
-        exit_status: z.stat.exit_code,
-        exit_signal: z.stat.exit_signal,
-        tty_foreground: false,
-        pty_ctty: None,
-        tty_pgrp: 0,
-        stopped: false,
-        shares_fs: false,
-        shares_files: false,
-        ns_pids: crate::ns::ns_pids(z.pid, zombie_nspid(z.pid).as_deref()),
+    tree.zombies.iter().map(|z| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", z.pid))
+            .map(|t| crate::proc::parse_status(&t))
+            .unwrap_or_default();
+        let get = |k: &str| status.get(k).map(String::as_str);
+        PstreeEntry {
+            pid: z.pid as u32,
+            ppid: z.stat.ppid,
+            pgid: z.stat.pgid,
+            sid: z.stat.sid,
+            threads: vec![z.pid as u32],
+            cmdline: Vec::new(),
+            zombie: true,
+            exit_status: z.stat.exit_code,
+            exit_signal: z.stat.exit_signal,
+            tty_foreground: false,
+            pty_ctty: None,
+            tty_pgrp: 0,
+            stopped: false,
+            shares_fs: false,
+            shares_files: false,
+            ns_pids: crate::ns::ns_pids(z.pid, get("NSpid")),
+            ns_sids: crate::ns::pid::levels(get("NSsid")),
+            ns_pgids: crate::ns::pid::levels(get("NSpgid")),
+        }
     })
 }
 
@@ -506,11 +508,15 @@ fn cure_all(tree: &mut Tree, guard: &Guard) -> Result<()> {
 }
 
 /// Kill every task of the tree and reap it (a kill-mode dump is done).
+/// Children first: the init of a pid namespace takes every other task of
+/// it down when it dies, which must not happen before cryo has told their
+/// parasites to go; and its exit waits for them to be reaped, which cryo,
+/// their tracer, does first.
 fn kill_all(tree: &mut Tree) -> Result<()> {
-    for p in tree.procs.iter_mut() {
+    for p in tree.procs.iter_mut().rev() {
         p.leader.send_kill()?;
     }
-    for p in tree.procs.iter_mut() {
+    for p in tree.procs.iter_mut().rev() {
         for t in p.threads.iter_mut() {
             t.reap_killed()?;
         }
@@ -563,6 +569,9 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         crate::files::collect(p, &mut 1, &running, &mut diag)?;
         Ok(())
     };
+    for &r in &roots {
+        crate::ns::pid::check_root(r)?;
+    }
     let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;
     let frozen_at = Instant::now();
     fault("after-seize")?;
@@ -583,11 +592,18 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     )?;
     name_held_files(&mut caps);
     mark_shared(&mut caps)?;
-    let ns_procs: Vec<(i32, i32, &[cryo_image::proto::NamespaceId])> = caps
+    let ns_procs: Vec<crate::ns::NsProc> = caps
         .iter()
-        .map(|c| {
-            let ids = c.core.process.as_ref().map(|p| p.namespaces.as_slice());
-            (c.pid, c.pstree.ppid as i32, ids.unwrap_or_default())
+        .map(|c| crate::ns::NsProc {
+            pid: c.pid,
+            ppid: c.pstree.ppid as i32,
+            ids: c
+                .core
+                .process
+                .as_ref()
+                .map(|p| p.namespaces.as_slice())
+                .unwrap_or_default(),
+            ns_pids: &c.pstree.ns_pids,
         })
         .collect();
     let namespaces = crate::ns::collect(&ns_procs)?;

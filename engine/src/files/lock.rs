@@ -128,12 +128,14 @@ pub fn take_posix(fd: RawFd, locks: &[FileLock]) -> Result<(), String> {
 
 /// In the task, every task of the tree in place: the descriptor's owner
 /// and signal.
-pub fn set_owner(fd: RawFd, o: &FileOwner) -> Result<(), String> {
+/// `pids`: the tree's pids as the task sees them.
+pub fn set_owner(fd: RawFd, o: &FileOwner, pids: crate::ns::pid::View) -> Result<(), String> {
     if o.pid != 0 {
-        sys::fs::set_owner(fd, o.r#type, o.pid).map_err(os(format!(
-            "fd {fd}: F_SETOWN_EX to {} {}",
-            o.r#type, o.pid
-        )))?;
+        let pid = pids
+            .pid(o.pid.unsigned_abs())
+            .map_err(|e| format!("fd {fd}: its owner: {e}"))?;
+        sys::fs::set_owner(fd, o.r#type, pid as i32 * o.pid.signum())
+            .map_err(os(format!("fd {fd}: F_SETOWN_EX to {} {pid}", o.r#type)))?;
     }
     if o.signal != 0 {
         sys::fs::set_sig(fd, o.signal).map_err(os(format!("fd {fd}: F_SETSIG {}", o.signal)))?;

@@ -53,9 +53,12 @@ pub fn made_by_task(kind: FileKind) -> bool {
 
 /// Make a file of a kind [`made_by_task`] says is the task's own, in the
 /// task (its other descriptors are at their numbers).
-pub fn make_in_task(f: &FileEntry) -> std::result::Result<OwnedFd, String> {
+pub fn make_in_task(
+    f: &FileEntry,
+    pids: crate::ns::pid::View,
+) -> std::result::Result<OwnedFd, String> {
     match FileKind::try_from(f.kind) {
-        Ok(FileKind::FilePidfd) => pidfd::make(f),
+        Ok(FileKind::FilePidfd) => pidfd::make(f, pids),
         Ok(FileKind::FileEpoll) => epoll::make(f),
         _ => Err(format!("file kind {} is not made by its task", f.kind)),
     }

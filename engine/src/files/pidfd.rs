@@ -28,9 +28,13 @@ pub fn dump(cx: &FdCtx, e: &mut FileEntry) -> Result<(), FilesError> {
 }
 
 /// A pidfd of the dumped process (every task of the tree was made before
-/// any task opens its descriptors).
-pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
-    crate::sys::pidfd_open(Pid::from_raw(f.pidfd_pid as i32))
+/// any task opens its descriptors), opened by its pid as the holder sees
+/// it (`pids`).
+pub fn make(f: &FileEntry, pids: crate::ns::pid::View) -> Result<OwnedFd, String> {
+    let pid = pids
+        .pid(f.pidfd_pid)
+        .map_err(|e| format!("making its {}: {e}", f.path))?;
+    crate::sys::pidfd_open(Pid::from_raw(pid as i32))
         .map_err(|e| format!("making its {}: {}", f.path, std::io::Error::from(e.errno)))
 }
 

@@ -17,6 +17,9 @@
 
 use cryo_image::proto::{NamespaceEntry, NamespaceId};
 
+pub mod ipc;
+pub mod pid;
+pub mod time;
 pub mod uts;
 
 /// The kinds of namespace, as /proc/PID/ns names them.
@@ -84,14 +87,8 @@ pub enum NsError {
 /// restored.
 fn kept(kind: NsKind) -> bool {
     match kind {
-        NsKind::Uts => true,
-        NsKind::Cgroup
-        | NsKind::Ipc
-        | NsKind::Mnt
-        | NsKind::Net
-        | NsKind::Pid
-        | NsKind::Time
-        | NsKind::User => false,
+        NsKind::Uts | NsKind::Pid | NsKind::Time | NsKind::Ipc => true,
+        NsKind::Cgroup | NsKind::Mnt | NsKind::Net | NsKind::User => false,
     }
 }
 
@@ -136,6 +133,36 @@ pub fn check(pid: i32) -> Result<(), NsError> {
             });
         }
     }
+    check_for_children(pid, NsKind::Pid)?;
+    check_for_children(pid, NsKind::Time)
+}
+
+/// A task whose namespace of `kind` (pid, time) for its children is not
+/// its own (it called unshare, or setns, and its next child would be in
+/// another) is refused: the restore could not put its later children
+/// there.
+fn check_for_children(pid: i32, kind: NsKind) -> Result<(), NsError> {
+    let link = |name: String| std::fs::read_link(format!("/proc/{pid}/ns/{name}")).ok();
+    // Unreadable while the namespace unshare made has no task yet.
+    let own = link(kind.name().to_string());
+    let children = link(format!("{}_for_children", kind.name()));
+    if own.is_some() && children != own {
+        let flag = match kind {
+            NsKind::Time => "CLONE_NEWTIME",
+            _ => "CLONE_NEWPID",
+        };
+        return Err(NsError::Read {
+            pid,
+            ns: kind.name(),
+            what: format!(
+                "its children's {} namespace ({}) is not its own ({}): a task that made a {} namespace for its children (unshare({flag})) or entered one (setns) is not supported yet",
+                kind.name(),
+                children.map_or("a new one".into(), |p| p.display().to_string()),
+                own.map(|p| p.display().to_string()).unwrap_or_default(),
+                kind.name()
+            ),
+        });
+    }
     Ok(())
 }
 
@@ -165,11 +192,21 @@ pub fn ns_pids(pid: i32, nspid: Option<&str>) -> Vec<u32> {
     }
 }
 
+/// What the namespace checks know of a dumped process.
+#[derive(Clone, Copy)]
+pub struct NsProc<'a> {
+    pub pid: i32,
+    pub ppid: i32,
+    pub ids: &'a [NamespaceId],
+    /// Its pids from cryo's level inward.
+    pub ns_pids: &'a [u32],
+}
+
 /// One namespaces.img entry per namespace of the tree that is not cryo's,
-/// from each process's (pid, ppid, namespaces); the tree is stopped.
-pub fn collect(procs: &[(i32, i32, &[NamespaceId])]) -> Result<Vec<NamespaceEntry>, NsError> {
+/// from each process's namespaces; the tree is stopped.
+pub fn collect(procs: &[NsProc]) -> Result<Vec<NamespaceEntry>, NsError> {
     let mut out: Vec<NamespaceEntry> = Vec::new();
-    for &(pid, _, ids) in procs {
+    for &NsProc { pid, ids, .. } in procs {
         for id in ids.iter().filter(|i| !i.host) {
             match out
                 .iter_mut()
@@ -205,35 +242,33 @@ fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
         owner,
         pids: vec![pid as u32],
         uts: None,
+        time: None,
+        ipc: None,
     };
     match kind {
         NsKind::Uts => e.uts = Some(uts::dump(ns.into()).map_err(read)?),
-        NsKind::Cgroup
-        | NsKind::Ipc
-        | NsKind::Mnt
-        | NsKind::Net
-        | NsKind::Pid
-        | NsKind::Time
-        | NsKind::User => return Err(read("not kept yet".into())),
+        // Nothing beyond its tasks and their pids (the pstree's).
+        NsKind::Pid => {}
+        NsKind::Time => e.time = Some(time::dump(pid).map_err(read)?),
+        NsKind::Ipc => e.ipc = Some(ipc::dump(ns.into()).map_err(read)?),
+        NsKind::Cgroup | NsKind::Mnt | NsKind::Net | NsKind::User => {
+            return Err(read("not kept yet".into()))
+        }
     }
     Ok(e)
 }
 
 /// Each namespace has one process whose parent is not in it (the one
-/// the restore makes it in), and a process in cryo's namespace does not
-/// have a parent in another one (it could not go back there).
-fn check_shape(
-    procs: &[(i32, i32, &[NamespaceId])],
-    out: &[NamespaceEntry],
-) -> Result<(), NsError> {
-    let by_pid: std::collections::HashMap<i32, (i32, &[NamespaceId])> = procs
-        .iter()
-        .map(|&(pid, ppid, ids)| (pid, (ppid, ids)))
-        .collect();
+/// the restore makes it in; a pid namespace's must be its init), and a
+/// process in cryo's namespace does not have a parent in another one (it
+/// could not go back there).
+fn check_shape(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> {
+    let by_pid: std::collections::HashMap<i32, &NsProc> =
+        procs.iter().map(|p| (p.pid, p)).collect();
     let ns_of = |pid: i32, kind: &str| {
         by_pid
             .get(&pid)
-            .and_then(|p| p.1.iter().find(|i| i.kind == kind))
+            .and_then(|p| p.ids.iter().find(|i| i.kind == kind))
     };
     for e in out {
         let tops: Vec<u32> = e
@@ -241,10 +276,20 @@ fn check_shape(
             .iter()
             .copied()
             .filter(|&p| {
-                let ppid = by_pid.get(&(p as i32)).map_or(0, |x| x.0);
+                let ppid = by_pid.get(&(p as i32)).map_or(0, |x| x.ppid);
                 ns_of(ppid, &e.kind).is_none_or(|i| i.inode != e.inode)
             })
             .collect();
+        if let (true, Some(top)) = (e.kind == NsKind::Pid.name(), tops.first()) {
+            let p = by_pid.get(&(*top as i32));
+            let parent_dumped = p.is_some_and(|p| by_pid.contains_key(&p.ppid));
+            pid::check_top(
+                e.inode,
+                *top,
+                p.map(|p| p.ns_pids).unwrap_or_default(),
+                parent_dumped,
+            )?;
+        }
         if tops.len() > 1 {
             return Err(NsError::Shape {
                 ns: e.kind.clone(),
@@ -255,7 +300,7 @@ fn check_shape(
             });
         }
     }
-    for &(pid, ppid, ids) in procs {
+    for &NsProc { pid, ppid, ids, .. } in procs {
         for id in ids.iter().filter(|i| i.host) {
             if ns_of(ppid, &id.kind).is_some_and(|p| !p.host) {
                 return Err(NsError::Shape {
@@ -297,13 +342,13 @@ pub fn restore(
             .ok_or_else(|| format!("{} namespace {}: not in namespaces.img", id.kind, id.inode))?;
         let made = match kind {
             NsKind::Uts => uts::restore(e.uts.as_ref()),
-            NsKind::Cgroup
-            | NsKind::Ipc
-            | NsKind::Mnt
-            | NsKind::Net
-            | NsKind::Pid
-            | NsKind::Time
-            | NsKind::User => Err("restoring it is not supported yet".to_string()),
+            // Made by the task creating this one (clone3 CLONE_NEWPID).
+            NsKind::Pid => Ok(()),
+            NsKind::Time => time::restore(e.time.as_ref()),
+            NsKind::Ipc => ipc::restore(e.ipc.as_ref()),
+            NsKind::Cgroup | NsKind::Mnt | NsKind::Net | NsKind::User => {
+                Err("restoring it is not supported yet".to_string())
+            }
         };
         made.map_err(|m| format!("making its {} namespace {}: {m}", id.kind, id.inode))?;
     }

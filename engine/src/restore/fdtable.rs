@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+use crate::ns::pid::{PidMap, View};
 use std::collections::HashMap;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -40,6 +41,7 @@ fn own_file<'a>(img: &'a Image, e: &FdEntry) -> Option<&'a FileEntry> {
 /// of this task's lands there too).
 pub fn install(
     img: &Image,
+    pids: &PidMap,
     made: &HashMap<u32, RawFd>,
     status_w: RawFd,
     extra: &mut [RawFd],
@@ -97,7 +99,8 @@ pub fn install(
     for (_, n) in moved {
         fd::close(n);
     }
-    make_own(img)?;
+    let view = pids.view(img.pstree.ns_pids.len());
+    make_own(img, view)?;
     // What names the process or other tasks: they all exist by now.
     for e in &img.fds {
         files::lock::take_posix(e.fd as RawFd, &e.posix_locks)?;
@@ -107,7 +110,7 @@ pub fn install(
             .find(|f| f.id == e.id)
             .and_then(|f| f.owner.as_ref());
         if let Some(o) = owner {
-            files::lock::set_owner(e.fd as RawFd, o)?;
+            files::lock::set_owner(e.fd as RawFd, o, view)?;
         }
     }
     Ok(status_fd)
@@ -130,7 +133,7 @@ fn close_others(keep: &[RawFd], high: RawFd) -> Result<(), String> {
 
 /// pidfds, then epolls (their targets are all in place by now), each
 /// moved onto its dumped number.
-fn make_own(img: &Image) -> Result<(), String> {
+fn make_own(img: &Image, view: View) -> Result<(), String> {
     let mut own: Vec<(&FdEntry, &FileEntry)> = img
         .fds
         .iter()
@@ -139,7 +142,7 @@ fn make_own(img: &Image) -> Result<(), String> {
     own.sort_by_key(|(e, f)| (f.kind == FileKind::FileEpoll as i32, e.fd));
     for (e, f) in own {
         let target = e.fd as RawFd;
-        let made = files::make_in_task(f).map_err(|m| format!("fd {}: {m}", e.fd))?;
+        let made = files::make_in_task(f, view).map_err(|m| format!("fd {}: {m}", e.fd))?;
         let tmp = made.into_raw_fd();
         if tmp != target {
             fd::dup_onto(tmp, target, e.cloexec).map_err(os(format!("fd {}: dup3", e.fd)))?;

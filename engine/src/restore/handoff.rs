@@ -270,8 +270,14 @@ fn thread_args(
         let rseq = t.rseq.unwrap_or_default();
         let sigs = signals::restorer_siginfos(&t.pending, true);
         let siginfos = boot.put(&sigs)?;
+        let tids: Vec<i32> = match t.ns_tids.is_empty() {
+            true => vec![t.tid as i32],
+            false => t.ns_tids.iter().rev().map(|&n| n as i32).collect(),
+        };
         out.push(RThread {
             tid: t.tid as u64,
+            set_tid: boot.put(&tids)?,
+            set_tid_size: tids.len() as u64,
             stack,
             stack_size: THREAD_STACK,
             sigframe,
@@ -295,6 +301,8 @@ fn thread_args(
             ready,
             status_fd,
             index: i as u32,
+            report_pid: img.pid() as u32,
+            _pad: 0,
         });
     }
     Ok(out)
@@ -376,7 +384,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
     keep.sort_by_key(|r| r.start);
     let auxv_at = boot.put(&img.mm.auxv)?;
     let (sigactions, sigaction_mask) = signals::restorer_sigactions(&pc);
-    let timers = signals::restorer_timers(&pc);
+    let timers = signals::restorer_timers(&pc, |tid| local_tid(img, tid))?;
     // The process's shared pending signals, then the leader's own.
     let mut siginfos = signals::restorer_siginfos(&pc.shared_pending, false);
     siginfos.extend(signals::restorer_siginfos(&img.core.pending, true));
@@ -432,6 +440,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
             u64::MAX
         },
         loginuid_fd: p.loginuid_fd as i64,
+        report_pid: img.pid() as u64,
         fs_base: regs.fs_base,
         gs_base: regs.gs_base,
         groups: boot.put(&creds.groups)?,
@@ -513,4 +522,18 @@ fn loginuid_to_set(image: Option<u32>) -> u64 {
     } else {
         want as u64
     }
+}
+
+/// Thread `tid` of the process (cryo's view) as the process sees it: its
+/// tid in its innermost pid namespace.
+fn local_tid(img: &Image, tid: u32) -> Result<u32, String> {
+    if tid == img.pstree.pid {
+        return Ok(img.pstree.ns_pids.last().copied().unwrap_or(tid));
+    }
+    let t = img
+        .threads
+        .iter()
+        .find(|t| t.tid == tid)
+        .ok_or_else(|| format!("thread {tid} is not one of its threads"))?;
+    Ok(t.ns_tids.last().copied().unwrap_or(tid))
 }

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+use crate::ns::pid::PidMap;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -128,6 +129,8 @@ pub struct TreeImage {
     pub zombies: Vec<PstreeEntry>,
     /// The namespaces that were not the dumping cryo's (namespaces.img).
     pub namespaces: Vec<cryo_image::proto::NamespaceEntry>,
+    /// Every pid of the tree at each level of its pid namespaces.
+    pub pids: PidMap,
 }
 
 impl TreeImage {
@@ -292,11 +295,18 @@ impl TreeImage {
                 }
             }
         }
+        let pids = PidMap::new(
+            procs.iter().map(|p| &p.pstree).chain(zombies.iter()),
+            procs
+                .iter()
+                .flat_map(|p| p.threads.iter().map(|t| (t.tid, t.ns_tids.as_slice()))),
+        );
         Ok(TreeImage {
             inventory,
             procs,
             zombies,
             namespaces,
+            pids,
         })
     }
 }
@@ -425,6 +435,14 @@ fn load_threads(
             format!("process {pid}: its thread list does not start with the leader"),
         ));
     }
+    let depth = pstree.ns_pids.len();
+    let bad_levels = |l: &[u32], id: u32| l.len() > 32 || l.first().is_some_and(|&f| f != id);
+    if bad_levels(&pstree.ns_pids, pid) {
+        return Err(invalid(
+            cryo_image::PSTREE_FILE,
+            format!("process {pid}: its pids in its pid namespaces do not start with it"),
+        ));
+    }
     let mut threads = Vec::new();
     let mut seen = HashSet::new();
     for &tid in pstree.threads.iter().skip(1) {
@@ -441,6 +459,12 @@ fn load_threads(
             return Err(invalid(
                 &name,
                 "not the core of a non-leader thread (tid, registers)",
+            ));
+        }
+        if bad_levels(&c.ns_tids, tid) || (depth > 1 && c.ns_tids.len() != depth) {
+            return Err(invalid(
+                &name,
+                format!("its tids in {depth} pid namespaces do not match its process's"),
             ));
         }
         if c.xsave.len() != core.xsave.len() {

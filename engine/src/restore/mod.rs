@@ -245,7 +245,15 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
     let root = ctx.tree.procs[0].pid();
     for r in ctx.plan.roots() {
         let node = &ctx.plan.nodes[r];
-        match crate::sys::proc::fork_with_pid(node.pid, node.exit_signal, false, false) {
+        let set_tid = node.set_tid();
+        let how = crate::sys::proc::NewTask {
+            set_tid: &set_tid,
+            exit_signal: node.exit_signal,
+            share_fs: false,
+            share_files: false,
+            new_pid_ns: node.new_pid_ns(1),
+        };
+        match crate::sys::proc::fork_with_pid(&how) {
             Ok(0) => node::node_main(ctx, r, None, node::Sharing::default()),
             Ok(c) => {
                 let c = Pid::from_raw(c);

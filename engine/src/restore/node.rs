@@ -80,8 +80,11 @@ fn setup_self(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
         .is_some_and(|c| ctx.plan.nodes[c].kind == NodeKind::Helper);
     if !creator_is_helper {
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+        // As cryo sees it (the init of a new pid namespace has no parent
+        // inside it: getppid is 0 there).
         let want = node.creator.map(|c| ctx.plan.nodes[c].pid).unwrap_or(-1);
-        if want > 0 && nix::unistd::getppid().as_raw() != want {
+        let parent = crate::pstree::stat(node.pid).map_or(-1, |s| s.ppid as i32);
+        if want > 0 && parent != want {
             return Err("the task creating this one died".into());
         }
     }
@@ -173,7 +176,15 @@ fn node_setup(
         });
         let share_fs = shares_fs(ctx, node, child);
         let share_files = shares_files(ctx, node, child);
-        match crate::sys::proc::fork_with_pid(child.pid, child.exit_signal, share_fs, share_files) {
+        let set_tid = child.set_tid();
+        let how = crate::sys::proc::NewTask {
+            set_tid: &set_tid,
+            exit_signal: child.exit_signal,
+            share_fs,
+            share_files,
+            new_pid_ns: child.new_pid_ns(node.depth()),
+        };
+        match crate::sys::proc::fork_with_pid(&how) {
             Ok(0) => {
                 let sharing = Sharing {
                     table: table.filter(|_| share_files),
@@ -193,7 +204,15 @@ fn node_setup(
     }
     report(ctx.status_w, STAGE_CREATED, pid);
     read_go(ctx.go[1])?;
-    sessions::join_group(node.join_pgid)?;
+    let pgid = match node.join_pgid {
+        0 => 0,
+        g => ctx
+            .tree
+            .pids
+            .seen_at(g as u32, node.depth())
+            .map_err(|e| format!("its process group {g}: {e}"))? as i32,
+    };
+    sessions::join_group(pgid)?;
     report(ctx.status_w, STAGE_JOINED, pid);
     read_go(ctx.go[2])?;
     sessions::give_back_foreground(ctx.tree, ctx.pty_masters, node)?;
@@ -255,7 +274,7 @@ fn sharers(ctx: &NodeCtx, idx: usize, shares: fn(&NodeCtx, &Node, &Node) -> bool
 fn collect_children(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
     for &c in &node.children {
         let child = &ctx.plan.nodes[c];
-        let cpid = Pid::from_raw(child.pid);
+        let cpid = Pid::from_raw(child.pid_at(node.depth()));
         match child.kind {
             NodeKind::Helper => {
                 let _ = nix::sys::wait::waitpid(cpid, None);

@@ -122,13 +122,19 @@ pub fn prepare(
     // above them). A table shared with other tasks is built by one of
     // them once the others keep their own above its floor.
     let status_fd = match table {
-        TableRole::Own => {
-            crate::restore::fdtable::install(img, ctx.files, status_w, &mut kept, None)?
-        }
+        TableRole::Own => crate::restore::fdtable::install(
+            img,
+            &ctx.tree.pids,
+            ctx.files,
+            status_w,
+            &mut kept,
+            None,
+        )?,
         TableRole::Builder(t, members) => {
             t.wait_members(members);
             let fd = crate::restore::fdtable::install(
                 img,
+                &ctx.tree.pids,
                 ctx.files,
                 status_w,
                 &mut kept,

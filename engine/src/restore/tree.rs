@@ -26,6 +26,9 @@ pub enum NodeKind {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub pid: i32,
+    /// Its pid at each level of its pid namespaces, cryo's first (`pid`
+    /// alone when all are cryo's).
+    pub tids: Vec<i32>,
     pub kind: NodeKind,
     /// The node that creates this one; None: cryo itself (a root).
     pub creator: Option<usize>,
@@ -45,11 +48,36 @@ pub struct Node {
 pub enum PlanError {
     #[error("{what}; restoring this session layout is not supported yet")]
     Unsupported { what: String },
+    #[error("{what}: such a pid namespace layout cannot be restored")]
+    PidNamespaces { what: String },
 }
 
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub nodes: Vec<Node>,
+}
+
+impl Node {
+    /// How many pid namespaces deep it is (1: cryo's).
+    pub fn depth(&self) -> usize {
+        self.tids.len().max(1)
+    }
+
+    /// Its pid as a task `depth` namespaces deep sees it (its creator, say).
+    pub fn pid_at(&self, depth: usize) -> i32 {
+        self.tids.get(depth.max(1) - 1).copied().unwrap_or(self.pid)
+    }
+
+    /// clone3's `set_tid`: its pids innermost first.
+    pub fn set_tid(&self) -> Vec<i32> {
+        self.tids.iter().rev().copied().collect()
+    }
+
+    /// Whether it is made in a new pid namespace by a creator `depth`
+    /// namespaces deep (1: cryo).
+    pub fn new_pid_ns(&self, depth: usize) -> bool {
+        self.depth() > depth
+    }
 }
 
 impl Plan {
@@ -64,6 +92,13 @@ impl Plan {
     pub fn build(t: &TreeImage) -> Result<Plan, PlanError> {
         // (pid, ppid, pgid, sid, exit_signal, kind)
         let mut ents: Vec<(i32, i32, i32, i32, i32, NodeKind)> = Vec::new();
+        let levels = |pid: i32| -> Vec<i32> {
+            t.pids
+                .levels(pid as u32)
+                .into_iter()
+                .map(|p| p as i32)
+                .collect()
+        };
         for (i, p) in t.procs.iter().enumerate() {
             let e = &p.pstree;
             ents.push((
@@ -92,6 +127,7 @@ impl Plan {
             .iter()
             .map(|&(pid, _, _, sid, exit_signal, kind)| Node {
                 pid,
+                tids: levels(pid),
                 kind,
                 creator: None,
                 children: Vec::new(),
@@ -125,9 +161,14 @@ impl Plan {
             .collect();
         // Helpers by the pid they stand in for.
         let mut helpers: BTreeMap<i32, usize> = BTreeMap::new();
+        // A helper is in its creator's pid namespace: its members' view of
+        // the leader's pid down to there.
         let new_helper = |nodes: &mut Vec<Node>, pid: i32, creator: usize, session: bool| {
+            let mut tids = levels(pid);
+            tids.truncate(nodes[creator].depth());
             nodes.push(Node {
                 pid,
+                tids,
                 kind: NodeKind::Helper,
                 creator: Some(creator),
                 children: Vec::new(),
@@ -204,6 +245,7 @@ impl Plan {
         for n in nodes.iter_mut() {
             n.children.sort_unstable();
         }
+        check_depths(&nodes)?;
         // A task sharing its parent's descriptor table is created by it.
         for n in &nodes {
             let NodeKind::Task(i) = n.kind else { continue };
@@ -222,4 +264,35 @@ impl Plan {
         }
         Ok(Plan { nodes })
     }
+}
+
+/// Each task is in its creator's pid namespace or one level below it (a
+/// root: below cryo's), with a pid at every level up to cryo's, and one
+/// it is the init of (pid 1 inside) when it is below.
+fn check_depths(nodes: &[Node]) -> Result<(), PlanError> {
+    for n in nodes {
+        let above = n.creator.map_or(1, |c| nodes[c].depth());
+        let what = if n.depth() < above || n.depth() > above + 1 {
+            format!(
+                "task {} is {} pid namespaces deep, the task creating it {above}",
+                n.pid,
+                n.depth()
+            )
+        } else if n.depth() > above && n.tids.last() != Some(&1) {
+            format!(
+                "task {} would be the first of a new pid namespace but has pid {:?} inside, not 1",
+                n.pid,
+                n.tids.last()
+            )
+        } else if n.tids.first() != Some(&n.pid) {
+            format!(
+                "task {}: its pids in its pid namespaces are inconsistent",
+                n.pid
+            )
+        } else {
+            continue;
+        };
+        return Err(PlanError::PidNamespaces { what });
+    }
+    Ok(())
 }

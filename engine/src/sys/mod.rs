@@ -7,6 +7,7 @@
 
 pub mod fd;
 pub mod fs;
+pub mod ipc;
 pub mod mem;
 pub mod ns;
 pub mod proc;
@@ -334,14 +335,13 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, pid: Pid, fd: i32) -> SysResult<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
-/// clone3 with an exact pid, like fork(): returns 0 in the child and the
-/// child's pid in the parent.
+/// clone3 with exact pids (`tids`: at each level, innermost first), like
+/// fork(): returns 0 in the child and the child's pid in the parent.
 ///
 /// # Safety
 /// The caller must be single-threaded, as with fork(): the child only has
 /// the calling thread, and locks held by other threads stay held.
-pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32, flags: u64) -> Result<i32, Errno> {
-    let tids = [pid];
+pub unsafe fn clone3_with_pid(tids: &[i32], exit_signal: i32, flags: u64) -> Result<i32, Errno> {
     let args = cryo_parasite::CloneArgs {
         flags,
         pidfd: 0,
@@ -352,7 +352,7 @@ pub unsafe fn clone3_with_pid(pid: i32, exit_signal: i32, flags: u64) -> Result<
         stack_size: 0,
         tls: 0,
         set_tid: tids.as_ptr() as u64,
-        set_tid_size: 1,
+        set_tid_size: tids.len() as u64,
         cgroup: 0,
     };
     // SAFETY: `args` and `tids` live across the call; without CLONE_VM the

@@ -29,24 +29,35 @@ fn field(b: &[libc::c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// The host and domain names of the UTS namespace open at `ns`, read by
-/// a thread of ours that enters it (a thread's UTS namespace is its own;
-/// the thread ends right after).
-pub fn uts_names(ns: OwnedFd) -> io::Result<(String, String)> {
+/// `f`, run by a thread of ours that enters the namespace open at `ns`
+/// first (`kind`: CLONE_NEWUTS, CLONE_NEWIPC: kinds a thread has of its
+/// own); the thread ends right after.
+pub fn in_namespace<T: Send>(
+    ns: OwnedFd,
+    kind: nix::sched::CloneFlags,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(move || {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)
-                .map_err(io::Error::from)?;
-            // SAFETY: zeroed is a valid utsname; uname fills it.
-            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-            // SAFETY: uname writes into the local struct.
-            if unsafe { libc::uname(&mut u) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok((field(&u.nodename), field(&u.domainname)))
+            nix::sched::setns(&ns, kind).map_err(io::Error::from)?;
+            f()
         })
         .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the thread reading the names panicked")))
+        .unwrap_or_else(|_| Err(io::Error::other("the thread in the namespace panicked")))
+    })
+}
+
+/// The host and domain names of the UTS namespace open at `ns`, read by
+/// a thread of ours that enters it.
+pub fn uts_names(ns: OwnedFd) -> io::Result<(String, String)> {
+    in_namespace(ns, nix::sched::CloneFlags::CLONE_NEWUTS, || {
+        // SAFETY: zeroed is a valid utsname; uname fills it.
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: uname writes into the local struct.
+        if unsafe { libc::uname(&mut u) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((field(&u.nodename), field(&u.domainname)))
     })
 }
 
@@ -62,4 +73,93 @@ pub fn new_uts(host: &str, domain: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// CLOCK_MONOTONIC and CLOCK_BOOTTIME of this process's time namespace,
+/// in nanoseconds.
+pub fn clocks_ns() -> io::Result<(i64, i64)> {
+    let read = |id| {
+        nix::time::clock_gettime(id)
+            .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+            .map_err(io::Error::from)
+    };
+    Ok((
+        read(nix::time::ClockId::CLOCK_MONOTONIC)?,
+        read(nix::time::ClockId::CLOCK_BOOTTIME)?,
+    ))
+}
+
+/// Put this (single-threaded) process in a new time namespace whose
+/// CLOCK_MONOTONIC and CLOCK_BOOTTIME are these many nanoseconds ahead of
+/// the host's: unshare makes it for the children, its offsets are set
+/// before any task is in it, and setns enters it.
+pub fn new_time(monotonic_ns: i64, boottime_ns: i64) -> io::Result<()> {
+    use std::io::Write;
+    // SAFETY: unshare takes a flag; CLONE_NEWTIME only changes the time
+    // namespace this process's next children are made in.
+    if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // "CLOCKID SECONDS NANOSECONDS", the nanoseconds in [0, 1e9).
+    let line = |clock: i32, ns: i64| {
+        format!(
+            "{clock} {} {}\n",
+            ns.div_euclid(1_000_000_000),
+            ns.rem_euclid(1_000_000_000)
+        )
+    };
+    let text = line(libc::CLOCK_MONOTONIC, monotonic_ns) + &line(libc::CLOCK_BOOTTIME, boottime_ns);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/timens_offsets")?
+        .write_all(text.as_bytes())?;
+    let ns = std::fs::File::open("/proc/self/ns/time_for_children")?;
+    // SAFETY: setns takes a descriptor we hold open and a flag; entering
+    // the time namespace changes only this process's clocks (and vdso
+    // data), which is the point.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWTIME) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The POSIX message queues of this thread's IPC namespace, by name: the
+/// thread takes a mount namespace of its own (unshare, every mount made
+/// private so nothing reaches cryo's) and mounts the namespace's mqueue
+/// filesystem on a fresh directory, removed after. Call it on a thread
+/// that ends soon (its mount namespace goes with it).
+pub fn mqueue_names() -> io::Result<Vec<String>> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)?;
+    let dir = std::env::temp_dir().join(format!(
+        "cryo-mqueue-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir(&dir)?;
+    let listed = mount(
+        Some("mqueue"),
+        &dir,
+        Some("mqueue"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+    .and_then(|_| {
+        let names = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        let _ = umount2(&dir, MntFlags::MNT_DETACH);
+        Ok(names)
+    });
+    let _ = std::fs::remove_dir(&dir);
+    listed
 }

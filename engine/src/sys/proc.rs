@@ -85,7 +85,7 @@ pub fn clone3_exiting(pid: i32) -> Result<i32, Errno> {
     // child inherits locks other threads may hold; this child takes none:
     // back from the call, it leaves with a raw exit system call before
     // anything else runs.
-    let r = unsafe { super::clone3_with_pid(pid, libc::SIGCHLD, 0) }?;
+    let r = unsafe { super::clone3_with_pid(&[pid], libc::SIGCHLD, 0) }?;
     if r == 0 {
         // SAFETY: in the child of the clone3 above: a raw exit syscall ends
         // this (single-threaded) process at once; _exit is the fallback and
@@ -148,18 +148,27 @@ fn own_threads() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// clone3 with exactly pid `pid` (set_tid) and `exit_signal`, like fork()
-/// (sharing the filesystem information with `share_fs`): returns 0 in the
-/// child and the child's pid in the parent. Refused with
+/// How a task of a restore is made.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTask<'a> {
+    /// Its pid at each level, innermost first (clone3 `set_tid`).
+    pub set_tid: &'a [i32],
+    pub exit_signal: i32,
+    /// Sharing the filesystem information (CLONE_FS), the descriptor
+    /// table (CLONE_FILES) with its creator.
+    pub share_fs: bool,
+    pub share_files: bool,
+    /// The init of a new pid namespace (CLONE_NEWPID).
+    pub new_pid_ns: bool,
+}
+
+/// clone3 with exactly the pids of `t` (set_tid) and its exit signal,
+/// like fork(), sharing what it says: returns 0 in the child and the
+/// child's pid (as this process sees it) in the parent. Refused with
 /// EDEADLK unless this process runs one thread only (the child of a
 /// multi-threaded process could inherit locks that no thread of it will
 /// ever release), which is what makes it safe to call.
-pub fn fork_with_pid(
-    pid: i32,
-    exit_signal: i32,
-    share_fs: bool,
-    share_files: bool,
-) -> Result<i32, Errno> {
+pub fn fork_with_pid(t: &NewTask) -> Result<i32, Errno> {
     // Worker threads just joined may take a moment to leave the thread
     // group (the kernel counts them until their exit completes).
     let mut waited = 0;
@@ -170,17 +179,24 @@ pub fn fork_with_pid(
         std::thread::sleep(std::time::Duration::from_millis(1));
         waited += 1;
     }
-    let mut flags = if share_fs { libc::CLONE_FS as u64 } else { 0 };
-    if share_files {
-        flags |= libc::CLONE_FILES as u64;
+    let mut flags = 0u64;
+    for (on, flag) in [
+        (t.share_fs, libc::CLONE_FS),
+        (t.share_files, libc::CLONE_FILES),
+        (t.new_pid_ns, libc::CLONE_NEWPID),
+    ] {
+        if on {
+            flags |= flag as u64;
+        }
     }
     // SAFETY: this process is single-threaded (checked just above; a
     // single-threaded process cannot gain a thread between the check and
     // the call, as only this thread could make one); CLONE_FS only shares
     // the working directory, root and umask with the child, CLONE_FILES
     // the descriptor table (the restore orders who changes it, see
-    // files::table).
-    unsafe { super::clone3_with_pid(pid, exit_signal, flags) }
+    // files::table); CLONE_NEWPID only puts the child in a new pid
+    // namespace.
+    unsafe { super::clone3_with_pid(t.set_tid, t.exit_signal, flags) }
 }
 
 /// Block every signal of this thread.

@@ -19,17 +19,25 @@ const MREMAP_MAYMOVE: usize = 1;
 const MREMAP_FIXED: usize = 2;
 const MAP_FIXED: usize = 0x10;
 
-fn fail(fd: i32, stage: u32, index: usize, err: isize) -> ! {
+/// Where a task's status records go, and the pid they carry (cryo's view
+/// of the process: its getpid differs inside a pid namespace of its own).
+#[derive(Clone, Copy)]
+struct Sfd {
+    fd: i32,
+    pid: u32,
+}
+
+fn fail(s: Sfd, stage: u32, index: usize, err: isize) -> ! {
     let st = RStatus {
         stage,
         index: index as u32,
         err: err as i64,
-        pid: syscall0(SYS_GETPID) as u32,
+        pid: s.pid,
         _pad: 0,
     };
     syscall3(
         SYS_WRITE,
-        fd as usize,
+        s.fd as usize,
         &st as *const RStatus as usize,
         size_of::<RStatus>(),
     );
@@ -49,15 +57,15 @@ unsafe fn slice<'a, T>(ptr: u64, n: u64) -> &'a [T] {
     unsafe { core::slice::from_raw_parts(ptr as *const T, n as usize) }
 }
 
-fn check(fd: i32, stage: u32, index: usize, r: isize) {
+fn check(s: Sfd, stage: u32, index: usize, r: isize) {
     if r < 0 {
-        fail(fd, stage, index, r);
+        fail(s, stage, index, r);
     }
 }
 
 /// Write `uid` in decimal to /proc/self/loginuid, open as `fd` (the
 /// kernel lets only the task itself write it), and close it.
-fn restore_loginuid(sfd: i32, fd: i64, uid: u32) {
+fn restore_loginuid(sfd: Sfd, fd: i64, uid: u32) {
     // Decimal digits, written from the end of the buffer.
     let mut text = [0u8; 10];
     let mut at = text.len();
@@ -82,7 +90,7 @@ fn restore_loginuid(sfd: i32, fd: i64, uid: u32) {
 
 /// Switch to the dumped credentials. Capabilities survive the uid change
 /// (SECBIT_NO_SETUID_FIXUP) until capset sets the dumped ones.
-fn restore_creds(sfd: i32, c: &RCreds) {
+fn restore_creds(sfd: Sfd, c: &RCreds) {
     const PR_CAPBSET_READ: usize = 23;
     const PR_CAPBSET_DROP: usize = 24;
     const PR_GET_SECUREBITS: usize = 27;
@@ -170,7 +178,7 @@ fn restore_creds(sfd: i32, c: &RCreds) {
 /// robust futex list, name and rseq registration (rseq_cs written back).
 #[allow(clippy::too_many_arguments)]
 fn own_thread_state(
-    sfd: i32,
+    sfd: Sfd,
     stage: u32,
     clear_child_tid: u64,
     robust_list: u64,
@@ -206,7 +214,7 @@ fn own_thread_state(
 
 /// Queue this thread's own pending signals again (private ones with
 /// rt_tgsigqueueinfo to itself, shared ones to the process).
-fn queue_own_signals(sfd: i32, ptr: u64, n: u64) {
+fn queue_own_signals(sfd: Sfd, ptr: u64, n: u64) {
     let pid = syscall0(SYS_GETPID) as usize;
     let tid = syscall0(SYS_GETTID) as usize;
     // SAFETY: ptr/n describe an RSiginfo array in the bootstrap area.
@@ -244,7 +252,7 @@ const CLONE_SYSVSEM: u64 = 0x40000;
 unsafe fn spawn_thread(t: *const RThread) -> isize {
     // SAFETY: the caller guarantees `t` is valid.
     let th = unsafe { &*t };
-    let set_tid = [th.tid as i32];
+
     let cl = CloneArgs {
         flags: CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM,
         pidfd: 0,
@@ -254,8 +262,8 @@ unsafe fn spawn_thread(t: *const RThread) -> isize {
         stack: th.stack,
         stack_size: th.stack_size,
         tls: 0,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
+        set_tid: th.set_tid,
+        set_tid_size: th.set_tid_size,
         cgroup: 0,
     };
     let ret: isize;
@@ -294,7 +302,10 @@ unsafe fn spawn_thread(t: *const RThread) -> isize {
 unsafe extern "C" fn thread_main(t: *const RThread) -> ! {
     // SAFETY: spawn_thread passes the RThread its caller vouched for.
     let t = unsafe { &*t };
-    let sfd = t.status_fd;
+    let sfd = Sfd {
+        fd: t.status_fd,
+        pid: t.report_pid,
+    };
     own_thread_state(
         sfd,
         STAGE_THREAD,
@@ -345,7 +356,10 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
     // SAFETY: the engine wrote a RestoreArgs at this address inside the
     // bootstrap area, which is never unmapped here.
     let a = unsafe { &*a };
-    let sfd = a.status_fd;
+    let sfd = Sfd {
+        fd: a.status_fd,
+        pid: a.report_pid as u32,
+    };
 
     // 1. Drop our own rseq registration before its memory goes away.
     if a.own_rseq_ptr != 0 {
@@ -686,16 +700,16 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
         stage: STAGE_DONE,
         index: 0,
         err: 0,
-        pid: syscall0(SYS_GETPID) as u32,
+        pid: sfd.pid,
         _pad: 0,
     };
     syscall3(
         SYS_WRITE,
-        sfd as usize,
+        sfd.fd as usize,
         &done as *const RStatus as usize,
         size_of::<RStatus>(),
     );
-    syscall1(SYS_CLOSE, sfd as usize);
+    syscall1(SYS_CLOSE, sfd.fd as usize);
     syscall2(SYS_ARCH_PRCTL, 0x1002, a.fs_base as usize); // ARCH_SET_FS
     syscall2(SYS_ARCH_PRCTL, 0x1001, a.gs_base as usize); // ARCH_SET_GS
                                                           // SAFETY: the engine built the frame in the bootstrap area (kept

@@ -280,10 +280,35 @@ fn namespaces_text(img: &Image, s: &mut String) {
     }
     let _ = writeln!(s, "\nnamespaces of the tree's own (* below):");
     for n in &img.namespaces {
-        let state = match &n.uts {
+        let mut state = match &n.uts {
             Some(u) => format!(" hostname {:?} domainname {:?}", u.hostname, u.domainname),
             None => String::new(),
         };
+        if let Some(i) = &n.ipc {
+            let stored: usize = i.shm.iter().map(|s| s.contents.len()).sum();
+            let messages: usize = i.msg.iter().map(|q| q.messages.len()).sum();
+            state += &format!(
+                " System V: {} shared memory segment(s) ({stored} bytes stored), {} semaphore set(s), {} message queue(s) ({messages} messages), {} limits",
+                i.shm.len(),
+                i.sem.len(),
+                i.msg.len(),
+                i.sysctls.len()
+            );
+        }
+        if let Some(t) = &n.time {
+            let secs = |ns: i64| {
+                format!(
+                    "{:+}.{:09}",
+                    ns.div_euclid(1_000_000_000),
+                    ns.rem_euclid(1_000_000_000)
+                )
+            };
+            state += &format!(
+                " clocks ahead of the host's: monotonic {} s, boottime {} s",
+                secs(t.monotonic_offset_ns),
+                secs(t.boottime_offset_ns)
+            );
+        }
         let _ = writeln!(
             s,
             "  {}:[{}] owner user:[{}] processes {}{state}",
@@ -505,8 +530,16 @@ fn to_text(img: &Image, dir: &Path) -> String {
         "  {:<16} {:>7} {:>7} {:>7} {:<12} COMMAND",
         "PID", "PPID", "PGID", "SID", "THREADS"
     );
+    if img.pstree.iter().any(|e| e.ns_pids.len() > 1) {
+        let _ = writeln!(s, "  (PID [its pids inside nested pid namespaces])");
+    }
     for (depth, e) in tree_order(&img.pstree) {
-        let pid = format!("{}{}", "  ".repeat(depth), e.pid);
+        // Its pids inside its pid namespaces, outermost first.
+        let inner = match e.ns_pids.get(1..) {
+            Some(levels) if !levels.is_empty() => format!(" [{}]", ids(levels)),
+            _ => String::new(),
+        };
+        let pid = format!("{}{}{inner}", "  ".repeat(depth), e.pid);
         let what = if e.zombie {
             format!(
                 "<zombie: {}> ",
