@@ -38,6 +38,7 @@ pub fn record_message(kind: Kind, record: usize) -> Option<&'static str> {
         Kind::Fdinfo => "cryo.FdEntry",
         Kind::Files => "cryo.FileEntry",
         Kind::Namespaces => "cryo.NamespaceEntry",
+        Kind::Cgroups => "cryo.CgroupDir",
         Kind::Pages => return None,
     })
 }

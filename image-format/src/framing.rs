@@ -21,6 +21,7 @@ pub const INVENTORY_FILE: &str = "inventory.img";
 pub const PSTREE_FILE: &str = "pstree.img";
 pub const FILES_FILE: &str = "files.img";
 pub const NAMESPACES_FILE: &str = "namespaces.img";
+pub const CGROUPS_FILE: &str = "cgroups.img";
 
 /// `core-<tid>.img`
 pub fn core_file(tid: u32) -> String {
@@ -55,10 +56,11 @@ pub enum Kind {
     Fdinfo,
     Files,
     Namespaces,
+    Cgroups,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Inventory,
         Kind::Pstree,
         Kind::Core,
@@ -68,6 +70,7 @@ impl Kind {
         Kind::Fdinfo,
         Kind::Files,
         Kind::Namespaces,
+        Kind::Cgroups,
     ];
 
     pub fn magic(self) -> [u8; 4] {
@@ -81,6 +84,7 @@ impl Kind {
             Kind::Fdinfo => *b"FDIN",
             Kind::Files => *b"FILE",
             Kind::Namespaces => *b"NSPC",
+            Kind::Cgroups => *b"CGRP",
         }
     }
 
@@ -100,6 +104,7 @@ impl Kind {
             Kind::Fdinfo => "fdinfo",
             Kind::Files => "files",
             Kind::Namespaces => "namespaces",
+            Kind::Cgroups => "cgroups",
         }
     }
 

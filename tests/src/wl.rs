@@ -165,6 +165,37 @@ pub fn read_exact(fd: c_int, buf: &mut [u8]) -> bool {
     true
 }
 
+/// One line from `fd`, without its newline (what came before the end of
+/// file, if that came first).
+pub fn read_line(fd: c_int) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while read_exact(fd, &mut b) && b[0] != b'\n' {
+        out.push(b[0]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A child's loop: close the descriptors it inherited that are not its
+/// own (`close`: the command pipes' write ends), then on each byte from
+/// `cmd` write `answer()` and a newline to `back`; once `cmd` ends,
+/// collect its own children and exit.
+pub fn serve(cmd: c_int, back: c_int, close: &[c_int], answer: impl Fn() -> String) -> ! {
+    for &fd in close {
+        // SAFETY: closing inherited descriptors that are not ours to keep.
+        unsafe { libc::close(fd) };
+    }
+    let mut b = [0u8; 1];
+    while read_exact(cmd, &mut b) {
+        write_fd(back, format!("{}\n", answer()).as_bytes());
+    }
+    // SAFETY: collect our children, then end at once.
+    unsafe {
+        while libc::wait(std::ptr::null_mut()) > 0 {}
+        libc::_exit(0)
+    }
+}
+
 /// Write `data` to `path` through a temporary file and a rename, so a
 /// reader never sees half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

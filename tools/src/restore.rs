@@ -19,6 +19,18 @@ pub struct RestoreArgs {
     /// sees it: a container's init, not its pid 1 inside) to FILE.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    /// What to do with the tree's cgroups: none (join them, they must
+    /// exist), props (they must exist; write their settings), soft (make
+    /// missing ones with their settings; report existing ones that differ),
+    /// full (make missing ones; write settings to all), strict (make
+    /// missing ones; refuse existing ones that differ), ignore (stay in
+    /// cryo's cgroups).
+    #[arg(long, value_name = "MODE", default_value = "soft")]
+    pub manage_cgroups: cryo_engine::cgroup::props::Manage,
+    /// Put the tree's cgroups under this cgroup (in every hierarchy): it
+    /// takes the place of the deepest cgroup they all share.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<String>,
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
@@ -31,8 +43,12 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
             std::fs::File::create(p).map_err(|e| anyhow::anyhow!("--pidfile {}: {e}", p.display()))
         })
         .transpose()?;
-    let r = restore(&RestoreOptions { dir: a.dir.clone() })
-        .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
+    let r = restore(&RestoreOptions {
+        dir: a.dir.clone(),
+        manage_cgroups: a.manage_cgroups,
+        cgroup_root: a.cgroup_root.clone(),
+    })
+    .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");
     if let (Some(mut f), Some(p)) = (pidfile, a.pidfile.as_ref()) {
         use std::io::Write;

@@ -442,6 +442,7 @@ fn write_image(
     tree: &Tree,
     files: &[FileEntry],
     namespaces: &[cryo_image::proto::NamespaceEntry],
+    cgroups: &[cryo_image::proto::CgroupDir],
 ) -> Result<(TransferStats, u64)> {
     let mut written: Vec<ImageFileInfo> = Vec::new();
     let mut entries: Vec<PstreeEntry> = Vec::new();
@@ -470,6 +471,14 @@ fn write_image(
         let mut w = ImageWriter::create(&opts.dir, cryo_image::NAMESPACES_FILE, Kind::Namespaces)?;
         for e in namespaces {
             w.write(e)?;
+        }
+        written.push(w.finish()?);
+    }
+    if !cgroups.is_empty() {
+        write_step(cryo_image::CGROUPS_FILE)?;
+        let mut w = ImageWriter::create(&opts.dir, cryo_image::CGROUPS_FILE, Kind::Cgroups)?;
+        for c in cgroups {
+            w.write(c)?;
         }
         written.push(w.finish()?);
     }
@@ -607,13 +616,17 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         })
         .collect();
     let namespaces = crate::ns::collect(&ns_procs)?;
+    let cgroups = crate::cgroup::props::collect(
+        caps.iter()
+            .flat_map(|c| c.core.process.iter().flat_map(|p| p.cgroups.iter())),
+    );
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
         cure_all(&mut tree, &guard)?;
         frozen = frozen_at.elapsed();
     }
-    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, &files, &namespaces)?;
+    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, &files, &namespaces, &cgroups)?;
     if !opts.leave_running {
         kill_all(&mut tree)?;
         frozen = frozen_at.elapsed();

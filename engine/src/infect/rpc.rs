@@ -440,14 +440,24 @@ impl Victim {
             );
             let pid = self.pid;
             ptrace::interrupt(pid).map_err(ptrace_err("INTERRUPT", pid))?;
+            // Not a blocking wait: a task killed from outside meanwhile may
+            // be a zombie leader whose exit is reported only once its other
+            // threads (ours to reap) are gone.
+            let gone = || InfectError::Gone {
+                pid: pid.as_raw(),
+                status: "exited".into(),
+            };
             loop {
-                match waitpid(pid, Some(WaitPidFlag::__WALL)).map_err(ptrace_err("wait", pid))? {
+                let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+                match waitpid(pid, Some(flags)).map_err(ptrace_err("wait", pid))? {
                     WaitStatus::PtraceEvent(..) | WaitStatus::Stopped(..) => break,
-                    WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                        return Err(InfectError::Gone {
-                            pid: pid.as_raw(),
-                            status: "exited".into(),
-                        })
+                    WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Err(gone()),
+                    WaitStatus::StillAlive => {
+                        let state = crate::pstree::stat(pid.as_raw()).map(|s| s.state);
+                        if matches!(state, None | Some('Z' | 'X')) {
+                            return Err(gone());
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
                     }
                     _ => {}
                 }

@@ -131,6 +131,8 @@ pub struct TreeImage {
     pub namespaces: Vec<cryo_image::proto::NamespaceEntry>,
     /// Every pid of the tree at each level of its pid namespaces.
     pub pids: PidMap,
+    /// The tree's cgroups with their settings (cgroups.img).
+    pub cgroups: Vec<cryo_image::proto::CgroupDir>,
 }
 
 impl TreeImage {
@@ -258,6 +260,26 @@ impl TreeImage {
                 namespaces.push(e);
             }
         }
+        // Written only when a task was in a cgroup other than a root; the
+        // paths and setting names must be plain.
+        let mut cgroups = Vec::new();
+        if listed.contains(cryo_image::CGROUPS_FILE) {
+            let mut r = ImageReader::open(dir, cryo_image::CGROUPS_FILE, Kind::Cgroups)?;
+            while let Some(c) = r.next::<cryo_image::proto::CgroupDir>()? {
+                let plain = |s: &str| !s.is_empty() && !s.contains('/') && !s.starts_with('.');
+                if !c.path.starts_with('/')
+                    || c.path.split('/').any(|p| p == "..")
+                    || !c.settings.iter().all(|s| plain(&s.name))
+                    || !c.enabled.iter().all(|e| plain(e))
+                {
+                    return Err(invalid(
+                        cryo_image::CGROUPS_FILE,
+                        format!("cgroup {:?}: a path or setting that is not plain", c.path),
+                    ));
+                }
+                cgroups.push(c);
+            }
+        }
         // Without namespaces.img every namespace was the dumping cryo's
         // (so are those of images made before it existed).
         if namespaces.is_empty() {
@@ -307,6 +329,7 @@ impl TreeImage {
             zombies,
             namespaces,
             pids,
+            cgroups,
         })
     }
 }

@@ -50,6 +50,8 @@ pub enum RestoreError {
     },
     #[error("restoring the tree of task {pid}: {what}")]
     Plan { pid: i32, what: String },
+    #[error("restoring the cgroups of the tree of task {pid}: {what}")]
+    Cgroups { pid: i32, what: String },
     #[error("pid {pid} is in use by {holder}; cannot restore the task with its pid")]
     PidTaken { pid: i32, holder: String },
     #[error("creating task with pid {pid}: {errno}")]
@@ -106,6 +108,21 @@ type Result<T> = std::result::Result<T, RestoreError>;
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub dir: PathBuf,
+    /// What is done with the tree's cgroups (CRIU's --manage-cgroups).
+    pub manage_cgroups: crate::cgroup::props::Manage,
+    /// Restore the tree's cgroups under this one (--cgroup-root).
+    pub cgroup_root: Option<String>,
+}
+
+impl RestoreOptions {
+    /// Restore the image in `dir` with the default settings.
+    pub fn new(dir: impl Into<PathBuf>) -> RestoreOptions {
+        RestoreOptions {
+            dir: dir.into(),
+            manage_cgroups: Default::default(),
+            cgroup_root: None,
+        }
+    }
 }
 
 /// A restored, running task.
@@ -311,6 +328,20 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go2_r, go2_w) = pipe()?;
     let shared = make_shared(&tree)?;
     fault("files")?;
+    let memberships = tree
+        .procs
+        .iter()
+        .flat_map(|p| p.core.process.iter().flat_map(|pc| pc.cgroups.iter()));
+    let mut cgroups = crate::cgroup::props::prepare(
+        &tree.cgroups,
+        memberships,
+        opts.manage_cgroups,
+        opts.cgroup_root.as_deref(),
+    )
+    .map_err(|what| {
+        remove_socket_files(&shared.socket_files);
+        RestoreError::Cgroups { pid: root, what }
+    })?;
     let file_fds = raw_fds(&shared.files);
     let shm_fds = raw_fds(&shared.shm);
     let pty_masters: HashMap<u32, RawFd> = tree.procs[0]
@@ -329,6 +360,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         status_w: status_w.as_raw_fd(),
         cpu_timer_slack_us: crate::sys::proc::cpu_itimer_slack_us(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
+        cgroups: &cgroups.targets,
     };
     let mut roots: Vec<Pid> = Vec::new();
     let started = spawn_roots(&ctx, &mut roots);
@@ -357,6 +389,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             tracing::warn!("restore failed ({e}); killing every task it made");
             kill_all(&roots, all_tids(&tree, &plan));
             remove_socket_files(&shared.socket_files);
+            cgroups.remove_created();
             Err(e)
         }
     }

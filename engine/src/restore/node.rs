@@ -43,6 +43,8 @@ pub struct NodeCtx<'a> {
     /// Read ends of the three barriers: traced (roots), all created, all
     /// in their groups.
     pub go: [RawFd; 3],
+    /// Where each dumped cgroup (hierarchy, path) is here.
+    pub cgroups: &'a HashMap<(u32, String), std::path::PathBuf>,
 }
 
 /// The memory of the task that creates a node, when it is the node's

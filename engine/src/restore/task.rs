@@ -51,7 +51,7 @@ pub fn prepare_memory(
     let pc = img.core.process.clone().unwrap_or_default();
     // Back into the dumped cgroups first, so that the memory set up below
     // is charged to them.
-    cgroup::join(&pc.cgroups)?;
+    cgroup::join(&pc.cgroups, ctx.cgroups)?;
     // Namespaces other than its parent's are made here (a root's parent is
     // cryo, in the restoring cryo's own).
     let parent_ns = ctx

@@ -93,35 +93,6 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or("")
 }
 
-fn read_line(fd: i32) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while wl::read_exact(fd, &mut b) && b[0] != b'\n' {
-        out.push(b[0]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A child's loop: `before` runs, then on each byte from `cmd`, `line()`
-/// on `back`; it ends when `cmd` closes, after collecting its own
-/// children. The command pipes' write ends it inherited (`ends`) are
-/// closed first.
-fn serve(cmd: i32, back: i32, ends: &[i32], line: fn() -> String) -> ! {
-    for &fd in ends {
-        // SAFETY: closing inherited write ends that are not ours to keep.
-        unsafe { libc::close(fd) };
-    }
-    let mut b = [0u8; 1];
-    while wl::read_exact(cmd, &mut b) {
-        wl::write_fd(back, format!("{}\n", line()).as_bytes());
-    }
-    // SAFETY: collect our children, then end at once.
-    unsafe {
-        while libc::wait(std::ptr::null_mut()) > 0 {}
-        libc::_exit(0)
-    }
-}
-
 /// fork(); the child runs `before`, then serves on `cmd`.
 fn fork_serving(
     cmd: i32,
@@ -135,7 +106,7 @@ fn fork_serving(
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         before();
-        serve(cmd, back, ends, line)
+        wl::serve(cmd, back, ends, line)
     }
     if pid < 0 {
         return Err(os_err("fork"));
@@ -209,7 +180,7 @@ impl Kids {
             .iter()
             .map(|&c| {
                 wl::write_fd(c, b"?");
-                read_line(self.back)
+                wl::read_line(self.back)
             })
             .collect()
     }
@@ -279,7 +250,7 @@ fn init_a(a: &wl::Args) -> Result<Vec<String>, String> {
                         // SAFETY: ends the child at once.
                         unsafe { libc::_exit(4) };
                     }
-                    serve(to_i2[0], back[1], &ends, ids)
+                    wl::serve(to_i2[0], back[1], &ends, ids)
                 }
                 Ok(_) => {}
                 // SAFETY: ends the child at once.

@@ -68,36 +68,9 @@ fn parse(line: &str) -> Option<Clocks> {
     })
 }
 
-fn read_line(fd: i32) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while wl::read_exact(fd, &mut b) && b[0] != b'\n' {
-        out.push(b[0]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A child's loop: on each byte from `cmd`, its answer on `back`; it ends
-/// when `cmd` closes, after collecting its children.
-fn serve(cmd: i32, back: i32, ends: &[i32]) -> ! {
-    for &fd in ends {
-        // SAFETY: closing inherited write ends that are not ours to keep.
-        unsafe { libc::close(fd) };
-    }
-    let mut b = [0u8; 1];
-    while wl::read_exact(cmd, &mut b) {
-        wl::write_fd(back, format!("{}\n", answer()).as_bytes());
-    }
-    // SAFETY: collect our children, then end at once.
-    unsafe {
-        while libc::wait(std::ptr::null_mut()) > 0 {}
-        libc::_exit(0)
-    }
-}
-
 fn ask(cmd: i32, back: i32) -> Result<Clocks, String> {
     wl::write_fd(cmd, b"?");
-    let line = read_line(back);
+    let line = wl::read_line(back);
     parse(&line).ok_or_else(|| format!("a child answered {line:?}"))
 }
 
@@ -123,9 +96,9 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         // SAFETY: as above, in C.
         let g = unsafe { libc::fork() };
         if g == 0 {
-            serve(to_g[0], back[1], &theirs)
+            wl::serve(to_g[0], back[1], &theirs, answer)
         }
-        serve(to_c[0], back[1], &theirs)
+        wl::serve(to_c[0], back[1], &theirs, answer)
     }
     if c < 0 {
         return Err(os_err("fork"));

@@ -62,32 +62,6 @@ fn uts_link(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-fn read_line(fd: i32) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while wl::read_exact(fd, &mut b) && b[0] != b'\n' {
-        out.push(b[0]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A child's loop: on each byte from `cmd`, its names on `back`; it ends
-/// when `cmd` closes (the parent's end: every process closes the
-/// command pipes' write ends it inherited, `ends`).
-fn serve(cmd: i32, back: i32, ends: &[i32]) -> ! {
-    for &fd in ends {
-        // SAFETY: closing inherited write ends that are not ours to keep.
-        unsafe { libc::close(fd) };
-    }
-    let mut b = [0u8; 1];
-    while wl::read_exact(cmd, &mut b) {
-        let (h, d) = names();
-        wl::write_fd(back, format!("{h} {d}\n").as_bytes());
-    }
-    // SAFETY: ends the child at once.
-    unsafe { libc::_exit(0) }
-}
-
 /// fork(); the child serves on `cmd` after `before` ran.
 fn fork_serving(cmd: i32, back: i32, ends: &[i32], before: impl FnOnce()) -> Result<i32, String> {
     // SAFETY: fork of this single-threaded process; the child runs
@@ -95,7 +69,10 @@ fn fork_serving(cmd: i32, back: i32, ends: &[i32], before: impl FnOnce()) -> Res
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         before();
-        serve(cmd, back, ends)
+        wl::serve(cmd, back, ends, || {
+            let (h, d) = names();
+            format!("{h} {d}")
+        })
     }
     if pid < 0 {
         return Err(os_err("fork"));
@@ -184,7 +161,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         ("G", to_g[1], "cryo-uts-b cryo-dom-b"),
     ] {
         wl::write_fd(cmd, b"?");
-        let said = read_line(back[0]);
+        let said = wl::read_line(back[0]);
         // Back in the host's namespace, C1 has the host's names.
         if said != want && !(back_to_host && who == "C1") {
             fails.push(format!("{who} says its names are {said:?}, not {want:?}"));

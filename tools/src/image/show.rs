@@ -30,6 +30,8 @@ struct Image {
     dir_files: Vec<(String, u64, bool)>,
     /// The namespaces that were not the dumping cryo's (namespaces.img).
     namespaces: Vec<cryo_image::proto::NamespaceEntry>,
+    /// The tree's cgroups with their settings (cgroups.img).
+    cgroups: Vec<cryo_image::proto::CgroupDir>,
 }
 
 fn hex(v: u64) -> String {
@@ -69,6 +71,11 @@ impl Image {
         } else {
             Vec::new()
         };
+        let cgroups = if listed.contains(cryo_image::CGROUPS_FILE) {
+            load::read_all(dir, cryo_image::CGROUPS_FILE, cryo_image::Kind::Cgroups)?
+        } else {
+            Vec::new()
+        };
         Ok(Image {
             inventory,
             pstree,
@@ -77,6 +84,7 @@ impl Image {
             files,
             dir_files,
             namespaces,
+            cgroups,
         })
     }
 
@@ -560,6 +568,31 @@ fn to_text(img: &Image, dir: &Path) -> String {
         let _ = writeln!(s, "{}", line.trim_end());
     }
     namespaces_text(img, &mut s);
+    if !img.cgroups.is_empty() {
+        let _ = writeln!(
+            s,
+            "\ncgroups of the tree (made again by the restore where missing):"
+        );
+        for c in &img.cgroups {
+            let settings: Vec<String> = c
+                .settings
+                .iter()
+                .map(|x| format!("{}={}", x.name, x.value.replace('\n', ";")))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {} (hierarchy {} {}) {}",
+                c.path,
+                c.hierarchy,
+                if c.controllers.is_empty() {
+                    "cgroup2"
+                } else {
+                    &c.controllers
+                },
+                settings.join(" ")
+            );
+        }
+    }
 
     for (ti, t) in img.tasks.iter().enumerate() {
         let e = &t.entry;

@@ -72,6 +72,7 @@ struct Decoded {
     fdinfos: BTreeMap<u32, Vec<FdEntry>>,
     pages: BTreeSet<u32>,
     namespaces: Vec<cryo_image::proto::NamespaceEntry>,
+    cgroups: Vec<cryo_image::proto::CgroupDir>,
 }
 
 pub fn run(dir: &Path) -> anyhow::Result<i32> {
@@ -99,6 +100,7 @@ pub fn run(dir: &Path) -> anyhow::Result<i32> {
     check_tasks(&mut rep, &d, &regular, &mut missing, root_pid);
     check_cores(&mut rep, &d);
     tasks::check_namespaces(&mut rep, &d);
+    tasks::check_cgroups(&mut rep, &d);
     check_mms(&mut rep, &d);
     let (pages_checked, unreadable) = check_pagemaps(&mut rep, &d);
     check_parent_pages(&mut rep, &d, &unreadable);
@@ -258,6 +260,10 @@ fn decode_all(rep: &mut Report<'_>, regular: &BTreeSet<String>) -> Decoded {
             }
             Kind::Namespaces => match load::read_all(dir, name, kind) {
                 Ok(v) => d.namespaces = v,
+                Err(e) => rep.error(e),
+            },
+            Kind::Cgroups => match load::read_all(dir, name, kind) {
+                Ok(v) => d.cgroups = v,
                 Err(e) => rep.error(e),
             },
         }

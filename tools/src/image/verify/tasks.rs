@@ -264,3 +264,47 @@ pub(super) fn check_mms(rep: &mut Report<'_>, d: &Decoded) {
         }
     }
 }
+
+/// cgroups.img names each cgroup by an absolute path without `..` and
+/// each setting by a plain file name; every cgroup a process was in
+/// (other than a hierarchy's root) is described when the file exists.
+pub(super) fn check_cgroups(rep: &mut Report<'_>, d: &Decoded) {
+    let file = cryo_image::CGROUPS_FILE;
+    for c in &d.cgroups {
+        if !c.path.starts_with('/') || c.path.split('/').any(|p| p == "..") {
+            rep.file(
+                file,
+                format!("cgroup path {:?} is not a plain absolute path", c.path),
+            );
+        }
+        for s in &c.settings {
+            if s.name.is_empty() || s.name.contains('/') || s.name.starts_with('.') {
+                rep.file(
+                    file,
+                    format!("cgroup {}: setting {:?} is not a file name", c.path, s.name),
+                );
+            }
+        }
+    }
+    if d.cgroups.is_empty() {
+        return;
+    }
+    for (&tid, core) in &d.cores {
+        let Some(pc) = &core.process else { continue };
+        for m in pc.cgroups.iter().filter(|m| m.path != "/") {
+            let described = d
+                .cgroups
+                .iter()
+                .any(|c| c.hierarchy == m.hierarchy && c.path == m.path);
+            if !described {
+                rep.file(
+                    file,
+                    format!(
+                        "does not describe cgroup {} (hierarchy {}) of process {tid}",
+                        m.path, m.hierarchy
+                    ),
+                );
+            }
+        }
+    }
+}

@@ -1,11 +1,15 @@
 //! Cgroup membership: which cgroup of each hierarchy a task is in (dump:
 //! /proc/PID/cgroup), and moving a restored task back there (restore: the
 //! new task writes itself into each cgroup's cgroup.procs before it sets
-//! up its memory, which is then charged to them; they must exist).
+//! up its memory, which is then charged to them). The cgroups themselves,
+//! their settings and where they go: [`props`].
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+
+pub mod props;
 
 use cryo_image::proto::CgroupEntry;
 
@@ -58,14 +62,20 @@ pub fn cgroup_dir(mountinfo: &str, e: &CgroupEntry) -> Option<PathBuf> {
     None
 }
 
-/// In a new task: join every dumped cgroup (they must exist; creating
-/// cgroups comes later).
-pub fn join(entries: &[CgroupEntry]) -> Result<(), String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+/// In a new task: join every dumped cgroup where the restore put it
+/// (`targets`, by dumped hierarchy and path: [`props::prepare`]; none
+/// with `--manage-cgroups ignore`).
+pub fn join(
+    entries: &[CgroupEntry],
+    targets: &HashMap<(u32, String), PathBuf>,
+) -> Result<(), String> {
+    if targets.is_empty() {
+        return Ok(());
+    }
     for e in entries {
-        let dir = cgroup_dir(&mountinfo, e).ok_or_else(|| {
+        let dir = targets.get(&(e.hierarchy, e.path.clone())).ok_or_else(|| {
             format!(
-                "cgroup {} of hierarchy {} ({}) is not mounted here",
+                "cgroup {} of hierarchy {} ({}) has no place here",
                 e.path, e.hierarchy, e.controllers
             )
         })?;
