@@ -13,23 +13,36 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default()
 }
 
-fn uts_cycle(leave_running: bool) {
-    let host = hostname();
+/// One checkpoint of workload `name` (`args`), `procs` processes: a dump
+/// -R, or a dump, the tree's end and a restore; the image's summary must
+/// show each of `shown`, `cryo image verify` must pass, and so must the
+/// workload's own checks.
+fn ns_cycle(name: &str, args: &[&str], procs: usize, leave_running: bool, shown: &[&str]) {
     let dir = TestDir::new();
-    let mut wl = Workload::start("wl_uts", &[], &dir);
+    let mut wl = Workload::start(name, args, &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
-    assert_eq!(guard.pids().len(), 4, "wl_uts is four processes");
+    assert_eq!(guard.pids().len(), procs, "{name} is {procs} processes");
     let img = dir.subdir("img");
     dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
     let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        shown.contains("hostname \"cryo-uts-a\"") && shown.contains("hostname \"cryo-uts-b\""),
-        "image show lists the namespaces: {shown}"
-    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in shown {
+        assert!(text.contains(want), "image show lacks {want:?}: {text}");
+    }
     let verify = run_cryo(&["image", "verify", img.to_str().expect("utf-8 path")], &[]);
-    assert_cryo_ok(&verify, "image verify of an image with namespaces");
-    wl.assert_pass("UTS namespaces");
+    assert_cryo_ok(&verify, &format!("image verify of {name}'s image"));
+    wl.assert_pass(name);
+}
+
+fn uts_cycle(leave_running: bool) {
+    let host = hostname();
+    ns_cycle(
+        "wl_uts",
+        &[],
+        4,
+        leave_running,
+        &["hostname \"cryo-uts-a\"", "hostname \"cryo-uts-b\""],
+    );
     assert_eq!(hostname(), host, "the host's hostname changed");
 }
 
@@ -73,21 +86,8 @@ fn pidns_init(wl: &Workload) -> i32 {
 }
 
 fn pidns_cycle(leave_running: bool) {
-    let dir = TestDir::new();
-    let mut wl = Workload::start("wl_pidns", &[], &dir);
-    let guard = TreeGuard::new(tree_pids(wl.pid()));
-    assert_eq!(guard.pids().len(), 8, "wl_pidns is eight processes");
-    let img = dir.subdir("img");
-    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
-    let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        shown.contains(" [1]") && shown.contains(",1]") && shown.contains("pid:["),
-        "image show lists the inner pids and the pid namespaces: {shown}"
-    );
-    let verify = run_cryo(&["image", "verify", img.to_str().expect("utf-8 path")], &[]);
-    assert_cryo_ok(&verify, "image verify of an image with pid namespaces");
-    wl.assert_pass("pid namespaces");
+    // Inner pids shown, the nested namespace's with two levels.
+    ns_cycle("wl_pidns", &[], 8, leave_running, &[" [1]", ",1]", "pid:["]);
 }
 
 #[test]
@@ -183,7 +183,6 @@ fn pid_namespace_refusals() {
 }
 
 fn timens_cycle(leave_running: bool) {
-    let dir = TestDir::new();
     // In kill mode the children's clocks must stand still while the tree
     // is away (between the dump and the restore).
     let args: &[&str] = if leave_running {
@@ -191,18 +190,13 @@ fn timens_cycle(leave_running: bool) {
     } else {
         &["--expect-pause", "1"]
     };
-    let mut wl = Workload::start("wl_timens", args, &dir);
-    let guard = TreeGuard::new(tree_pids(wl.pid()));
-    assert_eq!(guard.pids().len(), 3, "wl_timens is three processes");
-    let img = dir.subdir("img");
-    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
-    let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        shown.contains("time:[") && shown.contains("monotonic +1000"),
-        "image show lists the time namespace and its offsets: {shown}"
+    ns_cycle(
+        "wl_timens",
+        args,
+        3,
+        leave_running,
+        &["time:[", "monotonic +1000"],
     );
-    wl.assert_pass("a time namespace");
 }
 
 #[test]
@@ -216,19 +210,13 @@ fn time_namespace_leave_running() {
 }
 
 fn ipc_cycle(leave_running: bool) {
-    let dir = TestDir::new();
-    let mut wl = Workload::start("wl_ipc", &[], &dir);
-    let guard = TreeGuard::new(tree_pids(wl.pid()));
-    assert_eq!(guard.pids().len(), 2, "wl_ipc is two processes");
-    let img = dir.subdir("img");
-    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
-    let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        shown.contains("ipc:[") && shown.contains("2 shared memory segment(s)"),
-        "image show lists the IPC namespace's objects: {shown}"
+    ns_cycle(
+        "wl_ipc",
+        &[],
+        2,
+        leave_running,
+        &["ipc:[", "2 shared memory segment(s)"],
     );
-    wl.assert_pass("an IPC namespace");
 }
 
 #[test]
