@@ -188,6 +188,8 @@ fn cgroups_removed_after_the_dump_are_made_again() {
             && text.contains(&format!("pids.max={PIDS_LIMIT}")),
         "image show lists the cgroups' limits: {text}"
     );
+    let verify = run_cryo(&["image", "verify", img.to_str().expect("utf-8 path")], &[]);
+    assert_cryo_ok(&verify, "image verify of an image with cgroups.img");
     cgs.remove();
     // A restore failing in the task, once the cgroups were made.
     let fault = format!("fail-restore-task-{pid}");
