@@ -533,21 +533,28 @@ fn to_text(img: &Image, dir: &Path) -> String {
         zombies,
         if zombies == 1 { "" } else { "s" }
     );
+    // The PID column: each process indented under its parent, with its
+    // pids inside its pid namespaces (outermost first) after it.
+    let rows: Vec<(String, &PstreeEntry)> = tree_order(&img.pstree)
+        .into_iter()
+        .map(|(depth, e)| {
+            let inner = match e.ns_pids.get(1..) {
+                Some(levels) if !levels.is_empty() => format!(" [{}]", ids(levels)),
+                _ => String::new(),
+            };
+            (format!("{}{}{inner}", "  ".repeat(depth), e.pid), e)
+        })
+        .collect();
+    let w = rows.iter().map(|(p, _)| p.len()).max().unwrap_or(0).max(16);
     let _ = writeln!(
         s,
-        "  {:<16} {:>7} {:>7} {:>7} {:<12} COMMAND",
+        "  {:<w$} {:>7} {:>7} {:>7} {:<12} COMMAND",
         "PID", "PPID", "PGID", "SID", "THREADS"
     );
     if img.pstree.iter().any(|e| e.ns_pids.len() > 1) {
         let _ = writeln!(s, "  (PID [its pids inside nested pid namespaces])");
     }
-    for (depth, e) in tree_order(&img.pstree) {
-        // Its pids inside its pid namespaces, outermost first.
-        let inner = match e.ns_pids.get(1..) {
-            Some(levels) if !levels.is_empty() => format!(" [{}]", ids(levels)),
-            _ => String::new(),
-        };
-        let pid = format!("{}{}{inner}", "  ".repeat(depth), e.pid);
+    for (pid, e) in rows {
         let what = if e.zombie {
             format!(
                 "<zombie: {}> ",
@@ -557,7 +564,7 @@ fn to_text(img: &Image, dir: &Path) -> String {
             String::new()
         };
         let line = format!(
-            "  {:<16} {:>7} {:>7} {:>7} {:<12} {what}{}",
+            "  {:<w$} {:>7} {:>7} {:>7} {:<12} {what}{}",
             pid,
             e.ppid,
             e.pgid,
