@@ -213,13 +213,11 @@ pub fn give_back_foreground(
     let Some((index, master)) = pty_ctty(tree, pty_masters, node)? else {
         return Ok(());
     };
-    let pgrp = match tree.procs[i].pstree.tty_pgrp {
-        0 => 0,
-        g => tree
-            .pids
-            .seen_at(g, node.depth())
-            .map_err(|e| format!("its terminal's foreground group {g}: {e}"))? as i32,
-    };
+    let g = tree.procs[i].pstree.tty_pgrp;
+    let pgrp = tree
+        .pids
+        .seen_at(g, node.depth())
+        .map_err(|e| format!("its terminal's foreground group {g}: {e}"))? as i32;
     if pgrp > 0 {
         sys::tty::set_foreground(master, pgrp).map_err(|e| {
             format!("making group {pgrp} the foreground of pty {index} (TIOCSPGRP): {e}")

@@ -125,7 +125,7 @@ pub fn restorer_itimers(pc: &ProcessCore, cpu_slack_us: u64) -> [KItimerval; 3] 
 }
 
 /// The process's POSIX timers for the restorer; `local_tid`: a thread
-/// (cryo's view of its tid) as the process sees it.
+/// (cryo's view of its tid) as the process sees it (ns::pid::View).
 pub fn restorer_timers(
     pc: &ProcessCore,
     local_tid: impl Fn(u32) -> Result<u32, String>,

@@ -64,16 +64,24 @@ fn uts_back_to_host_refused() {
     let mut wl = Workload::start("wl_uts", &["--back-to-host", "1"], &dir);
     let _guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    let out = dump(wl.pid(), &img, &[], &[]);
-    if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump of a task back in the host's namespace: {e}");
-    }
-    let err = stderr_of(&out);
-    assert!(
-        err.contains("uts namespace") && err.contains("its parent"),
-        "stderr: {err}"
+    refused(
+        wl.pid(),
+        &img,
+        "dump of a task back in the host's namespace",
+        &["uts namespace", "its parent"],
     );
     wl.assert_pass("UTS namespaces after a refused dump");
+}
+
+/// A dump of `pid` into `img` fails cleanly (`what` it was) with each of
+/// `wants` in its message.
+fn refused(pid: i32, img: &std::path::Path, what: &str, wants: &[&str]) {
+    let out = dump(pid, img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("{what}: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(wants.iter().all(|w| err.contains(w)), "stderr: {err}");
 }
 
 /// The init of wl_pidns's outer pid namespace (its parent's only child).
@@ -153,15 +161,14 @@ fn pid_namespace_refusals() {
         .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok())
         .expect("the init has children");
     let img = dir.subdir("img");
-    let out = dump(member, &img, &[], &[]);
-    if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump of a pid namespace's member without its init: {e}");
-    }
-    let err = stderr_of(&out);
-    assert!(
-        err.contains("pid namespace")
-            && err.contains("its init (pid 1 inside) is not in the dumped tree"),
-        "stderr: {err}"
+    refused(
+        member,
+        &img,
+        "dump of a pid namespace's member without its init",
+        &[
+            "pid namespace",
+            "its init (pid 1 inside) is not in the dumped tree",
+        ],
     );
     wl.assert_pass("pid namespaces after a refused dump");
 
@@ -169,15 +176,14 @@ fn pid_namespace_refusals() {
     let mut wl = Workload::start("wl_pidns", &["--unshare", "1"], &dir);
     let _guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    let out = dump(wl.pid(), &img, &[], &[]);
-    if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump of a task with another pid namespace for its children: {e}");
-    }
-    let err = stderr_of(&out);
-    assert!(
-        err.contains(&format!("task {}", wl.pid()))
-            && err.contains("pid namespace for its children"),
-        "stderr: {err}"
+    refused(
+        wl.pid(),
+        &img,
+        "dump of a task with another pid namespace for its children",
+        &[
+            &format!("task {}", wl.pid()),
+            "pid namespace for its children",
+        ],
     );
     wl.assert_pass("pid namespaces after a refused dump");
 }
@@ -237,14 +243,11 @@ fn ipc_namespace_posix_mqueue_refused() {
     let mut wl = Workload::start("wl_ipc", &["--mqueue", "1"], &dir);
     let _guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    let out = dump(wl.pid(), &img, &[], &[]);
-    if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump of an IPC namespace with a POSIX message queue: {e}");
-    }
-    let err = stderr_of(&out);
-    assert!(
-        err.contains("ipc namespace") && err.contains("POSIX message queue /cryo-wl-ipc"),
-        "stderr: {err}"
+    refused(
+        wl.pid(),
+        &img,
+        "dump of an IPC namespace with a POSIX message queue",
+        &["ipc namespace", "POSIX message queue /cryo-wl-ipc"],
     );
     wl.assert_pass("an IPC namespace after a refused dump");
 }

@@ -170,7 +170,7 @@ fn rebase(path: &str, common: &str, root: &str) -> String {
         .trim_start_matches('/');
     let base = root.trim_end_matches('/');
     if rest.is_empty() {
-        format!("{base}/").replace("//", "/")
+        format!("{base}/")
     } else {
         format!("{base}/{rest}")
     }

@@ -467,10 +467,13 @@ pub fn capture(mut cx: ProcCtx, p: &mut Seized, fds: ProcFds) -> Result<Captured
     for c in std::iter::once(&mut core).chain(thread_cores.iter_mut()) {
         c.sched = Some(crate::sched::dump(c.tid as i32)?);
     }
-    for c in thread_cores.iter_mut() {
-        c.ns_tids = crate::ns::pid::thread_levels(pid, c.tid);
-    }
     let mut pstree = pstree_entry(cx.opts, pid, &ps, &thread_cores);
+    // In a pid namespace of its own, each thread's tids at every level.
+    if pstree.ns_pids.len() > 1 {
+        for c in thread_cores.iter_mut() {
+            c.ns_tids = crate::ns::pid::thread_levels(pid, c.tid);
+        }
+    }
     pstree.stopped = p.leader.was_stopped() || p.threads.iter().any(|t| t.was_stopped());
     Ok(Captured {
         pid,

@@ -190,6 +190,21 @@ fn write_step(name: &str) -> Result<()> {
     }
 }
 
+/// A tree-wide table file of `records` (a failure point of its own).
+fn write_table<M: prost::Message>(
+    dir: &std::path::Path,
+    name: &str,
+    kind: Kind,
+    records: &[M],
+) -> Result<ImageFileInfo> {
+    write_step(name)?;
+    let mut w = ImageWriter::create(dir, name, kind)?;
+    for r in records {
+        w.write(r)?;
+    }
+    Ok(w.finish()?)
+}
+
 /// The task's stat, if it can be dumped: not a zombie leader with live
 /// threads, in cryo's own namespaces.
 fn check_task(pid: i32) -> Result<procfmt::Stat> {
@@ -454,33 +469,35 @@ fn write_image(
         written.extend(files);
     }
     entries.extend(zombie_entries(tree));
-    write_step(cryo_image::PSTREE_FILE)?;
-    let mut w = ImageWriter::create(&opts.dir, cryo_image::PSTREE_FILE, Kind::Pstree)?;
-    for e in &entries {
-        w.write(e)?;
-    }
-    written.push(w.finish()?);
-    write_step(cryo_image::FILES_FILE)?;
-    let mut w = ImageWriter::create(&opts.dir, cryo_image::FILES_FILE, Kind::Files)?;
-    for f in files {
-        w.write(f)?;
-    }
-    written.push(w.finish()?);
+    let dir = opts.dir.as_path();
+    written.push(write_table(
+        dir,
+        cryo_image::PSTREE_FILE,
+        Kind::Pstree,
+        &entries,
+    )?);
+    written.push(write_table(
+        dir,
+        cryo_image::FILES_FILE,
+        Kind::Files,
+        files,
+    )?);
+    // Written only when there is something in them.
     if !namespaces.is_empty() {
-        write_step(cryo_image::NAMESPACES_FILE)?;
-        let mut w = ImageWriter::create(&opts.dir, cryo_image::NAMESPACES_FILE, Kind::Namespaces)?;
-        for e in namespaces {
-            w.write(e)?;
-        }
-        written.push(w.finish()?);
+        written.push(write_table(
+            dir,
+            cryo_image::NAMESPACES_FILE,
+            Kind::Namespaces,
+            namespaces,
+        )?);
     }
     if !cgroups.is_empty() {
-        write_step(cryo_image::CGROUPS_FILE)?;
-        let mut w = ImageWriter::create(&opts.dir, cryo_image::CGROUPS_FILE, Kind::Cgroups)?;
-        for c in cgroups {
-            w.write(c)?;
-        }
-        written.push(w.finish()?);
+        written.push(write_table(
+            dir,
+            cryo_image::CGROUPS_FILE,
+            Kind::Cgroups,
+            cgroups,
+        )?);
     }
     let image_bytes = written.iter().map(|f| f.size).sum();
     let inv = Inventory {

@@ -4,14 +4,17 @@
 //! Dump: every task's namespaces are recorded by the inode of each
 //! /proc/PID/ns link, marked `host` when it is cryo's own; each other one
 //! becomes a namespaces.img entry with its owner (NS_GET_USERNS), its
-//! members and its kind's state ([`uts`]: the names). A kind whose state
-//! is not kept yet is refused when it is not cryo's. The tasks of one
-//! namespace must hang together: one of them, the first the restore
-//! creates, has its parent outside it (or is a root).
+//! members and its kind's state ([`uts`]: the names, [`time`]: the clock
+//! offsets, [`ipc`]: the System V objects; a [`pid`] namespace has none
+//! beyond its tasks' pids). A kind whose state is not kept yet is refused
+//! when it is not cryo's. The tasks of one namespace must hang together:
+//! one of them, the first the restore creates, has its parent outside it
+//! (or is a root).
 //!
 //! Restore: a task whose namespace of a kind differs from its parent's
 //! makes it (unshare, then the kind's state) before it makes its memory
-//! and its children, which inherit it.
+//! and its children, which inherit it; a pid namespace is made by the
+//! task creating it (clone3 CLONE_NEWPID).
 
 #![forbid(unsafe_code)]
 
@@ -96,6 +99,15 @@ fn kind_of(name: &str) -> Option<NsKind> {
     ALL.into_iter().find(|k| k.name() == name)
 }
 
+/// cryo's own namespace of `kind` (its /proc/self/ns link), read once:
+/// every task of every dump is compared with it.
+fn own(kind: NsKind) -> Option<&'static str> {
+    static OWN: std::sync::OnceLock<Vec<Option<String>>> = std::sync::OnceLock::new();
+    let all = OWN.get_or_init(|| ALL.iter().map(|&k| link("self", k)).collect());
+    let i = ALL.iter().position(|&k| k == kind)?;
+    all.get(i)?.as_deref()
+}
+
 fn link(pid: &str, kind: NsKind) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/ns/{}", kind.name()))
         .ok()
@@ -124,7 +136,7 @@ pub fn check(pid: i32) -> Result<(), NsError> {
     ];
     for kind in order {
         let theirs = link(&pid.to_string(), kind);
-        let same = theirs.is_none() || theirs == link("self", kind);
+        let same = theirs.is_none() || theirs.as_deref() == own(kind);
         if !same && !kept(kind) {
             return Err(NsError::Foreign {
                 pid,
@@ -175,7 +187,7 @@ pub fn ids(pid: i32) -> Vec<NamespaceId> {
             Some(NamespaceId {
                 kind: kind.name().to_string(),
                 inode: inode(&theirs)?,
-                host: link("self", kind).as_deref() == Some(theirs.as_str()),
+                host: own(kind) == Some(theirs.as_str()),
             })
         })
         .collect()
@@ -280,6 +292,15 @@ fn check_shape(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> 
                 ns_of(ppid, &e.kind).is_none_or(|i| i.inode != e.inode)
             })
             .collect();
+        if tops.len() > 1 {
+            return Err(NsError::Shape {
+                ns: e.kind.clone(),
+                inode: e.inode,
+                what: format!(
+                    "processes {tops:?} are in it but their parents are not: only one process of a namespace may have its parent outside it (the restore makes the namespace there)"
+                ),
+            });
+        }
         if let (true, Some(top)) = (e.kind == NsKind::Pid.name(), tops.first()) {
             let p = by_pid.get(&(*top as i32));
             let parent_dumped = p.is_some_and(|p| by_pid.contains_key(&p.ppid));
@@ -289,15 +310,6 @@ fn check_shape(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> 
                 p.map(|p| p.ns_pids).unwrap_or_default(),
                 parent_dumped,
             )?;
-        }
-        if tops.len() > 1 {
-            return Err(NsError::Shape {
-                ns: e.kind.clone(),
-                inode: e.inode,
-                what: format!(
-                    "processes {tops:?} are in it but their parents are not: only one process of a namespace may have its parent outside it (the restore makes the namespace there)"
-                ),
-            });
         }
     }
     for &NsProc { pid, ppid, ids, .. } in procs {

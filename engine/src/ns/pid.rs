@@ -131,9 +131,13 @@ impl PidMap {
         PidMap(m)
     }
 
-    /// What a task `depth` pid namespaces deep sees.
-    pub fn view(&self, depth: usize) -> View<'_> {
-        View { map: self, depth }
+    /// What the process of pstree entry `e` sees (as many pid namespaces
+    /// deep as it has pids).
+    pub fn view_of(&self, e: &PstreeEntry) -> View<'_> {
+        View {
+            map: self,
+            depth: e.ns_pids.len(),
+        }
     }
 
     /// `pid`'s levels, cryo's first (just `pid` when all are cryo's).
@@ -142,9 +146,9 @@ impl PidMap {
     }
 
     /// Process (or thread, group) `pid`, as a task `depth` pid namespaces
-    /// deep sees it (1: cryo's own).
+    /// deep sees it (1: cryo's own); 0 (none) stays 0.
     pub fn seen_at(&self, pid: u32, depth: usize) -> Result<u32, String> {
-        if depth <= 1 {
+        if pid == 0 || depth <= 1 {
             return Ok(pid);
         }
         self.0

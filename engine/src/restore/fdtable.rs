@@ -99,7 +99,7 @@ pub fn install(
     for (_, n) in moved {
         fd::close(n);
     }
-    let view = pids.view(img.pstree.ns_pids.len());
+    let view = pids.view_of(&img.pstree);
     make_own(img, view)?;
     // What names the process or other tasks: they all exist by now.
     for e in &img.fds {

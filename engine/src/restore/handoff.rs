@@ -7,6 +7,7 @@
 //! raw memory of the new task that the restorer keeps after it unmaps
 //! everything else, and the jump leaves Rust for good.
 
+use crate::ns::pid::View;
 use cryo_image::proto::{CoreEntry, Vma, VmaKind};
 use cryo_parasite::*;
 
@@ -342,7 +343,8 @@ pub struct Prepared {
 
 /// Fill the bootstrap area with the restorer, its arguments and the
 /// frames, and jump into it. Never returns.
-pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
+/// `pids`: the tree's pids as the task sees them.
+pub fn enter(img: &Image, mut p: Prepared, pids: View) -> Result<Never, String> {
     let mm_name = cryo_image::mm_file(img.pstree.pid);
     let pc = img.core.process.clone().unwrap_or_default();
     let vdso_now = &p.layout.vdso_now;
@@ -384,7 +386,7 @@ pub fn enter(img: &Image, mut p: Prepared) -> Result<Never, String> {
     keep.sort_by_key(|r| r.start);
     let auxv_at = boot.put(&img.mm.auxv)?;
     let (sigactions, sigaction_mask) = signals::restorer_sigactions(&pc);
-    let timers = signals::restorer_timers(&pc, |tid| local_tid(img, tid))?;
+    let timers = signals::restorer_timers(&pc, |tid| pids.pid(tid))?;
     // The process's shared pending signals, then the leader's own.
     let mut siginfos = signals::restorer_siginfos(&pc.shared_pending, false);
     siginfos.extend(signals::restorer_siginfos(&img.core.pending, true));
@@ -522,18 +524,4 @@ fn loginuid_to_set(image: Option<u32>) -> u64 {
     } else {
         want as u64
     }
-}
-
-/// Thread `tid` of the process (cryo's view) as the process sees it: its
-/// tid in its innermost pid namespace.
-fn local_tid(img: &Image, tid: u32) -> Result<u32, String> {
-    if tid == img.pstree.pid {
-        return Ok(img.pstree.ns_pids.last().copied().unwrap_or(tid));
-    }
-    let t = img
-        .threads
-        .iter()
-        .find(|t| t.tid == tid)
-        .ok_or_else(|| format!("thread {tid} is not one of its threads"))?;
-    Ok(t.ns_tids.last().copied().unwrap_or(tid))
 }

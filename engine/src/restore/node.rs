@@ -82,11 +82,17 @@ fn setup_self(ctx: &NodeCtx, node: &Node) -> Result<(), String> {
         .is_some_and(|c| ctx.plan.nodes[c].kind == NodeKind::Helper);
     if !creator_is_helper {
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-        // As cryo sees it (the init of a new pid namespace has no parent
-        // inside it: getppid is 0 there).
-        let want = node.creator.map(|c| ctx.plan.nodes[c].pid).unwrap_or(-1);
-        let parent = crate::pstree::stat(node.pid).map_or(-1, |s| s.ppid as i32);
-        if want > 0 && parent != want {
+        // The init of a new pid namespace has no parent inside it (getppid
+        // is 0 there): it asks /proc, which shows cryo's view.
+        let creator = node.creator.map(|c| &ctx.plan.nodes[c]);
+        let alive = match creator {
+            None => true,
+            Some(c) if node.new_pid_ns(c.depth()) => {
+                crate::pstree::stat(node.pid).is_some_and(|s| s.ppid as i32 == c.pid)
+            }
+            Some(c) => nix::unistd::getppid().as_raw() == c.pid_at(node.depth()),
+        };
+        if !alive {
             return Err("the task creating this one died".into());
         }
     }
@@ -206,15 +212,13 @@ fn node_setup(
     }
     report(ctx.status_w, STAGE_CREATED, pid);
     read_go(ctx.go[1])?;
-    let pgid = match node.join_pgid {
-        0 => 0,
-        g => ctx
-            .tree
-            .pids
-            .seen_at(g as u32, node.depth())
-            .map_err(|e| format!("its process group {g}: {e}"))? as i32,
-    };
-    sessions::join_group(pgid)?;
+    let g = node.join_pgid;
+    let pgid = ctx
+        .tree
+        .pids
+        .seen_at(g as u32, node.depth())
+        .map_err(|e| format!("its process group {g}: {e}"))?;
+    sessions::join_group(pgid as i32)?;
     report(ctx.status_w, STAGE_JOINED, pid);
     read_go(ctx.go[2])?;
     sessions::give_back_foreground(ctx.tree, ctx.pty_masters, node)?;

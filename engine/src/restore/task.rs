@@ -187,5 +187,5 @@ pub fn prepare(
         loginuid_fd,
         cpu_timer_slack_us: ctx.cpu_timer_slack_us,
     };
-    handoff::enter(img, prepared)
+    handoff::enter(img, prepared, ctx.tree.pids.view_of(&img.pstree))
 }
