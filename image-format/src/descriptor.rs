@@ -39,6 +39,7 @@ pub fn record_message(kind: Kind, record: usize) -> Option<&'static str> {
         Kind::Files => "cryo.FileEntry",
         Kind::Namespaces => "cryo.NamespaceEntry",
         Kind::Cgroups => "cryo.CgroupDir",
+        Kind::Tmpfs => "cryo.TmpfsRecord",
         Kind::Pages => return None,
     })
 }

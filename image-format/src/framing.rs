@@ -43,6 +43,10 @@ pub fn pages_file(pid: u32) -> String {
 pub fn fdinfo_file(pid: u32) -> String {
     format!("fdinfo-{pid}.img")
 }
+/// `tmpfs-<mount id>.img`: the files of a tmpfs of a mount namespace.
+pub fn tmpfs_file(mount: u32) -> String {
+    format!("tmpfs-{mount}.img")
+}
 
 /// The kinds of image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,10 +61,11 @@ pub enum Kind {
     Files,
     Namespaces,
     Cgroups,
+    Tmpfs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Inventory,
         Kind::Pstree,
         Kind::Core,
@@ -71,6 +76,7 @@ impl Kind {
         Kind::Files,
         Kind::Namespaces,
         Kind::Cgroups,
+        Kind::Tmpfs,
     ];
 
     pub fn magic(self) -> [u8; 4] {
@@ -85,6 +91,7 @@ impl Kind {
             Kind::Files => *b"FILE",
             Kind::Namespaces => *b"NSPC",
             Kind::Cgroups => *b"CGRP",
+            Kind::Tmpfs => *b"TMPF",
         }
     }
 
@@ -105,14 +112,16 @@ impl Kind {
             Kind::Files => "files",
             Kind::Namespaces => "namespaces",
             Kind::Cgroups => "cgroups",
+            Kind::Tmpfs => "tmpfs",
         }
     }
 
-    /// Whether files of this kind carry a pid/tid in their name.
+    /// Whether files of this kind carry an id in their name: a pid or
+    /// tid, or (tmpfs) a mount id.
     pub fn is_per_task(self) -> bool {
         matches!(
             self,
-            Kind::Core | Kind::Mm | Kind::Pagemap | Kind::Pages | Kind::Fdinfo
+            Kind::Core | Kind::Mm | Kind::Pagemap | Kind::Pages | Kind::Fdinfo | Kind::Tmpfs
         )
     }
 

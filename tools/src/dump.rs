@@ -71,6 +71,11 @@ pub struct DumpArgs {
     /// Write the dump's figures (time stopped, image size, ...) as JSON here.
     #[arg(long)]
     pub stats: Option<PathBuf>,
+    /// A mount of the tree's mount namespace that the restore binds from
+    /// a path it is given rather than makes: mnt[MOUNTPOINT]:KEY (the
+    /// restore takes --external mnt[KEY]:PATH). Repeatable.
+    #[arg(long = "external", value_name = "mnt[MOUNTPOINT]:KEY")]
+    pub externals: Vec<String>,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
@@ -96,6 +101,12 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
         pre_copy: a.pre_copy,
+        externals: a
+            .externals
+            .iter()
+            .map(|e| cryo_engine::ns::mnt::parse_external(e))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
     };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();

@@ -31,6 +31,10 @@ pub struct RestoreArgs {
     /// takes the place of the deepest cgroup they all share.
     #[arg(long, value_name = "PATH")]
     pub cgroup_root: Option<String>,
+    /// The path to bind for a mount the dump was told is external
+    /// (--external mnt[MOUNTPOINT]:KEY there): mnt[KEY]:PATH. Repeatable.
+    #[arg(long = "external", value_name = "mnt[KEY]:PATH")]
+    pub externals: Vec<String>,
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
@@ -47,6 +51,12 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
         dir: a.dir.clone(),
         manage_cgroups: a.manage_cgroups,
         cgroup_root: a.cgroup_root.clone(),
+        externals: a
+            .externals
+            .iter()
+            .map(|e| cryo_engine::ns::mnt::parse_external(e))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");

@@ -143,6 +143,10 @@ pub struct DumpOptions {
     /// them only for what they wrote since the last one (not with
     /// `leave_running`, where the stop is already short).
     pub pre_copy: bool,
+    /// Mounts of the tree's mount namespaces that the restore binds from
+    /// a path it is given, as (mountpoint, key): --external
+    /// mnt[MOUNTPOINT]:KEY.
+    pub externals: Vec<(String, String)>,
 }
 
 impl DumpOptions {
@@ -188,6 +192,15 @@ fn write_step(name: &str) -> Result<()> {
         Some(what) => Err(DumpError::Fault { what }),
         None => Ok(()),
     }
+}
+
+/// The tree-wide tables of an image, and the files already written for
+/// them (a mount namespace's tmpfs files).
+struct Tables<'a> {
+    files: &'a [FileEntry],
+    namespaces: &'a [cryo_image::proto::NamespaceEntry],
+    cgroups: &'a [cryo_image::proto::CgroupDir],
+    written: Vec<ImageFileInfo>,
 }
 
 /// A tree-wide table file of `records` (a failure point of its own).
@@ -455,11 +468,14 @@ fn write_image(
     root: i32,
     caps: Vec<Captured>,
     tree: &Tree,
-    files: &[FileEntry],
-    namespaces: &[cryo_image::proto::NamespaceEntry],
-    cgroups: &[cryo_image::proto::CgroupDir],
+    t: Tables,
 ) -> Result<(TransferStats, u64)> {
-    let mut written: Vec<ImageFileInfo> = Vec::new();
+    let Tables {
+        files,
+        namespaces,
+        cgroups,
+        mut written,
+    } = t;
     let mut entries: Vec<PstreeEntry> = Vec::new();
     let mut pstats = TransferStats::default();
     for mut c in caps {
@@ -632,7 +648,13 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
             ns_pids: &c.pstree.ns_pids,
         })
         .collect();
-    let namespaces = crate::ns::collect(&ns_procs)?;
+    let mut mnt = crate::ns::mnt::DumpCtx {
+        dir: &opts.dir,
+        externals: &opts.externals,
+        written: Vec::new(),
+    };
+    let namespaces = crate::ns::collect(&ns_procs, &mut mnt)?;
+    let tmpfs_files = mnt.written;
     let cgroups = crate::cgroup::props::collect(
         caps.iter()
             .flat_map(|c| c.core.process.iter().flat_map(|p| p.cgroups.iter())),
@@ -643,7 +665,13 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         cure_all(&mut tree, &guard)?;
         frozen = frozen_at.elapsed();
     }
-    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, &files, &namespaces, &cgroups)?;
+    let tables = Tables {
+        files: &files,
+        namespaces: &namespaces,
+        cgroups: &cgroups,
+        written: tmpfs_files,
+    };
+    let (pages, image_bytes) = write_image(opts, pid, caps, &tree, tables)?;
     if !opts.leave_running {
         kill_all(&mut tree)?;
         frozen = frozen_at.elapsed();

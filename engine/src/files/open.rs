@@ -123,16 +123,27 @@ impl Opener<'_> {
 /// shared one at the dump (dup, inherited over fork) share it again, as
 /// each task dup3s its numbers from these.
 /// The socket files it binds are added to `socket_files` (a failed
-/// restore removes them).
+/// restore removes them). With `ns`, each file is opened in the mount
+/// namespace of its holder (the sockets and pty masters in the first
+/// one's).
 pub fn open_all(
     files: &[FileEntry],
     used: &BTreeSet<u32>,
     socket_files: &mut Vec<std::path::PathBuf>,
+    mut ns: Option<&mut crate::ns::mnt::Switch>,
 ) -> std::result::Result<HashMap<u32, OwnedFd>, OpenError> {
     let fail = |f: &FileEntry, what: String| OpenError {
         id: f.id,
         path: f.path.clone(),
         what,
+    };
+    let mut enter = |f: Option<&FileEntry>| match (ns.as_deref_mut(), f) {
+        (Some(sw), Some(f)) => sw.enter_for(f.id).map_err(|w| OpenError {
+            id: f.id,
+            path: f.path.clone(),
+            what: w,
+        }),
+        _ => Ok(()),
     };
     let of_kind = |k: FileKind| {
         files
@@ -146,6 +157,7 @@ pub fn open_all(
         .filter(|(n, _)| !n.is_empty())
         .collect();
     let mut later = Vec::new();
+    enter(sockets.first().copied())?;
     let sockets =
         unix::make_sockets(&sockets, socket_files, &mut later).map_err(|what| OpenError {
             id: 0,
@@ -154,6 +166,7 @@ pub fn open_all(
         })?;
     // Pty masters first, by index (a slave may come before its master).
     let masters: Vec<&FileEntry> = of_kind(FileKind::FilePtyMaster).collect();
+    enter(masters.first().copied())?;
     let ptys = pty::open_masters(&masters).map_err(|(f, e)| fail(f, e))?;
     let mut op = Opener {
         files,
@@ -167,12 +180,14 @@ pub fn open_all(
         .iter()
         .filter(|f| used.contains(&f.id) && f.kind == FileKind::FileInotify as i32);
     for f in files.iter().filter(|f| used.contains(&f.id)) {
+        enter(Some(f))?;
         let Some(fd) = op.open(f).map_err(|e| fail(f, e))? else {
             continue;
         };
         keep(f, fd, &mut out).map_err(|e| fail(f, e))?;
     }
     for f in inotifies {
+        enter(Some(f))?;
         let fd = inotify::restore(&f.inotify.clone().unwrap_or_default(), &out)
             .map_err(|e| fail(f, e))?;
         keep(f, fd, &mut out).map_err(|e| fail(f, e))?;

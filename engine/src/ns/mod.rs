@@ -21,6 +21,7 @@
 use cryo_image::proto::{NamespaceEntry, NamespaceId};
 
 pub mod ipc;
+pub mod mnt;
 pub mod pid;
 pub mod time;
 pub mod uts;
@@ -90,8 +91,8 @@ pub enum NsError {
 /// restored.
 fn kept(kind: NsKind) -> bool {
     match kind {
-        NsKind::Uts | NsKind::Pid | NsKind::Time | NsKind::Ipc => true,
-        NsKind::Cgroup | NsKind::Mnt | NsKind::Net | NsKind::User => false,
+        NsKind::Uts | NsKind::Pid | NsKind::Time | NsKind::Ipc | NsKind::Mnt => true,
+        NsKind::Cgroup | NsKind::Net | NsKind::User => false,
     }
 }
 
@@ -215,8 +216,9 @@ pub struct NsProc<'a> {
 }
 
 /// One namespaces.img entry per namespace of the tree that is not cryo's,
-/// from each process's namespaces; the tree is stopped.
-pub fn collect(procs: &[NsProc]) -> Result<Vec<NamespaceEntry>, NsError> {
+/// from each process's namespaces; the tree is stopped. A mount
+/// namespace's tmpfs files go to `mnt.dir`.
+pub fn collect(procs: &[NsProc], mnt: &mut mnt::DumpCtx) -> Result<Vec<NamespaceEntry>, NsError> {
     let mut out: Vec<NamespaceEntry> = Vec::new();
     for &NsProc { pid, ids, .. } in procs {
         for id in ids.iter().filter(|i| !i.host) {
@@ -225,7 +227,7 @@ pub fn collect(procs: &[NsProc]) -> Result<Vec<NamespaceEntry>, NsError> {
                 .find(|e| e.kind == id.kind && e.inode == id.inode)
             {
                 Some(e) => e.pids.push(pid as u32),
-                None => out.push(entry(pid, id)?),
+                None => out.push(entry(pid, id, mnt)?),
             }
         }
     }
@@ -234,7 +236,7 @@ pub fn collect(procs: &[NsProc]) -> Result<Vec<NamespaceEntry>, NsError> {
 }
 
 /// The entry of namespace `id`, read through its first process `pid`.
-fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
+fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceEntry, NsError> {
     let kind = kind_of(&id.kind).ok_or_else(|| NsError::Shape {
         ns: id.kind.clone(),
         inode: id.inode,
@@ -256,6 +258,7 @@ fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
         uts: None,
         time: None,
         ipc: None,
+        mnt: None,
     };
     match kind {
         NsKind::Uts => e.uts = Some(uts::dump(ns.into()).map_err(read)?),
@@ -263,9 +266,8 @@ fn entry(pid: i32, id: &NamespaceId) -> Result<NamespaceEntry, NsError> {
         NsKind::Pid => {}
         NsKind::Time => e.time = Some(time::dump(pid).map_err(read)?),
         NsKind::Ipc => e.ipc = Some(ipc::dump(ns.into()).map_err(read)?),
-        NsKind::Cgroup | NsKind::Mnt | NsKind::Net | NsKind::User => {
-            return Err(read("not kept yet".into()))
-        }
+        NsKind::Mnt => e.mnt = Some(mnt::dump(pid, cx).map_err(read)?),
+        NsKind::Cgroup | NsKind::Net | NsKind::User => return Err(read("not kept yet".into())),
     }
     Ok(e)
 }
@@ -332,11 +334,13 @@ fn check_shape(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> 
 /// Restore side of every kind, in the new task before it makes its
 /// memory and its children: each namespace that is not its parent's
 /// (`parent`: None for a root, which cryo made in its own) is made here,
-/// with its state from `entries`.
+/// with its state from `entries`; a mount namespace, which cryo made
+/// (`mnt_made`, by inode), is entered.
 pub fn restore(
     ids: &[NamespaceId],
     parent: Option<&[NamespaceId]>,
     entries: &[NamespaceEntry],
+    mnt_made: &std::collections::HashMap<u64, std::os::fd::RawFd>,
 ) -> Result<(), String> {
     for id in ids.iter().filter(|i| !i.host) {
         let inherited = parent
@@ -358,7 +362,8 @@ pub fn restore(
             NsKind::Pid => Ok(()),
             NsKind::Time => time::restore(e.time.as_ref()),
             NsKind::Ipc => ipc::restore(e.ipc.as_ref()),
-            NsKind::Cgroup | NsKind::Mnt | NsKind::Net | NsKind::User => {
+            NsKind::Mnt => mnt::enter(e, mnt_made),
+            NsKind::Cgroup | NsKind::Net | NsKind::User => {
                 Err("restoring it is not supported yet".to_string())
             }
         };

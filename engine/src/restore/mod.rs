@@ -52,6 +52,8 @@ pub enum RestoreError {
     Plan { pid: i32, what: String },
     #[error("restoring the cgroups of the tree of task {pid}: {what}")]
     Cgroups { pid: i32, what: String },
+    #[error("restoring the namespaces of the tree of task {pid}: {what}")]
+    Namespaces { pid: i32, what: String },
     #[error("pid {pid} is in use by {holder}; cannot restore the task with its pid")]
     PidTaken { pid: i32, holder: String },
     #[error("creating task with pid {pid}: {errno}")]
@@ -112,6 +114,9 @@ pub struct RestoreOptions {
     pub manage_cgroups: crate::cgroup::props::Manage,
     /// Restore the tree's cgroups under this one (--cgroup-root).
     pub cgroup_root: Option<String>,
+    /// The path for each key of a mount the dump was told is external
+    /// (--external mnt[KEY]:PATH).
+    pub externals: HashMap<String, String>,
 }
 
 impl RestoreOptions {
@@ -121,6 +126,7 @@ impl RestoreOptions {
             dir: dir.into(),
             manage_cgroups: Default::default(),
             cgroup_root: None,
+            externals: HashMap::new(),
         }
     }
 }
@@ -215,7 +221,51 @@ fn remove_socket_files(paths: &[std::path::PathBuf]) {
     }
 }
 
-fn make_shared(tree: &TreeImage) -> Result<Shared> {
+/// Open every file description of the tree (`used`), each in the mount
+/// namespace cryo made for its first holder, if any (`mnt_made`): then by
+/// a thread of its own that goes from one namespace to the other.
+fn open_files(
+    tree: &TreeImage,
+    used: &std::collections::BTreeSet<u32>,
+    mnt_made: &HashMap<u64, RawFd>,
+    socket_files: &mut Vec<std::path::PathBuf>,
+) -> std::result::Result<HashMap<u32, OwnedFd>, crate::files::OpenError> {
+    let files = &tree.procs[0].files;
+    if mnt_made.is_empty() {
+        return crate::files::open_all(files, used, socket_files, None);
+    }
+    let mut by_file: HashMap<u32, RawFd> = HashMap::new();
+    for p in &tree.procs {
+        let ns = p.core.process.as_ref().and_then(|pc| {
+            pc.namespaces
+                .iter()
+                .find(|n| n.kind == "mnt" && !n.host)
+                .and_then(|n| mnt_made.get(&n.inode))
+        });
+        if let Some(&fd) = ns {
+            for id in p.fds.iter().map(|f| f.id).chain(p.held_files()) {
+                by_file.entry(id).or_insert(fd);
+            }
+        }
+    }
+    let fail = |what: String| crate::files::OpenError {
+        id: 0,
+        path: "mount namespaces".into(),
+        what,
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+                .map_err(|e| fail(format!("unshare(CLONE_FS): {e}")))?;
+            let mut sw = crate::ns::mnt::Switch::new(by_file).map_err(fail)?;
+            crate::files::open_all(files, used, socket_files, Some(&mut sw))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(fail("the thread opening the files panicked".into())))
+    })
+}
+
+fn make_shared(tree: &TreeImage, mnt_made: &HashMap<u64, RawFd>) -> Result<Shared> {
     let root = tree.procs[0].pid();
     let shm = crate::mem::shared::make_objects(tree).map_err(|e| RestoreError::Sys {
         pid: root,
@@ -235,16 +285,15 @@ fn make_shared(tree: &TreeImage) -> Result<Shared> {
         .chain(in_flight)
         .collect();
     let mut socket_files = Vec::new();
-    let files =
-        crate::files::open_all(&tree.procs[0].files, &used, &mut socket_files).map_err(|e| {
-            remove_socket_files(&socket_files);
-            RestoreError::File {
-                pid: root,
-                id: e.id,
-                path: e.path,
-                what: e.what,
-            }
-        })?;
+    let files = open_files(tree, &used, mnt_made, &mut socket_files).map_err(|e| {
+        remove_socket_files(&socket_files);
+        RestoreError::File {
+            pid: root,
+            id: e.id,
+            path: e.path,
+            what: e.what,
+        }
+    })?;
     Ok(Shared {
         shm,
         files,
@@ -326,7 +375,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go0_r, go0_w) = pipe()?;
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
-    let shared = make_shared(&tree)?;
+    let mnt_ns = crate::ns::mnt::make_all(&tree.namespaces, &opts.dir, &opts.externals)
+        .map_err(|what| RestoreError::Namespaces { pid: root, what })?;
+    let mnt_fds = raw_fds(&mnt_ns);
+    let shared = make_shared(&tree, &mnt_fds)?;
     fault("files")?;
     let memberships = tree
         .procs
@@ -361,6 +413,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         cpu_timer_slack_us: crate::sys::proc::cpu_itimer_slack_us(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
         cgroups: &cgroups.targets,
+        mnt_ns: &mnt_fds,
     };
     let mut roots: Vec<Pid> = Vec::new();
     let started = spawn_roots(&ctx, &mut roots);

@@ -45,6 +45,8 @@ pub struct NodeCtx<'a> {
     pub go: [RawFd; 3],
     /// Where each dumped cgroup (hierarchy, path) is here.
     pub cgroups: &'a HashMap<(u32, String), std::path::PathBuf>,
+    /// The mount namespaces cryo made, by their inode at the dump.
+    pub mnt_ns: &'a HashMap<u64, RawFd>,
 }
 
 /// The memory of the task that creates a node, when it is the node's

@@ -3,16 +3,19 @@
 //! robust lists, clone3 with set_tid, pidfds, PAGEMAP_SCAN; terminal
 //! ioctls in [`tty`], userfaultfd in [`uffd`], unix sockets in [`sock`],
 //! file handles, inotify and FIONREAD in [`fs`], probe children and
-//! prctls in [`proc`], an anonymous mapping in [`mem`].
+//! prctls in [`proc`], an anonymous mapping in [`mem`], the new mount
+//! API in [`mount`], extended attributes in [`xattr`].
 
 pub mod fd;
 pub mod fs;
 pub mod ipc;
 pub mod mem;
+pub mod mount;
 pub mod ns;
 pub mod proc;
 pub mod sock;
 pub mod tty;
+pub mod xattr;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 

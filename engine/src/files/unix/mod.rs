@@ -498,7 +498,8 @@ pub struct Queued {
 }
 
 /// Whether a path-bound socket's path names another file now, or none
-/// (a relative name is taken from the task's working directory).
+/// (a relative name is taken from the task's working directory, an
+/// absolute one from its root: its mount namespace's).
 fn name_removed(pid: i32, info: &DiagInfo) -> bool {
     let Some((ino, dev)) = info.vfs else {
         return false;
@@ -509,7 +510,8 @@ fn name_removed(pid: i32, info: &DiagInfo) -> bool {
     let name = info.name.split(|&b| b == 0).next().unwrap_or(&info.name);
     let name = std::path::Path::new(std::ffi::OsStr::from_bytes(name));
     let path = if name.is_absolute() {
-        name.to_path_buf()
+        std::path::PathBuf::from(format!("/proc/{pid}/root"))
+            .join(name.strip_prefix("/").unwrap_or(name))
     } else {
         std::path::PathBuf::from(format!("/proc/{pid}/cwd")).join(name)
     };

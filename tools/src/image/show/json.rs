@@ -90,6 +90,26 @@ pub(super) fn namespace_json(n: &cryo_image::proto::NamespaceEntry) -> Value {
         v["hostname"] = u.hostname.clone().into();
         v["domainname"] = u.domainname.clone().into();
     }
+    if let Some(m) = &n.mnt {
+        v["mounts"] = m
+            .mounts
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.id,
+                    "parent": m.parent,
+                    "mountpoint": m.mountpoint,
+                    "root": m.root,
+                    "fstype": m.fstype,
+                    "source": m.source,
+                    "shared": m.shared,
+                    "master": m.master,
+                    "unbindable": m.unbindable,
+                    "late": m.late,
+                })
+            })
+            .collect();
+    }
     v
 }
 

@@ -236,6 +236,9 @@ fn namespaces_text(img: &Image, s: &mut String) {
                 secs(t.boottime_offset_ns)
             );
         }
+        if let Some(m) = &n.mnt {
+            state += &format!(" {} mount(s):", m.mounts.len());
+        }
         let _ = writeln!(
             s,
             "  {}:[{}] owner user:[{}] processes {}{state}",
@@ -244,7 +247,58 @@ fn namespaces_text(img: &Image, s: &mut String) {
             n.owner,
             ids(&n.pids)
         );
+        for m in n.mnt.iter().flat_map(|m| m.mounts.iter()) {
+            let _ = writeln!(s, "    {}", mount_line(m));
+        }
     }
+}
+
+/// One mount: where, what, how it is made again, its propagation.
+fn mount_line(m: &cryo_image::proto::MountEntry) -> String {
+    use cryo_image::proto::mount_entry::How;
+    let how = match &m.how {
+        Some(How::HostPath(p)) if m.host_below > 0 => {
+            format!(
+                "bind of {p} (the mount {} below the top there)",
+                m.host_below
+            )
+        }
+        Some(How::HostPath(p)) => format!("bind of {p}"),
+        Some(How::Bind(b)) => format!("bind of mount {} at /{}", b.mount, b.subdir),
+        Some(How::Fresh(_)) if m.fstype == "tmpfs" => {
+            format!("new, files in {}", cryo_image::tmpfs_file(m.id))
+        }
+        Some(How::Fresh(_)) => "new".to_string(),
+        Some(How::External(k)) => format!("external {k}"),
+        None => "?".to_string(),
+    };
+    let mut prop = Vec::new();
+    if m.shared != 0 {
+        prop.push(format!("shared:{}", m.shared));
+    }
+    if m.master != 0 {
+        prop.push(format!("master:{}", m.master));
+    }
+    if m.unbindable {
+        prop.push("unbindable".into());
+    }
+    if !m.host_group_path.is_empty() {
+        prop.push(format!("(group of {})", m.host_group_path));
+    }
+    if m.late {
+        prop.push("late".into());
+    }
+    format!(
+        "{} {} {} {} root {}: {how} {}",
+        m.id,
+        m.mountpoint,
+        m.fstype,
+        m.source,
+        m.root,
+        prop.join(" ")
+    )
+    .trim_end()
+    .to_string()
 }
 
 /// The processes depth first, each with its depth: the roots (whose

@@ -73,6 +73,8 @@ struct Decoded {
     pages: BTreeSet<u32>,
     namespaces: Vec<cryo_image::proto::NamespaceEntry>,
     cgroups: Vec<cryo_image::proto::CgroupDir>,
+    /// The mount ids of the tmpfs-ID.img files that read whole.
+    tmpfs: BTreeSet<u32>,
 }
 
 pub fn run(dir: &Path) -> anyhow::Result<i32> {
@@ -100,6 +102,7 @@ pub fn run(dir: &Path) -> anyhow::Result<i32> {
     check_tasks(&mut rep, &d, &regular, &mut missing, root_pid);
     check_cores(&mut rep, &d);
     tasks::check_namespaces(&mut rep, &d);
+    tasks::check_mounts(&mut rep, &d);
     tasks::check_cgroups(&mut rep, &d);
     check_mms(&mut rep, &d);
     let (pages_checked, unreadable) = check_pagemaps(&mut rep, &d);
@@ -264,6 +267,12 @@ fn decode_all(rep: &mut Report<'_>, regular: &BTreeSet<String>) -> Decoded {
             },
             Kind::Cgroups => match load::read_all(dir, name, kind) {
                 Ok(v) => d.cgroups = v,
+                Err(e) => rep.error(e),
+            },
+            Kind::Tmpfs => match tasks::read_tmpfs(dir, name) {
+                Ok(()) => {
+                    d.tmpfs.insert(id);
+                }
                 Err(e) => rep.error(e),
             },
         }

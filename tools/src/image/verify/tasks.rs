@@ -238,6 +238,67 @@ pub(super) fn check_namespaces(rep: &mut Report<'_>, d: &Decoded) {
     }
 }
 
+/// Every record of a tmpfs-ID.img, read one at a time (file contents
+/// are not held): a data record must follow a regular file's.
+pub(super) fn read_tmpfs(dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let mut r = cryo_image::ImageReader::open(dir, name, cryo_image::Kind::Tmpfs)?;
+    let mut in_file = false;
+    while let Some(rec) = r.next::<cryo_image::proto::TmpfsRecord>()? {
+        if let Some(n) = &rec.node {
+            // S_IFMT and S_IFREG.
+            in_file = n.mode & 0o170000 == 0o100000 && n.link_to.is_empty();
+        } else if !in_file {
+            anyhow::bail!(
+                "{}: record {}: file contents that follow no regular file",
+                r.path().display(),
+                r.record_index()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each new tmpfs of a mount namespace has its tmpfs-ID.img, and each
+/// mount that binds another names one of its namespace.
+pub(super) fn check_mounts(rep: &mut Report<'_>, d: &Decoded) {
+    use cryo_image::proto::mount_entry::How;
+    for e in &d.namespaces {
+        let Some(st) = &e.mnt else { continue };
+        for m in &st.mounts {
+            let fresh_tmpfs = matches!(m.how, Some(How::Fresh(_))) && m.fstype == "tmpfs";
+            if fresh_tmpfs && !d.tmpfs.contains(&m.id) {
+                rep.file(
+                    &cryo_image::tmpfs_file(m.id),
+                    format!(
+                        "missing or unreadable: the files of the tmpfs at {}",
+                        m.mountpoint
+                    ),
+                );
+            }
+            if let Some(How::Bind(b)) = &m.how {
+                if !st.mounts.iter().any(|o| o.id == b.mount) {
+                    rep.file(
+                        cryo_image::NAMESPACES_FILE,
+                        format!(
+                            "mount {} at {} binds mount {}, which is not in its namespace",
+                            m.id, m.mountpoint, b.mount
+                        ),
+                    );
+                }
+            }
+            if m.how.is_none() {
+                rep.file(
+                    cryo_image::NAMESPACES_FILE,
+                    format!(
+                        "mount {} at {} says nothing of how it is made",
+                        m.id, m.mountpoint
+                    ),
+                );
+            }
+        }
+    }
+}
+
 pub(super) fn check_mms(rep: &mut Report<'_>, d: &Decoded) {
     for (&pid, mm) in &d.mms {
         let name = mm_file(pid);

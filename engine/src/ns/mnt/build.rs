@@ -1,0 +1,405 @@
+//! Restore side of a mount namespace: made by a thread of cryo's before
+//! any task exists (see the module above for the order of things).
+//!
+//! The thread takes a private copy of cryo's mount namespace, takes from
+//! it the mounts the image binds (`host_path`, external paths; a mount
+//! other mounts hid at the dump is reached by unmounting those in the
+//! copy), mounts a tmpfs yard and builds the tree in it, each mount after
+//! its parent, sets their propagation (peer groups of the namespace are
+//! made with MOVE_MOUNT_SET_GROUP, a peer group of cryo's namespace is
+//! joined through a copy of a mount of it that cryo's main thread, still
+//! in that namespace, took), then makes the tree's root the namespace's
+//! root (pivot_root: the root stays private until then) and lets the
+//! rest of the copy go. The mounts' flags (read-only, ...) come last.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use cryo_image::proto::mount_entry::How;
+use cryo_image::proto::{MntState, MountEntry};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::target;
+use crate::sys::mount as sysm;
+
+fn io(what: String) -> impl FnOnce(nix::errno::Errno) -> String {
+    move |e| format!("{what}: {}", std::io::Error::from(e))
+}
+
+/// Make the mount namespace of `state` (`dir`: the image, for the tmpfs
+/// files; `externals`: the paths the user gave for --external keys) and
+/// return it, held open.
+pub fn make(
+    state: &MntState,
+    dir: &Path,
+    externals: &HashMap<String, String>,
+) -> Result<OwnedFd, String> {
+    // Copies of the mounts whose peer groups are kept, taken here, in
+    // cryo's namespace: a copy is a member of its mount's peer group.
+    let mut groups: HashMap<usize, OwnedFd> = HashMap::new();
+    for (i, m) in state.mounts.iter().enumerate() {
+        if !m.host_group_path.is_empty() {
+            let fd = sysm::clone_mount(&m.host_group_path).map_err(|e| {
+                format!(
+                    "mount {} at {}: taking a copy of {} for its peer group: {e}",
+                    m.id, m.mountpoint, m.host_group_path
+                )
+            })?;
+            groups.insert(i, fd);
+        }
+    }
+    let yard = std::env::temp_dir().join(format!(
+        "cryo-mnt-{}-{}",
+        std::process::id(),
+        state.mounts.first().map_or(0, |m| m.id)
+    ));
+    std::fs::create_dir(&yard).map_err(|e| format!("making {}: {e}", yard.display()))?;
+    let yard_s = yard.display().to_string();
+    let made = std::thread::scope(|s| {
+        s.spawn(|| in_thread(state, dir, externals, &yard_s, groups))
+            .join()
+            .unwrap_or_else(|_| Err("the thread making it panicked".into()))
+    });
+    let _ = std::fs::remove_dir(&yard);
+    made
+}
+
+/// The thread's part: everything but the peer group copies.
+fn in_thread(
+    state: &MntState,
+    dir: &Path,
+    externals: &HashMap<String, String>,
+    yard: &str,
+    groups: HashMap<usize, OwnedFd>,
+) -> Result<OwnedFd, String> {
+    use nix::sched::CloneFlags;
+    nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS)
+        .map_err(io("unshare(CLONE_NEWNS)".into()))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(io("making the copy of cryo's mounts private".into()))?;
+    // The namespace is this one from here on, whatever its root.
+    let ns = std::fs::File::open("/proc/thread-self/ns/mnt")
+        .map(OwnedFd::from)
+        .map_err(|e| format!("opening the namespace it made: {e}"))?;
+    let mut sources = host_sources(state, externals)?;
+    mount(
+        Some("cryo"),
+        yard,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(io(format!("mounting a tmpfs on {yard}")))?;
+    let top = format!("{yard}/root");
+    std::fs::create_dir(&top).map_err(|e| format!("making {top}: {e}"))?;
+    for (i, m) in state.mounts.iter().enumerate().filter(|(_, m)| !m.late) {
+        make_one(state, m, &top, sources.remove(&i), dir)
+            .map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))?;
+    }
+    let mut groups = groups;
+    propagation(state, &top, yard, &mut groups)?;
+    pivot(state, &top)?;
+    for m in state.mounts.iter().rev().filter(|m| !m.late) {
+        set_flags(m, &target("", m))?;
+    }
+    Ok(ns)
+}
+
+/// Make the tree at `top` the namespace's root and let the rest go: the
+/// old root is put on the root itself (pivot_root(".", ".")), or, when
+/// the root is shared (which pivot_root refuses there), on a private
+/// directory mount just below it; then unmounted.
+fn pivot(state: &MntState, top: &str) -> Result<(), String> {
+    let ms = &state.mounts;
+    let put_old = match ms.first() {
+        Some(r) if r.shared != 0 || !r.host_group_path.is_empty() => ms
+            .iter()
+            .filter(|m| {
+                m.parent == r.id && !m.late && m.shared == 0 && m.host_group_path.is_empty()
+            })
+            .map(|m| target("", m))
+            .find(|t| std::path::Path::new(&format!("{top}{t}")).is_dir())
+            .ok_or(
+                "its root is shared and no private directory mount is below it: not supported yet",
+            )?,
+        _ => ".".to_string(),
+    };
+    nix::unistd::chdir(top).map_err(io(format!("chdir {top}")))?;
+    let rel = put_old.trim_start_matches('/');
+    let rel = if rel.is_empty() { "." } else { rel };
+    nix::unistd::pivot_root(".", rel).map_err(io("pivot_root".into()))?;
+    let old = if rel == "." {
+        "/".to_string()
+    } else {
+        format!("/{rel}")
+    };
+    umount2(old.as_str(), MntFlags::MNT_DETACH)
+        .map_err(io("letting the copy of cryo's mounts go".into()))?;
+    nix::unistd::chdir("/").map_err(io("chdir /".into()))
+}
+
+/// Copies of the mounts of cryo's namespace that mounts of the image bind
+/// (by index), taken in the thread's private copy: for each path, the
+/// visible one first, then each one below it after unmounting what was
+/// stacked on it (in the copy only).
+fn host_sources(
+    state: &MntState,
+    externals: &HashMap<String, String>,
+) -> Result<HashMap<usize, OwnedFd>, String> {
+    let mut wanted: Vec<(String, u32, usize)> = Vec::new();
+    for (i, m) in state.mounts.iter().enumerate() {
+        match &m.how {
+            Some(How::HostPath(p)) => wanted.push((p.clone(), m.host_below, i)),
+            Some(How::External(key)) => {
+                let p = externals.get(key).ok_or_else(|| {
+                    format!(
+                        "mount {} at {} was named external with key {key}: give --external mnt[{key}]:PATH",
+                        m.id, m.mountpoint
+                    )
+                })?;
+                wanted.push((p.clone(), 0, i));
+            }
+            _ => {}
+        }
+    }
+    wanted.sort();
+    let mut out = HashMap::new();
+    let mut gone: HashMap<String, u32> = HashMap::new();
+    for (path, below, i) in wanted {
+        let done = gone.entry(path.clone()).or_insert(0);
+        while *done < below {
+            umount2(path.as_str(), MntFlags::MNT_DETACH)
+                .map_err(io(format!("reaching the mount hidden at {path}")))?;
+            *done += 1;
+        }
+        let fd = sysm::clone_mount(&path).map_err(|e| {
+            let m = &state.mounts[i];
+            format!("mount {} at {}: taking {path}: {e}", m.id, m.mountpoint)
+        })?;
+        out.insert(i, fd);
+    }
+    Ok(out)
+}
+
+/// Mount `m` at its place below `top` ("" inside the namespace):
+/// `source` is the copy to attach, for a host path or external one.
+pub fn make_one(
+    state: &MntState,
+    m: &MountEntry,
+    top: &str,
+    source: Option<OwnedFd>,
+    dir: &Path,
+) -> Result<(), String> {
+    let t = target(top, m);
+    let t = if t.is_empty() { "/".to_string() } else { t };
+    if std::fs::symlink_metadata(&t).is_err() {
+        return Err(format!("its mountpoint {} does not exist", m.mountpoint));
+    }
+    match &m.how {
+        Some(How::HostPath(_) | How::External(_)) => {
+            let fd = source.ok_or("no copy of its source was taken")?;
+            sysm::attach(&fd, &t).map_err(|e| format!("mounting it: {e}"))
+        }
+        Some(How::Bind(b)) => {
+            let from = state
+                .mounts
+                .iter()
+                .find(|f| f.id == b.mount)
+                .ok_or_else(|| format!("it binds mount {}, which is not in the image", b.mount))?;
+            let src = format!("{}/{}", target(top, from), b.subdir);
+            mount(
+                Some(src.as_str()),
+                t.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(io(format!("binding {src}")))
+        }
+        Some(How::Fresh(_)) => fresh(m, &t, dir),
+        None => Err("the image says nothing of how to make it".into()),
+    }
+}
+
+/// A new filesystem for `m` at `t`; a tmpfs gets its files.
+fn fresh(m: &MountEntry, t: &str, dir: &Path) -> Result<(), String> {
+    let tmpfs = m.fstype == "tmpfs";
+    // A read-only tmpfs is filled first, then made read-only.
+    let ro = m.fs_options.split(',').any(|o| o == "ro");
+    let opts: Vec<&str> = m
+        .fs_options
+        .split(',')
+        .filter(|o| !(o.is_empty() || (tmpfs && *o == "ro")))
+        .collect();
+    let data = opts.join(",");
+    mount(
+        Some(m.source.as_str()),
+        t,
+        Some(m.fstype.as_str()),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(io(format!("mounting a new {} ({data})", m.fstype)))?;
+    if tmpfs {
+        let root = std::fs::File::open(t)
+            .map(OwnedFd::from)
+            .map_err(|e| format!("opening {t}: {e}"))?;
+        super::tmpfs::restore(&root, dir, m.id)?;
+        if ro {
+            mount(
+                None::<&str>,
+                t,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                Some(data.as_str()),
+            )
+            .map_err(io("making it read-only".into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The mount's own flags (read-only, nosuid, atime, ...), as dumped.
+pub fn set_flags(m: &MountEntry, t: &str) -> Result<(), String> {
+    let t = if t.is_empty() { "/" } else { t };
+    let flags = MsFlags::from_bits_truncate(m.flags) | MsFlags::MS_REMOUNT | MsFlags::MS_BIND;
+    mount(None::<&str>, t, None::<&str>, flags, None::<&str>).map_err(io(format!(
+        "mount {} at {}: setting its flags",
+        m.id, m.mountpoint
+    )))
+}
+
+/// Set the mount at `t` to propagation `how` (MS_SHARED, MS_SLAVE, ...).
+fn propagate(t: &str, how: MsFlags) -> Result<(), String> {
+    mount(None::<&str>, t, None::<&str>, how, None::<&str>)
+        .map_err(io(format!("setting the propagation of {t}")))
+}
+
+/// Peer groups and slaves: each group of the namespace is made shared on
+/// its first mount, which every other member joins
+/// (MOVE_MOUNT_SET_GROUP); a slave joins its master's group and turns
+/// slave; a group of cryo's namespace is joined through the copy in
+/// `groups`, mounted for the moment in the yard. `top`: where the tree
+/// is.
+fn propagation(
+    state: &MntState,
+    top: &str,
+    yard: &str,
+    groups: &mut HashMap<usize, OwnedFd>,
+) -> Result<(), String> {
+    let ms = &state.mounts;
+    let now = |i: usize| !ms[i].late;
+    let leader = |g: u32| ms.iter().position(|m| !m.late && m.shared == g);
+    let tg = |i: usize| {
+        let t = target(top, &ms[i]);
+        if t.is_empty() {
+            "/".to_string()
+        } else {
+            t
+        }
+    };
+    let mut join_host = |i: usize| -> Result<(), String> {
+        let copy = groups
+            .remove(&i)
+            .ok_or_else(|| format!("mount {}: no copy of its peer group's mount", ms[i].id))?;
+        join(&copy, &tg(i), yard, i)
+            .map_err(|w| format!("mount {} at {}: {w}", ms[i].id, ms[i].mountpoint))
+    };
+    let join_in = |from: usize, i: usize| {
+        sysm::set_group(&tg(from), &tg(i)).map_err(|e| {
+            format!(
+                "mount {} at {}: joining the peer group of mount {}: {e}",
+                ms[i].id, ms[i].mountpoint, ms[from].id
+            )
+        })
+    };
+    // The first mount of each group of the namespace, its master first.
+    let leaders: Vec<usize> = (0..ms.len())
+        .filter(|&i| now(i) && ms[i].shared != 0 && leader(ms[i].shared) == Some(i))
+        .collect();
+    let mut shared = vec![false; ms.len()];
+    let mut pending = leaders.clone();
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut next = Vec::new();
+        for i in pending {
+            let m = &ms[i];
+            match (m.master, leader(m.master)) {
+                (0, _) => {}
+                (_, Some(l)) if !shared[l] && now(l) => {
+                    next.push(i);
+                    continue;
+                }
+                (_, Some(l)) => {
+                    join_in(l, i)?;
+                    propagate(&tg(i), MsFlags::MS_SLAVE)?;
+                }
+                (_, None) => {
+                    join_host(i)?;
+                    propagate(&tg(i), MsFlags::MS_SLAVE)?;
+                }
+            }
+            if m.host_group_path.is_empty() || m.master != 0 {
+                propagate(&tg(i), MsFlags::MS_SHARED)?;
+            } else {
+                join_host(i)?;
+            }
+            shared[i] = true;
+        }
+        if next.len() == before {
+            return Err("peer groups that are each other's masters".into());
+        }
+        pending = next;
+    }
+    for i in (0..ms.len()).filter(|&i| now(i) && !leaders.contains(&i)) {
+        let m = &ms[i];
+        match (m.shared, leader(m.shared)) {
+            (0, _) => {}
+            (_, Some(l)) => {
+                join_in(l, i)?;
+                continue;
+            }
+            (_, None) => {
+                join_host(i)?;
+                continue;
+            }
+        }
+        match (m.master, leader(m.master)) {
+            (0, _) => {}
+            (_, Some(l)) => {
+                join_in(l, i)?;
+                propagate(&tg(i), MsFlags::MS_SLAVE)?;
+            }
+            (_, None) => {
+                join_host(i)?;
+                propagate(&tg(i), MsFlags::MS_SLAVE)?;
+            }
+        }
+    }
+    for i in (0..ms.len()).filter(|&i| now(i) && ms[i].unbindable) {
+        propagate(&tg(i), MsFlags::MS_UNBINDABLE)?;
+    }
+    Ok(())
+}
+
+/// Make the private mount at `to` a peer of the mount `copy` is a copy
+/// of: the copy is mounted for the moment on a directory of the yard,
+/// joined from, and unmounted.
+fn join(copy: &OwnedFd, to: &str, yard: &str, i: usize) -> Result<(), String> {
+    let at = format!("{yard}/g{i}");
+    std::fs::create_dir(&at).map_err(|e| format!("making {at}: {e}"))?;
+    sysm::attach(copy, &at).map_err(|e| format!("mounting its peer group's copy: {e}"))?;
+    let r = sysm::set_group(&at, to)
+        .map_err(|e| format!("joining its peer group of cryo's namespace: {e}"));
+    let _ = umount2(at.as_str(), MntFlags::MNT_DETACH);
+    r
+}

@@ -1,0 +1,430 @@
+//! Mount namespaces.
+//!
+//! Dump: the namespace's mounts from the mountinfo of its first task, in
+//! an order where each comes after its parent. Each says how the restore
+//! makes it again: a bind of the same filesystem where cryo's own
+//! namespace has it mounted (`host_path`: a namespace that is a copy of
+//! the host's needs no flag), a bind of an earlier mount of the namespace
+//! (`bind`), a new filesystem (`fresh`: tmpfs with its files in
+//! tmpfs-ID.img, proc, sysfs, devpts, mqueue), or a path the user names
+//! (`--external mnt[MOUNTPOINT]:KEY`). Anything else is refused naming the
+//! mount. Peer groups are kept: shared among the namespace's mounts, or
+//! with a mount of cryo's namespace (`host_group_path`).
+//!
+//! Restore ([`build`]): cryo makes the namespace before any task, in a
+//! thread of its own, so that the tree's files open inside it; the tasks
+//! enter it (setns). A proc filesystem of a pid namespace that does not
+//! exist yet, and what is mounted below it, is mounted by the namespace's
+//! first task once it is in that pid namespace (`late`, [`late_mounts`]).
+
+#![forbid(unsafe_code)]
+
+pub mod build;
+pub mod info;
+pub mod tmpfs;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use cryo_image::proto::mount_entry::How;
+use cryo_image::proto::{BindOf, MntState, MountEntry};
+use cryo_image::ImageFileInfo;
+
+use info::Mount;
+
+/// The most bytes of file contents kept of one tmpfs.
+const TMPFS_LIMIT: u64 = 1 << 30;
+
+/// What the dump of mount namespaces needs beyond the tasks.
+pub struct DumpCtx<'a> {
+    /// The image directory (tmpfs-ID.img files go there).
+    pub dir: &'a Path,
+    /// `--external mnt[MOUNTPOINT]:KEY`, as (mountpoint, key).
+    pub externals: &'a [(String, String)],
+    /// The tmpfs files written.
+    pub written: Vec<ImageFileInfo>,
+}
+
+/// A mount, named for messages: "mount 66 (tmpfs none at /tmp/x)".
+fn named(m: &Mount) -> String {
+    format!(
+        "mount {} ({} {} at {})",
+        m.id, m.fstype, m.source, m.mountpoint
+    )
+}
+
+/// The mounts of the namespace of task `pid` (its first task), with how
+/// each is made again.
+pub fn dump(pid: i32, cx: &mut DumpCtx) -> Result<MntState, String> {
+    let mounts = info::read(&pid.to_string()).map_err(|e| format!("reading its mountinfo: {e}"))?;
+    let host = info::read("self").map_err(|e| format!("reading cryo's mountinfo: {e}"))?;
+    let ordered = in_order(mounts)?;
+    let groups: HashSet<u32> = ordered
+        .iter()
+        .map(|m| m.shared)
+        .filter(|&g| g != 0)
+        .collect();
+    let mut out: Vec<MountEntry> = Vec::with_capacity(ordered.len());
+    for (i, m) in ordered.iter().enumerate() {
+        let earlier = &ordered[..i];
+        let mut e = MountEntry {
+            id: m.id,
+            parent: m.parent,
+            mountpoint: m.mountpoint.clone(),
+            root: m.root.clone(),
+            fstype: m.fstype.clone(),
+            source: m.source.clone(),
+            fs_options: m.fs_options.clone(),
+            flags: m.flags(),
+            shared: m.shared,
+            master: m.master,
+            unbindable: m.unbindable,
+            ..Default::default()
+        };
+        let (how, below) = how(m, earlier, &host, cx).map_err(|w| format!("{}: {w}", named(m)))?;
+        e.how = Some(how);
+        e.host_below = below;
+        e.host_group_path =
+            host_group(m, &groups, &host).map_err(|w| format!("{}: {w}", named(m)))?;
+        let parent_late = out.iter().any(|p| p.id == m.parent && p.late);
+        let from_late =
+            matches!(&e.how, Some(How::Bind(b)) if out.iter().any(|p| p.id == b.mount && p.late));
+        e.late = parent_late || from_late || needs_task(pid, m, &e)?;
+        let parent_shared = out.iter().any(|p| p.id == m.parent && p.shared != 0);
+        if e.late && (m.shared != 0 || m.master != 0 || m.unbindable || parent_shared) {
+            return Err(format!(
+                "{}: it is mounted by the namespace's first task at the restore (it belongs to a namespace that task makes), which keeps no propagation yet: it and its parent must be private",
+                named(m)
+            ));
+        }
+        if matches!(e.how, Some(How::Fresh(_))) && m.fstype == "tmpfs" {
+            dump_tmpfs(pid, m, cx).map_err(|w| format!("{}: {w}", named(m)))?;
+        }
+        out.push(e);
+    }
+    Ok(MntState { mounts: out })
+}
+
+/// The mounts with each after its parent (breadth first from the one
+/// root, in mountinfo's order among siblings).
+fn in_order(mounts: Vec<Mount>) -> Result<Vec<Mount>, String> {
+    let ids: HashSet<u32> = mounts.iter().map(|m| m.id).collect();
+    let mut roots = mounts
+        .iter()
+        .filter(|m| !ids.contains(&m.parent) || m.parent == m.id);
+    let root = roots
+        .next()
+        .ok_or("no root mount in its mountinfo")?
+        .clone();
+    if let Some(other) = roots.next() {
+        return Err(format!(
+            "two mounts without a parent in the namespace: {} and {}",
+            named(&root),
+            named(other)
+        ));
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let id = out[i].id;
+        out.extend(
+            mounts
+                .iter()
+                .filter(|m| m.parent == id && m.id != id)
+                .cloned(),
+        );
+        i += 1;
+    }
+    if out.len() != mounts.len() {
+        return Err("its mountinfo has mounts that hang from no other".into());
+    }
+    Ok(out)
+}
+
+/// How mount `m` is made again, and (of a host path) how many mounts of
+/// cryo's namespace hide the one meant.
+fn how(m: &Mount, earlier: &[Mount], host: &[Mount], cx: &DumpCtx) -> Result<(How, u32), String> {
+    if let Some((_, key)) = cx.externals.iter().find(|(mp, _)| *mp == m.mountpoint) {
+        return Ok((How::External(key.clone()), 0));
+    }
+    // The same filesystem mounted before in the namespace: a bind of it.
+    if let Some((e, sub)) = earlier
+        .iter()
+        .filter(|e| e.dev == m.dev)
+        .find_map(|e| Some((e, info::below(&m.root, &e.root)?)))
+    {
+        return Ok((
+            How::Bind(BindOf {
+                mount: e.id,
+                subdir: sub.to_string(),
+            }),
+            0,
+        ));
+    }
+    // Mounted in cryo's namespace: a bind of it there, the deepest root
+    // that holds this one's.
+    let best = host
+        .iter()
+        .filter(|h| h.dev == m.dev)
+        .filter_map(|h| Some((h, info::below(&m.root, &h.root)?)))
+        .max_by_key(|(h, _)| h.root.len());
+    if let Some((h, sub)) = best {
+        let path = if sub.is_empty() {
+            h.mountpoint.clone()
+        } else {
+            format!("{}/{sub}", h.mountpoint.trim_end_matches('/'))
+        };
+        return Ok((How::HostPath(path), hidden_by(h, host)));
+    }
+    match m.fstype.as_str() {
+        "tmpfs" | "proc" | "sysfs" | "devpts" | "mqueue" => Ok((How::Fresh(true), 0)),
+        other => Err(format!(
+            "its {other} filesystem is not mounted in cryo's namespace and cryo cannot make one again; name it at the dump with --external mnt[{}]:KEY and at the restore with --external mnt[KEY]:PATH",
+            m.mountpoint
+        )),
+    }
+}
+
+/// How many mounts of `all` are stacked on `h` at its mountpoint.
+fn hidden_by(h: &Mount, all: &[Mount]) -> u32 {
+    let mut n = 0;
+    let mut top = h.id;
+    while let Some(above) = all
+        .iter()
+        .find(|k| k.parent == top && k.mountpoint == h.mountpoint && k.id != top)
+    {
+        n += 1;
+        top = above.id;
+    }
+    n
+}
+
+/// A peer group of `m` (shared or master) that is not among the
+/// namespace's `groups`: the mountpoint of a mount of cryo's namespace
+/// shared in it ("" if there is none to keep).
+fn host_group(m: &Mount, groups: &HashSet<u32>, host: &[Mount]) -> Result<String, String> {
+    let outside: Vec<u32> = [m.shared, m.master]
+        .into_iter()
+        .filter(|&g| g != 0 && !groups.contains(&g))
+        .collect();
+    match outside.as_slice() {
+        [] => Ok(String::new()),
+        [g] => host
+            .iter()
+            .find(|h| h.shared == *g)
+            .map(|h| h.mountpoint.clone())
+            .ok_or_else(|| {
+                format!("its peer group {g} is neither in the namespace nor in cryo's: not supported yet")
+            }),
+        _ => Err("it is shared with one peer group and a slave of another, both outside the namespace: not supported yet".into()),
+    }
+}
+
+/// Whether a new filesystem of `m` belongs to a namespace the restore
+/// makes in a task (a proc of another pid namespace, an mqueue of another
+/// IPC namespace), so that the namespace's first task `pid` mounts it.
+fn needs_task(pid: i32, m: &Mount, e: &MountEntry) -> Result<bool, String> {
+    if !matches!(e.how, Some(How::Fresh(_))) {
+        return Ok(false);
+    }
+    let own = |kind| super::own(kind).map(str::to_string);
+    let task = |kind: super::NsKind| super::link(&pid.to_string(), kind);
+    match m.fstype.as_str() {
+        "proc" => {
+            let at = format!(
+                "/proc/{pid}/root{}/1/ns/pid",
+                m.mountpoint.trim_end_matches('/')
+            );
+            let of = std::fs::read_link(&at)
+                .map(|p| p.display().to_string())
+                .map_err(|e| format!("{}: telling its pid namespace ({at}): {e}", named(m)))?;
+            if Some(&of) == own(super::NsKind::Pid).as_ref() {
+                return Ok(false);
+            }
+            if task(super::NsKind::Pid).as_ref() != Some(&of) {
+                return Err(format!(
+                    "{}: a proc of pid namespace {of}, which the mount namespace's first task {pid} is not in: not supported yet",
+                    named(m)
+                ));
+            }
+            Ok(true)
+        }
+        "mqueue" => Ok(task(super::NsKind::Ipc) != own(super::NsKind::Ipc)),
+        _ => Ok(false),
+    }
+}
+
+/// The files of the tmpfs of `m`, through task `pid`'s root.
+fn dump_tmpfs(pid: i32, m: &Mount, cx: &mut DumpCtx) -> Result<(), String> {
+    use nix::fcntl::OFlag;
+    let path = format!("/proc/{pid}/root{}", m.mountpoint);
+    let fd = nix::fcntl::open(
+        path.as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("opening {path}: {}", std::io::Error::from(e)))?;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| format!("fstat {path}: {e}"))?;
+    let dev = (libc::major(st.st_dev), libc::minor(st.st_dev));
+    if dev != m.dev {
+        return Err(
+            "another mount hides it at its mountpoint: a hidden tmpfs is not supported yet".into(),
+        );
+    }
+    let (info, _) = tmpfs::dump(&fd, cx.dir, m.id, TMPFS_LIMIT)?;
+    cx.written.push(info);
+    Ok(())
+}
+
+/// Where each mount of `state` is, below `top` (the new root's place
+/// while the namespace is built; "" once inside it).
+fn target(top: &str, m: &MountEntry) -> String {
+    let mp = m.mountpoint.trim_end_matches('/');
+    format!("{top}{mp}")
+}
+
+/// In the namespace's first task, once it is in the namespace and in the
+/// namespaces it makes: the `late` mounts.
+pub fn late_mounts(state: &MntState) -> Result<(), String> {
+    for m in state.mounts.iter().filter(|m| m.late) {
+        build::make_one(state, m, "", None, Path::new(""))
+            .map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))?;
+        build::set_flags(m, &target("", m))?;
+    }
+    Ok(())
+}
+
+/// In cryo, before any task: every mount namespace of the image made
+/// ([`build::make`]), by its inode at the dump.
+pub fn make_all(
+    entries: &[cryo_image::proto::NamespaceEntry],
+    dir: &Path,
+    externals: &HashMap<String, String>,
+) -> Result<HashMap<u64, OwnedFd>, String> {
+    let mut out = HashMap::new();
+    for e in entries
+        .iter()
+        .filter(|e| e.kind == super::NsKind::Mnt.name())
+    {
+        let state = e.mnt.as_ref().ok_or_else(|| {
+            format!(
+                "mnt namespace {}: namespaces.img has no mounts for it",
+                e.inode
+            )
+        })?;
+        let fd = build::make(state, dir, externals)
+            .map_err(|w| format!("mnt namespace {}: {w}", e.inode))?;
+        out.insert(e.inode, fd);
+    }
+    Ok(out)
+}
+
+/// In a task: enter the mount namespace cryo made for `e`, then mount
+/// what only a task of its namespaces can (see [`late_mounts`]).
+pub fn enter(
+    e: &cryo_image::proto::NamespaceEntry,
+    made: &HashMap<u64, RawFd>,
+) -> Result<(), String> {
+    let fd = made
+        .get(&e.inode)
+        .ok_or("cryo did not make it (no mounts in namespaces.img)")?;
+    nix::sched::setns(
+        crate::sys::fd::borrow(*fd),
+        nix::sched::CloneFlags::CLONE_NEWNS,
+    )
+    .map_err(|err| format!("entering it (setns): {}", std::io::Error::from(err)))?;
+    match &e.mnt {
+        Some(state) => late_mounts(state),
+        None => Ok(()),
+    }
+}
+
+/// Which mount namespace each open file of the tree is opened in (its
+/// first holder's), for a thread of cryo's with its own filesystem
+/// information (unshare CLONE_FS) that goes from one to the other.
+pub struct Switch {
+    own: OwnedFd,
+    current: Option<RawFd>,
+    by_file: HashMap<u32, RawFd>,
+}
+
+impl Switch {
+    /// Call in the thread, after unshare(CLONE_FS).
+    pub fn new(by_file: HashMap<u32, RawFd>) -> Result<Switch, String> {
+        let own = std::fs::File::open("/proc/thread-self/ns/mnt")
+            .map(OwnedFd::from)
+            .map_err(|e| format!("opening cryo's mount namespace: {e}"))?;
+        Ok(Switch {
+            own,
+            current: None,
+            by_file,
+        })
+    }
+
+    /// Be in the mount namespace of file `id` (cryo's if none).
+    pub fn enter_for(&mut self, id: u32) -> Result<(), String> {
+        let want = self.by_file.get(&id).copied();
+        if want == self.current {
+            return Ok(());
+        }
+        let fd = want.unwrap_or(self.own.as_raw_fd());
+        nix::sched::setns(
+            crate::sys::fd::borrow(fd),
+            nix::sched::CloneFlags::CLONE_NEWNS,
+        )
+        .map_err(|e| format!("entering its mount namespace: {}", std::io::Error::from(e)))?;
+        self.current = want;
+        Ok(())
+    }
+}
+
+/// An `--external` value of the mount kind, `mnt[A]:B`, as (A, B): at the
+/// dump a mountpoint and its key, at the restore a key and its path.
+pub fn parse_external(s: &str) -> Result<(String, String), String> {
+    let bad = || {
+        format!("--external {s}: expected mnt[MOUNTPOINT]:KEY (dump) or mnt[KEY]:PATH (restore); only mounts can be external yet")
+    };
+    let rest = s.strip_prefix("mnt[").ok_or_else(bad)?;
+    let (a, b) = rest.split_once("]:").ok_or_else(bad)?;
+    if a.is_empty() || b.is_empty() {
+        return Err(bad());
+    }
+    Ok((a.to_string(), b.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_values() {
+        assert_eq!(
+            parse_external("mnt[/data]:vol").unwrap(),
+            ("/data".to_string(), "vol".to_string())
+        );
+        assert!(parse_external("veth[a]:b").is_err());
+        assert!(parse_external("mnt[]:b").is_err());
+        assert!(parse_external("mnt[/x]").is_err());
+    }
+
+    fn m(id: u32, parent: u32, mp: &str) -> Mount {
+        info::parse_line(&format!("{id} {parent} 0:1 / {mp} rw - tmpfs t rw")).unwrap()
+    }
+
+    #[test]
+    fn order_puts_parents_first_and_counts_stacks() {
+        let ms = vec![
+            m(5, 3, "/a/b"),
+            m(3, 1, "/a"),
+            m(1, 0, "/"),
+            m(6, 5, "/a/b"),
+        ];
+        let o = in_order(ms.clone()).unwrap();
+        let ids: Vec<u32> = o.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1, 3, 5, 6]);
+        assert_eq!(hidden_by(&ms[0], &ms), 1);
+        assert_eq!(hidden_by(&ms[3], &ms), 0);
+        assert!(in_order(vec![m(1, 0, "/"), m(2, 9, "/x")]).is_err());
+    }
+}

@@ -1,0 +1,116 @@
+//! Mount namespaces: wl_mntns unshares its mount namespace (a copy of the
+//! host's) and mounts a tmpfs with files of every kind, binds that are
+//! peers and slaves of it, and a read-only tmpfs; the restore makes them
+//! again, and none of them is left in cryo's namespace. Also a proc of the
+//! tree's own pid namespace, and a filesystem cryo does not make (refused,
+//! then named external).
+
+use std::path::Path;
+
+use cryo_tests::*;
+
+/// The mounts of the test's own namespace at or below `base`.
+fn own_mounts_under(base: &Path) -> Vec<String> {
+    let base = base.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|mp| mp.starts_with(&base)))
+        .map(str::to_string)
+        .collect()
+}
+
+fn show_and_verify(img: &Path, shown: &[&str]) {
+    let img_s = img.to_str().expect("utf-8 path");
+    let out = run_cryo(&["image", "show", img_s], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in shown {
+        assert!(text.contains(want), "image show lacks {want:?}: {text}");
+    }
+    assert_cryo_ok(&run_cryo(&["image", "verify", img_s], &[]), "image verify");
+}
+
+/// `cycles` checkpoints of wl_mntns (`extra` arguments, `procs`
+/// processes), each a dump -R or a dump and a restore.
+fn mntns_cycle(extra: &[&str], procs: usize, leave_running: bool, cycles: usize) {
+    let dir = TestDir::new();
+    let base = dir.subdir("m");
+    let mut args = vec!["--tmp", base.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let mut wl = Workload::start("wl_mntns", &args, &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    assert_eq!(guard.pids().len(), procs, "wl_mntns is {procs} processes");
+    for c in 0..cycles {
+        let img = dir.subdir(&format!("img{c}"));
+        dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
+        show_and_verify(
+            &img,
+            &["mnt:[", "tmpfs-", "bind of mount", "shared:", "master:"],
+        );
+        let leaked = own_mounts_under(&base);
+        assert!(
+            leaked.is_empty(),
+            "mounts of the tree's namespace in cryo's: {leaked:?}"
+        );
+    }
+    wl.assert_pass("wl_mntns after its restores");
+}
+
+#[test]
+fn mount_namespace_kill_and_restore_twice() {
+    mntns_cycle(&[], 2, false, 2);
+}
+
+#[test]
+fn mount_namespace_leave_running() {
+    mntns_cycle(&[], 2, true, 1);
+}
+
+#[test]
+fn mount_namespace_with_its_pid_namespace_proc() {
+    mntns_cycle(&["--proc", "1"], 3, false, 1);
+}
+
+/// A ramfs is refused naming it and the way out; dumped with it named
+/// external, the restore binds the directory it is given there.
+#[test]
+fn mount_namespace_unknown_filesystem_refused_then_external() {
+    let dir = TestDir::new();
+    let base = dir.subdir("m");
+    let base_s = base.to_str().expect("utf-8 path");
+    let mut wl = Workload::start("wl_mntns", &["--tmp", base_s, "--ramfs", "1"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with a ramfs: {e}");
+    }
+    let err = stderr_of(&out);
+    for want in ["ramfs cryo-wl-x", "--external mnt["] {
+        assert!(err.contains(want), "stderr lacks {want:?}: {err}");
+    }
+    let x = format!("mnt[{base_s}/x]:scratch");
+    dump_ok(&mut wl, &img, &["--external", &x]);
+    assert!(
+        reap_gone(guard.pids(), std::time::Duration::from_secs(10)),
+        "the dumped tree did not end"
+    );
+    let given = dir.subdir("given");
+    std::fs::write(given.join("marker"), "m").expect("marker");
+    let img_s = img.to_str().expect("utf-8 path");
+    let missing = run_cryo(&["restore", "-D", img_s, "-d"], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&missing) {
+        panic!("restore without the external path: {e}");
+    }
+    assert!(
+        stderr_of(&missing).contains("--external mnt[scratch]:PATH"),
+        "{}",
+        stderr_of(&missing)
+    );
+    let ext = format!("mnt[scratch]:{}", given.display());
+    let out = run_cryo(&["restore", "-D", img_s, "-d", "--external", &ext], &[]);
+    wl.mark_running();
+    assert_cryo_ok(&out, "restore with --external");
+    wl.assert_restored();
+    wl.assert_pass("wl_mntns with an external mount");
+}
