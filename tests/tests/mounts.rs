@@ -114,3 +114,65 @@ fn mount_namespace_unknown_filesystem_refused_then_external() {
     wl.assert_restored();
     wl.assert_pass("wl_mntns with an external mount");
 }
+
+/// The init's root of its container: a directory with binds, entered by
+/// pivot_root.
+fn rootfs_workload(dir: &TestDir) -> (Workload, TreeGuard, std::path::PathBuf) {
+    let base = dir.subdir("c");
+    let wl = Workload::start(
+        "wl_rootfs",
+        &["--tmp", base.to_str().expect("utf-8 path")],
+        dir,
+    );
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    (wl, guard, base)
+}
+
+/// The directory of its filesystem the root mount of `pid` shows.
+fn root_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .and_then(|l| l.split(' ').nth(3).map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn pivot_root_container_kill_and_restore() {
+    let dir = TestDir::new();
+    let (mut wl, guard, base) = rootfs_workload(&dir);
+    let img = dir.subdir("img");
+    dump_and_maybe_restore(&mut wl, &guard, &img, false);
+    show_and_verify(&img, &["mnt:[", "tmpfs-"]);
+    assert!(own_mounts_under(&base).is_empty(), "mounts leaked");
+    wl.assert_pass("wl_rootfs after a restore");
+}
+
+/// The container's root moved: the restore without --root fails cleanly,
+/// with --root it binds the new place.
+#[test]
+fn pivot_root_container_restored_elsewhere_with_root() {
+    let dir = TestDir::new();
+    let (mut wl, guard, base) = rootfs_workload(&dir);
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    assert!(
+        reap_gone(guard.pids(), std::time::Duration::from_secs(10)),
+        "the dumped tree did not end"
+    );
+    let moved = base.join("moved");
+    std::fs::rename(base.join("root"), &moved).expect("move the root");
+    let img_s = img.to_str().expect("utf-8 path");
+    let out = run_cryo(&["restore", "-D", img_s, "-d"], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("restore with the root gone: {e}");
+    }
+    let moved_s = moved.to_str().expect("utf-8 path");
+    let out = run_cryo(&["restore", "-D", img_s, "-d", "--root", moved_s], &[]);
+    wl.mark_running();
+    assert_cryo_ok(&out, "restore --root");
+    wl.assert_restored();
+    assert_eq!(root_of(wl.pid()), moved_s, "the restored root");
+    wl.assert_pass("wl_rootfs restored with --root");
+}

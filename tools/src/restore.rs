@@ -35,6 +35,10 @@ pub struct RestoreArgs {
     /// (--external mnt[MOUNTPOINT]:KEY there): mnt[KEY]:PATH. Repeatable.
     #[arg(long = "external", value_name = "mnt[KEY]:PATH")]
     pub externals: Vec<String>,
+    /// The directory to make the root of the tree's mount namespace (a
+    /// container whose root was a directory, moved or copied since).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<String>,
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
@@ -57,6 +61,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
             .map(|e| cryo_engine::ns::mnt::parse_external(e))
             .collect::<Result<_, _>>()
             .map_err(anyhow::Error::msg)?,
+        root: a.root.clone(),
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");

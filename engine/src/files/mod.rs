@@ -499,6 +499,7 @@ fn describe(
         flags: flags & !(libc::O_CLOEXEC as u32),
         pos,
         deleted,
+        mnt_id: info.get("mnt_id").and_then(|v| v.parse().ok()).unwrap_or(0),
         ..entry_of(&st)
     };
     if deleted {

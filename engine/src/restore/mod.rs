@@ -117,6 +117,9 @@ pub struct RestoreOptions {
     /// The path for each key of a mount the dump was told is external
     /// (--external mnt[KEY]:PATH).
     pub externals: HashMap<String, String>,
+    /// The directory the root of the tree's mount namespace binds, in
+    /// place of the dumped one (--root).
+    pub root: Option<String>,
 }
 
 impl RestoreOptions {
@@ -127,6 +130,7 @@ impl RestoreOptions {
             manage_cgroups: Default::default(),
             cgroup_root: None,
             externals: HashMap::new(),
+            root: None,
         }
     }
 }
@@ -222,8 +226,9 @@ fn remove_socket_files(paths: &[std::path::PathBuf]) {
 }
 
 /// Open every file description of the tree (`used`), each in the mount
-/// namespace cryo made for its first holder, if any (`mnt_made`): then by
-/// a thread of its own that goes from one namespace to the other.
+/// namespace of the mount it was opened through, or else of its first
+/// holder, if cryo made one (`mnt_made`): then by a thread of its own that
+/// goes from one namespace to the other.
 fn open_files(
     tree: &TreeImage,
     used: &std::collections::BTreeSet<u32>,
@@ -235,6 +240,22 @@ fn open_files(
         return crate::files::open_all(files, used, socket_files, None);
     }
     let mut by_file: HashMap<u32, RawFd> = HashMap::new();
+    // By the mount a file was opened through, where that is known.
+    let mount_ns: HashMap<u32, u64> = tree
+        .namespaces
+        .iter()
+        .flat_map(|e| {
+            let mounts = e.mnt.iter().flat_map(|m| m.mounts.iter());
+            mounts.map(move |m| (m.id, e.inode))
+        })
+        .collect();
+    for f in files.iter().filter(|f| f.mnt_id != 0) {
+        match mount_ns.get(&f.mnt_id).and_then(|ns| mnt_made.get(ns)) {
+            Some(&fd) => by_file.insert(f.id, fd),
+            // A mount of cryo's namespace: opened there.
+            None => by_file.insert(f.id, -1),
+        };
+    }
     for p in &tree.procs {
         let ns = p.core.process.as_ref().and_then(|pc| {
             pc.namespaces
@@ -253,6 +274,7 @@ fn open_files(
         path: "mount namespaces".into(),
         what,
     };
+    by_file.retain(|_, fd| *fd >= 0);
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
@@ -375,8 +397,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go0_r, go0_w) = pipe()?;
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
-    let mnt_ns = crate::ns::mnt::make_all(&tree.namespaces, &opts.dir, &opts.externals)
-        .map_err(|what| RestoreError::Namespaces { pid: root, what })?;
+    let mnt_ns = crate::ns::mnt::make_all(
+        &tree.namespaces,
+        &opts.dir,
+        &opts.externals,
+        opts.root.as_deref(),
+    )
+    .map_err(|what| RestoreError::Namespaces { pid: root, what })?;
     let mnt_fds = raw_fds(&mnt_ns);
     let shared = make_shared(&tree, &mnt_fds)?;
     fault("files")?;

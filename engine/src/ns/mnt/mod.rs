@@ -231,27 +231,38 @@ fn needs_task(pid: i32, m: &Mount, e: &MountEntry) -> Result<bool, String> {
     let own = |kind| super::own(kind).map(str::to_string);
     let task = |kind: super::NsKind| super::link(&pid.to_string(), kind);
     match m.fstype.as_str() {
-        "proc" => {
-            let at = format!(
-                "/proc/{pid}/root{}/1/ns/pid",
-                m.mountpoint.trim_end_matches('/')
-            );
-            let of = std::fs::read_link(&at)
-                .map(|p| p.display().to_string())
-                .map_err(|e| format!("{}: telling its pid namespace ({at}): {e}", named(m)))?;
-            if Some(&of) == own(super::NsKind::Pid).as_ref() {
-                return Ok(false);
-            }
-            if task(super::NsKind::Pid).as_ref() != Some(&of) {
-                return Err(format!(
-                    "{}: a proc of pid namespace {of}, which the mount namespace's first task {pid} is not in: not supported yet",
-                    named(m)
-                ));
-            }
-            Ok(true)
-        }
+        "proc" => proc_is_tasks(pid, m),
         "mqueue" => Ok(task(super::NsKind::Ipc) != own(super::NsKind::Ipc)),
         _ => Ok(false),
+    }
+}
+
+/// Whether the proc at `m` is of another pid namespace than cryo's
+/// (then it must be that of the mount namespace's first task `pid`):
+/// cryo sees itself in its own namespace's proc only.
+fn proc_is_tasks(pid: i32, m: &Mount) -> Result<bool, String> {
+    let base = format!("/proc/{pid}/root{}", m.mountpoint.trim_end_matches('/'));
+    match std::fs::read_link(format!("{base}/self")) {
+        Ok(me) if me.to_str() == Some(std::process::id().to_string().as_str()) => Ok(false),
+        Ok(_) => Err("a proc of a pid namespace above cryo's: not supported".into()),
+        Err(_) => {
+            // The first task's pid in its innermost namespace, seen there.
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let inner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last().map(str::to_string))
+                .unwrap_or_default();
+            let theirs = std::fs::read_link(format!("{base}/{inner}/ns/pid")).ok();
+            let task = super::link(&pid.to_string(), super::NsKind::Pid);
+            if theirs.is_some() && theirs.map(|p| p.display().to_string()) == task {
+                Ok(true)
+            } else {
+                Err(format!(
+                    "a proc of a pid namespace that the mount namespace's first task {pid} is not in: not supported yet"
+                ))
+            }
+        }
     }
 }
 
@@ -296,26 +307,37 @@ pub fn late_mounts(state: &MntState) -> Result<(), String> {
 }
 
 /// In cryo, before any task: every mount namespace of the image made
-/// ([`build::make`]), by its inode at the dump.
+/// ([`build::make`]), by its inode at the dump. `root` (--root): the
+/// directory the first one's root mount binds instead of the dumped one.
 pub fn make_all(
     entries: &[cryo_image::proto::NamespaceEntry],
     dir: &Path,
     externals: &HashMap<String, String>,
+    root: Option<&str>,
 ) -> Result<HashMap<u64, OwnedFd>, String> {
     let mut out = HashMap::new();
-    for e in entries
+    let mnts = entries
         .iter()
-        .filter(|e| e.kind == super::NsKind::Mnt.name())
-    {
-        let state = e.mnt.as_ref().ok_or_else(|| {
+        .filter(|e| e.kind == super::NsKind::Mnt.name());
+    for (i, e) in mnts.enumerate() {
+        let mut state = e.mnt.clone().ok_or_else(|| {
             format!(
                 "mnt namespace {}: namespaces.img has no mounts for it",
                 e.inode
             )
         })?;
-        let fd = build::make(state, dir, externals)
+        if let (0, Some(r), Some(m)) = (i, root, state.mounts.first_mut()) {
+            m.how = Some(How::HostPath(r.to_string()));
+            m.host_below = 0;
+        }
+        let fd = build::make(&state, dir, externals)
             .map_err(|w| format!("mnt namespace {}: {w}", e.inode))?;
         out.insert(e.inode, fd);
+    }
+    if let (true, Some(r)) = (out.is_empty(), root) {
+        return Err(format!(
+            "--root {r}: the tree has no mount namespace of its own (its tasks were in the dumping cryo's)"
+        ));
     }
     Ok(out)
 }
