@@ -235,19 +235,24 @@ fn ipc_namespace_leave_running() {
     ipc_cycle(true);
 }
 
-/// A POSIX message queue in the tree's IPC namespace is refused, naming
-/// it; the tree runs on.
-#[test]
-fn ipc_namespace_posix_mqueue_refused() {
-    let dir = TestDir::new();
-    let mut wl = Workload::start("wl_ipc", &["--mqueue", "1"], &dir);
-    let _guard = TreeGuard::new(tree_pids(wl.pid()));
-    let img = dir.subdir("img");
-    refused(
-        wl.pid(),
-        &img,
-        "dump of an IPC namespace with a POSIX message queue",
-        &["ipc namespace", "POSIX message queue /cryo-wl-ipc"],
+/// A POSIX message queue of the tree's IPC namespace, with its messages
+/// and a descriptor of it, in both modes.
+fn mqueue_cycle(leave_running: bool) {
+    ns_cycle(
+        "wl_ipc",
+        &["--mqueue", "1"],
+        2,
+        leave_running,
+        &["ipc:[", "POSIX message queue(s)"],
     );
-    wl.assert_pass("an IPC namespace after a refused dump");
+}
+
+#[test]
+fn ipc_namespace_posix_mqueue_kill_and_restore() {
+    mqueue_cycle(false);
+}
+
+#[test]
+fn ipc_namespace_posix_mqueue_leave_running() {
+    mqueue_cycle(true);
 }

@@ -29,6 +29,7 @@ pub mod eventfd;
 pub mod ghost;
 pub mod inotify;
 pub mod lock;
+pub mod mqueue;
 pub mod pidfd;
 pub mod pipe;
 pub mod pty;
@@ -279,6 +280,7 @@ fn classify(
         ));
     }
     let kind = match fmt {
+        libc::S_IFREG if mqueue::is_mqueue(cx) => FileKind::FileMqueue,
         libc::S_IFREG if link.starts_with("/memfd:") => FileKind::FileMemfd,
         libc::S_IFREG if link.ends_with(" (deleted)") => FileKind::FileDeleted,
         libc::S_IFREG => FileKind::FileRegular,
@@ -408,7 +410,7 @@ fn dump_kind(
         FileKind::FileSignalfd => signalfd::dump(cx, e),
         FileKind::FileEpoll => epoll::dump(cx, e),
         FileKind::FilePidfd => pidfd::dump(cx, e),
-        FileKind::FilePidfdDead => Ok(()),
+        FileKind::FilePidfdDead | FileKind::FileMqueue => Ok(()),
         FileKind::FileSymlink => regfile::dump_symlink(cx, h, e),
         FileKind::FileInotify => {
             e.inotify = Some(inotify::dump(cx.pid, cx.fd, cx.fdinfo)?);
@@ -595,14 +597,17 @@ pub fn link(
 
 /// An epoll or pidfd is remade by the process that holds it: one shared
 /// by several processes is not supported yet, unless they share one
-/// descriptor table.
+/// descriptor table. (A message queue's descriptor may be: each holder
+/// opens the queue again, and an open queue has no state of its own but
+/// O_NONBLOCK.)
 fn check_per_task(procs: &[&mut ProcFds], table: &[OpenFile]) -> Result<()> {
     for p in procs {
         for e in &p.fd_entries {
             let Some(o) = table.iter().find(|o| o.entry.id == e.id) else {
                 continue;
             };
-            let per_task = FileKind::try_from(o.entry.kind).is_ok_and(made_by_task);
+            let per_task = FileKind::try_from(o.entry.kind)
+                .is_ok_and(|k| made_by_task(k) && k != FileKind::FileMqueue);
             // In one descriptor table (CLONE_FILES) it is made once.
             let one_table =
                 || sys::kcmp_files(o.pid, p.pid).is_ok_and(|c| c == std::cmp::Ordering::Equal);

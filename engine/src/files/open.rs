@@ -14,7 +14,8 @@ use cryo_image::proto::{FileEntry, FileKind};
 use nix::fcntl::{FcntlArg, OFlag};
 
 use super::{
-    epoll, eventfd, ghost, inotify, lock, pidfd, pipe, pty, regfile, signalfd, timerfd, tty, unix,
+    epoll, eventfd, ghost, inotify, lock, mqueue, pidfd, pipe, pty, regfile, signalfd, timerfd,
+    tty, unix,
 };
 
 /// Why one file of files.img could not be opened again.
@@ -30,7 +31,7 @@ pub struct OpenError {
 /// pidfd needs the tree's tasks to exist), rather than by [`open_all`].
 pub fn made_by_task(kind: FileKind) -> bool {
     match kind {
-        FileKind::FileEpoll | FileKind::FilePidfd => true,
+        FileKind::FileEpoll | FileKind::FilePidfd | FileKind::FileMqueue => true,
         FileKind::FileRegular
         | FileKind::FileDirectory
         | FileKind::FileChardev
@@ -60,6 +61,7 @@ pub fn make_in_task(
     match FileKind::try_from(f.kind) {
         Ok(FileKind::FilePidfd) => pidfd::make(f, pids),
         Ok(FileKind::FileEpoll) => epoll::make(f),
+        Ok(FileKind::FileMqueue) => mqueue::open(f),
         _ => Err(format!("file kind {} is not made by its task", f.kind)),
     }
 }
@@ -113,7 +115,7 @@ impl Opener<'_> {
                 .sockets
                 .remove(&f.id)
                 .ok_or("no socket was made for it".to_string())?,
-            FileKind::FileEpoll | FileKind::FilePidfd => return Ok(None),
+            FileKind::FileEpoll | FileKind::FilePidfd | FileKind::FileMqueue => return Ok(None),
         };
         Ok(Some(fd))
     }

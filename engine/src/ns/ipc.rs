@@ -6,16 +6,17 @@
 //! set (GETALL) and message queue (each message copied, MSG_COPY, so the
 //! queue is left as it was), each with its key, id, owner and mode, as
 //! /proc/sysvipc lists them there. A segment some process has attached is
-//! refused (attachments are not kept yet), and so is a namespace with a
-//! POSIX message queue (the thread looks into the namespace's mqueue
-//! filesystem, mounted in a mount namespace of its own).
+//! refused (attachments are not kept yet). POSIX message queues come
+//! from the namespace's mqueue filesystem (mounted by the thread in a
+//! mount namespace of its own) with their messages (see
+//! [`read_mqueues`]).
 //!
 //! Restore: the first task of the namespace makes it (unshare), sets its
 //! limits, and makes each object again with the same id (the
 //! namespace's shm_next_id, sem_next_id, msg_next_id), key, owner, mode
 //! and contents, before its memory and children, which inherit it.
 //!
-//! Not kept yet: POSIX message queues (refused, see above), semaphore
+//! Not kept yet: a POSIX message queue's notification (refused), semaphore
 //! undo values (SEM_UNDO), and which process created an object or
 //! touched it last (cuid and cgid become root's, cpid and lpid the
 //! restore's).
@@ -24,7 +25,9 @@
 
 use std::os::fd::OwnedFd;
 
-use cryo_image::proto::{Extent, IpcMsg, IpcMsgQueue, IpcObject, IpcSem, IpcShm, IpcState, Sysctl};
+use cryo_image::proto::{
+    Extent, IpcMsg, IpcMsgQueue, IpcObject, IpcSem, IpcShm, IpcState, PosixMqueue, PosixMsg, Sysctl,
+};
 
 use crate::sys::ipc;
 
@@ -78,6 +81,66 @@ fn bad_row(kind: &str, row: &[String]) -> std::io::Error {
     std::io::Error::other(format!("/proc/sysvipc/{kind}: unexpected line {row:?}"))
 }
 
+/// The POSIX message queues of this thread's IPC namespace, each with its
+/// messages: taken one by one (the tree is stopped) and put back at once
+/// in the order they came out, which is the order they are received in.
+/// A queue a task asked to be told of messages on (mq_notify) is refused.
+fn read_mqueues() -> std::io::Result<Vec<PosixMqueue>> {
+    let mut out = Vec::new();
+    for f in crate::sys::ns::mqueue_files()? {
+        let notify = f
+            .info
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("NOTIFY_PID:"))
+            .and_then(|v| v.parse::<i32>().ok())
+            .unwrap_or(0);
+        if notify != 0 {
+            return Err(std::io::Error::other(format!(
+                "POSIX message queue /{}: task {notify} asked to be told of its messages (mq_notify), which is not kept yet",
+                f.name
+            )));
+        }
+        let fd = ipc::mq_open(
+            &format!("/{}", f.name),
+            libc::O_RDWR | libc::O_NONBLOCK,
+            None,
+        )?;
+        let (maxmsg, msgsize, _) = ipc::mq_attr(&fd)?;
+        let mut messages = Vec::new();
+        let mut taken = Ok(());
+        loop {
+            match ipc::mq_take(&fd, msgsize) {
+                Ok(Some((data, prio))) => messages.push(PosixMsg { prio, data }),
+                Ok(None) => break,
+                Err(e) => {
+                    taken = Err(e);
+                    break;
+                }
+            }
+        }
+        // Back whatever happened, so that the queue is as it was.
+        let back = messages
+            .iter()
+            .try_for_each(|m| ipc::mq_put(&fd, &m.data, m.prio));
+        taken.and(back).map_err(|e| {
+            std::io::Error::other(format!(
+                "POSIX message queue /{}: its messages: {e}",
+                f.name
+            ))
+        })?;
+        out.push(PosixMqueue {
+            name: f.name,
+            mode: f.mode,
+            uid: f.uid,
+            gid: f.gid,
+            maxmsg,
+            msgsize,
+            messages,
+        });
+    }
+    Ok(out)
+}
+
 /// Everything of the IPC namespace open at `ns`, read by a thread of
 /// cryo's in it.
 pub fn dump(ns: OwnedFd) -> Result<IpcState, String> {
@@ -86,12 +149,10 @@ pub fn dump(ns: OwnedFd) -> Result<IpcState, String> {
 }
 
 fn read_state() -> std::io::Result<IpcState> {
-    let mut st = IpcState::default();
-    if let Some(name) = crate::sys::ns::mqueue_names()?.first() {
-        return Err(std::io::Error::other(format!(
-            "it has POSIX message queue /{name}: POSIX message queues are not supported yet"
-        )));
-    }
+    let mut st = IpcState {
+        mqueues: read_mqueues()?,
+        ..Default::default()
+    };
     for name in SYSCTLS {
         // Limits this kernel does not have are left as they are.
         if let Ok(v) = std::fs::read_to_string(format!("/proc/sys/{name}")) {
@@ -230,6 +291,35 @@ pub fn restore(st: Option<&IpcState>) -> Result<(), String> {
             o,
             ipc::msg_create(o.key, (o.uid, o.gid, o.mode), q.qbytes, &messages),
         )?;
+    }
+    st.mqueues.iter().try_for_each(make_mqueue)
+}
+
+/// A POSIX message queue made again with its limits, owner, mode and
+/// messages (sent in the order they were received, each with its
+/// priority, they are received in that order again).
+fn make_mqueue(q: &PosixMqueue) -> Result<(), String> {
+    if q.name.is_empty() || q.name.contains('/') {
+        return Err(format!("{:?} is not a POSIX message queue's name", q.name));
+    }
+    let named = |w: String| format!("POSIX message queue /{}: {w}", q.name);
+    let fd = ipc::mq_open(
+        &format!("/{}", q.name),
+        libc::O_WRONLY | libc::O_NONBLOCK,
+        Some((q.mode, q.maxmsg, q.msgsize)),
+    )
+    .map_err(|e| {
+        named(format!(
+            "making it (maxmsg {}, msgsize {}): {e}",
+            q.maxmsg, q.msgsize
+        ))
+    })?;
+    nix::unistd::fchown(&fd, Some(q.uid.into()), Some(q.gid.into()))
+        .map_err(|e| named(format!("its owner: {e}")))?;
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(q.mode))
+        .map_err(|e| named(format!("its mode: {e}")))?;
+    for m in &q.messages {
+        ipc::mq_put(&fd, &m.data, m.prio).map_err(|e| named(format!("a message: {e}")))?;
     }
     Ok(())
 }

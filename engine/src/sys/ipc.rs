@@ -1,6 +1,7 @@
 //! System V IPC calls: reading a shared memory segment, a semaphore set
 //! and a message queue without changing them (MSG_COPY), and making them
-//! again with given ids, owners and contents.
+//! again with given ids, owners and contents; POSIX message queues'
+//! open, attributes, receive and send.
 
 use std::io;
 
@@ -220,4 +221,85 @@ pub fn msg_create(
     }
     set(uid, gid, mode)?;
     Ok(id)
+}
+
+/// A POSIX message queue's limits and how many messages it holds
+/// (mq_getattr): (maxmsg, msgsize, curmsgs).
+pub fn mq_attr(fd: &impl std::os::fd::AsRawFd) -> io::Result<(i64, i64, i64)> {
+    // SAFETY: zeroed is a valid mq_attr, which mq_getattr fills.
+    let mut a: libc::mq_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is a queue's, open for the call; `a` is ours.
+    check(unsafe { libc::mq_getattr(fd.as_raw_fd(), &mut a) })?;
+    Ok((a.mq_maxmsg, a.mq_msgsize, a.mq_curmsgs))
+}
+
+/// Open queue `name` ("/NAME") of this thread's IPC namespace; with
+/// `create`, made with these limits (and failing if it exists).
+pub fn mq_open(
+    name: &str,
+    flags: i32,
+    create: Option<(u32, i64, i64)>,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a queue name"))?;
+    let fd = match create {
+        None => {
+            // SAFETY: mq_open reads the NUL-terminated name.
+            unsafe { libc::mq_open(c.as_ptr(), flags | libc::O_CLOEXEC) }
+        }
+        Some((mode, maxmsg, msgsize)) => {
+            // SAFETY: zeroed is a valid mq_attr; the two limits are set.
+            let mut a: libc::mq_attr = unsafe { std::mem::zeroed() };
+            a.mq_maxmsg = maxmsg;
+            a.mq_msgsize = msgsize;
+            // SAFETY: mq_open reads the name, and with O_CREAT a mode and
+            // the attributes, which live across the call.
+            unsafe {
+                libc::mq_open(
+                    c.as_ptr(),
+                    flags | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                    mode as libc::mode_t,
+                    &a as *const libc::mq_attr,
+                )
+            }
+        }
+    };
+    let fd = check(fd)?;
+    // SAFETY: mq_open returned a new descriptor (a queue's is one on Linux)
+    // that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Take the next message of a queue opened O_NONBLOCK: its bytes and
+/// priority; None when it is empty.
+pub fn mq_take(fd: &impl std::os::fd::AsRawFd, msgsize: i64) -> io::Result<Option<(Vec<u8>, u32)>> {
+    let mut buf = vec![0u8; msgsize.max(1) as usize];
+    let mut prio = 0u32;
+    // SAFETY: the buffer holds `buf.len()` bytes, at least the queue's
+    // message size; `prio` is ours.
+    let n = unsafe {
+        libc::mq_receive(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut prio,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    buf.truncate(n as usize);
+    Ok(Some((buf, prio)))
+}
+
+/// Queue a message (never blocking: the queue has room for what it held).
+pub fn mq_put(fd: &impl std::os::fd::AsRawFd, data: &[u8], prio: u32) -> io::Result<()> {
+    // SAFETY: mq_send reads `data.len()` bytes of `data`.
+    check(unsafe { libc::mq_send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), prio) })?;
+    Ok(())
 }

@@ -123,12 +123,22 @@ pub fn new_time(monotonic_ns: i64, boottime_ns: i64) -> io::Result<()> {
     Ok(())
 }
 
-/// The POSIX message queues of this thread's IPC namespace, by name: the
-/// thread takes a mount namespace of its own (unshare, every mount made
-/// private so nothing reaches cryo's) and mounts the namespace's mqueue
+/// A POSIX message queue as its IPC namespace's mqueue filesystem shows
+/// it: its name, mode, owner and the file's text (QSIZE, NOTIFY_PID, ...).
+pub struct MqFile {
+    pub name: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub info: String,
+}
+
+/// The POSIX message queues of this thread's IPC namespace: the thread
+/// takes a mount namespace of its own (unshare, every mount made private
+/// so nothing reaches cryo's) and mounts the namespace's mqueue
 /// filesystem on a fresh directory, removed after. Call it on a thread
 /// that ends soon (its mount namespace goes with it).
-pub fn mqueue_names() -> io::Result<Vec<String>> {
+pub fn mqueue_files() -> io::Result<Vec<MqFile>> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
     mount(
@@ -154,11 +164,24 @@ pub fn mqueue_names() -> io::Result<Vec<String>> {
     )
     .map_err(io::Error::from)
     .and_then(|_| {
-        let names = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect();
+        let files = std::fs::read_dir(&dir).and_then(|entries| {
+            entries
+                .map(|e| {
+                    use std::os::unix::fs::MetadataExt;
+                    let e = e?;
+                    let md = e.metadata()?;
+                    Ok(MqFile {
+                        name: e.file_name().to_string_lossy().into_owned(),
+                        mode: md.mode() & 0o7777,
+                        uid: md.uid(),
+                        gid: md.gid(),
+                        info: std::fs::read_to_string(e.path())?,
+                    })
+                })
+                .collect::<io::Result<Vec<MqFile>>>()
+        });
         let _ = umount2(&dir, MntFlags::MNT_DETACH);
-        Ok(names)
+        files
     });
     let _ = std::fs::remove_dir(&dir);
     listed

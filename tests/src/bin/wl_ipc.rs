@@ -18,8 +18,10 @@
 //! one it started in, and what C sees of the semaphores.
 //!
 //! With `--mqueue`, P also makes a POSIX message queue in the namespace
-//! (closed at once: it lives on in the namespace's mqueue filesystem),
-//! which cryo refuses.
+//! (mode 0640, owner 1000:1001, at most 5 messages of 64 bytes) holding
+//! three messages of two priorities, and keeps a descriptor of it; on
+//! SIGTERM it checks the queue's limits, owner and mode, and receives
+//! the messages through its descriptor in priority order.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -233,6 +235,81 @@ fn check(m: &Made, fails: &mut Vec<String>) {
     }
 }
 
+const MQ_NAME: &std::ffi::CStr = c"/cryo-wl-ipc";
+const MQ_MESSAGES: [(u32, &str); 3] = [(1, "low"), (7, "high"), (1, "low, later")];
+
+/// The POSIX message queue with its messages; its descriptor.
+fn make_mqueue() -> Result<i32, String> {
+    // SAFETY: zeroed is a valid mq_attr; the two limits are set.
+    let mut attr: libc::mq_attr = unsafe { std::mem::zeroed() };
+    attr.mq_maxmsg = 5;
+    attr.mq_msgsize = 64;
+    // SAFETY: mq_open reads the name and, with O_CREAT, a mode and the
+    // attributes, which live across the call.
+    let q = unsafe {
+        libc::mq_open(
+            MQ_NAME.as_ptr(),
+            libc::O_CREAT | libc::O_RDWR | libc::O_NONBLOCK,
+            0o640,
+            &attr as *const libc::mq_attr,
+        )
+    };
+    if q < 0 {
+        return Err(os_err("mq_open"));
+    }
+    // SAFETY: fchown and fchmod of the queue's descriptor; mq_send reads
+    // each message's bytes.
+    unsafe {
+        if libc::fchown(q, 1000, 1001) != 0 || libc::fchmod(q, 0o640) != 0 {
+            return Err(os_err("owner of the queue"));
+        }
+        for (prio, text) in MQ_MESSAGES {
+            if libc::mq_send(q, text.as_ptr().cast(), text.len(), prio) != 0 {
+                return Err(os_err("mq_send"));
+            }
+        }
+    }
+    Ok(q)
+}
+
+fn check_mqueue(q: i32, fails: &mut Vec<String>) {
+    // SAFETY: zeroed is a valid mq_attr and stat, which the calls fill.
+    let (mut attr, mut st): (libc::mq_attr, libc::stat) = unsafe { std::mem::zeroed() };
+    // SAFETY: the calls fill our local structs from our descriptor.
+    let ok = unsafe { libc::mq_getattr(q, &mut attr) == 0 && libc::fstat(q, &mut st) == 0 };
+    let got = (
+        attr.mq_maxmsg,
+        attr.mq_msgsize,
+        attr.mq_curmsgs,
+        attr.mq_flags & libc::O_NONBLOCK as i64,
+    );
+    if !ok || got != (5, 64, 3, libc::O_NONBLOCK as i64) {
+        fails.push(format!("the queue's attributes are {got:?} ({ok})"));
+    }
+    if (st.st_uid, st.st_gid, st.st_mode & 0o777) != (1000, 1001, 0o640) {
+        fails.push(format!(
+            "the queue's owner and mode are {}:{} {:o}",
+            st.st_uid,
+            st.st_gid,
+            st.st_mode & 0o777
+        ));
+    }
+    let mut want: Vec<(u32, &str)> = MQ_MESSAGES.to_vec();
+    want.sort_by_key(|m| std::cmp::Reverse(m.0));
+    for (prio, text) in want {
+        let mut buf = [0u8; 64];
+        let mut p = 0u32;
+        // SAFETY: mq_receive writes at most 64 bytes into `buf`.
+        let n = unsafe { libc::mq_receive(q, buf.as_mut_ptr().cast(), buf.len(), &mut p) };
+        let got = (n >= 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+        if got.as_deref() != Some(text) || p != prio {
+            fails.push(format!(
+                "the queue gave {got:?} at priority {p}, not {text:?} at {prio}"
+            ));
+        }
+    }
+}
+
 fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     let host = ipc_ns();
@@ -241,24 +318,11 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         return Err(os_err("unshare(CLONE_NEWIPC)"));
     }
     let made = make()?;
-    if a.get("mqueue") == Some("1") {
-        let name = c"/cryo-wl-ipc";
-        // SAFETY: mq_open reads the name and, with O_CREAT, a mode and a
-        // null attribute pointer; the descriptor is closed at once.
-        let q = unsafe {
-            libc::mq_open(
-                name.as_ptr(),
-                libc::O_CREAT | libc::O_RDWR,
-                0o600,
-                std::ptr::null::<libc::mq_attr>(),
-            )
-        };
-        if q < 0 {
-            return Err(os_err("mq_open"));
-        }
-        // SAFETY: closing the queue descriptor just opened.
-        unsafe { libc::mq_close(q) };
-    }
+    let mq = if a.get("mqueue") == Some("1") {
+        Some(make_mqueue()?)
+    } else {
+        None
+    };
     let (cmd, back) = (wl::pipe()?, wl::pipe()?);
     // SAFETY: fork of this single-threaded process; the child answers
     // with its namespace and the semaphores' values until `cmd` closes.
@@ -302,6 +366,9 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         fails.push(format!("the child says {said:?}, not {want:?}"));
     }
     check(&made, &mut fails);
+    if let Some(q) = mq {
+        check_mqueue(q, &mut fails);
+    }
     // SAFETY: closing our command pipe ends the child; then wait for it.
     unsafe {
         libc::close(cmd[1]);

@@ -221,6 +221,13 @@ fn namespaces_text(img: &Image, s: &mut String) {
                 i.msg.len(),
                 i.sysctls.len()
             );
+            if !i.mqueues.is_empty() {
+                let queued: usize = i.mqueues.iter().map(|q| q.messages.len()).sum();
+                state += &format!(
+                    "; {} POSIX message queue(s) ({queued} messages)",
+                    i.mqueues.len()
+                );
+            }
         }
         if let Some(t) = &n.time {
             let secs = |ns: i64| {
