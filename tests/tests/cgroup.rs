@@ -310,3 +310,49 @@ fn cgroups_restored_under_another_root() {
     assert_eq!(limits, (MEM_LIMIT.to_string(), PIDS_LIMIT.to_string()));
     drop(cgs);
 }
+
+/// A cgroup made for a test below another (removed first).
+struct Child(std::path::PathBuf);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// wl_cgns's cgroup namespace is rooted at the test's cgroup again, and
+/// its tasks are in its child `inner`, as they see it and as cryo does.
+fn cgns_cycle(leave_running: bool) {
+    let cg = TestCgroup::new("/sys/fs/cgroup/unified").expect("cgroup2 mounted");
+    let inner = Child(cg.dir.join("inner"));
+    std::fs::create_dir(&inner.0).expect("mkdir inner");
+    let dir = TestDir::new();
+    let cg_s = cg.dir.to_str().expect("utf-8 path");
+    let mut wl = Workload::start("wl_cgns", &["--cgroup", cg_s], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    assert_eq!(guard.pids().len(), 2, "wl_cgns is two processes");
+    let img = dir.subdir("img");
+    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
+    let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cgroup:["),
+        "image show lacks the cgroup namespace"
+    );
+    let seen = std::fs::read_to_string(format!("/proc/{}/cgroup", wl.pid())).unwrap_or_default();
+    let want = format!("0::{}/inner", cg.rel());
+    assert!(
+        seen.lines().any(|l| l == want),
+        "cryo sees {seen:?}, not {want}"
+    );
+    wl.assert_pass("wl_cgns");
+}
+
+#[test]
+fn cgroup_namespace_kill_and_restore() {
+    cgns_cycle(false);
+}
+
+#[test]
+fn cgroup_namespace_leave_running() {
+    cgns_cycle(true);
+}

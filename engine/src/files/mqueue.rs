@@ -20,8 +20,7 @@ const MQUEUE_MAGIC: i64 = 0x1980_0202;
 /// Whether the descriptor is a POSIX message queue's.
 pub fn is_mqueue(cx: &FdCtx) -> bool {
     let path = format!("/proc/{}/fd/{}", cx.pid, cx.fd);
-    nix::sys::statfs::statfs(path.as_str())
-        .is_ok_and(|s| s.filesystem_type().0 == MQUEUE_MAGIC)
+    nix::sys::statfs::statfs(path.as_str()).is_ok_and(|s| s.filesystem_type().0 == MQUEUE_MAGIC)
 }
 
 /// In the task: the queue `f.path` of its IPC namespace, opened again.

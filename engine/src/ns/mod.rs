@@ -5,8 +5,9 @@
 //! /proc/PID/ns link, marked `host` when it is cryo's own; each other one
 //! becomes a namespaces.img entry with its owner (NS_GET_USERNS), its
 //! members and its kind's state ([`uts`]: the names, [`time`]: the clock
-//! offsets, [`ipc`]: the System V objects; a [`pid`] namespace has none
-//! beyond its tasks' pids). A kind whose state is not kept yet is refused
+//! offsets, [`ipc`]: the System V objects and POSIX queues, [`mnt`]: the
+//! mount tree, [`cgroup`]: its roots; a [`pid`] namespace has none beyond
+//! its tasks' pids). A kind whose state is not kept yet is refused
 //! when it is not cryo's. The tasks of one namespace must hang together:
 //! one of them, the first the restore creates, has its parent outside it
 //! (or is a root).
@@ -20,6 +21,7 @@
 
 use cryo_image::proto::{NamespaceEntry, NamespaceId};
 
+pub mod cgroup;
 pub mod ipc;
 pub mod mnt;
 pub mod pid;
@@ -91,8 +93,10 @@ pub enum NsError {
 /// restored.
 fn kept(kind: NsKind) -> bool {
     match kind {
-        NsKind::Uts | NsKind::Pid | NsKind::Time | NsKind::Ipc | NsKind::Mnt => true,
-        NsKind::Cgroup | NsKind::Net | NsKind::User => false,
+        NsKind::Uts | NsKind::Pid | NsKind::Time | NsKind::Ipc | NsKind::Mnt | NsKind::Cgroup => {
+            true
+        }
+        NsKind::Net | NsKind::User => false,
     }
 }
 
@@ -259,6 +263,7 @@ fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceE
         time: None,
         ipc: None,
         mnt: None,
+        cgroup: None,
     };
     match kind {
         NsKind::Uts => e.uts = Some(uts::dump(ns.into()).map_err(read)?),
@@ -267,7 +272,8 @@ fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceE
         NsKind::Time => e.time = Some(time::dump(pid).map_err(read)?),
         NsKind::Ipc => e.ipc = Some(ipc::dump(ns.into()).map_err(read)?),
         NsKind::Mnt => e.mnt = Some(mnt::dump(pid, cx).map_err(read)?),
-        NsKind::Cgroup | NsKind::Net | NsKind::User => return Err(read("not kept yet".into())),
+        NsKind::Cgroup => e.cgroup = Some(cgroup::dump(ns.into(), pid).map_err(read)?),
+        NsKind::Net | NsKind::User => return Err(read("not kept yet".into())),
     }
     Ok(e)
 }
@@ -331,16 +337,25 @@ fn check_shape(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> 
     Ok(())
 }
 
+/// What the restore side of namespaces needs of the task beyond them.
+pub struct RestoreCtx<'a> {
+    /// The mount namespaces cryo made, by their inode at the dump.
+    pub mnt_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
+    /// The task's cgroups, and where the restore put the tree's.
+    pub cgroups: &'a [cryo_image::proto::CgroupEntry],
+    pub cgroup_targets: &'a std::collections::HashMap<(u32, String), std::path::PathBuf>,
+}
+
 /// Restore side of every kind, in the new task before it makes its
 /// memory and its children: each namespace that is not its parent's
 /// (`parent`: None for a root, which cryo made in its own) is made here,
-/// with its state from `entries`; a mount namespace, which cryo made
-/// (`mnt_made`, by inode), is entered.
+/// with its state from `entries`; a mount namespace, which cryo made, is
+/// entered.
 pub fn restore(
     ids: &[NamespaceId],
     parent: Option<&[NamespaceId]>,
     entries: &[NamespaceEntry],
-    mnt_made: &std::collections::HashMap<u64, std::os::fd::RawFd>,
+    cx: &RestoreCtx,
 ) -> Result<(), String> {
     for id in ids.iter().filter(|i| !i.host) {
         let inherited = parent
@@ -362,10 +377,9 @@ pub fn restore(
             NsKind::Pid => Ok(()),
             NsKind::Time => time::restore(e.time.as_ref()),
             NsKind::Ipc => ipc::restore(e.ipc.as_ref()),
-            NsKind::Mnt => mnt::enter(e, mnt_made),
-            NsKind::Cgroup | NsKind::Net | NsKind::User => {
-                Err("restoring it is not supported yet".to_string())
-            }
+            NsKind::Mnt => mnt::enter(e, cx.mnt_made),
+            NsKind::Cgroup => cgroup::restore(e.cgroup.as_ref(), cx.cgroups, cx.cgroup_targets),
+            NsKind::Net | NsKind::User => Err("restoring it is not supported yet".to_string()),
         };
         made.map_err(|m| format!("making its {} namespace {}: {m}", id.kind, id.inode))?;
     }

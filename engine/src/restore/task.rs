@@ -61,7 +61,12 @@ pub fn prepare_memory(
         .find(|p| p.pstree.pid == img.pstree.ppid)
         .and_then(|p| p.core.process.as_ref())
         .map(|p| p.namespaces.as_slice());
-    ns::restore(&pc.namespaces, parent_ns, &ctx.tree.namespaces, ctx.mnt_ns)?;
+    let ns_cx = ns::RestoreCtx {
+        mnt_made: ctx.mnt_ns,
+        cgroups: &pc.cgroups,
+        cgroup_targets: ctx.cgroups,
+    };
+    ns::restore(&pc.namespaces, parent_ns, &ctx.tree.namespaces, &ns_cx)?;
     // Every signal stays blocked until the final sigreturn sets the
     // dumped mask.
     crate::sys::proc::block_all_signals();

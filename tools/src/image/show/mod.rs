@@ -243,6 +243,14 @@ fn namespaces_text(img: &Image, s: &mut String) {
                 secs(t.boottime_offset_ns)
             );
         }
+        if let Some(c) = &n.cgroup {
+            let roots: Vec<String> = c
+                .roots
+                .iter()
+                .map(|r| format!("{}:{}", r.controllers, r.path))
+                .collect();
+            state += &format!(" rooted at {}", roots.join(" "));
+        }
         if let Some(m) = &n.mnt {
             state += &format!(" {} mount(s):", m.mounts.len());
         }
