@@ -128,10 +128,17 @@ impl Drop for Freezer {
     }
 }
 
-/// The pids in a cgroup directory (cgroup.procs).
+/// The pids in a cgroup directory and the cgroups below it (their
+/// cgroup.procs).
 pub fn procs(dir: &Path) -> Result<Vec<i32>> {
-    Ok(read(&dir.join("cgroup.procs"))?
+    let mut out: Vec<i32> = read(&dir.join("cgroup.procs"))?
         .lines()
         .filter_map(|l| l.trim().parse().ok())
-        .collect())
+        .collect();
+    // And those of the cgroups below (frozen with it).
+    let subdirs = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    for e in subdirs.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+        out.extend(procs(&e.path())?);
+    }
+    Ok(out)
 }

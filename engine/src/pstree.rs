@@ -164,12 +164,13 @@ fn look(pid: i32) -> Result<Found> {
 pub fn seize_tree(
     roots: &[i32],
     freeze_cgroup: Option<&Path>,
+    whole_cgroup: bool,
     guard: &Guard,
     check: &dyn Fn(i32) -> Result<()>,
 ) -> Result<Tree> {
     let mut procs: BTreeMap<i32, Seized> = BTreeMap::new();
     if let Some(dir) = freeze_cgroup {
-        attach_frozen(roots, dir, guard, check, &mut procs)?;
+        attach_frozen(roots, (dir, whole_cgroup), guard, check, &mut procs)?;
     }
     loop {
         let mut new = false;
@@ -249,7 +250,7 @@ pub fn seize_tree(
 /// then wait for every stop.
 fn attach_frozen(
     roots: &[i32],
-    dir: &Path,
+    (dir, whole): (&Path, bool),
     guard: &Guard,
     check: &dyn Fn(i32) -> Result<()>,
     procs: &mut BTreeMap<i32, Seized>,
@@ -285,6 +286,19 @@ fn attach_frozen(
         }
         attached.push((pid, leader, threads));
         queue.extend(children(pid));
+    }
+    // Tasks moved into or out of the cgroup while it was walked (it is
+    // frozen: a task moved in freezes too), or (the whole cgroup dumped)
+    // in it but not below the roots, which were found before the freeze:
+    // the dump starts again.
+    crate::fault::hold("freeze-walked");
+    let now: BTreeSet<i32> = crate::freeze::procs(dir)?.into_iter().collect();
+    let unreached = whole && in_cgroup.iter().any(|p| !seen.contains(p));
+    if now != in_cgroup || unreached {
+        freezer.thaw()?;
+        return Err(DumpError::CgroupChanged {
+            cgroup: PathBuf::from(dir),
+        });
     }
     // The stops requested by attach happen once the tasks thaw.
     freezer.thaw()?;

@@ -356,3 +356,51 @@ fn cgroup_namespace_kill_and_restore() {
 fn cgroup_namespace_leave_running() {
     cgns_cycle(true);
 }
+
+/// A task moved into the cgroup while `--cgroup` has it frozen and walks
+/// it: the walk starts again and the image has it too.
+#[test]
+fn cgroup_dump_catches_a_task_moved_in_during_the_walk() {
+    let cg = TestCgroup::new("/sys/fs/cgroup/unified").expect("cgroup2 mounted");
+    let (dir_a, dir_b) = (TestDir::new(), TestDir::new());
+    let mut a = Workload::single("nanosleep", &dir_a);
+    let mut b = Workload::single("nanosleep", &dir_b);
+    cg.add(a.pid());
+    let img = dir_a.subdir("img");
+    let flag = dir_a.join("held");
+    let fault = format!("hold-freeze-walked:{}", flag.display());
+    let cg_s = cg.dir.to_str().expect("utf-8 path");
+    let img_s = img.to_str().expect("utf-8 path");
+    let mut run = spawn_cryo(
+        &["dump", "--cgroup", cg_s, "-D", img_s, "-R"],
+        &[("CRYO_FAULT", &fault)],
+    );
+    let start = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30) && pid_alive(run.pid()),
+            "cryo did not get to the walked cgroup: {}",
+            run.stderr_so_far()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    cg.add(b.pid());
+    std::fs::remove_file(&flag).expect("let cryo go on");
+    let out = run
+        .wait_timeout(std::time::Duration::from_secs(60))
+        .expect("cryo dump ended");
+    assert_cryo_ok(&out, "cryo dump --cgroup with a task moved in");
+    assert!(
+        stderr_of(&out).contains("walking it again"),
+        "stderr: {}",
+        stderr_of(&out)
+    );
+    let show = run_cryo(&["image", "show", img_s], &[]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    for pid in [a.pid(), b.pid()] {
+        assert!(text.contains(&pid.to_string()), "image lacks {pid}: {text}");
+    }
+    assert!(!cg.frozen(), "the cgroup is still frozen");
+    a.assert_pass("the first task after the dump");
+    b.assert_pass("the task moved in after the dump");
+}

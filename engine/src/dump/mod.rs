@@ -103,6 +103,8 @@ pub enum DumpError {
     RootZombie { pid: i32 },
     #[error("task {pid} is not in cgroup {}", cgroup.display())]
     NotInCgroup { pid: i32, cgroup: PathBuf },
+    #[error("tasks moved into or out of cgroup {} while it was frozen and walked", cgroup.display())]
+    CgroupChanged { cgroup: PathBuf },
     #[error("injected failure ({what}) from CRYO_FAULT")]
     Fault { what: String },
 }
@@ -330,7 +332,20 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
 }
 
 fn dump_with_retry(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
-    match dump_once(opts, progress, true) {
+    // A cgroup whose tasks moved while it was walked: walked again (from
+    // roots found again), a few times.
+    let mut r = dump_once(opts, progress, true);
+    for _ in 0..3 {
+        match &r {
+            Err(e @ DumpError::CgroupChanged { .. }) => {
+                tracing::warn!("{e}: walking it again");
+                remove_partial(&opts.dir);
+                r = dump_once(opts, progress, true);
+            }
+            _ => break,
+        }
+    }
+    match r {
         // A leave-running copy the task's own munmap/madvise/mremap made
         // impossible (it ran on untouched): once more, with its memory
         // copied while it is stopped.
@@ -614,7 +629,13 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     for &r in &roots {
         crate::ns::pid::check_root(r)?;
     }
-    let mut tree = pstree::seize_tree(&roots, freeze_cgroup.map(|p| p.as_path()), &guard, &check)?;
+    let mut tree = pstree::seize_tree(
+        &roots,
+        freeze_cgroup.map(|p| p.as_path()),
+        opts.cgroup.is_some(),
+        &guard,
+        &check,
+    )?;
     let frozen_at = Instant::now();
     fault("after-seize")?;
     crate::sessions::check(&tree)?;
