@@ -235,6 +235,10 @@ pub const RVMA_NOHUGEPAGE: u32 = 16;
 pub const RVMA_MERGEABLE: u32 = 32;
 /// mseal(2) the mapping once it is in place (smaps VmFlags `sl`).
 pub const RVMA_SEALED: u32 = 64;
+/// An attachment of a System V shared memory segment: the restorer
+/// attaches segment `pgoff` (its id) at `start` with shmat (SHM_REMAP;
+/// read-only without PROT_WRITE), then sets `prot`; `fd` is -1.
+pub const RVMA_SYSV_SHM: u32 = 128;
 
 /// A range the restorer keeps while it unmaps everything else.
 #[repr(C)]

@@ -137,9 +137,16 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
                 (anon, String::new())
             }
             _ if shared && name.starts_with("/dev/zero") => (VmaKind::VmaAnonShared, String::new()),
-            _ if name.starts_with("/SYSV") => {
-                return Err(unsupported(format!("SysV shared memory {name}")));
+            // Its segment comes with the task's IPC namespace, if that is
+            // not cryo's.
+            _ if name.starts_with("/SYSV")
+                && crate::ns::is_own(pid.as_raw(), crate::ns::NsKind::Ipc) =>
+            {
+                return Err(unsupported(format!(
+                    "System V shared memory {name} of cryo's own IPC namespace (only a segment of an IPC namespace of the tree's own is kept)"
+                )));
             }
+            _ if name.starts_with("/SYSV") => (VmaKind::VmaSysvShm, name.to_string()),
             _ if name.starts_with('/') && shared => (VmaKind::VmaFileShared, name.to_string()),
             _ if name.starts_with('/') => (VmaKind::VmaFilePrivate, name.to_string()),
             _ => return Err(unsupported(format!("a mapping of kind {name}"))),
@@ -164,7 +171,7 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
             prot,
             kind: kind as i32,
             // Shared anonymous memory: the offset into its shmem object.
-            pgoff: if is_file || kind == VmaKind::VmaAnonShared {
+            pgoff: if is_file || matches!(kind, VmaKind::VmaAnonShared | VmaKind::VmaSysvShm) {
                 m.offset
             } else {
                 0
@@ -177,12 +184,13 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
             },
             inode: if is_file { m.inode } else { 0 },
             vm_flags: flags,
-            file_flags: if is_file && shared && may_write {
+            file_flags: if (is_file || kind == VmaKind::VmaSysvShm) && shared && may_write {
                 libc::O_RDWR as u32
             } else {
                 libc::O_RDONLY as u32
             },
-            shmid: if kind == VmaKind::VmaAnonShared {
+            // The shmem object's inode; of a System V segment, its id.
+            shmid: if matches!(kind, VmaKind::VmaAnonShared | VmaKind::VmaSysvShm) {
                 m.inode
             } else {
                 0

@@ -17,7 +17,7 @@ use cryo_image::proto::{PagemapEntry, Vma, VmaKind};
 use cryo_image::PageReader;
 use cryo_parasite::{
     RVma, RVMA_DONTDUMP, RVMA_DONTFORK, RVMA_HUGEPAGE, RVMA_MERGEABLE, RVMA_NOHUGEPAGE,
-    RVMA_SEALED, RVMA_WIPEONFORK,
+    RVMA_SEALED, RVMA_SYSV_SHM, RVMA_WIPEONFORK,
 };
 
 use super::PAGE;
@@ -220,6 +220,12 @@ pub fn premap(
                 rv.flags = libc::MAP_SHARED as u32;
                 rv.pgoff = v.pgoff;
             }
+            // The segment the task's IPC namespace has again, by its id.
+            VmaKind::VmaSysvShm => {
+                check_whole_attachment(v, &mm_name)?;
+                rv.madv |= RVMA_SYSV_SHM;
+                rv.pgoff = v.shmid;
+            }
             _ if needs_premap(v) => {
                 match parent.and_then(|(pimg, ppm)| from_parent(img, v, pimg, ppm)) {
                     Some(src) => {
@@ -406,7 +412,7 @@ pub fn open_shared_files(
         .iter()
         .filter(|v| kind(v) == VmaKind::VmaFileShared);
     let mut out = Vec::new();
-    for (_, v) in rvmas.iter().filter(|r| r.premap == 0).zip(shared) {
+    for (_, v) in rvmas.iter().filter(|r| maps_a_file(r)).zip(shared) {
         let write = v.file_flags as i32 & libc::O_ACCMODE == libc::O_RDWR;
         out.push(open_file(v, write, files, &mm_name, "shared mapping")?);
     }
@@ -416,9 +422,37 @@ pub fn open_shared_files(
 /// Each shared file mapping of `rvmas` gets its descriptor, opened by
 /// [`open_shared_files`] (and maybe moved since).
 pub fn give_shared_files(rvmas: &mut [RVma], fds: &[RawFd]) {
-    for (rv, &fd) in rvmas.iter_mut().filter(|r| r.premap == 0).zip(fds) {
+    for (rv, &fd) in rvmas.iter_mut().filter(|r| maps_a_file(r)).zip(fds) {
         rv.fd = fd;
     }
+}
+
+/// Whether the restorer maps `r` from a file (a shared file mapping):
+/// not premapped, not a System V attachment.
+fn maps_a_file(r: &RVma) -> bool {
+    r.premap == 0 && r.madv & RVMA_SYSV_SHM == 0
+}
+
+/// A System V attachment is made again whole (shmat): a part of a
+/// segment (split by mprotect or munmap) is not supported yet.
+fn check_whole_attachment(v: &Vma, mm_name: &str) -> Result<(), String> {
+    let size = crate::sys::ipc::shm_size(v.shmid as i32).map_err(|e| {
+        format!(
+            "{mm_name}: System V segment {} attached at {:#x}: {e}",
+            v.shmid, v.start
+        )
+    })?;
+    let whole = size.div_ceil(PAGE) * PAGE;
+    if v.pgoff != 0 || v.end - v.start != whole {
+        return Err(format!(
+            "{mm_name}: the mapping at {:#x} is a part of System V segment {} ({} bytes at offset {} of {size}): only whole attachments are kept yet",
+            v.start,
+            v.shmid,
+            v.end - v.start,
+            v.pgoff
+        ));
+    }
+    Ok(())
 }
 
 /// One piece of a chunk: `len` bytes at `offset` in the chunk go to

@@ -5,8 +5,9 @@
 //! non-zero pages, through a read-only attachment of its own), semaphore
 //! set (GETALL) and message queue (each message copied, MSG_COPY, so the
 //! queue is left as it was), each with its key, id, owner and mode, as
-//! /proc/sysvipc lists them there. A segment some process has attached is
-//! refused (attachments are not kept yet). POSIX message queues come
+//! /proc/sysvipc lists them there (the tasks' attachments are their
+//! mappings: `VMA_SYSV_SHM`, mapped again from the remade segment's
+//! file). POSIX message queues come
 //! from the namespace's mqueue filesystem (mounted by the thread in a
 //! mount namespace of its own) with their messages (see
 //! [`read_mqueues`]).
@@ -169,13 +170,6 @@ fn read_state() -> std::io::Result<IpcState> {
             .get(3)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad_row("shm", &row))?;
-        let nattch: u64 = row.get(6).and_then(|s| s.parse().ok()).unwrap_or(0);
-        if nattch > 0 {
-            return Err(std::io::Error::other(format!(
-                "shared memory segment {} (key {}) is attached by {nattch} process(es): attachments of System V shared memory are not supported yet",
-                object.id, object.key
-            )));
-        }
         let (contents, extents) = ipc::shm_read(object.id, size)?;
         shm_bytes += contents.len() as u64;
         if shm_bytes > SHM_LIMIT {

@@ -113,6 +113,12 @@ fn own(kind: NsKind) -> Option<&'static str> {
     all.get(i)?.as_deref()
 }
 
+/// Whether task `pid` is in cryo's own namespace of `kind`.
+pub fn is_own(pid: i32, kind: NsKind) -> bool {
+    let theirs = link(&pid.to_string(), kind);
+    theirs.is_none() || theirs.as_deref() == own(kind)
+}
+
 fn link(pid: &str, kind: NsKind) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/ns/{}", kind.name()))
         .ok()
@@ -140,9 +146,8 @@ pub fn check(pid: i32) -> Result<(), NsError> {
         NsKind::Time,
     ];
     for kind in order {
-        let theirs = link(&pid.to_string(), kind);
-        let same = theirs.is_none() || theirs.as_deref() == own(kind);
-        if !same && !kept(kind) {
+        if !is_own(pid, kind) && !kept(kind) {
+            let theirs = link(&pid.to_string(), kind);
             return Err(NsError::Foreign {
                 pid,
                 ns: kind.name(),

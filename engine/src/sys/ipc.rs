@@ -57,6 +57,15 @@ pub fn shm_read(id: i32, size: u64) -> io::Result<(Vec<u8>, Extents)> {
     Ok((data, extents))
 }
 
+/// The size in bytes of segment `id` of this task's IPC namespace.
+pub fn shm_size(id: i32) -> io::Result<u64> {
+    // SAFETY: zeroed is a valid shmid_ds, which IPC_STAT fills.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes into our local struct.
+    check(unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) })?;
+    Ok(ds.shm_segsz as u64)
+}
+
 /// Make a segment with `key`, `size` bytes and mode `mode`; it gets the id
 /// the namespace's shm_next_id says.
 pub fn shm_create(key: i32, size: u64, mode: u32) -> io::Result<i32> {

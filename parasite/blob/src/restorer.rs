@@ -18,6 +18,11 @@ const TASK_SIZE: u64 = 0x7fff_ffff_f000;
 const MREMAP_MAYMOVE: usize = 1;
 const MREMAP_FIXED: usize = 2;
 const MAP_FIXED: usize = 0x10;
+/// shmat flags: replace what is mapped there; attach read-only.
+const SHM_REMAP: usize = 0o40000;
+const SHM_RDONLY: usize = 0o10000;
+const PROT_WRITE: u32 = 2;
+const SYS_SHMAT: usize = 30;
 
 /// Where a task's status records go, and the pid they carry (cryo's view
 /// of the process: its getpid differs inside a pid namespace of its own).
@@ -469,6 +474,12 @@ pub unsafe extern "C" fn blob_main(a: *const RestoreArgs) {
                     v.prot as usize,
                 ),
             );
+        } else if v.madv & RVMA_SYSV_SHM != 0 {
+            let ro = if v.prot & PROT_WRITE == 0 { SHM_RDONLY } else { 0 };
+            let r = syscall3(SYS_SHMAT, v.pgoff as usize, v.start as usize, SHM_REMAP | ro);
+            check(sfd, STAGE_MAP_SHARED, i, r);
+            let r = syscall3(SYS_MPROTECT, v.start as usize, v.len as usize, v.prot as usize);
+            check(sfd, STAGE_MPROTECT, i, r);
         } else if v.fd >= 0 {
             let r = syscall6(
                 SYS_MMAP,

@@ -10,12 +10,15 @@
 //! second left zero; mode 0640, owner 1000:1001), a private one (two pages
 //! of another pattern), a set of three semaphores (1, 7, 300) and a
 //! message queue holding four messages of several types (one empty), and
-//! forks C, which stays in the namespace (one object of each kind was
+//! attaches the keyed segment and forks C, which inherits the
+//! attachment and stays in the namespace (one object of each kind was
 //! made and removed first, so that the ids are not a fresh namespace's
 //! first). On SIGTERM P checks every
 //! object by its key or id (same ids, sizes, modes, owners, contents,
 //! values, messages in order), the limits, that its namespace is not the
-//! one it started in, and what C sees of the semaphores.
+//! one it started in, what C sees of the semaphores, and that a byte P
+//! writes through its attachment is the one C reads through its own (and
+//! the segment counts two attachments).
 //!
 //! With `--mqueue`, P also makes a POSIX message queue in the namespace
 //! (mode 0640, owner 1000:1001, at most 5 messages of 64 bytes) holding
@@ -310,6 +313,43 @@ fn check_mqueue(q: i32, fails: &mut Vec<String>) {
     }
 }
 
+/// Where the parent writes NEW_BYTE through its attachment, which the
+/// child must then read through its own.
+const SHARED_BYTE: usize = 2 * PAGE + 7;
+const NEW_BYTE: u8 = 0xa5;
+
+/// The attachment at `at` shows the segment's pattern, the segment counts
+/// both processes' attachments, and NEW_BYTE goes in for the child to see.
+fn check_attached(id: i32, at: usize, fails: &mut Vec<String>) {
+    // SAFETY: the attachment holds SHM_SIZE bytes at `at` for the
+    // process's life.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, SHM_SIZE) };
+    let want = |i: usize| {
+        if (PAGE..2 * PAGE).contains(&i) {
+            0
+        } else {
+            pattern(7, i)
+        }
+    };
+    if let Some(i) = (0..SHM_SIZE).find(|&i| bytes[i] != want(i)) {
+        fails.push(format!(
+            "the attachment's byte {i} is {:#x}, not {:#x}",
+            bytes[i],
+            want(i)
+        ));
+    }
+    // SAFETY: zeroed is a valid shmid_ds, which IPC_STAT fills.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT writes into our local struct.
+    if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) } != 0 || ds.shm_nattch != 2 {
+        fails.push(format!(
+            "the segment has {} attachments, not 2",
+            ds.shm_nattch
+        ));
+    }
+    bytes[SHARED_BYTE] = NEW_BYTE;
+}
+
 fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     let host = ipc_ns();
@@ -318,6 +358,12 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         return Err(os_err("unshare(CLONE_NEWIPC)"));
     }
     let made = make()?;
+    // SAFETY: shmat maps the keyed segment somewhere free; it stays
+    // attached (the child inherits it) for the process's life.
+    let at = unsafe { libc::shmat(made.shm, std::ptr::null(), 0) } as usize;
+    if at as isize == -1 {
+        return Err(os_err("shmat"));
+    }
     let mq = if a.get("mqueue") == Some("1") {
         Some(make_mqueue()?)
     } else {
@@ -334,9 +380,12 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         while wl::read_exact(cmd[0], &mut b) {
             // SAFETY: semget by key takes plain values.
             let id = unsafe { libc::semget(SEM_KEY, 0, 0) };
+            // SAFETY: the attachment inherited from the parent holds
+            // SHM_SIZE bytes at `at`.
+            let seen = unsafe { *((at + SHARED_BYTE) as *const u8) };
             wl::write_fd(
                 back[1],
-                format!("{} {:?}\n", ipc_ns(), sem_values(id)).as_bytes(),
+                format!("{} {:?} {seen:#x}\n", ipc_ns(), sem_values(id)).as_bytes(),
             );
         }
         // SAFETY: ends the child at once.
@@ -354,6 +403,8 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     if mine == host || mine.is_empty() {
         fails.push(format!("the parent is in the host's IPC namespace {mine}"));
     }
+    check(&made, &mut fails);
+    check_attached(made.shm, at, &mut fails);
     wl::write_fd(cmd[1], b"?");
     let mut said = Vec::new();
     let mut b = [0u8; 1];
@@ -361,11 +412,10 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         said.push(b[0]);
     }
     let said = String::from_utf8_lossy(&said).into_owned();
-    let want = format!("{mine} {:?}", SEMS.to_vec());
+    let want = format!("{mine} {:?} {NEW_BYTE:#x}", SEMS.to_vec());
     if said != want {
         fails.push(format!("the child says {said:?}, not {want:?}"));
     }
-    check(&made, &mut fails);
     if let Some(q) = mq {
         check_mqueue(q, &mut fails);
     }

@@ -143,7 +143,9 @@ impl Image {
 pub(super) fn perms(v: &Vma) -> String {
     let shared = matches!(
         cryo_image::proto::VmaKind::try_from(v.kind),
-        Ok(cryo_image::proto::VmaKind::VmaAnonShared | cryo_image::proto::VmaKind::VmaFileShared)
+        Ok(cryo_image::proto::VmaKind::VmaAnonShared
+            | cryo_image::proto::VmaKind::VmaFileShared
+            | cryo_image::proto::VmaKind::VmaSysvShm)
     );
     let mut s = String::with_capacity(4);
     s.push(if v.prot & 1 != 0 { 'r' } else { '-' });
