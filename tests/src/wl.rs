@@ -196,6 +196,21 @@ pub fn serve(cmd: c_int, back: c_int, close: &[c_int], answer: impl Fn() -> Stri
     }
 }
 
+/// A [`serve`] child's answer: one byte on `cmd`, one line from `back`.
+pub fn ask(cmd: c_int, back: c_int) -> String {
+    write_fd(cmd, b"?");
+    read_line(back)
+}
+
+/// End a [`serve`] child: close its command pipe, then wait for it.
+pub fn end_server(cmd: c_int, child: i32) {
+    // SAFETY: closing our own pipe end and waiting for our own child.
+    unsafe {
+        libc::close(cmd);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+}
+
 /// Write `data` to `path` through a temporary file and a rename, so a
 /// reader never sees half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {

@@ -71,6 +71,77 @@ fn mount_namespace_with_its_pid_namespace_proc() {
     mntns_cycle(&["--proc", "1"], 3, false, 1);
 }
 
+/// A tmpfs of the test's own namespace, shared, unmounted (with what is
+/// below it) at the end.
+struct SharedMount(std::path::PathBuf);
+
+impl SharedMount {
+    fn new(at: std::path::PathBuf) -> SharedMount {
+        let m = SharedMount(at);
+        sh_mount("cryo-test-h", &m.0, Some("tmpfs"), 0);
+        sh_mount("", &m.0, None, libc::MS_SHARED);
+        m
+    }
+}
+
+impl Drop for SharedMount {
+    fn drop(&mut self) {
+        for p in [self.0.join("late"), self.0.clone()] {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: umount2 reads the path; the mounts are this test's.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn sh_mount(src: &str, at: &Path, fstype: Option<&str>, flags: u64) {
+    let c = |s: &[u8]| std::ffi::CString::new(s).expect("no NUL");
+    let (src, at_c) = (c(src.as_bytes()), c(at.as_os_str().as_encoded_bytes()));
+    let fstype = fstype.map(|f| c(f.as_bytes()));
+    // SAFETY: mount reads NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            at_c.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "mount on {}: {}",
+        at.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A mount the workload's namespace shares with the test's (a copy made by
+/// unshare of a shared mount) is a peer of it again after the restore: a
+/// mount the test makes there then comes through.
+#[test]
+fn mount_namespace_peer_of_a_host_mount() {
+    let dir = TestDir::new();
+    let base = dir.subdir("m");
+    let h = SharedMount::new(dir.subdir("h"));
+    std::fs::create_dir(h.0.join("late")).expect("mkdir late");
+    let h_s = h.0.to_str().expect("utf-8 path");
+    let args = [
+        "--tmp",
+        base.to_str().expect("utf-8 path"),
+        "--host-peer",
+        h_s,
+    ];
+    let mut wl = Workload::start("wl_mntns", &args, &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_and_maybe_restore(&mut wl, &guard, &img, false);
+    show_and_verify(&img, &["(group of"]);
+    sh_mount("cryo-test-late", &h.0.join("late"), Some("tmpfs"), 0);
+    wl.assert_pass("wl_mntns with a peer of the test's mount");
+}
+
 /// A ramfs is refused naming it and the way out; dumped with it named
 /// external, the restore binds the directory it is given there.
 #[test]

@@ -101,11 +101,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
         pre_copy: a.pre_copy,
-        externals: a
-            .externals
-            .iter()
-            .map(|e| cryo_engine::ns::mnt::parse_external(e))
-            .collect::<Result<_, _>>()
+        externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
             .map_err(anyhow::Error::msg)?,
     };
     let start = Instant::now();

@@ -55,12 +55,10 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
         dir: a.dir.clone(),
         manage_cgroups: a.manage_cgroups,
         cgroup_root: a.cgroup_root.clone(),
-        externals: a
-            .externals
-            .iter()
-            .map(|e| cryo_engine::ns::mnt::parse_external(e))
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?,
+        externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .collect(),
         root: a.root.clone(),
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;

@@ -31,20 +31,24 @@ pub fn clone_mount(path: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Mount the detached mount `m` (see [`clone_mount`]) at `target`.
-pub fn attach(m: &impl AsFd, target: &str) -> io::Result<()> {
-    let t = cpath(target)?;
-    // SAFETY: move_mount reads two NUL-terminated paths (an empty one for
-    // the source, which is the descriptor itself) that live across the
-    // call; it changes only the mount tree.
+/// move_mount(2) from `from` (a path, or with `from_fd` the mount that
+/// descriptor is, the path empty) to the path `to`.
+fn move_mount(from_fd: Option<i32>, from: &str, to: &str, flags: libc::c_uint) -> io::Result<()> {
+    let (f, t) = (cpath(from)?, cpath(to)?);
+    let (dfd, flags) = match from_fd {
+        Some(fd) => (fd, flags | MOVE_MOUNT_F_EMPTY_PATH),
+        None => (libc::AT_FDCWD, flags),
+    };
+    // SAFETY: move_mount reads two NUL-terminated paths that outlive the
+    // call; it changes only the mount tree or propagation.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
-            m.as_fd().as_raw_fd(),
-            c"".as_ptr(),
+            dfd,
+            f.as_ptr(),
             libc::AT_FDCWD,
             t.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            flags,
         )
     };
     if r < 0 {
@@ -53,25 +57,14 @@ pub fn attach(m: &impl AsFd, target: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Mount the detached mount `m` (see [`clone_mount`]) at `target`.
+pub fn attach(m: &impl AsFd, target: &str) -> io::Result<()> {
+    move_mount(Some(m.as_fd().as_raw_fd()), "", target, 0)
+}
+
 /// Make the private mount at `to` a member of the peer group of the
 /// mount at `from` (and a slave of its master, if it has one): both of
 /// one filesystem, `from`'s root at or above `to`'s.
 pub fn set_group(from: &str, to: &str) -> io::Result<()> {
-    let (f, t) = (cpath(from)?, cpath(to)?);
-    // SAFETY: as in `attach`: two NUL-terminated paths that outlive the
-    // call; only propagation settings change.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            MOVE_MOUNT_SET_GROUP,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    move_mount(None, from, to, MOVE_MOUNT_SET_GROUP)
 }

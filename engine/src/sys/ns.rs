@@ -123,6 +123,17 @@ pub fn new_time(monotonic_ns: i64, boottime_ns: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// Put this thread in a mount namespace of its own (unshare CLONE_FS and
+/// CLONE_NEWNS), a copy of its old one with every mount made private, so
+/// that nothing mounted in it reaches the old one.
+pub fn private_mounts() -> io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::CloneFlags;
+    nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
+    let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+    mount(None::<&str>, "/", None::<&str>, flags, None::<&str>).map_err(io::Error::from)
+}
+
 /// A POSIX message queue as its IPC namespace's mqueue filesystem shows
 /// it: its name, mode, owner and the file's text (QSIZE, NOTIFY_PID, ...).
 pub struct MqFile {
@@ -140,15 +151,7 @@ pub struct MqFile {
 /// that ends soon (its mount namespace goes with it).
 pub fn mqueue_files() -> io::Result<Vec<MqFile>> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(io::Error::from)?;
+    private_mounts()?;
     let dir = std::env::temp_dir().join(format!(
         "cryo-mqueue-{}-{:?}",
         std::process::id(),

@@ -75,16 +75,11 @@ fn run(a: &wl::Args, dir: &Path) -> Result<Vec<String>, String> {
     if mine == host {
         fails.push(format!("in the host's cgroup namespace {mine}"));
     }
-    wl::write_fd(cmd[1], b"?");
-    let said = wl::read_line(back[0]);
+    let said = wl::ask(cmd[1], back[0]);
     if said != format!("{mine} ok") {
         fails.push(format!("the child says {said:?}"));
     }
-    // SAFETY: closing our command pipe ends the child; then wait for it.
-    unsafe {
-        libc::close(cmd[1]);
-        libc::waitpid(child, std::ptr::null_mut(), 0);
-    }
+    wl::end_server(cmd[1], child);
     Ok(fails)
 }
 

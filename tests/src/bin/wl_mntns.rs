@@ -2,7 +2,8 @@
 //! mounts it made, which a restore must make again: files of a tmpfs with
 //! their contents and metadata, binds, peer groups and flags.
 //!
-//! `wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1]`
+//! `wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1]
+//!  [--host-peer DIR2]`
 //!
 //! The process unshares its mount namespace (nothing else: every other
 //! mount is the host's) and, under DIR, mounts a tmpfs `t` (size=8m,
@@ -25,6 +26,10 @@
 //! With `--ramfs 1`, it also mounts a ramfs on DIR/x (a filesystem cryo
 //! does not make again: refused, or named external); after the restore
 //! DIR/x must be a mount holding a file `marker`.
+//! With `--host-peer DIR2` (a shared mount of the test's namespace, whose
+//! copy in this one is its peer), after the restore DIR2/late must be a
+//! mount here: the test mounts it in its own namespace, and it comes
+//! through the peer group.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -408,6 +413,16 @@ fn work(
     check_files(base, &mut fails);
     check_held(base, &mut held, &mut fails);
     check_mounts(base, &mut fails);
+    if let Some(h) = a.get("host-peer") {
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        let late = Path::new(h).join("late");
+        if dev(&late).is_none() || dev(&late) == dev(Path::new(h)) {
+            fails.push(format!(
+                "{} is not a mount here: not a peer of the host's",
+                late.display()
+            ));
+        }
+    }
     if ramfs && (mount_of(&base.join("x")).is_none() || !base.join("x/marker").exists()) {
         fails.push("x is not a mount holding marker".into());
     }
@@ -421,22 +436,18 @@ fn work(
             ));
         }
     }
-    wl::write_fd(cmd[1], b"?");
-    let said = wl::read_line(back[0]);
+    let said = wl::ask(cmd[1], back[0]);
     let want = format!("{mine} {}", TEXT.trim_end());
     if said != want {
         fails.push(format!("the child says {said:?}, not {want:?}"));
     }
-    // SAFETY: closing our command pipe ends the child; then wait for it.
-    unsafe {
-        libc::close(cmd[1]);
-        libc::waitpid(child, std::ptr::null_mut(), 0);
-    }
+    wl::end_server(cmd[1], child);
     Ok(fails)
 }
 
 fn main() {
-    let usage = "wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1]";
+    let usage =
+        "wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1] [--host-peer DIR2]";
     let a = wl::Args::parse(usage);
     let base: PathBuf = a.tmp_dir(NAME, usage);
     wl::close_extra_fds();

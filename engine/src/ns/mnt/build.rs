@@ -75,17 +75,8 @@ fn in_thread(
     yard: &str,
     groups: HashMap<usize, OwnedFd>,
 ) -> Result<OwnedFd, String> {
-    use nix::sched::CloneFlags;
-    nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS)
-        .map_err(io("unshare(CLONE_NEWNS)".into()))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(io("making the copy of cryo's mounts private".into()))?;
+    crate::sys::ns::private_mounts()
+        .map_err(|e| format!("a private copy of cryo's mount namespace: {e}"))?;
     // The namespace is this one from here on, whatever its root.
     let ns = std::fs::File::open("/proc/thread-self/ns/mnt")
         .map(OwnedFd::from)
@@ -284,75 +275,42 @@ fn propagate(t: &str, how: MsFlags) -> Result<(), String> {
         .map_err(io(format!("setting the propagation of {t}")))
 }
 
-/// Peer groups and slaves: each group of the namespace is made shared on
-/// its first mount, which every other member joins
-/// (MOVE_MOUNT_SET_GROUP); a slave joins its master's group and turns
-/// slave; a group of cryo's namespace is joined through the copy in
-/// `groups`, mounted for the moment in the yard. `top`: where the tree
-/// is.
+/// Peer groups and slaves, the namespace's own and cryo's (see [`Prop`]):
+/// the first mount of each group of the namespace is made shared (after
+/// it became the slave it is, if it is one), every other member joins it
+/// (MOVE_MOUNT_SET_GROUP), a slave joins its master's group and turns
+/// slave; then unbindable mounts. `top`: where the tree is.
 fn propagation(
     state: &MntState,
     top: &str,
     yard: &str,
     groups: &mut HashMap<usize, OwnedFd>,
 ) -> Result<(), String> {
+    let mut p = Prop {
+        ms: &state.mounts,
+        top,
+        yard,
+        groups,
+    };
     let ms = &state.mounts;
-    let now = |i: usize| !ms[i].late;
-    let leader = |g: u32| ms.iter().position(|m| !m.late && m.shared == g);
-    let tg = |i: usize| {
-        let t = target(top, &ms[i]);
-        if t.is_empty() {
-            "/".to_string()
-        } else {
-            t
-        }
-    };
-    let mut join_host = |i: usize| -> Result<(), String> {
-        let copy = groups
-            .remove(&i)
-            .ok_or_else(|| format!("mount {}: no copy of its peer group's mount", ms[i].id))?;
-        join(&copy, &tg(i), yard, i)
-            .map_err(|w| format!("mount {} at {}: {w}", ms[i].id, ms[i].mountpoint))
-    };
-    let join_in = |from: usize, i: usize| {
-        sysm::set_group(&tg(from), &tg(i)).map_err(|e| {
-            format!(
-                "mount {} at {}: joining the peer group of mount {}: {e}",
-                ms[i].id, ms[i].mountpoint, ms[from].id
-            )
-        })
-    };
-    // The first mount of each group of the namespace, its master first.
+    let live = |i: &usize| !ms[*i].late;
     let leaders: Vec<usize> = (0..ms.len())
-        .filter(|&i| now(i) && ms[i].shared != 0 && leader(ms[i].shared) == Some(i))
+        .filter(live)
+        .filter(|&i| ms[i].shared != 0 && p.leader(ms[i].shared) == Some(i))
         .collect();
+    // A leader that is a slave of another group's leader waits for it.
     let mut shared = vec![false; ms.len()];
     let mut pending = leaders.clone();
     while !pending.is_empty() {
         let before = pending.len();
         let mut next = Vec::new();
         for i in pending {
-            let m = &ms[i];
-            match (m.master, leader(m.master)) {
-                (0, _) => {}
-                (_, Some(l)) if !shared[l] && now(l) => {
-                    next.push(i);
-                    continue;
-                }
-                (_, Some(l)) => {
-                    join_in(l, i)?;
-                    propagate(&tg(i), MsFlags::MS_SLAVE)?;
-                }
-                (_, None) => {
-                    join_host(i)?;
-                    propagate(&tg(i), MsFlags::MS_SLAVE)?;
-                }
+            if p.leader(ms[i].master).is_some_and(|l| !shared[l]) {
+                next.push(i);
+                continue;
             }
-            if m.host_group_path.is_empty() || m.master != 0 {
-                propagate(&tg(i), MsFlags::MS_SHARED)?;
-            } else {
-                join_host(i)?;
-            }
+            p.slave(i)?;
+            propagate(&p.at(i), MsFlags::MS_SHARED)?;
             shared[i] = true;
         }
         if next.len() == before {
@@ -360,35 +318,88 @@ fn propagation(
         }
         pending = next;
     }
-    for i in (0..ms.len()).filter(|&i| now(i) && !leaders.contains(&i)) {
+    for i in (0..ms.len()).filter(live).filter(|i| !leaders.contains(i)) {
         let m = &ms[i];
-        match (m.shared, leader(m.shared)) {
-            (0, _) => {}
-            (_, Some(l)) => {
-                join_in(l, i)?;
-                continue;
-            }
-            (_, None) => {
-                join_host(i)?;
-                continue;
-            }
-        }
-        match (m.master, leader(m.master)) {
-            (0, _) => {}
-            (_, Some(l)) => {
-                join_in(l, i)?;
-                propagate(&tg(i), MsFlags::MS_SLAVE)?;
-            }
-            (_, None) => {
-                join_host(i)?;
-                propagate(&tg(i), MsFlags::MS_SLAVE)?;
-            }
+        if !m.host_group_path.is_empty() && !m.host_master {
+            // A peer of a group of cryo's namespace.
+            p.join_host(i)?;
+        } else if let Some(l) = p.leader(m.shared) {
+            // A peer of the group's first mount (a slave of its master).
+            p.join_in(l, i)?;
+        } else {
+            p.slave(i)?;
         }
     }
-    for i in (0..ms.len()).filter(|&i| now(i) && ms[i].unbindable) {
-        propagate(&tg(i), MsFlags::MS_UNBINDABLE)?;
+    for i in (0..ms.len()).filter(live).filter(|&i| ms[i].unbindable) {
+        propagate(&p.at(i), MsFlags::MS_UNBINDABLE)?;
     }
     Ok(())
+}
+
+/// The mounts of a namespace being built, for their propagation, and the
+/// copies of mounts of cryo's namespace taken for its peer groups (by
+/// mount index).
+struct Prop<'a> {
+    ms: &'a [MountEntry],
+    top: &'a str,
+    yard: &'a str,
+    groups: &'a mut HashMap<usize, OwnedFd>,
+}
+
+impl Prop<'_> {
+    /// Where mount `i` is.
+    fn at(&self, i: usize) -> String {
+        let t = target(self.top, &self.ms[i]);
+        if t.is_empty() {
+            "/".to_string()
+        } else {
+            t
+        }
+    }
+
+    /// The first mount of peer group `g` of the namespace's own (not one
+    /// of cryo's namespace, which each member joins on its own).
+    fn leader(&self, g: u32) -> Option<usize> {
+        let own = |m: &MountEntry| m.host_group_path.is_empty() || m.host_master;
+        (g != 0).then_some(())?;
+        self.ms
+            .iter()
+            .position(|m| !m.late && m.shared == g && own(m))
+    }
+
+    fn join_in(&self, from: usize, i: usize) -> Result<(), String> {
+        sysm::set_group(&self.at(from), &self.at(i)).map_err(|e| {
+            let (m, f) = (&self.ms[i], &self.ms[from]);
+            format!(
+                "mount {} at {}: joining the peer group of mount {}: {e}",
+                m.id, m.mountpoint, f.id
+            )
+        })
+    }
+
+    fn join_host(&mut self, i: usize) -> Result<(), String> {
+        let m = &self.ms[i];
+        let copy = self
+            .groups
+            .remove(&i)
+            .ok_or_else(|| format!("mount {}: no copy of its peer group's mount", m.id))?;
+        join(&copy, &self.at(i), self.yard, i)
+            .map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))
+    }
+
+    /// Make mount `i` the slave it was, if it was one: a member of its
+    /// master's group (the namespace's or cryo's), then MS_SLAVE.
+    fn slave(&mut self, i: usize) -> Result<(), String> {
+        let m = &self.ms[i];
+        if m.master == 0 {
+            return Ok(());
+        }
+        match self.leader(m.master) {
+            Some(l) if !m.host_master => self.join_in(l, i)?,
+            _ => self.join_host(i)?,
+        }
+        propagate(&self.at(i), MsFlags::MS_SLAVE)
+    }
 }
 
 /// Make the private mount at `to` a peer of the mount `copy` is a copy

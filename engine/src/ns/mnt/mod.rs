@@ -85,7 +85,7 @@ pub fn dump(pid: i32, cx: &mut DumpCtx) -> Result<MntState, String> {
         let (how, below) = how(m, earlier, &host, cx).map_err(|w| format!("{}: {w}", named(m)))?;
         e.how = Some(how);
         e.host_below = below;
-        e.host_group_path =
+        (e.host_group_path, e.host_master) =
             host_group(m, &groups, &host).map_err(|w| format!("{}: {w}", named(m)))?;
         let parent_late = out.iter().any(|p| p.id == m.parent && p.late);
         let from_late =
@@ -200,24 +200,24 @@ fn hidden_by(h: &Mount, all: &[Mount]) -> u32 {
     n
 }
 
-/// A peer group of `m` (shared or master) that is not among the
-/// namespace's `groups`: the mountpoint of a mount of cryo's namespace
-/// shared in it ("" if there is none to keep).
-fn host_group(m: &Mount, groups: &HashSet<u32>, host: &[Mount]) -> Result<String, String> {
-    let outside: Vec<u32> = [m.shared, m.master]
-        .into_iter()
-        .filter(|&g| g != 0 && !groups.contains(&g))
-        .collect();
-    match outside.as_slice() {
-        [] => Ok(String::new()),
-        [g] => host
-            .iter()
-            .find(|h| h.shared == *g)
-            .map(|h| h.mountpoint.clone())
-            .ok_or_else(|| {
-                format!("its peer group {g} is neither in the namespace nor in cryo's: not supported yet")
-            }),
-        _ => Err("it is shared with one peer group and a slave of another, both outside the namespace: not supported yet".into()),
+/// A peer group of `m` (shared or master) that mounts of cryo's
+/// namespace are in too: the mountpoint of one of them, and whether it is
+/// `m`'s master ("" if there is none to keep). A master that is neither
+/// that nor a group of the namespace's own `groups` is refused.
+fn host_group(m: &Mount, groups: &HashSet<u32>, host: &[Mount]) -> Result<(String, bool), String> {
+    let of_host = |g: u32| host.iter().find(|h| g != 0 && h.shared == g);
+    match (of_host(m.shared), of_host(m.master)) {
+        (None, None) if m.master != 0 && !groups.contains(&m.master) => Err(format!(
+            "its master peer group {} is neither in the namespace nor in cryo's: not supported yet",
+            m.master
+        )),
+        (None, None) => Ok((String::new(), false)),
+        (Some(h), None) => Ok((h.mountpoint.clone(), false)),
+        (None, Some(h)) => Ok((h.mountpoint.clone(), true)),
+        (Some(_), Some(_)) => Err(
+            "it is shared with one peer group of cryo's namespace and a slave of another: not supported yet"
+                .into(),
+        ),
     }
 }
 
@@ -413,6 +413,11 @@ pub fn parse_external(s: &str) -> Result<(String, String), String> {
         return Err(bad());
     }
     Ok((a.to_string(), b.to_string()))
+}
+
+/// Every `--external` value (see [`parse_external`]).
+pub fn parse_externals(all: &[String]) -> Result<Vec<(String, String)>, String> {
+    all.iter().map(|e| parse_external(e)).collect()
 }
 
 #[cfg(test)]
