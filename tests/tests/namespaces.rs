@@ -261,3 +261,19 @@ fn ipc_namespace_posix_mqueue_kill_and_restore() {
 fn ipc_namespace_posix_mqueue_leave_running() {
     mqueue_cycle(true);
 }
+
+/// A network namespace with only its loopback (up, another MTU), two
+/// sysctls and a unix listener bound to an abstract name in it.
+fn netns_cycle(leave_running: bool) {
+    ns_cycle("wl_netns", &[], 2, leave_running, &["net:[", "MTU 16384"]);
+}
+
+#[test]
+fn net_namespace_kill_and_restore() {
+    netns_cycle(false);
+}
+
+#[test]
+fn net_namespace_leave_running() {
+    netns_cycle(true);
+}

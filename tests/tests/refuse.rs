@@ -410,20 +410,20 @@ fn check_reports_ptrace_seize() {
     );
 }
 
-/// A task in its own network namespace is refused (its devices and
-/// addresses are not kept yet), naming the namespace, and left running.
+/// A task in its own user namespace is refused (its maps are not kept
+/// yet), naming the namespace, and left running.
 #[test]
 fn dump_refuses_task_in_other_namespace() {
     become_subreaper();
     let dir = TestDir::new();
     let log = std::fs::File::create(dir.join("log")).expect("create log");
     let child = Command::new("unshare")
-        .args(["--net", sleep_bin(), "1000"])
+        .args(["--user", sleep_bin(), "1000"])
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log)
         .spawn()
-        .expect("spawn unshare --net sleep");
+        .expect("spawn unshare --user sleep");
     let mut guard = PidGuard::new(child.id() as i32);
     let pid = guard.pid();
     drop(child);
@@ -441,7 +441,7 @@ fn dump_refuses_task_in_other_namespace() {
     }
     wait_settled(pid, SETTLE_TIMEOUT);
 
-    assert_dump_refused(pid, None, &["net namespace"], "own network namespace");
+    assert_dump_refused(pid, None, &["user namespace"], "own user namespace");
 
     let exit = guard.kill();
     assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));

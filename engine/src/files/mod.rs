@@ -301,7 +301,7 @@ fn classify(
         }
         libc::S_IFLNK if link.starts_with('/') => FileKind::FileSymlink,
         libc::S_IFSOCK => {
-            if !diag.get()?.contains_key(&st.st_ino) {
+            if !diag.get_for([cx.pid])?.contains_key(&st.st_ino) {
                 return Err(cx.unsupported(
                     "a socket that is not a unix socket (other families are not supported yet)",
                 ));

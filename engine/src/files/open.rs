@@ -132,7 +132,7 @@ pub fn open_all(
     files: &[FileEntry],
     used: &BTreeSet<u32>,
     socket_files: &mut Vec<std::path::PathBuf>,
-    mut ns: Option<&mut crate::ns::mnt::Switch>,
+    mut ns: Option<&mut crate::ns::Switch>,
 ) -> std::result::Result<HashMap<u32, OwnedFd>, OpenError> {
     let fail = |f: &FileEntry, what: String| OpenError {
         id: f.id,

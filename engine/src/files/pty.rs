@@ -49,6 +49,18 @@ pub fn dump(
     h: &mut ProcHandles,
     e: &mut FileEntry,
 ) -> Result<(), FilesError> {
+    // A pty of a devpts cryo does not see (mounted in the tree's own mount
+    // namespace): its pairs would be made again on cryo's.
+    let mnt_id: u32 = cx
+        .info
+        .get("mnt_id")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if mnt_id != 0 && !crate::ns::mnt::own_mount_ids().contains(&mnt_id) {
+        return Err(cx.unsupported(
+            "a pty of a devpts mounted in the tree's own mount namespace (not supported yet)",
+        ));
+    }
     e.pty = if kind == FileKind::FilePtyMaster {
         let master = h.getfd(cx.pid, cx.fd)?;
         let mut st = dump_master(cx.pid, cx.fd, master.as_raw_fd())?;

@@ -24,6 +24,7 @@ use cryo_image::proto::{NamespaceEntry, NamespaceId};
 pub mod cgroup;
 pub mod ipc;
 pub mod mnt;
+pub mod net;
 pub mod pid;
 pub mod time;
 pub mod uts;
@@ -93,10 +94,14 @@ pub enum NsError {
 /// restored.
 fn kept(kind: NsKind) -> bool {
     match kind {
-        NsKind::Uts | NsKind::Pid | NsKind::Time | NsKind::Ipc | NsKind::Mnt | NsKind::Cgroup => {
-            true
-        }
-        NsKind::Net | NsKind::User => false,
+        NsKind::Uts
+        | NsKind::Pid
+        | NsKind::Time
+        | NsKind::Ipc
+        | NsKind::Mnt
+        | NsKind::Cgroup
+        | NsKind::Net => true,
+        NsKind::User => false,
     }
 }
 
@@ -269,6 +274,7 @@ fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceE
         ipc: None,
         mnt: None,
         cgroup: None,
+        net: None,
     };
     match kind {
         NsKind::Uts => e.uts = Some(uts::dump(ns.into()).map_err(read)?),
@@ -278,7 +284,8 @@ fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceE
         NsKind::Ipc => e.ipc = Some(ipc::dump(ns.into()).map_err(read)?),
         NsKind::Mnt => e.mnt = Some(mnt::dump(pid, cx).map_err(read)?),
         NsKind::Cgroup => e.cgroup = Some(cgroup::dump(ns.into(), pid).map_err(read)?),
-        NsKind::Net | NsKind::User => return Err(read("not kept yet".into())),
+        NsKind::Net => e.net = Some(net::dump(ns.into()).map_err(read)?),
+        NsKind::User => return Err(read("not kept yet".into())),
     }
     Ok(e)
 }
@@ -344,8 +351,10 @@ fn check_shape(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> 
 
 /// What the restore side of namespaces needs of the task beyond them.
 pub struct RestoreCtx<'a> {
-    /// The mount namespaces cryo made, by their inode at the dump.
+    /// The mount and network namespaces cryo made, by their inode at the
+    /// dump.
     pub mnt_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
+    pub net_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     /// The task's cgroups, and where the restore put the tree's.
     pub cgroups: &'a [cryo_image::proto::CgroupEntry],
     pub cgroup_targets: &'a std::collections::HashMap<(u32, String), std::path::PathBuf>,
@@ -384,9 +393,70 @@ pub fn restore(
             NsKind::Ipc => ipc::restore(e.ipc.as_ref()),
             NsKind::Mnt => mnt::enter(e, cx.mnt_made),
             NsKind::Cgroup => cgroup::restore(e.cgroup.as_ref(), cx.cgroups, cx.cgroup_targets),
-            NsKind::Net | NsKind::User => Err("restoring it is not supported yet".to_string()),
+            NsKind::Net => enter_made(e, cx.net_made, nix::sched::CloneFlags::CLONE_NEWNET),
+            NsKind::User => Err("restoring it is not supported yet".to_string()),
         };
         made.map_err(|m| format!("making its {} namespace {}: {m}", id.kind, id.inode))?;
     }
     Ok(())
+}
+
+/// Enter the namespace cryo made for `e` (`made`, by inode).
+fn enter_made(
+    e: &NamespaceEntry,
+    made: &std::collections::HashMap<u64, std::os::fd::RawFd>,
+    kind: nix::sched::CloneFlags,
+) -> Result<(), String> {
+    let fd = made.get(&e.inode).ok_or("cryo did not make it")?;
+    nix::sched::setns(crate::sys::fd::borrow(*fd), kind)
+        .map_err(|err| format!("entering it (setns): {}", std::io::Error::from(err)))
+}
+
+/// Which mount and network namespace each open file of the tree is
+/// opened in, for a thread of cryo's with its own filesystem information
+/// (unshare CLONE_FS) that goes from one to the other (None: cryo's).
+pub struct Switch {
+    own: [std::os::fd::OwnedFd; 2],
+    current: [Option<std::os::fd::RawFd>; 2],
+    by_file: std::collections::HashMap<u32, [Option<std::os::fd::RawFd>; 2]>,
+}
+
+impl Switch {
+    const KINDS: [nix::sched::CloneFlags; 2] = [
+        nix::sched::CloneFlags::CLONE_NEWNS,
+        nix::sched::CloneFlags::CLONE_NEWNET,
+    ];
+
+    /// Call in the thread, after unshare(CLONE_FS); `by_file`: each file's
+    /// (mount, network) namespaces.
+    pub fn new(
+        by_file: std::collections::HashMap<u32, [Option<std::os::fd::RawFd>; 2]>,
+    ) -> Result<Switch, String> {
+        let open = |name: &str| {
+            std::fs::File::open(format!("/proc/thread-self/ns/{name}"))
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| format!("opening cryo's {name} namespace: {e}"))
+        };
+        Ok(Switch {
+            own: [open("mnt")?, open("net")?],
+            current: [None, None],
+            by_file,
+        })
+    }
+
+    /// Be in the namespaces of file `id`.
+    pub fn enter_for(&mut self, id: u32) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        let want = self.by_file.get(&id).copied().unwrap_or_default();
+        for (k, w) in want.into_iter().enumerate() {
+            if w == self.current[k] {
+                continue;
+            }
+            let fd = w.unwrap_or(self.own[k].as_raw_fd());
+            nix::sched::setns(crate::sys::fd::borrow(fd), Self::KINDS[k])
+                .map_err(|e| format!("entering its namespace: {}", std::io::Error::from(e)))?;
+            self.current[k] = w;
+        }
+        Ok(())
+    }
 }

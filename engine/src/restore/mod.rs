@@ -225,22 +225,45 @@ fn remove_socket_files(paths: &[std::path::PathBuf]) {
     }
 }
 
+/// The namespaces cryo made before the tasks (mount, network), by their
+/// inode at the dump.
+#[derive(Default)]
+struct NsMade {
+    mnt: HashMap<u64, RawFd>,
+    net: HashMap<u64, RawFd>,
+}
+
 /// Open every file description of the tree (`used`), each in the mount
 /// namespace of the mount it was opened through, or else of its first
-/// holder, if cryo made one (`mnt_made`): then by a thread of its own that
-/// goes from one namespace to the other.
+/// holder, and in its first holder's network namespace, where cryo made
+/// those (`made`): then by a thread of its own that goes from one
+/// namespace to the other.
 fn open_files(
     tree: &TreeImage,
     used: &std::collections::BTreeSet<u32>,
-    mnt_made: &HashMap<u64, RawFd>,
+    made: &NsMade,
     socket_files: &mut Vec<std::path::PathBuf>,
 ) -> std::result::Result<HashMap<u32, OwnedFd>, crate::files::OpenError> {
     let files = &tree.procs[0].files;
-    if mnt_made.is_empty() {
+    if made.mnt.is_empty() && made.net.is_empty() {
         return crate::files::open_all(files, used, socket_files, None);
     }
-    let mut by_file: HashMap<u32, RawFd> = HashMap::new();
-    // By the mount a file was opened through, where that is known.
+    let mut by_file: HashMap<u32, [Option<RawFd>; 2]> = HashMap::new();
+    for p in &tree.procs {
+        let Some(pc) = p.core.process.as_ref() else {
+            continue;
+        };
+        let of = |kind: &str, made: &HashMap<u64, RawFd>| {
+            let id = pc.namespaces.iter().find(|n| n.kind == kind && !n.host)?;
+            made.get(&id.inode).copied()
+        };
+        let ns = [of("mnt", &made.mnt), of("net", &made.net)];
+        for id in p.fds.iter().map(|f| f.id).chain(p.held_files()) {
+            by_file.entry(id).or_insert(ns);
+        }
+    }
+    // The mount namespace of the mount a file was opened through, where
+    // that is known (none of the tree's: cryo's).
     let mount_ns: HashMap<u32, u64> = tree
         .namespaces
         .iter()
@@ -250,36 +273,22 @@ fn open_files(
         })
         .collect();
     for f in files.iter().filter(|f| f.mnt_id != 0) {
-        match mount_ns.get(&f.mnt_id).and_then(|ns| mnt_made.get(ns)) {
-            Some(&fd) => by_file.insert(f.id, fd),
-            // A mount of cryo's namespace: opened there.
-            None => by_file.insert(f.id, -1),
-        };
-    }
-    for p in &tree.procs {
-        let ns = p.core.process.as_ref().and_then(|pc| {
-            pc.namespaces
-                .iter()
-                .find(|n| n.kind == "mnt" && !n.host)
-                .and_then(|n| mnt_made.get(&n.inode))
-        });
-        if let Some(&fd) = ns {
-            for id in p.fds.iter().map(|f| f.id).chain(p.held_files()) {
-                by_file.entry(id).or_insert(fd);
-            }
-        }
+        let mnt = mount_ns
+            .get(&f.mnt_id)
+            .and_then(|ns| made.mnt.get(ns))
+            .copied();
+        by_file.entry(f.id).or_default()[0] = mnt;
     }
     let fail = |what: String| crate::files::OpenError {
         id: 0,
-        path: "mount namespaces".into(),
+        path: "namespaces".into(),
         what,
     };
-    by_file.retain(|_, fd| *fd >= 0);
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
                 .map_err(|e| fail(format!("unshare(CLONE_FS): {e}")))?;
-            let mut sw = crate::ns::mnt::Switch::new(by_file).map_err(fail)?;
+            let mut sw = crate::ns::Switch::new(by_file).map_err(fail)?;
             crate::files::open_all(files, used, socket_files, Some(&mut sw))
         })
         .join()
@@ -287,7 +296,7 @@ fn open_files(
     })
 }
 
-fn make_shared(tree: &TreeImage, mnt_made: &HashMap<u64, RawFd>) -> Result<Shared> {
+fn make_shared(tree: &TreeImage, made: &NsMade) -> Result<Shared> {
     let root = tree.procs[0].pid();
     let shm = crate::mem::shared::make_objects(tree).map_err(|e| RestoreError::Sys {
         pid: root,
@@ -307,7 +316,7 @@ fn make_shared(tree: &TreeImage, mnt_made: &HashMap<u64, RawFd>) -> Result<Share
         .chain(in_flight)
         .collect();
     let mut socket_files = Vec::new();
-    let files = open_files(tree, &used, mnt_made, &mut socket_files).map_err(|e| {
+    let files = open_files(tree, &used, made, &mut socket_files).map_err(|e| {
         remove_socket_files(&socket_files);
         RestoreError::File {
             pid: root,
@@ -397,15 +406,20 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go0_r, go0_w) = pipe()?;
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
+    let ns_err = |what| RestoreError::Namespaces { pid: root, what };
     let mnt_ns = crate::ns::mnt::make_all(
         &tree.namespaces,
         &opts.dir,
         &opts.externals,
         opts.root.as_deref(),
     )
-    .map_err(|what| RestoreError::Namespaces { pid: root, what })?;
-    let mnt_fds = raw_fds(&mnt_ns);
-    let shared = make_shared(&tree, &mnt_fds)?;
+    .map_err(ns_err)?;
+    let net_ns = crate::ns::net::make_all(&tree.namespaces).map_err(ns_err)?;
+    let made = NsMade {
+        mnt: raw_fds(&mnt_ns),
+        net: raw_fds(&net_ns),
+    };
+    let shared = make_shared(&tree, &made)?;
     fault("files")?;
     let memberships = tree
         .procs
@@ -440,7 +454,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         cpu_timer_slack_us: crate::sys::proc::cpu_itimer_slack_us(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
         cgroups: &cgroups.targets,
-        mnt_ns: &mnt_fds,
+        ns_made: (&made.mnt, &made.net),
     };
     let mut roots: Vec<Pid> = Vec::new();
     let started = spawn_roots(&ctx, &mut roots);

@@ -45,8 +45,9 @@ pub struct NodeCtx<'a> {
     pub go: [RawFd; 3],
     /// Where each dumped cgroup (hierarchy, path) is here.
     pub cgroups: &'a HashMap<(u32, String), std::path::PathBuf>,
-    /// The mount namespaces cryo made, by their inode at the dump.
-    pub mnt_ns: &'a HashMap<u64, RawFd>,
+    /// The mount and network namespaces cryo made, by their inode at the
+    /// dump.
+    pub ns_made: (&'a HashMap<u64, RawFd>, &'a HashMap<u64, RawFd>),
 }
 
 /// The memory of the task that creates a node, when it is the node's

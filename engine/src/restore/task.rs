@@ -62,7 +62,8 @@ pub fn prepare_memory(
         .and_then(|p| p.core.process.as_ref())
         .map(|p| p.namespaces.as_slice());
     let ns_cx = ns::RestoreCtx {
-        mnt_made: ctx.mnt_ns,
+        mnt_made: ctx.ns_made.0,
+        net_made: ctx.ns_made.1,
         cgroups: &pc.cgroups,
         cgroup_targets: ctx.cgroups,
     };

@@ -35,16 +35,59 @@ fn diag_err(what: &'static str) -> impl FnOnce(Errno) -> UnixError {
 
 /// One sock_diag snapshot for a whole dump, taken on first use: the tree
 /// is stopped while it is captured, so one answers for all its sockets.
+/// sock_diag answers for its caller's network namespace: the sockets of
+/// another one are asked for by a thread of cryo's inside it (socket
+/// inodes are unique across namespaces, so one map holds them all).
 #[derive(Debug, Default)]
-pub struct DiagSnapshot(Option<HashMap<u64, DiagInfo>>);
+pub struct DiagSnapshot {
+    map: Option<HashMap<u64, DiagInfo>>,
+    /// The other network namespaces asked, by their /proc link.
+    nets: Vec<String>,
+}
 
 impl DiagSnapshot {
-    /// The snapshot, taken now if it was not yet.
+    /// The snapshot of cryo's network namespace, taken now if it was not
+    /// yet, with those of the namespaces asked for with [`Self::get_for`].
     pub fn get(&mut self) -> Result<&HashMap<u64, DiagInfo>, UnixError> {
-        if self.0.is_none() {
-            self.0 = Some(diag_all()?);
+        if self.map.is_none() {
+            self.map = Some(diag_all()?);
         }
-        Ok(self.0.get_or_insert_with(HashMap::new))
+        Ok(self.map.get_or_insert_with(HashMap::new))
+    }
+
+    /// The snapshot with the sockets of the network namespaces of `pids`.
+    pub fn get_for(
+        &mut self,
+        pids: impl IntoIterator<Item = i32>,
+    ) -> Result<&HashMap<u64, DiagInfo>, UnixError> {
+        self.get()?;
+        for pid in pids {
+            if crate::ns::is_own(pid, crate::ns::NsKind::Net) {
+                continue;
+            }
+            let path = format!("/proc/{pid}/ns/net");
+            let link = std::fs::read_link(&path).map(|p| p.display().to_string());
+            let Ok(link) = link else { continue };
+            if self.nets.contains(&link) {
+                continue;
+            }
+            let ns = std::fs::File::open(&path).map_err(|_| UnixError::Diag {
+                what: "opening a network namespace",
+                errno: Errno::last(),
+            })?;
+            let theirs = crate::sys::ns::in_namespace(
+                ns.into(),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+                || diag_all().map_err(|e| std::io::Error::other(e.to_string())),
+            )
+            .map_err(|e| UnixError::Diag {
+                what: "sock_diag in a network namespace of the tree",
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
+            self.map.get_or_insert_with(HashMap::new).extend(theirs);
+            self.nets.push(link);
+        }
+        Ok(self.map.get_or_insert_with(HashMap::new))
     }
 }
 

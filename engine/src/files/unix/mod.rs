@@ -82,7 +82,8 @@ pub fn states(
         known,
         ..Default::default()
     };
-    let diag = diag.get()?;
+    let pids: std::collections::BTreeSet<i32> = table.iter().map(|o| o.pid).collect();
+    let diag = diag.get_for(pids)?;
     // First every queue, the sockets found in flight appended as they
     // come (their queues are read in turn).
     let mut queues: Vec<(usize, Peeked)> = Vec::new();

@@ -24,7 +24,7 @@ pub mod info;
 pub mod tmpfs;
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
 
 use cryo_image::proto::mount_entry::How;
@@ -52,6 +52,16 @@ fn named(m: &Mount) -> String {
         "mount {} ({} {} at {})",
         m.id, m.fstype, m.source, m.mountpoint
     )
+}
+
+/// The ids of the mounts of cryo's own namespace, read once.
+pub fn own_mount_ids() -> &'static HashSet<u32> {
+    static IDS: std::sync::OnceLock<HashSet<u32>> = std::sync::OnceLock::new();
+    IDS.get_or_init(|| {
+        info::read("self")
+            .map(|ms| ms.iter().map(|m| m.id).collect())
+            .unwrap_or_default()
+    })
 }
 
 /// The mounts of the namespace of task `pid` (its first task), with how
@@ -359,45 +369,6 @@ pub fn enter(
     match &e.mnt {
         Some(state) => late_mounts(state),
         None => Ok(()),
-    }
-}
-
-/// Which mount namespace each open file of the tree is opened in (its
-/// first holder's), for a thread of cryo's with its own filesystem
-/// information (unshare CLONE_FS) that goes from one to the other.
-pub struct Switch {
-    own: OwnedFd,
-    current: Option<RawFd>,
-    by_file: HashMap<u32, RawFd>,
-}
-
-impl Switch {
-    /// Call in the thread, after unshare(CLONE_FS).
-    pub fn new(by_file: HashMap<u32, RawFd>) -> Result<Switch, String> {
-        let own = std::fs::File::open("/proc/thread-self/ns/mnt")
-            .map(OwnedFd::from)
-            .map_err(|e| format!("opening cryo's mount namespace: {e}"))?;
-        Ok(Switch {
-            own,
-            current: None,
-            by_file,
-        })
-    }
-
-    /// Be in the mount namespace of file `id` (cryo's if none).
-    pub fn enter_for(&mut self, id: u32) -> Result<(), String> {
-        let want = self.by_file.get(&id).copied();
-        if want == self.current {
-            return Ok(());
-        }
-        let fd = want.unwrap_or(self.own.as_raw_fd());
-        nix::sched::setns(
-            crate::sys::fd::borrow(fd),
-            nix::sched::CloneFlags::CLONE_NEWNS,
-        )
-        .map_err(|e| format!("entering its mount namespace: {}", std::io::Error::from(e)))?;
-        self.current = want;
-        Ok(())
     }
 }
 

@@ -253,6 +253,14 @@ fn namespaces_text(img: &Image, s: &mut String) {
                 .collect();
             state += &format!(" rooted at {}", roots.join(" "));
         }
+        if let Some(t) = &n.net {
+            state += &format!(
+                " loopback flags {:#x} MTU {}, {} sysctl(s) set",
+                t.lo_flags,
+                t.lo_mtu,
+                t.sysctls.len()
+            );
+        }
         if let Some(m) = &n.mnt {
             state += &format!(" {} mount(s):", m.mounts.len());
         }
