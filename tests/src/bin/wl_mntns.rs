@@ -12,7 +12,8 @@
 //! two names of one file, a 0600 file owned by 1000:1001, a sticky 01777
 //! directory, set times; makes `t` shared, binds `t/a` on `b` (a peer of
 //! `t`) and `t` on `s`, made a slave of their group; mounts a second tmpfs
-//! `ro` with one file and makes it read-only, nosuid, nodev. It keeps a
+//! `ro` with one file and makes it read-only, nosuid, nodev, and new
+//! devpts (ptmxmode=0666), sysfs and mqueue instances. It keeps a
 //! descriptor on the text file at offset 3 and one on the directory
 //! `t/a`, works in `t/a`, and forks a child that stays in the namespace.
 //! On SIGTERM it checks all of that, that a mount made under `t/a` now
@@ -162,7 +163,43 @@ fn make(base: &Path) -> Result<(), String> {
     std::fs::write(ro.join("kept"), "kept").map_err(io("ro/kept"))?;
     let flags =
         libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-    mount("", &ro, None, flags, "")
+    mount("", &ro, None, flags, "")?;
+    // New instances of the other filesystems cryo makes again.
+    for (d, fstype, data) in VIRTUAL {
+        std::fs::create_dir_all(base.join(d)).map_err(io(d))?;
+        mount(fstype, &base.join(d), Some(fstype), libc::MS_NOEXEC, data)?;
+    }
+    Ok(())
+}
+
+/// Mounts of new virtual filesystems: (directory, type, options); each
+/// is checked by a file it must show.
+const VIRTUAL: [(&str, &str, &str); 3] = [
+    ("pts", "devpts", "newinstance,ptmxmode=0666,mode=0620"),
+    ("sys", "sysfs", ""),
+    ("mq", "mqueue", ""),
+];
+
+fn check_virtual(base: &Path, fails: &mut Vec<String>) {
+    for ((d, fstype, _), shows) in VIRTUAL.iter().zip(["ptmx", "kernel", ""]) {
+        let at = base.join(d);
+        let Some(m) = mount_of(&at) else {
+            fails.push(format!("{d} is not a mount"));
+            continue;
+        };
+        let got = m
+            .iter()
+            .skip_while(|x| *x != "-")
+            .nth(1)
+            .cloned()
+            .unwrap_or_default();
+        let opts_ok = *fstype != "devpts" || m.last().is_some_and(|o| o.contains("ptmxmode=666"));
+        if got != *fstype || !opts_ok || (!shows.is_empty() && !at.join(shows).exists()) {
+            fails.push(format!(
+                "{d} is {m:?}, not a new {fstype} showing {shows:?}"
+            ));
+        }
+    }
 }
 
 /// The line of /proc/self/mountinfo for `mp`, split in fields.
@@ -413,6 +450,7 @@ fn work(
     check_files(base, &mut fails);
     check_held(base, &mut held, &mut fails);
     check_mounts(base, &mut fails);
+    check_virtual(base, &mut fails);
     if let Some(h) = a.get("host-peer") {
         let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
         let late = Path::new(h).join("late");
