@@ -161,6 +161,7 @@ pub const FEATURE_NAMES: &[&str] = &[
     "ns-ipc",
     "ns-cgroup",
     "ns-time",
+    "mount-api",
     "time-ns-offsets",
     "vdso-movable",
     "pr-set-mm-map",
@@ -262,6 +263,11 @@ pub fn probe() -> Vec<Feature> {
         probe_cgroup_v1_freezer(&mounts),
     ));
     out.extend(probe_namespaces());
+    out.push(feature(
+        "mount-api",
+        "cannot make a mount namespace of the tree's own again",
+        probe_mount_api(),
+    ));
     out.push(feature(
         "time-ns-offsets",
         "cannot restore time namespace clock offsets",
@@ -383,12 +389,5 @@ mod tests {
                 f.map(|f| &f.detail)
             );
         }
-    }
-
-    #[test]
-    fn unescape_mountinfo() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/end\"), r"/end\");
     }
 }

@@ -5,56 +5,10 @@
 
 use super::*;
 
-pub(super) struct MountEntry {
-    mount_point: PathBuf,
-    fstype: String,
-    super_opts: String,
-}
+use crate::ns::mnt::info::Mount;
 
-/// Undo mountinfo's octal escapes (`\040` for a space, ...).
-pub(super) fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' {
-            if let Some(v) = s
-                .get(i + 1..i + 4)
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-pub(super) fn read_mountinfo() -> Result<Vec<MountEntry>, String> {
-    let path = "/proc/self/mountinfo";
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e).to_string())?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mp) = left.split(' ').nth(4) else {
-            continue;
-        };
-        let mut r = right.split(' ');
-        let (Some(fstype), Some(_src), Some(opts)) = (r.next(), r.next(), r.next()) else {
-            continue;
-        };
-        out.push(MountEntry {
-            mount_point: PathBuf::from(unescape(mp)),
-            fstype: fstype.to_string(),
-            super_opts: opts.to_string(),
-        });
-    }
-    Ok(out)
+pub(super) fn read_mountinfo() -> Result<Vec<Mount>, String> {
+    crate::ns::mnt::info::read("self").map_err(|e| format!("/proc/self/mountinfo: {e}"))
 }
 
 /// Create `<mount>/cryo-check-<pid>`, check that `file` exists in it, and
@@ -73,20 +27,20 @@ pub(super) fn probe_cgroup_file(mount: &Path, file: &str) -> Result<Outcome, Ker
 }
 
 pub(super) fn probe_cgroup_v2_freezer(
-    mounts: &Result<Vec<MountEntry>, String>,
+    mounts: &Result<Vec<Mount>, String>,
 ) -> Result<Outcome, KerndatError> {
     let mounts = match mounts {
         Ok(m) => m,
         Err(e) => return no(e.clone()),
     };
     match mounts.iter().find(|m| m.fstype == "cgroup2") {
-        Some(m) => probe_cgroup_file(&m.mount_point, "cgroup.freeze"),
+        Some(m) => probe_cgroup_file(Path::new(&m.mountpoint), "cgroup.freeze"),
         None => no("no cgroup2 mount"),
     }
 }
 
 pub(super) fn probe_cgroup_v1_freezer(
-    mounts: &Result<Vec<MountEntry>, String>,
+    mounts: &Result<Vec<Mount>, String>,
 ) -> Result<Outcome, KerndatError> {
     let mounts = match mounts {
         Ok(m) => m,
@@ -94,9 +48,9 @@ pub(super) fn probe_cgroup_v1_freezer(
     };
     let found = mounts
         .iter()
-        .find(|m| m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == "freezer"));
+        .find(|m| m.fstype == "cgroup" && m.fs_options.split(',').any(|o| o == "freezer"));
     match found {
-        Some(m) => probe_cgroup_file(&m.mount_point, "freezer.state"),
+        Some(m) => probe_cgroup_file(Path::new(&m.mountpoint), "freezer.state"),
         None => no("no cgroup v1 freezer mount"),
     }
 }
@@ -202,6 +156,14 @@ pub(super) fn probe_one_ns(
                 status: format!("{other:?}"),
             }),
         },
+    }
+}
+
+/// open_tree(OPEN_TREE_CLONE): a detached copy of the root mount, let go.
+pub(super) fn probe_mount_api() -> Result<Outcome, KerndatError> {
+    match crate::sys::mount::clone_mount("/") {
+        Ok(_) => yes("open_tree(OPEN_TREE_CLONE) works (peer groups also need Linux 5.15's MOVE_MOUNT_SET_GROUP)"),
+        Err(e) => no(format!("open_tree: {e}")),
     }
 }
 

@@ -159,6 +159,9 @@ mod tests {
         let u = parse_line("70 66 0:41 / /u ro unbindable - proc proc rw").unwrap();
         assert!(u.unbindable);
         assert_eq!(u.flags(), libc::MS_RDONLY);
+        assert_eq!(unescape(r"/plain"), "/plain");
+        assert_eq!(unescape(r"/end\"), r"/end\");
+        assert_eq!(unescape(r"/a\04"), r"/a\04");
         assert!(parse_line("garbage").is_none());
         assert!(parse_line("1 2 x / / rw - a b c").is_none());
     }
