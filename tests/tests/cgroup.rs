@@ -331,19 +331,23 @@ fn cgns_cycle(leave_running: bool) {
     let mut wl = Workload::start("wl_cgns", &["--cgroup", cg_s], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     assert_eq!(guard.pids().len(), 2, "wl_cgns is two processes");
-    let img = dir.subdir("img");
-    dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
-    let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("cgroup:["),
-        "image show lacks the cgroup namespace"
-    );
-    let seen = std::fs::read_to_string(format!("/proc/{}/cgroup", wl.pid())).unwrap_or_default();
-    let want = format!("0::{}/inner", cg.rel());
-    assert!(
-        seen.lines().any(|l| l == want),
-        "cryo sees {seen:?}, not {want}"
-    );
+    // Two rounds in kill mode: the second dumps what the first restored.
+    for round in 0..if leave_running { 1 } else { 2 } {
+        let img = dir.subdir(&format!("img{round}"));
+        dump_and_maybe_restore(&mut wl, &guard, &img, leave_running);
+        let out = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("cgroup:["),
+            "image show lacks the cgroup namespace"
+        );
+        let seen =
+            std::fs::read_to_string(format!("/proc/{}/cgroup", wl.pid())).unwrap_or_default();
+        let want = format!("0::{}/inner", cg.rel());
+        assert!(
+            seen.lines().any(|l| l == want),
+            "cryo sees {seen:?}, not {want}"
+        );
+    }
     wl.assert_pass("wl_cgns");
 }
 

@@ -247,3 +247,44 @@ fn pivot_root_container_restored_elsewhere_with_root() {
     assert_eq!(root_of(wl.pid()), moved_s, "the restored root");
     wl.assert_pass("wl_rootfs restored with --root");
 }
+
+/// A restore failing in a task of the namespace, once cryo made it and
+/// its first task entered it, leaves no mount behind; the next restore
+/// passes.
+#[test]
+fn mount_namespace_failed_restore_leaves_nothing() {
+    let dir = TestDir::new();
+    let base = dir.subdir("m");
+    let mut wl = Workload::start(
+        "wl_mntns",
+        &["--tmp", base.to_str().expect("utf-8 path")],
+        &dir,
+    );
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let child = *guard
+        .pids()
+        .iter()
+        .find(|&&p| p != wl.pid())
+        .expect("wl_mntns's child");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &[]);
+    assert!(
+        reap_gone(guard.pids(), std::time::Duration::from_secs(10)),
+        "the dumped tree did not end"
+    );
+    let fault = format!("fail-restore-task-{child}");
+    let img_s = img.to_str().expect("utf-8 path");
+    let out = run_cryo(&["restore", "-D", img_s, "-d"], &[("CRYO_FAULT", &fault)]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("restore failing in a task of the namespace: {e}");
+    }
+    reap_zombie_children();
+    let left = own_mounts_under(&base);
+    assert!(left.is_empty(), "the failed restore left mounts: {left:?}");
+    assert!(
+        guard.pids().iter().all(|&p| !pid_alive(p)),
+        "the failed restore left tasks"
+    );
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("wl_mntns restored after a failed restore");
+}
