@@ -37,6 +37,7 @@ pub fn make(
     dir: &Path,
     externals: &HashMap<String, String>,
 ) -> Result<OwnedFd, String> {
+    check(state)?;
     // Copies of the mounts whose peer groups are kept, taken here, in
     // cryo's namespace: a copy is a member of its mount's peer group.
     let mut groups: HashMap<usize, OwnedFd> = HashMap::new();
@@ -65,6 +66,36 @@ pub fn make(
     });
     let _ = std::fs::remove_dir(&yard);
     made
+}
+
+/// The image's mounts make a tree: the first is the root ("/"), each
+/// other comes after its parent, at an absolute path without "..", and
+/// binds a directory below the mount it names.
+fn check(state: &MntState) -> Result<(), String> {
+    let dots = |p: &str| p.split('/').any(|c| c == "..");
+    let ms = &state.mounts;
+    if ms.first().map(|r| r.mountpoint.as_str()) != Some("/") {
+        return Err("namespaces.img: its first mount is not its root, /".into());
+    }
+    for (i, m) in ms.iter().enumerate().skip(1) {
+        let bad = if !m.mountpoint.starts_with('/') || dots(&m.mountpoint) {
+            Some("a mountpoint that is not a plain absolute path")
+        } else if !ms[..i].iter().any(|p| p.id == m.parent) {
+            Some("no parent before it")
+        } else if matches!(&m.how, Some(How::Bind(b)) if dots(&b.subdir) || !ms[..i].iter().any(|p| p.id == b.mount))
+        {
+            Some("a bind of no mount before it, or of a path out of one")
+        } else {
+            None
+        };
+        if let Some(what) = bad {
+            return Err(format!(
+                "namespaces.img: mount {} at {:?}: {what}",
+                m.id, m.mountpoint
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The thread's part: everything but the peer group copies.
@@ -112,11 +143,11 @@ fn in_thread(
 fn pivot(state: &MntState, top: &str) -> Result<(), String> {
     let ms = &state.mounts;
     let put_old = match ms.first() {
-        Some(r) if r.shared != 0 || !r.host_group_path.is_empty() => ms
+        // Shared: a peer of a group (the namespace's or cryo's); a slave
+        // only is not.
+        Some(r) if r.shared != 0 => ms
             .iter()
-            .filter(|m| {
-                m.parent == r.id && !m.late && m.shared == 0 && m.host_group_path.is_empty()
-            })
+            .filter(|m| m.parent == r.id && !m.late && m.shared == 0)
             .map(|m| target("", m))
             .find(|t| std::path::Path::new(&format!("{top}{t}")).is_dir())
             .ok_or(
@@ -413,4 +444,51 @@ fn join(copy: &OwnedFd, to: &str, yard: &str, i: usize) -> Result<(), String> {
         .map_err(|e| format!("joining its peer group of cryo's namespace: {e}"));
     let _ = umount2(at.as_str(), MntFlags::MNT_DETACH);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryo_image::proto::BindOf;
+
+    fn m(id: u32, parent: u32, mp: &str, how: How) -> MountEntry {
+        MountEntry {
+            id,
+            parent,
+            mountpoint: mp.into(),
+            how: Some(how),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hostile_mount_trees_are_refused() {
+        let root = m(1, 0, "/", How::HostPath("/".into()));
+        let ok = MntState {
+            mounts: vec![root.clone(), m(2, 1, "/a", How::Fresh(true))],
+        };
+        assert!(check(&ok).is_ok());
+        let bind = |sub: &str, of: u32| {
+            How::Bind(BindOf {
+                mount: of,
+                subdir: sub.into(),
+            })
+        };
+        for bad in [
+            vec![m(2, 1, "/a", How::Fresh(true))],
+            vec![root.clone(), m(2, 1, "/../etc", How::Fresh(true))],
+            vec![root.clone(), m(2, 1, "a", How::Fresh(true))],
+            vec![root.clone(), m(2, 9, "/a", How::Fresh(true))],
+            vec![root.clone(), m(2, 1, "/a", bind("../..", 1))],
+            vec![root.clone(), m(2, 1, "/a", bind("x", 7))],
+        ] {
+            assert!(
+                check(&MntState {
+                    mounts: bad.clone()
+                })
+                .is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

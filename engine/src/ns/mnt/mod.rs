@@ -238,11 +238,9 @@ fn needs_task(pid: i32, m: &Mount, e: &MountEntry) -> Result<bool, String> {
     if !matches!(e.how, Some(How::Fresh(_))) {
         return Ok(false);
     }
-    let own = |kind| super::own(kind).map(str::to_string);
-    let task = |kind: super::NsKind| super::link(&pid.to_string(), kind);
     match m.fstype.as_str() {
         "proc" => proc_is_tasks(pid, m),
-        "mqueue" => Ok(task(super::NsKind::Ipc) != own(super::NsKind::Ipc)),
+        "mqueue" => Ok(!super::is_own(pid, super::NsKind::Ipc)),
         _ => Ok(false),
     }
 }
