@@ -67,6 +67,11 @@ fn mount_namespace_leave_running() {
 }
 
 #[test]
+fn mount_namespace_with_an_overlay() {
+    mntns_cycle(&["--overlay", "1"], 2, false, 1);
+}
+
+#[test]
 fn mount_namespace_with_its_pid_namespace_proc() {
     mntns_cycle(&["--proc", "1"], 3, false, 1);
 }

@@ -3,7 +3,7 @@
 //! their contents and metadata, binds, peer groups and flags.
 //!
 //! `wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1]
-//!  [--host-peer DIR2]`
+//!  [--host-peer DIR2] [--overlay 1]`
 //!
 //! The process unshares its mount namespace (nothing else: every other
 //! mount is the host's) and, under DIR, mounts a tmpfs `t` (size=8m,
@@ -31,6 +31,9 @@
 //! copy in this one is its peer), after the restore DIR2/late must be a
 //! mount here: the test mounts it in its own namespace, and it comes
 //! through the peer group.
+//! With `--overlay 1`, it also mounts an overlay on DIR/o of DIR/lower
+//! (holding `low.txt`) with its upper and work directories in DIR, and
+//! writes `new.txt` through it: after the restore both must read back.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -198,6 +201,36 @@ fn check_virtual(base: &Path, fails: &mut Vec<String>) {
             fails.push(format!(
                 "{d} is {m:?}, not a new {fstype} showing {shows:?}"
             ));
+        }
+    }
+}
+
+fn make_overlay(base: &Path) -> Result<(), String> {
+    for d in ["lower", "up", "work", "o"] {
+        std::fs::create_dir_all(base.join(d)).map_err(|e| format!("{d}: {e}"))?;
+    }
+    std::fs::write(base.join("lower/low.txt"), "lower").map_err(|e| format!("low.txt: {e}"))?;
+    let p = |d: &str| base.join(d).display().to_string();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        p("lower"),
+        p("up"),
+        p("work")
+    );
+    mount("overlay", &base.join("o"), Some("overlay"), 0, &data)?;
+    std::fs::write(base.join("o/new.txt"), "upper").map_err(|e| format!("new.txt: {e}"))
+}
+
+fn check_overlay(base: &Path, fails: &mut Vec<String>) {
+    let o = base.join("o");
+    let fstype = mount_of(&o).and_then(|m| m.iter().skip_while(|x| *x != "-").nth(1).cloned());
+    if fstype.as_deref() != Some("overlay") {
+        fails.push(format!("o is {fstype:?}, not an overlay"));
+    }
+    for (f, want) in [("low.txt", "lower"), ("new.txt", "upper")] {
+        match std::fs::read_to_string(o.join(f)) {
+            Ok(s) if s == want => {}
+            other => fails.push(format!("o/{f} reads {other:?}")),
         }
     }
 }
@@ -405,6 +438,9 @@ fn work(
         return Err(os_err("unshare(CLONE_NEWNS)"));
     }
     make(base)?;
+    if a.get("overlay") == Some("1") {
+        make_overlay(base)?;
+    }
     if ramfs {
         std::fs::create_dir_all(base.join("x")).map_err(|e| format!("x: {e}"))?;
         mount("cryo-wl-x", &base.join("x"), Some("ramfs"), 0, "")?;
@@ -451,6 +487,9 @@ fn work(
     check_held(base, &mut held, &mut fails);
     check_mounts(base, &mut fails);
     check_virtual(base, &mut fails);
+    if a.get("overlay") == Some("1") {
+        check_overlay(base, &mut fails);
+    }
     if let Some(h) = a.get("host-peer") {
         let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
         let late = Path::new(h).join("late");
@@ -485,7 +524,7 @@ fn work(
 
 fn main() {
     let usage =
-        "wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1] [--host-peer DIR2]";
+        "wl_mntns --ready FILE --verdict FILE --tmp DIR [--proc 1] [--ramfs 1] [--host-peer DIR2] [--overlay 1]";
     let a = wl::Args::parse(usage);
     let base: PathBuf = a.tmp_dir(NAME, usage);
     wl::close_extra_fds();

@@ -6,7 +6,8 @@
 //! namespace has it mounted (`host_path`: a namespace that is a copy of
 //! the host's needs no flag), a bind of an earlier mount of the namespace
 //! (`bind`), a new filesystem (`fresh`: tmpfs with its files in
-//! tmpfs-ID.img, proc, sysfs, devpts, mqueue), or a path the user names
+//! tmpfs-ID.img, proc, sysfs, devpts, mqueue, an overlay of directories
+//! cryo's namespace has at the same paths), or a path the user names
 //! (`--external mnt[MOUNTPOINT]:KEY`). Anything else is refused naming the
 //! mount. Peer groups are kept: shared among the namespace's mounts, or
 //! with a mount of cryo's namespace (`host_group_path`).
@@ -92,7 +93,8 @@ pub fn dump(pid: i32, cx: &mut DumpCtx) -> Result<MntState, String> {
             unbindable: m.unbindable,
             ..Default::default()
         };
-        let (how, below) = how(m, earlier, &host, cx).map_err(|w| format!("{}: {w}", named(m)))?;
+        let (how, below) =
+            how(pid, m, earlier, &host, cx).map_err(|w| format!("{}: {w}", named(m)))?;
         e.how = Some(how);
         e.host_below = below;
         (e.host_group_path, e.host_master) =
@@ -154,7 +156,13 @@ fn in_order(mounts: Vec<Mount>) -> Result<Vec<Mount>, String> {
 
 /// How mount `m` is made again, and (of a host path) how many mounts of
 /// cryo's namespace hide the one meant.
-fn how(m: &Mount, earlier: &[Mount], host: &[Mount], cx: &DumpCtx) -> Result<(How, u32), String> {
+fn how(
+    pid: i32,
+    m: &Mount,
+    earlier: &[Mount],
+    host: &[Mount],
+    cx: &DumpCtx,
+) -> Result<(How, u32), String> {
     if let Some((_, key)) = cx.externals.iter().find(|(mp, _)| *mp == m.mountpoint) {
         return Ok((How::External(key.clone()), 0));
     }
@@ -189,11 +197,38 @@ fn how(m: &Mount, earlier: &[Mount], host: &[Mount], cx: &DumpCtx) -> Result<(Ho
     }
     match m.fstype.as_str() {
         "tmpfs" | "proc" | "sysfs" | "devpts" | "mqueue" => Ok((How::Fresh(true), 0)),
+        // Its layers are directories cryo's namespace has at the same
+        // paths: a new overlay of them shows the same files.
+        "overlay" => overlay_layers(pid, &m.fs_options).map(|()| (How::Fresh(true), 0)),
         other => Err(format!(
             "its {other} filesystem is not mounted in cryo's namespace and cryo cannot make one again; name it at the dump with --external mnt[{}]:KEY and at the restore with --external mnt[KEY]:PATH",
             m.mountpoint
         )),
     }
+}
+
+/// An overlay's layers (lowerdir, upperdir, workdir) are the same
+/// directories for task `pid` (through its root) and for cryo.
+fn overlay_layers(pid: i32, options: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let mut dirs = Vec::new();
+    for o in options.split(',') {
+        match o.split_once('=') {
+            Some(("lowerdir", v)) => dirs.extend(v.split(':').map(str::to_string)),
+            Some(("upperdir" | "workdir", v)) => dirs.push(v.to_string()),
+            _ => {}
+        }
+    }
+    for d in &dirs {
+        let theirs = id(&format!("/proc/{pid}/root{d}"));
+        if theirs.is_none() || theirs != id(d) {
+            return Err(format!(
+                "its layer {d} is not the directory cryo's namespace has there; name the mount with --external"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How many mounts of `all` are stacked on `h` at its mountpoint.
