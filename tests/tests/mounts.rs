@@ -147,6 +147,40 @@ fn mount_namespace_peer_of_a_host_mount() {
     wl.assert_pass("wl_mntns with a peer of the test's mount");
 }
 
+/// A file open on the proc the namespace's init mounts is refused, naming
+/// it; the tree runs on.
+#[test]
+fn mount_namespace_file_on_its_late_proc_refused() {
+    let dir = TestDir::new();
+    let base = dir.subdir("m");
+    let args = [
+        "--tmp",
+        base.to_str().expect("utf-8 path"),
+        "--proc",
+        "1",
+        "--proc-fd",
+        "1",
+    ];
+    let mut wl = Workload::start("wl_mntns", &args, &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump with a file on the namespace's proc: {e}");
+    }
+    assert!(
+        stderr_of(&out).contains("/proc/"),
+        "stderr: {}",
+        stderr_of(&out)
+    );
+    assert!(
+        stderr_of(&out).contains("mounts at the restore"),
+        "stderr: {}",
+        stderr_of(&out)
+    );
+    wl.assert_pass("wl_mntns after a refused dump");
+}
+
 /// A ramfs is refused naming it and the way out; dumped with it named
 /// external, the restore binds the directory it is given there.
 #[test]

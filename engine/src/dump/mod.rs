@@ -675,6 +675,11 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         written: Vec::new(),
     };
     let namespaces = crate::ns::collect(&ns_procs, &mut mnt)?;
+    crate::ns::mnt::check_files(&namespaces, &files).map_err(|what| crate::ns::NsError::Read {
+        pid,
+        ns: "mnt",
+        what,
+    })?;
     let tmpfs_files = mnt.written;
     let cgroups = crate::cgroup::props::collect(
         caps.iter()

@@ -23,7 +23,9 @@
 //!
 //! With `--proc 1`, the work above is done by the init of a new pid
 //! namespace (the parent waits for it), which also mounts a proc of its
-//! pid namespace on /proc: after the restore /proc/1 must be itself.
+//! pid namespace on /proc: after the restore /proc/1 must be itself (with
+//! `--proc-fd 1`, it also holds a descriptor on that proc's
+//! /proc/self/stat, which cryo refuses).
 //! With `--ramfs 1`, it also mounts a ramfs on DIR/x (a filesystem cryo
 //! does not make again: refused, or named external); after the restore
 //! DIR/x must be a mount holding a file `marker`.
@@ -454,6 +456,11 @@ fn work(
             "",
         )?;
     }
+    // A descriptor on the proc of its pid namespace (refused).
+    let _on_proc = (with_proc && a.get("proc-fd") == Some("1"))
+        .then(|| std::fs::File::open("/proc/self/stat"))
+        .transpose()
+        .map_err(|e| format!("/proc/self/stat: {e}"))?;
     let mut held = hold(base)?;
     let (cmd, back) = (wl::pipe()?, wl::pipe()?);
     let via_b = base.join("b/b/c.txt");

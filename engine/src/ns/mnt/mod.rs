@@ -118,6 +118,28 @@ pub fn dump(pid: i32, cx: &mut DumpCtx) -> Result<MntState, String> {
     Ok(MntState { mounts: out })
 }
 
+/// A file opened through a mount the namespace's first task makes at the
+/// restore (a late proc) could not be opened before the tasks exist: it
+/// is refused, naming it.
+pub fn check_files(
+    namespaces: &[cryo_image::proto::NamespaceEntry],
+    files: &[cryo_image::proto::FileEntry],
+) -> Result<(), String> {
+    let late: HashSet<u32> = namespaces
+        .iter()
+        .flat_map(|e| e.mnt.iter().flat_map(|m| m.mounts.iter()))
+        .filter(|m| m.late)
+        .map(|m| m.id)
+        .collect();
+    match files.iter().find(|f| f.mnt_id != 0 && late.contains(&f.mnt_id)) {
+        Some(f) => Err(format!(
+            "file {} is open on mount {}, which the namespace's first task mounts at the restore (a proc of its pid namespace): not supported yet",
+            f.path, f.mnt_id
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The mounts with each after its parent (breadth first from the one
 /// root, in mountinfo's order among siblings).
 fn in_order(mounts: Vec<Mount>) -> Result<Vec<Mount>, String> {
