@@ -124,12 +124,16 @@ fn in_thread(
     let top = format!("{yard}/root");
     std::fs::create_dir(&top).map_err(|e| format!("making {top}: {e}"))?;
     for (i, m) in state.mounts.iter().enumerate().filter(|(_, m)| !m.late) {
+        tracing::debug!(id = m.id, mp = %m.mountpoint, "mount");
         make_one(state, m, &top, sources.remove(&i), dir)
             .map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))?;
     }
     let mut groups = groups;
+    tracing::debug!("propagation");
     propagation(state, &top, yard, &mut groups)?;
+    tracing::debug!("pivot");
     pivot(state, &top)?;
+    tracing::debug!("flags");
     for m in state.mounts.iter().rev().filter(|m| !m.late) {
         set_flags(m, &target("", m))?;
     }
