@@ -277,3 +277,11 @@ fn net_namespace_kill_and_restore() {
 fn net_namespace_leave_running() {
     netns_cycle(true);
 }
+
+/// A tree across two network namespaces (the parent in the host's, its
+/// child in its own): each one's abstract unix listener is bound in its
+/// own namespace again.
+#[test]
+fn net_namespace_split_tree_kill_and_restore() {
+    ns_cycle("wl_netns", &["--split", "1"], 2, false, &["net:["]);
+}

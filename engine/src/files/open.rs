@@ -126,7 +126,7 @@ impl Opener<'_> {
 /// each task dup3s its numbers from these.
 /// The socket files it binds are added to `socket_files` (a failed
 /// restore removes them). With `ns`, each file is opened in the mount
-/// namespace of its holder (the sockets and pty masters in the first
+/// and network namespaces of its holder (the pty masters in the first
 /// one's).
 pub fn open_all(
     files: &[FileEntry],
@@ -159,13 +159,14 @@ pub fn open_all(
         .filter(|(n, _)| !n.is_empty())
         .collect();
     let mut later = Vec::new();
-    enter(sockets.first().copied())?;
-    let sockets =
-        unix::make_sockets(&sockets, socket_files, &mut later).map_err(|what| OpenError {
+    let mut enter_sock = |f: &FileEntry| enter(Some(f)).map_err(|e| e.what);
+    let sockets = unix::make_sockets(&sockets, socket_files, &mut later, &mut enter_sock).map_err(
+        |what| OpenError {
             id: 0,
             path: "unix sockets".into(),
             what,
-        })?;
+        },
+    )?;
     // Pty masters first, by index (a slave may come before its master).
     let masters: Vec<&FileEntry> = of_kind(FileKind::FilePtyMaster).collect();
     enter(masters.first().copied())?;

@@ -2,7 +2,7 @@
 //! which a restore must make again with the loopback's state, the
 //! namespace's sysctls and the unix sockets bound in it.
 //!
-//! `wl_netns --ready FILE --verdict FILE`
+//! `wl_netns --ready FILE --verdict FILE [--split 1]`
 //!
 //! The process unshares its network namespace, brings its loopback up
 //! with an MTU of 16384, sets net.core.somaxconn to 1234 and
@@ -12,6 +12,11 @@
 //! loopback, the sysctls, that a new socket of its own connects to the
 //! abstract name and the listener accepts it, what the child says of its
 //! namespace, and that the namespace is not the one it started in.
+//!
+//! With `--split 1` the tree spans two network namespaces: the process
+//! stays in the host's with a listener of its own abstract name, and its
+//! child makes the new namespace (all of the above is the child's): each
+//! must reach its own name and not the other's.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
@@ -117,6 +122,76 @@ fn connect_abstract(name: &str) -> std::io::Result<UnixStream> {
     UnixStream::connect_addr(&addr)
 }
 
+/// Whether a new socket connects to abstract name `name` (and the
+/// listener `l` accepts it).
+fn reaches(name: &str, l: Option<&UnixListener>) -> bool {
+    connect_abstract(name).is_ok() && l.is_none_or(|l| l.accept().is_ok())
+}
+
+/// `--split`: the parent in the host's namespace, the child in its own.
+fn run_split(a: &wl::Args) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    let host = net_ns();
+    let mine = format!("cryo-wl-netns-host-{}", std::process::id());
+    let theirs = format!("cryo-wl-netns-{}", std::process::id());
+    let listener = listen_abstract(&mine)?;
+    let (cmd, back, ready) = (wl::pipe()?, wl::pipe()?, wl::pipe()?);
+    // SAFETY: fork of this single-threaded process; the child makes its
+    // namespace, then answers with its checks until `cmd` closes.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: unshare takes a flag.
+        let made = if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            Err("unshare(CLONE_NEWNET)".to_string())
+        } else {
+            setup().and_then(|()| listen_abstract(&theirs))
+        };
+        wl::write_fd(ready[1], if made.is_ok() { b"y" } else { b"n" });
+        let own = made.ok();
+        wl::serve(cmd[0], back[1], &[cmd[1], back[0], ready[0]], || {
+            let mut fails = Vec::new();
+            check_lo(&mut fails);
+            if net_ns() == host {
+                fails.push("the child is in the host's network namespace".into());
+            }
+            if !reaches(&theirs, own.as_ref()) {
+                fails.push(format!("the child does not reach @{theirs}"));
+            }
+            if reaches(&mine, None) {
+                fails.push(format!("the child reaches the host's @{mine}"));
+            }
+            fails.join("; ")
+        });
+    }
+    if child < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    let mut b = [0u8; 1];
+    if !wl::read_exact(ready[0], &mut b) || b[0] != b'y' {
+        return Err("the child did not make its namespace".into());
+    }
+    wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    while !wl::TERM.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fails = Vec::new();
+    if net_ns() != host {
+        fails.push("the parent left the host's network namespace".into());
+    }
+    if !reaches(&mine, Some(&listener)) {
+        fails.push(format!("the parent does not reach @{mine}"));
+    }
+    if reaches(&theirs, None) {
+        fails.push(format!("the parent reaches the child's @{theirs}"));
+    }
+    let said = wl::ask(cmd[1], back[0]);
+    if !said.is_empty() {
+        fails.push(said);
+    }
+    wl::end_server(cmd[1], child);
+    Ok(fails)
+}
+
 fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     let host = net_ns();
@@ -167,9 +242,13 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_netns --ready FILE --verdict FILE";
+    let usage = "wl_netns --ready FILE --verdict FILE [--split 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
-    let result = run(&a);
+    let result = if a.get("split") == Some("1") {
+        run_split(&a)
+    } else {
+        run(&a)
+    };
     wl::finish(NAME, &a.verdict, result);
 }

@@ -24,6 +24,7 @@ pub fn make_sockets(
     files: &[&FileEntry],
     made: &mut Vec<std::path::PathBuf>,
     later: &mut Vec<Later>,
+    enter: &mut dyn FnMut(&FileEntry) -> Result<(), String>,
 ) -> Result<HashMap<u32, OwnedFd>, String> {
     let mut out: HashMap<u32, OwnedFd> = HashMap::new();
     let by_ino: HashMap<u64, &FileEntry> = files.iter().map(|f| (f.inode, *f)).collect();
@@ -35,6 +36,8 @@ pub fn make_sockets(
         if st.pending_on != 0 {
             continue; // connected again once its listener listens
         }
+        // In the namespaces of its holder: its name is bound there.
+        enter(f)?;
         let ty = st.sock_type as i32 | libc::SOCK_CLOEXEC;
         let peer = by_ino.get(&st.peer).filter(|p| {
             p.unix.as_ref().is_some_and(|u| u.peer == f.inode) && !out.contains_key(&p.id)
@@ -146,7 +149,7 @@ pub fn make_sockets(
         shut(&s, st.shutdown);
         out.insert(f.id, s);
     }
-    connect_pending(files, &by_ino, &mut out, made)?;
+    connect_pending(files, &by_ino, &mut out, made, enter)?;
     Ok(out)
 }
 
@@ -157,6 +160,7 @@ fn connect_pending(
     by_ino: &HashMap<u64, &FileEntry>,
     out: &mut HashMap<u32, OwnedFd>,
     made: &mut Vec<std::path::PathBuf>,
+    enter: &mut dyn FnMut(&FileEntry) -> Result<(), String>,
 ) -> Result<(), String> {
     for l in files {
         let Some(ls) = l.unix.as_ref().filter(|u| !u.pending.is_empty()) else {
@@ -171,6 +175,7 @@ fn connect_pending(
                 )
             })?;
             let cs = c.unix.clone().unwrap_or_default();
+            enter(c)?;
             let s = sock::unix_socket(cs.sock_type as i32 | libc::SOCK_CLOEXEC)
                 .map_err(|e| format!("socket for unix socket {ino}: {e}"))?;
             if !cs.name.is_empty() {
