@@ -139,13 +139,20 @@ pub fn open_all(
         path: f.path.clone(),
         what,
     };
+    // Into the namespaces of file `f`; whether that is cryo's own mount
+    // namespace.
     let mut enter = |f: Option<&FileEntry>| match (ns.as_deref_mut(), f) {
-        (Some(sw), Some(f)) => sw.enter_for(f.id).map_err(|w| OpenError {
-            id: f.id,
-            path: f.path.clone(),
-            what: w,
-        }),
-        _ => Ok(()),
+        (Some(sw), Some(f)) => {
+            sw.enter_for(f.id)
+                .map(|()| sw.in_own_mnt())
+                .map_err(|w| OpenError {
+                    id: f.id,
+                    path: f.path.clone(),
+                    what: w,
+                })
+        }
+        (Some(sw), None) => Ok(sw.in_own_mnt()),
+        (None, _) => Ok(true),
     };
     let of_kind = |k: FileKind| {
         files

@@ -444,6 +444,11 @@ impl Switch {
         })
     }
 
+    /// Whether the thread is in cryo's own mount namespace now.
+    pub fn in_own_mnt(&self) -> bool {
+        self.current[0].is_none()
+    }
+
     /// Be in the namespaces of file `id`.
     pub fn enter_for(&mut self, id: u32) -> Result<(), String> {
         use std::os::fd::AsRawFd;

@@ -24,7 +24,7 @@ pub fn make_sockets(
     files: &[&FileEntry],
     made: &mut Vec<std::path::PathBuf>,
     later: &mut Vec<Later>,
-    enter: &mut dyn FnMut(&FileEntry) -> Result<(), String>,
+    enter: &mut dyn FnMut(&FileEntry) -> Result<bool, String>,
 ) -> Result<HashMap<u32, OwnedFd>, String> {
     let mut out: HashMap<u32, OwnedFd> = HashMap::new();
     let by_ino: HashMap<u64, &FileEntry> = files.iter().map(|f| (f.inode, *f)).collect();
@@ -36,8 +36,10 @@ pub fn make_sockets(
         if st.pending_on != 0 {
             continue; // connected again once its listener listens
         }
-        // In the namespaces of its holder: its name is bound there.
-        enter(f)?;
+        // In the namespaces of its holder: its name is bound there (and
+        // a file it binds is removed by a failed restore only if that is
+        // cryo's mount namespace: another one goes with the restore).
+        let own_mnt = enter(f)?;
         let ty = st.sock_type as i32 | libc::SOCK_CLOEXEC;
         let peer = by_ino.get(&st.peer).filter(|p| {
             p.unix.as_ref().is_some_and(|u| u.peer == f.inode) && !out.contains_key(&p.id)
@@ -88,7 +90,7 @@ pub fn make_sockets(
         if !st.name.is_empty() {
             let file =
                 bind(&s, &st).map_err(|e| format!("binding unix socket {}: {e}", f.inode))?;
-            made.extend(file);
+            made.extend(file.filter(|_| own_mnt));
         }
         if !st.external_peer.is_empty() {
             // A peer outside the tree (--ext-unix-sk): connect to it again.
@@ -160,7 +162,7 @@ fn connect_pending(
     by_ino: &HashMap<u64, &FileEntry>,
     out: &mut HashMap<u32, OwnedFd>,
     made: &mut Vec<std::path::PathBuf>,
-    enter: &mut dyn FnMut(&FileEntry) -> Result<(), String>,
+    enter: &mut dyn FnMut(&FileEntry) -> Result<bool, String>,
 ) -> Result<(), String> {
     for l in files {
         let Some(ls) = l.unix.as_ref().filter(|u| !u.pending.is_empty()) else {
@@ -175,12 +177,12 @@ fn connect_pending(
                 )
             })?;
             let cs = c.unix.clone().unwrap_or_default();
-            enter(c)?;
+            let own_mnt = enter(c)?;
             let s = sock::unix_socket(cs.sock_type as i32 | libc::SOCK_CLOEXEC)
                 .map_err(|e| format!("socket for unix socket {ino}: {e}"))?;
             if !cs.name.is_empty() {
                 let file = bind(&s, &cs).map_err(|e| format!("binding unix socket {ino}: {e}"))?;
-                made.extend(file);
+                made.extend(file.filter(|_| own_mnt));
             }
             sock::connect(&s, &addr).map_err(|e| {
                 format!(
