@@ -458,19 +458,13 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
             pgid: z.stat.pgid,
             sid: z.stat.sid,
             threads: vec![z.pid as u32],
-            cmdline: Vec::new(),
             zombie: true,
             exit_status: z.stat.exit_code,
             exit_signal: z.stat.exit_signal,
-            tty_foreground: false,
-            pty_ctty: None,
-            tty_pgrp: 0,
-            stopped: false,
-            shares_fs: false,
-            shares_files: false,
             ns_pids: crate::ns::ns_pids(z.pid, get("NSpid")),
             ns_sids: crate::ns::pid::levels(get("NSsid")),
             ns_pgids: crate::ns::pid::levels(get("NSpgid")),
+            ..Default::default()
         }
     })
 }

@@ -51,12 +51,8 @@ pub fn dump(
 ) -> Result<(), FilesError> {
     // A pty of a devpts cryo does not see (mounted in the tree's own mount
     // namespace): its pairs would be made again on cryo's.
-    let mnt_id: u32 = cx
-        .info
-        .get("mnt_id")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    if mnt_id != 0 && !crate::ns::mnt::own_mount_ids().contains(&mnt_id) {
+    // (The entry's mnt_id is fdinfo's, read by describe.)
+    if e.mnt_id != 0 && !crate::ns::mnt::own_mount_ids().contains(&e.mnt_id) {
         return Err(cx.unsupported(
             "a pty of a devpts mounted in the tree's own mount namespace (not supported yet)",
         ));

@@ -150,9 +150,9 @@ pub fn check(pid: i32) -> Result<(), NsError> {
         NsKind::Cgroup,
         NsKind::Time,
     ];
-    for kind in order {
-        if !is_own(pid, kind) && !kept(kind) {
-            let theirs = link(&pid.to_string(), kind);
+    for kind in order.into_iter().filter(|&k| !kept(k)) {
+        let theirs = link(&pid.to_string(), kind);
+        if theirs.is_some() && theirs.as_deref() != own(kind) {
             return Err(NsError::Foreign {
                 pid,
                 ns: kind.name(),
@@ -269,12 +269,7 @@ fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceE
         inode: id.inode,
         owner,
         pids: vec![pid as u32],
-        uts: None,
-        time: None,
-        ipc: None,
-        mnt: None,
-        cgroup: None,
-        net: None,
+        ..Default::default()
     };
     match kind {
         NsKind::Uts => e.uts = Some(uts::dump(ns.into()).map_err(read)?),
@@ -363,8 +358,8 @@ pub struct RestoreCtx<'a> {
 /// Restore side of every kind, in the new task before it makes its
 /// memory and its children: each namespace that is not its parent's
 /// (`parent`: None for a root, which cryo made in its own) is made here,
-/// with its state from `entries`; a mount namespace, which cryo made, is
-/// entered.
+/// with its state from `entries`; a mount or network namespace, which
+/// cryo made before the tasks, is entered.
 pub fn restore(
     ids: &[NamespaceId],
     parent: Option<&[NamespaceId]>,
@@ -401,8 +396,25 @@ pub fn restore(
     Ok(())
 }
 
+/// In cryo, before any task: each namespace of `kind` of the image made
+/// by `make` (given its index among them), by its inode at the dump.
+pub fn make_each(
+    entries: &[NamespaceEntry],
+    kind: NsKind,
+    mut make: impl FnMut(usize, &NamespaceEntry) -> Result<std::os::fd::OwnedFd, String>,
+) -> Result<std::collections::HashMap<u64, std::os::fd::OwnedFd>, String> {
+    let of_kind = entries.iter().filter(|e| e.kind == kind.name());
+    of_kind
+        .enumerate()
+        .map(|(i, e)| {
+            let fd = make(i, e).map_err(|w| format!("{} namespace {}: {w}", e.kind, e.inode))?;
+            Ok((e.inode, fd))
+        })
+        .collect()
+}
+
 /// Enter the namespace cryo made for `e` (`made`, by inode).
-fn enter_made(
+pub(crate) fn enter_made(
     e: &NamespaceEntry,
     made: &std::collections::HashMap<u64, std::os::fd::RawFd>,
     kind: nix::sched::CloneFlags,

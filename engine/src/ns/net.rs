@@ -146,19 +146,7 @@ pub fn make(st: &NetState) -> Result<OwnedFd, String> {
 pub fn make_all(
     entries: &[cryo_image::proto::NamespaceEntry],
 ) -> Result<std::collections::HashMap<u64, OwnedFd>, String> {
-    let mut out = std::collections::HashMap::new();
-    for e in entries
-        .iter()
-        .filter(|e| e.kind == super::NsKind::Net.name())
-    {
-        let st = e.net.as_ref().ok_or_else(|| {
-            format!(
-                "net namespace {}: namespaces.img has no state for it",
-                e.inode
-            )
-        })?;
-        let fd = make(st).map_err(|w| format!("net namespace {}: {w}", e.inode))?;
-        out.insert(e.inode, fd);
-    }
-    Ok(out)
+    super::make_each(entries, super::NsKind::Net, |_, e| {
+        make(e.net.as_ref().ok_or("namespaces.img has no state for it")?)
+    })
 }

@@ -41,8 +41,10 @@ fn diag_err(what: &'static str) -> impl FnOnce(Errno) -> UnixError {
 #[derive(Debug, Default)]
 pub struct DiagSnapshot {
     map: Option<HashMap<u64, DiagInfo>>,
-    /// The other network namespaces asked, by their /proc link.
+    /// The other network namespaces asked, by their /proc link, and the
+    /// tasks whose namespace is known to be in.
     nets: Vec<String>,
+    tasks: std::collections::HashSet<i32>,
 }
 
 impl DiagSnapshot {
@@ -62,7 +64,7 @@ impl DiagSnapshot {
     ) -> Result<&HashMap<u64, DiagInfo>, UnixError> {
         self.get()?;
         for pid in pids {
-            if crate::ns::is_own(pid, crate::ns::NsKind::Net) {
+            if !self.tasks.insert(pid) || crate::ns::is_own(pid, crate::ns::NsKind::Net) {
                 continue;
             }
             let path = format!("/proc/{pid}/ns/net");

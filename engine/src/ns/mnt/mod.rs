@@ -313,11 +313,9 @@ fn proc_is_tasks(pid: i32, m: &Mount) -> Result<bool, String> {
         Err(_) => {
             // The first task's pid in its innermost namespace, seen there.
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let inner = status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last().map(str::to_string))
-                .unwrap_or_default();
+            let status = crate::proc::parse_status(&status);
+            let pids = super::ns_pids(pid, status.get("NSpid").map(String::as_str));
+            let inner = pids.last().copied().unwrap_or(pid as u32);
             let theirs = std::fs::read_link(format!("{base}/{inner}/ns/pid")).ok();
             let task = super::link(&pid.to_string(), super::NsKind::Pid);
             if theirs.is_some() && theirs.map(|p| p.display().to_string()) == task {
@@ -380,25 +378,14 @@ pub fn make_all(
     externals: &HashMap<String, String>,
     root: Option<&str>,
 ) -> Result<HashMap<u64, OwnedFd>, String> {
-    let mut out = HashMap::new();
-    let mnts = entries
-        .iter()
-        .filter(|e| e.kind == super::NsKind::Mnt.name());
-    for (i, e) in mnts.enumerate() {
-        let mut state = e.mnt.clone().ok_or_else(|| {
-            format!(
-                "mnt namespace {}: namespaces.img has no mounts for it",
-                e.inode
-            )
-        })?;
+    let out = super::make_each(entries, super::NsKind::Mnt, |i, e| {
+        let mut state = e.mnt.clone().ok_or("namespaces.img has no mounts for it")?;
         if let (0, Some(r), Some(m)) = (i, root, state.mounts.first_mut()) {
             m.how = Some(How::HostPath(r.to_string()));
             m.host_below = 0;
         }
-        let fd = build::make(&state, dir, externals)
-            .map_err(|w| format!("mnt namespace {}: {w}", e.inode))?;
-        out.insert(e.inode, fd);
-    }
+        build::make(&state, dir, externals)
+    })?;
     if let (true, Some(r)) = (out.is_empty(), root) {
         return Err(format!(
             "--root {r}: the tree has no mount namespace of its own (its tasks were in the dumping cryo's)"
@@ -413,14 +400,7 @@ pub fn enter(
     e: &cryo_image::proto::NamespaceEntry,
     made: &HashMap<u64, RawFd>,
 ) -> Result<(), String> {
-    let fd = made
-        .get(&e.inode)
-        .ok_or("cryo did not make it (no mounts in namespaces.img)")?;
-    nix::sched::setns(
-        crate::sys::fd::borrow(*fd),
-        nix::sched::CloneFlags::CLONE_NEWNS,
-    )
-    .map_err(|err| format!("entering it (setns): {}", std::io::Error::from(err)))?;
+    super::enter_made(e, made, nix::sched::CloneFlags::CLONE_NEWNS)?;
     match &e.mnt {
         Some(state) => late_mounts(state),
         None => Ok(()),

@@ -209,73 +209,79 @@ fn namespaces_text(img: &Image, s: &mut String) {
     }
     let _ = writeln!(s, "\nnamespaces of the tree's own (* below):");
     for n in &img.namespaces {
-        let mut state = match &n.uts {
-            Some(u) => format!(" hostname {:?} domainname {:?}", u.hostname, u.domainname),
-            None => String::new(),
-        };
-        if let Some(i) = &n.ipc {
-            let stored: usize = i.shm.iter().map(|s| s.contents.len()).sum();
-            let messages: usize = i.msg.iter().map(|q| q.messages.len()).sum();
-            state += &format!(
-                " System V: {} shared memory segment(s) ({stored} bytes stored), {} semaphore set(s), {} message queue(s) ({messages} messages), {} limits",
-                i.shm.len(),
-                i.sem.len(),
-                i.msg.len(),
-                i.sysctls.len()
-            );
-            if !i.mqueues.is_empty() {
-                let queued: usize = i.mqueues.iter().map(|q| q.messages.len()).sum();
-                state += &format!(
-                    "; {} POSIX message queue(s) ({queued} messages)",
-                    i.mqueues.len()
-                );
-            }
-        }
-        if let Some(t) = &n.time {
-            let secs = |ns: i64| {
-                format!(
-                    "{:+}.{:09}",
-                    ns.div_euclid(1_000_000_000),
-                    ns.rem_euclid(1_000_000_000)
-                )
-            };
-            state += &format!(
-                " clocks ahead of the host's: monotonic {} s, boottime {} s",
-                secs(t.monotonic_offset_ns),
-                secs(t.boottime_offset_ns)
-            );
-        }
-        if let Some(c) = &n.cgroup {
-            let roots: Vec<String> = c
-                .roots
-                .iter()
-                .map(|r| format!("{}:{}", r.controllers, r.path))
-                .collect();
-            state += &format!(" rooted at {}", roots.join(" "));
-        }
-        if let Some(t) = &n.net {
-            state += &format!(
-                " loopback flags {:#x} MTU {}, {} sysctl(s) set",
-                t.lo_flags,
-                t.lo_mtu,
-                t.sysctls.len()
-            );
-        }
-        if let Some(m) = &n.mnt {
-            state += &format!(" {} mount(s):", m.mounts.len());
-        }
         let _ = writeln!(
             s,
-            "  {}:[{}] owner user:[{}] processes {}{state}",
+            "  {}:[{}] owner user:[{}] processes {}{}",
             n.kind,
             n.inode,
             n.owner,
-            ids(&n.pids)
+            ids(&n.pids),
+            ns_state(n)
         );
         for m in n.mnt.iter().flat_map(|m| m.mounts.iter()) {
             let _ = writeln!(s, "    {}", mount_line(m));
         }
     }
+}
+
+/// What a namespace keeps beyond its members, by kind.
+fn ns_state(n: &cryo_image::proto::NamespaceEntry) -> String {
+    let mut state = match &n.uts {
+        Some(u) => format!(" hostname {:?} domainname {:?}", u.hostname, u.domainname),
+        None => String::new(),
+    };
+    if let Some(i) = &n.ipc {
+        let stored: usize = i.shm.iter().map(|s| s.contents.len()).sum();
+        let messages: usize = i.msg.iter().map(|q| q.messages.len()).sum();
+        state += &format!(
+            " System V: {} shared memory segment(s) ({stored} bytes stored), {} semaphore set(s), {} message queue(s) ({messages} messages), {} limits",
+            i.shm.len(),
+            i.sem.len(),
+            i.msg.len(),
+            i.sysctls.len()
+        );
+        if !i.mqueues.is_empty() {
+            let queued: usize = i.mqueues.iter().map(|q| q.messages.len()).sum();
+            state += &format!(
+                "; {} POSIX message queue(s) ({queued} messages)",
+                i.mqueues.len()
+            );
+        }
+    }
+    if let Some(t) = &n.time {
+        let secs = |ns: i64| {
+            format!(
+                "{:+}.{:09}",
+                ns.div_euclid(1_000_000_000),
+                ns.rem_euclid(1_000_000_000)
+            )
+        };
+        state += &format!(
+            " clocks ahead of the host's: monotonic {} s, boottime {} s",
+            secs(t.monotonic_offset_ns),
+            secs(t.boottime_offset_ns)
+        );
+    }
+    if let Some(c) = &n.cgroup {
+        let roots: Vec<String> = c
+            .roots
+            .iter()
+            .map(|r| format!("{}:{}", r.controllers, r.path))
+            .collect();
+        state += &format!(" rooted at {}", roots.join(" "));
+    }
+    if let Some(t) = &n.net {
+        state += &format!(
+            " loopback flags {:#x} MTU {}, {} sysctl(s) set",
+            t.lo_flags,
+            t.lo_mtu,
+            t.sysctls.len()
+        );
+    }
+    if let Some(m) = &n.mnt {
+        state += &format!(" {} mount(s):", m.mounts.len());
+    }
+    state
 }
 
 /// One mount: where, what, how it is made again, its propagation.
