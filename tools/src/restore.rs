@@ -39,6 +39,11 @@ pub struct RestoreArgs {
     /// container whose root was a directory, moved or copied since).
     #[arg(long, value_name = "DIR")]
     pub root: Option<String>,
+    /// The name the host end of the tree's veth device IN takes (in place
+    /// of its name at the dump), and a bridge it joins: IN=OUT[@BRIDGE].
+    /// Repeatable.
+    #[arg(long = "veth-pair", value_name = "IN=OUT[@BRIDGE]")]
+    pub veth_pairs: Vec<String>,
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
@@ -60,6 +65,16 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
             .into_iter()
             .collect(),
         root: a.root.clone(),
+        veth_pairs: a
+            .veth_pairs
+            .iter()
+            .map(|p| {
+                p.split_once('=')
+                    .filter(|(i, o)| !i.is_empty() && !o.is_empty())
+                    .map(|(i, o)| (i.to_string(), o.to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("--veth-pair {p:?}: expected IN=OUT[@BRIDGE]"))
+            })
+            .collect::<anyhow::Result<_>>()?,
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");

@@ -234,6 +234,17 @@ pub struct NsProc<'a> {
 /// namespace's tmpfs files go to `mnt.dir`.
 pub fn collect(procs: &[NsProc], mnt: &mut mnt::DumpCtx) -> Result<Vec<NamespaceEntry>, NsError> {
     let mut out: Vec<NamespaceEntry> = Vec::new();
+    let mut nets: Vec<(u64, i32)> = Vec::new();
+    for &NsProc { pid, ids, .. } in procs {
+        for id in ids
+            .iter()
+            .filter(|i| !i.host && i.kind == NsKind::Net.name())
+        {
+            if !nets.iter().any(|(i, _)| *i == id.inode) {
+                nets.push((id.inode, pid));
+            }
+        }
+    }
     for &NsProc { pid, ids, .. } in procs {
         for id in ids.iter().filter(|i| !i.host) {
             match out
@@ -241,7 +252,7 @@ pub fn collect(procs: &[NsProc], mnt: &mut mnt::DumpCtx) -> Result<Vec<Namespace
                 .find(|e| e.kind == id.kind && e.inode == id.inode)
             {
                 Some(e) => e.pids.push(pid as u32),
-                None => out.push(entry(pid, id, mnt)?),
+                None => out.push(entry(pid, id, mnt, &nets)?),
             }
         }
     }
@@ -249,8 +260,14 @@ pub fn collect(procs: &[NsProc], mnt: &mut mnt::DumpCtx) -> Result<Vec<Namespace
     Ok(out)
 }
 
-/// The entry of namespace `id`, read through its first process `pid`.
-fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceEntry, NsError> {
+/// The entry of namespace `id`, read through its first process `pid`;
+/// `nets`: each network namespace of the tree with its first process.
+fn entry(
+    pid: i32,
+    id: &NamespaceId,
+    cx: &mut mnt::DumpCtx,
+    nets: &[(u64, i32)],
+) -> Result<NamespaceEntry, NsError> {
     let kind = kind_of(&id.kind).ok_or_else(|| NsError::Shape {
         ns: id.kind.clone(),
         inode: id.inode,
@@ -279,7 +296,18 @@ fn entry(pid: i32, id: &NamespaceId, cx: &mut mnt::DumpCtx) -> Result<NamespaceE
         NsKind::Ipc => e.ipc = Some(ipc::dump(ns.into()).map_err(read)?),
         NsKind::Mnt => e.mnt = Some(mnt::dump(pid, cx).map_err(read)?),
         NsKind::Cgroup => e.cgroup = Some(cgroup::dump(ns.into(), pid).map_err(read)?),
-        NsKind::Net => e.net = Some(net::dump(ns.into()).map_err(read)?),
+        NsKind::Net => {
+            let open = |path: String| {
+                std::fs::File::open(&path)
+                    .map(std::os::fd::OwnedFd::from)
+                    .map_err(|e| read(format!("opening {path}: {e}")))
+            };
+            let mut others = vec![(0, open("/proc/self/ns/net".into())?)];
+            for &(inode, p) in nets.iter().filter(|(i, _)| *i != id.inode) {
+                others.push((inode, open(format!("/proc/{p}/ns/net"))?));
+            }
+            e.net = Some(net::dump(ns.into(), id.inode, &others).map_err(read)?)
+        }
         NsKind::User => return Err(read("not kept yet".into())),
     }
     Ok(e)

@@ -120,6 +120,9 @@ pub struct RestoreOptions {
     /// The directory the root of the tree's mount namespace binds, in
     /// place of the dumped one (--root).
     pub root: Option<String>,
+    /// The names the host ends of veth devices take, by the device's
+    /// (--veth-pair IN=OUT), in place of theirs at the dump.
+    pub veth_pairs: HashMap<String, String>,
 }
 
 impl RestoreOptions {
@@ -131,6 +134,7 @@ impl RestoreOptions {
             cgroup_root: None,
             externals: HashMap::new(),
             root: None,
+            veth_pairs: HashMap::new(),
         }
     }
 }
@@ -414,10 +418,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         opts.root.as_deref(),
     )
     .map_err(ns_err)?;
-    let net_ns = crate::ns::net::make_all(&tree.namespaces).map_err(ns_err)?;
+    let t_net = Instant::now();
+    let net_ns = crate::ns::net::make_all(&tree.namespaces, &opts.veth_pairs).map_err(ns_err)?;
+    tracing::debug!(
+        ms = t_net.elapsed().as_secs_f64() * 1e3,
+        "network namespaces made"
+    );
     let made = NsMade {
         mnt: raw_fds(&mnt_ns),
-        net: raw_fds(&net_ns),
+        net: raw_fds(&net_ns.fds),
     };
     let shared = make_shared(&tree, &made)?;
     fault("files")?;
@@ -475,10 +484,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // Closing the barriers ends any task still waiting on one.
     drop((go0_w, go1_w, go2_w));
     match res {
-        Ok(()) => Ok(Restored {
-            pid: root,
-            elapsed: t0.elapsed(),
-        }),
+        Ok(()) => {
+            net_ns.keep();
+            Ok(Restored {
+                pid: root,
+                elapsed: t0.elapsed(),
+            })
+        }
         Err(e) => {
             tracing::warn!("restore failed ({e}); killing every task it made");
             kill_all(&roots, all_tids(&tree, &plan));

@@ -4,15 +4,15 @@
 //! ioctls in [`tty`], userfaultfd in [`uffd`], unix sockets in [`sock`],
 //! file handles, inotify and FIONREAD in [`fs`], probe children and
 //! prctls in [`proc`], an anonymous mapping in [`mem`], the new mount
-//! API in [`mount`], extended attributes in [`xattr`], network device
-//! flags in [`net`].
+//! API in [`mount`], extended attributes in [`xattr`], netlink in
+//! [`netlink`].
 
 pub mod fd;
 pub mod fs;
 pub mod ipc;
 pub mod mem;
 pub mod mount;
-pub mod net;
+pub mod netlink;
 pub mod ns;
 pub mod proc;
 pub mod sock;

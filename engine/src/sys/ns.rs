@@ -189,3 +189,23 @@ pub fn mqueue_files() -> io::Result<Vec<MqFile>> {
     let _ = std::fs::remove_dir(&dir);
     listed
 }
+
+/// Make `cmd` run in the network namespace open at `ns` (the child enters
+/// it between fork and exec). `ns` must stay open until the command is
+/// spawned.
+pub fn command_in_net(cmd: &mut std::process::Command, ns: &OwnedFd) {
+    use std::os::unix::process::CommandExt;
+    let fd = ns.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // one system call (setns), which is async-signal-safe; it touches no
+    // lock or allocation. `fd` is open in the child: the fork copied the
+    // table while the caller held `ns` open.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

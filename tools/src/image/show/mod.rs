@@ -277,11 +277,49 @@ fn ns_state(n: &cryo_image::proto::NamespaceEntry) -> String {
             t.lo_mtu,
             t.sysctls.len()
         );
+        state += &net_text(t);
     }
     if let Some(m) = &n.mnt {
         state += &format!(" {} mount(s):", m.mounts.len());
     }
     state
+}
+
+/// A network namespace's devices, addresses, routes and rules.
+fn net_text(t: &cryo_image::proto::NetState) -> String {
+    use cryo_engine::ns::net::addrs;
+    let mut s = String::new();
+    for l in &t.links {
+        let on: Vec<String> = t
+            .addrs
+            .iter()
+            .filter(|a| a.index == l.index)
+            .map(addrs::text)
+            .collect();
+        s += &format!(
+            "\n    device {} #{} {} MTU {} flags {:#x} {}",
+            l.name,
+            l.index,
+            l.kind,
+            l.mtu,
+            l.flags,
+            on.join(" ")
+        );
+        if let Some(p) = &l.peer {
+            let ns = match p.ns {
+                0 => "cryo's namespace".to_string(),
+                i => format!("net:[{i}]"),
+            };
+            s += &format!(" peer {} #{} in {ns}", p.name, p.index);
+        }
+    }
+    for r in &t.routes {
+        s += &format!("\n    route {}", addrs::route_text(r));
+    }
+    if !t.nft_ruleset.is_empty() {
+        s += &format!("\n    nftables ruleset of {} bytes", t.nft_ruleset.len());
+    }
+    s
 }
 
 /// One mount: where, what, how it is made again, its propagation.
