@@ -410,38 +410,61 @@ fn check_reports_ptrace_seize() {
     );
 }
 
-/// A task in its own user namespace is refused (its maps are not kept
-/// yet), naming the namespace, and left running.
+/// A task in a user namespace of its own that owns its pid namespace is
+/// refused, naming the namespace, and left running.
 #[test]
 fn dump_refuses_task_in_other_namespace() {
     become_subreaper();
     let dir = TestDir::new();
     let log = std::fs::File::create(dir.join("log")).expect("create log");
+    // A user namespace that owns the pid namespace its task is init of.
     let child = Command::new("unshare")
-        .args(["--user", sleep_bin(), "1000"])
+        .args([
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            sleep_bin(),
+            "1000",
+        ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log)
         .spawn()
         .expect("spawn unshare --user sleep");
     let mut guard = PidGuard::new(child.id() as i32);
-    let pid = guard.pid();
+    let parent = guard.pid();
     drop(child);
-    // unshare execs sleep in the same process once the namespace exists.
+    // unshare forks the namespace's init, which execs sleep (and which
+    // --kill-child ends with unshare).
     let start = std::time::Instant::now();
-    while std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| !p.to_string_lossy().contains("sleep"))
-        .unwrap_or(true)
-    {
+    let pid = loop {
+        let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        let sleeping = kids.split_whitespace().find_map(|k| {
+            let exe = std::fs::read_link(format!("/proc/{k}/exe")).ok()?;
+            exe.to_string_lossy()
+                .contains("sleep")
+                .then(|| k.parse::<i32>().ok())?
+        });
+        if let Some(p) = sleeping {
+            break p;
+        }
         assert!(
             start.elapsed() < SETTLE_TIMEOUT,
-            "unshare did not exec sleep"
+            "unshare did not start sleep"
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    };
     wait_settled(pid, SETTLE_TIMEOUT);
 
-    assert_dump_refused(pid, None, &["user namespace"], "own user namespace");
+    assert_dump_refused(
+        pid,
+        None,
+        &["user namespace", "owns pid namespace"],
+        "own user namespace owning its pid namespace",
+    );
 
     let exit = guard.kill();
     assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));

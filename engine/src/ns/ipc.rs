@@ -240,15 +240,29 @@ fn same_id(what: &str, o: &IpcObject, made: std::io::Result<i32>) -> Result<(), 
 
 /// This task in a new IPC namespace with the dumped limits and objects.
 pub fn restore(st: Option<&IpcState>) -> Result<(), String> {
-    let st = st.ok_or("its objects are not in the image")?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)
         .map_err(|e| format!("unshare(CLONE_NEWIPC): {}", std::io::Error::from(e)))?;
+    fill(st, None)
+}
+
+/// The limits and objects of `st` made in this thread's IPC namespace,
+/// a new one; `root`: the uid its owning user namespace's root is, the
+/// only one the kernel lets write the limits of a namespace owned by
+/// another user namespace than cryo's.
+pub fn fill(st: Option<&IpcState>, root: Option<u32>) -> Result<(), String> {
+    let st = st.ok_or("its objects are not in the image")?;
     for s in &st.sysctls {
         if !SYSCTLS.contains(&s.name.as_str()) {
             return Err(format!("{:?} is not a limit of an IPC namespace", s.name));
         }
-        std::fs::write(format!("/proc/sys/{}", s.name), &s.value)
-            .map_err(|e| format!("setting {} to {:?}: {e}", s.name, s.value))?;
+        let path = format!("/proc/sys/{}", s.name);
+        let wrote = match root {
+            Some(uid) => {
+                crate::sys::ns::as_euid(uid, || std::fs::write(&path, &s.value)).and_then(|r| r)
+            }
+            None => std::fs::write(&path, &s.value),
+        };
+        wrote.map_err(|e| format!("setting {} to {:?}: {e}", s.name, s.value))?;
     }
     for shm in &st.shm {
         let o = shm.object.as_ref().ok_or("a segment without its ids")?;

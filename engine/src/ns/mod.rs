@@ -27,6 +27,7 @@ pub mod mnt;
 pub mod net;
 pub mod pid;
 pub mod time;
+pub mod user;
 pub mod uts;
 
 /// The kinds of namespace, as /proc/PID/ns names them.
@@ -101,7 +102,7 @@ fn kept(kind: NsKind) -> bool {
         | NsKind::Mnt
         | NsKind::Cgroup
         | NsKind::Net => true,
-        NsKind::User => false,
+        NsKind::User => true,
     }
 }
 
@@ -257,6 +258,7 @@ pub fn collect(procs: &[NsProc], mnt: &mut mnt::DumpCtx) -> Result<Vec<Namespace
         }
     }
     check_shape(procs, &out)?;
+    user::check(procs, &out)?;
     Ok(out)
 }
 
@@ -308,7 +310,7 @@ fn entry(
             }
             e.net = Some(net::dump(ns.into(), id.inode, &others).map_err(read)?)
         }
-        NsKind::User => return Err(read("not kept yet".into())),
+        NsKind::User => e.user = Some(user::dump(pid, &ns).map_err(read)?),
     }
     Ok(e)
 }
@@ -378,6 +380,9 @@ pub struct RestoreCtx<'a> {
     /// dump.
     pub mnt_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     pub net_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
+    /// The UTS and IPC namespaces cryo made, owned by one of the tree's
+    /// user namespaces, by their inode at the dump.
+    pub owned: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     /// The task's cgroups, and where the restore put the tree's.
     pub cgroups: &'a [cryo_image::proto::CgroupEntry],
     pub cgroup_targets: &'a std::collections::HashMap<(u32, String), std::path::PathBuf>,
@@ -408,7 +413,16 @@ pub fn restore(
             .iter()
             .find(|e| e.kind == id.kind && e.inode == id.inode)
             .ok_or_else(|| format!("{} namespace {}: not in namespaces.img", id.kind, id.inode))?;
+        let owned = nix::sched::CloneFlags::from_bits_truncate(match kind {
+            NsKind::Uts => libc::CLONE_NEWUTS,
+            _ => libc::CLONE_NEWIPC,
+        });
         let made = match kind {
+            NsKind::Uts | NsKind::Ipc if cx.owned.contains_key(&e.inode) => {
+                enter_made(e, cx.owned, owned)
+            }
+            // Joined last, right before the restorer (user::join).
+            NsKind::User => Ok(()),
             NsKind::Uts => uts::restore(e.uts.as_ref()),
             // Made by the task creating this one (clone3 CLONE_NEWPID).
             NsKind::Pid => Ok(()),
@@ -417,7 +431,6 @@ pub fn restore(
             NsKind::Mnt => mnt::enter(e, cx.mnt_made),
             NsKind::Cgroup => cgroup::restore(e.cgroup.as_ref(), cx.cgroups, cx.cgroup_targets),
             NsKind::Net => enter_made(e, cx.net_made, nix::sched::CloneFlags::CLONE_NEWNET),
-            NsKind::User => Err("restoring it is not supported yet".to_string()),
         };
         made.map_err(|m| format!("making its {} namespace {}: {m}", id.kind, id.inode))?;
     }

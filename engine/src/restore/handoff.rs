@@ -260,13 +260,14 @@ fn thread_args(
     boot: &mut Boot,
     status_fd: i32,
     ready: u64,
+    userns: Option<&cryo_image::proto::UserNsState>,
 ) -> Result<Vec<RThread>, String> {
     let mut out = Vec::with_capacity(img.threads.len());
     for (i, t) in img.threads.iter().enumerate() {
         let (stack, _) = boot.alloc(THREAD_STACK as usize, 4096)?;
         let regs = core::regs_from(t);
         let sigframe = boot.frame(t)?;
-        let tc = t.creds.clone().unwrap_or_default();
+        let tc = inside(t.creds.clone().unwrap_or_default(), userns);
         let groups = boot.put(&tc.groups)?;
         let rseq = t.rseq.unwrap_or_default();
         let sigs = signals::restorer_siginfos(&t.pending, true);
@@ -339,6 +340,20 @@ pub struct Prepared {
     pub loginuid_fd: i32,
     /// See `NodeCtx::cpu_timer_slack_us`.
     pub cpu_timer_slack_us: u64,
+    /// The tree's user namespace the task is in, whose ids it gets.
+    pub userns: Option<cryo_image::proto::UserNsState>,
+}
+
+/// Credentials as the dump saw them, as the task's user namespace sees
+/// them (as they are without one).
+fn inside(
+    c: cryo_image::proto::Creds,
+    userns: Option<&cryo_image::proto::UserNsState>,
+) -> cryo_image::proto::Creds {
+    match userns {
+        Some(u) => crate::ns::user::creds_inside(&c, u),
+        None => c,
+    }
 }
 
 /// Fill the bootstrap area with the restorer, its arguments and the
@@ -391,9 +406,12 @@ pub fn enter(img: &Image, mut p: Prepared, pids: View) -> Result<Never, String> 
     let mut siginfos = signals::restorer_siginfos(&pc.shared_pending, false);
     siginfos.extend(signals::restorer_siginfos(&img.core.pending, true));
     let threads_ready = boot.put(&[0u32; 16])?;
-    let rthreads = thread_args(img, boot, p.status_fd, threads_ready)?;
+    let rthreads = thread_args(img, boot, p.status_fd, threads_ready, p.userns.as_ref())?;
     let rlimits = creds::restorer_rlimits(&pc);
-    let creds = img.core.creds.clone().unwrap_or_default();
+    let creds = inside(
+        img.core.creds.clone().unwrap_or_default(),
+        p.userns.as_ref(),
+    );
     let rseq = img.core.rseq.unwrap_or_default();
     let (own_rseq_ptr, own_rseq_len) = own_rseq();
     let args = RestoreArgs {
@@ -447,7 +465,12 @@ pub fn enter(img: &Image, mut p: Prepared, pids: View) -> Result<Never, String> 
         gs_base: regs.gs_base,
         groups: boot.put(&creds.groups)?,
         nr_groups: creds.groups.len() as u64,
-        set_groups: 1,
+        // Not where the task's user namespace denies it (setgroups deny,
+        // or no gid map yet).
+        set_groups: p
+            .userns
+            .as_ref()
+            .is_none_or(|u| u.setgroups && !u.gid_map.is_empty()) as u64,
         set_creds: creds::has_ids(&creds) as u64,
         creds: creds::restorer_creds(&creds),
         sigframe: frame_at,

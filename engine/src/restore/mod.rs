@@ -229,12 +229,14 @@ fn remove_socket_files(paths: &[std::path::PathBuf]) {
     }
 }
 
-/// The namespaces cryo made before the tasks (mount, network), by their
-/// inode at the dump.
+/// The namespaces cryo made before the tasks (mount, network; user and
+/// those a user namespace of the tree owns), by their inode at the dump.
 #[derive(Default)]
-struct NsMade {
-    mnt: HashMap<u64, RawFd>,
-    net: HashMap<u64, RawFd>,
+pub struct NsMade {
+    pub mnt: HashMap<u64, RawFd>,
+    pub net: HashMap<u64, RawFd>,
+    pub users: HashMap<u64, RawFd>,
+    pub owned: HashMap<u64, RawFd>,
 }
 
 /// Open every file description of the tree (`used`), each in the mount
@@ -354,7 +356,8 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
             share_files: false,
             new_pid_ns: node.new_pid_ns(1),
         };
-        match crate::sys::proc::fork_with_pid(&how) {
+        let created = crate::sys::proc::fork_with_pid(&how);
+        match created {
             Ok(0) => node::node_main(ctx, r, None, node::Sharing::default()),
             Ok(c) => {
                 let c = Pid::from_raw(c);
@@ -411,15 +414,18 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
     let ns_err = |what| RestoreError::Namespaces { pid: root, what };
+    let user_ns = crate::ns::user::make_all(&tree.namespaces).map_err(ns_err)?;
     let mnt_ns = crate::ns::mnt::make_all(
         &tree.namespaces,
         &opts.dir,
         &opts.externals,
         opts.root.as_deref(),
+        &user_ns.owned,
     )
     .map_err(ns_err)?;
     let t_net = Instant::now();
-    let net_ns = crate::ns::net::make_all(&tree.namespaces, &opts.veth_pairs).map_err(ns_err)?;
+    let net_ns = crate::ns::net::make_all(&tree.namespaces, &opts.veth_pairs, &user_ns.owned)
+        .map_err(ns_err)?;
     tracing::debug!(
         ms = t_net.elapsed().as_secs_f64() * 1e3,
         "network namespaces made"
@@ -427,6 +433,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let made = NsMade {
         mnt: raw_fds(&mnt_ns),
         net: raw_fds(&net_ns.fds),
+        users: raw_fds(&user_ns.users),
+        owned: raw_fds(&user_ns.owned),
     };
     let shared = make_shared(&tree, &made)?;
     fault("files")?;
@@ -463,7 +471,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         cpu_timer_slack_us: crate::sys::proc::cpu_itimer_slack_us(),
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
         cgroups: &cgroups.targets,
-        ns_made: (&made.mnt, &made.net),
+        ns_made: &made,
     };
     let mut roots: Vec<Pid> = Vec::new();
     let started = spawn_roots(&ctx, &mut roots);

@@ -45,9 +45,8 @@ pub struct NodeCtx<'a> {
     pub go: [RawFd; 3],
     /// Where each dumped cgroup (hierarchy, path) is here.
     pub cgroups: &'a HashMap<(u32, String), std::path::PathBuf>,
-    /// The mount and network namespaces cryo made, by their inode at the
-    /// dump.
-    pub ns_made: (&'a HashMap<u64, RawFd>, &'a HashMap<u64, RawFd>),
+    /// The namespaces cryo made before the tasks.
+    pub ns_made: &'a super::NsMade,
 }
 
 /// The memory of the task that creates a node, when it is the node's

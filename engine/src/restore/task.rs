@@ -62,8 +62,9 @@ pub fn prepare_memory(
         .and_then(|p| p.core.process.as_ref())
         .map(|p| p.namespaces.as_slice());
     let ns_cx = ns::RestoreCtx {
-        mnt_made: ctx.ns_made.0,
-        net_made: ctx.ns_made.1,
+        mnt_made: &ctx.ns_made.mnt,
+        net_made: &ctx.ns_made.net,
+        owned: &ctx.ns_made.owned,
         cgroups: &pc.cgroups,
         cgroup_targets: ctx.cgroups,
     };
@@ -123,6 +124,9 @@ pub fn prepare(
         }
     };
     kept.extend(root);
+    // Its user namespace, joined last: kept above the tree's descriptors.
+    let user = ns::user::open_for(&pc.namespaces, &ctx.ns_made.users)?;
+    kept.extend(user);
     // Descriptors: the pages are read, every inherited descriptor but the
     // tree's files goes (the shared mappings' files and the root move
     // above them). A table shared with other tasks is built by one of
@@ -162,6 +166,7 @@ pub fn prepare(
             fd
         }
     };
+    let user = user.and_then(|_| kept.pop());
     let root = root.and_then(|_| kept.pop());
     let shared_files = kept;
     mem::restore::give_shared_files(&mut rvmas, &shared_files);
@@ -192,6 +197,12 @@ pub fn prepare(
         status_fd,
         loginuid_fd,
         cpu_timer_slack_us: ctx.cpu_timer_slack_us,
+        userns: ns::user::state_of(&pc.namespaces, &ctx.tree.namespaces).cloned(),
     };
+    // Last, with all it needed of cryo's powers done: into its user
+    // namespace, where the restorer sets its ids as the namespace sees them.
+    if let Some(fd) = user {
+        ns::user::join(fd)?;
+    }
     handoff::enter(img, prepared, ctx.tree.pids.view_of(&img.pstree))
 }

@@ -20,6 +20,21 @@ pub fn owner_inode(ns: &impl AsFd) -> io::Result<u64> {
     Ok(std::fs::File::from(owner).metadata()?.ino())
 }
 
+/// The inode of the parent of the user namespace open at `ns`.
+pub fn parent_inode(ns: &impl AsFd) -> io::Result<u64> {
+    const NS_GET_PARENT: libc::c_ulong = 0xb702;
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new
+    // descriptor, which we own at once.
+    let fd = unsafe { libc::ioctl(ns.as_fd().as_raw_fd(), NS_GET_PARENT) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned to us and is owned by nothing else.
+    let parent = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::File::from(parent).metadata()?.ino())
+}
+
 fn field(b: &[libc::c_char]) -> String {
     let bytes: Vec<u8> = b
         .iter()
@@ -126,10 +141,17 @@ pub fn new_time(monotonic_ns: i64, boottime_ns: i64) -> io::Result<()> {
 /// Put this thread in a mount namespace of its own (unshare CLONE_FS and
 /// CLONE_NEWNS), a copy of its old one with every mount made private, so
 /// that nothing mounted in it reaches the old one.
-pub fn private_mounts() -> io::Result<()> {
+pub fn private_mounts(ns: Option<&OwnedFd>) -> io::Result<()> {
     use nix::mount::{mount, MsFlags};
     use nix::sched::CloneFlags;
-    nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
+    match ns {
+        Some(ns) => {
+            nix::sched::unshare(CloneFlags::CLONE_FS).map_err(io::Error::from)?;
+            nix::sched::setns(ns, CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
+        }
+        None => nix::sched::unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS)
+            .map_err(io::Error::from)?,
+    }
     let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
     mount(None::<&str>, "/", None::<&str>, flags, None::<&str>).map_err(io::Error::from)
 }
@@ -151,7 +173,7 @@ pub struct MqFile {
 /// that ends soon (its mount namespace goes with it).
 pub fn mqueue_files() -> io::Result<Vec<MqFile>> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    private_mounts()?;
+    private_mounts(None)?;
     let dir = std::env::temp_dir().join(format!(
         "cryo-mqueue-{}-{:?}",
         std::process::id(),
@@ -208,4 +230,147 @@ pub fn command_in_net(cmd: &mut std::process::Command, ns: &OwnedFd) {
             Ok(())
         });
     }
+}
+
+/// A child process of cryo's that makes namespaces for it: each
+/// [`NsHelper::unshare`] has it unshare some (a user namespace first,
+/// then, inside it, the namespaces it is to own), and cryo opens them
+/// through /proc/PID/ns. It ends when dropped.
+pub struct NsHelper {
+    pub pid: i32,
+    to: Option<OwnedFd>,
+    from: OwnedFd,
+}
+
+fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+impl NsHelper {
+    /// Fork the helper; cryo must be single-threaded (as for
+    /// [`super::proc::fork_with_pid`]).
+    pub fn start() -> io::Result<NsHelper> {
+        let (c_r, c_w) = pipe_pair()?;
+        let (s_r, s_w) = pipe_pair()?;
+        // Threads just joined may take a moment to leave the group.
+        let mut waited = 0;
+        while super::proc::own_threads() != Some(1) {
+            if waited == 500 {
+                return Err(io::Error::other("cryo is not single-threaded"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            waited += 1;
+        }
+        // SAFETY: this process is single-threaded (checked just above; only
+        // this thread could make another), so the child is a whole copy.
+        // The child only makes system calls on descriptors it owns
+        // (read, write, unshare, prctl) and ends with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            let (r, w) = (c_r.as_raw_fd(), s_w.as_raw_fd());
+            // SAFETY: plain system calls on this process's own pipes and
+            // flags (cryo's ends closed first, so that cryo closing its own
+            // ends is seen); the loop ends the process with _exit.
+            unsafe {
+                libc::close(c_w.as_raw_fd());
+                libc::close(s_r.as_raw_fd());
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                loop {
+                    let mut cmd = [0u8; 4];
+                    if libc::read(r, cmd.as_mut_ptr().cast(), 4) != 4 {
+                        libc::_exit(0);
+                    }
+                    let flags = i32::from_ne_bytes(cmd);
+                    let rc = if libc::unshare(flags) == 0 {
+                        0
+                    } else {
+                        *libc::__errno_location()
+                    };
+                    let out = rc.to_ne_bytes();
+                    if libc::write(w, out.as_ptr().cast(), 4) != 4 {
+                        libc::_exit(1);
+                    }
+                }
+            }
+        }
+        drop((c_r, s_w));
+        let mut h = NsHelper {
+            pid,
+            to: Some(c_w),
+            from: s_r,
+        };
+        h.unshare(libc::CLONE_NEWUSER)?;
+        Ok(h)
+    }
+
+    /// Have the helper unshare the namespaces of `flags`.
+    pub fn unshare(&mut self, flags: libc::c_int) -> io::Result<()> {
+        use std::io::{Read, Write};
+        let to = self
+            .to
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the helper ended"))?;
+        let mut to = std::fs::File::from(to.try_clone()?);
+        to.write_all(&flags.to_ne_bytes())?;
+        let mut back = [0u8; 4];
+        std::fs::File::from(self.from.try_clone()?).read_exact(&mut back)?;
+        match i32::from_ne_bytes(back) {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    /// The helper's namespace `name` (`user`, `mnt`, `pid_for_children`...).
+    pub fn open(&self, name: &str) -> io::Result<OwnedFd> {
+        std::fs::File::open(format!("/proc/{}/ns/{name}", self.pid)).map(OwnedFd::from)
+    }
+
+    /// Write `text` to the helper's /proc file `name` (uid_map, gid_map,
+    /// setgroups).
+    pub fn write_proc(&self, name: &str, text: &str) -> io::Result<()> {
+        std::fs::write(format!("/proc/{}/{name}", self.pid), text)
+    }
+}
+
+impl Drop for NsHelper {
+    fn drop(&mut self) {
+        // Its command pipe closed, the helper ends.
+        drop(self.to.take());
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+    }
+}
+
+/// Set this thread's UTS namespace's host and domain names.
+pub fn set_uts_names(host: &str, domain: &str) -> io::Result<()> {
+    // SAFETY: each call reads exactly `len` bytes of a live &str.
+    let r = unsafe {
+        libc::sethostname(host.as_ptr().cast(), host.len())
+            | libc::setdomainname(domain.as_ptr().cast(), domain.len())
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `f` run by this thread with effective uid `uid` (its own, not the
+/// process's: the raw system call, which glibc would make every thread's),
+/// then back to its own. Its capabilities come back with uid 0.
+pub fn as_euid<T>(uid: u32, f: impl FnOnce() -> T) -> io::Result<T> {
+    // SAFETY: setresuid with -1 keeps the real and saved ids; it changes
+    // this thread's credentials only.
+    let was = unsafe { libc::geteuid() };
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_setresuid, -1i32, uid, -1i32) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let out = f();
+    // SAFETY: as above; going back is allowed, the saved id being `was`'s.
+    if unsafe { libc::syscall(libc::SYS_setresuid, -1i32, was, -1i32) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(out)
 }

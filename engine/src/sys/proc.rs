@@ -140,7 +140,7 @@ pub fn timer_restore_ids_mode() -> Result<i32, Errno> {
 }
 
 /// The number of threads of this process (/proc/self/status `Threads:`).
-fn own_threads() -> Option<u64> {
+pub(crate) fn own_threads() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()

@@ -36,6 +36,7 @@ pub fn make(
     state: &MntState,
     dir: &Path,
     externals: &HashMap<String, String>,
+    premade: Option<&OwnedFd>,
 ) -> Result<OwnedFd, String> {
     check(state)?;
     // Copies of the mounts whose peer groups are kept, taken here, in
@@ -60,7 +61,7 @@ pub fn make(
     std::fs::create_dir(&yard).map_err(|e| format!("making {}: {e}", yard.display()))?;
     let yard_s = yard.display().to_string();
     let made = std::thread::scope(|s| {
-        s.spawn(|| in_thread(state, dir, externals, &yard_s, groups))
+        s.spawn(|| in_thread(state, dir, externals, &yard_s, groups, premade))
             .join()
             .unwrap_or_else(|_| Err("the thread making it panicked".into()))
     });
@@ -105,14 +106,22 @@ fn in_thread(
     externals: &HashMap<String, String>,
     yard: &str,
     groups: HashMap<usize, OwnedFd>,
+    premade: Option<&OwnedFd>,
 ) -> Result<OwnedFd, String> {
-    crate::sys::ns::private_mounts()
+    crate::sys::ns::private_mounts(None)
         .map_err(|e| format!("a private copy of cryo's mount namespace: {e}"))?;
+    let mut sources = host_sources(state, externals)?;
+    // A namespace a user namespace of the tree owns was made by the
+    // helper that made that one (a copy of cryo's too, whose mounts the
+    // kernel locks together: the sources are taken from cryo's first).
+    if let Some(ns) = premade {
+        crate::sys::ns::private_mounts(Some(ns))
+            .map_err(|e| format!("entering the namespace made for it: {e}"))?;
+    }
     // The namespace is this one from here on, whatever its root.
     let ns = std::fs::File::open("/proc/thread-self/ns/mnt")
         .map(OwnedFd::from)
         .map_err(|e| format!("opening the namespace it made: {e}"))?;
-    let mut sources = host_sources(state, externals)?;
     mount(
         Some("cryo"),
         yard,

@@ -377,6 +377,7 @@ pub fn make_all(
     dir: &Path,
     externals: &HashMap<String, String>,
     root: Option<&str>,
+    owned: &HashMap<u64, OwnedFd>,
 ) -> Result<HashMap<u64, OwnedFd>, String> {
     let out = super::make_each(entries, super::NsKind::Mnt, |i, e| {
         let mut state = e.mnt.clone().ok_or("namespaces.img has no mounts for it")?;
@@ -384,7 +385,7 @@ pub fn make_all(
             m.how = Some(How::HostPath(r.to_string()));
             m.host_below = 0;
         }
-        build::make(&state, dir, externals)
+        build::make(&state, dir, externals, owned.get(&e.inode))
     })?;
     if let (true, Some(r)) = (out.is_empty(), root) {
         return Err(format!(

@@ -150,8 +150,14 @@ fn walk(dir: &std::path::Path, out: &mut Vec<Sysctl>) {
 }
 
 /// A new network namespace of a thread of cryo's, held open, and a
-/// netlink socket in it.
-fn make_one() -> Result<(OwnedFd, Netlink), String> {
+/// netlink socket in it (`premade`: one a user namespace of the tree
+/// owns, made already).
+fn make_one(premade: Option<&OwnedFd>) -> Result<(OwnedFd, Netlink), String> {
+    if let Some(ns) = premade {
+        let nl = Netlink::open_in(ns, SockProtocol::NetlinkRoute)
+            .map_err(|e| format!("a netlink socket in it: {e}"))?;
+        return Ok((ns.try_clone().map_err(|e| e.to_string())?, nl));
+    }
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::unshare(net_flag())
@@ -274,6 +280,7 @@ impl Drop for Made {
 pub fn make_all(
     entries: &[NamespaceEntry],
     veth_pairs: &HashMap<String, String>,
+    owned: &HashMap<u64, OwnedFd>,
 ) -> Result<Made, String> {
     let nets: Vec<(&NamespaceEntry, &NetState)> = entries
         .iter()
@@ -294,7 +301,8 @@ pub fn make_all(
     };
     let mut sockets = Vec::new();
     for (e, _) in &nets {
-        let (fd, nl) = make_one().map_err(|w| format!("net namespace {}: {w}", e.inode))?;
+        let (fd, nl) =
+            make_one(owned.get(&e.inode)).map_err(|w| format!("net namespace {}: {w}", e.inode))?;
         made.fds.insert(e.inode, fd);
         sockets.push(nl);
     }

@@ -279,6 +279,20 @@ fn ns_state(n: &cryo_image::proto::NamespaceEntry) -> String {
         );
         state += &net_text(t);
     }
+    if let Some(u) = &n.user {
+        let map = |m: &[cryo_image::proto::IdRange]| {
+            m.iter()
+                .map(|r| format!("{} {} {}", r.inside, r.outside, r.count))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        state += &format!(
+            " uid map {} gid map {} setgroups {}",
+            map(&u.uid_map),
+            map(&u.gid_map),
+            if u.setgroups { "allow" } else { "deny" }
+        );
+    }
     if let Some(m) = &n.mnt {
         state += &format!(" {} mount(s):", m.mounts.len());
     }

@@ -1,0 +1,118 @@
+//! A container in a user namespace of its own (wl_userns): dumped as the
+//! tree's root (its parent outside), restored with its uid and gid maps,
+//! its ids inside, and every other namespace owned by the user namespace
+//! again, checked by the container itself; in kill mode over two rounds
+//! and in leave-running mode. One whose pid namespace the user namespace
+//! owns is refused naming why, and runs on.
+
+use std::time::Duration;
+
+use cryo_tests::*;
+
+/// The container's root: the workload's only child.
+fn container(wl: &Workload) -> i32 {
+    let p = wl.pid();
+    std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .expect("wl_userns has made its container")
+}
+
+fn start(dir: &TestDir, args: &[&str]) -> Workload {
+    let tmp = dir.subdir("tmp");
+    let mut all = vec!["--tmp", tmp.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    Workload::start("wl_userns", &all, dir)
+}
+
+#[test]
+fn user_namespace_kill_and_restore_two_rounds() {
+    let dir = TestDir::new();
+    let mut wl = start(&dir, &["--pidns", "0"]);
+    let root = container(&wl);
+    // The same pids after each restore.
+    let guard = TreeGuard::new(tree_pids(root));
+    for round in 0..2 {
+        let img = dir.subdir(&format!("img{round}"));
+        let out = dump(root, &img, &[], &[]);
+        assert_cryo_ok(&out, "cryo dump of a container in a user namespace");
+        assert!(
+            reap_gone(guard.pids(), Duration::from_secs(10)),
+            "the dumped container did not end"
+        );
+        let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(
+            text.contains("uid map 0 100000 65536"),
+            "image show lacks the map: {text}"
+        );
+        let pidfile = dir.join(&format!("restored{round}.pid"));
+        let out = run_cryo(
+            &[
+                "restore",
+                "-D",
+                img.to_str().expect("utf-8 path"),
+                "-d",
+                "--pidfile",
+                pidfile.to_str().expect("utf-8 path"),
+            ],
+            &[],
+        );
+        assert_cryo_ok(&out, "cryo restore of a container in a user namespace");
+        let written = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        assert_eq!(written.trim(), root.to_string(), "--pidfile");
+    }
+    // The parent, left running, passes SIGTERM on to the restored root.
+    wl.assert_pass("a container in a user namespace, restored twice");
+    assert!(reap_gone(&[root], Duration::from_secs(10)));
+}
+
+/// A user namespace whose maps were never written: restored unmapped,
+/// its tasks with the overflow ids inside as before.
+#[test]
+fn unmapped_user_namespace_kill_and_restore() {
+    let dir = TestDir::new();
+    let mut wl = start(&dir, &["--pidns", "0", "--map", "0"]);
+    let root = container(&wl);
+    let guard = TreeGuard::new(tree_pids(root));
+    let img = dir.subdir("img");
+    let out = dump(root, &img, &[], &[]);
+    assert_cryo_ok(&out, "cryo dump of an unmapped user namespace");
+    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    let out = restore_detached(&img);
+    assert_cryo_ok(&out, "cryo restore of an unmapped user namespace");
+    wl.assert_pass("an unmapped user namespace");
+}
+
+#[test]
+fn user_namespace_leave_running() {
+    let dir = TestDir::new();
+    let mut wl = start(&dir, &["--pidns", "0"]);
+    let root = container(&wl);
+    let _guard = TreeGuard::new(tree_pids(root));
+    let img = dir.subdir("img");
+    let out = dump(root, &img, &["-R"], &[]);
+    assert_cryo_ok(&out, "cryo dump -R of a container in a user namespace");
+    let verify = run_cryo(&["image", "verify", img.to_str().expect("utf-8 path")], &[]);
+    assert_cryo_ok(&verify, "image verify");
+    wl.assert_pass("a container in a user namespace after a dump -R");
+}
+
+#[test]
+fn user_namespace_owning_its_pid_namespace_refused() {
+    let dir = TestDir::new();
+    let mut wl = start(&dir, &[]);
+    let root = container(&wl);
+    let _guard = TreeGuard::new(tree_pids(root));
+    let img = dir.subdir("img");
+    let out = dump(root, &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump of a container owning its pid namespace: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("user namespace") && err.contains("owns pid namespace"),
+        "stderr: {err}"
+    );
+    wl.assert_pass("a container owning its pid namespace after a refused dump");
+}
