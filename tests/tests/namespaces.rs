@@ -285,3 +285,20 @@ fn net_namespace_leave_running() {
 fn net_namespace_split_tree_kill_and_restore() {
     ns_cycle("wl_netns", &["--split", "1"], 2, false, &["net:["]);
 }
+
+/// A part of a System V segment attached (the rest unmapped) is refused
+/// at the dump naming the mapping, and the tree runs on.
+#[test]
+fn ipc_partial_attachment_refused() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_ipc", &["--partial", "1"], &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    refused(
+        wl.pid(),
+        &img,
+        "dump of a partial System V attachment",
+        &["a part of System V segment", "only whole attachments"],
+    );
+    wl.assert_pass("System V objects after a refused dump");
+}

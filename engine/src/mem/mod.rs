@@ -146,7 +146,23 @@ fn vmas_of(pid: Pid, smaps: bool) -> Result<Vec<Vma>, MemError> {
                     "System V shared memory {name} of cryo's own IPC namespace (only a segment of an IPC namespace of the tree's own is kept)"
                 )));
             }
-            _ if name.starts_with("/SYSV") => (VmaKind::VmaSysvShm, name.to_string()),
+            _ if name.starts_with("/SYSV") => {
+                // Made again whole (shmat): a part of a segment (split by
+                // mprotect or munmap) is refused here, not at the restore.
+                let size = std::fs::metadata(map_files(pid.as_raw(), start, end))
+                    .map(|md| md.len())
+                    .unwrap_or(0);
+                let whole = size.div_ceil(4096) * 4096;
+                if m.offset != 0 || end - start != whole {
+                    return Err(unsupported(format!(
+                        "the mapping at {start:#x} is a part of System V segment {} ({} bytes at offset {} of {size}): only whole attachments are kept yet",
+                        m.inode,
+                        end - start,
+                        m.offset
+                    )));
+                }
+                (VmaKind::VmaSysvShm, name.to_string())
+            }
             _ if name.starts_with('/') && shared => (VmaKind::VmaFileShared, name.to_string()),
             _ if name.starts_with('/') => (VmaKind::VmaFilePrivate, name.to_string()),
             _ => return Err(unsupported(format!("a mapping of kind {name}"))),

@@ -2,7 +2,7 @@
 //! which a restore must make again with their ids, keys, owners, modes
 //! and contents.
 //!
-//! `wl_ipc --ready FILE --verdict FILE [--mqueue 1]`
+//! `wl_ipc --ready FILE --verdict FILE [--mqueue 1] [--partial 1]`
 //!
 //! The parent P unshares its IPC namespace, lowers two of its limits
 //! (kernel.shmmni, kernel.msgmnb), makes a shared memory segment with a
@@ -25,6 +25,10 @@
 //! three messages of two priorities, and keeps a descriptor of it; on
 //! SIGTERM it checks the queue's limits, owner and mode, and receives
 //! the messages through its descriptor in priority order.
+//!
+//! With `--partial`, P also attaches the private segment and unmaps the
+//! second page of that attachment: a part of a segment, which cryo
+//! refuses to dump (the test checks that the tree runs on).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -364,6 +368,16 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     if at as isize == -1 {
         return Err(os_err("shmat"));
     }
+    if a.get("partial") == Some("1") {
+        // SAFETY: shmat maps the private segment somewhere free; its
+        // second page is unmapped at once, the rest stays attached.
+        unsafe {
+            let p = libc::shmat(made.private, std::ptr::null(), 0);
+            if p as isize == -1 || libc::munmap(p.cast::<u8>().add(PAGE).cast(), PAGE) != 0 {
+                return Err(os_err("a part of the private segment"));
+            }
+        }
+    }
     let mq = if a.get("mqueue") == Some("1") {
         Some(make_mqueue()?)
     } else {
@@ -428,7 +442,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_ipc --ready FILE --verdict FILE [--mqueue 1]";
+    let usage = "wl_ipc --ready FILE --verdict FILE [--mqueue 1] [--partial 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let result = run(&a);
