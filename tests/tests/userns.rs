@@ -2,8 +2,8 @@
 //! tree's root (its parent outside), restored with its uid and gid maps,
 //! its ids inside, and every other namespace owned by the user namespace
 //! again, checked by the container itself; in kill mode over two rounds
-//! and in leave-running mode. One whose pid namespace the user namespace
-//! owns is refused naming why, and runs on.
+//! and in leave-running mode; with its pid namespace owned by the user
+//! namespace too (every pid inside kept, the host's the kernel's).
 
 use std::time::Duration;
 
@@ -98,21 +98,44 @@ fn user_namespace_leave_running() {
     wl.assert_pass("a container in a user namespace after a dump -R");
 }
 
+/// A container whose pid namespace its user namespace owns (a rootless
+/// container's layout): every pid inside kept, the root's pid in the
+/// host's namespace the kernel's (--pidfile names it), over two rounds.
 #[test]
-fn user_namespace_owning_its_pid_namespace_refused() {
+fn user_namespace_owning_its_pid_namespace_two_rounds() {
     let dir = TestDir::new();
     let mut wl = start(&dir, &[]);
-    let root = container(&wl);
-    let _guard = TreeGuard::new(tree_pids(root));
-    let img = dir.subdir("img");
-    let out = dump(root, &img, &[], &[]);
-    if let Err(e) = check_cryo_failed_cleanly(&out) {
-        panic!("dump of a container owning its pid namespace: {e}");
+    let mut root = container(&wl);
+    let pidfile = dir.join("tmp").join("restored.pid");
+    for round in 0..2 {
+        let guard = TreeGuard::new(tree_pids(root));
+        let img = dir.subdir(&format!("img{round}"));
+        let out = dump(root, &img, &[], &[]);
+        assert_cryo_ok(&out, "cryo dump of a container owning its pid namespace");
+        assert!(
+            reap_gone(guard.pids(), Duration::from_secs(10)),
+            "the dumped container did not end"
+        );
+        drop(guard);
+        let out = run_cryo(
+            &[
+                "restore",
+                "-D",
+                img.to_str().expect("utf-8 path"),
+                "-d",
+                "--pidfile",
+                pidfile.to_str().expect("utf-8 path"),
+            ],
+            &[],
+        );
+        assert_cryo_ok(&out, "cryo restore of a container owning its pid namespace");
+        root = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .expect("--pidfile names the restored root");
+        assert!(pid_alive(root), "the restored root {root} does not run");
     }
-    let err = stderr_of(&out);
-    assert!(
-        err.contains("user namespace") && err.contains("owns pid namespace"),
-        "stderr: {err}"
-    );
-    wl.assert_pass("a container owning its pid namespace after a refused dump");
+    let _guard = TreeGuard::new(tree_pids(root));
+    // The parent passes SIGTERM on to the pid the pid file names.
+    wl.assert_pass("a container owning its pid namespace, restored twice");
 }

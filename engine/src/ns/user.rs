@@ -6,22 +6,28 @@
 //! unshares inside it each mount, network, UTS and IPC namespace of the
 //! image the user namespace owns, so that each is owned by it again; cryo
 //! opens them all, fills the UTS and IPC ones and builds the mount and
-//! network ones. The tasks
-//! are created with cryo's credentials (so that each gets its pid at
-//! every level, which a task inside the user namespace could not ask of
-//! the host's pid namespace) and enter the namespaces made for them;
-//! each joins its user namespace last, right before the restorer, which
-//! sets its ids as the namespace sees them.
+//! network ones. The tasks are created with cryo's credentials (so that
+//! each gets its pid at every level), enter the namespaces made for
+//! them, and each joins its user namespace last, right before the
+//! restorer, which sets its ids as the namespace sees them.
+//!
+//! A pid namespace the user namespace owns can only be made by a task of
+//! that user namespace, which clone3 then refuses a chosen pid in the
+//! host's pid namespace (set_tid asks for CAP_CHECKPOINT_RESTORE there):
+//! the tree's root is created by an intermediate process that joins the
+//! root's cgroups and the user namespace first (restore::spawn_in_userns),
+//! every task of that pid namespace keeps its pid inside it, and its pid
+//! in cryo's is the kernel's (the supervisor learns it from the fork
+//! events; `--pidfile` gives the root's).
 //!
 //! Not kept yet, refused at the dump by name: a user namespace inside
-//! another of the tree's; pid, cgroup and time namespaces it owns (a pid
-//! one: the kernel lets only a task of the owning user namespace make it,
-//! which cannot then choose its tasks' pids in the host's pid namespace,
-//! as clone3 set_tid asks for CAP_CHECKPOINT_RESTORE there: the restore
-//! would have to follow tasks whose host pids changed); a first task of
-//! it that is not a root of the tree (its parent outside); threads of a
-//! process in it; and a process in it sharing its filesystem information
-//! with its parent (CLONE_FS: setns would refuse it).
+//! another of the tree's; cgroup and time namespaces it owns; a first
+//! task of it that is not a root of the tree (its parent outside);
+//! threads of a process in it; a process in it sharing its filesystem
+//! information with its parent (CLONE_FS: setns would refuse it); and in
+//! a pid namespace it owns, a task outside it, in a pid namespace below,
+//! in a namespace another user namespace owns, or in other cgroups than
+//! the root's (a task inside cannot move itself).
 
 #![forbid(unsafe_code)]
 
@@ -107,10 +113,8 @@ pub fn check(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> {
         for e in out.iter().filter(|e| e.owner == u.inode) {
             let kind = super::kind_of(&e.kind);
             if kind == Some(NsKind::Pid) {
-                return Err(shape(format!(
-                    "it owns pid namespace {}: the restore could not give its tasks their pids in the host's pid namespace (only a task of the user namespace may make the pid namespace, and clone3 set_tid then asks it for CAP_CHECKPOINT_RESTORE in the host's); not supported yet",
-                    e.inode
-                )));
+                owned_pid_ns(procs, out, u, e, top).map_err(shape)?;
+                continue;
             }
             if !OWNED.iter().any(|(k, _)| Some(*k) == kind) {
                 return Err(shape(format!(
@@ -139,6 +143,59 @@ pub fn check(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// A pid namespace `pid` the tree's user namespace `u` owns, whose first
+/// task is `top`'s: the restore makes it from inside `u` (its tasks' pids
+/// in cryo's namespace are then the kernel's), so every task in it must
+/// be in `u`, in no pid namespace below, in no namespace `u` does not own
+/// but cryo's, and in the root's cgroups (the tasks cannot move
+/// themselves from inside).
+fn owned_pid_ns(
+    procs: &[NsProc],
+    out: &[NamespaceEntry],
+    u: &NamespaceEntry,
+    pid: &NamespaceEntry,
+    top: i32,
+) -> Result<(), String> {
+    if !pid.pids.contains(&(top as u32)) {
+        return Err(format!(
+            "it owns pid namespace {} that its first task {top} is not in: only the root's pid namespace may be owned by a user namespace yet",
+            pid.inode
+        ));
+    }
+    let cgroups = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default();
+    let depth = procs
+        .iter()
+        .find(|p| p.pid == top)
+        .map_or(0, |p| p.ns_pids.len());
+    for p in procs.iter().filter(|p| pid.pids.contains(&(p.pid as u32))) {
+        let why = if !u.pids.contains(&(p.pid as u32)) {
+            "it is not in the user namespace".to_string()
+        } else if p.ns_pids.len() != depth {
+            "it is in a pid namespace below".to_string()
+        } else if let Some(i) = p.ids.iter().find(|i| {
+            !i.host
+                && i.kind != "user"
+                && out
+                    .iter()
+                    .any(|e| e.kind == i.kind && e.inode == i.inode && e.owner != u.inode)
+        }) {
+            format!(
+                "its {} namespace {} is owned by another user namespace",
+                i.kind, i.inode
+            )
+        } else if cgroups(p.pid) != cgroups(top) {
+            format!("its cgroups are not those of {top}")
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "task {} of pid namespace {} it owns: {why} (not supported yet)",
+            p.pid, pid.inode
+        ));
     }
     Ok(())
 }
@@ -182,7 +239,12 @@ pub fn make_all(entries: &[NamespaceEntry]) -> Result<Made, String> {
         let user = h
             .open("user")
             .map_err(|e| err(format!("opening it: {e}")))?;
-        for e in entries.iter().filter(|e| e.owner == u.inode) {
+        // A pid namespace it owns is made by the root's creation (see
+        // restore::spawn_roots).
+        for e in entries
+            .iter()
+            .filter(|e| e.owner == u.inode && e.kind != "pid")
+        {
             let Some(&(kind, flag)) = OWNED.iter().find(|(k, _)| k.name() == e.kind) else {
                 return Err(err(format!(
                     "it owns {} namespace {}, which cannot be made",
@@ -262,6 +324,13 @@ pub fn open_for(
 
 /// Join the user namespace open at `fd` (from [`open_for`]; closed).
 pub fn join(fd: i32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: String| std::fs::metadata(p).map(|m| m.ino()).ok();
+    if ino(format!("/proc/self/fd/{fd}")) == ino("/proc/self/ns/user".into()) {
+        // Created inside it already (restore::spawn_in_userns).
+        crate::sys::fd::close(fd);
+        return Ok(());
+    }
     let joined = nix::sched::setns(
         crate::sys::fd::borrow(fd),
         nix::sched::CloneFlags::CLONE_NEWUSER,

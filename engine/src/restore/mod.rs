@@ -204,7 +204,9 @@ fn load(opts: &RestoreOptions) -> Result<(TreeImage, Vec<cryo_image::PageReader>
         pid: root,
         what: e.to_string(),
     })?;
-    for tid in all_tids(&tree, &plan) {
+    // A pid of cryo's namespace the kernel chooses is not asked for.
+    let chosen = |tid: &i32| plan.nodes.iter().all(|n| !(n.host_free && n.pid == *tid));
+    for tid in all_tids(&tree, &plan).filter(chosen) {
         if let Some(holder) = pid_still_taken(tid) {
             return Err(RestoreError::PidTaken { pid: tid, holder });
         }
@@ -356,7 +358,10 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
             share_files: false,
             new_pid_ns: node.new_pid_ns(1),
         };
-        let created = crate::sys::proc::fork_with_pid(&how);
+        let created = match (node.host_free, node.kind) {
+            (true, tree::NodeKind::Task(i)) => spawn_in_userns(ctx, i, &set_tid, node.pid),
+            _ => crate::sys::proc::fork_with_pid(&how),
+        };
         match created {
             Ok(0) => node::node_main(ctx, r, None, node::Sharing::default()),
             Ok(c) => {
@@ -394,6 +399,72 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// A root in a pid namespace its user namespace owns (`set_tid`: its
+/// pids from there in): an intermediate process of cryo's joins the
+/// root's cgroups and user namespace (it is single-threaded, as setns
+/// asks) and creates the root in a new pid namespace as cryo's child
+/// (CLONE_PARENT), which the pid namespace's owner is then the user
+/// namespace. Returns as fork does: 0 in the root, its pid in cryo.
+fn spawn_in_userns(
+    ctx: &NodeCtx,
+    i: usize,
+    set_tid: &[i32],
+    pid: i32,
+) -> std::result::Result<i32, Errno> {
+    let img = &ctx.tree.procs[i];
+    let pc = img.core.process.clone().unwrap_or_default();
+    let user = pc
+        .namespaces
+        .iter()
+        .find(|n| n.kind == "user" && !n.host)
+        .and_then(|n| ctx.ns_made.users.get(&n.inode).copied())
+        .ok_or(Errno::ENOENT)?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let how = crate::sys::proc::NewTask {
+        set_tid: &[],
+        exit_signal: libc::SIGCHLD,
+        share_fs: false,
+        share_files: false,
+        new_pid_ns: false,
+    };
+    let mid = crate::sys::proc::fork_with_pid(&how)?;
+    if mid == 0 {
+        let made = crate::cgroup::join(&pc.cgroups, ctx.cgroups)
+            .map_err(|e| {
+                tracing::error!(pid, "the root's cgroups: {e}");
+                Errno::EACCES
+            })
+            .and_then(|()| {
+                nix::sched::setns(
+                    crate::sys::fd::borrow(user),
+                    nix::sched::CloneFlags::CLONE_NEWUSER,
+                )
+            })
+            .and_then(|()| {
+                let flags = (libc::CLONE_NEWPID | libc::CLONE_PARENT) as u64;
+                // SAFETY: this intermediate process is single-threaded (a
+                // fork of cryo's, which fork_with_pid made sure of).
+                unsafe { crate::sys::clone3_with_pid(set_tid, 0, flags) }
+            });
+        let word = match made {
+            Ok(0) => return Ok(0),
+            Ok(p) => p,
+            Err(e) => -(e as i32),
+        };
+        let _ = nix::unistd::write(&w, &word.to_ne_bytes());
+        crate::sys::proc::exit_now(0);
+    }
+    drop(w);
+    let mut b = [0u8; 4];
+    let got = nix::unistd::read(&r, &mut b);
+    let _ = waitpid(Pid::from_raw(mid), None);
+    match (got, i32::from_ne_bytes(b)) {
+        (Ok(4), p) if p > 0 => Ok(p),
+        (Ok(4), e) => Err(Errno::from_raw(-e)),
+        _ => Err(Errno::EIO),
+    }
 }
 
 /// Restore the image in `opts.dir`; returns once every task runs.
@@ -487,13 +558,25 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 errno,
             }
         })?;
-        supervise::supervise(&tree, &plan, status_r, &go1_w, &go2_w)
+        let pairs: Vec<(i32, i32)> = plan
+            .roots()
+            .map(|r| plan.nodes[r].pid)
+            .zip(roots.iter().map(|p| p.as_raw()))
+            .collect();
+        supervise::supervise(&tree, &plan, status_r, (&go1_w, &go2_w), &pairs)
     });
     // Closing the barriers ends any task still waiting on one.
     drop((go0_w, go1_w, go2_w));
     match res {
         Ok(()) => {
             net_ns.keep();
+            // The root's pid here (the kernel's choice in a pid namespace
+            // a user namespace of the tree owns).
+            let root = plan
+                .roots()
+                .position(|r| plan.nodes[r].pid == root)
+                .and_then(|i| roots.get(i))
+                .map_or(root, |p| p.as_raw());
             Ok(Restored {
                 pid: root,
                 elapsed: t0.elapsed(),

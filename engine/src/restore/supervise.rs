@@ -7,7 +7,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -51,6 +51,9 @@ struct Supervisor<'a> {
     eof: bool,
     go1: &'a OwnedFd,
     go2: &'a OwnedFd,
+    /// The pids in cryo's namespace of the tasks whose pid there the
+    /// kernel chose (`Node::host_free`), by their image pid.
+    actual: HashMap<i32, i32>,
 }
 
 fn sys_err(pid: i32, what: &'static str) -> impl Fn(Errno) -> RestoreError {
@@ -58,12 +61,13 @@ fn sys_err(pid: i32, what: &'static str) -> impl Fn(Errno) -> RestoreError {
 }
 
 /// Follow the tree until every task is restored; see the module.
+/// `roots`: each root's image pid and its pid here.
 pub fn supervise(
     tree: &TreeImage,
     plan: &Plan,
     status_r: OwnedFd,
-    go1: &OwnedFd,
-    go2: &OwnedFd,
+    (go1, go2): (&OwnedFd, &OwnedFd),
+    roots: &[(i32, i32)],
 ) -> Result<()> {
     let procs: Vec<Proc> = tree
         .procs
@@ -93,11 +97,12 @@ pub fn supervise(
         eof: false,
         go1,
         go2,
+        actual: roots.iter().filter(|(i, a)| i != a).copied().collect(),
     };
     let start = Instant::now();
     loop {
         let all_done = s.procs.iter().all(|p| p.done);
-        if all_done && s.tasks.iter().all(|t| s.trapped.contains(t)) {
+        if all_done && s.tasks.iter().all(|t| s.trapped.contains(&s.act(*t))) {
             break;
         }
         s.read_status(all_done)?;
@@ -114,6 +119,39 @@ pub fn supervise(
 }
 
 impl Supervisor<'_> {
+    /// Task `img`'s pid here.
+    fn act(&self, img: i32) -> i32 {
+        self.actual.get(&img).copied().unwrap_or(img)
+    }
+
+    /// The image pid of the task whose pid here is `t`.
+    fn image_of(&self, t: i32) -> i32 {
+        self.actual
+            .iter()
+            .find(|(_, a)| **a == t)
+            .map_or(t, |(i, _)| *i)
+    }
+
+    /// Task `parent` (its pid here) made `new`: if it is a node whose pid
+    /// here the kernel chose, which one (by its pid in its own pid
+    /// namespace, NSpid's last).
+    fn learn(&mut self, parent: i32, new: i32) {
+        let Some(p) = self.plan.index_of(self.image_of(parent)) else {
+            return;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{new}/status")).unwrap_or_default();
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
+        for &c in &self.plan.nodes[p].children {
+            let child = &self.plan.nodes[c];
+            if child.host_free && child.tids.last().copied() == inner {
+                self.actual.insert(child.pid, new);
+            }
+        }
+    }
+
     /// Whatever the tasks wrote to the status pipe (waiting 10 ms at most).
     fn read_status(&mut self, all_done: bool) -> Result<()> {
         let root = self.root;
@@ -207,14 +245,26 @@ impl Supervisor<'_> {
             match st {
                 // Fork and clone events, and each new task's first stop:
                 // let them go on.
-                WaitStatus::PtraceEvent(t, _, _) => {
+                WaitStatus::PtraceEvent(t, _, ev) => {
+                    let made = [
+                        libc::PTRACE_EVENT_FORK,
+                        libc::PTRACE_EVENT_VFORK,
+                        libc::PTRACE_EVENT_CLONE,
+                    ];
+                    if made.contains(&ev) && self.plan.nodes.iter().any(|n| n.host_free) {
+                        if let Ok(new) = ptrace::getevent(t) {
+                            self.learn(t.as_raw(), new as i32);
+                        }
+                    }
                     let _ = ptrace::cont(t, None);
                 }
                 // The restorer's trap before rt_sigreturn. A leader writes
                 // its success report before it traps, so the report may
                 // still be in the pipe: the loop ends only once every
                 // process reported too.
-                WaitStatus::Stopped(t, Signal::SIGTRAP) if self.tasks.contains(&t.as_raw()) => {
+                WaitStatus::Stopped(t, Signal::SIGTRAP)
+                    if self.tasks.contains(&self.image_of(t.as_raw())) =>
+                {
                     self.trapped.insert(t.as_raw());
                 }
                 // Any other signal (SIGCHLD from helpers and zombies, cryo's
@@ -223,7 +273,7 @@ impl Supervisor<'_> {
                     let _ = ptrace::cont(t, Some(sig));
                 }
                 WaitStatus::Exited(t, _) | WaitStatus::Signaled(t, _, _)
-                    if !self.tasks.contains(&t.as_raw()) => {}
+                    if !self.tasks.contains(&self.image_of(t.as_raw())) => {}
                 st => {
                     let died = RestoreError::Died {
                         pid: st.pid().map(|p| p.as_raw()).unwrap_or(self.root),
@@ -261,8 +311,11 @@ impl Supervisor<'_> {
         // detach, before any of its own code runs.
         for img in &self.tree.procs {
             if img.pstree.stopped {
-                nix::sys::signal::kill(Pid::from_raw(img.pid()), nix::sys::signal::Signal::SIGSTOP)
-                    .map_err(sys_err(img.pid(), "kill(SIGSTOP)"))?;
+                nix::sys::signal::kill(
+                    Pid::from_raw(self.act(img.pid())),
+                    nix::sys::signal::Signal::SIGSTOP,
+                )
+                .map_err(sys_err(img.pid(), "kill(SIGSTOP)"))?;
             }
         }
         for mut v in leaders {
@@ -272,7 +325,8 @@ impl Supervisor<'_> {
         }
         for p in &self.procs {
             for &t in &p.threads {
-                ptrace::detach(Pid::from_raw(t), None).map_err(sys_err(root, "PTRACE_DETACH"))?;
+                ptrace::detach(Pid::from_raw(self.act(t)), None)
+                    .map_err(sys_err(root, "PTRACE_DETACH"))?;
             }
         }
         Ok(())
@@ -291,11 +345,11 @@ impl Supervisor<'_> {
             let err = |source| RestoreError::Sched { pid, source };
             for core in std::iter::once(&img.core).chain(img.threads.iter()) {
                 if let Some(s) = &core.sched {
-                    crate::sched::restore(core.tid as i32, s, &online).map_err(err)?;
+                    crate::sched::restore(self.act(core.tid as i32), s, &online).map_err(err)?;
                 }
             }
             if let Some(adj) = img.core.process.as_ref().and_then(|p| p.oom_score_adj) {
-                crate::sched::restore_oom_score_adj(pid, adj).map_err(err)?;
+                crate::sched::restore_oom_score_adj(self.act(pid), adj).map_err(err)?;
             }
         }
         Ok(())
@@ -307,7 +361,7 @@ impl Supervisor<'_> {
         for p in &self.procs {
             let pid = p.pid;
             let fin = |source| RestoreError::Finish { pid, source };
-            leaders.push(Victim::attach_stopped(Pid::from_raw(pid)).map_err(fin)?);
+            leaders.push(Victim::attach_stopped(Pid::from_raw(self.act(pid))).map_err(fin)?);
             if let (Some((start, len)), Some(v)) = (p.boot, leaders.last_mut()) {
                 v.syscall(libc::SYS_munmap as u64, [start, len, 0, 0, 0, 0])
                     .map_err(fin)?;

@@ -42,6 +42,9 @@ pub struct Node {
     /// PR_SET_CHILD_SUBREAPER before anything else (orphans of helpers
     /// must fall to it, as they had at the dump).
     pub subreaper: bool,
+    /// In a pid namespace a user namespace of the tree owns: its pid in
+    /// cryo's is the kernel's choice (see `ns::user`), the others its own.
+    pub host_free: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +73,11 @@ impl Node {
 
     /// clone3's `set_tid`: its pids innermost first.
     pub fn set_tid(&self) -> Vec<i32> {
-        self.tids.iter().rev().copied().collect()
+        let mut v: Vec<i32> = self.tids.iter().rev().copied().collect();
+        if self.host_free {
+            v.pop();
+        }
+        v
     }
 
     /// Whether it is made in a new pid namespace by a creator `depth`
@@ -147,6 +154,7 @@ impl Plan {
                         .is_some_and(|p| p.child_subreaper),
                     _ => false,
                 },
+                host_free: false,
             })
             .collect();
         let index: BTreeMap<i32, usize> =
@@ -177,6 +185,7 @@ impl Plan {
                 join_pgid: 0,
                 exit_signal: libc::SIGCHLD,
                 subreaper: false,
+                host_free: false,
             });
             nodes.len() - 1
         };
@@ -246,6 +255,7 @@ impl Plan {
             n.children.sort_unstable();
         }
         check_depths(&nodes)?;
+        mark_host_free(t, &mut nodes);
         // A task sharing its parent's descriptor table is created by it.
         for n in &nodes {
             let NodeKind::Task(i) = n.kind else { continue };
@@ -263,6 +273,44 @@ impl Plan {
             }
         }
         Ok(Plan { nodes })
+    }
+}
+
+/// A root whose pid namespace one of the tree's user namespaces owns, and
+/// every node below it in that pid namespace (one inside is refused at
+/// the dump), get the kernel's pid in cryo's namespace.
+fn mark_host_free(t: &TreeImage, nodes: &mut [Node]) {
+    let in_owned_pid_ns = |n: &Node| {
+        let NodeKind::Task(k) = n.kind else {
+            return false;
+        };
+        let ids = t.procs[k]
+            .core
+            .process
+            .iter()
+            .flat_map(|p| p.namespaces.iter());
+        let pid_ns = ids
+            .filter(|i| i.kind == "pid" && !i.host)
+            .map(|i| i.inode)
+            .next();
+        pid_ns.is_some_and(|inode| {
+            t.namespaces.iter().any(|e| {
+                e.kind == "pid"
+                    && e.inode == inode
+                    && t.namespaces
+                        .iter()
+                        .any(|u| u.kind == "user" && u.inode == e.owner)
+            })
+        })
+    };
+    for i in 0..nodes.len() {
+        // The root this node is made under.
+        let mut root = i;
+        while let Some(c) = nodes[root].creator {
+            root = c;
+        }
+        nodes[i].host_free =
+            nodes[root].depth() == nodes[i].depth() && in_owned_pid_ns(&nodes[root]);
     }
 }
 

@@ -356,7 +356,13 @@ pub unsafe fn clone3_with_pid(tids: &[i32], exit_signal: i32, flags: u64) -> Res
         stack: 0,
         stack_size: 0,
         tls: 0,
-        set_tid: tids.as_ptr() as u64,
+        // None asked: a null pointer (an empty slice's is not, which
+        // clone3 refuses with a size of 0).
+        set_tid: if tids.is_empty() {
+            0
+        } else {
+            tids.as_ptr() as u64
+        },
         set_tid_size: tids.len() as u64,
         cgroup: 0,
     };

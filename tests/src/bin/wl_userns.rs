@@ -15,7 +15,9 @@
 //! own).
 //!
 //! The test dumps R (the tree's root, its parent P outside it). On
-//! SIGTERM P passes the signal to R, which checks: its ids inside (0),
+//! SIGTERM P passes the signal to R (by the pid in DIR/restored.pid if
+//! there is one: R's pid in P's namespace changes when R's pid namespace
+//! is its user namespace's), which checks: its ids inside (0),
 //! its maps and setgroups, its pid (1 in its own pid namespace), that
 //! every other namespace of its is owned by its user namespace
 //! (NS_GET_USERNS), its hostname, the tmpfs file, the segment's data,
@@ -333,7 +335,13 @@ fn main() {
         unsafe { while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {} };
         std::thread::sleep(Duration::from_millis(5));
     }
-    // SAFETY: a signal to the process we made (restored with its pid).
+    // A container whose pid namespace its user namespace owns comes back
+    // with another pid here: the test names it (cryo restore --pidfile).
+    let r = std::fs::read_to_string(format!("{tmp}/restored.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(r);
+    // SAFETY: a signal to the process we made (or its restored self).
     unsafe { libc::kill(r, libc::SIGTERM) };
     let start = Instant::now();
     while !verdict.exists() && start.elapsed() < Duration::from_secs(30) {
