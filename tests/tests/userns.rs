@@ -99,12 +99,14 @@ fn user_namespace_leave_running() {
 }
 
 /// A container whose pid namespace its user namespace owns (a rootless
-/// container's layout): every pid inside kept, the root's pid in the
+/// container's layout), one of its processes with a thread: every pid
+/// and tid inside kept, the root's pid in the
 /// host's namespace the kernel's (--pidfile names it), over two rounds.
 #[test]
 fn user_namespace_owning_its_pid_namespace_two_rounds() {
     let dir = TestDir::new();
-    let mut wl = start(&dir, &[]);
+    // With a thread, whose tid inside is kept too.
+    let mut wl = start(&dir, &["--thread", "1"]);
     let mut root = container(&wl);
     let pidfile = dir.join("tmp").join("restored.pid");
     for round in 0..2 {
@@ -138,4 +140,26 @@ fn user_namespace_owning_its_pid_namespace_two_rounds() {
     let _guard = TreeGuard::new(tree_pids(root));
     // The parent passes SIGTERM on to the pid the pid file names.
     wl.assert_pass("a container owning its pid namespace, restored twice");
+}
+
+/// Threads of a process in a user namespace but in the host's pid
+/// namespace are refused naming why (their host tids could not be
+/// chosen from inside), and the container runs on.
+#[test]
+fn user_namespace_thread_outside_owned_pid_namespace_refused() {
+    let dir = TestDir::new();
+    let mut wl = start(&dir, &["--pidns", "0", "--thread", "1"]);
+    let root = container(&wl);
+    let _guard = TreeGuard::new(tree_pids(root));
+    let img = dir.subdir("img");
+    let out = dump(root, &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("dump of a thread in a user namespace: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("user namespace") && err.contains("2 threads"),
+        "stderr: {err}"
+    );
+    wl.assert_pass("a container with a thread after a refused dump");
 }

@@ -23,7 +23,8 @@
 //! Not kept yet, refused at the dump by name: a user namespace inside
 //! another of the tree's; cgroup and time namespaces it owns; a first
 //! task of it that is not a root of the tree (its parent outside);
-//! threads of a process in it; a process in it sharing its filesystem
+//! threads of a process in it but outside a pid namespace it owns (their
+//! host tids could not be chosen); a process in it sharing its filesystem
 //! information with its parent (CLONE_FS: setns would refuse it); and in
 //! a pid namespace it owns, a task outside it, in a pid namespace below,
 //! in a namespace another user namespace owns, or in other cgroups than
@@ -130,9 +131,15 @@ pub fn check(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> {
                 .lines()
                 .find_map(|l| l.strip_prefix("Threads:"))
                 .unwrap_or_default();
-            if threads.trim() != "1" {
+            // Threads of a process in a pid namespace the user namespace
+            // owns get their tids there (the host's are the kernel's);
+            // elsewhere their host tids could not be chosen from inside.
+            let in_owned_pid_ns = out
+                .iter()
+                .any(|e| e.kind == "pid" && e.owner == u.inode && e.pids.contains(&(p as u32)));
+            if threads.trim() != "1" && !in_owned_pid_ns {
                 return Err(shape(format!(
-                    "task {p} in it has {} threads: threads of a process in a user namespace are not kept yet",
+                    "task {p} in it has {} threads: threads of a process in a user namespace are kept only in a pid namespace it owns (their pids in the host's pid namespace cannot be chosen from inside it)",
                     threads.trim()
                 )));
             }

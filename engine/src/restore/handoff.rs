@@ -261,6 +261,7 @@ fn thread_args(
     status_fd: i32,
     ready: u64,
     userns: Option<&cryo_image::proto::UserNsState>,
+    host_free: bool,
 ) -> Result<Vec<RThread>, String> {
     let mut out = Vec::with_capacity(img.threads.len());
     for (i, t) in img.threads.iter().enumerate() {
@@ -272,10 +273,13 @@ fn thread_args(
         let rseq = t.rseq.unwrap_or_default();
         let sigs = signals::restorer_siginfos(&t.pending, true);
         let siginfos = boot.put(&sigs)?;
-        let tids: Vec<i32> = match t.ns_tids.is_empty() {
+        let mut tids: Vec<i32> = match t.ns_tids.is_empty() {
             true => vec![t.tid as i32],
             false => t.ns_tids.iter().rev().map(|&n| n as i32).collect(),
         };
+        if host_free {
+            tids.pop();
+        }
         out.push(RThread {
             tid: t.tid as u64,
             set_tid: boot.put(&tids)?,
@@ -342,6 +346,9 @@ pub struct Prepared {
     pub cpu_timer_slack_us: u64,
     /// The tree's user namespace the task is in, whose ids it gets.
     pub userns: Option<cryo_image::proto::UserNsState>,
+    /// Its threads' tids in cryo's pid namespace are the kernel's choice
+    /// (`Node::host_free`): set_tid gives the inner ones only.
+    pub host_free: bool,
 }
 
 /// Credentials as the dump saw them, as the task's user namespace sees
@@ -406,7 +413,14 @@ pub fn enter(img: &Image, mut p: Prepared, pids: View) -> Result<Never, String> 
     let mut siginfos = signals::restorer_siginfos(&pc.shared_pending, false);
     siginfos.extend(signals::restorer_siginfos(&img.core.pending, true));
     let threads_ready = boot.put(&[0u32; 16])?;
-    let rthreads = thread_args(img, boot, p.status_fd, threads_ready, p.userns.as_ref())?;
+    let rthreads = thread_args(
+        img,
+        boot,
+        p.status_fd,
+        threads_ready,
+        p.userns.as_ref(),
+        p.host_free,
+    )?;
     let rlimits = creds::restorer_rlimits(&pc);
     let creds = inside(
         img.core.creds.clone().unwrap_or_default(),

@@ -144,11 +144,25 @@ impl Supervisor<'_> {
             .lines()
             .find_map(|l| l.strip_prefix("NSpid:"))
             .and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok());
-        for &c in &self.plan.nodes[p].children {
+        let node = &self.plan.nodes[p];
+        for &c in &node.children {
             let child = &self.plan.nodes[c];
             if child.host_free && child.tids.last().copied() == inner {
                 self.actual.insert(child.pid, new);
+                return;
             }
+        }
+        // A thread of the process.
+        if !node.host_free {
+            return;
+        }
+        let img = self.tree.procs.iter().find(|i| i.pid() == node.pid);
+        let thread = img
+            .into_iter()
+            .flat_map(|i| i.threads.iter())
+            .find(|t| t.ns_tids.last().map(|&v| v as i32) == inner);
+        if let Some(t) = thread {
+            self.actual.insert(t.tid as i32, new);
         }
     }
 

@@ -198,6 +198,10 @@ pub fn prepare(
         loginuid_fd,
         cpu_timer_slack_us: ctx.cpu_timer_slack_us,
         userns: ns::user::state_of(&pc.namespaces, &ctx.tree.namespaces).cloned(),
+        host_free: ctx
+            .plan
+            .index_of(img.pid())
+            .is_some_and(|n| ctx.plan.nodes[n].host_free),
     };
     // Last, with all it needed of cryo's powers done: into its user
     // namespace, where the restorer sets its ids as the namespace sees them.

@@ -2,7 +2,7 @@
 //! other namespaces: a restore must make the user namespace again with
 //! its maps and every other namespace owned by it.
 //!
-//! `wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0]`
+//! `wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1]`
 //!
 //! P, in the host's namespaces, makes R with clone3(CLONE_NEWUSER |
 //! CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
@@ -25,11 +25,12 @@
 //! user namespace). P writes R's verdict. With `--map 0` P writes no
 //! map: R stays unmapped (its ids the overflow id inside, 65534), makes
 //! no file in its tmpfs (the kernel refuses an unmapped owner) and finds
-//! its maps empty again.
+//! its maps empty again. With `--thread 1` R also runs a thread that
+//! counts, which must still count after the restore, with its tid inside.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cryo_tests::wl;
@@ -222,7 +223,49 @@ fn check(
 }
 
 /// R: its namespaces' contents, its child, then the wait for SIGTERM.
-fn container(tmp: &str, (pidns, mapped): (bool, bool), go: i32) -> Result<Vec<String>, String> {
+static COUNT: AtomicU64 = AtomicU64::new(0);
+static COUNTER_TID: AtomicI32 = AtomicI32::new(0);
+
+/// A thread that counts; its tid (in R's pid namespace).
+fn start_counter() -> Result<i32, String> {
+    std::thread::Builder::new()
+        .spawn(|| {
+            loop {
+                // SAFETY: gettid takes nothing.
+                COUNTER_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                COUNT.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .map_err(|e| format!("spawning the counting thread: {e}"))?;
+    let start = Instant::now();
+    while COUNTER_TID.load(Ordering::SeqCst) == 0 {
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err("the counting thread did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(COUNTER_TID.load(Ordering::SeqCst))
+}
+
+fn check_counter(tid: i32, fails: &mut Vec<String>) {
+    let before = COUNT.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    if COUNT.load(Ordering::SeqCst) == before {
+        fails.push("the counting thread stopped".into());
+    }
+    // What the thread reads of itself now.
+    let now = COUNTER_TID.load(Ordering::SeqCst);
+    if now != tid {
+        fails.push(format!("the counting thread's tid is {now}, was {tid}"));
+    }
+}
+
+fn container(
+    tmp: &str,
+    (pidns, mapped, threaded): (bool, bool, bool),
+    go: i32,
+) -> Result<Vec<String>, String> {
     let box_dir = format!("{tmp}/box");
     let mut b = [0u8; 1];
     let got = wl::read_exact(go, &mut b);
@@ -245,6 +288,12 @@ fn container(tmp: &str, (pidns, mapped): (bool, bool), go: i32) -> Result<Vec<St
     }
     let said = wl::ask(cmd[1], back[0]);
     let caps = cap_eff();
+    // After the fork: the child copies no thread.
+    let thread_tid = if threaded {
+        Some(start_counter()?)
+    } else {
+        None
+    };
     wl::write_atomic(
         std::path::Path::new(&format!("{box_dir}/ready")),
         b"ready\n",
@@ -253,18 +302,23 @@ fn container(tmp: &str, (pidns, mapped): (bool, bool), go: i32) -> Result<Vec<St
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let fails = check(tmp, (pidns, mapped), &caps, &said, [back[0], cmd[1]]);
+    let mut fails = check(tmp, (pidns, mapped), &caps, &said, [back[0], cmd[1]]);
+    if let Some(tid) = thread_tid {
+        check_counter(tid, &mut fails);
+    }
     wl::end_server(cmd[1], child);
     Ok(fails)
 }
 
 fn main() {
-    let usage = "wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0]";
+    let usage =
+        "wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let tmp = a.tmp_dir(NAME, usage).display().to_string();
     let pidns = a.get("pidns") != Some("0");
     let mapped = a.get("map") != Some("0");
+    let threaded = a.get("thread") == Some("1");
     let box_dir = format!("{tmp}/box");
     let prep = std::fs::create_dir_all(format!("{tmp}/mnt"))
         .and_then(|()| std::fs::create_dir_all(&box_dir))
@@ -297,7 +351,7 @@ fn main() {
         Ok(0) => {
             // SAFETY: closing the parent's end of the pipe.
             unsafe { libc::close(go[1]) };
-            let result = container(&tmp, (pidns, mapped), go[0]);
+            let result = container(&tmp, (pidns, mapped, threaded), go[0]);
             let text = match result {
                 Ok(f) if f.is_empty() => "PASS\n".to_string(),
                 Ok(f) => format!("FAIL: {}\n", f.join("; ")),
