@@ -99,14 +99,16 @@ fn user_namespace_leave_running() {
 }
 
 /// A container whose pid namespace its user namespace owns (a rootless
-/// container's layout), one of its processes with a thread: every pid
+/// container's layout, with cgroup and time namespaces of its own too),
+/// one of its processes with a thread: every pid
 /// and tid inside kept, the root's pid in the
 /// host's namespace the kernel's (--pidfile names it), over two rounds.
 #[test]
 fn user_namespace_owning_its_pid_namespace_two_rounds() {
     let dir = TestDir::new();
-    // With a thread, whose tid inside is kept too.
-    let mut wl = start(&dir, &["--thread", "1"]);
+    // With a thread, whose tid inside is kept too, and cgroup and time
+    // namespaces of its own.
+    let mut wl = start(&dir, &["--thread", "1", "--all", "1"]);
     let mut root = container(&wl);
     let pidfile = dir.join("tmp").join("restored.pid");
     for round in 0..2 {

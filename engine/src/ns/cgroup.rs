@@ -88,9 +88,24 @@ pub fn restore(
     crate::cgroup::join(own, targets)
 }
 
+/// Enter the cgroup namespace `fd` cryo made (one a user namespace of the
+/// tree owns), then the task's own cgroups.
+pub fn enter(
+    fd: std::os::fd::RawFd,
+    own: &[CgroupEntry],
+    targets: &HashMap<(u32, String), PathBuf>,
+) -> Result<(), String> {
+    nix::sched::setns(
+        crate::sys::fd::borrow(fd),
+        nix::sched::CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(|e| format!("entering it (setns): {}", std::io::Error::from(e)))?;
+    crate::cgroup::join(own, targets)
+}
+
 /// Where root `r` is here: as many levels above where the task's own
 /// cgroup of that hierarchy was put as that cgroup is below `r`.
-fn root_dir(
+pub(crate) fn root_dir(
     r: &CgroupEntry,
     own: &[CgroupEntry],
     targets: &HashMap<(u32, String), PathBuf>,

@@ -421,6 +421,14 @@ pub fn restore(
             NsKind::Uts | NsKind::Ipc if cx.owned.contains_key(&e.inode) => {
                 enter_made(e, cx.owned, owned)
             }
+            NsKind::Time if cx.owned.contains_key(&e.inode) => enter_made(
+                e,
+                cx.owned,
+                nix::sched::CloneFlags::from_bits_retain(libc::CLONE_NEWTIME),
+            ),
+            NsKind::Cgroup if cx.owned.contains_key(&e.inode) => {
+                cgroup::enter(cx.owned[&e.inode], cx.cgroups, cx.cgroup_targets)
+            }
             // Joined last, right before the restorer (user::join).
             NsKind::User => Ok(()),
             NsKind::Uts => uts::restore(e.uts.as_ref()),

@@ -55,15 +55,23 @@ pub fn dump(pid: i32) -> Result<TimeState, String> {
 
 /// This task in a new time namespace whose clocks go on from the dump's.
 pub fn restore(st: Option<&TimeState>) -> Result<(), String> {
-    let st = st.ok_or("its offsets are not in the image")?;
-    let (m, b) = host_clocks()?;
-    let mono = st.monotonic_offset_ns + (st.dumped_monotonic_ns - m);
-    let boot = st.boottime_offset_ns + (st.dumped_boottime_ns - b);
+    let (mono, boot) = offsets_now(st)?;
     crate::sys::ns::new_time(mono, boot).map_err(|e| {
         format!(
             "unshare(CLONE_NEWTIME), offsets monotonic {mono} ns, boottime {boot} ns, setns: {e}"
         )
     })
+}
+
+/// The offsets a namespace made now takes, so that its clocks go on from
+/// the dump's: the dumped offsets, less the host's clocks' advance since.
+pub fn offsets_now(st: Option<&TimeState>) -> Result<(i64, i64), String> {
+    let st = st.ok_or("its offsets are not in the image")?;
+    let (m, b) = host_clocks()?;
+    Ok((
+        st.monotonic_offset_ns + (st.dumped_monotonic_ns - m),
+        st.boottime_offset_ns + (st.dumped_boottime_ns - b),
+    ))
 }
 
 #[cfg(test)]

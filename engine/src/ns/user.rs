@@ -3,10 +3,12 @@
 //!
 //! Restore: a helper process of cryo's ([`crate::sys::ns::NsHelper`])
 //! unshares the user namespace, cryo writes its maps, then the helper
-//! unshares inside it each mount, network, UTS and IPC namespace of the
-//! image the user namespace owns, so that each is owned by it again; cryo
-//! opens them all, fills the UTS and IPC ones and builds the mount and
-//! network ones. The tasks are created with cryo's credentials (so that
+//! unshares inside it each mount, network, UTS, IPC and time namespace of
+//! the image the user namespace owns, so that each is owned by it again
+//! (a time namespace with its offsets written before any task enters it),
+//! and once the tree's cgroups exist, goes into a cgroup namespace's
+//! roots and unshares that too; cryo opens them all, fills the UTS and
+//! IPC ones and builds the mount and network ones. The tasks are created with cryo's credentials (so that
 //! each gets its pid at every level), enter the namespaces made for
 //! them, and each joins its user namespace last, right before the
 //! restorer, which sets its ids as the namespace sees them.
@@ -21,7 +23,7 @@
 //! events; `--pidfile` gives the root's).
 //!
 //! Not kept yet, refused at the dump by name: a user namespace inside
-//! another of the tree's; cgroup and time namespaces it owns; a first
+//! another of the tree's; a first
 //! task of it that is not a root of the tree (its parent outside);
 //! threads of a process in it but outside a pid namespace it owns (their
 //! host tids could not be chosen); a process in it sharing its filesystem
@@ -41,11 +43,12 @@ use super::{NsError, NsKind, NsProc};
 
 /// The kinds a tree's user namespace may own, as the helper unshares
 /// them.
-const OWNED: [(NsKind, libc::c_int); 4] = [
+const OWNED: [(NsKind, libc::c_int); 5] = [
     (NsKind::Mnt, libc::CLONE_NEWNS),
     (NsKind::Net, libc::CLONE_NEWNET),
     (NsKind::Uts, libc::CLONE_NEWUTS),
     (NsKind::Ipc, libc::CLONE_NEWIPC),
+    (NsKind::Time, libc::CLONE_NEWTIME),
 ];
 
 fn parse_map(text: &str) -> Vec<IdRange> {
@@ -117,7 +120,8 @@ pub fn check(procs: &[NsProc], out: &[NamespaceEntry]) -> Result<(), NsError> {
                 owned_pid_ns(procs, out, u, e, top).map_err(shape)?;
                 continue;
             }
-            if !OWNED.iter().any(|(k, _)| Some(*k) == kind) {
+            // A cgroup one is made once the cgroups are (Made::cgroups).
+            if kind != Some(NsKind::Cgroup) && !OWNED.iter().any(|(k, _)| Some(*k) == kind) {
                 return Err(shape(format!(
                     "it owns {} namespace {}: a {} namespace owned by a user namespace of the tree is not kept yet",
                     e.kind, e.inode, e.kind
@@ -213,6 +217,55 @@ fn owned_pid_ns(
 pub struct Made {
     pub users: HashMap<u64, OwnedFd>,
     pub owned: HashMap<u64, OwnedFd>,
+    /// The helper of each user namespace, kept until its cgroup
+    /// namespaces are made.
+    helpers: HashMap<u64, crate::sys::ns::NsHelper>,
+}
+
+impl Made {
+    /// Every cgroup namespace a user namespace of the tree owns, made by
+    /// its helper once the tree's cgroups are (`targets`): the helper goes
+    /// into the namespace's roots, then unshares it. The helpers end.
+    pub fn cgroups(
+        &mut self,
+        entries: &[NamespaceEntry],
+        procs: &[crate::restore::image::Image],
+        targets: &HashMap<(u32, String), std::path::PathBuf>,
+    ) -> Result<(), String> {
+        for e in entries.iter().filter(|e| e.kind == "cgroup") {
+            let Some(h) = self.helpers.get_mut(&e.owner) else {
+                continue;
+            };
+            let err = |w: String| format!("cgroup namespace {}: {w}", e.inode);
+            let st = e
+                .cgroup
+                .as_ref()
+                .ok_or_else(|| err("no roots in the image".into()))?;
+            let first = e.pids.first().copied().unwrap_or(0);
+            let own = procs
+                .iter()
+                .find(|p| p.pid() == first as i32)
+                .and_then(|p| p.core.process.as_ref())
+                .map(|p| p.cgroups.clone())
+                .unwrap_or_default();
+            if !targets.is_empty() {
+                for r in &st.roots {
+                    let dir = super::cgroup::root_dir(r, &own, targets).map_err(err)?;
+                    std::fs::write(dir.join("cgroup.procs"), h.pid.to_string()).map_err(|w| {
+                        err(format!("moving its helper into {}: {w}", dir.display()))
+                    })?;
+                }
+            }
+            h.unshare(libc::CLONE_NEWCGROUP)
+                .map_err(|w| err(format!("unsharing it: {w}")))?;
+            let fd = h
+                .open("cgroup")
+                .map_err(|w| err(format!("opening it: {w}")))?;
+            self.owned.insert(e.inode, fd);
+        }
+        self.helpers.clear();
+        Ok(())
+    }
 }
 
 /// In cryo, before any task (and before the mount and network
@@ -250,7 +303,7 @@ pub fn make_all(entries: &[NamespaceEntry]) -> Result<Made, String> {
         // restore::spawn_roots).
         for e in entries
             .iter()
-            .filter(|e| e.owner == u.inode && e.kind != "pid")
+            .filter(|e| e.owner == u.inode && e.kind != "pid" && e.kind != "cgroup")
         {
             let Some(&(kind, flag)) = OWNED.iter().find(|(k, _)| k.name() == e.kind) else {
                 return Err(err(format!(
@@ -264,8 +317,19 @@ pub fn make_all(entries: &[NamespaceEntry]) -> Result<Made, String> {
                     e.kind, e.inode
                 ))
             })?;
+            if kind == NsKind::Time {
+                // Before any task is in it, as the kernel asks.
+                let (mono, boot) = super::time::offsets_now(e.time.as_ref()).map_err(&err)?;
+                let text = crate::sys::ns::offsets_text(mono, boot);
+                h.write_proc("timens_offsets", &text)
+                    .map_err(|w| err(format!("writing its timens_offsets ({text:?}): {w}")))?;
+            }
+            let name = match kind {
+                NsKind::Time => "time_for_children",
+                k => k.name(),
+            };
             let fd = h
-                .open(kind.name())
+                .open(name)
                 .map_err(|w| err(format!("opening its {} namespace: {w}", e.kind)))?;
             // Its root's uid outside (none mapped: the host's root owns
             // its sysctls).
@@ -278,6 +342,7 @@ pub fn make_all(entries: &[NamespaceEntry]) -> Result<Made, String> {
             made.owned.insert(e.inode, fd);
         }
         made.users.insert(u.inode, user);
+        made.helpers.insert(u.inode, h);
     }
     Ok(made)
 }

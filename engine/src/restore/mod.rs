@@ -485,7 +485,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go1_r, go1_w) = pipe()?;
     let (go2_r, go2_w) = pipe()?;
     let ns_err = |what| RestoreError::Namespaces { pid: root, what };
-    let user_ns = crate::ns::user::make_all(&tree.namespaces).map_err(ns_err)?;
+    let mut user_ns = crate::ns::user::make_all(&tree.namespaces).map_err(ns_err)?;
     let mnt_ns = crate::ns::mnt::make_all(
         &tree.namespaces,
         &opts.dir,
@@ -501,7 +501,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         ms = t_net.elapsed().as_secs_f64() * 1e3,
         "network namespaces made"
     );
-    let made = NsMade {
+    let mut made = NsMade {
         mnt: raw_fds(&mnt_ns),
         net: raw_fds(&net_ns.fds),
         users: raw_fds(&user_ns.users),
@@ -523,6 +523,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         remove_socket_files(&shared.socket_files);
         RestoreError::Cgroups { pid: root, what }
     })?;
+    if let Err(what) = user_ns.cgroups(&tree.namespaces, &tree.procs, &cgroups.targets) {
+        remove_socket_files(&shared.socket_files);
+        cgroups.remove_created();
+        return Err(ns_err(what));
+    }
+    made.owned.extend(raw_fds(&user_ns.owned));
     let file_fds = raw_fds(&shared.files);
     let shm_fds = raw_fds(&shared.shm);
     let pty_masters: HashMap<u32, RawFd> = tree.procs[0]

@@ -115,19 +115,10 @@ pub fn new_time(monotonic_ns: i64, boottime_ns: i64) -> io::Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // "CLOCKID SECONDS NANOSECONDS", the nanoseconds in [0, 1e9).
-    let line = |clock: i32, ns: i64| {
-        format!(
-            "{clock} {} {}\n",
-            ns.div_euclid(1_000_000_000),
-            ns.rem_euclid(1_000_000_000)
-        )
-    };
-    let text = line(libc::CLOCK_MONOTONIC, monotonic_ns) + &line(libc::CLOCK_BOOTTIME, boottime_ns);
     std::fs::OpenOptions::new()
         .write(true)
         .open("/proc/self/timens_offsets")?
-        .write_all(text.as_bytes())?;
+        .write_all(offsets_text(monotonic_ns, boottime_ns).as_bytes())?;
     let ns = std::fs::File::open("/proc/self/ns/time_for_children")?;
     // SAFETY: setns takes a descriptor we hold open and a flag; entering
     // the time namespace changes only this process's clocks (and vdso
@@ -136,6 +127,19 @@ pub fn new_time(monotonic_ns: i64, boottime_ns: i64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// What /proc/PID/timens_offsets takes: "CLOCKID SECONDS NANOSECONDS"
+/// lines, the nanoseconds in [0, 1e9).
+pub fn offsets_text(monotonic_ns: i64, boottime_ns: i64) -> String {
+    let line = |clock: i32, ns: i64| {
+        format!(
+            "{clock} {} {}\n",
+            ns.div_euclid(1_000_000_000),
+            ns.rem_euclid(1_000_000_000)
+        )
+    };
+    line(libc::CLOCK_MONOTONIC, monotonic_ns) + &line(libc::CLOCK_BOOTTIME, boottime_ns)
 }
 
 /// Put this thread in a mount namespace of its own (unshare CLONE_FS and

@@ -2,7 +2,7 @@
 //! other namespaces: a restore must make the user namespace again with
 //! its maps and every other namespace owned by it.
 //!
-//! `wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1]`
+//! `wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1] [--all 1]`
 //!
 //! P, in the host's namespaces, makes R with clone3(CLONE_NEWUSER |
 //! CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
@@ -27,10 +27,13 @@
 //! no file in its tmpfs (the kernel refuses an unmapped owner) and finds
 //! its maps empty again. With `--thread 1` R also runs a thread that
 //! counts, which must still count after the restore, with its tid inside.
+//! With `--all 1` R also gets a cgroup and a time namespace of its own
+//! (owned by its user namespace too): its /proc/self/cgroup must read as
+//! before, and CLOCK_MONOTONIC must not go back.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cryo_tests::wl;
@@ -165,6 +168,20 @@ fn check(
     if pidns {
         kinds.push("pid");
     }
+    if ALL.load(Ordering::SeqCst) {
+        kinds.extend(["cgroup", "time"]);
+        let now = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        if Some(&now) != CGROUPS.get() {
+            fails.push(format!(
+                "/proc/self/cgroup reads {now:?}, read {:?}",
+                CGROUPS.get()
+            ));
+        }
+        let (mono, was) = (monotonic_ns(), MONO.load(Ordering::SeqCst));
+        if mono < was {
+            fails.push(format!("CLOCK_MONOTONIC went back from {was} to {mono} ns"));
+        }
+    }
     for k in kinds {
         match owner(k) {
             Ok(o) if o == user => {}
@@ -224,6 +241,18 @@ fn check(
 
 /// R: its namespaces' contents, its child, then the wait for SIGTERM.
 static COUNT: AtomicU64 = AtomicU64::new(0);
+/// `--all`: and what R saw of its cgroups and clock at ready.
+static ALL: AtomicBool = AtomicBool::new(false);
+static CGROUPS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static MONO: AtomicI64 = AtomicI64::new(0);
+
+fn monotonic_ns() -> i64 {
+    // SAFETY: zeroed is a valid timespec, which clock_gettime fills.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes into the local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
 static COUNTER_TID: AtomicI32 = AtomicI32::new(0);
 
 /// A thread that counts; its tid (in R's pid namespace).
@@ -288,6 +317,8 @@ fn container(
     }
     let said = wl::ask(cmd[1], back[0]);
     let caps = cap_eff();
+    let _ = CGROUPS.set(std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+    MONO.store(monotonic_ns(), Ordering::SeqCst);
     // After the fork: the child copies no thread.
     let thread_tid = if threaded {
         Some(start_counter()?)
@@ -312,7 +343,7 @@ fn container(
 
 fn main() {
     let usage =
-        "wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1]";
+        "wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1] [--all 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let tmp = a.tmp_dir(NAME, usage).display().to_string();
@@ -346,6 +377,10 @@ fn main() {
         | libc::CLONE_NEWNET;
     if pidns {
         flags |= libc::CLONE_NEWPID;
+    }
+    if a.get("all") == Some("1") {
+        ALL.store(true, Ordering::SeqCst);
+        flags |= libc::CLONE_NEWCGROUP | libc::CLONE_NEWTIME;
     }
     let r = match wl::clone_sharing(flags as u64) {
         Ok(0) => {
