@@ -211,3 +211,27 @@ fn pty_index_in_use_fails_restore() {
     restore_ok(&mut wl, &img);
     wl.assert_pass("pty pair restored once its index was free");
 }
+
+/// A devpts instance of the tree's own mount namespace with a pair of it,
+/// beside a pty of cryo's devpts of the same index (wl_ptyns): mounted
+/// anew at the restore and the pair made there, both pairs with their
+/// indexes, settings and data flow, over two rounds.
+#[test]
+fn pty_of_own_devpts_instance_two_rounds() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_ptyns", &[], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    for round in 0..2 {
+        let img = dir.subdir(&format!("img{round}"));
+        dump_and_maybe_restore(&mut wl, &guard, &img, false);
+        let img_s = img.to_str().expect("utf-8 path");
+        let show = run_cryo(&["image", "show", img_s], &[]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(
+            text.contains("of the tree's own devpts"),
+            "image show lacks the tree's own devpts: {text}"
+        );
+        assert_cryo_ok(&run_cryo(&["image", "verify", img_s], &[]), "image verify");
+    }
+    wl.assert_pass("wl_ptyns after two restores");
+}

@@ -174,10 +174,26 @@ pub fn open_all(
             what,
         },
     )?;
-    // Pty masters first, by index (a slave may come before its master).
+    // Pty masters first, by index (a slave may come before its master),
+    // those of each devpts instance in the mount namespace of the first
+    // one's holder (a devpts of the tree's own is mounted there anew).
     let masters: Vec<&FileEntry> = of_kind(FileKind::FilePtyMaster).collect();
-    enter(masters.first().copied())?;
-    let ptys = pty::open_masters(&masters).map_err(|(f, e)| fail(f, e))?;
+    let mut ptys = HashMap::new();
+    let mut instances: Vec<u64> = masters
+        .iter()
+        .map(|f| f.pty.as_ref().map_or(0, |p| p.devpts))
+        .collect();
+    instances.sort_unstable();
+    instances.dedup();
+    for d in instances {
+        let of: Vec<&FileEntry> = masters
+            .iter()
+            .copied()
+            .filter(|f| f.pty.as_ref().map_or(0, |p| p.devpts) == d)
+            .collect();
+        enter(of.first().copied())?;
+        ptys.extend(pty::open_masters(&of).map_err(|(f, e)| fail(f, e))?);
+    }
     let mut op = Opener {
         files,
         pipes: pipe::Pipes::default(),

@@ -49,33 +49,49 @@ pub fn dump(
     h: &mut ProcHandles,
     e: &mut FileEntry,
 ) -> Result<(), FilesError> {
+    use std::os::unix::fs::MetadataExt;
     // A pty of a devpts cryo does not see (mounted in the tree's own mount
-    // namespace): its pairs would be made again on cryo's.
-    // (The entry's mnt_id is fdinfo's, read by describe.)
-    if e.mnt_id != 0 && !crate::ns::mnt::own_mount_ids().contains(&e.mnt_id) {
-        return Err(cx.unsupported(
-            "a pty of a devpts mounted in the tree's own mount namespace (not supported yet)",
-        ));
-    }
+    // namespace) is of an instance the restore mounts anew there: its
+    // index space is its own. (The entry's mnt_id is fdinfo's, read by
+    // describe.)
+    let own = e.mnt_id == 0 || crate::ns::mnt::own_mount_ids().contains(&e.mnt_id);
     e.pty = if kind == FileKind::FilePtyMaster {
         let master = h.getfd(cx.pid, cx.fd)?;
         let mut st = dump_master(cx.pid, cx.fd, master.as_raw_fd())?;
-        // The slave node's owner and mode.
-        if let Ok(m) = std::fs::metadata(pts_dir(cx.link).join(st.index.to_string())) {
-            use std::os::unix::fs::MetadataExt;
+        // The slave node's owner and mode: by its path where cryo sees
+        // it, else through the slave the master opens.
+        let node = if own {
+            std::fs::metadata(pts_dir(cx.link).join(st.index.to_string())).ok()
+        } else {
+            let peer = tty::pty_peer(master.as_raw_fd(), libc::O_RDONLY | libc::O_CLOEXEC)
+                .map_err(|errno| PtyError::Master {
+                    pid: cx.pid,
+                    fd: cx.fd,
+                    what: "TIOCGPTPEER (its slave, in the tree's own devpts)",
+                    errno,
+                })?;
+            let m = std::fs::File::from(peer).metadata().ok();
+            st.devpts = m.as_ref().map_or(0, |m| m.dev());
+            m
+        };
+        if let Some(m) = node {
             st.slave_uid = Some(m.uid());
             st.slave_gid = Some(m.gid());
             st.slave_mode = Some(m.mode() & 0o7777);
         }
         Some(st)
     } else {
-        tty::pty_slave_index(cx.st.st_rdev).map(slave_state)
+        tty::pty_slave_index(cx.st.st_rdev).map(|i| PtyState {
+            devpts: if own { 0 } else { cx.st.st_dev },
+            ..slave_state(i)
+        })
     };
     Ok(())
 }
 
-fn index_of(f: &FileEntry) -> Option<u32> {
-    f.pty.as_ref().map(|p| p.index)
+/// A pty's devpts instance and index: what pairs a master with its slaves.
+fn key_of(f: &FileEntry) -> Option<(u64, u32)> {
+    f.pty.as_ref().map(|p| (p.devpts, p.index))
 }
 
 fn is(f: &FileEntry, k: FileKind) -> bool {
@@ -95,12 +111,33 @@ pub fn pair(
     tree: &BTreeSet<i32>,
     shell_job: bool,
 ) -> Result<BTreeSet<u32>, FilesError> {
-    let masters: BTreeSet<u32> = procs
+    let masters: BTreeSet<(u64, u32)> = procs
         .iter()
         .flat_map(|p| p.files.iter())
         .filter(|f| is(f, FileKind::FilePtyMaster))
-        .filter_map(index_of)
+        .filter_map(key_of)
         .collect();
+    // A controlling terminal is known by its device number only, which a
+    // pty of the tree's own devpts shares with cryo's of the same index.
+    let own_devpts: BTreeSet<u32> = procs
+        .iter()
+        .flat_map(|p| p.files.iter())
+        .filter_map(key_of)
+        .filter(|(d, _)| *d != 0)
+        .map(|(_, i)| i)
+        .collect();
+    for p in procs.iter() {
+        let ctty = cttys.get(&p.pid).copied().unwrap_or(0);
+        let ctty_index = tty::pty_slave_index(ctty).filter(|_| ctty != 0);
+        if let Some(i) = ctty_index.filter(|i| own_devpts.contains(i)) {
+            return Err(FilesError::UnsupportedFd {
+                pid: p.pid,
+                fd: -1,
+                what: "its controlling terminal is pty N of a devpts, and the tree has a pty N of its own devpts: which one it is cannot be told (not supported yet)",
+                link: format!("pty {i}"),
+            });
+        }
+    }
     for p in procs.iter_mut() {
         let ctty = cttys.get(&p.pid).copied().unwrap_or(0);
         let ctty_index = tty::pty_slave_index(ctty).filter(|_| ctty != 0);
@@ -111,14 +148,14 @@ pub fn pair(
             ..
         } = p;
         for f in files.iter_mut() {
-            let Some(index) = index_of(f).filter(|_| is(f, FileKind::FilePtySlave)) else {
+            let Some((devpts, index)) = key_of(f).filter(|_| is(f, FileKind::FilePtySlave)) else {
                 continue;
             };
             // A slave whose master was closed has none to pair with.
-            if masters.contains(&index) || f.deleted {
+            if masters.contains(&(devpts, index)) || f.deleted {
                 continue;
             }
-            let is_ctty = ctty_index == Some(index);
+            let is_ctty = devpts == 0 && ctty_index == Some(index);
             if shell_job && is_ctty {
                 f.kind = FileKind::FileShellTty as i32;
                 f.pty = None;
@@ -141,6 +178,12 @@ pub fn pair(
             });
         }
     }
+    // The masters of cryo's devpts: those the sessions know by index.
+    let masters: BTreeSet<u32> = masters
+        .into_iter()
+        .filter(|(d, _)| *d == 0)
+        .map(|(_, i)| i)
+        .collect();
     if masters.is_empty() {
         return Ok(masters);
     }
@@ -157,7 +200,7 @@ pub fn pair(
                 let f = p
                     .files
                     .iter()
-                    .find(|f| is(f, FileKind::FilePtyMaster) && index_of(f) == Some(index))?;
+                    .find(|f| is(f, FileKind::FilePtyMaster) && key_of(f) == Some((0, index)))?;
                 Some((p.pid, p.fd_of(f.id), f.path.clone()))
             })
             .unwrap_or_default();
@@ -275,14 +318,15 @@ fn open_master(f: &FileEntry, st: &PtyState, spare: &mut Vec<OwnedFd>) -> Result
     ))
 }
 
-/// Every master of the table, by file id, opened in index order (each is
-/// its pair's only open file description), unlocked until the slaves are
-/// open. The masters handed out on the way are closed at the end.
+/// Every master of `masters` (of one devpts instance, opened in the mount
+/// namespace the caller is in), by file id, opened in index order (each
+/// is its pair's only open file description), unlocked until the slaves
+/// are open. The masters handed out on the way are closed at the end.
 pub fn open_masters<'a>(
     masters: &[&'a FileEntry],
 ) -> Result<HashMap<u32, OwnedFd>, (&'a FileEntry, String)> {
     let mut sorted = masters.to_vec();
-    sorted.sort_by_key(|f| index_of(f));
+    sorted.sort_by_key(|f| key_of(f));
     let mut spare: Vec<OwnedFd> = Vec::new();
     let mut out = HashMap::new();
     for f in sorted {

@@ -334,8 +334,9 @@ impl TreeImage {
     }
 }
 
-/// Pty pairs: one master per index, and the master of every slave and of
-/// every controlling terminal in the image.
+/// Pty pairs: one master per index of each devpts instance, and the
+/// master of every slave and of every controlling terminal (of cryo's
+/// devpts) in the image.
 fn check_ptys(entries: &[PstreeEntry], files: &[FileEntry]) -> Result<()> {
     let files_img = cryo_image::FILES_FILE;
     let mut masters = HashSet::new();
@@ -350,7 +351,7 @@ fn check_ptys(entries: &[PstreeEntry], files: &[FileEntry]) -> Result<()> {
                 format!("file {}: a pty end without its pty state", f.id),
             ));
         };
-        if master && !masters.insert(pty.index) {
+        if master && !masters.insert((pty.devpts, pty.index)) {
             return Err(invalid(
                 files_img,
                 format!("file {}: a second master of pty {}", f.id, pty.index),
@@ -362,8 +363,13 @@ fn check_ptys(entries: &[PstreeEntry], files: &[FileEntry]) -> Result<()> {
         .iter()
         .filter(|f| f.kind == FileKind::FilePtySlave as i32 && !f.deleted)
     {
-        let index = f.pty.as_ref().map(|p| p.index).unwrap_or_default();
-        if !masters.contains(&index) {
+        let key = f
+            .pty
+            .as_ref()
+            .map(|p| (p.devpts, p.index))
+            .unwrap_or_default();
+        let index = key.1;
+        if !masters.contains(&key) {
             return Err(invalid(
                 files_img,
                 format!(
@@ -374,7 +380,7 @@ fn check_ptys(entries: &[PstreeEntry], files: &[FileEntry]) -> Result<()> {
         }
     }
     for e in entries {
-        if let Some(index) = e.pty_ctty.filter(|i| !masters.contains(i)) {
+        if let Some(index) = e.pty_ctty.filter(|i| !masters.contains(&(0, *i))) {
             return Err(invalid(
                 cryo_image::PSTREE_FILE,
                 format!(

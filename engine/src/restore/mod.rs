@@ -535,6 +535,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .files
         .iter()
         .filter(|f| f.kind == FileKind::FilePtyMaster as i32)
+        // Controlling terminals are ptys of cryo's devpts.
+        .filter(|f| f.pty.as_ref().is_some_and(|p| p.devpts == 0))
         .filter_map(|f| Some((f.pty.as_ref()?.index, *file_fds.get(&f.id)?)))
         .collect();
     let ctx = NodeCtx {

@@ -52,6 +52,19 @@ pub fn pty_number(fd: RawFd) -> Result<u32, Errno> {
     Ok(n)
 }
 
+/// The slave of the pty whose master `fd` is, opened (TIOCGPTPEER) with
+/// `flags` (O_NOCTTY always): wherever its devpts is mounted.
+pub fn pty_peer(fd: RawFd, flags: libc::c_int) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    const TIOCGPTPEER: libc::Ioctl = 0x5441;
+    // SAFETY: TIOCGPTPEER takes open flags as a plain integer and returns
+    // a new descriptor, which we own at once.
+    let r = unsafe { libc::ioctl(fd, TIOCGPTPEER, (flags | libc::O_NOCTTY) as libc::c_ulong) };
+    let r = Errno::result(r)?;
+    // SAFETY: `r` was just returned to us and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
 /// Whether the master `fd` is locked (TIOCGPTLCK).
 pub fn pty_locked(fd: RawFd) -> Result<bool, Errno> {
     let mut v: libc::c_int = 0;

@@ -133,6 +133,9 @@ pub fn file_label(f: &proto::FileEntry) -> String {
         return f.path.clone();
     };
     let mut what = format!("pty {}", pty.index);
+    if pty.devpts != 0 {
+        what.push_str(" of the tree's own devpts");
+    }
     if pty.locked {
         what.push_str(", locked");
     }

@@ -306,7 +306,7 @@ fn check_fds(rep: &mut Report<'_>, d: &Decoded) {
                 );
             }
             if let (Ok(FileKind::FilePtyMaster), Some(p)) = (kind, &f.pty) {
-                if !masters.insert(p.index) {
+                if !masters.insert((p.devpts, p.index)) {
                     rep.file(
                         FILES_FILE,
                         format!("file id {}: a second master of pty {}", f.id, p.index),
@@ -319,7 +319,11 @@ fn check_fds(rep: &mut Report<'_>, d: &Decoded) {
             .iter()
             .filter(|f| f.kind == FileKind::FilePtySlave as i32 && !f.deleted)
         {
-            if let Some(p) = f.pty.as_ref().filter(|p| !masters.contains(&p.index)) {
+            if let Some(p) = f
+                .pty
+                .as_ref()
+                .filter(|p| !masters.contains(&(p.devpts, p.index)))
+            {
                 rep.file(
                     FILES_FILE,
                     format!(
@@ -330,7 +334,7 @@ fn check_fds(rep: &mut Report<'_>, d: &Decoded) {
             }
         }
         for e in d.pstree.iter().flatten() {
-            if let Some(index) = e.pty_ctty.filter(|i| !masters.contains(i)) {
+            if let Some(index) = e.pty_ctty.filter(|i| !masters.contains(&(0, *i))) {
                 rep.file(
                     PSTREE_FILE,
                     format!(
