@@ -9,9 +9,20 @@ use std::time::Duration;
 
 use cryo_tests::*;
 
-/// The container's root: the workload's only child.
+/// The container's root: the workload's only child, or the one it names
+/// (made by an unprivileged process that ended since).
 fn container(wl: &Workload) -> i32 {
     let p = wl.pid();
+    let named = wl
+        .verdict_path()
+        .parent()
+        .map(|d| d.join("tmp").join("container.pid"));
+    if let Some(pid) = named
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| t.trim().parse().ok())
+    {
+        return pid;
+    }
     std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
@@ -164,4 +175,30 @@ fn user_namespace_thread_outside_owned_pid_namespace_refused() {
         "stderr: {err}"
     );
     wl.assert_pass("a container with a thread after a refused dump");
+}
+
+/// A container made by an unprivileged user (uid 1000): setgroups denied
+/// and its own ids mapped only, as such a user may; restored with the
+/// same maps, twice.
+#[test]
+fn unprivileged_user_namespace_two_rounds() {
+    let dir = TestDir::new();
+    let mut wl = start(&dir, &["--pidns", "0", "--unprivileged", "1"]);
+    let root = container(&wl);
+    let guard = TreeGuard::new(tree_pids(root));
+    for round in 0..2 {
+        let img = dir.subdir(&format!("img{round}"));
+        let out = dump(root, &img, &[], &[]);
+        assert_cryo_ok(&out, "cryo dump of an unprivileged user's container");
+        assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+        let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(
+            text.contains("uid map 0 1000 1") && text.contains("setgroups deny"),
+            "image show lacks the maps: {text}"
+        );
+        let out = restore_detached(&img);
+        assert_cryo_ok(&out, "cryo restore of an unprivileged user's container");
+    }
+    wl.assert_pass("an unprivileged user's container, restored twice");
 }

@@ -2,7 +2,7 @@
 //! other namespaces: a restore must make the user namespace again with
 //! its maps and every other namespace owned by it.
 //!
-//! `wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1] [--all 1]`
+//! `wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1] [--all 1] [--unprivileged 1]`
 //!
 //! P, in the host's namespaces, makes R with clone3(CLONE_NEWUSER |
 //! CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
@@ -29,7 +29,11 @@
 //! counts, which must still count after the restore, with its tid inside.
 //! With `--all 1` R also gets a cgroup and a time namespace of its own
 //! (owned by its user namespace too): its /proc/self/cgroup must read as
-//! before, and CLOCK_MONOTONIC must not go back.
+//! before, and CLOCK_MONOTONIC must not go back. With `--unprivileged 1`
+//! the user namespace is an unprivileged user's: a process U of P's
+//! becomes uid and gid 1000, makes R, denies setgroups and maps only its
+//! own ids (`0 1000 1`), as a user without privileges may, then ends (R
+//! goes to the test, a subreaper); P writes R's pid to DIR/container.pid.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
@@ -39,7 +43,16 @@ use std::time::{Duration, Instant};
 use cryo_tests::wl;
 
 const NAME: &str = "wl_userns";
-const MAP: &str = "0 100000 65536";
+/// The maps P (or U) writes, and the host uid of the namespace's root.
+static MAP: std::sync::OnceLock<(&'static str, u32, &'static str)> = std::sync::OnceLock::new();
+
+fn map() -> &'static str {
+    MAP.get().map_or("0 100000 65536", |m| m.0)
+}
+
+fn setgroups_want() -> &'static str {
+    MAP.get().map_or("allow", |m| m.2)
+}
 const HOST: &str = "cryo-userns";
 const KEY: i32 = 0x5eed_0001;
 const DATA: &[u8] = b"segment data of the user namespace";
@@ -154,13 +167,13 @@ fn check(
     }
     for f in ["uid_map", "gid_map"] {
         let m = std::fs::read_to_string(format!("/proc/self/{f}")).unwrap_or_default();
-        let want = if mapped { MAP } else { "" };
+        let want = if mapped { map() } else { "" };
         if m.split_whitespace().collect::<Vec<_>>().join(" ") != want {
             fails.push(format!("{f} is {m:?}"));
         }
     }
     let sg = std::fs::read_to_string("/proc/self/setgroups").unwrap_or_default();
-    if sg.trim() != "allow" {
+    if sg.trim() != setgroups_want() {
         fails.push(format!("setgroups is {sg:?}"));
     }
     let user = ns_inode("user");
@@ -343,17 +356,24 @@ fn container(
 
 fn main() {
     let usage =
-        "wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1] [--all 1]";
+        "wl_userns --ready FILE --verdict FILE --tmp DIR [--pidns 0] [--map 0] [--thread 1] [--all 1] [--unprivileged 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let tmp = a.tmp_dir(NAME, usage).display().to_string();
     let pidns = a.get("pidns") != Some("0");
     let mapped = a.get("map") != Some("0");
     let threaded = a.get("thread") == Some("1");
+    let unprivileged = a.get("unprivileged") == Some("1");
+    let _ = MAP.set(if unprivileged {
+        ("0 1000 1", 1000, "deny")
+    } else {
+        ("0 100000 65536", 100000, "allow")
+    });
+    let root_uid = MAP.get().map_or(100000, |m| m.1);
     let box_dir = format!("{tmp}/box");
     let prep = std::fs::create_dir_all(format!("{tmp}/mnt"))
         .and_then(|()| std::fs::create_dir_all(&box_dir))
-        .and_then(|()| std::os::unix::fs::chown(&box_dir, Some(100000), Some(100000)))
+        .and_then(|()| std::os::unix::fs::chown(&box_dir, Some(root_uid), Some(root_uid)))
         .and_then(|()| {
             // Unmapped, R is no one the host's files know: any may write.
             use std::os::unix::fs::PermissionsExt;
@@ -382,6 +402,15 @@ fn main() {
         ALL.store(true, Ordering::SeqCst);
         flags |= libc::CLONE_NEWCGROUP | libc::CLONE_NEWTIME;
     }
+    if unprivileged {
+        match unprivileged_container(flags, go, &tmp, (pidns, mapped, threaded)) {
+            Ok(pid) => {
+                let _ = std::fs::write(format!("{tmp}/container.pid"), pid.to_string());
+                parent(&a, &tmp, pid)
+            }
+            Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
+        }
+    }
     let r = match wl::clone_sharing(flags as u64) {
         Ok(0) => {
             // SAFETY: closing the parent's end of the pipe.
@@ -403,11 +432,97 @@ fn main() {
         Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
     };
     for f in ["uid_map", "gid_map"].into_iter().filter(|_| mapped) {
-        if let Err(e) = std::fs::write(format!("/proc/{r}/{f}"), MAP) {
+        if let Err(e) = std::fs::write(format!("/proc/{r}/{f}"), map()) {
             wl::finish(NAME, &a.verdict, Err(format!("writing {f}: {e}")));
         }
     }
     wl::write_fd(go[1], b"g");
+    parent(&a, &tmp, r)
+}
+
+/// R as the child of U, an unprivileged process of P's (see the module):
+/// R's pid, which U reports before it ends.
+fn unprivileged_container(
+    flags: libc::c_int,
+    go: [i32; 2],
+    tmp: &str,
+    modes: (bool, bool, bool),
+) -> Result<i32, String> {
+    let back = wl::pipe()?;
+    // SAFETY: fork of this single-threaded process; U makes R, writes its
+    // maps, reports R's pid and ends.
+    let u = unsafe { libc::fork() };
+    if u < 0 {
+        return Err(os_err("fork"));
+    }
+    if u == 0 {
+        // SAFETY: dropping to an unprivileged user: no groups, then the
+        // ids (the group first, while it may).
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(1000, 1000, 1000) == 0
+                && libc::setresuid(1000, 1000, 1000) == 0
+                // The id change made it undumpable, its /proc files (and
+                // R's) root's: a user's own process is dumpable.
+                && libc::prctl(libc::PR_SET_DUMPABLE, 1) == 0
+        };
+        let r = if dropped {
+            wl::clone_sharing(flags as u64)
+        } else {
+            Err(os_err("dropping to uid 1000"))
+        };
+        let r = match r {
+            Ok(0) => {
+                // SAFETY: closing the other ends of the pipes.
+                unsafe {
+                    libc::close(go[1]);
+                    libc::close(back[0]);
+                    libc::close(back[1]);
+                }
+                let result = container(tmp, modes, go[0]);
+                let text = match result {
+                    Ok(f) if f.is_empty() => "PASS\n".to_string(),
+                    Ok(f) => format!("FAIL: {}\n", f.join("; ")),
+                    Err(e) => format!("FAIL: setup: {e}\n"),
+                };
+                let _ = wl::write_atomic(
+                    std::path::Path::new(&format!("{tmp}/box/verdict")),
+                    text.as_bytes(),
+                );
+                // SAFETY: end at once.
+                unsafe { libc::_exit(0) }
+            }
+            Ok(pid) => pid,
+            Err(_) => -1,
+        };
+        // As an unprivileged user may: setgroups denied, its own ids only.
+        let wrote = r > 0
+            && std::fs::write(format!("/proc/{r}/setgroups"), "deny").is_ok()
+            && std::fs::write(format!("/proc/{r}/uid_map"), map()).is_ok()
+            && std::fs::write(format!("/proc/{r}/gid_map"), map()).is_ok();
+        wl::write_fd(
+            back[1],
+            format!("{}\n", if wrote { r } else { -1 }).as_bytes(),
+        );
+        wl::write_fd(go[1], b"g");
+        // SAFETY: U ends; R goes to the nearest subreaper.
+        unsafe { libc::_exit(0) }
+    }
+    // SAFETY: closing U's end; collecting U once it reported.
+    unsafe { libc::close(back[1]) };
+    let line = wl::read_line(back[0]);
+    // SAFETY: U is our child.
+    unsafe { libc::waitpid(u, std::ptr::null_mut(), 0) };
+    match line.trim().parse::<i32>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err("U did not make the container or write its maps".into()),
+    }
+}
+
+/// P once R runs: wait for R's ready, then for SIGTERM, pass it on, and
+/// write R's verdict.
+fn parent(a: &wl::Args, tmp: &str, r: i32) -> ! {
+    let box_dir = format!("{tmp}/box");
     let ready = std::path::Path::new(&box_dir).join("ready");
     let verdict = std::path::Path::new(&box_dir).join("verdict");
     let start = Instant::now();
