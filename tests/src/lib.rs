@@ -1106,3 +1106,29 @@ pub const SWEEP_EVERYTHING: &[&str] = &[
     "--discard",
     "2",
 ];
+
+/// Put this test (the thread that runs it, and what it starts) in a new
+/// network namespace with its loopback up. False, with the reason
+/// printed, where one of `tools` (`ip`, `nft`) cannot be run.
+pub fn own_network_namespace(tools: &[&str]) -> bool {
+    for tool in tools {
+        if Command::new(tool).arg("--version").output().is_err() {
+            eprintln!("SKIP: {tool} is not installed (Debian's iproute2 and nftables packages)");
+            return false;
+        }
+    }
+    // SAFETY: unshare takes a flag; it changes this thread's namespace
+    // only, which the test's children inherit.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        r,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+    true
+}

@@ -10,30 +10,8 @@ use std::time::Duration;
 
 use cryo_tests::*;
 
-/// Put this test (the thread that runs it, and what it starts) in a new
-/// network namespace with its loopback up. False, with the reason
-/// printed, where `ip` or `nft` cannot be run.
 fn own_network() -> bool {
-    for tool in ["ip", "nft"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            eprintln!("SKIP: {tool} is not installed (Debian's iproute2 and nftables packages)");
-            return false;
-        }
-    }
-    // SAFETY: unshare takes a flag; it changes this thread's namespace
-    // only, which the test's children inherit.
-    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        r,
-        0,
-        "unshare(CLONE_NEWNET): {}",
-        std::io::Error::last_os_error()
-    );
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status();
-    assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
-    true
+    own_network_namespace(&["ip", "nft"])
 }
 
 fn ip_link_exists(name: &str) -> bool {

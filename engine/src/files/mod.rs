@@ -27,6 +27,7 @@
 pub mod epoll;
 pub mod eventfd;
 pub mod ghost;
+pub mod inet;
 pub mod inotify;
 pub mod lock;
 pub mod mqueue;
@@ -75,6 +76,13 @@ pub enum FilesError {
         pid: i32,
         fd: i32,
         what: &'static str,
+        link: String,
+    },
+    #[error("task {pid}: fd {fd} is {what} ({link})")]
+    Unsupported {
+        pid: i32,
+        fd: i32,
+        what: String,
         link: String,
     },
     #[error("task {pid}: fd {fd} refers to deleted file {link} of {size} bytes, more than the --ghost-limit of {limit} bytes")]
@@ -226,6 +234,16 @@ impl FdCtx<'_> {
             link: self.link.to_string(),
         }
     }
+
+    /// [`Self::unsupported`] with a reason made at the time.
+    pub fn unsupported_owned(&self, what: String) -> FilesError {
+        FilesError::Unsupported {
+            pid: self.pid,
+            fd: self.fd,
+            what,
+            link: self.link.to_string(),
+        }
+    }
 }
 
 /// Per-process resources a kind may need while its descriptors are read.
@@ -300,14 +318,11 @@ fn classify(
             }
         }
         libc::S_IFLNK if link.starts_with('/') => FileKind::FileSymlink,
-        libc::S_IFSOCK => {
-            if !diag.get_for([cx.pid])?.contains_key(&st.st_ino) {
-                return Err(cx.unsupported(
-                    "a socket that is not a unix socket (other families are not supported yet)",
-                ));
-            }
-            FileKind::FileUnixSocket
+        // Not a unix socket: an IPv4 or IPv6 one, or refused by inet::dump.
+        libc::S_IFSOCK if !diag.get_for([cx.pid])?.contains_key(&st.st_ino) => {
+            FileKind::FileInetSocket
         }
+        libc::S_IFSOCK => FileKind::FileUnixSocket,
         libc::S_IFIFO if link.starts_with('/') => FileKind::FileFifo,
         _ => {
             return Err(cx.unsupported(match fmt {
@@ -380,6 +395,7 @@ fn is_anon(kind: FileKind) -> bool {
         kind,
         FileKind::FilePipe
             | FileKind::FileUnixSocket
+            | FileKind::FileInetSocket
             | FileKind::FileEventfd
             | FileKind::FileTimerfd
             | FileKind::FileSignalfd
@@ -418,6 +434,7 @@ fn dump_kind(
         }
         FileKind::FileShellTty => Ok(()),
         FileKind::FilePtyMaster | FileKind::FilePtySlave => pty::dump(kind, cx, h, e),
+        FileKind::FileInetSocket => inet::dump(cx, h, e),
     }
 }
 

@@ -14,8 +14,8 @@ use cryo_image::proto::{FileEntry, FileKind};
 use nix::fcntl::{FcntlArg, OFlag};
 
 use super::{
-    epoll, eventfd, ghost, inotify, lock, mqueue, pidfd, pipe, pty, regfile, signalfd, timerfd,
-    tty, unix,
+    epoll, eventfd, ghost, inet, inotify, lock, mqueue, pidfd, pipe, pty, regfile, signalfd,
+    timerfd, tty, unix,
 };
 
 /// Why one file of files.img could not be opened again.
@@ -41,6 +41,7 @@ pub fn made_by_task(kind: FileKind) -> bool {
         | FileKind::FileTimerfd
         | FileKind::FileSignalfd
         | FileKind::FileUnixSocket
+        | FileKind::FileInetSocket
         | FileKind::FileMemfd
         | FileKind::FileDeleted
         | FileKind::FileInotify
@@ -111,6 +112,7 @@ impl Opener<'_> {
             FileKind::FilePtySlave => pty::open_slave(f)?,
             FileKind::FileSymlink => regfile::open_symlink(f)?,
             FileKind::FilePidfdDead => pidfd::make_dead()?,
+            FileKind::FileInetSocket => inet::make(f)?,
             FileKind::FileUnixSocket => self
                 .sockets
                 .remove(&f.id)

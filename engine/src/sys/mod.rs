@@ -9,6 +9,7 @@
 
 pub mod fd;
 pub mod fs;
+pub mod inet;
 pub mod ipc;
 pub mod mem;
 pub mod mount;

@@ -129,6 +129,27 @@ pub fn file_label(f: &proto::FileEntry) -> String {
     if f.deleted {
         return format!("{} (removed)", f.path);
     }
+    if let Some(s) = &f.inet {
+        // SOCK_STREAM is 1.
+        let proto = if s.r#type == 1 { "TCP" } else { "UDP" };
+        let mut what = format!("{proto} {}", f.path);
+        if !s.local_addr.is_empty() {
+            what += &format!(
+                " on {}",
+                cryo_engine::files::inet::text(&s.local_addr, s.local_port)
+            );
+        }
+        if s.listening {
+            what += &format!(" listening (backlog {})", s.backlog);
+        }
+        if !s.peer_addr.is_empty() {
+            what += &format!(
+                " to {}",
+                cryo_engine::files::inet::text(&s.peer_addr, s.peer_port)
+            );
+        }
+        return what;
+    }
     let Some(pty) = &f.pty else {
         return f.path.clone();
     };

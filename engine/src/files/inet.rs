@@ -1,0 +1,312 @@
+//! IPv4 and IPv6 sockets, dump and restore side by side: TCP sockets
+//! listening or not yet connected, UDP sockets bound or connected.
+//!
+//! Dump: the socket is taken from the stopped task with pidfd_getfd; its
+//! family, type and protocol, its addresses, its TCP state (TCP_INFO), a
+//! listener's backlog and accept queue (sock_diag, asked in the holder's
+//! network namespace), and the options that differ from those of a new
+//! socket of the same kind in that namespace. Refused by name: a TCP
+//! connection (established or on its way: with issue #11's TCP_REPAIR),
+//! a listener with connections it has not accepted yet, a UDP socket with
+//! datagrams queued, and other families and types.
+//!
+//! Restore: in the holder's network namespace (the open_files thread is
+//! there), a socket of the same kind with its options set again, bound
+//! to its address (SO_REUSEADDR held on over the bind, so that the dumped
+//! tree's old connections do not keep the port), listening with its
+//! backlog, and a UDP one connected to its peer.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use cryo_image::proto::{FileEntry, InetSocket, SockOpt};
+
+use super::{FdCtx, FilesError, ProcHandles};
+use crate::sys::inet;
+use crate::sys::netlink::Netlink;
+
+const TCP_LISTEN: u8 = 10;
+const TCP_CLOSE: u8 = 7;
+const TCP_STATES: [&str; 13] = [
+    "",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+/// The options kept where they differ from a new socket's (read as bytes,
+/// set again as read; the buffer sizes halved, as the kernel doubles
+/// them).
+const OPTIONS: [(i32, i32); 24] = [
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_MARK),
+    (libc::SOL_SOCKET, libc::SO_BINDTODEVICE),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IP, libc::IP_TTL),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+    (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+];
+
+fn option_name(level: i32, name: i32) -> String {
+    let known = [
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR"),
+        (libc::SOL_SOCKET, libc::SO_BINDTODEVICE, "SO_BINDTODEVICE"),
+        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "IPV6_V6ONLY"),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY, "TCP_NODELAY"),
+    ];
+    known
+        .iter()
+        .find(|k| k.0 == level && k.1 == name)
+        .map_or_else(|| format!("option {level}:{name}"), |k| k.2.to_string())
+}
+
+/// Dump side: its kind, addresses, state and options, or why it cannot
+/// be made again.
+pub fn dump(cx: &FdCtx, h: &mut ProcHandles, e: &mut FileEntry) -> Result<(), FilesError> {
+    let s = h.getfd(cx.pid, cx.fd)?;
+    let int = |name| inet::getsockopt_int(&s, libc::SOL_SOCKET, name);
+    let read = |what: &str| {
+        let what = what.to_string();
+        move |err: std::io::Error| {
+            cx.unsupported_owned(format!("a socket whose {what} cannot be read ({err})"))
+        }
+    };
+    let family = int(libc::SO_DOMAIN).map_err(read("family"))?;
+    let ty = int(libc::SO_TYPE).map_err(read("type"))?;
+    let protocol = int(libc::SO_PROTOCOL).map_err(read("protocol"))?;
+    let inet_family = family == libc::AF_INET || family == libc::AF_INET6;
+    let kind = (ty, protocol);
+    if !inet_family
+        || !matches!(
+            kind,
+            (libc::SOCK_STREAM, libc::IPPROTO_TCP) | (libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+        )
+    {
+        return Err(cx.unsupported_owned(format!(
+            "a socket of family {family}, type {ty}, protocol {protocol} (only IPv4 and IPv6 TCP and UDP sockets, and unix sockets, are kept)"
+        )));
+    }
+    let mut st = InetSocket {
+        family: family as u32,
+        r#type: ty as u32,
+        protocol: protocol as u32,
+        ..Default::default()
+    };
+    if let Ok((addr, port)) = inet::address(&s, false) {
+        if port != 0 || addr.iter().any(|&b| b != 0) {
+            st.local_addr = addr;
+            st.local_port = port.into();
+        }
+    }
+    if ty == libc::SOCK_STREAM {
+        let info =
+            inet::getsockopt(&s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(read("TCP state"))?;
+        let state = info.first().copied().unwrap_or(0);
+        match state {
+            TCP_LISTEN => {
+                let (queued, backlog) =
+                    listener_queues(cx.pid, cx.st.st_ino, family).map_err(|w| {
+                        cx.unsupported_owned(format!(
+                            "a TCP listener whose backlog cannot be read: {w}"
+                        ))
+                    })?;
+                if queued > 0 {
+                    return Err(cx.unsupported_owned(format!(
+                        "a TCP listener with {queued} connection(s) it has not accepted yet (not kept yet)"
+                    )));
+                }
+                st.listening = true;
+                st.backlog = backlog;
+            }
+            TCP_CLOSE => {}
+            s => {
+                let name = TCP_STATES.get(s as usize).copied().unwrap_or("unknown");
+                return Err(cx.unsupported_owned(format!(
+                    "a TCP connection in state {name} (connections are not kept yet: TCP_REPAIR comes next)"
+                )));
+            }
+        }
+    } else {
+        let n = inet::queued(&s).unwrap_or(0);
+        if n > 0 {
+            return Err(cx.unsupported_owned(format!(
+                "a UDP socket with a datagram of {n} bytes queued (queued datagrams are not kept yet)"
+            )));
+        }
+        if let Ok((addr, port)) = inet::address(&s, true) {
+            st.peer_addr = addr;
+            st.peer_port = port.into();
+        }
+    }
+    st.options = changed_options(cx.pid, &s, family, ty, protocol).map_err(|w| {
+        cx.unsupported_owned(format!("a socket whose options cannot be compared: {w}"))
+    })?;
+    e.inet = Some(st);
+    Ok(())
+}
+
+/// The options of `s` that differ from those of a new socket of its kind
+/// in the network namespace of task `pid`.
+fn changed_options(
+    pid: i32,
+    s: &OwnedFd,
+    family: i32,
+    ty: i32,
+    protocol: i32,
+) -> Result<Vec<SockOpt>, String> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
+    let fresh =
+        crate::sys::ns::in_namespace(ns.into(), nix::sched::CloneFlags::CLONE_NEWNET, || {
+            inet::socket(family, ty | libc::SOCK_CLOEXEC, protocol)
+        })
+        .map_err(|e| format!("a new socket to compare with: {e}"))?;
+    let mut out = Vec::new();
+    for (level, name) in OPTIONS {
+        let tcp_only = level == libc::IPPROTO_TCP && ty != libc::SOCK_STREAM;
+        let v6_only = level == libc::IPPROTO_IPV6 && family != libc::AF_INET6;
+        if tcp_only || v6_only {
+            continue;
+        }
+        let (Ok(now), Ok(new)) = (
+            inet::getsockopt(s, level, name),
+            inet::getsockopt(&fresh, level, name),
+        ) else {
+            continue;
+        };
+        if now != new {
+            out.push(SockOpt {
+                level,
+                name,
+                value: now,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A TCP listener's accept queue length and backlog (sock_diag's rqueue
+/// and wqueue), found by its inode among the listeners of the network
+/// namespace of task `pid`.
+fn listener_queues(pid: i32, ino: u64, family: i32) -> Result<(u32, u32), String> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    let ns: OwnedFd = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| e.to_string())?
+        .into();
+    let mut nl = Netlink::open_in(&ns, nix::sys::socket::SockProtocol::NetlinkSockDiag)
+        .map_err(|e| format!("a sock_diag socket: {e}"))?;
+    // struct inet_diag_req_v2: family, protocol, extensions, pad, states,
+    // then an inet_diag_sockid of 48 bytes (any).
+    let mut req = [0u8; 56];
+    req[0] = family as u8;
+    req[1] = libc::IPPROTO_TCP as u8;
+    req[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    let msgs = nl
+        .dump(SOCK_DIAG_BY_FAMILY, &req)
+        .map_err(|e| format!("sock_diag: {e}"))?;
+    // struct inet_diag_msg: rqueue at 56, wqueue at 60, inode at 68.
+    let word = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+            .unwrap_or(0)
+    };
+    msgs.iter()
+        .find(|m| u64::from(word(&m.body, 68)) == ino)
+        .map(|m| (word(&m.body, 56), word(&m.body, 60)))
+        .ok_or_else(|| format!("listener inode {ino} is not in sock_diag's list"))
+}
+
+/// Restore side: the socket made again (in the thread's network
+/// namespace, its holder's).
+pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
+    let st = f
+        .inet
+        .as_ref()
+        .ok_or("an IPv4/IPv6 socket without its state")?;
+    let (family, ty, protocol) = (st.family as i32, st.r#type as i32, st.protocol as i32);
+    let s = inet::socket(family, ty | libc::SOCK_CLOEXEC, protocol)
+        .map_err(|e| format!("socket({family}, {ty}, {protocol}): {e}"))?;
+    for o in &st.options {
+        let mut value = o.value.clone();
+        if o.level == libc::SOL_SOCKET && (o.name == libc::SO_RCVBUF || o.name == libc::SO_SNDBUF) {
+            let v = i32::from_ne_bytes(
+                value
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .unwrap_or([0; 4]),
+            );
+            value = (v / 2).to_ne_bytes().to_vec();
+        }
+        inet::setsockopt(&s, o.level, o.name, &value)
+            .map_err(|e| format!("setting {}: {e}", option_name(o.level, o.name)))?;
+    }
+    if !st.local_addr.is_empty() {
+        bind(&s, st)?;
+    }
+    if st.listening {
+        crate::sys::sock::listen(&s, st.backlog as i32)
+            .map_err(|e| format!("listen (backlog {}): {e}", st.backlog))?;
+    }
+    if !st.peer_addr.is_empty() {
+        inet::bind_or_connect(&s, &st.peer_addr, st.peer_port as u16, true)
+            .map_err(|e| format!("connecting to {}: {e}", text(&st.peer_addr, st.peer_port)))?;
+    }
+    Ok(s)
+}
+
+/// Bind `s` to its address, SO_REUSEADDR on over the bind (a TCP port the
+/// dumped tree's old connections still hold in TIME_WAIT), then as it was.
+fn bind(s: &impl AsFd, st: &InetSocket) -> Result<(), String> {
+    let reuse =
+        |v: i32| inet::setsockopt(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, &v.to_ne_bytes());
+    let was = inet::getsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0);
+    let tcp = st.r#type as i32 == libc::SOCK_STREAM;
+    if tcp && was == 0 {
+        reuse(1).map_err(|e| format!("SO_REUSEADDR for the bind: {e}"))?;
+    }
+    let bound = inet::bind_or_connect(s, &st.local_addr, st.local_port as u16, false)
+        .map_err(|e| format!("binding to {}: {e}", text(&st.local_addr, st.local_port)));
+    if tcp && was == 0 {
+        reuse(0).map_err(|e| format!("SO_REUSEADDR after the bind: {e}"))?;
+    }
+    let _ = s.as_fd().as_raw_fd();
+    bound
+}
+
+/// An address and port as `ip` and `ss` write them.
+pub fn text(addr: &[u8], port: u32) -> String {
+    match addr.len() {
+        4 => format!("{}.{}.{}.{}:{port}", addr[0], addr[1], addr[2], addr[3]),
+        16 => {
+            let a = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(addr).unwrap_or_default());
+            format!("[{a}]:{port}")
+        }
+        _ => format!("?:{port}"),
+    }
+}

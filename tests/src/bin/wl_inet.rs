@@ -1,0 +1,283 @@
+//! IPv4 and IPv6 sockets a restore must make again: TCP listeners with
+//! their options, a UDP socket bound and one connected, a TCP socket not
+//! bound yet.
+//!
+//! `wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1]`
+//!
+//! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
+//! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
+//! a UDP socket to 127.0.0.1, connects a UDP socket to [::1]:9, and keeps
+//! a TCP socket with SO_KEEPALIVE that is not bound. On SIGTERM it checks
+//! each one's address, peer and options, accepts a new connection on
+//! each listener with bytes both ways, and receives a datagram on the
+//! bound UDP socket. `--connected 1` also keeps a connection to its own
+//! listener (accepted), `--pending 1` one it has not accepted: cryo
+//! refuses both (the test checks that the process runs on).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use cryo_tests::wl;
+
+const NAME: &str = "wl_inet";
+
+fn opt(fd: i32, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = -1;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` (4) bytes into `v`.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    v
+}
+
+fn set(fd: i32, level: i32, name: i32, v: i32) -> Result<(), String> {
+    // SAFETY: the kernel reads 4 bytes from `v`.
+    let r = unsafe { libc::setsockopt(fd, level, name, (&v as *const i32).cast(), 4) };
+    if r != 0 {
+        return Err(format!(
+            "setsockopt {level}:{name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A TCP listener on `addr` with the options `opts` set before bind.
+fn listener(
+    addr: &str,
+    v6: bool,
+    opts: &[(i32, i32)],
+    backlog: i32,
+) -> Result<TcpListener, String> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: socket() returns a new descriptor, owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is new and ours.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    for &(level, name) in opts {
+        set(fd, level, name, 1)?;
+    }
+    let sa: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    socket2_bind(&owned, sa)?;
+    // SAFETY: listen takes integers.
+    if unsafe { libc::listen(fd, backlog) } != 0 {
+        return Err(format!("listen: {}", std::io::Error::last_os_error()));
+    }
+    Ok(TcpListener::from(owned))
+}
+
+fn socket2_bind(fd: &OwnedFd, sa: SocketAddr) -> Result<(), String> {
+    let r = match sa {
+        SocketAddr::V4(a) => {
+            let s = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: the kernel reads the sockaddr_in, a live local.
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&s as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: zeroed is a valid sockaddr_in6.
+            let mut s: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = a.port().to_be();
+            s.sin6_addr.s6_addr = a.ip().octets();
+            // SAFETY: as above.
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&s as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                )
+            }
+        }
+    };
+    if r != 0 {
+        return Err(format!("bind {sa}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// A new client of `l` exchanges bytes with what `l` accepts.
+fn serves(l: &TcpListener) -> Result<(), String> {
+    let at = l.local_addr().map_err(|e| e.to_string())?;
+    let mut c = TcpStream::connect(at).map_err(|e| format!("connecting to {at}: {e}"))?;
+    let (mut a, _) = l.accept().map_err(|e| format!("accept on {at}: {e}"))?;
+    c.write_all(b"ping").map_err(|e| e.to_string())?;
+    let mut b = [0u8; 4];
+    a.read_exact(&mut b).map_err(|e| e.to_string())?;
+    a.write_all(b"pong").map_err(|e| e.to_string())?;
+    c.read_exact(&mut b).map_err(|e| e.to_string())?;
+    if &b != b"pong" {
+        return Err(format!("{at} answered {b:?}"));
+    }
+    Ok(())
+}
+
+fn run(a: &wl::Args) -> Result<Vec<String>, String> {
+    wl::install_term_handler()?;
+    let tcp = libc::IPPROTO_TCP;
+    let l4 = listener(
+        "127.0.0.1:0",
+        false,
+        &[
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            (tcp, libc::TCP_NODELAY),
+        ],
+        17,
+    )?;
+    let l6 = listener(
+        "[::1]:0",
+        true,
+        &[(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)],
+        5,
+    )?;
+    let u4 = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("udp bind: {e}"))?;
+    let u6 = UdpSocket::bind("[::1]:0").map_err(|e| format!("udp6 bind: {e}"))?;
+    u6.connect("[::1]:9")
+        .map_err(|e| format!("udp6 connect: {e}"))?;
+    // SAFETY: socket() returns a new descriptor, owned at once.
+    let idle = unsafe {
+        OwnedFd::from_raw_fd(libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))
+    };
+    set(idle.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    let addrs = (
+        l4.local_addr().map_err(|e| e.to_string())?,
+        l6.local_addr().map_err(|e| e.to_string())?,
+        u4.local_addr().map_err(|e| e.to_string())?,
+        u6.local_addr().map_err(|e| e.to_string())?,
+    );
+    // Refused by cryo: a connection, or one not accepted yet.
+    let _kept = if a.get("connected") == Some("1") {
+        let c = TcpStream::connect(addrs.0).map_err(|e| e.to_string())?;
+        let s = l4.accept().map_err(|e| e.to_string())?;
+        Some((c, Some(s)))
+    } else if a.get("pending") == Some("1") {
+        Some((
+            TcpStream::connect(addrs.0).map_err(|e| e.to_string())?,
+            None,
+        ))
+    } else {
+        None
+    };
+    wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
+    while !wl::TERM.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut fails = Vec::new();
+    // The connection left pending is the listener's first to accept.
+    if a.get("pending") == Some("1") {
+        let _ = l4.accept();
+    }
+    let now = (
+        l4.local_addr(),
+        l6.local_addr(),
+        u4.local_addr(),
+        u6.local_addr(),
+    );
+    if (
+        now.0.as_ref().ok().copied(),
+        now.1.as_ref().ok().copied(),
+        now.2.as_ref().ok().copied(),
+        now.3.as_ref().ok().copied(),
+    ) != (Some(addrs.0), Some(addrs.1), Some(addrs.2), Some(addrs.3))
+    {
+        fails.push(format!("addresses {now:?}, were {addrs:?}"));
+    }
+    for (what, fd, level, name, want) in [
+        (
+            "SO_REUSEADDR",
+            l4.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            1,
+        ),
+        ("TCP_NODELAY", l4.as_raw_fd(), tcp, libc::TCP_NODELAY, 1),
+        (
+            "SO_ACCEPTCONN",
+            l4.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            1,
+        ),
+        (
+            "IPV6_V6ONLY",
+            l6.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            1,
+        ),
+        (
+            "SO_KEEPALIVE",
+            idle.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            1,
+        ),
+        (
+            "SO_REUSEADDR of [::1]",
+            l6.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            0,
+        ),
+    ] {
+        let got = opt(fd, level, name);
+        if got != want {
+            fails.push(format!("{what} is {got}, not {want}"));
+        }
+    }
+    match u6.peer_addr() {
+        Ok(p) if p == "[::1]:9".parse::<SocketAddr>().unwrap_or(p) && p.port() == 9 => {}
+        other => fails.push(format!("the connected UDP socket's peer is {other:?}")),
+    }
+    for l in [&l4, &l6] {
+        if let Err(e) = serves(l) {
+            fails.push(e);
+        }
+    }
+    let sender = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let _ = sender.send_to(b"datagram", addrs.2);
+    let _ = u4.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 16];
+    match u4.recv_from(&mut b) {
+        Ok((8, _)) if &b[..8] == b"datagram" => {}
+        other => fails.push(format!("the bound UDP socket got {other:?}")),
+    }
+    Ok(fails)
+}
+
+fn main() {
+    let usage = "wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1]";
+    let a = wl::Args::parse(usage);
+    wl::close_extra_fds();
+    let result = run(&a);
+    wl::finish(NAME, &a.verdict, result);
+}

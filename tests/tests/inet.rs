@@ -1,0 +1,78 @@
+//! IPv4 and IPv6 sockets (wl_inet): TCP listeners with their options, a
+//! UDP socket bound and one connected, a TCP socket not bound; made again
+//! in the holder's network namespace, checked by the workload with new
+//! connections and a datagram. Each test runs in a network namespace of
+//! its own (only loopback addresses). A connection, and one a listener
+//! has not accepted, are refused naming them.
+
+use std::time::Duration;
+
+use cryo_tests::*;
+
+#[test]
+fn inet_sockets_kill_and_restore_two_rounds() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &[], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    for round in 0..2 {
+        let img = dir.subdir(&format!("img{round}"));
+        dump_and_maybe_restore(&mut wl, &guard, &img, false);
+        let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        for want in ["listening (backlog 17)", "UDP", "to [::1]:9"] {
+            assert!(text.contains(want), "image show lacks {want:?}: {text}");
+        }
+    }
+    wl.assert_pass("wl_inet after two restores");
+}
+
+#[test]
+fn inet_sockets_leave_running() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &[], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_and_maybe_restore(&mut wl, &guard, &img, true);
+    wl.assert_pass("wl_inet after a dump -R");
+}
+
+/// A dump refused naming `wants`; the process runs on as it was.
+fn refused(args: &[&str], wants: &[&str]) {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", args, &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &[], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("refused dump: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(wants.iter().all(|w| err.contains(w)), "stderr: {err}");
+    std::thread::sleep(Duration::from_millis(10));
+    wl.assert_pass("wl_inet after a refused dump");
+}
+
+#[test]
+fn established_tcp_connection_refused() {
+    refused(
+        &["--connected", "1"],
+        &["a TCP connection in state ESTABLISHED"],
+    );
+}
+
+#[test]
+fn listener_with_pending_connection_refused() {
+    refused(
+        &["--pending", "1"],
+        &["connection(s) it has not accepted yet"],
+    );
+}
