@@ -7,20 +7,25 @@
 //! network namespace), and the options that differ from those of a new
 //! socket of the same kind in that namespace. Refused by name: a TCP
 //! connection (established or on its way: with issue #11's TCP_REPAIR),
-//! a listener with connections it has not accepted yet, a UDP socket with
-//! datagrams queued, and other families and types.
+//! a listener with connections it has not accepted yet, and other
+//! families and types. A UDP socket's queued datagrams are read without
+//! taking them (MSG_PEEK from a peek offset), each with its source; the
+//! kernel skips a zero-length datagram the task itself peeked at before,
+//! which is then not kept.
 //!
 //! Restore: in the holder's network namespace (the open_files thread is
 //! there), a socket of the same kind with its options set again, bound
 //! to its address (SO_REUSEADDR held on over the bind, so that the dumped
 //! tree's old connections do not keep the port), listening with its
-//! backlog, and a UDP one connected to its peer.
+//! backlog, its datagrams queued again from their sources (a raw socket
+//! writes each as it came, before the connect, which would filter them),
+//! and a UDP one connected to its peer.
 
 #![forbid(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use cryo_image::proto::{FileEntry, InetSocket, SockOpt};
+use cryo_image::proto::{Datagram, FileEntry, InetSocket, SockOpt};
 
 use super::{FdCtx, FilesError, ProcHandles};
 use crate::sys::inet;
@@ -89,7 +94,15 @@ fn option_name(level: i32, name: i32) -> String {
 
 /// Dump side: its kind, addresses, state and options, or why it cannot
 /// be made again.
-pub fn dump(cx: &FdCtx, h: &mut ProcHandles, e: &mut FileEntry) -> Result<(), FilesError> {
+/// `stopped`: the tree is stopped (not the checks made while it runs,
+/// which must not peek at queues: a zero-length datagram once peeked is
+/// skipped by every later peek from an offset).
+pub fn dump(
+    cx: &FdCtx,
+    h: &mut ProcHandles,
+    e: &mut FileEntry,
+    stopped: bool,
+) -> Result<(), FilesError> {
     let s = h.getfd(cx.pid, cx.fd)?;
     let int = |name| inet::getsockopt_int(&s, libc::SOL_SOCKET, name);
     let read = |what: &str| {
@@ -154,12 +167,18 @@ pub fn dump(cx: &FdCtx, h: &mut ProcHandles, e: &mut FileEntry) -> Result<(), Fi
             }
         }
     } else {
-        let n = inet::queued(&s).unwrap_or(0);
-        if n > 0 {
-            return Err(cx.unsupported_owned(format!(
-                "a UDP socket with a datagram of {n} bytes queued (queued datagrams are not kept yet)"
-            )));
-        }
+        let queued = match stopped {
+            true => inet::peek_datagrams(&s).map_err(read("queued datagrams"))?,
+            false => Vec::new(),
+        };
+        st.queue = queued
+            .into_iter()
+            .map(|(data, src_addr, port)| Datagram {
+                data,
+                src_addr,
+                src_port: port.into(),
+            })
+            .collect();
         if let Ok((addr, port)) = inet::address(&s, true) {
             st.peer_addr = addr;
             st.peer_port = port.into();
@@ -273,11 +292,76 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
         crate::sys::sock::listen(&s, st.backlog as i32)
             .map_err(|e| format!("listen (backlog {}): {e}", st.backlog))?;
     }
+    // Before the connect, which would filter out other sources.
+    requeue(&s, st)?;
     if !st.peer_addr.is_empty() {
         inet::bind_or_connect(&s, &st.peer_addr, st.peer_port as u16, true)
             .map_err(|e| format!("connecting to {}: {e}", text(&st.peer_addr, st.peer_port)))?;
     }
     Ok(s)
+}
+
+/// The dumped datagrams of UDP socket `s` queued on it again, each from
+/// its source, through a raw socket (see `sys::inet::inject_udp`), and
+/// waited for.
+fn requeue(s: &OwnedFd, st: &InetSocket) -> Result<(), String> {
+    if st.queue.is_empty() {
+        return Ok(());
+    }
+    let any = st.local_addr.iter().all(|&b| b == 0);
+    let mapped =
+        |a: &[u8]| a.len() == 16 && a[..10].iter().all(|&b| b == 0) && a[10..12] == [0xff, 0xff];
+    for (i, d) in st.queue.iter().enumerate() {
+        // A v4 datagram on a dual-stack socket came as IPv4; one to the
+        // unspecified address goes to the loopback's.
+        let (src, dst): (Vec<u8>, Vec<u8>) = if mapped(&d.src_addr) {
+            let dst = if any || !mapped(&st.local_addr) {
+                vec![127, 0, 0, 1]
+            } else {
+                st.local_addr[12..].to_vec()
+            };
+            (d.src_addr[12..].to_vec(), dst)
+        } else if any {
+            let lo = if d.src_addr.len() == 4 {
+                vec![127, 0, 0, 1]
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.octets().to_vec()
+            };
+            (d.src_addr.clone(), lo)
+        } else {
+            (d.src_addr.clone(), st.local_addr.clone())
+        };
+        inet::inject_udp(
+            (&src, d.src_port as u16),
+            (&dst, st.local_port as u16),
+            &d.data,
+        )
+        .map_err(|e| {
+            format!(
+                "queuing datagram {i} (from {}) again: {e}",
+                text(&d.src_addr, d.src_port)
+            )
+        })?;
+    }
+    // Delivered on the way out of each send, as a rule; waited for by the
+    // memory the queue takes until it stops growing (peeking would mark a
+    // zero-length datagram, which the next dump's peeks would then skip).
+    let start = std::time::Instant::now();
+    let mut last = 0;
+    loop {
+        let now = inet::rmem_alloc(s).map_err(|e| format!("SO_MEMINFO: {e}"))?;
+        if now > 0 && now == last {
+            return Ok(());
+        }
+        if start.elapsed() > std::time::Duration::from_secs(2) {
+            return Err(format!(
+                "the {} datagrams queued again did not arrive",
+                st.queue.len()
+            ));
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Bind `s` to its address, SO_REUSEADDR on over the bind (a TCP port the

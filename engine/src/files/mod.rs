@@ -434,7 +434,7 @@ fn dump_kind(
         }
         FileKind::FileShellTty => Ok(()),
         FileKind::FilePtyMaster | FileKind::FilePtySlave => pty::dump(kind, cx, h, e),
-        FileKind::FileInetSocket => inet::dump(cx, h, e),
+        FileKind::FileInetSocket => inet::dump(cx, h, e, opts.owners),
     }
 }
 

@@ -1,6 +1,7 @@
 //! IPv4 and IPv6 socket calls: a new socket, raw socket options (read
 //! and set as bytes), the local and peer addresses as (address bytes,
-//! port), bind and connect to such, and FIONREAD.
+//! port), bind and connect to such, the datagrams queued on a UDP
+//! socket (peeked), and a UDP datagram written through a raw socket.
 //!
 //! Every call takes a descriptor the caller holds, or returns a new one
 //! owned, and buffers of ours sized for the call: a wrong argument only
@@ -154,10 +155,155 @@ pub fn bind_or_connect(s: &impl AsFd, addr: &[u8], port: u16, connect: bool) -> 
     .map(drop)
 }
 
-/// How many bytes wait to be read on `s` (FIONREAD).
-pub fn queued(s: &impl AsFd) -> io::Result<i32> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int into `n`.
-    check(unsafe { libc::ioctl(s.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) })?;
-    Ok(n)
+/// A datagram and its source: (bytes, source address bytes, port).
+pub type Peeked = (Vec<u8>, Vec<u8>, u16);
+
+/// The bytes the receive queue of `s` takes (SO_MEMINFO's
+/// SK_MEMINFO_RMEM_ALLOC), which reads nothing of it.
+pub fn rmem_alloc(s: &impl AsFd) -> io::Result<u32> {
+    let v = getsockopt(s, libc::SOL_SOCKET, libc::SO_MEMINFO)?;
+    Ok(v.get(..4)
+        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
+}
+
+/// Every datagram queued on UDP socket `s`, in order, with its source
+/// (address bytes, port), read without taking any (MSG_PEEK from a peek
+/// offset of 0, which makes each peek go on after the last; the socket's
+/// own offset is set back after).
+pub fn peek_datagrams(s: &impl AsFd) -> io::Result<Vec<Peeked>> {
+    let was = getsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF)?;
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, &0i32.to_ne_bytes())?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let res = loop {
+        // SAFETY: zeroed is a valid sockaddr_storage.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most buf.len() bytes into `buf` and
+        // at most `len` into `ss`, both live locals of those sizes.
+        let n = unsafe {
+            libc::recvfrom(
+                s.as_fd().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            break match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(()),
+                _ => Err(e),
+            };
+        }
+        if n as usize > buf.len() {
+            break Err(io::Error::other(format!("a datagram of {n} bytes")));
+        }
+        let (addr, port) = to_pair(&ss);
+        out.push((buf[..n as usize].to_vec(), addr, port));
+    };
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, &was.to_ne_bytes())?;
+    res.map(|()| out)
+}
+
+fn fold(mut sum: u32, bytes: &[u8]) -> u32 {
+    for c in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn finish(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// Put a UDP datagram from `src` (address bytes, port) to `dst` on the
+/// wire of this thread's network namespace as it came, through a raw
+/// socket (IPPROTO_RAW: the header is ours): the socket bound to `dst`
+/// receives it with its source and boundaries.
+pub fn inject_udp(src: (&[u8], u16), dst: (&[u8], u16), data: &[u8]) -> io::Result<()> {
+    let udp_len = 8 + data.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&src.1.to_be_bytes());
+    udp.extend_from_slice(&dst.1.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(data);
+    let (family, packet) = match (src.0.len(), dst.0.len()) {
+        (4, 4) => {
+            let mut p = vec![
+                0x45,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0x40,
+                0,
+                64,
+                libc::IPPROTO_UDP as u8,
+                0,
+                0,
+            ];
+            let total = (20 + udp_len) as u16;
+            p[2..4].copy_from_slice(&total.to_be_bytes());
+            p.extend_from_slice(src.0);
+            p.extend_from_slice(dst.0);
+            // The UDP checksum is optional over IPv4 (0: none); the IP
+            // header's the kernel fills in.
+            p.extend_from_slice(&udp);
+            (libc::AF_INET, p)
+        }
+        (16, 16) => {
+            let mut p = vec![0x60, 0, 0, 0];
+            p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+            p.extend_from_slice(&[libc::IPPROTO_UDP as u8, 64]);
+            p.extend_from_slice(src.0);
+            p.extend_from_slice(dst.0);
+            let mut sum = fold(0, src.0);
+            sum = fold(sum, dst.0);
+            sum = fold(sum, &(udp_len as u32).to_be_bytes());
+            sum = fold(sum, &[0, 0, 0, libc::IPPROTO_UDP as u8]);
+            sum = fold(sum, &udp);
+            udp[6..8].copy_from_slice(&finish(sum).to_be_bytes());
+            p.extend_from_slice(&udp);
+            (libc::AF_INET6, p)
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "source and destination of different families",
+            ))
+        }
+    };
+    let raw = socket(
+        family,
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+        libc::IPPROTO_RAW,
+    )?;
+    let (ss, len) = from_pair(dst.0, 0)?;
+    // SAFETY: the kernel reads packet.len() bytes of a live buffer and
+    // `len` bytes of `ss`, a live local.
+    let n = unsafe {
+        libc::sendto(
+            raw.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -7,7 +7,11 @@
 //! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
 //! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
 //! a UDP socket to 127.0.0.1, connects a UDP socket to [::1]:9, and keeps
-//! a TCP socket with SO_KEEPALIVE that is not bound. On SIGTERM it checks
+//! a TCP socket with SO_KEEPALIVE that is not bound. Datagrams wait on
+//! two UDP sockets: three on the bound one from two senders (one empty,
+//! one of 9000 bytes), and on a dual-stack one bound to [::] one from an
+//! IPv4 sender and one from an IPv6 one. On SIGTERM it receives those in
+//! order from the same sources, then checks
 //! each one's address, peer and options, accepts a new connection on
 //! each listener with bytes both ways, and receives a datagram on the
 //! bound UDP socket. `--connected 1` also keeps a connection to its own
@@ -137,6 +141,41 @@ fn serves(l: &TcpListener) -> Result<(), String> {
     Ok(())
 }
 
+/// The datagrams queued at the dump come out in order, whole, from their
+/// senders.
+fn check_queued(
+    u4: &UdpSocket,
+    dual: &UdpSocket,
+    (s, t, six): (SocketAddr, SocketAddr, SocketAddr),
+    big: &[u8],
+    fails: &mut Vec<String>,
+) {
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    };
+    let want: [(&UdpSocket, &[u8], SocketAddr); 5] = [
+        (u4, b"first", s),
+        (u4, b"", t),
+        (u4, big, s),
+        (dual, b"to dual from v4", mapped(t)),
+        (dual, b"to dual from v6", six),
+    ];
+    let mut b = vec![0u8; 65536];
+    for (i, (sock, data, from)) in want.into_iter().enumerate() {
+        let _ = sock.set_nonblocking(true);
+        match sock.recv_from(&mut b) {
+            Ok((n, f)) if &b[..n] == data && f == from => {}
+            Ok((n, f)) => fails.push(format!(
+                "queued datagram {i}: {n} bytes from {f}, not {} from {from}",
+                data.len()
+            )),
+            Err(e) => fails.push(format!("queued datagram {i} is gone: {e}")),
+        }
+        let _ = sock.set_nonblocking(false);
+    }
+}
+
 fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     let tcp = libc::IPPROTO_TCP;
@@ -168,6 +207,34 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         ))
     };
     set(idle.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    let u4_s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let u4_t = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let dual = UdpSocket::bind("[::]:0").map_err(|e| format!("udp [::] bind: {e}"))?;
+    let d6 = UdpSocket::bind("[::1]:0").map_err(|e| e.to_string())?;
+    let big = vec![0x5au8; 9000];
+    let to4 = u4.local_addr().map_err(|e| e.to_string())?;
+    let dual_port = dual.local_addr().map_err(|e| e.to_string())?.port();
+    let sent = [
+        (u4_s.send_to(b"first", to4), "first"),
+        (u4_t.send_to(b"", to4), "empty"),
+        (u4_s.send_to(&big, to4), "big"),
+        (
+            u4_t.send_to(b"to dual from v4", ("127.0.0.1", dual_port)),
+            "dual v4",
+        ),
+        (
+            d6.send_to(b"to dual from v6", ("::1", dual_port)),
+            "dual v6",
+        ),
+    ];
+    for (r, what) in sent {
+        r.map_err(|e| format!("sending the {what} datagram: {e}"))?;
+    }
+    let senders = (
+        u4_s.local_addr().map_err(|e| e.to_string())?,
+        u4_t.local_addr().map_err(|e| e.to_string())?,
+        d6.local_addr().map_err(|e| e.to_string())?,
+    );
     let addrs = (
         l4.local_addr().map_err(|e| e.to_string())?,
         l6.local_addr().map_err(|e| e.to_string())?,
@@ -192,6 +259,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut fails = Vec::new();
+    check_queued(&u4, &dual, senders, &big, &mut fails);
     // The connection left pending is the listener's first to accept.
     if a.get("pending") == Some("1") {
         let _ = l4.accept();
