@@ -1132,3 +1132,24 @@ pub fn own_network_namespace(tools: &[&str]) -> bool {
     assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
     true
 }
+
+/// `cryo restore -D <img> -d --pidfile <pidfile>`, asserting success
+/// (`what` the restore is); the pid the pid file names.
+pub fn restore_with_pidfile(img: &Path, pidfile: &Path, what: &str) -> i32 {
+    let out = run_cryo(
+        &[
+            "restore",
+            "-D",
+            img.to_str().expect("utf-8 path"),
+            "-d",
+            "--pidfile",
+            pidfile.to_str().expect("utf-8 path"),
+        ],
+        &[],
+    );
+    assert_cryo_ok(&out, what);
+    std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{what}: --pidfile {} names no pid", pidfile.display()))
+}

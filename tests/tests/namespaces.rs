@@ -130,20 +130,12 @@ fn pid_namespace_init_as_root_with_pidfile() {
         "the dumped tree did not end"
     );
     let pidfile = dir.join("restored.pid");
-    let out = run_cryo(
-        &[
-            "restore",
-            "-D",
-            img.to_str().expect("utf-8 path"),
-            "-d",
-            "--pidfile",
-            pidfile.to_str().expect("utf-8 path"),
-        ],
-        &[],
+    let what = "cryo restore --pidfile of a pid namespace's init";
+    assert_eq!(
+        restore_with_pidfile(&img, &pidfile, what),
+        init,
+        "--pidfile"
     );
-    assert_cryo_ok(&out, "cryo restore --pidfile of a pid namespace's init");
-    let written = std::fs::read_to_string(&pidfile).unwrap_or_default();
-    assert_eq!(written.trim(), init.to_string(), "--pidfile");
     // The parent, left running, passes SIGTERM on to the restored init.
     wl.assert_pass("a pid namespace's init restored on its own");
     assert!(

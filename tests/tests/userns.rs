@@ -58,20 +58,12 @@ fn user_namespace_kill_and_restore_two_rounds() {
             "image show lacks the map: {text}"
         );
         let pidfile = dir.join(&format!("restored{round}.pid"));
-        let out = run_cryo(
-            &[
-                "restore",
-                "-D",
-                img.to_str().expect("utf-8 path"),
-                "-d",
-                "--pidfile",
-                pidfile.to_str().expect("utf-8 path"),
-            ],
-            &[],
+        let what = "cryo restore of a container in a user namespace";
+        assert_eq!(
+            restore_with_pidfile(&img, &pidfile, what),
+            root,
+            "--pidfile"
         );
-        assert_cryo_ok(&out, "cryo restore of a container in a user namespace");
-        let written = std::fs::read_to_string(&pidfile).unwrap_or_default();
-        assert_eq!(written.trim(), root.to_string(), "--pidfile");
     }
     // The parent, left running, passes SIGTERM on to the restored root.
     wl.assert_pass("a container in a user namespace, restored twice");
@@ -132,22 +124,8 @@ fn user_namespace_owning_its_pid_namespace_two_rounds() {
             "the dumped container did not end"
         );
         drop(guard);
-        let out = run_cryo(
-            &[
-                "restore",
-                "-D",
-                img.to_str().expect("utf-8 path"),
-                "-d",
-                "--pidfile",
-                pidfile.to_str().expect("utf-8 path"),
-            ],
-            &[],
-        );
-        assert_cryo_ok(&out, "cryo restore of a container owning its pid namespace");
-        root = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .expect("--pidfile names the restored root");
+        let what = "cryo restore of a container owning its pid namespace";
+        root = restore_with_pidfile(&img, &pidfile, what);
         assert!(pid_alive(root), "the restored root {root} does not run");
     }
     let _guard = TreeGuard::new(tree_pids(root));

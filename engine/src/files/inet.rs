@@ -23,7 +23,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use cryo_image::proto::{Datagram, FileEntry, InetSocket, SockOpt};
 
@@ -94,6 +94,7 @@ fn option_name(level: i32, name: i32) -> String {
 
 /// Dump side: its kind, addresses, state and options, or why it cannot
 /// be made again.
+///
 /// `stopped`: the tree is stopped (not the checks made while it runs,
 /// which must not peek at queues: a zero-length datagram once peeked is
 /// skipped by every later peek from an offset).
@@ -379,7 +380,6 @@ fn bind(s: &impl AsFd, st: &InetSocket) -> Result<(), String> {
     if tcp && was == 0 {
         reuse(0).map_err(|e| format!("SO_REUSEADDR after the bind: {e}"))?;
     }
-    let _ = s.as_fd().as_raw_fd();
     bound
 }
 

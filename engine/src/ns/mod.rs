@@ -380,8 +380,8 @@ pub struct RestoreCtx<'a> {
     /// dump.
     pub mnt_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     pub net_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
-    /// The UTS and IPC namespaces cryo made, owned by one of the tree's
-    /// user namespaces, by their inode at the dump.
+    /// The UTS, IPC, time and cgroup namespaces cryo made, owned by one
+    /// of the tree's user namespaces, by their inode at the dump.
     pub owned: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     /// The task's cgroups, and where the restore put the tree's.
     pub cgroups: &'a [cryo_image::proto::CgroupEntry],
@@ -413,19 +413,15 @@ pub fn restore(
             .iter()
             .find(|e| e.kind == id.kind && e.inode == id.inode)
             .ok_or_else(|| format!("{} namespace {}: not in namespaces.img", id.kind, id.inode))?;
-        let owned = nix::sched::CloneFlags::from_bits_truncate(match kind {
-            NsKind::Uts => libc::CLONE_NEWUTS,
-            _ => libc::CLONE_NEWIPC,
-        });
         let made = match kind {
-            NsKind::Uts | NsKind::Ipc if cx.owned.contains_key(&e.inode) => {
-                enter_made(e, cx.owned, owned)
+            NsKind::Uts | NsKind::Ipc | NsKind::Time if cx.owned.contains_key(&e.inode) => {
+                let flag = match kind {
+                    NsKind::Uts => libc::CLONE_NEWUTS,
+                    NsKind::Ipc => libc::CLONE_NEWIPC,
+                    _ => libc::CLONE_NEWTIME,
+                };
+                enter_made(e, cx.owned, nix::sched::CloneFlags::from_bits_retain(flag))
             }
-            NsKind::Time if cx.owned.contains_key(&e.inode) => enter_made(
-                e,
-                cx.owned,
-                nix::sched::CloneFlags::from_bits_retain(libc::CLONE_NEWTIME),
-            ),
             NsKind::Cgroup if cx.owned.contains_key(&e.inode) => {
                 cgroup::enter(cx.owned[&e.inode], cx.cgroups, cx.cgroup_targets)
             }

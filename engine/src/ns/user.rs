@@ -8,10 +8,11 @@
 //! (a time namespace with its offsets written before any task enters it),
 //! and once the tree's cgroups exist, goes into a cgroup namespace's
 //! roots and unshares that too; cryo opens them all, fills the UTS and
-//! IPC ones and builds the mount and network ones. The tasks are created with cryo's credentials (so that
-//! each gets its pid at every level), enter the namespaces made for
-//! them, and each joins its user namespace last, right before the
-//! restorer, which sets its ids as the namespace sees them.
+//! IPC ones and builds the mount and network ones. The tasks are created
+//! with cryo's credentials (so that each gets its pid at every level),
+//! enter the namespaces made for them, and each joins its user namespace
+//! last, right before the restorer, which sets its ids as the namespace
+//! sees them.
 //!
 //! A pid namespace the user namespace owns can only be made by a task of
 //! that user namespace, which clone3 then refuses a chosen pid in the
@@ -23,14 +24,14 @@
 //! events; `--pidfile` gives the root's).
 //!
 //! Not kept yet, refused at the dump by name: a user namespace inside
-//! another of the tree's; a first
-//! task of it that is not a root of the tree (its parent outside);
-//! threads of a process in it but outside a pid namespace it owns (their
-//! host tids could not be chosen); a process in it sharing its filesystem
-//! information with its parent (CLONE_FS: setns would refuse it); and in
-//! a pid namespace it owns, a task outside it, in a pid namespace below,
-//! in a namespace another user namespace owns, or in other cgroups than
-//! the root's (a task inside cannot move itself).
+//! another of the tree's; a first task of it that is not a root of the
+//! tree (its parent outside); threads of a process in it but outside a
+//! pid namespace it owns (their host tids could not be chosen); a process
+//! in it sharing its filesystem information with its parent (CLONE_FS:
+//! setns would refuse it); and in a pid namespace it owns, a task outside
+//! it, in a pid namespace below, in a namespace another user namespace
+//! owns, or in other cgroups than the root's (a task inside cannot move
+//! itself).
 
 #![forbid(unsafe_code)]
 
@@ -300,7 +301,8 @@ pub fn make_all(entries: &[NamespaceEntry]) -> Result<Made, String> {
             .open("user")
             .map_err(|e| err(format!("opening it: {e}")))?;
         // A pid namespace it owns is made by the root's creation (see
-        // restore::spawn_roots).
+        // restore::spawn_roots), a cgroup one once the cgroups exist
+        // (Made::cgroups).
         for e in entries
             .iter()
             .filter(|e| e.owner == u.inode && e.kind != "pid" && e.kind != "cgroup")

@@ -405,8 +405,8 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
 /// pids from there in): an intermediate process of cryo's joins the
 /// root's cgroups and user namespace (it is single-threaded, as setns
 /// asks) and creates the root in a new pid namespace as cryo's child
-/// (CLONE_PARENT), which the pid namespace's owner is then the user
-/// namespace. Returns as fork does: 0 in the root, its pid in cryo.
+/// (CLONE_PARENT), so that the user namespace owns the pid namespace.
+/// Returns as fork does: 0 in the root, its pid in cryo.
 fn spawn_in_userns(
     ctx: &NodeCtx,
     i: usize,

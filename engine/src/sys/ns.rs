@@ -5,34 +5,29 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
-/// The inode of the user namespace owning the namespace open at `ns`.
-pub fn owner_inode(ns: &impl AsFd) -> io::Result<u64> {
-    const NS_GET_USERNS: libc::c_ulong = 0xb701;
-    // SAFETY: NS_GET_USERNS takes no argument and returns a new
-    // descriptor, which we own at once.
-    let fd = unsafe { libc::ioctl(ns.as_fd().as_raw_fd(), NS_GET_USERNS) };
+/// The inode of the namespace an nsfs ioctl (NS_GET_USERNS,
+/// NS_GET_PARENT) on the namespace open at `ns` gives.
+fn related_inode(ns: &impl AsFd, req: libc::c_ulong) -> io::Result<u64> {
+    // SAFETY: both requests take no argument and return a new descriptor,
+    // which we own at once.
+    let fd = unsafe { libc::ioctl(ns.as_fd().as_raw_fd(), req) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just returned to us and is owned by nothing else.
-    let owner = unsafe { OwnedFd::from_raw_fd(fd) };
+    let related = unsafe { OwnedFd::from_raw_fd(fd) };
     use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::File::from(owner).metadata()?.ino())
+    Ok(std::fs::File::from(related).metadata()?.ino())
+}
+
+/// The inode of the user namespace owning the namespace open at `ns`.
+pub fn owner_inode(ns: &impl AsFd) -> io::Result<u64> {
+    related_inode(ns, 0xb701) // NS_GET_USERNS
 }
 
 /// The inode of the parent of the user namespace open at `ns`.
 pub fn parent_inode(ns: &impl AsFd) -> io::Result<u64> {
-    const NS_GET_PARENT: libc::c_ulong = 0xb702;
-    // SAFETY: NS_GET_PARENT takes no argument and returns a new
-    // descriptor, which we own at once.
-    let fd = unsafe { libc::ioctl(ns.as_fd().as_raw_fd(), NS_GET_PARENT) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned to us and is owned by nothing else.
-    let parent = unsafe { OwnedFd::from_raw_fd(fd) };
-    use std::os::unix::fs::MetadataExt;
-    Ok(std::fs::File::from(parent).metadata()?.ino())
+    related_inode(ns, 0xb702) // NS_GET_PARENT
 }
 
 fn field(b: &[libc::c_char]) -> String {
@@ -364,10 +359,11 @@ pub fn set_uts_names(host: &str, domain: &str) -> io::Result<()> {
 /// process's: the raw system call, which glibc would make every thread's),
 /// then back to its own. Its capabilities come back with uid 0.
 pub fn as_euid<T>(uid: u32, f: impl FnOnce() -> T) -> io::Result<T> {
-    // SAFETY: setresuid with -1 keeps the real and saved ids; it changes
-    // this thread's credentials only.
+    // SAFETY: geteuid takes nothing and cannot fail.
     let was = unsafe { libc::geteuid() };
-    // SAFETY: as above.
+    // SAFETY: the raw setresuid with -1 keeps the real and saved ids; it
+    // changes this thread's credentials only (not the process's, as
+    // glibc's wrapper would).
     if unsafe { libc::syscall(libc::SYS_setresuid, -1i32, uid, -1i32) } != 0 {
         return Err(io::Error::last_os_error());
     }

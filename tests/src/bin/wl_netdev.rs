@@ -35,33 +35,28 @@ use cryo_tests::wl;
 const NAME: &str = "wl_netdev";
 const PORT: u16 = 7777;
 
-/// `ip ARGS` in this process's network namespace.
-fn ip(args: &str) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args.split_whitespace())
+/// `tool ARGS` in this process's network namespace: its output.
+fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(tool)
+        .args(args)
         .output()
-        .map_err(|e| format!("running ip {args}: {e}"))?;
+        .map_err(|e| format!("running {tool} {args:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "ip {args}: {}",
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `ip ARGS` (split at spaces).
+fn ip(args: &str) -> Result<String, String> {
+    run_tool("ip", &args.split_whitespace().collect::<Vec<_>>())
+}
+
 fn nft(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("nft")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running nft {args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "nft {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool("nft", args)
 }
 
 /// A device's index and hardware address, from `ip -o link show` (on

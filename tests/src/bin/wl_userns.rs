@@ -415,18 +415,7 @@ fn main() {
         Ok(0) => {
             // SAFETY: closing the parent's end of the pipe.
             unsafe { libc::close(go[1]) };
-            let result = container(&tmp, (pidns, mapped, threaded), go[0]);
-            let text = match result {
-                Ok(f) if f.is_empty() => "PASS\n".to_string(),
-                Ok(f) => format!("FAIL: {}\n", f.join("; ")),
-                Err(e) => format!("FAIL: setup: {e}\n"),
-            };
-            let _ = wl::write_atomic(
-                std::path::Path::new(&format!("{box_dir}/verdict")),
-                text.as_bytes(),
-            );
-            // SAFETY: end at once.
-            unsafe { libc::_exit(0) }
+            container_main(&tmp, (pidns, mapped, threaded), go[0])
         }
         Ok(pid) => pid,
         Err(e) => wl::finish(NAME, &a.verdict, Err(e)),
@@ -438,6 +427,21 @@ fn main() {
     }
     wl::write_fd(go[1], b"g");
     parent(&a, &tmp, r)
+}
+
+/// R: [`container`], then its verdict in DIR/box for P. Never returns.
+fn container_main(tmp: &str, modes: (bool, bool, bool), go: i32) -> ! {
+    let text = match container(tmp, modes, go) {
+        Ok(f) if f.is_empty() => "PASS\n".to_string(),
+        Ok(f) => format!("FAIL: {}\n", f.join("; ")),
+        Err(e) => format!("FAIL: setup: {e}\n"),
+    };
+    let _ = wl::write_atomic(
+        std::path::Path::new(&format!("{tmp}/box/verdict")),
+        text.as_bytes(),
+    );
+    // SAFETY: end at once.
+    unsafe { libc::_exit(0) }
 }
 
 /// R as the child of U, an unprivileged process of P's (see the module):
@@ -479,18 +483,7 @@ fn unprivileged_container(
                     libc::close(back[0]);
                     libc::close(back[1]);
                 }
-                let result = container(tmp, modes, go[0]);
-                let text = match result {
-                    Ok(f) if f.is_empty() => "PASS\n".to_string(),
-                    Ok(f) => format!("FAIL: {}\n", f.join("; ")),
-                    Err(e) => format!("FAIL: setup: {e}\n"),
-                };
-                let _ = wl::write_atomic(
-                    std::path::Path::new(&format!("{tmp}/box/verdict")),
-                    text.as_bytes(),
-                );
-                // SAFETY: end at once.
-                unsafe { libc::_exit(0) }
+                container_main(tmp, modes, go[0])
             }
             Ok(pid) => pid,
             Err(_) => -1,

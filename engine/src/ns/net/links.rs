@@ -188,7 +188,9 @@ pub fn dump(
                 get(nl, index)
             } else {
                 let fd = others.iter().find(|(i, _)| *i == ns).map(|(_, fd)| fd);
-                let fd = fd.ok_or_else(|| format!("veth device {name}: its peer's namespace"))?;
+                let fd = fd.ok_or_else(|| {
+                    format!("veth device {name}: its peer's namespace {ns} is not open")
+                })?;
                 Netlink::open_in(fd, nix::sys::socket::SockProtocol::NetlinkRoute)
                     .and_then(|mut theirs| get(&mut theirs, index))
             };
