@@ -65,7 +65,7 @@ fn refused(args: &[&str], wants: &[&str]) {
 fn established_tcp_connection_refused() {
     refused(
         &["--connected", "1"],
-        &["a TCP connection in state ESTABLISHED"],
+        &["an established TCP connection to", "--tcp-established"],
     );
 }
 
@@ -75,4 +75,62 @@ fn listener_with_pending_connection_refused() {
         &["--pending", "1"],
         &["connection(s) it has not accepted yet"],
     );
+}
+
+/// An established connection of the tree (both ends in it) with data in
+/// flight both ways, dumped with --tcp-established and restored twice:
+/// nothing lost, nothing twice, and it goes on.
+#[test]
+fn established_connection_with_data_in_flight_two_rounds() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--stream", "1"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    for round in 0..2 {
+        let img = dir.subdir(&format!("img{round}"));
+        dump_ok(&mut wl, &img, &["--tcp-established"]);
+        assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+        restore_ok(&mut wl, &img);
+    }
+    wl.assert_pass("wl_inet's connection after two restores");
+}
+
+/// With --tcp-established and -R, the connection leaves repair mode after
+/// the dump and the tree goes on with it.
+#[test]
+fn established_connection_leave_running() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--stream", "1"], &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--tcp-established", "-R"]);
+    wl.assert_pass("wl_inet's connection after a dump -R");
+}
+
+/// A dump that fails once the connection is in repair mode takes it out
+/// again: the tree goes on with it.
+#[test]
+fn failed_dump_leaves_connection_working() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--stream", "1"], &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let out = dump(
+        wl.pid(),
+        &img,
+        &["--tcp-established"],
+        &[("CRYO_FAULT", "fail-step-3")],
+    );
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("a dump failing with a connection in repair mode: {e}");
+    }
+    wl.assert_pass("wl_inet's connection after a failed dump");
 }

@@ -58,6 +58,11 @@ pub struct DumpArgs {
     /// restore reattaches them to the terminal of the session it runs in.
     #[arg(short = 'j', long)]
     pub shell_job: bool,
+    /// Dump established TCP connections (through TCP_REPAIR: sequence
+    /// numbers, queues with the data in flight, window and options), as
+    /// CRIU's flag does; without it they are refused.
+    #[arg(long)]
+    pub tcp_established: bool,
     /// Copy private memory while the tasks still run (in rounds, tracking
     /// their writes with userfaultfd) and stop them only for what they
     /// wrote since: a shorter stop for migrations. Not with -R.
@@ -100,6 +105,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         link_remap: a.link_remap,
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
+        tcp_established: a.tcp_established,
         pre_copy: a.pre_copy,
         externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
             .map_err(anyhow::Error::msg)?,

@@ -149,6 +149,10 @@ pub struct DumpOptions {
     /// a path it is given, as (mountpoint, key): --external
     /// mnt[MOUNTPOINT]:KEY.
     pub externals: Vec<(String, String)>,
+    /// Established TCP connections are dumped through TCP_REPAIR (and
+    /// left in repair mode, silent, when the tasks are killed), not
+    /// refused (--tcp-established).
+    pub tcp_established: bool,
 }
 
 impl DumpOptions {
@@ -158,6 +162,7 @@ impl DumpOptions {
             link_remap: self.link_remap,
             shell_job: self.shell_job,
             owners: true,
+            tcp_established: self.tcp_established,
         }
     }
 }
@@ -328,6 +333,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     // The links --link-remap made stay for the restore, unless the dump
     // failed.
     crate::files::ghost::settle_links(r.is_ok());
+    // The connections taken into repair mode stay so, silent, only once
+    // the tasks are killed; else they go on as they were.
+    crate::files::inet::settle_repairs(r.is_ok() && !opts.leave_running);
     r
 }
 

@@ -149,6 +149,9 @@ pub struct CollectOptions {
     /// done once the tree is stopped, not by the checks made while it
     /// still runs (a task on its way out has no descriptors to duplicate).
     pub owners: bool,
+    /// Established TCP connections are dumped through TCP_REPAIR
+    /// (--tcp-established), not refused.
+    pub tcp_established: bool,
 }
 
 /// The descriptors of one process and the files they refer to (one
@@ -434,7 +437,7 @@ fn dump_kind(
         }
         FileKind::FileShellTty => Ok(()),
         FileKind::FilePtyMaster | FileKind::FilePtySlave => pty::dump(kind, cx, h, e),
-        FileKind::FileInetSocket => inet::dump(cx, h, e, opts.owners),
+        FileKind::FileInetSocket => inet::dump(cx, h, e, opts),
     }
 }
 

@@ -233,6 +233,15 @@ pub fn open_all(
             what,
         })?;
     }
+    // Every connection is made again: out of repair mode, together.
+    for f in files
+        .iter()
+        .filter(|f| f.kind == FileKind::FileInetSocket as i32)
+    {
+        if let Some(fd) = out.get(&f.id) {
+            inet::leave_repair(f, fd).map_err(|e| fail(f, e))?;
+        }
+    }
     // Every slave is open: masters that were locked are locked again.
     for f in &masters {
         if let (Some(st), Some(m)) = (&f.pty, out.get(&f.id)) {

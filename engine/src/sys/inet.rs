@@ -27,7 +27,13 @@ pub fn socket(family: i32, ty: i32, protocol: i32) -> io::Result<OwnedFd> {
 
 /// The value of option `name` at `level`, as bytes (at most 256).
 pub fn getsockopt(s: &impl AsFd, level: i32, name: i32) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 256];
+    getsockopt_sized(s, level, name, 256)
+}
+
+/// The value of option `name` at `level`, asked with a buffer of `size`
+/// bytes (some options take only their exact size).
+pub fn getsockopt_sized(s: &impl AsFd, level: i32, name: i32, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; size];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `buf`, a live
     // buffer of that size, and the length written into `len`.
@@ -304,6 +310,105 @@ pub fn inject_udp(src: (&[u8], u16), dst: (&[u8], u16), data: &[u8]) -> io::Resu
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub const TCP_REPAIR: i32 = 19;
+pub const TCP_REPAIR_QUEUE: i32 = 20;
+pub const TCP_QUEUE_SEQ: i32 = 21;
+pub const TCP_REPAIR_OPTIONS: i32 = 22;
+pub const TCP_REPAIR_WINDOW: i32 = 29;
+pub const TCP_TIMESTAMP: i32 = 24;
+pub const TCP_RECV_QUEUE: i32 = 1;
+pub const TCP_SEND_QUEUE: i32 = 2;
+/// TCP_REPAIR off without the window probe the kernel would send.
+pub const TCP_REPAIR_OFF_NO_WP: i32 = -1;
+
+/// An int option set.
+pub fn setsockopt_int(s: &impl AsFd, level: i32, name: i32, v: i32) -> io::Result<()> {
+    setsockopt(s, level, name, &v.to_ne_bytes())
+}
+
+/// How many bytes the send queue of `s` holds (SIOCOUTQ).
+pub fn send_queued(s: &impl AsFd) -> io::Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int into `n`.
+    check(unsafe { libc::ioctl(s.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(n)
+}
+
+/// How many bytes at the end of the send queue of `s` were not sent yet
+/// (SIOCOUTQNSD).
+pub fn unsent(s: &impl AsFd) -> io::Result<i32> {
+    const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int into `n`.
+    check(unsafe { libc::ioctl(s.as_fd().as_raw_fd(), SIOCOUTQNSD, &mut n) })?;
+    Ok(n)
+}
+
+/// How many bytes the receive queue of `s` holds (SIOCINQ).
+pub fn recv_queued(s: &impl AsFd) -> io::Result<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ) writes one int into `n`.
+    check(unsafe { libc::ioctl(s.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n)
+}
+
+/// `len` bytes of the queue of `s` that TCP_REPAIR_QUEUE selects, read
+/// without taking them (MSG_PEEK).
+pub fn peek_queue(s: &impl AsFd, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        // SAFETY: the kernel writes at most len - got bytes at buf[got..].
+        let n = unsafe {
+            libc::recv(
+                s.as_fd().as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                len - got,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+        // A peek reads from the queue's head each time: one call must
+        // take it all.
+        if got < len {
+            return Err(io::Error::other(format!(
+                "peeked {got} of the queue's {len} bytes"
+            )));
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Write all of `data` to `s` (in repair mode: into the queue
+/// TCP_REPAIR_QUEUE selects).
+pub fn send_all(s: &impl AsFd, data: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: the kernel reads at most data.len() - off bytes of a
+        // live slice.
+        let n = unsafe {
+            libc::send(
+                s.as_fd().as_raw_fd(),
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        off += n as usize;
     }
     Ok(())
 }

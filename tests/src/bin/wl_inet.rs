@@ -2,7 +2,7 @@
 //! their options, a UDP socket bound and one connected, a TCP socket not
 //! bound yet.
 //!
-//! `wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1]`
+//! `wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1]`
 //!
 //! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
 //! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
@@ -16,7 +16,11 @@
 //! each listener with bytes both ways, and receives a datagram on the
 //! bound UDP socket. `--connected 1` also keeps a connection to its own
 //! listener (accepted), `--pending 1` one it has not accepted: cryo
-//! refuses both (the test checks that the process runs on).
+//! refuses both (the test checks that the process runs on). `--stream 1`
+//! keeps such a connection with data in flight both ways (dumped with
+//! --tcp-established): the server side holds 200000 bytes of a pattern
+//! from the client not read yet, the client 5000 from the server; after
+//! the restore each reads them whole, then they exchange more.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -141,6 +145,62 @@ fn serves(l: &TcpListener) -> Result<(), String> {
     Ok(())
 }
 
+fn pattern(i: usize) -> u8 {
+    (i * 31 % 251) as u8
+}
+
+/// A connection to `l` with bytes in flight both ways: (client, server,
+/// how many the client wrote).
+fn stream_pair(l: &TcpListener) -> Result<(TcpStream, TcpStream, usize), String> {
+    let at = l.local_addr().map_err(|e| e.to_string())?;
+    let mut c = TcpStream::connect(at).map_err(|e| format!("connecting: {e}"))?;
+    let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+    let data: Vec<u8> = (0..200_000).map(pattern).collect();
+    c.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut sent = 0;
+    while sent < data.len() {
+        match c.write(&data[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("writing: {e}")),
+        }
+    }
+    c.set_nonblocking(false).map_err(|e| e.to_string())?;
+    s.write_all(&[7u8; 5000])
+        .map_err(|e| format!("server writing: {e}"))?;
+    Ok((c, s, sent))
+}
+
+/// What was in flight comes out whole on each side, then more goes both
+/// ways.
+fn check_stream(mut c: TcpStream, mut s: TcpStream, sent: usize) -> Result<(), String> {
+    let t = Some(Duration::from_secs(10));
+    let _ = (c.set_read_timeout(t), s.set_read_timeout(t));
+    let mut got = vec![0u8; sent];
+    s.read_exact(&mut got)
+        .map_err(|e| format!("the server reading the {sent} bytes in flight: {e}"))?;
+    if let Some(i) = (0..sent).find(|&i| got[i] != pattern(i)) {
+        return Err(format!("byte {i} of the client's is {:#x}", got[i]));
+    }
+    let mut back = vec![0u8; 5000];
+    c.read_exact(&mut back)
+        .map_err(|e| format!("the client reading the 5000 bytes in flight: {e}"))?;
+    if back.iter().any(|&b| b != 7) {
+        return Err("the server's bytes changed".into());
+    }
+    c.write_all(b"after").map_err(|e| e.to_string())?;
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b)
+        .map_err(|e| format!("after the restore: {e}"))?;
+    s.write_all(b"reply").map_err(|e| e.to_string())?;
+    c.read_exact(&mut b)
+        .map_err(|e| format!("the reply: {e}"))?;
+    if &b != b"reply" {
+        return Err(format!("the reply is {b:?}"));
+    }
+    Ok(())
+}
+
 /// The datagrams queued at the dump come out in order, whole, from their
 /// senders.
 fn check_queued(
@@ -254,11 +314,21 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     } else {
         None
     };
+    let stream = if a.get("stream") == Some("1") {
+        Some(stream_pair(&l4)?)
+    } else {
+        None
+    };
     wl::write_atomic(&a.ready, b"ready\n").map_err(|e| format!("ready file: {e}"))?;
     while !wl::TERM.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut fails = Vec::new();
+    if let Some((c, s, sent)) = stream {
+        if let Err(e) = check_stream(c, s, sent) {
+            fails.push(format!("the connection: {e}"));
+        }
+    }
     check_queued(&u4, &dual, senders, &big, &mut fails);
     // The connection left pending is the listener's first to accept.
     if a.get("pending") == Some("1") {
@@ -343,7 +413,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1]";
+    let usage = "wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let result = run(&a);

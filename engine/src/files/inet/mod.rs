@@ -1,14 +1,15 @@
 //! IPv4 and IPv6 sockets, dump and restore side by side: TCP sockets
-//! listening or not yet connected, UDP sockets bound or connected.
+//! listening, not yet connected, or established ([`repair`], with
+//! --tcp-established), UDP sockets bound or connected.
 //!
 //! Dump: the socket is taken from the stopped task with pidfd_getfd; its
 //! family, type and protocol, its addresses, its TCP state (TCP_INFO), a
 //! listener's backlog and accept queue (sock_diag, asked in the holder's
 //! network namespace), and the options that differ from those of a new
-//! socket of the same kind in that namespace. Refused by name: a TCP
-//! connection (established or on its way: with issue #11's TCP_REPAIR),
-//! a listener with connections it has not accepted yet, and other
-//! families and types. A UDP socket's queued datagrams are read without
+//! socket of the same kind in that namespace. Refused by name: an
+//! established connection without --tcp-established, one in another
+//! state (on its way up or down), a listener with connections it has not
+//! accepted yet, and other families and types. A UDP socket's queued datagrams are read without
 //! taking them (MSG_PEEK from a peek offset), each with its source; the
 //! kernel skips a zero-length datagram the task itself peeked at before,
 //! which is then not kept.
@@ -31,7 +32,13 @@ use super::{FdCtx, FilesError, ProcHandles};
 use crate::sys::inet;
 use crate::sys::netlink::Netlink;
 
+mod repair;
+
+pub use repair::{leave_repair, settle_repairs};
+
+const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
+
 const TCP_CLOSE: u8 = 7;
 const TCP_STATES: [&str; 13] = [
     "",
@@ -102,8 +109,9 @@ pub fn dump(
     cx: &FdCtx,
     h: &mut ProcHandles,
     e: &mut FileEntry,
-    stopped: bool,
+    opts: &super::CollectOptions,
 ) -> Result<(), FilesError> {
+    let stopped = opts.owners;
     let s = h.getfd(cx.pid, cx.fd)?;
     let int = |name| inet::getsockopt_int(&s, libc::SOL_SOCKET, name);
     let read = |what: &str| {
@@ -160,10 +168,36 @@ pub fn dump(
                 st.backlog = backlog;
             }
             TCP_CLOSE => {}
+            TCP_ESTABLISHED if opts.tcp_established => {
+                if stopped {
+                    st.peer_addr = inet::address(&s, true).map(|a| a.0).unwrap_or_default();
+                    st.peer_port = inet::address(&s, true).map_or(0, |a| a.1.into());
+                    // Held, to leave repair mode if the dump fails (see
+                    // settle_repairs), before it enters it.
+                    let kept = s.try_clone().map_err(read("descriptor"))?;
+                    repair::REPAIRED
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(kept);
+                    st.tcp = Some(repair::dump(&s, &info).map_err(|w| {
+                        cx.unsupported_owned(format!(
+                            "an established TCP connection to {} that TCP_REPAIR could not read ({w})",
+                            text(&st.peer_addr, st.peer_port)
+                        ))
+                    })?);
+                }
+            }
+            TCP_ESTABLISHED => {
+                let peer =
+                    inet::address(&s, true).map_or_else(|_| "?".into(), |a| text(&a.0, a.1.into()));
+                return Err(cx.unsupported_owned(format!(
+                    "an established TCP connection to {peer} (dump with --tcp-established to keep it)"
+                )));
+            }
             s => {
                 let name = TCP_STATES.get(s as usize).copied().unwrap_or("unknown");
                 return Err(cx.unsupported_owned(format!(
-                    "a TCP connection in state {name} (connections are not kept yet: TCP_REPAIR comes next)"
+                    "a TCP connection in state {name} (only established ones are kept, with --tcp-established)"
                 )));
             }
         }
@@ -286,12 +320,33 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
         inet::setsockopt(&s, o.level, o.name, &value)
             .map_err(|e| format!("setting {}: {e}", option_name(o.level, o.name)))?;
     }
-    if !st.local_addr.is_empty() {
+    if st.tcp.is_some() {
+        // A connection goes into repair mode before its bind, once its
+        // options are set (SO_REUSEADDR would undo what repair mode does):
+        // the kernel then lets it share its port with a listener.
+        inet::setsockopt_int(&s, libc::IPPROTO_TCP, inet::TCP_REPAIR, 1)
+            .map_err(|e| format!("TCP_REPAIR: {e}"))?;
+        inet::bind_or_connect(&s, &st.local_addr, st.local_port as u16, false).map_err(|e| {
+            format!(
+                "binding to {} in repair mode: {e}",
+                text(&st.local_addr, st.local_port)
+            )
+        })?;
+    } else if !st.local_addr.is_empty() {
         bind(&s, st)?;
     }
     if st.listening {
         crate::sys::sock::listen(&s, st.backlog as i32)
             .map_err(|e| format!("listen (backlog {}): {e}", st.backlog))?;
+    }
+    if let Some(c) = &st.tcp {
+        repair::make(&s, c, (&st.peer_addr, st.peer_port as u16)).map_err(|e| {
+            format!(
+                "the TCP connection to {}: {e}",
+                text(&st.peer_addr, st.peer_port)
+            )
+        })?;
+        return Ok(s);
     }
     // Before the connect, which would filter out other sources.
     requeue(&s, st)?;
