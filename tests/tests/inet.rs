@@ -134,3 +134,39 @@ fn failed_dump_leaves_connection_working() {
     }
     wl.assert_pass("wl_inet's connection after a failed dump");
 }
+
+/// A connection whose other end is the test itself, outside the tree:
+/// bytes the test sends before the dump, and while the tree is away
+/// (the network lock drops them, the test's kernel sends them again), all
+/// reach the restored tree, and the test's side notices nothing.
+#[test]
+fn connection_to_a_peer_outside_the_tree() {
+    use std::io::{Read, Write};
+    if !own_network_namespace(&["ip", "nft"]) {
+        return;
+    }
+    let pattern = |i: usize| (i * 31 % 251) as u8;
+    // A little before the dump (the tree's window stays open), more while
+    // it is away: sent at once, each packet would meet no socket.
+    let data: Vec<u8> = (0..51_000).map(pattern).collect();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener of the test's");
+    let port = l.local_addr().expect("its address").port().to_string();
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--peer", &port, "--expect", "51000"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let (mut c, _) = l.accept().expect("the workload connects");
+    c.write_all(&data[..1000]).expect("writing before the dump");
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--tcp-established"]);
+    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    // While the tree is away.
+    c.write_all(&data[1000..])
+        .expect("writing while the tree is away");
+    std::thread::sleep(Duration::from_millis(100));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("wl_inet's connection from outside the tree");
+    let mut ok = [0u8; 2];
+    c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    c.read_exact(&mut ok).expect("the restored tree answers");
+    assert_eq!(&ok, b"ok");
+}

@@ -200,7 +200,10 @@ fn pre_copy_cgroup() {
 /// kept from the pre-copy.
 fn pre_copy_variant(more: &[&str], what: &str, check: &dyn Fn(&Path, &[i32])) -> u64 {
     let dir = TestDir::new();
-    let mut args = vec!["--mib", "16", "--pace", "10000"];
+    // One sweep of its memory takes about two seconds: slow enough that a
+    // loaded machine's dump still finds pages unwritten since its
+    // pre-copy.
+    let mut args = vec!["--mib", "16", "--pace", "30000"];
     args.extend_from_slice(more);
     let mut wl = Workload::start("wl_sweep", &args, &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));

@@ -63,6 +63,11 @@ pub struct DumpArgs {
     /// CRIU's flag does; without it they are refused.
     #[arg(long)]
     pub tcp_established: bool,
+    /// How those connections are kept quiet until the restore: nft (a
+    /// table that drops their packets, so that a peer retransmits instead
+    /// of being reset; the restore removes it) or skip.
+    #[arg(long, value_name = "nft|skip", default_value = "nft")]
+    pub network_lock: String,
     /// Copy private memory while the tasks still run (in rounds, tracking
     /// their writes with userfaultfd) and stop them only for what they
     /// wrote since: a shorter stop for migrations. Not with -R.
@@ -106,6 +111,13 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
         tcp_established: a.tcp_established,
+        network_lock: match a.network_lock.as_str() {
+            "nft" => true,
+            "skip" => false,
+            other => anyhow::bail!(
+                "--network-lock {other}: expected nft or skip (iptables is not supported)"
+            ),
+        },
         pre_copy: a.pre_copy,
         externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
             .map_err(anyhow::Error::msg)?,

@@ -153,6 +153,9 @@ pub struct DumpOptions {
     /// left in repair mode, silent, when the tasks are killed), not
     /// refused (--tcp-established).
     pub tcp_established: bool,
+    /// Lock those connections with nftables (their packets dropped until
+    /// the restore): --network-lock nft (the default) or skip.
+    pub network_lock: bool,
 }
 
 impl DumpOptions {
@@ -163,6 +166,7 @@ impl DumpOptions {
             shell_job: self.shell_job,
             owners: true,
             tcp_established: self.tcp_established,
+            network_lock: self.network_lock.then_some(self.pid),
         }
     }
 }

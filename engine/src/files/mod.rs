@@ -152,6 +152,9 @@ pub struct CollectOptions {
     /// Established TCP connections are dumped through TCP_REPAIR
     /// (--tcp-established), not refused.
     pub tcp_established: bool,
+    /// The root of the tree whose nftables table drops the packets of
+    /// those connections until the restore (None: --network-lock skip).
+    pub network_lock: Option<i32>,
 }
 
 /// The descriptors of one process and the files they refer to (one

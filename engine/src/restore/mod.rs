@@ -508,6 +508,15 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         owned: raw_fds(&user_ns.owned),
     };
     let shared = make_shared(&tree, &made)?;
+    // The tree's connections are made again: the lock their dump left
+    // goes (their peers' packets reach them from now on).
+    let connections = tree.procs[0]
+        .files
+        .iter()
+        .any(|f| f.inet.as_ref().is_some_and(|i| i.tcp.is_some()));
+    if connections {
+        crate::files::inet::unlock_after_restore(root);
+    }
     fault("files")?;
     let memberships = tree
         .procs

@@ -2,7 +2,7 @@
 //! their options, a UDP socket bound and one connected, a TCP socket not
 //! bound yet.
 //!
-//! `wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1]`
+//! `wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1] [--peer PORT --expect N]`
 //!
 //! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
 //! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
@@ -20,7 +20,9 @@
 //! keeps such a connection with data in flight both ways (dumped with
 //! --tcp-established): the server side holds 200000 bytes of a pattern
 //! from the client not read yet, the client 5000 from the server; after
-//! the restore each reads them whole, then they exchange more.
+//! the restore each reads them whole, then they exchange more. `--peer
+//! PORT` connects to 127.0.0.1:PORT (the test, outside the tree), and on
+//! SIGTERM reads N bytes of the pattern from it, then answers "ok".
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -171,6 +173,18 @@ fn stream_pair(l: &TcpListener) -> Result<(TcpStream, TcpStream, usize), String>
     Ok((c, s, sent))
 }
 
+/// `n` bytes of the pattern from the test, then "ok" back.
+fn answer_peer(mut p: TcpStream, n: usize) -> Result<(), String> {
+    let _ = p.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut got = vec![0u8; n];
+    p.read_exact(&mut got)
+        .map_err(|e| format!("reading its {n} bytes: {e}"))?;
+    if let Some(i) = (0..n).find(|&i| got[i] != pattern(i)) {
+        return Err(format!("its byte {i} is {:#x}", got[i]));
+    }
+    p.write_all(b"ok").map_err(|e| format!("answering: {e}"))
+}
+
 /// What was in flight comes out whole on each side, then more goes both
 /// ways.
 fn check_stream(mut c: TcpStream, mut s: TcpStream, sent: usize) -> Result<(), String> {
@@ -314,6 +328,13 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     } else {
         None
     };
+    let peer = match a.get("peer") {
+        Some(p) => Some(
+            TcpStream::connect(("127.0.0.1", p.parse::<u16>().map_err(|e| e.to_string())?))
+                .map_err(|e| format!("connecting to the test: {e}"))?,
+        ),
+        None => None,
+    };
     let stream = if a.get("stream") == Some("1") {
         Some(stream_pair(&l4)?)
     } else {
@@ -324,6 +345,12 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut fails = Vec::new();
+    if let Some(p) = peer {
+        let n: usize = a.get("expect").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if let Err(e) = answer_peer(p, n) {
+            fails.push(format!("the connection from outside: {e}"));
+        }
+    }
     if let Some((c, s, sent)) = stream {
         if let Err(e) = check_stream(c, s, sent) {
             fails.push(format!("the connection: {e}"));
@@ -413,7 +440,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1]";
+    let usage = "wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1] [--peer PORT --expect N]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let result = run(&a);

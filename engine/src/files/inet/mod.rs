@@ -34,7 +34,7 @@ use crate::sys::netlink::Netlink;
 
 mod repair;
 
-pub use repair::{leave_repair, settle_repairs};
+pub use repair::{leave_repair, lock_table, settle_repairs, unlock_after_restore};
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
@@ -179,6 +179,14 @@ pub fn dump(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(kept);
+                    if let Some(root) = opts.network_lock {
+                        let table = lock_table(root);
+                        repair::lock(cx.pid, st.local_port as u16, &table).map_err(|w| {
+                            cx.unsupported_owned(format!(
+                                "an established TCP connection that could not be locked ({w}; --network-lock skip does without)"
+                            ))
+                        })?;
+                    }
                     st.tcp = Some(repair::dump(&s, &info).map_err(|w| {
                         cx.unsupported_owned(format!(
                             "an established TCP connection to {} that TCP_REPAIR could not read ({w})",

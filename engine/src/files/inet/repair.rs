@@ -28,6 +28,13 @@ pub(super) static REPAIRED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::n
 /// end without a word to the peer, whose side the restore takes over),
 /// else (a failed dump, or -R) they leave it and go on.
 pub fn settle_repairs(killed: bool) {
+    let locked = std::mem::take(&mut *LOCKED.lock().unwrap_or_else(|p| p.into_inner()));
+    for (ns, table) in locked.iter().filter(|_| !killed) {
+        if let Err(e) = crate::ns::net::nft::run_script(ns, &format!("delete table inet {table}\n"))
+        {
+            tracing::error!("removing the network lock {table}: {e}");
+        }
+    }
     let held = std::mem::take(&mut *REPAIRED.lock().unwrap_or_else(|p| p.into_inner()));
     for s in held.iter().filter(|_| !killed) {
         if let Err(e) = inet::setsockopt_int(
@@ -38,6 +45,65 @@ pub fn settle_repairs(killed: bool) {
         ) {
             tracing::error!("taking a TCP connection out of repair mode: {e}");
         }
+    }
+}
+
+/// The network namespaces a dump locked (with its table's name): their
+/// tasks' connections' packets are dropped until the restore (or, if the
+/// dump fails or leaves them running, until it ends).
+static LOCKED: std::sync::Mutex<Vec<(OwnedFd, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// The name of the network lock of a tree whose root is `root`.
+pub fn lock_table(root: i32) -> String {
+    format!("cryo_lock_{root}")
+}
+
+/// Drop the packets of the connection on local port `port` of task
+/// `pid`'s network namespace (table `table` of nftables there): while its
+/// task is away, a peer's packet would otherwise find no socket and be
+/// answered with a reset; it is sent again once the restore unlocks.
+pub fn lock(pid: i32, port: u16, table: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = format!("/proc/{pid}/ns/net");
+    let ns: OwnedFd = std::fs::File::open(&path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .into();
+    let ino = std::fs::File::from(ns.try_clone().map_err(|e| e.to_string())?)
+        .metadata()
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    let script = format!(
+        "add table inet {table}\n\
+         add chain inet {table} in {{ type filter hook input priority -300; }}\n\
+         add chain inet {table} out {{ type filter hook output priority -300; }}\n\
+         add rule inet {table} in tcp dport {port} drop\n\
+         add rule inet {table} out tcp sport {port} drop\n"
+    );
+    crate::ns::net::nft::run_script(&ns, &script).map_err(|e| format!("nft: {e}"))?;
+    let mut locked = LOCKED.lock().unwrap_or_else(|p| p.into_inner());
+    let known = locked.iter().any(|(n, _)| {
+        n.try_clone()
+            .ok()
+            .and_then(|n| std::fs::File::from(n).metadata().ok())
+            .is_some_and(|m| m.ino() == ino)
+    });
+    if !known {
+        locked.push((ns, table.to_string()));
+    }
+    Ok(())
+}
+
+/// After a restore has made the tree's connections again: the lock its
+/// dump left in cryo's network namespace (the peers outside the tree are
+/// there) goes, if there is one.
+pub fn unlock_after_restore(root: i32) {
+    let Ok(own) = std::fs::File::open("/proc/self/ns/net") else {
+        return;
+    };
+    let table = lock_table(root);
+    let script = format!("delete table inet {table}\n");
+    if crate::ns::net::nft::run_script(&own.into(), &script).is_ok() {
+        tracing::debug!(table, "network lock removed");
     }
 }
 

@@ -95,3 +95,31 @@ pub fn load(ns: &OwnedFd, ruleset: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Run nftables script `script` (nft's own syntax) in the namespace open
+/// at `ns`.
+pub fn run_script(ns: &OwnedFd, script: &str) -> Result<(), String> {
+    let mut cmd = Command::new(nft());
+    cmd.args(["-f", "-"]);
+    crate::sys::ns::command_in_net(&mut cmd, ns);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {} ({e}): install nftables", nft()))?;
+    let wrote = child
+        .stdin
+        .take()
+        .map(|mut i| i.write_all(script.as_bytes()));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {}: {e}", nft()))?;
+    if let Some(Err(e)) = wrote {
+        return Err(format!("giving {} its script: {e}", nft()));
+    }
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(())
+}
