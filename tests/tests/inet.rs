@@ -82,7 +82,7 @@ fn listener_with_pending_connection_refused() {
 /// nothing lost, nothing twice, and it goes on.
 #[test]
 fn established_connection_with_data_in_flight_two_rounds() {
-    if !own_network_namespace(&["ip"]) {
+    if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
     let dir = TestDir::new();
@@ -101,7 +101,7 @@ fn established_connection_with_data_in_flight_two_rounds() {
 /// the dump and the tree goes on with it.
 #[test]
 fn established_connection_leave_running() {
-    if !own_network_namespace(&["ip"]) {
+    if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
     let dir = TestDir::new();
@@ -116,7 +116,7 @@ fn established_connection_leave_running() {
 /// again: the tree goes on with it.
 #[test]
 fn failed_dump_leaves_connection_working() {
-    if !own_network_namespace(&["ip"]) {
+    if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
     let dir = TestDir::new();

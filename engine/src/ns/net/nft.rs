@@ -63,44 +63,20 @@ pub fn dump(ns: &OwnedFd) -> Result<String, String> {
 
 /// Load `ruleset` (JSON) in the namespace open at `ns`.
 pub fn load(ns: &OwnedFd, ruleset: &str) -> Result<(), String> {
-    let mut cmd = Command::new(nft());
-    cmd.args(["-j", "-f", "-"]);
-    crate::sys::ns::command_in_net(&mut cmd, ns);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "its nftables ruleset needs {} ({e}): install nftables",
-                nft()
-            )
-        })?;
-    let wrote = child
-        .stdin
-        .take()
-        .map(|mut i| i.write_all(ruleset.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for {}: {e}", nft()))?;
-    if let Some(Err(e)) = wrote {
-        return Err(format!("giving {} the ruleset: {e}", nft()));
-    }
-    if !out.status.success() {
-        return Err(format!(
-            "loading its nftables ruleset: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    feed(ns, &["-j", "-f", "-"], ruleset).map_err(|e| format!("loading its nftables ruleset: {e}"))
 }
 
 /// Run nftables script `script` (nft's own syntax) in the namespace open
 /// at `ns`.
 pub fn run_script(ns: &OwnedFd, script: &str) -> Result<(), String> {
+    feed(ns, &["-f", "-"], script)
+}
+
+/// Run `nft ARGS` in the namespace open at `ns` with `input` on its
+/// standard input; its error output is the error.
+fn feed(ns: &OwnedFd, args: &[&str], input: &str) -> Result<(), String> {
     let mut cmd = Command::new(nft());
-    cmd.args(["-f", "-"]);
+    cmd.args(args);
     crate::sys::ns::command_in_net(&mut cmd, ns);
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -111,12 +87,12 @@ pub fn run_script(ns: &OwnedFd, script: &str) -> Result<(), String> {
     let wrote = child
         .stdin
         .take()
-        .map(|mut i| i.write_all(script.as_bytes()));
+        .map(|mut i| i.write_all(input.as_bytes()));
     let out = child
         .wait_with_output()
         .map_err(|e| format!("waiting for {}: {e}", nft()))?;
     if let Some(Err(e)) = wrote {
-        return Err(format!("giving {} its script: {e}", nft()));
+        return Err(format!("giving {} its input: {e}", nft()));
     }
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
