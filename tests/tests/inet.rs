@@ -77,8 +77,8 @@ fn listener_with_pending_connection_refused() {
     );
 }
 
-/// An established connection of the tree (both ends in it) with data in
-/// flight both ways, dumped with --tcp-established and restored twice:
+/// Established connections of the tree (both ends in it, over IPv4 and
+/// IPv6) with data in flight both ways, dumped with --tcp-established and restored twice:
 /// nothing lost, nothing twice, and it goes on.
 #[test]
 fn established_connection_with_data_in_flight_two_rounds() {
@@ -92,6 +92,9 @@ fn established_connection_with_data_in_flight_two_rounds() {
         let img = dir.subdir(&format!("img{round}"));
         dump_ok(&mut wl, &img, &["--tcp-established"]);
         assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+        let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(text.contains("established ("), "image show: {text}");
         restore_ok(&mut wl, &img);
     }
     wl.assert_pass("wl_inet's connection after two restores");

@@ -17,7 +17,8 @@
 //! bound UDP socket. `--connected 1` also keeps a connection to its own
 //! listener (accepted), `--pending 1` one it has not accepted: cryo
 //! refuses both (the test checks that the process runs on). `--stream 1`
-//! keeps such a connection with data in flight both ways (dumped with
+//! keeps such a connection over IPv4 and one over IPv6, with data in
+//! flight both ways (dumped with
 //! --tcp-established): the server side holds 200000 bytes of a pattern
 //! from the client not read yet, the client 5000 from the server; after
 //! the restore each reads them whole, then they exchange more. `--peer
@@ -335,8 +336,9 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         ),
         None => None,
     };
+    // Over IPv4 and over IPv6.
     let stream = if a.get("stream") == Some("1") {
-        Some(stream_pair(&l4)?)
+        Some([stream_pair(&l4)?, stream_pair(&l6)?])
     } else {
         None
     };
@@ -351,9 +353,9 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
             fails.push(format!("the connection from outside: {e}"));
         }
     }
-    if let Some((c, s, sent)) = stream {
+    for (i, (c, s, sent)) in stream.into_iter().flatten().enumerate() {
         if let Err(e) = check_stream(c, s, sent) {
-            fails.push(format!("the connection: {e}"));
+            fails.push(format!("connection {i}: {e}"));
         }
     }
     check_queued(&u4, &dual, senders, &big, &mut fails);

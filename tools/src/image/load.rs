@@ -148,6 +148,16 @@ pub fn file_label(f: &proto::FileEntry) -> String {
                 cryo_engine::files::inet::text(&s.peer_addr, s.peer_port)
             );
         }
+        if let Some(t) = &s.tcp {
+            what += &format!(
+                " established ({} bytes to send, {} received not read)",
+                t.send_queue.len(),
+                t.recv_queue.len()
+            );
+        }
+        if !s.queue.is_empty() {
+            what += &format!(" {} datagram(s) queued", s.queue.len());
+        }
         return what;
     }
     let Some(pty) = &f.pty else {
