@@ -957,13 +957,19 @@ pub fn dump_and_maybe_restore(
     if leave_running {
         dump_ok(wl, img, &["-R"]);
     } else {
-        dump_ok(wl, img, &[]);
-        assert!(
-            reap_gone(guard.pids(), Duration::from_secs(10)),
-            "the dumped tree did not end"
-        );
+        dump_and_reap(wl, guard, img, &[]);
         restore_ok(wl, img);
     }
+}
+
+/// A kill-mode dump (`extra` arguments), asserting success, and the end
+/// of the dumped tree (the pids of `guard`).
+pub fn dump_and_reap(wl: &mut Workload, guard: &TreeGuard, img: &Path, extra: &[&str]) {
+    dump_ok(wl, img, extra);
+    assert!(
+        reap_gone(guard.pids(), Duration::from_secs(10)),
+        "the dumped tree did not end"
+    );
 }
 
 pub fn restore_ok(wl: &mut Workload, img: &Path) {

@@ -90,8 +90,7 @@ fn established_connection_with_data_in_flight_two_rounds() {
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     for round in 0..2 {
         let img = dir.subdir(&format!("img{round}"));
-        dump_ok(&mut wl, &img, &["--tcp-established"]);
-        assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+        dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
         let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
         let text = String::from_utf8_lossy(&show.stdout);
         assert!(text.contains("established ("), "image show: {text}");
@@ -160,8 +159,7 @@ fn connection_to_a_peer_outside_the_tree() {
     let (mut c, _) = l.accept().expect("the workload connects");
     c.write_all(&data[..1000]).expect("writing before the dump");
     let img = dir.subdir("img");
-    dump_ok(&mut wl, &img, &["--tcp-established"]);
-    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
     // While the tree is away.
     c.write_all(&data[1000..])
         .expect("writing while the tree is away");

@@ -93,8 +93,7 @@ fn veth_host_end_renamed() {
     let mut wl = Workload::start("wl_netdev", &["--host", "1", "--after", "cryoh1"], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    dump_ok(&mut wl, &img, &[]);
-    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    dump_and_reap(&mut wl, &guard, &img, &[]);
     let path = img.to_str().expect("utf-8 path");
     let out = run_cryo(
         &["restore", "-D", path, "-d", "--veth-pair", "v1=cryoh1"],
@@ -118,8 +117,7 @@ fn failed_restore_removes_host_end() {
     let mut wl = Workload::start("wl_netdev", &["--host", "1"], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    dump_ok(&mut wl, &img, &[]);
-    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    dump_and_reap(&mut wl, &guard, &img, &[]);
     let path = img.to_str().expect("utf-8 path");
     let out = run_cryo(
         &["restore", "-D", path, "-d"],

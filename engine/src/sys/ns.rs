@@ -74,15 +74,7 @@ pub fn uts_names(ns: OwnedFd) -> io::Result<(String, String)> {
 /// Put this process in a new UTS namespace named `host` and `domain`.
 pub fn new_uts(host: &str, domain: &str) -> io::Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS).map_err(io::Error::from)?;
-    // SAFETY: each call reads exactly `len` bytes of a live &str.
-    let r = unsafe {
-        libc::sethostname(host.as_ptr().cast(), host.len())
-            | libc::setdomainname(domain.as_ptr().cast(), domain.len())
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_uts_names(host, domain)
 }
 
 /// CLOCK_MONOTONIC and CLOCK_BOOTTIME of this process's time namespace,
@@ -251,14 +243,8 @@ impl NsHelper {
     pub fn start() -> io::Result<NsHelper> {
         let (c_r, c_w) = pipe_pair()?;
         let (s_r, s_w) = pipe_pair()?;
-        // Threads just joined may take a moment to leave the group.
-        let mut waited = 0;
-        while super::proc::own_threads() != Some(1) {
-            if waited == 500 {
-                return Err(io::Error::other("cryo is not single-threaded"));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            waited += 1;
+        if !super::proc::wait_single_threaded() {
+            return Err(io::Error::other("cryo is not single-threaded"));
         }
         // SAFETY: this process is single-threaded (checked just above; only
         // this thread could make another), so the child is a whole copy.

@@ -139,8 +139,21 @@ pub fn timer_restore_ids_mode() -> Result<i32, Errno> {
     Errno::result(r)
 }
 
+/// Whether this process is down to one thread, waiting up to half a
+/// second: worker threads just joined may take a moment to leave the
+/// thread group (the kernel counts them until their exit completes).
+pub(crate) fn wait_single_threaded() -> bool {
+    for _ in 0..500 {
+        if own_threads() == Some(1) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    own_threads() == Some(1)
+}
+
 /// The number of threads of this process (/proc/self/status `Threads:`).
-pub(crate) fn own_threads() -> Option<u64> {
+fn own_threads() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
@@ -169,15 +182,8 @@ pub struct NewTask<'a> {
 /// multi-threaded process could inherit locks that no thread of it will
 /// ever release), which is what makes it safe to call.
 pub fn fork_with_pid(t: &NewTask) -> Result<i32, Errno> {
-    // Worker threads just joined may take a moment to leave the thread
-    // group (the kernel counts them until their exit completes).
-    let mut waited = 0;
-    while own_threads() != Some(1) {
-        if waited == 500 {
-            return Err(Errno::EDEADLK);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        waited += 1;
+    if !wait_single_threaded() {
+        return Err(Errno::EDEADLK);
     }
     let mut flags = 0u64;
     for (on, flag) in [

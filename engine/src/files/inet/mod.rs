@@ -147,6 +147,7 @@ pub fn dump(
             st.local_port = port.into();
         }
     }
+    let peer = inet::address(&s, true).ok().map(|(a, p)| (a, u32::from(p)));
     if ty == libc::SOCK_STREAM {
         let info =
             inet::getsockopt(&s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(read("TCP state"))?;
@@ -170,34 +171,12 @@ pub fn dump(
             TCP_CLOSE => {}
             TCP_ESTABLISHED if opts.tcp_established => {
                 if stopped {
-                    st.peer_addr = inet::address(&s, true).map(|a| a.0).unwrap_or_default();
-                    st.peer_port = inet::address(&s, true).map_or(0, |a| a.1.into());
-                    // Held, to leave repair mode if the dump fails (see
-                    // settle_repairs), before it enters it.
-                    let kept = s.try_clone().map_err(read("descriptor"))?;
-                    repair::REPAIRED
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(kept);
-                    if let Some(root) = opts.network_lock {
-                        let table = lock_table(root);
-                        repair::lock(cx.pid, st.local_port as u16, &table).map_err(|w| {
-                            cx.unsupported_owned(format!(
-                                "an established TCP connection that could not be locked ({w}; --network-lock skip does without)"
-                            ))
-                        })?;
-                    }
-                    st.tcp = Some(repair::dump(&s, &info).map_err(|w| {
-                        cx.unsupported_owned(format!(
-                            "an established TCP connection to {} that TCP_REPAIR could not read ({w})",
-                            text(&st.peer_addr, st.peer_port)
-                        ))
-                    })?);
+                    (st.peer_addr, st.peer_port) = peer.clone().unwrap_or_default();
+                    st.tcp = Some(connection(cx, &s, &info, opts, &st)?);
                 }
             }
             TCP_ESTABLISHED => {
-                let peer =
-                    inet::address(&s, true).map_or_else(|_| "?".into(), |a| text(&a.0, a.1.into()));
+                let peer = peer.map_or_else(|| "?".into(), |(a, p)| text(&a, p));
                 return Err(cx.unsupported_owned(format!(
                     "an established TCP connection to {peer} (dump with --tcp-established to keep it)"
                 )));
@@ -222,9 +201,9 @@ pub fn dump(
                 src_port: port.into(),
             })
             .collect();
-        if let Ok((addr, port)) = inet::address(&s, true) {
+        if let Some((addr, port)) = peer {
             st.peer_addr = addr;
-            st.peer_port = port.into();
+            st.peer_port = port;
         }
     }
     st.options = changed_options(cx.pid, &s, family, ty, protocol).map_err(|w| {
@@ -232,6 +211,38 @@ pub fn dump(
     })?;
     e.inet = Some(st);
     Ok(())
+}
+
+/// Established connection `s` (its tcp_info `info`), its task stopped:
+/// held (to leave repair mode if the dump fails, see settle_repairs),
+/// locked (--network-lock), then read through TCP_REPAIR.
+fn connection(
+    cx: &FdCtx,
+    s: &OwnedFd,
+    info: &[u8],
+    opts: &super::CollectOptions,
+    st: &InetSocket,
+) -> Result<cryo_image::proto::TcpConnection, FilesError> {
+    let kept = s
+        .try_clone()
+        .map_err(|e| cx.unsupported_owned(format!("a socket that cannot be held ({e})")))?;
+    repair::REPAIRED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(kept);
+    if let Some(root) = opts.network_lock {
+        repair::lock(cx.pid, st.local_port as u16, &lock_table(root)).map_err(|w| {
+            cx.unsupported_owned(format!(
+                "an established TCP connection that could not be locked ({w}; --network-lock skip does without)"
+            ))
+        })?;
+    }
+    repair::dump(s, info).map_err(|w| {
+        cx.unsupported_owned(format!(
+            "an established TCP connection to {} that TCP_REPAIR could not read ({w})",
+            text(&st.peer_addr, st.peer_port)
+        ))
+    })
 }
 
 /// The options of `s` that differ from those of a new socket of its kind
@@ -448,12 +459,10 @@ fn bind(s: &impl AsFd, st: &InetSocket) -> Result<(), String> {
 
 /// An address and port as `ip` and `ss` write them.
 pub fn text(addr: &[u8], port: u32) -> String {
+    let ip = crate::ns::net::addrs::ip_text(addr);
     match addr.len() {
-        4 => format!("{}.{}.{}.{}:{port}", addr[0], addr[1], addr[2], addr[3]),
-        16 => {
-            let a = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(addr).unwrap_or_default());
-            format!("[{a}]:{port}")
-        }
+        16 => format!("[{ip}]:{port}"),
+        4 => format!("{ip}:{port}"),
         _ => format!("?:{port}"),
     }
 }

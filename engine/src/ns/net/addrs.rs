@@ -131,7 +131,8 @@ pub fn text(a: &NetAddr) -> String {
     )
 }
 
-fn ip_text(b: &[u8]) -> String {
+/// An IPv4 or IPv6 address as text (its bytes).
+pub fn ip_text(b: &[u8]) -> String {
     match b.len() {
         4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(b).unwrap_or_default()).to_string(),
         16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap_or_default()).to_string(),

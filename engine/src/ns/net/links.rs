@@ -251,13 +251,7 @@ pub fn make(
 ) -> Result<(), String> {
     for l in links {
         let mut b = Builder::new(&ifinfomsg(l.index, 0, 0));
-        b.str(IFLA_IFNAME, &l.name);
-        if l.mtu != 0 {
-            b.u32(IFLA_MTU, l.mtu);
-        }
-        if !l.mac.is_empty() {
-            b.attr(IFLA_ADDRESS, &l.mac);
-        }
+        identity(&mut b, &l.name, l.mtu, &l.mac);
         if l.txqlen != 0 {
             b.u32(IFLA_TXQLEN, l.txqlen);
         }
@@ -280,13 +274,7 @@ pub fn make(
             };
             b.begin(IFLA_INFO_DATA).begin(VETH_INFO_PEER);
             b.raw(&ifinfomsg(index, 0, 0));
-            b.str(IFLA_IFNAME, &name);
-            if p.mtu != 0 {
-                b.u32(IFLA_MTU, p.mtu);
-            }
-            if !p.mac.is_empty() {
-                b.attr(IFLA_ADDRESS, &p.mac);
-            }
+            identity(&mut b, &name, p.mtu, &p.mac);
             let ns = if p.ns == 0 {
                 Some(at.own)
             } else if p.ns != this {
@@ -327,6 +315,18 @@ pub fn make(
         host.names.extend(host_end);
     }
     Ok(())
+}
+
+/// A new device's name, MTU and hardware address (the last two where
+/// known: a sample device takes the kernel's).
+fn identity(b: &mut Builder, name: &str, mtu: u32, mac: &[u8]) {
+    b.str(IFLA_IFNAME, name);
+    if mtu != 0 {
+        b.u32(IFLA_MTU, mtu);
+    }
+    if !mac.is_empty() {
+        b.attr(IFLA_ADDRESS, mac);
+    }
 }
 
 /// The name the host end of veth device `dev` takes, and the bridge it
