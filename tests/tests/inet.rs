@@ -2,8 +2,10 @@
 //! UDP socket bound and one connected, a TCP socket not bound; made again
 //! in the holder's network namespace, checked by the workload with new
 //! connections and a datagram. Each test runs in a network namespace of
-//! its own (only loopback addresses). A connection, and one a listener
-//! has not accepted, are refused naming them.
+//! its own (only loopback addresses). Connections without
+//! --tcp-established, half-closed ones, and ones a listener has not
+//! accepted from outside the tree are refused naming them; those from
+//! the tree are kept, and --tcp-close restores connections closed.
 
 use std::time::Duration;
 
@@ -44,6 +46,11 @@ fn inet_sockets_leave_running() {
 
 /// A dump refused naming `wants`; the process runs on as it was.
 fn refused(args: &[&str], wants: &[&str]) {
+    refused_with(args, &[], wants)
+}
+
+/// [`refused`], the dump given `extra`.
+fn refused_with(args: &[&str], extra: &[&str], wants: &[&str]) {
     if !own_network_namespace(&["ip"]) {
         return;
     }
@@ -51,7 +58,7 @@ fn refused(args: &[&str], wants: &[&str]) {
     let mut wl = Workload::start("wl_inet", args, &dir);
     let _guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
-    let out = dump(wl.pid(), &img, &[], &[]);
+    let out = dump(wl.pid(), &img, extra, &[]);
     if let Err(e) = check_cryo_failed_cleanly(&out) {
         panic!("refused dump: {e}");
     }
@@ -73,8 +80,134 @@ fn established_tcp_connection_refused() {
 fn listener_with_pending_connection_refused() {
     refused(
         &["--pending", "1"],
-        &["connection(s) it has not accepted yet"],
+        &["connection(s) it has not accepted yet", "--tcp-established"],
     );
+}
+
+/// A connection whose client has shut its side (FIN_WAIT2; the server's
+/// side CLOSE_WAIT) is refused naming its state, even with
+/// --tcp-established.
+#[test]
+fn half_closed_connection_refused() {
+    refused_with(
+        &["--half", "1"],
+        &["--tcp-established"],
+        &["in state", "only established ones are kept"],
+    );
+}
+
+/// Two connections the listener has not accepted, with bytes from their
+/// clients (the tree's): kept, accepted after the restore in the order
+/// they came, with every byte; twice.
+#[test]
+fn pending_connections_kept_two_rounds() {
+    if !own_network_namespace(&["ip", "nft"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--pending", "1"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    for round in 0..2 {
+        let img = dir.subdir(&format!("img{round}"));
+        dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
+        let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(
+            text.contains("waiting to be accepted"),
+            "image show: {text}"
+        );
+        restore_ok(&mut wl, &img);
+    }
+    wl.assert_pass("wl_inet's waiting connections after two restores");
+}
+
+/// With -R the waiting connections are made again at once: the tree
+/// accepts them as they were.
+#[test]
+fn pending_connections_leave_running() {
+    if !own_network_namespace(&["ip", "nft"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--pending", "1"], &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--tcp-established", "-R"]);
+    wl.assert_pass("wl_inet's waiting connections after a dump -R");
+}
+
+/// A connection from the test (outside the tree) that the tree's
+/// listener has not accepted: refused, left in the queue, and the
+/// process accepts it after.
+#[test]
+fn pending_connection_from_outside_refused() {
+    use std::io::Write;
+    if !own_network_namespace(&["ip", "nft"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start(
+        "wl_inet",
+        &["--port", "7070", "--outside-pending", "1"],
+        &dir,
+    );
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let mut c = std::net::TcpStream::connect("127.0.0.1:7070").expect("connecting to the tree");
+    c.write_all(b"hello").expect("writing to the tree");
+    let img = dir.subdir("img");
+    let out = dump(wl.pid(), &img, &["--tcp-established"], &[]);
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("refused dump: {e}");
+    }
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("not accepted yet") && err.contains("outside the tree"),
+        "stderr: {err}"
+    );
+    wl.assert_pass("wl_inet after a refused dump");
+}
+
+/// --tcp-close at the dump: a connection is restored closed (not
+/// connected; reads give ENOTCONN), and the rest goes on.
+#[test]
+fn connection_dumped_closed() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--connected", "1", "--closed", "1"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_and_reap(&mut wl, &guard, &img, &["--tcp-close"]);
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("wl_inet with its connection closed");
+}
+
+/// --tcp-close at the restore: connections dumped with their data in
+/// flight come back closed.
+#[test]
+fn connection_restored_closed() {
+    if !own_network_namespace(&["ip", "nft"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", &["--stream", "1", "--closed", "1"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
+    let out = run_cryo(
+        &[
+            "restore",
+            "-D",
+            img.to_str().expect("utf-8 path"),
+            "-d",
+            "--tcp-close",
+        ],
+        &[],
+    );
+    wl.mark_running();
+    assert_cryo_ok(&out, "cryo restore --tcp-close");
+    wl.assert_pass("wl_inet with its connections restored closed");
 }
 
 /// Established connections of the tree (both ends in it, over IPv4 and

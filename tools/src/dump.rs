@@ -63,6 +63,11 @@ pub struct DumpArgs {
     /// CRIU's flag does; without it they are refused.
     #[arg(long)]
     pub tcp_established: bool,
+    /// Dump TCP connections (established or in any other state but
+    /// listening) closed, as CRIU's flag does: the restore gives the tasks
+    /// sockets of their kind that are not connected.
+    #[arg(long)]
+    pub tcp_close: bool,
     /// How those connections are kept quiet until the restore: nft (a
     /// table that drops their packets, so that a peer retransmits instead
     /// of being reset; the restore removes it) or skip.
@@ -111,6 +116,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         ext_unix_sk: a.ext_unix_sk,
         shell_job: a.shell_job,
         tcp_established: a.tcp_established,
+        tcp_close: a.tcp_close,
         network_lock: match a.network_lock.as_str() {
             "nft" => true,
             "skip" => false,

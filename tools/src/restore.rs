@@ -44,6 +44,11 @@ pub struct RestoreArgs {
     /// Repeatable.
     #[arg(long = "veth-pair", value_name = "IN=OUT[@BRIDGE]")]
     pub veth_pairs: Vec<String>,
+    /// Restore the image's TCP connections closed (sockets of their kind,
+    /// not connected), as CRIU's flag does: for an image whose peers are
+    /// gone.
+    #[arg(long)]
+    pub tcp_close: bool,
 }
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
@@ -75,6 +80,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
                     .ok_or_else(|| anyhow::anyhow!("--veth-pair {p:?}: expected IN=OUT[@BRIDGE]"))
             })
             .collect::<anyhow::Result<_>>()?,
+        tcp_close: a.tcp_close,
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");

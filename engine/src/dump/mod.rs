@@ -153,6 +153,10 @@ pub struct DumpOptions {
     /// left in repair mode, silent, when the tasks are killed), not
     /// refused (--tcp-established).
     pub tcp_established: bool,
+    /// Connections in any state but listening are dumped closed, without
+    /// TCP_REPAIR or a lock: the restore makes sockets of their kind, not
+    /// connected (--tcp-close).
+    pub tcp_close: bool,
     /// Lock those connections with nftables (their packets dropped until
     /// the restore): --network-lock nft (the default) or skip.
     pub network_lock: bool,
@@ -166,6 +170,7 @@ impl DumpOptions {
             shell_job: self.shell_job,
             owners: true,
             tcp_established: self.tcp_established,
+            tcp_close: self.tcp_close,
             network_lock: self.network_lock.then_some(self.pid),
         }
     }

@@ -152,6 +152,9 @@ pub struct CollectOptions {
     /// Established TCP connections are dumped through TCP_REPAIR
     /// (--tcp-established), not refused.
     pub tcp_established: bool,
+    /// Connections in any state but listening are dumped closed
+    /// (--tcp-close): restored as sockets of their kind, not connected.
+    pub tcp_close: bool,
     /// The root of the tree whose nftables table drops the packets of
     /// those connections until the restore (None: --network-lock skip).
     pub network_lock: Option<i32>,
@@ -608,6 +611,7 @@ pub fn link(
     // Descriptors in flight that only messages hold: open until the
     // end, for what is read of them below.
     let _in_flight = unix::states(&mut table, ext_unix_sk, diag, opts)?;
+    inet::link_pending(&mut table)?;
     inotify::link_removed(&mut table)?;
     ghost::contents(&mut table, opts)?;
     check_per_task(procs, &table)?;

@@ -233,13 +233,16 @@ pub fn open_all(
             what,
         })?;
     }
-    // Every connection is made again: out of repair mode, together.
-    for f in files
+    // Every connection is made again: out of repair mode, together, then
+    // those that waited to be accepted, in their queues' order.
+    let mut conns: Vec<&FileEntry> = files
         .iter()
         .filter(|f| f.kind == FileKind::FileInetSocket as i32)
-    {
+        .collect();
+    conns.sort_by_key(|f| inet::finish_order(f));
+    for f in conns {
         if let Some(fd) = out.get(&f.id) {
-            inet::leave_repair(f, fd).map_err(|e| fail(f, e))?;
+            inet::finish(f, fd).map_err(|e| fail(f, e))?;
         }
     }
     // Every slave is open: masters that were locked are locked again.

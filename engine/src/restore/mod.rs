@@ -123,6 +123,9 @@ pub struct RestoreOptions {
     /// The names the host ends of veth devices take, by the device's
     /// (--veth-pair IN=OUT), in place of theirs at the dump.
     pub veth_pairs: HashMap<String, String>,
+    /// TCP connections in the image are restored closed: sockets of their
+    /// kind, not connected (--tcp-close).
+    pub tcp_close: bool,
 }
 
 impl RestoreOptions {
@@ -135,6 +138,7 @@ impl RestoreOptions {
             externals: HashMap::new(),
             root: None,
             veth_pairs: HashMap::new(),
+            tcp_close: false,
         }
     }
 }
@@ -191,7 +195,10 @@ fn all_tids<'a>(tree: &'a TreeImage, plan: &'a Plan) -> impl Iterator<Item = i32
 /// damaged one is refused here), checked against this CPU, planned, and
 /// every pid it needs free.
 fn load(opts: &RestoreOptions) -> Result<(TreeImage, Vec<cryo_image::PageReader>, Plan)> {
-    let tree = TreeImage::load(&opts.dir)?;
+    let mut tree = TreeImage::load(&opts.dir)?;
+    if opts.tcp_close {
+        crate::files::inet::close_connections(&mut tree.procs[0].files);
+    }
     let root = tree.procs[0].pid();
     let mut readers = Vec::with_capacity(tree.procs.len());
     for p in &tree.procs {

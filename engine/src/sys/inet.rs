@@ -412,3 +412,134 @@ pub fn send_all(s: &impl AsFd, data: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Wait up to `ms` for `events` (POLLIN, POLLOUT) on `s`: whether they came.
+pub fn poll(s: &impl AsFd, events: libc::c_short, ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: s.as_fd().as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, as the count says.
+    let n = check(unsafe { libc::poll(&mut p, 1, ms) })?;
+    Ok(n > 0 && p.revents & events != 0)
+}
+
+/// A connection from the accept queue of listener `s` (which must hold
+/// one: see [`poll`]), non-blocking, and its peer (address bytes, port).
+pub fn accept(s: &impl AsFd) -> io::Result<(OwnedFd, (Vec<u8>, u16))> {
+    // SAFETY: zeroed is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `ss`, a live
+    // local of that size, and returns a new descriptor.
+    let fd = check(unsafe {
+        libc::accept4(
+            s.as_fd().as_raw_fd(),
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` was just returned and is owned by nothing else.
+    Ok((unsafe { OwnedFd::from_raw_fd(fd) }, to_pair(&ss)))
+}
+
+/// Every byte queued for reading on non-blocking socket `s`, taken.
+pub fn recv_all(s: &impl AsFd) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: the kernel writes at most buf.len() bytes into `buf`.
+        let n = unsafe {
+            libc::recv(
+                s.as_fd().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(out),
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Err(io::Error::other("the peer closed its side"));
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+    }
+}
+
+/// Dissolve the connection of `s` (connect to AF_UNSPEC); in repair mode
+/// nothing goes to the peer.
+pub fn disconnect(s: &impl AsFd) -> io::Result<()> {
+    // SAFETY: zeroed is a valid sockaddr_storage; AF_UNSPEC is 0.
+    let ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel reads the family of `ss`, a live local.
+    check(unsafe {
+        libc::connect(
+            s.as_fd().as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Connect `s` to `peer` and write all of `data`, waiting on a
+/// non-blocking socket (up to `secs` seconds in all).
+pub fn connect_and_send(
+    s: &impl AsFd,
+    peer: (&[u8], u16),
+    data: &[u8],
+    secs: u64,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .as_millis() as i32
+    };
+    let timed_out = |what: &str| io::Error::new(io::ErrorKind::TimedOut, what.to_string());
+    match bind_or_connect(s, peer.0, peer.1, true) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            if !poll(s, libc::POLLOUT, left())? {
+                return Err(timed_out("the handshake did not end"));
+            }
+            match getsockopt_int(s, libc::SOL_SOCKET, libc::SO_ERROR)? {
+                0 => {}
+                err => return Err(io::Error::from_raw_os_error(err)),
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    let mut off = 0;
+    while off < data.len() {
+        // SAFETY: the kernel reads at most data.len() - off bytes of a
+        // live slice.
+        let n = unsafe {
+            libc::send(
+                s.as_fd().as_raw_fd(),
+                data[off..].as_ptr().cast(),
+                data.len() - off,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EAGAIN) {
+                return Err(e);
+            }
+            if !poll(s, libc::POLLOUT, left())? {
+                return Err(timed_out(&format!("{off} of {} bytes sent", data.len())));
+            }
+            continue;
+        }
+        off += n as usize;
+    }
+    Ok(())
+}

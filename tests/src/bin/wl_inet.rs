@@ -2,7 +2,7 @@
 //! their options, a UDP socket bound and one connected, a TCP socket not
 //! bound yet.
 //!
-//! `wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1] [--peer PORT --expect N]`
+//! `wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--stream 1] [--peer PORT --expect N]`
 //!
 //! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
 //! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
@@ -15,8 +15,15 @@
 //! each one's address, peer and options, accepts a new connection on
 //! each listener with bytes both ways, and receives a datagram on the
 //! bound UDP socket. `--connected 1` also keeps a connection to its own
-//! listener (accepted), `--pending 1` one it has not accepted: cryo
-//! refuses both (the test checks that the process runs on). `--stream 1`
+//! listener (accepted), which cryo refuses without --tcp-established
+//! (the test checks that the process runs on); with `--closed 1` it (and
+//! `--stream`'s) must come back closed (--tcp-close). `--pending 1`: two
+//! connections to the IPv4 listener that it has not accepted, each with
+//! bytes from its client; after the restore it accepts them in the order
+//! they came, with those bytes. `--half 1`: a connection whose client
+//! has shut its side, refused. `--port P`: the IPv4 listener's port.
+//! `--outside-pending 1`: the test connects to it and sends "hello",
+//! which the process reads first on SIGTERM. `--stream 1`
 //! keeps such a connection over IPv4 and one over IPv6, with data in
 //! flight both ways (dumped with
 //! --tcp-established): the server side holds 200000 bytes of a pattern
@@ -216,6 +223,103 @@ fn check_stream(mut c: TcpStream, mut s: TcpStream, sent: usize) -> Result<(), S
     Ok(())
 }
 
+/// Two clients of `at` that it has not accepted yet, each having sent
+/// bytes of the pattern (as many as the connection takes, up to
+/// 150000): (client, its pattern's offset, bytes sent).
+fn pending_clients(at: SocketAddr) -> Result<Vec<(TcpStream, usize, usize)>, String> {
+    let mut out = Vec::new();
+    for (i, n) in [3000usize, 150_000].into_iter().enumerate() {
+        let mut c = TcpStream::connect(at).map_err(|e| format!("connecting: {e}"))?;
+        let data: Vec<u8> = (0..n).map(|j| pattern(j + i)).collect();
+        c.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let mut sent = 0;
+        while sent < n {
+            match c.write(&data[sent..]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("writing: {e}")),
+            }
+        }
+        c.set_nonblocking(false).map_err(|e| e.to_string())?;
+        out.push((c, i, sent));
+    }
+    Ok(out)
+}
+
+/// `l` accepts the waiting connections in the order they came, each from
+/// its client with all it had sent, and they talk both ways.
+fn check_pending(l: &TcpListener, pending: Vec<(TcpStream, usize, usize)>) -> Result<(), String> {
+    let t = Some(Duration::from_secs(10));
+    for (mut c, i, sent) in pending {
+        let (mut s, from) = accept_within(l, Duration::from_secs(10))?;
+        let want = c.local_addr().map_err(|e| e.to_string())?;
+        if from != want {
+            return Err(format!("accepted {from} where {want} came first"));
+        }
+        let _ = (c.set_read_timeout(t), s.set_read_timeout(t));
+        let mut got = vec![0u8; sent];
+        s.read_exact(&mut got)
+            .map_err(|e| format!("reading the {sent} bytes client {i} sent: {e}"))?;
+        if let Some(j) = (0..sent).find(|&j| got[j] != pattern(j + i)) {
+            return Err(format!("byte {j} of client {i}'s is {:#x}", got[j]));
+        }
+        s.write_all(b"back").map_err(|e| e.to_string())?;
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b)
+            .map_err(|e| format!("client {i} reading the answer: {e}"))?;
+        c.write_all(b"more").map_err(|e| e.to_string())?;
+        s.read_exact(&mut b)
+            .map_err(|e| format!("server reading client {i}'s more: {e}"))?;
+        if &b != b"more" {
+            return Err(format!("client {i} sent {b:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A connection `l` accepts within `t` (not one: an error, not a hang).
+fn accept_within(l: &TcpListener, t: Duration) -> Result<(TcpStream, SocketAddr), String> {
+    let start = std::time::Instant::now();
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let got = loop {
+        match l.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < t => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => break other.map_err(|e| format!("accept: {e}")),
+        }
+    };
+    l.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let (s, from) = got?;
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    Ok((s, from))
+}
+
+/// The server reads the end of what the client sent, and can still
+/// write to it.
+fn check_half(mut c: TcpStream, mut s: TcpStream) -> Result<(), String> {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        other => return Err(format!("the server read {other:?}, not the end")),
+    }
+    s.write_all(b"x").map_err(|e| e.to_string())?;
+    c.read_exact(&mut b).map_err(|e| e.to_string())
+}
+
+/// A connection restored closed (--tcp-close): not connected.
+fn check_closed(mut c: &TcpStream) -> Result<(), String> {
+    if let Ok(p) = c.peer_addr() {
+        return Err(format!("it is connected to {p}"));
+    }
+    let mut b = [0u8; 1];
+    match c.read(&mut b) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        other => Err(format!("reading gave {other:?}, not ENOTCONN")),
+    }
+}
+
 /// The datagrams queued at the dump come out in order, whole, from their
 /// senders.
 fn check_queued(
@@ -254,8 +358,9 @@ fn check_queued(
 fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     wl::install_term_handler()?;
     let tcp = libc::IPPROTO_TCP;
+    let port4: u16 = a.get("port").and_then(|p| p.parse().ok()).unwrap_or(0);
     let l4 = listener(
-        "127.0.0.1:0",
+        &format!("127.0.0.1:{port4}"),
         false,
         &[
             (libc::SOL_SOCKET, libc::SO_REUSEADDR),
@@ -316,16 +421,29 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         u4.local_addr().map_err(|e| e.to_string())?,
         u6.local_addr().map_err(|e| e.to_string())?,
     );
-    // Refused by cryo: a connection, or one not accepted yet.
-    let _kept = if a.get("connected") == Some("1") {
+    // Refused by cryo without --tcp-established: a connection (its ends
+    // restored closed with --tcp-close).
+    let connected = if a.get("connected") == Some("1") {
         let c = TcpStream::connect(addrs.0).map_err(|e| e.to_string())?;
-        let s = l4.accept().map_err(|e| e.to_string())?;
-        Some((c, Some(s)))
-    } else if a.get("pending") == Some("1") {
-        Some((
-            TcpStream::connect(addrs.0).map_err(|e| e.to_string())?,
-            None,
-        ))
+        let (s, _) = l4.accept().map_err(|e| e.to_string())?;
+        vec![c, s]
+    } else {
+        Vec::new()
+    };
+    // Connections l4 has not accepted yet, with bytes from their clients.
+    let pending = if a.get("pending") == Some("1") {
+        pending_clients(addrs.0)?
+    } else {
+        Vec::new()
+    };
+    // Half closed: the client has shut its side (FIN_WAIT2, the server's
+    // CLOSE_WAIT), which cryo refuses.
+    let half = if a.get("half") == Some("1") {
+        let c = TcpStream::connect(addrs.0).map_err(|e| e.to_string())?;
+        let (s, _) = l4.accept().map_err(|e| e.to_string())?;
+        c.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        Some((c, s))
     } else {
         None
     };
@@ -347,6 +465,36 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut fails = Vec::new();
+    // The test's connection, left waiting on l4 by a refused dump.
+    if a.get("outside-pending") == Some("1") {
+        let got = l4
+            .accept()
+            .map_err(|e| e.to_string())
+            .and_then(|(mut t, _)| {
+                let _ = t.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut b = [0u8; 5];
+                t.read_exact(&mut b).map_err(|e| e.to_string()).map(|()| b)
+            });
+        if got.as_ref().map(|b| &b[..]) != Ok(b"hello") {
+            fails.push(format!("the test's waiting connection gave {got:?}"));
+        }
+    }
+    if let Some((c, s)) = half {
+        if let Err(e) = check_half(c, s) {
+            fails.push(format!("the half-closed connection: {e}"));
+        }
+    }
+    if let Err(e) = check_pending(&l4, pending) {
+        fails.push(format!("the connections waiting to be accepted: {e}"));
+    }
+    let closed = a.get("closed") == Some("1");
+    if closed {
+        for (i, c) in connected.iter().enumerate() {
+            if let Err(e) = check_closed(c) {
+                fails.push(format!("end {i} of the connection: {e}"));
+            }
+        }
+    }
     if let Some(p) = peer {
         let n: usize = a.get("expect").and_then(|v| v.parse().ok()).unwrap_or(0);
         if let Err(e) = answer_peer(p, n) {
@@ -354,15 +502,19 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         }
     }
     for (i, (c, s, sent)) in stream.into_iter().flatten().enumerate() {
+        if closed {
+            for (end, t) in [&c, &s].into_iter().enumerate() {
+                if let Err(e) = check_closed(t) {
+                    fails.push(format!("end {end} of stream {i}: {e}"));
+                }
+            }
+            continue;
+        }
         if let Err(e) = check_stream(c, s, sent) {
             fails.push(format!("connection {i}: {e}"));
         }
     }
     check_queued(&u4, &dual, senders, &big, &mut fails);
-    // The connection left pending is the listener's first to accept.
-    if a.get("pending") == Some("1") {
-        let _ = l4.accept();
-    }
     let now = (
         l4.local_addr(),
         l6.local_addr(),
@@ -442,7 +594,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_inet --ready FILE --verdict FILE [--connected 1] [--pending 1] [--stream 1] [--peer PORT --expect N]";
+    let usage = "wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--stream 1] [--peer PORT --expect N]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let result = run(&a);

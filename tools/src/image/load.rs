@@ -155,6 +155,19 @@ pub fn file_label(f: &proto::FileEntry) -> String {
                 t.recv_queue.len()
             );
         }
+        if let Some(p) = &s.pending_on {
+            what += &format!(
+                " waiting to be accepted ({} bytes sent; {} in its queue)",
+                p.data.len(),
+                p.order + 1
+            );
+        }
+        if s.pending > 0 {
+            what += &format!(", {} connection(s) waiting", s.pending);
+        }
+        if s.closed {
+            what += " (restored closed)";
+        }
         if !s.queue.is_empty() {
             what += &format!(" {} datagram(s) queued", s.queue.len());
         }

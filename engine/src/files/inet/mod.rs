@@ -30,11 +30,14 @@ use cryo_image::proto::{Datagram, FileEntry, InetSocket, SockOpt};
 
 use super::{FdCtx, FilesError, ProcHandles};
 use crate::sys::inet;
-use crate::sys::netlink::Netlink;
 
+mod diag;
+mod pending;
 mod repair;
 
-pub use repair::{leave_repair, lock_table, settle_repairs, unlock_after_restore};
+pub use pending::link_pending;
+
+pub use repair::{lock_table, settle_repairs, unlock_after_restore};
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
@@ -148,27 +151,32 @@ pub fn dump(
         }
     }
     let peer = inet::address(&s, true).ok().map(|(a, p)| (a, u32::from(p)));
+    // Before repair mode, which changes SO_REUSEADDR.
+    st.options = changed_options(cx.pid, &s, family, ty, protocol).map_err(|w| {
+        cx.unsupported_owned(format!("a socket whose options cannot be compared: {w}"))
+    })?;
     if ty == libc::SOCK_STREAM {
         let info =
             inet::getsockopt(&s, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(read("TCP state"))?;
         let state = info.first().copied().unwrap_or(0);
         match state {
             TCP_LISTEN => {
-                let (queued, backlog) =
-                    listener_queues(cx.pid, cx.st.st_ino, family).map_err(|w| {
-                        cx.unsupported_owned(format!(
-                            "a TCP listener whose backlog cannot be read: {w}"
-                        ))
-                    })?;
-                if queued > 0 {
+                let (queued, backlog) = listener_queues(cx.pid, cx.st.st_ino).map_err(|w| {
+                    cx.unsupported_owned(format!(
+                        "a TCP listener whose backlog cannot be read: {w}"
+                    ))
+                })?;
+                if queued > 0 && !opts.tcp_established {
                     return Err(cx.unsupported_owned(format!(
-                        "a TCP listener with {queued} connection(s) it has not accepted yet (not kept yet)"
+                        "a TCP listener with {queued} connection(s) it has not accepted yet (dump with --tcp-established to keep them)"
                     )));
                 }
                 st.listening = true;
                 st.backlog = backlog;
+                st.pending = queued;
             }
             TCP_CLOSE => {}
+            _ if opts.tcp_close => st.closed = true,
             TCP_ESTABLISHED if opts.tcp_established => {
                 if stopped {
                     (st.peer_addr, st.peer_port) = peer.clone().unwrap_or_default();
@@ -178,13 +186,14 @@ pub fn dump(
             TCP_ESTABLISHED => {
                 let peer = peer.map_or_else(|| "?".into(), |(a, p)| text(&a, p));
                 return Err(cx.unsupported_owned(format!(
-                    "an established TCP connection to {peer} (dump with --tcp-established to keep it)"
+                    "an established TCP connection to {peer} (dump with --tcp-established to keep it, or --tcp-close to restore it closed)"
                 )));
             }
             s => {
                 let name = TCP_STATES.get(s as usize).copied().unwrap_or("unknown");
+                let peer = peer.map_or_else(|| "?".into(), |(a, p)| text(&a, p));
                 return Err(cx.unsupported_owned(format!(
-                    "a TCP connection in state {name} (only established ones are kept, with --tcp-established)"
+                    "a TCP connection to {peer} in state {name} (only established ones are kept, with --tcp-established; --tcp-close restores it closed)"
                 )));
             }
         }
@@ -206,9 +215,6 @@ pub fn dump(
             st.peer_port = port;
         }
     }
-    st.options = changed_options(cx.pid, &s, family, ty, protocol).map_err(|w| {
-        cx.unsupported_owned(format!("a socket whose options cannot be compared: {w}"))
-    })?;
     e.inet = Some(st);
     Ok(())
 }
@@ -226,12 +232,29 @@ fn connection(
     let kept = s
         .try_clone()
         .map_err(|e| cx.unsupported_owned(format!("a socket that cannot be held ({e})")))?;
+    let reuse = inet::getsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0);
     repair::REPAIRED
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(kept);
-    if let Some(root) = opts.network_lock {
-        repair::lock(cx.pid, st.local_port as u16, &lock_table(root)).map_err(|w| {
+        .push((kept, reuse));
+    let local = inet::address(s, false).map_err(|e| {
+        cx.unsupported_owned(format!(
+            "a TCP connection whose address cannot be read ({e})"
+        ))
+    })?;
+    // One waiting in an accept queue of the tree is made again by a new
+    // handshake (see pending), which a lock would stop.
+    let waiting =
+        pending::waits_in_accept_queue(cx.pid, &local, (&st.peer_addr, st.peer_port as u16))
+            .map_err(|w| {
+                cx.unsupported_owned(format!("a TCP connection whose peer cannot be found: {w}"))
+            })?;
+    if let Some(root) = opts.network_lock.filter(|_| !waiting) {
+        let ends = (
+            (&local.0[..], local.1),
+            (&st.peer_addr[..], st.peer_port as u16),
+        );
+        repair::lock(cx.pid, ends, &lock_table(root)).map_err(|w| {
             cx.unsupported_owned(format!(
                 "an established TCP connection that could not be locked ({w}; --network-lock skip does without)"
             ))
@@ -287,31 +310,11 @@ fn changed_options(
 /// A TCP listener's accept queue length and backlog (sock_diag's rqueue
 /// and wqueue), found by its inode among the listeners of the network
 /// namespace of task `pid`.
-fn listener_queues(pid: i32, ino: u64, family: i32) -> Result<(u32, u32), String> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    let ns: OwnedFd = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| e.to_string())?
-        .into();
-    let mut nl = Netlink::open_in(&ns, nix::sys::socket::SockProtocol::NetlinkSockDiag)
-        .map_err(|e| format!("a sock_diag socket: {e}"))?;
-    // struct inet_diag_req_v2: family, protocol, extensions, pad, states,
-    // then an inet_diag_sockid of 48 bytes (any).
-    let mut req = [0u8; 56];
-    req[0] = family as u8;
-    req[1] = libc::IPPROTO_TCP as u8;
-    req[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    let msgs = nl
-        .dump(SOCK_DIAG_BY_FAMILY, &req)
-        .map_err(|e| format!("sock_diag: {e}"))?;
-    // struct inet_diag_msg: rqueue at 56, wqueue at 60, inode at 68.
-    let word = |b: &[u8], at: usize| {
-        b.get(at..at + 4)
-            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
-            .unwrap_or(0)
-    };
-    msgs.iter()
-        .find(|m| u64::from(word(&m.body, 68)) == ino)
-        .map(|m| (word(&m.body, 56), word(&m.body, 60)))
+fn listener_queues(pid: i32, ino: u64) -> Result<(u32, u32), String> {
+    diag::tcp_sockets(pid, 1 << TCP_LISTEN)?
+        .iter()
+        .find(|l| l.inode == ino)
+        .map(|l| (l.rqueue, l.wqueue))
         .ok_or_else(|| format!("listener inode {ino} is not in sock_diag's list"))
 }
 
@@ -338,6 +341,16 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
         }
         inet::setsockopt(&s, o.level, o.name, &value)
             .map_err(|e| format!("setting {}: {e}", option_name(o.level, o.name)))?;
+    }
+    if st.closed {
+        // --tcp-close: of its kind and options, not connected (reads
+        // return ENOTCONN, writes EPIPE).
+        return Ok(s);
+    }
+    if st.pending_on.is_some() {
+        // Connected once every file is open (see finish).
+        bind(&s, st)?;
+        return Ok(s);
     }
     if st.tcp.is_some() {
         // A connection goes into repair mode before its bind, once its
@@ -374,6 +387,37 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
             .map_err(|e| format!("connecting to {}: {e}", text(&st.peer_addr, st.peer_port)))?;
     }
     Ok(s)
+}
+
+/// Restore side of --tcp-close: every connection of `files` made closed
+/// (of its kind and options, not connected).
+pub fn close_connections(files: &mut [FileEntry]) {
+    for st in files.iter_mut().filter_map(|f| f.inet.as_mut()) {
+        if st.tcp.is_some() || st.pending_on.is_some() {
+            st.tcp = None;
+            st.pending_on = None;
+            st.closed = true;
+        }
+    }
+}
+
+/// Once every file of the tree is open, in [`finish_order`]: connections
+/// leave repair mode, those that waited in an accept queue connect again.
+pub fn finish(f: &FileEntry, fd: &OwnedFd) -> Result<(), String> {
+    match f.inet.as_ref() {
+        Some(st) if st.pending_on.is_some() => pending::connect(fd, st),
+        Some(_) => repair::leave_repair(f, fd),
+        None => Ok(()),
+    }
+}
+
+/// Where `f` comes in the order of [`finish`]: connections that waited
+/// in an accept queue after the others, in the queue's order.
+pub fn finish_order(f: &FileEntry) -> u32 {
+    f.inet
+        .as_ref()
+        .and_then(|s| s.pending_on.as_ref())
+        .map_or(0, |p| p.order + 1)
 }
 
 /// The dumped datagrams of UDP socket `s` queued on it again, each from

@@ -21,7 +21,33 @@ use super::text;
 use crate::sys::inet;
 
 /// The connections a dump took into repair mode, held until it ends.
-pub(super) static REPAIRED: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+/// With each, its SO_REUSEADDR, which leaving repair mode clears.
+pub(super) static REPAIRED: std::sync::Mutex<Vec<(OwnedFd, i32)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Connection `ino` is no longer in repair mode (see pending): not held.
+pub(super) fn forget(ino: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut held = REPAIRED.lock().unwrap_or_else(|p| p.into_inner());
+    held.retain(|(s, _)| {
+        let same = s
+            .try_clone()
+            .ok()
+            .and_then(|c| std::fs::File::from(c).metadata().ok())
+            .is_some_and(|m| m.ino() == ino);
+        !same
+    });
+}
+
+/// Take connection `s` out of repair mode (`how`: TCP_REPAIR's value) with
+/// its SO_REUSEADDR `reuse` set again (leaving repair mode clears it).
+pub(super) fn repair_off(s: &OwnedFd, how: i32, reuse: i32) -> std::io::Result<()> {
+    inet::setsockopt_int(s, libc::IPPROTO_TCP, inet::TCP_REPAIR, how)?;
+    if reuse != 0 {
+        inet::setsockopt_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuse)?;
+    }
+    Ok(())
+}
 
 /// At the end of a dump: the connections it took into repair mode stay
 /// in it when `killed` (their tasks are gone: closed in repair mode, they
@@ -36,13 +62,8 @@ pub fn settle_repairs(killed: bool) {
         }
     }
     let held = std::mem::take(&mut *REPAIRED.lock().unwrap_or_else(|p| p.into_inner()));
-    for s in held.iter().filter(|_| !killed) {
-        if let Err(e) = inet::setsockopt_int(
-            s,
-            libc::IPPROTO_TCP,
-            inet::TCP_REPAIR,
-            inet::TCP_REPAIR_OFF_NO_WP,
-        ) {
+    for (s, reuse) in held.iter().filter(|_| !killed) {
+        if let Err(e) = repair_off(s, inet::TCP_REPAIR_OFF_NO_WP, *reuse) {
             tracing::error!("taking a TCP connection out of repair mode: {e}");
         }
     }
@@ -58,11 +79,15 @@ pub fn lock_table(root: i32) -> String {
     format!("cryo_lock_{root}")
 }
 
-/// Drop the packets of the connection on local port `port` of task
-/// `pid`'s network namespace (table `table` of nftables there): while its
-/// task is away, a peer's packet would otherwise find no socket and be
-/// answered with a reset; it is sent again once the restore unlocks.
-pub fn lock(pid: i32, port: u16, table: &str) -> Result<(), String> {
+/// One end of a connection: address bytes and port.
+pub type End<'a> = (&'a [u8], u16);
+
+/// Drop the packets of the connection between `ends` (local, then peer:
+/// address bytes and port) of task `pid`'s network namespace (table
+/// `table` of nftables there): while its task is away, a peer's packet
+/// would otherwise find no socket and be answered with a reset; it is
+/// sent again once the restore unlocks.
+pub fn lock(pid: i32, ends: (End, End), table: &str) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let path = format!("/proc/{pid}/ns/net");
     let ns: OwnedFd = std::fs::File::open(&path)
@@ -76,8 +101,10 @@ pub fn lock(pid: i32, port: u16, table: &str) -> Result<(), String> {
         "add table inet {table}\n\
          add chain inet {table} in {{ type filter hook input priority -300; }}\n\
          add chain inet {table} out {{ type filter hook output priority -300; }}\n\
-         add rule inet {table} in tcp dport {port} drop\n\
-         add rule inet {table} out tcp sport {port} drop\n"
+         add rule inet {table} in {} drop\n\
+         add rule inet {table} out {} drop\n",
+        selector(ends.1, ends.0),
+        selector(ends.0, ends.1),
     );
     crate::ns::net::nft::run_script(&ns, &script).map_err(|e| format!("nft: {e}"))?;
     let mut locked = LOCKED.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,6 +118,29 @@ pub fn lock(pid: i32, port: u16, table: &str) -> Result<(), String> {
         locked.push((ns, table.to_string()));
     }
     Ok(())
+}
+
+/// An nft match of the TCP packets from `src` to `dst` (address bytes and
+/// port; a v4-mapped address matches IPv4 packets).
+fn selector(src: End, dst: End) -> String {
+    let plain = |a: &[u8]| -> Vec<u8> {
+        let mapped = a.len() == 16 && a[..10].iter().all(|&b| b == 0) && a[10..12] == [0xff, 0xff];
+        if mapped {
+            a[12..].to_vec()
+        } else {
+            a.to_vec()
+        }
+    };
+    let (s, d) = (plain(src.0), plain(dst.0));
+    let ip = if s.len() == 4 { "ip" } else { "ip6" };
+    let text = crate::ns::net::addrs::ip_text;
+    format!(
+        "{ip} saddr {} {ip} daddr {} tcp sport {} tcp dport {}",
+        text(&s),
+        text(&d),
+        src.1,
+        dst.1
+    )
 }
 
 /// After a restore has made the tree's connections again: the lock its
@@ -230,12 +280,21 @@ pub(super) fn make(s: &OwnedFd, c: &TcpConnection, peer: (&[u8], u16)) -> Result
 /// together (one out of it before its peer exists again would be answered
 /// with a reset).
 /// What it had not sent yet goes as new data then.
-pub fn leave_repair(f: &FileEntry, fd: &OwnedFd) -> Result<(), String> {
+pub(super) fn leave_repair(f: &FileEntry, fd: &OwnedFd) -> Result<(), String> {
     let Some(c) = f.inet.as_ref().and_then(|i| i.tcp.as_ref()) else {
         return Ok(());
     };
-    inet::setsockopt_int(fd, libc::IPPROTO_TCP, inet::TCP_REPAIR, 0)
-        .map_err(|e| format!("leaving repair mode: {e}"))?;
+    let reuse = f.inet.as_ref().map_or(0, reuse_of);
+    repair_off(fd, 0, reuse).map_err(|e| format!("leaving repair mode: {e}"))?;
     let unsent = &c.send_queue[c.send_queue.len() - c.unsent as usize..];
     inet::send_all(fd, unsent).map_err(|e| format!("its {} bytes not sent yet: {e}", unsent.len()))
+}
+
+/// The SO_REUSEADDR a socket's dumped options give (0: a new socket's).
+pub(super) fn reuse_of(st: &cryo_image::proto::InetSocket) -> i32 {
+    st.options
+        .iter()
+        .find(|o| o.level == libc::SOL_SOCKET && o.name == libc::SO_REUSEADDR)
+        .and_then(|o| o.value.get(..4)?.try_into().ok())
+        .map_or(0, i32::from_ne_bytes)
 }
