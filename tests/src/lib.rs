@@ -1119,7 +1119,9 @@ pub const SWEEP_EVERYTHING: &[&str] = &[
 pub fn own_network_namespace(tools: &[&str]) -> bool {
     for tool in tools {
         if Command::new(tool).arg("--version").output().is_err() {
-            eprintln!("SKIP: {tool} is not installed (Debian's iproute2 and nftables packages)");
+            eprintln!(
+                "SKIP: {tool} is not installed (Debian's iproute2, nftables and iptables packages)"
+            );
             return false;
         }
     }

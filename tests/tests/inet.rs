@@ -276,8 +276,24 @@ fn failed_dump_leaves_connection_working() {
 /// reach the restored tree, and the test's side notices nothing.
 #[test]
 fn connection_to_a_peer_outside_the_tree() {
+    peer_outside("nft");
+}
+
+/// The same with the lock made by iptables and ip6tables.
+#[test]
+fn connection_to_a_peer_outside_the_tree_iptables_lock() {
+    peer_outside("iptables");
+}
+
+/// A connection to the test, dumped with `--network-lock lock`.
+fn peer_outside(lock: &str) {
     use std::io::{Read, Write};
-    if !own_network_namespace(&["ip", "nft"]) {
+    let tool = if lock == "iptables" {
+        "iptables"
+    } else {
+        "nft"
+    };
+    if !own_network_namespace(&["ip", tool]) {
         return;
     }
     let pattern = |i: usize| (i * 31 % 251) as u8;
@@ -292,7 +308,12 @@ fn connection_to_a_peer_outside_the_tree() {
     let (mut c, _) = l.accept().expect("the workload connects");
     c.write_all(&data[..1000]).expect("writing before the dump");
     let img = dir.subdir("img");
-    dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
+    dump_and_reap(
+        &mut wl,
+        &guard,
+        &img,
+        &["--tcp-established", "--network-lock", lock],
+    );
     // While the tree is away.
     c.write_all(&data[1000..])
         .expect("writing while the tree is away");

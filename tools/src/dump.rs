@@ -70,8 +70,9 @@ pub struct DumpArgs {
     pub tcp_close: bool,
     /// How those connections are kept quiet until the restore: nft (a
     /// table that drops their packets, so that a peer retransmits instead
-    /// of being reset; the restore removes it) or skip.
-    #[arg(long, value_name = "nft|skip", default_value = "nft")]
+    /// of being reset; the restore removes it), iptables (a chain of
+    /// iptables and ip6tables doing the same) or skip.
+    #[arg(long, value_name = "nft|iptables|skip", default_value = "nft")]
     pub network_lock: String,
     /// Copy private memory while the tasks still run (in rounds, tracking
     /// their writes with userfaultfd) and stop them only for what they
@@ -99,35 +100,35 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
             .map(|n| n.get())
             .unwrap_or(2)
     });
-    let opts = DumpOptions {
-        pid: a.pid.unwrap_or(0),
-        cgroup: a.cgroup.clone(),
-        dir: a.dir.clone(),
-        leave_running: a.leave_running,
-        compression: match a.compress {
-            Compress::None => Compression::None,
-            Compress::Zstd => Compression::Zstd,
-        },
-        zstd_level: a.zstd_level,
-        threads,
-        freeze_cgroup: a.freeze_cgroup.clone(),
-        ghost_limit: a.ghost_limit,
-        link_remap: a.link_remap,
-        ext_unix_sk: a.ext_unix_sk,
-        shell_job: a.shell_job,
-        tcp_established: a.tcp_established,
-        tcp_close: a.tcp_close,
-        network_lock: match a.network_lock.as_str() {
-            "nft" => true,
-            "skip" => false,
-            other => anyhow::bail!(
-                "--network-lock {other}: expected nft or skip (iptables is not supported)"
-            ),
-        },
-        pre_copy: a.pre_copy,
-        externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
-            .map_err(anyhow::Error::msg)?,
-    };
+    let opts =
+        DumpOptions {
+            pid: a.pid.unwrap_or(0),
+            cgroup: a.cgroup.clone(),
+            dir: a.dir.clone(),
+            leave_running: a.leave_running,
+            compression: match a.compress {
+                Compress::None => Compression::None,
+                Compress::Zstd => Compression::Zstd,
+            },
+            zstd_level: a.zstd_level,
+            threads,
+            freeze_cgroup: a.freeze_cgroup.clone(),
+            ghost_limit: a.ghost_limit,
+            link_remap: a.link_remap,
+            ext_unix_sk: a.ext_unix_sk,
+            shell_job: a.shell_job,
+            tcp_established: a.tcp_established,
+            tcp_close: a.tcp_close,
+            network_lock: match a.network_lock.as_str() {
+                "skip" => None,
+                other => Some(cryo_engine::files::inet::Lock::from_name(other).ok_or_else(
+                    || anyhow::anyhow!("--network-lock {other}: expected nft, iptables or skip"),
+                )?),
+            },
+            pre_copy: a.pre_copy,
+            externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
+                .map_err(anyhow::Error::msg)?,
+        };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let bar: std::cell::RefCell<Option<indicatif::ProgressBar>> = std::cell::RefCell::new(None);

@@ -159,7 +159,7 @@ pub struct DumpOptions {
     pub tcp_close: bool,
     /// Lock those connections with nftables (their packets dropped until
     /// the restore): --network-lock nft (the default) or skip.
-    pub network_lock: bool,
+    pub network_lock: Option<crate::files::inet::Lock>,
 }
 
 impl DumpOptions {
@@ -171,7 +171,7 @@ impl DumpOptions {
             owners: true,
             tcp_established: self.tcp_established,
             tcp_close: self.tcp_close,
-            network_lock: self.network_lock.then_some(self.pid),
+            network_lock: self.network_lock.map(|k| (self.pid, k)),
         }
     }
 }

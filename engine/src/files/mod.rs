@@ -157,7 +157,7 @@ pub struct CollectOptions {
     pub tcp_close: bool,
     /// The root of the tree whose nftables table drops the packets of
     /// those connections until the restore (None: --network-lock skip).
-    pub network_lock: Option<i32>,
+    pub network_lock: Option<(i32, inet::Lock)>,
 }
 
 /// The descriptors of one process and the files they refer to (one

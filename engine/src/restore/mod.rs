@@ -517,13 +517,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let shared = make_shared(&tree, &made)?;
     // The tree's connections are made again: the lock their dump left
     // goes (their peers' packets reach them from now on).
-    let connections = tree.procs[0]
+    let mut locks: Vec<crate::files::inet::Lock> = tree.procs[0]
         .files
         .iter()
-        .any(|f| f.inet.as_ref().is_some_and(|i| i.tcp.is_some()));
-    if connections {
-        crate::files::inet::unlock_after_restore(root);
-    }
+        .filter_map(|f| f.inet.as_ref()?.tcp.as_ref())
+        .filter_map(|c| crate::files::inet::Lock::from_name(&c.lock))
+        .collect();
+    locks.dedup();
+    crate::files::inet::unlock_after_restore(root, &locks);
     fault("files")?;
     let memberships = tree
         .procs

@@ -32,12 +32,15 @@ use super::{FdCtx, FilesError, ProcHandles};
 use crate::sys::inet;
 
 mod diag;
+mod lock;
 mod pending;
 mod repair;
 
+pub use lock::{remove_saved as remove_saved_locks, unlock_after_restore, Lock};
+
 pub use pending::link_pending;
 
-pub use repair::{lock_table, settle_repairs, unlock_after_restore};
+pub use repair::settle_repairs;
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
@@ -249,23 +252,27 @@ fn connection(
             .map_err(|w| {
                 cx.unsupported_owned(format!("a TCP connection whose peer cannot be found: {w}"))
             })?;
-    if let Some(root) = opts.network_lock.filter(|_| !waiting) {
+    let mut locked = "";
+    if let Some((root, kind)) = opts.network_lock.filter(|_| !waiting) {
         let ends = (
             (&local.0[..], local.1),
             (&st.peer_addr[..], st.peer_port as u16),
         );
-        repair::lock(cx.pid, ends, &lock_table(root)).map_err(|w| {
+        lock::lock(cx.pid, ends, kind, root).map_err(|w| {
             cx.unsupported_owned(format!(
                 "an established TCP connection that could not be locked ({w}; --network-lock skip does without)"
             ))
         })?;
+        locked = kind.name();
     }
-    repair::dump(s, info).map_err(|w| {
+    let mut c = repair::dump(s, info).map_err(|w| {
         cx.unsupported_owned(format!(
             "an established TCP connection to {} that TCP_REPAIR could not read ({w})",
             text(&st.peer_addr, st.peer_port)
         ))
-    })
+    })?;
+    c.lock = locked.into();
+    Ok(c)
 }
 
 /// The options of `s` that differ from those of a new socket of its kind

@@ -54,106 +54,12 @@ pub(super) fn repair_off(s: &OwnedFd, how: i32, reuse: i32) -> std::io::Result<(
 /// end without a word to the peer, whose side the restore takes over),
 /// else (a failed dump, or -R) they leave it and go on.
 pub fn settle_repairs(killed: bool) {
-    let locked = std::mem::take(&mut *LOCKED.lock().unwrap_or_else(|p| p.into_inner()));
-    for (ns, table) in locked.iter().filter(|_| !killed) {
-        if let Err(e) = crate::ns::net::nft::run_script(ns, &format!("delete table inet {table}\n"))
-        {
-            tracing::error!("removing the network lock {table}: {e}");
-        }
-    }
+    super::lock::settle(killed);
     let held = std::mem::take(&mut *REPAIRED.lock().unwrap_or_else(|p| p.into_inner()));
     for (s, reuse) in held.iter().filter(|_| !killed) {
         if let Err(e) = repair_off(s, inet::TCP_REPAIR_OFF_NO_WP, *reuse) {
             tracing::error!("taking a TCP connection out of repair mode: {e}");
         }
-    }
-}
-
-/// The network namespaces a dump locked (with its table's name): their
-/// tasks' connections' packets are dropped until the restore (or, if the
-/// dump fails or leaves them running, until it ends).
-static LOCKED: std::sync::Mutex<Vec<(OwnedFd, String)>> = std::sync::Mutex::new(Vec::new());
-
-/// The name of the network lock of a tree whose root is `root`.
-pub fn lock_table(root: i32) -> String {
-    format!("cryo_lock_{root}")
-}
-
-/// One end of a connection: address bytes and port.
-pub type End<'a> = (&'a [u8], u16);
-
-/// Drop the packets of the connection between `ends` (local, then peer:
-/// address bytes and port) of task `pid`'s network namespace (table
-/// `table` of nftables there): while its task is away, a peer's packet
-/// would otherwise find no socket and be answered with a reset; it is
-/// sent again once the restore unlocks.
-pub fn lock(pid: i32, ends: (End, End), table: &str) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let path = format!("/proc/{pid}/ns/net");
-    let ns: OwnedFd = std::fs::File::open(&path)
-        .map_err(|e| format!("{path}: {e}"))?
-        .into();
-    let ino = std::fs::File::from(ns.try_clone().map_err(|e| e.to_string())?)
-        .metadata()
-        .map(|m| m.ino())
-        .unwrap_or(0);
-    let script = format!(
-        "add table inet {table}\n\
-         add chain inet {table} in {{ type filter hook input priority -300; }}\n\
-         add chain inet {table} out {{ type filter hook output priority -300; }}\n\
-         add rule inet {table} in {} drop\n\
-         add rule inet {table} out {} drop\n",
-        selector(ends.1, ends.0),
-        selector(ends.0, ends.1),
-    );
-    crate::ns::net::nft::run_script(&ns, &script).map_err(|e| format!("nft: {e}"))?;
-    let mut locked = LOCKED.lock().unwrap_or_else(|p| p.into_inner());
-    let known = locked.iter().any(|(n, _)| {
-        n.try_clone()
-            .ok()
-            .and_then(|n| std::fs::File::from(n).metadata().ok())
-            .is_some_and(|m| m.ino() == ino)
-    });
-    if !known {
-        locked.push((ns, table.to_string()));
-    }
-    Ok(())
-}
-
-/// An nft match of the TCP packets from `src` to `dst` (address bytes and
-/// port; a v4-mapped address matches IPv4 packets).
-fn selector(src: End, dst: End) -> String {
-    let plain = |a: &[u8]| -> Vec<u8> {
-        let mapped = a.len() == 16 && a[..10].iter().all(|&b| b == 0) && a[10..12] == [0xff, 0xff];
-        if mapped {
-            a[12..].to_vec()
-        } else {
-            a.to_vec()
-        }
-    };
-    let (s, d) = (plain(src.0), plain(dst.0));
-    let ip = if s.len() == 4 { "ip" } else { "ip6" };
-    let text = crate::ns::net::addrs::ip_text;
-    format!(
-        "{ip} saddr {} {ip} daddr {} tcp sport {} tcp dport {}",
-        text(&s),
-        text(&d),
-        src.1,
-        dst.1
-    )
-}
-
-/// After a restore has made the tree's connections again: the lock its
-/// dump left in cryo's network namespace (the peers outside the tree are
-/// there) goes, if there is one.
-pub fn unlock_after_restore(root: i32) {
-    let Ok(own) = std::fs::File::open("/proc/self/ns/net") else {
-        return;
-    };
-    let table = lock_table(root);
-    let script = format!("delete table inet {table}\n");
-    if crate::ns::net::nft::run_script(&own.into(), &script).is_ok() {
-        tracing::debug!(table, "network lock removed");
     }
 }
 
@@ -189,6 +95,7 @@ pub(super) fn dump(s: &OwnedFd, info: &[u8]) -> std::io::Result<TcpConnection> {
         timestamp: inet::getsockopt_int(s, tcp, inet::TCP_TIMESTAMP)? as u32,
         window: inet::getsockopt_sized(s, tcp, inet::TCP_REPAIR_WINDOW, 20)?,
         unsent,
+        lock: String::new(),
     })
 }
 

@@ -333,7 +333,11 @@ pub fn make_all(
             .and_then(|()| host_ends(&mut own_nl, st, veth_pairs))
             .and_then(|()| match st.nft_ruleset.is_empty() {
                 true => Ok(()),
-                false => nft::load(fd, &st.nft_ruleset),
+                false => nft::load(fd, &st.nft_ruleset).map(|()| {
+                    // A lock the dump made there goes: the tree's peers
+                    // in it are the tree's.
+                    crate::files::inet::remove_saved_locks(fd, &st.nft_ruleset)
+                }),
             })
             .map_err(|w| format!("net namespace {}: {w}", e.inode))?;
     }
