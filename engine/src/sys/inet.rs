@@ -543,3 +543,57 @@ pub fn connect_and_send(
     }
     Ok(())
 }
+
+/// Option `name` at `level` read with `input` in the buffer first (some
+/// options take their question there), the buffer `input.len()` long.
+pub fn getsockopt_in(
+    s: &impl AsFd,
+    level: i32,
+    name: i32,
+    mut input: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    let mut len = input.len() as libc::socklen_t;
+    // SAFETY: the kernel reads and writes at most `len` bytes of `input`,
+    // a live buffer of that size, and the length written into `len`.
+    check(unsafe {
+        libc::getsockopt(
+            s.as_fd().as_raw_fd(),
+            level,
+            name,
+            input.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    input.truncate(len as usize);
+    Ok(input)
+}
+
+/// The bytes of a struct sockaddr_in or sockaddr_in6 of `addr` (4 or 16
+/// bytes) and `port`, in a sockaddr_storage's 128.
+pub fn sockaddr_bytes(addr: &[u8], port: u16) -> io::Result<[u8; 128]> {
+    let (ss, _) = from_pair(addr, port)?;
+    let mut out = [0u8; 128];
+    // SAFETY: sockaddr_storage is 128 plain bytes, all initialised
+    // (zeroed, then filled).
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&ss as *const libc::sockaddr_storage).cast::<u8>(),
+            std::mem::size_of::<libc::sockaddr_storage>(),
+        )
+    };
+    out.copy_from_slice(&bytes[..128]);
+    Ok(out)
+}
+
+/// The address bytes of a sockaddr_in or sockaddr_in6 in `b` (128 bytes
+/// of a sockaddr_storage).
+pub fn sockaddr_addr(b: &[u8]) -> Vec<u8> {
+    match b
+        .get(..2)
+        .map(|f| i32::from(u16::from_ne_bytes([f[0], f[1]])))
+    {
+        Some(libc::AF_INET) => b.get(4..8).map(<[u8]>::to_vec).unwrap_or_default(),
+        Some(libc::AF_INET6) => b.get(8..24).map(<[u8]>::to_vec).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}

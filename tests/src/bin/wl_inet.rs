@@ -1,6 +1,6 @@
 //! IPv4 and IPv6 sockets a restore must make again: TCP listeners with
 //! their options, a UDP socket bound and one connected, a TCP socket not
-//! bound yet.
+//! bound yet, UDP sockets in multicast groups.
 //!
 //! `wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--stream 1] [--peer PORT --expect N]`
 //!
@@ -66,6 +66,93 @@ fn set(fd: i32, level: i32, name: i32, v: i32) -> Result<(), String> {
             "setsockopt {level}:{name}: {}",
             std::io::Error::last_os_error()
         ));
+    }
+    Ok(())
+}
+
+fn set_bytes(fd: i32, level: i32, name: i32, v: &[u8]) -> Result<(), String> {
+    // SAFETY: the kernel reads v.len() bytes from a live slice.
+    let r = unsafe { libc::setsockopt(fd, level, name, v.as_ptr().cast(), v.len() as u32) };
+    if r != 0 {
+        return Err(format!(
+            "setsockopt {level}:{name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A sockaddr_in of `ip` (port 0), as a sockaddr_storage's 128 bytes.
+fn storage_v4(ip: [u8; 4]) -> [u8; 128] {
+    let mut b = [0u8; 128];
+    b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    b[4..8].copy_from_slice(&ip);
+    b
+}
+
+/// A UDP socket on 0.0.0.0 that joined 239.1.2.3 on lo (any source) and
+/// 232.1.1.1 from 127.0.0.1 only, multicast TTL 7; and one on [::] that
+/// joined ff12::1234 on lo.
+fn multicast() -> Result<(UdpSocket, UdpSocket), String> {
+    let mc = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+    let fd = mc.as_raw_fd();
+    // struct ip_mreqn: group, local address, device index.
+    let mut mreqn = vec![239, 1, 2, 3, 0, 0, 0, 0];
+    mreqn.extend_from_slice(&1i32.to_ne_bytes());
+    set_bytes(fd, libc::IPPROTO_IP, libc::IP_ADD_MEMBERSHIP, &mreqn)?;
+    // struct group_source_req: device index (padded to 8), group, source.
+    let mut gsr = vec![0u8; 264];
+    gsr[..4].copy_from_slice(&1u32.to_ne_bytes());
+    gsr[8..136].copy_from_slice(&storage_v4([232, 1, 1, 1]));
+    gsr[136..].copy_from_slice(&storage_v4([127, 0, 0, 1]));
+    set_bytes(fd, libc::IPPROTO_IP, 46, &gsr)?; // MCAST_JOIN_SOURCE_GROUP
+    set(fd, libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, 7)?;
+    let mc6 = UdpSocket::bind("[::]:0").map_err(|e| format!("udp6 bind: {e}"))?;
+    let group: std::net::Ipv6Addr = "ff12::1234".parse().map_err(|e| format!("{e}"))?;
+    mc6.join_multicast_v6(&group, 1)
+        .map_err(|e| format!("joining ff12::1234: {e}"))?;
+    Ok((mc, mc6))
+}
+
+/// `mc` still gets what goes to its groups from the sources it takes
+/// (and not from one it filters out); `mc6` is still a member of its
+/// group; its TTL is 7.
+fn check_multicast(mc: &UdpSocket, _mc6: &UdpSocket) -> Result<(), String> {
+    let ttl = opt(mc.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MULTICAST_TTL);
+    if ttl != 7 {
+        return Err(format!("IP_MULTICAST_TTL is {ttl}, not 7"));
+    }
+    let port = mc.local_addr().map_err(|e| e.to_string())?.port();
+    let sender = |from: &str| -> Result<UdpSocket, String> {
+        let s = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
+        let mut mreqn = vec![0u8; 8];
+        mreqn.extend_from_slice(&1i32.to_ne_bytes());
+        set_bytes(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &mreqn)?;
+        Ok(s)
+    };
+    let (one, two) = (sender("127.0.0.1:0")?, sender("127.0.0.2:0")?);
+    for (s, to, what) in [
+        (&one, "239.1.2.3", &b"g1"[..]),
+        (&two, "232.1.1.1", b"ssm-out"),
+        (&one, "232.1.1.1", b"ssm-in"),
+    ] {
+        s.send_to(what, (to, port))
+            .map_err(|e| format!("sending to {to}: {e}"))?;
+    }
+    let _ = mc.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 16];
+    for want in [&b"g1"[..], b"ssm-in"] {
+        match mc.recv_from(&mut b) {
+            Ok((n, _)) if &b[..n] == want => {}
+            Ok((n, from)) => {
+                return Err(format!("got {:?} from {from}, not {want:?}", &b[..n]));
+            }
+            Err(e) => return Err(format!("nothing for {want:?}: {e}")),
+        }
+    }
+    let groups = std::fs::read_to_string("/proc/self/net/igmp6").map_err(|e| e.to_string())?;
+    if !groups.contains("ff120000000000000000000000001234") {
+        return Err(format!("ff12::1234 is joined no more: {groups}"));
     }
     Ok(())
 }
@@ -387,6 +474,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         ))
     };
     set(idle.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    let (mc, mc6) = multicast()?;
     let u4_s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let u4_t = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let dual = UdpSocket::bind("[::]:0").map_err(|e| format!("udp [::] bind: {e}"))?;
@@ -515,6 +603,9 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         }
     }
     check_queued(&u4, &dual, senders, &big, &mut fails);
+    if let Err(e) = check_multicast(&mc, &mc6) {
+        fails.push(format!("multicast: {e}"));
+    }
     let now = (
         l4.local_addr(),
         l6.local_addr(),

@@ -168,6 +168,9 @@ pub fn file_label(f: &proto::FileEntry) -> String {
         if s.closed {
             what += " (restored closed)";
         }
+        if !s.memberships.is_empty() {
+            what += &format!(" in {} multicast group(s)", s.memberships.len());
+        }
         if !s.queue.is_empty() {
             what += &format!(" {} datagram(s) queued", s.queue.len());
         }

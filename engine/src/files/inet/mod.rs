@@ -33,6 +33,7 @@ use crate::sys::inet;
 
 mod diag;
 mod lock;
+mod mcast;
 mod pending;
 mod repair;
 
@@ -65,7 +66,7 @@ const TCP_STATES: [&str; 13] = [
 /// The options kept where they differ from a new socket's (read as bytes,
 /// set again as read; the buffer sizes halved, as the kernel doubles
 /// them).
-const OPTIONS: [(i32, i32); 24] = [
+const OPTIONS: [(i32, i32); 31] = [
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
@@ -84,7 +85,14 @@ const OPTIONS: [(i32, i32); 24] = [
     (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
     (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
     (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
+    (libc::IPPROTO_IP, libc::IP_MULTICAST_TTL),
+    (libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP),
+    (libc::IPPROTO_IP, libc::IP_MULTICAST_IF),
+    (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS),
+    (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP),
+    (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_CORK),
     (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
     (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
     (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
@@ -217,6 +225,11 @@ pub fn dump(
             st.peer_addr = addr;
             st.peer_port = port;
         }
+        st.memberships = mcast::dump(cx.pid, &s, family).map_err(|w| {
+            cx.unsupported_owned(format!(
+                "a socket whose multicast groups cannot be read: {w}"
+            ))
+        })?;
     }
     e.inet = Some(st);
     Ok(())
@@ -387,6 +400,7 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
         })?;
         return Ok(s);
     }
+    mcast::restore(&s, family, &st.memberships)?;
     // Before the connect, which would filter out other sources.
     requeue(&s, st)?;
     if !st.peer_addr.is_empty() {
