@@ -84,6 +84,15 @@ fn listener_with_pending_connection_refused() {
     );
 }
 
+/// A raw socket with packets queued for reading is refused naming it.
+#[test]
+fn raw_socket_with_packets_queued_refused() {
+    refused(
+        &["--raw-queued", "1"],
+        &["a raw socket (protocol 1)", "bytes queued for reading"],
+    );
+}
+
 /// A connection whose client has shut its side (FIN_WAIT2; the server's
 /// side CLOSE_WAIT) is refused naming its state, even with
 /// --tcp-established.

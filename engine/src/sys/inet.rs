@@ -172,16 +172,17 @@ pub fn rmem_alloc(s: &impl AsFd) -> io::Result<u32> {
         .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
 }
 
-/// Every datagram queued on UDP socket `s`, in order, with its source
-/// (address bytes, port), read without taking any (MSG_PEEK from a peek
-/// offset of 0, which makes each peek go on after the last; the socket's
-/// own offset is set back after).
-pub fn peek_datagrams(s: &impl AsFd) -> io::Result<Vec<Peeked>> {
-    let was = getsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF)?;
-    setsockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, &0i32.to_ne_bytes())?;
+/// Every datagram queued on `s`, in order, with its source, taken.
+pub fn take_datagrams(s: &impl AsFd) -> io::Result<Vec<Peeked>> {
+    datagrams(s, 0)
+}
+
+/// Every datagram queued on `s` with its source, received with `flags`
+/// (and MSG_DONTWAIT) until none is left.
+fn datagrams(s: &impl AsFd, flags: libc::c_int) -> io::Result<Vec<Peeked>> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 65536];
-    let res = loop {
+    loop {
         // SAFETY: zeroed is a valid sockaddr_storage.
         let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -192,26 +193,36 @@ pub fn peek_datagrams(s: &impl AsFd) -> io::Result<Vec<Peeked>> {
                 s.as_fd().as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                flags | libc::MSG_DONTWAIT | libc::MSG_TRUNC,
                 (&mut ss as *mut libc::sockaddr_storage).cast(),
                 &mut len,
             )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            break match e.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(()),
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(out),
                 _ => Err(e),
             };
         }
         if n as usize > buf.len() {
-            break Err(io::Error::other(format!("a datagram of {n} bytes")));
+            return Err(io::Error::other(format!("a datagram of {n} bytes")));
         }
         let (addr, port) = to_pair(&ss);
         out.push((buf[..n as usize].to_vec(), addr, port));
-    };
+    }
+}
+
+/// Every datagram queued on UDP socket `s`, in order, with its source
+/// (address bytes, port), read without taking any (MSG_PEEK from a peek
+/// offset of 0, which makes each peek go on after the last; the socket's
+/// own offset is set back after).
+pub fn peek_datagrams(s: &impl AsFd) -> io::Result<Vec<Peeked>> {
+    let was = getsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF)?;
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, &0i32.to_ne_bytes())?;
+    let res = datagrams(s, libc::MSG_PEEK);
     setsockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, &was.to_ne_bytes())?;
-    res.map(|()| out)
+    res
 }
 
 fn fold(mut sum: u32, bytes: &[u8]) -> u32 {
@@ -241,46 +252,58 @@ pub fn inject_udp(src: (&[u8], u16), dst: (&[u8], u16), data: &[u8]) -> io::Resu
     udp.extend_from_slice(&src.1.to_be_bytes());
     udp.extend_from_slice(&dst.1.to_be_bytes());
     udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    // The UDP checksum is optional over IPv4 (0: none).
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(data);
-    let (family, packet) = match (src.0.len(), dst.0.len()) {
+    inject(libc::IPPROTO_UDP, src.0, dst.0, udp, 6)
+}
+
+/// Put ICMP (or, between IPv6 addresses, ICMPv6) message `msg` from `src`
+/// to `dst` (address bytes) on the wire of this thread's network
+/// namespace, as [`inject_udp`] does: an echo reply reaches the ping
+/// socket whose identifier it carries.
+pub fn inject_icmp(src: &[u8], dst: &[u8], msg: &[u8]) -> io::Result<()> {
+    if src.len() == 16 {
+        let mut m = msg.to_vec();
+        if let Some(sum) = m.get_mut(2..4) {
+            sum.fill(0);
+        }
+        return inject(libc::IPPROTO_ICMPV6, src, dst, m, 2);
+    }
+    // Its checksum covers the message alone: as it came.
+    inject(libc::IPPROTO_ICMP, src, dst, msg.to_vec(), 2)
+}
+
+/// Send `l4` (a message of `protocol`) from `src` to `dst` in an IP
+/// packet of ours; over IPv6 its checksum (at `sum_at`, over the pseudo
+/// header) is filled in.
+fn inject(protocol: i32, src: &[u8], dst: &[u8], mut l4: Vec<u8>, sum_at: usize) -> io::Result<()> {
+    let len = l4.len();
+    let (family, packet) = match (src.len(), dst.len()) {
         (4, 4) => {
-            let mut p = vec![
-                0x45,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0x40,
-                0,
-                64,
-                libc::IPPROTO_UDP as u8,
-                0,
-                0,
-            ];
-            let total = (20 + udp_len) as u16;
-            p[2..4].copy_from_slice(&total.to_be_bytes());
-            p.extend_from_slice(src.0);
-            p.extend_from_slice(dst.0);
-            // The UDP checksum is optional over IPv4 (0: none); the IP
-            // header's the kernel fills in.
-            p.extend_from_slice(&udp);
+            let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, protocol as u8, 0, 0];
+            p[2..4].copy_from_slice(&((20 + len) as u16).to_be_bytes());
+            p.extend_from_slice(src);
+            p.extend_from_slice(dst);
+            // The IP header's checksum the kernel fills in.
+            p.extend_from_slice(&l4);
             (libc::AF_INET, p)
         }
         (16, 16) => {
             let mut p = vec![0x60, 0, 0, 0];
-            p.extend_from_slice(&(udp_len as u16).to_be_bytes());
-            p.extend_from_slice(&[libc::IPPROTO_UDP as u8, 64]);
-            p.extend_from_slice(src.0);
-            p.extend_from_slice(dst.0);
-            let mut sum = fold(0, src.0);
-            sum = fold(sum, dst.0);
-            sum = fold(sum, &(udp_len as u32).to_be_bytes());
-            sum = fold(sum, &[0, 0, 0, libc::IPPROTO_UDP as u8]);
-            sum = fold(sum, &udp);
-            udp[6..8].copy_from_slice(&finish(sum).to_be_bytes());
-            p.extend_from_slice(&udp);
+            p.extend_from_slice(&(len as u16).to_be_bytes());
+            p.extend_from_slice(&[protocol as u8, 64]);
+            p.extend_from_slice(src);
+            p.extend_from_slice(dst);
+            let mut sum = fold(0, src);
+            sum = fold(sum, dst);
+            sum = fold(sum, &(len as u32).to_be_bytes());
+            sum = fold(sum, &[0, 0, 0, protocol as u8]);
+            sum = fold(sum, &l4);
+            if let Some(at) = l4.get_mut(sum_at..sum_at + 2) {
+                at.copy_from_slice(&finish(sum).to_be_bytes());
+            }
+            p.extend_from_slice(&l4);
             (libc::AF_INET6, p)
         }
         _ => {
@@ -295,9 +318,9 @@ pub fn inject_udp(src: (&[u8], u16), dst: (&[u8], u16), data: &[u8]) -> io::Resu
         libc::SOCK_RAW | libc::SOCK_CLOEXEC,
         libc::IPPROTO_RAW,
     )?;
-    let (ss, len) = from_pair(dst.0, 0)?;
+    let (ss, slen) = from_pair(dst, 0)?;
     // SAFETY: the kernel reads packet.len() bytes of a live buffer and
-    // `len` bytes of `ss`, a live local.
+    // `slen` bytes of `ss`, a live local.
     let n = unsafe {
         libc::sendto(
             raw.as_raw_fd(),
@@ -305,7 +328,7 @@ pub fn inject_udp(src: (&[u8], u16), dst: (&[u8], u16), data: &[u8]) -> io::Resu
             packet.len(),
             0,
             (&ss as *const libc::sockaddr_storage).cast(),
-            len,
+            slen,
         )
     };
     if n < 0 {

@@ -1,8 +1,10 @@
 //! IPv4 and IPv6 sockets a restore must make again: TCP listeners with
 //! their options, a UDP socket bound and one connected, a TCP socket not
-//! bound yet, UDP sockets in multicast groups.
+//! bound yet, UDP sockets in multicast groups, ping sockets with echo
+//! replies queued and raw sockets (`--raw-queued 1`: one with packets
+//! queued, refused).
 //!
-//! `wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--stream 1] [--peer PORT --expect N]`
+//! `wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--raw-queued 1] [--stream 1] [--peer PORT --expect N]`
 //!
 //! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
 //! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
@@ -127,7 +129,12 @@ fn check_multicast(mc: &UdpSocket, _mc6: &UdpSocket) -> Result<(), String> {
         let s = UdpSocket::bind(from).map_err(|e| format!("bind {from}: {e}"))?;
         let mut mreqn = vec![0u8; 8];
         mreqn.extend_from_slice(&1i32.to_ne_bytes());
-        set_bytes(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &mreqn)?;
+        set_bytes(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MULTICAST_IF,
+            &mreqn,
+        )?;
         Ok(s)
     };
     let (one, two) = (sender("127.0.0.1:0")?, sender("127.0.0.2:0")?);
@@ -153,6 +160,177 @@ fn check_multicast(mc: &UdpSocket, _mc6: &UdpSocket) -> Result<(), String> {
     let groups = std::fs::read_to_string("/proc/self/net/igmp6").map_err(|e| e.to_string())?;
     if !groups.contains("ff120000000000000000000000001234") {
         return Err(format!("ff12::1234 is joined no more: {groups}"));
+    }
+    Ok(())
+}
+
+/// A new socket of `family`, `ty`, `protocol` as a UdpSocket (for its
+/// datagram calls), bound to `at` if given.
+fn dgram(family: i32, ty: i32, protocol: i32, at: Option<&str>) -> Result<UdpSocket, String> {
+    // SAFETY: socket() returns a new descriptor, owned at once.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(format!(
+            "socket({family}, {ty}, {protocol}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` is new and ours.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(at) = at {
+        socket2_bind(&owned, at.parse().map_err(|e| format!("{at}: {e}"))?)?;
+    }
+    Ok(UdpSocket::from(owned))
+}
+
+/// An ICMP (`v6`: ICMPv6) echo request with sequence `seq` and `data`
+/// (a ping socket fills in its identifier and checksum).
+fn echo(v6: bool, seq: u8, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![if v6 { 128 } else { 8 }, 0, 0, 0, 0, 0, 0, seq];
+    m.extend_from_slice(data);
+    m
+}
+
+/// Ping sockets with echo replies queued (two over IPv4, one over IPv6)
+/// and raw sockets: an ICMP one bound to and connected to 127.0.0.1 that
+/// filters out every ICMP type, one of protocol 253 on [::1] with
+/// IPV6_CHECKSUM 2. With `queued`, a raw ICMP socket that keeps what it
+/// sees (which cryo refuses).
+struct Icmp {
+    ping4: UdpSocket,
+    ping6: UdpSocket,
+    ident: (u16, u16),
+    raw4: UdpSocket,
+    raw6: UdpSocket,
+    _queued: Option<UdpSocket>,
+}
+
+fn icmp(queued: bool) -> Result<Icmp, String> {
+    std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+        .map_err(|e| format!("ping_group_range: {e}"))?;
+    let raw4 = dgram(
+        libc::AF_INET,
+        libc::SOCK_RAW,
+        libc::IPPROTO_ICMP,
+        Some("127.0.0.1:0"),
+    )?;
+    set_bytes(raw4.as_raw_fd(), libc::SOL_RAW, 1, &u32::MAX.to_ne_bytes())?;
+    raw4.connect("127.0.0.1:0")
+        .map_err(|e| format!("raw connect: {e}"))?;
+    let raw6 = dgram(libc::AF_INET6, libc::SOCK_RAW, 253, Some("[::1]:0"))?;
+    set(raw6.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM, 2)?;
+    let watcher = match queued {
+        true => Some(dgram(
+            libc::AF_INET,
+            libc::SOCK_RAW,
+            libc::IPPROTO_ICMP,
+            None,
+        )?),
+        false => None,
+    };
+    let ping4 = dgram(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP, None)?;
+    let ping6 = dgram(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6, None)?;
+    for (i, d) in [&b"ping-1"[..], b"ping-2"].into_iter().enumerate() {
+        ping4
+            .send_to(&echo(false, i as u8 + 1, d), "127.0.0.1:0")
+            .map_err(|e| format!("ping: {e}"))?;
+    }
+    ping6
+        .send_to(&echo(true, 1, b"ping6-1"), "[::1]:0")
+        .map_err(|e| format!("ping6: {e}"))?;
+    // The replies come on the way out of each send; a little time anyway.
+    std::thread::sleep(Duration::from_millis(20));
+    let port = |s: &UdpSocket| s.local_addr().map(|a| a.port()).unwrap_or(0);
+    Ok(Icmp {
+        ident: (port(&ping4), port(&ping6)),
+        ping4,
+        ping6,
+        raw4,
+        raw6,
+        _queued: watcher,
+    })
+}
+
+/// The echo replies come out in order and whole from their sources, the
+/// ping sockets keep their identifiers and ping again; the raw sockets
+/// kept their addresses, filter and checksum offset, the ICMP one its
+/// peer (a send without an address goes).
+fn check_icmp(c: &Icmp) -> Result<(), String> {
+    let port = |s: &UdpSocket| s.local_addr().map(|a| a.port()).unwrap_or(0);
+    if (port(&c.ping4), port(&c.ping6)) != c.ident {
+        return Err(format!(
+            "the ping identifiers are {:?}, were {:?}",
+            (port(&c.ping4), port(&c.ping6)),
+            c.ident
+        ));
+    }
+    let mut b = [0u8; 64];
+    let replies = [
+        (&c.ping4, 0u8, 1u8, &b"ping-1"[..], "127.0.0.1"),
+        (&c.ping4, 0, 2, b"ping-2", "127.0.0.1"),
+        (&c.ping6, 129, 1, b"ping6-1", "::1"),
+    ];
+    for (s, ty, seq, data, from) in replies {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let (n, src) = s
+            .recv_from(&mut b)
+            .map_err(|e| format!("echo reply {seq} of {from} is gone: {e}"))?;
+        let ok = n == 8 + data.len() && b[0] == ty && b[7] == seq && &b[8..n] == data;
+        if !ok || src.ip().to_string() != from {
+            return Err(format!("echo reply {seq} from {src}: {:?}", &b[..n]));
+        }
+    }
+    for (s, v6, to) in [
+        (&c.ping4, false, "127.0.0.1:0"),
+        (&c.ping6, true, "[::1]:0"),
+    ] {
+        s.send_to(&echo(v6, 9, b"again"), to)
+            .map_err(|e| format!("pinging {to} again: {e}"))?;
+        let (n, _) = s
+            .recv_from(&mut b)
+            .map_err(|e| format!("no answer from {to}: {e}"))?;
+        if n < 8 || b[7] != 9 {
+            return Err(format!("{to} answered {:?}", &b[..n]));
+        }
+    }
+    let filter = {
+        let mut v = 0u32;
+        let mut len = 4 as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` (4) bytes into `v`.
+        unsafe {
+            libc::getsockopt(
+                c.raw4.as_raw_fd(),
+                libc::SOL_RAW,
+                1,
+                (&mut v as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        v
+    };
+    if filter != u32::MAX {
+        return Err(format!("the raw socket's ICMP_FILTER is {filter:#x}"));
+    }
+    let msg = echo(false, 1, b"raw");
+    // SAFETY: the kernel reads msg.len() bytes of a live buffer.
+    let sent = unsafe { libc::send(c.raw4.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if sent < 0 {
+        return Err(format!(
+            "the raw socket sends to no peer: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let sum = opt(c.raw6.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM);
+    let addrs = (c.raw4.local_addr(), c.raw6.local_addr());
+    let want = ("127.0.0.1".to_string(), "::1".to_string());
+    let got = (
+        addrs.0.map(|a| a.ip().to_string()).unwrap_or_default(),
+        addrs.1.map(|a| a.ip().to_string()).unwrap_or_default(),
+    );
+    if sum != 2 || got != want {
+        return Err(format!(
+            "the raw sockets: IPV6_CHECKSUM {sum}, addresses {got:?}"
+        ));
     }
     Ok(())
 }
@@ -475,6 +653,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     };
     set(idle.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     let (mc, mc6) = multicast()?;
+    let icmp = icmp(a.get("raw-queued") == Some("1"))?;
     let u4_s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let u4_t = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let dual = UdpSocket::bind("[::]:0").map_err(|e| format!("udp [::] bind: {e}"))?;
@@ -606,6 +785,9 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
     if let Err(e) = check_multicast(&mc, &mc6) {
         fails.push(format!("multicast: {e}"));
     }
+    if let Err(e) = check_icmp(&icmp) {
+        fails.push(format!("ICMP: {e}"));
+    }
     let now = (
         l4.local_addr(),
         l6.local_addr(),
@@ -685,7 +867,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
 }
 
 fn main() {
-    let usage = "wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--stream 1] [--peer PORT --expect N]";
+    let usage = "wl_inet --ready FILE --verdict FILE [--port P] [--connected 1] [--closed 1] [--pending 1] [--half 1] [--outside-pending 1] [--raw-queued 1] [--stream 1] [--peer PORT --expect N]";
     let a = wl::Args::parse(usage);
     wl::close_extra_fds();
     let result = run(&a);

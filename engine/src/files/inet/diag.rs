@@ -93,3 +93,28 @@ fn parse(b: &[u8]) -> Option<TcpSock> {
         wqueue: word(60),
     })
 }
+
+/// The address socket `inode` of task `pid`'s network namespace is
+/// connected to, from /proc/PID/net/`table` (raw, raw6, icmp, icmp6:
+/// getpeername does not tell it for raw and ping sockets), None if none.
+pub fn proc_remote(pid: i32, table: &str, inode: u64) -> Result<Option<Vec<u8>>, String> {
+    let path = format!("/proc/{pid}/net/{table}");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    for l in text.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(9).and_then(|i| i.parse::<u64>().ok()) != Some(inode) {
+            continue;
+        }
+        let hex = f
+            .get(2)
+            .and_then(|r| r.split(':').next())
+            .ok_or_else(|| format!("{path}: a line without its remote address"))?;
+        // Each 8 hex digits: a native word of the address's bytes.
+        let addr: Vec<u8> = (0..hex.len() / 8)
+            .filter_map(|i| u32::from_str_radix(hex.get(8 * i..8 * i + 8)?, 16).ok())
+            .flat_map(u32::to_ne_bytes)
+            .collect();
+        return Ok(Some(addr).filter(|a| a.iter().any(|&b| b != 0)));
+    }
+    Err(format!("{path} does not list socket {inode}"))
+}

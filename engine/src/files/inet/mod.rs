@@ -1,26 +1,29 @@
 //! IPv4 and IPv6 sockets, dump and restore side by side: TCP sockets
 //! listening, not yet connected, or established ([`repair`], with
-//! --tcp-established), UDP sockets bound or connected.
+//! --tcp-established; [`pending`] for those not accepted yet), UDP, ping
+//! and raw sockets bound or connected, in multicast groups ([`mcast`]).
 //!
 //! Dump: the socket is taken from the stopped task with pidfd_getfd; its
-//! family, type and protocol, its addresses, its TCP state (TCP_INFO), a
-//! listener's backlog and accept queue (sock_diag, asked in the holder's
-//! network namespace), and the options that differ from those of a new
-//! socket of the same kind in that namespace. Refused by name: an
-//! established connection without --tcp-established, one in another
-//! state (on its way up or down), a listener with connections it has not
-//! accepted yet, and other families and types. A UDP socket's queued datagrams are read without
-//! taking them (MSG_PEEK from a peek offset), each with its source; the
-//! kernel skips a zero-length datagram the task itself peeked at before,
-//! which is then not kept.
+//! family, type and protocol, its addresses (a raw or ping socket's peer
+//! from /proc/PID/net, which getpeername does not tell), its TCP state
+//! (TCP_INFO), a listener's backlog and accept queue (sock_diag, asked
+//! in the holder's network namespace), and the options that differ from
+//! those of a new socket of the same kind in that namespace. Refused by
+//! name: an established connection without --tcp-established (or
+//! --tcp-close, which keeps it closed), one in another state (on its way
+//! up or down, half closed), a raw socket with packets queued, and other
+//! families and types. A UDP or ping socket's queued datagrams are read
+//! without taking them (MSG_PEEK from a peek offset), each with its
+//! source; the kernel skips a zero-length datagram the task itself
+//! peeked at before, which is then not kept.
 //!
 //! Restore: in the holder's network namespace (the open_files thread is
 //! there), a socket of the same kind with its options set again, bound
 //! to its address (SO_REUSEADDR held on over the bind, so that the dumped
 //! tree's old connections do not keep the port), listening with its
-//! backlog, its datagrams queued again from their sources (a raw socket
-//! writes each as it came, before the connect, which would filter them),
-//! and a UDP one connected to its peer.
+//! backlog, in its multicast groups, its datagrams queued again from
+//! their sources (an IPPROTO_RAW socket writes each as it came, before
+//! the connect, which would filter them), and connected to its peer.
 
 #![forbid(unsafe_code)]
 
@@ -66,7 +69,7 @@ const TCP_STATES: [&str; 13] = [
 /// The options kept where they differ from a new socket's (read as bytes,
 /// set again as read; the buffer sizes halved, as the kernel doubles
 /// them).
-const OPTIONS: [(i32, i32); 31] = [
+const OPTIONS: [(i32, i32); 36] = [
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
@@ -93,6 +96,13 @@ const OPTIONS: [(i32, i32); 31] = [
     (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF),
     (libc::IPPROTO_TCP, libc::TCP_NODELAY),
     (libc::IPPROTO_TCP, libc::TCP_CORK),
+    // Raw sockets': IP_HDRINCL, ICMP_FILTER, IPV6_CHECKSUM, IPV6_HDRINCL
+    // and ICMPV6_FILTER.
+    (libc::IPPROTO_IP, libc::IP_HDRINCL),
+    (libc::SOL_RAW, 1),
+    (libc::IPPROTO_IPV6, libc::IPV6_CHECKSUM),
+    (libc::IPPROTO_IPV6, 36),
+    (libc::IPPROTO_ICMPV6, 1),
     (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
     (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
     (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
@@ -111,6 +121,14 @@ fn option_name(level: i32, name: i32) -> String {
         .iter()
         .find(|k| k.0 == level && k.1 == name)
         .map_or_else(|| format!("option {level}:{name}"), |k| k.2.to_string())
+}
+
+/// Whether a socket of `family`, `ty` and `protocol` is a ping socket
+/// (ICMP echo without privilege, net.ipv4.ping_group_range).
+fn is_ping(family: i32, ty: i32, protocol: i32) -> bool {
+    ty == libc::SOCK_DGRAM
+        && ((family == libc::AF_INET && protocol == libc::IPPROTO_ICMP)
+            || (family == libc::AF_INET6 && protocol == libc::IPPROTO_ICMPV6))
 }
 
 /// Dump side: its kind, addresses, state and options, or why it cannot
@@ -139,14 +157,18 @@ pub fn dump(
     let protocol = int(libc::SO_PROTOCOL).map_err(read("protocol"))?;
     let inet_family = family == libc::AF_INET || family == libc::AF_INET6;
     let kind = (ty, protocol);
+    let ping = is_ping(family, ty, protocol);
+    let raw = ty == libc::SOCK_RAW;
     if !inet_family
-        || !matches!(
-            kind,
-            (libc::SOCK_STREAM, libc::IPPROTO_TCP) | (libc::SOCK_DGRAM, libc::IPPROTO_UDP)
-        )
+        || !(ping
+            || raw
+            || matches!(
+                kind,
+                (libc::SOCK_STREAM, libc::IPPROTO_TCP) | (libc::SOCK_DGRAM, libc::IPPROTO_UDP)
+            ))
     {
         return Err(cx.unsupported_owned(format!(
-            "a socket of family {family}, type {ty}, protocol {protocol} (only IPv4 and IPv6 TCP and UDP sockets, and unix sockets, are kept)"
+            "a socket of family {family}, type {ty}, protocol {protocol} (only IPv4 and IPv6 TCP, UDP, ping and raw sockets, and unix sockets, are kept)"
         )));
     }
     let mut st = InetSocket {
@@ -161,7 +183,16 @@ pub fn dump(
             st.local_port = port.into();
         }
     }
-    let peer = inet::address(&s, true).ok().map(|(a, p)| (a, u32::from(p)));
+    let peer = if ping || raw {
+        // getpeername does not tell it: /proc/PID/net does.
+        let v6 = if family == libc::AF_INET6 { "6" } else { "" };
+        let table = format!("{}{v6}", if raw { "raw" } else { "icmp" });
+        diag::proc_remote(cx.pid, &table, cx.st.st_ino)
+            .map_err(|w| cx.unsupported_owned(format!("a socket whose peer cannot be read: {w}")))?
+            .map(|a| (a, 0))
+    } else {
+        inet::address(&s, true).ok().map(|(a, p)| (a, u32::from(p)))
+    };
     // Before repair mode, which changes SO_REUSEADDR.
     st.options = changed_options(cx.pid, &s, family, ty, protocol).map_err(|w| {
         cx.unsupported_owned(format!("a socket whose options cannot be compared: {w}"))
@@ -209,7 +240,20 @@ pub fn dump(
             }
         }
     } else {
-        let queued = match stopped {
+        if raw && stopped {
+            let queued = inet::rmem_alloc(&s).map_err(read("receive queue"))?;
+            if queued > 0 {
+                return Err(cx.unsupported_owned(format!(
+                    "a raw socket (protocol {protocol}) with {queued} bytes queued for reading (not kept: the kernel would act on those packets if they were sent again)"
+                )));
+            }
+        }
+        let queued = match stopped && !raw {
+            true if ping => ping_queue(cx.pid, &s, &st).map_err(|w| {
+                cx.unsupported_owned(format!(
+                    "a ping socket whose queued replies cannot be read: {w}"
+                ))
+            })?,
             true => inet::peek_datagrams(&s).map_err(read("queued datagrams"))?,
             false => Vec::new(),
         };
@@ -233,6 +277,35 @@ pub fn dump(
     }
     e.inet = Some(st);
     Ok(())
+}
+
+/// The echo replies queued on ping socket `s` (of task `pid`, its state
+/// so far `st`), in order with their sources. A ping socket has no peek
+/// offset, so they are taken and at once queued on it again as they were
+/// (see [`requeue`], in its network namespace): the tree stopped, its
+/// queue is as before.
+fn ping_queue(pid: i32, s: &OwnedFd, st: &InetSocket) -> Result<Vec<inet::Peeked>, String> {
+    let taken = inet::take_datagrams(s).map_err(|e| format!("reading them: {e}"))?;
+    if taken.is_empty() {
+        return Ok(taken);
+    }
+    let again = InetSocket {
+        queue: taken
+            .iter()
+            .map(|(data, src_addr, port)| Datagram {
+                data: data.clone(),
+                src_addr: src_addr.clone(),
+                src_port: u32::from(*port),
+            })
+            .collect(),
+        ..st.clone()
+    };
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| e.to_string())?;
+    crate::sys::ns::in_namespace(ns.into(), nix::sched::CloneFlags::CLONE_NEWNET, || {
+        requeue(s, &again).map_err(std::io::Error::other)
+    })
+    .map_err(|e| format!("queuing them again (they are lost): {e}"))?;
+    Ok(taken)
 }
 
 /// Established connection `s` (its tcp_info `info`), its task stopped:
@@ -307,7 +380,17 @@ fn changed_options(
     for (level, name) in OPTIONS {
         let tcp_only = level == libc::IPPROTO_TCP && ty != libc::SOCK_STREAM;
         let v6_only = level == libc::IPPROTO_IPV6 && family != libc::AF_INET6;
-        if tcp_only || v6_only {
+        // A stream socket's read but refused when set.
+        let multicast = [
+            libc::IP_MULTICAST_TTL,
+            libc::IP_MULTICAST_LOOP,
+            libc::IP_MULTICAST_IF,
+            libc::IPV6_MULTICAST_HOPS,
+            libc::IPV6_MULTICAST_LOOP,
+            libc::IPV6_MULTICAST_IF,
+        ];
+        let not_stream = level != libc::IPPROTO_TCP && multicast.contains(&name);
+        if tcp_only || v6_only || (not_stream && ty == libc::SOCK_STREAM) {
             continue;
         }
         let (Ok(now), Ok(new)) = (
@@ -346,8 +429,15 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
         .as_ref()
         .ok_or("an IPv4/IPv6 socket without its state")?;
     let (family, ty, protocol) = (st.family as i32, st.r#type as i32, st.protocol as i32);
-    let s = inet::socket(family, ty | libc::SOCK_CLOEXEC, protocol)
-        .map_err(|e| format!("socket({family}, {ty}, {protocol}): {e}"))?;
+    let s = inet::socket(family, ty | libc::SOCK_CLOEXEC, protocol).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EACCES) if is_ping(family, ty, protocol) => {
+                " (a ping socket: cryo's group is not in net.ipv4.ping_group_range there)"
+            }
+            _ => "",
+        };
+        format!("socket({family}, {ty}, {protocol}): {e}{hint}")
+    })?;
     for o in &st.options {
         let mut value = o.value.clone();
         if o.level == libc::SOL_SOCKET && (o.name == libc::SO_RCVBUF || o.name == libc::SO_SNDBUF) {
@@ -359,8 +449,13 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
             );
             value = (v / 2).to_ne_bytes().to_vec();
         }
-        inet::setsockopt(&s, o.level, o.name, &value)
-            .map_err(|e| format!("setting {}: {e}", option_name(o.level, o.name)))?;
+        inet::setsockopt(&s, o.level, o.name, &value).map_err(|e| {
+            format!(
+                "setting {} to {:?}: {e}",
+                option_name(o.level, o.name),
+                value
+            )
+        })?;
     }
     if st.closed {
         // --tcp-close: of its kind and options, not connected (reads
@@ -471,12 +566,16 @@ fn requeue(s: &OwnedFd, st: &InetSocket) -> Result<(), String> {
         } else {
             (d.src_addr.clone(), st.local_addr.clone())
         };
-        inet::inject_udp(
-            (&src, d.src_port as u16),
-            (&dst, st.local_port as u16),
-            &d.data,
-        )
-        .map_err(|e| {
+        let sent = if is_ping(st.family as i32, st.r#type as i32, st.protocol as i32) {
+            inet::inject_icmp(&src, &dst, &d.data)
+        } else {
+            inet::inject_udp(
+                (&src, d.src_port as u16),
+                (&dst, st.local_port as u16),
+                &d.data,
+            )
+        };
+        sent.map_err(|e| {
             format!(
                 "queuing datagram {i} (from {}) again: {e}",
                 text(&d.src_addr, d.src_port)
