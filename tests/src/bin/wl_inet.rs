@@ -9,7 +9,9 @@
 //! The process listens on 127.0.0.1 (SO_REUSEADDR, TCP_NODELAY, backlog
 //! 17) and on [::1] (IPV6_V6ONLY), both on ports the kernel picks, binds
 //! a UDP socket to 127.0.0.1, connects a UDP socket to [::1]:9, and keeps
-//! a TCP socket with SO_KEEPALIVE that is not bound. Datagrams wait on
+//! a TCP socket that is not bound with the options users set
+//! (SO_KEEPALIVE and the TCP keepalive settings, SO_REUSEPORT, the buffer
+//! sizes, TCP_CORK, SO_LINGER, IP_TOS, SO_BINDTODEVICE...). Datagrams wait on
 //! two UDP sockets: three on the bound one from two senders (one empty,
 //! one of 9000 bytes), and on a dual-stack one bound to [::] one from an
 //! IPv4 sender and one from an IPv6 one. On SIGTERM it receives those in
@@ -335,6 +337,69 @@ fn check_icmp(c: &Icmp) -> Result<(), String> {
     Ok(())
 }
 
+/// The bytes of option `name` at `level` of `fd` (empty if unreadable).
+fn get_bytes(fd: i32, level: i32, name: i32) -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    let mut len = b.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `b`.
+    let r = unsafe { libc::getsockopt(fd, level, name, b.as_mut_ptr().cast(), &mut len) };
+    b.truncate(if r == 0 { len as usize } else { 0 });
+    b
+}
+
+/// The options users set, set on TCP socket `fd`: (name, level, option,
+/// its value as read back).
+fn set_options(fd: i32) -> Result<Vec<(&'static str, i32, i32, Vec<u8>)>, String> {
+    let (sol, tcp, ip) = (libc::SOL_SOCKET, libc::IPPROTO_TCP, libc::IPPROTO_IP);
+    let ints = [
+        ("SO_REUSEPORT", sol, libc::SO_REUSEPORT, 1),
+        ("SO_RCVBUF", sol, libc::SO_RCVBUF, 100_000),
+        ("SO_SNDBUF", sol, libc::SO_SNDBUF, 60_000),
+        ("TCP_KEEPIDLE", tcp, libc::TCP_KEEPIDLE, 77),
+        ("TCP_KEEPINTVL", tcp, libc::TCP_KEEPINTVL, 11),
+        ("TCP_KEEPCNT", tcp, libc::TCP_KEEPCNT, 4),
+        ("TCP_CORK", tcp, libc::TCP_CORK, 1),
+        ("TCP_USER_TIMEOUT", tcp, libc::TCP_USER_TIMEOUT, 30_000),
+        ("IP_TOS", ip, libc::IP_TOS, 0x10),
+    ];
+    let mut out = Vec::new();
+    for (what, level, name, v) in ints {
+        set(fd, level, name, v)?;
+        out.push((what, level, name, get_bytes(fd, level, name)));
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 5,
+    };
+    // SAFETY: the kernel reads one struct linger from a live local.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            sol,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(format!("SO_LINGER: {}", std::io::Error::last_os_error()));
+    }
+    out.push((
+        "SO_LINGER",
+        sol,
+        libc::SO_LINGER,
+        get_bytes(fd, sol, libc::SO_LINGER),
+    ));
+    set_bytes(fd, sol, libc::SO_BINDTODEVICE, b"lo")?;
+    out.push((
+        "SO_BINDTODEVICE",
+        sol,
+        libc::SO_BINDTODEVICE,
+        get_bytes(fd, sol, libc::SO_BINDTODEVICE),
+    ));
+    Ok(out)
+}
+
 /// A TCP listener on `addr` with the options `opts` set before bind.
 fn listener(
     addr: &str,
@@ -652,6 +717,7 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         ))
     };
     set(idle.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    let idle_opts = set_options(idle.as_raw_fd())?;
     let (mc, mc6) = multicast()?;
     let icmp = icmp(a.get("raw-queued") == Some("1"))?;
     let u4_s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
@@ -844,6 +910,12 @@ fn run(a: &wl::Args) -> Result<Vec<String>, String> {
         let got = opt(fd, level, name);
         if got != want {
             fails.push(format!("{what} is {got}, not {want}"));
+        }
+    }
+    for (what, level, name, was) in &idle_opts {
+        let now = get_bytes(idle.as_raw_fd(), *level, *name);
+        if &now != was {
+            fails.push(format!("{what} is {now:?}, was {was:?}"));
         }
     }
     match u6.peer_addr() {
