@@ -25,5 +25,20 @@ pub const PAGE_SIZE: usize = 4096;
 /// in turn be its parent's).
 pub const PAGE_IN_PARENT: u32 = 1;
 
+/// `PagemapEntry.flags`: the run's pages are not in this image; they are
+/// at the same addresses of the same process in the parent image (the
+/// directory the image's `parent` link names), or in its parent's: not
+/// written since that image was made (an incremental dump).
+pub const PAGE_IN_PARENT_IMAGE: u32 = 2;
+
+/// Whether a run with `flags` holds pages stored elsewhere than this
+/// process's pages file (its parent process's, or the parent image's).
+pub fn stored_elsewhere(flags: u32) -> bool {
+    flags & (PAGE_IN_PARENT | PAGE_IN_PARENT_IMAGE) != 0
+}
+
+/// The link in an image directory that names its parent image.
+pub const PARENT_LINK: &str = "parent";
+
 #[cfg(test)]
 mod tests;

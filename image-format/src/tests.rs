@@ -78,6 +78,7 @@ fn inventory(files: Vec<ImageFile>) -> Inventory {
         files,
         kernel_release: "6.1.0".into(),
         leave_running: false,
+        ..Default::default()
     }
 }
 

@@ -92,6 +92,11 @@ pub struct DumpArgs {
     /// restore takes --external mnt[KEY]:PATH). Repeatable.
     #[arg(long = "external", value_name = "mnt[MOUNTPOINT]:KEY")]
     pub externals: Vec<String>,
+    /// An incremental dump: the image (a pre-dump, or a dump left
+    /// running) whose pages this one refers to where they were not
+    /// written since; relative to the image directory unless absolute.
+    #[arg(long)]
+    pub prev_images_dir: Option<PathBuf>,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
@@ -126,6 +131,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                 )?),
             },
             pre_copy: a.pre_copy,
+            prev_images_dir: a.prev_images_dir.clone(),
             externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
                 .map_err(anyhow::Error::msg)?,
         };
@@ -176,6 +182,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
                     "pages_copied_running": st.pages.pages_copied_running,
                     "pages_saved_on_write": st.pages.pages_saved_on_write,
                     "pages_precopied": st.pages.pages_precopied,
+                    "pages_in_parent_image": st.pages.pages_in_parent_image,
                     "processes": st.processes,
                 });
                 std::fs::write(path, format!("{j}\n"))

@@ -3,6 +3,7 @@
 mod check;
 mod dump;
 mod image;
+mod predump;
 mod restore;
 
 use std::path::PathBuf;
@@ -30,8 +31,14 @@ struct Cli {
 enum Cmd {
     /// Checkpoint a running process into an image directory.
     Dump(dump::DumpArgs),
+    /// Copy the memory of a running process tree into an image that a
+    /// later dump takes as its parent (--prev-images-dir); it runs on.
+    PreDump(predump::PreDumpArgs),
     /// Restore a process from an image directory.
     Restore(restore::RestoreArgs),
+    /// Keeps a pre-dump's tracking of written pages (started by pre-dump).
+    #[command(hide = true)]
+    TrackHold(predump::TrackHoldArgs),
     /// Report which kernel features cryo relies on are present.
     Check {
         /// Print JSON.
@@ -79,6 +86,8 @@ fn main() {
     }
     let res = match cli.cmd {
         Cmd::Dump(a) => dump::run(a),
+        Cmd::PreDump(a) => predump::run(a),
+        Cmd::TrackHold(a) => predump::hold(a),
         Cmd::Restore(a) => restore::run(a),
         Cmd::Check { json } => check::run(json),
         Cmd::Image(a) => image::run(a),

@@ -110,7 +110,10 @@ fn plan_memory(cx: &mut ProcCtx, victim: &mut Victim, t0: Instant) -> Result<Mem
     // userfaultfd (under the task's mmap write lock, so before the walks
     // below), write-protected once its pages are known, and copied after
     // the task runs again.
-    let mut snapshot = if cx.opts.leave_running && cx.use_snapshot {
+    // A tree tracked since the parent image keeps that tracking (a
+    // mapping can be registered with one userfaultfd only).
+    let tracker = crate::mem::incremental::tracker(pid);
+    let mut snapshot = if cx.opts.leave_running && cx.use_snapshot && tracker.is_none() {
         Snapshot::register(victim, &vmas)?
     } else {
         None
@@ -120,7 +123,7 @@ fn plan_memory(cx: &mut ProcCtx, victim: &mut Victim, t0: Instant) -> Result<Mem
     tracing::debug!(pid, ms = ms(t0), "pages found");
     mem::shared::skip_stored(cx.shared, &vmas, &mut runs);
     // Pages still shared copy-on-write with the parent are its pages.
-    let in_parent = match cx.parent {
+    let mut in_parent = match cx.parent {
         Some((ppid, pvmas)) => {
             let (kept, inp) = mem::cow::split(pid, ppid, runs, &vmas, pvmas)?;
             runs = kept;
@@ -128,6 +131,22 @@ fn plan_memory(cx: &mut ProcCtx, victim: &mut Victim, t0: Instant) -> Result<Mem
         }
         None => Vec::new(),
     };
+    // An incremental dump: pages not written since the parent image that
+    // it holds are its.
+    if let (Some(parent), Some(uffd)) = (cx.opts.parent_image(), &tracker) {
+        let fail = |what: String| DumpError::Incremental {
+            pid,
+            parent: parent.clone(),
+            what,
+        };
+        let held = mem::incremental::held(&parent, pid).map_err(fail)?;
+        let unwritten =
+            mem::incremental::unwritten(pid, uffd, &vmas, cx.opts.leave_running).map_err(fail)?;
+        let refs = mem::incremental::intersect(&unwritten, &held);
+        in_parent.extend(mem::incremental::split(&mut runs, &refs));
+        let pages: u64 = refs.iter().map(|(s, e)| (e - s) / mem::PAGE).sum();
+        tracing::debug!(pid, pages, ms = ms(t0), "pages left to the parent image");
+    }
     if let Some(snap) = snapshot.as_mut() {
         snap.protect(&mut runs)?;
     }
@@ -267,6 +286,12 @@ fn spliced_pages(cx: &mut ProcCtx, victim: &mut Victim, plan: &mut MemPlan) -> R
     if let Some(k) = &plan.kept {
         stats.add(&k.stats);
     }
+    stats.pages_in_parent_image = plan
+        .in_parent
+        .iter()
+        .filter(|e| e.flags & cryo_image::PAGE_IN_PARENT_IMAGE != 0)
+        .map(|e| u64::from(e.nr_pages))
+        .sum();
     if !plan.in_parent.is_empty() {
         runs.append(&mut plan.in_parent);
         runs.sort_by_key(|e| e.vaddr);

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod capture;
+pub mod predump;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -107,6 +108,14 @@ pub enum DumpError {
     CgroupChanged { cgroup: PathBuf },
     #[error("injected failure ({what}) from CRYO_FAULT")]
     Fault { what: String },
+    #[error("task {pid}: the incremental dump against {}: {what}", parent.display())]
+    Incremental {
+        pid: i32,
+        parent: PathBuf,
+        what: String,
+    },
+    #[error("the parent image {}: {what}", parent.display())]
+    Parent { parent: PathBuf, what: String },
 }
 
 impl From<crate::files::unix::UnixError> for DumpError {
@@ -160,9 +169,49 @@ pub struct DumpOptions {
     /// Lock those connections with nftables (their packets dropped until
     /// the restore): --network-lock nft (the default) or skip.
     pub network_lock: Option<crate::files::inet::Lock>,
+    /// An incremental dump: pages not written since the image in this
+    /// directory (a pre-dump, or a dump of the tree left running) are
+    /// that image's (--prev-images-dir; the image's `parent` link names
+    /// it as given, relative to the image's directory).
+    pub prev_images_dir: Option<PathBuf>,
+}
+
+/// The parent image must be one (a pre-dump, or a dump).
+fn check_parent(parent: &Path) -> Result<()> {
+    cryo_image::read_inventory(parent)
+        .map(drop)
+        .map_err(|e| DumpError::Parent {
+            parent: parent.to_path_buf(),
+            what: e.to_string(),
+        })
+}
+
+/// The image's `parent` link to the parent image, as the command line
+/// named it (a relative one from the image's directory).
+pub(crate) fn link_parent(opts: &DumpOptions) -> Result<()> {
+    let Some(given) = &opts.prev_images_dir else {
+        return Ok(());
+    };
+    let link = opts.dir.join(cryo_image::PARENT_LINK);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(given, &link).map_err(|e| DumpError::Parent {
+        parent: given.clone(),
+        what: format!("linking {} to it: {e}", link.display()),
+    })
 }
 
 impl DumpOptions {
+    /// The parent image's directory (--prev-images-dir, a relative one
+    /// from the image's directory), if any.
+    pub fn parent_image(&self) -> Option<PathBuf> {
+        self.prev_images_dir
+            .as_ref()
+            .map(|p| match p.is_absolute() {
+                true => p.clone(),
+                false => self.dir.join(p),
+            })
+    }
+
     fn collect(&self) -> CollectOptions {
         CollectOptions {
             ghost_limit: self.ghost_limit,
@@ -338,7 +387,27 @@ fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
 /// Dump the process tree under `opts.pid`. On any error every task is left
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    // The dirty tracking the parent image's command left, taken from its
+    // holder before anything else.
+    if let Some(parent) = opts.parent_image() {
+        // Its path may be relative to the image's directory.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&opts.dir)
+            .map_err(|source| DumpError::Dir {
+                path: opts.dir.clone(),
+                source,
+            })?;
+        check_parent(&parent)?;
+        crate::mem::incremental::take_trackers(&parent);
+    }
     let r = dump_with_retry(opts, progress);
+    // A tree left running is tracked on from this image, for the next.
+    let r = r.and_then(|s| {
+        crate::mem::incremental::settle_trackers(opts.leave_running.then_some(&opts.dir));
+        link_parent(opts)?;
+        Ok(s)
+    });
+    crate::mem::incremental::settle_trackers(None);
     // The links --link-remap made stay for the restore, unless the dump
     // failed.
     crate::files::ghost::settle_links(r.is_ok());
@@ -556,6 +625,8 @@ fn write_image(
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         leave_running: opts.leave_running,
+        has_parent: opts.prev_images_dir.is_some(),
+        pre_dump: false,
     };
     write_step("inventory.img")?;
     cryo_image::write_inventory(&opts.dir, &inv)?;

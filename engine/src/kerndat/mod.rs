@@ -149,6 +149,7 @@ pub const FEATURE_NAMES: &[&str] = &[
     "uffd-wp-async",
     "pagemap-scan",
     "soft-dirty",
+    "dirty-tracking",
     "memfd-create",
     "vmsplice",
     "cgroup-v2-freezer",
@@ -221,6 +222,7 @@ pub fn probe() -> Vec<Feature> {
         pidfd_getfd,
     ));
     let (uffd, wp_async) = probe_userfaultfd();
+    let async_ok = matches!(&wp_async, Ok(a) if a.present);
     out.push(feature(
         "userfaultfd",
         "dump -R stops the task for the copy of all its memory; no --pre-copy",
@@ -231,15 +233,30 @@ pub fn probe() -> Vec<Feature> {
         "no --pre-copy (its write tracking)",
         wp_async,
     ));
+    let scan = probe_pagemap_scan();
+    let tracks = async_ok && matches!(&scan, Ok(b) if b.present);
     out.push(feature(
         "pagemap-scan",
         "cryo cannot find the pages to dump (PAGEMAP_SCAN, Linux 6.7); no --pre-copy",
-        probe_pagemap_scan(),
+        scan,
     ));
     out.push(feature(
         "soft-dirty",
         "none: cryo tracks writes with userfaultfd write-protection instead",
         probe_soft_dirty(),
+    ));
+    // How pre-dump and dump --prev-images-dir tell the pages written
+    // since the parent image.
+    out.push(feature(
+        "dirty-tracking",
+        "an incremental dump (--prev-images-dir) stores every page",
+        Ok(Outcome {
+            present: tracks,
+            detail: match tracks {
+                true => "asynchronous userfaultfd write-protection read with PAGEMAP_SCAN, kept between commands by a holder process".into(),
+                false => "none (needs uffd-wp-async and pagemap-scan)".into(),
+            },
+        }),
     ));
     out.push(feature(
         "memfd-create",

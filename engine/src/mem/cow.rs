@@ -113,6 +113,9 @@ fn split_run(r: &Run, a: &[u8], b: &[u8], kept: &mut Vec<Run>, in_parent: &mut V
 // ---- restore ----
 
 /// Where a page of a process's image is.
+/// The page number `run_index` gives a run in the parent image.
+const IN_PARENT_IMAGE: u64 = u64::MAX;
+
 enum PageAt {
     /// Stored page number `n` of its pages file.
     Stored(u64),
@@ -120,6 +123,8 @@ enum PageAt {
     Parent,
     /// Not in the image (it read as zero).
     Absent,
+    /// In the parent image of this one (an incremental dump).
+    ParentImage,
 }
 
 /// The runs of one image by address: (start, end, first stored page
@@ -132,6 +137,9 @@ fn run_index(img: &Image) -> Vec<(u64, u64, Option<u64>)> {
             let end = r.vaddr + r.nr_pages as u64 * PAGE;
             if r.flags & cryo_image::PAGE_IN_PARENT != 0 {
                 (r.vaddr, end, None)
+            } else if r.flags & cryo_image::PAGE_IN_PARENT_IMAGE != 0 {
+                // In the parent image: a page number no chunk holds.
+                (r.vaddr, end, Some(IN_PARENT_IMAGE))
             } else {
                 stored += r.nr_pages as u64;
                 (r.vaddr, end, Some(stored - r.nr_pages as u64))
@@ -143,6 +151,7 @@ fn run_index(img: &Image) -> Vec<(u64, u64, Option<u64>)> {
 fn page_at(index: &[(u64, u64, Option<u64>)], vaddr: u64) -> PageAt {
     let i = index.partition_point(|r| r.1 <= vaddr);
     match index.get(i) {
+        Some(&(start, _, Some(IN_PARENT_IMAGE))) if start <= vaddr => PageAt::ParentImage,
         Some(&(start, _, Some(first))) if start <= vaddr => {
             PageAt::Stored(first + (vaddr - start) / PAGE)
         }
@@ -157,6 +166,9 @@ struct Needs {
     chunks: BTreeMap<(usize, usize), Vec<(usize, usize)>>,
     /// Destination offsets of pages that read as zero.
     zero: Vec<usize>,
+    /// Pages an ancestor's run leaves to the parent image: by that
+    /// ancestor's pid, (address, destination offset).
+    chain: BTreeMap<u32, Vec<(u64, usize)>>,
 }
 
 /// Where each page `me` kept in a parent is, up the tree.
@@ -175,6 +187,7 @@ fn find_needs(
     let mut needs = Needs {
         chunks: BTreeMap::new(),
         zero: Vec::new(),
+        chain: BTreeMap::new(),
     };
     // Run indexes of the ancestors, made when first needed.
     let mut indexes: HashMap<usize, Vec<(u64, u64, Option<u64>)>> = HashMap::new();
@@ -207,6 +220,11 @@ fn find_needs(
                     }
                     PageAt::Absent => {
                         needs.zero.push(dst);
+                        break;
+                    }
+                    PageAt::ParentImage => {
+                        let pid = tree.procs[cur].pstree.pid;
+                        needs.chain.entry(pid).or_default().push((vaddr, dst));
                         break;
                     }
                     PageAt::Parent if hops < 4096 => {}
@@ -246,7 +264,7 @@ pub fn fill_from_parents(
     premap: &mut Premap,
 ) -> Result<(), String> {
     let needs = find_needs(tree, readers, me, premap)?;
-    if needs.chunks.is_empty() && needs.zero.is_empty() {
+    if needs.chunks.is_empty() && needs.zero.is_empty() && needs.chain.is_empty() {
         return Ok(());
     }
     let page = PAGE as usize;
@@ -271,6 +289,10 @@ pub fn fill_from_parents(
         if let Some(p) = mem.get_mut(dst..dst + page) {
             p.fill(0);
         }
+    }
+    let mut chain = super::incremental::Chain::new(&tree.procs[me].dir);
+    for (pid, pages) in needs.chain {
+        chain.fill(pid, 1, &pages, mem)?;
     }
     Ok(())
 }

@@ -60,7 +60,7 @@ pub fn merge(
             li += 1;
         }
         merged.push(*e);
-        if e.flags & cryo_image::PAGE_IN_PARENT == 0 {
+        if !cryo_image::stored_elsewhere(e.flags) {
             for _ in 0..e.nr_pages {
                 w.push(cursor.next_page()?)?;
             }

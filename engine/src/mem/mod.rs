@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cow;
+pub mod incremental;
 pub mod merge;
 pub mod mm;
 pub mod precopy;
@@ -11,6 +12,7 @@ pub mod restore;
 pub mod shared;
 pub mod snapshot;
 pub mod store;
+pub mod track;
 pub mod transfer;
 
 use cryo_image::proto::{PageRange, Vma, VmaKind};

@@ -190,6 +190,77 @@ impl PreCopy {
         }))
     }
 
+    /// Go on tracking process `pid` with `uffd`, the tracking an earlier
+    /// command started (a pre-dump's, from its holder), into a new pages
+    /// file: its rounds copy only what was written since that command's
+    /// last one. Mappings made since are registered now (they read as
+    /// written all over); those another userfaultfd holds are left out.
+    pub fn resume(
+        pid: i32,
+        uffd: OwnedFd,
+        store: &super::store::StoreOptions,
+    ) -> Result<Option<PreCopy>> {
+        let npid = Pid::from_raw(pid);
+        let vmas = super::read_layout(npid).map_err(|e| PreCopyError::Other {
+            pid,
+            what: e.to_string(),
+        })?;
+        let ranges: Vec<(u64, u64)> = vmas
+            .iter()
+            .filter(|v| super::trackable(v))
+            .filter(|v| uffd::register_wp(&uffd, npid, v.start, v.end - v.start).is_ok())
+            .map(|v| (v.start, v.end))
+            .collect();
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        let pw = PageWriter::create(
+            &store.dir,
+            &cryo_image::pages_file(pid as u32),
+            store.compression,
+            store.zstd_level,
+            store.threads,
+        )?;
+        Ok(Some(PreCopy {
+            pid: npid,
+            uffd: Some(uffd),
+            ranges,
+            pw: Some(pw),
+            chunks: Vec::new(),
+            zero: HashMap::new(),
+            written: HashMap::new(),
+            rounds: 1,
+        }))
+    }
+
+    /// The userfaultfd, taken: the tracking goes on while it is open.
+    pub fn take_uffd(&mut self) -> Option<OwnedFd> {
+        self.uffd.take()
+    }
+
+    /// The pages the last round saw written (none after a first round).
+    pub fn written_last(&self) -> Vec<u64> {
+        let last = self.rounds.saturating_sub(1);
+        self.written
+            .iter()
+            .filter(|&(_, &r)| r == last)
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
+    /// The runs of the chunks copied so far, in submission order (one
+    /// round copies in address order).
+    pub fn copied_runs(&self) -> Vec<PagemapEntry> {
+        self.chunks
+            .iter()
+            .map(|c| PagemapEntry {
+                vaddr: c.start,
+                nr_pages: c.pages as u32,
+                flags: 0,
+            })
+            .collect()
+    }
+
     fn pagemap(&self) -> Result<std::fs::File> {
         std::fs::File::open(format!("/proc/{}/pagemap", self.pid)).map_err(|e| {
             PreCopyError::Other {
@@ -521,7 +592,7 @@ impl Kept {
                     }
                     out_chunks.push(chunks[i]);
                 }
-                None if e.flags & cryo_image::PAGE_IN_PARENT == 0 => {
+                None if !cryo_image::stored_elsewhere(e.flags) => {
                     pending += u64::from(e.nr_pages);
                 }
                 None => {}

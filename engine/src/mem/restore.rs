@@ -472,7 +472,7 @@ fn plan_pieces(img: &Image, premap: &Premap) -> Result<Vec<Piece>, String> {
     let runs: Vec<&PagemapEntry> = img
         .runs
         .iter()
-        .filter(|r| r.flags & cryo_image::PAGE_IN_PARENT == 0)
+        .filter(|r| !cryo_image::stored_elsewhere(r.flags))
         .collect();
     let mut pieces: Vec<Piece> = Vec::with_capacity(img.chunks.len());
     let (mut run_idx, mut run_off) = (0usize, 0u64); // pages consumed from runs[run_idx]

@@ -132,7 +132,7 @@ fn remove(dir: &Path, name: &str) -> Result<()> {
     std::fs::remove_file(&path).map_err(|source| StoreError::Remove { path, source })
 }
 
-fn write_pagemap(
+pub fn write_pagemap(
     o: &StoreOptions,
     pid: i32,
     runs: &[PagemapEntry],

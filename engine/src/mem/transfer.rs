@@ -127,6 +127,8 @@ pub struct TransferStats {
     pub pages_saved_on_write: u64,
     /// Pages kept from the copy made before the stop (--pre-copy).
     pub pages_precopied: u64,
+    /// Pages left to the parent image (an incremental dump).
+    pub pages_in_parent_image: u64,
 }
 
 impl TransferStats {
@@ -138,6 +140,7 @@ impl TransferStats {
         self.pages_copied_running += o.pages_copied_running;
         self.pages_saved_on_write += o.pages_saved_on_write;
         self.pages_precopied += o.pages_precopied;
+        self.pages_in_parent_image += o.pages_in_parent_image;
     }
 }
 

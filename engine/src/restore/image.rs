@@ -179,6 +179,12 @@ impl TreeImage {
                 }
             }
         }
+        if inventory.pre_dump {
+            return Err(invalid(
+                "inventory.img",
+                "the image is a pre-dump (memory only): restore the dump made after it with --prev-images-dir",
+            ));
+        }
         let listed: HashSet<&str> = inventory.files.iter().map(|f| f.name.as_str()).collect();
         let need = |name: &str| -> Result<()> {
             if listed.contains(name) {
@@ -635,6 +641,37 @@ impl Image {
     }
 }
 
+/// A process's runs, chunks and pages file.
+pub type ProcPages = (Vec<PagemapEntry>, Vec<PageChunk>, PageReader);
+
+/// The pages of process `pid` in the image in `dir` (a parent image of
+/// an incremental one): its runs, chunks and pages file, checked as a
+/// restore checks its own; None if the image does not hold the process.
+pub fn load_pages_of(dir: &Path, pid: u32) -> Result<Option<ProcPages>> {
+    let inventory = cryo_image::read_inventory(dir)?;
+    let listed: HashSet<&str> = inventory.files.iter().map(|f| f.name.as_str()).collect();
+    if !listed.contains(cryo_image::pagemap_file(pid).as_str()) {
+        return Ok(None);
+    }
+    let need = |name: &str| -> Result<()> {
+        match listed.contains(name) {
+            true => Ok(()),
+            false => Err(invalid(
+                "inventory.img",
+                format!("does not list {name}; the image is incomplete"),
+            )),
+        }
+    };
+    let mm_name = cryo_image::mm_file(pid);
+    need(&mm_name)?;
+    let mm: MmEntry = cryo_image::read_one(dir, &mm_name, Kind::Mm)?;
+    let (head, runs, chunks) = load_pagemap(dir, &need, pid, &mm)?;
+    let comp = proto::Compression::try_from(head.compression)
+        .map_err(|_| invalid(&cryo_image::pagemap_file(pid), "unknown compression"))?;
+    let reader = PageReader::open(dir, &head.pages_file, comp, chunks.clone())?;
+    Ok(Some((runs, chunks, reader)))
+}
+
 /// The pagemap: its header, runs and chunks, which must agree with each
 /// other and lie inside restorable mappings of `mm`.
 fn load_pagemap(
@@ -672,7 +709,7 @@ fn load_pagemap(
     need(&pagemap_head.pages_file)?;
     let run_pages: u64 = runs
         .iter()
-        .filter(|e| e.flags & cryo_image::PAGE_IN_PARENT == 0)
+        .filter(|e| !cryo_image::stored_elsewhere(e.flags))
         .map(|e| e.nr_pages as u64)
         .sum();
     let chunk_pages: u64 = chunks.iter().map(|c| c.nr_pages as u64).sum();

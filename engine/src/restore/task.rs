@@ -81,6 +81,7 @@ pub fn prepare_memory(
         mem::restore::premap(img, layout.premap_base, ctx.shm, ctx.files, parent)?;
     mem::restore::fill_pages(img, &ctx.readers[me], &mut premap)?;
     mem::cow::fill_from_parents(ctx.tree, ctx.readers, me, &mut premap)?;
+    mem::incremental::fill_from_chain(img, &mut premap)?;
     mem::restore::install_guards(img, &mut premap)?;
     Ok(Memory {
         layout,

@@ -210,3 +210,83 @@ pub fn peek_msg(s: &impl AsFd, buf: &mut [u8]) -> Result<Peeked, Errno> {
         from,
     })
 }
+
+/// Send `bytes` on `s` with descriptor `fd` (SCM_RIGHTS), if any.
+pub fn send_with_fd(s: &impl AsFd, bytes: &[u8], fd: Option<&OwnedFd>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [io::IoSlice::new(bytes)];
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsg: Vec<ControlMessage> = raw.iter().map(|r| ControlMessage::ScmRights(r)).collect();
+    sendmsg::<()>(s.as_fd().as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Receive a message of at most `buf.len()` bytes on `s` and the first
+/// descriptor that came with it: (bytes, descriptor).
+pub fn recv_with_fd(s: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut cbuf = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        s.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut cbuf),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut first = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for raw in fds {
+                // SAFETY: the kernel installed `raw` in this process for
+                // this message; nothing else owns it (the ones after the
+                // first are closed when dropped here).
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                first.get_or_insert(owned);
+            }
+        }
+    }
+    Ok((msg.bytes, first))
+}
+
+/// A connection accepted on listening socket `s`.
+pub fn accept(s: &impl AsFd) -> io::Result<OwnedFd> {
+    let fd = nix::sys::socket::accept4(
+        s.as_fd().as_raw_fd(),
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )?;
+    // SAFETY: accept4 returned a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Descriptor `fd`, which the process that started this one left open
+/// for it (as `pass_as` arranged), owned from now on. The caller must
+/// name a descriptor nothing else in this process owns.
+pub fn inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open, and by the caller's word owned by nothing
+    // else in this process.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Make `cmd`'s process start with `fd` as its descriptor `at`, in a
+/// session of its own (a holder outliving cryo).
+pub fn pass_as(cmd: &mut std::process::Command, fd: &OwnedFd, at: RawFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and
+    // makes only async-signal-safe calls (dup2, setsid) on descriptors the
+    // child inherited (`raw` is open there: the fork copied the table
+    // while the caller held `fd`); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, at) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+}

@@ -347,9 +347,12 @@ fn get_bytes(fd: i32, level: i32, name: i32) -> Vec<u8> {
     b
 }
 
+/// An option set: (name, level, option, its value as read back).
+type SetOption = (&'static str, i32, i32, Vec<u8>);
+
 /// The options users set, set on TCP socket `fd`: (name, level, option,
 /// its value as read back).
-fn set_options(fd: i32) -> Result<Vec<(&'static str, i32, i32, Vec<u8>)>, String> {
+fn set_options(fd: i32) -> Result<Vec<SetOption>, String> {
     let (sol, tcp, ip) = (libc::SOL_SOCKET, libc::IPPROTO_TCP, libc::IPPROTO_IP);
     let ints = [
         ("SO_REUSEPORT", sol, libc::SO_REUSEPORT, 1),

@@ -35,7 +35,7 @@ impl Pagemap {
     pub fn stored_pages(&self) -> u64 {
         self.runs
             .iter()
-            .filter(|e| !in_parent(e))
+            .filter(|e| stored_here(e))
             .map(|e| u64::from(e.nr_pages))
             .sum()
     }
@@ -86,6 +86,12 @@ pub fn read_pagemap(dir: &Path, name: &str) -> Result<Option<Pagemap>, ImageErro
 /// Whether a run's pages are the parent process's, not stored here.
 pub fn in_parent(e: &PagemapEntry) -> bool {
     e.flags & cryo_image::PAGE_IN_PARENT != 0
+}
+
+/// Whether a run's pages are in this process's pages file (not its
+/// parent process's, nor the parent image's).
+pub fn stored_here(e: &PagemapEntry) -> bool {
+    !cryo_image::stored_elsewhere(e.flags)
 }
 
 /// Whether the pages of mappings of this kind are stored in the image.
@@ -220,11 +226,12 @@ pub fn dir_entries(dir: &Path) -> anyhow::Result<Vec<(String, std::fs::Metadata)
 
 /// Pages of the runs that fall inside `[start, end)`: with `parent`
 /// false those stored in the process's own pages file, with `parent` true
-/// those that are its parent's (`PAGE_IN_PARENT`).
+/// those that are elsewhere (its parent process's, `PAGE_IN_PARENT`, or
+/// the parent image's, `PAGE_IN_PARENT_IMAGE`).
 pub fn pages_in(runs: &[PagemapEntry], start: u64, end: u64, parent: bool) -> u64 {
     const PAGE: u64 = cryo_image::PAGE_SIZE as u64;
     runs.iter()
-        .filter(|r| in_parent(r) == parent)
+        .filter(|r| stored_here(r) != parent)
         .map(|r| {
             let rs = r.vaddr;
             let re = r

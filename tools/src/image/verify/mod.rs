@@ -88,8 +88,17 @@ pub fn run(dir: &Path) -> anyhow::Result<i32> {
     };
     let mut regular = BTreeSet::new();
     for (name, m) in load::dir_entries(dir)? {
-        if m.is_file() {
+        let holder = [
+            cryo_engine::mem::track::SOCKET,
+            cryo_engine::mem::track::PID_FILE,
+        ];
+        if m.is_file() && !holder.contains(&name.as_str()) {
             regular.insert(name);
+        } else if (name == cryo_image::PARENT_LINK && m.file_type().is_symlink())
+            || holder.contains(&name.as_str())
+        {
+            // The parent image's link (checked with the pages that refer
+            // to it), a pre-dump's holder.
         } else {
             rep.file(&name, "not a regular file");
         }

@@ -61,13 +61,14 @@ pub(super) fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> (u64, BTreeSe
                 );
                 continue;
             };
-            if e.flags & !PAGE_IN_PARENT != 0 {
+            let known = PAGE_IN_PARENT | cryo_image::PAGE_IN_PARENT_IMAGE;
+            if e.flags & !known != 0 {
                 rep.file(
                     &name,
                     format!(
                         "run {i} ({:#x}-{end:#x}) has unknown flags {:#x}",
                         e.vaddr,
-                        e.flags & !PAGE_IN_PARENT
+                        e.flags & !known
                     ),
                 );
             }
@@ -108,6 +109,22 @@ pub(super) fn check_pagemaps(rep: &mut Report<'_>, d: &Decoded) -> (u64, BTreeSe
                         }
                     }
                 }
+            }
+        }
+        // Pages in the parent image: each found up the chain.
+        let chained: Vec<u64> = pm
+            .runs
+            .iter()
+            .filter(|e| e.flags & cryo_image::PAGE_IN_PARENT_IMAGE != 0 && e.nr_pages < 1 << 20)
+            .flat_map(|e| (0..u64::from(e.nr_pages)).map(move |k| e.vaddr + k * PAGE))
+            .collect();
+        if !chained.is_empty() {
+            let mut chain = cryo_engine::mem::incremental::Chain::new(rep.dir);
+            if let Err(e) = chain.check(pid, &chained) {
+                rep.file(
+                    &name,
+                    format!("{} pages in the parent image: {e}", chained.len()),
+                );
             }
         }
         if let Some((ppid, runs, pages)) = orphaned {
