@@ -21,6 +21,7 @@ pub mod infect;
 pub mod kerndat;
 pub mod mem;
 pub mod ns;
+pub mod pageserver;
 pub mod proc;
 pub mod pstree;
 pub mod restore;

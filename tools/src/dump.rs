@@ -97,6 +97,8 @@ pub struct DumpArgs {
     /// written since; relative to the image directory unless absolute.
     #[arg(long)]
     pub prev_images_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub to: crate::pageserver::ToPageServer,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
@@ -161,6 +163,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
     }
     match res {
         Ok(st) => {
+            a.to.send(&a.dir, true)?;
             tracing::info!(
                 pid = st.root,
                 processes = st.processes,

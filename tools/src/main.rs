@@ -3,6 +3,7 @@
 mod check;
 mod dump;
 mod image;
+mod pageserver;
 mod predump;
 mod restore;
 
@@ -36,6 +37,8 @@ enum Cmd {
     PreDump(predump::PreDumpArgs),
     /// Restore a process from an image directory.
     Restore(restore::RestoreArgs),
+    /// Receive images from dump or pre-dump --page-server over TCP.
+    PageServer(pageserver::PageServerArgs),
     /// Keeps a pre-dump's tracking of written pages (started by pre-dump).
     #[command(hide = true)]
     TrackHold(predump::TrackHoldArgs),
@@ -88,6 +91,7 @@ fn main() {
         Cmd::Dump(a) => dump::run(a),
         Cmd::PreDump(a) => predump::run(a),
         Cmd::TrackHold(a) => predump::hold(a),
+        Cmd::PageServer(a) => pageserver::run(a),
         Cmd::Restore(a) => restore::run(a),
         Cmd::Check { json } => check::run(json),
         Cmd::Image(a) => image::run(a),

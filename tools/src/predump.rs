@@ -36,6 +36,8 @@ pub struct PreDumpArgs {
     /// DIR/track.pid).
     #[arg(long, default_value_t = 3600)]
     pub track_timeout: u64,
+    #[command(flatten)]
+    pub to: crate::pageserver::ToPageServer,
 }
 
 pub fn run(a: PreDumpArgs) -> anyhow::Result<i32> {
@@ -58,6 +60,7 @@ pub fn run(a: PreDumpArgs) -> anyhow::Result<i32> {
     };
     match pre_dump(&o) {
         Ok(st) => {
+            a.to.send(&a.dir, false)?;
             tracing::info!(
                 processes = st.processes,
                 pages = st.pages_stored,

@@ -101,7 +101,8 @@ pub fn of_pages(mut pages: Vec<u64>) -> Ranges {
 /// holds (stored there or in its parent; not those of its parent
 /// process). Empty if the process is not in it.
 pub fn held(parent: &Path, pid: i32) -> Result<Ranges, String> {
-    let Some((runs, _, _)) = crate::restore::image::load_pages_of(parent, pid as u32)
+    // Its runs only: its pages may be elsewhere (sent to a page server).
+    let Some((runs, _, _)) = crate::restore::image::load_pages_of(parent, pid as u32, false)
         .map_err(|e| format!("the parent image {}: {e}", parent.display()))?
     else {
         return Ok(Vec::new());
@@ -224,9 +225,10 @@ impl Chain {
     fn level(&mut self, depth: u32, pid: u32) -> Result<Option<&Level>, String> {
         if !self.levels.contains_key(&(depth, pid)) {
             let dir = up(&self.base, depth);
-            let loaded = crate::restore::image::load_pages_of(&dir, pid)
+            let loaded = crate::restore::image::load_pages_of(&dir, pid, true)
                 .map_err(|e| format!("parent image {}: {e}", dir.display()))?;
-            let level = loaded.map(|(runs, chunks, reader)| {
+            let level = loaded.and_then(|(runs, chunks, reader)| {
+                let reader = reader?;
                 let mut stored = 0u64;
                 let index = runs
                     .iter()
@@ -241,12 +243,12 @@ impl Chain {
                         }
                     })
                     .collect();
-                Level {
+                Some(Level {
                     index,
                     starts: reader.chunk_page_starts().to_vec(),
                     chunks,
                     reader,
-                }
+                })
             });
             self.levels.insert((depth, pid), level);
         }

@@ -641,13 +641,13 @@ impl Image {
     }
 }
 
-/// A process's runs, chunks and pages file.
-pub type ProcPages = (Vec<PagemapEntry>, Vec<PageChunk>, PageReader);
+/// A process's runs, chunks and pages file (if asked for).
+pub type ProcPages = (Vec<PagemapEntry>, Vec<PageChunk>, Option<PageReader>);
 
 /// The pages of process `pid` in the image in `dir` (a parent image of
 /// an incremental one): its runs, chunks and pages file, checked as a
 /// restore checks its own; None if the image does not hold the process.
-pub fn load_pages_of(dir: &Path, pid: u32) -> Result<Option<ProcPages>> {
+pub fn load_pages_of(dir: &Path, pid: u32, pages: bool) -> Result<Option<ProcPages>> {
     let inventory = cryo_image::read_inventory(dir)?;
     let listed: HashSet<&str> = inventory.files.iter().map(|f| f.name.as_str()).collect();
     if !listed.contains(cryo_image::pagemap_file(pid).as_str()) {
@@ -668,7 +668,15 @@ pub fn load_pages_of(dir: &Path, pid: u32) -> Result<Option<ProcPages>> {
     let (head, runs, chunks) = load_pagemap(dir, &need, pid, &mm)?;
     let comp = proto::Compression::try_from(head.compression)
         .map_err(|_| invalid(&cryo_image::pagemap_file(pid), "unknown compression"))?;
-    let reader = PageReader::open(dir, &head.pages_file, comp, chunks.clone())?;
+    let reader = match pages {
+        true => Some(PageReader::open(
+            dir,
+            &head.pages_file,
+            comp,
+            chunks.clone(),
+        )?),
+        false => None,
+    };
     Ok(Some((runs, chunks, reader)))
 }
 

@@ -1,0 +1,192 @@
+//! The page server: `cryo page-server` on the destination takes the
+//! images of a pre-dump and of the dump after it over TCP (loopback, in
+//! a network namespace of the test's own), and the tree restores there;
+//! malformed or broken input leaves nothing and the server goes on.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cryo_tests::*;
+
+/// A page server of the test's on 127.0.0.1:`port` into `dir`, killed by
+/// its handle when dropped.
+struct Server(Child);
+
+impl Server {
+    fn start(dir: &Path, port: u16) -> Server {
+        let child = Command::new(cryo_bin())
+            .args(["page-server", "--address", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("-D")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting cryo page-server");
+        // Listening once a connection is taken.
+        for _ in 0..500 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server(child)
+    }
+
+    /// Whether it ended within `t` (and how).
+    fn ended(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < t {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The holder a pre-dump left, killed by its pid.
+fn kill_holder(img: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(img.join("track.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: kill takes integers; the pid is our holder's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// pre-dump and dump of memory rewritten all the time, both sent to the
+/// page server (their pages files do not stay on the source); the tree
+/// restores from the server's directory, one instant's memory.
+#[test]
+fn pre_dump_and_dump_through_the_page_server() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let dest = dir.subdir("dest");
+    let mut server = Server::start(&dest, 7090);
+    let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    std::thread::sleep(Duration::from_millis(800));
+    let to = ["--page-server", "--address", "127.0.0.1", "--port", "7090"];
+    let pre = dir.subdir("pre");
+    let pid = wl.pid().to_string();
+    let mut args = vec!["pre-dump", "-t", &pid, "-D", pre.to_str().expect("utf-8")];
+    args.extend_from_slice(&to);
+    let out = run_cryo(&args, &[]);
+    assert_cryo_ok(&out, "cryo pre-dump --page-server");
+    std::thread::sleep(Duration::from_millis(300));
+    let img = dir.subdir("img");
+    let mut extra = vec!["--prev-images-dir", "../pre"];
+    extra.extend_from_slice(&to);
+    dump_and_reap(&mut wl, &guard, &img, &extra);
+    kill_holder(&pre);
+    assert!(server
+        .ended(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    let left: Vec<String> = std::fs::read_dir(&img)
+        .expect("the source image")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pages-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "pages files stayed on the source: {left:?}"
+    );
+    let there = dest.join("img");
+    let verify = run_cryo(&["image", "verify", there.to_str().expect("utf-8")], &[]);
+    assert_cryo_ok(&verify, "cryo image verify on the destination");
+    restore_ok(&mut wl, &there);
+    std::thread::sleep(Duration::from_millis(600));
+    wl.assert_pass("restored from the page server's images");
+}
+
+/// Frames the server must refuse: nothing is written, outside its
+/// directory or in it, and it goes on taking connections.
+#[test]
+fn malformed_and_broken_input_is_refused() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let dest = dir.subdir("dest");
+    let mut server = Server::start(&dest, 7091);
+    let frame = |ty: u32, payload: &[u8]| {
+        let mut f = ty.to_le_bytes().to_vec();
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let file = |name: &str, size: u64| {
+        let mut p = (name.len() as u16).to_le_bytes().to_vec();
+        p.extend_from_slice(name.as_bytes());
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&0u64.to_le_bytes());
+        frame(2, &p)
+    };
+    let hello = |name: &str| {
+        let mut p = b"CRYO-PS1".to_vec();
+        p.extend_from_slice(name.as_bytes());
+        frame(1, &p)
+    };
+    let sessions: Vec<Vec<u8>> = vec![
+        // Garbage.
+        (0..200u32).map(|i| (i * 37 % 251) as u8).collect(),
+        // A huge frame length.
+        [
+            frame(1, b"CRYO-PS1x")[..8].to_vec(),
+            u64::MAX.to_le_bytes().to_vec(),
+        ]
+        .concat(),
+        // An image name with a slash, and one going up.
+        hello("../escape"),
+        hello("a/b"),
+        // A file name going up, a file cut short by the connection's end,
+        // a parent link pointing far away, a wrong checksum.
+        [hello("img1"), file("../../escaped", 4), b"evil".to_vec()].concat(),
+        [hello("img2"), file("pages-1.img", 1000), vec![7; 10]].concat(),
+        [hello("img3"), frame(3, b"../../../etc")].concat(),
+        [
+            hello("img4"),
+            file("inventory.img", 4),
+            b"abcd".to_vec(),
+            frame(4, &[1]),
+        ]
+        .concat(),
+    ];
+    for s in &sessions {
+        let mut c = TcpStream::connect(("127.0.0.1", 7091)).expect("connecting to the server");
+        let _ = c.write_all(s);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.ended(Duration::from_millis(10)).is_none(),
+        "the server ended"
+    );
+    let inside: Vec<String> = std::fs::read_dir(&dest)
+        .expect("the server's directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(inside.is_empty(), "the server kept {inside:?}");
+    for gone in ["escape", "escaped"] {
+        assert!(
+            !dir.join(gone).exists() && !dir.path().parent().is_some_and(|p| p.join(gone).exists())
+        );
+    }
+}
