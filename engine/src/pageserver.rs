@@ -75,11 +75,13 @@ fn plain(name: &str) -> bool {
 /// Server side: take images on `listener` into `dir`, one connection at a
 /// time, until one ends a chain (a dump) — or for ever with `keep`. A
 /// connection that fails is reported and dropped; the server goes on.
-pub fn serve(listener: TcpListener, dir: &Path, keep: bool) -> Result<(), String> {
+/// With `restore`, an image that ends a chain is restored at once (`cryo
+/// restore -d`), and the answer says how that went.
+pub fn serve(listener: TcpListener, dir: &Path, keep: bool, restore: bool) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     loop {
         let (c, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        match receive(c, dir) {
+        match receive(c, dir, restore) {
             Ok((name, last)) => {
                 tracing::info!(%peer, image = name, "image received");
                 if last && !keep {
@@ -93,7 +95,7 @@ pub fn serve(listener: TcpListener, dir: &Path, keep: bool) -> Result<(), String
 
 /// One connection: the image it sends, into `dir`. Returns its name and
 /// whether it ends its chain.
-fn receive(mut c: TcpStream, dir: &Path) -> Result<(String, bool), String> {
+fn receive(mut c: TcpStream, dir: &Path, restore: bool) -> Result<(String, bool), String> {
     let (ty, hello) = read_frame(&mut c)?;
     if ty != HELLO || hello.len() < 8 || &hello[..8] != MAGIC {
         let e = "not a cryo page server client (no HELLO)".to_string();
@@ -117,7 +119,15 @@ fn receive(mut c: TcpStream, dir: &Path) -> Result<(String, bool), String> {
             let fin = dir.join(&name);
             let _ = std::fs::remove_dir_all(&fin);
             std::fs::rename(&partial, &fin).map_err(|e| format!("{}: {e}", fin.display()))?;
-            frame(&mut c, OK, &[]).map_err(|e| format!("answering: {e}"))?;
+            let answer = match last && restore {
+                true => restore_here(&fin),
+                false => Ok(String::new()),
+            };
+            match answer {
+                Ok(said) => frame(&mut c, OK, said.as_bytes()),
+                Err(e) => frame(&mut c, ERROR, e.as_bytes()),
+            }
+            .map_err(|e| format!("answering: {e}"))?;
             Ok((name, last))
         }
         Err(e) => {
@@ -125,6 +135,29 @@ fn receive(mut c: TcpStream, dir: &Path) -> Result<(String, bool), String> {
             let _ = frame(&mut c, ERROR, e.as_bytes());
             Err(format!("image {name}: {e}"))
         }
+    }
+}
+
+/// Restore the image in `dir` (`cryo restore -d`): what it said, or why
+/// it failed.
+fn restore_here(dir: &Path) -> Result<String, String> {
+    let t0 = std::time::Instant::now();
+    let exe = std::env::current_exe().map_err(|e| format!("cryo's own path: {e}"))?;
+    let out = std::process::Command::new(exe)
+        .arg("restore")
+        .arg("-D")
+        .arg(dir)
+        .arg("-d")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running cryo restore: {e}"))?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    match out.status.success() {
+        true => Ok(format!("restored in {ms:.1} ms")),
+        false => Err(format!(
+            "the restore failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
     }
 }
 
@@ -211,8 +244,9 @@ impl Mode0600 for std::fs::OpenOptions {
 }
 
 /// Client side: send the image in `dir` to the page server at `addr`
-/// (`last`: it ends its chain). Returns the bytes sent.
-pub fn send(dir: &Path, addr: &str, last: bool) -> Result<u64, String> {
+/// (`last`: it ends its chain). Returns the bytes sent and what the
+/// server said (how its restore went, if it restores).
+pub fn send(dir: &Path, addr: &str, last: bool) -> Result<(u64, String), String> {
     let name = dir
         .canonicalize()
         .ok()
@@ -250,7 +284,7 @@ pub fn send(dir: &Path, addr: &str, last: bool) -> Result<u64, String> {
     }
     frame(&mut c, END, &[u8::from(last)]).map_err(io)?;
     match read_frame(&mut c)? {
-        (OK, _) => Ok(sent),
+        (OK, said) => Ok((sent, String::from_utf8_lossy(&said).into_owned())),
         (ERROR, why) => Err(format!(
             "the page server at {addr} refused the image: {}",
             String::from_utf8_lossy(&why)

@@ -1161,3 +1161,48 @@ pub fn restore_with_pidfile(img: &Path, pidfile: &Path, what: &str) -> i32 {
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("{what}: --pidfile {} names no pid", pidfile.display()))
 }
+
+/// A `cryo page-server` of the test's on 127.0.0.1:`port` into `dir`
+/// (with `extra` options), killed by its handle when dropped.
+pub struct PageServer(std::process::Child);
+
+impl PageServer {
+    pub fn start(dir: &Path, port: u16, extra: &[&str]) -> PageServer {
+        let child = Command::new(cryo_bin())
+            .args(["page-server", "--address", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("-D")
+            .arg(dir)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting cryo page-server");
+        // Listening once it takes a connection (that one it refuses).
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        PageServer(child)
+    }
+
+    /// How it ended, if it did within `t`.
+    pub fn ended(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < t {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -2,58 +2,16 @@
 //! images of a pre-dump and of the dump after it over TCP (loopback, in
 //! a network namespace of the test's own), and the tree restores there;
 //! malformed or broken input leaves nothing and the server goes on.
+//! `cryo migrate` does it all in one command, against `cryo page-server
+//! --restore`, and leaves the tree running where it was if the
+//! destination fails it.
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cryo_tests::*;
-
-/// A page server of the test's on 127.0.0.1:`port` into `dir`, killed by
-/// its handle when dropped.
-struct Server(Child);
-
-impl Server {
-    fn start(dir: &Path, port: u16) -> Server {
-        let child = Command::new(cryo_bin())
-            .args(["page-server", "--address", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .arg("-D")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting cryo page-server");
-        // Listening once a connection is taken.
-        for _ in 0..500 {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server(child)
-    }
-
-    /// Whether it ended within `t` (and how).
-    fn ended(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
-        let start = std::time::Instant::now();
-        while start.elapsed() < t {
-            if let Ok(Some(s)) = self.0.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The holder a pre-dump left, killed by its pid.
 fn kill_holder(img: &Path) {
@@ -75,7 +33,7 @@ fn pre_dump_and_dump_through_the_page_server() {
     }
     let dir = TestDir::new();
     let dest = dir.subdir("dest");
-    let mut server = Server::start(&dest, 7090);
+    let mut server = PageServer::start(&dest, 7090, &[]);
     let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     std::thread::sleep(Duration::from_millis(800));
@@ -122,7 +80,7 @@ fn malformed_and_broken_input_is_refused() {
     }
     let dir = TestDir::new();
     let dest = dir.subdir("dest");
-    let mut server = Server::start(&dest, 7091);
+    let mut server = PageServer::start(&dest, 7091, &[]);
     let frame = |ty: u32, payload: &[u8]| {
         let mut f = ty.to_le_bytes().to_vec();
         f.extend_from_slice(&[0; 4]);
@@ -189,4 +147,101 @@ fn malformed_and_broken_input_is_refused() {
             !dir.join(gone).exists() && !dir.path().parent().is_some_and(|p| p.join(gone).exists())
         );
     }
+}
+
+/// cryo migrate of memory rewritten all the time: pre-copy rounds, the
+/// stop, the restore by the page server; the tree runs on (same pid) with
+/// one instant's memory, and the stop time is printed.
+#[test]
+fn migrate_to_a_restoring_page_server() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let dir = TestDir::new();
+    let dest = dir.subdir("dest");
+    let mut server = PageServer::start(&dest, 7092, &["--restore"]);
+    let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    std::thread::sleep(Duration::from_millis(800));
+    let work = dir.subdir("work");
+    let pid = wl.pid().to_string();
+    // Both hosts are this one: the killed tree (the test's child) is
+    // reaped the moment it dies, before the destination restores its pid.
+    let raw = wl.pid();
+    let reaper = std::thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int into `status`, a live local.
+        unsafe { libc::waitpid(raw, &mut status, 0) };
+    });
+    let out = run_cryo(
+        &[
+            "migrate",
+            "-t",
+            &pid,
+            "--to",
+            "127.0.0.1:7092",
+            "-D",
+            work.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let _ = reaper.join();
+    wl.mark_running();
+    assert_cryo_ok(&out, "cryo migrate");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("stop time") && said.contains("restored in"),
+        "migrate said: {said}"
+    );
+    eprintln!("{said}");
+    assert!(server
+        .ended(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    std::thread::sleep(Duration::from_millis(600));
+    wl.assert_pass("migrated to the page server");
+    drop(guard);
+}
+
+/// A destination that takes the connection and says nothing: migrate
+/// fails naming it, and the tree runs on here untouched.
+#[test]
+fn migrate_to_a_broken_destination_leaves_the_tree_running() {
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:7093").expect("a listener of the test's");
+    let closer = std::thread::spawn(move || {
+        for c in l.incoming().take(1) {
+            drop(c);
+        }
+    });
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let work = dir.subdir("work");
+    let pid = wl.pid().to_string();
+    let out = run_cryo(
+        &[
+            "migrate",
+            "-t",
+            &pid,
+            "--to",
+            "127.0.0.1:7093",
+            "-D",
+            work.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let _ = closer.join();
+    assert!(
+        !out.status.success(),
+        "migrate to a broken destination succeeded"
+    );
+    assert!(
+        stderr_of(&out).contains("runs on here"),
+        "{}",
+        stderr_of(&out)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    wl.assert_pass("after a failed migration");
 }

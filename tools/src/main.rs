@@ -3,6 +3,7 @@
 mod check;
 mod dump;
 mod image;
+mod migrate;
 mod pageserver;
 mod predump;
 mod restore;
@@ -37,6 +38,9 @@ enum Cmd {
     PreDump(predump::PreDumpArgs),
     /// Restore a process from an image directory.
     Restore(restore::RestoreArgs),
+    /// Move a running tree to another host (pre-copy rounds, a short stop,
+    /// the restore there by its `cryo page-server --restore`).
+    Migrate(migrate::MigrateArgs),
     /// Receive images from dump or pre-dump --page-server over TCP.
     PageServer(pageserver::PageServerArgs),
     /// Keeps a pre-dump's tracking of written pages (started by pre-dump).
@@ -92,6 +96,7 @@ fn main() {
         Cmd::PreDump(a) => predump::run(a),
         Cmd::TrackHold(a) => predump::hold(a),
         Cmd::PageServer(a) => pageserver::run(a),
+        Cmd::Migrate(a) => migrate::run(a),
         Cmd::Restore(a) => restore::run(a),
         Cmd::Check { json } => check::run(json),
         Cmd::Image(a) => image::run(a),

@@ -21,6 +21,10 @@ pub struct PageServerArgs {
     /// server ends then.
     #[arg(long)]
     pub keep: bool,
+    /// Restore a dump (the last image of a chain) as soon as it is here
+    /// (cryo migrate's other end); the source learns how that went.
+    #[arg(long)]
+    pub restore: bool,
 }
 
 pub fn run(a: PageServerArgs) -> anyhow::Result<i32> {
@@ -28,7 +32,7 @@ pub fn run(a: PageServerArgs) -> anyhow::Result<i32> {
     let l =
         std::net::TcpListener::bind(&at).map_err(|e| anyhow::anyhow!("listening on {at}: {e}"))?;
     tracing::info!(%at, dir = %a.dir.display(), "page server listening");
-    cryo_engine::pageserver::serve(l, &a.dir, a.keep).map_err(anyhow::Error::msg)?;
+    cryo_engine::pageserver::serve(l, &a.dir, a.keep, a.restore).map_err(anyhow::Error::msg)?;
     Ok(0)
 }
 
@@ -58,7 +62,7 @@ impl ToPageServer {
             anyhow::bail!("--page-server needs --address and --port");
         };
         let at = cryo_engine::pageserver::address(addr, port);
-        let sent = cryo_engine::pageserver::send(dir, &at, last)
+        let (sent, _) = cryo_engine::pageserver::send(dir, &at, last)
             .map_err(|e| anyhow::anyhow!("{e} (the image stays whole in {})", dir.display()))?;
         cryo_engine::pageserver::drop_pages(dir);
         tracing::info!(%at, bytes = sent, "image sent to the page server");
