@@ -14,7 +14,10 @@
 //!      (write + close, no fsync), reading it back into fresh memory after
 //!      dropping the page cache, and copying it in memory;
 //!   f. a small container (`wl_mntns`) dumped and restored, against a
-//!      plain 4 MiB process (see `container`).
+//!      plain 4 MiB process (see `container`);
+//!   g. `cryo migrate` to a `cryo page-server --restore` over loopback
+//!      TCP: stop time, total time and bytes sent, against a plain copy of
+//!      the same memory over a loopback TCP connection (see `migrate`).
 //!
 //! With `--runs K` every figure is the median of K runs. The work files go
 //! into `DIR/cryo-bench-<pid>` (DIR defaults to /tmp), removed at the end
@@ -38,6 +41,7 @@ use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 mod container;
+mod migrate;
 mod procs;
 mod report;
 
@@ -383,6 +387,7 @@ fn one_run(env: &mut Env, n: usize, content: &[u8], expect: u64) -> Result<Figur
         ));
     }
     baseline(&run_dir, content, &mut f)?;
+    migrate::migration(env, &run_dir, content, &mut f)?;
     if !env.keep {
         let _ = std::fs::remove_dir_all(&run_dir);
     }

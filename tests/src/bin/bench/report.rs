@@ -209,6 +209,29 @@ pub(super) fn report(opts: &Opts, runs: &[Figures]) {
         ("-".into(), "-".into()),
     );
 
+    let tcp = g("base.tcp_ms");
+    for (name, key) in [
+        ("migration stop time (migrate)", "mig.stop_ms"),
+        ("migration total time (migrate)", "mig.total_ms"),
+    ] {
+        let v = g(key);
+        row(
+            name,
+            fmt_ms(v),
+            format!("{} (tcp copy)", fmt_ms(tcp)),
+            ratio(v, tcp),
+            ("-".into(), "-".into()),
+        );
+    }
+    let sent = g("mig.bytes");
+    row(
+        "migration bytes sent",
+        fmt_mib(sent),
+        format!("{} (raw)", fmt_mib(Some(raw))),
+        ratio(sent, Some(raw)),
+        ("-".into(), "-".into()),
+    );
+
     println!();
     println!(
         "results ({} MiB, {}{}):",
