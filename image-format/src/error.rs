@@ -56,6 +56,8 @@ pub enum ImageError {
         "{dir}: directory holds no cryo image, or an incomplete one (inventory.img is missing)"
     )]
     NoImage { dir: PathBuf },
+    #[error("{dir}: {what}, not a cryo image; cryo reads CRIU images only far enough to say so (importing them is not done yet)")]
+    CriuImage { dir: PathBuf, what: String },
     #[error("{path}: file is empty (no cryo image header)")]
     EmptyFile { path: PathBuf },
     #[error("{path}: truncated header: {found} of {expected} bytes")]

@@ -40,6 +40,15 @@ pub fn read_inventory(dir: &Path) -> Result<proto::Inventory, ImageError> {
                 dir: dir.to_path_buf(),
             })
         }
+        Err(e @ ImageError::NotCryoImage { .. }) => {
+            return Err(match crate::criu::criu_image(dir) {
+                Some(c) => ImageError::CriuImage {
+                    dir: dir.to_path_buf(),
+                    what: c.describe(),
+                },
+                None => e,
+            })
+        }
         other => other?,
     };
     let path = r.path().to_path_buf();

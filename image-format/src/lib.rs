@@ -2,6 +2,7 @@
 //! store. No unsafe code.
 #![forbid(unsafe_code)]
 
+pub mod criu;
 pub mod descriptor;
 pub mod error;
 pub mod framing;

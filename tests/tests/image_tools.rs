@@ -985,3 +985,50 @@ fn image_decode_encode_tree() {
     }
     wl.assert_pass("wl_tree after dump -R and decode/encode");
 }
+
+/// A directory in CRIU's format (inventory.img and pstree.img written
+/// here from CRIU's magic numbers and field numbers): `image show` says it
+/// is a CRIU image, which version and its processes; restore and verify
+/// refuse it naming it.
+#[test]
+fn criu_image_is_recognised() {
+    let dir = TestDir::new();
+    let img = dir.subdir("criu");
+    let record = |m: &[u8]| [(m.len() as u32).to_le_bytes().to_vec(), m.to_vec()].concat();
+    // InventoryEntry: img_version (1) = 2, fdinfo_per_id (2) = true.
+    let inv = [
+        0x5831_3116u32.to_le_bytes().to_vec(),
+        record(&[0x08, 0x02, 0x10, 0x01]),
+    ]
+    .concat();
+    // PstreeEntry: pid (1), ppid (2), pgid (3), sid (4).
+    let entry = |pid: u8, ppid: u8| record(&[0x08, pid, 0x10, ppid, 0x18, pid, 0x20, pid]);
+    let pstree = [
+        0x5456_4319u32.to_le_bytes().to_vec(),
+        0x5027_3030u32.to_le_bytes().to_vec(),
+        entry(100, 1),
+        entry(101, 100),
+    ]
+    .concat();
+    std::fs::write(img.join("inventory.img"), inv).expect("writing inventory.img");
+    std::fs::write(img.join("pstree.img"), pstree).expect("writing pstree.img");
+    let p = img.to_str().expect("utf-8 path");
+    let show = run_cryo(&["image", "show", p], &[]);
+    assert_cryo_ok(&show, "cryo image show of a CRIU image");
+    let text = String::from_utf8_lossy(&show.stdout);
+    for want in [
+        "a CRIU image (CRIU images v1.1)",
+        "2 process(es)",
+        "root pid 100",
+        "process 101 (parent 100)",
+    ] {
+        assert!(text.contains(want), "image show lacks {want:?}: {text}");
+    }
+    let restore = run_cryo(&["restore", "-D", p, "-d"], &[]);
+    assert!(!restore.status.success(), "a CRIU image was restored");
+    assert!(
+        stderr_of(&restore).contains("a CRIU image"),
+        "{}",
+        stderr_of(&restore)
+    );
+}
