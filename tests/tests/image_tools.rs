@@ -1032,3 +1032,21 @@ fn criu_image_is_recognised() {
         stderr_of(&restore)
     );
 }
+
+/// The library API: a Rust program dumps a tree with cryo_engine::dump
+/// (left running) and the image restores as one the CLI made.
+#[test]
+fn library_api_dump() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "4"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let mut opts = cryo_engine::DumpOptions::new(wl.pid(), &img);
+    opts.leave_running = true;
+    let stats = cryo_engine::dump(&opts).expect("cryo_engine::dump");
+    assert!(stats.image_bytes > 0 && stats.processes == 1, "{stats:?}");
+    wl.assert_pass("after a dump by the library");
+    drop(guard);
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored from the library's image");
+}

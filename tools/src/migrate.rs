@@ -88,26 +88,11 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
         }
     }
     let dir = a.dir.join("final");
-    let opts = DumpOptions {
-        pid: a.pid,
-        cgroup: None,
-        dir: dir.clone(),
-        leave_running: false,
-        compression: Compression::Zstd,
-        zstd_level: 1,
-        threads,
-        freeze_cgroup: None,
-        ghost_limit: 64 << 20,
-        link_remap: false,
-        ext_unix_sk: false,
-        shell_job: false,
-        pre_copy: false,
-        externals: Vec::new(),
-        tcp_established: a.tcp_established,
-        tcp_close: false,
-        network_lock: Some(cryo_engine::files::inet::Lock::Nft).filter(|_| a.tcp_established),
-        prev_images_dir: prev.map(|p| PathBuf::from(format!("../{p}"))),
-    };
+    let mut opts = DumpOptions::new(a.pid, dir.clone());
+    opts.threads = threads;
+    opts.tcp_established = a.tcp_established;
+    opts.network_lock = opts.network_lock.filter(|_| a.tcp_established);
+    opts.prev_images_dir = prev.map(|p| PathBuf::from(format!("../{p}")));
     let stop = Instant::now();
     let st = dump(&opts, &|_, _| {})
         .map_err(|e| anyhow::anyhow!("the final dump failed (the tree runs on here): {e}"))?;

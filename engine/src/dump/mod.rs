@@ -201,6 +201,31 @@ pub(crate) fn link_parent(opts: &DumpOptions) -> Result<()> {
 }
 
 impl DumpOptions {
+    /// A kill-mode dump of the tree under `pid` into `dir` with the
+    /// defaults the CLI has (zstd level 1 on every CPU, network lock nft).
+    pub fn new(pid: i32, dir: impl Into<PathBuf>) -> DumpOptions {
+        DumpOptions {
+            pid,
+            cgroup: None,
+            dir: dir.into(),
+            leave_running: false,
+            compression: Compression::Zstd,
+            zstd_level: 1,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            freeze_cgroup: None,
+            ghost_limit: 64 << 20,
+            link_remap: false,
+            ext_unix_sk: false,
+            shell_job: false,
+            pre_copy: false,
+            externals: Vec::new(),
+            tcp_established: false,
+            tcp_close: false,
+            network_lock: Some(crate::files::inet::Lock::Nft),
+            prev_images_dir: None,
+        }
+    }
+
     /// The parent image's directory (--prev-images-dir, a relative one
     /// from the image's directory), if any.
     pub fn parent_image(&self) -> Option<PathBuf> {
@@ -309,14 +334,7 @@ fn pre_copy(opts: &DumpOptions, roots: &[i32], guard: &Guard) -> Result<HashMap<
     const MAX_ROUNDS: u32 = 5;
     /// Few enough pages written to stop the rounds.
     const SETTLED: u64 = 256;
-    let mut pids = Vec::new();
-    let mut todo = roots.to_vec();
-    while let Some(p) = todo.pop() {
-        if !pids.contains(&p) {
-            pids.push(p);
-            todo.extend(pstree::children(p));
-        }
-    }
+    let pids = predump::tree_pids(roots);
     let t0 = Instant::now();
     let store = opts.store();
     let mut out = HashMap::new();

@@ -55,30 +55,18 @@ pub struct PreDumpStats {
 impl PreDumpOptions {
     /// The same, as the options of a dump (for what the two share).
     fn as_dump(&self) -> DumpOptions {
-        DumpOptions {
-            pid: self.pid,
-            cgroup: None,
-            dir: self.dir.clone(),
-            leave_running: true,
-            compression: self.compression,
-            zstd_level: self.zstd_level,
-            threads: self.threads,
-            freeze_cgroup: None,
-            ghost_limit: 0,
-            link_remap: false,
-            ext_unix_sk: false,
-            shell_job: false,
-            pre_copy: false,
-            externals: Vec::new(),
-            tcp_established: false,
-            tcp_close: false,
-            network_lock: None,
-            prev_images_dir: self.prev_images_dir.clone(),
-        }
+        let mut o = DumpOptions::new(self.pid, self.dir.clone());
+        o.leave_running = true;
+        o.compression = self.compression;
+        o.zstd_level = self.zstd_level;
+        o.threads = self.threads;
+        o.network_lock = None;
+        o.prev_images_dir = self.prev_images_dir.clone();
+        o
     }
 }
 
-/// The pids of the tree under `root`, parents first.
+/// The pids of the trees under `roots`.
 pub(super) fn tree_pids(roots: &[i32]) -> Vec<i32> {
     let mut pids = Vec::new();
     let mut todo = roots.to_vec();
