@@ -133,16 +133,41 @@ fn plan_memory(cx: &mut ProcCtx, victim: &mut Victim, t0: Instant) -> Result<Mem
     };
     // An incremental dump: pages not written since the parent image that
     // it holds are its.
-    if let (Some(parent), Some(uffd)) = (cx.opts.parent_image(), &tracker) {
+    if let Some(parent) = cx.opts.parent_image() {
         let fail = |what: String| DumpError::Incremental {
             pid,
             parent: parent.clone(),
             what,
         };
         let held = mem::incremental::held(&parent, pid).map_err(fail)?;
-        let unwritten =
-            mem::incremental::unwritten(pid, uffd, &vmas, cx.opts.leave_running).map_err(fail)?;
-        let refs = mem::incremental::intersect(&unwritten, &held);
+        let refs = match &tracker {
+            Some(uffd) => {
+                let unwritten =
+                    mem::incremental::unwritten(pid, uffd, &vmas, cx.opts.leave_running)
+                        .map_err(fail)?;
+                mem::incremental::intersect(&unwritten, &held)
+            }
+            // No tracking: the pages whose contents are still the
+            // parent's, compared.
+            None if !held.is_empty() => {
+                let stored: mem::incremental::Ranges = runs
+                    .iter()
+                    .map(|r| (r.start, r.start + r.pages * mem::PAGE))
+                    .collect();
+                let candidates = mem::incremental::intersect(&stored, &held);
+                match mem::incremental::unchanged_by_content(pid, &cx.opts.dir, &candidates) {
+                    Ok(same) => same,
+                    Err(e) => {
+                        tracing::info!(
+                            pid,
+                            "no tracking, and the contents cannot be compared ({e}): all stored"
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+            None => Vec::new(),
+        };
         in_parent.extend(mem::incremental::split(&mut runs, &refs));
         let pages: u64 = refs.iter().map(|(s, e)| (e - s) / mem::PAGE).sum();
         tracing::debug!(pid, pages, ms = ms(t0), "pages left to the parent image");

@@ -416,6 +416,8 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
                 source,
             })?;
         check_parent(&parent)?;
+        // Before the capture, which reads the parent through it.
+        link_parent(opts)?;
         crate::mem::incremental::take_trackers(&parent);
     }
     let r = dump_with_retry(opts, progress);
@@ -864,6 +866,7 @@ pub fn remove_partial(dir: &Path) {
                 if Kind::from_file_name(name).is_some()
                     || name.starts_with("inventory.img")
                     || name.ends_with(".img.tmp")
+                    || name == cryo_image::PARENT_LINK
                 {
                     let _ = std::fs::remove_file(e.path());
                 }

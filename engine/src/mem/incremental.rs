@@ -404,3 +404,49 @@ pub fn settle_trackers(keep: Option<&Path>) {
 
 /// How long a holder keeps the tracking of a dump left running.
 pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Dump side, when the tracking was lost (the holder ended, or the
+/// process was not tracked): the pages of `candidates` (pages the parent
+/// holds, in the runs to store) whose contents in the stopped process
+/// `pid` are those the parent image holds, found by comparing them page
+/// by page (the parent's chunks read once per batch). An error (a parent
+/// whose pages are not here, sent to a page server) means none.
+pub fn unchanged_by_content(pid: i32, base: &Path, candidates: &Ranges) -> Result<Ranges, String> {
+    const BATCH: u64 = 256;
+    let page = PAGE as usize;
+    let mut chain = Chain::new(base);
+    let mut mine = vec![0u8; BATCH as usize * page];
+    let mut theirs = vec![0u8; BATCH as usize * page];
+    let mut same = Vec::new();
+    for &(s, e) in candidates {
+        let mut at = s;
+        while at < e {
+            let n = ((e - at) / PAGE).min(BATCH) as usize;
+            let len = n * page;
+            let got = {
+                let mut iov = [std::io::IoSliceMut::new(&mut mine[..len])];
+                let remote = [nix::sys::uio::RemoteIoVec {
+                    base: at as usize,
+                    len,
+                }];
+                nix::sys::uio::process_vm_readv(Pid::from_raw(pid), &mut iov, &remote)
+                    .map_err(|e| format!("reading its memory at {at:#x}: {e}"))?
+            };
+            if got != len {
+                return Err(format!("read {got} of {len} bytes at {at:#x}"));
+            }
+            let pages: Vec<(u64, usize)> =
+                (0..n).map(|k| (at + (k * page) as u64, k * page)).collect();
+            chain.fill(pid as u32, 1, &pages, &mut theirs[..len])?;
+            for k in 0..n {
+                let r = k * page..(k + 1) * page;
+                if mine[r.clone()] == theirs[r] {
+                    let p = at + (k * page) as u64;
+                    push(&mut same, p, p + PAGE);
+                }
+            }
+            at += len as u64;
+        }
+    }
+    Ok(same)
+}
