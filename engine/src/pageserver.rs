@@ -162,7 +162,7 @@ fn restore_here(dir: &Path) -> Result<String, String> {
 }
 
 /// The FILE and LINK frames up to END, into `into`.
-fn receive_files(c: &mut TcpStream, into: &Path) -> Result<bool, String> {
+fn receive_files(c: &mut impl Read, into: &Path) -> Result<bool, String> {
     let mut files = 0usize;
     loop {
         let (ty, p) = read_frame(c)?;
@@ -191,7 +191,7 @@ fn receive_files(c: &mut TcpStream, into: &Path) -> Result<bool, String> {
     }
 }
 
-fn receive_file(c: &mut TcpStream, into: &Path, p: &[u8]) -> Result<(), String> {
+fn receive_file(c: &mut impl Read, into: &Path, p: &[u8]) -> Result<(), String> {
     let bad = || "a malformed FILE frame".to_string();
     let nlen =
         u16::from_le_bytes(p.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
@@ -255,10 +255,27 @@ pub fn send(dir: &Path, addr: &str, last: bool) -> Result<(u64, String), String>
         .ok_or_else(|| format!("{}: an image directory without a plain name", dir.display()))?;
     let mut c = TcpStream::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?;
     let _ = c.set_nodelay(true);
+    let sent =
+        write_image(dir, &name, last, &mut c).map_err(|e| format!("sending to {addr}: {e}"))?;
+    match read_frame(&mut c)? {
+        (OK, said) => Ok((sent, String::from_utf8_lossy(&said).into_owned())),
+        (ERROR, why) => Err(format!(
+            "the page server at {addr} refused the image: {}",
+            String::from_utf8_lossy(&why)
+        )),
+        (other, _) => Err(format!(
+            "the page server at {addr} answered with a frame of type {other}"
+        )),
+    }
+}
+
+/// The image in `dir`, named `name`, as frames on `c` (HELLO to END):
+/// returns the file bytes written.
+pub fn write_image(dir: &Path, name: &str, last: bool, c: &mut impl Write) -> Result<u64, String> {
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(name.as_bytes());
-    let io = |e: std::io::Error| format!("sending to {addr}: {e}");
-    frame(&mut c, HELLO, &hello).map_err(io)?;
+    let io = |e: std::io::Error| e.to_string();
+    frame(c, HELLO, &hello).map_err(io)?;
     let mut sent = 0u64;
     for f in image_files(dir)? {
         let path = dir.join(&f);
@@ -270,29 +287,37 @@ pub fn send(dir: &Path, addr: &str, last: bool) -> Result<(u64, String), String>
         p.extend_from_slice(f.as_bytes());
         p.extend_from_slice(&size.to_le_bytes());
         p.extend_from_slice(&hash.to_le_bytes());
-        frame(&mut c, FILE, &p).map_err(io)?;
+        frame(c, FILE, &p).map_err(io)?;
         let mut src = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         // std's copy to a socket from a file goes by sendfile.
-        let n = std::io::copy(&mut (&mut src).take(size), &mut c).map_err(io)?;
+        let n = std::io::copy(&mut (&mut src).take(size), c).map_err(io)?;
         if n != size {
             return Err(format!("{}: changed while it was sent", path.display()));
         }
         sent += size;
     }
     if let Ok(target) = std::fs::read_link(dir.join(cryo_image::PARENT_LINK)) {
-        frame(&mut c, LINK, target.to_string_lossy().as_bytes()).map_err(io)?;
+        frame(c, LINK, target.to_string_lossy().as_bytes()).map_err(io)?;
     }
-    frame(&mut c, END, &[u8::from(last)]).map_err(io)?;
-    match read_frame(&mut c)? {
-        (OK, said) => Ok((sent, String::from_utf8_lossy(&said).into_owned())),
-        (ERROR, why) => Err(format!(
-            "the page server at {addr} refused the image: {}",
-            String::from_utf8_lossy(&why)
-        )),
-        (other, _) => Err(format!(
-            "the page server at {addr} answered with a frame of type {other}"
-        )),
+    frame(c, END, &[u8::from(last)]).map_err(io)?;
+    c.flush().map_err(io)?;
+    Ok(sent)
+}
+
+/// An image as [`write_image`] wrote it, read from `r` into a new
+/// directory `into` (which must not exist), checked as the page server
+/// checks what it takes; nothing is left of it on an error.
+pub fn read_image(r: &mut impl Read, into: &Path) -> Result<(), String> {
+    let (ty, hello) = read_frame(r)?;
+    if ty != HELLO || hello.len() < 8 || &hello[..8] != MAGIC {
+        return Err("not a cryo image stream (no HELLO)".into());
     }
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(false), 0o700)
+        .create(into)
+        .map_err(|e| format!("{}: {e}", into.display()))?;
+    receive_files(r, into).map(drop).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(into);
+    })
 }
 
 /// The image's files to send: its regular files but a holder's.

@@ -27,7 +27,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cryo_image::json::serde_json::{self, Value};
 use cryo_image::proto::{PagemapHead, PagemapRecord};
@@ -1049,4 +1049,51 @@ fn library_api_dump() {
     drop(guard);
     restore_ok(&mut wl, &img);
     wl.assert_pass("restored from the library's image");
+}
+
+/// `dump --stream` writes the image to standard output and `restore
+/// --stream` takes it from standard input: the workload checks itself
+/// after; a stream cut short is refused and leaves nothing running.
+#[test]
+fn dump_and_restore_through_a_stream() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "8"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let stream = dir.join("image.stream");
+    let pid = wl.pid().to_string();
+    let out = std::process::Command::new(cryo_bin())
+        .args(["dump", "-t", &pid, "--stream"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&stream).expect("the stream file"))
+        .output()
+        .expect("running cryo dump --stream");
+    assert!(
+        out.status.success(),
+        "cryo dump --stream: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    let len = std::fs::metadata(&stream).expect("the stream").len();
+    // Cut short: refused, nothing restored.
+    let cut = dir.join("cut.stream");
+    let bytes = std::fs::read(&stream).expect("reading the stream");
+    std::fs::write(&cut, &bytes[..(len / 2) as usize]).expect("writing the cut stream");
+    let restore = |from: &std::path::Path| {
+        std::process::Command::new(cryo_bin())
+            .args(["restore", "--stream", "-d"])
+            .stdin(std::fs::File::open(from).expect("a stream"))
+            .output()
+            .expect("running cryo restore --stream")
+    };
+    let bad = restore(&cut);
+    assert!(!bad.status.success(), "a cut stream was restored");
+    assert!(!pid_alive(wl.pid()), "a cut stream left the task running");
+    let good = restore(&stream);
+    wl.mark_running();
+    assert!(
+        good.status.success(),
+        "cryo restore --stream: {}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    wl.assert_pass("restored from a stream");
 }

@@ -27,8 +27,14 @@ pub struct DumpArgs {
     #[arg(long, conflicts_with_all = ["pid", "freeze_cgroup"])]
     pub cgroup: Option<PathBuf>,
     /// Image directory (created if missing).
-    #[arg(short = 'D', long = "images-dir")]
-    pub dir: PathBuf,
+    #[arg(short = 'D', long = "images-dir", required_unless_present = "stream")]
+    pub dir: Option<PathBuf>,
+    /// Write the image to standard output (a pipe, a socket) instead of
+    /// leaving it in a directory, for tools that store images elsewhere;
+    /// `cryo restore --stream` reads it. It is staged in a directory of
+    /// its own under $TMPDIR while it is made, removed once written.
+    #[arg(long, conflicts_with_all = ["dir", "page_server"])]
+    pub stream: bool,
     /// Leave the process running after the dump (default: kill it).
     #[arg(short = 'R', long)]
     pub leave_running: bool,
@@ -102,6 +108,27 @@ pub struct DumpArgs {
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
+    let staged = a.stream.then(crate::restore::stage_dir).transpose()?;
+    let dir = match (&staged, &a.dir) {
+        (Some(s), _) => s.clone(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => anyhow::bail!("-D DIR or --stream is needed"),
+    };
+    let r = dump_to(&a, &dir);
+    if let (Some(s), Ok(_)) = (&staged, &r) {
+        let out = std::io::stdout();
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, out.lock());
+        let sent = cryo_engine::pageserver::write_image(s, "image", true, &mut w);
+        drop(w);
+        let _ = std::fs::remove_dir_all(s);
+        sent.map_err(|e| anyhow::anyhow!("writing the image to standard output: {e}"))?;
+    } else if let Some(s) = &staged {
+        let _ = std::fs::remove_dir_all(s);
+    }
+    r
+}
+
+fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -111,7 +138,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
         DumpOptions {
             pid: a.pid.unwrap_or(0),
             cgroup: a.cgroup.clone(),
-            dir: a.dir.clone(),
+            dir: dir.to_path_buf(),
             leave_running: a.leave_running,
             compression: match a.compress {
                 Compress::None => Compression::None,
@@ -163,7 +190,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
     }
     match res {
         Ok(st) => {
-            a.to.send(&a.dir, true)?;
+            a.to.send(dir, true)?;
             tracing::info!(
                 pid = st.root,
                 processes = st.processes,
@@ -194,7 +221,7 @@ pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         Err(e) => {
-            remove_partial(&a.dir);
+            remove_partial(dir);
             let what = match (&a.cgroup, a.pid) {
                 (Some(cg), _) => format!("cgroup {}", cg.display()),
                 (None, pid) => format!("task {}", pid.unwrap_or(0)),

@@ -10,8 +10,13 @@ use nix::unistd::Pid;
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// Image directory.
-    #[arg(short = 'D', long = "images-dir")]
-    pub dir: PathBuf,
+    #[arg(short = 'D', long = "images-dir", required_unless_present = "stream")]
+    pub dir: Option<PathBuf>,
+    /// Read the image from standard input, as `cryo dump --stream` wrote
+    /// it (staged in a directory of its own under $TMPDIR, removed once
+    /// the tree runs).
+    #[arg(long, conflicts_with = "dir")]
+    pub stream: bool,
     /// Return as soon as the task runs instead of waiting for it to exit.
     #[arg(short = 'd', long)]
     pub restore_detached: bool,
@@ -51,7 +56,45 @@ pub struct RestoreArgs {
     pub tcp_close: bool,
 }
 
+/// A new directory of cryo's own under $TMPDIR (0700) to stage a
+/// streamed image in.
+pub fn stage_dir() -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for n in 0..1000u32 {
+        let d = base.join(format!("cryo-stream-{}-{n}", std::process::id()));
+        match std::os::unix::fs::DirBuilderExt::mode(
+            std::fs::DirBuilder::new().recursive(false),
+            0o700,
+        )
+        .create(&d)
+        {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => anyhow::bail!("{}: {e}", d.display()),
+        }
+    }
+    anyhow::bail!("no free directory name under {}", base.display())
+}
+
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
+    if !a.stream {
+        let dir = a
+            .dir
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("-D DIR or --stream is needed"))?;
+        return restore_from(&a, &dir);
+    }
+    let staged = stage_dir()?;
+    let img = staged.join("image");
+    let read = cryo_engine::pageserver::read_image(&mut std::io::stdin().lock(), &img);
+    let r = read
+        .map_err(|e| anyhow::anyhow!("reading the image from standard input: {e}"))
+        .and_then(|()| restore_from(&a, &img));
+    let _ = std::fs::remove_dir_all(&staged);
+    r
+}
+
+fn restore_from(a: &RestoreArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
     // Made before the restore, so that a pid file that cannot be written
     // fails it before any task exists.
     let pidfile = a
@@ -62,7 +105,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
         })
         .transpose()?;
     let r = restore(&RestoreOptions {
-        dir: a.dir.clone(),
+        dir: dir.to_path_buf(),
         manage_cgroups: a.manage_cgroups,
         cgroup_root: a.cgroup_root.clone(),
         externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
@@ -82,7 +125,7 @@ pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
             .collect::<anyhow::Result<_>>()?,
         tcp_close: a.tcp_close,
     })
-    .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", a.dir.display()))?;
+    .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");
     if let (Some(mut f), Some(p)) = (pidfile, a.pidfile.as_ref()) {
         use std::io::Write;
