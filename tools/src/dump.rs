@@ -105,6 +105,11 @@ pub struct DumpArgs {
     pub prev_images_dir: Option<PathBuf>,
     #[command(flatten)]
     pub to: crate::pageserver::ToPageServer,
+    /// A pipe whose other end may be held outside the tree (a
+    /// supervisor's log pipe): kept as leading outside, and given back at
+    /// restore with --inherit-fd fd[N]:pipe:[INODE]. Repeatable.
+    #[arg(long = "external-pipe", value_name = "pipe:[INODE]")]
+    pub external_pipes: Vec<String>,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
@@ -134,36 +139,47 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
             .map(|n| n.get())
             .unwrap_or(2)
     });
-    let opts =
-        DumpOptions {
-            pid: a.pid.unwrap_or(0),
-            cgroup: a.cgroup.clone(),
-            dir: dir.to_path_buf(),
-            leave_running: a.leave_running,
-            compression: match a.compress {
-                Compress::None => Compression::None,
-                Compress::Zstd => Compression::Zstd,
-            },
-            zstd_level: a.zstd_level,
-            threads,
-            freeze_cgroup: a.freeze_cgroup.clone(),
-            ghost_limit: a.ghost_limit,
-            link_remap: a.link_remap,
-            ext_unix_sk: a.ext_unix_sk,
-            shell_job: a.shell_job,
-            tcp_established: a.tcp_established,
-            tcp_close: a.tcp_close,
-            network_lock: match a.network_lock.as_str() {
-                "skip" => None,
-                other => Some(cryo_engine::files::inet::Lock::from_name(other).ok_or_else(
-                    || anyhow::anyhow!("--network-lock {other}: expected nft, iptables or skip"),
-                )?),
-            },
-            pre_copy: a.pre_copy,
-            prev_images_dir: a.prev_images_dir.clone(),
-            externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
-                .map_err(anyhow::Error::msg)?,
-        };
+    let opts = DumpOptions {
+        pid: a.pid.unwrap_or(0),
+        cgroup: a.cgroup.clone(),
+        dir: dir.to_path_buf(),
+        leave_running: a.leave_running,
+        compression: match a.compress {
+            Compress::None => Compression::None,
+            Compress::Zstd => Compression::Zstd,
+        },
+        zstd_level: a.zstd_level,
+        threads,
+        freeze_cgroup: a.freeze_cgroup.clone(),
+        ghost_limit: a.ghost_limit,
+        link_remap: a.link_remap,
+        ext_unix_sk: a.ext_unix_sk,
+        shell_job: a.shell_job,
+        tcp_established: a.tcp_established,
+        tcp_close: a.tcp_close,
+        network_lock: match a.network_lock.as_str() {
+            "skip" => None,
+            other => Some(
+                cryo_engine::files::inet::Lock::from_name(other).ok_or_else(|| {
+                    anyhow::anyhow!("--network-lock {other}: expected nft, iptables or skip")
+                })?,
+            ),
+        },
+        pre_copy: a.pre_copy,
+        prev_images_dir: a.prev_images_dir.clone(),
+        external_pipes: a
+            .external_pipes
+            .iter()
+            .map(|p| {
+                p.strip_prefix("pipe:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("--external-pipe {p:?}: expected pipe:[INODE]"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
+            .map_err(anyhow::Error::msg)?,
+    };
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let bar: std::cell::RefCell<Option<indicatif::ProgressBar>> = std::cell::RefCell::new(None);

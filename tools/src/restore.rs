@@ -17,6 +17,11 @@ pub struct RestoreArgs {
     /// the tree runs).
     #[arg(long, conflicts_with = "dir")]
     pub stream: bool,
+    /// Give the tree descriptor N of this process for the pipe that led
+    /// outside it at the dump (dump --external-pipe), as CRIU's flag does:
+    /// fd[N]:pipe:[INODE]. Repeatable.
+    #[arg(long = "inherit-fd", value_name = "fd[N]:pipe:[INODE]")]
+    pub inherit_fds: Vec<String>,
     /// Return as soon as the task runs instead of waiting for it to exit.
     #[arg(short = 'd', long)]
     pub restore_detached: bool,
@@ -76,6 +81,24 @@ pub fn stage_dir() -> anyhow::Result<PathBuf> {
     anyhow::bail!("no free directory name under {}", base.display())
 }
 
+/// `fd[N]:pipe:[INODE]` as (INODE, N).
+fn parse_inherit(s: &str) -> anyhow::Result<(u64, i32)> {
+    let bad =
+        || anyhow::anyhow!("--inherit-fd {s:?}: expected fd[N]:pipe:[INODE] (only pipes so far)");
+    let (fd, what) = s.split_once(':').ok_or_else(bad)?;
+    let n: i32 = fd
+        .strip_prefix("fd[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(bad)?;
+    let ino: u64 = what
+        .strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((ino, n))
+}
+
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
     if !a.stream {
         let dir = a
@@ -124,6 +147,11 @@ fn restore_from(a: &RestoreArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
             })
             .collect::<anyhow::Result<_>>()?,
         tcp_close: a.tcp_close,
+        inherit_fds: a
+            .inherit_fds
+            .iter()
+            .map(|s| parse_inherit(s))
+            .collect::<anyhow::Result<_>>()?,
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");

@@ -174,6 +174,11 @@ pub struct DumpOptions {
     /// that image's (--prev-images-dir; the image's `parent` link names
     /// it as given, relative to the image's directory).
     pub prev_images_dir: Option<PathBuf>,
+    /// Pipes (by inode) whose other end may be held outside the tree
+    /// (--external-pipe pipe:[INODE]): kept as leading outside (their
+    /// bytes in flight stay in them), the restore given them back with
+    /// --inherit-fd.
+    pub external_pipes: Vec<u64>,
 }
 
 /// The parent image must be one (a pre-dump, or a dump).
@@ -223,6 +228,7 @@ impl DumpOptions {
             tcp_close: false,
             network_lock: Some(crate::files::inet::Lock::Nft),
             prev_images_dir: None,
+            external_pipes: Vec::new(),
         }
     }
 
@@ -405,6 +411,7 @@ fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
 /// Dump the process tree under `opts.pid`. On any error every task is left
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
+    crate::files::pipe::set_external(&opts.external_pipes);
     // The dirty tracking the parent image's command left, taken from its
     // holder before anything else.
     if let Some(parent) = opts.parent_image() {

@@ -28,8 +28,10 @@ fn is_pipe(kind: i32) -> bool {
 
 /// The bytes in flight and buffer size of every pipe and FIFO of the
 /// table, on its first open file; a pipe whose missing end is open
-/// outside `tree` is refused.
+/// outside `tree` is refused, unless it is one of `external` (inodes):
+/// then it is marked so, its bytes staying in it.
 pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), FilesError> {
+    let external = EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut done: Vec<u64> = Vec::new();
     for i in 0..table.len() {
         let kind = table[i].entry.kind;
@@ -45,6 +47,16 @@ pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), File
             .collect();
         let has_read = ends.iter().any(|&a| a != libc::O_WRONLY as u32);
         let has_write = ends.iter().any(|&a| a != libc::O_RDONLY as u32);
+        if kind == FileKind::FilePipe as i32 && !(has_read && has_write) && external.contains(&ino)
+        {
+            for o in table
+                .iter_mut()
+                .filter(|o| o.entry.inode == ino && o.entry.kind == kind)
+            {
+                o.entry.external_pipe = true;
+            }
+            continue;
+        }
         if kind == FileKind::FilePipe as i32 && !(has_read && has_write) {
             let want = format!("pipe:[{ino}]");
             if let Some((holder, ())) = super::outside_holder(tree, |l| (l == want).then_some(())) {
@@ -125,6 +137,9 @@ impl Pipes {
         f: &FileEntry,
         kind: FileKind,
     ) -> Result<OwnedFd, String> {
+        if f.external_pipe {
+            return inherited(f);
+        }
         let p = match self.0.entry(f.inode) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -201,4 +216,54 @@ fn make(f: &FileEntry, holder: &FileEntry, kind: FileKind) -> Result<Ends, Strin
         read_given: false,
         write_given: false,
     })
+}
+
+/// The pipes (by inode) a dump was told lead outside the tree
+/// (--external-pipe).
+static EXTERNAL: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+/// Dump side: the pipes (inodes) that may lead outside the tree.
+pub fn set_external(inodes: &[u64]) {
+    *EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()) = inodes.to_vec();
+}
+
+/// The descriptors a restore was given for pipes leading outside the
+/// tree (--inherit-fd fd[N]:pipe:[INODE]), by inode.
+static INHERITED: std::sync::Mutex<Vec<(u64, std::os::fd::RawFd)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Restore side: take `fds` (pipe inode, descriptor of cryo's) for the
+/// pipes leading outside the tree.
+pub fn set_inherited(fds: &[(u64, std::os::fd::RawFd)]) {
+    *INHERITED.lock().unwrap_or_else(|p| p.into_inner()) = fds.to_vec();
+}
+
+/// The end `f` of a pipe leading outside the tree: a duplicate of the
+/// descriptor the restore was given for it, which must be an end of the
+/// same kind.
+fn inherited(f: &FileEntry) -> Result<OwnedFd, String> {
+    let given = INHERITED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(ino, _)| *ino == f.inode)
+        .map(|&(_, fd)| fd);
+    let Some(fd) = given else {
+        return Err(format!(
+            "pipe:[{}] led outside the tree at the dump: restore with --inherit-fd fd[N]:pipe:[{}], N a descriptor of that pipe's {} end",
+            f.inode,
+            f.inode,
+            if f.flags as i32 & libc::O_ACCMODE == libc::O_WRONLY { "write" } else { "read" }
+        ));
+    };
+    let (dup, flags) = sys::fs::dup_given(fd).map_err(|e| format!("--inherit-fd fd[{fd}]: {e}"))?;
+    let acc = flags & libc::O_ACCMODE;
+    if acc != f.flags as i32 & libc::O_ACCMODE {
+        return Err(format!(
+            "--inherit-fd fd[{fd}]: not an end of the same kind as pipe:[{}]'s (access mode {acc}, expected {})",
+            f.inode,
+            f.flags as i32 & libc::O_ACCMODE
+        ));
+    }
+    Ok(dup)
 }

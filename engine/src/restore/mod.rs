@@ -126,6 +126,9 @@ pub struct RestoreOptions {
     /// TCP connections in the image are restored closed: sockets of their
     /// kind, not connected (--tcp-close).
     pub tcp_close: bool,
+    /// Descriptors of cryo's for the pipes of the image that led outside
+    /// the tree (--inherit-fd fd[N]:pipe:[INODE]): (inode, descriptor).
+    pub inherit_fds: Vec<(u64, std::os::fd::RawFd)>,
 }
 
 impl RestoreOptions {
@@ -139,6 +142,7 @@ impl RestoreOptions {
             root: None,
             veth_pairs: HashMap::new(),
             tcp_close: false,
+            inherit_fds: Vec::new(),
         }
     }
 }
@@ -477,6 +481,7 @@ fn spawn_in_userns(
 /// Restore the image in `opts.dir`; returns once every task runs.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
+    crate::files::pipe::set_inherited(&opts.inherit_fds);
     let (tree, readers, plan) = load(opts)?;
     fault("loaded")?;
     let root = tree.procs[0].pid();

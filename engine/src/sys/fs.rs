@@ -257,3 +257,19 @@ pub fn set_lease(fd: i32, write: bool) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// A duplicate of descriptor `fd`, one a caller handed this process (an
+/// --inherit-fd), with its status flags (F_GETFL). The caller keeps `fd`
+/// open.
+pub fn dup_given(fd: std::os::fd::RawFd) -> std::io::Result<(std::os::fd::OwnedFd, i32)> {
+    // SAFETY: fcntl(F_GETFL) on any integer only reads the descriptor's
+    // flags or fails with EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (F_GETFL worked) and stays so while borrowed,
+    // by the caller's word; it is only duplicated.
+    let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    Ok((b.try_clone_to_owned()?, flags))
+}
