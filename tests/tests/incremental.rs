@@ -246,3 +246,34 @@ fn compared_contents_are_the_dump_instants() {
         );
     }
 }
+
+/// Periodic snapshots: a pre-dump, a dump -R against it (the tree goes
+/// on, and the tracking goes on from that image, kept by a holder of its
+/// own), then a dump against the -R one: it refers to it for most pages,
+/// and the chain of three restores one instant's memory.
+#[test]
+fn leave_running_dump_hands_the_tracking_on() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    std::thread::sleep(Duration::from_millis(800));
+    let pre = dir.subdir("pre");
+    let snap = dir.subdir("snap");
+    let _holders = (Holder(pre.clone()), Holder(snap.clone()));
+    pre_dump(wl.pid(), &pre, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let first = dump_against(&dir, &mut wl, &snap, "../pre", &["-R"]);
+    assert!(first > 0, "the -R dump left nothing to the pre-dump");
+    assert!(
+        snap.join("track.pid").exists(),
+        "no holder keeps the tracking after the -R dump"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let img = dir.subdir("img");
+    let second = dump_against(&dir, &mut wl, &img, "../snap", &[]);
+    assert!(second > 0, "the last dump left nothing to the -R one");
+    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    restore_ok(&mut wl, &img);
+    std::thread::sleep(Duration::from_millis(600));
+    wl.assert_pass("restored through a pre-dump and a dump -R");
+}
