@@ -1206,3 +1206,30 @@ impl Drop for PageServer {
         let _ = self.0.wait();
     }
 }
+
+/// Start the demo `counter` (it prints a count every 200 ms) with
+/// `stdout` and `stderr`, and no other descriptor of the test's; returns
+/// its pid (it is waited for by pid).
+pub fn spawn_counter(stdout: Stdio, stderr: Stdio) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(workload_bin("counter"));
+    // SAFETY: close_range is async-signal-safe and only closes the
+    // child's descriptors above its standard three, after fork and before
+    // exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("starting the counter");
+    let pid = child.id() as i32;
+    // Waited for by pid (TreeGuard, reap_gone).
+    drop(child);
+    pid
+}

@@ -194,26 +194,11 @@ fn check_names_the_tracking_method() {
 fn compared_contents_are_the_dump_instants() {
     let dir = TestDir::new();
     let log = dir.join("counter.log");
-    use std::os::unix::process::CommandExt;
     let file = std::fs::File::create(&log).expect("the counter's log");
-    let mut cmd = std::process::Command::new(workload_bin("counter"));
-    // SAFETY: close_range is async-signal-safe and only closes the
-    // child's descriptors above its standard three (none the test needs:
-    // it runs after fork, before exec).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stderr(file.try_clone().expect("the counter's log"))
-        .stdout(file)
-        .spawn()
-        .expect("starting the counter");
-    let pid = child.id() as i32;
-    drop(child);
+    let pid = spawn_counter(
+        std::process::Stdio::from(file.try_clone().expect("the counter's log")),
+        std::process::Stdio::from(file),
+    );
     let guard = TreeGuard::new(vec![pid]);
     std::thread::sleep(Duration::from_millis(700));
     let pre = dir.subdir("pre");

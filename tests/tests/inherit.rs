@@ -42,23 +42,10 @@ fn pipe_to_the_caller_given_back_with_inherit_fd() {
     let ino = std::fs::metadata(format!("/proc/self/fd/{}", r.as_raw_fd()))
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .expect("the pipe's inode");
-    let mut cmd = std::process::Command::new(workload_bin("counter"));
-    // SAFETY: close_range only closes the child's descriptors above its
-    // standard three, after fork and before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(w.try_clone().expect("dup")))
-        .spawn()
-        .expect("starting the counter");
-    let pid = child.id() as i32;
-    drop(child);
+    let pid = spawn_counter(
+        std::process::Stdio::from(w.try_clone().expect("dup")),
+        std::process::Stdio::null(),
+    );
     let guard = TreeGuard::new(vec![pid]);
     let mut rf = std::fs::File::from(r);
     let before = counts(&mut rf, 3, Duration::from_secs(5));

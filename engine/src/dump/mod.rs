@@ -181,6 +181,45 @@ pub struct DumpOptions {
     pub external_pipes: Vec<u64>,
 }
 
+/// Make the image directory `dir`: an image holds the tasks' memory, so a
+/// directory cryo makes is its owner's alone (0700), like every file in
+/// it (0600).
+pub(crate) fn make_image_dir(dir: &Path) -> Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(|source| DumpError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// The inventory of an image of the tree of `root` made of `files`.
+pub(crate) fn inventory(
+    root: i32,
+    files: Vec<cryo_image::ImageFileInfo>,
+    leave_running: bool,
+    has_parent: bool,
+    pre_dump: bool,
+) -> Inventory {
+    Inventory {
+        format_major: cryo_image::FORMAT_MAJOR,
+        format_minor: cryo_image::FORMAT_MINOR,
+        producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        root_pid: root as u32,
+        files: files.into_iter().map(Into::into).collect(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        leave_running,
+        has_parent,
+        pre_dump,
+    }
+}
+
 /// The parent image must be one (a pre-dump, or a dump).
 fn check_parent(parent: &Path) -> Result<()> {
     cryo_image::read_inventory(parent)
@@ -416,12 +455,7 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
     // holder before anything else.
     if let Some(parent) = opts.parent_image() {
         // Its path may be relative to the image's directory.
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&opts.dir)
-            .map_err(|source| DumpError::Dir {
-                path: opts.dir.clone(),
-                source,
-            })?;
+        make_image_dir(&opts.dir)?;
         check_parent(&parent)?;
         // Before the capture, which reads the parent through it.
         link_parent(opts)?;
@@ -638,23 +672,13 @@ fn write_image(
         )?);
     }
     let image_bytes = written.iter().map(|f| f.size).sum();
-    let inv = Inventory {
-        format_major: cryo_image::FORMAT_MAJOR,
-        format_minor: cryo_image::FORMAT_MINOR,
-        producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        root_pid: root as u32,
-        files: written.into_iter().map(Into::into).collect(),
-        kernel_release: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        leave_running: opts.leave_running,
-        has_parent: opts.prev_images_dir.is_some(),
-        pre_dump: false,
-    };
+    let inv = inventory(
+        root,
+        written,
+        opts.leave_running,
+        opts.prev_images_dir.is_some(),
+        false,
+    );
     write_step("inventory.img")?;
     cryo_image::write_inventory(&opts.dir, &inv)?;
     Ok((pstats, image_bytes))
@@ -697,12 +721,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     let t0 = Instant::now();
     // An image holds the tasks' memory: a directory cryo makes is its
     // owner's alone (0700), like every file in it (0600).
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&opts.dir)
-        .map_err(|source| DumpError::Dir {
-            path: opts.dir.clone(),
-            source,
-        })?;
+    make_image_dir(&opts.dir)?;
     let freeze_cgroup = opts.cgroup.as_ref().or(opts.freeze_cgroup.as_ref());
     let roots = match &opts.cgroup {
         Some(dir) => cgroup_roots(dir)?,

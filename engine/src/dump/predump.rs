@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cryo_image::proto::{Compression, Inventory, MmEntry, PagemapEntry};
+use cryo_image::proto::{Compression, MmEntry, PagemapEntry};
 use nix::unistd::Pid;
 
 use super::{check_parent, link_parent, DumpError, DumpOptions, Result};
@@ -83,12 +83,7 @@ pub(super) fn tree_pids(roots: &[i32]) -> Vec<i32> {
 pub fn pre_dump(o: &PreDumpOptions) -> Result<PreDumpStats> {
     let t0 = Instant::now();
     let opts = o.as_dump();
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&o.dir)
-        .map_err(|source| DumpError::Dir {
-            path: o.dir.clone(),
-            source,
-        })?;
+    super::make_image_dir(&o.dir)?;
     if pstree::stat(o.pid).is_none() {
         return Err(DumpError::NoTask { pid: o.pid });
     }
@@ -189,23 +184,7 @@ fn pre_dump_tree(
         })?;
     }
     link_parent(opts)?;
-    let inv = Inventory {
-        format_major: cryo_image::FORMAT_MAJOR,
-        format_minor: cryo_image::FORMAT_MINOR,
-        producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        root_pid: o.pid as u32,
-        files: files.into_iter().map(Into::into).collect(),
-        kernel_release: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        leave_running: true,
-        has_parent: parent.is_some(),
-        pre_dump: true,
-    };
+    let inv = super::inventory(o.pid, files, true, parent.is_some(), true);
     cryo_image::write_inventory(&o.dir, &inv)?;
     Ok(stats)
 }

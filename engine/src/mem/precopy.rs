@@ -158,36 +158,7 @@ impl PreCopy {
             tracing::info!(pid, "{e}: no pre-copy");
             return Ok(None);
         }
-        let vmas = super::read_layout(npid).map_err(|e| PreCopyError::Other {
-            pid,
-            what: e.to_string(),
-        })?;
-        let ranges: Vec<(u64, u64)> = vmas
-            .iter()
-            .filter(|v| super::trackable(v))
-            .filter(|v| uffd::register_wp(&uffd, npid, v.start, v.end - v.start).is_ok())
-            .map(|v| (v.start, v.end))
-            .collect();
-        if ranges.is_empty() {
-            return Ok(None);
-        }
-        let pw = PageWriter::create(
-            &store.dir,
-            &cryo_image::pages_file(pid as u32),
-            store.compression,
-            store.zstd_level,
-            store.threads,
-        )?;
-        Ok(Some(PreCopy {
-            pid: npid,
-            uffd: Some(uffd),
-            ranges,
-            pw: Some(pw),
-            chunks: Vec::new(),
-            zero: HashMap::new(),
-            written: HashMap::new(),
-            rounds: 0,
-        }))
+        Self::tracking(pid, uffd, store, 0)
     }
 
     /// Go on tracking process `pid` with `uffd`, the tracking an earlier
@@ -199,6 +170,19 @@ impl PreCopy {
         pid: i32,
         uffd: OwnedFd,
         store: &super::store::StoreOptions,
+    ) -> Result<Option<PreCopy>> {
+        Self::tracking(pid, uffd, store, 1)
+    }
+
+    /// Track process `pid` with `uffd` (its API done): its trackable
+    /// mappings registered (those another userfaultfd holds left out),
+    /// into a new pages file; `rounds` done already (0: the first copies
+    /// every page). None when nothing could be registered.
+    fn tracking(
+        pid: i32,
+        uffd: OwnedFd,
+        store: &super::store::StoreOptions,
+        rounds: u32,
     ) -> Result<Option<PreCopy>> {
         let npid = Pid::from_raw(pid);
         let vmas = super::read_layout(npid).map_err(|e| PreCopyError::Other {
@@ -229,7 +213,7 @@ impl PreCopy {
             chunks: Vec::new(),
             zero: HashMap::new(),
             written: HashMap::new(),
-            rounds: 1,
+            rounds,
         }))
     }
 

@@ -33,21 +33,7 @@ pub fn getsockopt(s: &impl AsFd, level: i32, name: i32) -> io::Result<Vec<u8>> {
 /// The value of option `name` at `level`, asked with a buffer of `size`
 /// bytes (some options take only their exact size).
 pub fn getsockopt_sized(s: &impl AsFd, level: i32, name: i32, size: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; size];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `buf`, a live
-    // buffer of that size, and the length written into `len`.
-    check(unsafe {
-        libc::getsockopt(
-            s.as_fd().as_raw_fd(),
-            level,
-            name,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    })?;
-    buf.truncate(len as usize);
-    Ok(buf)
+    getsockopt_in(s, level, name, vec![0u8; size])
 }
 
 /// Set option `name` at `level` to `value`.
