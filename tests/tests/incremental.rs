@@ -262,3 +262,38 @@ fn leave_running_dump_hands_the_tracking_on() {
     std::thread::sleep(Duration::from_millis(600));
     wl.assert_pass("restored through a pre-dump and a dump -R");
 }
+
+/// A dump against a pre-dump that fails gives the tracking back to a
+/// holder of the pre-dump's: the tree runs on, and the next attempt still
+/// leaves most pages to the pre-dump.
+#[test]
+fn failed_dump_gives_the_tracking_back() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "8", "--rewrite"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let pre = dir.subdir("pre");
+    let _holder = Holder(pre.clone());
+    pre_dump(wl.pid(), &pre, &[]);
+    let img = dir.subdir("img");
+    let out = dump(
+        wl.pid(),
+        &img,
+        &["--prev-images-dir", "../pre"],
+        &[("CRYO_FAULT", "fail-after-seize")],
+    );
+    if let Err(e) = check_cryo_failed_cleanly(&out) {
+        panic!("a failed incremental dump: {e}");
+    }
+    assert!(
+        pre.join("track.pid").exists(),
+        "the tracking was not given back"
+    );
+    let kept = dump_against(&dir, &mut wl, &img, "../pre", &[]);
+    assert!(
+        kept >= 8 * 256 / 2,
+        "only {kept} pages left to the pre-dump"
+    );
+    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    restore_ok(&mut wl, &img);
+    wl.assert_pass("restored after a failed incremental dump");
+}

@@ -468,7 +468,13 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         link_parent(opts)?;
         Ok(s)
     });
-    crate::mem::incremental::settle_trackers(None);
+    // A failed kill-mode dump protected nothing again: the tracking goes
+    // back to a holder of the parent's, for the next attempt. (A -R one
+    // may have, so its tracking ends: the next dump compares contents.)
+    let back = opts
+        .parent_image()
+        .filter(|_| r.is_err() && !opts.leave_running);
+    crate::mem::incremental::settle_trackers(back.as_deref());
     // The links --link-remap made stay for the restore, unless the dump
     // failed.
     crate::files::ghost::settle_links(r.is_ok());
@@ -487,6 +493,7 @@ fn dump_with_retry(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<Du
             Err(e @ DumpError::CgroupChanged { .. }) => {
                 tracing::warn!("{e}: walking it again");
                 remove_partial(&opts.dir);
+                link_parent(opts)?;
                 r = dump_once(opts, progress, true);
             }
             _ => break,
@@ -499,6 +506,7 @@ fn dump_with_retry(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<Du
         Err(e) if e.snapshot_map_changed() => {
             tracing::warn!("{e}: dumping again, copying its memory while it is stopped");
             remove_partial(&opts.dir);
+            link_parent(opts)?;
             crate::files::ghost::settle_links(false);
             dump_once(opts, progress, false)
         }
