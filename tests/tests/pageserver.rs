@@ -245,3 +245,96 @@ fn migrate_to_a_broken_destination_leaves_the_tree_running() {
     std::thread::sleep(Duration::from_millis(300));
     wl.assert_pass("after a failed migration");
 }
+
+/// A destination that takes the pre-copy rounds but refuses the last
+/// image (as one whose restore fails would): migrate restores the tree
+/// where it was, from the images it kept, and says so.
+#[test]
+fn migrate_restores_here_when_the_destination_refuses_the_last_image() {
+    use std::io::Read;
+    if !own_network_namespace(&["ip"]) {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:7094").expect("a listener of the test's");
+    // A destination of the test's: it reads every frame, answers OK to a
+    // pre-dump's END and ERROR to the last image's.
+    let dest = std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            loop {
+                let mut head = [0u8; 16];
+                if c.read_exact(&mut head).is_err() {
+                    break;
+                }
+                let ty = u32::from_le_bytes(head[..4].try_into().unwrap_or_default());
+                let len = u64::from_le_bytes(head[8..].try_into().unwrap_or_default());
+                let mut p = vec![0u8; len as usize];
+                if c.read_exact(&mut p).is_err() {
+                    break;
+                }
+                if ty == 2 {
+                    // FILE: its bytes follow.
+                    let n = p[0] as usize | (p[1] as usize) << 8;
+                    let size = u64::from_le_bytes(p[2 + n..10 + n].try_into().unwrap_or_default());
+                    let _ = std::io::copy(&mut (&mut c).take(size), &mut std::io::sink());
+                }
+                if ty == 4 {
+                    let last = p.first() == Some(&1);
+                    let (t, msg): (u32, &[u8]) = if last {
+                        (6, b"refused by the test")
+                    } else {
+                        (5, b"")
+                    };
+                    let mut f = t.to_le_bytes().to_vec();
+                    f.extend_from_slice(&[0; 4]);
+                    f.extend_from_slice(&(msg.len() as u64).to_le_bytes());
+                    f.extend_from_slice(msg);
+                    let _ = c.write_all(&f);
+                    if last {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    });
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    std::thread::sleep(Duration::from_millis(800));
+    let raw = wl.pid();
+    let reaper = std::thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int into `status`, a live local.
+        unsafe { libc::waitpid(raw, &mut status, 0) };
+    });
+    let work = dir.subdir("work");
+    let pid = wl.pid().to_string();
+    let out = run_cryo(
+        &[
+            "migrate",
+            "-t",
+            &pid,
+            "--to",
+            "127.0.0.1:7094",
+            "-D",
+            work.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let _ = reaper.join();
+    let _ = dest.join();
+    wl.mark_running();
+    assert!(
+        !out.status.success(),
+        "migrate to a refusing destination succeeded"
+    );
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("restored here") && err.contains("refused by the test"),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    wl.assert_pass("restored where it was after a refused migration");
+    drop(guard);
+}

@@ -8,8 +8,8 @@
 //!
 //! If anything fails before the final dump, the tree runs on here. If
 //! the final image cannot be sent or restored there, the tree is
-//! restored here from the local image, which keeps its pages until the
-//! destination has them all.
+//! restored here from the local images, which keep their pages until the
+//! destination runs the tree.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -74,7 +74,6 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
                 );
             }
         }
-        cryo_engine::pageserver::drop_pages(&dir);
         let written = st.pages_stored;
         eprintln!(
             "pre-copy round {k}: {written} pages ({} ms)",
@@ -106,6 +105,10 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
         Err(e) => return restore_here(&dir, &e),
     };
     let stopped = stop.elapsed();
+    // The tree runs there: the pages kept here for a restore here go.
+    for d in std::fs::read_dir(&a.dir).into_iter().flatten().flatten() {
+        cryo_engine::pageserver::drop_pages(&d.path());
+    }
     println!(
         "migrated task {} to {}: {} pre-copy round(s) ({} pages), then {} pages at the stop; stop time {:.1} ms (dump {:.1} ms, of it frozen {:.1} ms; sent and {}: {:.1} ms); total {:.1} ms; {sent} bytes sent",
         a.pid,
