@@ -66,9 +66,31 @@ struct Outside {
 }
 
 impl Outside {
+    /// What is outside now, in a mount namespace of this test's own
+    /// (private: the mounts other tests make meanwhile do not show in it,
+    /// the ones a restore it runs makes do).
+    fn take() -> Outside {
+        // SAFETY: unshare and mount take plain arguments; they change only
+        // this process's mount namespace and its propagation.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare(CLONE_NEWNS)");
+            let root = c"/";
+            let made = libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+            assert_eq!(made, 0, "making / private");
+        }
+        Outside::get()
+    }
+
     fn get() -> Outside {
         // Mount ids and options only; the order of lines is kept.
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        // This thread's (the test runs on a thread of its own).
+        let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo")
             .unwrap_or_default()
             .lines()
             .map(str::to_string)
@@ -132,7 +154,7 @@ fn kill_restore_at(img: &Path, point: &str, dir: &TestDir) {
 #[test]
 fn restore_killed_at_every_step_leaves_nothing() {
     become_subreaper();
-    let outside = Outside::get();
+    let outside = Outside::take();
     let dir = TestDir::new();
     let (mut wl, guard) = start_tree(&dir);
     let pids = guard.pids().to_vec();
@@ -159,7 +181,7 @@ fn restore_killed_at_every_step_leaves_nothing() {
 #[test]
 fn restore_killed_at_any_moment_leaves_nothing_or_everything() {
     become_subreaper();
-    let outside = Outside::get();
+    let outside = Outside::take();
     let dir = TestDir::new();
     let (mut wl, guard) = start_tree(&dir);
     let pids = guard.pids().to_vec();
