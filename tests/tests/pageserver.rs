@@ -338,3 +338,110 @@ fn migrate_restores_here_when_the_destination_refuses_the_last_image() {
     wl.assert_pass("restored where it was after a refused migration");
     drop(guard);
 }
+
+/// Two hosts: this test's network namespace and one more it makes, a veth
+/// pair between them (10.77.0.1 here, 10.77.0.2 there, addresses of the
+/// test's own namespaces). The page server runs over there; migrate
+/// moves the tree across and it runs on there.
+#[test]
+fn migrate_between_two_network_namespaces() {
+    if !own_network_namespace(&["ip", "nsenter"]) {
+        return;
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The other host: a namespace a sleeper of the test's holds.
+    let mut holder = std::process::Command::new("unshare")
+        .args(["-n", "sleep", "600"])
+        .spawn()
+        .expect("a network namespace of the test's");
+    let there = holder.id().to_string();
+    std::thread::sleep(Duration::from_millis(100));
+    run(&[
+        "ip", "link", "add", "mig0", "type", "veth", "peer", "name", "mig1", "netns", &there,
+    ]);
+    run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "mig0"]);
+    run(&["ip", "link", "set", "mig0", "up"]);
+    for cmd in [
+        &["ip", "addr", "add", "10.77.0.2/24", "dev", "mig1"][..],
+        &["ip", "link", "set", "mig1", "up"],
+        &["ip", "link", "set", "lo", "up"],
+    ] {
+        let mut a = vec!["nsenter", "-t", &there, "-n"];
+        a.extend_from_slice(cmd);
+        run(&a);
+    }
+    let dir = TestDir::new();
+    let dest = dir.subdir("dest");
+    let mut server = std::process::Command::new("nsenter")
+        .args(["-t", &there, "-n"])
+        .arg(cryo_bin())
+        .args([
+            "page-server",
+            "--restore",
+            "--address",
+            "10.77.0.2",
+            "--port",
+            "7095",
+            "-D",
+        ])
+        .arg(&dest)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("the page server over there");
+    let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    std::thread::sleep(Duration::from_millis(800));
+    let raw = wl.pid();
+    let reaper = std::thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int into `status`, a live local.
+        unsafe { libc::waitpid(raw, &mut status, 0) };
+    });
+    let work = dir.subdir("work");
+    let pid = wl.pid().to_string();
+    let out = run_cryo(
+        &[
+            "migrate",
+            "-t",
+            &pid,
+            "--to",
+            "10.77.0.2:7095",
+            "-D",
+            work.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let _ = reaper.join();
+    wl.mark_running();
+    let ended = (0..500).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        server.try_wait().ok().flatten()
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_cryo_ok(&out, "cryo migrate to the other namespace");
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "the page server over there: {ended:?}"
+    );
+    // It runs over there now.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    assert_ne!(
+        ns(&pid),
+        ns("self"),
+        "the tree runs in this namespace still"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    wl.assert_pass("migrated to the other network namespace");
+    drop(guard);
+}
