@@ -7,6 +7,7 @@ mod migrate;
 mod pageserver;
 mod predump;
 mod restore;
+mod swrk;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,12 @@ enum Cmd {
     Migrate(migrate::MigrateArgs),
     /// Receive images from dump or pre-dump --page-server over TCP.
     PageServer(pageserver::PageServerArgs),
+    /// CRIU's RPC service on the socket FD (what runc and crun start as
+    /// `criu swrk FD`).
+    Swrk {
+        /// The SOCK_SEQPACKET socket the caller passed.
+        fd: i32,
+    },
     /// Keeps a pre-dump's tracking of written pages (started by pre-dump).
     #[command(hide = true)]
     TrackHold(predump::TrackHoldArgs),
@@ -97,6 +104,7 @@ fn main() {
         Cmd::TrackHold(a) => predump::hold(a),
         Cmd::PageServer(a) => pageserver::run(a),
         Cmd::Migrate(a) => migrate::run(a),
+        Cmd::Swrk { fd } => swrk::run(fd),
         Cmd::Restore(a) => restore::run(a),
         Cmd::Check { json } => check::run(json),
         Cmd::Image(a) => image::run(a),
