@@ -7,7 +7,13 @@
 #![forbid(unsafe_code)]
 
 mod capture;
+mod image;
+mod options;
 pub mod predump;
+
+pub use image::remove_partial;
+use image::{check_parent, inventory, link_parent, make_image_dir, write_image, Tables};
+pub use options::{DumpOptions, DumpStats};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -126,187 +132,6 @@ impl From<crate::files::unix::UnixError> for DumpError {
 
 type Result<T> = std::result::Result<T, DumpError>;
 
-#[derive(Debug, Clone)]
-pub struct DumpOptions {
-    /// The root of the tree to dump (unused with `cgroup`).
-    pub pid: i32,
-    /// Dump every process of this cgroup instead, frozen by its freezer.
-    pub cgroup: Option<PathBuf>,
-    pub dir: PathBuf,
-    pub leave_running: bool,
-    pub compression: Compression,
-    pub zstd_level: i32,
-    pub threads: usize,
-    /// Freeze this cgroup (v2 or v1 freezer) while seizing the task.
-    pub freeze_cgroup: Option<PathBuf>,
-    /// Largest deleted file or memfd whose contents go into the image.
-    pub ghost_limit: u64,
-    /// A larger deleted file that still has another name is kept by a
-    /// hard link next to its old path (removed by the restore).
-    pub link_remap: bool,
-    /// Accept unix datagram sockets connected to a peer outside the tree
-    /// (restore connects them to its address again).
-    pub ext_unix_sk: bool,
-    /// A shell job: descriptors on the tasks' controlling terminal are
-    /// accepted and reattached to the restoring session's terminal.
-    pub shell_job: bool,
-    /// Copy private memory while the tasks still run, in rounds, and stop
-    /// them only for what they wrote since the last one (not with
-    /// `leave_running`, where the stop is already short).
-    pub pre_copy: bool,
-    /// Mounts of the tree's mount namespaces that the restore binds from
-    /// a path it is given, as (mountpoint, key): --external
-    /// mnt[MOUNTPOINT]:KEY.
-    pub externals: Vec<(String, String)>,
-    /// Established TCP connections are dumped through TCP_REPAIR (and
-    /// left in repair mode, silent, when the tasks are killed), not
-    /// refused (--tcp-established).
-    pub tcp_established: bool,
-    /// Connections in any state but listening are dumped closed, without
-    /// TCP_REPAIR or a lock: the restore makes sockets of their kind, not
-    /// connected (--tcp-close).
-    pub tcp_close: bool,
-    /// Lock those connections with nftables (their packets dropped until
-    /// the restore): --network-lock nft (the default) or skip.
-    pub network_lock: Option<crate::files::inet::Lock>,
-    /// An incremental dump: pages not written since the image in this
-    /// directory (a pre-dump, or a dump of the tree left running) are
-    /// that image's (--prev-images-dir; the image's `parent` link names
-    /// it as given, relative to the image's directory).
-    pub prev_images_dir: Option<PathBuf>,
-    /// Pipes (by inode) whose other end may be held outside the tree
-    /// (--external-pipe pipe:[INODE]): kept as leading outside (their
-    /// bytes in flight stay in them), the restore given them back with
-    /// --inherit-fd.
-    pub external_pipes: Vec<u64>,
-}
-
-/// Make the image directory `dir`: an image holds the tasks' memory, so a
-/// directory cryo makes is its owner's alone (0700), like every file in
-/// it (0600).
-pub(crate) fn make_image_dir(dir: &Path) -> Result<()> {
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(dir)
-        .map_err(|source| DumpError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
-/// The inventory of an image of the tree of `root` made of `files`.
-pub(crate) fn inventory(
-    root: i32,
-    files: Vec<cryo_image::ImageFileInfo>,
-    leave_running: bool,
-    has_parent: bool,
-    pre_dump: bool,
-) -> Inventory {
-    Inventory {
-        format_major: cryo_image::FORMAT_MAJOR,
-        format_minor: cryo_image::FORMAT_MINOR,
-        producer: format!("cryo {}", env!("CARGO_PKG_VERSION")),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        root_pid: root as u32,
-        files: files.into_iter().map(Into::into).collect(),
-        kernel_release: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        leave_running,
-        has_parent,
-        pre_dump,
-    }
-}
-
-/// The parent image must be one (a pre-dump, or a dump).
-fn check_parent(parent: &Path) -> Result<()> {
-    cryo_image::read_inventory(parent)
-        .map(drop)
-        .map_err(|e| DumpError::Parent {
-            parent: parent.to_path_buf(),
-            what: e.to_string(),
-        })
-}
-
-/// The image's `parent` link to the parent image, as the command line
-/// named it (a relative one from the image's directory).
-pub(crate) fn link_parent(opts: &DumpOptions) -> Result<()> {
-    let Some(given) = &opts.prev_images_dir else {
-        return Ok(());
-    };
-    let link = opts.dir.join(cryo_image::PARENT_LINK);
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(given, &link).map_err(|e| DumpError::Parent {
-        parent: given.clone(),
-        what: format!("linking {} to it: {e}", link.display()),
-    })
-}
-
-impl DumpOptions {
-    /// A kill-mode dump of the tree under `pid` into `dir` with the
-    /// defaults the CLI has (zstd level 1 on every CPU, network lock nft).
-    pub fn new(pid: i32, dir: impl Into<PathBuf>) -> DumpOptions {
-        DumpOptions {
-            pid,
-            cgroup: None,
-            dir: dir.into(),
-            leave_running: false,
-            compression: Compression::Zstd,
-            zstd_level: 1,
-            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            freeze_cgroup: None,
-            ghost_limit: 64 << 20,
-            link_remap: false,
-            ext_unix_sk: false,
-            shell_job: false,
-            pre_copy: false,
-            externals: Vec::new(),
-            tcp_established: false,
-            tcp_close: false,
-            network_lock: Some(crate::files::inet::Lock::Nft),
-            prev_images_dir: None,
-            external_pipes: Vec::new(),
-        }
-    }
-
-    /// The parent image's directory (--prev-images-dir, a relative one
-    /// from the image's directory), if any.
-    pub fn parent_image(&self) -> Option<PathBuf> {
-        self.prev_images_dir
-            .as_ref()
-            .map(|p| match p.is_absolute() {
-                true => p.clone(),
-                false => self.dir.join(p),
-            })
-    }
-
-    fn collect(&self) -> CollectOptions {
-        CollectOptions {
-            ghost_limit: self.ghost_limit,
-            link_remap: self.link_remap,
-            shell_job: self.shell_job,
-            owners: true,
-            tcp_established: self.tcp_established,
-            tcp_close: self.tcp_close,
-            network_lock: self.network_lock.map(|k| (self.pid, k)),
-        }
-    }
-}
-
-#[derive(Debug, Default, Clone)]
-pub struct DumpStats {
-    /// The first root dumped, and how many processes were.
-    pub root: i32,
-    pub processes: usize,
-    pub pages: TransferStats,
-    /// How long the task was stopped.
-    pub frozen: Duration,
-    pub total: Duration,
-    pub image_bytes: u64,
-}
-
 fn read(path: &str) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| DumpError::Proc {
         path: path.into(),
@@ -327,30 +152,6 @@ fn write_step(name: &str) -> Result<()> {
         Some(what) => Err(DumpError::Fault { what }),
         None => Ok(()),
     }
-}
-
-/// The tree-wide tables of an image, and the files already written for
-/// them (a mount namespace's tmpfs files).
-struct Tables<'a> {
-    files: &'a [FileEntry],
-    namespaces: &'a [cryo_image::proto::NamespaceEntry],
-    cgroups: &'a [cryo_image::proto::CgroupDir],
-    written: Vec<ImageFileInfo>,
-}
-
-/// A tree-wide table file of `records` (a failure point of its own).
-fn write_table<M: prost::Message>(
-    dir: &std::path::Path,
-    name: &str,
-    kind: Kind,
-    records: &[M],
-) -> Result<ImageFileInfo> {
-    write_step(name)?;
-    let mut w = ImageWriter::create(dir, name, kind)?;
-    for r in records {
-        w.write(r)?;
-    }
-    Ok(w.finish()?)
 }
 
 /// The task's stat, if it can be dumped: not a zombie leader with live
@@ -624,74 +425,6 @@ fn zombie_entries(tree: &Tree) -> impl Iterator<Item = PstreeEntry> + '_ {
     })
 }
 
-/// Every process's files, then the tree's tables (pstree.img, files.img)
-/// and, last, the inventory that lists them all. Returns the page counts
-/// and the image size.
-fn write_image(
-    opts: &DumpOptions,
-    root: i32,
-    caps: Vec<Captured>,
-    tree: &Tree,
-    t: Tables,
-) -> Result<(TransferStats, u64)> {
-    let Tables {
-        files,
-        namespaces,
-        cgroups,
-        mut written,
-    } = t;
-    let mut entries: Vec<PstreeEntry> = Vec::new();
-    let mut pstats = TransferStats::default();
-    for mut c in caps {
-        entries.push(std::mem::take(&mut c.pstree));
-        let (files, stats) = capture::write_process(opts, c)?;
-        pstats.add(&stats);
-        written.extend(files);
-    }
-    entries.extend(zombie_entries(tree));
-    let dir = opts.dir.as_path();
-    written.push(write_table(
-        dir,
-        cryo_image::PSTREE_FILE,
-        Kind::Pstree,
-        &entries,
-    )?);
-    written.push(write_table(
-        dir,
-        cryo_image::FILES_FILE,
-        Kind::Files,
-        files,
-    )?);
-    // Written only when there is something in them.
-    if !namespaces.is_empty() {
-        written.push(write_table(
-            dir,
-            cryo_image::NAMESPACES_FILE,
-            Kind::Namespaces,
-            namespaces,
-        )?);
-    }
-    if !cgroups.is_empty() {
-        written.push(write_table(
-            dir,
-            cryo_image::CGROUPS_FILE,
-            Kind::Cgroups,
-            cgroups,
-        )?);
-    }
-    let image_bytes = written.iter().map(|f| f.size).sum();
-    let inv = inventory(
-        root,
-        written,
-        opts.leave_running,
-        opts.prev_images_dir.is_some(),
-        false,
-    );
-    write_step("inventory.img")?;
-    cryo_image::write_inventory(&opts.dir, &inv)?;
-    Ok((pstats, image_bytes))
-}
-
 /// Let every task of the tree go on, each back in its own context.
 fn cure_all(tree: &mut Tree, guard: &Guard) -> Result<()> {
     for p in tree.procs.iter_mut() {
@@ -889,22 +622,4 @@ fn mark_shared(caps: &mut [Captured]) -> Result<()> {
         c.pstree.shares_files = shares_files;
     }
     Ok(())
-}
-
-/// Remove image files a failed dump left behind (never the directory, and
-/// only files cryo names).
-pub fn remove_partial(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if let Some(name) = e.file_name().to_str() {
-                if Kind::from_file_name(name).is_some()
-                    || name.starts_with("inventory.img")
-                    || name.ends_with(".img.tmp")
-                    || name == cryo_image::PARENT_LINK
-                {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-    }
 }
