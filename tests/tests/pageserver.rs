@@ -164,29 +164,7 @@ fn migrate_to_a_restoring_page_server() {
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     std::thread::sleep(Duration::from_millis(800));
     let work = dir.subdir("work");
-    let pid = wl.pid().to_string();
-    // Both hosts are this one: the killed tree (the test's child) is
-    // reaped the moment it dies, before the destination restores its pid.
-    let raw = wl.pid();
-    let reaper = std::thread::spawn(move || {
-        let mut status = 0;
-        // SAFETY: waitpid writes one int into `status`, a live local.
-        unsafe { libc::waitpid(raw, &mut status, 0) };
-    });
-    let out = run_cryo(
-        &[
-            "migrate",
-            "-t",
-            &pid,
-            "--to",
-            "127.0.0.1:7092",
-            "-D",
-            work.to_str().expect("utf-8"),
-        ],
-        &[],
-    );
-    let _ = reaper.join();
-    wl.mark_running();
+    let out = migrate(&mut wl, "127.0.0.1:7092", &work);
     assert_cryo_ok(&out, "cryo migrate");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -302,29 +280,9 @@ fn migrate_restores_here_when_the_destination_refuses_the_last_image() {
     let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     std::thread::sleep(Duration::from_millis(800));
-    let raw = wl.pid();
-    let reaper = std::thread::spawn(move || {
-        let mut status = 0;
-        // SAFETY: waitpid writes one int into `status`, a live local.
-        unsafe { libc::waitpid(raw, &mut status, 0) };
-    });
     let work = dir.subdir("work");
-    let pid = wl.pid().to_string();
-    let out = run_cryo(
-        &[
-            "migrate",
-            "-t",
-            &pid,
-            "--to",
-            "127.0.0.1:7094",
-            "-D",
-            work.to_str().expect("utf-8"),
-        ],
-        &[],
-    );
-    let _ = reaper.join();
+    let out = migrate(&mut wl, "127.0.0.1:7094", &work);
     let _ = dest.join();
-    wl.mark_running();
     assert!(
         !out.status.success(),
         "migrate to a refusing destination succeeded"
@@ -401,28 +359,8 @@ fn migrate_between_two_network_namespaces() {
     let mut wl = Workload::start("wl_sweep", &["--mib", "4", "--pace", "30000"], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     std::thread::sleep(Duration::from_millis(800));
-    let raw = wl.pid();
-    let reaper = std::thread::spawn(move || {
-        let mut status = 0;
-        // SAFETY: waitpid writes one int into `status`, a live local.
-        unsafe { libc::waitpid(raw, &mut status, 0) };
-    });
     let work = dir.subdir("work");
-    let pid = wl.pid().to_string();
-    let out = run_cryo(
-        &[
-            "migrate",
-            "-t",
-            &pid,
-            "--to",
-            "10.77.0.2:7095",
-            "-D",
-            work.to_str().expect("utf-8"),
-        ],
-        &[],
-    );
-    let _ = reaper.join();
-    wl.mark_running();
+    let out = migrate(&mut wl, "10.77.0.2:7095", &work);
     let ended = (0..500).find_map(|_| {
         std::thread::sleep(Duration::from_millis(20));
         server.try_wait().ok().flatten()
@@ -437,11 +375,39 @@ fn migrate_between_two_network_namespaces() {
     // It runs over there now.
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
     assert_ne!(
-        ns(&pid),
+        ns(&wl.pid().to_string()),
         ns("self"),
         "the tree runs in this namespace still"
     );
     std::thread::sleep(Duration::from_millis(600));
     wl.assert_pass("migrated to the other network namespace");
     drop(guard);
+}
+
+/// `cryo migrate` of `wl` to `to`, its work files in `work`. Both hosts
+/// are this one: the killed tree (the test's child) is reaped the moment
+/// it dies, before the destination restores its pid.
+fn migrate(wl: &mut Workload, to: &str, work: &std::path::Path) -> std::process::Output {
+    let raw = wl.pid();
+    let reaper = std::thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: waitpid writes one int into `status`, a live local.
+        unsafe { libc::waitpid(raw, &mut status, 0) };
+    });
+    let pid = raw.to_string();
+    let out = run_cryo(
+        &[
+            "migrate",
+            "-t",
+            &pid,
+            "--to",
+            to,
+            "-D",
+            work.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let _ = reaper.join();
+    wl.mark_running();
+    out
 }

@@ -399,25 +399,34 @@ pub fn peek_queue(s: &impl AsFd, len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// One send(2) of `data` on `s` with `flags` (and MSG_NOSIGNAL): the
+/// bytes taken.
+fn send_once(s: &impl AsFd, data: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most data.len() bytes of a live slice.
+    let n = unsafe {
+        libc::send(
+            s.as_fd().as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            flags | libc::MSG_NOSIGNAL,
+        )
+    };
+    match n {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        0 if !data.is_empty() => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "send took nothing",
+        )),
+        n => Ok(n as usize),
+    }
+}
+
 /// Write all of `data` to `s` (in repair mode: into the queue
 /// TCP_REPAIR_QUEUE selects).
 pub fn send_all(s: &impl AsFd, data: &[u8]) -> io::Result<()> {
     let mut off = 0;
     while off < data.len() {
-        // SAFETY: the kernel reads at most data.len() - off bytes of a
-        // live slice.
-        let n = unsafe {
-            libc::send(
-                s.as_fd().as_raw_fd(),
-                data[off..].as_ptr().cast(),
-                data.len() - off,
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n <= 0 {
-            return Err(io::Error::last_os_error());
-        }
-        off += n as usize;
+        off += send_once(s, &data[off..], 0)?;
     }
     Ok(())
 }
@@ -528,27 +537,15 @@ pub fn connect_and_send(
     }
     let mut off = 0;
     while off < data.len() {
-        // SAFETY: the kernel reads at most data.len() - off bytes of a
-        // live slice.
-        let n = unsafe {
-            libc::send(
-                s.as_fd().as_raw_fd(),
-                data[off..].as_ptr().cast(),
-                data.len() - off,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EAGAIN) {
-                return Err(e);
+        match send_once(s, &data[off..], libc::MSG_DONTWAIT) {
+            Ok(n) => off += n,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                if !poll(s, libc::POLLOUT, left())? {
+                    return Err(timed_out(&format!("{off} of {} bytes sent", data.len())));
+                }
             }
-            if !poll(s, libc::POLLOUT, left())? {
-                return Err(timed_out(&format!("{off} of {} bytes sent", data.len())));
-            }
-            continue;
+            Err(e) => return Err(e),
         }
-        off += n as usize;
     }
     Ok(())
 }

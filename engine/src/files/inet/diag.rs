@@ -1,5 +1,5 @@
 //! The TCP sockets of a network namespace as sock_diag lists them (both
-//! families): both ends, inode (0: no file holds it, as for a
+//! families), or one found by its ends: state, both ends, inode (0: no file holds it, as for a
 //! connection waiting in an accept queue) and queue lengths.
 
 #![forbid(unsafe_code)]
@@ -12,6 +12,7 @@ use crate::sys::netlink::Netlink;
 /// one as v4-mapped (see [`v6`]).
 #[derive(Debug, Clone)]
 pub struct TcpSock {
+    pub state: u8,
     pub local: ([u8; 16], u16),
     pub remote: ([u8; 16], u16),
     pub inode: u64,
@@ -72,6 +73,52 @@ pub fn tcp_sockets(pid: i32, states: u32) -> Result<Vec<TcpSock>, String> {
     Ok(out)
 }
 
+/// The TCP socket of task `pid`'s network namespace whose own end is
+/// `local` and other end `remote` (address bytes, port), if there is one:
+/// one exact sock_diag lookup (the kernel gives a listener on `local`
+/// when no connection matches).
+pub fn tcp_socket(
+    pid: i32,
+    local: (&[u8], u16),
+    remote: (&[u8], u16),
+) -> Result<Option<TcpSock>, String> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    let ns: OwnedFd = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| e.to_string())?
+        .into();
+    let mut nl = Netlink::open_in(&ns, nix::sys::socket::SockProtocol::NetlinkSockDiag)
+        .map_err(|e| format!("a sock_diag socket: {e}"))?;
+    let (l, r) = (v6(local.0), v6(remote.0));
+    let mapped = |a: &[u8; 16]| a[..10].iter().all(|&b| b == 0) && a[10..12] == [0xff, 0xff];
+    let four = mapped(&l) && mapped(&r);
+    // struct inet_diag_req_v2 (family, protocol, extensions, pad, states)
+    // and its inet_diag_sockid: ports big-endian at 8 and 10, source and
+    // destination at 12 and 28, interface at 44, the cookie at 48
+    // (INET_DIAG_NOCOOKIE: any).
+    let mut req = [0u8; 56];
+    req[0] = if four { libc::AF_INET } else { libc::AF_INET6 } as u8;
+    req[1] = libc::IPPROTO_TCP as u8;
+    req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    req[8..10].copy_from_slice(&local.1.to_be_bytes());
+    req[10..12].copy_from_slice(&remote.1.to_be_bytes());
+    match four {
+        true => {
+            req[12..16].copy_from_slice(&l[12..]);
+            req[28..32].copy_from_slice(&r[12..]);
+        }
+        false => {
+            req[12..28].copy_from_slice(&l);
+            req[28..44].copy_from_slice(&r);
+        }
+    }
+    req[48..56].fill(0xff);
+    match nl.get(SOCK_DIAG_BY_FAMILY, &req) {
+        Ok(m) => Ok(parse(&m.body)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(format!("sock_diag: {e}")),
+    }
+}
+
 /// struct inet_diag_msg: family, state, timer, retrans, then the sockid
 /// (sport and dport big-endian at 4 and 6, src at 8, dst at 24, 16 bytes
 /// each), expires at 52, rqueue 56, wqueue 60, uid 64, inode 68.
@@ -86,6 +133,7 @@ fn parse(b: &[u8]) -> Option<TcpSock> {
         _ => v6(&b[at..at + 16]),
     };
     Some(TcpSock {
+        state: b[1],
         local: (addr(8), port(4)),
         remote: (addr(24), port(6)),
         inode: u64::from(word(68)),

@@ -43,10 +43,10 @@ pub(super) fn waits_in_accept_queue(
     local: &(Vec<u8>, u16),
     peer: (&[u8], u16),
 ) -> Result<bool, String> {
-    let (l, p) = ((v6(&local.0), local.1), (v6(peer.0), peer.1));
-    Ok(diag::tcp_sockets(pid, 1 << TCP_ESTABLISHED)?
-        .iter()
-        .any(|s| s.inode == 0 && s.local == p && s.remote == l))
+    // One exact lookup of the other end (not a walk of every socket: this
+    // runs for each connection of the tree).
+    let other = diag::tcp_socket(pid, peer, (&local.0, local.1))?;
+    Ok(other.is_some_and(|s| s.inode == 0 && s.state == TCP_ESTABLISHED))
 }
 
 /// Dump side, over the tree's files table: every connection waiting on a
