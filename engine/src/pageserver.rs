@@ -277,12 +277,25 @@ pub fn write_image(dir: &Path, name: &str, last: bool, c: &mut impl Write) -> Re
     let io = |e: std::io::Error| e.to_string();
     frame(c, HELLO, &hello).map_err(io)?;
     let mut sent = 0u64;
+    // The inventory has the checksum of every file it lists (the pages
+    // files too): those are not read twice.
+    let listed: std::collections::HashMap<String, (u64, u64)> = cryo_image::read_inventory(dir)
+        .map(|inv| {
+            inv.files
+                .into_iter()
+                .map(|f| (f.name, (f.size, f.xxh3)))
+                .collect()
+        })
+        .unwrap_or_default();
     for f in image_files(dir)? {
         let path = dir.join(&f);
         let size = std::fs::metadata(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?
             .len();
-        let (_, hash) = cryo_image::hash_file(&path).map_err(|e| e.to_string())?;
+        let hash = match listed.get(&f) {
+            Some(&(n, h)) if n == size => h,
+            _ => cryo_image::hash_file(&path).map_err(|e| e.to_string())?.1,
+        };
         let mut p = (f.len() as u16).to_le_bytes().to_vec();
         p.extend_from_slice(f.as_bytes());
         p.extend_from_slice(&size.to_le_bytes());
