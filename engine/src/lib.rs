@@ -56,6 +56,7 @@ pub mod fsinfo;
 pub mod infect;
 pub mod kerndat;
 pub mod mem;
+pub mod notify;
 pub mod ns;
 pub mod pageserver;
 pub mod proc;

@@ -167,8 +167,9 @@ fn malformed_requests_get_failed_responses() {
 }
 
 /// A DUMP by RPC of a real workload, its image directory a descriptor
-/// of the test's, then a RESTORE the same way: the response names the
-/// restored pid, and the workload checks itself.
+/// of the test's (the caller's, as with CRIU: read through /proc), then a
+/// RESTORE the same way: the response names the restored pid, and the
+/// workload checks itself.
 #[test]
 fn dump_and_restore_by_rpc() {
     let dir = TestDir::new();
@@ -178,16 +179,16 @@ fn dump_and_restore_by_rpc() {
     let d = std::fs::File::open(&img).expect("the image directory");
     let dfd = d.as_raw_fd();
     let opts = CriuOpts {
-        images_dir_fd: Some(10),
+        images_dir_fd: Some(dfd),
         pid: Some(wl.pid()),
         ..Default::default()
     };
-    let mut s = Swrk::start(&[(dfd, 10)]);
+    let mut s = Swrk::start(&[]);
     let r = s.ask(&req(CriuReqType::Dump, Some(opts.clone())));
     assert!(r.success, "DUMP: {r:?}");
     s.ends();
     assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
-    let mut s = Swrk::start(&[(dfd, 10)]);
+    let mut s = Swrk::start(&[]);
     let r = s.ask(&req(
         CriuReqType::Restore,
         Some(CriuOpts { pid: None, ..opts }),

@@ -110,6 +110,11 @@ pub struct DumpArgs {
     /// restore with --inherit-fd fd[N]:pipe:[INODE]. Repeatable.
     #[arg(long = "external-pipe", value_name = "pipe:[INODE]")]
     pub external_pipes: Vec<String>,
+    /// Run this command at each step of the dump, as CRIU's action
+    /// scripts (CRTOOLS_SCRIPT_ACTION: pre-dump, network-lock, post-dump,
+    /// network-unlock); one that fails stops the dump. Repeatable.
+    #[arg(long = "action-script", value_name = "CMD")]
+    pub action_scripts: Vec<PathBuf>,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<i32> {
@@ -166,6 +171,8 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
             ),
         },
         pre_copy: a.pre_copy,
+        external_pipes_all: false,
+        notify: cryo_engine::notify::Notify::scripts(&a.action_scripts, dir.to_path_buf()),
         prev_images_dir: a.prev_images_dir.clone(),
         external_pipes: a
             .external_pipes

@@ -63,8 +63,9 @@ enum Cmd {
     Image(image::ImageArgs),
 }
 
-fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
+fn init_logging(verbose: u8, file: Option<&PathBuf>, swrk: bool) -> anyhow::Result<()> {
     let level = match verbose {
+        0 if swrk => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -76,6 +77,12 @@ fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_target(false);
     match file {
+        // The RPC service writes where each request's log_file says (in
+        // its work directory), and to stderr before one names it.
+        _ if swrk => builder
+            .with_ansi(false)
+            .with_writer(|| swrk::LogSink)
+            .init(),
         Some(path) => {
             let f = std::fs::OpenOptions::new()
                 .create(true)
@@ -94,7 +101,11 @@ fn init_logging(verbose: u8, file: Option<&PathBuf>) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.verbose, cli.log_file.as_ref()) {
+    if let Err(e) = init_logging(
+        cli.verbose,
+        cli.log_file.as_ref(),
+        matches!(cli.cmd, Cmd::Swrk { .. }),
+    ) {
         eprintln!("cryo: {e:#}");
         std::process::exit(1);
     }

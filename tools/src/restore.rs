@@ -59,6 +59,13 @@ pub struct RestoreArgs {
     /// gone.
     #[arg(long)]
     pub tcp_close: bool,
+    /// Run this command at each step of the restore, as CRIU's action
+    /// scripts (CRTOOLS_SCRIPT_ACTION: pre-restore, setup-namespaces,
+    /// post-restore, network-unlock, pre-resume, post-resume; with
+    /// CRTOOLS_INIT_PID); one that fails before the tree runs stops the
+    /// restore. Repeatable.
+    #[arg(long = "action-script", value_name = "CMD")]
+    pub action_scripts: Vec<PathBuf>,
 }
 
 /// A new directory of cryo's own under $TMPDIR (0700) to stage a
@@ -131,6 +138,7 @@ fn restore_from(a: &RestoreArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
         dir: dir.to_path_buf(),
         manage_cgroups: a.manage_cgroups,
         cgroup_root: a.cgroup_root.clone(),
+        cgroup_roots: Default::default(),
         externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
             .map_err(anyhow::Error::msg)?
             .into_iter()
@@ -152,6 +160,8 @@ fn restore_from(a: &RestoreArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
             .iter()
             .map(|s| parse_inherit(s))
             .collect::<anyhow::Result<_>>()?,
+        sibling: false,
+        notify: cryo_engine::notify::Notify::scripts(&a.action_scripts, dir.to_path_buf()),
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");

@@ -62,30 +62,53 @@ pub fn cgroup_dir(mountinfo: &str, e: &CgroupEntry) -> Option<PathBuf> {
     None
 }
 
+/// Where the restore put one dumped cgroup: its path in cryo's view and
+/// its directory, opened by cryo (a task of a mount namespace of the tree
+/// may not see cryo's path: runc binds a container's own cgroup at
+/// /sys/fs/cgroup/CONTROLLER).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub path: PathBuf,
+    pub dir: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+/// Each dumped (hierarchy, path) to its place.
+pub type Targets = HashMap<(u32, String), Target>;
+
+/// Write `what` to the file `name` of the cgroup directory `dir`.
+fn write_at(dir: &std::os::fd::OwnedFd, name: &str, what: &str) -> std::io::Result<()> {
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    nix::unistd::write(&fd, what.as_bytes())?;
+    Ok(())
+}
+
 /// In a new task: join every dumped cgroup where the restore put it
 /// (`targets`, by dumped hierarchy and path: [`props::prepare`]; none
-/// with `--manage-cgroups ignore`).
-pub fn join(
-    entries: &[CgroupEntry],
-    targets: &HashMap<(u32, String), PathBuf>,
-) -> Result<(), String> {
+/// with `--manage-cgroups ignore`), through the directories cryo opened.
+pub fn join(entries: &[CgroupEntry], targets: &Targets) -> Result<(), String> {
     if targets.is_empty() {
         return Ok(());
     }
     for e in entries {
-        let dir = targets.get(&(e.hierarchy, e.path.clone())).ok_or_else(|| {
+        let t = targets.get(&(e.hierarchy, e.path.clone())).ok_or_else(|| {
             format!(
                 "cgroup {} of hierarchy {} ({}) has no place here",
                 e.path, e.hierarchy, e.controllers
             )
         })?;
-        if let Err(err) = std::fs::write(dir.join("cgroup.procs"), "0") {
+        if let Err(err) = write_at(&t.dir, "cgroup.procs", "0") {
             // A task of a user namespace of the tree may not write there,
             // but was put there before it joined (restore::spawn_in_userns).
             let me = std::process::id().to_string();
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            let procs = std::fs::read_to_string(t.path.join("cgroup.procs")).unwrap_or_default();
             if !procs.lines().any(|l| l.trim() == me) {
-                return Err(format!("joining cgroup {}: {err}", dir.display()));
+                return Err(format!("joining cgroup {}: {err}", t.path.display()));
             }
         }
     }

@@ -140,7 +140,7 @@ pub fn collect<'a>(memberships: impl Iterator<Item = &'a CgroupEntry>) -> Vec<Cg
 pub struct CgroupPlan {
     /// Each dumped (hierarchy, path) to its directory here; empty with
     /// `ignore` (the tasks stay in cryo's cgroups).
-    pub targets: HashMap<(u32, String), PathBuf>,
+    pub targets: super::Targets,
     /// The directories made, parents first.
     pub created: Vec<PathBuf>,
 }
@@ -254,6 +254,16 @@ fn differences(dir: &Path, settings: &[CgroupSetting]) -> Vec<String> {
         .collect()
 }
 
+/// Where the tree's cgroups go: the deepest directory the tree's cgroups
+/// of a hierarchy share is replaced by the root given for one of its
+/// controllers (CRIU's cg_root entries, by controller name; "" for the v2
+/// hierarchy), else by `all` (--cgroup-root), else kept.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Roots<'a> {
+    pub all: Option<&'a str>,
+    pub by_controller: Option<&'a HashMap<String, String>>,
+}
+
 /// Put the tree's cgroups in place (cryo's view of the hierarchies), as
 /// `mode` says: `memberships` are every process's, `dirs` cgroups.img's.
 /// On failure every cgroup made here is removed again.
@@ -261,7 +271,7 @@ pub fn prepare<'a>(
     dirs: &[CgroupDir],
     memberships: impl Iterator<Item = &'a CgroupEntry> + Clone,
     mode: Manage,
-    root: Option<&str>,
+    root: Roots,
 ) -> Result<CgroupPlan, String> {
     let mut plan = CgroupPlan::default();
     if mode == Manage::Ignore {
@@ -280,7 +290,7 @@ fn place<'a>(
     dirs: &[CgroupDir],
     memberships: impl Iterator<Item = &'a CgroupEntry> + Clone,
     mode: Manage,
-    root: Option<&str>,
+    roots: Roots,
     plan: &mut CgroupPlan,
 ) -> Result<(), String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -295,6 +305,14 @@ fn place<'a>(
             if plan.targets.contains_key(&key) {
                 continue;
             }
+            // A root of one of its controllers' (a v2 one's name is
+            // empty), else the one of every hierarchy.
+            let root = e
+                .controllers
+                .split(',')
+                .find_map(|c| roots.by_controller.and_then(|m| m.get(c)))
+                .map(String::as_str)
+                .or(roots.all);
             let path = match root {
                 Some(r) => rebase(&e.path, &common, r),
                 None => e.path.clone(),
@@ -356,7 +374,16 @@ fn place<'a>(
                 }
                 (Manage::None | Manage::Ignore, true) => {}
             }
-            plan.targets.insert(key, dir);
+            let fd = std::fs::File::open(&dir)
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| format!("opening cgroup {}: {e}", dir.display()))?;
+            plan.targets.insert(
+                key,
+                super::Target {
+                    path: dir,
+                    dir: std::sync::Arc::new(fd),
+                },
+            );
         }
     }
     Ok(())

@@ -114,6 +114,8 @@ pub enum DumpError {
     CgroupChanged { cgroup: PathBuf },
     #[error("injected failure ({what}) from CRYO_FAULT")]
     Fault { what: String },
+    #[error("dumping task {pid}: {what}")]
+    Notify { pid: i32, what: String },
     #[error("task {pid}: the incremental dump against {}: {what}", parent.display())]
     Incremental {
         pid: i32,
@@ -251,7 +253,12 @@ fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
 /// Dump the process tree under `opts.pid`. On any error every task is left
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
-    crate::files::pipe::set_external(&opts.external_pipes);
+    crate::files::pipe::set_external(&opts.external_pipes, opts.external_pipes_all);
+    let told = |what| DumpError::Notify {
+        pid: opts.pid,
+        what,
+    };
+    opts.notify.tell("pre-dump", opts.pid).map_err(told)?;
     // The dirty tracking the parent image's command left, taken from its
     // holder before anything else.
     if let Some(parent) = opts.parent_image() {
@@ -263,6 +270,10 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         crate::mem::incremental::take_trackers(&parent);
     }
     let r = dump_with_retry(opts, progress);
+    // The tree runs again (left running, or after a failure).
+    if r.is_err() || opts.leave_running {
+        opts.notify.unlock_network(opts.pid);
+    }
     // A tree left running is tracked on from this image, for the next.
     let r = r.and_then(|s| {
         crate::mem::incremental::settle_trackers(opts.leave_running.then_some(&opts.dir));
@@ -507,6 +518,8 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     )?;
     let frozen_at = Instant::now();
     fault("after-seize")?;
+    let told = |what| DumpError::Notify { pid, what };
+    opts.notify.lock_network(pid).map_err(told)?;
     crate::sessions::check(&tree)?;
     let ms = frozen_at.elapsed().as_secs_f64() * 1e3;
     let (processes, zombies) = (tree.procs.len(), tree.zombies.len());
@@ -567,6 +580,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         written: tmpfs_files,
     };
     let (pages, image_bytes) = write_image(opts, pid, caps, &tree, tables)?;
+    opts.notify.tell("post-dump", pid).map_err(told)?;
     if !opts.leave_running {
         kill_all(&mut tree)?;
         frozen = frozen_at.elapsed();

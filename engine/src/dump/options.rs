@@ -58,6 +58,12 @@ pub struct DumpOptions {
     /// bytes in flight stay in them), the restore given them back with
     /// --inherit-fd.
     pub external_pipes: Vec<u64>,
+    /// Every pipe whose other end is held outside the tree is taken so
+    /// (as CRIU's RPC service does: runc gives a container's stdio pipes
+    /// back at restore by inherit_fd).
+    pub external_pipes_all: bool,
+    /// Who is told of the dump's steps (action scripts, RPC).
+    pub notify: crate::notify::Notify,
 }
 
 impl DumpOptions {
@@ -84,6 +90,8 @@ impl DumpOptions {
             network_lock: Some(crate::files::inet::Lock::Nft),
             prev_images_dir: None,
             external_pipes: Vec::new(),
+            external_pipes_all: false,
+            notify: Default::default(),
         }
     }
 

@@ -28,10 +28,10 @@ fn is_pipe(kind: i32) -> bool {
 
 /// The bytes in flight and buffer size of every pipe and FIFO of the
 /// table, on its first open file; a pipe whose missing end is open
-/// outside `tree` is refused, unless it is one of `external` (inodes):
-/// then it is marked so, its bytes staying in it.
+/// outside `tree` is refused, unless it is one of the external ones
+/// (set_external): then it is marked so, its bytes staying in it.
 pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), FilesError> {
-    let external = EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (external, all) = EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut done: Vec<u64> = Vec::new();
     for i in 0..table.len() {
         let kind = table[i].entry.kind;
@@ -47,8 +47,10 @@ pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), File
             .collect();
         let has_read = ends.iter().any(|&a| a != libc::O_WRONLY as u32);
         let has_write = ends.iter().any(|&a| a != libc::O_RDONLY as u32);
-        if kind == FileKind::FilePipe as i32 && !(has_read && has_write) && external.contains(&ino)
-        {
+        let half = kind == FileKind::FilePipe as i32 && !(has_read && has_write);
+        let want = format!("pipe:[{ino}]");
+        let outside = || super::outside_holder(tree, |l| (l == want).then_some(()));
+        if half && (external.contains(&ino) || (all && outside().is_some())) {
             for o in table
                 .iter_mut()
                 .filter(|o| o.entry.inode == ino && o.entry.kind == kind)
@@ -57,9 +59,8 @@ pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), File
             }
             continue;
         }
-        if kind == FileKind::FilePipe as i32 && !(has_read && has_write) {
-            let want = format!("pipe:[{ino}]");
-            if let Some((holder, ())) = super::outside_holder(tree, |l| (l == want).then_some(())) {
+        if half {
+            if let Some((holder, ())) = outside() {
                 let o = &table[i];
                 return Err(FilesError::ExternalPipe {
                     pid: o.pid,
@@ -220,11 +221,12 @@ fn make(f: &FileEntry, holder: &FileEntry, kind: FileKind) -> Result<Ends, Strin
 
 /// The pipes (by inode) a dump was told lead outside the tree
 /// (--external-pipe).
-static EXTERNAL: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+static EXTERNAL: std::sync::Mutex<(Vec<u64>, bool)> = std::sync::Mutex::new((Vec::new(), false));
 
-/// Dump side: the pipes (inodes) that may lead outside the tree.
-pub fn set_external(inodes: &[u64]) {
-    *EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()) = inodes.to_vec();
+/// Dump side: the pipes (inodes) that may lead outside the tree, or
+/// (`all`) every pipe that does, as CRIU's RPC service takes them.
+pub fn set_external(inodes: &[u64], all: bool) {
+    *EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()) = (inodes.to_vec(), all);
 }
 
 /// The descriptors a restore was given for pipes leading outside the

@@ -260,6 +260,7 @@ fn chunk_of(src: &Image, reader: &PageReader, n: u64) -> Result<(usize, usize), 
 pub fn fill_from_parents(
     tree: &TreeImage,
     readers: &[PageReader],
+    chain: &std::cell::RefCell<super::incremental::Chain>,
     me: usize,
     premap: &mut Premap,
 ) -> Result<(), String> {
@@ -290,7 +291,7 @@ pub fn fill_from_parents(
             p.fill(0);
         }
     }
-    let mut chain = super::incremental::Chain::new(&tree.procs[me].dir);
+    let mut chain = chain.borrow_mut();
     for (pid, pages) in needs.chain {
         chain.fill(pid, 1, &pages, mem)?;
     }

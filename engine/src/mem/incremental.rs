@@ -203,7 +203,8 @@ struct Level {
 }
 
 /// Restore side: the chain of parent images above an image, read as
-/// needed.
+/// needed, or opened ahead by cryo ([`Chain::preload`]) for tasks that
+/// cannot reach the image's path (in a mount namespace of the tree).
 pub struct Chain {
     base: PathBuf,
     levels: HashMap<(u32, u32), Option<Level>>,
@@ -338,31 +339,50 @@ impl Chain {
     }
 }
 
+/// The pages of `img` stored in its parent images (PAGE_IN_PARENT_IMAGE).
+fn in_parents(img: &crate::restore::image::Image) -> impl Iterator<Item = u64> + '_ {
+    img.runs
+        .iter()
+        .filter(|r| r.flags & PAGE_IN_PARENT_IMAGE != 0)
+        .flat_map(|r| (0..u64::from(r.nr_pages)).map(move |k| r.vaddr + k * PAGE))
+}
+
+impl Chain {
+    /// The chain above the image of `procs`, every level their pages need
+    /// opened (by cryo, before any task: the tasks find each page in it
+    /// without a path). A page missing from the chain fails here.
+    pub fn preload(base: &Path, procs: &[crate::restore::image::Image]) -> Result<Chain, String> {
+        let mut chain = Chain::new(base);
+        for img in procs {
+            let pages: Vec<u64> = in_parents(img).collect();
+            chain
+                .check(img.pstree.pid, &pages)
+                .map_err(|e| format!("{}: {e}", cryo_image::pagemap_file(img.pstree.pid)))?;
+        }
+        Ok(chain)
+    }
+}
+
 /// Restore side: the pages of `img` in its parent images, into the
-/// premapped memory.
+/// premapped memory, from `chain` (preloaded).
 pub fn fill_from_chain(
     img: &crate::restore::image::Image,
+    chain: &std::cell::RefCell<Chain>,
     premap: &mut super::restore::Premap,
 ) -> Result<(), String> {
     let pm_name = cryo_image::pagemap_file(img.pstree.pid);
     let mut pages = Vec::new();
-    for r in img
-        .runs
-        .iter()
-        .filter(|r| r.flags & PAGE_IN_PARENT_IMAGE != 0)
-    {
-        for k in 0..u64::from(r.nr_pages) {
-            let vaddr = r.vaddr + k * PAGE;
-            let dst = premap
-                .offset_of(vaddr)
-                .ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;
-            pages.push((vaddr, dst));
-        }
+    for vaddr in in_parents(img) {
+        let dst = premap
+            .offset_of(vaddr)
+            .ok_or_else(|| format!("{pm_name}: page {vaddr:#x} outside any mapping"))?;
+        pages.push((vaddr, dst));
     }
     if pages.is_empty() {
         return Ok(());
     }
-    Chain::new(&img.dir)
+    chain
+        .borrow_mut()
         .fill(img.pstree.pid, 1, &pages, premap.bytes()?)
         .map_err(|e| format!("{pm_name}: {e}"))
 }

@@ -11,7 +11,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
@@ -73,7 +72,7 @@ fn root_of(full: &str, rel: &str) -> Option<String> {
 pub fn restore(
     st: Option<&CgroupNsState>,
     own: &[CgroupEntry],
-    targets: &HashMap<(u32, String), PathBuf>,
+    targets: &crate::cgroup::Targets,
 ) -> Result<(), String> {
     let st = st.ok_or("its roots are not in the image")?;
     if !targets.is_empty() {
@@ -93,7 +92,7 @@ pub fn restore(
 pub fn enter(
     fd: std::os::fd::RawFd,
     own: &[CgroupEntry],
-    targets: &HashMap<(u32, String), PathBuf>,
+    targets: &crate::cgroup::Targets,
 ) -> Result<(), String> {
     nix::sched::setns(
         crate::sys::fd::borrow(fd),
@@ -108,7 +107,7 @@ pub fn enter(
 pub(crate) fn root_dir(
     r: &CgroupEntry,
     own: &[CgroupEntry],
-    targets: &HashMap<(u32, String), PathBuf>,
+    targets: &crate::cgroup::Targets,
 ) -> Result<PathBuf, String> {
     let mine = own
         .iter()
@@ -117,9 +116,10 @@ pub(crate) fn root_dir(
     let below = crate::ns::mnt::info::below(&mine.path, &r.path)
         .ok_or_else(|| format!("its cgroup {} is not below the root {}", mine.path, r.path))?;
     let up = below.split('/').filter(|c| !c.is_empty()).count();
-    let placed = targets
+    let placed = &targets
         .get(&(mine.hierarchy, mine.path.clone()))
-        .ok_or_else(|| format!("cgroup {} has no place here", mine.path))?;
+        .ok_or_else(|| format!("cgroup {} has no place here", mine.path))?
+        .path;
     placed
         .ancestors()
         .nth(up)

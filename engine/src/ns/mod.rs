@@ -379,13 +379,15 @@ pub struct RestoreCtx<'a> {
     /// The mount and network namespaces cryo made, by their inode at the
     /// dump.
     pub mnt_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
+    /// The detached mounts cryo made for late mounts, by mount id.
+    pub late_tmpfs: &'a std::collections::HashMap<u32, std::os::fd::RawFd>,
     pub net_made: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     /// The UTS, IPC, time and cgroup namespaces cryo made, owned by one
     /// of the tree's user namespaces, by their inode at the dump.
     pub owned: &'a std::collections::HashMap<u64, std::os::fd::RawFd>,
     /// The task's cgroups, and where the restore put the tree's.
     pub cgroups: &'a [cryo_image::proto::CgroupEntry],
-    pub cgroup_targets: &'a std::collections::HashMap<(u32, String), std::path::PathBuf>,
+    pub cgroup_targets: &'a crate::cgroup::Targets,
 }
 
 /// Restore side of every kind, in the new task before it makes its
@@ -432,7 +434,7 @@ pub fn restore(
             NsKind::Pid => Ok(()),
             NsKind::Time => time::restore(e.time.as_ref()),
             NsKind::Ipc => ipc::restore(e.ipc.as_ref()),
-            NsKind::Mnt => mnt::enter(e, cx.mnt_made),
+            NsKind::Mnt => mnt::enter(e, cx.mnt_made, cx.late_tmpfs),
             NsKind::Cgroup => cgroup::restore(e.cgroup.as_ref(), cx.cgroups, cx.cgroup_targets),
             NsKind::Net => enter_made(e, cx.net_made, nix::sched::CloneFlags::CLONE_NEWNET),
         };

@@ -231,7 +231,7 @@ impl Made {
         &mut self,
         entries: &[NamespaceEntry],
         procs: &[crate::restore::image::Image],
-        targets: &HashMap<(u32, String), std::path::PathBuf>,
+        targets: &crate::cgroup::Targets,
     ) -> Result<(), String> {
         for e in entries.iter().filter(|e| e.kind == "cgroup") {
             let Some(h) = self.helpers.get_mut(&e.owner) else {

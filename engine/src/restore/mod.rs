@@ -91,6 +91,8 @@ pub enum RestoreError {
     Timeout { pid: i32, secs: u64 },
     #[error("injected failure ({what}) from CRYO_FAULT")]
     Fault { what: String },
+    #[error("restoring task {pid}: {what}")]
+    Notify { pid: i32, what: String },
 }
 
 /// Test hook: `CRYO_FAULT=pause-restore-POINT:PATH` stops cryo at POINT
@@ -114,6 +116,9 @@ pub struct RestoreOptions {
     pub manage_cgroups: crate::cgroup::props::Manage,
     /// Restore the tree's cgroups under this one (--cgroup-root).
     pub cgroup_root: Option<String>,
+    /// The same for the hierarchy of one controller (by its name, "" for
+    /// cgroup v2): CRIU's cg_root entries.
+    pub cgroup_roots: HashMap<String, String>,
     /// The path for each key of a mount the dump was told is external
     /// (--external mnt[KEY]:PATH).
     pub externals: HashMap<String, String>,
@@ -129,6 +134,11 @@ pub struct RestoreOptions {
     /// Descriptors of cryo's for the pipes of the image that led outside
     /// the tree (--inherit-fd fd[N]:pipe:[INODE]): (inode, descriptor).
     pub inherit_fds: Vec<(u64, std::os::fd::RawFd)>,
+    /// The root process is made a child of cryo's parent, not of cryo
+    /// (CRIU's rst_sibling: the runtime that started cryo waits for it).
+    pub sibling: bool,
+    /// Who is told of the restore's steps (action scripts, RPC).
+    pub notify: crate::notify::Notify,
 }
 
 impl RestoreOptions {
@@ -138,11 +148,14 @@ impl RestoreOptions {
             dir: dir.into(),
             manage_cgroups: Default::default(),
             cgroup_root: None,
+            cgroup_roots: HashMap::new(),
             externals: HashMap::new(),
             root: None,
             veth_pairs: HashMap::new(),
             tcp_close: false,
             inherit_fds: Vec::new(),
+            sibling: false,
+            notify: Default::default(),
         }
     }
 }
@@ -198,7 +211,16 @@ fn all_tids<'a>(tree: &'a TreeImage, plan: &'a Plan) -> impl Iterator<Item = i32
 /// The image, loaded and cross-checked, with its pages files open (a
 /// damaged one is refused here), checked against this CPU, planned, and
 /// every pid it needs free.
-fn load(opts: &RestoreOptions) -> Result<(TreeImage, Vec<cryo_image::PageReader>, Plan)> {
+/// What [`load`] gives: the image, its pages files and its parent images
+/// open, and the plan.
+type Loaded = (
+    TreeImage,
+    Vec<cryo_image::PageReader>,
+    std::cell::RefCell<crate::mem::incremental::Chain>,
+    Plan,
+);
+
+fn load(opts: &RestoreOptions) -> Result<Loaded> {
     let mut tree = TreeImage::load(&opts.dir)?;
     if opts.tcp_close {
         crate::files::inet::close_connections(&mut tree.procs[0].files);
@@ -211,6 +233,10 @@ fn load(opts: &RestoreOptions) -> Result<(TreeImage, Vec<cryo_image::PageReader>
     for img in &tree.procs {
         crate::core::check_cpu(img.pid(), &img.core)?;
     }
+    // Parent images are opened here: a task in a mount namespace of the
+    // tree does not see their paths.
+    let chain = crate::mem::incremental::Chain::preload(&opts.dir, &tree.procs)
+        .map_err(|what| RestoreError::Plan { pid: root, what })?;
     let plan = Plan::build(&tree).map_err(|e| RestoreError::Plan {
         pid: root,
         what: e.to_string(),
@@ -222,7 +248,7 @@ fn load(opts: &RestoreOptions) -> Result<(TreeImage, Vec<cryo_image::PageReader>
             return Err(RestoreError::PidTaken { pid: tid, holder });
         }
     }
-    Ok((tree, readers, plan))
+    Ok((tree, readers, std::cell::RefCell::new(chain), plan))
 }
 
 /// What cryo makes before any task: the shared anonymous objects and
@@ -247,6 +273,9 @@ fn remove_socket_files(paths: &[std::path::PathBuf]) {
 #[derive(Default)]
 pub struct NsMade {
     pub mnt: HashMap<u64, RawFd>,
+    /// The detached mounts made for late mounts (ns::mnt::build::Made),
+    /// by mount id.
+    pub late_tmpfs: HashMap<u32, RawFd>,
     pub net: HashMap<u64, RawFd>,
     pub users: HashMap<u64, RawFd>,
     pub owned: HashMap<u64, RawFd>,
@@ -364,10 +393,13 @@ fn spawn_roots(ctx: &NodeCtx, roots: &mut Vec<Pid>) -> Result<()> {
         let set_tid = node.set_tid();
         let how = crate::sys::proc::NewTask {
             set_tid: &set_tid,
-            exit_signal: node.exit_signal,
+            // clone3 takes no exit signal with CLONE_PARENT: the child
+            // gets cryo's own (SIGCHLD for a runtime's child).
+            exit_signal: if ctx.sibling { 0 } else { node.exit_signal },
             share_fs: false,
             share_files: false,
             new_pid_ns: node.new_pid_ns(1),
+            sibling: ctx.sibling,
         };
         let created = match (node.host_free, node.kind) {
             (true, tree::NodeKind::Task(i)) => spawn_in_userns(ctx, i, &set_tid, node.pid),
@@ -439,6 +471,7 @@ fn spawn_in_userns(
         share_fs: false,
         share_files: false,
         new_pid_ns: false,
+        sibling: false,
     };
     let mid = crate::sys::proc::fork_with_pid(&how)?;
     if mid == 0 {
@@ -482,7 +515,11 @@ fn spawn_in_userns(
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     crate::files::pipe::set_inherited(&opts.inherit_fds);
-    let (tree, readers, plan) = load(opts)?;
+    let (tree, readers, chain, plan) = load(opts)?;
+    let root = tree.procs[0].pid();
+    opts.notify
+        .tell("pre-restore", root)
+        .map_err(|what| RestoreError::Notify { pid: root, what })?;
     fault("loaded")?;
     let root = tree.procs[0].pid();
     let pipe = || {
@@ -498,7 +535,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let (go2_r, go2_w) = pipe()?;
     let ns_err = |what| RestoreError::Namespaces { pid: root, what };
     let mut user_ns = crate::ns::user::make_all(&tree.namespaces).map_err(ns_err)?;
-    let mnt_ns = crate::ns::mnt::make_all(
+    let (mnt_ns, late_tmpfs) = crate::ns::mnt::make_all(
         &tree.namespaces,
         &opts.dir,
         &opts.externals,
@@ -515,6 +552,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     );
     let mut made = NsMade {
         mnt: raw_fds(&mnt_ns),
+        late_tmpfs: raw_fds(&late_tmpfs),
         net: raw_fds(&net_ns.fds),
         users: raw_fds(&user_ns.users),
         owned: raw_fds(&user_ns.owned),
@@ -539,7 +577,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         &tree.cgroups,
         memberships,
         opts.manage_cgroups,
-        opts.cgroup_root.as_deref(),
+        crate::cgroup::props::Roots {
+            all: opts.cgroup_root.as_deref(),
+            by_controller: Some(&opts.cgroup_roots),
+        },
     )
     .map_err(|what| {
         remove_socket_files(&shared.socket_files);
@@ -564,6 +605,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let ctx = NodeCtx {
         tree: &tree,
         readers: &readers,
+        chain: &chain,
         plan: &plan,
         shm: &shm_fds,
         files: &file_fds,
@@ -573,6 +615,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         go: [go0_r.as_raw_fd(), go1_r.as_raw_fd(), go2_r.as_raw_fd()],
         cgroups: &cgroups.targets,
         ns_made: &made,
+        sibling: opts.sibling,
     };
     let mut roots: Vec<Pid> = Vec::new();
     let started = spawn_roots(&ctx, &mut roots);
@@ -593,7 +636,14 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             .map(|r| plan.nodes[r].pid)
             .zip(roots.iter().map(|p| p.as_raw()))
             .collect();
-        supervise::supervise(&tree, &plan, status_r, (&go1_w, &go2_w), &pairs)
+        supervise::supervise(
+            &tree,
+            &plan,
+            status_r,
+            (&go1_w, &go2_w),
+            &pairs,
+            &opts.notify,
+        )
     });
     // Closing the barriers ends any task still waiting on one.
     drop((go0_w, go1_w, go2_w));

@@ -30,6 +30,9 @@ use crate::sys::mem::SharedCounters;
 pub struct NodeCtx<'a> {
     pub tree: &'a TreeImage,
     pub readers: &'a [PageReader],
+    /// The parent images' pages, opened by cryo (each task reads its own
+    /// copy, after the fork).
+    pub chain: &'a std::cell::RefCell<crate::mem::incremental::Chain>,
     pub plan: &'a Plan,
     /// The shared anonymous objects (shmem files) by their dumped id.
     pub shm: &'a HashMap<u64, RawFd>,
@@ -44,9 +47,11 @@ pub struct NodeCtx<'a> {
     /// in their groups.
     pub go: [RawFd; 3],
     /// Where each dumped cgroup (hierarchy, path) is here.
-    pub cgroups: &'a HashMap<(u32, String), std::path::PathBuf>,
+    pub cgroups: &'a crate::cgroup::Targets,
     /// The namespaces cryo made before the tasks.
     pub ns_made: &'a super::NsMade,
+    /// The roots are children of cryo's parent (RestoreOptions::sibling).
+    pub sibling: bool,
 }
 
 /// The memory of the task that creates a node, when it is the node's
@@ -193,6 +198,7 @@ fn node_setup(
             share_fs,
             share_files,
             new_pid_ns: child.new_pid_ns(node.depth()),
+            sibling: false,
         };
         match crate::sys::proc::fork_with_pid(&how) {
             Ok(0) => {

@@ -54,6 +54,7 @@ struct Supervisor<'a> {
     /// The pids in cryo's namespace of the tasks whose pid there the
     /// kernel chose (`Node::host_free`), by their image pid.
     actual: HashMap<i32, i32>,
+    notify: &'a crate::notify::Notify,
 }
 
 fn sys_err(pid: i32, what: &'static str) -> impl Fn(Errno) -> RestoreError {
@@ -68,6 +69,7 @@ pub fn supervise(
     status_r: OwnedFd,
     (go1, go2): (&OwnedFd, &OwnedFd),
     roots: &[(i32, i32)],
+    notify: &crate::notify::Notify,
 ) -> Result<()> {
     let procs: Vec<Proc> = tree
         .procs
@@ -98,6 +100,7 @@ pub fn supervise(
         go1,
         go2,
         actual: roots.iter().filter(|(i, a)| i != a).copied().collect(),
+        notify,
     };
     let start = Instant::now();
     loop {
@@ -225,6 +228,7 @@ impl Supervisor<'_> {
                     self.joined += 1;
                     if self.joined == n_nodes {
                         fault("joined")?;
+                        self.tell("setup-namespaces")?;
                         crate::sessions::foreground_shell_jobs(self.tree, self.plan);
                         write(self.go2)?;
                     }
@@ -314,7 +318,15 @@ impl Supervisor<'_> {
         }
         fault("stepped")?;
         let mut leaders: Vec<Victim> = Vec::with_capacity(self.procs.len());
-        if let Err(e) = self.unmap_boot(&mut leaders).and_then(|()| self.sched()) {
+        let ready = self.unmap_boot(&mut leaders).and_then(|()| self.sched());
+        // Told while every task is still stopped: a runtime records the
+        // restored pid (runc), and may refuse.
+        let ready = ready.and_then(|()| {
+            self.tell("post-restore")?;
+            self.notify.unlock_network(self.act(root));
+            self.tell("pre-resume")
+        });
+        if let Err(e) = ready {
             for v in leaders.iter_mut() {
                 let _ = v.kill();
             }
@@ -343,7 +355,19 @@ impl Supervisor<'_> {
                     .map_err(sys_err(root, "PTRACE_DETACH"))?;
             }
         }
+        // The tree runs: a listener's failure changes nothing any more.
+        if let Err(e) = self.tell("post-resume") {
+            tracing::warn!("{e}");
+        }
         Ok(())
+    }
+
+    /// Tell the listeners of `step`, with the root's pid here.
+    fn tell(&self, step: &str) -> Result<()> {
+        let pid = self.act(self.root);
+        self.notify
+            .tell(step, pid)
+            .map_err(|what| RestoreError::Notify { pid, what })
     }
 
     /// Give every thread its scheduling state and every process its

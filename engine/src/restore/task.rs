@@ -63,6 +63,7 @@ pub fn prepare_memory(
         .map(|p| p.namespaces.as_slice());
     let ns_cx = ns::RestoreCtx {
         mnt_made: &ctx.ns_made.mnt,
+        late_tmpfs: &ctx.ns_made.late_tmpfs,
         net_made: &ctx.ns_made.net,
         owned: &ctx.ns_made.owned,
         cgroups: &pc.cgroups,
@@ -80,8 +81,8 @@ pub fn prepare_memory(
     let (mut premap, rvmas) =
         mem::restore::premap(img, layout.premap_base, ctx.shm, ctx.files, parent)?;
     mem::restore::fill_pages(img, &ctx.readers[me], &mut premap)?;
-    mem::cow::fill_from_parents(ctx.tree, ctx.readers, me, &mut premap)?;
-    mem::incremental::fill_from_chain(img, &mut premap)?;
+    mem::cow::fill_from_parents(ctx.tree, ctx.readers, ctx.chain, me, &mut premap)?;
+    mem::incremental::fill_from_chain(img, ctx.chain, &mut premap)?;
     mem::restore::install_guards(img, &mut premap)?;
     Ok(Memory {
         layout,

@@ -173,6 +173,9 @@ pub struct NewTask<'a> {
     pub share_files: bool,
     /// The init of a new pid namespace (CLONE_NEWPID).
     pub new_pid_ns: bool,
+    /// A child of this process's parent, not of this process
+    /// (CLONE_PARENT).
+    pub sibling: bool,
 }
 
 /// clone3 with exactly the pids of `t` (set_tid) and its exit signal,
@@ -190,6 +193,7 @@ pub fn fork_with_pid(t: &NewTask) -> Result<i32, Errno> {
         (t.share_fs, libc::CLONE_FS),
         (t.share_files, libc::CLONE_FILES),
         (t.new_pid_ns, libc::CLONE_NEWPID),
+        (t.sibling, libc::CLONE_PARENT),
     ] {
         if on {
             flags |= flag as u64;
@@ -201,7 +205,8 @@ pub fn fork_with_pid(t: &NewTask) -> Result<i32, Errno> {
     // the working directory, root and umask with the child, CLONE_FILES
     // the descriptor table (the restore orders who changes it, see
     // files::table); CLONE_NEWPID only puts the child in a new pid
-    // namespace.
+    // namespace; CLONE_PARENT only gives the child this process's parent
+    // (it is still traced and waited for by the caller through ptrace).
     unsafe { super::clone3_with_pid(t.set_tid, t.exit_signal, flags) }
 }
 

@@ -29,15 +29,21 @@ fn io(what: String) -> impl FnOnce(nix::errno::Errno) -> String {
     move |e| format!("{what}: {}", std::io::Error::from(e))
 }
 
+/// What [`make`] made: the namespace, held open, and a detached mount for
+/// each late mount made from a copy (by mount id): a tmpfs filled from
+/// the image, or the copy of a host path or external source, which the
+/// namespace's first task attaches (it can neither read the image nor
+/// reach cryo's mounts there).
+pub type Made = (OwnedFd, Vec<(u32, OwnedFd)>);
+
 /// Make the mount namespace of `state` (`dir`: the image, for the tmpfs
-/// files; `externals`: the paths the user gave for --external keys) and
-/// return it, held open.
+/// files; `externals`: the paths the user gave for --external keys).
 pub fn make(
     state: &MntState,
     dir: &Path,
     externals: &HashMap<String, String>,
     premade: Option<&OwnedFd>,
-) -> Result<OwnedFd, String> {
+) -> Result<Made, String> {
     check(state)?;
     // Copies of the mounts whose peer groups are kept, taken here, in
     // cryo's namespace: a copy is a member of its mount's peer group.
@@ -107,7 +113,7 @@ fn in_thread(
     yard: &str,
     groups: HashMap<usize, OwnedFd>,
     premade: Option<&OwnedFd>,
-) -> Result<OwnedFd, String> {
+) -> Result<Made, String> {
     crate::sys::ns::private_mounts(None)
         .map_err(|e| format!("a private copy of cryo's mount namespace: {e}"))?;
     let mut sources = host_sources(state, externals)?;
@@ -132,11 +138,14 @@ fn in_thread(
     .map_err(io(format!("mounting a tmpfs on {yard}")))?;
     let top = format!("{yard}/root");
     std::fs::create_dir(&top).map_err(|e| format!("making {top}: {e}"))?;
+    let mut late = late_tmpfs(state, yard, dir)?;
     for (i, m) in state.mounts.iter().enumerate().filter(|(_, m)| !m.late) {
         tracing::debug!(id = m.id, mp = %m.mountpoint, "mount");
         make_one(state, m, &top, sources.remove(&i), dir)
             .map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))?;
     }
+    // What is left are the sources of late mounts.
+    late.extend(sources.into_iter().map(|(i, fd)| (state.mounts[i].id, fd)));
     let mut groups = groups;
     tracing::debug!("propagation");
     propagation(state, &top, yard, &mut groups)?;
@@ -146,7 +155,32 @@ fn in_thread(
     for m in state.mounts.iter().rev().filter(|m| !m.late) {
         set_flags(m, &target("", m))?;
     }
-    Ok(ns)
+    Ok((ns, late))
+}
+
+/// Each late tmpfs (under a late proc, say: runc masks /proc/acpi with
+/// one), made and filled here, in the yard, and taken as a detached copy.
+fn late_tmpfs(state: &MntState, yard: &str, dir: &Path) -> Result<Vec<(u32, OwnedFd)>, String> {
+    let mut out = Vec::new();
+    for m in state
+        .mounts
+        .iter()
+        .filter(|m| m.late && m.fstype == "tmpfs")
+    {
+        if !matches!(m.how, Some(How::Fresh(_))) {
+            continue;
+        }
+        let scratch = format!("{yard}/late-{}", m.id);
+        let fail = |w: String| format!("mount {} at {}: {w}", m.id, m.mountpoint);
+        std::fs::create_dir(&scratch).map_err(|e| fail(format!("making {scratch}: {e}")))?;
+        fresh(m, &scratch, dir).map_err(fail)?;
+        let copy = sysm::clone_mount(&scratch)
+            .map_err(|e| fail(format!("taking a detached copy of it: {e}")))?;
+        umount2(scratch.as_str(), MntFlags::MNT_DETACH)
+            .map_err(|e| fail(format!("unmounting {scratch}: {e}")))?;
+        out.push((m.id, copy));
+    }
+    Ok(out)
 }
 
 /// Make the tree at `top` the namespace's root and let the rest go: the

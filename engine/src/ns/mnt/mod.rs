@@ -360,39 +360,54 @@ fn target(top: &str, m: &MountEntry) -> String {
 
 /// In the namespace's first task, once it is in the namespace and in the
 /// namespaces it makes: the `late` mounts.
-pub fn late_mounts(state: &MntState) -> Result<(), String> {
+/// A tmpfs among them, or one made from a host path or an external
+/// source, is the detached mount cryo made (`copies`, by mount id).
+pub fn late_mounts(state: &MntState, copies: &HashMap<u32, RawFd>) -> Result<(), String> {
     for m in state.mounts.iter().filter(|m| m.late) {
-        build::make_one(state, m, "", None, Path::new(""))
-            .map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))?;
+        let made = match copies.get(&m.id) {
+            Some(fd) => crate::sys::mount::attach(&crate::sys::fd::borrow(*fd), &target("", m))
+                .map_err(|e| format!("attaching the mount cryo made for it: {e}")),
+            None => build::make_one(state, m, "", None, Path::new("")),
+        };
+        made.map_err(|w| format!("mount {} at {}: {w}", m.id, m.mountpoint))?;
         build::set_flags(m, &target("", m))?;
     }
     Ok(())
 }
 
+/// What [`make_all`] made: each namespace by its inode at the dump, and
+/// the detached mounts of late mounts by mount id.
+pub type AllMade = (HashMap<u64, OwnedFd>, HashMap<u32, OwnedFd>);
+
 /// In cryo, before any task: every mount namespace of the image made
 /// ([`build::make`]), by its inode at the dump. `root` (--root): the
 /// directory the first one's root mount binds instead of the dumped one.
+/// Also returned: the detached mounts of late mounts (see
+/// [`build::Made`]).
 pub fn make_all(
     entries: &[cryo_image::proto::NamespaceEntry],
     dir: &Path,
     externals: &HashMap<String, String>,
     root: Option<&str>,
     owned: &HashMap<u64, OwnedFd>,
-) -> Result<HashMap<u64, OwnedFd>, String> {
+) -> Result<AllMade, String> {
+    let mut late = HashMap::new();
     let out = super::make_each(entries, super::NsKind::Mnt, |i, e| {
         let mut state = e.mnt.clone().ok_or("namespaces.img has no mounts for it")?;
         if let (0, Some(r), Some(m)) = (i, root, state.mounts.first_mut()) {
             m.how = Some(How::HostPath(r.to_string()));
             m.host_below = 0;
         }
-        build::make(&state, dir, externals, owned.get(&e.inode))
+        let (ns, tmpfs) = build::make(&state, dir, externals, owned.get(&e.inode))?;
+        late.extend(tmpfs);
+        Ok(ns)
     })?;
     if let (true, Some(r)) = (out.is_empty(), root) {
         return Err(format!(
             "--root {r}: the tree has no mount namespace of its own (its tasks were in the dumping cryo's)"
         ));
     }
-    Ok(out)
+    Ok((out, late))
 }
 
 /// In a task: enter the mount namespace cryo made for `e`, then mount
@@ -400,10 +415,11 @@ pub fn make_all(
 pub fn enter(
     e: &cryo_image::proto::NamespaceEntry,
     made: &HashMap<u64, RawFd>,
+    tmpfs: &HashMap<u32, RawFd>,
 ) -> Result<(), String> {
     super::enter_made(e, made, nix::sched::CloneFlags::CLONE_NEWNS)?;
     match &e.mnt {
-        Some(state) => late_mounts(state),
+        Some(state) => late_mounts(state, tmpfs),
         None => Ok(()),
     }
 }
