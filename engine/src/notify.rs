@@ -10,7 +10,8 @@
 //!   left the tree running, or after a failed one once it runs again);
 //! - restore: `pre-restore`, `setup-namespaces` (every task is in its
 //!   namespaces, with the root's pid), `post-restore` (every task is
-//!   restored and still stopped, with the root's pid), `network-unlock`,
+//!   restored and still stopped, with the root's pid), `network-unlock`
+//!   (whatever locked the network at the dump may let it go),
 //!   `pre-resume`, `post-resume` (every task runs).
 //!
 //! A step's listener that fails stops the dump or the restore there (a

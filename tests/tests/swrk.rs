@@ -199,3 +199,125 @@ fn dump_and_restore_by_rpc() {
     s.ends();
     wl.assert_pass("restored by RPC");
 }
+
+impl Swrk {
+    /// Send a request, then answer each NOTIFY with `answer(step, pid)`
+    /// (true: success) until the request's own response, returned with
+    /// the steps told.
+    fn ask_notified(
+        &mut self,
+        bytes: &[u8],
+        mut answer: impl FnMut(&str, i32) -> bool,
+    ) -> (CriuResp, Vec<String>) {
+        let mut steps = Vec::new();
+        let mut r = self.ask(bytes);
+        while r.r#type == CriuReqType::Notify as i32 {
+            assert!(r.success, "a NOTIFY without success: {r:?}");
+            let n = r.notify.clone().expect("a NOTIFY names its step");
+            let step = n.script.unwrap_or_default();
+            let ok = answer(&step, n.pid.unwrap_or(0));
+            steps.push(step);
+            let back = CriuReq {
+                r#type: Some(CriuReqType::Notify as i32),
+                notify_success: Some(ok),
+                ..Default::default()
+            };
+            r = self.ask(&back.encode_to_vec());
+        }
+        (r, steps)
+    }
+}
+
+/// With notify_scripts, each step of a DUMP and a RESTORE is told in
+/// CRIU's order and waits for the caller's answer; with rst_sibling the
+/// restored root is the caller's child (checked while the restore waits
+/// on post-restore, every task still stopped).
+#[test]
+fn notifications_in_order_and_sibling_root() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "4"], &dir);
+    let guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    let d = std::fs::File::open(&img).expect("the image directory");
+    let opts = CriuOpts {
+        images_dir_fd: Some(d.as_raw_fd()),
+        pid: Some(wl.pid()),
+        notify_scripts: Some(true),
+        ..Default::default()
+    };
+    let mut s = Swrk::start(&[]);
+    let (r, steps) = s.ask_notified(&req(CriuReqType::Dump, Some(opts.clone())), |_, _| true);
+    assert!(r.success, "DUMP: {r:?}");
+    assert_eq!(steps, ["pre-dump", "network-lock", "post-dump"]);
+    s.ends();
+    assert!(reap_gone(guard.pids(), Duration::from_secs(10)));
+    let mut s = Swrk::start(&[]);
+    let mut parent_at_post_restore = None;
+    let restore = CriuOpts {
+        pid: None,
+        rst_sibling: Some(true),
+        ..opts
+    };
+    let (r, steps) = s.ask_notified(&req(CriuReqType::Restore, Some(restore)), |step, pid| {
+        if step == "post-restore" {
+            parent_at_post_restore = proc_status_field(pid, "PPid");
+        }
+        true
+    });
+    wl.mark_running();
+    assert!(r.success, "RESTORE: {r:?}");
+    assert_eq!(
+        steps,
+        [
+            "pre-restore",
+            "setup-namespaces",
+            "post-restore",
+            "network-unlock",
+            "pre-resume",
+            "post-resume"
+        ]
+    );
+    assert_eq!(
+        parent_at_post_restore,
+        Some(std::process::id().to_string()),
+        "with rst_sibling the root is the caller's child"
+    );
+    s.ends();
+    wl.assert_pass("restored by RPC as the caller's child");
+}
+
+/// A caller that answers post-dump with a failure fails the DUMP: the
+/// tree runs on as before (its own check passes), and no image is left.
+#[test]
+fn failed_notification_leaves_the_tree_running() {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_bench", &["--mib", "4"], &dir);
+    let img = dir.subdir("img");
+    let d = std::fs::File::open(&img).expect("the image directory");
+    let opts = CriuOpts {
+        images_dir_fd: Some(d.as_raw_fd()),
+        pid: Some(wl.pid()),
+        notify_scripts: Some(true),
+        ..Default::default()
+    };
+    let mut s = Swrk::start(&[]);
+    let (r, steps) = s.ask_notified(&req(CriuReqType::Dump, Some(opts)), |step, _| {
+        step != "post-dump"
+    });
+    assert!(!r.success, "DUMP succeeded: {r:?}");
+    let why = r.cr_errmsg.unwrap_or_default();
+    assert!(why.contains("post-dump"), "{why}");
+    assert_eq!(
+        steps,
+        ["pre-dump", "network-lock", "post-dump", "network-unlock"]
+    );
+    s.ends();
+    assert!(pid_alive(wl.pid()), "the dumped task is gone");
+    let left: Vec<String> = std::fs::read_dir(&img)
+        .expect("the image directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(left.is_empty(), "a failed dump left {left:?}");
+    wl.assert_pass("after a refused post-dump");
+}

@@ -323,7 +323,9 @@ impl Supervisor<'_> {
         // restored pid (runc), and may refuse.
         let ready = ready.and_then(|()| {
             self.tell("post-restore")?;
-            self.notify.unlock_network(self.act(root));
+            // The lock the dump's network-lock made (runc detaches a
+            // container's veth there) goes now.
+            self.tell("network-unlock")?;
             self.tell("pre-resume")
         });
         if let Err(e) = ready {
