@@ -1,8 +1,10 @@
 //! A pipe leading outside the tree (a supervisor's log pipe, as runc
 //! hands a detached container): `dump --external-pipe pipe:[INODE]` keeps
 //! it as such, and `restore --inherit-fd fd[N]:pipe:[INODE]` gives the
-//! restored tree the caller's end of the same pipe. The test holds the
-//! read end and reads the counter's lines before and after.
+//! restored tree the caller's end of the same pipe. The same for a unix
+//! socket connected to the caller (`--external unix[INODE]`, then
+//! `--inherit-fd fd[N]:socket:[INODE]`). The test holds the other end and
+//! reads the counter's lines before and after.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -31,6 +33,12 @@ fn counts(r: &mut std::fs::File, n: usize, t: Duration) -> Vec<u64> {
     }
 }
 
+fn inode(fd: &OwnedFd) -> u64 {
+    std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("the descriptor's inode")
+}
+
 #[test]
 fn pipe_to_the_caller_given_back_with_inherit_fd() {
     let mut fds = [0i32; 2];
@@ -39,9 +47,33 @@ fn pipe_to_the_caller_given_back_with_inherit_fd() {
     assert_eq!(made, 0);
     // SAFETY: both were just made and are owned by nothing else.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let ino = std::fs::metadata(format!("/proc/self/fd/{}", r.as_raw_fd()))
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .expect("the pipe's inode");
+    let key = format!("pipe:[{}]", inode(&r));
+    given_back(r, w, &key, &["--external-pipe", &key]);
+}
+
+#[test]
+fn socket_to_the_caller_given_back_with_inherit_fd() {
+    let mut fds = [0i32; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`, a live array.
+    let made = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(made, 0);
+    // SAFETY: both were just made and are owned by nothing else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let ino = inode(&w);
+    let key = format!("socket:[{ino}]");
+    given_back(r, w, &key, &["--external", &format!("unix[{ino}]")]);
+}
+
+/// The counter writes to `w` (its standard output); the test reads `r`;
+/// `key` names `w`'s file, `flag` is the dump's option for it.
+fn given_back(r: OwnedFd, w: OwnedFd, key: &str, flag: &[&str]) {
     let pid = spawn_counter(
         std::process::Stdio::from(w.try_clone().expect("dup")),
         std::process::Stdio::null(),
@@ -52,16 +84,16 @@ fn pipe_to_the_caller_given_back_with_inherit_fd() {
     assert!(before.len() >= 3, "the counter wrote {before:?}");
     let dir = TestDir::new();
     let img = dir.subdir("img");
-    let key = format!("pipe:[{ino}]");
-    // Refused without the flag: the pipe leads to this test.
+    // Refused without the flag: it leads to this test.
     let refused = dump(pid, &img, &[], &[]);
     assert!(
         !refused.status.success(),
-        "a pipe to outside was dumped unasked"
+        "{key} to outside was dumped unasked"
     );
-    assert!(stderr_of(&refused).contains("outside the dumped tree"));
-    let out = dump(pid, &img, &["--external-pipe", &key], &[]);
-    assert_cryo_ok(&out, "cryo dump --external-pipe");
+    let why = stderr_of(&refused);
+    assert!(why.contains("outside"), "{why}");
+    let out = dump(pid, &img, flag, &[]);
+    assert_cryo_ok(&out, &format!("cryo dump {flag:?}"));
     assert!(reap_gone(&[pid], Duration::from_secs(10)));
     // What the counter wrote before it was killed, read off.
     let _ = counts(&mut rf, usize::MAX, Duration::from_millis(100));

@@ -95,8 +95,11 @@ pub struct DumpArgs {
     pub stats: Option<PathBuf>,
     /// A mount of the tree's mount namespace that the restore binds from
     /// a path it is given rather than makes: mnt[MOUNTPOINT]:KEY (the
-    /// restore takes --external mnt[KEY]:PATH). Repeatable.
-    #[arg(long = "external", value_name = "mnt[MOUNTPOINT]:KEY")]
+    /// restore takes --external mnt[KEY]:PATH); or unix[INODE]: a unix
+    /// socket (one connected to a supervisor outside the tree) whose
+    /// state is not kept, given back at restore with --inherit-fd
+    /// fd[N]:socket:[INODE]. Repeatable.
+    #[arg(long = "external", value_name = "mnt[MOUNTPOINT]:KEY|unix[INODE]")]
     pub externals: Vec<String>,
     /// An incremental dump: the image (a pre-dump, or a dump left
     /// running) whose pages this one refers to where they were not
@@ -185,6 +188,8 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
             })
             .collect::<anyhow::Result<_>>()?,
         externals: cryo_engine::ns::mnt::parse_externals(&a.externals)
+            .map_err(anyhow::Error::msg)?,
+        external_sockets: cryo_engine::ns::mnt::external_sockets(&a.externals)
             .map_err(anyhow::Error::msg)?,
     };
     let start = Instant::now();

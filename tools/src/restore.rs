@@ -17,10 +17,14 @@ pub struct RestoreArgs {
     /// the tree runs).
     #[arg(long, conflicts_with = "dir")]
     pub stream: bool,
-    /// Give the tree descriptor N of this process for the pipe that led
-    /// outside it at the dump (dump --external-pipe), as CRIU's flag does:
-    /// fd[N]:pipe:[INODE]. Repeatable.
-    #[arg(long = "inherit-fd", value_name = "fd[N]:pipe:[INODE]")]
+    /// Give the tree descriptor N of this process for the pipe or socket
+    /// that led outside it at the dump (dump --external-pipe, --external
+    /// unix[INODE]), as CRIU's flag does: fd[N]:pipe:[INODE] or
+    /// fd[N]:socket:[INODE]. Repeatable.
+    #[arg(
+        long = "inherit-fd",
+        value_name = "fd[N]:pipe:[INODE]|fd[N]:socket:[INODE]"
+    )]
     pub inherit_fds: Vec<String>,
     /// Return as soon as the task runs instead of waiting for it to exit.
     #[arg(short = 'd', long)]
@@ -89,23 +93,6 @@ pub fn stage_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// `fd[N]:pipe:[INODE]` as (INODE, N).
-fn parse_inherit(s: &str) -> anyhow::Result<(u64, i32)> {
-    let bad =
-        || anyhow::anyhow!("--inherit-fd {s:?}: expected fd[N]:pipe:[INODE] (only pipes so far)");
-    let (fd, what) = s.split_once(':').ok_or_else(bad)?;
-    let n: i32 = fd
-        .strip_prefix("fd[")
-        .and_then(|r| r.strip_suffix(']'))
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(bad)?;
-    let ino: u64 = what
-        .strip_prefix("pipe:[")
-        .and_then(|r| r.strip_suffix(']'))
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(bad)?;
-    Ok((ino, n))
-}
-
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
     if !a.stream {
         let dir = a
@@ -158,7 +145,7 @@ fn restore_from(a: &RestoreArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
         inherit_fds: a
             .inherit_fds
             .iter()
-            .map(|s| parse_inherit(s))
+            .map(|s| cryo_engine::files::parse_inherit(s).map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<_>>()?,
         sibling: false,
         notify: cryo_engine::notify::Notify::scripts(&a.action_scripts, dir.to_path_buf()),

@@ -254,6 +254,7 @@ fn cgroup_roots(dir: &Path) -> Result<Vec<i32>> {
 /// running as before.
 pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats> {
     crate::files::pipe::set_external(&opts.external_pipes, opts.external_pipes_all);
+    crate::files::unix::set_external(&opts.external_sockets);
     let told = |what| DumpError::Notify {
         pid: opts.pid,
         what,

@@ -62,6 +62,10 @@ pub struct DumpOptions {
     /// (as CRIU's RPC service does: runc gives a container's stdio pipes
     /// back at restore by inherit_fd).
     pub external_pipes_all: bool,
+    /// Unix sockets (by inode) whose state is not kept: the restore is
+    /// given them (--external unix[INODE], then --inherit-fd
+    /// fd[N]:socket:[INODE]), as a supervisor's connection to the tree.
+    pub external_sockets: Vec<u64>,
     /// Who is told of the dump's steps (action scripts, RPC).
     pub notify: crate::notify::Notify,
 }
@@ -91,6 +95,7 @@ impl DumpOptions {
             prev_images_dir: None,
             external_pipes: Vec::new(),
             external_pipes_all: false,
+            external_sockets: Vec::new(),
             notify: Default::default(),
         }
     }

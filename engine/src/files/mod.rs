@@ -135,6 +135,48 @@ pub enum FilesError {
 
 type Result<T> = std::result::Result<T, FilesError>;
 
+/// The descriptors of cryo's a restore was given for files that led
+/// outside the tree (--inherit-fd fd[N]:KEY), by key: `pipe:[INODE]`,
+/// `socket:[INODE]`.
+static INHERITED: std::sync::Mutex<Vec<(String, std::os::fd::RawFd)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Restore side: take `fds` (key, descriptor of cryo's).
+pub fn set_inherited(fds: &[(String, std::os::fd::RawFd)]) {
+    *INHERITED.lock().unwrap_or_else(|p| p.into_inner()) = fds.to_vec();
+}
+
+/// The descriptor given for `key`, if any.
+fn inherited(key: &str) -> Option<std::os::fd::RawFd> {
+    INHERITED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|&(_, fd)| fd)
+}
+
+/// `fd[N]:KEY` (--inherit-fd, CRIU's form) as (KEY, N); KEY is
+/// `pipe:[INODE]` or `socket:[INODE]`.
+pub fn parse_inherit(s: &str) -> std::result::Result<(String, i32), String> {
+    let bad = || format!("--inherit-fd {s:?}: expected fd[N]:pipe:[INODE] or fd[N]:socket:[INODE]");
+    let (fd, key) = s.split_once(':').ok_or_else(bad)?;
+    let n: i32 = fd
+        .strip_prefix("fd[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(bad)?;
+    let inode = ["pipe:[", "socket:["]
+        .iter()
+        .find_map(|p| key.strip_prefix(p))
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse::<u64>().ok());
+    match inode {
+        Some(_) => Ok((key.to_string(), n)),
+        None => Err(bad()),
+    }
+}
+
 /// What the dump accepts, from the command line.
 #[derive(Debug, Clone, Copy)]
 pub struct CollectOptions {

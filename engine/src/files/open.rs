@@ -113,6 +113,7 @@ impl Opener<'_> {
             FileKind::FileSymlink => regfile::open_symlink(f)?,
             FileKind::FilePidfdDead => pidfd::make_dead()?,
             FileKind::FileInetSocket => inet::make(f)?,
+            FileKind::FileUnixSocket if f.external_socket => unix::inherited(f)?,
             FileKind::FileUnixSocket => self
                 .sockets
                 .remove(&f.id)
@@ -161,7 +162,9 @@ pub fn open_all(
             .iter()
             .filter(move |f| used.contains(&f.id) && f.kind == k as i32)
     };
-    let sockets: Vec<&FileEntry> = of_kind(FileKind::FileUnixSocket).collect();
+    let sockets: Vec<&FileEntry> = of_kind(FileKind::FileUnixSocket)
+        .filter(|f| !f.external_socket)
+        .collect();
     let sockets_named: Vec<(Vec<u8>, u32)> = sockets
         .iter()
         .filter_map(|f| Some((unix::name_key(&f.unix.as_ref()?.name), f.id)))

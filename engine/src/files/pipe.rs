@@ -229,28 +229,11 @@ pub fn set_external(inodes: &[u64], all: bool) {
     *EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()) = (inodes.to_vec(), all);
 }
 
-/// The descriptors a restore was given for pipes leading outside the
-/// tree (--inherit-fd fd[N]:pipe:[INODE]), by inode.
-static INHERITED: std::sync::Mutex<Vec<(u64, std::os::fd::RawFd)>> =
-    std::sync::Mutex::new(Vec::new());
-
-/// Restore side: take `fds` (pipe inode, descriptor of cryo's) for the
-/// pipes leading outside the tree.
-pub fn set_inherited(fds: &[(u64, std::os::fd::RawFd)]) {
-    *INHERITED.lock().unwrap_or_else(|p| p.into_inner()) = fds.to_vec();
-}
-
 /// The end `f` of a pipe leading outside the tree: a duplicate of the
 /// descriptor the restore was given for it, which must be an end of the
 /// same kind.
 fn inherited(f: &FileEntry) -> Result<OwnedFd, String> {
-    let given = INHERITED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .find(|(ino, _)| *ino == f.inode)
-        .map(|&(_, fd)| fd);
-    let Some(fd) = given else {
+    let Some(fd) = super::inherited(&format!("pipe:[{}]", f.inode)) else {
         return Err(format!(
             "pipe:[{}] led outside the tree at the dump: restore with --inherit-fd fd[N]:pipe:[{}], N a descriptor of that pipe's {} end",
             f.inode,

@@ -131,9 +131,10 @@ pub struct RestoreOptions {
     /// TCP connections in the image are restored closed: sockets of their
     /// kind, not connected (--tcp-close).
     pub tcp_close: bool,
-    /// Descriptors of cryo's for the pipes of the image that led outside
-    /// the tree (--inherit-fd fd[N]:pipe:[INODE]): (inode, descriptor).
-    pub inherit_fds: Vec<(u64, std::os::fd::RawFd)>,
+    /// Descriptors of cryo's for the pipes and sockets of the image that
+    /// led outside the tree (--inherit-fd fd[N]:pipe:[INODE],
+    /// fd[N]:socket:[INODE]): (key, descriptor).
+    pub inherit_fds: Vec<(String, std::os::fd::RawFd)>,
     /// The root process is made a child of cryo's parent, not of cryo
     /// (CRIU's rst_sibling: the runtime that started cryo waits for it).
     pub sibling: bool,
@@ -514,7 +515,7 @@ fn spawn_in_userns(
 /// Restore the image in `opts.dir`; returns once every task runs.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    crate::files::pipe::set_inherited(&opts.inherit_fds);
+    crate::files::set_inherited(&opts.inherit_fds);
     let (tree, readers, chain, plan) = load(opts)?;
     let root = tree.procs[0].pid();
     opts.notify

@@ -109,6 +109,7 @@ pub fn dump(s: &Session, req: &CriuReq, ty: CriuReqType) -> Result<CriuResp, Str
     d.freeze_cgroup = o.freeze_cgroup.as_ref().map(PathBuf::from);
     d.prev_images_dir = o.parent_img.as_ref().map(PathBuf::from);
     d.externals = cryo_engine::ns::mnt::parse_externals(&o.external)?;
+    d.external_sockets = cryo_engine::ns::mnt::external_sockets(&o.external)?;
     // ext_mnt: the mountpoint (key) is external, recorded by its name.
     d.externals
         .extend(o.ext_mnt.iter().map(|m| (m.key.clone(), m.val.clone())));
@@ -164,13 +165,9 @@ pub fn restore(s: &Session, req: &CriuReq) -> Result<CriuResp, String> {
         .map(|v| (v.if_in.clone(), v.if_out.clone()))
         .collect();
     for i in &o.inherit_fd {
-        let ino = i
-            .key
-            .strip_prefix("pipe:[")
-            .and_then(|k| k.strip_suffix(']'))
-            .and_then(|k| k.parse::<u64>().ok())
-            .ok_or_else(|| format!("inherit_fd {:?}: only pipe:[INODE] is taken so far", i.key))?;
-        r.inherit_fds.push((ino, i.fd));
+        let (key, fd) = cryo_engine::files::parse_inherit(&format!("fd[{}]:{}", i.fd, i.key))
+            .map_err(|e| format!("inherit_fd {:?}: {e}", i.key))?;
+        r.inherit_fds.push((key, fd));
     }
     // The caller's status descriptor, opened before the restore: one
     // that cannot be opened fails the request before any task exists.

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
-use cryo_image::proto::{FileKind, InFlight, UnixSocketState};
+use cryo_image::proto::{FileEntry, FileKind, InFlight, UnixSocketState};
 use nix::errno::Errno;
 
 use super::{FilesError, OpenFile};
@@ -111,7 +111,14 @@ pub fn states(
         .filter(|l| l.state == STATE_LISTEN && inodes.contains(&l.ino))
         .flat_map(|l| l.icons.iter().map(move |&c| (c, l.ino)))
         .collect();
+    let named = EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (i, q) in queues {
+        // Named by the user: its state is not kept, the restore is given
+        // the socket.
+        if named.contains(&table[i].entry.inode) {
+            table[i].entry.external_socket = true;
+            continue;
+        }
         let o = &table[i];
         let info = q.info;
         // Connected to a connection a listener of the tree has not
@@ -416,6 +423,33 @@ fn external(
         });
     }
     Ok(name)
+}
+
+/// The sockets (by inode) the dump was told are the caller's
+/// (--external unix[INODE]).
+static EXTERNAL: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+/// Dump side: take `inodes` as external sockets.
+pub fn set_external(inodes: &[u64]) {
+    *EXTERNAL.lock().unwrap_or_else(|p| p.into_inner()) = inodes.to_vec();
+}
+
+/// Restore side: the socket `f` named external at the dump, a duplicate
+/// of the descriptor the restore was given for it (a socket).
+pub fn inherited(f: &FileEntry) -> Result<OwnedFd, String> {
+    let key = format!("socket:[{}]", f.inode);
+    let fd = super::inherited(&key).ok_or_else(|| {
+        format!("{key} was named external at the dump: restore with --inherit-fd fd[N]:{key}")
+    })?;
+    let (dup, _) =
+        crate::sys::fs::dup_given(fd).map_err(|e| format!("--inherit-fd fd[{fd}]: {e}"))?;
+    let st = nix::sys::stat::fstat(&dup).map_err(|e| format!("--inherit-fd fd[{fd}]: {e}"))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(format!(
+            "--inherit-fd fd[{fd}]: not a socket, given for {key}"
+        ));
+    }
+    Ok(dup)
 }
 
 /// TCP_LISTEN, as unix sockets report it.

@@ -438,9 +438,25 @@ pub fn parse_external(s: &str) -> Result<(String, String), String> {
     Ok((a.to_string(), b.to_string()))
 }
 
-/// Every `--external` value (see [`parse_external`]).
+/// Every `--external` value of the mount kind (see [`parse_external`]);
+/// `unix[INODE]` ones are left to [`external_sockets`].
 pub fn parse_externals(all: &[String]) -> Result<Vec<(String, String)>, String> {
-    all.iter().map(|e| parse_external(e)).collect()
+    all.iter()
+        .filter(|e| !e.starts_with("unix["))
+        .map(|e| parse_external(e))
+        .collect()
+}
+
+/// The inodes of the `--external unix[INODE]` values (dump side).
+pub fn external_sockets(all: &[String]) -> Result<Vec<u64>, String> {
+    all.iter()
+        .filter_map(|e| e.strip_prefix("unix["))
+        .map(|r| {
+            r.strip_suffix(']')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("--external unix[{r}: expected unix[INODE]"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
