@@ -59,6 +59,7 @@ pub mod mem;
 pub mod notify;
 pub mod ns;
 pub mod pageserver;
+pub mod phases;
 pub mod proc;
 pub mod pstree;
 pub mod restore;

@@ -1233,3 +1233,20 @@ pub fn spawn_counter(stdout: Stdio, stderr: Stdio) -> i32 {
     drop(child);
     pid
 }
+
+/// A number (milliseconds, say) of a `--stats` JSON file, by key.
+pub fn stats_ms(path: &Path, key: &str) -> f64 {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let pat = format!("\"{key}\":");
+    let at = text
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in the stats: {text}"))
+        + pat.len();
+    text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
+}

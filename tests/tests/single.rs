@@ -571,3 +571,54 @@ fn stopped_process_is_dumped_and_restored_stopped() {
     );
     wl.assert_pass("restored stopped, then continued");
 }
+
+/// `--stats` on dump and restore gives each phase's time; the phases
+/// follow one another, so they add up to no more than the total.
+#[test]
+fn stats_give_each_phase() {
+    let dir = TestDir::new();
+    let mut wl = Workload::single("nanosleep", &dir);
+    let img = dir.subdir("img");
+    let ds = dir.join("dump.json");
+    dump_ok(&mut wl, &img, &["--stats", ds.to_str().expect("utf-8")]);
+    let dumped = [
+        "prepare",
+        "seize",
+        "capture",
+        "files",
+        "namespaces",
+        "cgroups",
+        "write",
+        "kill",
+    ];
+    let sum: f64 = dumped.iter().map(|p| stats_ms(&ds, p)).sum();
+    let total = stats_ms(&ds, "total_ms");
+    assert!(
+        sum > 0.0 && sum <= total + 0.01,
+        "dump phases {sum} ms of {total}"
+    );
+    let rs = dir.join("restore.json");
+    let img_s = img.to_str().expect("utf-8");
+    let out = run_cryo(
+        &[
+            "restore",
+            "-D",
+            img_s,
+            "-d",
+            "--stats",
+            rs.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    wl.mark_running();
+    assert_cryo_ok(&out, "restore --stats");
+    wl.assert_restored();
+    let restored = ["load", "namespaces", "files", "cgroups", "tasks"];
+    let sum: f64 = restored.iter().map(|p| stats_ms(&rs, p)).sum();
+    let total = stats_ms(&rs, "total_ms");
+    assert!(
+        sum > 0.0 && sum <= total + 0.01,
+        "restore phases {sum} ms of {total}"
+    );
+    wl.assert_pass("restored, with stats");
+}

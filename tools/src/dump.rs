@@ -229,6 +229,7 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
                 image_bytes = st.image_bytes,
                 "dump done"
             );
+            tracing::info!("dump phases (ms): {}", phases_text(&st.phases));
             if let Some(path) = &a.stats {
                 let j = serde_json::json!({
                     "frozen_ms": st.frozen.as_secs_f64() * 1e3,
@@ -242,6 +243,7 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
                     "pages_precopied": st.pages.pages_precopied,
                     "pages_in_parent_image": st.pages.pages_in_parent_image,
                     "processes": st.processes,
+                    "phases_ms": phases_json(&st.phases),
                 });
                 std::fs::write(path, format!("{j}\n"))
                     .map_err(|e| anyhow::anyhow!("writing stats to {}: {e}", path.display()))?;
@@ -257,4 +259,23 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
             Err(anyhow::anyhow!("dump of {what} failed: {e}"))
         }
     }
+}
+
+/// Each phase's milliseconds, by name (--stats; the log line has them in order).
+pub fn phases_json(p: &cryo_engine::phases::Phases) -> serde_json::Value {
+    let m: serde_json::Map<String, serde_json::Value> = p
+        .millis()
+        .into_iter()
+        .map(|(n, ms)| (n.to_string(), serde_json::json!(ms)))
+        .collect();
+    serde_json::Value::Object(m)
+}
+
+/// "seize 0.4, capture 2.1, ..." for the log.
+pub fn phases_text(p: &cryo_engine::phases::Phases) -> String {
+    p.millis()
+        .iter()
+        .map(|(n, ms)| format!("{n} {ms:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -70,6 +70,9 @@ pub struct RestoreArgs {
     /// restore. Repeatable.
     #[arg(long = "action-script", value_name = "CMD")]
     pub action_scripts: Vec<PathBuf>,
+    /// Write the restore's figures (its time, each phase's) as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub stats: Option<PathBuf>,
 }
 
 /// A new directory of cryo's own under $TMPDIR (0700) to stage a
@@ -152,6 +155,21 @@ fn restore_from(a: &RestoreArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
     })
     .map_err(|e| anyhow::anyhow!("restore from {} failed: {e}", dir.display()))?;
     tracing::info!(pid = r.pid, ms = r.elapsed.as_millis() as u64, "restored");
+    tracing::info!(
+        "restore phases (ms): {}",
+        crate::dump::phases_text(&r.phases)
+    );
+    if let Some(path) = &a.stats {
+        let j = serde_json::json!({
+            "pid": r.pid,
+            "total_ms": r.elapsed.as_secs_f64() * 1e3,
+            "phases_ms": crate::dump::phases_json(&r.phases),
+        });
+        // The tree runs: a stats file that fails now is reported only.
+        if let Err(e) = std::fs::write(path, format!("{j}\n")) {
+            tracing::error!("writing stats to {}: {e}", path.display());
+        }
+    }
     if let (Some(mut f), Some(p)) = (pidfile, a.pidfile.as_ref()) {
         use std::io::Write;
         // The tree runs: a pid file that fails now is reported, not undone.

@@ -472,6 +472,7 @@ fn kill_all(tree: &mut Tree) -> Result<()> {
 /// the resume under write-protection.
 fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) -> Result<DumpStats> {
     let t0 = Instant::now();
+    let mut phases = crate::phases::Phases::start();
     // An image holds the tasks' memory: a directory cryo makes is its
     // owner's alone (0700), like every file in it (0600).
     make_image_dir(&opts.dir)?;
@@ -510,6 +511,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     for &r in &roots {
         crate::ns::pid::check_root(r)?;
     }
+    phases.end("prepare");
     let mut tree = pstree::seize_tree(
         &roots,
         freeze_cgroup.map(|p| p.as_path()),
@@ -518,6 +520,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         &check,
     )?;
     let frozen_at = Instant::now();
+    phases.end("seize");
     fault("after-seize")?;
     let told = |what| DumpError::Notify { pid, what };
     opts.notify.lock_network(pid).map_err(told)?;
@@ -526,6 +529,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     let (processes, zombies) = (tree.procs.len(), tree.zombies.len());
     tracing::debug!(processes, zombies, ms, "tree seized");
     let mut caps = capture_all(opts, &mut tree, &guard, precopies, snapshot, progress)?;
+    phases.end("capture");
     // Open file descriptions and pipe contents, while all is stopped; the
     // socket states and queues come from a fresh sock_diag snapshot (a
     // peer outside the tree, with --ext-unix-sk, kept running).
@@ -538,6 +542,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
     )?;
     name_held_files(&mut caps);
     mark_shared(&mut caps)?;
+    phases.end("files");
     let ns_procs: Vec<crate::ns::NsProc> = caps
         .iter()
         .map(|c| crate::ns::NsProc {
@@ -564,15 +569,18 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         what,
     })?;
     let tmpfs_files = mnt.written;
+    phases.end("namespaces");
     let cgroups = crate::cgroup::props::collect(
         caps.iter()
             .flat_map(|c| c.core.process.iter().flat_map(|p| p.cgroups.iter())),
     );
+    phases.end("cgroups");
     // Everything is captured: a leave-running tree goes on from here.
     let mut frozen = frozen_at.elapsed();
     if opts.leave_running {
         cure_all(&mut tree, &guard)?;
         frozen = frozen_at.elapsed();
+        phases.end("resume");
     }
     let tables = Tables {
         files: &files,
@@ -581,10 +589,12 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         written: tmpfs_files,
     };
     let (pages, image_bytes) = write_image(opts, pid, caps, &tree, tables)?;
+    phases.end("write");
     opts.notify.tell("post-dump", pid).map_err(told)?;
     if !opts.leave_running {
         kill_all(&mut tree)?;
         frozen = frozen_at.elapsed();
+        phases.end("kill");
     }
     Ok(DumpStats {
         root: pid,
@@ -593,6 +603,7 @@ fn dump_once(opts: &DumpOptions, progress: &dyn Fn(u64, u64), snapshot: bool) ->
         frozen,
         total: t0.elapsed(),
         image_bytes,
+        phases,
     })
 }
 

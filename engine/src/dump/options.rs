@@ -134,4 +134,8 @@ pub struct DumpStats {
     pub frozen: Duration,
     pub total: Duration,
     pub image_bytes: u64,
+    /// Each phase's time: seize, capture (parasite and memory), files,
+    /// namespaces, cgroups, resume (left running), write (the image, its
+    /// fsync), kill.
+    pub phases: crate::phases::Phases,
 }

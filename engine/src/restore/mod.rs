@@ -166,6 +166,9 @@ impl RestoreOptions {
 pub struct Restored {
     pub pid: i32,
     pub elapsed: Duration,
+    /// Each phase's time: load (the image read and checked), namespaces,
+    /// files, cgroups, tasks (created, memory filled, resumed).
+    pub phases: crate::phases::Phases,
 }
 
 const PAGE: u64 = 4096;
@@ -515,6 +518,7 @@ fn spawn_in_userns(
 /// Restore the image in `opts.dir`; returns once every task runs.
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
+    let mut phases = crate::phases::Phases::start();
     crate::files::set_inherited(&opts.inherit_fds);
     let (tree, readers, chain, plan) = load(opts)?;
     let root = tree.procs[0].pid();
@@ -522,6 +526,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .tell("pre-restore", root)
         .map_err(|what| RestoreError::Notify { pid: root, what })?;
     fault("loaded")?;
+    phases.end("load");
     let root = tree.procs[0].pid();
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| RestoreError::Sys {
@@ -558,6 +563,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         users: raw_fds(&user_ns.users),
         owned: raw_fds(&user_ns.owned),
     };
+    phases.end("namespaces");
     let shared = make_shared(&tree, &made)?;
     // The tree's connections are made again: the lock their dump left
     // goes (their peers' packets reach them from now on).
@@ -570,6 +576,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     locks.dedup();
     crate::files::inet::unlock_after_restore(root, &locks);
     fault("files")?;
+    phases.end("files");
     let memberships = tree
         .procs
         .iter()
@@ -593,6 +600,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         return Err(ns_err(what));
     }
     made.owned.extend(raw_fds(&user_ns.owned));
+    phases.end("cgroups");
     let file_fds = raw_fds(&shared.files);
     let shm_fds = raw_fds(&shared.shm);
     let pty_masters: HashMap<u32, RawFd> = tree.procs[0]
@@ -658,9 +666,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .position(|r| plan.nodes[r].pid == root)
                 .and_then(|i| roots.get(i))
                 .map_or(root, |p| p.as_raw());
+            phases.end("tasks");
             Ok(Restored {
                 pid: root,
                 elapsed: t0.elapsed(),
+                phases,
             })
         }
         Err(e) => {

@@ -56,22 +56,54 @@ fn start_container(dir: &Path) -> Result<Workload, String> {
 /// Dump (kill mode) and restore of `w`, its verdict after: the figures
 /// `{key}.dump_ms` and `{key}.restore_ms`.
 fn cycle(env: &Env, w: &Workload, img: &Path, key: &str, f: &mut Figures) -> Result<(), String> {
-    let args = vec![
+    let (ds, rs) = (
+        env.work.join(format!("{key}-dump.stats.json")),
+        env.work.join(format!("{key}-restore.stats.json")),
+    );
+    let mut args = vec![
         os("dump"),
         os("-t"),
         os(w.pid.to_string()),
         os("-D"),
         os(img),
     ];
+    if env.stats {
+        args.extend([os("--stats"), os(&ds)]);
+    }
     let d = run_cryo(env, &args, &format!("{key}-dump"))?;
     reap_dumped(w)?;
     reap_orphans();
-    let r = restore(env, w, img, &format!("{key}-restore"))?;
+    let extra = match env.stats {
+        true => vec![os("--stats"), os(&rs)],
+        false => Vec::new(),
+    };
+    let r = restore_with(env, w, img, &format!("{key}-restore"), &extra)?;
     finish_workload(w, &format!("{key} restored"))?;
     f.insert(format!("{key}.dump_ms"), d.wall_ms);
     f.insert(format!("{key}.restore_ms"), r);
     println!("  {key}: dump {:.1} ms, restore {r:.1} ms", d.wall_ms);
+    // Where the time of a small tree goes (the fixed costs).
+    for (what, path) in [("dump", &ds), ("restore", &rs)] {
+        if let Some(p) = std::fs::read_to_string(path).ok().and_then(|s| phases(&s)) {
+            println!("    {what} phases (ms, cryo's own clock): {p}");
+        }
+    }
     Ok(())
+}
+
+/// "seize 0.4, capture 2.0, ..." from a --stats file's phases_ms.
+fn phases(stats: &str) -> Option<String> {
+    let at = stats.find("\"phases_ms\":{")? + "\"phases_ms\":{".len();
+    let body = &stats[at..at + stats[at..].find('}')?];
+    let parts: Vec<String> = body
+        .split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once(':')?;
+            let ms: f64 = v.trim().parse().ok()?;
+            Some(format!("{} {ms:.1}", k.trim().trim_matches('"')))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// The dumped tree's other processes, ours once their parent died (the

@@ -428,9 +428,21 @@ pub(super) fn reap_dumped(w: &Workload) -> Result<(), String> {
 /// Restores `img` after dropping the page cache; returns the wall time.
 /// The restored task is checked and terminated by the caller.
 pub(super) fn restore(env: &Env, w: &Workload, img: &Path, tag: &str) -> Result<f64, String> {
+    restore_with(env, w, img, tag, &[])
+}
+
+/// [`restore`] with `extra` arguments.
+pub(super) fn restore_with(
+    env: &Env,
+    w: &Workload,
+    img: &Path,
+    tag: &str,
+    extra: &[OsString],
+) -> Result<f64, String> {
     drop_caches();
     register_pid(w.pid);
-    let args = vec![os("restore"), os("-D"), os(img), os("-d")];
+    let mut args = vec![os("restore"), os("-D"), os(img), os("-d")];
+    args.extend(extra.iter().cloned());
     let r = run_cryo(env, &args, tag)?;
     match try_wait(w.pid) {
         Ok(None) => {}
