@@ -622,3 +622,9 @@ fn stats_give_each_phase() {
     );
     wl.assert_pass("restored, with stats");
 }
+
+/// `--compress fast` (zstd at a negative level) restores like the default.
+#[test]
+fn kill_mode_compress_fast() {
+    kill_mode("busy", &["--compress", "fast"]);
+}

@@ -26,8 +26,8 @@ pub struct PreDumpArgs {
     #[arg(long, value_enum, default_value = "zstd")]
     pub compress: Compress,
     /// zstd level (negative levels are faster).
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
-    pub zstd_level: i32,
+    #[arg(long, allow_negative_numbers = true)]
+    pub zstd_level: Option<i32>,
     /// Compression threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -52,9 +52,12 @@ pub fn run(a: PreDumpArgs) -> anyhow::Result<i32> {
         prev_images_dir: a.prev_images_dir.clone(),
         compression: match a.compress {
             Compress::None => Compression::None,
-            Compress::Zstd => Compression::Zstd,
+            Compress::Zstd | Compress::Fast => Compression::Zstd,
         },
-        zstd_level: a.zstd_level,
+        zstd_level: a.zstd_level.unwrap_or(match a.compress {
+            Compress::Fast => crate::dump::FAST_LEVEL,
+            _ => 1,
+        }),
         threads,
         track_limit: Duration::from_secs(a.track_timeout),
     };

@@ -9,7 +9,7 @@
 //!      time; then the restored task gets SIGTERM and must write `PASS`;
 //!   c. `cryo dump -R --stats` (zstd): how long the task was stopped; the
 //!      original must still pass afterwards;
-//!   d. a and b with `--compress none`;
+//!   d. a and b with `--compress none`, and with `--compress fast`;
 //!   e. baselines: writing the same N MiB to a file next to the images
 //!      (write + close, no fsync), reading it back into fresh memory after
 //!      dropping the page cache, and copying it in memory;
@@ -370,6 +370,14 @@ fn one_run(env: &mut Env, n: usize, content: &[u8], expect: u64) -> Result<Figur
         &mut sums,
     )?;
     dump_leave_running(env, &run_dir, &mut f, &mut sums)?;
+    dump_restore(
+        env,
+        &run_dir,
+        "fast",
+        &["--compress", "fast"],
+        &mut f,
+        &mut sums,
+    )?;
     dump_restore(
         env,
         &run_dir,

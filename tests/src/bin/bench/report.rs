@@ -130,7 +130,7 @@ pub(super) fn report(opts: &Opts, runs: &[Figures]) {
     };
     let base_write = g("base.write_ms");
     let base_read = g("base.read_ms");
-    for label in ["zstd", "none"] {
+    for label in ["zstd", "fast", "none"] {
         let dump = g(&format!("{label}.dump_ms"));
         let rest = g(&format!("{label}.restore_ms"));
         let img = g(&format!("{label}.image_bytes"));
@@ -259,7 +259,7 @@ pub(super) fn report(opts: &Opts, runs: &[Figures]) {
     println!("           read = read back into fresh memory after sync + drop_caches; memcpy = copy into fresh memory.");
     println!("cryo times are wall times of the cryo command; restore after sync + drop_caches; 'task stopped' is cryo's frozen_ms.");
     let zero_expect = opts.mib * MIB / 4 / PAGE;
-    for k in ["zstd", "none"] {
+    for k in ["zstd", "fast", "none"] {
         let (zp, ps, fr, tot) = (
             g(&format!("{k}.zero_pages")),
             g(&format!("{k}.pages_stored")),
