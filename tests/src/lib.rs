@@ -1006,6 +1006,12 @@ pub fn file_names(dir: &Path) -> Vec<String> {
 
 /// A number field of cryo's `--stats` JSON file.
 pub fn stats_field(path: &Path, key: &str) -> u64 {
+    stats_number(path, key, |c| c.is_ascii_digit())
+}
+
+/// The value of `key` in a `--stats` JSON file: the characters `part`
+/// takes after it, parsed.
+fn stats_number<T: std::str::FromStr>(path: &Path, key: &str, part: fn(&char) -> bool) -> T {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let pat = format!("\"{key}\":");
@@ -1015,7 +1021,7 @@ pub fn stats_field(path: &Path, key: &str) -> u64 {
         + pat.len();
     text[at..]
         .chars()
-        .take_while(|c| c.is_ascii_digit())
+        .take_while(part)
         .collect::<String>()
         .parse()
         .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
@@ -1236,17 +1242,18 @@ pub fn spawn_counter(stdout: Stdio, stderr: Stdio) -> i32 {
 
 /// A number (milliseconds, say) of a `--stats` JSON file, by key.
 pub fn stats_ms(path: &Path, key: &str) -> f64 {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let pat = format!("\"{key}\":");
-    let at = text
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in the stats: {text}"))
-        + pat.len();
-    text[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
-        .collect::<String>()
-        .parse()
-        .unwrap_or_else(|_| panic!("bad {key} in the stats: {text}"))
+    stats_number(path, key, |c| {
+        c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')
+    })
 }
+
+/// The steps a restore tells its listeners (notifications, action
+/// scripts), in order.
+pub const RESTORE_STEPS: [&str; 6] = [
+    "pre-restore",
+    "setup-namespaces",
+    "post-restore",
+    "network-unlock",
+    "pre-resume",
+    "post-resume",
+];

@@ -44,17 +44,7 @@ fn scripts_run_at_each_step_in_order() {
     wl.assert_restored();
     let restored = steps(&log);
     let names: Vec<&str> = restored.iter().map(|(s, _)| s.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "pre-restore",
-            "setup-namespaces",
-            "post-restore",
-            "network-unlock",
-            "pre-resume",
-            "post-resume"
-        ]
-    );
+    assert_eq!(names, RESTORE_STEPS);
     assert!(
         restored.iter().all(|(_, p)| *p == pid),
         "CRTOOLS_INIT_PID is not the root's pid: {restored:?}"

@@ -228,6 +228,20 @@ impl Swrk {
     }
 }
 
+/// The image directory, the test's descriptor of it, and the options of
+/// a DUMP of `wl` into it with notifications.
+fn notified_dump(dir: &TestDir, wl: &Workload) -> (std::path::PathBuf, std::fs::File, CriuOpts) {
+    let img = dir.subdir("img");
+    let d = std::fs::File::open(&img).expect("the image directory");
+    let opts = CriuOpts {
+        images_dir_fd: Some(d.as_raw_fd()),
+        pid: Some(wl.pid()),
+        notify_scripts: Some(true),
+        ..Default::default()
+    };
+    (img, d, opts)
+}
+
 /// With notify_scripts, each step of a DUMP and a RESTORE is told in
 /// CRIU's order and waits for the caller's answer; with rst_sibling the
 /// restored root is the caller's child (checked while the restore waits
@@ -237,14 +251,7 @@ fn notifications_in_order_and_sibling_root() {
     let dir = TestDir::new();
     let mut wl = Workload::start("wl_bench", &["--mib", "4"], &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
-    let img = dir.subdir("img");
-    let d = std::fs::File::open(&img).expect("the image directory");
-    let opts = CriuOpts {
-        images_dir_fd: Some(d.as_raw_fd()),
-        pid: Some(wl.pid()),
-        notify_scripts: Some(true),
-        ..Default::default()
-    };
+    let (_img, _d, opts) = notified_dump(&dir, &wl);
     let mut s = Swrk::start(&[]);
     let (r, steps) = s.ask_notified(&req(CriuReqType::Dump, Some(opts.clone())), |_, _| true);
     assert!(r.success, "DUMP: {r:?}");
@@ -266,17 +273,7 @@ fn notifications_in_order_and_sibling_root() {
     });
     wl.mark_running();
     assert!(r.success, "RESTORE: {r:?}");
-    assert_eq!(
-        steps,
-        [
-            "pre-restore",
-            "setup-namespaces",
-            "post-restore",
-            "network-unlock",
-            "pre-resume",
-            "post-resume"
-        ]
-    );
+    assert_eq!(steps, RESTORE_STEPS);
     assert_eq!(
         parent_at_post_restore,
         Some(std::process::id().to_string()),
@@ -292,14 +289,7 @@ fn notifications_in_order_and_sibling_root() {
 fn failed_notification_leaves_the_tree_running() {
     let dir = TestDir::new();
     let mut wl = Workload::start("wl_bench", &["--mib", "4"], &dir);
-    let img = dir.subdir("img");
-    let d = std::fs::File::open(&img).expect("the image directory");
-    let opts = CriuOpts {
-        images_dir_fd: Some(d.as_raw_fd()),
-        pid: Some(wl.pid()),
-        notify_scripts: Some(true),
-        ..Default::default()
-    };
+    let (img, _d, opts) = notified_dump(&dir, &wl);
     let mut s = Swrk::start(&[]);
     let (r, steps) = s.ask_notified(&req(CriuReqType::Dump, Some(opts)), |step, _| {
         step != "post-dump"
