@@ -18,11 +18,7 @@ pub const REQUIRED: &[&str] = &[
 /// present, 1 otherwise. Missing optional features do not fail.
 pub fn run(json: bool) -> anyhow::Result<i32> {
     let features = kerndat::probe();
-    let missing_required: Vec<&str> = REQUIRED
-        .iter()
-        .copied()
-        .filter(|name| !features.iter().any(|f| f.name == *name && f.present))
-        .collect();
+    let missing_required = missing(&features);
 
     if json {
         let arr: Vec<serde_json::Value> = features
@@ -64,4 +60,13 @@ fn format_line(f: &Feature) -> String {
             f.name, f.missing_cost, f.detail
         )
     }
+}
+
+/// The required features `features` lacks.
+pub fn missing(features: &[kerndat::Feature]) -> Vec<&'static str> {
+    REQUIRED
+        .iter()
+        .copied()
+        .filter(|name| !features.iter().any(|f| f.name == *name && f.present))
+        .collect()
 }

@@ -276,11 +276,9 @@ pub fn dump(opts: &DumpOptions, progress: &dyn Fn(u64, u64)) -> Result<DumpStats
         opts.notify.unlock_network(opts.pid);
     }
     // A tree left running is tracked on from this image, for the next.
-    let r = r.and_then(|s| {
+    if r.is_ok() {
         crate::mem::incremental::settle_trackers(opts.leave_running.then_some(&opts.dir));
-        link_parent(opts)?;
-        Ok(s)
-    });
+    }
     // A failed kill-mode dump protected nothing again: the tracking goes
     // back to a holder of the parent's, for the next attempt. (A -R one
     // may have, so its tracking ends: the next dump compares contents.)

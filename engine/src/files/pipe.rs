@@ -49,8 +49,12 @@ pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), File
         let has_write = ends.iter().any(|&a| a != libc::O_RDONLY as u32);
         let half = kind == FileKind::FilePipe as i32 && !(has_read && has_write);
         let want = format!("pipe:[{ino}]");
-        let outside = || super::outside_holder(tree, |l| (l == want).then_some(()));
-        if half && (external.contains(&ino) || (all && outside().is_some())) {
+        // Who holds the other end outside the tree (one walk of /proc).
+        let holder = match half && !external.contains(&ino) {
+            true => super::outside_holder(tree, |l| (l == want).then_some(())),
+            false => None,
+        };
+        if half && (external.contains(&ino) || (all && holder.is_some())) {
             for o in table
                 .iter_mut()
                 .filter(|o| o.entry.inode == ino && o.entry.kind == kind)
@@ -60,7 +64,7 @@ pub fn contents(table: &mut [OpenFile], tree: &BTreeSet<i32>) -> Result<(), File
             continue;
         }
         if half {
-            if let Some((holder, ())) = outside() {
+            if let Some((holder, ())) = holder {
                 let o = &table[i];
                 return Err(FilesError::ExternalPipe {
                     pid: o.pid,

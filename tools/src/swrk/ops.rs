@@ -17,12 +17,7 @@ pub fn tracking() -> bool {
 }
 
 pub fn check() -> Result<CriuResp, String> {
-    let features = cryo_engine::kerndat::probe();
-    let missing: Vec<&str> = crate::check::REQUIRED
-        .iter()
-        .copied()
-        .filter(|n| !features.iter().any(|f| f.name == *n && f.present))
-        .collect();
+    let missing = crate::check::missing(&cryo_engine::kerndat::probe());
     match missing.is_empty() {
         true => Ok(success(CriuReqType::Check)),
         false => Err(format!("missing kernel features: {}", missing.join(", "))),

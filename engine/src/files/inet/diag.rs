@@ -44,15 +44,21 @@ pub fn unspecified(addr: &[u8; 16]) -> bool {
         || (addr[..10].iter().all(|&b| b == 0) && addr[10..] == [0xff, 0xff, 0, 0, 0, 0])
 }
 
-/// The TCP sockets of the network namespace of task `pid` in the states
-/// of mask `states` (bit n: state n).
-pub fn tcp_sockets(pid: i32, states: u32) -> Result<Vec<TcpSock>, String> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+
+/// A sock_diag socket in the network namespace of task `pid`.
+fn diag_socket(pid: i32) -> Result<Netlink, String> {
     let ns: OwnedFd = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|e| e.to_string())?
         .into();
-    let mut nl = Netlink::open_in(&ns, nix::sys::socket::SockProtocol::NetlinkSockDiag)
-        .map_err(|e| format!("a sock_diag socket: {e}"))?;
+    Netlink::open_in(&ns, nix::sys::socket::SockProtocol::NetlinkSockDiag)
+        .map_err(|e| format!("a sock_diag socket: {e}"))
+}
+
+/// The TCP sockets of the network namespace of task `pid` in the states
+/// of mask `states` (bit n: state n).
+pub fn tcp_sockets(pid: i32, states: u32) -> Result<Vec<TcpSock>, String> {
+    let mut nl = diag_socket(pid)?;
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         // struct inet_diag_req_v2: family, protocol, extensions, pad,
@@ -82,12 +88,7 @@ pub fn tcp_socket(
     local: (&[u8], u16),
     remote: (&[u8], u16),
 ) -> Result<Option<TcpSock>, String> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    let ns: OwnedFd = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| e.to_string())?
-        .into();
-    let mut nl = Netlink::open_in(&ns, nix::sys::socket::SockProtocol::NetlinkSockDiag)
-        .map_err(|e| format!("a sock_diag socket: {e}"))?;
+    let mut nl = diag_socket(pid)?;
     let (l, r) = (v6(local.0), v6(remote.0));
     let mapped = |a: &[u8; 16]| a[..10].iter().all(|&b| b == 0) && a[10..12] == [0xff, 0xff];
     let four = mapped(&l) && mapped(&r);
