@@ -113,21 +113,38 @@ fn pending_connections_kept_two_rounds() {
     if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
+    two_rounds(
+        &["--pending", "1"],
+        "waiting to be accepted",
+        "wl_inet's waiting connections after two restores",
+    );
+}
+
+/// wl_inet with `args`, dumped with --tcp-established and restored
+/// twice, `image show` saying `shown` each time; then its verdict.
+fn two_rounds(args: &[&str], shown: &str, what: &str) {
     let dir = TestDir::new();
-    let mut wl = Workload::start("wl_inet", &["--pending", "1"], &dir);
+    let mut wl = Workload::start("wl_inet", args, &dir);
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     for round in 0..2 {
         let img = dir.subdir(&format!("img{round}"));
         dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
         let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
         let text = String::from_utf8_lossy(&show.stdout);
-        assert!(
-            text.contains("waiting to be accepted"),
-            "image show: {text}"
-        );
+        assert!(text.contains(shown), "image show: {text}");
         restore_ok(&mut wl, &img);
     }
-    wl.assert_pass("wl_inet's waiting connections after two restores");
+    wl.assert_pass(what);
+}
+
+/// wl_inet with `args` dumped with --tcp-established -R: its verdict.
+fn leave_running(args: &[&str], what: &str) {
+    let dir = TestDir::new();
+    let mut wl = Workload::start("wl_inet", args, &dir);
+    let _guard = TreeGuard::new(tree_pids(wl.pid()));
+    let img = dir.subdir("img");
+    dump_ok(&mut wl, &img, &["--tcp-established", "-R"]);
+    wl.assert_pass(what);
 }
 
 /// With -R the waiting connections are made again at once: the tree
@@ -137,12 +154,10 @@ fn pending_connections_leave_running() {
     if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
-    let dir = TestDir::new();
-    let mut wl = Workload::start("wl_inet", &["--pending", "1"], &dir);
-    let _guard = TreeGuard::new(tree_pids(wl.pid()));
-    let img = dir.subdir("img");
-    dump_ok(&mut wl, &img, &["--tcp-established", "-R"]);
-    wl.assert_pass("wl_inet's waiting connections after a dump -R");
+    leave_running(
+        &["--pending", "1"],
+        "wl_inet's waiting connections after a dump -R",
+    );
 }
 
 /// A connection from the test (outside the tree) that the tree's
@@ -204,6 +219,14 @@ fn connection_restored_closed() {
     let guard = TreeGuard::new(tree_pids(wl.pid()));
     let img = dir.subdir("img");
     dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
+    let tables = || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .expect("nft list tables");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(tables().contains("cryo_lock_"), "no lock after the dump");
     let out = run_cryo(
         &[
             "restore",
@@ -216,6 +239,9 @@ fn connection_restored_closed() {
     );
     wl.mark_running();
     assert_cryo_ok(&out, "cryo restore --tcp-close");
+    // The connections are gone, and so is the lock their dump made.
+    let left = tables();
+    assert!(!left.contains("cryo_lock_"), "the lock stayed: {left}");
     wl.assert_pass("wl_inet with its connections restored closed");
 }
 
@@ -227,18 +253,11 @@ fn established_connection_with_data_in_flight_two_rounds() {
     if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
-    let dir = TestDir::new();
-    let mut wl = Workload::start("wl_inet", &["--stream", "1"], &dir);
-    let guard = TreeGuard::new(tree_pids(wl.pid()));
-    for round in 0..2 {
-        let img = dir.subdir(&format!("img{round}"));
-        dump_and_reap(&mut wl, &guard, &img, &["--tcp-established"]);
-        let show = run_cryo(&["image", "show", img.to_str().expect("utf-8 path")], &[]);
-        let text = String::from_utf8_lossy(&show.stdout);
-        assert!(text.contains("established ("), "image show: {text}");
-        restore_ok(&mut wl, &img);
-    }
-    wl.assert_pass("wl_inet's connection after two restores");
+    two_rounds(
+        &["--stream", "1"],
+        "established (",
+        "wl_inet's connection after two restores",
+    );
 }
 
 /// With --tcp-established and -R, the connection leaves repair mode after
@@ -248,12 +267,7 @@ fn established_connection_leave_running() {
     if !own_network_namespace(&["ip", "nft"]) {
         return;
     }
-    let dir = TestDir::new();
-    let mut wl = Workload::start("wl_inet", &["--stream", "1"], &dir);
-    let _guard = TreeGuard::new(tree_pids(wl.pid()));
-    let img = dir.subdir("img");
-    dump_ok(&mut wl, &img, &["--tcp-established", "-R"]);
-    wl.assert_pass("wl_inet's connection after a dump -R");
+    leave_running(&["--stream", "1"], "wl_inet's connection after a dump -R");
 }
 
 /// A dump that fails once the connection is in repair mode takes it out

@@ -88,6 +88,20 @@ fn write_at(dir: &std::os::fd::OwnedFd, name: &str, what: &str) -> std::io::Resu
     Ok(())
 }
 
+/// The file `name` of the cgroup directory `dir`.
+fn read_at(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Result<String> {
+    use nix::fcntl::OFlag;
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s)?;
+    Ok(s)
+}
+
 /// In a new task: join every dumped cgroup where the restore put it
 /// (`targets`, by dumped hierarchy and path: [`props::prepare`]; none
 /// with `--manage-cgroups ignore`), through the directories cryo opened.
@@ -106,7 +120,7 @@ pub fn join(entries: &[CgroupEntry], targets: &Targets) -> Result<(), String> {
             // A task of a user namespace of the tree may not write there,
             // but was put there before it joined (restore::spawn_in_userns).
             let me = std::process::id().to_string();
-            let procs = std::fs::read_to_string(t.path.join("cgroup.procs")).unwrap_or_default();
+            let procs = read_at(&t.dir, "cgroup.procs").unwrap_or_default();
             if !procs.lines().any(|l| l.trim() == me) {
                 return Err(format!("joining cgroup {}: {err}", t.path.display()));
             }

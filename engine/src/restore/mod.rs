@@ -225,10 +225,7 @@ type Loaded = (
 );
 
 fn load(opts: &RestoreOptions) -> Result<Loaded> {
-    let mut tree = TreeImage::load(&opts.dir)?;
-    if opts.tcp_close {
-        crate::files::inet::close_connections(&mut tree.procs[0].files);
-    }
+    let tree = TreeImage::load(&opts.dir)?;
     let root = tree.procs[0].pid();
     let mut readers = Vec::with_capacity(tree.procs.len());
     for p in &tree.procs {
@@ -520,7 +517,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     let mut phases = crate::phases::Phases::start();
     crate::files::set_inherited(&opts.inherit_fds);
-    let (tree, readers, chain, plan) = load(opts)?;
+    let (mut tree, readers, chain, plan) = load(opts)?;
+    // The locks the dump left for the tree's connections, taken before
+    // --tcp-close drops the connections (their locks go all the same).
+    let locks = crate::files::inet::locks_of(&tree.procs[0].files);
+    if opts.tcp_close {
+        crate::files::inet::close_connections(&mut tree.procs[0].files);
+    }
     let root = tree.procs[0].pid();
     opts.notify
         .tell("pre-restore", root)
@@ -567,13 +570,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let shared = make_shared(&tree, &made)?;
     // The tree's connections are made again: the lock their dump left
     // goes (their peers' packets reach them from now on).
-    let mut locks: Vec<crate::files::inet::Lock> = tree.procs[0]
-        .files
-        .iter()
-        .filter_map(|f| f.inet.as_ref()?.tcp.as_ref())
-        .filter_map(|c| crate::files::inet::Lock::from_name(&c.lock))
-        .collect();
-    locks.dedup();
     crate::files::inet::unlock_after_restore(root, &locks);
     fault("files")?;
     phases.end("files");

@@ -380,16 +380,18 @@ fn changed_options(
     for (level, name) in OPTIONS {
         let tcp_only = level == libc::IPPROTO_TCP && ty != libc::SOCK_STREAM;
         let v6_only = level == libc::IPPROTO_IPV6 && family != libc::AF_INET6;
-        // A stream socket's read but refused when set.
+        // A stream socket's read but refused when set. By (level, name):
+        // numbers repeat across levels (IPV6_MULTICAST_HOPS is
+        // SO_RCVLOWAT's 18).
         let multicast = [
-            libc::IP_MULTICAST_TTL,
-            libc::IP_MULTICAST_LOOP,
-            libc::IP_MULTICAST_IF,
-            libc::IPV6_MULTICAST_HOPS,
-            libc::IPV6_MULTICAST_LOOP,
-            libc::IPV6_MULTICAST_IF,
+            (libc::IPPROTO_IP, libc::IP_MULTICAST_TTL),
+            (libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP),
+            (libc::IPPROTO_IP, libc::IP_MULTICAST_IF),
+            (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS),
+            (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP),
+            (libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF),
         ];
-        let not_stream = level != libc::IPPROTO_TCP && multicast.contains(&name);
+        let not_stream = multicast.contains(&(level, name));
         if tcp_only || v6_only || (not_stream && ty == libc::SOCK_STREAM) {
             continue;
         }
@@ -503,6 +505,22 @@ pub fn make(f: &FileEntry) -> Result<OwnedFd, String> {
             .map_err(|e| format!("connecting to {}: {e}", text(&st.peer_addr, st.peer_port)))?;
     }
     Ok(s)
+}
+
+/// The kinds of lock the dump left for the connections of `files`, each
+/// once.
+pub fn locks_of(files: &[FileEntry]) -> Vec<Lock> {
+    let mut out = Vec::new();
+    for l in files
+        .iter()
+        .filter_map(|f| f.inet.as_ref()?.tcp.as_ref())
+        .filter_map(|c| Lock::from_name(&c.lock))
+    {
+        if !out.contains(&l) {
+            out.push(l);
+        }
+    }
+    out
 }
 
 /// Restore side of --tcp-close: every connection of `files` made closed
