@@ -46,8 +46,12 @@ impl Notify {
     /// Told of each step by `f(step, pid)` (pid 0 where the step has
     /// none); an error stops the dump or restore.
     pub fn new(f: impl Fn(&str, i32) -> Result<(), String> + Send + Sync + 'static) -> Notify {
+        Notify::of(vec![Box::new(f)])
+    }
+
+    fn of(listeners: Vec<Box<Listener>>) -> Notify {
         Notify(Some(Arc::new(Inner {
-            listeners: vec![Box::new(f)],
+            listeners,
             locked: AtomicBool::new(false),
         })))
     }
@@ -68,10 +72,7 @@ impl Notify {
                     as Box<Listener>
             })
             .collect();
-        Notify(Some(Arc::new(Inner {
-            listeners,
-            locked: AtomicBool::new(false),
-        })))
+        Notify::of(listeners)
     }
 
     /// Tell every listener of `step` (for `pid`); the first failure is
@@ -84,16 +85,17 @@ impl Notify {
         for l in &inner.listeners {
             l(step, pid).map_err(|e| format!("the {step} notification failed: {e}"))?;
         }
-        if step == "network-lock" {
-            inner.locked.store(true, Ordering::SeqCst);
-        }
         Ok(())
     }
 
     /// `network-lock`, once for a dump however often it is tried.
     pub fn lock_network(&self, pid: i32) -> Result<(), String> {
         match &self.0 {
-            Some(i) if !i.locked.load(Ordering::SeqCst) => self.tell("network-lock", pid),
+            Some(i) if !i.locked.load(Ordering::SeqCst) => {
+                self.tell("network-lock", pid)?;
+                i.locked.store(true, Ordering::SeqCst);
+                Ok(())
+            }
             _ => Ok(()),
         }
     }

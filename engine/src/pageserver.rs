@@ -357,7 +357,7 @@ pub fn drop_pages(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("pages-") && name.ends_with(".img") {
+            if cryo_image::Kind::from_file_name(&name) == Some(cryo_image::Kind::Pages) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -23,6 +23,18 @@ pub enum Compress {
 /// The zstd level of `--compress fast`.
 pub const FAST_LEVEL: i32 = -5;
 
+impl Compress {
+    /// The compression and zstd level it means, `level` (--zstd-level)
+    /// overriding its own.
+    pub fn resolve(self, level: Option<i32>) -> (Compression, i32) {
+        match self {
+            Compress::None => (Compression::None, level.unwrap_or(1)),
+            Compress::Zstd => (Compression::Zstd, level.unwrap_or(1)),
+            Compress::Fast => (Compression::Zstd, level.unwrap_or(FAST_LEVEL)),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct DumpArgs {
     /// Process to dump, with all its descendants and threads.
@@ -160,14 +172,8 @@ fn dump_to(a: &DumpArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
         cgroup: a.cgroup.clone(),
         dir: dir.to_path_buf(),
         leave_running: a.leave_running,
-        compression: match a.compress {
-            Compress::None => Compression::None,
-            Compress::Zstd | Compress::Fast => Compression::Zstd,
-        },
-        zstd_level: a.zstd_level.unwrap_or(match a.compress {
-            Compress::Fast => FAST_LEVEL,
-            _ => 1,
-        }),
+        compression: a.compress.resolve(a.zstd_level).0,
+        zstd_level: a.compress.resolve(a.zstd_level).1,
         threads,
         freeze_cgroup: a.freeze_cgroup.clone(),
         ghost_limit: a.ghost_limit,

@@ -6,7 +6,6 @@ use std::time::Duration;
 use clap::Args;
 use cryo_engine::dump::predump::{pre_dump, PreDumpOptions};
 use cryo_engine::dump::remove_partial;
-use cryo_image::proto::Compression;
 
 use crate::dump::Compress;
 
@@ -50,14 +49,8 @@ pub fn run(a: PreDumpArgs) -> anyhow::Result<i32> {
         pid: a.pid,
         dir: a.dir.clone(),
         prev_images_dir: a.prev_images_dir.clone(),
-        compression: match a.compress {
-            Compress::None => Compression::None,
-            Compress::Zstd | Compress::Fast => Compression::Zstd,
-        },
-        zstd_level: a.zstd_level.unwrap_or(match a.compress {
-            Compress::Fast => crate::dump::FAST_LEVEL,
-            _ => 1,
-        }),
+        compression: a.compress.resolve(a.zstd_level).0,
+        zstd_level: a.compress.resolve(a.zstd_level).1,
         threads,
         track_limit: Duration::from_secs(a.track_timeout),
     };

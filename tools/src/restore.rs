@@ -95,7 +95,6 @@ pub fn stage_dir() -> anyhow::Result<PathBuf> {
     anyhow::bail!("no free directory name under {}", base.display())
 }
 
-/// `fd[N]:pipe:[INODE]` as (INODE, N).
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
     if !a.stream {
         let dir = a

@@ -46,7 +46,7 @@ pub struct DumpOptions {
     /// connected (--tcp-close).
     pub tcp_close: bool,
     /// Lock those connections with nftables (their packets dropped until
-    /// the restore): --network-lock nft (the default) or skip.
+    /// the restore): --network-lock nft (the default), iptables or skip.
     pub network_lock: Option<crate::files::inet::Lock>,
     /// An incremental dump: pages not written since the image in this
     /// directory (a pre-dump, or a dump of the tree left running) are

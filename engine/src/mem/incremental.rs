@@ -208,6 +208,9 @@ struct Level {
 pub struct Chain {
     base: PathBuf,
     levels: HashMap<(u32, u32), Option<Level>>,
+    /// The chunk decompressed last, by (depth, pid, chunk): a chunk that
+    /// straddles two calls of [`Chain::fill`] is decompressed once.
+    last: Option<((u32, u32, usize), Vec<u8>)>,
 }
 
 /// The longest chain followed.
@@ -219,6 +222,7 @@ impl Chain {
         Chain {
             base: base.to_path_buf(),
             levels: HashMap::new(),
+            last: None,
         }
     }
 
@@ -264,11 +268,11 @@ impl Chain {
             if d > MAX_DEPTH {
                 return Err(format!("a chain of more than {MAX_DEPTH} parent images"));
             }
-            let dir = up(&self.base, d);
+            // (The level's path is built for a message only.)
             let Some(level) = self.level(d, pid)? else {
                 return Err(format!(
                     "process {pid}'s page {vaddr:#x} is in the parent image {}, which does not hold the process",
-                    dir.display()
+                    up(&self.base, d).display()
                 ));
             };
             let i = level.index.partition_point(|r| r.1 <= vaddr);
@@ -280,7 +284,10 @@ impl Chain {
                         n < level.starts[ci] + u64::from(c.nr_pages)
                     });
                     if !inside {
-                        return Err(format!("{}: page {n} is beyond its chunks", dir.display()));
+                        return Err(format!(
+                            "{}: page {n} is beyond its chunks",
+                            up(&self.base, d).display()
+                        ));
                     }
                     return Ok((d, ci, (n - level.starts[ci]) as usize));
                 }
@@ -288,7 +295,7 @@ impl Chain {
                 _ => {
                     return Err(format!(
                         "process {pid}'s page {vaddr:#x} is in the parent image {}, which does not hold it",
-                        dir.display()
+                        up(&self.base, d).display()
                     ))
                 }
             }
@@ -319,16 +326,25 @@ impl Chain {
             by_chunk.entry((d, ci)).or_default().push((k, dst));
         }
         let page = PAGE as usize;
-        let mut buf = Vec::new();
         for ((d, ci), want) in by_chunk {
-            let level = self
-                .level(d, pid)?
-                .ok_or("a parent image went away while it was read")?;
-            buf.resize(level.chunks[ci].nr_pages as usize * page, 0);
-            level
-                .reader
-                .read_chunk(ci, &mut buf)
-                .map_err(|e| e.to_string())?;
+            let key = (d, pid, ci);
+            let buf = match self.last.take() {
+                Some((k, buf)) if k == key => buf,
+                old => {
+                    // The old buffer is reused for the new chunk.
+                    let mut buf = old.map(|(_, b)| b).unwrap_or_default();
+                    let level = self
+                        .level(d, pid)?
+                        .ok_or("a parent image went away while it was read")?;
+                    buf.resize(level.chunks[ci].nr_pages as usize * page, 0);
+                    level
+                        .reader
+                        .read_chunk(ci, &mut buf)
+                        .map_err(|e| e.to_string())?;
+                    buf
+                }
+            };
+            let buf = &self.last.insert((key, buf)).1;
             for (k, dst) in want {
                 mem.get_mut(dst..dst + page)
                     .ok_or("a page beyond the premapped memory")?
@@ -429,7 +445,7 @@ pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600)
 /// process was not tracked): the pages of `candidates` (pages the parent
 /// holds, in the runs to store) whose contents in the stopped process
 /// `pid` are those the parent image holds, found by comparing them page
-/// by page (the parent's chunks read once per batch). An error (a parent
+/// by page (each of the parent's chunks decompressed once: one that straddles two batches is kept from the first). An error (a parent
 /// whose pages are not here, sent to a page server) means none.
 pub fn unchanged_by_content(pid: i32, base: &Path, candidates: &Ranges) -> Result<Ranges, String> {
     const BATCH: u64 = 256;

@@ -530,7 +530,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .map_err(|what| RestoreError::Notify { pid: root, what })?;
     fault("loaded")?;
     phases.end("load");
-    let root = tree.procs[0].pid();
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| RestoreError::Sys {
             pid: root,
